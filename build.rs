@@ -1,0 +1,67 @@
+//! Compiles every `src/bpf/*.bpf.c` into a libbpf skeleton and the gRPC
+//! protocol into tonic/prost code, both under `OUT_DIR`.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use libbpf_cargo::SkeletonBuilder;
+
+fn vmlinux_arch() -> &'static str {
+    match env::var("CARGO_CFG_TARGET_ARCH").as_deref() {
+        Ok("x86_64") => "x86",
+        Ok("aarch64") => "arm64",
+        Ok(other) => panic!("no committed vmlinux.h for target arch {other}"),
+        Err(e) => panic!("CARGO_CFG_TARGET_ARCH: {e}"),
+    }
+}
+
+fn build_bpf(out: &Path) {
+    let arch = vmlinux_arch();
+    let vmlinux = Path::new("vmlinux").join(arch);
+    let target_define = format!("-D__TARGET_ARCH_{arch}");
+    let mut sources: Vec<PathBuf> = fs::read_dir("src/bpf")
+        .expect("src/bpf")
+        .map(|e| e.expect("src/bpf entry").path())
+        .filter(|p| p.to_string_lossy().ends_with(".bpf.c"))
+        .collect();
+    sources.sort();
+    for src in sources {
+        let stem = src
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".bpf.c"))
+            .expect("bpf source name")
+            .to_owned();
+        SkeletonBuilder::new()
+            .source(&src)
+            .clang_args([
+                "-I".as_ref(),
+                vmlinux.as_os_str(),
+                "-I".as_ref(),
+                "src/bpf".as_ref(),
+                target_define.as_ref(),
+                "-Wall".as_ref(),
+                "-Werror".as_ref(),
+            ])
+            .build_and_generate(out.join(format!("{stem}.skel.rs")))
+            .unwrap_or_else(|e| panic!("building {}: {e:#}", src.display()));
+        println!("cargo:rerun-if-changed={}", src.display());
+    }
+    println!("cargo:rerun-if-changed=src/bpf");
+    println!("cargo:rerun-if-changed={}", vmlinux.display());
+}
+
+fn build_proto(out: &Path) {
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("flowlens_descriptor.bin"))
+        .compile_protos(&["proto/flowlens/v1/flowlens.proto"], &["proto"])
+        .expect("compiling proto/flowlens/v1/flowlens.proto");
+    println!("cargo:rerun-if-changed=proto");
+}
+
+fn main() {
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
+    build_bpf(&out);
+    build_proto(&out);
+}

@@ -1,0 +1,5 @@
+//! flowlens: a host network flow collector built on split BPF flow maps.
+
+pub mod bpf;
+pub mod flow;
+pub mod status;

@@ -1,0 +1,71 @@
+//! Agent self-state shared by the poller (writer) and the gRPC service (reader).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+/// Fill level of one BPF map.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MapUsage {
+    pub name: String,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// A point-in-time view of the agent, as `GetStatus` reports it.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub started: Option<SystemTime>,
+    /// Flows the poller has seen end (records emitted with a final reason).
+    pub flows_ended: u64,
+    /// Records emitted, active-timeout records included.
+    pub records_emitted: u64,
+    /// Flows in the base map at the last poll.
+    pub active_flows: u64,
+    pub maps: Vec<MapUsage>,
+    /// Kernel per-reason counters, summed over CPUs (errors and informational).
+    pub kernel_counters: BTreeMap<String, u64>,
+    /// Extension entries removed because their base entry was gone.
+    pub orphans_removed: u64,
+    /// Duration of the last poll cycle.
+    pub last_poll_ns: u64,
+}
+
+/// Shared, cheaply updated agent state.
+#[derive(Debug, Default)]
+pub struct Status {
+    pub flows_ended: AtomicU64,
+    pub records_emitted: AtomicU64,
+    pub orphans_removed: AtomicU64,
+    pub last_poll_ns: AtomicU64,
+    pub active_flows: AtomicU64,
+    detail: Mutex<(Vec<MapUsage>, BTreeMap<String, u64>)>,
+    started: Mutex<Option<SystemTime>>,
+}
+
+impl Status {
+    pub fn new() -> Status {
+        let s = Status::default();
+        *s.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(SystemTime::now());
+        s
+    }
+
+    pub fn set_detail(&self, maps: Vec<MapUsage>, counters: BTreeMap<String, u64>) {
+        *self.detail.lock().unwrap_or_else(|e| e.into_inner()) = (maps, counters);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let (maps, kernel_counters) = self.detail.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Snapshot {
+            started: *self.started.lock().unwrap_or_else(|e| e.into_inner()),
+            flows_ended: self.flows_ended.load(Ordering::Relaxed),
+            records_emitted: self.records_emitted.load(Ordering::Relaxed),
+            active_flows: self.active_flows.load(Ordering::Relaxed),
+            maps,
+            kernel_counters,
+            orphans_removed: self.orphans_removed.load(Ordering::Relaxed),
+            last_poll_ns: self.last_poll_ns.load(Ordering::Relaxed),
+        }
+    }
+}
