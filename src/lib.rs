@@ -3,3 +3,5 @@
 pub mod bpf;
 pub mod flow;
 pub mod status;
+pub mod datapath;
+pub mod packet;
