@@ -118,20 +118,21 @@ impl FlowMaps {
             .collect()
     }
 
-    /// Number of keys in a hash map (walks the keys: for status, not hot paths).
-    pub fn count_entries(map: &MapHandle) -> u64 {
-        map.keys().count() as u64
-    }
-
-    pub fn usage(&self) -> Vec<MapUsage> {
-        [("flows", &self.flows), ("flows_tcp", &self.tcp), ("flows_icmp", &self.icmp)]
-            .into_iter()
-            .map(|(name, m)| MapUsage {
-                name: name.to_owned(),
-                entries: Self::count_entries(m),
-                capacity: u64::from(m.max_entries()),
-            })
-            .collect()
+    /// Fill level of the three flow maps, given their entry counts (base, TCP, ICMP).
+    pub fn usage(&self, entries: [u64; 3]) -> Vec<MapUsage> {
+        [
+            ("flows", &self.flows),
+            ("flows_tcp", &self.tcp),
+            ("flows_icmp", &self.icmp),
+        ]
+        .into_iter()
+        .zip(entries)
+        .map(|((name, m), entries)| MapUsage {
+            name: name.to_owned(),
+            entries,
+            capacity: u64::from(m.max_entries()),
+        })
+        .collect()
     }
 
     /// Kernel memory the map accounts for itself (fdinfo `memlock`).
@@ -155,7 +156,8 @@ impl Datapath {
     pub fn load(cap: Capacities) -> Result<Datapath, DatapathError> {
         // The skeleton borrows its object storage for its whole life; the
         // agent keeps one datapath for the process, so leaking it is right.
-        let storage: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+        let storage: &'static mut MaybeUninit<OpenObject> =
+            Box::leak(Box::new(MaybeUninit::uninit()));
         let mut open = FlowSkelBuilder::default()
             .open(storage)
             .map_err(DatapathError::Open)?;

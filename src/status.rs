@@ -56,7 +56,11 @@ impl Status {
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        let (maps, kernel_counters) = self.detail.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let (maps, kernel_counters) = self
+            .detail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         Snapshot {
             started: *self.started.lock().unwrap_or_else(|e| e.into_inner()),
             flows_ended: self.flows_ended.load(Ordering::Relaxed),

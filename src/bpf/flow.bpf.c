@@ -177,8 +177,8 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p,
 			p->key.port_lo = ((__u16)ih[4] << 8) | ih[5];
 			p->key.port_hi = p->key.port_lo;
 		} else {
-			p->key.port_lo = ih[0];
-			p->key.port_hi = ICMP_KEY_CODE_TAG | ih[1];
+			p->key.port_lo = ((__u16)ih[0] << 8) | ih[1];
+			p->key.port_hi = ~p->key.port_lo;
 		}
 		p->hdr_len += l4_avail < 8 ? l4_avail : 8;
 		return 0;

@@ -109,3 +109,7 @@ impl Harness {
             .1
     }
 }
+
+pub mod agent;
+pub mod capture;
+pub mod netns;
