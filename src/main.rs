@@ -230,10 +230,10 @@ fn run(args: RunArgs) -> Result<()> {
         .context("spawning the output thread")?;
 
     // Interfaces come and go: re-check twice a second until told to stop.
-    'outer: loop {
-        for sig in signals.pending() {
+    loop {
+        if let Some(sig) = signals.pending().next() {
             info!("received signal {sig}, shutting down");
-            break 'outer;
+            break;
         }
         if let Err(e) = attacher.sync(&selector) {
             warn!("interface sync: {e}");

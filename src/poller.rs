@@ -225,7 +225,9 @@ impl Poller {
             self.reported.retain(|k, _| live.contains(k));
         }
         if self.cfg.orphan_sweep_every > 0
-            && self.polls % u64::from(self.cfg.orphan_sweep_every) == 0
+            && self
+                .polls
+                .is_multiple_of(u64::from(self.cfg.orphan_sweep_every))
         {
             stats.orphans_removed = self.sweep_orphans()?;
         }
@@ -382,6 +384,9 @@ impl Poller {
         let ratio = u.entries as f64 / u.capacity.max(1) as f64;
         let high = ratio > self.cfg.pressure_threshold;
         if high && !self.pressured[i] {
+            self.status
+                .map_pressure_events
+                .fetch_add(1, Ordering::Relaxed);
             warn!(
                 "map {} is {:.0}% full ({}/{}): new flows will be dropped and counted when it fills; raise its capacity or lower timeouts",
                 u.name,
@@ -501,7 +506,6 @@ fn read_batch(map: &MapHandle, locked: bool) -> std::io::Result<Vec<(Vec<u8>, Ve
         sz: std::mem::size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
         elem_flags: lookup_flags(locked).bits(),
         flags: 0,
-        ..Default::default()
     };
     loop {
         let mut keys = vec![0u8; ks * batch as usize];

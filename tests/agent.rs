@@ -39,7 +39,7 @@ fn ping(net: &NetPair, to: IpAddr, count: u32) {
     );
 }
 
-fn find<'a>(recs: &'a [FlowRecord], pred: impl Fn(&FlowRecord) -> bool) -> Vec<&'a FlowRecord> {
+fn find(recs: &[FlowRecord], pred: impl Fn(&FlowRecord) -> bool) -> Vec<&FlowRecord> {
     recs.iter().filter(|r| pred(r)).collect()
 }
 

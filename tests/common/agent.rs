@@ -49,7 +49,7 @@ impl Agent {
         let fds = ProgramFds::of(&dp).expect("program fds");
         let ifnames = IfNames::default();
         let names = ifnames.clone();
-        let sel = Selector::new(&[net.if_a.clone()], &[]).expect("selector");
+        let sel = Selector::new(std::slice::from_ref(&net.if_a), &[]).expect("selector");
         let path = format!("/run/netns/{}", net.a);
         let (stop_attach, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<usize>(1);

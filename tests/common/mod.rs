@@ -65,9 +65,11 @@ impl Harness {
                 std::mem::size_of::<types::__sk_buff>(),
             )
         };
-        let mut input = Input::default();
-        input.data_in = Some(frame);
-        input.context_in = Some(ctx_bytes);
+        let input = Input {
+            data_in: Some(frame),
+            context_in: Some(ctx_bytes),
+            ..Default::default()
+        };
         let out = prog.test_run(input).expect("BPF_PROG_TEST_RUN");
         out.return_value
     }

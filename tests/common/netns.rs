@@ -106,14 +106,7 @@ impl NetPair {
     }
 
     pub fn ifindex_a(&self) -> u32 {
-        let name = self.if_a.clone();
-        self.in_ns(&self.a, move || {
-            let c = std::ffi::CString::new(name).expect("name");
-            // SAFETY: valid C string.
-            unsafe { libc::if_nametoindex(c.as_ptr()) }
-        })
-        .join()
-        .expect("ifindex thread")
+        ifindex_in(&self.a, &self.if_a)
     }
 }
 
@@ -132,4 +125,51 @@ impl Drop for NetPair {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
+}
+
+/// Programs attached with TCX at `attach_type` on `ifindex` of namespace `ns`.
+pub fn tcx_count(ns: &str, ifindex: u32, attach_type: libbpf_sys::bpf_attach_type) -> u32 {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        enter(&path);
+        // SAFETY: zero is a valid start for these plain option structs.
+        let mut opts: libbpf_sys::bpf_prog_query_opts = unsafe { std::mem::zeroed() };
+        opts.sz = std::mem::size_of::<libbpf_sys::bpf_prog_query_opts>() as _;
+        // SAFETY: opts is valid; a null id array asks for the count only.
+        let r = unsafe { libbpf_sys::bpf_prog_query_opts(ifindex as i32, attach_type, &mut opts) };
+        if r != 0 {
+            return 0; // interface gone
+        }
+        // SAFETY: the kernel filled the count member.
+        unsafe { opts.__bindgen_anon_1.count }
+    })
+    .join()
+    .expect("query thread")
+}
+
+/// ifindex of `name` in namespace `ns` (0: no such interface).
+pub fn ifindex_in(ns: &str, name: &str) -> u32 {
+    let path = format!("/run/netns/{ns}");
+    let name = std::ffi::CString::new(name).expect("name");
+    std::thread::spawn(move || {
+        enter(&path);
+        // SAFETY: valid C string.
+        unsafe { libc::if_nametoindex(name.as_ptr()) }
+    })
+    .join()
+    .expect("ifindex thread")
+}
+
+/// Output of a command, which must succeed.
+pub fn sh_out(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
