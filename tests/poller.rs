@@ -32,15 +32,17 @@ fn key(i: u32, proto: u8) -> types::flow_key {
 
 fn put(maps: &FlowMaps, i: u32, proto: u8, last_seen_ns: u64) {
     let k = key(i, proto);
-    let mut b = types::flow_base::default();
-    b.first_seen_ns = last_seen_ns;
-    b.last_seen_ns = last_seen_ns;
-    b.packets = [u64::from(i), 1];
-    b.bytes = [u64::from(i) * 100, 60];
-    b.ext = if proto == 6 {
-        types::flow_ext::EXT_TCP.0 as u8
-    } else {
-        0
+    let b = types::flow_base {
+        first_seen_ns: last_seen_ns,
+        last_seen_ns,
+        packets: [u64::from(i), 1],
+        bytes: [u64::from(i) * 100, 60],
+        ext: if proto == 6 {
+            types::flow_ext::EXT_TCP.0 as u8
+        } else {
+            0
+        },
+        ..Default::default()
     };
     maps.flows
         .update(bytes_of(&k), bytes_of(&b), MapFlags::ANY)
