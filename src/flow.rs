@@ -164,6 +164,8 @@ pub struct IcmpInfo {
     pub server_code: Option<u8>,
     /// Echo identifier, for echo request/reply flows.
     pub echo_id: Option<u16>,
+    /// Echo request -> reply round-trip times (replies matched by sequence number); no jitter.
+    pub echo_rtt: Option<Latency>,
 }
 
 /// A finished (or active-timeout) flow, as streamed to users.
@@ -389,6 +391,13 @@ fn icmp_info(
         server_type: sent(s).then_some(i.r#type[s]),
         server_code: sent(s).then_some(i.code[s]),
         echo_id: echo.then_some(k.port_lo),
+        echo_rtt: (i.rtt_count > 0).then(|| Latency {
+            count: i.rtt_count,
+            sum_ns: i.rtt_sum_ns,
+            min_ns: i.rtt_min_ns,
+            max_ns: i.rtt_max_ns,
+            jitter_ns: None,
+        }),
     }
 }
 
@@ -444,6 +453,9 @@ impl std::fmt::Display for FlowRecord {
         if let Some(i) = &self.icmp {
             if let (Some(t), Some(c)) = (i.client_type, i.client_code) {
                 write!(f, "  icmp {t}/{c}")?;
+            }
+            if let Some(r) = &i.echo_rtt {
+                write!(f, "  rtt {:.3}ms x{}", r.mean_ns() as f64 / 1e6, r.count)?;
             }
         }
         Ok(())

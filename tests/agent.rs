@@ -78,6 +78,9 @@ fn check_ping(v6: bool) {
     let icmp = f.icmp.expect("icmp info");
     let (req, rep) = if v6 { (128, 129) } else { (8, 0) };
     assert_eq!((icmp.client_type, icmp.server_type), (Some(req), Some(rep)));
+    let rtt = icmp.echo_rtt.expect("echo RTT");
+    assert_eq!(rtt.count, n, "one RTT sample per answered request: {f:#?}");
+    assert!(rtt.min_ns > 0 && rtt.max_ns < 1_000_000_000, "{rtt:?}");
     assert_eq!(f.end_reason, EndReason::IdleTimeout);
     assert_eq!(f.interface, net.if_a);
     assert!(f.last_seen >= f.first_seen);

@@ -40,7 +40,8 @@ fn tcp_extension_layout() {
 }
 
 #[test]
-fn icmp_extension_fits_the_4_byte_target() {
-    assert_eq!(size_of::<flow_icmp>(), 4);
-    assert_tiled!(flow_icmp, r#type: [u8; 2], code: [u8; 2]);
+fn icmp_extension_layout() {
+    // 40 bytes: type/code per direction (4) plus echo RTT pairing and stats.
+    assert_eq!(size_of::<flow_icmp>(), 40);
+    assert_tiled!(flow_icmp, req_ts_ns: u64, rtt_sum_ns: u64, rtt_count: u32, rtt_min_ns: u32, rtt_max_ns: u32, req_seq: u16, r#type: [u8; 2], code: [u8; 2], __pad: [u8; 6]);
 }

@@ -1,4 +1,4 @@
-//! BPF_PROG_TEST_RUN sequences for TCP handshake, direction-agnostic latency, late start and state.
+//! BPF_PROG_TEST_RUN sequences for TCP handshake, direction-agnostic latency, late start, state, and ICMP echo RTT.
 
 mod common;
 
@@ -171,4 +171,28 @@ fn fin_in_both_directions_closes_and_rst_resets() {
     handshake(&r);
     s2c(&r, TCP_RST, &[]);
     assert_eq!(u32::from(ext(&r).state), tcp_state::TCP_ST_RESET.0);
+}
+
+#[test]
+fn icmp_echo_rtt_pairs_replies_by_sequence_number() {
+    let h = Harness::new();
+    let req = |seq| v4_frame(CLIENT, SERVER, 1, 64, &echo(8, 77, seq, &[0u8; 56]));
+    let rep = |seq| v4_frame(SERVER, CLIENT, 1, 64, &echo(0, 77, seq, &[0u8; 56]));
+    for seq in 1..=3 {
+        h.run(Hook::Egress, &req(seq));
+        sleep(GAP);
+        h.run(Hook::Ingress, &rep(seq));
+    }
+    // a reply to an unknown sequence, and a lost request's successor
+    h.run(Hook::Ingress, &rep(99));
+    h.run(Hook::Egress, &req(4));
+    h.run(Hook::Egress, &req(5));
+    h.run(Hook::Ingress, &rep(4));
+    let c = h.icmp();
+    assert_eq!(c.len(), 1);
+    let c = c[0].1;
+    assert_eq!(c.rtt_count, 3, "only matched request/reply pairs count");
+    assert!(c.rtt_min_ns >= GAP_NS && c.rtt_max_ns >= c.rtt_min_ns);
+    assert!(c.rtt_sum_ns >= 3 * u64::from(GAP_NS));
+    assert_eq!(c.r#type, [8, 0]);
 }

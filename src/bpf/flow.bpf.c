@@ -37,6 +37,9 @@
 #define ICMPV6_ECHO_REQUEST 128
 #define ICMPV6_ECHO_REPLY 129
 
+#define ECHO_REQUEST 1
+#define ECHO_REPLY 2
+
 #define TC_ACT_UNSPEC (-1)
 #define U32_MAX 0xffffffffU
 
@@ -102,6 +105,8 @@ struct pkt {
 	__u8 icmp_code;
 	__u8 has_ports;		/* TCP/UDP: ports still to be ordered */
 	__u8 frag;		/* non-first fragment: no L4 header */
+	__u8 echo;		/* ECHO_REQUEST / ECHO_REPLY, else 0 */
+	__u16 echo_seq;
 	__u16 sport;
 	__u16 dport;
 };
@@ -156,26 +161,27 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p,
 		return 0;
 	}
 	if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
-		/* type, code, checksum, then identifier for echo */
-		__u8 ih[6];
-		bool echo;
+		/* type, code, checksum, then identifier and sequence for echo */
+		__u8 ih[8];
 
 		if (l4_avail < 4 || bpf_skb_load_bytes(skb, off, ih, 4))
 			return CNT_ICMP_TRUNC;
 		p->icmp_type = ih[0];
 		p->icmp_code = ih[1];
 		if (proto == IPPROTO_ICMP)
-			echo = ih[0] == ICMP_ECHO || ih[0] == ICMP_ECHOREPLY;
+			p->echo = ih[0] == ICMP_ECHO ? ECHO_REQUEST :
+				  ih[0] == ICMP_ECHOREPLY ? ECHO_REPLY : 0;
 		else
-			echo = ih[0] == ICMPV6_ECHO_REQUEST ||
-			       ih[0] == ICMPV6_ECHO_REPLY;
+			p->echo = ih[0] == ICMPV6_ECHO_REQUEST ? ECHO_REQUEST :
+				  ih[0] == ICMPV6_ECHO_REPLY ? ECHO_REPLY : 0;
 		/* set once here: ICMP keys are direction-independent */
-		if (echo) {
+		if (p->echo) {
 			if (l4_avail < 8 ||
 			    bpf_skb_load_bytes(skb, off, ih, sizeof(ih)))
 				return CNT_ICMP_TRUNC;
 			p->key.port_lo = ((__u16)ih[4] << 8) | ih[5];
 			p->key.port_hi = p->key.port_lo;
+			p->echo_seq = ((__u16)ih[6] << 8) | ih[7];
 		} else {
 			p->key.port_lo = ((__u16)ih[0] << 8) | ih[1];
 			p->key.port_hi = ~p->key.port_lo;
@@ -471,6 +477,38 @@ static __always_inline void tcp_update(struct flow_tcp *t,
 }
 
 
+/* Type/code per direction and echo round-trip time. No lock: a request
+ * and its reply are written at different times, and a lost race only
+ * costs one RTT sample.
+ */
+static __always_inline void icmp_update(struct flow_icmp *c,
+					const struct pkt *p, __u64 now)
+{
+	if (p->dir == DIR_HI_TO_LO) {
+		c->type[1] = p->icmp_type;
+		c->code[1] = p->icmp_code;
+	} else {
+		c->type[0] = p->icmp_type;
+		c->code[0] = p->icmp_code;
+	}
+	if (p->echo == ECHO_REQUEST) {
+		c->req_ts_ns = now;
+		c->req_seq = p->echo_seq;
+	} else if (p->echo == ECHO_REPLY && c->req_ts_ns &&
+		   c->req_seq == p->echo_seq) {
+		__u64 rtt = now - c->req_ts_ns;
+		__u32 s = sat_u32(rtt);
+
+		if (!c->rtt_count || s < c->rtt_min_ns)
+			c->rtt_min_ns = s;
+		if (s > c->rtt_max_ns)
+			c->rtt_max_ns = s;
+		c->rtt_sum_ns += rtt;
+		c->rtt_count++;
+		c->req_ts_ns = 0;
+	}
+}
+
 /* Inserts an empty extension entry; returns 0 or the error to count. */
 static __always_inline int ext_insert(const struct pkt *p, __u8 ext)
 {
@@ -526,8 +564,7 @@ static __always_inline int account_ext(const struct pkt *p, __u8 ext,
 			if (!c)
 				return CNT_ICMP_FULL;
 		}
-		c->type[p->dir & 1] = p->icmp_type;
-		c->code[p->dir & 1] = p->icmp_code;
+		icmp_update(c, p, now);
 	}
 	return 0;
 }

@@ -132,9 +132,19 @@ struct flow_tcp {
 	__u8 __pad[6];
 };
 
+/* Echo round-trip time is paired by sequence number: a reply whose
+ * sequence matches the pending request gives one sample.
+ */
 struct flow_icmp {
+	__u64 req_ts_ns;	/* pending echo request (0: none) */
+	__u64 rtt_sum_ns;
+	__u32 rtt_count;
+	__u32 rtt_min_ns;	/* saturates at U32_MAX (~4.29 s) */
+	__u32 rtt_max_ns;
+	__u16 req_seq;		/* sequence number of the pending request */
 	__u8 type[2];		/* last type per direction */
-	__u8 code[2];
+	__u8 code[2];		/* last code per direction */
+	__u8 __pad[6];
 };
 
 #endif /* __FLOWLENS_H */

@@ -89,6 +89,22 @@ impl NetPair {
             sh(&["ip", "-n", ns, "link", "set", ifc, "up"]);
             sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
+        // Resolve neighbours now: a fresh veth can hold the first packets
+        // for up to a second, and tests want traffic to flow as sent.
+        for to in [p.v4_b, p.v6_b] {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &p.a,
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "5",
+                &to.to_string(),
+            ]);
+        }
         p
     }
 
