@@ -2,4 +2,7 @@
 
 pub mod bpf;
 pub mod flow;
+pub mod service;
 pub mod status;
+pub mod stream;
+pub mod watch;
