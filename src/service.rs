@@ -82,15 +82,7 @@ pub fn parse_request(
             .map(|(i, f)| parse_filter(f, &format!("{name}[{i}]")))
             .collect::<Result<Vec<_>, _>>()
     };
-    let since = req
-        .since
-        .map(|t| {
-            SystemTime::try_from(t).map_err(|e| RequestError::Timestamp {
-                field: "since".into(),
-                reason: e.to_string(),
-            })
-        })
-        .transpose()?;
+    let since = req.since.map(|t| timestamp_arg(t, "since")).transpose()?;
     Ok(SubscribeOptions {
         selector: Selector {
             include: parse_all(&req.include, "include")?,
@@ -101,6 +93,23 @@ pub fn parse_request(
         follow: req.follow.unwrap_or(true),
         peer,
     })
+}
+
+/// The range google.protobuf.Timestamp allows: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
+
+fn timestamp_arg(t: prost_types::Timestamp, field: &str) -> Result<SystemTime, RequestError> {
+    let err = |reason: String| RequestError::Timestamp {
+        field: field.into(),
+        reason,
+    };
+    if !TIMESTAMP_SECONDS.contains(&t.seconds) || !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(err(format!(
+            "{}s {}ns is outside 0001-01-01..9999-12-31 or has nanos outside 0..1e9",
+            t.seconds, t.nanos
+        )));
+    }
+    SystemTime::try_from(t).map_err(|e| err(e.to_string()))
 }
 
 /// Validates one filter; `path` names it in errors (e.g. "include[2]").
