@@ -577,7 +577,12 @@ async fn filter_each_field() {
 }
 
 /// Name, include filters, exclude filters, expected record ids.
-type SelectorCase = (&'static str, Vec<proto::Filter>, Vec<proto::Filter>, Vec<u32>);
+type SelectorCase = (
+    &'static str,
+    Vec<proto::Filter>,
+    Vec<proto::Filter>,
+    Vec<u32>,
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn include_exclude_logic() {
@@ -1421,4 +1426,139 @@ async fn watch_flags_build_the_request() {
     let req = watch::subscribe_request(&WatchArgs::default()).unwrap();
     assert!(req.include.is_empty() && req.exclude.is_empty());
     assert_eq!(req.follow, Some(true));
+}
+
+const PY_CLIENT: &str = r#"
+import json, sys
+sys.path.insert(0, sys.argv[2])
+import grpc
+from flowlens.v1 import flowlens_pb2 as pb, flowlens_pb2_grpc as rpc
+
+stub = rpc.FlowLensStub(grpc.insecure_channel(sys.argv[1]))
+out = {"version": stub.GetStatus(pb.GetStatusRequest(), timeout=10).version}
+req = pb.SubscribeRequest(
+    include=[pb.Filter(protocol=6)],
+    exclude=[pb.Filter(ip_version=pb.IP_VERSION_6)],
+    replay=100,
+    follow=False,
+)
+out["ids"] = []
+for resp in stub.Subscribe(req, timeout=10):
+    assert resp.WhichOneof("event") == "flows", resp
+    for r in resp.flows.records:
+        out["ids"].append(r.ifindex)
+        if r.ifindex == 1:
+            out["client"] = "%s:%d" % (r.client_addr, r.client_port)
+            out["hs_client_ns"] = r.tcp.handshake_client_ns
+            out["hs_server_present"] = r.tcp.HasField("handshake_server_ns")
+            out["end_reason"] = pb.EndReason.Name(r.end_reason)
+            out["first_seen"] = r.first_seen.seconds
+try:
+    list(stub.Subscribe(pb.SubscribeRequest(include=[pb.Filter(src_cidr="1.2.3.4/99")]), timeout=10))
+    out["invalid"] = None
+except grpc.RpcError as e:
+    out["invalid"] = [e.code().name, e.details()]
+print(json.dumps(out))
+"#;
+
+fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A Python grpcio client generated from the proto: the API works outside Rust/tonic.
+/// Installs grpcio and grpcio-tools from PyPI into a venv kept under the target dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_client() {
+    use std::process::Command;
+    let agent = Agent::start();
+    for r in corpus() {
+        agent.hub.publish(r);
+    }
+    let addr = agent.addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pyvenv-grpcio");
+        let py = venv.join("bin/python");
+        let ready = py.exists()
+            && Command::new(&py)
+                .args(["-c", "import grpc, grpc_tools"])
+                .status()
+                .is_ok_and(|s| s.success());
+        if !ready {
+            run(Command::new("python3").arg("-m").arg("venv").arg(&venv));
+            run(Command::new(&py).args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "grpcio>=1.60",
+                "grpcio-tools>=1.60",
+            ]));
+        }
+        let gen = tempfile::tempdir().unwrap();
+        let proto_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
+        run(Command::new(&py)
+            .args(["-m", "grpc_tools.protoc", "-I", proto_dir])
+            .arg(format!("--python_out={}", gen.path().display()))
+            .arg(format!("--grpc_python_out={}", gen.path().display()))
+            .arg(format!("{proto_dir}/flowlens/v1/flowlens.proto")));
+        run(Command::new(&py)
+            .args(["-c", PY_CLIENT, &addr])
+            .arg(gen.path()))
+    })
+    .await
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["ids"], serde_json::json!([1, 6]));
+    assert_eq!(v["client"], "10.0.0.1:40001");
+    assert_eq!(v["hs_client_ns"], 120_000);
+    assert_eq!(v["hs_server_present"], false);
+    assert_eq!(v["end_reason"], "END_REASON_TCP_FIN");
+    assert_eq!(v["first_seen"], 1_700_000_001);
+    assert_eq!(v["invalid"][0], "INVALID_ARGUMENT");
+    assert!(
+        v["invalid"][1]
+            .as_str()
+            .unwrap()
+            .starts_with("include[0].src_cidr"),
+        "{}",
+        v["invalid"]
+    );
+}
+
+#[derive(Debug, clap::Parser)]
+struct WatchCli {
+    #[command(flatten)]
+    watch: WatchArgs,
+}
+
+#[test]
+fn watch_flags_parse_from_command_line_and_env() {
+    use clap::Parser;
+    // Only this test reads these variables.
+    std::env::set_var("FLOWLENS_WATCH_NO_FOLLOW", "true");
+    std::env::set_var("FLOWLENS_WATCH_EXCLUDE_PORT", "22,53");
+    std::env::set_var("FLOWLENS_WATCH_SERVER", "unix:/run/flowlens.sock");
+    let cli =
+        WatchCli::try_parse_from(["watch", "--json", "--dport", "80-90", "--replay", "5"]).unwrap();
+    let w = cli.watch;
+    assert!(w.json && w.no_follow);
+    assert_eq!(w.dport.as_deref(), Some("80-90"));
+    assert_eq!(w.replay, 5);
+    assert_eq!(w.exclude_port, vec!["22", "53"]);
+    assert_eq!(w.server, "unix:/run/flowlens.sock");
+    assert!(WatchCli::try_parse_from(["watch", "--ip-version", "5"]).is_err());
+    std::env::remove_var("FLOWLENS_WATCH_SERVER");
+    let w = WatchCli::try_parse_from(["watch"]).unwrap().watch;
+    assert_eq!(w.server, "http://127.0.0.1:50051");
 }
