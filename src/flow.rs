@@ -16,8 +16,6 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
 
-const ICMP_KEY_CODE_TAG: u16 = 0x100;
-
 /// Why a record was emitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -313,11 +311,18 @@ impl RawFlow {
         let b = &self.base;
         let c = usize::from(b.initiator & 1);
         let s = c ^ 1;
-        let addrs = [key_addr(&k.addr_lo, k.ip_version), key_addr(&k.addr_hi, k.ip_version)];
+        let addrs = [
+            key_addr(&k.addr_lo, k.ip_version),
+            key_addr(&k.addr_hi, k.ip_version),
+        ];
         let ports = [k.port_lo, k.port_hi];
         let icmp_proto = k.proto == IPPROTO_ICMP || k.proto == IPPROTO_ICMPV6;
         // Sender of LO_TO_HI packets is the lo endpoint.
-        let (client_port, server_port) = if icmp_proto { (0, 0) } else { (ports[c], ports[s]) };
+        let (client_port, server_port) = if icmp_proto {
+            (0, 0)
+        } else {
+            (ports[c], ports[s])
+        };
         let dir = |d: usize| DirStats {
             packets: counts.packets[d],
             bytes: counts.bytes[d],
@@ -343,7 +348,10 @@ impl RawFlow {
             server: dir(s),
             end_reason,
             tcp: self.tcp.as_ref().map(|t| tcp_info(t, c)),
-            icmp: self.icmp.as_ref().map(|i| icmp_info(i, k, c, self.base.packets)),
+            icmp: self
+                .icmp
+                .as_ref()
+                .map(|i| icmp_info(i, k, c, self.base.packets)),
         }
     }
 }
@@ -373,12 +381,71 @@ fn icmp_info(
 ) -> IcmpInfo {
     let s = c ^ 1;
     let sent = |d: usize| total_packets[d] > 0;
-    let echo = k.port_hi < ICMP_KEY_CODE_TAG && k.port_lo == k.port_hi;
+    // echo flows are keyed by identifier in both slots; others never have lo == hi
+    let echo = k.port_lo == k.port_hi;
     IcmpInfo {
         client_type: sent(c).then_some(i.r#type[c]),
         client_code: sent(c).then_some(i.code[c]),
         server_type: sent(s).then_some(i.r#type[s]),
         server_code: sent(s).then_some(i.code[s]),
         echo_id: echo.then_some(k.port_lo),
+    }
+}
+
+fn endpoint(addr: IpAddr, port: u16, proto: u8) -> String {
+    let portless = !matches!(proto, IPPROTO_TCP | IPPROTO_UDP);
+    match (addr, portless) {
+        (a, true) => a.to_string(),
+        (IpAddr::V6(a), false) => format!("[{a}]:{port}"),
+        (a, false) => format!("{a}:{port}"),
+    }
+}
+
+/// Protocol name for display.
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        IPPROTO_TCP => "tcp".into(),
+        IPPROTO_UDP => "udp".into(),
+        IPPROTO_ICMP => "icmp".into(),
+        IPPROTO_ICMPV6 => "icmpv6".into(),
+        p => format!("ip/{p}"),
+    }
+}
+
+impl std::fmt::Display for FlowRecord {
+    /// One line: interface, protocol, client -> server, what each side sent, why it was emitted.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<10} {:<6} {:>40} -> {:<40} c>s {:>7}p {:>10}B  s>c {:>7}p {:>10}B  {}",
+            self.interface,
+            proto_name(self.protocol),
+            endpoint(self.client_addr, self.client_port, self.protocol),
+            endpoint(self.server_addr, self.server_port, self.protocol),
+            self.client.packets,
+            self.client.bytes,
+            self.server.packets,
+            self.server.bytes,
+            self.end_reason.as_str(),
+        )?;
+        if let Some(t) = &self.tcp {
+            if let (Some(c), Some(s)) = (t.handshake_client_ns, t.handshake_server_ns) {
+                write!(
+                    f,
+                    "  hs {:.3}/{:.3}ms",
+                    f64::from(c) / 1e6,
+                    f64::from(s) / 1e6
+                )?;
+            }
+            if let Some(l) = &t.server_latency {
+                write!(f, "  srv {:.3}ms x{}", l.mean_ns() as f64 / 1e6, l.count)?;
+            }
+        }
+        if let Some(i) = &self.icmp {
+            if let (Some(t), Some(c)) = (i.client_type, i.client_code) {
+                write!(f, "  icmp {t}/{c}")?;
+            }
+        }
+        Ok(())
     }
 }

@@ -1,7 +1,11 @@
 //! flowlens: a host network flow collector built on split BPF flow maps.
 
+pub mod attach;
 pub mod bpf;
+pub mod datapath;
 pub mod flow;
+pub mod packet;
+pub mod poller;
 pub mod service;
 pub mod status;
 pub mod stream;

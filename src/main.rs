@@ -1,1 +1,278 @@
-fn main() {}
+//! The flowlens command line: `run` the collector, `watch` a running one.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use log::{error, info, warn};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use flowlens::attach::{Attacher, IfNames, Mode, ProgramFds, Selector};
+use flowlens::datapath::{Capacities, Datapath};
+use flowlens::flow::FlowRecord;
+use flowlens::poller::{Poller, PollerConfig};
+use flowlens::status::Status;
+
+#[derive(Parser)]
+#[command(
+    name = "flowlens",
+    version,
+    about = "Host network flow collector (BPF TCX/TC datapath, gRPC flow streaming)"
+)]
+struct Cli {
+    /// Log level: error, warn, info, debug, trace (RUST_LOG takes precedence when set).
+    #[arg(
+        long,
+        global = true,
+        env = "FLOWLENS_LOG_LEVEL",
+        default_value = "info"
+    )]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the datapath, attach to interfaces, and report flows.
+    Run(RunArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// One aligned line per flow record.
+    Table,
+    /// One JSON object per flow record.
+    Json,
+    /// Print nothing (records still go to gRPC subscribers).
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum AttachMode {
+    /// TCX where the kernel has it (>= 6.6), else TC clsact.
+    Auto,
+    Tcx,
+    Tc,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 2m)"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+fn capacity(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if n == 0 {
+        return Err("must be at least 1".into());
+    }
+    Ok(n)
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Interfaces to attach to: a name, a glob (veth*) or a /regex/. Repeatable.
+    /// Default: every interface that is up, except loopback.
+    #[arg(
+        long = "interface",
+        short = 'i',
+        env = "FLOWLENS_INTERFACES",
+        value_delimiter = ','
+    )]
+    interfaces: Vec<String>,
+    /// Interfaces never to attach to (same pattern forms). Repeatable.
+    #[arg(
+        long = "exclude-interface",
+        short = 'x',
+        env = "FLOWLENS_EXCLUDE_INTERFACES",
+        value_delimiter = ','
+    )]
+    exclude_interfaces: Vec<String>,
+    /// How to attach.
+    #[arg(long, env = "FLOWLENS_ATTACH_MODE", value_enum, default_value_t = AttachMode::Auto)]
+    attach_mode: AttachMode,
+    /// How often the flow maps are read.
+    #[arg(long, env = "FLOWLENS_POLL_INTERVAL", value_parser = duration, default_value = "1s")]
+    poll_interval: Duration,
+    /// A TCP flow with no packet for this long ends.
+    #[arg(long, env = "FLOWLENS_IDLE_TIMEOUT_TCP", value_parser = duration, default_value = "30s")]
+    idle_timeout_tcp: Duration,
+    /// A UDP flow with no packet for this long ends.
+    #[arg(long, env = "FLOWLENS_IDLE_TIMEOUT_UDP", value_parser = duration, default_value = "30s")]
+    idle_timeout_udp: Duration,
+    /// An ICMP/ICMPv6 flow with no packet for this long ends.
+    #[arg(long, env = "FLOWLENS_IDLE_TIMEOUT_ICMP", value_parser = duration, default_value = "10s")]
+    idle_timeout_icmp: Duration,
+    /// Any other IP protocol's flow with no packet for this long ends.
+    #[arg(long, env = "FLOWLENS_IDLE_TIMEOUT_OTHER", value_parser = duration, default_value = "30s")]
+    idle_timeout_other: Duration,
+    /// After FIN in both directions or RST, a TCP flow ends once quiet this long.
+    #[arg(long, env = "FLOWLENS_TCP_CLOSE_GRACE", value_parser = duration, default_value = "2s")]
+    tcp_close_grace: Duration,
+    /// A long flow is reported (with counter deltas) every this long and keeps going.
+    #[arg(long, env = "FLOWLENS_ACTIVE_TIMEOUT", value_parser = duration, default_value = "60s")]
+    active_timeout: Duration,
+    /// Capacity of the base flow map (every flow).
+    #[arg(long, env = "FLOWLENS_MAX_FLOWS", value_parser = capacity, default_value = "65536")]
+    max_flows: u32,
+    /// Capacity of the TCP extension map.
+    #[arg(long, env = "FLOWLENS_MAX_TCP_FLOWS", value_parser = capacity, default_value = "32768")]
+    max_tcp_flows: u32,
+    /// Capacity of the ICMP extension map.
+    #[arg(long, env = "FLOWLENS_MAX_ICMP_FLOWS", value_parser = capacity, default_value = "8192")]
+    max_icmp_flows: u32,
+    /// What to print on stdout for each flow record.
+    #[arg(long, env = "FLOWLENS_OUTPUT", value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .parse_filters(&std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log_level.clone()))
+        .format_timestamp_millis()
+        .target(env_logger::Target::Stderr)
+        .init();
+    let res = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    if let Err(e) = res {
+        error!("{e:#}");
+        eprintln!("flowlens: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let selector = Selector::new(&args.interfaces, &args.exclude_interfaces)
+        .context("--interface/--exclude-interface")?;
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM]).context("installing SIGINT/SIGTERM handlers")?;
+
+    let dp = Datapath::load(Capacities {
+        flows: args.max_flows,
+        tcp: args.max_tcp_flows,
+        icmp: args.max_icmp_flows,
+    })
+    .context("loading the flow datapath")?;
+    let maps = dp.maps().context("opening map handles")?;
+    let mode = match args.attach_mode {
+        AttachMode::Auto => Mode::Auto,
+        AttachMode::Tcx => Mode::Tcx,
+        AttachMode::Tc => Mode::Tc,
+    };
+    let ifnames = IfNames::default();
+    let mut attacher = Attacher::new(
+        ProgramFds::of(&dp).context("preparing attachment")?,
+        mode,
+        ifnames.clone(),
+    );
+    let first = attacher
+        .sync(&selector)
+        .context("attaching to interfaces")?;
+    let names: Vec<String> = attacher.attached().into_iter().map(|(_, n)| n).collect();
+    if !first.failed.is_empty() && names.is_empty() {
+        bail!(
+            "could not attach to any selected interface: {:?}",
+            first.failed
+        );
+    }
+    let missing: Vec<&String> = args
+        .interfaces
+        .iter()
+        .zip(&selector.include)
+        .filter(|(_, p)| p.is_literal() && !names.iter().any(|n| p.matches(n)))
+        .map(|(s, _)| s)
+        .collect();
+    if !missing.is_empty() {
+        bail!("--interface: no such interface {missing:?} (see `ip link`)");
+    }
+    if names.is_empty() {
+        warn!("no interface matches yet; waiting for one to appear");
+    } else {
+        info!("monitoring {}", names.join(", "));
+    }
+
+    let status = Arc::new(Status::new());
+    let (tx, rx) = crossbeam_channel::bounded::<FlowRecord>(65_536);
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+    let poller = Poller::new(
+        maps,
+        PollerConfig {
+            poll_interval: args.poll_interval,
+            idle_tcp: args.idle_timeout_tcp,
+            idle_udp: args.idle_timeout_udp,
+            idle_icmp: args.idle_timeout_icmp,
+            idle_other: args.idle_timeout_other,
+            tcp_close_grace: args.tcp_close_grace,
+            active_timeout: args.active_timeout,
+            ..PollerConfig::default()
+        },
+        tx,
+        status.clone(),
+        ifnames,
+    );
+    let poll_thread = thread::Builder::new()
+        .name("poller".into())
+        .spawn(move || poller.run(stop_rx))
+        .context("spawning the poller thread")?;
+    let output = args.output;
+    let out_thread = thread::Builder::new()
+        .name("output".into())
+        .spawn(move || print_records(rx, output))
+        .context("spawning the output thread")?;
+
+    // Interfaces come and go: re-check twice a second until told to stop.
+    loop {
+        if let Some(sig) = signals.pending().next() {
+            info!("received signal {sig}, shutting down");
+            break;
+        }
+        if let Err(e) = attacher.sync(&selector) {
+            warn!("interface sync: {e}");
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+
+    // Detach first so no packet lands after the final flush.
+    attacher.detach_all();
+    drop(stop_tx);
+    match poll_thread.join() {
+        Ok(r) => r.context("poller")?,
+        Err(_) => bail!("the poller thread panicked"),
+    }
+    if out_thread.join().is_err() {
+        bail!("the output thread panicked");
+    }
+    drop(dp);
+    Ok(())
+}
+
+fn print_records(rx: crossbeam_channel::Receiver<FlowRecord>, output: Output) {
+    let stdout = std::io::stdout();
+    for rec in rx {
+        let mut out = stdout.lock();
+        let res = match output {
+            Output::Table => writeln!(out, "{rec}"),
+            Output::Json => match serde_json::to_string(&rec) {
+                Ok(s) => writeln!(out, "{s}"),
+                Err(e) => {
+                    warn!("encoding a record: {e}");
+                    Ok(())
+                }
+            },
+            Output::None => Ok(()),
+        };
+        if res.and_then(|()| out.flush()).is_err() {
+            // stdout closed (piped into `head`): keep draining for subscribers.
+            continue;
+        }
+    }
+}

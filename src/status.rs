@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub orphans_removed: u64,
     /// Duration of the last poll cycle.
     pub last_poll_ns: u64,
+    /// Times a flow map crossed the pressure threshold (80 % full by default).
+    pub map_pressure_events: u64,
 }
 
 /// Shared, cheaply updated agent state.
@@ -40,6 +42,7 @@ pub struct Status {
     pub orphans_removed: AtomicU64,
     pub last_poll_ns: AtomicU64,
     pub active_flows: AtomicU64,
+    pub map_pressure_events: AtomicU64,
     detail: Mutex<(Vec<MapUsage>, BTreeMap<String, u64>)>,
     started: Mutex<Option<SystemTime>>,
 }
@@ -56,7 +59,11 @@ impl Status {
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        let (maps, kernel_counters) = self.detail.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let (maps, kernel_counters) = self
+            .detail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         Snapshot {
             started: *self.started.lock().unwrap_or_else(|e| e.into_inner()),
             flows_ended: self.flows_ended.load(Ordering::Relaxed),
@@ -66,6 +73,7 @@ impl Status {
             kernel_counters,
             orphans_removed: self.orphans_removed.load(Ordering::Relaxed),
             last_poll_ns: self.last_poll_ns.load(Ordering::Relaxed),
+            map_pressure_events: self.map_pressure_events.load(Ordering::Relaxed),
         }
     }
 }

@@ -177,8 +177,8 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p,
 			p->key.port_lo = ((__u16)ih[4] << 8) | ih[5];
 			p->key.port_hi = p->key.port_lo;
 		} else {
-			p->key.port_lo = ih[0];
-			p->key.port_hi = ICMP_KEY_CODE_TAG | ih[1];
+			p->key.port_lo = ((__u16)ih[0] << 8) | ih[1];
+			p->key.port_hi = ~p->key.port_lo;
 		}
 		p->hdr_len += l4_avail < 8 ? l4_avail : 8;
 		return 0;
@@ -407,7 +407,7 @@ static __always_inline void latency_sample(struct tcp_latency *l, __u64 gap)
 static __always_inline void tcp_update(struct flow_tcp *t,
 				       const struct pkt *p, __u64 now)
 {
-	__u8 f = p->tcp_flags, d = p->dir;
+	__u8 f = p->tcp_flags, d = p->dir & 1;
 
 	t->flags[d] |= f;
 
@@ -568,9 +568,18 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 
 		nb.first_seen_ns = now;
 		nb.last_seen_ns = now;
-		nb.packets[p.dir & 1] = pkts;
-		nb.bytes[p.dir & 1] = bytes;
-		nb.ttl[p.dir & 1] = p.ttl;
+		/* constant indexes: clang turns a variable one into pointer
+		 * arithmetic on the stack that the verifier rejects
+		 */
+		if (p.dir == DIR_HI_TO_LO) {
+			nb.packets[1] = pkts;
+			nb.bytes[1] = bytes;
+			nb.ttl[1] = p.ttl;
+		} else {
+			nb.packets[0] = pkts;
+			nb.bytes[0] = bytes;
+			nb.ttl[0] = p.ttl;
+		}
 		nb.initiator = initiator_of(&p);
 		nb.first_hook = hook;
 		nb.ext = ext;

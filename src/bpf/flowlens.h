@@ -32,11 +32,10 @@ enum flow_ext {
 };
 
 /* ICMP keys carry no ports. An echo request/reply pair is keyed by its
- * identifier in both port slots (lo == hi); any other ICMP message by
- * type in port_lo and ICMP_KEY_CODE_TAG | code in port_hi, which can never
- * be equal, so the two families cannot collide.
+ * identifier in both port slots (port_lo == port_hi); any other ICMP
+ * message by type << 8 | code in port_lo and its bitwise complement in
+ * port_hi, which never equal each other, so the two cannot collide.
  */
-#define ICMP_KEY_CODE_TAG 0x100
 
 /* Slots of the per-CPU `counters` array. The first group are reasons a
  * packet was not accounted; the second are informational.
@@ -66,7 +65,7 @@ enum flow_counter {
 struct flow_key {
 	__u8 addr_lo[16];	/* IPv6, or IPv4-mapped IPv6 (::ffff:a.b.c.d) */
 	__u8 addr_hi[16];
-	__u16 port_lo;		/* host byte order; ICMP: see ICMP_KEY_CODE_TAG */
+	__u16 port_lo;		/* host byte order; ICMP: see above */
 	__u16 port_hi;
 	__u32 ifindex;		/* the same packet on two interfaces is two flows */
 	__u8 proto;		/* IPPROTO_* */

@@ -1,0 +1,199 @@
+//! Loads the flow skeleton with userspace-chosen map capacities and hands out its maps and programs.
+
+use std::collections::BTreeMap;
+use std::mem::MaybeUninit;
+
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject, ProgramMut};
+use thiserror::Error;
+
+use crate::bpf::{types, FlowSkel, FlowSkelBuilder};
+use crate::status::MapUsage;
+
+#[derive(Debug, Error)]
+pub enum DatapathError {
+    #[error("opening the BPF object: {0}")]
+    Open(#[source] libbpf_rs::Error),
+    #[error("setting capacity of map {map} to {capacity}: {source}")]
+    Capacity {
+        map: &'static str,
+        capacity: u32,
+        #[source]
+        source: libbpf_rs::Error,
+    },
+    #[error(
+        "loading the BPF programs into the kernel (needs CAP_BPF + CAP_NET_ADMIN and a kernel with BTF): {0}"
+    )]
+    Load(#[source] libbpf_rs::Error),
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: libbpf_rs::Error,
+    },
+}
+
+/// Maximum entries of each flow map, fixed before load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacities {
+    pub flows: u32,
+    pub tcp: u32,
+    pub icmp: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Capacities {
+            flows: 65_536,
+            tcp: 32_768,
+            icmp: 8_192,
+        }
+    }
+}
+
+/// Owned handles on the four maps, usable from any thread.
+#[derive(Debug)]
+pub struct FlowMaps {
+    pub flows: MapHandle,
+    pub tcp: MapHandle,
+    pub icmp: MapHandle,
+    pub counters: MapHandle,
+}
+
+/// Name of each kernel counter slot, in `enum flow_counter` order.
+pub fn counter_names() -> Vec<(u32, &'static str)> {
+    use types::flow_counter as C;
+    vec![
+        (C::CNT_ETH_TRUNC.0, "eth_truncated"),
+        (C::CNT_VLAN_TRUNC.0, "vlan_truncated"),
+        (C::CNT_IPV4_TRUNC.0, "ipv4_truncated"),
+        (C::CNT_IPV4_BAD_IHL.0, "ipv4_bad_ihl"),
+        (C::CNT_IPV4_BAD_LEN.0, "ipv4_bad_total_length"),
+        (C::CNT_IPV6_TRUNC.0, "ipv6_truncated"),
+        (C::CNT_IPV6_BAD_EXT.0, "ipv6_bad_extension_chain"),
+        (C::CNT_TCP_TRUNC.0, "tcp_truncated"),
+        (C::CNT_TCP_BAD_DOFF.0, "tcp_bad_data_offset"),
+        (C::CNT_UDP_TRUNC.0, "udp_truncated"),
+        (C::CNT_ICMP_TRUNC.0, "icmp_truncated"),
+        (C::CNT_BASE_FULL.0, "base_map_full"),
+        (C::CNT_TCP_FULL.0, "tcp_map_full"),
+        (C::CNT_ICMP_FULL.0, "icmp_map_full"),
+        (C::CNT_PACKETS.0, "packets_accounted"),
+        (C::CNT_NON_IP.0, "non_ip_skipped"),
+        (C::CNT_FRAGMENTS.0, "ip_fragments_non_first"),
+    ]
+}
+
+/// Whether a counter slot counts a packet that was not accounted.
+pub fn is_error_counter(slot: u32) -> bool {
+    slot < types::flow_counter::CNT_ERRORS_END.0
+}
+
+impl FlowMaps {
+    /// Sums a per-CPU counter slot over all CPUs.
+    pub fn counter(&self, slot: u32) -> Result<u64, DatapathError> {
+        let per_cpu = self
+            .counters
+            .lookup_percpu(&slot.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|source| DatapathError::Map {
+                map: "counters",
+                source,
+            })?
+            .unwrap_or_default();
+        Ok(per_cpu
+            .iter()
+            .map(|v| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&v[..8]);
+                u64::from_ne_bytes(b)
+            })
+            .sum())
+    }
+
+    /// Every counter by name.
+    pub fn counters(&self) -> Result<BTreeMap<String, u64>, DatapathError> {
+        counter_names()
+            .into_iter()
+            .map(|(slot, name)| Ok((name.to_owned(), self.counter(slot)?)))
+            .collect()
+    }
+
+    /// Fill level of the three flow maps, given their entry counts (base, TCP, ICMP).
+    pub fn usage(&self, entries: [u64; 3]) -> Vec<MapUsage> {
+        [
+            ("flows", &self.flows),
+            ("flows_tcp", &self.tcp),
+            ("flows_icmp", &self.icmp),
+        ]
+        .into_iter()
+        .zip(entries)
+        .map(|((name, m), entries)| MapUsage {
+            name: name.to_owned(),
+            entries,
+            capacity: u64::from(m.max_entries()),
+        })
+        .collect()
+    }
+
+    /// Kernel memory the map accounts for itself (fdinfo `memlock`).
+    pub fn memlock(map: &MapHandle) -> Result<u64, DatapathError> {
+        map.query_fdinfo()
+            .map(|i| i.memlock.unwrap_or(0))
+            .map_err(|source| DatapathError::Map {
+                map: "fdinfo",
+                source,
+            })
+    }
+}
+
+/// The loaded flow programs and maps.
+pub struct Datapath {
+    skel: FlowSkel<'static>,
+}
+
+impl Datapath {
+    /// Opens the skeleton, applies capacities, and loads it into the kernel.
+    pub fn load(cap: Capacities) -> Result<Datapath, DatapathError> {
+        // The skeleton borrows its object storage for its whole life; the
+        // agent keeps one datapath for the process, so leaking it is right.
+        let storage: &'static mut MaybeUninit<OpenObject> =
+            Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = FlowSkelBuilder::default()
+            .open(storage)
+            .map_err(DatapathError::Open)?;
+        let set = |m: &mut libbpf_rs::OpenMapMut<'_>, map: &'static str, capacity: u32| {
+            m.set_max_entries(capacity)
+                .map_err(|source| DatapathError::Capacity {
+                    map,
+                    capacity,
+                    source,
+                })
+        };
+        set(&mut open.maps.flows, "flows", cap.flows)?;
+        set(&mut open.maps.flows_tcp, "flows_tcp", cap.tcp)?;
+        set(&mut open.maps.flows_icmp, "flows_icmp", cap.icmp)?;
+        let skel = open.load().map_err(DatapathError::Load)?;
+        Ok(Datapath { skel })
+    }
+
+    pub fn maps(&self) -> Result<FlowMaps, DatapathError> {
+        let h = |m: &libbpf_rs::MapMut<'_>, map: &'static str| {
+            MapHandle::try_from(m).map_err(|source| DatapathError::Map { map, source })
+        };
+        let maps = &self.skel.maps;
+        Ok(FlowMaps {
+            flows: h(&maps.flows, "flows")?,
+            tcp: h(&maps.flows_tcp, "flows_tcp")?,
+            icmp: h(&maps.flows_icmp, "flows_icmp")?,
+            counters: h(&maps.counters, "counters")?,
+        })
+    }
+
+    pub fn ingress(&self) -> &ProgramMut<'static> {
+        &self.skel.progs.flowlens_ingress
+    }
+
+    pub fn egress(&self) -> &ProgramMut<'static> {
+        &self.skel.progs.flowlens_egress
+    }
+}

@@ -1,0 +1,567 @@
+//! Reads the split flow maps, joins base and extension entries, ends flows and deletes their keys from every map.
+
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, tick, Receiver, Sender};
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use log::{debug, info, warn};
+use thiserror::Error;
+
+use crate::attach::IfNames;
+use crate::bpf::types;
+use crate::datapath::FlowMaps;
+use crate::flow::{
+    monotonic_ns, Clock, Counts, EndReason, FlowRecord, RawFlow, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPPROTO_TCP,
+};
+use crate::status::{MapUsage, Status};
+
+/// The kernel-internal "operation not supported" errno.
+const ENOTSUPP: i32 = 524;
+
+pub const KEY_SIZE: usize = std::mem::size_of::<types::flow_key>();
+type KeyBytes = [u8; KEY_SIZE];
+
+#[derive(Debug, Error)]
+pub enum PollError {
+    #[error("reading map {map}: {source}")]
+    Read {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the record channel is closed")]
+    ChannelClosed,
+}
+
+/// Timeouts and cadence of the poller.
+#[derive(Debug, Clone, Copy)]
+pub struct PollerConfig {
+    pub poll_interval: Duration,
+    pub idle_tcp: Duration,
+    pub idle_udp: Duration,
+    pub idle_icmp: Duration,
+    /// Idle timeout of protocols other than TCP, UDP and ICMP.
+    pub idle_other: Duration,
+    /// How long a closed (FIN both ways) or reset TCP flow is kept for late packets.
+    pub tcp_close_grace: Duration,
+    pub active_timeout: Duration,
+    /// Run the orphan sweep every this many polls.
+    pub orphan_sweep_every: u32,
+    /// Utilisation above which map pressure is reported.
+    pub pressure_threshold: f64,
+}
+
+impl Default for PollerConfig {
+    fn default() -> Self {
+        PollerConfig {
+            poll_interval: Duration::from_secs(1),
+            idle_tcp: Duration::from_secs(30),
+            idle_udp: Duration::from_secs(30),
+            idle_icmp: Duration::from_secs(10),
+            idle_other: Duration::from_secs(30),
+            tcp_close_grace: Duration::from_secs(2),
+            active_timeout: Duration::from_secs(60),
+            orphan_sweep_every: 10,
+            pressure_threshold: 0.8,
+        }
+    }
+}
+
+/// What one poll did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PollStats {
+    pub flows: usize,
+    pub ended: usize,
+    pub active_records: usize,
+    pub orphans_removed: usize,
+}
+
+/// Per-flow state the poller keeps between polls.
+#[derive(Debug, Clone, Copy)]
+struct Reported {
+    /// Counters already reported in active-timeout records.
+    counts: Counts,
+    /// When the last record of this flow was emitted (BPF clock).
+    at_ns: u64,
+}
+
+/// How entries are read: batch syscalls where the kernel has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    Batch,
+    KeyByKey,
+}
+
+pub struct Poller {
+    maps: FlowMaps,
+    cfg: PollerConfig,
+    clock: Clock,
+    tx: Sender<FlowRecord>,
+    status: Arc<Status>,
+    reported: HashMap<KeyBytes, Reported>,
+    ifnames: IfNames,
+    polls: u64,
+    read_mode: ReadMode,
+    pressured: [bool; 3],
+}
+
+impl Poller {
+    pub fn new(
+        maps: FlowMaps,
+        cfg: PollerConfig,
+        tx: Sender<FlowRecord>,
+        status: Arc<Status>,
+        ifnames: IfNames,
+    ) -> Poller {
+        Poller {
+            maps,
+            cfg,
+            clock: Clock::new(),
+            tx,
+            status,
+            reported: HashMap::new(),
+            ifnames,
+            polls: 0,
+            read_mode: ReadMode::Batch,
+            pressured: [false; 3],
+        }
+    }
+
+    pub fn set_read_mode(&mut self, mode: ReadMode) {
+        self.read_mode = mode;
+    }
+
+    /// Polls every interval until `stop` fires or disconnects, then flushes every flow.
+    pub fn run(mut self, stop: Receiver<()>) -> Result<(), PollError> {
+        let ticker = tick(self.cfg.poll_interval);
+        loop {
+            select! {
+                recv(ticker) -> _ => {
+                    let started = Instant::now();
+                    match self.poll_once(monotonic_ns()) {
+                        Ok(s) => debug!("poll: {s:?}"),
+                        Err(PollError::ChannelClosed) => return Err(PollError::ChannelClosed),
+                        Err(e) => warn!("poll failed: {e}"),
+                    }
+                    self.status.last_poll_ns.store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                }
+                recv(stop) -> _ => break,
+            }
+        }
+        let n = self.flush()?;
+        info!("shutdown: flushed {n} flows");
+        Ok(())
+    }
+
+    /// Reads and joins every flow in the maps; also returns the entry count of each map.
+    pub fn read_flows(&self) -> Result<(Vec<RawFlow>, [u64; 3]), PollError> {
+        let base: Vec<(types::flow_key, types::flow_base)> =
+            read_all(&self.maps.flows, "flows", self.read_mode, false)?;
+        let mut tcp: HashMap<KeyBytes, types::flow_tcp> =
+            read_all(&self.maps.tcp, "flows_tcp", self.read_mode, true)?
+                .into_iter()
+                .map(|(k, v)| (key_bytes(&k), v))
+                .collect();
+        let mut icmp: HashMap<KeyBytes, types::flow_icmp> =
+            read_all(&self.maps.icmp, "flows_icmp", self.read_mode, false)?
+                .into_iter()
+                .map(|(k, v)| (key_bytes(&k), v))
+                .collect();
+        let entries = [base.len() as u64, tcp.len() as u64, icmp.len() as u64];
+        let flows = base
+            .into_iter()
+            .map(|(key, base)| {
+                let kb = key_bytes(&key);
+                RawFlow {
+                    key,
+                    base,
+                    tcp: tcp.remove(&kb),
+                    icmp: icmp.remove(&kb),
+                }
+            })
+            .collect();
+        Ok((flows, entries))
+    }
+
+    /// One poll: report ended and long-running flows, delete ended keys everywhere.
+    pub fn poll_once(&mut self, now_ns: u64) -> Result<PollStats, PollError> {
+        self.polls += 1;
+        let (flows, mut entries) = self.read_flows()?;
+        let mut stats = PollStats {
+            flows: flows.len(),
+            ..PollStats::default()
+        };
+        for f in &flows {
+            let kb = key_bytes(&f.key);
+            if let Some(reason) = self.end_reason(f, now_ns) {
+                if self.end_flow(&kb, reason)? {
+                    stats.ended += 1;
+                    entries[0] -= 1;
+                    entries[1] -= u64::from(f.tcp.is_some());
+                    entries[2] -= u64::from(f.icmp.is_some());
+                }
+                continue;
+            }
+            let last = self
+                .reported
+                .get(&kb)
+                .map_or(f.base.first_seen_ns, |r| r.at_ns);
+            if now_ns.saturating_sub(last) >= self.cfg.active_timeout.as_nanos() as u64
+                && self.emit_active(f, &kb, now_ns)?
+            {
+                stats.active_records += 1;
+            }
+        }
+        // Forget per-flow state of keys that vanished without us ending them.
+        if self.reported.len() > flows.len() {
+            let live: std::collections::HashSet<KeyBytes> =
+                flows.iter().map(|f| key_bytes(&f.key)).collect();
+            self.reported.retain(|k, _| live.contains(k));
+        }
+        if self.cfg.orphan_sweep_every > 0
+            && self
+                .polls
+                .is_multiple_of(u64::from(self.cfg.orphan_sweep_every))
+        {
+            stats.orphans_removed = self.sweep_orphans()?;
+        }
+        self.update_status(entries);
+        Ok(stats)
+    }
+
+    /// Ends every flow now (agent shutdown). Returns how many.
+    pub fn flush(&mut self) -> Result<usize, PollError> {
+        let (flows, _) = self.read_flows()?;
+        let mut n = 0;
+        for f in &flows {
+            if self.end_flow(&key_bytes(&f.key), EndReason::Shutdown)? {
+                n += 1;
+            }
+        }
+        self.update_status([0; 3]);
+        Ok(n)
+    }
+
+    fn end_reason(&self, f: &RawFlow, now_ns: u64) -> Option<EndReason> {
+        let idle = now_ns.saturating_sub(f.base.last_seen_ns);
+        if let Some(t) = &f.tcp {
+            let state = u32::from(t.state);
+            if idle >= self.cfg.tcp_close_grace.as_nanos() as u64 {
+                if state == types::tcp_state::TCP_ST_RESET.0 {
+                    return Some(EndReason::TcpRst);
+                }
+                if state == types::tcp_state::TCP_ST_CLOSED.0 {
+                    return Some(EndReason::TcpFin);
+                }
+            }
+        }
+        let timeout = match f.key.proto {
+            IPPROTO_TCP => self.cfg.idle_tcp,
+            crate::flow::IPPROTO_UDP => self.cfg.idle_udp,
+            IPPROTO_ICMP | IPPROTO_ICMPV6 => self.cfg.idle_icmp,
+            _ => self.cfg.idle_other,
+        };
+        (idle >= timeout.as_nanos() as u64).then_some(EndReason::IdleTimeout)
+    }
+
+    /// Takes a flow out of every map and emits its final record.
+    ///
+    /// The base entry goes first and atomically with its read, so the
+    /// record holds every packet counted before the delete; a packet that
+    /// lands after it starts a new flow.
+    fn end_flow(&mut self, kb: &KeyBytes, reason: EndReason) -> Result<bool, PollError> {
+        let base = take(&self.maps.flows, kb, "flows")?;
+        let tcp = take(&self.maps.tcp, kb, "flows_tcp")?;
+        let icmp = take(&self.maps.icmp, kb, "flows_icmp")?;
+        let Some(base) = base else {
+            return Ok(false);
+        };
+        let mut key = types::flow_key::default();
+        plain::copy_from_bytes(&mut key, kb).expect("key size");
+        let raw = RawFlow {
+            key,
+            base,
+            tcp,
+            icmp,
+        };
+        let prior = self
+            .reported
+            .remove(kb)
+            .map(|r| r.counts)
+            .unwrap_or_default();
+        let counts = Counts::of(&raw.base).saturating_sub(&prior);
+        let ifname = self.ifname(key.ifindex);
+        let rec = raw.to_record(counts, reason, &self.clock, ifname);
+        self.status.flows_ended.fetch_add(1, Ordering::Relaxed);
+        self.send(rec)?;
+        Ok(true)
+    }
+
+    /// Emits a record with the deltas since the last one; the kernel entry stays as it is.
+    /// Returns whether there was anything new to report.
+    fn emit_active(&mut self, f: &RawFlow, kb: &KeyBytes, now_ns: u64) -> Result<bool, PollError> {
+        let total = Counts::of(&f.base);
+        let prior = self.reported.get(kb).map(|r| r.counts).unwrap_or_default();
+        self.reported.insert(
+            *kb,
+            Reported {
+                counts: total,
+                at_ns: now_ns,
+            },
+        );
+        if total == prior {
+            return Ok(false);
+        }
+        let ifname = self.ifname(f.key.ifindex);
+        let rec = f.to_record(
+            total.saturating_sub(&prior),
+            EndReason::ActiveTimeout,
+            &self.clock,
+            ifname,
+        );
+        self.send(rec)?;
+        Ok(true)
+    }
+
+    fn send(&self, rec: FlowRecord) -> Result<(), PollError> {
+        self.status.records_emitted.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(rec).map_err(|_| PollError::ChannelClosed)
+    }
+
+    /// Deletes extension entries whose base entry is gone.
+    pub fn sweep_orphans(&mut self) -> Result<usize, PollError> {
+        let mut removed = 0;
+        for (map, name) in [
+            (&self.maps.tcp, "flows_tcp"),
+            (&self.maps.icmp, "flows_icmp"),
+        ] {
+            let keys: Vec<Vec<u8>> = map.keys().collect();
+            for k in keys {
+                let has_base = self
+                    .maps
+                    .flows
+                    .lookup(&k, MapFlags::ANY)
+                    .map_err(|e| PollError::Read {
+                        map: "flows",
+                        source: std::io::Error::other(e),
+                    })?
+                    .is_some();
+                // The datapath inserts a base before its extension, so an
+                // extension seen without its base is never a flow in the making.
+                if !has_base && map.delete(&k).is_ok() {
+                    removed += 1;
+                    debug!("removed orphan entry from {name}");
+                }
+            }
+        }
+        if removed > 0 {
+            self.status
+                .orphans_removed
+                .fetch_add(removed as u64, Ordering::Relaxed);
+        }
+        Ok(removed)
+    }
+
+    fn update_status(&mut self, entries: [u64; 3]) {
+        self.status
+            .active_flows
+            .store(entries[0], Ordering::Relaxed);
+        let usage = self.maps.usage(entries);
+        for (i, u) in usage.iter().enumerate() {
+            self.check_pressure(i, u);
+        }
+        let counters = self.maps.counters().unwrap_or_default();
+        self.status.set_detail(usage, counters);
+    }
+
+    fn check_pressure(&mut self, i: usize, u: &MapUsage) {
+        let ratio = u.entries as f64 / u.capacity.max(1) as f64;
+        let high = ratio > self.cfg.pressure_threshold;
+        if high && !self.pressured[i] {
+            self.status
+                .map_pressure_events
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(
+                "map {} is {:.0}% full ({}/{}): new flows will be dropped and counted when it fills; raise its capacity or lower timeouts",
+                u.name,
+                ratio * 100.0,
+                u.entries,
+                u.capacity
+            );
+        } else if !high && self.pressured[i] {
+            info!("map {} back to {:.0}% full", u.name, ratio * 100.0);
+        }
+        self.pressured[i] = high;
+    }
+
+    fn ifname(&self, ifindex: u32) -> String {
+        let known = self
+            .ifnames
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ifindex)
+            .cloned();
+        known
+            .or_else(|| ifindex_to_name(ifindex))
+            .unwrap_or_else(|| format!("if{ifindex}"))
+    }
+}
+
+fn key_bytes(k: &types::flow_key) -> KeyBytes {
+    let mut b = [0u8; KEY_SIZE];
+    // SAFETY: flow_key is Plain.
+    b.copy_from_slice(unsafe { plain::as_bytes(k) });
+    b
+}
+
+fn decode<T: plain::Plain + Default>(bytes: &[u8]) -> T {
+    let mut v = T::default();
+    plain::copy_from_bytes(&mut v, bytes).expect("map value size matches its type");
+    v
+}
+
+/// Atomically reads and deletes one entry.
+fn take<V: plain::Plain + Default>(
+    map: &MapHandle,
+    key: &[u8],
+    name: &'static str,
+) -> Result<Option<V>, PollError> {
+    map.lookup_and_delete(key)
+        .map(|v| v.map(|v| decode(&v)))
+        .map_err(|e| PollError::Read {
+            map: name,
+            source: std::io::Error::other(e),
+        })
+}
+
+/// Reads every entry of a hash map, in batches where the kernel supports them.
+pub fn read_all<K, V>(
+    map: &MapHandle,
+    name: &'static str,
+    mode: ReadMode,
+    locked: bool,
+) -> Result<Vec<(K, V)>, PollError>
+where
+    K: plain::Plain + Default,
+    V: plain::Plain + Default,
+{
+    let raw = match mode {
+        ReadMode::Batch => match read_batch(map, locked) {
+            Ok(raw) => raw,
+            // kernels without batch ops for this map type
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | libc::ENOTSUP | ENOTSUPP)
+                ) =>
+            {
+                read_key_by_key(map, locked)
+            }
+            Err(source) => return Err(PollError::Read { map: name, source }),
+        },
+        ReadMode::KeyByKey => read_key_by_key(map, locked),
+    };
+    Ok(raw
+        .into_iter()
+        .map(|(k, v)| (decode(&k), decode(&v)))
+        .collect())
+}
+
+fn lookup_flags(locked: bool) -> MapFlags {
+    if locked {
+        MapFlags::LOCK
+    } else {
+        MapFlags::ANY
+    }
+}
+
+fn read_key_by_key(map: &MapHandle, locked: bool) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let keys: Vec<Vec<u8>> = map.keys().collect();
+    keys.into_iter()
+        .filter_map(|k| {
+            // A key deleted since the walk is simply gone.
+            let v = map.lookup(&k, lookup_flags(locked)).ok()??;
+            Some((k, v))
+        })
+        .collect()
+}
+
+/// BPF_MAP_LOOKUP_BATCH over the whole map. A hash bucket must fit in one
+/// batch (else ENOSPC), so the batch doubles until it does.
+fn read_batch(map: &MapHandle, locked: bool) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let ks = map.key_size() as usize;
+    let vs = map.value_size() as usize;
+    let mut batch: u32 = 1024;
+    let mut out = Vec::new();
+    let mut token = vec![0u8; ks.max(8)];
+    let mut next = vec![0u8; ks.max(8)];
+    let mut first = true;
+    let opts = libbpf_sys::bpf_map_batch_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
+        elem_flags: lookup_flags(locked).bits(),
+        flags: 0,
+    };
+    loop {
+        let mut keys = vec![0u8; ks * batch as usize];
+        let mut vals = vec![0u8; vs * batch as usize];
+        let mut count = batch;
+        // SAFETY: buffers are sized for `count` keys/values and the tokens
+        // for a key; the kernel writes at most that.
+        let ret = unsafe {
+            libbpf_sys::bpf_map_lookup_batch(
+                map.as_fd().as_raw_fd(),
+                if first {
+                    std::ptr::null_mut()
+                } else {
+                    token.as_mut_ptr().cast()
+                },
+                next.as_mut_ptr().cast(),
+                keys.as_mut_ptr().cast(),
+                vals.as_mut_ptr().cast(),
+                &mut count,
+                &opts,
+            )
+        };
+        let err = if ret < 0 { -ret } else { 0 };
+        if err == libc::ENOSPC && count == 0 {
+            batch *= 2;
+            continue;
+        }
+        if err != 0 && err != libc::ENOENT {
+            return Err(std::io::Error::from_raw_os_error(err));
+        }
+        for i in 0..count as usize {
+            out.push((
+                keys[i * ks..(i + 1) * ks].to_vec(),
+                vals[i * vs..(i + 1) * vs].to_vec(),
+            ));
+        }
+        if err == libc::ENOENT {
+            return Ok(out);
+        }
+        std::mem::swap(&mut token, &mut next);
+        first = false;
+    }
+}
+
+/// Name of an interface in this network namespace.
+pub fn ifindex_to_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf is IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success buf holds a NUL-terminated name.
+    Some(
+        unsafe { CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}

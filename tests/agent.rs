@@ -1,0 +1,386 @@
+//! The collector on real traffic between two test namespaces: exact counts, lifecycle, no leaks.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::Command;
+use std::time::Duration;
+
+use common::agent::{fast_config, Agent};
+use common::capture::{sent_by, Capture};
+use common::netns::NetPair;
+use flowlens::datapath::Capacities;
+use flowlens::flow::{EndReason, FlowRecord, TcpState};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn ping(net: &NetPair, to: IpAddr, count: u32) {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.a,
+            "ping",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.05",
+            "-W",
+            "2",
+        ])
+        .arg(to.to_string())
+        .output()
+        .expect("ping");
+    assert!(
+        out.status.success(),
+        "ping: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn find(recs: &[FlowRecord], pred: impl Fn(&FlowRecord) -> bool) -> Vec<&FlowRecord> {
+    recs.iter().filter(|r| pred(r)).collect()
+}
+
+fn check_ping(v6: bool) {
+    let net = NetPair::new();
+    let mut agent = Agent::start(&net, fast_config(), Capacities::default());
+    let (a, b) = if v6 {
+        (net.v6_a, net.v6_b)
+    } else {
+        (net.v4_a, net.v4_b)
+    };
+    let n = 5;
+    ping(&net, b, n);
+    let proto = if v6 { 58 } else { 1 };
+    let recs = agent.wait_for("the echo flow", WAIT, |r| {
+        r.iter().any(|f| {
+            f.protocol == proto && f.client_addr == a && f.icmp.is_some_and(|i| i.echo_id.is_some())
+        })
+    });
+    let echo = find(recs, |f| {
+        f.protocol == proto && f.client_addr == a && f.icmp.is_some_and(|i| i.echo_id.is_some())
+    });
+    assert_eq!(echo.len(), 1, "one flow for the whole ping run: {echo:#?}");
+    let f = echo[0];
+    // 56 data bytes + 8 ICMP + 20 (IPv4) or 40 (IPv6)
+    let size = if v6 { 104 } else { 84 };
+    assert_eq!(f.server_addr, b);
+    assert_eq!(
+        (f.client.packets, f.client.bytes),
+        (u64::from(n), u64::from(n) * size)
+    );
+    assert_eq!(
+        (f.server.packets, f.server.bytes),
+        (u64::from(n), u64::from(n) * size)
+    );
+    let icmp = f.icmp.expect("icmp info");
+    let (req, rep) = if v6 { (128, 129) } else { (8, 0) };
+    assert_eq!((icmp.client_type, icmp.server_type), (Some(req), Some(rep)));
+    assert_eq!(f.end_reason, EndReason::IdleTimeout);
+    assert_eq!(f.interface, net.if_a);
+    assert!(f.last_seen >= f.first_seen);
+    let age = std::time::SystemTime::now()
+        .duration_since(f.first_seen)
+        .expect("first_seen in the past");
+    assert!(
+        age < Duration::from_secs(60),
+        "wall clock conversion: first_seen {age:?} ago"
+    );
+}
+
+#[test]
+fn ping_v4_is_one_flow_with_exact_counts() {
+    check_ping(false);
+}
+
+#[test]
+fn ping_v6_is_one_flow_with_exact_counts() {
+    check_ping(true);
+}
+
+/// A TCP transfer of known size; counts cross-checked against a capture on the same interface.
+fn check_tcp(v6: bool) {
+    let net = NetPair::new();
+    let mut agent = Agent::start(&net, fast_config(), Capacities::default());
+    let (a, b) = if v6 {
+        (net.v6_a, net.v6_b)
+    } else {
+        (net.v4_a, net.v4_b)
+    };
+    let ifindex = net.ifindex_a();
+    let cap = net
+        .in_ns(&net.a, move || Capture::open(ifindex))
+        .join()
+        .expect("capture");
+
+    const UP: usize = 300_000;
+    const DOWN: usize = 5_000;
+    let listener = net
+        .in_ns(&net.b, move || {
+            TcpListener::bind(SocketAddr::new(b, 0)).expect("listen")
+        })
+        .join()
+        .expect("listener");
+    let port = listener.local_addr().expect("addr").port();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).expect("read");
+        s.write_all(&vec![7u8; DOWN]).expect("write");
+        got.len()
+    });
+    let client_port = net
+        .in_ns(&net.a, move || {
+            let mut c = TcpStream::connect(SocketAddr::new(b, port)).expect("connect");
+            c.write_all(&vec![1u8; UP]).expect("send");
+            c.shutdown(Shutdown::Write).expect("shutdown");
+            let mut back = Vec::new();
+            c.read_to_end(&mut back).expect("read back");
+            assert_eq!(back.len(), DOWN);
+            c.local_addr().expect("local").port()
+        })
+        .join()
+        .expect("client");
+    assert_eq!(server.join().expect("server"), UP);
+
+    let is_conn = move |f: &FlowRecord| {
+        f.protocol == 6 && f.server_port == port && f.client_port == client_port
+    };
+    let recs = agent.wait_for("the TCP flow", WAIT, |r| r.iter().any(is_conn));
+    let conn = find(recs, is_conn);
+    assert_eq!(conn.len(), 1, "{conn:#?}");
+    let f = conn[0];
+    assert_eq!(
+        (f.client_addr, f.server_addr),
+        (a, b),
+        "the connecting side is the client"
+    );
+    assert_eq!(f.end_reason, EndReason::TcpFin);
+
+    let pkts = cap.drain();
+    let keep = |p: &common::capture::Packet| {
+        p.proto == 6
+            && (p.sport == port || p.dport == port)
+            && (p.sport == client_port || p.dport == client_port)
+    };
+    let (cp, cb) = sent_by(&pkts, a, keep);
+    let (sp, sb) = sent_by(&pkts, b, keep);
+    assert_eq!(
+        (f.client.packets, f.client.bytes),
+        (cp, cb),
+        "client side vs capture"
+    );
+    assert_eq!(
+        (f.server.packets, f.server.bytes),
+        (sp, sb),
+        "server side vs capture"
+    );
+    assert!(f.client.bytes > UP as u64 && f.server.bytes > DOWN as u64);
+
+    let t = f.tcp.expect("tcp info");
+    assert_eq!(t.state, TcpState::Closed);
+    let (hc, hs) = (
+        t.handshake_client_ns.expect("client handshake"),
+        t.handshake_server_ns.expect("server handshake"),
+    );
+    assert!(hc > 0 && hc < 1_000_000_000, "SYN -> SYN-ACK {hc} ns");
+    assert!(hs > 0 && hs < 1_000_000_000, "SYN-ACK -> ACK {hs} ns");
+    assert!(!t.late_start);
+    assert!(
+        t.client_flags & 0x02 != 0 && t.server_flags & 0x12 == 0x12,
+        "SYN / SYN-ACK seen"
+    );
+}
+
+#[test]
+fn tcp_v4_transfer_counts_match_a_capture() {
+    check_tcp(false);
+}
+
+#[test]
+fn tcp_v6_transfer_counts_match_a_capture() {
+    check_tcp(true);
+}
+
+fn check_udp(v6: bool) {
+    let net = NetPair::new();
+    let mut agent = Agent::start(&net, fast_config(), Capacities::default());
+    let (a, b) = if v6 {
+        (net.v6_a, net.v6_b)
+    } else {
+        (net.v4_a, net.v4_b)
+    };
+    let server = net
+        .in_ns(&net.b, move || {
+            UdpSocket::bind(SocketAddr::new(b, 0)).expect("bind")
+        })
+        .join()
+        .expect("server");
+    let sport = server.local_addr().expect("addr").port();
+    let (sent, answered, size) = (40u64, 15u64, 300usize);
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        for i in 0..sent {
+            let (n, from) = server.recv_from(&mut buf).expect("recv");
+            if i < answered {
+                server.send_to(&buf[..n], from).expect("answer");
+            }
+        }
+    });
+    let cport = net
+        .in_ns(&net.a, move || {
+            let s = UdpSocket::bind(SocketAddr::new(a, 0)).expect("bind");
+            s.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            let mut buf = [0u8; 2048];
+            for i in 0..sent {
+                s.send_to(&vec![9u8; size], SocketAddr::new(b, sport))
+                    .expect("send");
+                if i < answered {
+                    s.recv_from(&mut buf).expect("answer");
+                }
+            }
+            s.local_addr().expect("local").port()
+        })
+        .join()
+        .expect("client");
+    echo.join().expect("echo");
+    let is_flow =
+        move |f: &FlowRecord| f.protocol == 17 && f.server_port == sport && f.client_port == cport;
+    let recs = agent.wait_for("the UDP flow", WAIT, |r| r.iter().any(is_flow));
+    let f = find(recs, is_flow);
+    assert_eq!(f.len(), 1);
+    let hdr = if v6 { 48 } else { 28 };
+    let one = (size + hdr) as u64;
+    assert_eq!((f[0].client.packets, f[0].client.bytes), (sent, sent * one));
+    assert_eq!(
+        (f[0].server.packets, f[0].server.bytes),
+        (answered, answered * one)
+    );
+    assert_eq!(f[0].client_addr, a);
+    assert_eq!(f[0].client.ttl, 64);
+    assert!(f[0].tcp.is_none() && f[0].icmp.is_none());
+}
+
+#[test]
+fn udp_v4_datagrams_counted_exactly() {
+    check_udp(false);
+}
+
+#[test]
+fn udp_v6_datagrams_counted_exactly() {
+    check_udp(true);
+}
+
+#[test]
+fn churn_of_short_flows_leaves_every_map_empty() {
+    let net = NetPair::new();
+    let mut agent = Agent::start(&net, fast_config(), Capacities::default());
+    let b = net.v4_b;
+    let a = net.v4_a;
+    let listener = net
+        .in_ns(&net.b, move || {
+            TcpListener::bind(SocketAddr::new(b, 0)).expect("listen")
+        })
+        .join()
+        .expect("listener");
+    let port = listener.local_addr().expect("addr").port();
+    const TCP: usize = 200;
+    const UDP: usize = 2000;
+    let acceptor = std::thread::spawn(move || {
+        for _ in 0..TCP {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut v = Vec::new();
+            let _ = s.read_to_end(&mut v);
+        }
+    });
+    net.in_ns(&net.a, move || {
+        for _ in 0..TCP {
+            let mut c = TcpStream::connect(SocketAddr::new(b, port)).expect("connect");
+            c.write_all(b"hello").expect("write");
+        }
+        // Fixed, distinct source ports: an ephemeral port could be reused
+        // and merge two of the flows into one.
+        for i in 0..UDP {
+            let s = UdpSocket::bind(SocketAddr::new(a, 20_000 + i as u16)).expect("bind");
+            s.send_to(&[i as u8; 16], SocketAddr::new(b, 9))
+                .expect("send");
+        }
+    })
+    .join()
+    .expect("traffic");
+    acceptor.join().expect("acceptor");
+    // Every flow ends (FIN/RST or idle) and its key leaves all three maps.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let left = agent.map_entries();
+        if left == [0, 0, 0] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "maps not empty after churn: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        agent.wait_for("records", Duration::from_secs(1), |_| true);
+    }
+    let recs = agent.stop();
+    let tcp = recs
+        .iter()
+        .filter(|f| f.protocol == 6 && f.server_port == port)
+        .count();
+    let udp = recs
+        .iter()
+        .filter(|f| f.protocol == 17 && f.server_port == 9)
+        .count();
+    assert_eq!(tcp, TCP, "one record per TCP connection");
+    assert_eq!(udp, UDP, "one record per UDP flow");
+}
+
+#[test]
+fn long_flow_reports_active_deltas_that_add_up() {
+    let net = NetPair::new();
+    let mut cfg = fast_config();
+    cfg.active_timeout = Duration::from_millis(800);
+    let mut agent = Agent::start(&net, cfg, Capacities::default());
+    let (a, b) = (net.v4_a, net.v4_b);
+    const N: u64 = 30;
+    let cport = net
+        .in_ns(&net.a, move || {
+            let s = UdpSocket::bind(SocketAddr::new(a, 0)).expect("bind");
+            for _ in 0..N {
+                s.send_to(&[0u8; 100], SocketAddr::new(b, 9)).expect("send");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            s.local_addr().expect("local").port()
+        })
+        .join()
+        .expect("traffic");
+    let is_flow = move |f: &FlowRecord| f.protocol == 17 && f.client_port == cport;
+    let recs = agent.wait_for("the final record", WAIT, |r| {
+        r.iter()
+            .any(|f| is_flow(f) && f.end_reason == EndReason::IdleTimeout)
+    });
+    let parts = find(recs, is_flow);
+    let active = parts
+        .iter()
+        .filter(|f| f.end_reason == EndReason::ActiveTimeout)
+        .count();
+    assert!(
+        active >= 2,
+        "a 3 s flow crosses an 0.8 s active timeout at least twice: {parts:#?}"
+    );
+    let packets: u64 = parts.iter().map(|f| f.client.packets).sum();
+    let bytes: u64 = parts.iter().map(|f| f.client.bytes).sum();
+    assert_eq!(packets, N, "deltas add up to the total");
+    assert_eq!(bytes, N * 128);
+    assert!(
+        parts
+            .iter()
+            .filter(|f| f.end_reason == EndReason::ActiveTimeout)
+            .all(|f| f.client.packets > 0),
+        "an active record always carries news"
+    );
+}

@@ -1,0 +1,225 @@
+//! The `flowlens` binary: attach, follow interfaces, detach on exit, and reject bad input clearly.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::netns::{ifindex_in, sh, sh_out, tcx_count, NetPair};
+use crossbeam_channel::Receiver;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flowlens");
+
+struct Running {
+    child: Child,
+    stdout: Receiver<String>,
+    stderr: Receiver<String>,
+    err_seen: Vec<String>,
+}
+
+fn lines(r: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for l in BufReader::new(r).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    rx
+}
+
+fn start(ns: &str, args: &[&str]) -> Running {
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            BIN,
+            "run",
+            "--output",
+            "json",
+            "--poll-interval",
+            "200ms",
+        ])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn flowlens");
+    let stdout = lines(child.stdout.take().expect("stdout"));
+    let stderr = lines(child.stderr.take().expect("stderr"));
+    Running {
+        child,
+        stdout,
+        stderr,
+        err_seen: Vec::new(),
+    }
+}
+
+impl Running {
+    /// Waits for a log line containing `needle`.
+    fn wait_log(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.err_seen.iter().any(|l| l.contains(needle)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no log line with {needle:?}; got {:#?}",
+                self.err_seen
+            );
+            if let Ok(l) = self.stderr.recv_timeout(left) {
+                self.err_seen.push(l);
+            }
+        }
+    }
+
+    /// SIGTERM, then the exit status and every stdout line.
+    fn stop(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("wait");
+        (status, self.stdout.iter().collect())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn tcx_attach_follows_new_interfaces_and_detaches_everything_on_exit() {
+    let net = NetPair::new();
+    let ifa = net.ifindex_a();
+    let mut agent = start(&net.a, &["--interface", "fa*", "--interface", "/fz[0-9]+/"]);
+    agent.wait_log(
+        &format!("attached to {} (ifindex {ifa}) with TCX", net.if_a),
+        Duration::from_secs(10),
+    );
+    assert_eq!(tcx_count(&net.a, ifa, libbpf_sys::BPF_TCX_INGRESS), 1);
+    assert_eq!(tcx_count(&net.a, ifa, libbpf_sys::BPF_TCX_EGRESS), 1);
+
+    // An interface created later is picked up within about a second.
+    sh(&[
+        "ip", "-n", &net.a, "link", "add", "fz1", "type", "veth", "peer", "name", "fy2",
+    ]);
+    sh(&["ip", "-n", &net.a, "link", "set", "fz1", "up"]);
+    let fz1 = ifindex_in(&net.a, "fz1");
+    let fy2 = ifindex_in(&net.a, "fy2");
+    let t0 = Instant::now();
+    wait_until("fz1 attached", Duration::from_secs(3), || {
+        tcx_count(&net.a, fz1, libbpf_sys::BPF_TCX_INGRESS) == 1
+    });
+    let took = t0.elapsed();
+    agent.wait_log("attached to fz1", Duration::from_secs(1));
+    assert!(
+        took < Duration::from_millis(1500),
+        "new interface attached after {took:?}"
+    );
+    assert!(fy2 > 0);
+    assert_eq!(
+        tcx_count(&net.a, fy2, libbpf_sys::BPF_TCX_INGRESS),
+        0,
+        "fy2 matches no pattern"
+    );
+
+    // One that goes away is dropped cleanly.
+    sh(&["ip", "-n", &net.a, "link", "del", "fz1"]);
+    agent.wait_log("detached from fz1", Duration::from_secs(3));
+
+    sh_out(&[
+        "ip",
+        "netns",
+        "exec",
+        &net.a,
+        "ping",
+        "-c",
+        "2",
+        "-i",
+        "0.05",
+        &net.v4_b.to_string(),
+    ]);
+    let (status, out) = agent.stop();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    for (dir, ty) in [
+        ("ingress", libbpf_sys::BPF_TCX_INGRESS),
+        ("egress", libbpf_sys::BPF_TCX_EGRESS),
+    ] {
+        assert_eq!(tcx_count(&net.a, ifa, ty), 0, "{dir} program left attached");
+    }
+    // The ping flow was flushed at shutdown (or ended before): it is in the output.
+    let echo: Vec<serde_json::Value> = out
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["protocol"] == 1)
+        .collect();
+    assert_eq!(echo.len(), 1, "{out:#?}");
+    assert_eq!(echo[0]["client"]["packets"], 2);
+    assert_eq!(echo[0]["server"]["packets"], 2);
+    assert_eq!(echo[0]["end_reason"], "shutdown");
+}
+
+#[test]
+fn tc_mode_attaches_clsact_filters_and_removes_them_on_exit() {
+    let net = NetPair::new();
+    let mut agent = start(&net.a, &["--interface", &net.if_a, "--attach-mode", "tc"]);
+    agent.wait_log("with TC clsact", Duration::from_secs(10));
+    let filters =
+        |dir: &str| sh_out(&["tc", "-n", &net.a, "filter", "show", "dev", &net.if_a, dir]);
+    assert!(
+        filters("ingress").contains("flowlens_ingres"),
+        "{}",
+        filters("ingress")
+    );
+    assert!(
+        filters("egress").contains("flowlens_egress"),
+        "{}",
+        filters("egress")
+    );
+    let (status, _) = agent.stop();
+    assert!(status.success());
+    assert_eq!(filters("ingress").trim(), "", "ingress filter left behind");
+    assert_eq!(filters("egress").trim(), "", "egress filter left behind");
+}
+
+fn fails_with(args: &[&str], needle: &str) {
+    let out = Command::new(BIN).args(args).output().expect("run flowlens");
+    assert!(!out.status.success(), "{args:?} must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected {needle:?} in {err}"
+    );
+}
+
+#[test]
+fn bad_flags_get_precise_errors() {
+    fails_with(
+        &["run", "--poll-interval", "0s"],
+        "must be greater than zero",
+    );
+    fails_with(&["run", "--poll-interval", "soon"], "--poll-interval");
+    fails_with(&["run", "--max-flows", "0"], "must be at least 1");
+    fails_with(
+        &["run", "--output", "xml"],
+        "possible values: table, json, none",
+    );
+    fails_with(
+        &["run", "--interface", "/[/"],
+        "invalid interface pattern \"/[/\"",
+    );
+    fails_with(
+        &["run", "--interface", "nosuchif0"],
+        "no such interface [\"nosuchif0\"]",
+    );
+}

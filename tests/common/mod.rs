@@ -1,0 +1,117 @@
+//! Shared test harness: a loaded datapath fed with hand-built packets.
+#![allow(dead_code)]
+
+use flowlens::bpf::types;
+use flowlens::datapath::{counter_names, Capacities, Datapath, FlowMaps};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, ProgramInput as Input};
+
+pub struct Harness {
+    pub dp: Datapath,
+    pub maps: FlowMaps,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Hook {
+    Ingress,
+    Egress,
+}
+
+pub fn read<T: plain::Plain + Default>(bytes: &[u8]) -> T {
+    let mut v = T::default();
+    plain::copy_from_bytes(&mut v, bytes).expect("map value size");
+    v
+}
+
+pub fn bytes_of<T: plain::Plain>(v: &T) -> &[u8] {
+    // SAFETY: T is Plain (no padding-dependent invariants, any bytes valid).
+    unsafe { plain::as_bytes(v) }
+}
+
+pub fn entries<V: plain::Plain + Default>(map: &MapHandle) -> Vec<(types::flow_key, V)> {
+    let keys: Vec<Vec<u8>> = map.keys().collect();
+    keys.into_iter()
+        .filter_map(|k| {
+            let v = map.lookup(&k, MapFlags::ANY).expect("lookup")?;
+            Some((read::<types::flow_key>(&k), read::<V>(&v)))
+        })
+        .collect()
+}
+
+impl Harness {
+    pub fn new() -> Harness {
+        Harness::with(Capacities::default())
+    }
+
+    pub fn with(cap: Capacities) -> Harness {
+        let dp = Datapath::load(cap).expect("load datapath (run as root)");
+        let maps = dp.maps().expect("map handles");
+        Harness { dp, maps }
+    }
+
+    /// Runs one packet through a hook with an optional GSO segment count.
+    pub fn run_gso(&self, hook: Hook, frame: &[u8], gso_segs: u32) -> u32 {
+        let prog = match hook {
+            Hook::Ingress => self.dp.ingress(),
+            Hook::Egress => self.dp.egress(),
+        };
+        // SAFETY: all-zero is a valid __sk_buff; zeroed() (not Default)
+        // also clears padding, which the kernel requires to be zero.
+        let mut ctx: types::__sk_buff = unsafe { std::mem::zeroed() };
+        ctx.gso_segs = gso_segs;
+        // SAFETY: __sk_buff is a repr(C) struct of integers and arrays.
+        let ctx_bytes = unsafe {
+            std::slice::from_raw_parts_mut(
+                (&mut ctx as *mut types::__sk_buff).cast::<u8>(),
+                std::mem::size_of::<types::__sk_buff>(),
+            )
+        };
+        let input = Input {
+            data_in: Some(frame),
+            context_in: Some(ctx_bytes),
+            ..Default::default()
+        };
+        let out = prog.test_run(input).expect("BPF_PROG_TEST_RUN");
+        out.return_value
+    }
+
+    pub fn run(&self, hook: Hook, frame: &[u8]) -> u32 {
+        self.run_gso(hook, frame, 0)
+    }
+
+    pub fn flows(&self) -> Vec<(types::flow_key, types::flow_base)> {
+        entries(&self.maps.flows)
+    }
+
+    pub fn tcp(&self) -> Vec<(types::flow_key, types::flow_tcp)> {
+        entries(&self.maps.tcp)
+    }
+
+    pub fn icmp(&self) -> Vec<(types::flow_key, types::flow_icmp)> {
+        entries(&self.maps.icmp)
+    }
+
+    pub fn only_flow(&self) -> (types::flow_key, types::flow_base) {
+        let f = self.flows();
+        assert_eq!(f.len(), 1, "expected exactly one flow, got {f:?}");
+        f[0]
+    }
+
+    pub fn counters(&self) -> Vec<(String, u64)> {
+        counter_names()
+            .into_iter()
+            .map(|(slot, name)| (name.to_owned(), self.maps.counter(slot).expect("counter")))
+            .collect()
+    }
+
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no counter {name}"))
+            .1
+    }
+}
+
+pub mod agent;
+pub mod capture;
+pub mod netns;

@@ -1,0 +1,235 @@
+//! The poller against maps filled from userspace: batch reads, joins, orphan sweep, pressure.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::bytes_of;
+use flowlens::attach::IfNames;
+use flowlens::bpf::types;
+use flowlens::datapath::{Capacities, Datapath, FlowMaps};
+use flowlens::flow::{monotonic_ns, EndReason, FlowRecord};
+use flowlens::poller::{read_all, Poller, PollerConfig, ReadMode};
+use flowlens::status::Status;
+use libbpf_rs::{MapCore, MapFlags};
+
+fn key(i: u32, proto: u8) -> types::flow_key {
+    let mut k = types::flow_key::default();
+    k.addr_lo[10] = 0xff;
+    k.addr_lo[11] = 0xff;
+    k.addr_lo[12..].copy_from_slice(&[10, 200, 1, 1]);
+    k.addr_hi[10] = 0xff;
+    k.addr_hi[11] = 0xff;
+    k.addr_hi[12..].copy_from_slice(&[10, 200, 1, 2]);
+    k.port_lo = (i % 60_000) as u16 + 1;
+    k.port_hi = (i / 60_000) as u16 + 1;
+    k.proto = proto;
+    k.ip_version = 4;
+    k.ifindex = 1;
+    k
+}
+
+fn put(maps: &FlowMaps, i: u32, proto: u8, last_seen_ns: u64) {
+    let k = key(i, proto);
+    let b = types::flow_base {
+        first_seen_ns: last_seen_ns,
+        last_seen_ns,
+        packets: [u64::from(i), 1],
+        bytes: [u64::from(i) * 100, 60],
+        ext: if proto == 6 {
+            types::flow_ext::EXT_TCP.0 as u8
+        } else {
+            0
+        },
+        ..Default::default()
+    };
+    maps.flows
+        .update(bytes_of(&k), bytes_of(&b), MapFlags::ANY)
+        .expect("put base");
+    if proto == 6 {
+        let t = types::flow_tcp {
+            syn_retrans: i as u16,
+            ..Default::default()
+        };
+        maps.tcp
+            .update(bytes_of(&k), bytes_of(&t), MapFlags::ANY)
+            .expect("put tcp");
+    }
+}
+
+fn poller(
+    dp: &Datapath,
+    cfg: PollerConfig,
+) -> (Poller, crossbeam_channel::Receiver<FlowRecord>, Arc<Status>) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let status = Arc::new(Status::new());
+    (
+        Poller::new(
+            dp.maps().expect("maps"),
+            cfg,
+            tx,
+            status.clone(),
+            IfNames::default(),
+        ),
+        rx,
+        status,
+    )
+}
+
+#[test]
+fn batch_and_key_by_key_reads_agree_and_joins_are_right() {
+    let dp = Datapath::load(Capacities::default()).expect("load");
+    let maps = dp.maps().expect("maps");
+    let now = monotonic_ns();
+    for i in 0..5000 {
+        put(&maps, i, if i % 2 == 0 { 6 } else { 17 }, now);
+    }
+    let batch: Vec<(types::flow_key, types::flow_base)> =
+        read_all(&maps.flows, "flows", ReadMode::Batch, false).expect("batch");
+    let single: Vec<(types::flow_key, types::flow_base)> =
+        read_all(&maps.flows, "flows", ReadMode::KeyByKey, false).expect("single");
+    assert_eq!(batch.len(), 5000);
+    let mut a: Vec<Vec<u8>> = batch
+        .iter()
+        .map(|(k, v)| [bytes_of(k), bytes_of(v)].concat())
+        .collect();
+    let mut b: Vec<Vec<u8>> = single
+        .iter()
+        .map(|(k, v)| [bytes_of(k), bytes_of(v)].concat())
+        .collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    let tcp: Vec<(types::flow_key, types::flow_tcp)> =
+        read_all(&maps.tcp, "flows_tcp", ReadMode::Batch, true).expect("locked batch");
+    assert_eq!(tcp.len(), 2500);
+
+    let (p, _, _) = poller(&dp, PollerConfig::default());
+    let (flows, entries) = p.read_flows().expect("read");
+    assert_eq!(entries, [5000, 2500, 0]);
+    for f in flows {
+        assert_eq!(f.tcp.is_some(), f.key.proto == 6);
+        if let Some(t) = f.tcp {
+            assert_eq!(
+                u64::from(t.syn_retrans),
+                f.base.packets[0],
+                "joined with its own extension"
+            );
+        }
+    }
+}
+
+#[test]
+fn idle_flows_end_and_leave_every_map() {
+    let dp = Datapath::load(Capacities::default()).expect("load");
+    let maps = dp.maps().expect("maps");
+    let now = monotonic_ns();
+    let old = now - 40_000_000_000;
+    for i in 0..300 {
+        put(
+            &maps,
+            i,
+            if i % 3 == 0 { 6 } else { 17 },
+            if i < 200 { old } else { now },
+        );
+    }
+    let (mut p, rx, status) = poller(&dp, PollerConfig::default());
+    let s = p.poll_once(now).expect("poll");
+    assert_eq!((s.flows, s.ended), (300, 200));
+    let recs: Vec<FlowRecord> = rx.try_iter().collect();
+    assert_eq!(recs.len(), 200);
+    assert!(recs.iter().all(|r| r.end_reason == EndReason::IdleTimeout));
+    let left = [maps.flows.keys().count(), maps.tcp.keys().count()];
+    assert_eq!(
+        left,
+        [100, 33],
+        "only the 100 live flows (33 of them TCP) remain"
+    );
+    assert_eq!(status.snapshot().active_flows, 100);
+    assert_eq!(p.flush().expect("flush"), 100);
+    assert_eq!([maps.flows.keys().count(), maps.tcp.keys().count()], [0, 0]);
+    assert!(rx.try_iter().all(|r| r.end_reason == EndReason::Shutdown));
+}
+
+#[test]
+fn orphan_extension_entries_are_swept_and_counted() {
+    let dp = Datapath::load(Capacities::default()).expect("load");
+    let maps = dp.maps().expect("maps");
+    let now = monotonic_ns();
+    put(&maps, 1, 6, now);
+    // extension entries with no base: what a crash between two deletes leaves
+    for i in 100..110 {
+        let k = key(i, 6);
+        maps.tcp
+            .update(
+                bytes_of(&k),
+                bytes_of(&types::flow_tcp::default()),
+                MapFlags::ANY,
+            )
+            .expect("orphan");
+    }
+    for i in 200..203 {
+        let k = key(i, 1);
+        maps.icmp
+            .update(
+                bytes_of(&k),
+                bytes_of(&types::flow_icmp::default()),
+                MapFlags::ANY,
+            )
+            .expect("orphan");
+    }
+    let (mut p, _rx, status) = poller(
+        &dp,
+        PollerConfig {
+            orphan_sweep_every: 1,
+            ..PollerConfig::default()
+        },
+    );
+    let s = p.poll_once(now).expect("poll");
+    assert_eq!(s.orphans_removed, 13);
+    assert_eq!(status.snapshot().orphans_removed, 13);
+    assert_eq!(
+        maps.tcp.keys().count(),
+        1,
+        "the live flow keeps its extension"
+    );
+    assert_eq!(maps.icmp.keys().count(), 0);
+}
+
+#[test]
+fn map_pressure_is_counted_once_per_crossing() {
+    let dp = Datapath::load(Capacities {
+        flows: 10,
+        tcp: 10,
+        icmp: 10,
+    })
+    .expect("load");
+    let maps = dp.maps().expect("maps");
+    let now = monotonic_ns();
+    for i in 0..9 {
+        put(&maps, i, 17, now);
+    }
+    let (mut p, _rx, status) = poller(&dp, PollerConfig::default());
+    p.poll_once(now).expect("poll");
+    p.poll_once(now).expect("poll");
+    let snap = status.snapshot();
+    assert_eq!(snap.map_pressure_events, 1);
+    let flows = snap
+        .maps
+        .iter()
+        .find(|m| m.name == "flows")
+        .expect("flows usage");
+    assert_eq!((flows.entries, flows.capacity), (9, 10));
+    p.poll_once(now + Duration::from_secs(40).as_nanos() as u64)
+        .expect("poll");
+    for i in 0..9 {
+        put(&maps, i, 17, now + 40_000_000_000);
+    }
+    p.poll_once(now + 40_000_000_000).expect("poll");
+    assert_eq!(
+        status.snapshot().map_pressure_events,
+        2,
+        "counted again after dropping below"
+    );
+}

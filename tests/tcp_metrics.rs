@@ -1,0 +1,174 @@
+//! BPF_PROG_TEST_RUN sequences for TCP handshake, direction-agnostic latency, late start and state.
+
+mod common;
+
+use std::thread::sleep;
+use std::time::Duration;
+
+use common::{Harness, Hook};
+use flowlens::bpf::types::{flow_tcp, tcp_bits, tcp_state};
+use flowlens::flow::{HI_TO_LO, LO_TO_HI};
+use flowlens::packet::*;
+
+const CLIENT: [u8; 4] = [10, 200, 0, 1]; // lo side: sends LO_TO_HI
+const SERVER: [u8; 4] = [10, 200, 0, 2];
+const GAP: Duration = Duration::from_millis(3);
+const GAP_NS: u32 = 3_000_000;
+
+fn c2s(h: &Harness, flags: u8, payload: &[u8]) {
+    h.run(
+        Hook::Egress,
+        &v4_frame(CLIENT, SERVER, 6, 64, &tcp(50000, 8080, flags, payload)),
+    );
+}
+
+fn s2c(h: &Harness, flags: u8, payload: &[u8]) {
+    h.run(
+        Hook::Ingress,
+        &v4_frame(SERVER, CLIENT, 6, 64, &tcp(8080, 50000, flags, payload)),
+    );
+}
+
+fn ext(h: &Harness) -> flow_tcp {
+    let t = h.tcp();
+    assert_eq!(t.len(), 1, "one TCP entry");
+    t[0].1
+}
+
+fn has(t: &flow_tcp, b: tcp_bits) -> bool {
+    u32::from(t.bits) & b.0 != 0
+}
+
+fn handshake(h: &Harness) {
+    c2s(h, TCP_SYN, &[]);
+    sleep(GAP);
+    s2c(h, TCP_SYN | TCP_ACK, &[]);
+    sleep(GAP);
+    c2s(h, TCP_ACK, &[]);
+}
+
+#[test]
+fn handshake_times_are_measured_from_this_host() {
+    let h = Harness::new();
+    handshake(&h);
+    let t = ext(&h);
+    assert!(has(&t, tcp_bits::TCPB_CLIENT_HS) && has(&t, tcp_bits::TCPB_SERVER_HS));
+    assert!(
+        t.handshake_client_ns >= GAP_NS,
+        "SYN -> SYN-ACK {}",
+        t.handshake_client_ns
+    );
+    assert!(
+        t.handshake_server_ns >= GAP_NS,
+        "SYN-ACK -> ACK {}",
+        t.handshake_server_ns
+    );
+    assert!(t.handshake_client_ns < 1_000_000_000 && t.handshake_server_ns < 1_000_000_000);
+    assert_eq!(u32::from(t.state), tcp_state::TCP_ST_ESTABLISHED.0);
+    assert!(!has(&t, tcp_bits::TCPB_LATE_START));
+    assert_eq!(t.syn_retrans, 0);
+    assert_eq!(
+        t.lat[0].count + t.lat[1].count,
+        0,
+        "no payload, no latency sample"
+    );
+}
+
+#[test]
+fn retransmitted_syns_are_counted_and_timing_starts_at_the_first() {
+    let h = Harness::new();
+    c2s(&h, TCP_SYN, &[]);
+    sleep(GAP);
+    c2s(&h, TCP_SYN, &[]);
+    c2s(&h, TCP_SYN, &[]);
+    s2c(&h, TCP_SYN | TCP_ACK, &[]);
+    c2s(&h, TCP_ACK, &[]);
+    let t = ext(&h);
+    assert_eq!(t.syn_retrans, 2);
+    assert!(
+        t.handshake_client_ns >= GAP_NS,
+        "from the first SYN: {}",
+        t.handshake_client_ns
+    );
+}
+
+#[test]
+fn request_response_gives_k_server_samples_and_k_minus_1_client_samples() {
+    let h = Harness::new();
+    handshake(&h);
+    let k = 4;
+    for i in 0..k {
+        c2s(&h, TCP_ACK | TCP_PSH, b"GET / HTTP/1.1\r\n\r\n");
+        sleep(GAP * (i + 1)); // server think time grows: 3, 6, 9, 12 ms
+        s2c(&h, TCP_ACK | TCP_PSH, &[b'x'; 200]);
+        s2c(&h, TCP_ACK | TCP_PSH, &[b'y'; 200]); // same direction: no sample
+        c2s(&h, TCP_ACK, &[]); // pure ACK: no sample
+        sleep(GAP);
+    }
+    let t = ext(&h);
+    let server = t.lat[HI_TO_LO];
+    let client = t.lat[LO_TO_HI];
+    assert_eq!(server.count, k);
+    assert_eq!(client.count, k - 1);
+    assert!(server.min_ns >= GAP_NS);
+    assert!(server.max_ns >= 4 * GAP_NS);
+    assert!(server.min_ns <= server.max_ns);
+    assert!(server.sum_ns >= u64::from(GAP_NS) * 10);
+    // Consecutive samples grow by >= 3 ms each: mean |diff| >= ~3 ms (minus scheduling noise).
+    assert!(
+        server.jitter_sum_ns >= u64::from(GAP_NS) * u64::from(k - 1) / 2,
+        "{server:?}"
+    );
+}
+
+#[test]
+fn server_first_protocol_samples_both_sides() {
+    let h = Harness::new();
+    handshake(&h);
+    s2c(&h, TCP_ACK | TCP_PSH, b"220 banner\r\n"); // first payload: no sample
+    sleep(GAP);
+    c2s(&h, TCP_ACK | TCP_PSH, b"HELO x\r\n"); // client answered the banner
+    sleep(GAP);
+    s2c(&h, TCP_ACK | TCP_PSH, b"250 ok\r\n"); // server answered
+    let t = ext(&h);
+    assert_eq!(t.lat[LO_TO_HI].count, 1);
+    assert_eq!(t.lat[HI_TO_LO].count, 1);
+    assert!(t.lat[LO_TO_HI].min_ns >= GAP_NS);
+}
+
+#[test]
+fn late_start_has_no_handshake_and_samples_after_the_first_direction_change() {
+    let h = Harness::new();
+    c2s(&h, TCP_ACK | TCP_PSH, b"mid-stream request");
+    let t = ext(&h);
+    assert!(has(&t, tcp_bits::TCPB_LATE_START));
+    assert!(!has(&t, tcp_bits::TCPB_CLIENT_HS) && !has(&t, tcp_bits::TCPB_SERVER_HS));
+    assert_eq!(u32::from(t.state), tcp_state::TCP_ST_ESTABLISHED.0);
+    sleep(GAP);
+    s2c(&h, TCP_ACK | TCP_PSH, b"response");
+    let t = ext(&h);
+    assert_eq!(t.lat[HI_TO_LO].count, 1);
+    assert_eq!(t.lat[LO_TO_HI].count, 0);
+    assert!(t.lat[HI_TO_LO].min_ns >= GAP_NS);
+    // the initiator is guessed from ports: 50000 is the ephemeral side
+    let (_, b) = h.only_flow();
+    assert_eq!(usize::from(b.initiator), LO_TO_HI);
+}
+
+#[test]
+fn fin_in_both_directions_closes_and_rst_resets() {
+    let h = Harness::new();
+    handshake(&h);
+    c2s(&h, TCP_FIN | TCP_ACK, &[]);
+    assert_eq!(u32::from(ext(&h).state), tcp_state::TCP_ST_FIN_WAIT.0);
+    s2c(&h, TCP_FIN | TCP_ACK, &[]);
+    let t = ext(&h);
+    assert_eq!(u32::from(t.state), tcp_state::TCP_ST_CLOSED.0);
+    assert_eq!(t.flags[LO_TO_HI] & TCP_FIN, TCP_FIN);
+    assert_eq!(t.flags[HI_TO_LO] & TCP_FIN, TCP_FIN);
+
+    let r = Harness::new();
+    handshake(&r);
+    s2c(&r, TCP_RST, &[]);
+    assert_eq!(u32::from(ext(&r).state), tcp_state::TCP_ST_RESET.0);
+}
