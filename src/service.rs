@@ -575,6 +575,7 @@ fn status_response(status: &AgentStatus, hub: &Hub) -> proto::GetStatusResponse 
         kernel_counters: snap.kernel_counters.into_iter().collect(),
         orphans_removed: snap.orphans_removed,
         last_poll_ns: snap.last_poll_ns,
+        map_pressure_events: snap.map_pressure_events,
         subscribers: hub
             .subscribers
             .iter()

@@ -1018,6 +1018,10 @@ async fn get_status_reports_agent_and_hub() {
         .status
         .active_flows
         .store(3, std::sync::atomic::Ordering::Relaxed);
+    agent
+        .status
+        .map_pressure_events
+        .store(2, std::sync::atomic::Ordering::Relaxed);
     agent.status.set_detail(
         vec![MapUsage {
             name: "flow_base".into(),
@@ -1044,6 +1048,7 @@ async fn get_status_reports_agent_and_hub() {
     assert_eq!(st.flows_seen, 7);
     assert_eq!(st.records_emitted, 9);
     assert_eq!(st.active_flows, 3);
+    assert_eq!(st.map_pressure_events, 2);
     assert_eq!(st.ring_records, 5);
     assert_eq!(st.ring_capacity, 10_000);
     assert_eq!(st.records_published, 5);
