@@ -6,4 +6,7 @@ pub mod datapath;
 pub mod flow;
 pub mod packet;
 pub mod poller;
+pub mod service;
 pub mod status;
+pub mod stream;
+pub mod watch;
