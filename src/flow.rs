@@ -391,7 +391,7 @@ fn icmp_info(
         server_type: sent(s).then_some(i.r#type[s]),
         server_code: sent(s).then_some(i.code[s]),
         echo_id: echo.then_some(k.port_lo),
-        echo_rtt: (i.rtt_count > 0).then(|| Latency {
+        echo_rtt: (i.rtt_count > 0).then_some(Latency {
             count: i.rtt_count,
             sum_ns: i.rtt_sum_ns,
             min_ns: i.rtt_min_ns,

@@ -15,7 +15,10 @@ use flowlens::attach::{Attacher, IfNames, Mode, ProgramFds, Selector};
 use flowlens::datapath::{Capacities, Datapath};
 use flowlens::flow::FlowRecord;
 use flowlens::poller::{Poller, PollerConfig};
+use flowlens::service;
 use flowlens::status::Status;
+use flowlens::stream::{Hub, HubConfig};
+use flowlens::watch::{self, WatchArgs};
 
 #[derive(Parser)]
 #[command(
@@ -40,6 +43,8 @@ struct Cli {
 enum Command {
     /// Load the datapath, attach to interfaces, and report flows.
     Run(RunArgs),
+    /// Subscribe to a running collector and print its flows.
+    Watch(Box<WatchArgs>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -131,6 +136,15 @@ struct RunArgs {
     /// What to print on stdout for each flow record.
     #[arg(long, env = "FLOWLENS_OUTPUT", value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// gRPC listen address: HOST:PORT, unix:/path, or "off".
+    #[arg(long, env = "FLOWLENS_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+    grpc_listen: String,
+    /// Records kept in memory for subscribers' replay.
+    #[arg(long, env = "FLOWLENS_REPLAY_RING", value_parser = capacity, default_value = "10000")]
+    replay_ring: u32,
+    /// Records queued per subscriber before it starts losing them (and is told so).
+    #[arg(long, env = "FLOWLENS_SUBSCRIBER_QUEUE", value_parser = capacity, default_value = "4096")]
+    subscriber_queue: u32,
 }
 
 fn main() {
@@ -142,6 +156,7 @@ fn main() {
         .init();
     let res = match cli.command {
         Command::Run(args) => run(args),
+        Command::Watch(args) => watch::run(*args),
     };
     if let Err(e) = res {
         error!("{e:#}");
@@ -201,6 +216,18 @@ fn run(args: RunArgs) -> Result<()> {
     }
 
     let status = Arc::new(Status::new());
+    let hub = Hub::new(HubConfig {
+        ring_capacity: args.replay_ring as usize,
+        subscriber_queue: args.subscriber_queue as usize,
+    });
+    let grpc = if args.grpc_listen == "off" {
+        None
+    } else {
+        let h = service::spawn(&args.grpc_listen, hub.clone(), status.clone())
+            .context("--grpc-listen")?;
+        info!("gRPC on {}", args.grpc_listen);
+        Some(h)
+    };
     let (tx, rx) = crossbeam_channel::bounded::<FlowRecord>(65_536);
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
     let poller = Poller::new(
@@ -224,9 +251,10 @@ fn run(args: RunArgs) -> Result<()> {
         .spawn(move || poller.run(stop_rx))
         .context("spawning the poller thread")?;
     let output = args.output;
+    let out_hub = hub.clone();
     let out_thread = thread::Builder::new()
         .name("output".into())
-        .spawn(move || print_records(rx, output))
+        .spawn(move || print_records(rx, output, &out_hub))
         .context("spawning the output thread")?;
 
     // Interfaces come and go: re-check twice a second until told to stop.
@@ -251,28 +279,37 @@ fn run(args: RunArgs) -> Result<()> {
     if out_thread.join().is_err() {
         bail!("the output thread panicked");
     }
+    // Every flushed record is in the subscribers' queues: end their streams.
+    hub.close();
+    if let Some(g) = grpc {
+        g.shutdown().context("stopping the gRPC service")?;
+    }
     drop(dp);
     Ok(())
 }
 
-fn print_records(rx: crossbeam_channel::Receiver<FlowRecord>, output: Output) {
+/// Prints each record and hands it to the subscriber hub.
+fn print_records(rx: crossbeam_channel::Receiver<FlowRecord>, output: Output, hub: &Hub) {
     let stdout = std::io::stdout();
     for rec in rx {
-        let mut out = stdout.lock();
-        let res = match output {
-            Output::Table => writeln!(out, "{rec}"),
-            Output::Json => match serde_json::to_string(&rec) {
-                Ok(s) => writeln!(out, "{s}"),
-                Err(e) => {
-                    warn!("encoding a record: {e}");
-                    Ok(())
-                }
-            },
-            Output::None => Ok(()),
-        };
-        if res.and_then(|()| out.flush()).is_err() {
-            // stdout closed (piped into `head`): keep draining for subscribers.
-            continue;
-        }
+        print_record(&stdout, &rec, output);
+        hub.publish(rec);
     }
+}
+
+fn print_record(stdout: &std::io::Stdout, rec: &FlowRecord, output: Output) {
+    let mut out = stdout.lock();
+    let res = match output {
+        Output::Table => writeln!(out, "{rec}"),
+        Output::Json => match serde_json::to_string(rec) {
+            Ok(s) => writeln!(out, "{s}"),
+            Err(e) => {
+                warn!("encoding a record: {e}");
+                Ok(())
+            }
+        },
+        Output::None => Ok(()),
+    };
+    // stdout closed (piped into `head`): keep going for subscribers.
+    let _ = res.and_then(|()| out.flush());
 }

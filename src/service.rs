@@ -333,6 +333,7 @@ impl From<&FlowRecord> for proto::FlowRecord {
                 server_type: i.server_type.map(u32::from),
                 server_code: i.server_code.map(u32::from),
                 echo_id: i.echo_id.map(u32::from),
+                echo_rtt: i.echo_rtt.as_ref().map(latency_to_proto),
             }),
         }
     }
@@ -432,6 +433,7 @@ impl TryFrom<&proto::FlowRecord> for FlowRecord {
                         .echo_id
                         .map(|v| narrow::<u16>(v, "icmp.echo_id"))
                         .transpose()?,
+                    echo_rtt: i.echo_rtt.as_ref().map(latency_from_proto),
                 })
             })
             .transpose()?;

@@ -604,11 +604,15 @@ fn detail(r: &FlowRecord) -> String {
             (None, Some(s)) => parts.push(format!("hs ?+{}", ms(s.into()))),
             (None, None) => {}
         }
+        let lat = |name: &str, l: &crate::flow::Latency| match l.jitter_ns {
+            Some(j) => format!("{name} {} jit {} n={}", ms(l.mean_ns()), ms(j), l.count),
+            None => format!("{name} {} n={}", ms(l.mean_ns()), l.count),
+        };
         if let Some(l) = &t.server_latency {
-            parts.push(format!("srv-lat {} n={}", ms(l.mean_ns()), l.count));
+            parts.push(lat("srv-lat", l));
         }
         if let Some(l) = &t.client_latency {
-            parts.push(format!("cli-lat {} n={}", ms(l.mean_ns()), l.count));
+            parts.push(lat("cli-lat", l));
         }
         if t.syn_retransmits > 0 {
             parts.push(format!("syn-rtx {}", t.syn_retransmits));
@@ -630,6 +634,9 @@ fn detail(r: &FlowRecord) -> String {
         ));
         if let Some(id) = i.echo_id {
             parts.push(format!("id {id}"));
+        }
+        if let Some(r) = &i.echo_rtt {
+            parts.push(format!("rtt {} n={}", ms(r.mean_ns()), r.count));
         }
     }
     parts.join(" ")

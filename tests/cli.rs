@@ -223,3 +223,60 @@ fn bad_flags_get_precise_errors() {
         "no such interface [\"nosuchif0\"]",
     );
 }
+
+#[test]
+fn watch_receives_exactly_the_flows_of_the_traffic_over_grpc() {
+    let net = NetPair::new();
+    let sock = format!("/tmp/flowlens-test-{}.sock", std::process::id());
+    let listen = format!("unix:{sock}");
+    let mut agent = start(&net.a, &["--interface", &net.if_a, "--idle-timeout-udp", "1s", "--grpc-listen", &listen]);
+    agent.wait_log("gRPC on", Duration::from_secs(10));
+    agent.wait_log("attached to", Duration::from_secs(10));
+
+    let port = 40_000 + (std::process::id() % 10_000) as u16;
+    let mut watch = Command::new(BIN)
+        .args(["watch", "--server", &listen, "--json", "--proto", "udp", "--dport", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn watch");
+    let watch_out = lines(watch.stdout.take().expect("stdout"));
+    std::thread::sleep(Duration::from_millis(500)); // let the subscription start
+
+    let (a, b) = (net.v4_a, net.v4_b);
+    net.in_ns(&net.a, move || {
+        let s = std::net::UdpSocket::bind(std::net::SocketAddr::new(a, 0)).expect("bind");
+        for _ in 0..10 {
+            s.send_to(&[5u8; 72], std::net::SocketAddr::new(b, port)).expect("send");
+        }
+        // another flow the filter must drop
+        s.send_to(&[5u8; 72], std::net::SocketAddr::new(b, port + 1)).expect("send");
+    })
+    .join()
+    .expect("traffic");
+
+    let line = watch_out.recv_timeout(Duration::from_secs(15)).expect("a record from watch");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("json line");
+    assert_eq!(v["protocol"], 17);
+    assert_eq!(v["server_port"], port);
+    assert_eq!(v["client"]["packets"], 10);
+    assert_eq!(v["client"]["bytes"], 10 * (72 + 28));
+    assert_eq!(v["client_addr"], a.to_string());
+    assert_eq!(v["end_reason"], "idle_timeout");
+
+    let (status, _) = agent.stop();
+    assert!(status.success());
+    // The stream ends with the agent and watch exits by itself.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let wstatus = loop {
+        if let Some(s) = watch.try_wait().expect("wait watch") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "watch did not exit when the stream ended");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rest: Vec<String> = watch_out.try_iter().collect();
+    assert!(rest.is_empty(), "only the one matching flow: {rest:#?}");
+    assert!(wstatus.code().is_some());
+    let _ = std::fs::remove_file(&sock);
+}

@@ -190,6 +190,13 @@ fn corpus() -> Vec<FlowRecord> {
         server_type: Some(0),
         server_code: Some(0),
         echo_id: Some(77),
+        echo_rtt: Some(Latency {
+            count: 3,
+            sum_ns: 150_000,
+            min_ns: 40_000,
+            max_ns: 60_000,
+            jitter_ns: None,
+        }),
     });
     r4.client_addr = ip("192.168.1.10");
     r4.client_port = 0;
@@ -210,6 +217,7 @@ fn corpus() -> Vec<FlowRecord> {
         server_type: None,
         server_code: None,
         echo_id: None,
+        echo_rtt: None,
     });
     r5.client_addr = ip("fe80::1");
     r5.client_port = 0;
