@@ -229,13 +229,32 @@ fn watch_receives_exactly_the_flows_of_the_traffic_over_grpc() {
     let net = NetPair::new();
     let sock = format!("/tmp/flowlens-test-{}.sock", std::process::id());
     let listen = format!("unix:{sock}");
-    let mut agent = start(&net.a, &["--interface", &net.if_a, "--idle-timeout-udp", "1s", "--grpc-listen", &listen]);
+    let mut agent = start(
+        &net.a,
+        &[
+            "--interface",
+            &net.if_a,
+            "--idle-timeout-udp",
+            "1s",
+            "--grpc-listen",
+            &listen,
+        ],
+    );
     agent.wait_log("gRPC on", Duration::from_secs(10));
     agent.wait_log("attached to", Duration::from_secs(10));
 
     let port = 40_000 + (std::process::id() % 10_000) as u16;
     let mut watch = Command::new(BIN)
-        .args(["watch", "--server", &listen, "--json", "--proto", "udp", "--dport", &port.to_string()])
+        .args([
+            "watch",
+            "--server",
+            &listen,
+            "--json",
+            "--proto",
+            "udp",
+            "--dport",
+            &port.to_string(),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -247,15 +266,19 @@ fn watch_receives_exactly_the_flows_of_the_traffic_over_grpc() {
     net.in_ns(&net.a, move || {
         let s = std::net::UdpSocket::bind(std::net::SocketAddr::new(a, 0)).expect("bind");
         for _ in 0..10 {
-            s.send_to(&[5u8; 72], std::net::SocketAddr::new(b, port)).expect("send");
+            s.send_to(&[5u8; 72], std::net::SocketAddr::new(b, port))
+                .expect("send");
         }
         // another flow the filter must drop
-        s.send_to(&[5u8; 72], std::net::SocketAddr::new(b, port + 1)).expect("send");
+        s.send_to(&[5u8; 72], std::net::SocketAddr::new(b, port + 1))
+            .expect("send");
     })
     .join()
     .expect("traffic");
 
-    let line = watch_out.recv_timeout(Duration::from_secs(15)).expect("a record from watch");
+    let line = watch_out
+        .recv_timeout(Duration::from_secs(15))
+        .expect("a record from watch");
     let v: serde_json::Value = serde_json::from_str(&line).expect("json line");
     assert_eq!(v["protocol"], 17);
     assert_eq!(v["server_port"], port);
@@ -272,7 +295,10 @@ fn watch_receives_exactly_the_flows_of_the_traffic_over_grpc() {
         if let Some(s) = watch.try_wait().expect("wait watch") {
             break s;
         }
-        assert!(Instant::now() < deadline, "watch did not exit when the stream ended");
+        assert!(
+            Instant::now() < deadline,
+            "watch did not exit when the stream ended"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let rest: Vec<String> = watch_out.try_iter().collect();
