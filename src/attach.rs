@@ -1,7 +1,10 @@
 //! Attaches the flow programs to selected interfaces (TCX, or clsact TC on older kernels) and follows interfaces as they come and go.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::CString;
+use std::fs;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use libbpf_rs::{TcHook, TcHookBuilder, TC_EGRESS, TC_INGRESS};
@@ -22,6 +25,12 @@ pub enum AttachError {
         iface: String,
         ifindex: u32,
         mode: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("link pin directory {path}: {source}")]
+    Pin {
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -193,10 +202,11 @@ impl Mode {
 }
 
 enum Hooks {
-    /// Link fds: closing them detaches.
+    /// Link fds: closing them detaches (once their pins are gone too).
     Tcx {
         _ingress: OwnedFd,
         _egress: OwnedFd,
+        pins: Vec<PathBuf>,
     },
     Tc {
         ingress: TcHook,
@@ -211,11 +221,19 @@ struct Attachment {
 
 impl Drop for Attachment {
     fn drop(&mut self) {
-        if let Hooks::Tc { ingress, egress } = &mut self.hooks {
+        match &mut self.hooks {
             // Filters outlive the process unless removed; a vanished
             // interface took them with it, so errors are expected then.
-            let _ = ingress.detach();
-            let _ = egress.detach();
+            Hooks::Tc { ingress, egress } => {
+                let _ = ingress.detach();
+                let _ = egress.detach();
+            }
+            // A pinned link stays attached until its pin goes as well.
+            Hooks::Tcx { pins, .. } => {
+                for p in pins {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
         }
     }
 }
@@ -243,6 +261,46 @@ impl ProgramFds {
     }
 }
 
+/// Opens a pinned link and points it at `prog`; None (and the pin removed) when that fails.
+fn take_over_link(pin: &Path, prog: &OwnedFd) -> Option<OwnedFd> {
+    if !pin.exists() {
+        return None;
+    }
+    let c = CString::new(pin.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: valid C string path.
+    let fd = unsafe { libbpf_sys::bpf_obj_get(c.as_ptr()) };
+    let fd = if fd >= 0 {
+        // SAFETY: the kernel just handed us this fd.
+        Some(unsafe { OwnedFd::from_raw_fd(fd) })
+    } else {
+        None
+    };
+    // SAFETY: valid link and program fds; null opts are allowed.
+    let updated = fd
+        .as_ref()
+        .is_some_and(|l| unsafe { libbpf_sys::bpf_link_update(l.as_raw_fd(), prog.as_raw_fd(), std::ptr::null()) } == 0);
+    if updated {
+        return fd;
+    }
+    warn!(
+        "dropping pinned link {} that could not be taken over",
+        pin.display()
+    );
+    let _ = fs::remove_file(pin);
+    None
+}
+
+fn pin_fd(fd: &OwnedFd, path: &Path) -> std::io::Result<()> {
+    let _ = fs::remove_file(path);
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: valid fd and C string path.
+    let r = unsafe { libbpf_sys::bpf_obj_pin(fd.as_raw_fd(), c.as_ptr()) };
+    if r < 0 {
+        return Err(std::io::Error::from_raw_os_error(-r));
+    }
+    Ok(())
+}
+
 /// What one sync changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SyncReport {
@@ -258,6 +316,9 @@ pub struct Attacher {
     mode: Mode,
     attached: HashMap<u32, Attachment>,
     names: IfNames,
+    /// Where TCX links are pinned, so they stay attached (and keep counting
+    /// into the pinned maps) while the agent restarts after a crash.
+    link_dir: Option<PathBuf>,
     /// TCX proved unavailable: stop trying it.
     tcx_unsupported: bool,
 }
@@ -274,7 +335,34 @@ impl Attacher {
             mode,
             attached: HashMap::new(),
             names,
+            link_dir: None,
             tcx_unsupported: false,
+        }
+    }
+
+    /// Pins TCX links under `dir` and takes over links a previous agent pinned there.
+    pub fn pin_links(&mut self, dir: PathBuf) -> Result<(), AttachError> {
+        fs::create_dir_all(&dir).map_err(|source| AttachError::Pin {
+            path: dir.clone(),
+            source,
+        })?;
+        self.link_dir = Some(dir);
+        Ok(())
+    }
+
+    /// Removes link pins of interfaces we no longer attach to (gone, or deselected).
+    fn sweep_link_pins(&self) {
+        let Some(dir) = &self.link_dir else { return };
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ifindex = name.split('-').next().and_then(|i| i.parse::<u32>().ok());
+            if ifindex.is_none_or(|i| !self.attached.contains_key(&i)) {
+                info!("removing stale link pin {}", e.path().display());
+                let _ = fs::remove_file(e.path());
+            }
         }
     }
 
@@ -343,6 +431,7 @@ impl Attacher {
                 }
             }
         }
+        self.sweep_link_pins();
         Ok(report)
     }
 
@@ -369,7 +458,23 @@ impl Attacher {
     }
 
     fn attach_tcx(&self, iface: &Interface) -> Result<Attachment, AttachError> {
-        let link = |prog: &OwnedFd, ty: libbpf_sys::bpf_attach_type| {
+        let err = |source: std::io::Error| AttachError::Attach {
+            iface: iface.name.clone(),
+            ifindex: iface.ifindex,
+            mode: "TCX",
+            source,
+        };
+        let mut pins = Vec::new();
+        let mut link = |prog: &OwnedFd, ty: libbpf_sys::bpf_attach_type, dir: &str| {
+            let pin = self
+                .link_dir
+                .as_ref()
+                .map(|d| d.join(format!("{}-{dir}", iface.ifindex)));
+            if let Some(fd) = pin.as_deref().and_then(|p| take_over_link(p, prog)) {
+                info!("{} {dir}: took over the pinned TCX link", iface.name);
+                pins.extend(pin);
+                return Ok(fd);
+            }
             // SAFETY: valid program fd; null opts are allowed.
             let fd = unsafe {
                 libbpf_sys::bpf_link_create(
@@ -380,23 +485,29 @@ impl Attacher {
                 )
             };
             if fd < 0 {
-                return Err(AttachError::Attach {
-                    iface: iface.name.clone(),
-                    ifindex: iface.ifindex,
-                    mode: "TCX",
-                    source: std::io::Error::from_raw_os_error(-fd),
-                });
+                return Err(err(std::io::Error::from_raw_os_error(-fd)));
             }
             // SAFETY: the kernel just handed us this fd.
-            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            if let Some(p) = pin {
+                match pin_fd(&fd, &p) {
+                    Ok(()) => pins.push(p),
+                    Err(e) => warn!(
+                        "pinning the TCX link at {}: {e} (it will not survive a crash)",
+                        p.display()
+                    ),
+                }
+            }
+            Ok(fd)
         };
-        let ingress = link(&self.ingress, libbpf_sys::BPF_TCX_INGRESS)?;
-        let egress = link(&self.egress, libbpf_sys::BPF_TCX_EGRESS)?;
+        let ingress = link(&self.ingress, libbpf_sys::BPF_TCX_INGRESS, "ingress")?;
+        let egress = link(&self.egress, libbpf_sys::BPF_TCX_EGRESS, "egress")?;
         Ok(Attachment {
             name: iface.name.clone(),
             hooks: Hooks::Tcx {
                 _ingress: ingress,
                 _egress: egress,
+                pins,
             },
         })
     }

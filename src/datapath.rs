@@ -2,9 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject, ProgramMut};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenMapMut, OpenObject, ProgramMut};
+use log::{info, warn};
 use thiserror::Error;
 
 use crate::bpf::{types, FlowSkel, FlowSkelBuilder};
@@ -25,6 +27,12 @@ pub enum DatapathError {
         "loading the BPF programs into the kernel (needs CAP_BPF + CAP_NET_ADMIN and a kernel with BTF): {0}"
     )]
     Load(#[source] libbpf_rs::Error),
+    #[error("pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
@@ -149,11 +157,73 @@ impl FlowMaps {
 /// The loaded flow programs and maps.
 pub struct Datapath {
     skel: FlowSkel<'static>,
+    pin_dir: Option<PathBuf>,
+    /// Flows found in reused pinned maps at load time.
+    reused_flows: Option<u64>,
+}
+
+/// Points a map at its pin, first removing a pin whose map no longer fits
+/// (another layout, type, size or capacity), so libbpf creates it afresh.
+fn pin_map(m: &mut OpenMapMut<'_>, name: &'static str, dir: &Path) -> Result<bool, DatapathError> {
+    let path = dir.join(name);
+    let map_err = |source| DatapathError::Map { map: name, source };
+    let mut reuse = false;
+    if path.exists() {
+        match MapHandle::from_pinned_path(&path).and_then(|h| h.info()) {
+            Ok(i) => {
+                let i = i.info;
+                let want = (
+                    m.map_type() as u32,
+                    m.key_size(),
+                    m.value_size(),
+                    m.max_entries(),
+                    m.map_flags(),
+                );
+                let have = (
+                    i.type_,
+                    i.key_size,
+                    i.value_size,
+                    i.max_entries,
+                    i.map_flags,
+                );
+                if want == have {
+                    reuse = true;
+                } else {
+                    warn!(
+                        "replacing incompatible pinned map {} (type, key, value, capacity, flags: pinned {have:?}, wanted {want:?}); flows in it are lost",
+                        path.display()
+                    );
+                    std::fs::remove_file(&path).map_err(|source| DatapathError::PinDir {
+                        path: path.clone(),
+                        source,
+                    })?;
+                }
+            }
+            Err(e) => {
+                warn!("replacing unreadable pin {}: {e}", path.display());
+                std::fs::remove_file(&path).map_err(|source| DatapathError::PinDir {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+        }
+    }
+    m.set_pin_path(&path).map_err(map_err)?;
+    Ok(reuse)
 }
 
 impl Datapath {
     /// Opens the skeleton, applies capacities, and loads it into the kernel.
     pub fn load(cap: Capacities) -> Result<Datapath, DatapathError> {
+        Self::load_pinned(cap, None)
+    }
+
+    /// Like `load`, with maps pinned under `pin_root/v<layout>/`: compatible
+    /// pinned maps are reused, so flows in progress survive an agent restart.
+    pub fn load_pinned(
+        cap: Capacities,
+        pin_root: Option<&Path>,
+    ) -> Result<Datapath, DatapathError> {
         // The skeleton borrows its object storage for its whole life; the
         // agent keeps one datapath for the process, so leaking it is right.
         let storage: &'static mut MaybeUninit<OpenObject> =
@@ -172,8 +242,73 @@ impl Datapath {
         set(&mut open.maps.flows, "flows", cap.flows)?;
         set(&mut open.maps.flows_tcp, "flows_tcp", cap.tcp)?;
         set(&mut open.maps.flows_icmp, "flows_icmp", cap.icmp)?;
+        // FLOWLENS_LAYOUT_VERSION, as compiled into the object: a new layout
+        // gets a new directory and never meets maps of an old one.
+        let version = open
+            .maps
+            .rodata_data
+            .as_deref()
+            .map_or(0, |r| r.layout_version);
+        let pin_dir = pin_root.map(|root| root.join(format!("v{version}")));
+        let mut reused = false;
+        if let Some(dir) = &pin_dir {
+            std::fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
+            let maps = &mut open.maps;
+            reused |= pin_map(&mut maps.flows, "flows", dir)?;
+            reused |= pin_map(&mut maps.flows_tcp, "flows_tcp", dir)?;
+            reused |= pin_map(&mut maps.flows_icmp, "flows_icmp", dir)?;
+            reused |= pin_map(&mut maps.counters, "counters", dir)?;
+        }
         let skel = open.load().map_err(DatapathError::Load)?;
-        Ok(Datapath { skel })
+        let reused_flows = reused.then(|| skel.maps.flows.keys().count() as u64);
+        if let (Some(n), Some(dir)) = (reused_flows, &pin_dir) {
+            info!(
+                "reusing pinned maps in {}: {n} flows in progress",
+                dir.display()
+            );
+        }
+        Ok(Datapath {
+            skel,
+            pin_dir,
+            reused_flows,
+        })
+    }
+
+    /// Directory the maps are pinned in, if pinned.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
+    }
+
+    /// Flows that were in the reused pinned maps at load time.
+    pub fn reused_flows(&self) -> Option<u64> {
+        self.reused_flows
+    }
+
+    /// Removes the map pins (after a clean shutdown flushed every flow).
+    pub fn unpin(&mut self) -> Result<(), DatapathError> {
+        let Some(dir) = self.pin_dir.take() else {
+            return Ok(());
+        };
+        let maps = &mut self.skel.maps;
+        for (m, name) in [
+            (&mut maps.flows, "flows"),
+            (&mut maps.flows_tcp, "flows_tcp"),
+            (&mut maps.flows_icmp, "flows_icmp"),
+            (&mut maps.counters, "counters"),
+        ] {
+            let path = dir.join(name);
+            if path.exists() {
+                m.unpin(&path)
+                    .map_err(|source| DatapathError::Map { map: name, source })?;
+            }
+        }
+        // Only empty directories go; anything else someone put there stays.
+        let _ = std::fs::remove_dir(dir.join("links"));
+        let _ = std::fs::remove_dir(&dir);
+        Ok(())
     }
 
     pub fn maps(&self) -> Result<FlowMaps, DatapathError> {

@@ -6,6 +6,7 @@ pub mod datapath;
 pub mod flow;
 pub mod packet;
 pub mod poller;
+pub mod preflight;
 pub mod service;
 pub mod status;
 pub mod stream;

@@ -1,6 +1,7 @@
 //! The flowlens command line: `run` the collector, `watch` a running one.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use flowlens::attach::{Attacher, IfNames, Mode, ProgramFds, Selector};
 use flowlens::datapath::{Capacities, Datapath};
 use flowlens::flow::FlowRecord;
 use flowlens::poller::{Poller, PollerConfig};
+use flowlens::preflight;
 use flowlens::service;
 use flowlens::status::Status;
 use flowlens::stream::{Hub, HubConfig};
@@ -136,6 +138,10 @@ struct RunArgs {
     /// What to print on stdout for each flow record.
     #[arg(long, env = "FLOWLENS_OUTPUT", value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// Where maps and TCX links are pinned (bpffs), so a restarted agent after
+    /// a crash continues the flows in progress; "off" pins nothing.
+    #[arg(long, env = "FLOWLENS_PIN_DIR", default_value = "/sys/fs/bpf/flowlens")]
+    pin_dir: String,
     /// gRPC listen address: HOST:PORT, unix:/path, or "off".
     #[arg(long, env = "FLOWLENS_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     grpc_listen: String,
@@ -171,11 +177,25 @@ fn run(args: RunArgs) -> Result<()> {
     let mut signals =
         Signals::new([SIGINT, SIGTERM]).context("installing SIGINT/SIGTERM handlers")?;
 
-    let dp = Datapath::load(Capacities {
-        flows: args.max_flows,
-        tcp: args.max_tcp_flows,
-        icmp: args.max_icmp_flows,
-    })
+    preflight::check_btf()?;
+    preflight::check_capabilities()?;
+    let pin_root = (args.pin_dir != "off").then(|| PathBuf::from(&args.pin_dir));
+    let _pin_lock = match &pin_root {
+        Some(root) => {
+            preflight::ensure_bpffs(root)?;
+            Some(preflight::lock_pin_root(root)?)
+        }
+        None => None,
+    };
+
+    let mut dp = Datapath::load_pinned(
+        Capacities {
+            flows: args.max_flows,
+            tcp: args.max_tcp_flows,
+            icmp: args.max_icmp_flows,
+        },
+        pin_root.as_deref(),
+    )
     .context("loading the flow datapath")?;
     let maps = dp.maps().context("opening map handles")?;
     let mode = match args.attach_mode {
@@ -189,6 +209,9 @@ fn run(args: RunArgs) -> Result<()> {
         mode,
         ifnames.clone(),
     );
+    if let Some(dir) = dp.pin_dir() {
+        attacher.pin_links(dir.join("links")).context("--pin-dir")?;
+    }
     let first = attacher
         .sync(&selector)
         .context("attaching to interfaces")?;
@@ -284,7 +307,8 @@ fn run(args: RunArgs) -> Result<()> {
     if let Some(g) = grpc {
         g.shutdown().context("stopping the gRPC service")?;
     }
-    drop(dp);
+    // Every flow was flushed: nothing in the pinned maps is worth keeping.
+    dp.unpin().context("removing map pins")?;
     Ok(())
 }
 

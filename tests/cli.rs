@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netns::{ifindex_in, sh, sh_out, tcx_count, NetPair};
+use common::netns::{ifindex_in, sh, sh_out, tcx_count, Bpffs, NetPair};
 use crossbeam_channel::Receiver;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowlens");
@@ -28,19 +28,27 @@ fn lines(r: impl std::io::Read + Send + 'static) -> Receiver<String> {
     rx
 }
 
+/// Starts `flowlens run` in namespace `ns`; unless `args` say otherwise it
+/// pins nothing and serves no gRPC, so parallel tests never share state.
 fn start(ns: &str, args: &[&str]) -> Running {
-    let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            BIN,
-            "run",
-            "--output",
-            "json",
-            "--poll-interval",
-            "200ms",
-        ])
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        ns,
+        BIN,
+        "run",
+        "--output",
+        "json",
+        "--poll-interval",
+        "200ms",
+    ]);
+    for (flag, off) in [("--pin-dir", "off"), ("--grpc-listen", "off")] {
+        if !args.contains(&flag) {
+            cmd.args([flag, off]);
+        }
+    }
+    let mut child = cmd
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -89,7 +97,7 @@ impl Drop for Running {
     }
 }
 
-fn wait_until(what: &str, timeout: Duration, f: impl Fn() -> bool) {
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
         assert!(Instant::now() < deadline, "timed out: {what}");
@@ -101,7 +109,21 @@ fn wait_until(what: &str, timeout: Duration, f: impl Fn() -> bool) {
 fn tcx_attach_follows_new_interfaces_and_detaches_everything_on_exit() {
     let net = NetPair::new();
     let ifa = net.ifindex_a();
-    let mut agent = start(&net.a, &["--interface", "fa*", "--interface", "/fz[0-9]+/"]);
+    let fs = Bpffs::new("follow");
+    let pins = fs.pins();
+    let mut agent = start(
+        &net.a,
+        &[
+            "--interface",
+            "fa*",
+            "--interface",
+            "/fz[0-9]+/",
+            "--pin-dir",
+            &pins,
+            "--grpc-listen",
+            "off",
+        ],
+    );
     agent.wait_log(
         &format!("attached to {} (ifindex {ifa}) with TCX", net.if_a),
         Duration::from_secs(10),
@@ -305,4 +327,160 @@ fn watch_receives_exactly_the_flows_of_the_traffic_over_grpc() {
     assert!(rest.is_empty(), "only the one matching flow: {rest:#?}");
     assert!(wstatus.code().is_some());
     let _ = std::fs::remove_file(&sock);
+}
+
+#[test]
+fn a_crashed_agent_restarts_without_losing_the_flow_in_progress() {
+    use std::io::{Read, Write};
+    let net = NetPair::new();
+    let fs = Bpffs::new("restart");
+    let pins = fs.pins();
+    let ifa = net.ifindex_a();
+    let args = [
+        "--interface",
+        &net.if_a,
+        "--pin-dir",
+        &pins,
+        "--grpc-listen",
+        "off",
+    ];
+    let mut first = start(&net.a, &args);
+    first.wait_log("with TCX", Duration::from_secs(10));
+
+    let cap = net
+        .in_ns(&net.a, move || common::capture::Capture::open(ifa))
+        .join()
+        .expect("capture");
+    let (a, b) = (net.v4_a, net.v4_b);
+    let listener = net
+        .in_ns(&net.b, move || {
+            std::net::TcpListener::bind(std::net::SocketAddr::new(b, 0)).expect("listen")
+        })
+        .join()
+        .expect("listener");
+    let port = listener.local_addr().expect("addr").port();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).expect("read");
+        s.write_all(&[1u8; 1000]).expect("reply");
+        v.len()
+    });
+    let client = net.in_ns(&net.a, move || {
+        let mut c =
+            std::net::TcpStream::connect(std::net::SocketAddr::new(b, port)).expect("connect");
+        for _ in 0..40 {
+            c.write_all(&[2u8; 10_000]).expect("send");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).expect("read back");
+        c.local_addr().expect("local").port()
+    });
+
+    // Crash mid-transfer: the pinned link keeps counting into the pinned maps.
+    std::thread::sleep(Duration::from_millis(600));
+    drop(first); // SIGKILL
+    assert_eq!(
+        tcx_count(&net.a, ifa, libbpf_sys::BPF_TCX_INGRESS),
+        1,
+        "the pinned link stays attached"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let mut second = start(&net.a, &args);
+    second.wait_log("reusing pinned maps", Duration::from_secs(10));
+    second.wait_log("took over the pinned TCX link", Duration::from_secs(10));
+    assert_eq!(
+        tcx_count(&net.a, ifa, libbpf_sys::BPF_TCX_INGRESS),
+        1,
+        "one program, not two"
+    );
+
+    let cport = client.join().expect("client");
+    assert_eq!(server.join().expect("server"), 400_000);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let rec = loop {
+        let l = second
+            .stdout
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the flow record");
+        let v: serde_json::Value = serde_json::from_str(&l).expect("json");
+        if v["protocol"] == 6 && v["server_port"] == port {
+            break v;
+        }
+    };
+    let pkts = cap.drain();
+    let keep = |p: &common::capture::Packet| {
+        p.proto == 6 && [p.sport, p.dport].contains(&port) && [p.sport, p.dport].contains(&cport)
+    };
+    let (cp, cb) = common::capture::sent_by(&pkts, a, keep);
+    let (sp, sb) = common::capture::sent_by(&pkts, b, keep);
+    assert_eq!(rec["end_reason"], "tcp_fin");
+    assert_eq!(
+        (
+            rec["client"]["packets"].as_u64(),
+            rec["client"]["bytes"].as_u64()
+        ),
+        (Some(cp), Some(cb)),
+        "client totals across the restart"
+    );
+    assert_eq!(
+        (
+            rec["server"]["packets"].as_u64(),
+            rec["server"]["bytes"].as_u64()
+        ),
+        (Some(sp), Some(sb)),
+        "server totals across the restart"
+    );
+    assert!(
+        rec["tcp"]["handshake_client_ns"].as_u64().is_some(),
+        "handshake seen by the first agent survives: {rec}"
+    );
+
+    let (status, _) = second.stop();
+    assert!(status.success());
+    assert_eq!(tcx_count(&net.a, ifa, libbpf_sys::BPF_TCX_INGRESS), 0);
+    assert!(
+        !std::path::Path::new(&pins).join("v1").exists(),
+        "pins removed after a clean stop"
+    );
+}
+
+#[test]
+fn two_agents_cannot_share_a_pin_directory() {
+    let net = NetPair::new();
+    let fs = Bpffs::new("busy");
+    let pins = fs.pins();
+    let args = [
+        "--interface",
+        &net.if_a,
+        "--pin-dir",
+        &pins,
+        "--grpc-listen",
+        "off",
+    ];
+    let mut first = start(&net.a, &args);
+    first.wait_log("attached to", Duration::from_secs(10));
+    let mut second = Command::new("ip")
+        .args(["netns", "exec", &net.a, BIN, "run"])
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("second agent");
+    let err_lines = lines(second.stderr.take().expect("stderr"));
+    wait_until(
+        "the second agent to give up",
+        Duration::from_secs(10),
+        || matches!(second.try_wait(), Ok(Some(_))),
+    );
+    let status = second.wait().expect("wait");
+    assert!(!status.success());
+    let err = err_lines.iter().collect::<Vec<_>>().join("\n");
+    assert!(
+        err.contains("another flowlens already uses the pinned maps"),
+        "{err}"
+    );
+    let (status, _) = first.stop();
+    assert!(status.success());
 }

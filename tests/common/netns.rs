@@ -189,3 +189,36 @@ pub fn sh_out(args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A private bpffs mount for pins: `ip netns exec` remounts /sys, hiding
+/// the host's /sys/fs/bpf from the agent, so pins shared across runs live
+/// here instead. Unmounted on drop.
+pub struct Bpffs {
+    pub dir: std::path::PathBuf,
+}
+
+impl Bpffs {
+    pub fn new(tag: &str) -> Bpffs {
+        let dir = std::env::temp_dir().join(format!("flowlens-bpffs-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("bpffs dir");
+        sh(&[
+            "mount",
+            "-t",
+            "bpf",
+            "bpf",
+            dir.to_str().expect("utf-8 path"),
+        ]);
+        Bpffs { dir }
+    }
+
+    pub fn pins(&self) -> String {
+        self.dir.join("pins").to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
