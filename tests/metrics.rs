@@ -1,0 +1,432 @@
+//! Prometheus self-metrics: the exposition parses, and a real scrape over TCP serves a Status's values.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flowlens::metrics;
+use flowlens::status::{MapUsage, Snapshot, Status};
+use flowlens::stream::{Hub, HubConfig, SubscribeOptions};
+
+/// One parsed sample: metric name, labels, value.
+#[derive(Debug, Clone, PartialEq)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// A strict parser for the subset of text format 0.0.4 we emit: every sample line is
+/// `name{labels} value`, every family has exactly one HELP and one TYPE before its samples,
+/// and a family's lines are contiguous.
+fn parse(text: &str) -> (Vec<Sample>, HashMap<String, String>) {
+    let name_re = regex::Regex::new(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$").unwrap();
+    let sample_re = regex::Regex::new(
+        r#"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*",?)*)\})? (\S+)$"#,
+    )
+    .unwrap();
+    let label_re = regex::Regex::new(r#"([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\.)*)""#).unwrap();
+    assert!(text.ends_with('\n'), "exposition must end with a newline");
+    let mut help: HashMap<String, String> = HashMap::new();
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut finished: Vec<String> = Vec::new();
+    let mut current: Option<String> = None;
+    let mut samples = Vec::new();
+    let mut enter = |name: &str, current: &mut Option<String>| {
+        if current.as_deref() != Some(name) {
+            assert!(
+                !finished.iter().any(|f| f == name),
+                "family {name} is not contiguous"
+            );
+            if let Some(c) = current.take() {
+                finished.push(c);
+            }
+            *current = Some(name.to_owned());
+        }
+    };
+    for line in text.lines() {
+        assert!(!line.is_empty(), "empty line in exposition");
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, doc) = rest.split_once(' ').expect("HELP has text");
+            assert!(name_re.is_match(name), "bad name {name:?}");
+            assert!(!doc.trim().is_empty(), "empty HELP for {name}");
+            enter(name, &mut current);
+            assert!(
+                help.insert(name.into(), doc.into()).is_none(),
+                "second HELP for {name}"
+            );
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE has a type");
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                "bad type {kind:?}"
+            );
+            enter(name, &mut current);
+            assert!(
+                types.insert(name.into(), kind.into()).is_none(),
+                "second TYPE for {name}"
+            );
+        } else {
+            assert!(!line.starts_with('#'), "unexpected comment {line:?}");
+            let c = sample_re
+                .captures(line)
+                .unwrap_or_else(|| panic!("not `name{{labels}} value`: {line:?}"));
+            let name = c[1].to_owned();
+            assert!(types.contains_key(&name), "sample before TYPE: {line:?}");
+            assert!(help.contains_key(&name), "sample before HELP: {line:?}");
+            enter(&name, &mut current);
+            let mut labels = BTreeMap::new();
+            if let Some(l) = c.get(3) {
+                for lc in label_re.captures_iter(l.as_str()) {
+                    assert!(
+                        labels.insert(lc[1].to_owned(), lc[2].to_owned()).is_none(),
+                        "duplicate label in {line:?}"
+                    );
+                }
+            }
+            let value: f64 = c[4]
+                .parse()
+                .unwrap_or_else(|e| panic!("value of {line:?}: {e}"));
+            if types[&name] == "counter" {
+                assert!(name.ends_with("_total"), "counter {name} lacks _total");
+                assert!(value >= 0.0, "negative counter {line:?}");
+            }
+            samples.push(Sample {
+                name,
+                labels,
+                value,
+            });
+        }
+    }
+    for name in types.keys() {
+        assert!(help.contains_key(name), "{name} has TYPE but no HELP");
+        assert!(name.starts_with("flowlens_"), "{name} lacks the prefix");
+    }
+    for name in help.keys() {
+        assert!(types.contains_key(name), "{name} has HELP but no TYPE");
+    }
+    // No two samples with the same name and labels.
+    for (i, a) in samples.iter().enumerate() {
+        assert!(
+            !samples[i + 1..]
+                .iter()
+                .any(|b| b.name == a.name && b.labels == a.labels),
+            "duplicate sample {a:?}"
+        );
+    }
+    (samples, types)
+}
+
+fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    let want: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    samples
+        .iter()
+        .find(|s| s.name == name && s.labels == want)
+        .unwrap_or_else(|| panic!("no sample {name}{labels:?}"))
+        .value
+}
+
+/// A Status with a distinct value in every field.
+fn filled_status() -> Arc<Status> {
+    let s = Arc::new(Status::new());
+    s.flows_ended.store(1234, Ordering::Relaxed);
+    s.records_emitted.store(1500, Ordering::Relaxed);
+    s.orphans_removed.store(7, Ordering::Relaxed);
+    s.last_poll_ns.store(2_500_000, Ordering::Relaxed);
+    s.active_flows.store(321, Ordering::Relaxed);
+    s.map_pressure_events.store(3, Ordering::Relaxed);
+    let maps = vec![
+        MapUsage {
+            name: "flows".into(),
+            entries: 321,
+            capacity: 65_536,
+        },
+        MapUsage {
+            name: "flows_tcp".into(),
+            entries: 16_384,
+            capacity: 32_768,
+        },
+        MapUsage {
+            name: "flows_icmp".into(),
+            entries: 5,
+            capacity: 8_192,
+        },
+    ];
+    let counters: BTreeMap<String, u64> = flowlens::datapath::counter_names()
+        .into_iter()
+        .map(|(slot, name)| (name.to_owned(), 1000 + u64::from(slot)))
+        .collect();
+    s.set_detail(maps, counters);
+    s
+}
+
+#[test]
+fn render_parses_and_carries_every_value() {
+    let status = filled_status();
+    let hub = Hub::new(HubConfig {
+        ring_capacity: 100,
+        subscriber_queue: 8,
+    });
+    let _sub1 = hub.subscribe(SubscribeOptions::default());
+    let _sub2 = hub.subscribe(SubscribeOptions::default());
+    let text = metrics::render(&status.snapshot(), &hub.stats());
+    let (samples, types) = parse(&text);
+
+    assert_eq!(value(&samples, "flowlens_flows_active", &[]), 321.0);
+    assert_eq!(types["flowlens_flows_active"], "gauge");
+    assert_eq!(value(&samples, "flowlens_flows_ended_total", &[]), 1234.0);
+    assert_eq!(types["flowlens_flows_ended_total"], "counter");
+    assert_eq!(
+        value(&samples, "flowlens_records_emitted_total", &[]),
+        1500.0
+    );
+    assert_eq!(value(&samples, "flowlens_subscribers", &[]), 2.0);
+    assert_eq!(types["flowlens_subscribers"], "gauge");
+    assert_eq!(
+        value(&samples, "flowlens_subscriber_lost_records_total", &[]),
+        0.0
+    );
+    assert_eq!(value(&samples, "flowlens_orphans_removed_total", &[]), 7.0);
+    assert_eq!(
+        value(&samples, "flowlens_map_pressure_events_total", &[]),
+        3.0
+    );
+    assert_eq!(
+        value(&samples, "flowlens_last_poll_duration_seconds", &[]),
+        0.0025
+    );
+    assert_eq!(
+        value(&samples, "flowlens_replay_ring_capacity_records", &[]),
+        100.0
+    );
+    let up = value(&samples, "flowlens_uptime_seconds", &[]);
+    assert!((0.0..60.0).contains(&up), "uptime {up}");
+    assert!(value(&samples, "flowlens_start_time_seconds", &[]) > 1.6e9);
+
+    for (map, entries, cap) in [
+        ("flows", 321.0, 65_536.0),
+        ("flows_tcp", 16_384.0, 32_768.0),
+        ("flows_icmp", 5.0, 8_192.0),
+    ] {
+        assert_eq!(
+            value(&samples, "flowlens_map_entries", &[("map", map)]),
+            entries
+        );
+        assert_eq!(
+            value(&samples, "flowlens_map_capacity_entries", &[("map", map)]),
+            cap
+        );
+        let ratio = value(&samples, "flowlens_map_utilization_ratio", &[("map", map)]);
+        assert!((ratio - entries / cap).abs() < 1e-12, "{map}: {ratio}");
+    }
+    assert_eq!(
+        value(
+            &samples,
+            "flowlens_map_utilization_ratio",
+            &[("map", "flows_tcp")]
+        ),
+        0.5
+    );
+
+    // Every kernel counter appears once, in the family its class says.
+    for (slot, name) in flowlens::datapath::counter_names() {
+        let (family, label) = if flowlens::datapath::is_error_counter(slot) {
+            ("flowlens_kernel_packets_unaccounted_total", "reason")
+        } else {
+            ("flowlens_kernel_packets_total", "counter")
+        };
+        assert_eq!(
+            value(&samples, family, &[(label, name)]),
+            1000.0 + f64::from(slot),
+            "{name}"
+        );
+    }
+    let kernel = samples
+        .iter()
+        .filter(|s| s.name.starts_with("flowlens_kernel_"))
+        .count();
+    assert_eq!(kernel, flowlens::datapath::counter_names().len());
+    assert_eq!(
+        value(
+            &samples,
+            "flowlens_kernel_packets_total",
+            &[("counter", "packets_accounted")]
+        ),
+        1000.0 + f64::from(flowlens::bpf::types::flow_counter::CNT_PACKETS.0)
+    );
+}
+
+#[test]
+fn render_of_an_empty_snapshot_parses() {
+    let hub = Hub::new(HubConfig::default());
+    let text = metrics::render(&Snapshot::default(), &hub.stats());
+    let (samples, types) = parse(&text);
+    assert_eq!(value(&samples, "flowlens_flows_active", &[]), 0.0);
+    // Families without samples still carry HELP and TYPE.
+    assert!(types.contains_key("flowlens_map_entries"));
+    assert!(!samples.iter().any(|s| s.name == "flowlens_map_entries"));
+}
+
+#[test]
+fn label_values_are_escaped_in_the_exposition() {
+    let s = Status::new();
+    s.set_detail(
+        vec![MapUsage {
+            name: "we\"ird\\map\nname".into(),
+            entries: 1,
+            capacity: 2,
+        }],
+        BTreeMap::new(),
+    );
+    let hub = Hub::new(HubConfig::default());
+    let text = metrics::render(&s.snapshot(), &hub.stats());
+    let (samples, _) = parse(&text);
+    assert_eq!(
+        value(
+            &samples,
+            "flowlens_map_entries",
+            &[("map", "we\\\"ird\\\\map\\nname")]
+        ),
+        1.0
+    );
+}
+
+/// One HTTP exchange: (status code, headers, body).
+fn http(addr: SocketAddr, request: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read response");
+    let raw = String::from_utf8(raw).expect("utf-8 response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("response head");
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("status line of {head:?}"));
+    if let Some(len) = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+    {
+        if !request.starts_with("HEAD ") {
+            assert_eq!(len.parse::<usize>().unwrap(), body.len(), "Content-Length");
+        }
+    }
+    (code, head.to_owned(), body.to_owned())
+}
+
+fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    http(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: test\r\n\r\n"),
+    )
+}
+
+#[test]
+fn scrape_over_tcp() {
+    let status = filled_status();
+    let hub = Hub::new(HubConfig::default());
+    let _sub = hub.subscribe(SubscribeOptions::default());
+    let h = metrics::spawn("127.0.0.1:0", status.clone(), hub.clone()).expect("spawn");
+    let addr = h.local_addr();
+    assert_eq!(addr.ip().to_string(), "127.0.0.1");
+    assert_ne!(addr.port(), 0);
+
+    let (code, head, body) = get(addr, "/metrics");
+    assert_eq!(code, 200, "{head}");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    let (samples, _) = parse(&body);
+    assert_eq!(value(&samples, "flowlens_flows_active", &[]), 321.0);
+    assert_eq!(value(&samples, "flowlens_flows_ended_total", &[]), 1234.0);
+    assert_eq!(value(&samples, "flowlens_subscribers", &[]), 1.0);
+    assert_eq!(
+        value(
+            &samples,
+            "flowlens_map_capacity_entries",
+            &[("map", "flows_icmp")]
+        ),
+        8192.0
+    );
+    assert!(body.contains("\nflowlens_records_emitted_total 1500\n"));
+
+    // Values are live: a change shows in the next scrape.
+    status.flows_ended.store(99_999, Ordering::Relaxed);
+    let (_, _, body) = get(addr, "/metrics?x=1");
+    assert!(
+        body.contains("\nflowlens_flows_ended_total 99999\n"),
+        "{body}"
+    );
+
+    let (code, _, _) = get(addr, "/");
+    assert_eq!(code, 404);
+    let (code, _, _) = get(addr, "/metrics/x");
+    assert_eq!(code, 404);
+    let (code, head, _) = http(
+        addr,
+        "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(code, 405);
+    assert!(head.contains("Allow: GET"), "{head}");
+    let (code, _, body) = http(addr, "HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(code, 200);
+    assert!(body.is_empty());
+    let (code, _, _) = http(addr, "garbage\r\n\r\n");
+    assert_eq!(code, 400);
+
+    h.shutdown();
+    assert!(
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err(),
+        "still listening after shutdown"
+    );
+}
+
+#[test]
+fn a_silent_client_does_not_block_others() {
+    let hub = Hub::new(HubConfig::default());
+    let h = metrics::spawn("127.0.0.1:0", Arc::new(Status::new()), hub).expect("spawn");
+    let addr = h.local_addr();
+    // Connections that never send a request (and one that sends half of one).
+    let silent: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let mut half = TcpStream::connect(addr).unwrap();
+    half.write_all(b"GET /met").unwrap();
+    let t = Instant::now();
+    let (code, _, _) = get(addr, "/metrics");
+    assert_eq!(code, 200);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    drop(silent);
+    drop(half);
+    h.shutdown();
+}
+
+#[test]
+fn port_in_use_names_the_address() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let err = metrics::spawn(
+        &addr,
+        Arc::new(Status::new()),
+        Hub::new(HubConfig::default()),
+    )
+    .expect_err("the port is taken");
+    let msg = format!("{err:#}");
+    assert!(msg.contains(&addr), "{msg}");
+    assert!(msg.to_lowercase().contains("in use"), "{msg}");
+
+    let err = metrics::spawn(
+        "not-an-address",
+        Arc::new(Status::new()),
+        Hub::new(HubConfig::default()),
+    )
+    .expect_err("bad address");
+    assert!(format!("{err:#}").contains("not-an-address"), "{err:#}");
+}
