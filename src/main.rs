@@ -15,6 +15,7 @@ use signal_hook::iterator::Signals;
 use flowlens::attach::{Attacher, IfNames, Mode, ProgramFds, Selector};
 use flowlens::datapath::{Capacities, Datapath};
 use flowlens::flow::FlowRecord;
+use flowlens::metrics;
 use flowlens::poller::{Poller, PollerConfig};
 use flowlens::preflight;
 use flowlens::service;
@@ -44,7 +45,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the datapath, attach to interfaces, and report flows.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Subscribe to a running collector and print its flows.
     Watch(Box<WatchArgs>),
 }
@@ -145,6 +146,13 @@ struct RunArgs {
     /// gRPC listen address: HOST:PORT, unix:/path, or "off".
     #[arg(long, env = "FLOWLENS_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     grpc_listen: String,
+    /// Prometheus self-metrics listen address (HOST:PORT), or "off".
+    #[arg(
+        long,
+        env = "FLOWLENS_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
+    metrics_listen: String,
     /// Records kept in memory for subscribers' replay.
     #[arg(long, env = "FLOWLENS_REPLAY_RING", value_parser = capacity, default_value = "10000")]
     replay_ring: u32,
@@ -161,7 +169,7 @@ fn main() {
         .target(env_logger::Target::Stderr)
         .init();
     let res = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Watch(args) => watch::run(*args),
     };
     if let Err(e) = res {
@@ -251,6 +259,14 @@ fn run(args: RunArgs) -> Result<()> {
         info!("gRPC on {}", args.grpc_listen);
         Some(h)
     };
+    let metrics = if args.metrics_listen == "off" {
+        None
+    } else {
+        let h = metrics::spawn(&args.metrics_listen, status.clone(), hub.clone())
+            .context("--metrics-listen")?;
+        info!("metrics on http://{}/metrics", h.local_addr());
+        Some(h)
+    };
     let (tx, rx) = crossbeam_channel::bounded::<FlowRecord>(65_536);
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
     let poller = Poller::new(
@@ -306,6 +322,9 @@ fn run(args: RunArgs) -> Result<()> {
     hub.close();
     if let Some(g) = grpc {
         g.shutdown().context("stopping the gRPC service")?;
+    }
+    if let Some(m) = metrics {
+        m.shutdown();
     }
     // Every flow was flushed: nothing in the pinned maps is worth keeping.
     dp.unpin().context("removing map pins")?;

@@ -517,18 +517,34 @@ impl FlowLens for FlowLensService {
         // sees every record published afterwards.
         let mut sub = self.hub.subscribe(opts);
         let mut stopping = self.stopping.clone();
+        let hub = self.hub.clone();
         let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
         tokio::spawn(async move {
             loop {
                 let ev = tokio::select! {
-                    _ = stopping.wait_for(|s| *s) => break,
+                    _ = stopping.wait_for(|s| *s) => None,
                     _ = tx.closed() => break,
-                    ev = sub.next_event() => ev,
+                    ev = sub.next_event() => match ev {
+                        Some(ev) => Some(ev),
+                        None => break,
+                    },
                 };
-                let Some(ev) = ev else { break };
-                tokio::select! {
-                    _ = stopping.wait_for(|s| *s) => break,
-                    sent = tx.send(Ok(event_to_proto(ev))) => if sent.is_err() { break },
+                let Some(ev) = ev else {
+                    // Stopping. A closed hub has handed every record it will
+                    // ever have (the agent's final flush included) to this
+                    // subscriber's queue: deliver them, then end. The
+                    // server's shutdown grace bounds a stalled client.
+                    if hub.is_closed() {
+                        while let Some(ev) = sub.next_event().await {
+                            if tx.send(Ok(event_to_proto(ev))).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    break;
+                };
+                if tx.send(Ok(event_to_proto(ev))).await.is_err() {
+                    break;
                 }
             }
             log::debug!("subscriber {} done", sub.id());

@@ -398,6 +398,11 @@ impl Hub {
 
     /// Ends every subscriber's stream (after what is already queued) and makes later
     /// subscriptions replay-only.
+    /// Whether `close` was called: no record will be published any more.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     pub fn close(&self) {
         let mut st = self.lock();
         st.closed = true;

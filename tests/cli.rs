@@ -260,6 +260,8 @@ fn watch_receives_exactly_the_flows_of_the_traffic_over_grpc() {
             "1s",
             "--grpc-listen",
             &listen,
+            "--metrics-listen",
+            "127.0.0.1:9464",
         ],
     );
     agent.wait_log("gRPC on", Duration::from_secs(10));
@@ -275,7 +277,7 @@ fn watch_receives_exactly_the_flows_of_the_traffic_over_grpc() {
             "--proto",
             "udp",
             "--dport",
-            &port.to_string(),
+            &format!("{port}-{}", port + 1),
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -292,7 +294,7 @@ fn watch_receives_exactly_the_flows_of_the_traffic_over_grpc() {
                 .expect("send");
         }
         // another flow the filter must drop
-        s.send_to(&[5u8; 72], std::net::SocketAddr::new(b, port + 1))
+        s.send_to(&[5u8; 72], std::net::SocketAddr::new(b, port + 2))
             .expect("send");
     })
     .join()
@@ -309,8 +311,51 @@ fn watch_receives_exactly_the_flows_of_the_traffic_over_grpc() {
     assert_eq!(v["client_addr"], a.to_string());
     assert_eq!(v["end_reason"], "idle_timeout");
 
+    // Self-metrics, scraped from inside the agent's namespace.
+    let body = net
+        .in_ns(&net.a, || {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect("127.0.0.1:9464").expect("metrics port");
+            c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+                .expect("request");
+            let mut body = String::new();
+            c.read_to_string(&mut body).expect("response");
+            body
+        })
+        .join()
+        .expect("scrape");
+    assert!(
+        body.starts_with("HTTP/1.") && body.contains(" 200 "),
+        "{body}"
+    );
+    let metric = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {name} in {body}"))
+    };
+    assert!(metric("flowlens_records_emitted_total ") >= 1.0);
+    assert!(metric("flowlens_kernel_packets_total{counter=\"packets_accounted\"} ") >= 11.0);
+    assert_eq!(metric("flowlens_subscribers "), 1.0);
+
+    // A flow still live at shutdown reaches the subscriber before the stream ends.
+    net.in_ns(&net.a, move || {
+        let s = std::net::UdpSocket::bind(std::net::SocketAddr::new(a, 0)).expect("bind");
+        s.send_to(&[5u8; 10], std::net::SocketAddr::new(b, port + 1))
+            .expect("send");
+    })
+    .join()
+    .expect("traffic");
+    std::thread::sleep(Duration::from_millis(100));
     let (status, _) = agent.stop();
     assert!(status.success());
+    let line = watch_out
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the flushed record");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("json line");
+    assert_eq!(
+        (v["server_port"].as_u64(), v["end_reason"].as_str()),
+        (Some(u64::from(port) + 1), Some("shutdown"))
+    );
     // The stream ends with the agent and watch exits by itself.
     let deadline = Instant::now() + Duration::from_secs(10);
     let wstatus = loop {
@@ -324,7 +369,7 @@ fn watch_receives_exactly_the_flows_of_the_traffic_over_grpc() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let rest: Vec<String> = watch_out.try_iter().collect();
-    assert!(rest.is_empty(), "only the one matching flow: {rest:#?}");
+    assert!(rest.is_empty(), "only the two matching flows: {rest:#?}");
     assert!(wstatus.code().is_some());
     let _ = std::fs::remove_file(&sock);
 }

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::netns::{ifindex_in, sh, sh_out, tcx_count};
+use common::netns::{ifindex_in, sh, sh_out, tcx_count, Bpffs};
 use crossbeam_channel::Receiver;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowlens");
@@ -17,7 +17,7 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// Where `make install` puts the binary (PREFIX=/usr/local), as the unit's ExecStart names it.
 const INSTALLED_BIN: &str = "/usr/local/bin/flowlens";
 /// Variables the env file may list before `flowlens run` reads them.
-const PENDING_VARS: &[&str] = &["FLOWLENS_METRICS_LISTEN", "FLOWLENS_PIN_DIR"];
+const PENDING_VARS: &[&str] = &[];
 
 fn unit_text() -> String {
     std::fs::read_to_string(Path::new(ROOT).join("deploy/flowlens.service"))
@@ -302,7 +302,7 @@ fn lines(r: impl std::io::Read + Send + 'static) -> Receiver<String> {
 
 /// `flowlens run --interface lo` in `ns` as root holding only `caps` (bounding, inheritable
 /// and ambient sets), as systemd starts it with the unit's CapabilityBoundingSet=.
-fn start_with_caps(ns: &Netns, caps: &[String]) -> (Child, Receiver<String>) {
+fn start_with_caps(ns: &Netns, caps: &[String], pins: &str) -> (Child, Receiver<String>) {
     ensure_tool("setpriv", "util-linux");
     ensure_tool("ip", "iproute2");
     ensure_tool("tc", "iproute2");
@@ -328,6 +328,12 @@ fn start_with_caps(ns: &Netns, caps: &[String]) -> (Child, Receiver<String>) {
             "off",
             "--output",
             "none",
+            "--metrics-listen",
+            "off",
+            // a bpffs the test mounted: `ip netns exec` hides the host's
+            // /sys/fs/bpf, and without CAP_SYS_ADMIN none can be mounted
+            "--pin-dir",
+            pins,
         ]);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("FLOWLENS_") {
@@ -377,7 +383,8 @@ fn runs_with_only_the_unit_capabilities() {
         "this machine cannot grant CAP_BPF + CAP_NET_ADMIN"
     );
     let ns = Netns::new("ok");
-    let (mut child, stderr) = start_with_caps(&ns, &caps);
+    let fs = Bpffs::new(&format!("caps{}", caps.len()));
+    let (mut child, stderr) = start_with_caps(&ns, &caps, &fs.pins());
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !seen.iter().any(|l: &String| l.contains("attached to lo")) {
@@ -426,7 +433,8 @@ fn without_cap_bpf_it_fails_clearly() {
     let (caps, _) = unit_caps();
     let caps: Vec<String> = caps.into_iter().filter(|c| c != "CAP_BPF").collect();
     let ns = Netns::new("nobpf");
-    let (mut child, stderr) = start_with_caps(&ns, &caps);
+    let fs = Bpffs::new(&format!("caps{}", caps.len()));
+    let (mut child, stderr) = start_with_caps(&ns, &caps, &fs.pins());
     let st = wait_exit(&mut child, Duration::from_secs(30));
     let log = drain(&stderr, Duration::from_secs(5));
     assert_eq!(
@@ -435,8 +443,8 @@ fn without_cap_bpf_it_fails_clearly() {
         "exit status without CAP_BPF; log: {log:#?}"
     );
     assert!(
-        log.iter().any(|l| l
-            .contains("loading the BPF programs into the kernel (needs CAP_BPF + CAP_NET_ADMIN")),
+        log.iter()
+            .any(|l| l.contains("missing capabilities: CAP_BPF")),
         "no clear capability error: {log:#?}"
     );
     ns.assert_lo_clean();
