@@ -1,1 +1,682 @@
-fn main() {}
+//! `make bench`: datapath cost per packet, split vs monolithic maps (time and kernel memory),
+//! poller drain rate, gRPC stream rate, and real-traffic overhead, as ratios measured in one run.
+
+use std::io::Write;
+use std::mem::MaybeUninit;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject, ProgramInput, ProgramMut};
+
+use flowlens::attach::{Attacher, IfNames, Mode, ProgramFds, Selector};
+use flowlens::bpf::bench_skel::{BenchSkel, BenchSkelBuilder};
+use flowlens::bpf::flow_mono_skel::{types as mono_types, FlowMonoSkel, FlowMonoSkelBuilder};
+use flowlens::bpf::types;
+use flowlens::datapath::{Capacities, Datapath, FlowMaps};
+use flowlens::flow::{Clock, Counts, DirStats, EndReason, FlowRecord, Hook, RawFlow};
+use flowlens::packet::*;
+use flowlens::poller::{Poller, PollerConfig, ReadMode};
+use flowlens::status::Status;
+use flowlens::stream::{Hub, HubConfig};
+
+const REPEAT: u32 = 1_000_000;
+const A: [u8; 4] = [10, 200, 0, 1];
+const B: [u8; 4] = [10, 200, 0, 2];
+
+/// Rows of the final table: (section, measurement, value, unit, note).
+struct Table(Vec<(String, String, f64, &'static str, String)>);
+
+impl Table {
+    fn add(&mut self, section: &str, what: &str, value: f64, unit: &'static str, note: String) {
+        println!("  {section:<10} {what:<46} {value:>14.2} {unit:<10} {note}");
+        self.0
+            .push((section.into(), what.into(), value, unit, note));
+    }
+}
+
+fn leak_storage() -> &'static mut MaybeUninit<OpenObject> {
+    // Each skeleton borrows its storage for the life of the process.
+    Box::leak(Box::new(MaybeUninit::uninit()))
+}
+
+fn load_mono(capacity: u32) -> Result<FlowMonoSkel<'static>> {
+    let mut open = FlowMonoSkelBuilder::default()
+        .open(leak_storage())
+        .context("open mono")?;
+    open.maps.flows.set_max_entries(capacity)?;
+    open.load().context("load mono")
+}
+
+fn load_baselines() -> Result<BenchSkel<'static>> {
+    let skel = BenchSkelBuilder::default()
+        .open(leak_storage())?
+        .load()
+        .context("load baselines")?;
+    skel.maps
+        .bench_counts
+        .update(&0u32.to_ne_bytes(), &0u64.to_ne_bytes(), MapFlags::ANY)?;
+    Ok(skel)
+}
+
+/// Average ns per run of `prog` over `repeat` kernel-side repetitions.
+fn ns_per_run(prog: &ProgramMut<'_>, frame: &[u8], repeat: u32) -> Result<f64> {
+    let input = ProgramInput {
+        data_in: Some(frame),
+        repeat,
+        ..Default::default()
+    };
+    let out = prog.test_run(input).context("BPF_PROG_TEST_RUN")?;
+    Ok(out.duration.as_nanos() as f64)
+}
+
+/// ns per packet for an existing flow: one run creates it, the rest update it.
+fn existing(prog: &ProgramMut<'_>, frame: &[u8]) -> Result<f64> {
+    ns_per_run(prog, frame, 1)?;
+    ns_per_run(prog, frame, REPEAT)
+}
+
+/// ns per new-flow insert: `n` distinct flows, one kernel-timed run each.
+fn inserts(prog: &ProgramMut<'_>, n: u32, is_tcp: bool) -> Result<f64> {
+    let mut total = 0.0;
+    for i in 0..n {
+        let src = [10, 201, (i >> 8) as u8, i as u8];
+        let l4 = if is_tcp {
+            tcp(40_000 + (i >> 16) as u16, 443, TCP_SYN, &[])
+        } else {
+            udp(40_000 + (i >> 16) as u16, 53, &[0u8; 32])
+        };
+        total += ns_per_run(
+            prog,
+            &v4_frame(src, B, if is_tcp { 6 } else { 17 }, 64, &l4),
+            1,
+        )?;
+    }
+    Ok(total / f64::from(n))
+}
+
+fn datapath(t: &mut Table) -> Result<()> {
+    println!("datapath: BPF_PROG_TEST_RUN, {REPEAT} repetitions per case");
+    let base = load_baselines()?;
+    let split = Datapath::load(Capacities::default())?;
+    let mono = load_mono(65_536)?;
+    let udp4 = v4_frame(A, B, 17, 64, &udp(40_000, 53, &[0u8; 64]));
+    let empty = existing(&base.progs.bench_empty, &udp4)?;
+    let lookup = existing(&base.progs.bench_lookup_add, &udp4)?;
+    t.add(
+        "datapath",
+        "baseline: empty passive program",
+        empty,
+        "ns/pkt",
+        String::new(),
+    );
+    t.add(
+        "datapath",
+        "baseline: one hash lookup + atomic add",
+        lookup,
+        "ns/pkt",
+        String::new(),
+    );
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "TCP data, existing flow",
+            v4_frame(
+                A,
+                B,
+                6,
+                64,
+                &tcp(40_001, 80, TCP_ACK | TCP_PSH, &[0u8; 100]),
+            ),
+        ),
+        ("UDP, existing flow", udp4.clone()),
+        (
+            "ICMP echo, existing flow",
+            v4_frame(A, B, 1, 64, &echo(8, 7, 1, &[0u8; 56])),
+        ),
+        (
+            "IPv6 UDP, existing flow",
+            v6_frame(ula(1), ula(2), 17, 64, &udp(40_002, 53, &[0u8; 64])),
+        ),
+        (
+            "IPv6 TCP data, existing flow",
+            v6_frame(
+                ula(1),
+                ula(2),
+                6,
+                64,
+                &tcp(40_003, 80, TCP_ACK, &[0u8; 100]),
+            ),
+        ),
+    ];
+    for (name, frame) in &cases {
+        let ns = existing(split.ingress(), frame)?;
+        t.add(
+            "datapath",
+            &format!("split: {name}"),
+            ns,
+            "ns/pkt",
+            format!("x{:.2} empty, x{:.2} lookup", ns / empty, ns / lookup),
+        );
+    }
+    for (name, frame) in cases.iter().take(2) {
+        let s = existing(split.ingress(), frame)?;
+        let m = existing(&mono.progs.flowlens_ingress, frame)?;
+        t.add(
+            "datapath",
+            &format!("monolithic: {name}"),
+            m,
+            "ns/pkt",
+            format!("split/mono x{:.2}", s / m),
+        );
+    }
+    let n = 100_000;
+    let empty1 = {
+        let mut s = 0.0;
+        for _ in 0..10_000 {
+            s += ns_per_run(&base.progs.bench_empty, &udp4, 1)?;
+        }
+        s / 10_000.0
+    };
+    t.add(
+        "datapath",
+        "baseline: empty program, single run",
+        empty1,
+        "ns/run",
+        "timer floor of one-run timing".into(),
+    );
+    let split_new = Datapath::load(Capacities {
+        flows: 2 * n,
+        tcp: 2 * n,
+        icmp: 1024,
+    })?;
+    let mono_new = load_mono(2 * n)?;
+    for tcp_flow in [false, true] {
+        let proto = if tcp_flow { "TCP SYN" } else { "UDP" };
+        let s = inserts(split_new.ingress(), n, tcp_flow)?;
+        let m = inserts(&mono_new.progs.flowlens_ingress, n, tcp_flow)?;
+        t.add(
+            "datapath",
+            &format!("split: new-flow insert, {proto}"),
+            s,
+            "ns/pkt",
+            format!("{n} unique keys, x{:.2} empty", s / empty1),
+        );
+        t.add(
+            "datapath",
+            &format!("monolithic: new-flow insert, {proto}"),
+            m,
+            "ns/pkt",
+            format!("split/mono x{:.2}", s / m),
+        );
+    }
+    Ok(())
+}
+
+fn key(i: u32) -> types::flow_key {
+    let mut k = types::flow_key::default();
+    k.addr_lo[10] = 0xff;
+    k.addr_lo[11] = 0xff;
+    k.addr_lo[12..].copy_from_slice(&[10, 201, (i >> 8) as u8, i as u8]);
+    k.addr_hi[10] = 0xff;
+    k.addr_hi[11] = 0xff;
+    k.addr_hi[12..].copy_from_slice(&[10, 200, 0, 2]);
+    k.port_lo = (i >> 16) as u16;
+    k.port_hi = 443;
+    k.proto = match i % 10 {
+        0..=3 => 6,
+        4..=8 => 17,
+        _ => 1,
+    };
+    k.ip_version = 4;
+    k.ifindex = 1;
+    k
+}
+
+fn bytes<T: plain::Plain>(v: &T) -> &[u8] {
+    // SAFETY: Plain types have no invalid bit patterns or hidden invariants.
+    unsafe { plain::as_bytes(v) }
+}
+
+/// Fills `map` with `n` entries in batches of 10,000.
+fn fill(map: &MapHandle, n: u32, kv: impl Fn(u32) -> Option<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+    let mut keys = Vec::new();
+    let mut vals = Vec::new();
+    let mut count = 0;
+    for i in 0..n {
+        if let Some((k, v)) = kv(i) {
+            keys.extend_from_slice(&k);
+            vals.extend_from_slice(&v);
+            count += 1;
+        }
+        if count == 10_000 || (i == n - 1 && count > 0) {
+            map.update_batch(&keys, &vals, count, MapFlags::ANY, MapFlags::ANY)?;
+            keys.clear();
+            vals.clear();
+            count = 0;
+        }
+    }
+    Ok(())
+}
+
+fn fill_split(maps: &FlowMaps, n: u32) -> Result<()> {
+    let base = types::flow_base {
+        packets: [10, 10],
+        ..Default::default()
+    };
+    fill(&maps.flows, n, |i| {
+        Some((bytes(&key(i)).to_vec(), bytes(&base).to_vec()))
+    })?;
+    fill(&maps.tcp, n, |i| {
+        let k = key(i);
+        (k.proto == 6).then(|| {
+            (
+                bytes(&k).to_vec(),
+                bytes(&types::flow_tcp::default()).to_vec(),
+            )
+        })
+    })?;
+    fill(&maps.icmp, n, |i| {
+        let k = key(i);
+        (k.proto == 1).then(|| {
+            (
+                bytes(&k).to_vec(),
+                bytes(&types::flow_icmp::default()).to_vec(),
+            )
+        })
+    })
+}
+
+fn memlock(m: &MapHandle) -> Result<u64> {
+    Ok(FlowMaps::memlock(m)?)
+}
+
+fn memory(t: &mut Table) -> Result<()> {
+    println!(
+        "kernel memory: 40 % TCP, 50 % UDP, 10 % ICMP flows; fdinfo memlock (bpf_map_memory_usage)"
+    );
+    for n in [100_000u32, 1_000_000] {
+        let split = Datapath::load(Capacities {
+            flows: n,
+            tcp: n * 4 / 10,
+            icmp: n / 10,
+        })?;
+        let maps = split.maps()?;
+        let empty_split = memlock(&maps.flows)? + memlock(&maps.tcp)? + memlock(&maps.icmp)?;
+        fill_split(&maps, n)?;
+        let split_bytes = memlock(&maps.flows)? + memlock(&maps.tcp)? + memlock(&maps.icmp)?;
+        let mono = load_mono(n)?;
+        let mono_map = MapHandle::try_from(&mono.maps.flows)?;
+        let empty_mono = memlock(&mono_map)?;
+        let v = mono_types::flow_mono::default();
+        fill(&mono_map, n, |i| {
+            Some((bytes(&key(i)).to_vec(), bytes(&v).to_vec()))
+        })?;
+        let mono_bytes = memlock(&mono_map)?;
+        let per = |b: u64, e: u64| (b - e) as f64 / f64::from(n);
+        t.add(
+            "memory",
+            &format!("split maps, {n} flows"),
+            split_bytes as f64 / 1_048_576.0,
+            "MiB",
+            format!("{:.1} B/flow for entries", per(split_bytes, empty_split)),
+        );
+        t.add(
+            "memory",
+            &format!("monolithic map, {n} flows"),
+            mono_bytes as f64 / 1_048_576.0,
+            "MiB",
+            format!("{:.1} B/flow for entries", per(mono_bytes, empty_mono)),
+        );
+        t.add(
+            "memory",
+            &format!("split saving, {n} flows"),
+            100.0 * (1.0 - split_bytes as f64 / mono_bytes as f64),
+            "%",
+            format!(
+                "entries alone: {:.1} %",
+                100.0 * (1.0 - per(split_bytes, empty_split) / per(mono_bytes, empty_mono))
+            ),
+        );
+    }
+    Ok(())
+}
+
+fn poller(t: &mut Table) -> Result<()> {
+    println!("poller: read + join every flow (filled from userspace)");
+    for n in [100_000u32, 1_000_000] {
+        let dp = Datapath::load(Capacities {
+            flows: n,
+            tcp: n,
+            icmp: n,
+        })?;
+        fill_split(&dp.maps()?, n)?;
+        let mut rates = Vec::new();
+        for mode in [ReadMode::Batch, ReadMode::KeyByKey] {
+            let (tx, _rx) = crossbeam_channel::unbounded();
+            let mut p = Poller::new(
+                dp.maps()?,
+                PollerConfig::default(),
+                tx,
+                Arc::new(Status::new()),
+                IfNames::default(),
+            );
+            p.set_read_mode(mode);
+            let t0 = Instant::now();
+            let (flows, _) = p.read_flows()?;
+            let secs = t0.elapsed().as_secs_f64();
+            if flows.len() != n as usize {
+                bail!("read {} of {n} flows", flows.len());
+            }
+            rates.push(f64::from(n) / secs);
+        }
+        t.add(
+            "poller",
+            &format!("batch read + join, {n} flows"),
+            rates[0],
+            "flows/s",
+            format!("x{:.2} key-by-key", rates[0] / rates[1]),
+        );
+        t.add(
+            "poller",
+            &format!("key-by-key read + join, {n} flows"),
+            rates[1],
+            "flows/s",
+            String::new(),
+        );
+    }
+    Ok(())
+}
+
+fn record(i: u64) -> FlowRecord {
+    let key = key(i as u32);
+    let raw = RawFlow {
+        key,
+        base: types::flow_base::default(),
+        tcp: None,
+        icmp: None,
+    };
+    let mut r = raw.to_record(
+        Counts::default(),
+        EndReason::IdleTimeout,
+        &Clock::new(),
+        "bench0".into(),
+    );
+    r.client = DirStats {
+        packets: i,
+        bytes: i * 100,
+        ttl: 64,
+    };
+    r.first_hook = Hook::Ingress;
+    r
+}
+
+async fn count_stream(addr: String, want: u64) -> Result<u64> {
+    use flowlens::service::proto::{
+        flow_lens_client::FlowLensClient, subscribe_response::Event, SubscribeRequest,
+    };
+    let mut c = FlowLensClient::connect(format!("http://{addr}")).await?;
+    let mut s = c.subscribe(SubscribeRequest::default()).await?.into_inner();
+    let mut got = 0;
+    while got < want {
+        match s.message().await? {
+            Some(m) => {
+                if let Some(Event::Flows(b)) = m.event {
+                    got += b.records.len() as u64;
+                }
+            }
+            None => break,
+        }
+    }
+    Ok(got)
+}
+
+fn stream(t: &mut Table) -> Result<()> {
+    println!("stream: records through the hub and gRPC over loopback");
+    let records: u64 = 200_000;
+    let recs: Vec<FlowRecord> = (0..records).map(record).collect();
+    let rt = tokio::runtime::Runtime::new()?;
+    for subs in [1usize, 8] {
+        let hub = Hub::new(HubConfig {
+            ring_capacity: 1000,
+            subscriber_queue: records as usize,
+        });
+        let svc = flowlens::service::spawn("127.0.0.1:0", hub.clone(), Arc::new(Status::new()))?;
+        let addr = svc.local_addr().context("listen address")?.to_string();
+        let clients: Vec<_> = (0..subs)
+            .map(|_| rt.spawn(count_stream(addr.clone(), records)))
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let t0 = Instant::now();
+        for r in &recs {
+            hub.publish(r.clone());
+        }
+        let mut total = 0;
+        for c in clients {
+            total += rt.block_on(c)??;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        if total != records * subs as u64 {
+            bail!(
+                "{subs} subscribers got {total} of {}",
+                records * subs as u64
+            );
+        }
+        let each = records as f64 / secs;
+        t.add(
+            "stream",
+            &format!("records/s per subscriber, {subs} subscriber(s)"),
+            each,
+            "rec/s",
+            format!(
+                "{records} records each; {:.0} rec/s delivered in all",
+                each * subs as f64
+            ),
+        );
+        svc.shutdown()?;
+    }
+    // The poller's side: publishing with and without a subscriber that never reads.
+    let mut rates = Vec::new();
+    for stalled in [false, true] {
+        let hub = Hub::new(HubConfig {
+            ring_capacity: 10_000,
+            subscriber_queue: 4096,
+        });
+        let _sub = stalled.then(|| hub.subscribe(Default::default()));
+        let t0 = Instant::now();
+        for r in &recs {
+            hub.publish(r.clone());
+        }
+        rates.push(records as f64 / t0.elapsed().as_secs_f64());
+    }
+    t.add(
+        "stream",
+        "publish rate, no subscriber",
+        rates[0],
+        "rec/s",
+        String::new(),
+    );
+    t.add(
+        "stream",
+        "publish rate, one stalled subscriber",
+        rates[1],
+        "rec/s",
+        format!("x{:.2} of unstalled", rates[1] / rates[0]),
+    );
+    Ok(())
+}
+
+fn sh(args: &[&str]) -> Result<()> {
+    let st = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("{args:?} failed");
+    }
+    Ok(())
+}
+
+fn iperf(ns: &str, args: &[&str]) -> Result<serde_json::Value> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "iperf3", "-J"])
+        .args(args)
+        .output()
+        .context("iperf3")?;
+    serde_json::from_slice(&out.stdout).context("iperf3 JSON")
+}
+
+/// Two namespaces and a veth pair, deleted on drop.
+struct Net(&'static str, &'static str);
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "del", self.0]);
+        let _ = sh(&["ip", "netns", "del", self.1]);
+    }
+}
+
+fn traffic(t: &mut Table) -> Result<()> {
+    println!("real traffic: iperf3 between two namespaces, without and with flowlens on the veth");
+    let net = Net("flbench-a", "flbench-b");
+    sh(&["ip", "netns", "add", net.0])?;
+    sh(&["ip", "netns", "add", net.1])?;
+    sh(&[
+        "ip", "link", "add", "flbA", "netns", net.0, "type", "veth", "peer", "name", "flbB",
+        "netns", net.1,
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        net.0,
+        "addr",
+        "add",
+        "10.200.250.1/24",
+        "dev",
+        "flbA",
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        net.1,
+        "addr",
+        "add",
+        "10.200.250.2/24",
+        "dev",
+        "flbB",
+    ])?;
+    for (ns, i) in [(net.0, "flbA"), (net.1, "flbB")] {
+        sh(&["ip", "-n", ns, "link", "set", i, "up"])?;
+        sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+    }
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", net.1, "iperf3", "-s", "-B", "10.200.250.2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let run = || -> Result<(f64, f64)> {
+        let tcp = iperf(net.0, &["-c", "10.200.250.2", "-t", "3"])?;
+        let gbps = tcp["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e9;
+        let udp = iperf(
+            net.0,
+            &["-c", "10.200.250.2", "-u", "-l", "64", "-b", "0", "-t", "3"],
+        )?;
+        let pps = udp["end"]["sum"]["packets"].as_f64().unwrap_or(0.0)
+            / udp["end"]["sum"]["seconds"].as_f64().unwrap_or(1.0);
+        Ok((gbps, pps))
+    };
+    let without = run()?;
+    let dp = Datapath::load(Capacities::default())?;
+    let fds = ProgramFds::of(&dp)?;
+    let ns_path = format!("/run/netns/{}", net.0);
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<usize>(1);
+    let attach = std::thread::spawn(move || -> Result<()> {
+        let f = std::fs::File::open(&ns_path)?;
+        // SAFETY: valid netns fd; affects this thread only.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns: {}", std::io::Error::last_os_error());
+        }
+        let mut a = Attacher::new(fds, Mode::Auto, IfNames::default());
+        let r = a.sync(&Selector::new(&["flbA".into()], &[])?)?;
+        ready_tx.send(r.attached.len())?;
+        let _ = stop_rx.recv();
+        Ok(())
+    });
+    if ready_rx.recv()? != 1 {
+        bail!("could not attach to the bench veth");
+    }
+    let with = run()?;
+    drop(stop_tx);
+    attach
+        .join()
+        .map_err(|_| anyhow::anyhow!("attach thread panicked"))??;
+    let _ = server.kill();
+    let _ = server.wait();
+    let flows = dp.maps()?.flows.keys().count();
+    t.add(
+        "traffic",
+        "iperf3 TCP, without flowlens",
+        without.0,
+        "Gbit/s",
+        String::new(),
+    );
+    t.add(
+        "traffic",
+        "iperf3 TCP, with flowlens",
+        with.0,
+        "Gbit/s",
+        format!("ratio {:.3}", with.0 / without.0),
+    );
+    t.add(
+        "traffic",
+        "iperf3 UDP 64 B, without flowlens",
+        without.1,
+        "pkt/s",
+        String::new(),
+    );
+    t.add(
+        "traffic",
+        "iperf3 UDP 64 B, with flowlens",
+        with.1,
+        "pkt/s",
+        format!("ratio {:.3}; {flows} flows in the map", with.1 / without.1),
+    );
+    Ok(())
+}
+
+type Section = fn(&mut Table) -> Result<()>;
+
+fn main() -> Result<()> {
+    let mut t = Table(Vec::new());
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
+    let sections: [(&str, Section); 5] = [
+        ("datapath", datapath),
+        ("memory", memory),
+        ("poller", poller),
+        ("stream", stream),
+        ("traffic", traffic),
+    ];
+    for (name, f) in sections {
+        if want(name) {
+            f(&mut t).with_context(|| format!("benchmark section {name}"))?;
+        }
+    }
+    println!();
+    println!(
+        "{:<10} {:<46} {:>14} {:<10} note",
+        "section", "measurement", "value", "unit"
+    );
+    let mut out = std::io::stdout().lock();
+    for (s, w, v, u, n) in &t.0 {
+        writeln!(out, "{s:<10} {w:<46} {v:>14.2} {u:<10} {n}")?;
+    }
+    Ok(())
+}

@@ -44,6 +44,26 @@
 #define U32_MAX 0xffffffffU
 
 /* Capacities are set from userspace before load (bpf_map__set_max_entries). */
+#ifdef FLOWLENS_MONOLITHIC
+/* Benchmark-only variant (flow_mono.bpf.c): every flow carries the TCP
+ * and ICMP fields in one value, to measure what the split saves.
+ */
+struct flow_mono {
+	struct flow_base base;
+	struct flow_tcp tcp;
+	struct flow_icmp icmp;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct flow_key);
+	__type(value, struct flow_mono);
+} flows SEC(".maps");
+
+typedef struct flow_mono flow_value_t;
+#else
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
@@ -67,6 +87,9 @@ struct {
 	__type(key, struct flow_key);
 	__type(value, struct flow_icmp);
 } flows_icmp SEC(".maps");
+
+typedef struct flow_base flow_value_t;
+#endif
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -509,6 +532,7 @@ static __always_inline void icmp_update(struct flow_icmp *c,
 	}
 }
 
+#ifndef FLOWLENS_MONOLITHIC
 /* Inserts an empty extension entry; returns 0 or the error to count. */
 static __always_inline int ext_insert(const struct pkt *p, __u8 ext)
 {
@@ -530,12 +554,29 @@ static __always_inline int ext_insert(const struct pkt *p, __u8 ext)
 	return 0;
 }
 
+#endif
+
+#ifdef FLOWLENS_MONOLITHIC
+/* The extension fields live in the flow's own value. */
+static __always_inline int account_ext(const struct pkt *p, __u8 ext,
+				       __u64 now, flow_value_t *v)
+{
+	if (ext == EXT_TCP) {
+		bpf_spin_lock(&v->tcp.lock);
+		tcp_update(&v->tcp, p, now);
+		bpf_spin_unlock(&v->tcp.lock);
+	} else {
+		icmp_update(&v->icmp, p, now);
+	}
+	return 0;
+}
+#else
 /* Updates the flow's extension entry, creating it when missing (a new
  * flow, or one whose extension a concurrent end-of-flow delete removed).
  * Returns 0 or the CNT_* reason it could not be created.
  */
 static __always_inline int account_ext(const struct pkt *p, __u8 ext,
-				       __u64 now)
+				       __u64 now, flow_value_t *v)
 {
 	int err;
 
@@ -568,6 +609,7 @@ static __always_inline int account_ext(const struct pkt *p, __u8 ext,
 	}
 	return 0;
 }
+#endif
 
 static __always_inline __u8 ext_of(__u8 proto)
 {
@@ -578,10 +620,60 @@ static __always_inline __u8 ext_of(__u8 proto)
 	return 0;
 }
 
+/* Inserts a new flow: base first, so an extension never exists without
+ * it, and removed again when its extension cannot be created. Returns 0,
+ * -EEXIST (another CPU created it first), or the CNT_* reason it failed.
+ */
+static __always_inline int flow_create(const struct pkt *p, __u8 hook,
+				       __u8 ext, __u64 now, __u64 pkts,
+				       __u64 bytes)
+{
+	flow_value_t nv = {};
+	struct flow_base *nb = (struct flow_base *)&nv;
+	flow_value_t *v = NULL;
+	long err;
+
+	nb->first_seen_ns = now;
+	nb->last_seen_ns = now;
+	/* constant indexes: clang turns a variable one into pointer
+	 * arithmetic on the stack that the verifier rejects
+	 */
+	if (p->dir == DIR_HI_TO_LO) {
+		nb->packets[1] = pkts;
+		nb->bytes[1] = bytes;
+		nb->ttl[1] = p->ttl;
+	} else {
+		nb->packets[0] = pkts;
+		nb->bytes[0] = bytes;
+		nb->ttl[0] = p->ttl;
+	}
+	nb->initiator = initiator_of(p);
+	nb->first_hook = hook;
+	nb->ext = ext;
+	err = bpf_map_update_elem(&flows, &p->key, &nv, BPF_NOEXIST);
+	if (err == -EEXIST)
+		return -EEXIST;
+	if (err)
+		return CNT_BASE_FULL;
+	if (!ext)
+		return 0;
+#ifdef FLOWLENS_MONOLITHIC
+	/* the spin lock must be taken in the map value, not on the stack */
+	v = bpf_map_lookup_elem(&flows, &p->key);
+	if (!v)
+		return CNT_BASE_FULL;
+#endif
+	err = account_ext(p, ext, now, v);
+	if (err)
+		bpf_map_delete_elem(&flows, &p->key);
+	return err;
+}
+
 static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 {
 	struct pkt p = {};
 	struct flow_base *b;
+	flow_value_t *v;
 	__u64 now, pkts, bytes;
 	__u8 ext;
 	int err;
@@ -599,60 +691,33 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 	ext = p.frag ? 0 : ext_of(p.key.proto);
 	now = bpf_ktime_get_ns();
 
-	b = bpf_map_lookup_elem(&flows, &p.key);
-	if (!b) {
-		struct flow_base nb = {};
-
-		nb.first_seen_ns = now;
-		nb.last_seen_ns = now;
-		/* constant indexes: clang turns a variable one into pointer
-		 * arithmetic on the stack that the verifier rejects
-		 */
-		if (p.dir == DIR_HI_TO_LO) {
-			nb.packets[1] = pkts;
-			nb.bytes[1] = bytes;
-			nb.ttl[1] = p.ttl;
-		} else {
-			nb.packets[0] = pkts;
-			nb.bytes[0] = bytes;
-			nb.ttl[0] = p.ttl;
-		}
-		nb.initiator = initiator_of(&p);
-		nb.first_hook = hook;
-		nb.ext = ext;
-		/* base first, so an extension never exists without it */
-		err = bpf_map_update_elem(&flows, &p.key, &nb, BPF_NOEXIST);
+	v = bpf_map_lookup_elem(&flows, &p.key);
+	if (!v) {
+		err = flow_create(&p, hook, ext, now, pkts, bytes);
 		if (!err) {
-			if (ext) {
-				err = account_ext(&p, ext, now);
-				if (err) {
-					bpf_map_delete_elem(&flows, &p.key);
-					count(err);
-					return;
-				}
-			}
 			count(CNT_PACKETS);
 			return;
 		}
 		if (err != -EEXIST) {
-			count(CNT_BASE_FULL);
+			count(err);
 			return;
 		}
 		/* another CPU created it first: account as an update */
-		b = bpf_map_lookup_elem(&flows, &p.key);
-		if (!b) {
+		v = bpf_map_lookup_elem(&flows, &p.key);
+		if (!v) {
 			count(CNT_BASE_FULL);
 			return;
 		}
 	}
 
+	b = (struct flow_base *)v;
 	__sync_fetch_and_add(&b->packets[p.dir & 1], pkts);
 	__sync_fetch_and_add(&b->bytes[p.dir & 1], bytes);
 	b->last_seen_ns = now;
 	b->ttl[p.dir & 1] = p.ttl;
 	/* a failure here only costs an existing flow its extension data */
 	if (ext) {
-		err = account_ext(&p, ext, now);
+		err = account_ext(&p, ext, now, v);
 		if (err)
 			count(err);
 	}
