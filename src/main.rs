@@ -205,6 +205,22 @@ fn run(args: RunArgs) -> Result<()> {
         pin_root.as_deref(),
     )
     .context("loading the flow datapath")?;
+    let res = collect(&args, &selector, &mut signals, &mut dp);
+    // A start-up failure must not leave pins behind, unless they hold the
+    // flows of an agent that crashed: those wait for a successful restart.
+    if res.is_err() && dp.reused_flows().is_none() {
+        let _ = dp.unpin();
+    }
+    res
+}
+
+/// Attaches, polls and serves until SIGINT/SIGTERM, then shuts down in order.
+fn collect(
+    args: &RunArgs,
+    selector: &Selector,
+    signals: &mut Signals,
+    dp: &mut Datapath,
+) -> Result<()> {
     let maps = dp.maps().context("opening map handles")?;
     let mode = match args.attach_mode {
         AttachMode::Auto => Mode::Auto,
@@ -213,16 +229,14 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let ifnames = IfNames::default();
     let mut attacher = Attacher::new(
-        ProgramFds::of(&dp).context("preparing attachment")?,
+        ProgramFds::of(dp).context("preparing attachment")?,
         mode,
         ifnames.clone(),
     );
     if let Some(dir) = dp.pin_dir() {
         attacher.pin_links(dir.join("links")).context("--pin-dir")?;
     }
-    let first = attacher
-        .sync(&selector)
-        .context("attaching to interfaces")?;
+    let first = attacher.sync(selector).context("attaching to interfaces")?;
     let names: Vec<String> = attacher.attached().into_iter().map(|(_, n)| n).collect();
     if !first.failed.is_empty() && names.is_empty() {
         bail!(
@@ -302,7 +316,7 @@ fn run(args: RunArgs) -> Result<()> {
             info!("received signal {sig}, shutting down");
             break;
         }
-        if let Err(e) = attacher.sync(&selector) {
+        if let Err(e) = attacher.sync(selector) {
             warn!("interface sync: {e}");
         }
         thread::sleep(Duration::from_millis(500));

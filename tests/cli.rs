@@ -215,7 +215,21 @@ fn tc_mode_attaches_clsact_filters_and_removes_them_on_exit() {
 }
 
 fn fails_with(args: &[&str], needle: &str) {
-    let out = Command::new(BIN).args(args).output().expect("run flowlens");
+    // Outside any test namespace: a pin directory of its own, no listeners.
+    let fs = Bpffs::new("flags");
+    let pins = fs.pins();
+    let mut all = args.to_vec();
+    if args[0] == "run" {
+        all.extend([
+            "--pin-dir",
+            &pins,
+            "--grpc-listen",
+            "off",
+            "--metrics-listen",
+            "off",
+        ]);
+    }
+    let out = Command::new(BIN).args(&all).output().expect("run flowlens");
     assert!(!out.status.success(), "{args:?} must fail");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
