@@ -58,6 +58,9 @@ fn load_baselines() -> Result<BenchSkel<'static>> {
     skel.maps
         .bench_counts
         .update(&0u32.to_ne_bytes(), &0u64.to_ne_bytes(), MapFlags::ANY)?;
+    skel.maps
+        .bench_locked
+        .update(&0u32.to_ne_bytes(), &[0u8; 24], MapFlags::ANY)?;
     Ok(skel)
 }
 
@@ -118,6 +121,23 @@ fn datapath(t: &mut Table) -> Result<()> {
         lookup,
         "ns/pkt",
         String::new(),
+    );
+    // How the base entry's two counters are kept exact across CPUs.
+    let atomic2 = existing(&base.progs.bench_lookup_atomic2, &udp4)?;
+    let locked = existing(&base.progs.bench_lookup_lock, &udp4)?;
+    t.add(
+        "datapath",
+        "lookup + 2 atomic adds (chosen for the base)",
+        atomic2,
+        "ns/pkt",
+        String::new(),
+    );
+    t.add(
+        "datapath",
+        "lookup + spin lock around 2 adds",
+        locked,
+        "ns/pkt",
+        format!("x{:.2} the atomics", locked / atomic2),
     );
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (

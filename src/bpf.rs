@@ -1,45 +1,35 @@
-//! The compiled BPF skeleton and byte conversions for its map types.
+//! The compiled BPF skeletons and byte conversions for their map types.
 
-#[allow(
-    clippy::all,
-    clippy::pedantic,
-    non_camel_case_types,
-    non_snake_case,
-    non_upper_case_globals,
-    dead_code,
-    unused_imports
-)]
-mod flow_skel {
-    include!(concat!(env!("OUT_DIR"), "/flow.skel.rs"));
+/// Includes a skeleton libbpf-cargo generated from `src/bpf/<name>.bpf.c`.
+macro_rules! skeleton {
+    ($(#[$doc:meta])* $vis:vis $module:ident, $file:literal) => {
+        $(#[$doc])*
+        #[allow(
+            clippy::all,
+            clippy::pedantic,
+            non_camel_case_types,
+            non_snake_case,
+            non_upper_case_globals,
+            dead_code,
+            unused_imports
+        )]
+        $vis mod $module {
+            include!(concat!(env!("OUT_DIR"), "/", $file));
+        }
+    };
 }
 
-/// The flow programs built with one monolithic map (benchmarks only).
-#[allow(
-    clippy::all,
-    clippy::pedantic,
-    non_camel_case_types,
-    non_snake_case,
-    non_upper_case_globals,
-    dead_code,
-    unused_imports
-)]
-pub mod flow_mono_skel {
-    include!(concat!(env!("OUT_DIR"), "/flow_mono.skel.rs"));
-}
-
-/// Baseline programs (benchmarks only).
-#[allow(
-    clippy::all,
-    clippy::pedantic,
-    non_camel_case_types,
-    non_snake_case,
-    non_upper_case_globals,
-    dead_code,
-    unused_imports
-)]
-pub mod bench_skel {
-    include!(concat!(env!("OUT_DIR"), "/bench.skel.rs"));
-}
+skeleton!(flow_skel, "flow.skel.rs");
+skeleton!(
+    /// The flow programs built with one monolithic map (benchmarks only).
+    pub flow_mono_skel,
+    "flow_mono.skel.rs"
+);
+skeleton!(
+    /// Baseline programs (benchmarks only).
+    pub bench_skel,
+    "bench.skel.rs"
+);
 
 pub use flow_skel::types;
 pub use flow_skel::{FlowSkel, FlowSkelBuilder, OpenFlowSkel};

@@ -211,6 +211,10 @@ fn run(args: RunArgs) -> Result<()> {
     if res.is_err() && dp.reused_flows().is_none() {
         let _ = dp.unpin();
     }
+    if let Some(root) = &pin_root {
+        // Gone only when empty: pins kept for a restart stay.
+        let _ = std::fs::remove_dir(root);
+    }
     res
 }
 

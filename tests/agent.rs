@@ -46,11 +46,7 @@ fn find(recs: &[FlowRecord], pred: impl Fn(&FlowRecord) -> bool) -> Vec<&FlowRec
 fn check_ping(v6: bool) {
     let net = NetPair::new();
     let mut agent = Agent::start(&net, fast_config(), Capacities::default());
-    let (a, b) = if v6 {
-        (net.v6_a, net.v6_b)
-    } else {
-        (net.v4_a, net.v4_b)
-    };
+    let (a, b) = net.addrs(v6);
     let n = 5;
     ping(&net, b, n);
     let proto = if v6 { 58 } else { 1 };
@@ -107,11 +103,7 @@ fn ping_v6_is_one_flow_with_exact_counts() {
 fn check_tcp(v6: bool) {
     let net = NetPair::new();
     let mut agent = Agent::start(&net, fast_config(), Capacities::default());
-    let (a, b) = if v6 {
-        (net.v6_a, net.v6_b)
-    } else {
-        (net.v4_a, net.v4_b)
-    };
+    let (a, b) = net.addrs(v6);
     let ifindex = net.ifindex_a();
     let cap = net
         .in_ns(&net.a, move || Capture::open(ifindex))
@@ -210,11 +202,7 @@ fn tcp_v6_transfer_counts_match_a_capture() {
 fn check_udp(v6: bool) {
     let net = NetPair::new();
     let mut agent = Agent::start(&net, fast_config(), Capacities::default());
-    let (a, b) = if v6 {
-        (net.v6_a, net.v6_b)
-    } else {
-        (net.v4_a, net.v4_b)
-    };
+    let (a, b) = net.addrs(v6);
     let server = net
         .in_ns(&net.b, move || {
             UdpSocket::bind(SocketAddr::new(b, 0)).expect("bind")

@@ -505,3 +505,49 @@ fn keys_are_zero_padded() {
     assert_eq!(k.__pad, [0, 0]);
     assert_eq!(&k.addr_lo[..10], &[0u8; 10]);
 }
+
+/// Runs `frame` through the program behind `fd` `repeat` times on this thread's CPU.
+fn run_on_this_cpu(fd: &std::os::fd::OwnedFd, frame: &[u8], repeat: i32) {
+    use std::os::fd::AsRawFd;
+    let mut opts = libbpf_sys::bpf_test_run_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _,
+        data_in: frame.as_ptr().cast(),
+        data_size_in: frame.len() as u32,
+        repeat,
+        ..Default::default()
+    };
+    // SAFETY: opts points at `frame`, which outlives the call.
+    let r = unsafe { libbpf_sys::bpf_prog_test_run_opts(fd.as_raw_fd(), &mut opts) };
+    assert_eq!(r, 0, "test run: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn concurrent_updates_of_one_flow_lose_no_increment() {
+    let h = Harness::new();
+    let frame = v4_frame(
+        A,
+        B,
+        6,
+        64,
+        &tcp(40_000, 443, TCP_ACK | TCP_PSH, &[0u8; 60]),
+    );
+    h.run(Hook::Ingress, &frame);
+    const PER_THREAD: i32 = 200_000;
+    // Both CPUs hammer the same flow at once, each from its own thread.
+    let fds = flowlens::attach::ProgramFds::of(&h.dp).expect("fds");
+    let threads: Vec<_> = [fds.ingress, fds.egress]
+        .into_iter()
+        .map(|fd| {
+            let frame = frame.clone();
+            std::thread::spawn(move || run_on_this_cpu(&fd, &frame, PER_THREAD))
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("runner");
+    }
+    let (_, b) = h.only_flow();
+    let want = 1 + 2 * PER_THREAD as u64;
+    assert_eq!(b.packets[LO_TO_HI], want, "packets");
+    assert_eq!(b.bytes[LO_TO_HI], want * 100, "bytes");
+    assert_eq!(h.counter("packets_accounted"), want);
+}

@@ -15,6 +15,20 @@ struct {
 	__type(value, __u64);
 } bench_counts SEC(".maps");
 
+struct locked_count {
+	struct bpf_spin_lock lock;
+	__u32 pad;
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct locked_count);
+} bench_locked SEC(".maps");
+
 SEC("tc")
 int bench_empty(struct __sk_buff *skb)
 {
@@ -29,6 +43,38 @@ int bench_lookup_add(struct __sk_buff *skb)
 
 	if (v)
 		__sync_fetch_and_add(v, skb->len);
+	return TC_ACT_UNSPEC;
+}
+
+/* Two counters under a spin lock: the alternative to two atomic adds
+ * that the flow base entry uses.
+ */
+SEC("tc")
+int bench_lookup_lock(struct __sk_buff *skb)
+{
+	__u32 key = 0;
+	struct locked_count *v = bpf_map_lookup_elem(&bench_locked, &key);
+
+	if (v) {
+		bpf_spin_lock(&v->lock);
+		v->packets++;
+		v->bytes += skb->len;
+		bpf_spin_unlock(&v->lock);
+	}
+	return TC_ACT_UNSPEC;
+}
+
+/* The same two counters with atomic adds. */
+SEC("tc")
+int bench_lookup_atomic2(struct __sk_buff *skb)
+{
+	__u32 key = 0;
+	struct locked_count *v = bpf_map_lookup_elem(&bench_locked, &key);
+
+	if (v) {
+		__sync_fetch_and_add(&v->packets, 1);
+		__sync_fetch_and_add(&v->bytes, skb->len);
+	}
 	return TC_ACT_UNSPEC;
 }
 

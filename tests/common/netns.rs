@@ -10,17 +10,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 pub fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    sh_out(args);
 }
-
 /// Namespaces `a` and `b`, veth `if_a` (in a) <-> `if_b` (in b), with
 /// 10.200.N.1/24 + fd00:N::1/64 on a and .2 / ::2 on b. Offloads are off,
 /// so every skb is one wire packet and captures agree with the datapath.
@@ -119,6 +110,15 @@ impl NetPair {
             enter(&path);
             f()
         })
+    }
+
+    /// (a's address, b's address) of one IP version.
+    pub fn addrs(&self, v6: bool) -> (IpAddr, IpAddr) {
+        if v6 {
+            (self.v6_a, self.v6_b)
+        } else {
+            (self.v4_a, self.v4_b)
+        }
     }
 
     pub fn ifindex_a(&self) -> u32 {
