@@ -543,3 +543,34 @@ fn two_agents_cannot_share_a_pin_directory() {
     let (status, _) = first.stop();
     assert!(status.success());
 }
+
+#[test]
+fn incompatible_pinned_maps_are_replaced_with_a_log_line() {
+    let net = NetPair::new();
+    let fs = Bpffs::new("compat");
+    let pins = fs.pins();
+    let base = [
+        "--interface",
+        &net.if_a,
+        "--pin-dir",
+        &pins,
+        "--grpc-listen",
+        "off",
+    ];
+    let mut first = start(&net.a, &[&base[..], &["--max-flows", "1000"]].concat());
+    first.wait_log("attached to", Duration::from_secs(10));
+    drop(first); // SIGKILL: pins stay
+    let mut second = start(&net.a, &[&base[..], &["--max-flows", "2000"]].concat());
+    second.wait_log("replacing incompatible pinned map", Duration::from_secs(10));
+    second.wait_log("attached to", Duration::from_secs(10));
+    assert!(
+        second
+            .err_seen
+            .iter()
+            .any(|l| l.contains("/flows (") && l.contains("1000") && l.contains("2000")),
+        "the log line names the map and both capacities: {:#?}",
+        second.err_seen
+    );
+    let (status, _) = second.stop();
+    assert!(status.success());
+}
