@@ -551,3 +551,16 @@ fn concurrent_updates_of_one_flow_lose_no_increment() {
     assert_eq!(b.bytes[LO_TO_HI], want * 100, "bytes");
     assert_eq!(h.counter("packets_accounted"), want);
 }
+
+#[test]
+fn ipv4_options_are_skipped_by_ihl() {
+    let h = Harness::new();
+    // IHL 7: 8 bytes of options (NOPs) between the header and UDP.
+    let l4 = udp(5353, 53, &[0u8; 10]);
+    let mut ip = ipv4(A, B, 17, 64, &[[1u8; 8].as_slice(), &l4].concat());
+    ip[0] = 0x47;
+    h.run(Hook::Ingress, &eth(ETH_P_IP, &[], &ip));
+    let (k, b) = h.only_flow();
+    assert_eq!((k.port_lo, k.port_hi), (5353, 53));
+    assert_eq!(b.bytes[LO_TO_HI], 20 + 8 + 8 + 10);
+}

@@ -13,7 +13,6 @@
 #define ETH_P_IPV6 0x86DD
 #define ETH_P_8021Q 0x8100
 #define ETH_P_8021AD 0x88A8
-#define IP_MF 0x2000
 #define IP_OFFSET 0x1FFF
 #define MAX_VLAN_TAGS 2
 #define MAX_IPV6_EXT 6
@@ -98,7 +97,9 @@ struct {
 	__type(value, __u64);
 } counters SEC(".maps");
 
-/* Read by userspace to refuse pinned maps of another layout. */
+/* Read by userspace: pinned maps live under a directory named after it,
+ * so maps of another layout are never reused.
+ */
 const volatile __u32 layout_version = FLOWLENS_LAYOUT_VERSION;
 
 /* Puts the enums into BTF, so the skeleton's `types` module carries them
@@ -117,10 +118,9 @@ const volatile struct flow_enums flow_enums_btf = {};
 /* What the parser learned about one packet. */
 struct pkt {
 	struct flow_key key;
-	__u32 l3_len;		/* IP bytes of this skb (one segment's worth) */
+	__u32 l3_len;		/* IP bytes of this skb (all its GSO segments) */
 	__u32 hdr_len;		/* IP + L4 header bytes, repeated per GSO segment */
 	__u32 payload;		/* L4 payload bytes (TCP) */
-	__u32 segs;
 	__u8 dir;
 	__u8 ttl;
 	__u8 tcp_flags;
