@@ -384,7 +384,7 @@ fn poller(t: &mut Table) -> Result<()> {
             );
             p.set_read_mode(mode);
             let t0 = Instant::now();
-            let (flows, _) = p.read_flows()?;
+            let flows = p.read_flows()?.flows;
             let secs = t0.elapsed().as_secs_f64();
             if flows.len() != n as usize {
                 bail!("read {} of {n} flows", flows.len());

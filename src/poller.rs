@@ -25,7 +25,7 @@ use crate::status::{MapUsage, Status};
 const ENOTSUPP: i32 = 524;
 
 pub const KEY_SIZE: usize = std::mem::size_of::<types::flow_key>();
-type KeyBytes = [u8; KEY_SIZE];
+pub type KeyBytes = [u8; KEY_SIZE];
 
 #[derive(Debug, Error)]
 pub enum PollError {
@@ -89,6 +89,23 @@ struct Reported {
     counts: Counts,
     /// When the last record of this flow was emitted (BPF clock).
     at_ns: u64,
+}
+
+/// An extension map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtMap {
+    Tcp,
+    Icmp,
+}
+
+/// What one read of the maps found.
+pub struct Joined {
+    pub flows: Vec<RawFlow>,
+    /// Entries in flows, flows_tcp and flows_icmp.
+    pub entries: [u64; 3],
+    /// Extension keys read without a base entry: orphans, or flows created
+    /// between the reads of two maps.
+    pub unjoined: Vec<(ExtMap, KeyBytes)>,
 }
 
 /// How entries are read: batch syscalls where the kernel has them.
@@ -159,8 +176,8 @@ impl Poller {
         Ok(())
     }
 
-    /// Reads and joins every flow in the maps; also returns the entry count of each map.
-    pub fn read_flows(&self) -> Result<(Vec<RawFlow>, [u64; 3]), PollError> {
+    /// Reads every map once and joins each base entry with its extension.
+    pub fn read_flows(&self) -> Result<Joined, PollError> {
         let base: Vec<(types::flow_key, types::flow_base)> =
             read_all(&self.maps.flows, "flows", self.read_mode, false)?;
         let mut tcp: HashMap<KeyBytes, types::flow_tcp> =
@@ -186,13 +203,26 @@ impl Poller {
                 }
             })
             .collect();
-        Ok((flows, entries))
+        let unjoined = tcp
+            .into_keys()
+            .map(|k| (ExtMap::Tcp, k))
+            .chain(icmp.into_keys().map(|k| (ExtMap::Icmp, k)))
+            .collect();
+        Ok(Joined {
+            flows,
+            entries,
+            unjoined,
+        })
     }
 
     /// One poll: report ended and long-running flows, delete ended keys everywhere.
     pub fn poll_once(&mut self, now_ns: u64) -> Result<PollStats, PollError> {
         self.polls += 1;
-        let (flows, mut entries) = self.read_flows()?;
+        let Joined {
+            flows,
+            mut entries,
+            unjoined,
+        } = self.read_flows()?;
         let mut stats = PollStats {
             flows: flows.len(),
             ..PollStats::default()
@@ -229,7 +259,7 @@ impl Poller {
                 .polls
                 .is_multiple_of(u64::from(self.cfg.orphan_sweep_every))
         {
-            stats.orphans_removed = self.sweep_orphans()?;
+            stats.orphans_removed = self.sweep_orphans(&unjoined)?;
         }
         self.update_status(entries);
         Ok(stats)
@@ -237,7 +267,7 @@ impl Poller {
 
     /// Ends every flow now (agent shutdown). Returns how many.
     pub fn flush(&mut self) -> Result<usize, PollError> {
-        let (flows, _) = self.read_flows()?;
+        let flows = self.read_flows()?.flows;
         let mut n = 0;
         for f in &flows {
             if self.end_flow(&key_bytes(&f.key), EndReason::Shutdown)? {
@@ -334,30 +364,30 @@ impl Poller {
         self.tx.send(rec).map_err(|_| PollError::ChannelClosed)
     }
 
-    /// Deletes extension entries whose base entry is gone.
-    pub fn sweep_orphans(&mut self) -> Result<usize, PollError> {
+    /// Deletes extension entries whose base entry is gone. The candidates are
+    /// the extensions a read found without their base; each is checked again,
+    /// since a flow created between the reads of two maps looks the same.
+    fn sweep_orphans(&mut self, unjoined: &[(ExtMap, KeyBytes)]) -> Result<usize, PollError> {
         let mut removed = 0;
-        for (map, name) in [
-            (&self.maps.tcp, "flows_tcp"),
-            (&self.maps.icmp, "flows_icmp"),
-        ] {
-            let keys: Vec<Vec<u8>> = map.keys().collect();
-            for k in keys {
-                let has_base = self
-                    .maps
-                    .flows
-                    .lookup(&k, MapFlags::ANY)
-                    .map_err(|e| PollError::Read {
-                        map: "flows",
-                        source: std::io::Error::other(e),
-                    })?
-                    .is_some();
-                // The datapath inserts a base before its extension, so an
-                // extension seen without its base is never a flow in the making.
-                if !has_base && map.delete(&k).is_ok() {
-                    removed += 1;
-                    debug!("removed orphan entry from {name}");
-                }
+        for (ext, k) in unjoined {
+            let has_base = self
+                .maps
+                .flows
+                .lookup(k, MapFlags::ANY)
+                .map_err(|e| PollError::Read {
+                    map: "flows",
+                    source: std::io::Error::other(e),
+                })?
+                .is_some();
+            // The datapath inserts a base before its extension, so an
+            // extension without its base is never a flow in the making.
+            let map = match ext {
+                ExtMap::Tcp => &self.maps.tcp,
+                ExtMap::Icmp => &self.maps.icmp,
+            };
+            if !has_base && map.delete(k).is_ok() {
+                removed += 1;
+                debug!("removed an orphan {ext:?} extension entry");
             }
         }
         if removed > 0 {

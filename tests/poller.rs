@@ -106,7 +106,9 @@ fn batch_and_key_by_key_reads_agree_and_joins_are_right() {
     assert_eq!(tcp.len(), 2500);
 
     let (p, _, _) = poller(&dp, PollerConfig::default());
-    let (flows, entries) = p.read_flows().expect("read");
+    let joined = p.read_flows().expect("read");
+    let (flows, entries) = (joined.flows, joined.entries);
+    assert!(joined.unjoined.is_empty());
     assert_eq!(entries, [5000, 2500, 0]);
     for f in flows {
         assert_eq!(f.tcp.is_some(), f.key.proto == 6);
