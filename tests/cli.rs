@@ -28,6 +28,18 @@ fn lines(r: impl std::io::Read + Send + 'static) -> Receiver<String> {
     rx
 }
 
+/// `run` flags for an agent on the pair's `a` veth, pinning under `pins`.
+fn pinned<'a>(net: &'a NetPair, pins: &'a str) -> [&'a str; 6] {
+    [
+        "--interface",
+        &net.if_a,
+        "--pin-dir",
+        pins,
+        "--grpc-listen",
+        "off",
+    ]
+}
+
 /// Starts `flowlens run` in namespace `ns`; unless `args` say otherwise it
 /// pins nothing and serves no gRPC, so parallel tests never share state.
 fn start(ns: &str, args: &[&str]) -> Running {
@@ -395,14 +407,7 @@ fn a_crashed_agent_restarts_without_losing_the_flow_in_progress() {
     let fs = Bpffs::new("restart");
     let pins = fs.pins();
     let ifa = net.ifindex_a();
-    let args = [
-        "--interface",
-        &net.if_a,
-        "--pin-dir",
-        &pins,
-        "--grpc-listen",
-        "off",
-    ];
+    let args = pinned(&net, &pins);
     let mut first = start(&net.a, &args);
     first.wait_log("with TCX", Duration::from_secs(10));
 
@@ -411,12 +416,7 @@ fn a_crashed_agent_restarts_without_losing_the_flow_in_progress() {
         .join()
         .expect("capture");
     let (a, b) = (net.v4_a, net.v4_b);
-    let listener = net
-        .in_ns(&net.b, move || {
-            std::net::TcpListener::bind(std::net::SocketAddr::new(b, 0)).expect("listen")
-        })
-        .join()
-        .expect("listener");
+    let listener = net.listen_b(false);
     let port = listener.local_addr().expect("addr").port();
     let server = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().expect("accept");
@@ -511,14 +511,7 @@ fn two_agents_cannot_share_a_pin_directory() {
     let net = NetPair::new();
     let fs = Bpffs::new("busy");
     let pins = fs.pins();
-    let args = [
-        "--interface",
-        &net.if_a,
-        "--pin-dir",
-        &pins,
-        "--grpc-listen",
-        "off",
-    ];
+    let args = pinned(&net, &pins);
     let mut first = start(&net.a, &args);
     first.wait_log("attached to", Duration::from_secs(10));
     let mut second = Command::new("ip")
@@ -549,14 +542,7 @@ fn incompatible_pinned_maps_are_replaced_with_a_log_line() {
     let net = NetPair::new();
     let fs = Bpffs::new("compat");
     let pins = fs.pins();
-    let base = [
-        "--interface",
-        &net.if_a,
-        "--pin-dir",
-        &pins,
-        "--grpc-listen",
-        "off",
-    ];
+    let base = pinned(&net, &pins);
     let mut first = start(&net.a, &[&base[..], &["--max-flows", "1000"]].concat());
     first.wait_log("attached to", Duration::from_secs(10));
     drop(first); // SIGKILL: pins stay

@@ -3,7 +3,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::agent::{fast_config, Agent};
@@ -16,12 +16,7 @@ const WAIT: Duration = Duration::from_secs(20);
 /// A connected pair: the client stream lives in namespace a, the server's in b.
 fn connect(net: &NetPair) -> (TcpStream, TcpStream) {
     let b = net.v4_b;
-    let listener = net
-        .in_ns(&net.b, move || {
-            TcpListener::bind(SocketAddr::new(b, 0)).expect("listen")
-        })
-        .join()
-        .expect("listener");
+    let listener = net.listen_b(false);
     let port = listener.local_addr().expect("addr").port();
     let client = net
         .in_ns(&net.a, move || {

@@ -121,6 +121,16 @@ impl NetPair {
         }
     }
 
+    /// A TCP listener on b's address (an ephemeral port), bound inside b.
+    pub fn listen_b(&self, v6: bool) -> std::net::TcpListener {
+        let (_, b) = self.addrs(v6);
+        self.in_ns(&self.b, move || {
+            std::net::TcpListener::bind(std::net::SocketAddr::new(b, 0)).expect("listen")
+        })
+        .join()
+        .expect("listener")
+    }
+
     pub fn ifindex_a(&self) -> u32 {
         ifindex_in(&self.a, &self.if_a)
     }
