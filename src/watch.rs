@@ -138,10 +138,15 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
         .build()
         .context("building the watch runtime")?;
     rt.block_on(async {
-        let stop = async {
-            if tokio::signal::ctrl_c().await.is_err() {
-                // Without a signal handler Ctrl-C still kills the process; just never stop here.
-                std::future::pending::<()>().await;
+        use tokio::signal::unix::{signal, SignalKind};
+        // Registered now, before the first output: a Ctrl-C at any point
+        // from here on ends the watch cleanly instead of killing it.
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let stop = async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
             }
         };
         let mut out = io::BufWriter::new(io::stdout().lock());

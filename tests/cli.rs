@@ -560,3 +560,46 @@ fn incompatible_pinned_maps_are_replaced_with_a_log_line() {
     let (status, _) = second.stop();
     assert!(status.success());
 }
+
+#[test]
+fn watch_exits_cleanly_on_ctrl_c_and_reports_a_missing_server() {
+    let net = NetPair::new();
+    let sock = format!("/tmp/flowlens-test-{}-int.sock", std::process::id());
+    let listen = format!("unix:{sock}");
+    let mut agent = start(
+        &net.a,
+        &["--interface", &net.if_a, "--grpc-listen", &listen],
+    );
+    agent.wait_log("gRPC on", Duration::from_secs(10));
+    let mut watch = Command::new(BIN)
+        .args(["watch", "--server", &listen])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn watch");
+    let out = lines(watch.stdout.take().expect("stdout"));
+    // The table header shows once the subscription is up.
+    out.recv_timeout(Duration::from_secs(10))
+        .expect("table header");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(watch.id() as i32, libc::SIGINT) };
+    wait_until("watch to exit on SIGINT", Duration::from_secs(10), || {
+        matches!(watch.try_wait(), Ok(Some(_)))
+    });
+    assert_eq!(
+        watch.wait().expect("wait").code(),
+        Some(0),
+        "Ctrl-C is a clean exit"
+    );
+    let (status, _) = agent.stop();
+    assert!(status.success());
+    let _ = std::fs::remove_file(&sock);
+
+    let gone = Command::new(BIN)
+        .args(["watch", "--server", &listen])
+        .output()
+        .expect("watch without a server");
+    assert!(!gone.status.success());
+    let err = String::from_utf8_lossy(&gone.stderr);
+    assert!(err.contains(&sock), "the error names the server: {err}");
+}
