@@ -603,3 +603,43 @@ fn watch_exits_cleanly_on_ctrl_c_and_reports_a_missing_server() {
     let err = String::from_utf8_lossy(&gone.stderr);
     assert!(err.contains(&sock), "the error names the server: {err}");
 }
+
+#[test]
+fn a_missing_bpffs_is_mounted_for_the_default_pin_dir() {
+    // `ip netns exec` gives the agent a fresh /sys without the host's bpffs.
+    let net = NetPair::new();
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        &net.a,
+        BIN,
+        "run",
+        "--interface",
+        &net.if_a,
+    ])
+    .args([
+        "--grpc-listen",
+        "off",
+        "--metrics-listen",
+        "off",
+        "--output",
+        "none",
+    ])
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut agent = Running {
+        stderr: lines(child.stderr.take().expect("stderr")),
+        // stdout is not captured: an already-closed channel
+        stdout: crossbeam_channel::unbounded().1,
+        child,
+        err_seen: Vec::new(),
+    };
+    agent.wait_log(
+        "mounted a BPF filesystem at /sys/fs/bpf",
+        Duration::from_secs(10),
+    );
+    agent.wait_log("attached to", Duration::from_secs(10));
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}
