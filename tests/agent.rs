@@ -112,7 +112,7 @@ fn check_tcp(v6: bool) {
 
     const UP: usize = 300_000;
     const DOWN: usize = 5_000;
-    let listener = net.listen_b(v6);
+    let listener = net.listen_b(v6, 0);
     let port = listener.local_addr().expect("addr").port();
     let server = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().expect("accept");
@@ -266,7 +266,7 @@ fn churn_of_short_flows_leaves_every_map_empty() {
     let mut agent = Agent::start(&net, fast_config(), Capacities::default());
     let b = net.v4_b;
     let a = net.v4_a;
-    let listener = net.listen_b(false);
+    let listener = net.listen_b(false, 0);
     let port = listener.local_addr().expect("addr").port();
     const TCP: usize = 200;
     const UDP: usize = 2000;

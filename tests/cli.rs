@@ -416,7 +416,7 @@ fn a_crashed_agent_restarts_without_losing_the_flow_in_progress() {
         .join()
         .expect("capture");
     let (a, b) = (net.v4_a, net.v4_b);
-    let listener = net.listen_b(false);
+    let listener = net.listen_b(false, 0);
     let port = listener.local_addr().expect("addr").port();
     let server = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().expect("accept");

@@ -12,11 +12,14 @@ use flowlens::datapath::Capacities;
 use flowlens::flow::{FlowRecord, TcpInfo};
 
 const WAIT: Duration = Duration::from_secs(20);
+/// Below the ephemeral range, as real services are: a connection seen
+/// mid-stream is told apart by its ports alone.
+const SERVER_PORT: u16 = 8080;
 
 /// A connected pair: the client stream lives in namespace a, the server's in b.
 fn connect(net: &NetPair) -> (TcpStream, TcpStream) {
     let b = net.v4_b;
-    let listener = net.listen_b(false);
+    let listener = net.listen_b(false, SERVER_PORT);
     let port = listener.local_addr().expect("addr").port();
     let client = net
         .in_ns(&net.a, move || {

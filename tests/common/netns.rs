@@ -121,11 +121,11 @@ impl NetPair {
         }
     }
 
-    /// A TCP listener on b's address (an ephemeral port), bound inside b.
-    pub fn listen_b(&self, v6: bool) -> std::net::TcpListener {
+    /// A TCP listener on b's address and `port` (0: an ephemeral one), bound inside b.
+    pub fn listen_b(&self, v6: bool, port: u16) -> std::net::TcpListener {
         let (_, b) = self.addrs(v6);
         self.in_ns(&self.b, move || {
-            std::net::TcpListener::bind(std::net::SocketAddr::new(b, 0)).expect("listen")
+            std::net::TcpListener::bind(std::net::SocketAddr::new(b, port)).expect("listen")
         })
         .join()
         .expect("listener")
