@@ -724,14 +724,17 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 	count(CNT_PACKETS);
 }
 
-SEC("tc/ingress")
+/* Plain "tc" sections: the same programs load on kernels without TCX and
+ * are attached as TCX links or clsact filters, as userspace decides.
+ */
+SEC("tc")
 int flowlens_ingress(struct __sk_buff *skb)
 {
 	handle(skb, HOOK_INGRESS);
 	return TC_ACT_UNSPEC;
 }
 
-SEC("tc/egress")
+SEC("tc")
 int flowlens_egress(struct __sk_buff *skb)
 {
 	handle(skb, HOOK_EGRESS);
