@@ -201,15 +201,18 @@ impl Mode {
     }
 }
 
+/// What is attached to one interface. Loopback gets egress only: every
+/// packet on it passes egress and then ingress of the same device, and
+/// would otherwise be counted twice in one flow.
 enum Hooks {
     /// Link fds: closing them detaches (once their pins are gone too).
     Tcx {
-        _ingress: OwnedFd,
+        _ingress: Option<OwnedFd>,
         _egress: OwnedFd,
         pins: Vec<PathBuf>,
     },
     Tc {
-        ingress: TcHook,
+        ingress: Option<TcHook>,
         egress: TcHook,
     },
 }
@@ -225,7 +228,9 @@ impl Drop for Attachment {
             // Filters outlive the process unless removed; a vanished
             // interface took them with it, so errors are expected then.
             Hooks::Tc { ingress, egress } => {
-                let _ = ingress.detach();
+                if let Some(i) = ingress {
+                    let _ = i.detach();
+                }
                 let _ = egress.detach();
             }
             // A pinned link stays attached until its pin goes as well.
@@ -500,7 +505,11 @@ impl Attacher {
             }
             Ok(fd)
         };
-        let ingress = link(&self.ingress, libbpf_sys::BPF_TCX_INGRESS, "ingress")?;
+        let ingress = if iface.loopback {
+            None
+        } else {
+            Some(link(&self.ingress, libbpf_sys::BPF_TCX_INGRESS, "ingress")?)
+        };
         let egress = link(&self.egress, libbpf_sys::BPF_TCX_EGRESS, "egress")?;
         Ok(Attachment {
             name: iface.name.clone(),
@@ -535,12 +544,17 @@ impl Attacher {
             h.attach().map_err(err)?;
             Ok(h)
         };
-        let ingress = hook(&self.ingress, TC_INGRESS)?;
+        let ingress = if iface.loopback {
+            None
+        } else {
+            Some(hook(&self.ingress, TC_INGRESS)?)
+        };
         let egress = match hook(&self.egress, TC_EGRESS) {
             Ok(h) => h,
             Err(e) => {
-                let mut ingress = ingress;
-                let _ = ingress.detach();
+                if let Some(mut i) = ingress {
+                    let _ = i.detach();
+                }
                 return Err(e);
             }
         };

@@ -643,3 +643,47 @@ fn a_missing_bpffs_is_mounted_for_the_default_pin_dir() {
     let (status, _) = agent.stop();
     assert!(status.success());
 }
+
+#[test]
+fn loopback_traffic_is_counted_once() {
+    let net = NetPair::new();
+    let mut agent = start(&net.a, &["--interface", "lo", "--idle-timeout-icmp", "1s"]);
+    agent.wait_log("attached to lo", Duration::from_secs(10));
+    assert_eq!(
+        tcx_count(&net.a, 1, libbpf_sys::BPF_TCX_INGRESS),
+        0,
+        "egress only on loopback"
+    );
+    assert_eq!(tcx_count(&net.a, 1, libbpf_sys::BPF_TCX_EGRESS), 1);
+    sh_out(&[
+        "ip",
+        "netns",
+        "exec",
+        &net.a,
+        "ping",
+        "-c",
+        "3",
+        "-i",
+        "0.05",
+        "127.0.0.1",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let rec = loop {
+        let l = agent
+            .stdout
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the loopback echo flow");
+        let v: serde_json::Value = serde_json::from_str(&l).expect("json");
+        if v["protocol"] == 1 {
+            break v;
+        }
+    };
+    // Source and destination are the same address: requests and replies
+    // land on one side, six packets of 84 bytes, each counted once.
+    let total = rec["client"]["packets"].as_u64().unwrap_or(0)
+        + rec["server"]["packets"].as_u64().unwrap_or(0);
+    assert_eq!(total, 6, "{rec}");
+    assert_eq!(rec["icmp"]["echo_rtt"]["count"], 3, "{rec}");
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}

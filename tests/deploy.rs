@@ -410,8 +410,9 @@ fn runs_with_only_the_unit_capabilities() {
         );
     }
     let lo = ifindex_in(&ns.0, "lo");
-    let attached = tcx_count(&ns.0, lo, libbpf_sys::BPF_TCX_INGRESS)
-        + sh_out(&["tc", "-n", &ns.0, "filter", "show", "dev", "lo", "ingress"])
+    // loopback gets the egress hook only (each packet crosses both)
+    let attached = tcx_count(&ns.0, lo, libbpf_sys::BPF_TCX_EGRESS)
+        + sh_out(&["tc", "-n", &ns.0, "filter", "show", "dev", "lo", "egress"])
             .lines()
             .count() as u32;
     assert!(attached > 0, "nothing attached to lo while running");
