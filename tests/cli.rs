@@ -93,6 +93,26 @@ impl Running {
         }
     }
 
+    /// The first JSON record on stdout that `want` accepts.
+    fn record(
+        &self,
+        what: &str,
+        timeout: Duration,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let l = self
+                .stdout
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let v: serde_json::Value = serde_json::from_str(&l).expect("a JSON record");
+            if want(&v) {
+                return v;
+            }
+        }
+    }
+
     /// SIGTERM, then the exit status and every stdout line.
     fn stop(mut self) -> (std::process::ExitStatus, Vec<String>) {
         // SAFETY: signalling our own child.
@@ -458,17 +478,9 @@ fn a_crashed_agent_restarts_without_losing_the_flow_in_progress() {
 
     let cport = client.join().expect("client");
     assert_eq!(server.join().expect("server"), 400_000);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let rec = loop {
-        let l = second
-            .stdout
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the flow record");
-        let v: serde_json::Value = serde_json::from_str(&l).expect("json");
-        if v["protocol"] == 6 && v["server_port"] == port {
-            break v;
-        }
-    };
+    let rec = second.record("the flow record", Duration::from_secs(20), |v| {
+        v["protocol"] == 6 && v["server_port"] == port
+    });
     let pkts = cap.drain();
     let keep = |p: &common::capture::Packet| {
         p.proto == 6 && [p.sport, p.dport].contains(&port) && [p.sport, p.dport].contains(&cport)
@@ -667,17 +679,9 @@ fn loopback_traffic_is_counted_once() {
         "0.05",
         "127.0.0.1",
     ]);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let rec = loop {
-        let l = agent
-            .stdout
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the loopback echo flow");
-        let v: serde_json::Value = serde_json::from_str(&l).expect("json");
-        if v["protocol"] == 1 {
-            break v;
-        }
-    };
+    let rec = agent.record("the loopback echo flow", Duration::from_secs(15), |v| {
+        v["protocol"] == 1
+    });
     // Source and destination are the same address: requests and replies
     // land on one side, six packets of 84 bytes, each counted once.
     let total = rec["client"]["packets"].as_u64().unwrap_or(0)
