@@ -191,16 +191,6 @@ pub enum Mode {
     Tc,
 }
 
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Auto => "auto",
-            Mode::Tcx => "tcx",
-            Mode::Tc => "tc",
-        }
-    }
-}
-
 /// What is attached to one interface. Loopback gets egress only: every
 /// packet on it passes egress and then ingress of the same device, and
 /// would otherwise be counted twice in one flow.
@@ -369,14 +359,6 @@ impl Attacher {
                 let _ = fs::remove_file(e.path());
             }
         }
-    }
-
-    /// Attachment mechanism of an interface, if attached.
-    pub fn mode_of(&self, ifindex: u32) -> Option<Mode> {
-        self.attached.get(&ifindex).map(|a| match a.hooks {
-            Hooks::Tcx { .. } => Mode::Tcx,
-            Hooks::Tc { .. } => Mode::Tc,
-        })
     }
 
     pub fn attached(&self) -> Vec<(u32, String)> {
