@@ -599,7 +599,8 @@ fn detail(r: &FlowRecord) -> String {
     let mut parts = Vec::new();
     if let Some(t) = &r.tcp {
         parts.push(format!(
-            "flags {}|{}",
+            "{} flags {}|{}",
+            t.state.as_str(),
             flag_letters(t.client_flags),
             flag_letters(t.server_flags)
         ));
