@@ -3,8 +3,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket};
-use std::process::Command;
+use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use common::agent::{fast_config, Agent};
@@ -15,30 +14,6 @@ use flowlens::flow::{EndReason, FlowRecord, TcpState};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn ping(net: &NetPair, to: IpAddr, count: u32) {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &net.a,
-            "ping",
-            "-c",
-            &count.to_string(),
-            "-i",
-            "0.05",
-            "-W",
-            "2",
-        ])
-        .arg(to.to_string())
-        .output()
-        .expect("ping");
-    assert!(
-        out.status.success(),
-        "ping: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
-
 fn find(recs: &[FlowRecord], pred: impl Fn(&FlowRecord) -> bool) -> Vec<&FlowRecord> {
     recs.iter().filter(|r| pred(r)).collect()
 }
@@ -48,7 +23,7 @@ fn check_ping(v6: bool) {
     let mut agent = Agent::start(&net, fast_config(), Capacities::default());
     let (a, b) = net.addrs(v6);
     let n = 5;
-    ping(&net, b, n);
+    net.ping_from_a(b, n);
     let proto = if v6 { 58 } else { 1 };
     let recs = agent.wait_for("the echo flow", WAIT, |r| {
         r.iter().any(|f| {

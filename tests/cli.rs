@@ -191,18 +191,7 @@ fn tcx_attach_follows_new_interfaces_and_detaches_everything_on_exit() {
     sh(&["ip", "-n", &net.a, "link", "del", "fz1"]);
     agent.wait_log("detached from fz1", Duration::from_secs(3));
 
-    sh_out(&[
-        "ip",
-        "netns",
-        "exec",
-        &net.a,
-        "ping",
-        "-c",
-        "2",
-        "-i",
-        "0.05",
-        &net.v4_b.to_string(),
-    ]);
+    net.ping_from_a(net.v4_b, 2);
     let (status, out) = agent.stop();
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
     for (dir, ty) in [
@@ -667,18 +656,7 @@ fn loopback_traffic_is_counted_once() {
         "egress only on loopback"
     );
     assert_eq!(tcx_count(&net.a, 1, libbpf_sys::BPF_TCX_EGRESS), 1);
-    sh_out(&[
-        "ip",
-        "netns",
-        "exec",
-        &net.a,
-        "ping",
-        "-c",
-        "3",
-        "-i",
-        "0.05",
-        "127.0.0.1",
-    ]);
+    net.ping_from_a(std::net::IpAddr::from([127, 0, 0, 1]), 3);
     let rec = agent.record("the loopback echo flow", Duration::from_secs(15), |v| {
         v["protocol"] == 1
     });

@@ -83,18 +83,7 @@ impl NetPair {
         // Resolve neighbours now: a fresh veth can hold the first packets
         // for up to a second, and tests want traffic to flow as sent.
         for to in [p.v4_b, p.v6_b] {
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &p.a,
-                "ping",
-                "-c",
-                "1",
-                "-W",
-                "5",
-                &to.to_string(),
-            ]);
+            p.ping_from_a(to, 1);
         }
         p
     }
@@ -110,6 +99,14 @@ impl NetPair {
             enter(&path);
             f()
         })
+    }
+
+    /// `count` pings from namespace a to `to`, which must all be answered.
+    pub fn ping_from_a(&self, to: IpAddr, count: u32) {
+        let (to, count) = (to.to_string(), count.to_string());
+        sh(&[
+            "ip", "netns", "exec", &self.a, "ping", "-c", &count, "-i", "0.05", "-W", "5", &to,
+        ]);
     }
 
     /// (a's address, b's address) of one IP version.
