@@ -314,6 +314,9 @@ pub struct Attacher {
     /// Where TCX links are pinned, so they stay attached (and keep counting
     /// into the pinned maps) while the agent restarts after a crash.
     link_dir: Option<PathBuf>,
+    /// Pins a previous agent left for interfaces we did not take over are
+    /// removed once, after the first sync; our own go with their attachment.
+    stale_pins_swept: bool,
     /// TCX proved unavailable: stop trying it.
     tcx_unsupported: bool,
 }
@@ -331,6 +334,7 @@ impl Attacher {
             attached: HashMap::new(),
             names,
             link_dir: None,
+            stale_pins_swept: false,
             tcx_unsupported: false,
         }
     }
@@ -345,7 +349,7 @@ impl Attacher {
         Ok(())
     }
 
-    /// Removes link pins of interfaces we no longer attach to (gone, or deselected).
+    /// Removes link pins of interfaces we do not attach to (gone, or deselected).
     fn sweep_link_pins(&self) {
         let Some(dir) = &self.link_dir else { return };
         let Ok(entries) = fs::read_dir(dir) else {
@@ -418,7 +422,10 @@ impl Attacher {
                 }
             }
         }
-        self.sweep_link_pins();
+        if !self.stale_pins_swept {
+            self.sweep_link_pins();
+            self.stale_pins_swept = true;
+        }
         Ok(report)
     }
 
