@@ -481,9 +481,9 @@ where
     K: plain::Plain + Default,
     V: plain::Plain + Default,
 {
-    let raw = match mode {
+    Ok(match mode {
         ReadMode::Batch => match read_batch(map, locked) {
-            Ok(raw) => raw,
+            Ok(entries) => entries,
             // kernels without batch ops for this map type
             Err(e)
                 if matches!(
@@ -496,11 +496,7 @@ where
             Err(source) => return Err(PollError::Read { map: name, source }),
         },
         ReadMode::KeyByKey => read_key_by_key(map, locked),
-    };
-    Ok(raw
-        .into_iter()
-        .map(|(k, v)| (decode(&k), decode(&v)))
-        .collect())
+    })
 }
 
 fn lookup_flags(locked: bool) -> MapFlags {
@@ -511,26 +507,36 @@ fn lookup_flags(locked: bool) -> MapFlags {
     }
 }
 
-fn read_key_by_key(map: &MapHandle, locked: bool) -> Vec<(Vec<u8>, Vec<u8>)> {
+fn read_key_by_key<K, V>(map: &MapHandle, locked: bool) -> Vec<(K, V)>
+where
+    K: plain::Plain + Default,
+    V: plain::Plain + Default,
+{
     let keys: Vec<Vec<u8>> = map.keys().collect();
     keys.into_iter()
         .filter_map(|k| {
             // A key deleted since the walk is simply gone.
             let v = map.lookup(&k, lookup_flags(locked)).ok()??;
-            Some((k, v))
+            Some((decode(&k), decode(&v)))
         })
         .collect()
 }
 
-/// BPF_MAP_LOOKUP_BATCH over the whole map. A hash bucket must fit in one
-/// batch (else ENOSPC), so the batch doubles until it does.
-fn read_batch(map: &MapHandle, locked: bool) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+/// BPF_MAP_LOOKUP_BATCH over the whole map, decoding in place. A hash
+/// bucket must fit in one batch (else ENOSPC), so the batch doubles until it does.
+fn read_batch<K, V>(map: &MapHandle, locked: bool) -> std::io::Result<Vec<(K, V)>>
+where
+    K: plain::Plain + Default,
+    V: plain::Plain + Default,
+{
     let ks = map.key_size() as usize;
     let vs = map.value_size() as usize;
     let mut batch: u32 = 1024;
     let mut out = Vec::new();
     let mut token = vec![0u8; ks.max(8)];
     let mut next = vec![0u8; ks.max(8)];
+    let mut keys = vec![0u8; ks * batch as usize];
+    let mut vals = vec![0u8; vs * batch as usize];
     let mut first = true;
     let opts = libbpf_sys::bpf_map_batch_opts {
         sz: std::mem::size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
@@ -538,8 +544,6 @@ fn read_batch(map: &MapHandle, locked: bool) -> std::io::Result<Vec<(Vec<u8>, Ve
         flags: 0,
     };
     loop {
-        let mut keys = vec![0u8; ks * batch as usize];
-        let mut vals = vec![0u8; vs * batch as usize];
         let mut count = batch;
         // SAFETY: buffers are sized for `count` keys/values and the tokens
         // for a key; the kernel writes at most that.
@@ -561,17 +565,20 @@ fn read_batch(map: &MapHandle, locked: bool) -> std::io::Result<Vec<(Vec<u8>, Ve
         let err = if ret < 0 { -ret } else { 0 };
         if err == libc::ENOSPC && count == 0 {
             batch *= 2;
+            keys.resize(ks * batch as usize, 0);
+            vals.resize(vs * batch as usize, 0);
             continue;
         }
         if err != 0 && err != libc::ENOENT {
             return Err(std::io::Error::from_raw_os_error(err));
         }
-        for i in 0..count as usize {
-            out.push((
-                keys[i * ks..(i + 1) * ks].to_vec(),
-                vals[i * vs..(i + 1) * vs].to_vec(),
-            ));
-        }
+        let n = count as usize;
+        out.extend(
+            keys[..n * ks]
+                .chunks_exact(ks)
+                .zip(vals[..n * vs].chunks_exact(vs))
+                .map(|(k, v)| (decode(k), decode(v))),
+        );
         if err == libc::ENOENT {
             return Ok(out);
         }
