@@ -53,15 +53,60 @@ fn build_bpf(out: &Path) {
 }
 
 fn build_proto(out: &Path) {
+    // Messages and the client from the proto; the server is generated below.
     tonic_prost_build::configure()
+        .build_server(false)
         .file_descriptor_set_path(out.join("flowlens_descriptor.bin"))
         .compile_protos(&["proto/flowlens/v1/flowlens.proto"], &["proto"])
         .expect("compiling proto/flowlens/v1/flowlens.proto");
     println!("cargo:rerun-if-changed=proto");
 }
 
+/// The FlowLens server, declared by hand so Subscribe can answer with records encoded
+/// once and shared by every subscriber (`service::wire`) instead of the generated
+/// message type; the routes and the wire format are those of the proto.
+fn build_server(out: &Path) {
+    use tonic_build::manual::{Builder, Method, Service};
+    let method = |name: &str, route: &str, input: &str, output: &str| {
+        Method::builder()
+            .name(name)
+            .route_name(route)
+            .input_type(input)
+            .output_type(output)
+            .codec_path("tonic_prost::ProstCodec")
+    };
+    let service = Service::builder()
+        .name("FlowLens")
+        .package("flowlens.v1")
+        .method(
+            method(
+                "subscribe",
+                "Subscribe",
+                "crate::api::proto::SubscribeRequest",
+                "crate::service::wire::SubscribeResponse",
+            )
+            .server_streaming()
+            .build(),
+        )
+        .method(
+            method(
+                "get_status",
+                "GetStatus",
+                "crate::api::proto::GetStatusRequest",
+                "crate::api::proto::GetStatusResponse",
+            )
+            .build(),
+        )
+        .build();
+    Builder::new()
+        .build_client(false)
+        .out_dir(out)
+        .compile(&[service]);
+}
+
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
     build_bpf(&out);
     build_proto(&out);
+    build_server(&out);
 }

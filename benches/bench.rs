@@ -16,11 +16,12 @@ use flowlens::bpf::bench_skel::{BenchSkel, BenchSkelBuilder};
 use flowlens::bpf::flow_mono_skel::{types as mono_types, FlowMonoSkel, FlowMonoSkelBuilder};
 use flowlens::bpf::types;
 use flowlens::datapath::{Capacities, Datapath, FlowMaps};
-use flowlens::flow::{Clock, Counts, DirStats, EndReason, FlowRecord, Hook, RawFlow};
+use flowlens::flow::{DirStats, EndReason, FlowRecord, Hook};
+use flowlens::hub::{Hub, HubConfig};
 use flowlens::packet::*;
-use flowlens::poller::{Poller, PollerConfig, ReadMode};
+use flowlens::poller::decode::{Clock, Counts, RawFlow};
+use flowlens::poller::{KernelTable, Poller, PollerConfig, ReadMode};
 use flowlens::status::Status;
-use flowlens::stream::{Hub, HubConfig};
 
 const REPEAT: u32 = 1_000_000;
 const A: [u8; 4] = [10, 200, 0, 1];
@@ -375,14 +376,15 @@ fn poller(t: &mut Table) -> Result<()> {
         let mut rates = Vec::new();
         for mode in [ReadMode::Batch, ReadMode::KeyByKey] {
             let (tx, _rx) = crossbeam_channel::unbounded();
+            let mut table = KernelTable::new(dp.maps()?);
+            table.set_read_mode(mode);
             let mut p = Poller::new(
-                dp.maps()?,
+                table,
                 PollerConfig::default(),
                 tx,
                 Arc::new(Status::new()),
                 IfNames::default(),
             );
-            p.set_read_mode(mode);
             let t0 = Instant::now();
             let flows = p.read_flows()?.flows;
             let secs = t0.elapsed().as_secs_f64();
@@ -433,7 +435,7 @@ fn record(i: u64) -> FlowRecord {
 }
 
 async fn count_stream(addr: String, want: u64) -> Result<u64> {
-    use flowlens::service::proto::{
+    use flowlens::api::proto::{
         flow_lens_client::FlowLensClient, subscribe_response::Event, SubscribeRequest,
     };
     let mut c = FlowLensClient::connect(format!("http://{addr}")).await?;
@@ -461,6 +463,7 @@ fn stream(t: &mut Table) -> Result<()> {
         let hub = Hub::new(HubConfig {
             ring_capacity: 1000,
             subscriber_queue: records as usize,
+            ..HubConfig::default()
         });
         let svc = flowlens::service::spawn("127.0.0.1:0", hub.clone(), Arc::new(Status::new()))?;
         let addr = svc.local_addr().context("listen address")?.to_string();
@@ -502,7 +505,9 @@ fn stream(t: &mut Table) -> Result<()> {
         let hub = Hub::new(HubConfig {
             ring_capacity: 10_000,
             subscriber_queue: 4096,
+            ..HubConfig::default()
         });
+        let _enter = rt.enter();
         let _sub = stalled.then(|| hub.subscribe(Default::default()));
         let t0 = Instant::now();
         for r in &recs {

@@ -1,14 +1,26 @@
 //! flowlens: a host network flow collector built on split BPF flow maps.
+//!
+//! Data moves one way: the datapath (`bpf`, `datapath`, `attach`) counts packets into the
+//! kernel maps; the `poller` reads and ends flows into `flow` records; the `hub` hands
+//! each record to every sink (`output`, the gRPC `service`'s subscribers). The `agent`
+//! owns and wires them all from one `config`. `api` is shared by the server and the
+//! `watch` client; `render` is how people and scripts see a record.
 
+pub mod agent;
+pub mod api;
 pub mod attach;
 pub mod bpf;
+pub mod config;
 pub mod datapath;
+pub mod filter;
 pub mod flow;
+pub mod hub;
 pub mod metrics;
+pub mod output;
 pub mod packet;
 pub mod poller;
 pub mod preflight;
+pub mod render;
 pub mod service;
 pub mod status;
-pub mod stream;
 pub mod watch;

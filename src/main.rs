@@ -1,26 +1,20 @@
-//! The flowlens command line: `run` the collector, `watch` a running one.
+//! The flowlens command line: `run` the collector, `watch` a running one. Flags become a `Config`; the `Agent` does the rest.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::thread;
-use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use log::{error, info, warn};
+use log::{error, info};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use flowlens::attach::{Attacher, IfNames, Mode, ProgramFds, Selector};
-use flowlens::datapath::{Capacities, Datapath};
-use flowlens::flow::FlowRecord;
-use flowlens::metrics;
-use flowlens::poller::{Poller, PollerConfig};
-use flowlens::preflight;
-use flowlens::service;
-use flowlens::status::Status;
-use flowlens::stream::{Hub, HubConfig};
+use flowlens::agent::Agent;
+use flowlens::attach::Mode;
+use flowlens::config::{capacity, Config, HumanDuration, OrOff};
+use flowlens::datapath::Capacities;
+use flowlens::hub::HubConfig;
+use flowlens::poller::PollerConfig;
+use flowlens::render::Format;
 use flowlens::watch::{self, WatchArgs};
 
 #[derive(Parser)]
@@ -35,7 +29,8 @@ struct Cli {
         long,
         global = true,
         env = "FLOWLENS_LOG_LEVEL",
-        default_value = "info"
+        default_value = "info",
+        value_parser = ["error", "warn", "info", "debug", "trace", "off"]
     )]
     log_level: String,
     #[command(subcommand)]
@@ -68,20 +63,28 @@ enum AttachMode {
     Tc,
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 2m)"))?;
-    if d.is_zero() {
-        return Err("must be greater than zero".into());
-    }
-    Ok(d)
+fn defaults() -> Config {
+    Config::default()
 }
 
-fn capacity(s: &str) -> Result<u32, String> {
-    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
-    if n == 0 {
-        return Err("must be at least 1".into());
+impl From<Option<Format>> for Output {
+    fn from(f: Option<Format>) -> Output {
+        match f {
+            Some(Format::Table) => Output::Table,
+            Some(Format::Json) => Output::Json,
+            None => Output::None,
+        }
     }
-    Ok(n)
+}
+
+impl From<Mode> for AttachMode {
+    fn from(m: Mode) -> AttachMode {
+        match m {
+            Mode::Auto => AttachMode::Auto,
+            Mode::Tcx => AttachMode::Tcx,
+            Mode::Tc => AttachMode::Tc,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -104,61 +107,101 @@ struct RunArgs {
     )]
     exclude_interfaces: Vec<String>,
     /// How to attach.
-    #[arg(long, env = "FLOWLENS_ATTACH_MODE", value_enum, default_value_t = AttachMode::Auto)]
+    #[arg(long, env = "FLOWLENS_ATTACH_MODE", value_enum, default_value_t = AttachMode::from(defaults().attach_mode))]
     attach_mode: AttachMode,
     /// How often the flow maps are read.
-    #[arg(long, env = "FLOWLENS_POLL_INTERVAL", value_parser = duration, default_value = "1s")]
-    poll_interval: Duration,
+    #[arg(long, env = "FLOWLENS_POLL_INTERVAL", default_value_t = HumanDuration(defaults().poller.poll_interval))]
+    poll_interval: HumanDuration,
     /// A TCP flow with no packet for this long ends.
-    #[arg(long, env = "FLOWLENS_IDLE_TIMEOUT_TCP", value_parser = duration, default_value = "30s")]
-    idle_timeout_tcp: Duration,
+    #[arg(long, env = "FLOWLENS_IDLE_TIMEOUT_TCP", default_value_t = HumanDuration(defaults().poller.idle_tcp))]
+    idle_timeout_tcp: HumanDuration,
     /// A UDP flow with no packet for this long ends.
-    #[arg(long, env = "FLOWLENS_IDLE_TIMEOUT_UDP", value_parser = duration, default_value = "30s")]
-    idle_timeout_udp: Duration,
+    #[arg(long, env = "FLOWLENS_IDLE_TIMEOUT_UDP", default_value_t = HumanDuration(defaults().poller.idle_udp))]
+    idle_timeout_udp: HumanDuration,
     /// An ICMP/ICMPv6 flow with no packet for this long ends.
-    #[arg(long, env = "FLOWLENS_IDLE_TIMEOUT_ICMP", value_parser = duration, default_value = "10s")]
-    idle_timeout_icmp: Duration,
+    #[arg(long, env = "FLOWLENS_IDLE_TIMEOUT_ICMP", default_value_t = HumanDuration(defaults().poller.idle_icmp))]
+    idle_timeout_icmp: HumanDuration,
     /// Any other IP protocol's flow with no packet for this long ends.
-    #[arg(long, env = "FLOWLENS_IDLE_TIMEOUT_OTHER", value_parser = duration, default_value = "30s")]
-    idle_timeout_other: Duration,
+    #[arg(long, env = "FLOWLENS_IDLE_TIMEOUT_OTHER", default_value_t = HumanDuration(defaults().poller.idle_other))]
+    idle_timeout_other: HumanDuration,
     /// After FIN in both directions or RST, a TCP flow ends once quiet this long.
-    #[arg(long, env = "FLOWLENS_TCP_CLOSE_GRACE", value_parser = duration, default_value = "2s")]
-    tcp_close_grace: Duration,
+    #[arg(long, env = "FLOWLENS_TCP_CLOSE_GRACE", default_value_t = HumanDuration(defaults().poller.tcp_close_grace))]
+    tcp_close_grace: HumanDuration,
     /// A long flow is reported (with counter deltas) every this long and keeps going.
-    #[arg(long, env = "FLOWLENS_ACTIVE_TIMEOUT", value_parser = duration, default_value = "60s")]
-    active_timeout: Duration,
+    #[arg(long, env = "FLOWLENS_ACTIVE_TIMEOUT", default_value_t = HumanDuration(defaults().poller.active_timeout))]
+    active_timeout: HumanDuration,
     /// Capacity of the base flow map (every flow).
-    #[arg(long, env = "FLOWLENS_MAX_FLOWS", value_parser = capacity, default_value = "65536")]
+    #[arg(long, env = "FLOWLENS_MAX_FLOWS", value_parser = capacity, default_value_t = defaults().capacities.flows)]
     max_flows: u32,
     /// Capacity of the TCP extension map.
-    #[arg(long, env = "FLOWLENS_MAX_TCP_FLOWS", value_parser = capacity, default_value = "32768")]
+    #[arg(long, env = "FLOWLENS_MAX_TCP_FLOWS", value_parser = capacity, default_value_t = defaults().capacities.tcp)]
     max_tcp_flows: u32,
     /// Capacity of the ICMP extension map.
-    #[arg(long, env = "FLOWLENS_MAX_ICMP_FLOWS", value_parser = capacity, default_value = "8192")]
+    #[arg(long, env = "FLOWLENS_MAX_ICMP_FLOWS", value_parser = capacity, default_value_t = defaults().capacities.icmp)]
     max_icmp_flows: u32,
     /// What to print on stdout for each flow record.
-    #[arg(long, env = "FLOWLENS_OUTPUT", value_enum, default_value_t = Output::Table)]
+    #[arg(long, env = "FLOWLENS_OUTPUT", value_enum, default_value_t = Output::from(defaults().output))]
     output: Output,
     /// Where maps and TCX links are pinned (bpffs), so a restarted agent after
     /// a crash continues the flows in progress; "off" pins nothing.
-    #[arg(long, env = "FLOWLENS_PIN_DIR", default_value = "/sys/fs/bpf/flowlens")]
-    pin_dir: String,
+    #[arg(long, env = "FLOWLENS_PIN_DIR", default_value_t = OrOff::of(defaults().pin_dir.map(|p| p.display().to_string())))]
+    pin_dir: OrOff,
     /// gRPC listen address: HOST:PORT, unix:/path, or "off".
-    #[arg(long, env = "FLOWLENS_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
-    grpc_listen: String,
+    #[arg(long, env = "FLOWLENS_GRPC_LISTEN", default_value_t = OrOff::of(defaults().grpc_listen))]
+    grpc_listen: OrOff,
     /// Prometheus self-metrics listen address (HOST:PORT), or "off".
-    #[arg(
-        long,
-        env = "FLOWLENS_METRICS_LISTEN",
-        default_value = "127.0.0.1:9464"
-    )]
-    metrics_listen: String,
+    #[arg(long, env = "FLOWLENS_METRICS_LISTEN", default_value_t = OrOff::of(defaults().metrics_listen))]
+    metrics_listen: OrOff,
     /// Records kept in memory for subscribers' replay.
-    #[arg(long, env = "FLOWLENS_REPLAY_RING", value_parser = capacity, default_value = "10000")]
+    #[arg(long, env = "FLOWLENS_REPLAY_RING", value_parser = capacity, default_value_t = defaults().hub.ring_capacity as u32)]
     replay_ring: u32,
     /// Records queued per subscriber before it starts losing them (and is told so).
-    #[arg(long, env = "FLOWLENS_SUBSCRIBER_QUEUE", value_parser = capacity, default_value = "4096")]
+    #[arg(long, env = "FLOWLENS_SUBSCRIBER_QUEUE", value_parser = capacity, default_value_t = defaults().hub.subscriber_queue as u32)]
     subscriber_queue: u32,
+}
+
+impl RunArgs {
+    fn into_config(self) -> Config {
+        let d = defaults();
+        Config {
+            interfaces: self.interfaces,
+            exclude_interfaces: self.exclude_interfaces,
+            attach_mode: match self.attach_mode {
+                AttachMode::Auto => Mode::Auto,
+                AttachMode::Tcx => Mode::Tcx,
+                AttachMode::Tc => Mode::Tc,
+            },
+            poller: PollerConfig {
+                poll_interval: self.poll_interval.0,
+                idle_tcp: self.idle_timeout_tcp.0,
+                idle_udp: self.idle_timeout_udp.0,
+                idle_icmp: self.idle_timeout_icmp.0,
+                idle_other: self.idle_timeout_other.0,
+                tcp_close_grace: self.tcp_close_grace.0,
+                active_timeout: self.active_timeout.0,
+                ..d.poller
+            },
+            capacities: Capacities {
+                flows: self.max_flows,
+                tcp: self.max_tcp_flows,
+                icmp: self.max_icmp_flows,
+            },
+            hub: HubConfig {
+                ring_capacity: self.replay_ring as usize,
+                subscriber_queue: self.subscriber_queue as usize,
+                ..d.hub
+            },
+            output: match self.output {
+                Output::Table => Some(Format::Table),
+                Output::Json => Some(Format::Json),
+                Output::None => None,
+            },
+            pin_dir: self.pin_dir.0.map(PathBuf::from),
+            grpc_listen: self.grpc_listen.0,
+            metrics_listen: self.metrics_listen.0,
+            ..d
+        }
+    }
 }
 
 fn main() {
@@ -169,7 +212,7 @@ fn main() {
         .target(env_logger::Target::Stderr)
         .init();
     let res = match cli.command {
-        Command::Run(args) => run(*args),
+        Command::Run(args) => run(args.into_config()),
         Command::Watch(args) => watch::run(*args),
     };
     if let Err(e) = res {
@@ -179,198 +222,21 @@ fn main() {
     }
 }
 
-fn run(args: RunArgs) -> Result<()> {
-    let selector = Selector::new(&args.interfaces, &args.exclude_interfaces)
-        .context("--interface/--exclude-interface")?;
+/// Runs the agent until SIGINT or SIGTERM.
+fn run(cfg: Config) -> Result<()> {
+    // Installed first: a signal during start-up is not lost, and ends the run once started.
     let mut signals =
         Signals::new([SIGINT, SIGTERM]).context("installing SIGINT/SIGTERM handlers")?;
-
-    preflight::check_btf()?;
-    preflight::check_capabilities()?;
-    let pin_root = (args.pin_dir != "off").then(|| PathBuf::from(&args.pin_dir));
-    let _pin_lock = match &pin_root {
-        Some(root) => {
-            preflight::ensure_bpffs(root)?;
-            Some(preflight::lock_pin_root(root)?)
-        }
-        None => None,
-    };
-
-    let mut dp = Datapath::load_pinned(
-        Capacities {
-            flows: args.max_flows,
-            tcp: args.max_tcp_flows,
-            icmp: args.max_icmp_flows,
-        },
-        pin_root.as_deref(),
-    )
-    .context("loading the flow datapath")?;
-    let res = collect(&args, &selector, &mut signals, &mut dp);
-    // A start-up failure must not leave pins behind, unless they hold the
-    // flows of an agent that crashed: those wait for a successful restart.
-    if res.is_err() && dp.reused_flows().is_none() {
-        let _ = dp.unpin();
-    }
-    if let Some(root) = &pin_root {
-        // Gone only when empty: pins kept for a restart stay.
-        let _ = std::fs::remove_dir(root);
-    }
-    res
-}
-
-/// Attaches, polls and serves until SIGINT/SIGTERM, then shuts down in order.
-fn collect(
-    args: &RunArgs,
-    selector: &Selector,
-    signals: &mut Signals,
-    dp: &mut Datapath,
-) -> Result<()> {
-    let maps = dp.maps().context("opening map handles")?;
-    let mode = match args.attach_mode {
-        AttachMode::Auto => Mode::Auto,
-        AttachMode::Tcx => Mode::Tcx,
-        AttachMode::Tc => Mode::Tc,
-    };
-    let ifnames = IfNames::default();
-    let mut attacher = Attacher::new(
-        ProgramFds::of(dp).context("preparing attachment")?,
-        mode,
-        ifnames.clone(),
-    );
-    if let Some(dir) = dp.pin_dir() {
-        attacher.pin_links(dir.join("links")).context("--pin-dir")?;
-    }
-    let first = attacher.sync(selector).context("attaching to interfaces")?;
-    let names: Vec<String> = attacher.attached().into_iter().map(|(_, n)| n).collect();
-    if !first.failed.is_empty() && names.is_empty() {
-        bail!(
-            "could not attach to any selected interface: {:?}",
-            first.failed
-        );
-    }
-    let missing: Vec<&String> = args
-        .interfaces
-        .iter()
-        .zip(&selector.include)
-        .filter(|(_, p)| p.is_literal() && !names.iter().any(|n| p.matches(n)))
-        .map(|(s, _)| s)
-        .collect();
-    if !missing.is_empty() {
-        bail!("--interface: no such interface {missing:?} (see `ip link`)");
-    }
-    if names.is_empty() {
-        warn!("no interface matches yet; waiting for one to appear");
-    } else {
-        info!("monitoring {}", names.join(", "));
-    }
-
-    let status = Arc::new(Status::new());
-    let hub = Hub::new(HubConfig {
-        ring_capacity: args.replay_ring as usize,
-        subscriber_queue: args.subscriber_queue as usize,
-    });
-    let grpc = if args.grpc_listen == "off" {
-        None
-    } else {
-        let h = service::spawn(&args.grpc_listen, hub.clone(), status.clone())
-            .context("--grpc-listen")?;
-        info!("gRPC on {}", args.grpc_listen);
-        Some(h)
-    };
-    let metrics = if args.metrics_listen == "off" {
-        None
-    } else {
-        let h = metrics::spawn(&args.metrics_listen, status.clone(), hub.clone())
-            .context("--metrics-listen")?;
-        info!("metrics on http://{}/metrics", h.local_addr());
-        Some(h)
-    };
-    let (tx, rx) = crossbeam_channel::bounded::<FlowRecord>(65_536);
+    let agent = Agent::start(cfg)?;
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
-    let poller = Poller::new(
-        maps,
-        PollerConfig {
-            poll_interval: args.poll_interval,
-            idle_tcp: args.idle_timeout_tcp,
-            idle_udp: args.idle_timeout_udp,
-            idle_icmp: args.idle_timeout_icmp,
-            idle_other: args.idle_timeout_other,
-            tcp_close_grace: args.tcp_close_grace,
-            active_timeout: args.active_timeout,
-            ..PollerConfig::default()
-        },
-        tx,
-        status.clone(),
-        ifnames,
-    );
-    let poll_thread = thread::Builder::new()
-        .name("poller".into())
-        .spawn(move || poller.run(stop_rx))
-        .context("spawning the poller thread")?;
-    let output = args.output;
-    let out_hub = hub.clone();
-    let out_thread = thread::Builder::new()
-        .name("output".into())
-        .spawn(move || print_records(rx, output, &out_hub))
-        .context("spawning the output thread")?;
-
-    // Interfaces come and go: re-check twice a second until told to stop.
-    loop {
-        if let Some(sig) = signals.pending().next() {
-            info!("received signal {sig}, shutting down");
-            break;
-        }
-        if let Err(e) = attacher.sync(selector) {
-            warn!("interface sync: {e}");
-        }
-        thread::sleep(Duration::from_millis(500));
-    }
-
-    // Detach first so no packet lands after the final flush.
-    attacher.detach_all();
-    drop(stop_tx);
-    match poll_thread.join() {
-        Ok(r) => r.context("poller")?,
-        Err(_) => bail!("the poller thread panicked"),
-    }
-    if out_thread.join().is_err() {
-        bail!("the output thread panicked");
-    }
-    // Every flushed record is in the subscribers' queues: end their streams.
-    hub.close();
-    if let Some(g) = grpc {
-        g.shutdown().context("stopping the gRPC service")?;
-    }
-    if let Some(m) = metrics {
-        m.shutdown();
-    }
-    // Every flow was flushed: nothing in the pinned maps is worth keeping.
-    dp.unpin().context("removing map pins")?;
-    Ok(())
-}
-
-/// Prints each record and hands it to the subscriber hub.
-fn print_records(rx: crossbeam_channel::Receiver<FlowRecord>, output: Output, hub: &Hub) {
-    let stdout = std::io::stdout();
-    for rec in rx {
-        print_record(&stdout, &rec, output);
-        hub.publish(rec);
-    }
-}
-
-fn print_record(stdout: &std::io::Stdout, rec: &FlowRecord, output: Output) {
-    let mut out = stdout.lock();
-    let res = match output {
-        Output::Table => writeln!(out, "{rec}"),
-        Output::Json => match serde_json::to_string(rec) {
-            Ok(s) => writeln!(out, "{s}"),
-            Err(e) => {
-                warn!("encoding a record: {e}");
-                Ok(())
+    std::thread::Builder::new()
+        .name("flowlens-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                info!("received signal {sig}, shutting down");
             }
-        },
-        Output::None => Ok(()),
-    };
-    // stdout closed (piped into `head`): keep going for subscribers.
-    let _ = res.and_then(|()| out.flush());
+            drop(stop_tx);
+        })
+        .context("spawning the signal thread")?;
+    agent.run(&stop_rx)
 }

@@ -41,8 +41,8 @@ use anyhow::{Context, Result};
 use log::{debug, warn};
 
 use crate::datapath::{counter_names, is_error_counter};
+use crate::hub::{Hub, HubStats, SinkKind};
 use crate::status::{Snapshot, Status};
-use crate::stream::{Hub, HubStats};
 
 /// Content type of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -410,14 +410,22 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
         "subscribers",
         "gauge",
         "Connected flow stream subscribers.",
-        hub.subscribers.len(),
+        hub.subscribers().count(),
     );
     e.single(
         "subscriber_lost_records_total",
         "counter",
-        "Records lost by subscribers whose queue was full, departed subscribers included.",
+        "Records lost by sinks whose queue was full (subscribers, stdout, exporters), departed subscribers included.",
         hub.lost_total,
     );
+    e.family(
+        "sink_lost_records_total",
+        "counter",
+        "Records lost by a local sink (stdout, an exporter) that did not keep up.",
+    );
+    for s in hub.sinks.iter().filter(|s| s.kind != SinkKind::Subscriber) {
+        e.sample("sink_lost_records_total", &[("sink", &s.name)], s.lost);
+    }
     e.single(
         "replay_ring_records",
         "gauge",
@@ -531,7 +539,7 @@ mod tests {
             ring_capacity: 0,
             published: 0,
             lost_total: 0,
-            subscribers: Vec::new(),
+            sinks: Vec::new(),
         };
         let text = render_at(&snap, &hub, started + Duration::from_millis(2500));
         assert!(text.contains("\nflowlens_uptime_seconds 2.5\n"), "{text}");

@@ -1,6 +1,6 @@
-//! gRPC front end: the FlowLens service (Subscribe, GetStatus) with health and reflection, request validation, proto conversions, and the server's lifecycle.
+//! The gRPC server: the FlowLens service (Subscribe, GetStatus) with health and reflection, and its listener's lifecycle.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -11,20 +11,18 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
 use tonic::{Request, Response};
 
-use crate::flow::{DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo, TcpState};
+use crate::api::{self, parse_request, proto};
+use crate::hub::{Event, Hub};
 use crate::status::Status as AgentStatus;
-use crate::stream::{Cidr, CidrError, Event, Filter, Hub, PortRange, Selector, SubscribeOptions};
 
-/// Generated protocol types and the file descriptor set served by reflection.
+/// The server side of the FlowLens service, generated in build.rs from a hand-declared
+/// service whose Subscribe answers with [`wire::SubscribeResponse`].
 #[allow(clippy::all, missing_docs)]
-pub mod proto {
-    tonic::include_proto!("flowlens.v1");
-
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/flowlens_descriptor.bin"));
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/flowlens.v1.FlowLens.rs"));
 }
 
-use proto::flow_lens_server::{FlowLens, FlowLensServer};
+use generated::flow_lens_server::{FlowLens, FlowLensServer};
 
 /// How long shutdown waits for connections to drain before dropping them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -32,450 +30,92 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// stalled client backs up into the hub queue, where losses are counted.
 const RESPONSE_BUFFER: usize = 2;
 
-// ---------------------------------------------------------------------------
-// Request validation
-// ---------------------------------------------------------------------------
+/// `flowlens.v1.SubscribeResponse` as the server sends it: the records are their shared,
+/// already encoded `FlowRecord` messages. A length-delimited message field and a `bytes`
+/// field are the same on the wire, so clients decode this as the proto says.
+pub mod wire {
+    use bytes::{Buf, BufMut, Bytes};
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len};
+    use prost::encoding::{DecodeContext, WireType};
+    use prost::{DecodeError, Message};
 
-/// A request field that cannot be honoured; the message starts with the field's path.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RequestError {
-    #[error("{field}: invalid CIDR {value:?}: {source}")]
-    Cidr {
-        field: String,
-        value: String,
-        source: CidrError,
-    },
-    #[error("{field}: port {value} out of range 0..=65535")]
-    PortOutOfRange { field: String, value: u32 },
-    #[error("{field}: reversed port range: lo {lo} > hi {hi}")]
-    PortRangeReversed { field: String, lo: u32, hi: u32 },
-    #[error("{field}: IP protocol {value} out of range 0..=255")]
-    Protocol { field: String, value: u32 },
-    #[error("{field}: unknown {kind} value {value}")]
-    UnknownEnum {
-        field: String,
-        kind: &'static str,
-        value: i32,
-    },
-    #[error("{field}: TCP flags {value:#x} out of range 0x01..=0xff")]
-    TcpFlags { field: String, value: u32 },
-    #[error("{field}: must not be empty")]
-    Empty { field: String },
-    #[error("{field}: invalid timestamp: {reason}")]
-    Timestamp { field: String, reason: String },
-}
+    use crate::api::proto;
 
-impl From<RequestError> for tonic::Status {
-    fn from(e: RequestError) -> tonic::Status {
-        tonic::Status::invalid_argument(e.to_string())
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum SubscribeResponse {
+        /// `flows` (field 1): a FlowBatch whose `records` (field 1) are these encodings.
+        Flows(Vec<Bytes>),
+        /// `lost` (field 2).
+        Lost(proto::Lost),
     }
-}
 
-/// Validates a request into hub subscription options.
-pub fn parse_request(
-    req: &proto::SubscribeRequest,
-    peer: String,
-) -> Result<SubscribeOptions, RequestError> {
-    let parse_all = |list: &[proto::Filter], name: &str| {
-        list.iter()
-            .enumerate()
-            .map(|(i, f)| parse_filter(f, &format!("{name}[{i}]")))
-            .collect::<Result<Vec<_>, _>>()
-    };
-    let since = req.since.map(|t| timestamp_arg(t, "since")).transpose()?;
-    Ok(SubscribeOptions {
-        selector: Selector {
-            include: parse_all(&req.include, "include")?,
-            exclude: parse_all(&req.exclude, "exclude")?,
-        },
-        replay: usize::try_from(req.replay).unwrap_or(usize::MAX),
-        since,
-        follow: req.follow.unwrap_or(true),
-        peer,
-    })
-}
-
-/// The range google.protobuf.Timestamp allows: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
-const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
-
-fn timestamp_arg(t: prost_types::Timestamp, field: &str) -> Result<SystemTime, RequestError> {
-    let err = |reason: String| RequestError::Timestamp {
-        field: field.into(),
-        reason,
-    };
-    if !TIMESTAMP_SECONDS.contains(&t.seconds) || !(0..1_000_000_000).contains(&t.nanos) {
-        return Err(err(format!(
-            "{}s {}ns is outside 0001-01-01..9999-12-31 or has nanos outside 0..1e9",
-            t.seconds, t.nanos
-        )));
-    }
-    SystemTime::try_from(t).map_err(|e| err(e.to_string()))
-}
-
-/// Validates one filter; `path` names it in errors (e.g. "include[2]").
-pub fn parse_filter(f: &proto::Filter, path: &str) -> Result<Filter, RequestError> {
-    let field = |name: &str| format!("{path}.{name}");
-    let cidr = |v: &Option<String>, name: &str| -> Result<Option<Cidr>, RequestError> {
-        v.as_deref()
-            .map(|s| {
-                s.parse().map_err(|source| RequestError::Cidr {
-                    field: field(name),
-                    value: s.to_owned(),
-                    source,
-                })
-            })
-            .transpose()
-    };
-    let ports = |v: &Option<proto::PortRange>, name: &str| {
-        v.as_ref()
-            .map(|p| parse_port_range(p, &field(name)))
-            .transpose()
-    };
-    let protocol = f
-        .protocol
-        .map(|p| {
-            u8::try_from(p).map_err(|_| RequestError::Protocol {
-                field: field("protocol"),
-                value: p,
-            })
-        })
-        .transpose()?;
-    let ip_version = match proto::IpVersion::try_from(f.ip_version) {
-        Ok(proto::IpVersion::Unspecified) => None,
-        Ok(proto::IpVersion::IpVersion4) => Some(4),
-        Ok(proto::IpVersion::IpVersion6) => Some(6),
-        Err(_) => {
-            return Err(RequestError::UnknownEnum {
-                field: field("ip_version"),
-                kind: "IpVersion",
-                value: f.ip_version,
-            });
-        }
-    };
-    let end_reason = match proto::EndReason::try_from(f.end_reason) {
-        Ok(e) => end_reason_from_proto(e),
-        Err(_) => {
-            return Err(RequestError::UnknownEnum {
-                field: field("end_reason"),
-                kind: "EndReason",
-                value: f.end_reason,
-            });
-        }
-    };
-    let tcp_flags = f
-        .tcp_flags
-        .map(|v| {
-            u8::try_from(v)
-                .ok()
-                .filter(|&b| b != 0)
-                .ok_or(RequestError::TcpFlags {
-                    field: field("tcp_flags"),
-                    value: v,
-                })
-        })
-        .transpose()?;
-    let interface = match &f.interface {
-        Some(i) if i.is_empty() => {
-            return Err(RequestError::Empty {
-                field: field("interface"),
-            });
-        }
-        i => i.clone(),
-    };
-    Ok(Filter {
-        src: cidr(&f.src_cidr, "src_cidr")?,
-        dst: cidr(&f.dst_cidr, "dst_cidr")?,
-        addr: cidr(&f.cidr, "cidr")?,
-        src_port: ports(&f.src_port, "src_port")?,
-        dst_port: ports(&f.dst_port, "dst_port")?,
-        port: ports(&f.port, "port")?,
-        protocol,
-        ip_version,
-        interface,
-        tcp_flags,
-        end_reason,
-        min_bytes: f.min_bytes,
-    })
-}
-
-fn parse_port_range(p: &proto::PortRange, field: &str) -> Result<PortRange, RequestError> {
-    let port = |v: u32| {
-        u16::try_from(v).map_err(|_| RequestError::PortOutOfRange {
-            field: field.to_owned(),
-            value: v,
-        })
-    };
-    let hi = p.hi.unwrap_or(p.lo);
-    if p.lo > hi {
-        return Err(RequestError::PortRangeReversed {
-            field: field.to_owned(),
-            lo: p.lo,
-            hi,
-        });
-    }
-    Ok(PortRange {
-        lo: port(p.lo)?,
-        hi: port(hi)?,
-    })
-}
-
-// ---------------------------------------------------------------------------
-// Conversions
-// ---------------------------------------------------------------------------
-
-fn end_reason_from_proto(e: proto::EndReason) -> Option<EndReason> {
-    match e {
-        proto::EndReason::Unspecified => None,
-        proto::EndReason::IdleTimeout => Some(EndReason::IdleTimeout),
-        proto::EndReason::ActiveTimeout => Some(EndReason::ActiveTimeout),
-        proto::EndReason::TcpFin => Some(EndReason::TcpFin),
-        proto::EndReason::TcpRst => Some(EndReason::TcpRst),
-        proto::EndReason::Shutdown => Some(EndReason::Shutdown),
-    }
-}
-
-impl From<EndReason> for proto::EndReason {
-    fn from(e: EndReason) -> proto::EndReason {
-        match e {
-            EndReason::IdleTimeout => proto::EndReason::IdleTimeout,
-            EndReason::ActiveTimeout => proto::EndReason::ActiveTimeout,
-            EndReason::TcpFin => proto::EndReason::TcpFin,
-            EndReason::TcpRst => proto::EndReason::TcpRst,
-            EndReason::Shutdown => proto::EndReason::Shutdown,
+    impl Default for SubscribeResponse {
+        fn default() -> Self {
+            SubscribeResponse::Flows(Vec::new())
         }
     }
-}
 
-impl From<TcpState> for proto::TcpState {
-    fn from(s: TcpState) -> proto::TcpState {
-        match s {
-            TcpState::None => proto::TcpState::None,
-            TcpState::SynSent => proto::TcpState::SynSent,
-            TcpState::SynRecv => proto::TcpState::SynRecv,
-            TcpState::Established => proto::TcpState::Established,
-            TcpState::FinWait => proto::TcpState::FinWait,
-            TcpState::Closed => proto::TcpState::Closed,
-            TcpState::Reset => proto::TcpState::Reset,
-        }
+    fn batch_len(records: &[Bytes]) -> usize {
+        records
+            .iter()
+            .map(|r| key_len(1) + encoded_len_varint(r.len() as u64) + r.len())
+            .sum()
     }
-}
 
-fn tcp_state_from_proto(s: proto::TcpState) -> TcpState {
-    match s {
-        proto::TcpState::Unspecified | proto::TcpState::None => TcpState::None,
-        proto::TcpState::SynSent => TcpState::SynSent,
-        proto::TcpState::SynRecv => TcpState::SynRecv,
-        proto::TcpState::Established => TcpState::Established,
-        proto::TcpState::FinWait => TcpState::FinWait,
-        proto::TcpState::Closed => TcpState::Closed,
-        proto::TcpState::Reset => TcpState::Reset,
-    }
-}
-
-fn dir_to_proto(d: &DirStats) -> proto::DirStats {
-    proto::DirStats {
-        packets: d.packets,
-        bytes: d.bytes,
-        ttl: u32::from(d.ttl),
-    }
-}
-
-fn latency_to_proto(l: &Latency) -> proto::Latency {
-    proto::Latency {
-        count: l.count,
-        sum_ns: l.sum_ns,
-        min_ns: l.min_ns,
-        max_ns: l.max_ns,
-        jitter_ns: l.jitter_ns,
-    }
-}
-
-impl From<&FlowRecord> for proto::FlowRecord {
-    fn from(r: &FlowRecord) -> proto::FlowRecord {
-        let ip_version = match r.ip_version {
-            4 => proto::IpVersion::IpVersion4,
-            6 => proto::IpVersion::IpVersion6,
-            _ => proto::IpVersion::Unspecified,
-        };
-        proto::FlowRecord {
-            ip_version: ip_version.into(),
-            protocol: u32::from(r.protocol),
-            client_addr: r.client_addr.to_string(),
-            client_port: u32::from(r.client_port),
-            server_addr: r.server_addr.to_string(),
-            server_port: u32::from(r.server_port),
-            ifindex: r.ifindex,
-            interface: r.interface.clone(),
-            first_hook: match r.first_hook {
-                Hook::Ingress => proto::Hook::Ingress,
-                Hook::Egress => proto::Hook::Egress,
+    impl Message for SubscribeResponse {
+        fn encode_raw(&self, buf: &mut impl BufMut) {
+            match self {
+                SubscribeResponse::Flows(records) => {
+                    encode_key(1, WireType::LengthDelimited, buf);
+                    encode_varint(batch_len(records) as u64, buf);
+                    for r in records {
+                        encode_key(1, WireType::LengthDelimited, buf);
+                        encode_varint(r.len() as u64, buf);
+                        buf.put_slice(r);
+                    }
+                }
+                SubscribeResponse::Lost(l) => prost::encoding::message::encode(2, l, buf),
             }
-            .into(),
-            first_seen: Some(r.first_seen.into()),
-            last_seen: Some(r.last_seen.into()),
-            client: Some(dir_to_proto(&r.client)),
-            server: Some(dir_to_proto(&r.server)),
-            end_reason: proto::EndReason::from(r.end_reason).into(),
-            tcp: r.tcp.as_ref().map(|t| proto::TcpInfo {
-                client_flags: u32::from(t.client_flags),
-                server_flags: u32::from(t.server_flags),
-                state: proto::TcpState::from(t.state).into(),
-                handshake_client_ns: t.handshake_client_ns,
-                handshake_server_ns: t.handshake_server_ns,
-                syn_retransmits: u32::from(t.syn_retransmits),
-                late_start: t.late_start,
-                client_latency: t.client_latency.as_ref().map(latency_to_proto),
-                server_latency: t.server_latency.as_ref().map(latency_to_proto),
-            }),
-            icmp: r.icmp.as_ref().map(|i| proto::IcmpInfo {
-                client_type: i.client_type.map(u32::from),
-                client_code: i.client_code.map(u32::from),
-                server_type: i.server_type.map(u32::from),
-                server_code: i.server_code.map(u32::from),
-                echo_id: i.echo_id.map(u32::from),
-                echo_rtt: i.echo_rtt.as_ref().map(latency_to_proto),
-            }),
+        }
+
+        fn merge_field(
+            &mut self,
+            tag: u32,
+            wire_type: WireType,
+            buf: &mut impl Buf,
+            ctx: DecodeContext,
+        ) -> Result<(), DecodeError> {
+            // Only the server uses this type and it never decodes one (clients decode the
+            // generated `proto::SubscribeResponse`), so a decode keeps nothing.
+            prost::encoding::skip_field(wire_type, tag, buf, ctx)
+        }
+
+        fn encoded_len(&self) -> usize {
+            match self {
+                SubscribeResponse::Flows(records) => {
+                    let n = batch_len(records);
+                    key_len(1) + encoded_len_varint(n as u64) + n
+                }
+                SubscribeResponse::Lost(l) => prost::encoding::message::encoded_len(2, l),
+            }
+        }
+
+        fn clear(&mut self) {
+            *self = SubscribeResponse::default();
         }
     }
 }
 
-/// A proto record that does not fit the Rust type (clients only see this with a buggy or
-/// newer server).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {reason}")]
-pub struct RecordError {
-    pub field: &'static str,
-    pub reason: String,
-}
-
-fn narrow<T: TryFrom<u32>>(v: u32, field: &'static str) -> Result<T, RecordError> {
-    T::try_from(v).map_err(|_| RecordError {
-        field,
-        reason: format!("{v} out of range"),
-    })
-}
-
-fn time_from_proto(
-    t: Option<prost_types::Timestamp>,
-    field: &'static str,
-) -> Result<SystemTime, RecordError> {
-    let t = t.ok_or(RecordError {
-        field,
-        reason: "missing".into(),
-    })?;
-    SystemTime::try_from(t).map_err(|e| RecordError {
-        field,
-        reason: e.to_string(),
-    })
-}
-
-fn dir_from_proto(
-    d: Option<proto::DirStats>,
-    field: &'static str,
-) -> Result<DirStats, RecordError> {
-    let d = d.unwrap_or_default();
-    Ok(DirStats {
-        packets: d.packets,
-        bytes: d.bytes,
-        ttl: narrow(d.ttl, field)?,
-    })
-}
-
-fn latency_from_proto(l: &proto::Latency) -> Latency {
-    Latency {
-        count: l.count,
-        sum_ns: l.sum_ns,
-        min_ns: l.min_ns,
-        max_ns: l.max_ns,
-        jitter_ns: l.jitter_ns,
-    }
-}
-
-/// The inverse of `From<&FlowRecord>`; `watch` uses it to print records as the agent's type.
-impl TryFrom<&proto::FlowRecord> for FlowRecord {
-    type Error = RecordError;
-
-    fn try_from(p: &proto::FlowRecord) -> Result<FlowRecord, RecordError> {
-        let addr = |s: &str, field: &'static str| {
-            s.parse::<IpAddr>().map_err(|e| RecordError {
-                field,
-                reason: format!("{s:?}: {e}"),
-            })
-        };
-        let opt8 = |v: Option<u32>, field| v.map(|v| narrow::<u8>(v, field)).transpose();
-        let tcp = p
-            .tcp
-            .as_ref()
-            .map(|t| -> Result<TcpInfo, RecordError> {
-                Ok(TcpInfo {
-                    client_flags: narrow(t.client_flags, "tcp.client_flags")?,
-                    server_flags: narrow(t.server_flags, "tcp.server_flags")?,
-                    state: tcp_state_from_proto(t.state()),
-                    handshake_client_ns: t.handshake_client_ns,
-                    handshake_server_ns: t.handshake_server_ns,
-                    syn_retransmits: narrow(t.syn_retransmits, "tcp.syn_retransmits")?,
-                    late_start: t.late_start,
-                    client_latency: t.client_latency.as_ref().map(latency_from_proto),
-                    server_latency: t.server_latency.as_ref().map(latency_from_proto),
-                })
-            })
-            .transpose()?;
-        let icmp = p
-            .icmp
-            .as_ref()
-            .map(|i| -> Result<IcmpInfo, RecordError> {
-                Ok(IcmpInfo {
-                    client_type: opt8(i.client_type, "icmp.client_type")?,
-                    client_code: opt8(i.client_code, "icmp.client_code")?,
-                    server_type: opt8(i.server_type, "icmp.server_type")?,
-                    server_code: opt8(i.server_code, "icmp.server_code")?,
-                    echo_id: i
-                        .echo_id
-                        .map(|v| narrow::<u16>(v, "icmp.echo_id"))
-                        .transpose()?,
-                    echo_rtt: i.echo_rtt.as_ref().map(latency_from_proto),
-                })
-            })
-            .transpose()?;
-        Ok(FlowRecord {
-            ip_version: match p.ip_version() {
-                proto::IpVersion::IpVersion6 => 6,
-                _ => 4,
-            },
-            protocol: narrow(p.protocol, "protocol")?,
-            client_addr: addr(&p.client_addr, "client_addr")?,
-            client_port: narrow(p.client_port, "client_port")?,
-            server_addr: addr(&p.server_addr, "server_addr")?,
-            server_port: narrow(p.server_port, "server_port")?,
-            ifindex: p.ifindex,
-            interface: p.interface.clone(),
-            first_hook: match p.first_hook() {
-                proto::Hook::Egress => Hook::Egress,
-                _ => Hook::Ingress,
-            },
-            first_seen: time_from_proto(p.first_seen, "first_seen")?,
-            last_seen: time_from_proto(p.last_seen, "last_seen")?,
-            client: dir_from_proto(p.client, "client.ttl")?,
-            server: dir_from_proto(p.server, "server.ttl")?,
-            end_reason: end_reason_from_proto(p.end_reason()).unwrap_or(EndReason::IdleTimeout),
-            tcp,
-            icmp,
-        })
-    }
-}
-
-fn event_to_proto(ev: Event) -> proto::SubscribeResponse {
-    use proto::subscribe_response::Event as E;
-    let event = match ev {
-        Event::Records(recs) => E::Flows(proto::FlowBatch {
-            records: recs.iter().map(|r| proto::FlowRecord::from(&**r)).collect(),
-        }),
-        Event::Lost(count) => E::Lost(proto::Lost {
+fn event_to_wire(ev: Event) -> wire::SubscribeResponse {
+    match ev {
+        Event::Records(recs) => wire::SubscribeResponse::Flows(
+            recs.iter().map(|r| r.wire(api::encode_record)).collect(),
+        ),
+        Event::Lost(count) => wire::SubscribeResponse::Lost(proto::Lost {
             count,
             reason: proto::LostReason::QueueFull.into(),
         }),
-    };
-    proto::SubscribeResponse { event: Some(event) }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -501,7 +141,7 @@ impl FlowLensService {
     }
 }
 
-type ResponseStream = ReceiverStream<Result<proto::SubscribeResponse, tonic::Status>>;
+type ResponseStream = ReceiverStream<Result<wire::SubscribeResponse, tonic::Status>>;
 
 #[tonic::async_trait]
 impl FlowLens for FlowLensService {
@@ -536,14 +176,14 @@ impl FlowLens for FlowLensService {
                     // server's shutdown grace bounds a stalled client.
                     if hub.is_closed() {
                         while let Some(ev) = sub.next_event().await {
-                            if tx.send(Ok(event_to_proto(ev))).await.is_err() {
+                            if tx.send(Ok(event_to_wire(ev))).await.is_err() {
                                 break;
                             }
                         }
                     }
                     break;
                 };
-                if tx.send(Ok(event_to_proto(ev))).await.is_err() {
+                if tx.send(Ok(event_to_wire(ev))).await.is_err() {
                     break;
                 }
             }
@@ -595,11 +235,10 @@ fn status_response(status: &AgentStatus, hub: &Hub) -> proto::GetStatusResponse 
         last_poll_ns: snap.last_poll_ns,
         map_pressure_events: snap.map_pressure_events,
         subscribers: hub
-            .subscribers
-            .iter()
+            .subscribers()
             .map(|s| proto::SubscriberInfo {
                 id: s.id,
-                peer: s.peer.clone(),
+                peer: s.name.clone(),
                 connected: Some(s.connected.into()),
                 records_queued: s.queued,
                 lost: s.lost,
@@ -735,7 +374,15 @@ impl Drop for ServiceHandle {
 /// Starts the gRPC server on its own tokio runtime in a background thread; `listen` is
 /// "HOST:PORT" or "unix:/path". Fails (naming the address) if it cannot bind.
 pub fn spawn(listen: &str, hub: Hub, status: Arc<AgentStatus>) -> anyhow::Result<ServiceHandle> {
-    let addr: ListenAddr = listen.parse()?;
+    spawn_on(listen.parse()?, hub, status)
+}
+
+/// `spawn` with an address already parsed.
+pub fn spawn_on(
+    addr: ListenAddr,
+    hub: Hub,
+    status: Arc<AgentStatus>,
+) -> anyhow::Result<ServiceHandle> {
     let bound = bind(&addr)?;
     let (local_addr, unix_path) = match &bound {
         Bound::Tcp(l) => (Some(l.local_addr().context("gRPC listener address")?), None),
@@ -752,7 +399,6 @@ pub fn spawn(listen: &str, hub: Hub, status: Arc<AgentStatus>) -> anyhow::Result
         .name("flowlens-grpc-main".into())
         .spawn(move || rt.block_on(serve(bound, hub, status, stop_rx)))
         .context("spawning the gRPC server thread")?;
-    log::info!("gRPC listening on {listen}");
     Ok(ServiceHandle {
         stop: Some(stop_tx),
         thread: Some(thread),

@@ -2,16 +2,16 @@
 
 use std::future::Future;
 use std::io::{self, Write};
-use std::net::IpAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
 use tonic::transport::Endpoint;
 
-use crate::flow::{EndReason, FlowRecord, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
-use crate::service::proto;
-use crate::service::proto::flow_lens_client::FlowLensClient;
-use crate::stream::Cidr;
+use crate::api::proto;
+use crate::api::proto::flow_lens_client::FlowLensClient;
+use crate::filter::Cidr;
+use crate::flow::{proto_name, tcp_flags, EndReason, FlowRecord, IPPROTO_ICMPV6};
+use crate::render::{Format, Renderer};
 
 /// Include flags are ANDed into one filter; each exclude flag value drops what it matches.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -174,10 +174,13 @@ pub async fn watch_to(
         .await
         .map_err(|s| anyhow!("subscribing at {}: {}", args.server, s.message()))?
         .into_inner();
-    if !args.json {
-        if let Err(e) = writeln!(out, "{}", table_header()).and_then(|()| out.flush()) {
-            return quiet_pipe(e);
-        }
+    let mut renderer = Renderer::new(if args.json {
+        Format::Json
+    } else {
+        Format::Table
+    });
+    if let Err(e) = renderer.header(out).and_then(|()| out.flush()) {
+        return quiet_pipe(e);
     }
     tokio::pin!(stop);
     loop {
@@ -197,7 +200,7 @@ pub async fn watch_to(
         };
         match event {
             Some(proto::subscribe_response::Event::Flows(batch)) => {
-                if let Err(e) = print_batch(&batch, args.json, out) {
+                if let Err(e) = print_batch(&batch, &mut renderer, out) {
                     return quiet_pipe(e);
                 }
             }
@@ -234,7 +237,11 @@ fn quiet_pipe(e: io::Error) -> anyhow::Result<()> {
     }
 }
 
-fn print_batch(batch: &proto::FlowBatch, json: bool, out: &mut impl Write) -> io::Result<()> {
+fn print_batch(
+    batch: &proto::FlowBatch,
+    renderer: &mut Renderer,
+    out: &mut impl Write,
+) -> io::Result<()> {
     for p in &batch.records {
         let rec = match FlowRecord::try_from(p) {
             Ok(r) => r,
@@ -243,12 +250,7 @@ fn print_batch(batch: &proto::FlowBatch, json: bool, out: &mut impl Write) -> io
                 continue;
             }
         };
-        if json {
-            serde_json::to_writer(&mut *out, &rec)?;
-            writeln!(out)?;
-        } else {
-            writeln!(out, "{}", table_row(&rec))?;
-        }
+        renderer.record(out, &rec)?;
     }
     out.flush()
 }
@@ -350,7 +352,9 @@ pub fn subscribe_request(a: &WatchArgs) -> anyhow::Result<proto::SubscribeReques
         .since
         .as_deref()
         .map(|s| -> anyhow::Result<prost_types::Timestamp> {
-            let ago = parse_duration(s).with_context(|| format!("--since {s:?}"))?;
+            let ago = humantime::parse_duration(s).with_context(|| {
+                format!("--since {s:?}: expected a duration such as 90s, 5m, 1h30m")
+            })?;
             let t = SystemTime::now()
                 .checked_sub(ago)
                 .unwrap_or(UNIX_EPOCH)
@@ -404,28 +408,17 @@ pub fn port_arg(s: &str, flag: &str) -> anyhow::Result<proto::PortRange> {
 
 /// A protocol name or number.
 pub fn proto_arg(s: &str, flag: &str) -> anyhow::Result<u32> {
-    let p = match s.to_ascii_lowercase().as_str() {
-        "tcp" => IPPROTO_TCP,
-        "udp" => IPPROTO_UDP,
-        "icmp" => IPPROTO_ICMP,
-        "icmpv6" | "icmp6" | "ipv6-icmp" => IPPROTO_ICMPV6,
-        other => other.parse().with_context(|| {
+    let lower = s.to_ascii_lowercase();
+    let named = (0..=u8::MAX).find(|&p| proto_name(p) == Some(lower.as_str()));
+    let p = match (named, lower.as_str()) {
+        (Some(p), _) => p,
+        (None, "icmp6" | "ipv6-icmp") => IPPROTO_ICMPV6,
+        (None, other) => other.parse().with_context(|| {
             format!("{flag} {s:?}: expected tcp, udp, icmp, icmpv6 or a number 0-255")
         })?,
     };
     Ok(u32::from(p))
 }
-
-const TCP_FLAG_NAMES: [(&str, u8); 8] = [
-    ("fin", 0x01),
-    ("syn", 0x02),
-    ("rst", 0x04),
-    ("psh", 0x08),
-    ("ack", 0x10),
-    ("urg", 0x20),
-    ("ece", 0x40),
-    ("cwr", 0x80),
-];
 
 /// "syn,ack", "0x12" or "18".
 pub fn tcp_flags_arg(s: &str) -> anyhow::Result<u32> {
@@ -437,16 +430,7 @@ pub fn tcp_flags_arg(s: &str) -> anyhow::Result<u32> {
     } else if let Ok(n) = t.parse::<u8>() {
         n
     } else {
-        let mut bits = 0u8;
-        for name in t.split([',', '|', '+']) {
-            let name = name.trim().to_ascii_lowercase();
-            let (_, b) = TCP_FLAG_NAMES
-                .iter()
-                .find(|(n, _)| *n == name)
-                .ok_or_else(|| anyhow!(err()))?;
-            bits |= b;
-        }
-        bits
+        tcp_flags::from_names(t).ok_or_else(|| anyhow!(err()))?
     };
     if bits == 0 {
         bail!(err());
@@ -463,187 +447,4 @@ pub fn end_reason_arg(s: &str) -> anyhow::Result<EndReason> {
             let names: Vec<&str> = EndReason::ALL.iter().map(|e| e.as_str()).collect();
             anyhow!("--end-reason {s:?}: expected one of {}", names.join(", "))
         })
-}
-
-/// "90", "90s", "1500ms", "5m", "2h".
-pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| anyhow!("expected a number with an optional unit (ms, s, m, h)"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        u => bail!("unknown unit {u:?} (ms, s, m, h)"),
-    };
-    Ok(d)
-}
-
-// ---------------------------------------------------------------------------
-// Table output
-// ---------------------------------------------------------------------------
-
-const W_TIME: usize = 12;
-const W_IFACE: usize = 10;
-const W_PROTO: usize = 6;
-const W_ENDPOINT: usize = 21;
-const W_DIR: usize = 13;
-const W_END: usize = 14;
-
-pub fn table_header() -> String {
-    format!(
-        "{:<W_TIME$} {:<W_IFACE$} {:<W_PROTO$} {:>W_ENDPOINT$}    {:<W_ENDPOINT$} {:>W_DIR$} {:>W_DIR$} {:<W_END$} DETAIL",
-        "TIME(UTC)", "IFACE", "PROTO", "CLIENT", "SERVER", "C>S PKT/B", "S>C PKT/B", "END"
-    )
-}
-
-/// One aligned table line (long IPv6 endpoints push later columns right).
-pub fn table_row(r: &FlowRecord) -> String {
-    let icmp = r.protocol == IPPROTO_ICMP || r.protocol == IPPROTO_ICMPV6;
-    let ep = |a: IpAddr, p: u16| match (a, icmp) {
-        (_, true) => a.to_string(),
-        (IpAddr::V4(_), false) => format!("{a}:{p}"),
-        (IpAddr::V6(_), false) => format!("[{a}]:{p}"),
-    };
-    let dir = |d: &crate::flow::DirStats| format!("{}/{}", d.packets, human_bytes(d.bytes));
-    let iface = if r.interface.is_empty() {
-        format!("if{}", r.ifindex)
-    } else {
-        r.interface.clone()
-    };
-    format!(
-        "{:<W_TIME$} {:<W_IFACE$} {:<W_PROTO$} {:>W_ENDPOINT$} -> {:<W_ENDPOINT$} {:>W_DIR$} {:>W_DIR$} {:<W_END$} {}",
-        clock_utc(r.last_seen),
-        iface,
-        proto_name(r.protocol),
-        ep(r.client_addr, r.client_port),
-        ep(r.server_addr, r.server_port),
-        dir(&r.client),
-        dir(&r.server),
-        r.end_reason.as_str(),
-        detail(r),
-    )
-    .trim_end()
-    .to_owned()
-}
-
-fn proto_name(p: u8) -> String {
-    match p {
-        IPPROTO_TCP => "tcp".into(),
-        IPPROTO_UDP => "udp".into(),
-        IPPROTO_ICMP => "icmp".into(),
-        IPPROTO_ICMPV6 => "icmp6".into(),
-        n => n.to_string(),
-    }
-}
-
-fn clock_utc(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let s = d.as_secs() % 86_400;
-    format!(
-        "{:02}:{:02}:{:02}.{:03}",
-        s / 3600,
-        s / 60 % 60,
-        s % 60,
-        d.subsec_millis()
-    )
-}
-
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        b.to_string()
-    } else {
-        format!("{v:.1}{}", UNITS[u])
-    }
-}
-
-fn ms(ns: u64) -> String {
-    format!("{:.2}ms", ns as f64 / 1e6)
-}
-
-fn flag_letters(bits: u8) -> String {
-    const LETTERS: [(u8, char); 8] = [
-        (0x02, 'S'),
-        (0x10, 'A'),
-        (0x08, 'P'),
-        (0x01, 'F'),
-        (0x04, 'R'),
-        (0x20, 'U'),
-        (0x40, 'E'),
-        (0x80, 'C'),
-    ];
-    let s: String = LETTERS
-        .iter()
-        .filter(|(b, _)| bits & b != 0)
-        .map(|(_, c)| c)
-        .collect();
-    if s.is_empty() {
-        "-".into()
-    } else {
-        s
-    }
-}
-
-fn detail(r: &FlowRecord) -> String {
-    let mut parts = Vec::new();
-    if let Some(t) = &r.tcp {
-        parts.push(format!(
-            "{} flags {}|{}",
-            t.state.as_str(),
-            flag_letters(t.client_flags),
-            flag_letters(t.server_flags)
-        ));
-        match (t.handshake_client_ns, t.handshake_server_ns) {
-            (Some(c), Some(s)) => parts.push(format!("hs {}+{}", ms(c.into()), ms(s.into()))),
-            (Some(c), None) => parts.push(format!("hs {}+?", ms(c.into()))),
-            (None, Some(s)) => parts.push(format!("hs ?+{}", ms(s.into()))),
-            (None, None) => {}
-        }
-        let lat = |name: &str, l: &crate::flow::Latency| match l.jitter_ns {
-            Some(j) => format!("{name} {} jit {} n={}", ms(l.mean_ns()), ms(j), l.count),
-            None => format!("{name} {} n={}", ms(l.mean_ns()), l.count),
-        };
-        if let Some(l) = &t.server_latency {
-            parts.push(lat("srv-lat", l));
-        }
-        if let Some(l) = &t.client_latency {
-            parts.push(lat("cli-lat", l));
-        }
-        if t.syn_retransmits > 0 {
-            parts.push(format!("syn-rtx {}", t.syn_retransmits));
-        }
-        if t.late_start {
-            parts.push("late-start".into());
-        }
-    }
-    if let Some(i) = &r.icmp {
-        let tc = |t: Option<u8>, c: Option<u8>| match (t, c) {
-            (Some(t), Some(c)) => format!("{t}/{c}"),
-            (Some(t), None) => t.to_string(),
-            _ => "-".into(),
-        };
-        parts.push(format!(
-            "icmp c={} s={}",
-            tc(i.client_type, i.client_code),
-            tc(i.server_type, i.server_code)
-        ));
-        if let Some(id) = i.echo_id {
-            parts.push(format!("id {id}"));
-        }
-        if let Some(r) = &i.echo_rtt {
-            parts.push(format!("rtt {} n={}", ms(r.mean_ns()), r.count));
-        }
-    }
-    parts.join(" ")
 }

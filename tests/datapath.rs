@@ -5,8 +5,8 @@ mod common;
 use common::{Harness, Hook};
 use flowlens::bpf::types;
 use flowlens::datapath::Capacities;
-use flowlens::flow::{addr_key, HI_TO_LO, LO_TO_HI};
 use flowlens::packet::*;
+use flowlens::poller::decode::{addr_key, HI_TO_LO, LO_TO_HI};
 
 const A: [u8; 4] = [10, 200, 0, 1];
 const B: [u8; 4] = [10, 200, 0, 2];

@@ -5,12 +5,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use flowlens::api::proto;
+use flowlens::api::proto::flow_lens_client::FlowLensClient;
+use flowlens::api::proto::subscribe_response::Event;
 use flowlens::flow::{DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo, TcpState};
-use flowlens::service::proto::flow_lens_client::FlowLensClient;
-use flowlens::service::proto::subscribe_response::Event;
-use flowlens::service::{self, proto, ServiceHandle};
+use flowlens::hub::{Hub, HubConfig};
+use flowlens::service::{self, ServiceHandle};
 use flowlens::status::{MapUsage, Status};
-use flowlens::stream::{Hub, HubConfig};
 use flowlens::watch::{self, WatchArgs};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Streaming};
@@ -674,6 +675,7 @@ async fn replay_then_follow() {
     let agent = Agent::with_config(HubConfig {
         ring_capacity: 20,
         subscriber_queue: 4096,
+        ..HubConfig::default()
     });
     for i in 1..=30 {
         agent.hub.publish(rec(i));
@@ -785,6 +787,7 @@ async fn stalled_subscriber_loses_records_others_get_all() {
     let agent = Agent::with_config(HubConfig {
         ring_capacity: 100,
         subscriber_queue: 64,
+        ..HubConfig::default()
     });
     // A small HTTP/2 window makes the stalled client's transport fill up quickly.
     let slow_channel = Endpoint::from_shared(agent.url())
@@ -800,12 +803,11 @@ async fn stalled_subscriber_loses_records_others_get_all() {
         .unwrap()
         .into_inner();
     let mut fast = agent.subscribe(proto::SubscribeRequest::default()).await;
-    let slow_id = agent.hub.stats().subscribers[0].id;
+    let slow_id = agent.hub.stats().subscribers().next().unwrap().id;
 
     let slow_lost = |hub: &Hub| {
         hub.stats()
-            .subscribers
-            .iter()
+            .subscribers()
             .find(|s| s.id == slow_id)
             .map(|s| s.lost)
             .unwrap()
@@ -1008,7 +1010,7 @@ async fn invalid_requests_name_the_field() {
         );
     }
     // Rejected requests leave no subscriber behind.
-    assert!(agent.hub.stats().subscribers.is_empty());
+    assert_eq!(agent.hub.stats().subscribers().count(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1243,7 +1245,7 @@ async fn port_in_use_is_a_clear_error() {
 async fn fanout_thread_ends_streams_when_the_poller_goes() {
     let agent = Agent::start();
     let (tx, rx) = crossbeam_channel::bounded(16);
-    let fanout = agent.hub.spawn_fanout(rx);
+    let fanout = agent.hub.spawn_fanout(rx).unwrap();
     let s = agent.subscribe(proto::SubscribeRequest::default()).await;
     for i in 1..=3 {
         tx.send(rec(i)).unwrap();

@@ -7,9 +7,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use flowlens::hub::{Hub, HubConfig, SubscribeOptions};
 use flowlens::metrics;
 use flowlens::status::{MapUsage, Snapshot, Status};
-use flowlens::stream::{Hub, HubConfig, SubscribeOptions};
 
 /// One parsed sample: metric name, labels, value.
 #[derive(Debug, Clone, PartialEq)]
@@ -172,7 +172,11 @@ fn render_parses_and_carries_every_value() {
     let hub = Hub::new(HubConfig {
         ring_capacity: 100,
         subscriber_queue: 8,
+        ..HubConfig::default()
     });
+    // Subscriptions run a task on the caller's runtime.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _rt = rt.enter();
     let _sub1 = hub.subscribe(SubscribeOptions::default());
     let _sub2 = hub.subscribe(SubscribeOptions::default());
     let text = metrics::render(&status.snapshot(), &hub.stats());
@@ -333,6 +337,8 @@ fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
 fn scrape_over_tcp() {
     let status = filled_status();
     let hub = Hub::new(HubConfig::default());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _rt = rt.enter();
     let _sub = hub.subscribe(SubscribeOptions::default());
     let h = metrics::spawn("127.0.0.1:0", status.clone(), hub.clone()).expect("spawn");
     let addr = h.local_addr();

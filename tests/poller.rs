@@ -9,8 +9,10 @@ use common::bytes_of;
 use flowlens::attach::IfNames;
 use flowlens::bpf::types;
 use flowlens::datapath::{Capacities, Datapath, FlowMaps};
-use flowlens::flow::{monotonic_ns, EndReason, FlowRecord};
-use flowlens::poller::{read_all, Poller, PollerConfig, ReadMode};
+use flowlens::flow::{EndReason, FlowRecord};
+use flowlens::poller::decode::monotonic_ns;
+use flowlens::poller::table::read_all;
+use flowlens::poller::{KernelTable, Poller, PollerConfig, ReadMode};
 use flowlens::status::Status;
 use libbpf_rs::{MapCore, MapFlags};
 
@@ -66,7 +68,7 @@ fn poller(
     let status = Arc::new(Status::new());
     (
         Poller::new(
-            dp.maps().expect("maps"),
+            KernelTable::new(dp.maps().expect("maps")),
             cfg,
             tx,
             status.clone(),
@@ -105,7 +107,7 @@ fn batch_and_key_by_key_reads_agree_and_joins_are_right() {
         read_all(&maps.tcp, "flows_tcp", ReadMode::Batch, true).expect("locked batch");
     assert_eq!(tcp.len(), 2500);
 
-    let (p, _, _) = poller(&dp, PollerConfig::default());
+    let (mut p, _, _) = poller(&dp, PollerConfig::default());
     let joined = p.read_flows().expect("read");
     let (flows, entries) = (joined.flows, joined.entries);
     assert!(joined.unjoined.is_empty());

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use common::{Harness, Hook};
 use flowlens::bpf::types::{flow_tcp, tcp_bits, tcp_state};
-use flowlens::flow::{HI_TO_LO, LO_TO_HI};
 use flowlens::packet::*;
+use flowlens::poller::decode::{HI_TO_LO, LO_TO_HI};
 
 const CLIENT: [u8; 4] = [10, 200, 0, 1]; // lo side: sends LO_TO_HI
 const SERVER: [u8; 4] = [10, 200, 0, 2];

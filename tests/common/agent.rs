@@ -1,30 +1,30 @@
-//! The collector assembled in-process (datapath, attacher in a test namespace, poller thread).
+//! The collector assembled in-process: the library's `Agent`, started inside a test namespace, with a sink that collects every record.
 #![allow(dead_code)]
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
-use flowlens::attach::{Attacher, IfNames, Mode, ProgramFds, Selector};
-use flowlens::datapath::{Capacities, Datapath, FlowMaps};
+use crossbeam_channel::Sender;
+use flowlens::agent::Agent as FlowAgent;
+use flowlens::config::Config;
+use flowlens::datapath::{Capacities, FlowMaps};
 use flowlens::flow::FlowRecord;
-use flowlens::poller::{Poller, PollerConfig};
+use flowlens::hub::{Hub, SinkKind, SinkRx};
+use flowlens::poller::PollerConfig;
 use flowlens::status::Status;
 use libbpf_rs::MapCore;
 
 use super::netns::{enter, NetPair};
 
 pub struct Agent {
-    pub dp: Datapath,
+    pub hub: Hub,
     pub maps: FlowMaps,
     pub status: Arc<Status>,
-    rx: Receiver<FlowRecord>,
+    rx: SinkRx,
     pub seen: Vec<FlowRecord>,
-    stop_attach: Option<Sender<()>>,
-    attach_thread: Option<JoinHandle<()>>,
-    stop_poll: Option<Sender<()>>,
-    poll_thread: Option<JoinHandle<()>>,
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 /// Short timeouts so tests finish quickly.
@@ -43,45 +43,51 @@ pub fn fast_config() -> PollerConfig {
 }
 
 impl Agent {
-    /// Attaches to `net.if_a` inside namespace `net.a` and starts polling.
-    pub fn start(net: &NetPair, cfg: PollerConfig, cap: Capacities) -> Agent {
-        let dp = Datapath::load(cap).expect("load datapath");
-        let fds = ProgramFds::of(&dp).expect("program fds");
-        let ifnames = IfNames::default();
-        let names = ifnames.clone();
-        let sel = Selector::new(std::slice::from_ref(&net.if_a), &[]).expect("selector");
+    /// Starts the agent inside namespace `net.a`, attached to `net.if_a` only, with
+    /// nothing on stdout, no pins and no listeners.
+    pub fn start(net: &NetPair, poller: PollerConfig, capacities: Capacities) -> Agent {
+        let cfg = Config {
+            interfaces: vec![net.if_a.clone()],
+            poller,
+            capacities,
+            output: None,
+            pin_dir: None,
+            grpc_listen: None,
+            metrics_listen: None,
+            ..Config::default()
+        };
         let path = format!("/run/netns/{}", net.a);
-        let (stop_attach, stop_rx) = crossbeam_channel::bounded::<()>(1);
-        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<usize>(1);
-        let attach_thread = std::thread::spawn(move || {
+        let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+        let thread = std::thread::spawn(move || {
             enter(&path);
-            let mut attacher = Attacher::new(fds, Mode::Auto, names);
-            let r = attacher.sync(&sel).expect("sync");
-            ready_tx.send(r.attached.len()).expect("ready");
-            let _ = stop_rx.recv();
-            attacher.detach_all();
+            let agent = FlowAgent::start(cfg).expect("start the agent");
+            let rx = agent.hub().add_sink(SinkKind::Output, "test");
+            let maps = agent.maps().expect("maps");
+            ready_tx
+                .send((agent.hub().clone(), agent.status().clone(), maps, rx))
+                .expect("ready");
+            agent.run(&stop_rx).expect("agent shutdown");
         });
-        assert_eq!(
-            ready_rx.recv().expect("attach thread"),
-            1,
-            "attached to the test veth"
-        );
-        let status = Arc::new(Status::new());
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let (stop_poll, stop_poll_rx) = crossbeam_channel::bounded::<()>(1);
-        let poller = Poller::new(dp.maps().expect("maps"), cfg, tx, status.clone(), ifnames);
-        let poll_thread = std::thread::spawn(move || poller.run(stop_poll_rx).expect("poller"));
+        let (hub, status, maps, rx) = ready_rx.recv().expect("agent thread started");
         Agent {
-            maps: dp.maps().expect("maps"),
-            dp,
+            hub,
+            maps,
             status,
             rx,
             seen: Vec::new(),
-            stop_attach: Some(stop_attach),
-            attach_thread: Some(attach_thread),
-            stop_poll: Some(stop_poll),
-            poll_thread: Some(poll_thread),
+            stop: Some(stop),
+            thread: Some(thread),
         }
+    }
+
+    fn take_records(&mut self) -> bool {
+        let mut got = false;
+        while let Some(r) = self.rx.try_recv() {
+            self.seen.push(r.record.clone());
+            got = true;
+        }
+        got
     }
 
     /// Collects records until `done` holds for all records so far, or panics after `timeout`.
@@ -99,8 +105,8 @@ impl Agent {
                 "timed out waiting for {what}; records: {:#?}",
                 self.seen
             );
-            if let Ok(r) = self.rx.recv_timeout(left.min(Duration::from_millis(100))) {
-                self.seen.push(r);
+            if !self.take_records() {
+                std::thread::sleep(left.min(Duration::from_millis(20)));
             }
         }
         &self.seen
@@ -117,19 +123,14 @@ impl Agent {
     /// Detaches, stops the poller (which flushes), and returns every record.
     pub fn stop(mut self) -> Vec<FlowRecord> {
         self.shutdown();
-        while let Ok(r) = self.rx.try_recv() {
-            self.seen.push(r);
-        }
+        self.take_records();
         std::mem::take(&mut self.seen)
     }
 
+    /// Stops the agent the way the binary does: detach, flush every flow, close the hub.
     fn shutdown(&mut self) {
-        drop(self.stop_attach.take());
-        if let Some(t) = self.attach_thread.take() {
-            let _ = t.join();
-        }
-        drop(self.stop_poll.take());
-        if let Some(t) = self.poll_thread.take() {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }

@@ -1,31 +1,25 @@
-//! Reads the split flow maps, joins base and extension entries, ends flows and deletes their keys from every map.
+//! Reads the split flow maps, joins base and extension entries, ends flows on idle/active timeout and TCP close, and deletes ended keys from every map.
+
+pub mod decode;
+pub mod memory;
+pub mod table;
 
 use std::collections::HashMap;
 use std::ffi::CStr;
-use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, tick, Receiver, Sender};
-use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use log::{debug, info, warn};
 use thiserror::Error;
 
 use crate::attach::IfNames;
 use crate::bpf::types;
-use crate::datapath::FlowMaps;
-use crate::flow::{
-    monotonic_ns, Clock, Counts, EndReason, FlowRecord, RawFlow, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IPPROTO_TCP,
-};
+use crate::flow::{EndReason, FlowRecord, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 use crate::status::{MapUsage, Status};
-
-/// The kernel-internal "operation not supported" errno.
-const ENOTSUPP: i32 = 524;
-
-pub const KEY_SIZE: usize = std::mem::size_of::<types::flow_key>();
-pub type KeyBytes = [u8; KEY_SIZE];
+use decode::{key_bytes, monotonic_ns, Clock, Counts, KeyBytes, RawFlow};
+pub use table::{ExtMap, FlowTable, Joined, KernelTable, ReadMode, MAP_NAMES};
 
 #[derive(Debug, Error)]
 pub enum PollError {
@@ -40,7 +34,7 @@ pub enum PollError {
 }
 
 /// Timeouts and cadence of the poller.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PollerConfig {
     pub poll_interval: Duration,
     pub idle_tcp: Duration,
@@ -91,32 +85,10 @@ struct Reported {
     at_ns: u64,
 }
 
-/// An extension map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExtMap {
-    Tcp,
-    Icmp,
-}
-
-/// What one read of the maps found.
-pub struct Joined {
-    pub flows: Vec<RawFlow>,
-    /// Entries in flows, flows_tcp and flows_icmp.
-    pub entries: [u64; 3],
-    /// Extension keys read without a base entry: orphans, or flows created
-    /// between the reads of two maps.
-    pub unjoined: Vec<(ExtMap, KeyBytes)>,
-}
-
-/// How entries are read: batch syscalls where the kernel has them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReadMode {
-    Batch,
-    KeyByKey,
-}
-
-pub struct Poller {
-    maps: FlowMaps,
+/// Ends flows by the lifecycle rules and emits their records; generic over where the
+/// flows live, so the rules are tested on an in-memory table.
+pub struct Poller<T: FlowTable = KernelTable> {
+    table: T,
     cfg: PollerConfig,
     clock: Clock,
     tx: Sender<FlowRecord>,
@@ -124,20 +96,19 @@ pub struct Poller {
     reported: HashMap<KeyBytes, Reported>,
     ifnames: IfNames,
     polls: u64,
-    read_mode: ReadMode,
     pressured: [bool; 3],
 }
 
-impl Poller {
+impl<T: FlowTable> Poller<T> {
     pub fn new(
-        maps: FlowMaps,
+        table: T,
         cfg: PollerConfig,
         tx: Sender<FlowRecord>,
         status: Arc<Status>,
         ifnames: IfNames,
-    ) -> Poller {
+    ) -> Poller<T> {
         Poller {
-            maps,
+            table,
             cfg,
             clock: Clock::new(),
             tx,
@@ -145,13 +116,16 @@ impl Poller {
             reported: HashMap::new(),
             ifnames,
             polls: 0,
-            read_mode: ReadMode::Batch,
             pressured: [false; 3],
         }
     }
 
-    pub fn set_read_mode(&mut self, mode: ReadMode) {
-        self.read_mode = mode;
+    pub fn table(&self) -> &T {
+        &self.table
+    }
+
+    pub fn table_mut(&mut self) -> &mut T {
+        &mut self.table
     }
 
     /// Polls every interval until `stop` fires or disconnects, then flushes every flow.
@@ -177,42 +151,8 @@ impl Poller {
     }
 
     /// Reads every map once and joins each base entry with its extension.
-    pub fn read_flows(&self) -> Result<Joined, PollError> {
-        let base: Vec<(types::flow_key, types::flow_base)> =
-            read_all(&self.maps.flows, "flows", self.read_mode, false)?;
-        let mut tcp: HashMap<KeyBytes, types::flow_tcp> =
-            read_all(&self.maps.tcp, "flows_tcp", self.read_mode, true)?
-                .into_iter()
-                .map(|(k, v)| (key_bytes(&k), v))
-                .collect();
-        let mut icmp: HashMap<KeyBytes, types::flow_icmp> =
-            read_all(&self.maps.icmp, "flows_icmp", self.read_mode, false)?
-                .into_iter()
-                .map(|(k, v)| (key_bytes(&k), v))
-                .collect();
-        let entries = [base.len() as u64, tcp.len() as u64, icmp.len() as u64];
-        let flows = base
-            .into_iter()
-            .map(|(key, base)| {
-                let kb = key_bytes(&key);
-                RawFlow {
-                    key,
-                    base,
-                    tcp: tcp.remove(&kb),
-                    icmp: icmp.remove(&kb),
-                }
-            })
-            .collect();
-        let unjoined = tcp
-            .into_keys()
-            .map(|k| (ExtMap::Tcp, k))
-            .chain(icmp.into_keys().map(|k| (ExtMap::Icmp, k)))
-            .collect();
-        Ok(Joined {
-            flows,
-            entries,
-            unjoined,
-        })
+    pub fn read_flows(&mut self) -> Result<Joined, PollError> {
+        self.table.read()
     }
 
     /// One poll: report ended and long-running flows, delete ended keys everywhere.
@@ -293,7 +233,7 @@ impl Poller {
         }
         let timeout = match f.key.proto {
             IPPROTO_TCP => self.cfg.idle_tcp,
-            crate::flow::IPPROTO_UDP => self.cfg.idle_udp,
+            IPPROTO_UDP => self.cfg.idle_udp,
             IPPROTO_ICMP | IPPROTO_ICMPV6 => self.cfg.idle_icmp,
             _ => self.cfg.idle_other,
         };
@@ -306,19 +246,8 @@ impl Poller {
     /// record holds every packet counted before the delete; a packet that
     /// lands after it starts a new flow.
     fn end_flow(&mut self, kb: &KeyBytes, reason: EndReason) -> Result<bool, PollError> {
-        let base = take(&self.maps.flows, kb, "flows")?;
-        let tcp = take(&self.maps.tcp, kb, "flows_tcp")?;
-        let icmp = take(&self.maps.icmp, kb, "flows_icmp")?;
-        let Some(base) = base else {
+        let Some(raw) = self.table.take(kb)? else {
             return Ok(false);
-        };
-        let mut key = types::flow_key::default();
-        plain::copy_from_bytes(&mut key, kb).expect("key size");
-        let raw = RawFlow {
-            key,
-            base,
-            tcp,
-            icmp,
         };
         let prior = self
             .reported
@@ -326,7 +255,7 @@ impl Poller {
             .map(|r| r.counts)
             .unwrap_or_default();
         let counts = Counts::of(&raw.base).saturating_sub(&prior);
-        let ifname = self.ifname(key.ifindex);
+        let ifname = self.ifname(raw.key.ifindex);
         let rec = raw.to_record(counts, reason, &self.clock, ifname);
         self.status.flows_ended.fetch_add(1, Ordering::Relaxed);
         self.send(rec)?;
@@ -370,22 +299,7 @@ impl Poller {
     fn sweep_orphans(&mut self, unjoined: &[(ExtMap, KeyBytes)]) -> Result<usize, PollError> {
         let mut removed = 0;
         for (ext, k) in unjoined {
-            let has_base = self
-                .maps
-                .flows
-                .lookup(k, MapFlags::ANY)
-                .map_err(|e| PollError::Read {
-                    map: "flows",
-                    source: std::io::Error::other(e),
-                })?
-                .is_some();
-            // The datapath inserts a base before its extension, so an
-            // extension without its base is never a flow in the making.
-            let map = match ext {
-                ExtMap::Tcp => &self.maps.tcp,
-                ExtMap::Icmp => &self.maps.icmp,
-            };
-            if !has_base && map.delete(k).is_ok() {
+            if self.table.remove_orphan(*ext, k)? {
                 removed += 1;
                 debug!("removed an orphan {ext:?} extension entry");
             }
@@ -402,11 +316,20 @@ impl Poller {
         self.status
             .active_flows
             .store(entries[0], Ordering::Relaxed);
-        let usage = self.maps.usage(entries);
+        let usage: Vec<MapUsage> = MAP_NAMES
+            .iter()
+            .zip(entries)
+            .zip(self.table.capacities())
+            .map(|((name, entries), capacity)| MapUsage {
+                name: (*name).to_owned(),
+                entries,
+                capacity,
+            })
+            .collect();
         for (i, u) in usage.iter().enumerate() {
             self.check_pressure(i, u);
         }
-        let counters = self.maps.counters().unwrap_or_default();
+        let counters = self.table.counters();
         self.status.set_detail(usage, counters);
     }
 
@@ -440,150 +363,6 @@ impl Poller {
         known
             .or_else(|| ifindex_to_name(ifindex))
             .unwrap_or_else(|| format!("if{ifindex}"))
-    }
-}
-
-fn key_bytes(k: &types::flow_key) -> KeyBytes {
-    let mut b = [0u8; KEY_SIZE];
-    // SAFETY: flow_key is Plain.
-    b.copy_from_slice(unsafe { plain::as_bytes(k) });
-    b
-}
-
-fn decode<T: plain::Plain + Default>(bytes: &[u8]) -> T {
-    let mut v = T::default();
-    plain::copy_from_bytes(&mut v, bytes).expect("map value size matches its type");
-    v
-}
-
-/// Atomically reads and deletes one entry.
-fn take<V: plain::Plain + Default>(
-    map: &MapHandle,
-    key: &[u8],
-    name: &'static str,
-) -> Result<Option<V>, PollError> {
-    map.lookup_and_delete(key)
-        .map(|v| v.map(|v| decode(&v)))
-        .map_err(|e| PollError::Read {
-            map: name,
-            source: std::io::Error::other(e),
-        })
-}
-
-/// Reads every entry of a hash map, in batches where the kernel supports them.
-pub fn read_all<K, V>(
-    map: &MapHandle,
-    name: &'static str,
-    mode: ReadMode,
-    locked: bool,
-) -> Result<Vec<(K, V)>, PollError>
-where
-    K: plain::Plain + Default,
-    V: plain::Plain + Default,
-{
-    Ok(match mode {
-        ReadMode::Batch => match read_batch(map, locked) {
-            Ok(entries) => entries,
-            // kernels without batch ops for this map type
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINVAL | libc::ENOTSUP | ENOTSUPP)
-                ) =>
-            {
-                read_key_by_key(map, locked)
-            }
-            Err(source) => return Err(PollError::Read { map: name, source }),
-        },
-        ReadMode::KeyByKey => read_key_by_key(map, locked),
-    })
-}
-
-fn lookup_flags(locked: bool) -> MapFlags {
-    if locked {
-        MapFlags::LOCK
-    } else {
-        MapFlags::ANY
-    }
-}
-
-fn read_key_by_key<K, V>(map: &MapHandle, locked: bool) -> Vec<(K, V)>
-where
-    K: plain::Plain + Default,
-    V: plain::Plain + Default,
-{
-    let keys: Vec<Vec<u8>> = map.keys().collect();
-    keys.into_iter()
-        .filter_map(|k| {
-            // A key deleted since the walk is simply gone.
-            let v = map.lookup(&k, lookup_flags(locked)).ok()??;
-            Some((decode(&k), decode(&v)))
-        })
-        .collect()
-}
-
-/// BPF_MAP_LOOKUP_BATCH over the whole map, decoding in place. A hash
-/// bucket must fit in one batch (else ENOSPC), so the batch doubles until it does.
-fn read_batch<K, V>(map: &MapHandle, locked: bool) -> std::io::Result<Vec<(K, V)>>
-where
-    K: plain::Plain + Default,
-    V: plain::Plain + Default,
-{
-    let ks = map.key_size() as usize;
-    let vs = map.value_size() as usize;
-    let mut batch: u32 = 1024;
-    let mut out = Vec::new();
-    let mut token = vec![0u8; ks.max(8)];
-    let mut next = vec![0u8; ks.max(8)];
-    let mut keys = vec![0u8; ks * batch as usize];
-    let mut vals = vec![0u8; vs * batch as usize];
-    let mut first = true;
-    let opts = libbpf_sys::bpf_map_batch_opts {
-        sz: std::mem::size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
-        elem_flags: lookup_flags(locked).bits(),
-        flags: 0,
-    };
-    loop {
-        let mut count = batch;
-        // SAFETY: buffers are sized for `count` keys/values and the tokens
-        // for a key; the kernel writes at most that.
-        let ret = unsafe {
-            libbpf_sys::bpf_map_lookup_batch(
-                map.as_fd().as_raw_fd(),
-                if first {
-                    std::ptr::null_mut()
-                } else {
-                    token.as_mut_ptr().cast()
-                },
-                next.as_mut_ptr().cast(),
-                keys.as_mut_ptr().cast(),
-                vals.as_mut_ptr().cast(),
-                &mut count,
-                &opts,
-            )
-        };
-        let err = if ret < 0 { -ret } else { 0 };
-        if err == libc::ENOSPC && count == 0 {
-            batch *= 2;
-            keys.resize(ks * batch as usize, 0);
-            vals.resize(vs * batch as usize, 0);
-            continue;
-        }
-        if err != 0 && err != libc::ENOENT {
-            return Err(std::io::Error::from_raw_os_error(err));
-        }
-        let n = count as usize;
-        out.extend(
-            keys[..n * ks]
-                .chunks_exact(ks)
-                .zip(vals[..n * vs].chunks_exact(vs))
-                .map(|(k, v)| (decode(k), decode(v))),
-        );
-        if err == libc::ENOENT {
-            return Ok(out);
-        }
-        std::mem::swap(&mut token, &mut next);
-        first = false;
     }
 }
 

@@ -1,0 +1,318 @@
+//! The agent: one owner for the datapath, the attacher, the poller, the hub and every sink, wired kernel -> poller -> hub -> sinks, with one shutdown order.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use crossbeam_channel::{Receiver, Sender};
+use log::{info, warn};
+
+use crate::attach::{Attacher, IfNames, ProgramFds, Selector};
+use crate::config::Config;
+use crate::datapath::{Datapath, FlowMaps};
+use crate::flow::FlowRecord;
+use crate::hub::{Hub, SinkKind};
+use crate::metrics::{self, MetricsHandle};
+use crate::output::{self, OutputHandle};
+use crate::poller::{KernelTable, PollError, Poller};
+use crate::preflight::{self, PinLock};
+use crate::service::{self, ListenAddr, ServiceHandle};
+use crate::status::Status;
+
+/// Records the poller may hand the hub before it waits for the fanout; the fanout never
+/// waits on a sink, so this only fills when the fanout itself falls behind.
+const RECORD_CHANNEL: usize = 65_536;
+/// How long shutdown waits for stdout to take the last records.
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+
+/// The poller thread and the channel whose disconnection stops it.
+type PollerThread = (Sender<()>, JoinHandle<Result<(), PollError>>);
+
+/// A running collector. Dropping it without `shutdown` still stops every thread, but
+/// does not flush flows.
+pub struct Agent {
+    cfg: Config,
+    selector: Selector,
+    attacher: Attacher,
+    hub: Hub,
+    status: Arc<Status>,
+    poller: Option<PollerThread>,
+    fanout: Option<JoinHandle<()>>,
+    output: Option<OutputHandle>,
+    grpc: Option<ServiceHandle>,
+    metrics: Option<MetricsHandle>,
+    // Declared last: dropped after everything that uses the maps.
+    dp: Datapath,
+    _pin_lock: Option<PinLock>,
+}
+
+impl Agent {
+    /// Validates the configuration, checks the host, loads the datapath, binds the
+    /// listeners, attaches and starts every thread. Nothing is attached when a check or
+    /// a listener fails, and a failed start leaves no pins behind.
+    pub fn start(cfg: Config) -> Result<Agent> {
+        let selector = Selector::new(&cfg.interfaces, &cfg.exclude_interfaces)
+            .context("--interface/--exclude-interface")?;
+        let grpc_addr = cfg
+            .grpc_listen
+            .as_deref()
+            .map(str::parse::<ListenAddr>)
+            .transpose()
+            .context("--grpc-listen")?;
+        if let Some(m) = &cfg.metrics_listen {
+            m.parse::<std::net::SocketAddr>()
+                .with_context(|| format!("--metrics-listen {m:?}: expected HOST:PORT or off"))?;
+        }
+        preflight::check_btf()?;
+        preflight::check_capabilities()?;
+        let pin_lock = match &cfg.pin_dir {
+            Some(root) => {
+                preflight::ensure_bpffs(root)?;
+                Some(preflight::lock_pin_root(root)?)
+            }
+            None => None,
+        };
+        let mut dp = Datapath::load_pinned(cfg.capacities, cfg.pin_dir.as_deref())
+            .context("loading the flow datapath")?;
+        match Self::wire(cfg.clone(), selector, grpc_addr, &dp) {
+            Ok(parts) => Ok(parts.assemble(dp, pin_lock)),
+            Err(e) => {
+                // A start-up failure must not leave pins behind, unless they hold the
+                // flows of an agent that crashed: those wait for a successful restart.
+                if dp.reused_flows().is_none() {
+                    let _ = dp.unpin();
+                }
+                remove_pin_root(&cfg.pin_dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn wire(
+        cfg: Config,
+        selector: Selector,
+        grpc_addr: Option<ListenAddr>,
+        dp: &Datapath,
+    ) -> Result<Parts> {
+        let status = Arc::new(Status::new());
+        let hub = Hub::new(cfg.hub);
+        // Listeners first: a port in use fails before anything is attached.
+        let grpc = grpc_addr
+            .map(|a| service::spawn_on(a, hub.clone(), status.clone()))
+            .transpose()
+            .context("--grpc-listen")?;
+        let metrics = cfg
+            .metrics_listen
+            .as_deref()
+            .map(|m| metrics::spawn(m, status.clone(), hub.clone()))
+            .transpose()
+            .context("--metrics-listen")?;
+        if let Some(g) = &cfg.grpc_listen {
+            info!("gRPC on {g}");
+        }
+        if let Some(m) = &metrics {
+            info!("metrics on http://{}/metrics", m.local_addr());
+        }
+
+        let ifnames = IfNames::default();
+        let mut attacher = Attacher::new(
+            ProgramFds::of(dp).context("preparing attachment")?,
+            cfg.attach_mode,
+            ifnames.clone(),
+        );
+        if let Some(dir) = dp.pin_dir() {
+            attacher.pin_links(dir.join("links")).context("--pin-dir")?;
+        }
+        let first = attacher
+            .sync(&selector)
+            .context("attaching to interfaces")?;
+        let names: Vec<String> = attacher.attached().into_iter().map(|(_, n)| n).collect();
+        if !first.failed.is_empty() && names.is_empty() {
+            bail!(
+                "could not attach to any selected interface: {:?}",
+                first.failed
+            );
+        }
+        let missing: Vec<&String> = cfg
+            .interfaces
+            .iter()
+            .zip(&selector.include)
+            .filter(|(_, p)| p.is_literal() && !names.iter().any(|n| p.matches(n)))
+            .map(|(s, _)| s)
+            .collect();
+        if !missing.is_empty() {
+            bail!("--interface: no such interface {missing:?} (see `ip link`)");
+        }
+        if names.is_empty() {
+            warn!("no interface matches yet; waiting for one to appear");
+        } else {
+            info!("monitoring {}", names.join(", "));
+        }
+
+        // Sinks register before the poller starts, so they see every record.
+        let output = cfg
+            .output
+            .map(|format| output::spawn(hub.add_sink(SinkKind::Output, "stdout"), format))
+            .transpose()
+            .context("spawning the output thread")?;
+        let (tx, rx) = crossbeam_channel::bounded::<FlowRecord>(RECORD_CHANNEL);
+        let fanout = hub.spawn_fanout(rx).context("spawning the fanout thread")?;
+        let table = KernelTable::new(dp.maps().context("opening map handles")?);
+        let poller = Poller::new(table, cfg.poller, tx, status.clone(), ifnames);
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+        let poll_thread = std::thread::Builder::new()
+            .name("flowlens-poller".into())
+            .spawn(move || poller.run(stop_rx))
+            .context("spawning the poller thread")?;
+        Ok(Parts {
+            cfg,
+            selector,
+            attacher,
+            hub,
+            status,
+            poller: (stop_tx, poll_thread),
+            fanout,
+            output,
+            grpc,
+            metrics,
+        })
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    pub fn status(&self) -> &Arc<Status> {
+        &self.status
+    }
+
+    pub fn datapath(&self) -> &Datapath {
+        &self.dp
+    }
+
+    /// New handles on the flow maps, to look at them from outside.
+    pub fn maps(&self) -> Result<FlowMaps> {
+        self.dp.maps().context("opening map handles")
+    }
+
+    /// The gRPC listener's TCP address, if it listens on TCP.
+    pub fn grpc_addr(&self) -> Option<std::net::SocketAddr> {
+        self.grpc.as_ref().and_then(ServiceHandle::local_addr)
+    }
+
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(MetricsHandle::local_addr)
+    }
+
+    /// Attaches to interfaces that appeared and drops those that went away.
+    pub fn sync_interfaces(&mut self) {
+        if let Err(e) = self.attacher.sync(&self.selector) {
+            warn!("interface sync: {e}");
+        }
+    }
+
+    /// Follows interfaces until `stop` fires or disconnects, then shuts down in order.
+    pub fn run(mut self, stop: &Receiver<()>) -> Result<()> {
+        let tick = crossbeam_channel::tick(self.cfg.resync_interval);
+        loop {
+            crossbeam_channel::select! {
+                recv(stop) -> _ => break,
+                recv(tick) -> _ => self.sync_interfaces(),
+            }
+        }
+        self.shutdown()
+    }
+
+    /// The shutdown order: detach (no packet lands after the final flush), stop the
+    /// poller (it ends every flow), let the fanout publish the last records and close the
+    /// hub, give stdout a bounded moment, end the subscribers' streams, stop the
+    /// endpoints, and remove the pins (every flow was flushed).
+    pub fn shutdown(mut self) -> Result<()> {
+        self.attacher.detach_all();
+        let mut result = Ok(());
+        if let Some((stop, thread)) = self.poller.take() {
+            drop(stop);
+            result = match thread.join() {
+                Ok(r) => r.context("poller"),
+                Err(_) => Err(anyhow::anyhow!("the poller thread panicked")),
+            };
+        }
+        if let Some(f) = self.fanout.take() {
+            if f.join().is_err() {
+                result = result.and(Err(anyhow::anyhow!("the fanout thread panicked")));
+            }
+        }
+        // Normally closed by the fanout already; a no-op then.
+        self.hub.close();
+        if let Some(o) = self.output.take() {
+            o.finish(OUTPUT_GRACE);
+        }
+        if let Some(g) = self.grpc.take() {
+            result = result.and(g.shutdown().context("stopping the gRPC service"));
+        }
+        if let Some(m) = self.metrics.take() {
+            m.shutdown();
+        }
+        result?;
+        self.dp.unpin().context("removing map pins")?;
+        remove_pin_root(&self.cfg.pin_dir);
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // Without `shutdown`: stop the threads, flush nothing more than the poller does.
+        self.attacher.detach_all();
+        if let Some((stop, thread)) = self.poller.take() {
+            drop(stop);
+            let _ = thread.join();
+        }
+        if let Some(f) = self.fanout.take() {
+            let _ = f.join();
+        }
+        self.hub.close();
+    }
+}
+
+/// Everything `wire` started, waiting for the datapath to join it.
+struct Parts {
+    cfg: Config,
+    selector: Selector,
+    attacher: Attacher,
+    hub: Hub,
+    status: Arc<Status>,
+    poller: PollerThread,
+    fanout: JoinHandle<()>,
+    output: Option<OutputHandle>,
+    grpc: Option<ServiceHandle>,
+    metrics: Option<MetricsHandle>,
+}
+
+impl Parts {
+    fn assemble(self, dp: Datapath, pin_lock: Option<PinLock>) -> Agent {
+        Agent {
+            cfg: self.cfg,
+            selector: self.selector,
+            attacher: self.attacher,
+            hub: self.hub,
+            status: self.status,
+            poller: Some(self.poller),
+            fanout: Some(self.fanout),
+            output: self.output,
+            grpc: self.grpc,
+            metrics: self.metrics,
+            dp,
+            _pin_lock: pin_lock,
+        }
+    }
+}
+
+/// The pin root goes only when empty: pins kept for a restart stay.
+fn remove_pin_root(root: &Option<PathBuf>) {
+    if let Some(root) = root {
+        let _ = std::fs::remove_dir(root);
+    }
+}

@@ -1,0 +1,252 @@
+//! Decodes raw map entries (the skeleton's `types`) into flow records: the only place that knows both.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, SystemTime};
+
+use crate::bpf::types;
+use crate::flow::{
+    DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo, TcpState, IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+};
+
+/// Direction slot of a per-direction array in the maps (`enum flow_dir`).
+pub const LO_TO_HI: usize = types::flow_dir::DIR_LO_TO_HI.0 as usize;
+pub const HI_TO_LO: usize = types::flow_dir::DIR_HI_TO_LO.0 as usize;
+
+pub const KEY_SIZE: usize = std::mem::size_of::<types::flow_key>();
+/// A flow key as the maps hash it (padding included, so it must come from a zeroed key).
+pub type KeyBytes = [u8; KEY_SIZE];
+
+pub fn key_bytes(k: &types::flow_key) -> KeyBytes {
+    let mut b = [0u8; KEY_SIZE];
+    // SAFETY: flow_key is Plain: its bytes, padding included, are plain data.
+    b.copy_from_slice(unsafe { plain::as_bytes(k) });
+    b
+}
+
+pub fn key_of(kb: &KeyBytes) -> types::flow_key {
+    decode(kb)
+}
+
+/// Copies a map entry's bytes into its type; the map's value size is the type's size.
+pub fn decode<T: plain::Plain + Default>(bytes: &[u8]) -> T {
+    let mut v = T::default();
+    plain::copy_from_bytes(&mut v, bytes).expect("map value size matches its type");
+    v
+}
+
+/// Decodes a 16-byte key address (IPv4 is stored IPv4-mapped).
+pub fn key_addr(raw: &[u8; 16], ip_version: u8) -> IpAddr {
+    let v6 = Ipv6Addr::from(*raw);
+    if ip_version == 4 {
+        IpAddr::V4(Ipv4Addr::new(raw[12], raw[13], raw[14], raw[15]))
+    } else {
+        IpAddr::V6(v6)
+    }
+}
+
+/// Encodes an address the way the datapath keys it.
+pub fn addr_key(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// Converts the BPF clock (CLOCK_MONOTONIC, as `bpf_ktime_get_ns`) to wall-clock time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// Wall-clock time at monotonic zero.
+    boot: SystemTime,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        // Sample around the wall-clock read and keep the tighter bound.
+        let m0 = monotonic_ns();
+        let wall = SystemTime::now();
+        let m1 = monotonic_ns();
+        let mono = m0 + (m1 - m0) / 2;
+        Clock {
+            boot: wall - Duration::from_nanos(mono),
+        }
+    }
+
+    pub fn to_wall(&self, mono_ns: u64) -> SystemTime {
+        self.boot + Duration::from_nanos(mono_ns)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// The clock `bpf_ktime_get_ns()` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Per-direction counters of a base entry, indexed by map direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+}
+
+impl Counts {
+    pub fn of(base: &types::flow_base) -> Counts {
+        Counts {
+            packets: base.packets,
+            bytes: base.bytes,
+        }
+    }
+
+    pub fn saturating_sub(&self, earlier: &Counts) -> Counts {
+        let sub = |a: [u64; 2], b: [u64; 2]| [a[0].saturating_sub(b[0]), a[1].saturating_sub(b[1])];
+        Counts {
+            packets: sub(self.packets, earlier.packets),
+            bytes: sub(self.bytes, earlier.bytes),
+        }
+    }
+}
+
+/// Everything read from the maps for one flow.
+#[derive(Debug, Clone, Copy)]
+pub struct RawFlow {
+    pub key: types::flow_key,
+    pub base: types::flow_base,
+    pub tcp: Option<types::flow_tcp>,
+    pub icmp: Option<types::flow_icmp>,
+}
+
+impl RawFlow {
+    /// Builds the user-facing record. `counts` are the (delta) counters to report.
+    pub fn to_record(
+        &self,
+        counts: Counts,
+        end_reason: EndReason,
+        clock: &Clock,
+        interface: String,
+    ) -> FlowRecord {
+        let k = &self.key;
+        let b = &self.base;
+        let c = usize::from(b.initiator & 1);
+        let s = c ^ 1;
+        let addrs = [
+            key_addr(&k.addr_lo, k.ip_version),
+            key_addr(&k.addr_hi, k.ip_version),
+        ];
+        let ports = [k.port_lo, k.port_hi];
+        let icmp_proto = k.proto == IPPROTO_ICMP || k.proto == IPPROTO_ICMPV6;
+        // Sender of LO_TO_HI packets is the lo endpoint.
+        let (client_port, server_port) = if icmp_proto {
+            (0, 0)
+        } else {
+            (ports[c], ports[s])
+        };
+        let dir = |d: usize| DirStats {
+            packets: counts.packets[d],
+            bytes: counts.bytes[d],
+            ttl: b.ttl[d],
+        };
+        FlowRecord {
+            ip_version: k.ip_version,
+            protocol: k.proto,
+            client_addr: addrs[c],
+            client_port,
+            server_addr: addrs[s],
+            server_port,
+            ifindex: k.ifindex,
+            interface,
+            first_hook: if u32::from(b.first_hook) == types::flow_hook::HOOK_EGRESS.0 {
+                Hook::Egress
+            } else {
+                Hook::Ingress
+            },
+            first_seen: clock.to_wall(b.first_seen_ns),
+            last_seen: clock.to_wall(b.last_seen_ns),
+            client: dir(c),
+            server: dir(s),
+            end_reason,
+            tcp: self.tcp.as_ref().map(|t| tcp_info(t, c)),
+            icmp: self
+                .icmp
+                .as_ref()
+                .map(|i| icmp_info(i, k, c, self.base.packets)),
+        }
+    }
+}
+
+fn tcp_info(t: &types::flow_tcp, c: usize) -> TcpInfo {
+    use types::tcp_bits as B;
+    let s = c ^ 1;
+    let bit = |b: B| u32::from(t.bits) & b.0 != 0;
+    TcpInfo {
+        client_flags: t.flags[c],
+        server_flags: t.flags[s],
+        state: tcp_state(t.state),
+        handshake_client_ns: bit(B::TCPB_CLIENT_HS).then_some(t.handshake_client_ns),
+        handshake_server_ns: bit(B::TCPB_SERVER_HS).then_some(t.handshake_server_ns),
+        syn_retransmits: t.syn_retrans,
+        late_start: bit(B::TCPB_LATE_START),
+        client_latency: latency(&t.lat[c]),
+        server_latency: latency(&t.lat[s]),
+    }
+}
+
+fn icmp_info(
+    i: &types::flow_icmp,
+    k: &types::flow_key,
+    c: usize,
+    total_packets: [u64; 2],
+) -> IcmpInfo {
+    let s = c ^ 1;
+    let sent = |d: usize| total_packets[d] > 0;
+    // echo flows are keyed by identifier in both slots; others never have lo == hi
+    let echo = k.port_lo == k.port_hi;
+    IcmpInfo {
+        client_type: sent(c).then_some(i.r#type[c]),
+        client_code: sent(c).then_some(i.code[c]),
+        server_type: sent(s).then_some(i.r#type[s]),
+        server_code: sent(s).then_some(i.code[s]),
+        echo_id: echo.then_some(k.port_lo),
+        echo_rtt: (i.rtt_count > 0).then_some(Latency {
+            count: i.rtt_count,
+            sum_ns: i.rtt_sum_ns,
+            min_ns: i.rtt_min_ns,
+            max_ns: i.rtt_max_ns,
+            jitter_ns: None,
+        }),
+    }
+}
+
+fn tcp_state(v: u8) -> TcpState {
+    use types::tcp_state as S;
+    match u32::from(v) {
+        x if x == S::TCP_ST_SYN_SENT.0 => TcpState::SynSent,
+        x if x == S::TCP_ST_SYN_RECV.0 => TcpState::SynRecv,
+        x if x == S::TCP_ST_ESTABLISHED.0 => TcpState::Established,
+        x if x == S::TCP_ST_FIN_WAIT.0 => TcpState::FinWait,
+        x if x == S::TCP_ST_CLOSED.0 => TcpState::Closed,
+        x if x == S::TCP_ST_RESET.0 => TcpState::Reset,
+        _ => TcpState::None,
+    }
+}
+
+fn latency(l: &types::tcp_latency) -> Option<Latency> {
+    (l.count > 0).then(|| Latency {
+        count: l.count,
+        sum_ns: l.sum_ns,
+        min_ns: l.min_ns,
+        max_ns: l.max_ns,
+        jitter_ns: (l.count > 1).then(|| l.jitter_sum_ns / u64::from(l.count - 1)),
+    })
+}

@@ -1,0 +1,290 @@
+//! The poller's view of the flow maps: a `FlowTable` trait, implemented over the kernel maps here and in memory in `memory`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsFd, AsRawFd};
+
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+
+use super::decode::{decode, key_bytes, KeyBytes, RawFlow};
+use super::PollError;
+use crate::bpf::types;
+use crate::datapath::FlowMaps;
+
+/// The kernel-internal "operation not supported" errno.
+const ENOTSUPP: i32 = 524;
+
+/// An extension map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtMap {
+    Tcp,
+    Icmp,
+}
+
+/// Names of the base, TCP and ICMP maps, in the order counts are given.
+pub const MAP_NAMES: [&str; 3] = ["flows", "flows_tcp", "flows_icmp"];
+
+/// What one read of the maps found.
+pub struct Joined {
+    pub flows: Vec<RawFlow>,
+    /// Entries in flows, flows_tcp and flows_icmp.
+    pub entries: [u64; 3],
+    /// Extension keys read without a base entry: orphans, or flows created
+    /// between the reads of two maps.
+    pub unjoined: Vec<(ExtMap, KeyBytes)>,
+}
+
+/// Where the poller reads flows from and deletes them: the kernel maps in the agent, an
+/// in-memory table in the lifecycle tests.
+pub trait FlowTable: Send {
+    /// Reads every map once and joins each base entry with its extension.
+    fn read(&mut self) -> Result<Joined, PollError>;
+    /// Takes a flow out of every map. The base entry goes first and atomically with its
+    /// read, so the flow holds every packet counted before the delete.
+    fn take(&mut self, key: &KeyBytes) -> Result<Option<RawFlow>, PollError>;
+    /// Deletes `ext`'s entry for `key` when the base map has none; whether it did.
+    fn remove_orphan(&mut self, ext: ExtMap, key: &KeyBytes) -> Result<bool, PollError>;
+    /// Capacities of the base, TCP and ICMP maps.
+    fn capacities(&self) -> [u64; 3];
+    /// The datapath's counters by name.
+    fn counters(&self) -> BTreeMap<String, u64>;
+}
+
+/// How entries are read: batch syscalls where the kernel has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    Batch,
+    KeyByKey,
+}
+
+/// The kernel's split flow maps.
+pub struct KernelTable {
+    maps: FlowMaps,
+    mode: ReadMode,
+}
+
+impl KernelTable {
+    pub fn new(maps: FlowMaps) -> KernelTable {
+        KernelTable {
+            maps,
+            mode: ReadMode::Batch,
+        }
+    }
+
+    pub fn set_read_mode(&mut self, mode: ReadMode) {
+        self.mode = mode;
+    }
+
+    pub fn maps(&self) -> &FlowMaps {
+        &self.maps
+    }
+}
+
+impl FlowTable for KernelTable {
+    fn read(&mut self) -> Result<Joined, PollError> {
+        let base: Vec<(types::flow_key, types::flow_base)> =
+            read_all(&self.maps.flows, "flows", self.mode, false)?;
+        let mut tcp: HashMap<KeyBytes, types::flow_tcp> =
+            read_all(&self.maps.tcp, "flows_tcp", self.mode, true)?
+                .into_iter()
+                .map(|(k, v)| (key_bytes(&k), v))
+                .collect();
+        let mut icmp: HashMap<KeyBytes, types::flow_icmp> =
+            read_all(&self.maps.icmp, "flows_icmp", self.mode, false)?
+                .into_iter()
+                .map(|(k, v)| (key_bytes(&k), v))
+                .collect();
+        let entries = [base.len() as u64, tcp.len() as u64, icmp.len() as u64];
+        let flows = base
+            .into_iter()
+            .map(|(key, base)| {
+                let kb = key_bytes(&key);
+                RawFlow {
+                    key,
+                    base,
+                    tcp: tcp.remove(&kb),
+                    icmp: icmp.remove(&kb),
+                }
+            })
+            .collect();
+        let unjoined = tcp
+            .into_keys()
+            .map(|k| (ExtMap::Tcp, k))
+            .chain(icmp.into_keys().map(|k| (ExtMap::Icmp, k)))
+            .collect();
+        Ok(Joined {
+            flows,
+            entries,
+            unjoined,
+        })
+    }
+
+    fn take(&mut self, kb: &KeyBytes) -> Result<Option<RawFlow>, PollError> {
+        let base = take(&self.maps.flows, kb, "flows")?;
+        let tcp = take(&self.maps.tcp, kb, "flows_tcp")?;
+        let icmp = take(&self.maps.icmp, kb, "flows_icmp")?;
+        Ok(base.map(|base| RawFlow {
+            key: decode(kb),
+            base,
+            tcp,
+            icmp,
+        }))
+    }
+
+    fn remove_orphan(&mut self, ext: ExtMap, k: &KeyBytes) -> Result<bool, PollError> {
+        let has_base = self
+            .maps
+            .flows
+            .lookup(k, MapFlags::ANY)
+            .map_err(|e| PollError::Read {
+                map: "flows",
+                source: std::io::Error::other(e),
+            })?
+            .is_some();
+        // The datapath inserts a base before its extension, so an
+        // extension without its base is never a flow in the making.
+        let map = match ext {
+            ExtMap::Tcp => &self.maps.tcp,
+            ExtMap::Icmp => &self.maps.icmp,
+        };
+        Ok(!has_base && map.delete(k).is_ok())
+    }
+
+    fn capacities(&self) -> [u64; 3] {
+        [&self.maps.flows, &self.maps.tcp, &self.maps.icmp].map(|m| u64::from(m.max_entries()))
+    }
+
+    fn counters(&self) -> BTreeMap<String, u64> {
+        self.maps.counters().unwrap_or_default()
+    }
+}
+
+/// Atomically reads and deletes one entry.
+fn take<V: plain::Plain + Default>(
+    map: &MapHandle,
+    key: &[u8],
+    name: &'static str,
+) -> Result<Option<V>, PollError> {
+    map.lookup_and_delete(key)
+        .map(|v| v.map(|v| decode(&v)))
+        .map_err(|e| PollError::Read {
+            map: name,
+            source: std::io::Error::other(e),
+        })
+}
+
+/// Reads every entry of a hash map, in batches where the kernel supports them.
+pub fn read_all<K, V>(
+    map: &MapHandle,
+    name: &'static str,
+    mode: ReadMode,
+    locked: bool,
+) -> Result<Vec<(K, V)>, PollError>
+where
+    K: plain::Plain + Default,
+    V: plain::Plain + Default,
+{
+    Ok(match mode {
+        ReadMode::Batch => match read_batch(map, locked) {
+            Ok(entries) => entries,
+            // kernels without batch ops for this map type
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | libc::ENOTSUP | ENOTSUPP)
+                ) =>
+            {
+                read_key_by_key(map, locked)
+            }
+            Err(source) => return Err(PollError::Read { map: name, source }),
+        },
+        ReadMode::KeyByKey => read_key_by_key(map, locked),
+    })
+}
+
+fn lookup_flags(locked: bool) -> MapFlags {
+    if locked {
+        MapFlags::LOCK
+    } else {
+        MapFlags::ANY
+    }
+}
+
+fn read_key_by_key<K, V>(map: &MapHandle, locked: bool) -> Vec<(K, V)>
+where
+    K: plain::Plain + Default,
+    V: plain::Plain + Default,
+{
+    let keys: Vec<Vec<u8>> = map.keys().collect();
+    keys.into_iter()
+        .filter_map(|k| {
+            // A key deleted since the walk is simply gone.
+            let v = map.lookup(&k, lookup_flags(locked)).ok()??;
+            Some((decode(&k), decode(&v)))
+        })
+        .collect()
+}
+
+/// BPF_MAP_LOOKUP_BATCH over the whole map, decoding in place. A hash
+/// bucket must fit in one batch (else ENOSPC), so the batch doubles until it does.
+fn read_batch<K, V>(map: &MapHandle, locked: bool) -> std::io::Result<Vec<(K, V)>>
+where
+    K: plain::Plain + Default,
+    V: plain::Plain + Default,
+{
+    let ks = map.key_size() as usize;
+    let vs = map.value_size() as usize;
+    let mut batch: u32 = 1024;
+    let mut out = Vec::new();
+    let mut token = vec![0u8; ks.max(8)];
+    let mut next = vec![0u8; ks.max(8)];
+    let mut keys = vec![0u8; ks * batch as usize];
+    let mut vals = vec![0u8; vs * batch as usize];
+    let mut first = true;
+    let opts = libbpf_sys::bpf_map_batch_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
+        elem_flags: lookup_flags(locked).bits(),
+        flags: 0,
+    };
+    loop {
+        let mut count = batch;
+        // SAFETY: buffers are sized for `count` keys/values and the tokens
+        // for a key; the kernel writes at most that.
+        let ret = unsafe {
+            libbpf_sys::bpf_map_lookup_batch(
+                map.as_fd().as_raw_fd(),
+                if first {
+                    std::ptr::null_mut()
+                } else {
+                    token.as_mut_ptr().cast()
+                },
+                next.as_mut_ptr().cast(),
+                keys.as_mut_ptr().cast(),
+                vals.as_mut_ptr().cast(),
+                &mut count,
+                &opts,
+            )
+        };
+        let err = if ret < 0 { -ret } else { 0 };
+        if err == libc::ENOSPC && count == 0 {
+            batch *= 2;
+            keys.resize(ks * batch as usize, 0);
+            vals.resize(vs * batch as usize, 0);
+            continue;
+        }
+        if err != 0 && err != libc::ENOENT {
+            return Err(std::io::Error::from_raw_os_error(err));
+        }
+        let n = count as usize;
+        out.extend(
+            keys[..n * ks]
+                .chunks_exact(ks)
+                .zip(vals[..n * vs].chunks_exact(vs))
+                .map(|(k, v)| (decode(k), decode(v))),
+        );
+        if err == libc::ENOENT {
+            return Ok(out);
+        }
+        std::mem::swap(&mut token, &mut next);
+        first = false;
+    }
+}
