@@ -158,6 +158,10 @@ struct RunArgs {
     /// Records queued per subscriber before it starts losing them (and is told so).
     #[arg(long, env = "FLOWLENS_SUBSCRIBER_QUEUE", value_parser = capacity, default_value_t = defaults().hub.subscriber_queue as u32)]
     subscriber_queue: u32,
+    /// Records queued for stdout (and each exporter) before it starts losing them; losses
+    /// are counted in flowlens_sink_lost_records_total and logged.
+    #[arg(long, env = "FLOWLENS_OUTPUT_QUEUE", value_parser = capacity, default_value_t = defaults().hub.sink_queue as u32)]
+    output_queue: u32,
 }
 
 impl RunArgs {
@@ -189,7 +193,7 @@ impl RunArgs {
             hub: HubConfig {
                 ring_capacity: self.replay_ring as usize,
                 subscriber_queue: self.subscriber_queue as usize,
-                ..d.hub
+                sink_queue: self.output_queue as usize,
             },
             output: match self.output {
                 Output::Table => Some(Format::Table),

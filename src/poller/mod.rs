@@ -3,6 +3,8 @@
 pub mod decode;
 pub mod memory;
 pub mod table;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::ffi::CStr;
