@@ -301,29 +301,53 @@ fn label_values_are_escaped_in_the_exposition() {
     );
 }
 
-/// One HTTP exchange: (status code, headers, body).
+/// One HTTP exchange on a fresh connection: (status code, headers, body).
 fn http(addr: SocketAddr, request: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    exchange(&mut s, request)
+}
+
+/// Sends `request` on `s` and reads one response: up to Content-Length when the server sends
+/// one (the connection may stay open for the next request), else to the end of the stream.
+fn exchange(s: &mut TcpStream, request: &str) -> (u16, String, String) {
     s.write_all(request.as_bytes()).expect("send");
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read response");
-    let raw = String::from_utf8(raw).expect("utf-8 response");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("response head");
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let n = s.read(&mut chunk).expect("read response head");
+        assert!(n > 0, "connection closed inside the response head: {raw:?}");
+        raw.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8(raw[..head_end].to_vec()).expect("utf-8 head");
+    let mut body = raw[head_end + 4..].to_vec();
     let code = head
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("status line of {head:?}"));
-    if let Some(len) = head
+    let length = head
         .lines()
         .find_map(|l| l.strip_prefix("Content-Length: "))
-    {
-        if !request.starts_with("HEAD ") {
-            assert_eq!(len.parse::<usize>().unwrap(), body.len(), "Content-Length");
+        .map(|len| len.parse::<usize>().expect("Content-Length"));
+    match length {
+        _ if request.starts_with("HEAD ") => {}
+        Some(len) => {
+            while body.len() < len {
+                let n = s.read(&mut chunk).expect("read response body");
+                assert!(n > 0, "connection closed inside the body");
+                body.extend_from_slice(&chunk[..n]);
+            }
+            assert_eq!(len, body.len(), "Content-Length");
+        }
+        None => {
+            s.read_to_end(&mut body).expect("read response body");
         }
     }
-    (code, head.to_owned(), body.to_owned())
+    (code, head, String::from_utf8(body).expect("utf-8 body"))
 }
 
 fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
