@@ -1,4 +1,4 @@
-//! Prometheus self-metrics: the exposition parses, and a real scrape over TCP serves a Status's values.
+//! Prometheus self-metrics: the exposition parses, a real scrape over TCP serves a Status's values, and slow, idle or too many clients neither block scrapes nor shutdown.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowlens::hub::{Hub, HubConfig, SubscribeOptions};
-use flowlens::metrics;
+use flowlens::metrics::{self, MetricsHandle};
+use flowlens::metrics_http::{self, HttpLimits};
 use flowlens::status::{MapUsage, Snapshot, Status};
 
 /// One parsed sample: metric name, labels, value.
@@ -459,4 +460,220 @@ fn port_in_use_names_the_address() {
     )
     .expect_err("bad address");
     assert!(format!("{err:#}").contains("not-an-address"), "{err:#}");
+}
+
+// ---------------------------------------------------------------------------
+// The HTTP endpoint under slow, idle and too many clients
+// ---------------------------------------------------------------------------
+
+/// An endpoint on a runtime the test owns, serving a fixed text.
+fn serve_text(limits: HttpLimits) -> (tokio::runtime::Runtime, MetricsHandle) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let render: metrics_http::Render = Arc::new(|| "flowlens_up 1\n".to_owned());
+    let h = metrics_http::spawn("127.0.0.1:0", rt.handle(), render, limits).expect("spawn");
+    (rt, h)
+}
+
+const SCRAPE: &str = "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n";
+
+/// Whether the server has closed `s` (reads EOF or a reset); never blocks.
+fn closed_by_server(s: &TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let r = (&*s).read(&mut [0u8; 64]);
+    s.set_nonblocking(false).unwrap();
+    match r {
+        Ok(0) => true,
+        Ok(_) => false, // an error response (e.g. 408/400) precedes the close
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+/// A client sending a request one byte at a time, `every` apart.
+struct Trickler {
+    s: TcpStream,
+    sent: usize,
+    next: Instant,
+}
+
+impl Trickler {
+    fn connect(addr: SocketAddr, first: Instant) -> Self {
+        let s = TcpStream::connect(addr).expect("connect trickler");
+        Trickler {
+            s,
+            sent: 0,
+            next: first,
+        }
+    }
+
+    /// Sends the next byte when due; false once the server has closed the connection.
+    fn tick(&mut self, every: Duration) -> bool {
+        if closed_by_server(&self.s) {
+            return false;
+        }
+        if Instant::now() >= self.next {
+            // Never completes: the blank line ending the head is not in the pattern.
+            let pattern =
+                b"GET /metrics HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+            let byte = pattern[self.sent.min(pattern.len() - 1)];
+            if (&self.s).write_all(&[byte]).is_err() {
+                return false;
+            }
+            self.sent += 1;
+            self.next += every;
+        }
+        true
+    }
+}
+
+#[test]
+fn trickling_clients_beyond_the_cap_do_not_block_scrapes() {
+    let limits = HttpLimits::default();
+    const TRICKLERS: usize = 40;
+    assert!(TRICKLERS > limits.max_connections);
+    let (_rt, h) = serve_text(limits);
+    let addr = h.local_addr();
+    let every = Duration::from_secs(2);
+    let start = Instant::now();
+    // Staggered so that some byte arrives every 50 ms; each reconnects as soon as it is closed.
+    let mut ts: Vec<Trickler> = (0..TRICKLERS)
+        .map(|i| Trickler::connect(addr, start + every * i as u32 / TRICKLERS as u32))
+        .collect();
+    let mut reconnects = 0;
+    // A scraper keeping its connection alive; like any client it asks as soon as it connects
+    // (a connection that has not sent a complete request is what gets evicted at the cap).
+    let mut kept_alive = TcpStream::connect(addr).unwrap();
+    kept_alive
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(exchange(&mut kept_alive, SCRAPE).0, 200);
+    let (mut scrapes, mut worst) = (0, Duration::ZERO);
+    let mut next_scrape = start + Duration::from_millis(500);
+    while start.elapsed() < Duration::from_secs(10) {
+        for t in &mut ts {
+            if !t.tick(every) {
+                *t = Trickler::connect(addr, Instant::now());
+                reconnects += 1;
+            }
+        }
+        if Instant::now() >= next_scrape {
+            // A fresh connection, as a scraper arriving at the cap, and a kept-alive one.
+            let t = Instant::now();
+            let (code, _, body) = get(addr, "/metrics");
+            assert_eq!((code, body.as_str()), (200, "flowlens_up 1\n"));
+            let (code, _, body) = exchange(&mut kept_alive, SCRAPE);
+            assert_eq!((code, body.as_str()), (200, "flowlens_up 1\n"));
+            let took = t.elapsed();
+            assert!(
+                took < Duration::from_secs(2),
+                "scrape {scrapes} took {took:?}"
+            );
+            worst = worst.max(took);
+            scrapes += 1;
+            next_scrape += Duration::from_millis(500);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("{scrapes} scrape pairs under {TRICKLERS} tricklers, slowest {worst:?}, {reconnects} tricklers closed by the server");
+    assert!(scrapes >= 15, "{scrapes}");
+    // At the cap, scrapes evict tricklers; past the request timeout, the rest are cut off.
+    assert!(reconnects >= TRICKLERS, "{reconnects}");
+    drop(ts);
+    h.shutdown();
+}
+
+#[test]
+fn half_a_header_is_cut_off_after_the_request_timeout() {
+    let timeout = Duration::from_secs(3);
+    let (_rt, h) = serve_text(HttpLimits {
+        request_timeout: timeout,
+        ..HttpLimits::default()
+    });
+    let start = Instant::now();
+    // A byte every 500 ms: no single read ever waits long, only the whole head does.
+    let mut t = Trickler::connect(h.local_addr(), start);
+    while t.tick(Duration::from_millis(500)) {
+        assert!(
+            start.elapsed() < timeout * 2,
+            "still open after {:?}",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let open = start.elapsed();
+    eprintln!("half a header ({} bytes) cut off after {open:?}", t.sent);
+    assert!(open >= timeout - Duration::from_millis(200), "{open:?}");
+    assert!(t.sent >= 5, "{} bytes", t.sent);
+    h.shutdown();
+}
+
+#[test]
+fn keep_alive_is_bounded_by_requests_and_idle_time() {
+    let timeout = Duration::from_secs(2);
+    let (_rt, h) = serve_text(HttpLimits {
+        request_timeout: timeout,
+        max_requests_per_connection: 3,
+        ..HttpLimits::default()
+    });
+    let mut s = TcpStream::connect(h.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for i in 1..=3 {
+        let (code, head, _) = exchange(&mut s, SCRAPE);
+        assert_eq!(code, 200);
+        assert_eq!(head.contains("Connection: close"), i == 3, "{head}");
+    }
+    assert_eq!(
+        s.read(&mut [0u8; 16]).unwrap(),
+        0,
+        "closed after the last request"
+    );
+
+    // An idle kept-alive connection is closed once the next head is overdue.
+    let mut s = TcpStream::connect(h.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    exchange(&mut s, SCRAPE);
+    let idle = Instant::now();
+    assert_eq!(s.read(&mut [0u8; 16]).unwrap_or(0), 0);
+    let waited = idle.elapsed();
+    assert!(
+        waited >= timeout - Duration::from_millis(200) && waited < timeout * 2,
+        "{waited:?}"
+    );
+    h.shutdown();
+}
+
+#[test]
+fn shutdown_with_trickling_connections_is_prompt() {
+    let (rt, h) = serve_text(HttpLimits::default());
+    let addr = h.local_addr();
+    let start = Instant::now();
+    let mut ts: Vec<Trickler> = (0..40).map(|_| Trickler::connect(addr, start)).collect();
+    for t in &mut ts {
+        assert!(t.tick(Duration::from_secs(1)));
+    }
+    let mut kept_alive = TcpStream::connect(addr).unwrap();
+    kept_alive
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(exchange(&mut kept_alive, SCRAPE).0, 200);
+    std::thread::sleep(Duration::from_millis(200));
+
+    let t = Instant::now();
+    h.shutdown();
+    let took = t.elapsed();
+    eprintln!("shutdown with 41 open connections took {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(
+        TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err(),
+        "still listening after shutdown"
+    );
+    // Every connection was closed, not left to its timeout.
+    std::thread::sleep(Duration::from_millis(100));
+    let open = ts.iter().filter(|t| !closed_by_server(&t.s)).count();
+    assert_eq!(open, 0, "connections left open");
+    assert!(closed_by_server(&kept_alive));
+    drop(rt);
 }
