@@ -185,8 +185,10 @@ async fn run(
         while tasks.try_join_next().is_some() {}
         let stream = match accepted {
             Ok((stream, _)) => {
-                if let Some(n) = backoff.recovered() {
-                    info!("metrics endpoint: accepting again after {n} failed accepts");
+                if let Some((n, over)) = backoff.recovered() {
+                    info!(
+                        "metrics endpoint: accepting again after {n} failed accepts over {over:?}"
+                    );
                 }
                 stream
             }
@@ -426,13 +428,10 @@ impl Backoff {
         self.failures == 1
     }
 
-    /// Ends an episode on success; returns its failure count if there was one.
-    fn recovered(&mut self) -> Option<u32> {
-        self.since = None;
-        match std::mem::take(&mut self.failures) {
-            0 => None,
-            n => Some(n),
-        }
+    /// Ends an episode on success; returns its failure count and length if there was one.
+    fn recovered(&mut self) -> Option<(u32, Duration)> {
+        let since = self.since.take()?;
+        Some((std::mem::take(&mut self.failures), since.elapsed()))
     }
 }
 
@@ -446,7 +445,7 @@ mod tests {
         let pauses: Vec<u64> = (0..7).map(|_| b.failed().as_millis() as u64).collect();
         assert_eq!(pauses, [100, 200, 400, 800, 1000, 1000, 1000]);
         assert!(!b.first_of_episode());
-        assert_eq!(b.recovered(), Some(7));
+        assert_eq!(b.recovered().map(|(n, _)| n), Some(7));
         assert_eq!(b.recovered(), None);
         assert_eq!(b.failed(), BACKOFF_MIN);
         assert!(b.first_of_episode());

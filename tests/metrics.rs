@@ -677,3 +677,132 @@ fn shutdown_with_trickling_connections_is_prompt() {
     assert!(closed_by_server(&kept_alive));
     drop(rt);
 }
+
+/// Set in the child process that `out_of_descriptors_backs_off_instead_of_spinning` starts.
+const EMFILE_CHILD: &str = "FLOWLENS_TEST_EMFILE_CHILD";
+
+/// CPU time this process has used (user + system).
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes the zero-initialised struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid out-pointer.
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) }, 0);
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+#[test]
+fn out_of_descriptors_backs_off_instead_of_spinning() {
+    if std::env::var_os(EMFILE_CHILD).is_some() {
+        return emfile_child();
+    }
+    // The descriptor limit is per process: exhaust it in a child, not among the other tests.
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "out_of_descriptors_backs_off_instead_of_spinning",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(EMFILE_CHILD, "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the child test");
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    assert!(out.status.success(), "child failed: {}", out.status);
+    assert!(text.contains("1 passed"), "the child ran no test");
+    // One warning for the whole episode, one note when it ends.
+    assert_eq!(
+        text.matches("metrics endpoint: accept:").count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(text.matches("accepting again after").count(), 1, "{text}");
+    // 2 s out of descriptors at 100, 200, 400, 800 ms pauses: about five tries, not thousands.
+    let tries: u32 = text
+        .split("accepting again after ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("failed accept count");
+    assert!((2..=10).contains(&tries), "{tries} failed accepts in 2 s");
+}
+
+fn emfile_child() {
+    let _ = env_logger::builder()
+        .is_test(true)
+        .filter_level(log::LevelFilter::Info)
+        .try_init();
+    let (_rt, h) = serve_text(HttpLimits::default());
+    let addr = h.local_addr();
+    let lim = libc::rlimit {
+        rlim_cur: 256,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    let mut old: libc::rlimit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointers to rlimit structs for the duration of the calls.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut old), 0);
+        let lim = libc::rlimit {
+            rlim_max: old.rlim_max,
+            ..lim
+        };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+    let mut filler = Vec::new();
+    loop {
+        match std::fs::File::open("/dev/null") {
+            Ok(f) => filler.push(f),
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => break,
+            Err(e) => panic!("opening /dev/null: {e}"),
+        }
+    }
+    // One descriptor for the client; the server's accept then has none.
+    filler.pop();
+    let mut client = TcpStream::connect(addr).expect("connect");
+    client.write_all(SCRAPE.as_bytes()).unwrap();
+    let cpu = cpu_time();
+    let wall = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_time() - cpu;
+    eprintln!(
+        "out of descriptors for {:?}: the process used {used:?} of CPU",
+        wall.elapsed()
+    );
+    assert!(
+        used < Duration::from_millis(300),
+        "accept loop spinning: {used:?}"
+    );
+
+    drop(filler);
+    let freed = Instant::now();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut raw = [0u8; 512];
+    let n = client
+        .read(&mut raw)
+        .expect("response after descriptors came back");
+    assert!(raw[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &raw[..n]);
+    let waited = freed.elapsed();
+    eprintln!("served {waited:?} after descriptors came back");
+    assert!(waited < Duration::from_millis(1500), "{waited:?}");
+    h.shutdown();
+}
