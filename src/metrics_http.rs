@@ -98,7 +98,9 @@ impl MetricsHandle {
     }
 
     /// Closes the listener and every idle or half-received connection, lets responses being
-    /// written finish for up to a second, and returns within about 1.5 s whatever happens.
+    /// written finish for up to a second, and returns within about 1.5 s whatever happens. It
+    /// blocks: call it from outside the runtime's tasks (on a current-thread runtime, from the
+    /// thread driving it, it can only time out).
     pub fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

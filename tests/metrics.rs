@@ -478,6 +478,14 @@ fn serve_text(limits: HttpLimits) -> (tokio::runtime::Runtime, MetricsHandle) {
     (rt, h)
 }
 
+/// The default limits but for a shorter request timeout, to keep the tests short.
+fn limits_timing_out_after(request_timeout: Duration) -> HttpLimits {
+    HttpLimits {
+        request_timeout,
+        ..HttpLimits::default()
+    }
+}
+
 const SCRAPE: &str = "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n";
 
 /// Whether the server has closed `s` (reads EOF or a reset); never blocks.
@@ -588,10 +596,7 @@ fn trickling_clients_beyond_the_cap_do_not_block_scrapes() {
 #[test]
 fn half_a_header_is_cut_off_after_the_request_timeout() {
     let timeout = Duration::from_secs(3);
-    let (_rt, h) = serve_text(HttpLimits {
-        request_timeout: timeout,
-        ..HttpLimits::default()
-    });
+    let (_rt, h) = serve_text(limits_timing_out_after(timeout));
     let start = Instant::now();
     // A byte every 500 ms: no single read ever waits long, only the whole head does.
     let mut t = Trickler::connect(h.local_addr(), start);
@@ -614,9 +619,8 @@ fn half_a_header_is_cut_off_after_the_request_timeout() {
 fn keep_alive_is_bounded_by_requests_and_idle_time() {
     let timeout = Duration::from_secs(2);
     let (_rt, h) = serve_text(HttpLimits {
-        request_timeout: timeout,
         max_requests_per_connection: 3,
-        ..HttpLimits::default()
+        ..limits_timing_out_after(timeout)
     });
     let mut s = TcpStream::connect(h.local_addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
