@@ -16,6 +16,7 @@ pub mod filter;
 pub mod flow;
 pub mod hub;
 pub mod metrics;
+pub mod metrics_http;
 pub mod output;
 pub mod packet;
 pub mod poller;
