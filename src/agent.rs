@@ -15,6 +15,7 @@ use crate::datapath::{Datapath, FlowMaps};
 use crate::flow::FlowRecord;
 use crate::hub::{Hub, SinkKind};
 use crate::metrics::{self, MetricsHandle};
+use crate::metrics_http::{self, HttpLimits};
 use crate::output::{self, OutputHandle};
 use crate::poller::{KernelTable, PollError, Poller};
 use crate::preflight::{self, PinLock};
@@ -43,6 +44,7 @@ pub struct Agent {
     output: Option<OutputHandle>,
     grpc: Option<ServiceHandle>,
     metrics: Option<MetricsHandle>,
+    runtime: Option<tokio::runtime::Runtime>,
     // Declared last: dropped after everything that uses the maps.
     dp: Datapath,
     _pin_lock: Option<PinLock>,
@@ -98,15 +100,29 @@ impl Agent {
     ) -> Result<Parts> {
         let status = Arc::new(Status::new());
         let hub = Hub::new(cfg.hub);
+        // One runtime serves gRPC (and its subscribers' tasks) and the metrics endpoint.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("flowlens-rt")
+            .enable_all()
+            .build()
+            .context("building the tokio runtime")?;
         // Listeners first: a port in use fails before anything is attached.
         let grpc = grpc_addr
-            .map(|a| service::spawn_on(a, hub.clone(), status.clone()))
+            .map(|a| service::spawn_in(a, hub.clone(), status.clone(), runtime.handle()))
             .transpose()
             .context("--grpc-listen")?;
         let metrics = cfg
             .metrics_listen
             .as_deref()
-            .map(|m| metrics::spawn(m, status.clone(), hub.clone()))
+            .map(|m| {
+                metrics_http::spawn(
+                    m,
+                    runtime.handle(),
+                    metrics::renderer(status.clone(), hub.clone()),
+                    HttpLimits::default(),
+                )
+            })
             .transpose()
             .context("--metrics-listen")?;
         if let Some(g) = &cfg.grpc_listen {
@@ -177,6 +193,7 @@ impl Agent {
             output,
             grpc,
             metrics,
+            runtime,
         })
     }
 
@@ -255,6 +272,9 @@ impl Agent {
         if let Some(m) = self.metrics.take() {
             m.shutdown();
         }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_millis(500));
+        }
         result?;
         self.dp.unpin().context("removing map pins")?;
         remove_pin_root(&self.cfg.pin_dir);
@@ -289,6 +309,7 @@ struct Parts {
     output: Option<OutputHandle>,
     grpc: Option<ServiceHandle>,
     metrics: Option<MetricsHandle>,
+    runtime: tokio::runtime::Runtime,
 }
 
 impl Parts {
@@ -304,6 +325,7 @@ impl Parts {
             output: self.output,
             grpc: self.grpc,
             metrics: self.metrics,
+            runtime: Some(self.runtime),
             dp,
             _pin_lock: pin_lock,
         }
