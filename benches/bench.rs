@@ -19,7 +19,7 @@ use flowlens::datapath::{Capacities, Datapath, FlowMaps};
 use flowlens::flow::{DirStats, EndReason, FlowRecord, Hook};
 use flowlens::hub::{Hub, HubConfig};
 use flowlens::packet::*;
-use flowlens::poller::decode::{Clock, Counts, RawFlow};
+use flowlens::poller::decode::{Clock, Counts, RawFlow, RecordMeta};
 use flowlens::poller::{KernelTable, Poller, PollerConfig, ReadMode};
 use flowlens::status::Status;
 
@@ -420,10 +420,16 @@ fn record(i: u64) -> FlowRecord {
         icmp: None,
     };
     let mut r = raw.to_record(
-        Counts::default(),
-        EndReason::IdleTimeout,
+        RecordMeta {
+            counts: Counts::default(),
+            end_reason: EndReason::IdleTimeout,
+            interface: "bench0".into(),
+            observer: "bench".into(),
+            window_start_ns: 0,
+            flow_id: raw.flow_id(),
+            continuation: false,
+        },
         &Clock::new(),
-        "bench0".into(),
     );
     r.client = DirStats {
         packets: i,

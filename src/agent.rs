@@ -176,7 +176,11 @@ impl Agent {
         let (tx, rx) = crossbeam_channel::bounded::<FlowRecord>(RECORD_CHANNEL);
         let fanout = hub.spawn_fanout(rx).context("spawning the fanout thread")?;
         let table = KernelTable::new(dp.maps().context("opening map handles")?);
-        let poller = Poller::new(table, cfg.poller, tx, status.clone(), ifnames);
+        let poller = Poller::new(table, cfg.poller, tx, status.clone(), ifnames).with_observer(
+            cfg.observer_id
+                .as_deref()
+                .unwrap_or(&crate::poller::host_name()),
+        );
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let poll_thread = std::thread::Builder::new()
             .name("flowlens-poller".into())

@@ -32,6 +32,9 @@ pub struct Config {
     pub grpc_listen: Option<String>,
     /// Prometheus listen address (HOST:PORT); None serves no metrics.
     pub metrics_listen: Option<String>,
+    /// Names this agent in every record, so records of many hosts can be merged; None:
+    /// the host name.
+    pub observer_id: Option<String>,
 }
 
 impl Default for Config {
@@ -48,6 +51,7 @@ impl Default for Config {
             pin_dir: Some(PathBuf::from("/sys/fs/bpf/flowlens")),
             grpc_listen: Some("127.0.0.1:50051".into()),
             metrics_listen: Some("127.0.0.1:9464".into()),
+            observer_id: None,
         }
     }
 }

@@ -69,8 +69,10 @@ impl Envelope {
     }
 
     /// The record's wire encoding, made by the first caller and shared with the rest.
-    pub fn wire(&self, encode: impl FnOnce(&FlowRecord) -> Bytes) -> Bytes {
-        self.wire.get_or_init(|| encode(&self.record)).clone()
+    pub fn wire(&self, encode: impl FnOnce(u64, &FlowRecord) -> Bytes) -> Bytes {
+        self.wire
+            .get_or_init(|| encode(self.seq, &self.record))
+            .clone()
     }
 }
 
@@ -454,6 +456,8 @@ pub struct SubscribeOptions {
     pub replay: usize,
     /// Replay the matching ring records with `last_seen >= since`.
     pub since: Option<SystemTime>,
+    /// Replay the matching ring records numbered after this one.
+    pub after_seq: Option<u64>,
     /// Stream new records after the replay.
     pub follow: bool,
     /// Remote address, for status.
@@ -462,7 +466,7 @@ pub struct SubscribeOptions {
 
 impl SubscribeOptions {
     fn wants_replay(&self) -> bool {
-        self.replay > 0 || self.since.is_some()
+        self.replay > 0 || self.since.is_some() || self.after_seq.is_some()
     }
 }
 
@@ -472,6 +476,7 @@ impl Default for SubscribeOptions {
             selector: Selector::default(),
             replay: 0,
             since: None,
+            after_seq: None,
             follow: true,
             peer: String::new(),
         }
@@ -525,6 +530,10 @@ impl FilterStage {
             let mut replay = Vec::new();
             for r in ring.iter().rev() {
                 if replay.len() >= limit {
+                    break;
+                }
+                if opts.after_seq.is_some_and(|after| r.seq <= after) {
+                    // The ring is in seq order: everything before this was seen too.
                     break;
                 }
                 if opts.since.is_none_or(|t| r.record.last_seen >= t) && self.matches(r).await {

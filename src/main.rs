@@ -162,6 +162,14 @@ struct RunArgs {
     /// are counted in flowlens_sink_lost_records_total and logged.
     #[arg(long, env = "FLOWLENS_OUTPUT_QUEUE", value_parser = capacity, default_value_t = defaults().hub.sink_queue as u32)]
     output_queue: u32,
+    /// Names this agent in every record (`observer`), so records of many hosts can be
+    /// merged. Default: the host name.
+    #[arg(
+        long,
+        env = "FLOWLENS_OBSERVER_ID",
+        value_parser = clap::builder::NonEmptyStringValueParser::new()
+    )]
+    observer_id: Option<String>,
 }
 
 impl RunArgs {
@@ -203,6 +211,7 @@ impl RunArgs {
             pin_dir: self.pin_dir.0.map(PathBuf::from),
             grpc_listen: self.grpc_listen.0,
             metrics_listen: self.metrics_listen.0,
+            observer_id: self.observer_id.or(d.observer_id),
             ..d
         }
     }

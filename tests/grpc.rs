@@ -95,6 +95,8 @@ fn t(secs: u64) -> SystemTime {
 /// A TCP record; `id` goes into ifindex so tests can tell records apart.
 fn rec(id: u32) -> FlowRecord {
     FlowRecord {
+        flow_id: 0x1234_5678_9abc_def0 + u64::from(id),
+        observer: "host-a".into(),
         ip_version: 4,
         protocol: 6,
         client_addr: "10.9.0.1".parse().unwrap(),
@@ -106,6 +108,8 @@ fn rec(id: u32) -> FlowRecord {
         first_hook: Hook::Egress,
         first_seen: t(u64::from(id)),
         last_seen: t(u64::from(id) + 1),
+        window_start: t(u64::from(id)),
+        continuation: false,
         client: DirStats {
             packets: 3,
             bytes: 180,
@@ -259,6 +263,7 @@ fn replay_all(include: Vec<proto::Filter>, exclude: Vec<proto::Filter>) -> proto
         replay: 1_000_000,
         since: None,
         follow: Some(false),
+        after_seq: None,
     }
 }
 

@@ -145,6 +145,8 @@ fn a_blocked_stdout_holds_up_neither_subscribers_nor_shutdown() {
 
 fn rec(i: u32) -> FlowRecord {
     FlowRecord {
+        flow_id: u64::from(i),
+        observer: "test".into(),
         ip_version: 4,
         protocol: 17,
         client_addr: IpAddr::V4(Ipv4Addr::new(10, 9, 0, 1)),
@@ -156,6 +158,8 @@ fn rec(i: u32) -> FlowRecord {
         first_hook: Hook::Egress,
         first_seen: SystemTime::now(),
         last_seen: SystemTime::now(),
+        window_start: SystemTime::now(),
+        continuation: false,
         client: DirStats {
             packets: 1,
             bytes: 60,

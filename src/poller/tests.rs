@@ -280,3 +280,102 @@ fn the_initiator_decides_client_and_server() {
     assert_eq!((r.client_port, r.server_port), (80, 1000));
     assert_eq!((r.client.packets, r.server.packets), (7, 2));
 }
+
+#[test]
+fn a_flow_quiet_since_the_last_poll_gets_its_idle_end_not_an_active_record() {
+    let mut rig = Rig::with(
+        PollerConfig {
+            idle_udp: Duration::from_secs(30),
+            active_timeout: Duration::from_secs(20),
+            ..cfg()
+        },
+        [1000; 3],
+    );
+    rig.flow(IPPROTO_UDP, 1000, [4, 4], T0 + 7 * S);
+    for t in 1..=36 {
+        assert!(rig.poll(T0 + t * S).is_empty(), "no record at +{t} s");
+    }
+    let end = rig.poll(T0 + 37 * S);
+    assert_eq!(end.len(), 1);
+    assert_eq!(end[0].end_reason, EndReason::IdleTimeout);
+    assert_eq!(end[0].total_packets(), 8);
+    assert_eq!(end[0].window_start, end[0].first_seen);
+}
+
+#[test]
+fn no_empty_final_record_after_an_active_record() {
+    let mut rig = Rig::new();
+    rig.flow(IPPROTO_UDP, 1000, [3, 3], T0 + 59 * S);
+    assert_eq!(rig.poll(T0 + 60 * S).len(), 1);
+    // Nothing since: the flow leaves the maps without a 0-packet record.
+    assert!(rig.poll(T0 + 80 * S).is_empty());
+    assert_eq!(rig.table().entries(), [0, 0, 0]);
+    assert_eq!(rig.status.flows_ended.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn every_record_of_a_flow_has_its_id_observer_and_window() {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut poller = Poller::new(
+        MemTable::new([100; 3]),
+        cfg(),
+        tx,
+        Arc::new(Status::new()),
+        IfNames::default(),
+    )
+    .with_observer("edge-7");
+    let ip = |d| IpAddr::V4(Ipv4Addr::new(10, 0, 0, d));
+    let (key, _) = flow_key(IPPROTO_UDP, (ip(1), 5000), (ip(2), 53), 3);
+    let base = types::flow_base {
+        first_seen_ns: T0,
+        last_seen_ns: T0 + 59 * S,
+        packets: [1, 1],
+        ..Default::default()
+    };
+    let kb = poller.table_mut().put(key, base, None, None);
+    poller.poll_once(T0 + 60 * S).expect("poll");
+    let b = poller.table_mut().base_mut(&kb).expect("base");
+    b.packets = [2, 2];
+    b.last_seen_ns = T0 + 70 * S;
+    poller.poll_once(T0 + 91 * S).expect("poll");
+    let recs: Vec<FlowRecord> = rx.try_iter().collect();
+    assert_eq!(recs.len(), 2);
+    assert_eq!(recs[0].flow_id, recs[1].flow_id);
+    assert_ne!(recs[0].flow_id, 0);
+    assert!(recs.iter().all(|r| &*r.observer == "edge-7"));
+    assert_eq!(recs[0].window_start, recs[0].first_seen);
+    // The second window starts when the first record went out.
+    let gap = recs[1]
+        .window_start
+        .duration_since(recs[0].first_seen)
+        .expect("later");
+    assert_eq!(gap, Duration::from_secs(60));
+}
+
+#[test]
+fn a_tcp_connection_back_after_an_idle_gap_keeps_its_roles_and_id() {
+    let mut rig = Rig::new();
+    let k = rig.flow(IPPROTO_TCP, 1000, [5, 5], T0 + S);
+    rig.tcp_state(&k, types::tcp_state::TCP_ST_ESTABLISHED);
+    let first = rig.poll(T0 + 31 * S);
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].client_port, 1000);
+
+    // It resumes: the datapath sees it mid-connection and, by the port heuristic, takes
+    // the side with the higher port (1000 > 80) as the client.
+    let k2 = rig.flow(IPPROTO_TCP, 1000, [2, 3], T0 + 40 * S);
+    assert_eq!(k, k2);
+    {
+        let t = rig.table();
+        t.base_mut(&k).expect("base").initiator = HI_TO_LO as u8;
+        t.base_mut(&k).expect("base").first_seen_ns = T0 + 35 * S;
+        t.tcp.get_mut(&k).expect("tcp").bits = types::tcp_bits::TCPB_LATE_START.0 as u8;
+    }
+    let second = rig.poll(T0 + 71 * S);
+    assert_eq!(second.len(), 1);
+    let r = &second[0];
+    assert!(r.continuation);
+    assert_eq!(r.flow_id, first[0].flow_id);
+    assert_eq!((r.client_port, r.server_port), (1000, 80));
+    assert_eq!((r.client.packets, r.server.packets), (2, 3));
+}
