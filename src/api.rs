@@ -227,6 +227,7 @@ fn end_reason_from_proto(e: proto::EndReason) -> Option<EndReason> {
         proto::EndReason::TcpFin => Some(EndReason::TcpFin),
         proto::EndReason::TcpRst => Some(EndReason::TcpRst),
         proto::EndReason::Shutdown => Some(EndReason::Shutdown),
+        proto::EndReason::Evicted => Some(EndReason::Evicted),
     }
 }
 
@@ -238,6 +239,7 @@ impl From<EndReason> for proto::EndReason {
             EndReason::TcpFin => proto::EndReason::TcpFin,
             EndReason::TcpRst => proto::EndReason::TcpRst,
             EndReason::Shutdown => proto::EndReason::Shutdown,
+            EndReason::Evicted => proto::EndReason::Evicted,
         }
     }
 }
@@ -313,6 +315,7 @@ impl From<&FlowRecord> for proto::FlowRecord {
             flow_id: r.flow_id,
             observer: r.observer.to_string(),
             continuation: r.continuation,
+            fragment: r.fragment,
             seq: 0,
             client: Some(dir_to_proto(&r.client)),
             server: Some(dir_to_proto(&r.server)),
@@ -464,6 +467,7 @@ impl TryFrom<&proto::FlowRecord> for FlowRecord {
             flow_id: p.flow_id,
             observer: p.observer.as_str().into(),
             continuation: p.continuation,
+            fragment: p.fragment,
             client: dir_from_proto(p.client, "client.ttl")?,
             server: dir_from_proto(p.server, "server.ttl")?,
             end_reason: end_reason_from_proto(p.end_reason()).unwrap_or(EndReason::IdleTimeout),

@@ -86,6 +86,7 @@ pub fn counter_names() -> Vec<(u32, &'static str)> {
         (C::CNT_BASE_FULL.0, "base_map_full"),
         (C::CNT_TCP_FULL.0, "tcp_map_full"),
         (C::CNT_ICMP_FULL.0, "icmp_map_full"),
+        (C::CNT_IP_BAD_VERSION.0, "ip_bad_version"),
         (C::CNT_PACKETS.0, "packets_accounted"),
         (C::CNT_NON_IP.0, "non_ip_skipped"),
         (C::CNT_FRAGMENTS.0, "ip_fragments_non_first"),

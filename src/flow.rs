@@ -86,15 +86,20 @@ pub enum EndReason {
     TcpRst,
     /// The agent is stopping and flushed the flow.
     Shutdown,
+    /// Ended early to make room under map pressure (a flood): the flow had sent one
+    /// packet and nothing since. Its counts are complete up to here; a later packet
+    /// starts a new flow.
+    Evicted,
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 5] = [
+    pub const ALL: [EndReason; 6] = [
         EndReason::IdleTimeout,
         EndReason::ActiveTimeout,
         EndReason::TcpFin,
         EndReason::TcpRst,
         EndReason::Shutdown,
+        EndReason::Evicted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -104,6 +109,7 @@ impl EndReason {
             EndReason::TcpFin => "tcp_fin",
             EndReason::TcpRst => "tcp_rst",
             EndReason::Shutdown => "shutdown",
+            EndReason::Evicted => "evicted",
         }
     }
 }
@@ -239,6 +245,10 @@ pub struct FlowRecord {
     /// The flow was seen before, ended after an idle gap and came back: client and server
     /// are those of the earlier part, and `flow_id` is the same.
     pub continuation: bool,
+    /// Non-first IP fragments of `protocol`: they carry no transport header, so the
+    /// record has no ports (and no TCP/ICMP details), and they are kept apart from
+    /// the flow they belong to.
+    pub fragment: bool,
     pub tcp: Option<TcpInfo>,
     pub icmp: Option<IcmpInfo>,
 }

@@ -502,7 +502,7 @@ fn keys_are_zero_padded() {
     let h = Harness::new();
     h.run(Hook::Ingress, &v4_frame(A, B, 17, 64, &udp(1, 2, &[])));
     let (k, _) = h.only_flow();
-    assert_eq!(k.__pad, [0, 0]);
+    assert_eq!((k.flags, k.__pad), (0, 0));
     assert_eq!(&k.addr_lo[..10], &[0u8; 10]);
 }
 
@@ -563,4 +563,187 @@ fn ipv4_options_are_skipped_by_ihl() {
     let (k, b) = h.only_flow();
     assert_eq!((k.port_lo, k.port_hi), (5353, 53));
     assert_eq!(b.bytes[LO_TO_HI], 20 + 8 + 8 + 10);
+}
+
+/// Issue 13 edges: each test here failed before its fix.
+mod edges {
+    use super::*;
+
+    /// An IPv6 Fragment header (8 bytes) naming `next`, at `offset` 8-byte units, More set.
+    fn frag6(next: u8, offset: u16, rest: &[u8]) -> Vec<u8> {
+        let off = (offset << 3) | 1;
+        let mut p = vec![next, 0];
+        p.extend_from_slice(&off.to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0x12, 0x34]);
+        p.extend_from_slice(rest);
+        p
+    }
+
+    /// Key byte 42: flow_key's flag byte (the first byte after ip_version).
+    fn key_flags(k: &types::flow_key) -> u8 {
+        common::bytes_of(k)[42]
+    }
+
+    #[test]
+    fn ipv6_non_first_fragments_stop_at_the_fragment_header() {
+        let h = Harness::new();
+        let (a, b) = (ula(1), ula(2));
+        // Fragment header -> Destination Options; the fragment's payload starts with 0x06,
+        // which a walk past the Fragment header reads as "next: TCP".
+        let mut payload = vec![6u8, 0, 0, 0, 0, 0, 0, 0];
+        payload.extend_from_slice(&[0u8; 40]);
+        h.run(
+            Hook::Ingress,
+            &v6_frame(a, b, 44, 64, &frag6(60, 100, &payload)),
+        );
+        // Fragment header -> AH, payload whose "length" byte overruns the packet.
+        h.run(
+            Hook::Ingress,
+            &v6_frame(a, b, 44, 64, &frag6(51, 200, &[17, 255, 0, 0, 0, 0, 0, 0])),
+        );
+        let flows = h.flows();
+        assert_eq!(flows.len(), 2, "{flows:?}");
+        for (k, base) in &flows {
+            assert!(
+                matches!(k.proto, 60 | 51),
+                "proto {} read from payload",
+                k.proto
+            );
+            assert_eq!((k.port_lo, k.port_hi), (0, 0));
+            assert_eq!(key_flags(k), 1, "a fragment flow");
+            assert_eq!(base.packets[LO_TO_HI], 1);
+        }
+        let dst = flows.iter().find(|(k, _)| k.proto == 60).expect("dstopts");
+        assert_eq!(dst.1.bytes[LO_TO_HI], 40 + 8 + 48);
+        assert_eq!(h.counter("ipv6_bad_extension_chain"), 0);
+        assert_eq!(h.counter("ip_fragments_non_first"), 2);
+        assert_eq!(h.counter("packets_accounted"), 2);
+    }
+
+    #[test]
+    fn ipv6_first_fragment_is_still_walked_to_its_transport_header() {
+        let h = Harness::new();
+        let (a, b) = (ula(1), ula(2));
+        h.run(
+            Hook::Ingress,
+            &v6_frame(a, b, 44, 64, &frag6(17, 0, &udp(5000, 53, &[0u8; 8]))),
+        );
+        let (k, _) = h.only_flow();
+        assert_eq!((k.proto, k.port_lo, k.port_hi), (17, 5000, 53));
+        assert_eq!(key_flags(&k), 0);
+    }
+
+    /// A non-first IPv4 fragment of `proto` from `src` to `dst`.
+    fn frag4(src: [u8; 4], dst: [u8; 4], proto: u8, len: usize) -> Vec<u8> {
+        let mut ip = ipv4(src, dst, proto, 64, &vec![0u8; len]);
+        ip[6..8].copy_from_slice(&185u16.to_be_bytes());
+        eth(ETH_P_IP, &[], &ip)
+    }
+
+    #[test]
+    fn ipv4_icmp_non_first_fragments_keep_their_sender_as_client() {
+        let h = Harness::new();
+        // B (hi) sends the fragment: it is the initiator of the fragment flow.
+        h.run(Hook::Egress, &frag4(B, A, 1, 100));
+        let (k, b) = h.only_flow();
+        assert_eq!(k.proto, 1);
+        assert_eq!(
+            usize::from(b.initiator),
+            HI_TO_LO,
+            "the sender, not its peer"
+        );
+        let h = Harness::new();
+        h.run(Hook::Egress, &frag4(A, B, 1, 100));
+        let (_, b) = h.only_flow();
+        assert_eq!(usize::from(b.initiator), LO_TO_HI);
+    }
+
+    #[test]
+    fn echo_identifier_zero_and_fragments_have_separate_keys() {
+        let h = Harness::new();
+        for seq in 0..5 {
+            h.run(
+                Hook::Egress,
+                &v4_frame(A, B, 1, 64, &echo(8, 0, seq, &[0u8; 56])),
+            );
+            h.run(
+                Hook::Ingress,
+                &v4_frame(B, A, 1, 64, &echo(0, 0, seq, &[0u8; 56])),
+            );
+        }
+        // The tail of a `ping -s 3000` reply from B, and one from A.
+        h.run(Hook::Ingress, &frag4(B, A, 1, 1500));
+        h.run(Hook::Egress, &frag4(A, B, 1, 1500));
+        let flows = h.flows();
+        assert_eq!(flows.len(), 2, "{flows:?}");
+        let echo = flows.iter().find(|(k, _)| key_flags(k) == 0).expect("echo");
+        let frag = flows
+            .iter()
+            .find(|(k, _)| key_flags(k) == 1)
+            .expect("fragments");
+        assert_eq!(echo.1.packets, [5, 5]);
+        assert_eq!(
+            usize::from(echo.1.initiator),
+            LO_TO_HI,
+            "A sent the requests"
+        );
+        assert_eq!(frag.1.packets, [1, 1]);
+        assert_eq!(frag.1.ext, 0, "no ICMP extension for fragments");
+        assert_eq!(h.icmp().len(), 1);
+    }
+
+    #[test]
+    fn udp_port_zero_and_udp_fragments_have_separate_keys() {
+        let h = Harness::new();
+        h.run(Hook::Egress, &v4_frame(A, B, 17, 64, &udp(0, 0, &[0u8; 8])));
+        h.run(Hook::Egress, &frag4(A, B, 17, 100));
+        assert_eq!(h.flows().len(), 2);
+    }
+
+    #[test]
+    fn gso_packets_count_every_segment_in_the_counters() {
+        let h = Harness::new();
+        let g = v4_frame(A, B, 6, 64, &tcp(1000, 2000, TCP_ACK, &[0u8; 3000]));
+        h.run_gso(Hook::Egress, &g, 3);
+        h.run_gso(Hook::Egress, &g, 2);
+        let (_, b) = h.only_flow();
+        assert_eq!(b.packets[LO_TO_HI], 5);
+        assert_eq!(h.counter("packets_accounted"), 5, "agrees with the flow");
+        // A GSO packet the datapath cannot account costs all its segments.
+        let mut doff15 = tcp(1000, 2000, TCP_ACK, &[0u8; 3000]);
+        doff15[12] = 0xf0;
+        doff15.truncate(40);
+        h.run_gso(Hook::Egress, &v4_frame(A, B, 6, 64, &doff15), 4);
+        assert_eq!(h.counter("tcp_bad_data_offset"), 4);
+    }
+
+    #[test]
+    fn gso_packets_of_a_flow_the_full_map_drops_count_every_segment() {
+        let h = Harness::with(Capacities {
+            flows: 1,
+            tcp: 4,
+            icmp: 4,
+        });
+        h.run(Hook::Egress, &v4_frame(A, B, 17, 64, &udp(1, 2, &[])));
+        let g = v4_frame(A, B, 6, 64, &tcp(1000, 2000, TCP_ACK, &[0u8; 3000]));
+        h.run_gso(Hook::Egress, &g, 3);
+        assert_eq!(h.counter("base_map_full"), 3);
+        assert_eq!(h.counter("packets_accounted"), 1);
+    }
+
+    #[test]
+    fn ipv4_frames_with_another_version_are_counted_not_accounted() {
+        let h = Harness::new();
+        for version in [0x65u8, 0x05, 0xf5] {
+            let mut ip = ipv4(A, B, 17, 64, &udp(1, 2, &[0u8; 20]));
+            ip[0] = version;
+            h.run(Hook::Ingress, &eth(ETH_P_IP, &[], &ip));
+        }
+        // An IPv6 EtherType carrying an IPv4 header.
+        let ip = ipv4(A, B, 17, 64, &udp(1, 2, &[0u8; 40]));
+        h.run(Hook::Ingress, &eth(ETH_P_IPV6, &[], &ip));
+        assert!(h.flows().is_empty(), "{:?}", h.flows());
+        assert_eq!(h.counter("ip_bad_version"), 4);
+        assert_eq!(h.counter("packets_accounted"), 0);
+    }
 }

@@ -110,6 +110,7 @@ fn rec(id: u32) -> FlowRecord {
         last_seen: t(u64::from(id) + 1),
         window_start: t(u64::from(id)),
         continuation: false,
+        fragment: false,
         client: DirStats {
             packets: 3,
             bytes: 180,

@@ -19,7 +19,7 @@ macro_rules! assert_tiled {
 #[test]
 fn flow_key_is_44_bytes_fully_explicit() {
     assert_eq!(size_of::<flow_key>(), 44);
-    assert_tiled!(flow_key, addr_lo: [u8; 16], addr_hi: [u8; 16], port_lo: u16, port_hi: u16, ifindex: u32, proto: u8, ip_version: u8, __pad: [u8; 2]);
+    assert_tiled!(flow_key, addr_lo: [u8; 16], addr_hi: [u8; 16], port_lo: u16, port_hi: u16, ifindex: u32, proto: u8, ip_version: u8, flags: u8, __pad: u8);
 }
 
 #[test]

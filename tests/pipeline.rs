@@ -160,6 +160,7 @@ fn rec(i: u32) -> FlowRecord {
         last_seen: SystemTime::now(),
         window_start: SystemTime::now(),
         continuation: false,
+        fragment: false,
         client: DirStats {
             packets: 1,
             bytes: 60,

@@ -112,6 +112,7 @@ struct flow_enums {
 	enum flow_counter counter;
 	enum tcp_state state;
 	enum tcp_bits bits;
+	enum flow_key_flags key_flags;
 };
 const volatile struct flow_enums flow_enums_btf = {};
 
@@ -134,13 +135,14 @@ struct pkt {
 	__u16 dport;
 };
 
-static __always_inline void count(__u32 reason)
+/* Adds n (the wire segments of one skb) to a counter slot. */
+static __always_inline void count(__u32 reason, __u64 n)
 {
 	__u64 *v = bpf_map_lookup_elem(&counters, &reason);
 
 	/* Per-CPU slot: no other CPU writes it, a plain add is exact. */
 	if (v)
-		*v += 1;
+		*v += n;
 }
 
 /* Returns 0 when the packet should be accounted, or a CNT_* error. */
@@ -151,6 +153,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p,
 
 	if (!first_frag) {
 		p->frag = 1;
+		p->key.flags = KEY_FRAGMENT;
 		return 0;
 	}
 	if (proto == IPPROTO_TCP) {
@@ -235,6 +238,8 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p,
 	if (skb->len < off + sizeof(ip6) ||
 	    bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)))
 		return CNT_IPV6_TRUNC;
+	if (ip6.version != 6)
+		return CNT_IP_BAD_VERSION;
 	avail = skb->len - off;
 	claimed = bpf_ntohs(ip6.payload_len) + sizeof(ip6);
 	/* payload_len 0 is a jumbogram or BIG TCP: trust the skb */
@@ -258,10 +263,19 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p,
 		if (p->hdr_len + 8 > l3_len ||
 		    bpf_skb_load_bytes(skb, off, eh, sizeof(eh)))
 			return CNT_IPV6_BAD_EXT;
+		if (nh == IPPROTO_FRAGMENT &&
+		    ((((__u16)eh[2] << 8) | eh[3]) & 0xFFF8)) {
+			/* Non-first fragment: what follows is payload, not
+			 * headers. It belongs to the fragment flow of the
+			 * protocol the Fragment header names.
+			 */
+			first_frag = false;
+			nh = eh[0];
+			p->hdr_len += 8;
+			break;
+		}
 		if (nh == IPPROTO_FRAGMENT) {
 			len = 8;
-			if ((((__u16)eh[2] << 8) | eh[3]) & 0xFFF8)
-				first_frag = false;
 		} else if (nh == IPPROTO_AH) {
 			len = ((__u32)eh[1] + 2) * 4;
 		} else {
@@ -273,10 +287,8 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p,
 		off += len;
 		p->hdr_len += len;
 	}
-	if (ipv6_is_ext(nh))
+	if (first_frag && ipv6_is_ext(nh))
 		return CNT_IPV6_BAD_EXT;
-	if (!first_frag)
-		count(CNT_FRAGMENTS);
 	p->key.proto = nh;
 	return parse_l4(skb, p, off, l3_len - p->hdr_len, first_frag);
 }
@@ -291,6 +303,8 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p,
 	if (skb->len < off + sizeof(ip) ||
 	    bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)))
 		return CNT_IPV4_TRUNC;
+	if (ip.version != 4)
+		return CNT_IP_BAD_VERSION;
 	ihl = ip.ihl * 4;
 	if (ihl < sizeof(ip))
 		return CNT_IPV4_BAD_IHL;
@@ -318,8 +332,6 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p,
 	p->hdr_len = ihl;
 
 	first_frag = !(bpf_ntohs(ip.frag_off) & IP_OFFSET);
-	if (!first_frag)
-		count(CNT_FRAGMENTS);
 	return parse_l4(skb, p, off + ihl, l3_len - ihl, first_frag);
 }
 
@@ -391,6 +403,9 @@ static __always_inline __u8 initiator_of(const struct pkt *p)
 	__u8 other = p->dir ^ 1;
 	__u8 t = p->icmp_type;
 
+	/* no transport header: a fragment's type or flags are unknown */
+	if (p->frag)
+		return p->dir;
 	switch (p->key.proto) {
 	case IPPROTO_TCP:
 		if (p->tcp_flags & TCP_SYN)
@@ -678,15 +693,18 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 	__u8 ext;
 	int err;
 
+	/* every counter counts wire segments, as the flows do */
+	pkts = skb->gso_segs > 1 ? skb->gso_segs : 1;
 	err = parse(skb, &p);
 	if (err) {
-		count(err);
+		count(err, pkts);
 		return;
 	}
+	if (p.frag)
+		count(CNT_FRAGMENTS, pkts);
 	normalise(&p);
 	p.key.ifindex = skb->ifindex;
 
-	pkts = skb->gso_segs > 1 ? skb->gso_segs : 1;
 	bytes = p.l3_len + (pkts - 1) * p.hdr_len;
 	ext = p.frag ? 0 : ext_of(p.key.proto);
 	now = bpf_ktime_get_ns();
@@ -695,17 +713,17 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 	if (!v) {
 		err = flow_create(&p, hook, ext, now, pkts, bytes);
 		if (!err) {
-			count(CNT_PACKETS);
+			count(CNT_PACKETS, pkts);
 			return;
 		}
 		if (err != -EEXIST) {
-			count(err);
+			count(err, pkts);
 			return;
 		}
 		/* another CPU created it first: account as an update */
 		v = bpf_map_lookup_elem(&flows, &p.key);
 		if (!v) {
-			count(CNT_BASE_FULL);
+			count(CNT_BASE_FULL, pkts);
 			return;
 		}
 	}
@@ -719,9 +737,9 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 	if (ext) {
 		err = account_ext(&p, ext, now, v);
 		if (err)
-			count(err);
+			count(err, pkts);
 	}
-	count(CNT_PACKETS);
+	count(CNT_PACKETS, pkts);
 }
 
 /* Plain "tc" sections: the same programs load on kernels without TCX and

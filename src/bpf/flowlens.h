@@ -55,11 +55,21 @@ enum flow_counter {
 	CNT_BASE_FULL,		/* new flow dropped: base map full */
 	CNT_TCP_FULL,		/* new flow dropped: TCP extension map full */
 	CNT_ICMP_FULL,		/* new flow dropped: ICMP extension map full */
+	CNT_IP_BAD_VERSION,	/* IP version nibble does not match the EtherType */
 	CNT_ERRORS_END,
 	CNT_PACKETS = CNT_ERRORS_END, /* packets accounted in a flow */
 	CNT_NON_IP,		/* not IPv4/IPv6: skipped by design */
 	CNT_FRAGMENTS,		/* non-first IP fragments (accounted port-less) */
 	CNT_MAX,
+};
+
+/* flow_key.flags */
+enum flow_key_flags {
+	/* Non-first fragments of the protocol in `proto`: no transport
+	 * header, so no ports, and a key space of their own (an echo with
+	 * identifier 0 or a UDP flow between ports 0 would collide).
+	 */
+	KEY_FRAGMENT = 1,
 };
 
 struct flow_key {
@@ -70,7 +80,8 @@ struct flow_key {
 	__u32 ifindex;		/* the same packet on two interfaces is two flows */
 	__u8 proto;		/* IPPROTO_* */
 	__u8 ip_version;	/* 4 or 6 */
-	__u8 __pad[2];
+	__u8 flags;		/* enum flow_key_flags */
+	__u8 __pad;
 };
 
 struct flow_base {

@@ -217,6 +217,7 @@ impl RawFlow {
             server: dir(s),
             end_reason,
             continuation,
+            fragment: k.flags & types::flow_key_flags::KEY_FRAGMENT.0 as u8 != 0,
             tcp: self.tcp.as_ref().map(|t| tcp_info(t, c)),
             icmp: self
                 .icmp
