@@ -19,6 +19,7 @@
 //! | `map_utilization_ratio` | gauge | `map` | entries / capacity (0..1) |
 //! | `map_pressure_events_total` | counter | | times a flow map crossed the pressure threshold |
 //! | `orphans_removed_total` | counter | | extension entries removed because their base was gone |
+//! | `flows_evicted_total` | counter | | flows ended early to make room under map pressure |
 //! | `kernel_packets_unaccounted_total` | counter | `reason` | packets the datapath could not account (error counters) |
 //! | `kernel_packets_total` | counter | `counter` | informational kernel counts (not disjoint: do not sum) |
 //! | `last_poll_duration_seconds` | gauge | | duration of the last poll cycle |
@@ -246,6 +247,12 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
         "counter",
         "Extension map entries removed because their base entry was gone.",
         snap.orphans_removed,
+    );
+    e.single(
+        "flows_evicted_total",
+        "counter",
+        "Flows ended early (end reason evicted) to make room in a flow map under pressure.",
+        snap.flows_evicted,
     );
 
     let errors: std::collections::BTreeSet<&str> = counter_names()

@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub last_poll_ns: u64,
     /// Times a flow map crossed the pressure threshold (80 % full by default).
     pub map_pressure_events: u64,
+    /// Flows ended early to make room under map pressure (`EndReason::Evicted`).
+    pub flows_evicted: u64,
 }
 
 /// Shared, cheaply updated agent state.
@@ -43,6 +45,7 @@ pub struct Status {
     pub last_poll_ns: AtomicU64,
     pub active_flows: AtomicU64,
     pub map_pressure_events: AtomicU64,
+    pub flows_evicted: AtomicU64,
     detail: Mutex<(Vec<MapUsage>, BTreeMap<String, u64>)>,
     started: Mutex<Option<SystemTime>>,
 }
@@ -74,6 +77,7 @@ impl Status {
             orphans_removed: self.orphans_removed.load(Ordering::Relaxed),
             last_poll_ns: self.last_poll_ns.load(Ordering::Relaxed),
             map_pressure_events: self.map_pressure_events.load(Ordering::Relaxed),
+            flows_evicted: self.flows_evicted.load(Ordering::Relaxed),
         }
     }
 }

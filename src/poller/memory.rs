@@ -17,6 +17,10 @@ pub struct MemTable {
     pub icmp: BTreeMap<KeyBytes, types::flow_icmp>,
     pub capacity: [u64; 3],
     pub counters: BTreeMap<String, u64>,
+    /// Packets that land right after the next read, as (key, their time): they move the
+    /// flow's last-seen time and count one packet from lo to hi, as a CPU racing the
+    /// poller would.
+    pub land_after_read: Vec<(KeyBytes, u64)>,
 }
 
 impl MemTable {
@@ -101,6 +105,12 @@ impl FlowTable for MemTable {
             .map(|k| (ExtMap::Tcp, k))
             .chain(icmp.into_keys().map(|k| (ExtMap::Icmp, k)))
             .collect();
+        for (kb, at) in std::mem::take(&mut self.land_after_read) {
+            if let Some(b) = self.base_mut(&kb) {
+                b.last_seen_ns = at;
+                b.packets[0] += 1;
+            }
+        }
         Ok(Joined {
             flows,
             entries,
@@ -118,6 +128,10 @@ impl FlowTable for MemTable {
             tcp,
             icmp,
         }))
+    }
+
+    fn last_seen(&mut self, kb: &KeyBytes) -> Result<Option<u64>, PollError> {
+        Ok(self.base.get(kb).map(|(_, b)| b.last_seen_ns))
     }
 
     fn remove_orphan(&mut self, ext: ExtMap, kb: &KeyBytes) -> Result<bool, PollError> {

@@ -6,13 +6,13 @@ pub mod table;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::CStr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, tick, Receiver, Sender};
+use crossbeam_channel::{after, select, Receiver, Sender};
 use log::{debug, info, warn};
 use thiserror::Error;
 
@@ -51,6 +51,15 @@ pub struct PollerConfig {
     pub orphan_sweep_every: u32,
     /// Utilisation above which map pressure is reported.
     pub pressure_threshold: f64,
+    /// Poll cadence while a map is under pressure (above the threshold, or full).
+    pub pressure_poll_interval: Duration,
+    /// Under pressure, a flow that sent one packet and nothing since for this long is
+    /// evicted (ended early, `EndReason::Evicted`) to make room; long enough for the
+    /// answer to a SYN or a query to have come back.
+    pub evict_min_age: Duration,
+    /// Under pressure, flows are evicted until each pressured map is at most this full
+    /// (0..1), or no flow is left to evict.
+    pub evict_target: f64,
 }
 
 impl Default for PollerConfig {
@@ -65,6 +74,9 @@ impl Default for PollerConfig {
             active_timeout: Duration::from_secs(60),
             orphan_sweep_every: 10,
             pressure_threshold: 0.8,
+            pressure_poll_interval: Duration::from_millis(100),
+            evict_min_age: Duration::from_secs(1),
+            evict_target: 0.5,
         }
     }
 }
@@ -76,6 +88,35 @@ pub struct PollStats {
     pub ended: usize,
     pub active_records: usize,
     pub orphans_removed: usize,
+    pub evicted: usize,
+    /// Flows left alone because a packet landed between the read and their end.
+    pub revived: usize,
+}
+
+/// A stretch of polls during which a flow map was above the pressure threshold or
+/// the datapath dropped new flows for want of room; logged at its start and end.
+#[derive(Debug, Clone, Copy)]
+struct Episode {
+    started_ns: u64,
+    evicted: u64,
+    /// Map-full counters (base, TCP, ICMP) when it started.
+    full_at_start: [u64; 3],
+}
+
+/// Names of the datapath counters of new flows dropped for a full map, in `MAP_NAMES` order.
+const FULL_COUNTERS: [&str; 3] = ["base_map_full", "tcp_map_full", "icmp_map_full"];
+
+fn full_counts(counters: &BTreeMap<String, u64>) -> [u64; 3] {
+    FULL_COUNTERS.map(|n| counters.get(n).copied().unwrap_or(0))
+}
+
+/// What became of a flow the poller tried to end.
+enum Ended {
+    Yes,
+    /// A packet landed since the read: the flow goes on.
+    Revived,
+    /// Already gone from the map.
+    Gone,
 }
 
 /// Per-flow state the poller keeps between a flow's records.
@@ -151,6 +192,9 @@ pub struct Poller<T: FlowTable = KernelTable> {
     pressured: [bool; 3],
     observer: Arc<str>,
     recent: Recent,
+    episode: Option<Episode>,
+    /// Map-full counters at the previous poll.
+    last_full: [u64; 3],
 }
 
 impl<T: FlowTable> Poller<T> {
@@ -174,6 +218,8 @@ impl<T: FlowTable> Poller<T> {
             pressured: [false; 3],
             observer: host_name().into(),
             recent: Recent::default(),
+            episode: None,
+            last_full: [0; 3],
         }
     }
 
@@ -191,12 +237,22 @@ impl<T: FlowTable> Poller<T> {
         &mut self.table
     }
 
-    /// Polls every interval until `stop` fires or disconnects, then flushes every flow.
+    /// Whether a map is under pressure (the poller then polls faster and evicts).
+    pub fn under_pressure(&self) -> bool {
+        self.episode.is_some()
+    }
+
+    /// Polls every interval (faster under map pressure) until `stop` fires or
+    /// disconnects, then flushes every flow.
     pub fn run(mut self, stop: Receiver<()>) -> Result<(), PollError> {
-        let ticker = tick(self.cfg.poll_interval);
         loop {
+            let interval = if self.under_pressure() {
+                self.cfg.pressure_poll_interval.min(self.cfg.poll_interval)
+            } else {
+                self.cfg.poll_interval
+            };
             select! {
-                recv(ticker) -> _ => {
+                recv(after(interval)) -> _ => {
                     let started = Instant::now();
                     match self.poll_once(monotonic_ns()) {
                         Ok(s) => debug!("poll: {s:?}"),
@@ -230,17 +286,21 @@ impl<T: FlowTable> Poller<T> {
             flows: flows.len(),
             ..PollStats::default()
         };
+        let mut kept = Vec::with_capacity(flows.len());
         for f in &flows {
             let kb = key_bytes(&f.key);
             if let Some(reason) = self.end_reason(f, now_ns) {
-                if self.end_flow(&kb, reason)? {
-                    stats.ended += 1;
-                    entries[0] -= 1;
-                    entries[1] -= u64::from(f.tcp.is_some());
-                    entries[2] -= u64::from(f.icmp.is_some());
+                match self.end_flow_if_quiet(f, &kb, reason)? {
+                    Ended::Yes => {
+                        stats.ended += 1;
+                        Self::forget_entries(&mut entries, f);
+                    }
+                    Ended::Revived => stats.revived += 1,
+                    Ended::Gone => {}
                 }
                 continue;
             }
+            kept.push(f);
             let last = self
                 .reported
                 .get(&kb)
@@ -268,9 +328,183 @@ impl<T: FlowTable> Poller<T> {
         {
             stats.orphans_removed = self.sweep_orphans(&unjoined)?;
         }
-        self.update_status(entries);
+        let counters = self.table.counters();
+        if self.polls == 1 {
+            // Drops before this agent's first poll (pinned maps) are not this episode's.
+            self.last_full = full_counts(&counters);
+        }
+        let pressure = self.pressure(&entries, &counters);
+        // Crossings are judged before eviction makes room, so each one is counted.
+        for (i, u) in self.usage(entries).iter().enumerate() {
+            self.check_pressure(i, u);
+        }
+        if pressure.iter().any(|p| *p) {
+            self.episode_check(true, now_ns, &entries, &counters);
+            let (evicted, revived) = self.evict(&kept, &mut entries, pressure, now_ns)?;
+            stats.evicted = evicted;
+            stats.revived += revived;
+            stats.ended += evicted;
+        } else {
+            self.episode_check(false, now_ns, &entries, &counters);
+        }
+        self.last_full = full_counts(&counters);
+        self.update_status(entries, counters);
         self.last_poll_ns = now_ns;
         Ok(stats)
+    }
+
+    fn forget_entries(entries: &mut [u64; 3], f: &RawFlow) {
+        entries[0] = entries[0].saturating_sub(1);
+        entries[1] = entries[1].saturating_sub(u64::from(f.tcp.is_some()));
+        entries[2] = entries[2].saturating_sub(u64::from(f.icmp.is_some()));
+    }
+
+    /// Which maps are under pressure: above the threshold, or the datapath dropped new
+    /// flows for want of room in them since the previous poll.
+    fn pressure(&self, entries: &[u64; 3], counters: &BTreeMap<String, u64>) -> [bool; 3] {
+        let full = full_counts(counters);
+        let caps = self.table.capacities();
+        std::array::from_fn(|i| {
+            entries[i] as f64 > self.cfg.pressure_threshold * caps[i].max(1) as f64
+                || full[i] > self.last_full[i]
+        })
+    }
+
+    /// Starts or ends a pressure episode, logging each once, with what it cost at its end.
+    fn episode_check(
+        &mut self,
+        pressured: bool,
+        now_ns: u64,
+        entries: &[u64; 3],
+        counters: &BTreeMap<String, u64>,
+    ) {
+        let full = full_counts(counters);
+        match (pressured, self.episode) {
+            (true, None) => {
+                let caps = self.table.capacities();
+                let fill: Vec<String> = MAP_NAMES
+                    .iter()
+                    .zip(entries.iter().zip(caps))
+                    .map(|(n, (e, c))| format!("{n} {e}/{c}"))
+                    .collect();
+                warn!(
+                    "flow map pressure ({}): polling every {:?} and evicting flows that sent one packet and nothing for {:?}",
+                    fill.join(", "),
+                    self.cfg.pressure_poll_interval.min(self.cfg.poll_interval),
+                    self.cfg.evict_min_age
+                );
+                self.episode = Some(Episode {
+                    started_ns: now_ns,
+                    evicted: 0,
+                    full_at_start: self.last_full,
+                });
+            }
+            (false, Some(ep)) => {
+                let dropped: Vec<String> = FULL_COUNTERS
+                    .iter()
+                    .zip(full.iter().zip(ep.full_at_start))
+                    .map(|(n, (now, then))| format!("{n} +{}", now.saturating_sub(then)))
+                    .collect();
+                let total: u64 = full
+                    .iter()
+                    .zip(ep.full_at_start)
+                    .map(|(now, then)| now.saturating_sub(then))
+                    .sum();
+                warn!(
+                    "flow map pressure over after {:.1} s: {} flows evicted, {total} packets of new flows dropped for a full map ({})",
+                    now_ns.saturating_sub(ep.started_ns) as f64 / 1e9,
+                    ep.evicted,
+                    dropped.join(", ")
+                );
+                self.episode = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Ends flows that sent one packet and nothing since `evict_min_age`, oldest first,
+    /// until every pressured map is down to `evict_target`. Returns (evicted, revived).
+    fn evict(
+        &mut self,
+        kept: &[&RawFlow],
+        entries: &mut [u64; 3],
+        pressure: [bool; 3],
+        now_ns: u64,
+    ) -> Result<(usize, usize), PollError> {
+        let caps = self.table.capacities();
+        let mut need: [u64; 3] = std::array::from_fn(|i| {
+            let target = (self.cfg.evict_target * caps[i] as f64) as u64;
+            if pressure[i] {
+                entries[i].saturating_sub(target)
+            } else {
+                0
+            }
+        });
+        let min_age = self.cfg.evict_min_age.as_nanos() as u64;
+        let mut candidates: Vec<&RawFlow> = kept
+            .iter()
+            .copied()
+            .filter(|f| {
+                f.base.packets[0] + f.base.packets[1] == 1
+                    && now_ns.saturating_sub(f.base.last_seen_ns) >= min_age
+                    && !self.reported.contains_key(&key_bytes(&f.key))
+            })
+            .collect();
+        candidates.sort_by_key(|f| f.base.last_seen_ns);
+        let (mut evicted, mut revived) = (0, 0);
+        for f in candidates {
+            if need == [0; 3] {
+                break;
+            }
+            let helps = [true, f.tcp.is_some(), f.icmp.is_some()];
+            if !(0..3).any(|i| helps[i] && need[i] > 0) {
+                continue;
+            }
+            match self.end_flow_if_quiet(f, &key_bytes(&f.key), EndReason::Evicted)? {
+                Ended::Yes => {
+                    evicted += 1;
+                    Self::forget_entries(entries, f);
+                    for i in 0..3 {
+                        if helps[i] {
+                            need[i] = need[i].saturating_sub(1);
+                        }
+                    }
+                }
+                Ended::Revived => revived += 1,
+                Ended::Gone => {}
+            }
+        }
+        if evicted > 0 {
+            self.status
+                .flows_evicted
+                .fetch_add(evicted as u64, Ordering::Relaxed);
+            if let Some(ep) = &mut self.episode {
+                ep.evicted += evicted as u64;
+            }
+        }
+        Ok((evicted, revived))
+    }
+
+    /// Ends a flow the last read found due, unless a packet of it has landed since: the
+    /// packet would race the delete (the datapath adds to the entry it looked up, and a
+    /// delete between its lookup and its add would lose the packet), and the flow is
+    /// alive anyway.
+    fn end_flow_if_quiet(
+        &mut self,
+        f: &RawFlow,
+        kb: &KeyBytes,
+        reason: EndReason,
+    ) -> Result<Ended, PollError> {
+        match self.table.last_seen(kb)? {
+            None => return Ok(Ended::Gone),
+            Some(t) if t != f.base.last_seen_ns => return Ok(Ended::Revived),
+            Some(_) => {}
+        }
+        Ok(if self.end_flow(kb, reason)? {
+            Ended::Yes
+        } else {
+            Ended::Gone
+        })
     }
 
     /// Ends every flow now (agent shutdown). Returns how many.
@@ -282,7 +516,8 @@ impl<T: FlowTable> Poller<T> {
                 n += 1;
             }
         }
-        self.update_status([0; 3]);
+        let counters = self.table.counters();
+        self.update_status([0; 3], counters);
         Ok(n)
     }
 
@@ -443,11 +678,8 @@ impl<T: FlowTable> Poller<T> {
         Ok(removed)
     }
 
-    fn update_status(&mut self, entries: [u64; 3]) {
-        self.status
-            .active_flows
-            .store(entries[0], Ordering::Relaxed);
-        let usage: Vec<MapUsage> = MAP_NAMES
+    fn usage(&self, entries: [u64; 3]) -> Vec<MapUsage> {
+        MAP_NAMES
             .iter()
             .zip(entries)
             .zip(self.table.capacities())
@@ -456,12 +688,14 @@ impl<T: FlowTable> Poller<T> {
                 entries,
                 capacity,
             })
-            .collect();
-        for (i, u) in usage.iter().enumerate() {
-            self.check_pressure(i, u);
-        }
-        let counters = self.table.counters();
-        self.status.set_detail(usage, counters);
+            .collect()
+    }
+
+    fn update_status(&mut self, entries: [u64; 3], counters: BTreeMap<String, u64>) {
+        self.status
+            .active_flows
+            .store(entries[0], Ordering::Relaxed);
+        self.status.set_detail(self.usage(entries), counters);
     }
 
     fn check_pressure(&mut self, i: usize, u: &MapUsage) {

@@ -41,6 +41,9 @@ pub trait FlowTable: Send {
     /// Takes a flow out of every map. The base entry goes first and atomically with its
     /// read, so the flow holds every packet counted before the delete.
     fn take(&mut self, key: &KeyBytes) -> Result<Option<RawFlow>, PollError>;
+    /// The flow's last-seen time now (None: no such flow), to tell whether a packet
+    /// landed since the last read.
+    fn last_seen(&mut self, key: &KeyBytes) -> Result<Option<u64>, PollError>;
     /// Deletes `ext`'s entry for `key` when the base map has none; whether it did.
     fn remove_orphan(&mut self, ext: ExtMap, key: &KeyBytes) -> Result<bool, PollError>;
     /// Capacities of the base, TCP and ICMP maps.
@@ -128,6 +131,18 @@ impl FlowTable for KernelTable {
             tcp,
             icmp,
         }))
+    }
+
+    fn last_seen(&mut self, kb: &KeyBytes) -> Result<Option<u64>, PollError> {
+        let v = self
+            .maps
+            .flows
+            .lookup(kb, MapFlags::ANY)
+            .map_err(|e| PollError::Read {
+                map: "flows",
+                source: std::io::Error::other(e),
+            })?;
+        Ok(v.map(|v| decode::<types::flow_base>(&v).last_seen_ns))
     }
 
     fn remove_orphan(&mut self, ext: ExtMap, k: &KeyBytes) -> Result<bool, PollError> {

@@ -30,6 +30,9 @@ fn cfg() -> PollerConfig {
         active_timeout: Duration::from_secs(60),
         orphan_sweep_every: 3,
         pressure_threshold: 0.8,
+        pressure_poll_interval: Duration::from_millis(100),
+        evict_min_age: Duration::from_secs(1),
+        evict_target: 0.5,
     }
 }
 
@@ -248,8 +251,9 @@ fn orphan_extensions_are_swept_but_a_flows_own_are_not() {
 #[test]
 fn map_pressure_is_reported_once_per_episode() {
     let mut rig = Rig::with(cfg(), [10, 10, 10]);
+    // Answered flows: pressure alone, no eviction candidates.
     let keys: Vec<_> = (0..9)
-        .map(|i| rig.flow(IPPROTO_UDP, 1000 + i, [1, 0], T0))
+        .map(|i| rig.flow(IPPROTO_UDP, 1000 + i, [1, 1], T0))
         .collect();
     rig.poll(T0 + S);
     rig.poll(T0 + 2 * S);
@@ -259,7 +263,7 @@ fn map_pressure_is_reported_once_per_episode() {
     }
     rig.poll(T0 + 3 * S);
     for i in 0..5 {
-        rig.flow(IPPROTO_UDP, 3000 + i, [1, 0], T0);
+        rig.flow(IPPROTO_UDP, 3000 + i, [1, 1], T0);
     }
     rig.poll(T0 + 4 * S);
     assert_eq!(rig.status.map_pressure_events.load(Ordering::Relaxed), 2);
@@ -378,4 +382,141 @@ fn a_tcp_connection_back_after_an_idle_gap_keeps_its_roles_and_id() {
     assert_eq!(r.flow_id, first[0].flow_id);
     assert_eq!((r.client_port, r.server_port), (1000, 80));
     assert_eq!((r.client.packets, r.server.packets), (2, 3));
+}
+
+/// A rig with small maps, for the eviction rules.
+fn small(capacity: [u64; 3]) -> Rig {
+    Rig::with(
+        PollerConfig {
+            idle_udp: Duration::from_secs(300),
+            idle_tcp: Duration::from_secs(300),
+            ..cfg()
+        },
+        capacity,
+    )
+}
+
+#[test]
+fn under_pressure_single_packet_flows_are_evicted_oldest_first_with_their_counts() {
+    let mut rig = small([10, 10, 10]);
+    // Seven one-packet flows, the oldest first, and two that got an answer.
+    let singles: Vec<_> = (0..7)
+        .map(|i| rig.flow(IPPROTO_UDP, 1000 + i, [1, 0], T0 + u64::from(i) * S / 10))
+        .collect();
+    let answered = [
+        rig.flow(IPPROTO_UDP, 2000, [1, 1], T0),
+        rig.flow(IPPROTO_UDP, 2001, [5, 0], T0),
+    ];
+    // 9 of 10 entries: over the 0.8 threshold, evict down to 5.
+    let recs = rig.poll(T0 + 2 * S);
+    assert!(rig.poller.under_pressure());
+    assert_eq!(recs.len(), 4);
+    assert!(recs.iter().all(|r| r.end_reason == EndReason::Evicted));
+    assert!(recs
+        .iter()
+        .all(|r| r.total_packets() == 1 && r.total_bytes() == 100));
+    let mut ports: Vec<u16> = recs.iter().map(|r| r.client_port).collect();
+    ports.sort_unstable();
+    assert_eq!(ports, [1000, 1001, 1002, 1003], "oldest first");
+    for k in &singles[..4] {
+        assert!(!rig.table().base.contains_key(k));
+    }
+    for k in singles[4..].iter().chain(&answered) {
+        assert!(rig.table().base.contains_key(k));
+    }
+    assert_eq!(rig.status.flows_evicted.load(Ordering::Relaxed), 4);
+    assert_eq!(rig.status.snapshot().flows_evicted, 4);
+    // 5 entries left: below the threshold, the episode is over.
+    assert!(rig.poll(T0 + 3 * S).is_empty());
+    assert!(!rig.poller.under_pressure());
+}
+
+#[test]
+fn single_packet_flows_younger_than_the_minimum_age_are_not_evicted() {
+    let mut rig = small([10, 10, 10]);
+    for i in 0..9 {
+        rig.flow(IPPROTO_UDP, 1000 + i, [1, 0], T0 + S);
+    }
+    assert!(
+        rig.poll(T0 + S + S / 2).is_empty(),
+        "0.5 s old: an answer may come"
+    );
+    assert!(rig.poller.under_pressure());
+    assert_eq!(rig.poll(T0 + 2 * S).len(), 4);
+}
+
+#[test]
+fn without_pressure_nothing_is_evicted() {
+    let mut rig = small([10, 10, 10]);
+    for i in 0..8 {
+        rig.flow(IPPROTO_UDP, 1000 + i, [1, 0], T0);
+    }
+    assert!(rig.poll(T0 + 10 * S).is_empty(), "8 of 10 is not over 0.8");
+    assert!(!rig.poller.under_pressure());
+}
+
+#[test]
+fn a_full_extension_map_evicts_flows_that_hold_an_entry_in_it() {
+    let mut rig = small([100, 4, 100]);
+    let syns: Vec<_> = (0..4)
+        .map(|i| rig.flow(IPPROTO_TCP, 1000 + i, [1, 0], T0 + u64::from(i)))
+        .collect();
+    let udp = rig.flow(IPPROTO_UDP, 3000, [1, 0], T0 - S);
+    rig.poll(T0 + 2 * S);
+    assert_eq!(rig.table().entries(), [3, 2, 0], "TCP map down to half");
+    assert!(
+        rig.table().base.contains_key(&udp),
+        "evicting it frees nothing in flows_tcp"
+    );
+    assert!(!rig.table().base.contains_key(&syns[0]));
+}
+
+#[test]
+fn datapath_drops_start_an_episode_below_the_threshold_and_its_end_is_seen() {
+    let mut rig = small([100, 100, 100]);
+    rig.flow(IPPROTO_UDP, 1000, [1, 0], T0);
+    rig.poll(T0 + S);
+    assert!(!rig.poller.under_pressure());
+    rig.table().counters.insert("base_map_full".into(), 40);
+    rig.poll(T0 + 2 * S);
+    assert!(rig.poller.under_pressure(), "new flows were dropped");
+    // Nothing above the target to evict: the one flow stays.
+    assert_eq!(rig.table().entries(), [1, 0, 0]);
+    rig.poll(T0 + 3 * S);
+    assert!(!rig.poller.under_pressure(), "no drop since");
+}
+
+#[test]
+fn a_packet_landing_between_the_read_and_the_end_keeps_the_flow() {
+    let mut rig = Rig::new();
+    let k = rig.flow(IPPROTO_UDP, 1000, [3, 2], T0 + S);
+    rig.table().land_after_read.push((k, T0 + 25 * S));
+    assert!(rig.poll(T0 + 25 * S).is_empty(), "the flow is alive again");
+    assert_eq!(rig.table().entries(), [1, 0, 0]);
+    let end = rig.poll(T0 + 46 * S);
+    assert_eq!(end.len(), 1);
+    assert_eq!(end[0].client.packets, 4, "the late packet is in the record");
+}
+
+#[test]
+fn fragment_flows_are_marked_in_their_records() {
+    let mut rig = Rig::new();
+    let ip = |d| IpAddr::V4(Ipv4Addr::new(10, 0, 0, d));
+    let (mut key, _) = flow_key(IPPROTO_ICMP, (ip(1), 0), (ip(2), 0), 7);
+    key.flags = types::flow_key_flags::KEY_FRAGMENT.0 as u8;
+    let base = types::flow_base {
+        first_seen_ns: T0,
+        last_seen_ns: T0,
+        packets: [2, 0],
+        ..Default::default()
+    };
+    rig.table().put(key, base, None, None);
+    rig.flow(IPPROTO_ICMP, 0, [1, 1], T0);
+    rig.poller.flush().expect("flush");
+    let recs: Vec<FlowRecord> = rig.rx.try_iter().collect();
+    assert_eq!(recs.len(), 2, "separate keys");
+    let frag = recs.iter().find(|r| r.fragment).expect("fragment record");
+    assert_eq!(frag.client.packets, 2);
+    assert!(frag.icmp.is_none());
+    assert!(recs.iter().any(|r| !r.fragment));
 }

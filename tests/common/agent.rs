@@ -39,6 +39,9 @@ pub fn fast_config() -> PollerConfig {
         active_timeout: Duration::from_secs(60),
         orphan_sweep_every: 5,
         pressure_threshold: 0.8,
+        pressure_poll_interval: Duration::from_millis(50),
+        evict_min_age: Duration::from_millis(500),
+        evict_target: 0.5,
     }
 }
 
