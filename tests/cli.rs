@@ -2,31 +2,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::bin::{lines, start, Running, BIN};
 use common::netns::{ifindex_in, sh, sh_out, tcx_count, Bpffs, NetPair};
-use crossbeam_channel::Receiver;
-
-const BIN: &str = env!("CARGO_BIN_EXE_flowlens");
-
-struct Running {
-    child: Child,
-    stdout: Receiver<String>,
-    stderr: Receiver<String>,
-    err_seen: Vec<String>,
-}
-
-fn lines(r: impl std::io::Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = crossbeam_channel::unbounded();
-    std::thread::spawn(move || {
-        for l in BufReader::new(r).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    rx
-}
 
 /// `run` flags for an agent on the pair's `a` veth, pinning under `pins`.
 fn pinned<'a>(net: &'a NetPair, pins: &'a str) -> [&'a str; 6] {
@@ -38,95 +18,6 @@ fn pinned<'a>(net: &'a NetPair, pins: &'a str) -> [&'a str; 6] {
         "--grpc-listen",
         "off",
     ]
-}
-
-/// Starts `flowlens run` in namespace `ns`; unless `args` say otherwise it
-/// pins nothing and serves no gRPC, so parallel tests never share state.
-fn start(ns: &str, args: &[&str]) -> Running {
-    let mut cmd = Command::new("ip");
-    cmd.args([
-        "netns",
-        "exec",
-        ns,
-        BIN,
-        "run",
-        "--output",
-        "json",
-        "--poll-interval",
-        "200ms",
-    ]);
-    for (flag, off) in [("--pin-dir", "off"), ("--grpc-listen", "off")] {
-        if !args.contains(&flag) {
-            cmd.args([flag, off]);
-        }
-    }
-    let mut child = cmd
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn flowlens");
-    let stdout = lines(child.stdout.take().expect("stdout"));
-    let stderr = lines(child.stderr.take().expect("stderr"));
-    Running {
-        child,
-        stdout,
-        stderr,
-        err_seen: Vec::new(),
-    }
-}
-
-impl Running {
-    /// Waits for a log line containing `needle`.
-    fn wait_log(&mut self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.err_seen.iter().any(|l| l.contains(needle)) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "no log line with {needle:?}; got {:#?}",
-                self.err_seen
-            );
-            if let Ok(l) = self.stderr.recv_timeout(left) {
-                self.err_seen.push(l);
-            }
-        }
-    }
-
-    /// The first JSON record on stdout that `want` accepts.
-    fn record(
-        &self,
-        what: &str,
-        timeout: Duration,
-        want: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let l = self
-                .stdout
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-            let v: serde_json::Value = serde_json::from_str(&l).expect("a JSON record");
-            if want(&v) {
-                return v;
-            }
-        }
-    }
-
-    /// SIGTERM, then the exit status and every stdout line.
-    fn stop(mut self) -> (std::process::ExitStatus, Vec<String>) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().expect("wait");
-        (status, self.stdout.iter().collect())
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {

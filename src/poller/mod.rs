@@ -98,10 +98,15 @@ pub struct PollStats {
 #[derive(Debug, Clone, Copy)]
 struct Episode {
     started_ns: u64,
+    /// The last poll that found pressure.
+    last_pressed_ns: u64,
     evicted: u64,
     /// Map-full counters (base, TCP, ICMP) when it started.
     full_at_start: [u64; 3],
 }
+
+/// How long without pressure ends an episode.
+const EPISODE_CALM: Duration = Duration::from_secs(2);
 
 /// Names of the datapath counters of new flows dropped for a full map, in `MAP_NAMES` order.
 const FULL_COUNTERS: [&str; 3] = ["base_map_full", "tcp_map_full", "icmp_map_full"];
@@ -195,6 +200,9 @@ pub struct Poller<T: FlowTable = KernelTable> {
     episode: Option<Episode>,
     /// Map-full counters at the previous poll.
     last_full: [u64; 3],
+    /// The eviction age in force: `evict_min_age`, halved while the datapath still
+    /// drops new flows (a flood faster than eviction at that age keeps up with).
+    evict_age_ns: u64,
 }
 
 impl<T: FlowTable> Poller<T> {
@@ -220,6 +228,7 @@ impl<T: FlowTable> Poller<T> {
             recent: Recent::default(),
             episode: None,
             last_full: [0; 3],
+            evict_age_ns: cfg.evict_min_age.as_nanos() as u64,
         }
     }
 
@@ -338,14 +347,19 @@ impl<T: FlowTable> Poller<T> {
         for (i, u) in self.usage(entries).iter().enumerate() {
             self.check_pressure(i, u);
         }
-        if pressure.iter().any(|p| *p) {
-            self.episode_check(true, now_ns, &entries, &counters);
-            let (evicted, revived) = self.evict(&kept, &mut entries, pressure, now_ns)?;
+        self.episode_check(pressure.iter().any(|p| *p), now_ns, &entries, &counters);
+        if self.episode.is_some() {
+            let full = full_counts(&counters);
+            let (evicted, revived) = self.evict(&kept, &mut entries, full, now_ns)?;
             stats.evicted = evicted;
             stats.revived += revived;
             stats.ended += evicted;
-        } else {
-            self.episode_check(false, now_ns, &entries, &counters);
+            if evicted > 0 {
+                // Still making room: the episode goes on.
+                if let Some(ep) = &mut self.episode {
+                    ep.last_pressed_ns = now_ns;
+                }
+            }
         }
         self.last_full = full_counts(&counters);
         self.update_status(entries, counters);
@@ -371,6 +385,8 @@ impl<T: FlowTable> Poller<T> {
     }
 
     /// Starts or ends a pressure episode, logging each once, with what it cost at its end.
+    /// It ends after `EPISODE_CALM` without pressure or eviction, so a flood that eviction
+    /// keeps under the threshold is one episode, not one per poll.
     fn episode_check(
         &mut self,
         pressured: bool,
@@ -379,6 +395,11 @@ impl<T: FlowTable> Poller<T> {
         counters: &BTreeMap<String, u64>,
     ) {
         let full = full_counts(counters);
+        if pressured {
+            if let Some(ep) = &mut self.episode {
+                ep.last_pressed_ns = now_ns;
+            }
+        }
         match (pressured, self.episode) {
             (true, None) => {
                 let caps = self.table.capacities();
@@ -395,11 +416,14 @@ impl<T: FlowTable> Poller<T> {
                 );
                 self.episode = Some(Episode {
                     started_ns: now_ns,
+                    last_pressed_ns: now_ns,
                     evicted: 0,
                     full_at_start: self.last_full,
                 });
             }
-            (false, Some(ep)) => {
+            (false, Some(ep))
+                if now_ns.saturating_sub(ep.last_pressed_ns) >= EPISODE_CALM.as_nanos() as u64 =>
+            {
                 let dropped: Vec<String> = FULL_COUNTERS
                     .iter()
                     .zip(full.iter().zip(ep.full_at_start))
@@ -422,25 +446,29 @@ impl<T: FlowTable> Poller<T> {
         }
     }
 
-    /// Ends flows that sent one packet and nothing since `evict_min_age`, oldest first,
-    /// until every pressured map is down to `evict_target`. Returns (evicted, revived).
+    /// Ends flows that sent one packet and nothing since the eviction age, oldest first,
+    /// until every map is down to `evict_target`, for as long as the episode lasts. The age is `evict_min_age`,
+    /// halved at each poll the datapath dropped new flows (down to the pressure poll
+    /// interval) and doubled back at each poll it did not. Returns (evicted, revived).
     fn evict(
         &mut self,
         kept: &[&RawFlow],
         entries: &mut [u64; 3],
-        pressure: [bool; 3],
+        full: [u64; 3],
         now_ns: u64,
     ) -> Result<(usize, usize), PollError> {
         let caps = self.table.capacities();
         let mut need: [u64; 3] = std::array::from_fn(|i| {
-            let target = (self.cfg.evict_target * caps[i] as f64) as u64;
-            if pressure[i] {
-                entries[i].saturating_sub(target)
-            } else {
-                0
-            }
+            entries[i].saturating_sub((self.cfg.evict_target * caps[i] as f64) as u64)
         });
-        let min_age = self.cfg.evict_min_age.as_nanos() as u64;
+        let max_age = self.cfg.evict_min_age.as_nanos() as u64;
+        let floor = max_age.min(self.cfg.pressure_poll_interval.as_nanos() as u64);
+        self.evict_age_ns = if (0..3).any(|i| full[i] > self.last_full[i]) {
+            (self.evict_age_ns / 2).max(floor)
+        } else {
+            self.evict_age_ns.saturating_mul(2).min(max_age)
+        };
+        let min_age = self.evict_age_ns;
         let mut candidates: Vec<&RawFlow> = kept
             .iter()
             .copied()
@@ -698,13 +726,22 @@ impl<T: FlowTable> Poller<T> {
         self.status.set_detail(self.usage(entries), counters);
     }
 
+    /// Counts threshold crossings; logs them outside a pressure episode only (inside one,
+    /// eviction keeps a map near the threshold and the episode's own lines say it all).
     fn check_pressure(&mut self, i: usize, u: &MapUsage) {
         let ratio = u.entries as f64 / u.capacity.max(1) as f64;
         let high = ratio > self.cfg.pressure_threshold;
+        let quiet = self.episode.is_some();
         if high && !self.pressured[i] {
             self.status
                 .map_pressure_events
                 .fetch_add(1, Ordering::Relaxed);
+        }
+        if quiet {
+            self.pressured[i] = high;
+            return;
+        }
+        if high && !self.pressured[i] {
             warn!(
                 "map {} is {:.0}% full ({}/{}): new flows will be dropped and counted when it fills; raise its capacity or lower timeouts",
                 u.name,

@@ -426,8 +426,10 @@ fn under_pressure_single_packet_flows_are_evicted_oldest_first_with_their_counts
     }
     assert_eq!(rig.status.flows_evicted.load(Ordering::Relaxed), 4);
     assert_eq!(rig.status.snapshot().flows_evicted, 4);
-    // 5 entries left: below the threshold, the episode is over.
+    // 5 entries left: below the threshold; the episode ends after 2 s of calm.
     assert!(rig.poll(T0 + 3 * S).is_empty());
+    assert!(rig.poller.under_pressure());
+    assert!(rig.poll(T0 + 4 * S).is_empty());
     assert!(!rig.poller.under_pressure());
 }
 
@@ -483,7 +485,9 @@ fn datapath_drops_start_an_episode_below_the_threshold_and_its_end_is_seen() {
     // Nothing above the target to evict: the one flow stays.
     assert_eq!(rig.table().entries(), [1, 0, 0]);
     rig.poll(T0 + 3 * S);
-    assert!(!rig.poller.under_pressure(), "no drop since");
+    assert!(rig.poller.under_pressure(), "calm for 1 s only");
+    rig.poll(T0 + 4 * S);
+    assert!(!rig.poller.under_pressure(), "no drop for 2 s");
 }
 
 #[test]
@@ -519,4 +523,37 @@ fn fragment_flows_are_marked_in_their_records() {
     assert_eq!(frag.client.packets, 2);
     assert!(frag.icmp.is_none());
     assert!(recs.iter().any(|r| !r.fragment));
+}
+
+#[test]
+fn while_the_datapath_still_drops_new_flows_younger_ones_are_evicted() {
+    let mut rig = small([10, 10, 10]);
+    for i in 0..9 {
+        rig.flow(IPPROTO_UDP, 1000 + i, [1, 0], T0);
+    }
+    rig.poll(T0 + S / 10);
+    assert!(rig.poller.under_pressure());
+    assert!(rig.poll(T0 + S / 5).is_empty(), "0.2 s old, no drops");
+    rig.table().counters.insert("base_map_full".into(), 100);
+    // Drops: the age halves to 0.5 s, still above 0.3 s.
+    assert!(rig.poll(T0 + 3 * S / 10).is_empty());
+    rig.table().counters.insert("base_map_full".into(), 200);
+    // Drops again: 0.25 s, and the flows are 0.4 s old.
+    assert_eq!(rig.poll(T0 + 4 * S / 10).len(), 4);
+}
+
+#[test]
+fn during_an_episode_eviction_goes_on_below_the_threshold_down_to_the_target() {
+    let mut rig = small([10, 10, 10]);
+    for i in 0..9 {
+        rig.flow(IPPROTO_UDP, 1000 + i, [1, 0], T0 + S);
+    }
+    rig.poll(T0 + S + S / 10);
+    assert!(rig.poller.under_pressure());
+    // Below the threshold (7 of 10) but over the target (5): the episode evicts.
+    for k in rig.table().base.keys().copied().take(2).collect::<Vec<_>>() {
+        rig.table().base.remove(&k);
+    }
+    assert_eq!(rig.poll(T0 + 2 * S + S / 10).len(), 2);
+    assert_eq!(rig.table().entries(), [5, 0, 0]);
 }

@@ -113,5 +113,6 @@ impl Harness {
 }
 
 pub mod agent;
+pub mod bin;
 pub mod capture;
 pub mod netns;
