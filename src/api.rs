@@ -476,3 +476,15 @@ impl TryFrom<&proto::FlowRecord> for FlowRecord {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_end_reason_round_trips() {
+        for e in EndReason::ALL {
+            assert_eq!(end_reason_from_proto(proto::EndReason::from(e)), Some(e));
+        }
+    }
+}

@@ -137,6 +137,9 @@ fn ms(ns: u64) -> String {
 
 fn detail(r: &FlowRecord) -> String {
     let mut parts = Vec::new();
+    if r.fragment {
+        parts.push("fragments".to_owned());
+    }
     if let Some(t) = &r.tcp {
         parts.push(format!(
             "{} flags {}|{}",

@@ -233,6 +233,7 @@ fn status_response(status: &AgentStatus, hub: &Hub) -> proto::GetStatusResponse 
         orphans_removed: snap.orphans_removed,
         last_poll_ns: snap.last_poll_ns,
         map_pressure_events: snap.map_pressure_events,
+        flows_evicted: snap.flows_evicted,
         subscribers: hub
             .subscribers()
             .map(|s| proto::SubscriberInfo {

@@ -19,14 +19,14 @@ const FLOOD: Duration = Duration::from_secs(12);
 
 /// hping3 is a test dependency (Makefile APT_PACKAGES); install it when missing.
 fn ensure_hping3() {
-    let have = |_: ()| {
+    let have = || {
         Command::new("sh")
             .args(["-c", "command -v hping3"])
             .stdout(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
     };
-    if have(()) {
+    if have() {
         return;
     }
     let ok = Command::new("sh")
@@ -37,7 +37,7 @@ fn ensure_hping3() {
         ])
         .status()
         .is_ok_and(|s| s.success());
-    assert!(ok && have(()), "hping3 is needed: apt-get install hping3");
+    assert!(ok && have(), "hping3 is needed: apt-get install hping3");
 }
 
 /// hping3 processes, killed on drop (even on panic).
