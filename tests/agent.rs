@@ -3,7 +3,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use common::agent::{fast_config, Agent};
@@ -87,28 +87,7 @@ fn check_tcp(v6: bool) {
 
     const UP: usize = 300_000;
     const DOWN: usize = 5_000;
-    let listener = net.listen_b(v6, 0);
-    let port = listener.local_addr().expect("addr").port();
-    let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).expect("read");
-        s.write_all(&vec![7u8; DOWN]).expect("write");
-        got.len()
-    });
-    let client_port = net
-        .in_ns(&net.a, move || {
-            let mut c = TcpStream::connect(SocketAddr::new(b, port)).expect("connect");
-            c.write_all(&vec![1u8; UP]).expect("send");
-            c.shutdown(Shutdown::Write).expect("shutdown");
-            let mut back = Vec::new();
-            c.read_to_end(&mut back).expect("read back");
-            assert_eq!(back.len(), DOWN);
-            c.local_addr().expect("local").port()
-        })
-        .join()
-        .expect("client");
-    assert_eq!(server.join().expect("server"), UP);
+    let (port, client_port) = common::traffic::tcp_transfer(&net, v6, UP, DOWN);
 
     let is_conn = move |f: &FlowRecord| {
         f.protocol == 6 && f.server_port == port && f.client_port == client_port

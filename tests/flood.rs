@@ -2,8 +2,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::net::IpAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -176,29 +175,7 @@ fn flows_started_during_a_flood_get_exact_records() {
 
     // Mid-flood: a ping and a TCP transfer.
     net.ping_from_a(b, 5);
-    const UP: usize = 200_000;
-    const DOWN: usize = 3_000;
-    let listener = net.listen_b(false, 0);
-    let port = listener.local_addr().expect("addr").port();
-    let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).expect("read");
-        s.write_all(&[7u8; DOWN]).expect("write");
-        got.len()
-    });
-    let client_port = net
-        .in_ns(&net.a, move || {
-            let mut c = TcpStream::connect(SocketAddr::new(b, port)).expect("connect");
-            c.write_all(&vec![1u8; UP]).expect("send");
-            c.shutdown(Shutdown::Write).expect("shutdown");
-            let mut back = Vec::new();
-            c.read_to_end(&mut back).expect("read back");
-            c.local_addr().expect("local").port()
-        })
-        .join()
-        .expect("client");
-    assert_eq!(server.join().expect("server"), UP);
+    let (port, client_port) = common::traffic::tcp_transfer(&net, false, 200_000, 3_000);
 
     std::thread::sleep(FLOOD.saturating_sub(started.elapsed()));
     flood.stop();

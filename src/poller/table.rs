@@ -80,6 +80,17 @@ impl KernelTable {
     pub fn maps(&self) -> &FlowMaps {
         &self.maps
     }
+
+    /// The base entry's bytes, if the flow is there.
+    fn base(&self, kb: &KeyBytes) -> Result<Option<Vec<u8>>, PollError> {
+        self.maps
+            .flows
+            .lookup(kb, MapFlags::ANY)
+            .map_err(|e| PollError::Read {
+                map: "flows",
+                source: std::io::Error::other(e),
+            })
+    }
 }
 
 impl FlowTable for KernelTable {
@@ -134,27 +145,13 @@ impl FlowTable for KernelTable {
     }
 
     fn last_seen(&mut self, kb: &KeyBytes) -> Result<Option<u64>, PollError> {
-        let v = self
-            .maps
-            .flows
-            .lookup(kb, MapFlags::ANY)
-            .map_err(|e| PollError::Read {
-                map: "flows",
-                source: std::io::Error::other(e),
-            })?;
-        Ok(v.map(|v| decode::<types::flow_base>(&v).last_seen_ns))
+        Ok(self
+            .base(kb)?
+            .map(|v| decode::<types::flow_base>(&v).last_seen_ns))
     }
 
     fn remove_orphan(&mut self, ext: ExtMap, k: &KeyBytes) -> Result<bool, PollError> {
-        let has_base = self
-            .maps
-            .flows
-            .lookup(k, MapFlags::ANY)
-            .map_err(|e| PollError::Read {
-                map: "flows",
-                source: std::io::Error::other(e),
-            })?
-            .is_some();
+        let has_base = self.base(k)?.is_some();
         // The datapath inserts a base before its extension, so an
         // extension without its base is never a flow in the making.
         let map = match ext {

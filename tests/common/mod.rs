@@ -116,3 +116,4 @@ pub mod agent;
 pub mod bin;
 pub mod capture;
 pub mod netns;
+pub mod traffic;
