@@ -11,7 +11,9 @@ use anyhow::{bail, Context, Result};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject, ProgramInput, ProgramMut};
 
-use flowlens::attach::{Attacher, IfNames, Mode, ProgramFds, Selector};
+use flowlens::agent::Agent;
+use flowlens::attach::IfNames;
+use flowlens::config::Config;
 use flowlens::bpf::bench_skel::{BenchSkel, BenchSkelBuilder};
 use flowlens::bpf::flow_mono_skel::{types as mono_types, FlowMonoSkel, FlowMonoSkelBuilder};
 use flowlens::bpf::types;
@@ -623,34 +625,36 @@ fn traffic(t: &mut Table) -> Result<()> {
         Ok((gbps, pps))
     };
     let without = run()?;
-    let dp = Datapath::load(Capacities::default())?;
-    let fds = ProgramFds::of(&dp)?;
+    // The whole agent (datapath, attacher, poller, hub), as `flowlens run` wires it.
     let ns_path = format!("/run/netns/{}", net.0);
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
-    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<usize>(1);
-    let attach = std::thread::spawn(move || -> Result<()> {
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+    let agent = std::thread::spawn(move || -> Result<()> {
         let f = std::fs::File::open(&ns_path)?;
         // SAFETY: valid netns fd; affects this thread only.
         if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
             bail!("setns: {}", std::io::Error::last_os_error());
         }
-        let mut a = Attacher::new(fds, Mode::Auto, IfNames::default());
-        let r = a.sync(&Selector::new(&["flbA".into()], &[])?)?;
-        ready_tx.send(r.attached.len())?;
-        let _ = stop_rx.recv();
-        Ok(())
+        let agent = Agent::start(Config {
+            interfaces: vec!["flbA".into()],
+            output: None,
+            pin_dir: None,
+            grpc_listen: None,
+            metrics_listen: None,
+            ..Config::default()
+        })?;
+        ready_tx.send(agent.maps()?)?;
+        agent.run(&stop_rx)
     });
-    if ready_rx.recv()? != 1 {
-        bail!("could not attach to the bench veth");
-    }
+    let maps = ready_rx.recv()?;
     let with = run()?;
+    let flows = maps.flows.keys().count();
     drop(stop_tx);
-    attach
+    agent
         .join()
-        .map_err(|_| anyhow::anyhow!("attach thread panicked"))??;
+        .map_err(|_| anyhow::anyhow!("agent thread panicked"))??;
     let _ = server.kill();
     let _ = server.wait();
-    let flows = dp.maps()?.flows.keys().count();
     t.add(
         "traffic",
         "iperf3 TCP, without flowlens",
