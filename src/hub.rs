@@ -550,17 +550,23 @@ impl FilterStage {
             }
         }
         let Some(mut inbox) = inbox else { return };
-        while let Some(r) = inbox.recv().await {
-            self.counters.queued.fetch_sub(1, Ordering::Relaxed);
-            if let Some(want) = self.next_seq {
-                if r.seq > want {
-                    // Counted by the hub when its queue was full; the marker goes here.
-                    self.marker_owed = true;
+        // Taken in runs, so a busy stream costs one wake-up per run, not per record.
+        let mut run = Vec::with_capacity(BATCH_MAX_RECORDS);
+        while inbox.recv_many(&mut run, BATCH_MAX_RECORDS).await > 0 {
+            self.counters
+                .queued
+                .fetch_sub(run.len() as u64, Ordering::Relaxed);
+            for r in run.drain(..) {
+                if let Some(want) = self.next_seq {
+                    if r.seq > want {
+                        // Counted by the hub when its queue was full; the marker goes here.
+                        self.marker_owed = true;
+                    }
                 }
-            }
-            self.next_seq = Some(r.seq + 1);
-            if self.matches(&r).await && !self.offer(r) {
-                return;
+                self.next_seq = Some(r.seq + 1);
+                if self.matches(&r).await && !self.offer(r) {
+                    return;
+                }
             }
         }
         if self.marker_owed {
