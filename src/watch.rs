@@ -21,7 +21,7 @@ pub struct WatchArgs {
         long,
         value_name = "ADDR",
         env = "FLOWLENS_WATCH_SERVER",
-        default_value = "http://127.0.0.1:50051"
+        default_value_t = default_server()
     )]
     pub server: String,
     /// Print one JSON object per line instead of a table.
@@ -133,6 +133,12 @@ pub struct WatchArgs {
     /// Exit after the replay instead of following new flows.
     #[arg(long, env = "FLOWLENS_WATCH_NO_FOLLOW")]
     pub no_follow: bool,
+}
+
+/// Where `run` listens by default.
+fn default_server() -> String {
+    let listen = crate::config::Config::default().grpc_listen;
+    format!("http://{}", listen.unwrap_or_default())
 }
 
 /// Subscribes and prints until Ctrl-C (exit 0) or the stream ends; a broken stream is an error.

@@ -19,11 +19,7 @@ use tonic::{Code, Streaming};
 /// Upper bound for anything that should happen "soon"; never the expected duration.
 const WAIT: Duration = Duration::from_secs(15);
 
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-const FIN: u8 = 0x01;
-const RST: u8 = 0x04;
-const PSH: u8 = 0x08;
+use flowlens::flow::tcp_flags::{ACK, FIN, PSH, RST, SYN};
 
 struct Agent {
     hub: Hub,
