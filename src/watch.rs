@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::io::{self, Write};
+use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
@@ -16,7 +17,7 @@ use crate::render::{Format, Renderer};
 /// Include flags are ANDed into one filter; each exclude flag value drops what it matches.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct WatchArgs {
-    /// Agent address: http://HOST:PORT, HOST:PORT or unix:/path.
+    /// Agent address: http://HOST:PORT, HOST:PORT, https://HOST:PORT (TLS) or unix:/path.
     #[arg(
         long,
         value_name = "ADDR",
@@ -24,6 +25,16 @@ pub struct WatchArgs {
         default_value_t = default_server()
     )]
     pub server: String,
+    /// CA bundle (PEM) that signed the agent's certificate; default: the system's roots.
+    /// Needs an https:// --server.
+    #[arg(long, value_name = "PEM", env = "FLOWLENS_WATCH_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for an agent that requires one (--grpc-client-ca).
+    #[arg(long, value_name = "PEM", env = "FLOWLENS_WATCH_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, value_name = "PEM", env = "FLOWLENS_WATCH_KEY")]
+    pub key: Option<PathBuf>,
     /// Print one JSON object per line instead of a table.
     #[arg(long, env = "FLOWLENS_WATCH_JSON")]
     pub json: bool,
@@ -172,17 +183,39 @@ pub async fn watch_to(
 ) -> anyhow::Result<()> {
     let req = subscribe_request(args)?;
     let uri = server_uri(&args.server);
-    let channel = Endpoint::from_shared(uri.clone())
+    let tls = crate::tls::client_config(
+        &uri,
+        args.ca.as_deref(),
+        args.cert.as_deref(),
+        args.key.as_deref(),
+    )?;
+    let mut endpoint = Endpoint::from_shared(uri.clone())
         .with_context(|| format!("--server {:?}", args.server))?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to flowlens at {}", args.server))?;
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .with_context(|| format!("--server {:?}: TLS settings", args.server))?;
+    }
+    let hint = transport_hint(&uri);
+    let channel = endpoint.connect().await.map_err(|e| {
+        let text = crate::fatal::chain(&e);
+        // Only once the peer answered can the two sides disagree about TLS.
+        let hint = if text.contains("tcp connect error") {
+            ""
+        } else {
+            hint
+        };
+        anyhow!("connecting to flowlens at {}: {text}{hint}", args.server)
+    })?;
     let mut client = FlowLensClient::new(channel).max_decoding_message_size(64 << 20);
     let mut stream = client
         .subscribe(req)
         .await
-        .map_err(|s| anyhow!("subscribing at {}: {}", args.server, s.message()))?
+        .map_err(|s| {
+            let hint = if is_transport_failure(&s) { hint } else { "" };
+            anyhow!("subscribing at {}: {}{hint}", args.server, describe(&s))
+        })?
         .into_inner();
     let mut renderer = Renderer::new(if args.json {
         Format::Json
@@ -231,10 +264,30 @@ pub async fn watch_to(
 }
 
 fn describe(s: &tonic::Status) -> String {
-    if s.message().is_empty() {
+    let text = crate::fatal::chain(s);
+    if text.is_empty() {
         format!("{:?}", s.code())
     } else {
-        format!("{:?}: {}", s.code(), s.message())
+        format!("{:?}: {text}", s.code())
+    }
+}
+
+/// The connection broke rather than the server answering with a gRPC error.
+fn is_transport_failure(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+    )
+}
+
+/// A likely cause when the connection fails: TLS on one side only.
+fn transport_hint(uri: &str) -> &'static str {
+    if uri.starts_with("https://") {
+        " (if the agent serves cleartext gRPC, use an http:// --server)"
+    } else if uri.starts_with("http://") {
+        " (if the agent serves TLS (--grpc-tls-cert), use an https:// --server with --ca)"
+    } else {
+        ""
     }
 }
 

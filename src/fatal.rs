@@ -1,0 +1,54 @@
+//! A fatal error as one line for people: every cause once, even where a library's message already includes its source's.
+
+/// `e` and its causes joined with ": ", skipping a cause whose text is already shown and
+/// letting a cause that repeats the one before it (and adds to it) take its place.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        push_part(&mut parts, err.to_string());
+        next = err.source();
+    }
+    parts.join(": ")
+}
+
+/// [`chain`] for an `anyhow` error with its contexts.
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for err in e.chain() {
+        push_part(&mut parts, err.to_string());
+    }
+    parts.join(": ")
+}
+
+fn push_part(parts: &mut Vec<String>, msg: String) {
+    let msg = msg.trim().to_owned();
+    if msg.is_empty() || parts.iter().any(|p| p.contains(&msg)) {
+        return;
+    }
+    match parts.last_mut() {
+        Some(last) if msg.starts_with(last.as_str()) => *last = msg,
+        _ => parts.push(msg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("tcp connect error: {0}")]
+    struct Connect(#[source] std::io::Error);
+
+    #[test]
+    fn repeated_causes_show_once() {
+        let io = std::io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        let e = anyhow::Error::new(Connect(io))
+            .context("tcp connect error")
+            .context("connecting to flowlens at 127.0.0.1:1");
+        let text = describe(&e);
+        assert_eq!(text.matches("tcp connect error").count(), 1, "{text}");
+        assert_eq!(text.matches("refused").count(), 1, "{text}");
+        assert!(text.starts_with("connecting to flowlens at 127.0.0.1:1: "), "{text}");
+    }
+}
