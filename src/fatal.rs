@@ -12,6 +12,19 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
+/// A gRPC status as its message and the causes under it (its own `Display` repeats the
+/// code and debug-prints the source).
+pub fn status(s: &tonic::Status) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    push_part(&mut parts, s.message().to_owned());
+    let mut next = std::error::Error::source(s);
+    while let Some(err) = next {
+        push_part(&mut parts, err.to_string());
+        next = err.source();
+    }
+    parts.join(": ")
+}
+
 /// [`chain`] for an `anyhow` error with its contexts.
 pub fn describe(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
@@ -49,6 +62,9 @@ mod tests {
         let text = describe(&e);
         assert_eq!(text.matches("tcp connect error").count(), 1, "{text}");
         assert_eq!(text.matches("refused").count(), 1, "{text}");
-        assert!(text.starts_with("connecting to flowlens at 127.0.0.1:1: "), "{text}");
+        assert!(
+            text.starts_with("connecting to flowlens at 127.0.0.1:1: "),
+            "{text}"
+        );
     }
 }

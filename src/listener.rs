@@ -131,7 +131,10 @@ pub fn bind(addr: &ListenAddr, access: &SocketAccess) -> anyhow::Result<Bound> {
 
 /// Binds inside a fresh 0700 directory, sets the socket's mode and group there, then
 /// renames it into place: the path never exists with the umask's permissions.
-fn bind_unix(path: &Path, access: &SocketAccess) -> anyhow::Result<std::os::unix::net::UnixListener> {
+fn bind_unix(
+    path: &Path,
+    access: &SocketAccess,
+) -> anyhow::Result<std::os::unix::net::UnixListener> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let parent = path
         .parent()
@@ -198,9 +201,9 @@ pub fn incoming(
     policy: ConnPolicy,
 ) -> anyhow::Result<ReceiverStream<io::Result<Conn>>> {
     let listener = match bound {
-        Bound::Tcp(l) => {
-            Listener::Tcp(tokio::net::TcpListener::from_std(l).context("registering gRPC listener")?)
-        }
+        Bound::Tcp(l) => Listener::Tcp(
+            tokio::net::TcpListener::from_std(l).context("registering gRPC listener")?,
+        ),
         Bound::Unix(l, _) => Listener::Unix(
             tokio::net::UnixListener::from_std(l).context("registering gRPC listener")?,
         ),
@@ -219,7 +222,11 @@ pub fn incoming(
                         info!("gRPC: accepting connections again ({refused} accepts refused)");
                     }
                     io.configure(&policy);
-                    if tx.send(Ok(Conn::new(io, policy.idle_timeout))).await.is_err() {
+                    if tx
+                        .send(Ok(Conn::new(io, policy.idle_timeout)))
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }

@@ -9,8 +9,8 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use flowlens::agent::Agent;
-use flowlens::attach::Mode;
 use flowlens::api::RequestLimits;
+use flowlens::attach::Mode;
 use flowlens::config::{capacity, Config, FileMode, GrpcConfig, HumanDuration, OrOff};
 use flowlens::datapath::Capacities;
 use flowlens::hub::HubConfig;

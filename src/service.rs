@@ -382,13 +382,17 @@ impl GrpcEndpoint {
             log::warn!("gRPC on {a} in cleartext (--grpc-allow-insecure): anyone who reaches it reads every flow");
         }
         if tls.is_some() && grpc.client_ca.is_none() && !addr.is_local() {
-            log::warn!("gRPC TLS without --grpc-client-ca: any client that reaches the port may subscribe");
+            log::warn!(
+                "gRPC TLS without --grpc-client-ca: any client that reaches the port may subscribe"
+            );
         }
         let gid = match (&addr, &grpc.socket_group) {
             (ListenAddr::Unix(_), Some(g)) => {
                 Some(listener::group_id(g).with_context(|| format!("--grpc-socket-group {g:?}"))?)
             }
-            (ListenAddr::Tcp(_), Some(_)) => bail!("--grpc-socket-group applies to a unix:/path --grpc-listen only"),
+            (ListenAddr::Tcp(_), Some(_)) => {
+                bail!("--grpc-socket-group applies to a unix:/path --grpc-listen only")
+            }
             _ => None,
         };
         Ok(GrpcEndpoint {
@@ -514,13 +518,8 @@ async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            FlowLensServer::new(FlowLensService::new(
-                hub,
-                status,
-                stopping_rx.clone(),
-                grpc,
-            ))
-            .max_decoding_message_size(max_request),
+            FlowLensServer::new(FlowLensService::new(hub, status, stopping_rx.clone(), grpc))
+                .max_decoding_message_size(max_request),
         );
 
     let mut drained = stopping_rx.clone();

@@ -197,15 +197,9 @@ pub async fn watch_to(
             .tls_config(tls)
             .with_context(|| format!("--server {:?}: TLS settings", args.server))?;
     }
-    let hint = transport_hint(&uri);
     let channel = endpoint.connect().await.map_err(|e| {
         let text = crate::fatal::chain(&e);
-        // Only once the peer answered can the two sides disagree about TLS.
-        let hint = if text.contains("tcp connect error") {
-            ""
-        } else {
-            hint
-        };
+        let hint = transport_hint(&uri, &text);
         anyhow!("connecting to flowlens at {}: {text}{hint}", args.server)
     })?;
     let mut client = FlowLensClient::new(channel).max_decoding_message_size(64 << 20);
@@ -213,8 +207,13 @@ pub async fn watch_to(
         .subscribe(req)
         .await
         .map_err(|s| {
-            let hint = if is_transport_failure(&s) { hint } else { "" };
-            anyhow!("subscribing at {}: {}{hint}", args.server, describe(&s))
+            let text = describe(&s);
+            let hint = if is_transport_failure(&s) {
+                transport_hint(&uri, &text)
+            } else {
+                ""
+            };
+            anyhow!("subscribing at {}: {text}{hint}", args.server)
         })?
         .into_inner();
     let mut renderer = Renderer::new(if args.json {
@@ -264,7 +263,7 @@ pub async fn watch_to(
 }
 
 fn describe(s: &tonic::Status) -> String {
-    let text = crate::fatal::chain(s);
+    let text = crate::fatal::status(s);
     if text.is_empty() {
         format!("{:?}", s.code())
     } else {
@@ -276,14 +275,25 @@ fn describe(s: &tonic::Status) -> String {
 fn is_transport_failure(s: &tonic::Status) -> bool {
     matches!(
         s.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+            | tonic::Code::Cancelled
     )
 }
 
-/// A likely cause when the connection fails: TLS on one side only.
-fn transport_hint(uri: &str) -> &'static str {
-    if uri.starts_with("https://") {
-        " (if the agent serves cleartext gRPC, use an http:// --server)"
+/// A likely cause when the connection fails after the peer answered: TLS on one side
+/// only, or a client certificate the agent does not accept.
+fn transport_hint(uri: &str, text: &str) -> &'static str {
+    if text.contains("tcp connect error") {
+        ""
+    } else if uri.starts_with("https://") {
+        if text.contains("InvalidContentType") || text.contains("corrupt message") {
+            " (the agent does not speak TLS: use an http:// --server)"
+        } else {
+            " (the agent ended the TLS session: if it requires client certificates \
+             (--grpc-client-ca), give --cert and --key issued by that CA)"
+        }
     } else if uri.starts_with("http://") {
         " (if the agent serves TLS (--grpc-tls-cert), use an https:// --server with --ca)"
     } else {

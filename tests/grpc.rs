@@ -1444,6 +1444,18 @@ async fn watch_flags_build_the_request() {
     assert_eq!(req.follow, Some(true));
 }
 
+/// The README's grpcio invocation for the unix socket.
+const PY_UNIX_SOCKET: &str = r#"
+import sys
+sys.path.insert(0, sys.argv[2])
+import grpc
+from flowlens.v1 import flowlens_pb2 as pb, flowlens_pb2_grpc as rpc
+
+channel = grpc.insecure_channel("unix:" + sys.argv[1],
+                                options=[("grpc.default_authority", "localhost")])
+print(rpc.FlowLensStub(channel).GetStatus(pb.GetStatusRequest(), timeout=10).version)
+"#;
+
 const PY_CLIENT: &str = r#"
 import json, sys
 sys.path.insert(0, sys.argv[2])
@@ -1500,7 +1512,15 @@ async fn python_grpcio_client() {
         agent.hub.publish(r);
     }
     let addr = agent.addr.to_string();
-    let out = tokio::task::spawn_blocking(move || {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("flowlens.sock");
+    let unix = service::spawn(
+        &format!("unix:{}", sock.display()),
+        agent.hub.clone(),
+        Arc::new(Status::new()),
+    )
+    .unwrap();
+    let (out, unix_out) = tokio::task::spawn_blocking(move || {
         let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pyvenv-grpcio");
         let py = venv.join("bin/python");
         let ready = py.exists()
@@ -1527,12 +1547,23 @@ async fn python_grpcio_client() {
             .arg(format!("--python_out={}", gen.path().display()))
             .arg(format!("--grpc_python_out={}", gen.path().display()))
             .arg(format!("{proto_dir}/flowlens/v1/flowlens.proto")));
-        run(Command::new(&py)
+        let out = run(Command::new(&py)
             .args(["-c", PY_CLIENT, &addr])
-            .arg(gen.path()))
+            .arg(gen.path()));
+        let unix_out = run(Command::new(&py)
+            .args(["-c", PY_UNIX_SOCKET])
+            .arg(&sock)
+            .arg(gen.path()));
+        (out, unix_out)
     })
     .await
     .unwrap();
+    unix.shutdown().unwrap();
+    assert_eq!(
+        unix_out.trim(),
+        env!("CARGO_PKG_VERSION"),
+        "grpcio on the unix socket"
+    );
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(v["ids"], serde_json::json!([1, 6]));
