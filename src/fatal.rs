@@ -3,35 +3,30 @@
 /// `e` and its causes joined with ": ", skipping a cause whose text is already shown and
 /// letting a cause that repeats the one before it (and adds to it) take its place.
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut next = Some(e);
-    while let Some(err) = next {
-        push_part(&mut parts, err.to_string());
-        next = err.source();
-    }
+    let mut parts = Vec::new();
+    push_causes(&mut parts, Some(e));
     parts.join(": ")
 }
 
 /// A gRPC status as its message and the causes under it (its own `Display` repeats the
 /// code and debug-prints the source).
 pub fn status(s: &tonic::Status) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    push_part(&mut parts, s.message().to_owned());
-    let mut next = std::error::Error::source(s);
-    while let Some(err) = next {
-        push_part(&mut parts, err.to_string());
-        next = err.source();
-    }
+    let mut parts = vec![s.message().trim().to_owned()];
+    push_causes(&mut parts, std::error::Error::source(s));
+    parts.retain(|p| !p.is_empty());
     parts.join(": ")
 }
 
 /// [`chain`] for an `anyhow` error with its contexts.
 pub fn describe(e: &anyhow::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for err in e.chain() {
-        push_part(&mut parts, err.to_string());
+    chain(e.as_ref())
+}
+
+fn push_causes(parts: &mut Vec<String>, mut next: Option<&(dyn std::error::Error + 'static)>) {
+    while let Some(err) = next {
+        push_part(parts, err.to_string());
+        next = err.source();
     }
-    parts.join(": ")
 }
 
 fn push_part(parts: &mut Vec<String>, msg: String) {

@@ -213,7 +213,7 @@ impl FlowLens for FlowLensService {
             log::debug!("subscriber {} done", sub.id());
             drop(sub);
             drop(permit);
-            release_memory();
+            listener::release_memory();
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -223,15 +223,6 @@ impl FlowLens for FlowLensService {
         _req: Request<proto::GetStatusRequest>,
     ) -> Result<Response<proto::GetStatusResponse>, tonic::Status> {
         Ok(Response::new(status_response(&self.status, &self.hub)))
-    }
-}
-
-/// A stalled subscriber's buffers can reach megabytes; hand them back to the system when
-/// it goes rather than keep them in the allocator's free lists.
-fn release_memory() {
-    // SAFETY: malloc_trim only walks glibc's own heaps; it takes their locks itself.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 
