@@ -15,15 +15,11 @@ use flowlens::service::{self, ServiceHandle};
 use flowlens::status::Status;
 use flowlens::watch::{self, WatchArgs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::RwLock;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 /// Upper bound for anything that should happen "soon"; never the expected duration.
 const WAIT: Duration = Duration::from_secs(15);
-
-/// The memory test measures the whole process: it runs alone.
-static EXCLUSIVE: RwLock<()> = RwLock::const_new(());
 
 struct Server {
     hub: Hub,
@@ -221,7 +217,6 @@ fn watch_args(server: &str) -> WatchArgs {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_admits_only_clients_of_its_ca() {
-    let _g = EXCLUSIVE.read().await;
     let pki = Pki::new();
     let server = Server::start(&pki.server_config());
     let url = format!("https://127.0.0.1:{}", server.addr.port());
@@ -280,7 +275,6 @@ async fn mutual_tls_admits_only_clients_of_its_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_a_cleartext_port_fails_clearly() {
-    let _g = EXCLUSIVE.read().await;
     let pki = Pki::new();
     let server = Server::start(&GrpcConfig::default());
     let mut args = watch_args(&format!("https://127.0.0.1:{}", server.addr.port()));
@@ -295,7 +289,6 @@ async fn tls_to_a_cleartext_port_fails_clearly() {
 
 #[test]
 fn cleartext_beyond_loopback_needs_the_insecure_flag() {
-    let _g = EXCLUSIVE.blocking_read();
     let hub = Hub::new(HubConfig::default());
     let status = Arc::new(Status::new());
     let err = service::spawn_with("0.0.0.0:0", &GrpcConfig::default(), hub, status)
@@ -338,7 +331,6 @@ fn cleartext_beyond_loopback_needs_the_insecure_flag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unix_socket_gets_the_configured_mode_and_group() {
     use std::os::unix::fs::MetadataExt;
-    let _g = EXCLUSIVE.read().await;
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("flowlens.sock");
     let grpc = GrpcConfig {
@@ -384,7 +376,6 @@ async fn subscribe_err(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_requests_are_refused_naming_the_limit() {
-    let _g = EXCLUSIVE.read().await;
     let server = Server::start(&GrpcConfig::default());
     let mut client = FlowLensClient::new(server.channel().await);
 
@@ -446,7 +437,6 @@ async fn oversized_requests_are_refused_naming_the_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_are_capped_and_a_slot_comes_back() {
-    let _g = EXCLUSIVE.read().await;
     let grpc = GrpcConfig {
         max_subscribers: 3,
         ..GrpcConfig::default()
@@ -475,7 +465,6 @@ async fn subscribers_are_capped_and_a_slot_comes_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_per_connection_are_capped() {
-    let _g = EXCLUSIVE.read().await;
     let grpc = GrpcConfig {
         max_streams_per_connection: 4,
         ..GrpcConfig::default()
@@ -542,7 +531,6 @@ async fn freezable_relay(upstream: SocketAddr) -> (SocketAddr, tokio::sync::watc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_peer_is_dropped_by_keepalive() {
-    let _g = EXCLUSIVE.read().await;
     let grpc = GrpcConfig {
         keepalive_interval: Duration::from_millis(500),
         keepalive_timeout: Duration::from_secs(1),
@@ -573,7 +561,6 @@ async fn a_vanished_peer_is_dropped_by_keepalive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_busy_ones_are_not() {
-    let _g = EXCLUSIVE.read().await;
     let idle = Duration::from_secs(1);
     let grpc = GrpcConfig {
         idle_timeout: idle,
@@ -624,44 +611,152 @@ async fn idle_connections_are_closed_busy_ones_are_not() {
 }
 
 // ---------------------------------------------------------------------------
-// Descriptor exhaustion (a child process with a low RLIMIT_NOFILE)
+// Servers in a child process: only it has the low descriptor limit, and its memory is
+// measured without the clients'
 // ---------------------------------------------------------------------------
 
-const CHILD_ENV: &str = "FLOWLENS_TEST_ACCEPT_CHILD";
+const CHILD_ENV: &str = "FLOWLENS_TEST_SERVER_CHILD";
+/// Records the memory child publishes at start, and again for each "publish" line.
+const CHILD_BATCH: u32 = 10_000;
 
-/// Not a test of its own: the server half of `accept_backs_off_when_descriptors_run_out`,
-/// run in a child process so only it has the low descriptor limit.
+/// Not a test of its own: the server half of the tests below, in the role `CHILD_ENV`
+/// names, serving until its stdin closes.
 #[test]
-fn accept_child() {
-    if std::env::var_os(CHILD_ENV).is_none() {
+fn server_child() {
+    let Some(role) = std::env::var_os(CHILD_ENV) else {
         return;
-    }
+    };
     env_logger::Builder::new()
         .parse_filters("flowlens=info")
         .target(env_logger::Target::Stderr)
         .init();
-    let grpc = GrpcConfig {
-        idle_timeout: Duration::from_secs(4),
-        ..GrpcConfig::default()
+    let (grpc, low_fd_limit) = match role.to_str() {
+        Some("accept") => (
+            GrpcConfig {
+                idle_timeout: Duration::from_secs(4),
+                ..GrpcConfig::default()
+            },
+            true,
+        ),
+        _ => (
+            GrpcConfig {
+                max_subscribers: 1000,
+                ..GrpcConfig::default()
+            },
+            false,
+        ),
     };
     let server = Server::start(&grpc);
-    let open = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: a valid rlimit to fill in.
-    assert_eq!(
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-        0
-    );
-    limit.rlim_cur = open + 8;
-    // SAFETY: a valid rlimit; lowering the soft limit is always allowed.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    server.hub.publish_all((0..CHILD_BATCH).map(record));
+    if low_fd_limit {
+        let open = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: a valid rlimit to fill in.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        limit.rlim_cur = open + 8;
+        // SAFETY: a valid rlimit; lowering the soft limit is always allowed.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    }
     println!("{}", server.addr.port());
     std::io::stdout().flush().unwrap();
-    // Until the parent closes stdin (or dies).
-    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    let mut next = CHILD_BATCH;
+    for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+        if line == "publish" {
+            server
+                .hub
+                .publish_all((next..next + CHILD_BATCH).map(record));
+            next += CHILD_BATCH;
+        }
+    }
+}
+
+/// A `server_child` and its log; dropping it closes the child's stdin, which ends it.
+struct ChildServer {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    port: u16,
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+impl ChildServer {
+    fn start(role: &str) -> ChildServer {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "server_child", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, role)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the server child");
+        let stdin = child.stdin.take();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let port: u16 = loop {
+            let mut line = String::new();
+            assert!(out.read_line(&mut line).unwrap() > 0, "child gave no port");
+            // The harness prints "test server_child ... " on the same line.
+            if let Some(p) = line.split_whitespace().last().and_then(|w| w.parse().ok()) {
+                break p;
+            }
+        };
+        let (tx, log) = std::sync::mpsc::channel::<String>();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        ChildServer {
+            child,
+            stdin,
+            port,
+            log,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("child stdin");
+        writeln!(stdin, "{line}").expect("write to the child");
+    }
+
+    fn rss_mb(&self) -> f64 {
+        rss_mb(self.pid())
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        self.stdin.take();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024.0
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
@@ -676,54 +771,20 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 #[test]
 fn accept_backs_off_when_descriptors_run_out() {
-    let _g = EXCLUSIVE.blocking_read();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "accept_child", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, "1")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn the server child");
-    let pid = child.id();
-    // Dropped (also when the test fails), it closes the child's stdin, which ends it.
-    let stdin = child.stdin.take();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let port: u16 = loop {
-        let mut line = String::new();
-        assert!(out.read_line(&mut line).unwrap() > 0, "child gave no port");
-        // The harness prints "test accept_child ... " on the same line.
-        if let Some(p) = line.split_whitespace().last().and_then(|w| w.parse().ok()) {
-            break p;
-        }
-    };
-    let (tx, log) = std::sync::mpsc::channel::<String>();
-    let err = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-
+    let server = ChildServer::start("accept");
     let conns: Vec<_> = (0..60)
-        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap())
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    let cpu0 = cpu_seconds(pid);
+    let cpu0 = cpu_seconds(server.pid());
     std::thread::sleep(Duration::from_secs(2));
-    let busy = cpu_seconds(pid) - cpu0;
-    let mut lines: Vec<String> = log.try_iter().collect();
-    let refused = |lines: &[String]| {
-        lines
-            .iter()
-            .filter(|l| l.contains("cannot accept connections"))
-            .count()
-    };
-    assert_eq!(
-        refused(&lines),
-        1,
-        "one log line for the episode: {lines:#?}"
-    );
+    let busy = cpu_seconds(server.pid()) - cpu0;
+    let mut lines: Vec<String> = server.log.try_iter().collect();
+    let refused = lines
+        .iter()
+        .filter(|l| l.contains("cannot accept connections"))
+        .count();
+    assert_eq!(refused, 1, "one log line for the episode: {lines:#?}");
     assert!(busy < 0.3, "the accept loop used {busy:.2}s of CPU in 2s");
 
     // The idle timeout frees descriptors; accepting resumes and says so.
@@ -733,80 +794,81 @@ fn accept_backs_off_when_descriptors_run_out() {
         .any(|l| l.contains("accepting connections again"))
     {
         assert!(Instant::now() < deadline, "never recovered: {lines:#?}");
-        if let Ok(l) = log.recv_timeout(Duration::from_millis(200)) {
+        if let Ok(l) = server.log.recv_timeout(Duration::from_millis(200)) {
             lines.push(l);
         }
     }
     drop(conns);
-    drop(stdin);
-    let _ = child.kill();
-    let _ = child.wait();
     eprintln!("accept back-off: {busy:.3}s CPU in 2s while out of descriptors");
-}
-
-// ---------------------------------------------------------------------------
-// Memory
-// ---------------------------------------------------------------------------
-
-fn rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb / 1024.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_of_disconnected_subscribers_is_returned() {
-    let _g = EXCLUSIVE.write().await;
     const SUBSCRIBERS: usize = 200;
-    let grpc = GrpcConfig {
-        max_subscribers: SUBSCRIBERS,
-        ..GrpcConfig::default()
-    };
-    let server = Server::start(&grpc);
-    let publish = |from: u32, n: u32| {
-        server.hub.publish_all((from..from + n).map(record));
-    };
-    publish(0, 10_000);
+    let mut server = ChildServer::start("memory");
+    let url = format!("http://127.0.0.1:{}", server.port);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let baseline = rss_mb();
+    let baseline = server.rss_mb();
 
     let mut clients = Vec::new();
     for _ in 0..SUBSCRIBERS {
-        let mut c = FlowLensClient::new(server.channel().await);
+        let channel = Endpoint::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect");
+        let mut c = FlowLensClient::new(channel);
         let req = proto::SubscribeRequest {
-            replay: 10_000,
+            replay: CHILD_BATCH,
             ..follow()
         };
         let stream = c.subscribe(req).await.expect("subscribe");
         clients.push((c, stream));
     }
-    server.wait_subscribers(SUBSCRIBERS, WAIT).await;
-    for i in 0..5 {
-        publish(10_000 + i * 10_000, 10_000);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..5 {
+        server.send("publish");
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let peak = rss_mb();
+    let peak = server.rss_mb();
 
     drop(clients);
-    server.wait_subscribers(0, WAIT).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = rss_mb();
+    let mut status = FlowLensClient::connect(url).await.expect("connect");
+    let start = Instant::now();
+    loop {
+        let st = status
+            .get_status(proto::GetStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        if st.subscribers.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "{} subscribers left",
+            st.subscribers.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Connections close after their streams; the agent trims once they have.
+    let returned = |rss: f64| rss - baseline < (peak - baseline) * 0.25;
+    let mut after = server.rss_mb();
+    while !returned(after) && start.elapsed() < WAIT {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = server.rss_mb();
+    }
     eprintln!(
-        "RSS: baseline {baseline:.1} MB, {SUBSCRIBERS} stalled subscribers {peak:.1} MB, \
-         after they left {after:.1} MB"
+        "agent RSS: baseline {baseline:.1} MB, {SUBSCRIBERS} stalled subscribers {peak:.1} MB, \
+         after they left {after:.1} MB ({:?} after the last left)",
+        start.elapsed()
     );
     assert!(
         peak - baseline > 20.0,
         "the stalled subscribers should have cost memory: {baseline:.1} -> {peak:.1} MB"
     );
     assert!(
-        after - baseline < (peak - baseline) * 0.25,
+        returned(after),
         "memory not returned: baseline {baseline:.1}, peak {peak:.1}, after {after:.1} MB"
     );
 }
