@@ -241,6 +241,11 @@ impl Agent {
         self.dp.maps().context("opening map handles")
     }
 
+    /// The gRPC server's TLS, to re-read its certificate files (on SIGHUP).
+    pub fn grpc_tls(&self) -> Option<Arc<crate::tls::ServerTls>> {
+        self.grpc.as_ref().and_then(ServiceHandle::tls)
+    }
+
     /// The gRPC listener's TCP address, if it listens on TCP.
     pub fn grpc_addr(&self) -> Option<std::net::SocketAddr> {
         self.grpc.as_ref().and_then(ServiceHandle::local_addr)

@@ -23,6 +23,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::config::FileMode;
 use crate::metrics_http::{transient, Backoff};
+use crate::tls::{ServerTls, HANDSHAKE_TIMEOUT};
 
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,7 +196,8 @@ pub struct ConnPolicy {
 pub fn incoming(
     bound: Bound,
     policy: ConnPolicy,
-) -> anyhow::Result<ReceiverStream<io::Result<Conn>>> {
+    tls: Option<Arc<ServerTls>>,
+) -> anyhow::Result<ReceiverStream<io::Result<ServerIo>>> {
     let listener = match bound {
         Bound::Tcp(l) => Listener::Tcp(
             tokio::net::TcpListener::from_std(l).context("registering gRPC listener")?,
@@ -204,7 +206,7 @@ pub fn incoming(
             tokio::net::UnixListener::from_std(l).context("registering gRPC listener")?,
         ),
     };
-    let (tx, rx) = mpsc::channel(1);
+    let (tx, rx) = mpsc::channel::<io::Result<ServerIo>>(1);
     tokio::spawn(async move {
         let mut backoff = Backoff::default();
         loop {
@@ -218,12 +220,17 @@ pub fn incoming(
                         info!("gRPC: accepting connections again after {n} failed accepts over {over:?}");
                     }
                     io.configure(&policy);
-                    if tx
-                        .send(Ok(Conn::new(io, policy.idle_timeout)))
-                        .await
-                        .is_err()
-                    {
-                        break;
+                    let conn = Conn::new(io, policy.idle_timeout);
+                    match &tls {
+                        None => {
+                            if tx.send(Ok(ServerIo::Plain(conn))).await.is_err() {
+                                break;
+                            }
+                        }
+                        // On a task of its own: a slow handshake holds up no one else.
+                        Some(tls) => {
+                            tokio::spawn(handshake(tls.acceptor(), conn, tx.clone()));
+                        }
                     }
                 }
                 // One connection's failure (reset before accept, ...): the next one is fine.
@@ -246,6 +253,20 @@ pub fn incoming(
         }
     });
     Ok(ReceiverStream::new(rx))
+}
+
+async fn handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    conn: Conn,
+    tx: mpsc::Sender<io::Result<ServerIo>>,
+) {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await {
+        Ok(Ok(s)) => {
+            let _ = tx.send(Ok(ServerIo::Tls(Box::new(s)))).await;
+        }
+        Ok(Err(e)) => debug!("gRPC TLS handshake: {e}"),
+        Err(_) => debug!("gRPC TLS handshake: not done in {HANDSHAKE_TIMEOUT:?}"),
+    }
 }
 
 enum Listener {
@@ -493,6 +514,78 @@ pub(crate) fn release_memory() {
     });
 }
 
+/// A connection as the server sees it: in cleartext, or TLS over it.
+pub enum ServerIo {
+    Plain(Conn),
+    Tls(Box<tokio_rustls::server::TlsStream<Conn>>),
+}
+
+impl Connected for ServerIo {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        match self {
+            ServerIo::Plain(c) => c.connect_info(),
+            ServerIo::Tls(s) => s.get_ref().0.connect_info(),
+        }
+    }
+}
+
+impl AsyncRead for ServerIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerIo::Plain(c) => Pin::new(c).poll_read(cx, buf),
+            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ServerIo::Plain(c) => Pin::new(c).poll_write(cx, buf),
+            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ServerIo::Plain(c) => Pin::new(c).poll_write_vectored(cx, bufs),
+            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerIo::Plain(c) => Pin::new(c).poll_flush(cx),
+            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerIo::Plain(c) => Pin::new(c).poll_shutdown(cx),
+            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Stream accounting
 // ---------------------------------------------------------------------------
@@ -531,11 +624,7 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let ext = req.extensions();
-        let info = ext.get::<ConnInfo>().cloned().or_else(|| {
-            ext.get::<tonic::transport::server::TlsConnectInfo<ConnInfo>>()
-                .map(|t| t.get_ref().clone())
-        });
+        let info = req.extensions().get::<ConnInfo>().cloned();
         let guard = info.map(|i| {
             req.extensions_mut().insert(TcpConnectInfo {
                 local_addr: i.local_addr,

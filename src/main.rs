@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use log::info;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use log::{info, warn};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use flowlens::agent::Agent;
@@ -336,15 +336,28 @@ fn env_source(e: &clap::Error) -> Option<String> {
 /// Runs the agent until SIGINT or SIGTERM.
 fn run(cfg: Config) -> Result<()> {
     // Installed first: a signal during start-up is not lost, and ends the run once started.
-    let mut signals =
-        Signals::new([SIGINT, SIGTERM]).context("installing SIGINT/SIGTERM handlers")?;
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("installing SIGINT/SIGTERM/SIGHUP handlers")?;
     let agent = Agent::start(cfg)?;
+    let tls = agent.grpc_tls();
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
     std::thread::Builder::new()
         .name("flowlens-signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                info!("received signal {sig}, shutting down");
+            for sig in signals.forever() {
+                if sig != SIGHUP {
+                    info!("received signal {sig}, shutting down");
+                    break;
+                }
+                // SIGHUP: new connections get the certificate files as they are now.
+                match tls.as_ref().map(|t| t.reload()) {
+                    None => info!("SIGHUP: no gRPC TLS to reload"),
+                    Some(Ok(())) => info!("SIGHUP: reloaded the gRPC TLS certificate files"),
+                    Some(Err(e)) => warn!(
+                        "SIGHUP: keeping the gRPC TLS settings in use: {}",
+                        flowlens::fatal::describe(&e)
+                    ),
+                }
             }
             drop(stop_tx);
         })

@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime};
 use anyhow::{anyhow, bail, Context};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response};
 
 use crate::api::{self, parse_request, proto, RequestLimits};
@@ -17,6 +16,7 @@ use crate::hub::{Event, Hub};
 pub use crate::listener::ListenAddr;
 use crate::listener::{self, Bound, ConnPolicy, SocketAccess, TrackStreams};
 use crate::status::Status as AgentStatus;
+use crate::tls::ServerTls;
 
 /// The server side of the FlowLens service, generated in build.rs from a hand-declared
 /// service whose Subscribe answers with [`wire::SubscribeResponse`].
@@ -289,9 +289,15 @@ pub struct ServiceHandle {
     runtime: Option<tokio::runtime::Runtime>,
     local_addr: Option<SocketAddr>,
     unix_path: Option<PathBuf>,
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl ServiceHandle {
+    /// The server's TLS, to re-read its files (None: cleartext).
+    pub fn tls(&self) -> Option<Arc<ServerTls>> {
+        self.tls.clone()
+    }
+
     /// Stops accepting, ends every subscriber stream, waits (bounded by the shutdown
     /// grace) for connections to drain. Blocks: call it from outside the runtime's tasks.
     pub fn shutdown(mut self) -> anyhow::Result<()> {
@@ -348,7 +354,7 @@ impl Drop for ServiceHandle {
 #[derive(Debug, Clone)]
 pub struct GrpcEndpoint {
     addr: ListenAddr,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<Arc<ServerTls>>,
     access: SocketAccess,
     grpc: GrpcConfig,
 }
@@ -357,7 +363,7 @@ impl GrpcEndpoint {
     /// Reads the TLS files and resolves the socket group, and refuses cleartext on an
     /// address other hosts can reach unless `allow_insecure` says so.
     pub fn new(addr: ListenAddr, grpc: &GrpcConfig) -> anyhow::Result<GrpcEndpoint> {
-        let tls = crate::tls::server_config(grpc)?;
+        let tls = ServerTls::from_config(grpc)?;
         if tls.is_none() && !addr.is_local() {
             let ListenAddr::Tcp(a) = &addr else {
                 unreachable!("unix sockets are local")
@@ -454,6 +460,7 @@ pub fn spawn_in(
         Bound::Tcp(l) => (Some(l.local_addr().context("gRPC listener address")?), None),
         Bound::Unix(_, p) => (None, Some(p.clone())),
     };
+    let tls = endpoint.tls.clone();
     let (stop_tx, stop_rx) = oneshot::channel();
     let (done_tx, done) = std::sync::mpsc::channel();
     rt.spawn(async move {
@@ -465,6 +472,7 @@ pub fn spawn_in(
         runtime: None,
         local_addr,
         unix_path,
+        tls,
     })
 }
 
@@ -495,14 +503,11 @@ async fn serve(
         .build_v1alpha()
         .context("building the reflection service")?
         .max_decoding_message_size(max_request);
-    let mut builder = tonic::transport::Server::builder()
+    let builder = tonic::transport::Server::builder()
         .max_concurrent_streams(grpc.max_streams_per_connection)
         .http2_keepalive_interval(Some(grpc.keepalive_interval))
         .http2_keepalive_timeout(Some(grpc.keepalive_timeout))
         .http2_max_header_list_size(MAX_HEADER_LIST);
-    if let Some(tls) = endpoint.tls.clone() {
-        builder = builder.tls_config(tls).context("gRPC TLS")?;
-    }
     let router = builder
         .layer(TrackStreams)
         .add_service(health_svc)
@@ -523,6 +528,7 @@ async fn serve(
             idle_timeout: grpc.idle_timeout,
             tcp_keepalive: grpc.tcp_keepalive,
         },
+        endpoint.tls.clone(),
     )?;
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal));
 

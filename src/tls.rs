@@ -1,14 +1,20 @@
-//! TLS for gRPC: the server's certificate and client-certificate authority from `run`'s flags, and the `watch` client's trust and identity from its own.
+//! TLS for gRPC: the server's certificate and client-certificate authority from `run`'s flags (re-read on SIGHUP), and the `watch` client's trust and identity from its own.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::config::GrpcConfig;
 
 /// How long a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn read_pem(path: &Path, flag: &str) -> anyhow::Result<Vec<u8>> {
     let pem = std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))?;
@@ -18,43 +24,110 @@ fn read_pem(path: &Path, flag: &str) -> anyhow::Result<Vec<u8>> {
     Ok(pem)
 }
 
-/// The server's TLS settings, or None for cleartext. Every file is read and parsed here,
-/// so a bad one fails start-up before anything is attached.
-pub fn server_config(g: &GrpcConfig) -> anyhow::Result<Option<ServerTlsConfig>> {
-    let (cert, key) = match (&g.tls_cert, &g.tls_key) {
-        (Some(c), Some(k)) => (c, k),
-        (None, None) => {
-            if g.client_ca.is_some() {
-                bail!("--grpc-client-ca needs --grpc-tls-cert and --grpc-tls-key: client certificates are checked only over TLS");
-            }
-            return Ok(None);
-        }
-        (Some(_), None) => bail!("--grpc-tls-cert needs --grpc-tls-key"),
-        (None, Some(_)) => bail!("--grpc-tls-key needs --grpc-tls-cert"),
-    };
-    let identity = Identity::from_pem(
-        read_pem(cert, "--grpc-tls-cert")?,
-        read_pem(key, "--grpc-tls-key")?,
-    );
-    let mut cfg = ServerTlsConfig::new()
-        .identity(identity)
-        .timeout(HANDSHAKE_TIMEOUT);
-    if let Some(ca) = &g.client_ca {
-        cfg = cfg.client_ca_root(Certificate::from_pem(read_pem(ca, "--grpc-client-ca")?));
+/// Every certificate in a PEM file, at least one.
+fn certificates(path: &Path, flag: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = read_pem(path, flag)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{flag} {}", path.display()))?;
+    if certs.is_empty() {
+        bail!("{flag} {}: no certificate in it", path.display());
     }
-    // Builds the acceptor once now: a key that does not match, or PEM without a
-    // certificate, is reported by flag instead of at the first connection.
-    tonic::transport::Server::builder()
-        .tls_config(cfg.clone())
-        .map_err(|e| anyhow::anyhow!("{}", crate::fatal::chain(&e)))
-        .with_context(|| {
+    Ok(certs)
+}
+
+/// The files the server's TLS comes from.
+#[derive(Debug, Clone)]
+struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    fn load(&self) -> anyhow::Result<ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs = certificates(&self.cert, "--grpc-tls-cert")?;
+        let key = PrivateKeyDer::from_pem_slice(&read_pem(&self.key, "--grpc-tls-key")?)
+            .with_context(|| format!("--grpc-tls-key {}", self.key.display()))?;
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?;
+        let builder = match &self.client_ca {
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                for c in certificates(ca, "--grpc-client-ca")? {
+                    roots
+                        .add(c)
+                        .with_context(|| format!("--grpc-client-ca {}", ca.display()))?;
+                }
+                let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .with_context(|| format!("--grpc-client-ca {}", ca.display()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut cfg = builder.with_single_cert(certs, key).with_context(|| {
             format!(
                 "--grpc-tls-cert {} / --grpc-tls-key {}",
-                cert.display(),
-                key.display()
+                self.cert.display(),
+                self.key.display()
             )
         })?;
-    Ok(Some(cfg))
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(cfg)
+    }
+}
+
+/// The server's TLS: its files, and the settings last read from them, which new
+/// connections use; `reload` re-reads the files (on SIGHUP).
+#[derive(Debug)]
+pub struct ServerTls {
+    files: TlsFiles,
+    current: RwLock<Arc<ServerConfig>>,
+}
+
+impl ServerTls {
+    /// The server's TLS from the flags, or None for cleartext. Every file is read and
+    /// checked here, so a bad one fails start-up before anything is attached.
+    pub fn from_config(g: &GrpcConfig) -> anyhow::Result<Option<Arc<ServerTls>>> {
+        let (cert, key) = match (&g.tls_cert, &g.tls_key) {
+            (Some(c), Some(k)) => (c, k),
+            (None, None) => {
+                if g.client_ca.is_some() {
+                    bail!("--grpc-client-ca needs --grpc-tls-cert and --grpc-tls-key: client certificates are checked only over TLS");
+                }
+                return Ok(None);
+            }
+            (Some(_), None) => bail!("--grpc-tls-cert needs --grpc-tls-key"),
+            (None, Some(_)) => bail!("--grpc-tls-key needs --grpc-tls-cert"),
+        };
+        let files = TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: g.client_ca.clone(),
+        };
+        let current = RwLock::new(Arc::new(files.load()?));
+        Ok(Some(Arc::new(ServerTls { files, current })))
+    }
+
+    /// Re-reads the files; on any error the settings in use stay.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let cfg = Arc::new(self.files.load()?);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+        Ok(())
+    }
+
+    /// For the next handshake.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let cfg = self.current.read().unwrap_or_else(|e| e.into_inner());
+        tokio_rustls::TlsAcceptor::from(cfg.clone())
+    }
+
+    pub fn requires_client_certificates(&self) -> bool {
+        self.files.client_ca.is_some()
+    }
 }
 
 /// The client's TLS settings for `server`: None for cleartext (`http://`, `unix:`), which

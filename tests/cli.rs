@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::netns::{ifindex_in, sh, sh_out, tcx_count, Bpffs, NetPair};
+use common::pki::Pki;
 use crossbeam_channel::Receiver;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowlens");
@@ -357,6 +358,50 @@ fn fatal_errors_name_their_source_once() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.matches("tcp connect error").count(), 1, "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn sighup_reloads_the_grpc_certificates() {
+    let net = NetPair::new();
+    let pki = Pki::generate();
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let (cert, key, ca) = (path(&pki.server.0), path(&pki.server.1), path(&pki.ca));
+    let mut agent = start(
+        &net.a,
+        &[
+            "--interface",
+            &net.if_a,
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--grpc-tls-cert",
+            &cert,
+            "--grpc-tls-key",
+            &key,
+            "--grpc-client-ca",
+            &ca,
+        ],
+    );
+    agent.wait_log(
+        "gRPC on 127.0.0.1:0 (TLS, client certificates required)",
+        Duration::from_secs(10),
+    );
+    let hup = |agent: &Running| {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };
+    };
+    hup(&agent);
+    agent.wait_log(
+        "reloaded the gRPC TLS certificate files",
+        Duration::from_secs(10),
+    );
+    std::fs::write(&key, "not a key").unwrap();
+    hup(&agent);
+    agent.wait_log(
+        "keeping the gRPC TLS settings in use: --grpc-tls-key",
+        Duration::from_secs(10),
+    );
+    let (status, _) = agent.stop();
+    assert!(status.success(), "SIGHUP does not stop the agent");
 }
 
 #[test]

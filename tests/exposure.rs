@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+mod common;
+
+use common::pki::Pki;
 use flowlens::api::proto;
 use flowlens::api::proto::flow_lens_client::FlowLensClient;
 use flowlens::config::{FileMode, GrpcConfig};
@@ -119,63 +122,12 @@ fn record(n: u32) -> FlowRecord {
 // TLS
 // ---------------------------------------------------------------------------
 
-/// A CA with a server and a client certificate, and a client certificate of another CA,
-/// as PEM files in a temporary directory.
-struct Pki {
-    _dir: tempfile::TempDir,
-    ca: PathBuf,
-    server: (PathBuf, PathBuf),
-    client: (PathBuf, PathBuf),
-    stranger: (PathBuf, PathBuf),
-}
-
-impl Pki {
-    fn new() -> Pki {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-        let dir = tempfile::tempdir().expect("tempdir");
-        let write = |name: &str, pem: String| {
-            let p = dir.path().join(name);
-            std::fs::write(&p, pem).expect("write PEM");
-            p
-        };
-        let ca = |name: &str| {
-            let key = KeyPair::generate().expect("CA key");
-            let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.distinguished_name.push(DnType::CommonName, name);
-            let cert = params.self_signed(&key).expect("CA cert");
-            (cert.pem(), Issuer::new(params, key))
-        };
-        let leaf = |issuer: &Issuer<'_, KeyPair>, sans: &[&str], name: &str| {
-            let key = KeyPair::generate().expect("leaf key");
-            let mut params =
-                CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                    .expect("leaf params");
-            params.distinguished_name.push(DnType::CommonName, name);
-            let cert = params.signed_by(&key, issuer).expect("leaf cert");
-            (
-                write(&format!("{name}.pem"), cert.pem()),
-                write(&format!("{name}.key"), key.serialize_pem()),
-            )
-        };
-        let (ca_pem, issuer) = ca("flowlens test CA");
-        let (_, other) = ca("another CA");
-        Pki {
-            ca: write("ca.pem", ca_pem),
-            server: leaf(&issuer, &["127.0.0.1", "localhost"], "server"),
-            client: leaf(&issuer, &[], "client"),
-            stranger: leaf(&other, &[], "stranger"),
-            _dir: dir,
-        }
-    }
-
-    fn server_config(&self) -> GrpcConfig {
-        GrpcConfig {
-            tls_cert: Some(self.server.0.clone()),
-            tls_key: Some(self.server.1.clone()),
-            client_ca: Some(self.ca.clone()),
-            ..GrpcConfig::default()
-        }
+fn mutual_tls(pki: &Pki) -> GrpcConfig {
+    GrpcConfig {
+        tls_cert: Some(pki.server.0.clone()),
+        tls_key: Some(pki.server.1.clone()),
+        client_ca: Some(pki.ca.clone()),
+        ..GrpcConfig::default()
     }
 }
 
@@ -217,8 +169,8 @@ fn watch_args(server: &str) -> WatchArgs {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_admits_only_clients_of_its_ca() {
-    let pki = Pki::new();
-    let server = Server::start(&pki.server_config());
+    let pki = Pki::generate();
+    let server = Server::start(&mutual_tls(&pki));
     let url = format!("https://127.0.0.1:{}", server.addr.port());
 
     let version = status_over_tls(&url, &pki.ca, Some(&pki.client)).await;
@@ -274,8 +226,56 @@ async fn mutual_tls_admits_only_clients_of_its_ca() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_reload_without_a_restart() {
+    let (first, second) = (Pki::generate(), Pki::generate());
+    let dir = tempfile::tempdir().unwrap();
+    let live = |name: &str| dir.path().join(name);
+    let install = |pki: &Pki| {
+        std::fs::copy(&pki.server.0, live("server.pem")).unwrap();
+        std::fs::copy(&pki.server.1, live("server.key")).unwrap();
+        std::fs::copy(&pki.ca, live("ca.pem")).unwrap();
+    };
+    install(&first);
+    let grpc = GrpcConfig {
+        tls_cert: Some(live("server.pem")),
+        tls_key: Some(live("server.key")),
+        client_ca: Some(live("ca.pem")),
+        ..GrpcConfig::default()
+    };
+    let server = Server::start(&grpc);
+    let url = format!("https://127.0.0.1:{}", server.addr.port());
+    let tls = server.handle.as_ref().unwrap().tls().expect("TLS");
+    assert!(status_over_tls(&url, &first.ca, Some(&first.client))
+        .await
+        .is_ok());
+
+    install(&second);
+    tls.reload().expect("reload");
+    assert!(
+        status_over_tls(&url, &second.ca, Some(&second.client))
+            .await
+            .is_ok(),
+        "the new CA's client, after the reload"
+    );
+    assert!(
+        status_over_tls(&url, &first.ca, Some(&first.client))
+            .await
+            .is_err(),
+        "the old CA's client, after the reload"
+    );
+
+    // A broken file is reported and the settings in use stay.
+    std::fs::write(live("server.key"), "not a key").unwrap();
+    let err = tls.reload().expect_err("a broken key");
+    assert!(err.to_string().starts_with("--grpc-tls-key "), "{err:#}");
+    assert!(status_over_tls(&url, &second.ca, Some(&second.client))
+        .await
+        .is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_a_cleartext_port_fails_clearly() {
-    let pki = Pki::new();
+    let pki = Pki::generate();
     let server = Server::start(&GrpcConfig::default());
     let mut args = watch_args(&format!("https://127.0.0.1:{}", server.addr.port()));
     args.ca = Some(pki.ca.clone());
@@ -305,7 +305,7 @@ fn cleartext_beyond_loopback_needs_the_insecure_flag() {
     };
     service::GrpcEndpoint::new("0.0.0.0:0".parse().unwrap(), &allowed).expect("allowed");
 
-    let pki = Pki::new();
+    let pki = Pki::generate();
     let half = GrpcConfig {
         tls_cert: Some(pki.server.0.clone()),
         ..GrpcConfig::default()

@@ -115,3 +115,4 @@ impl Harness {
 pub mod agent;
 pub mod capture;
 pub mod netns;
+pub mod pki;
