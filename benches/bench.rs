@@ -13,10 +13,10 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject, ProgramInput, ProgramM
 
 use flowlens::agent::Agent;
 use flowlens::attach::IfNames;
-use flowlens::config::Config;
 use flowlens::bpf::bench_skel::{BenchSkel, BenchSkelBuilder};
 use flowlens::bpf::flow_mono_skel::{types as mono_types, FlowMonoSkel, FlowMonoSkelBuilder};
 use flowlens::bpf::types;
+use flowlens::config::Config;
 use flowlens::datapath::{Capacities, Datapath, FlowMaps};
 use flowlens::flow::{DirStats, EndReason, FlowRecord, Hook};
 use flowlens::hub::{Hub, HubConfig};
