@@ -462,6 +462,101 @@ async fn count_stream(addr: String, want: u64) -> Result<u64> {
     Ok(got)
 }
 
+/// A realistic record mix: 40 % TCP (flags, handshake, latency), 50 % UDP, 10 % ICMP echo.
+fn mixed_record(i: u64) -> FlowRecord {
+    use flowlens::flow::{IcmpInfo, Latency, TcpInfo, TcpState};
+    let mut r = record(i);
+    r.client_addr = std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i as u32 % 5000));
+    r.server = DirStats {
+        packets: i % 97,
+        bytes: (i % 97) * 1400,
+        ttl: 63,
+    };
+    let lat = Latency {
+        count: 1 + (i % 50) as u32,
+        sum_ns: 250_000 * (1 + i % 50),
+        min_ns: 90_000,
+        max_ns: 900_000,
+        jitter_ns: Some(40_000),
+    };
+    match i % 10 {
+        0..=3 => {
+            r.protocol = 6;
+            r.server_port = [443, 80, 22, 5432][(i % 4) as usize];
+            r.tcp = Some(TcpInfo {
+                client_flags: 0x1b,
+                server_flags: 0x1b,
+                state: TcpState::Closed,
+                handshake_client_ns: Some(120_000 + (i % 1000) as u32),
+                handshake_server_ns: Some(40_000),
+                syn_retransmits: 0,
+                late_start: false,
+                client_latency: Some(lat),
+                server_latency: Some(lat),
+            });
+        }
+        4..=8 => {
+            r.protocol = 17;
+            r.server_port = 53;
+        }
+        _ => {
+            r.protocol = 1;
+            r.client_port = 0;
+            r.server_port = 0;
+            r.icmp = Some(IcmpInfo {
+                client_type: Some(8),
+                client_code: Some(0),
+                server_type: Some(0),
+                server_code: Some(0),
+                echo_id: Some(i as u16),
+                echo_rtt: Some(Latency {
+                    jitter_ns: None,
+                    ..lat
+                }),
+            });
+        }
+    }
+    r
+}
+
+/// What gRPC compression saves on a batch of 1000 records of the realistic mix.
+fn compression(t: &mut Table) -> Result<()> {
+    use prost::Message;
+    let batch = flowlens::api::proto::FlowBatch {
+        records: (0..1000u64)
+            .map(|i| flowlens::api::proto::FlowRecord::from(&mixed_record(i)))
+            .collect(),
+    }
+    .encode_to_vec();
+    let zstd = zstd::bulk::compress(&batch, 0)?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&batch)?;
+    let gzip = gz.finish()?;
+    let per = |b: &[u8]| b.len() as f64 / 1000.0;
+    t.add(
+        "stream",
+        "bytes/record, uncompressed",
+        per(&batch),
+        "B",
+        "1000-record batch, 40/50/10 TCP/UDP/ICMP".into(),
+    );
+    t.add(
+        "stream",
+        "bytes/record, zstd (watch default)",
+        per(&zstd),
+        "B",
+        format!("{:.2}x smaller", batch.len() as f64 / zstd.len() as f64),
+    );
+    t.add(
+        "stream",
+        "bytes/record, gzip",
+        per(&gzip),
+        "B",
+        format!("{:.2}x smaller", batch.len() as f64 / gzip.len() as f64),
+    );
+    Ok(())
+}
+
 fn stream(t: &mut Table) -> Result<()> {
     println!("stream: records through the hub and gRPC over loopback");
     let records: u64 = 200_000;
@@ -692,11 +787,12 @@ fn main() -> Result<()> {
     let mut t = Table(Vec::new());
     let only: Vec<String> = std::env::args().skip(1).collect();
     let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
-    let sections: [(&str, Section); 5] = [
+    let sections: [(&str, Section); 6] = [
         ("datapath", datapath),
         ("memory", memory),
         ("poller", poller),
         ("stream", stream),
+        ("compression", compression),
         ("traffic", traffic),
     ];
     for (name, f) in sections {

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{anyhow, Context};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
+use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response};
 
 use crate::api::{self, parse_request, proto};
@@ -466,11 +467,15 @@ async fn serve(
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(FlowLensServer::new(FlowLensService::new(
-            hub,
-            status,
-            stopping_rx.clone(),
-        )));
+        .add_service(
+            // Compressed only for clients that ask (grpc-accept-encoding): record batches
+            // shrink several times, at the cost of server CPU per subscriber.
+            FlowLensServer::new(FlowLensService::new(hub, status, stopping_rx.clone()))
+                .send_compressed(CompressionEncoding::Zstd)
+                .send_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Zstd)
+                .accept_compressed(CompressionEncoding::Gzip),
+        );
 
     let mut drained = stopping_rx.clone();
     let signal = async move {
