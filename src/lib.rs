@@ -4,6 +4,7 @@ pub mod attach;
 pub mod bpf;
 pub mod datapath;
 pub mod flow;
+pub mod ipfix;
 pub mod metrics;
 pub mod packet;
 pub mod poller;

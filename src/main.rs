@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use signal_hook::iterator::Signals;
 use flowlens::attach::{Attacher, IfNames, Mode, ProgramFds, Selector};
 use flowlens::datapath::{Capacities, Datapath};
 use flowlens::flow::FlowRecord;
+use flowlens::ipfix::{self, Destination, IpfixConfig, IpfixStats};
 use flowlens::metrics;
 use flowlens::poller::{Poller, PollerConfig};
 use flowlens::preflight;
@@ -159,6 +161,49 @@ struct RunArgs {
     /// Records queued per subscriber before it starts losing them (and is told so).
     #[arg(long, env = "FLOWLENS_SUBSCRIBER_QUEUE", value_parser = capacity, default_value = "4096")]
     subscriber_queue: u32,
+    /// IPFIX collector to export every flow record to: udp://HOST:PORT or tcp://HOST:PORT
+    /// (port 4739 when omitted). Repeatable.
+    #[arg(long = "ipfix", env = "FLOWLENS_IPFIX", value_delimiter = ',')]
+    ipfix: Vec<Destination>,
+    /// IPFIX observation domain id of this host's messages.
+    #[arg(long, env = "FLOWLENS_IPFIX_OBSERVATION_DOMAIN", default_value_t = 0)]
+    ipfix_observation_domain: u32,
+    /// Path MTU to the IPFIX collectors: each message fits one IP packet.
+    #[arg(long, env = "FLOWLENS_IPFIX_MTU", value_parser = ipfix::parse_mtu, default_value_t = ipfix::DEFAULT_MTU)]
+    ipfix_mtu: u16,
+    /// UDP: how often IPFIX templates are sent again (a restarted collector waits this long).
+    #[arg(long, env = "FLOWLENS_IPFIX_TEMPLATE_REFRESH", value_parser = duration, default_value = "60s")]
+    ipfix_template_refresh: Duration,
+    /// Private enterprise number under which the timing metrics (handshake, latency, jitter,
+    /// echo RTT) are exported; unset: they are not.
+    #[arg(long, env = "FLOWLENS_IPFIX_ENTERPRISE")]
+    ipfix_enterprise: Option<u32>,
+}
+
+/// One IPFIX exporter's queue: batches of records, lost (and counted) when it is full.
+struct IpfixSink {
+    tx: crossbeam_channel::Sender<Vec<Arc<FlowRecord>>>,
+    stats: Arc<IpfixStats>,
+}
+
+/// Starts one exporter thread per `--ipfix` destination.
+fn start_ipfix(args: &RunArgs) -> Result<(Vec<IpfixSink>, Vec<thread::JoinHandle<()>>)> {
+    let (mut sinks, mut threads) = (Vec::new(), Vec::new());
+    for dest in &args.ipfix {
+        let cfg = IpfixConfig {
+            destination: dest.clone(),
+            observation_domain: args.ipfix_observation_domain,
+            mtu: args.ipfix_mtu,
+            template_refresh: args.ipfix_template_refresh,
+            enterprise: args.ipfix_enterprise,
+        };
+        let (tx, rx) = crossbeam_channel::bounded(4096);
+        let stats = Arc::new(IpfixStats::default());
+        threads.push(ipfix::spawn(cfg, rx, stats.clone()).context("--ipfix")?);
+        info!("exporting IPFIX to {dest}");
+        sinks.push(IpfixSink { tx, stats });
+    }
+    Ok((sinks, threads))
 }
 
 fn main() {
@@ -285,6 +330,7 @@ fn collect(
         info!("metrics on http://{}/metrics", h.local_addr());
         Some(h)
     };
+    let (ipfix_sinks, ipfix_threads) = start_ipfix(args)?;
     let (tx, rx) = crossbeam_channel::bounded::<FlowRecord>(65_536);
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
     let poller = Poller::new(
@@ -311,7 +357,7 @@ fn collect(
     let out_hub = hub.clone();
     let out_thread = thread::Builder::new()
         .name("output".into())
-        .spawn(move || print_records(rx, output, &out_hub))
+        .spawn(move || print_records(rx, output, &out_hub, &ipfix_sinks))
         .context("spawning the output thread")?;
 
     // Interfaces come and go: re-check twice a second until told to stop.
@@ -336,6 +382,12 @@ fn collect(
     if out_thread.join().is_err() {
         bail!("the output thread panicked");
     }
+    // The output thread held the exporters' senders: they send what is queued and stop.
+    for t in ipfix_threads {
+        if t.join().is_err() {
+            bail!("an IPFIX exporter thread panicked");
+        }
+    }
     // Every flushed record is in the subscribers' queues: end their streams.
     hub.close();
     if let Some(g) = grpc {
@@ -350,10 +402,23 @@ fn collect(
 }
 
 /// Prints each record and hands it to the subscriber hub.
-fn print_records(rx: crossbeam_channel::Receiver<FlowRecord>, output: Output, hub: &Hub) {
+fn print_records(
+    rx: crossbeam_channel::Receiver<FlowRecord>,
+    output: Output,
+    hub: &Hub,
+    ipfix: &[IpfixSink],
+) {
     let stdout = std::io::stdout();
     for rec in rx {
         print_record(&stdout, &rec, output);
+        if !ipfix.is_empty() {
+            let shared = Arc::new(rec.clone());
+            for s in ipfix {
+                if s.tx.try_send(vec![shared.clone()]).is_err() {
+                    s.stats.records_lost.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
         hub.publish(rec);
     }
 }
