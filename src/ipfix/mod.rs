@@ -60,6 +60,9 @@ pub const DEFAULT_MTU: u16 = 1400;
 const TICK: Duration = Duration::from_millis(100);
 /// Flow records encoded in one go, at most.
 const MAX_BATCH: usize = 4096;
+/// UDP reports a refused datagram on a later send, so sends succeed in between while the
+/// collector is down: it counts as back only after this long without an error.
+const UDP_QUIET: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -304,8 +307,13 @@ struct Exporter {
     stats: Arc<IpfixStats>,
     /// When templates last went out (UDP).
     templates_at: Option<Instant>,
-    /// Flow records lost in the current episode of an unreachable collector.
-    losing: Option<u64>,
+    losing: Option<Episode>,
+}
+
+/// An episode of an unreachable collector.
+struct Episode {
+    lost: u64,
+    last_error: Instant,
 }
 
 impl Exporter {
@@ -414,10 +422,13 @@ impl Exporter {
         }
         if lost > 0 || first_error.is_some() {
             self.lose(lost, first_error);
-        } else if let Some(n) = self.losing.take() {
+        } else if let Some(ep) = self.losing.take_if(|ep| match self.link {
+            Sink::Udp(_) => ep.last_error.elapsed() >= UDP_QUIET,
+            Sink::Tcp(_) => true,
+        }) {
             info!(
-                "IPFIX collector {} reachable again; {n} flow records were lost",
-                self.cfg.destination
+                "IPFIX collector {} reachable again; {} flow records were lost",
+                self.cfg.destination, ep.lost
             );
         }
     }
@@ -425,11 +436,15 @@ impl Exporter {
     /// Counts lost records and logs once per episode of an unreachable collector.
     fn lose(&mut self, n: u64, err: Option<std::io::Error>) {
         IpfixStats::add(&self.stats.records_lost, n);
-        if let Some(total) = &mut self.losing {
-            *total += n;
+        if let Some(ep) = &mut self.losing {
+            ep.lost += n;
+            ep.last_error = Instant::now();
             return;
         }
-        self.losing = Some(n);
+        self.losing = Some(Episode {
+            lost: n,
+            last_error: Instant::now(),
+        });
         let why = err
             .map(|e| e.to_string())
             .or_else(|| match &self.link {
