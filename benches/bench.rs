@@ -557,7 +557,10 @@ fn ipfix(t: &mut Table) -> Result<()> {
         "flow records encoded (no I/O)",
         encode_rate,
         "rec/s",
-        format!("{:.1} B/flow, {msgs} messages of <= 1372 B", bytes as f64 / n as f64),
+        format!(
+            "{:.1} B/flow, {msgs} messages of <= 1372 B",
+            bytes as f64 / n as f64
+        ),
     );
 
     let sink = std::net::UdpSocket::bind("127.0.0.1:0")?;
@@ -600,7 +603,10 @@ fn ipfix(t: &mut Table) -> Result<()> {
         .map_err(|_| anyhow::anyhow!("the sink reader panicked"))?;
     let s = stats.snapshot();
     if s.records_sent + s.records_lost != n {
-        bail!("exporter accounted for {} of {n} records", s.records_sent + s.records_lost);
+        bail!(
+            "exporter accounted for {} of {n} records",
+            s.records_sent + s.records_lost
+        );
     }
     let send_rate = s.records_sent as f64 / secs;
     t.add(

@@ -109,7 +109,10 @@ fn sets(msg: &[u8]) -> Vec<(u16, Vec<u8>)> {
     let mut out = Vec::new();
     while at < msg.len() {
         let (id, len) = (be16(msg, at), usize::from(be16(msg, at + 2)));
-        assert!(len >= 4 && at + len <= msg.len(), "set length {len} at {at}");
+        assert!(
+            len >= 4 && at + len <= msg.len(),
+            "set length {len} at {at}"
+        );
         out.push((id, msg[at + 4..at + len].to_vec()));
         at += len;
     }
@@ -122,11 +125,14 @@ fn template_set_is_byte_exact() {
     let msgs = messages(&mut enc, &[], true);
     assert_eq!(msgs.len(), 1);
     let m = &msgs[0];
-    assert_eq!(&m[4..16], &[
-        0x65, 0x53, 0xf1, 0x64, // export time 1_700_000_100
-        0, 0, 0, 0, // sequence: no data record before
-        0, 0, 0, 42, // observation domain
-    ]);
+    assert_eq!(
+        &m[4..16],
+        &[
+            0x65, 0x53, 0xf1, 0x64, // export time 1_700_000_100
+            0, 0, 0, 0, // sequence: no data record before
+            0, 0, 0, 42, // observation domain
+        ]
+    );
     let s = sets(m);
     assert_eq!(s.len(), 1);
     assert_eq!(s[0].0, 2, "template set");
@@ -178,7 +184,10 @@ fn enterprise_fields_carry_the_pen() {
     assert_eq!(&tcp[at..at + 8], &[0x80, 0x01, 0, 4, 0, 0, 0x7e, 0xd9]);
     // Plain and ICMP templates of IPv4 and IPv6 alike: nothing without a PEN.
     let plain = Encoder::new(0, 1372, None).expect("encoder");
-    assert!(plain.templates().iter().all(|t| t.fields.iter().all(|f| f.enterprise.is_none())));
+    assert!(plain
+        .templates()
+        .iter()
+        .all(|t| t.fields.iter().all(|f| f.enterprise.is_none())));
 }
 
 #[test]
@@ -221,7 +230,11 @@ fn data_records_are_byte_exact_one_per_direction() {
     let mut echo = echo_record_v6();
     echo.server.packets = 0;
     let m = &messages(&mut enc, &[echo], false)[0];
-    assert_eq!(be32(m, 8), 2, "sequence counts the earlier message's records");
+    assert_eq!(
+        be32(m, 8),
+        2,
+        "sequence counts the earlier message's records"
+    );
     let s = sets(m);
     assert_eq!(s[0].0, 261);
     assert_eq!(s[0].1.len(), 8 + 32 + 1 + 9 + 16 + 16 + 1 + 1 + 2);
@@ -261,7 +274,11 @@ fn messages_split_at_the_size_limit_with_whole_flows_and_running_sequence_number
                 assert!(*tpl && i == 0, "templates only in the first message");
                 continue;
             }
-            let t = enc.templates().iter().find(|t| t.id == id).expect("known set id");
+            let t = enc
+                .templates()
+                .iter()
+                .find(|t| t.id == id)
+                .expect("known set id");
             assert_eq!(body.len() % t.record_len, 0, "whole records in set {id}");
             records += body.len() / t.record_len;
         }
@@ -276,7 +293,10 @@ fn messages_split_at_the_size_limit_with_whole_flows_and_running_sequence_number
     assert_eq!(flows, recs.len());
     assert_eq!(seq, want_records);
     assert_eq!(enc.sequence(), want_records);
-    assert!(Encoder::new(0, 150, None).is_err(), "150 bytes cannot hold a template");
+    assert!(
+        Encoder::new(0, 150, None).is_err(),
+        "150 bytes cannot hold a template"
+    );
 }
 
 #[test]
@@ -296,7 +316,10 @@ const FLOW_ID_OF_TCP_RECORD: u64 = 8_674_123_132_804_027_203;
 
 #[test]
 fn end_reasons_map_to_iana_codes() {
-    let codes: Vec<u8> = EndReason::ALL.iter().map(|r| encode::end_reason_code(*r)).collect();
+    let codes: Vec<u8> = EndReason::ALL
+        .iter()
+        .map(|r| encode::end_reason_code(*r))
+        .collect();
     assert_eq!(codes, [1, 2, 3, 3, 4]);
 }
 
@@ -308,17 +331,26 @@ fn destinations_parse_with_precise_errors() {
         (Transport::Udp, "collector.example", 2055)
     );
     let d: Destination = "TCP://[fd00::1]:4740".parse().expect("tcp v6");
-    assert_eq!((d.transport, d.host.as_str(), d.port), (Transport::Tcp, "fd00::1", 4740));
+    assert_eq!(
+        (d.transport, d.host.as_str(), d.port),
+        (Transport::Tcp, "fd00::1", 4740)
+    );
     assert_eq!(d.to_string(), "tcp://[fd00::1]:4740");
     let d: Destination = "udp://10.0.0.1".parse().expect("default port");
     assert_eq!(d.port, 4739);
     let err = |s: &str| s.parse::<Destination>().unwrap_err();
-    assert_eq!(err("10.0.0.1:4739"), DestinationError::NoScheme("10.0.0.1:4739".into()));
+    assert_eq!(
+        err("10.0.0.1:4739"),
+        DestinationError::NoScheme("10.0.0.1:4739".into())
+    );
     assert_eq!(
         err("sctp://h:1"),
         DestinationError::Scheme("sctp://h:1".into(), "sctp".into())
     );
-    assert_eq!(err("udp://:4739"), DestinationError::NoHost("udp://:4739".into()));
+    assert_eq!(
+        err("udp://:4739"),
+        DestinationError::NoHost("udp://:4739".into())
+    );
     assert_eq!(
         err("udp://h:0"),
         DestinationError::Port("udp://h:0".into(), "0".into())
@@ -327,12 +359,18 @@ fn destinations_parse_with_precise_errors() {
         err("udp://h:70000"),
         DestinationError::Port("udp://h:70000".into(), "70000".into())
     );
-    assert_eq!(err("udp://[::1:4739"), DestinationError::Bracket("udp://[::1:4739".into()));
+    assert_eq!(
+        err("udp://[::1:4739"),
+        DestinationError::Bracket("udp://[::1:4739".into())
+    );
     assert_eq!(
         err("udp://h:1/x"),
         DestinationError::Trailing("udp://h:1/x".into(), "/x".into())
     );
-    assert!(err("udp://h:x").to_string().contains("\"udp://h:x\""), "errors name the value");
+    assert!(
+        err("udp://h:x").to_string().contains("\"udp://h:x\""),
+        "errors name the value"
+    );
 }
 
 #[test]
@@ -341,7 +379,10 @@ fn bad_ipfix_flags_are_rejected_naming_the_flag() {
         (&["--ipfix", "http://x:1"][..], "--ipfix"),
         (&["--ipfix", "udp://x:99999"][..], "99999"),
         (&["--ipfix-mtu", "500"][..], "--ipfix-mtu"),
-        (&["--ipfix-template-refresh", "0s"][..], "--ipfix-template-refresh"),
+        (
+            &["--ipfix-template-refresh", "0s"][..],
+            "--ipfix-template-refresh",
+        ),
     ] {
         let out = Command::new(BIN)
             .arg("run")
@@ -445,7 +486,11 @@ impl Daemon {
         unsafe { libc::kill(self.child.id() as i32, sig) };
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.child.try_wait().expect("wait").is_none() {
-            assert!(Instant::now() < deadline, "{} ignored signal {sig}", self.what);
+            assert!(
+                Instant::now() < deadline,
+                "{} ignored signal {sig}",
+                self.what
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         self.text()
@@ -462,8 +507,24 @@ impl Drop for Daemon {
 fn nfcapd(ns: &str, port: u16, dir: &Path) -> Daemon {
     std::fs::create_dir_all(dir).expect("nfcapd dir");
     let (port, d) = (port.to_string(), dir.to_str().expect("utf-8"));
-    let args = ["nfcapd", "-b", "127.0.0.1", "-p", &port, "-w", d, "-t", "3600"];
-    Daemon::start("nfcapd", ns, &args, dir.with_extension("log"), "Startup nfcapd")
+    let args = [
+        "nfcapd",
+        "-b",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-w",
+        d,
+        "-t",
+        "3600",
+    ];
+    Daemon::start(
+        "nfcapd",
+        ns,
+        &args,
+        dir.with_extension("log"),
+        "Startup nfcapd",
+    )
 }
 
 fn nfacctd(ns: &str, port: u16, out: &Path) -> Daemon {
@@ -479,12 +540,32 @@ fn nfacctd(ns: &str, port: u16, out: &Path) -> Daemon {
     )
     .expect("nfacctd.conf");
     let args = ["nfacctd", "-f", conf.to_str().expect("utf-8")];
-    Daemon::start("nfacctd", ns, &args, out.with_extension("log"), "waiting for")
+    Daemon::start(
+        "nfacctd",
+        ns,
+        &args,
+        out.with_extension("log"),
+        "waiting for",
+    )
 }
 
 fn tshark_capture(ns: &str, filter: &str, pcap: &Path) -> Daemon {
-    let args = ["tshark", "-i", "lo", "-f", filter, "-w", pcap.to_str().expect("utf-8")];
-    Daemon::start("tshark", ns, &args, pcap.with_extension("log"), "Capturing on")
+    let args = [
+        "tshark",
+        "-i",
+        "lo",
+        "-f",
+        filter,
+        "-w",
+        pcap.to_str().expect("utf-8"),
+    ];
+    Daemon::start(
+        "tshark",
+        ns,
+        &args,
+        pcap.with_extension("log"),
+        "Capturing on",
+    )
 }
 
 /// (source, destination, source port, destination port, protocol); ports 0 for ICMP.
@@ -542,7 +623,11 @@ fn nfdump_counts(dir: &Path) -> Counts {
         .args(["-R", dir.to_str().expect("utf-8"), "-q", "-o", "csv"])
         .output()
         .expect("nfdump");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut c = Counts::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         // ts,te,td,sa,da,sp,dp,pr,flg,fwd,stos,ipkt,ibyt,...
@@ -559,7 +644,12 @@ fn nfdump_counts(dir: &Path) -> Counts {
             port(f[6]),
             proto,
         );
-        add(&mut c, k, f[11].trim().parse().expect("ipkt"), f[12].trim().parse().expect("ibyt"));
+        add(
+            &mut c,
+            k,
+            f[11].trim().parse().expect("ipkt"),
+            f[12].trim().parse().expect("ibyt"),
+        );
     }
     c
 }
@@ -571,7 +661,9 @@ fn pmacct_counts(file: &Path) -> Counts {
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line).expect("pmacct JSON");
         let proto = match &v["ip_proto"] {
-            serde_json::Value::String(s) => proto_number(&s.to_uppercase().replace("IPV6-ICMP", "ICMP6")),
+            serde_json::Value::String(s) => {
+                proto_number(&s.to_uppercase().replace("IPV6-ICMP", "ICMP6"))
+            }
             n => n.as_u64().expect("ip_proto") as u8,
         };
         let addr = |f: &str| v[f].as_str().expect(f).parse::<IpAddr>().expect(f);
@@ -601,11 +693,20 @@ fn tshark_decode(pcap: &Path, decode_as: &[String]) -> (usize, u64) {
             .args(extra)
             .output()
             .expect("tshark");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let verbose = run(&["-V"]);
-    for bad in ["Malformed", "no template", "Expert Info (Warn", "Expert Info (Error"] {
+    for bad in [
+        "Malformed",
+        "no template",
+        "Expert Info (Warn",
+        "Expert Info (Error",
+    ] {
         assert!(!verbose.contains(bad), "tshark: {bad:?} in\n{verbose}");
     }
     // Every frame with a payload (TCP handshakes and ACKs carry none).
@@ -625,7 +726,12 @@ fn tshark_decode(pcap: &Path, decode_as: &[String]) -> (usize, u64) {
         let mut cols = line.split('\t');
         assert_eq!(cols.next(), Some("10"), "not decoded as IPFIX: {line:?}");
         frames += 1;
-        for p in cols.next().unwrap_or("").split(',').filter(|s| !s.is_empty()) {
+        for p in cols
+            .next()
+            .unwrap_or("")
+            .split(',')
+            .filter(|s| !s.is_empty())
+        {
             packets += p.parse::<u64>().expect("cflow.packets");
         }
     }
@@ -643,8 +749,23 @@ struct Agent {
 impl Agent {
     fn start(net: &NetPair, extra: &[&str]) -> Agent {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &net.a, BIN, "run", "--interface", &net.if_a])
-            .args(["--output", "json", "--poll-interval", "100ms", "--pin-dir", "off"])
+            .args([
+                "netns",
+                "exec",
+                &net.a,
+                BIN,
+                "run",
+                "--interface",
+                &net.if_a,
+            ])
+            .args([
+                "--output",
+                "json",
+                "--poll-interval",
+                "100ms",
+                "--pin-dir",
+                "off",
+            ])
             .args(["--grpc-listen", "off", "--metrics-listen", "off"])
             .args(["--idle-timeout-tcp", "1s", "--idle-timeout-udp", "1s"])
             .args(["--idle-timeout-icmp", "1s", "--tcp-close-grace", "200ms"])
@@ -665,7 +786,9 @@ impl Agent {
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n @ 1..) = err.read(&mut buf) {
-                log.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                log.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
         let a = Agent {
@@ -681,7 +804,11 @@ impl Agent {
     fn wait_log(&self, needle: &str) {
         let deadline = Instant::now() + Duration::from_secs(15);
         while !self.stderr.lock().unwrap().contains(needle) {
-            assert!(Instant::now() < deadline, "agent: no {needle:?} in\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "agent: no {needle:?} in\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -703,7 +830,10 @@ impl Agent {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.stdout.recv_timeout(left) {
                 Ok(l) => self.lines.push(l),
-                Err(_) => panic!("no {proto} record {src} -> {dst}; agent log:\n{}", self.log()),
+                Err(_) => panic!(
+                    "no {proto} record {src} -> {dst}; agent log:\n{}",
+                    self.log()
+                ),
             }
         }
     }
@@ -714,7 +844,11 @@ impl Agent {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(15);
         while self.child.try_wait().expect("wait").is_none() {
-            assert!(Instant::now() < deadline, "agent did not stop:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "agent did not stop:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         let status = self.child.wait().expect("wait");
@@ -854,8 +988,15 @@ fn udp_export_decodes_in_nfcapd_nfacctd_and_tshark_with_flowlens_counts() {
         &["udp.port==4739,cflow".into(), "udp.port==4740,cflow".into()],
     );
     let total: u64 = want.values().map(|(p, _)| p).sum();
-    assert_eq!(packets, 2 * total, "tshark's packet counts of both collectors' messages");
-    assert!(frames >= 4, "{frames} messages for {data_records} data records");
+    assert_eq!(
+        packets,
+        2 * total,
+        "tshark's packet counts of both collectors' messages"
+    );
+    assert!(
+        frames >= 4,
+        "{frames} messages for {data_records} data records"
+    );
 }
 
 #[test]
@@ -867,7 +1008,12 @@ fn udp_templates_are_resent_on_refresh_after_a_collector_restart() {
     let nf = nfcapd(&net.a, 4739, &dir1);
     let mut agent = Agent::start(
         &net,
-        &["--ipfix", "udp://127.0.0.1:4739", "--ipfix-template-refresh", "1s"],
+        &[
+            "--ipfix",
+            "udp://127.0.0.1:4739",
+            "--ipfix-template-refresh",
+            "1s",
+        ],
     );
     tcp_exchange(&net, false, 10_000, 1_000);
     agent.wait_record(6, net.v4_a, net.v4_b);
@@ -885,7 +1031,11 @@ fn udp_templates_are_resent_on_refresh_after_a_collector_restart() {
 
     let (tcp, udp) = (test_flows(&want, &net, 6), test_flows(&want, &net, 17));
     assert_eq!((tcp.len(), udp.len()), (2, 2), "{want:#?}");
-    assert_eq!(test_flows(&nfdump_counts(&dir1), &net, 6), tcp, "before the restart");
+    assert_eq!(
+        test_flows(&nfdump_counts(&dir1), &net, 6),
+        tcp,
+        "before the restart"
+    );
     assert_eq!(
         test_flows(&nfdump_counts(&dir2), &net, 17),
         udp,
@@ -987,7 +1137,11 @@ fn assert_session(msgs: &[Vec<u8>]) {
     for m in msgs {
         assert_eq!(be32(m, 8), seq, "sequence number");
         for (id, body) in sets(m).into_iter().filter(|(id, _)| *id != 2) {
-            let t = enc.templates().iter().find(|t| t.id == id).expect("template");
+            let t = enc
+                .templates()
+                .iter()
+                .find(|t| t.id == id)
+                .expect("template");
             seq += (body.len() / t.record_len) as u32;
         }
     }
@@ -1027,8 +1181,16 @@ fn tcp_export_reconnects_and_resends_templates_after_a_collector_restart() {
     let want = flowlens_counts(&records);
     let (tcp, udp) = (test_flows(&want, &net, 6), test_flows(&want, &net, 17));
     assert_eq!((tcp.len(), udp.len()), (2, 2), "{want:#?}");
-    assert_eq!(test_flows(&nfdump_counts(&dir1), &net, 6), tcp, "first session");
-    assert_eq!(test_flows(&nfdump_counts(&dir2), &net, 17), udp, "second session");
+    assert_eq!(
+        test_flows(&nfdump_counts(&dir1), &net, 6),
+        tcp,
+        "first session"
+    );
+    assert_eq!(
+        test_flows(&nfdump_counts(&dir2), &net, 17),
+        udp,
+        "second session"
+    );
     let (frames, _) = tshark_decode(&pcap, &["tcp.port==4741,cflow".into()]);
     assert!(frames >= 2, "{frames} TCP segments with IPFIX");
 }
@@ -1102,15 +1264,28 @@ fn biflow_reverse_counters_are_lost_by_nfacctd() {
     nf.stop(libc::SIGTERM);
     pm.stop(libc::SIGINT);
 
-    let (a, b) = (IpAddr::V4(Ipv4Addr::new(10, 9, 0, 1)), IpAddr::V4(Ipv4Addr::new(10, 9, 0, 2)));
+    let (a, b) = (
+        IpAddr::V4(Ipv4Addr::new(10, 9, 0, 1)),
+        IpAddr::V4(Ipv4Addr::new(10, 9, 0, 2)),
+    );
     let out = Command::new("nfdump")
-        .args(["-R", tmp.path().join("nfcapd").to_str().expect("utf-8"), "-q", "-o", "csv"])
+        .args([
+            "-R",
+            tmp.path().join("nfcapd").to_str().expect("utf-8"),
+            "-q",
+            "-o",
+            "csv",
+        ])
         .output()
         .expect("nfdump");
     let csv = String::from_utf8_lossy(&out.stdout);
     let f: Vec<&str> = csv.lines().next().expect("one flow").split(',').collect();
     // nfdump keeps the reverse counters as the flow's "out" packets and bytes...
-    assert_eq!((f[11], f[12], f[13], f[14]), ("11", "1111", "22", "2222"), "{csv}");
+    assert_eq!(
+        (f[11], f[12], f[13], f[14]),
+        ("11", "1111", "22", "2222"),
+        "{csv}"
+    );
     // ...pmacct only the forward ones.
     let pm = pmacct_counts(&pm_out);
     assert_eq!(pm, Counts::from([((a, b, 40000, 80, 6), (11, 1111))]));
@@ -1122,7 +1297,12 @@ fn an_unreachable_collector_loses_records_with_one_warning_and_never_stalls_the_
     // Nothing listens on either port: TCP connects are refused, UDP sends bounce.
     let mut agent = Agent::start(
         &net,
-        &["--ipfix", "tcp://127.0.0.1:4742", "--ipfix", "udp://127.0.0.1:4743"],
+        &[
+            "--ipfix",
+            "tcp://127.0.0.1:4742",
+            "--ipfix",
+            "udp://127.0.0.1:4743",
+        ],
     );
     for _ in 0..3 {
         udp_exchange(&net, false, 2, 100, 100);
@@ -1133,7 +1313,11 @@ fn an_unreachable_collector_loses_records_with_one_warning_and_never_stalls_the_
     let log = agent.log();
     let t0 = Instant::now();
     let records = agent.stop();
-    assert!(t0.elapsed() < Duration::from_secs(5), "stopping took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "stopping took {:?}",
+        t0.elapsed()
+    );
     assert!(records.len() >= 4);
     let warned = |d: &str| {
         log.lines()

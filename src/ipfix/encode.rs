@@ -3,7 +3,9 @@
 use std::borrow::Borrow;
 use std::net::IpAddr;
 
-use crate::flow::{EndReason, FlowRecord, Hook, Latency, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
+use crate::flow::{
+    EndReason, FlowRecord, Hook, Latency, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+};
 
 pub const VERSION: u16 = 10;
 pub const MESSAGE_HEADER_LEN: usize = 16;

@@ -390,32 +390,33 @@ impl Exporter {
         let mut lost = 0u64;
         let mut first_error = None;
         let mut templates_ok = None;
-        self.enc.encode(batch, now, templates, &mut |m: Message<'_>| {
-            let res = match link {
-                Sink::Udp(u) => u.send(m.bytes),
-                Sink::Tcp(t) => t.send(m.bytes),
-            };
-            match res {
-                Ok(()) => {
-                    IpfixStats::add(&stats.messages_sent, 1);
-                    IpfixStats::add(&stats.bytes_sent, m.bytes.len() as u64);
-                    IpfixStats::add(&stats.records_sent, m.flows as u64);
-                    IpfixStats::add(&stats.data_records_sent, m.data_records.into());
-                    if m.has_templates {
-                        IpfixStats::add(&stats.template_messages_sent, 1);
-                        templates_ok.get_or_insert(true);
+        self.enc
+            .encode(batch, now, templates, &mut |m: Message<'_>| {
+                let res = match link {
+                    Sink::Udp(u) => u.send(m.bytes),
+                    Sink::Tcp(t) => t.send(m.bytes),
+                };
+                match res {
+                    Ok(()) => {
+                        IpfixStats::add(&stats.messages_sent, 1);
+                        IpfixStats::add(&stats.bytes_sent, m.bytes.len() as u64);
+                        IpfixStats::add(&stats.records_sent, m.flows as u64);
+                        IpfixStats::add(&stats.data_records_sent, m.data_records.into());
+                        if m.has_templates {
+                            IpfixStats::add(&stats.template_messages_sent, 1);
+                            templates_ok.get_or_insert(true);
+                        }
+                    }
+                    Err(e) => {
+                        IpfixStats::add(&stats.send_errors, 1);
+                        lost += m.flows as u64;
+                        if m.has_templates {
+                            templates_ok = Some(false);
+                        }
+                        first_error.get_or_insert(e);
                     }
                 }
-                Err(e) => {
-                    IpfixStats::add(&stats.send_errors, 1);
-                    lost += m.flows as u64;
-                    if m.has_templates {
-                        templates_ok = Some(false);
-                    }
-                    first_error.get_or_insert(e);
-                }
-            }
-        });
+            });
         // UDP templates that did not go out are due again with the next message.
         if templates_ok == Some(true) {
             self.templates_at = Some(Instant::now());

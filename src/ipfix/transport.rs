@@ -40,16 +40,24 @@ impl Udp {
 
 enum State {
     /// Waiting for the next attempt.
-    Down { retry_at: Instant },
-    Connecting { stream: TcpStream },
-    Up { stream: TcpStream },
+    Down {
+        retry_at: Instant,
+    },
+    Connecting {
+        stream: TcpStream,
+    },
+    Up {
+        stream: TcpStream,
+    },
 }
 
 /// What [`Tcp::poll`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Link {
     /// Connected; `fresh`: a new transport session that needs templates first.
-    Up { fresh: bool },
+    Up {
+        fresh: bool,
+    },
     Down,
 }
 
@@ -92,11 +100,12 @@ impl Tcp {
             },
         );
         self.state = match state {
-            State::Down { retry_at } if Instant::now() >= retry_at => match start_connect(self.to)
-            {
-                Ok(stream) => self.check_connect(stream, wait),
-                Err(e) => self.failed(e),
-            },
+            State::Down { retry_at } if Instant::now() >= retry_at => {
+                match start_connect(self.to) {
+                    Ok(stream) => self.check_connect(stream, wait),
+                    Err(e) => self.failed(e),
+                }
+            }
             State::Connecting { stream } => self.check_connect(stream, wait),
             State::Up { stream } => match peer_closed(&stream) {
                 // A collector never sends on an IPFIX session: readable means EOF or RST,
@@ -147,10 +156,7 @@ impl Tcp {
     /// desynchronise the stream) and the caller counts the message lost.
     pub fn send(&mut self, msg: &[u8]) -> io::Result<()> {
         let State::Up { stream } = &mut self.state else {
-            return Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "not connected",
-            ));
+            return Err(io::Error::new(io::ErrorKind::NotConnected, "not connected"));
         };
         match stream.write_all(msg) {
             Ok(()) => {
@@ -248,7 +254,11 @@ fn sockaddr(to: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (ss, len as libc::socklen_t)
 }
 
-fn poll_one(stream: &TcpStream, events: libc::c_short, wait: Duration) -> io::Result<libc::c_short> {
+fn poll_one(
+    stream: &TcpStream,
+    events: libc::c_short,
+    wait: Duration,
+) -> io::Result<libc::c_short> {
     let mut p = libc::pollfd {
         fd: stream.as_raw_fd(),
         events,
