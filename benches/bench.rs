@@ -546,7 +546,7 @@ fn ipfix(t: &mut Table) -> Result<()> {
     let (mut bytes, mut msgs) = (0usize, 0u64);
     let t0 = Instant::now();
     for chunk in recs.chunks(4096) {
-        enc.encode(chunk, 0, false, &mut |m| {
+        enc.encode(chunk.iter().map(|r| &**r), 0, false, &mut |m| {
             bytes += m.bytes.len();
             msgs += 1;
         });

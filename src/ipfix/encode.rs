@@ -1,6 +1,5 @@
 //! RFC 7011 message encoding: templates and uniflow data records of flow records, split to a size limit.
 
-use std::borrow::Borrow;
 use std::net::IpAddr;
 
 use crate::flow::{
@@ -479,10 +478,11 @@ impl Encoder {
     }
 
     /// Encodes `records` (templates first when asked) into as many messages as the size limit
-    /// needs, handing each to `emit`. `export_time`: seconds since the epoch.
-    pub fn encode<R: Borrow<FlowRecord>>(
+    /// needs, handing each to `emit`. `export_time`: seconds since the epoch. Any iterator of
+    /// records will do, so a sink can pass what its queue holds without copying.
+    pub fn encode<'r>(
         &mut self,
-        records: &[R],
+        records: impl IntoIterator<Item = &'r FlowRecord>,
         export_time: u32,
         with_templates: bool,
         emit: &mut dyn FnMut(Message<'_>),
@@ -496,8 +496,7 @@ impl Encoder {
                 self.has_templates = true;
             }
         }
-        for r in records {
-            let rec = r.borrow();
+        for rec in records {
             let sides = [
                 (rec.client.packets > 0).then_some(true),
                 (rec.server.packets > 0).then_some(false),

@@ -390,8 +390,11 @@ impl Exporter {
         let mut lost = 0u64;
         let mut first_error = None;
         let mut templates_ok = None;
-        self.enc
-            .encode(batch, now, templates, &mut |m: Message<'_>| {
+        self.enc.encode(
+            batch.iter().map(|r| &**r),
+            now,
+            templates,
+            &mut |m: Message<'_>| {
                 let res = match link {
                     Sink::Udp(u) => u.send(m.bytes),
                     Sink::Tcp(t) => t.send(m.bytes),
@@ -416,7 +419,8 @@ impl Exporter {
                         first_error.get_or_insert(e);
                     }
                 }
-            });
+            },
+        );
         // UDP templates that did not go out are due again with the next message.
         if templates_ok == Some(true) {
             self.templates_at = Some(Instant::now());
