@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::netns::NetPair;
 use crossbeam_channel::Receiver;
-use flowlens::flow::{DirStats, EndReason, FlowRecord, Hook, IcmpInfo, TcpInfo, TcpState};
+use flowlens::flow::{DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo, TcpState};
 use flowlens::ipfix::encode::{self, Encoder};
 use flowlens::ipfix::{Destination, DestinationError, Transport};
 
@@ -240,6 +240,36 @@ fn data_records_are_byte_exact_one_per_direction() {
     assert_eq!(s[0].1.len(), 8 + 32 + 1 + 9 + 16 + 16 + 1 + 1 + 2);
     assert_eq!(&s[0].1[s[0].1.len() - 2..], &[128, 0]);
     assert_eq!(enc.sequence(), 3);
+}
+
+#[test]
+fn timing_metrics_go_to_the_side_they_describe() {
+    let mut rec = tcp_record();
+    let tcp = rec.tcp.as_mut().expect("tcp");
+    tcp.server_latency = Some(Latency {
+        count: 3,
+        sum_ns: 900,
+        min_ns: 200,
+        max_ns: 400,
+        jitter_ns: Some(150),
+    });
+    let mut enc = Encoder::new(0, 1372, Some(32473)).expect("encoder");
+    let body = sets(&messages(&mut enc, &[rec], false)[0]).remove(0).1;
+    let t = &enc.templates()[1];
+    assert_eq!(body.len(), 2 * t.record_len);
+    let timing = |rec: &[u8]| rec[66..].to_vec();
+    // Client -> server: the handshake; the client answered nothing.
+    let mut want = vec![0, 0, 0x03, 0xe8, 0, 0, 0x07, 0xd0];
+    want.extend_from_slice(&[0; 4 + 8 + 4 + 4 + 8]);
+    assert_eq!(timing(&body[..t.record_len]), want);
+    // Server -> client: no handshake; how the server answered the client.
+    let mut want = vec![0; 8];
+    want.extend_from_slice(&3u32.to_be_bytes());
+    want.extend_from_slice(&900u64.to_be_bytes());
+    want.extend_from_slice(&200u32.to_be_bytes());
+    want.extend_from_slice(&400u32.to_be_bytes());
+    want.extend_from_slice(&150u64.to_be_bytes());
+    assert_eq!(timing(&body[t.record_len..]), want);
 }
 
 #[test]
@@ -748,24 +778,11 @@ struct Agent {
 
 impl Agent {
     fn start(net: &NetPair, extra: &[&str]) -> Agent {
+        let ns_run = ["netns", "exec", &net.a, BIN, "run"];
         let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &net.a,
-                BIN,
-                "run",
-                "--interface",
-                &net.if_a,
-            ])
-            .args([
-                "--output",
-                "json",
-                "--poll-interval",
-                "100ms",
-                "--pin-dir",
-                "off",
-            ])
+            .args(ns_run)
+            .args(["--interface", &net.if_a, "--output", "json"])
+            .args(["--poll-interval", "100ms", "--pin-dir", "off"])
             .args(["--grpc-listen", "off", "--metrics-listen", "off"])
             .args(["--idle-timeout-tcp", "1s", "--idle-timeout-udp", "1s"])
             .args(["--idle-timeout-icmp", "1s", "--tcp-close-grace", "200ms"])
@@ -944,7 +961,8 @@ fn udp_export_decodes_in_nfcapd_nfacctd_and_tshark_with_flowlens_counts() {
     let nf = nfcapd(&net.a, 4739, &tmp.path().join("nfcapd"));
     let pm_out = tmp.path().join("pmacct.json");
     let pm = nfacctd(&net.a, 4740, &pm_out);
-    // A small MTU: the records travel in many messages.
+    // A small MTU: the records travel in many messages. Timing metrics under a PEN: the
+    // collectors skip what they do not know and still decode the rest.
     let agent = Agent::start(
         &net,
         &[
@@ -956,6 +974,8 @@ fn udp_export_decodes_in_nfcapd_nfacctd_and_tshark_with_flowlens_counts() {
             "576",
             "--ipfix-observation-domain",
             "7",
+            "--ipfix-enterprise",
+            "32473",
         ],
     );
     tcp_exchange(&net, false, 30_000, 5_000);

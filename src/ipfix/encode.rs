@@ -99,18 +99,28 @@ enum Elem {
     Ttl,
     TcpFlags,
     IcmpTypeCode,
-    HandshakeSyn,
-    HandshakeAck,
-    RespCount,
-    RespSum,
-    RespMin,
-    RespMax,
-    RespJitter,
-    RttCount,
-    RttSum,
-    RttMin,
-    RttMax,
+    /// A timing metric under the user's PEN: an id of [`pen`].
+    Pen(u16),
 }
+
+/// The timing metrics a TCP record adds when a PEN is configured.
+const TCP_TIMING: [u16; 7] = [
+    pen::HANDSHAKE_SYN_TO_SYNACK_NS,
+    pen::HANDSHAKE_SYNACK_TO_ACK_NS,
+    pen::RESPONSE_COUNT,
+    pen::RESPONSE_SUM_NS,
+    pen::RESPONSE_MIN_NS,
+    pen::RESPONSE_MAX_NS,
+    pen::RESPONSE_JITTER_NS,
+];
+
+/// The timing metrics an ICMP record adds when a PEN is configured.
+const ICMP_TIMING: [u16; 4] = [
+    pen::ECHO_RTT_COUNT,
+    pen::ECHO_RTT_SUM_NS,
+    pen::ECHO_RTT_MIN_NS,
+    pen::ECHO_RTT_MAX_NS,
+];
 
 /// The record shapes: which protocol detail a template carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,16 +163,8 @@ impl Template {
         if enterprise.is_some() {
             match shape {
                 Shape::Ports => {}
-                Shape::Tcp => elems.extend([
-                    HandshakeSyn,
-                    HandshakeAck,
-                    RespCount,
-                    RespSum,
-                    RespMin,
-                    RespMax,
-                    RespJitter,
-                ]),
-                Shape::Icmp => elems.extend([RttCount, RttSum, RttMin, RttMax]),
+                Shape::Tcp => elems.extend(TCP_TIMING.map(Pen)),
+                Shape::Icmp => elems.extend(ICMP_TIMING.map(Pen)),
             }
         }
         let fields: Vec<Field> = elems.iter().map(|e| field(*e, v6, enterprise)).collect();
@@ -239,17 +241,11 @@ fn field(e: Elem, v6: bool, enterprise: Option<u32>) -> Field {
         TcpFlags => std(ie::TCP_CONTROL_BITS, 2),
         IcmpTypeCode if v6 => std(ie::ICMP_TYPE_CODE_IPV6, 2),
         IcmpTypeCode => std(ie::ICMP_TYPE_CODE_IPV4, 2),
-        HandshakeSyn => ent(pen::HANDSHAKE_SYN_TO_SYNACK_NS, 4),
-        HandshakeAck => ent(pen::HANDSHAKE_SYNACK_TO_ACK_NS, 4),
-        RespCount => ent(pen::RESPONSE_COUNT, 4),
-        RespSum => ent(pen::RESPONSE_SUM_NS, 8),
-        RespMin => ent(pen::RESPONSE_MIN_NS, 4),
-        RespMax => ent(pen::RESPONSE_MAX_NS, 4),
-        RespJitter => ent(pen::RESPONSE_JITTER_NS, 8),
-        RttCount => ent(pen::ECHO_RTT_COUNT, 4),
-        RttSum => ent(pen::ECHO_RTT_SUM_NS, 8),
-        RttMin => ent(pen::ECHO_RTT_MIN_NS, 4),
-        RttMax => ent(pen::ECHO_RTT_MAX_NS, 4),
+        // Sums and jitter are unsigned64; counts, handshakes, minima and maxima unsigned32.
+        Pen(id @ (pen::RESPONSE_SUM_NS | pen::RESPONSE_JITTER_NS | pen::ECHO_RTT_SUM_NS)) => {
+            ent(id, 8)
+        }
+        Pen(id) => ent(id, 4),
     }
 }
 
@@ -359,27 +355,29 @@ impl Side<'_> {
                 };
                 buf.extend_from_slice(&[ty.unwrap_or(0), code.unwrap_or(0)]);
             }
-            HandshakeSyn => put32(
-                buf,
-                tcp.filter(|_| c)
-                    .and_then(|t| t.handshake_client_ns)
-                    .unwrap_or(0),
-            ),
-            HandshakeAck => put32(
-                buf,
-                tcp.filter(|_| c)
-                    .and_then(|t| t.handshake_server_ns)
-                    .unwrap_or(0),
-            ),
-            RespCount => put32(buf, lat.map_or(0, |l| l.count)),
-            RespSum => put64(buf, lat.map_or(0, |l| l.sum_ns)),
-            RespMin => put32(buf, lat.map_or(0, |l| l.min_ns)),
-            RespMax => put32(buf, lat.map_or(0, |l| l.max_ns)),
-            RespJitter => put64(buf, lat.and_then(|l| l.jitter_ns).unwrap_or(0)),
-            RttCount => put32(buf, rtt.map_or(0, |l| l.count)),
-            RttSum => put64(buf, rtt.map_or(0, |l| l.sum_ns)),
-            RttMin => put32(buf, rtt.map_or(0, |l| l.min_ns)),
-            RttMax => put32(buf, rtt.map_or(0, |l| l.max_ns)),
+            Pen(id) => {
+                let hs = tcp.filter(|_| c);
+                match id {
+                    pen::HANDSHAKE_SYN_TO_SYNACK_NS => {
+                        put32(buf, hs.and_then(|t| t.handshake_client_ns).unwrap_or(0))
+                    }
+                    pen::HANDSHAKE_SYNACK_TO_ACK_NS => {
+                        put32(buf, hs.and_then(|t| t.handshake_server_ns).unwrap_or(0))
+                    }
+                    pen::RESPONSE_COUNT => put32(buf, lat.map_or(0, |l| l.count)),
+                    pen::RESPONSE_SUM_NS => put64(buf, lat.map_or(0, |l| l.sum_ns)),
+                    pen::RESPONSE_MIN_NS => put32(buf, lat.map_or(0, |l| l.min_ns)),
+                    pen::RESPONSE_MAX_NS => put32(buf, lat.map_or(0, |l| l.max_ns)),
+                    pen::RESPONSE_JITTER_NS => {
+                        put64(buf, lat.and_then(|l| l.jitter_ns).unwrap_or(0))
+                    }
+                    pen::ECHO_RTT_COUNT => put32(buf, rtt.map_or(0, |l| l.count)),
+                    pen::ECHO_RTT_SUM_NS => put64(buf, rtt.map_or(0, |l| l.sum_ns)),
+                    pen::ECHO_RTT_MIN_NS => put32(buf, rtt.map_or(0, |l| l.min_ns)),
+                    pen::ECHO_RTT_MAX_NS => put32(buf, rtt.map_or(0, |l| l.max_ns)),
+                    _ => unreachable!("enterprise element {id} has no writer"),
+                }
+            }
         }
     }
 }
