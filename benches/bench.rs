@@ -1,5 +1,6 @@
 //! `make bench`: datapath cost per packet, split vs monolithic maps (time and kernel memory),
-//! poller drain rate, gRPC stream rate, and real-traffic overhead, as ratios measured in one run.
+//! poller drain rate, gRPC stream rate, IPFIX export rate, and real-traffic overhead, as ratios
+//! measured in one run.
 
 use std::io::Write;
 use std::mem::MaybeUninit;
