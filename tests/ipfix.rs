@@ -557,12 +557,13 @@ fn nfcapd(ns: &str, port: u16, dir: &Path) -> Daemon {
     )
 }
 
-fn nfacctd(ns: &str, port: u16, out: &Path) -> Daemon {
+/// nfacctd listening on `ip` (127.0.0.1 or ::1) and `port`.
+fn nfacctd(ns: &str, ip: &str, port: u16, out: &Path) -> Daemon {
     let conf = out.with_extension("conf");
     std::fs::write(
         &conf,
         format!(
-            "daemonize: false\nnfacctd_ip: 127.0.0.1\nnfacctd_port: {port}\nplugins: print\n\
+            "daemonize: false\nnfacctd_ip: {ip}\nnfacctd_port: {port}\nplugins: print\n\
              aggregate: src_host, dst_host, src_port, dst_port, proto\nprint_output: json\n\
              print_output_file: {}\nprint_output_file_append: true\nprint_refresh_time: 1\n",
             out.display()
@@ -960,16 +961,16 @@ fn udp_export_decodes_in_nfcapd_nfacctd_and_tshark_with_flowlens_counts() {
     let cap = tshark_capture(&net.a, "udp port 4739 or udp port 4740", &pcap);
     let nf = nfcapd(&net.a, 4739, &tmp.path().join("nfcapd"));
     let pm_out = tmp.path().join("pmacct.json");
-    let pm = nfacctd(&net.a, 4740, &pm_out);
-    // A small MTU: the records travel in many messages. Timing metrics under a PEN: the
-    // collectors skip what they do not know and still decode the rest.
+    // nfacctd over IPv6. A small MTU: the records travel in many messages. Timing metrics
+    // under a PEN: the collectors skip what they do not know and still decode the rest.
+    let pm = nfacctd(&net.a, "::1", 4740, &pm_out);
     let agent = Agent::start(
         &net,
         &[
             "--ipfix",
             "udp://127.0.0.1:4739",
             "--ipfix",
-            "udp://127.0.0.1:4740",
+            "udp://[::1]:4740",
             "--ipfix-mtu",
             "576",
             "--ipfix-observation-domain",
@@ -1270,7 +1271,7 @@ fn biflow_reverse_counters_are_lost_by_nfacctd() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let nf = nfcapd(&net.a, 4739, &tmp.path().join("nfcapd"));
     let pm_out = tmp.path().join("pmacct.json");
-    let pm = nfacctd(&net.a, 4740, &pm_out);
+    let pm = nfacctd(&net.a, "127.0.0.1", 4740, &pm_out);
     let msg = biflow_message();
     net.in_ns(&net.a, move || {
         let s = UdpSocket::bind(("127.0.0.1", 0)).expect("bind");
