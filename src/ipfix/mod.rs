@@ -266,33 +266,38 @@ pub fn spawn(
     rx: Receiver<Vec<Arc<FlowRecord>>>,
     stats: Arc<IpfixStats>,
 ) -> std::io::Result<JoinHandle<()>> {
-    let dest = cfg.destination.clone();
-    let to = (dest.host.as_str(), dest.port)
-        .to_socket_addrs()
-        .map_err(|e| SpawnError::Resolve(dest.clone(), e))?
-        .next()
-        .ok_or_else(|| SpawnError::NoAddress(dest.clone()))?;
-    let enc = Encoder::new(
-        cfg.observation_domain,
-        cfg.max_message_len(&to),
-        cfg.enterprise,
-    )
-    .map_err(|e| SpawnError::Mtu(dest.clone(), cfg.mtu, e))?;
-    let link = match dest.transport {
-        Transport::Udp => Sink::Udp(Udp::connect(to).map_err(|e| SpawnError::Io(dest.clone(), e))?),
-        Transport::Tcp => Sink::Tcp(Tcp::new(to)),
-    };
-    let mut exporter = Exporter {
-        cfg,
-        enc,
-        link,
-        stats,
-        templates_at: None,
-        losing: None,
-    };
+    let mut exporter = Exporter::new(cfg, stats)?;
     std::thread::Builder::new()
         .name("ipfix".into())
-        .spawn(move || exporter.run(rx))
+        .spawn(move || {
+            let mut batch: Vec<Arc<FlowRecord>> = Vec::new();
+            loop {
+                batch.clear();
+                let open = match rx.recv_timeout(TICK) {
+                    Ok(b) => {
+                        batch.extend(b);
+                        true
+                    }
+                    Err(RecvTimeoutError::Timeout) => true,
+                    Err(RecvTimeoutError::Disconnected) => false,
+                };
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(b) => batch.extend(b),
+                        Err(_) => break,
+                    }
+                }
+                if batch.is_empty() {
+                    exporter.upkeep();
+                } else {
+                    exporter.send(batch.iter().map(|r| &**r));
+                }
+                if !open {
+                    break;
+                }
+            }
+            exporter.finish();
+        })
 }
 
 enum Sink {
@@ -300,7 +305,9 @@ enum Sink {
     Tcp(Tcp),
 }
 
-struct Exporter {
+/// One collector's exporting process, for a sink loop of any kind to drive: [`spawn`] runs
+/// it on a crossbeam channel; a hub sink can call [`Exporter::send`] with its own batches.
+pub struct Exporter {
     cfg: IpfixConfig,
     enc: Encoder,
     link: Sink,
@@ -317,37 +324,53 @@ struct Episode {
 }
 
 impl Exporter {
-    fn run(&mut self, rx: Receiver<Vec<Arc<FlowRecord>>>) {
-        let mut batch: Vec<Arc<FlowRecord>> = Vec::new();
-        let mut open = true;
-        while open {
-            batch.clear();
-            match rx.recv_timeout(TICK) {
-                Ok(b) => batch.extend(b),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => open = false,
-            }
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(b) => batch.extend(b),
-                    Err(_) => break,
-                }
-            }
-            // Records waiting: give a connect in progress a moment rather than lose them.
-            let wait = if batch.is_empty() {
-                Duration::ZERO
-            } else {
-                TICK
-            };
-            let up = self.link_up(wait);
-            if batch.is_empty() {
-                continue;
-            }
-            match up {
-                Some(fresh) => self.export(&batch, fresh),
-                None => self.lose(batch.len() as u64, None),
-            }
+    /// Resolves the collector and opens the socket (TCP starts connecting, never blocking).
+    pub fn new(cfg: IpfixConfig, stats: Arc<IpfixStats>) -> Result<Exporter, SpawnError> {
+        let dest = cfg.destination.clone();
+        let to = (dest.host.as_str(), dest.port)
+            .to_socket_addrs()
+            .map_err(|e| SpawnError::Resolve(dest.clone(), e))?
+            .next()
+            .ok_or_else(|| SpawnError::NoAddress(dest.clone()))?;
+        let enc = Encoder::new(
+            cfg.observation_domain,
+            cfg.max_message_len(&to),
+            cfg.enterprise,
+        )
+        .map_err(|e| SpawnError::Mtu(dest.clone(), cfg.mtu, e))?;
+        let link = match dest.transport {
+            Transport::Udp => Sink::Udp(Udp::connect(to).map_err(|e| SpawnError::Io(dest, e))?),
+            Transport::Tcp => Sink::Tcp(Tcp::new(to)),
+        };
+        Ok(Exporter {
+            cfg,
+            enc,
+            link,
+            stats,
+            templates_at: None,
+            losing: None,
+        })
+    }
+
+    /// Exports a batch now, or counts it lost when the collector is unreachable. Waits at
+    /// most one tick for a TCP connect in progress, and a write timeout per message.
+    pub fn send<'r, I>(&mut self, records: I)
+    where
+        I: ExactSizeIterator<Item = &'r FlowRecord>,
+    {
+        match self.link_up(TICK) {
+            Some(fresh) => self.export(records, fresh),
+            None => self.lose(records.len() as u64, None),
         }
+    }
+
+    /// Between batches: advances a TCP connect or notices a closed connection.
+    pub fn upkeep(&mut self) {
+        self.link_up(Duration::ZERO);
+    }
+
+    /// Ends the session: TCP sends its FIN after what was written.
+    pub fn finish(mut self) {
         if let Sink::Tcp(t) = &mut self.link {
             t.close();
         }
@@ -381,7 +404,7 @@ impl Exporter {
         }
     }
 
-    fn export(&mut self, batch: &[Arc<FlowRecord>], templates: bool) {
+    fn export<'r>(&mut self, batch: impl Iterator<Item = &'r FlowRecord>, templates: bool) {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs() as u32)
@@ -390,11 +413,8 @@ impl Exporter {
         let mut lost = 0u64;
         let mut first_error = None;
         let mut templates_ok = None;
-        self.enc.encode(
-            batch.iter().map(|r| &**r),
-            now,
-            templates,
-            &mut |m: Message<'_>| {
+        self.enc
+            .encode(batch, now, templates, &mut |m: Message<'_>| {
                 let res = match link {
                     Sink::Udp(u) => u.send(m.bytes),
                     Sink::Tcp(t) => t.send(m.bytes),
@@ -419,8 +439,7 @@ impl Exporter {
                         first_error.get_or_insert(e);
                     }
                 }
-            },
-        );
+            });
         // UDP templates that did not go out are due again with the next message.
         if templates_ok == Some(true) {
             self.templates_at = Some(Instant::now());
