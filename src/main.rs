@@ -401,7 +401,7 @@ fn collect(
     Ok(())
 }
 
-/// Prints each record and hands it to the subscriber hub.
+/// Prints each record and hands it to the IPFIX exporters and the subscriber hub.
 fn print_records(
     rx: crossbeam_channel::Receiver<FlowRecord>,
     output: Output,
