@@ -1350,3 +1350,72 @@ fn an_unreachable_collector_loses_records_with_one_warning_and_never_stalls_the_
     assert_eq!(warned("udp://127.0.0.1:4743"), 1, "{log}");
     assert!(!log.contains("reachable again"), "{log}");
 }
+
+#[test]
+fn a_stalled_tcp_collector_costs_records_not_time() {
+    let net = NetPair::new();
+    // Tiny socket buffers in the agent's namespace, so a collector that stops reading
+    // blocks the exporter's writes after a few messages.
+    for (key, val) in [
+        ("net.ipv4.tcp_wmem", "4096 4096 4096"),
+        ("net.ipv4.tcp_rmem", "4096 4096 4096"),
+    ] {
+        common::netns::sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &net.a,
+            "sysctl",
+            "-qw",
+            &format!("{key}={val}"),
+        ]);
+    }
+    let listener = net
+        .in_ns(&net.a, || {
+            TcpListener::bind(("127.0.0.1", 4744)).expect("listen")
+        })
+        .join()
+        .expect("listener");
+    // Accepts every connection and never reads from it, until the test is done.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = done.clone();
+    let held = std::thread::spawn(move || {
+        listener.set_nonblocking(true).expect("nonblocking");
+        let mut conns = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((c, _)) => conns.push(c),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        conns.len()
+    });
+    let mut agent = Agent::start(&net, &["--ipfix", "tcp://127.0.0.1:4744"]);
+    for _ in 0..150 {
+        udp_exchange(&net, false, 1, 32, 32);
+    }
+    // Records keep coming on stdout on time while the exporter is stuck.
+    let t0 = Instant::now();
+    agent.wait_record(17, net.v4_a, net.v4_b);
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "stdout waited {:?}",
+        t0.elapsed()
+    );
+    agent.wait_log("IPFIX collector tcp://127.0.0.1:4744 unreachable");
+    let log = agent.log();
+    let t0 = Instant::now();
+    let records = agent.stop();
+    assert!(
+        t0.elapsed() < Duration::from_secs(6),
+        "stopping took {:?}",
+        t0.elapsed()
+    );
+    assert!(records.len() >= 150, "{} records", records.len());
+    assert!(
+        log.contains("timed out") || log.contains("Resource temporarily unavailable"),
+        "{log}"
+    );
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(held.join().expect("listener thread") >= 1);
+}
