@@ -15,6 +15,7 @@ pub mod datapath;
 pub mod filter;
 pub mod flow;
 pub mod hub;
+pub mod ipfix;
 pub mod metrics;
 pub mod metrics_http;
 pub mod output;

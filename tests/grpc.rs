@@ -378,7 +378,7 @@ async fn compressed_streams_carry_the_same_records_and_seq_numbers() {
         (CompressionEncoding::Zstd, "zstd"),
         (CompressionEncoding::Gzip, "gzip"),
     ] {
-        let mut s = agent
+        let s = agent
             .client()
             .await
             .accept_compressed(enc)
