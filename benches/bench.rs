@@ -414,6 +414,165 @@ fn poller(t: &mut Table) -> Result<()> {
     Ok(())
 }
 
+/// Fills the split maps with `n` flows last seen at `seen_ns`, each naming its extension.
+fn fill_flows(maps: &FlowMaps, n: u32, seen_ns: u64) -> Result<()> {
+    let base = |i: u32| types::flow_base {
+        first_seen_ns: seen_ns,
+        last_seen_ns: seen_ns,
+        packets: [10, 10],
+        ext: match key(i).proto {
+            6 => types::flow_ext::EXT_TCP.0 as u8,
+            1 => types::flow_ext::EXT_ICMP.0 as u8,
+            _ => 0,
+        },
+        ..Default::default()
+    };
+    fill(&maps.flows, n, |i| {
+        Some((bytes(&key(i)).to_vec(), bytes(&base(i)).to_vec()))
+    })?;
+    fill(&maps.tcp, n, |i| {
+        let k = key(i);
+        (k.proto == 6).then(|| {
+            (
+                bytes(&k).to_vec(),
+                bytes(&types::flow_tcp::default()).to_vec(),
+            )
+        })
+    })?;
+    fill(&maps.icmp, n, |i| {
+        let k = key(i);
+        (k.proto == 1).then(|| {
+            (
+                bytes(&k).to_vec(),
+                bytes(&types::flow_icmp::default()).to_vec(),
+            )
+        })
+    })
+}
+
+/// CPU seconds this process has used.
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage writes into the struct we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Issue 11's poller figures: agent CPU with 1 M live flows at default settings, read +
+/// join against a bare batch walk of the same maps, and ending 100 k flows at once.
+fn poller_cost(t: &mut Table) -> Result<()> {
+    use flowlens::poller::decode::monotonic_ns;
+    use flowlens::poller::table::read_all;
+    println!("poller cost: 1 M live flows at default settings; ending 100 k flows at once");
+    let n = 1_000_000u32;
+    // Attached nowhere: the flows come from userspace, the cost is the poller's.
+    let agent = Agent::start(Config {
+        interfaces: vec!["/^flowlens-bench-none$/".into()],
+        capacities: Capacities {
+            flows: n,
+            tcp: n,
+            icmp: n,
+        },
+        output: None,
+        pin_dir: None,
+        grpc_listen: None,
+        metrics_listen: None,
+        ..Config::default()
+    })?;
+    let maps = agent.maps()?;
+    fill_flows(&maps, n, monotonic_ns())?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (c0, t0) = (cpu_secs(), Instant::now());
+    std::thread::sleep(Duration::from_secs(10));
+    let cores = (cpu_secs() - c0) / t0.elapsed().as_secs_f64();
+    t.add(
+        "poller",
+        "agent CPU, 1 M live flows, default 1 s poll",
+        cores * 100.0,
+        "% core",
+        format!("target <= 10 %; agent RSS {:.0} MiB", rss_mib()),
+    );
+    drop(agent);
+
+    // Read + join against the bare batch walk of the same three maps.
+    let dp = Datapath::load(Capacities {
+        flows: n,
+        tcp: n,
+        icmp: n,
+    })?;
+    fill_flows(&dp.maps()?, n, monotonic_ns())?;
+    let maps = dp.maps()?;
+    let t0 = Instant::now();
+    let b: Vec<(types::flow_key, types::flow_base)> =
+        read_all(&maps.flows, "flows", ReadMode::Batch, false)?;
+    let tc: Vec<(types::flow_key, types::flow_tcp)> =
+        read_all(&maps.tcp, "flows_tcp", ReadMode::Batch, true)?;
+    let ic: Vec<(types::flow_key, types::flow_icmp)> =
+        read_all(&maps.icmp, "flows_icmp", ReadMode::Batch, false)?;
+    let bare = t0.elapsed().as_secs_f64();
+    drop((b, tc, ic));
+    let mut table = KernelTable::new(dp.maps()?);
+    let t0 = Instant::now();
+    let joined = flowlens::poller::FlowTable::read(&mut table)?;
+    let full = t0.elapsed().as_secs_f64();
+    t.add(
+        "poller",
+        "read + join vs bare batch walk, 1 M flows",
+        full / bare,
+        "x",
+        format!(
+            "{:.2} M flows/s joined; target <= 1.3x",
+            joined.flows.len() as f64 / full / 1e6
+        ),
+    );
+    drop(joined);
+    drop(dp);
+
+    // Ending 100 k flows at once: all idle, one poll.
+    let m = 100_000u32;
+    let dp = Datapath::load(Capacities {
+        flows: m,
+        tcp: m,
+        icmp: m,
+    })?;
+    fill_flows(&dp.maps()?, m, 1)?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut p = Poller::new(
+        KernelTable::new(dp.maps()?),
+        PollerConfig::default(),
+        tx,
+        Arc::new(Status::new()),
+        IfNames::default(),
+    );
+    let t0 = Instant::now();
+    let st = p.poll_once(monotonic_ns())?;
+    let secs = t0.elapsed().as_secs_f64();
+    if st.ended != m as usize || rx.len() != m as usize {
+        bail!("ended {} of {m} flows", st.ended);
+    }
+    t.add(
+        "poller",
+        "ending 100 k flows in one poll",
+        f64::from(m) / secs,
+        "flows/s",
+        "target >= 1 M flows/s".into(),
+    );
+    Ok(())
+}
+
 fn record(i: u64) -> FlowRecord {
     let key = key(i as u32);
     let raw = RawFlow {
@@ -917,10 +1076,11 @@ fn main() -> Result<()> {
     let mut t = Table(Vec::new());
     let only: Vec<String> = std::env::args().skip(1).collect();
     let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
-    let sections: [(&str, Section); 7] = [
+    let sections: [(&str, Section); 8] = [
         ("datapath", datapath),
         ("memory", memory),
         ("poller", poller),
+        ("poller_cost", poller_cost),
         ("stream", stream),
         ("compression", compression),
         ("ipfix", ipfix),
