@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::datapath::{Datapath, DatapathError, FlowMaps};
 use crate::flow::FlowRecord;
 use crate::hub::{Hub, SinkKind};
+use crate::ipfix::{self, IpfixStats};
 use crate::metrics::{self, MetricsHandle};
 use crate::metrics_http::{self, HttpLimits};
 use crate::output::{self, OutputHandle};
@@ -45,6 +46,7 @@ pub struct Agent {
     grpc: Option<ServiceHandle>,
     metrics: Option<MetricsHandle>,
     runtime: Option<tokio::runtime::Runtime>,
+    exporters: Vec<JoinHandle<()>>,
     // Declared last: dropped after everything that uses the maps.
     dp: Datapath,
     _pin_lock: Option<PinLock>,
@@ -191,6 +193,16 @@ impl Agent {
         }
 
         // Sinks register before the poller starts, so they see every record.
+        let mut exporters = Vec::new();
+        for exp in cfg.ipfix.exporters() {
+            let dest = exp.destination.to_string();
+            let stats = Arc::new(IpfixStats::default());
+            let rx = hub.add_sink(SinkKind::Export, &dest);
+            let thread = ipfix::spawn(exp, rx, stats.clone()).context("--ipfix")?;
+            status.add_exporter(dest.clone(), stats);
+            info!("exporting IPFIX to {dest}");
+            exporters.push(thread);
+        }
         let output = cfg
             .output
             .map(|format| output::spawn(hub.add_sink(SinkKind::Output, "stdout"), format))
@@ -221,6 +233,7 @@ impl Agent {
             grpc,
             metrics,
             runtime,
+            exporters,
         })
     }
 
@@ -298,6 +311,13 @@ impl Agent {
         if let Some(o) = self.output.take() {
             o.finish(OUTPUT_GRACE);
         }
+        // The hub is closed: each exporter sends what it holds and ends its session.
+        // Its sends time out on their own, so a stalled collector cannot hold this up long.
+        for t in self.exporters.drain(..) {
+            if t.join().is_err() {
+                result = result.and(Err(anyhow::anyhow!("an IPFIX exporter thread panicked")));
+            }
+        }
         if let Some(g) = self.grpc.take() {
             result = result.and(g.shutdown().context("stopping the gRPC service"));
         }
@@ -342,6 +362,7 @@ struct Parts {
     grpc: Option<ServiceHandle>,
     metrics: Option<MetricsHandle>,
     runtime: tokio::runtime::Runtime,
+    exporters: Vec<JoinHandle<()>>,
 }
 
 impl Parts {
@@ -358,6 +379,7 @@ impl Parts {
             grpc: self.grpc,
             metrics: self.metrics,
             runtime: Some(self.runtime),
+            exporters: self.exporters,
             dp,
             _pin_lock: pin_lock,
         }

@@ -9,6 +9,7 @@ use crate::api::RequestLimits;
 use crate::attach::Mode;
 use crate::datapath::Capacities;
 use crate::hub::HubConfig;
+use crate::ipfix::{self, Destination, IpfixConfig};
 use crate::poller::PollerConfig;
 use crate::render::Format;
 
@@ -38,6 +39,45 @@ pub struct Config {
     /// Names this agent in every record, so records of many hosts can be merged; None:
     /// the host name.
     pub observer_id: Option<String>,
+    pub ipfix: IpfixSettings,
+}
+
+/// IPFIX export: one exporter per destination, all with the same settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpfixSettings {
+    pub destinations: Vec<Destination>,
+    pub observation_domain: u32,
+    /// Path MTU to the collectors.
+    pub mtu: u16,
+    /// UDP: how often templates are sent again.
+    pub template_refresh: Duration,
+    /// Private enterprise number for the timing metrics; None: they are not exported.
+    pub enterprise: Option<u32>,
+}
+
+impl Default for IpfixSettings {
+    fn default() -> Self {
+        IpfixSettings {
+            destinations: Vec::new(),
+            observation_domain: 0,
+            mtu: ipfix::DEFAULT_MTU,
+            template_refresh: Duration::from_secs(60),
+            enterprise: None,
+        }
+    }
+}
+
+impl IpfixSettings {
+    /// One exporter's configuration per destination.
+    pub fn exporters(&self) -> impl Iterator<Item = IpfixConfig> + '_ {
+        self.destinations.iter().map(|d| IpfixConfig {
+            destination: d.clone(),
+            observation_domain: self.observation_domain,
+            mtu: self.mtu,
+            template_refresh: self.template_refresh,
+            enterprise: self.enterprise,
+        })
+    }
 }
 
 /// The gRPC endpoint: who may connect, and how much any one client may take.
@@ -133,6 +173,7 @@ impl Default for Config {
             grpc: GrpcConfig::default(),
             metrics_listen: Some("127.0.0.1:9464".into()),
             observer_id: None,
+            ipfix: IpfixSettings::default(),
         }
     }
 }

@@ -424,6 +424,17 @@ impl SinkRx {
         Some(n)
     }
 
+    /// Waits for up to `max` records (at least one); 0 once the hub is closed and
+    /// everything queued was taken.
+    pub async fn recv_many(&mut self, buf: &mut Vec<Shared>, max: usize) -> usize {
+        let n = self.rx.recv_many(buf, max).await;
+        self.counters.queued.fetch_sub(n as u64, Ordering::Relaxed);
+        self.counters
+            .delivered
+            .fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
     /// The next queued record, without waiting.
     pub fn try_recv(&mut self) -> Option<Shared> {
         let r = self.rx.try_recv().ok()?;

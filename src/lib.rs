@@ -16,6 +16,7 @@ pub mod fatal;
 pub mod filter;
 pub mod flow;
 pub mod hub;
+pub mod ipfix;
 pub mod listener;
 pub mod metrics;
 pub mod metrics_http;

@@ -11,9 +11,12 @@ use signal_hook::iterator::Signals;
 use flowlens::agent::Agent;
 use flowlens::api::RequestLimits;
 use flowlens::attach::Mode;
-use flowlens::config::{capacity, Config, FileMode, GrpcConfig, HumanDuration, OrOff};
+use flowlens::config::{
+    capacity, Config, FileMode, GrpcConfig, HumanDuration, IpfixSettings, OrOff,
+};
 use flowlens::datapath::Capacities;
 use flowlens::hub::HubConfig;
+use flowlens::ipfix::{self, Destination};
 use flowlens::poller::PollerConfig;
 use flowlens::render::Format;
 use flowlens::watch::{self, WatchArgs};
@@ -217,6 +220,23 @@ struct RunArgs {
         value_parser = clap::builder::NonEmptyStringValueParser::new()
     )]
     observer_id: Option<String>,
+    /// IPFIX collector to export every flow record to: udp://HOST:PORT or tcp://HOST:PORT
+    /// (port 4739 when omitted). Repeatable.
+    #[arg(long = "ipfix", env = "FLOWLENS_IPFIX", value_delimiter = ',')]
+    ipfix: Vec<Destination>,
+    /// IPFIX observation domain id of this host's messages.
+    #[arg(long, env = "FLOWLENS_IPFIX_OBSERVATION_DOMAIN", default_value_t = defaults().ipfix.observation_domain)]
+    ipfix_observation_domain: u32,
+    /// Path MTU to the IPFIX collectors: each message fits one IP packet.
+    #[arg(long, env = "FLOWLENS_IPFIX_MTU", value_parser = ipfix::parse_mtu, default_value_t = defaults().ipfix.mtu)]
+    ipfix_mtu: u16,
+    /// UDP: how often IPFIX templates are sent again (a restarted collector waits this long).
+    #[arg(long, env = "FLOWLENS_IPFIX_TEMPLATE_REFRESH", default_value_t = HumanDuration(defaults().ipfix.template_refresh))]
+    ipfix_template_refresh: HumanDuration,
+    /// Private enterprise number under which the timing metrics (handshake, latency, jitter,
+    /// echo RTT) are exported; unset: they are not.
+    #[arg(long, env = "FLOWLENS_IPFIX_ENTERPRISE")]
+    ipfix_enterprise: Option<u32>,
 }
 
 impl RunArgs {
@@ -278,6 +298,13 @@ impl RunArgs {
             },
             metrics_listen: self.metrics_listen.0,
             observer_id: self.observer_id.or(d.observer_id),
+            ipfix: IpfixSettings {
+                destinations: self.ipfix,
+                observation_domain: self.ipfix_observation_domain,
+                mtu: self.ipfix_mtu,
+                template_refresh: self.ipfix_template_refresh.0,
+                enterprise: self.ipfix_enterprise,
+            },
             ..d
         }
     }

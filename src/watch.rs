@@ -35,6 +35,9 @@ pub struct WatchArgs {
     /// Private key (PEM) of --cert.
     #[arg(long, value_name = "PEM", env = "FLOWLENS_WATCH_KEY")]
     pub key: Option<PathBuf>,
+    /// Ask the agent to compress the stream: zstd, gzip or none.
+    #[arg(long, value_enum, env = "FLOWLENS_WATCH_COMPRESSION", default_value_t = Compression::Zstd)]
+    pub compression: Compression,
     /// Print one JSON object per line instead of a table.
     #[arg(long, env = "FLOWLENS_WATCH_JSON")]
     pub json: bool,
@@ -146,6 +149,26 @@ pub struct WatchArgs {
     pub no_follow: bool,
 }
 
+/// Stream compression a client asks for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compression {
+    /// Several times smaller batches for a little CPU on both ends.
+    #[default]
+    Zstd,
+    Gzip,
+    None,
+}
+
+impl Compression {
+    pub fn encoding(self) -> Option<tonic::codec::CompressionEncoding> {
+        match self {
+            Compression::Zstd => Some(tonic::codec::CompressionEncoding::Zstd),
+            Compression::Gzip => Some(tonic::codec::CompressionEncoding::Gzip),
+            Compression::None => None,
+        }
+    }
+}
+
 /// Where `run` listens by default.
 fn default_server() -> String {
     let listen = crate::config::Config::default().grpc_listen;
@@ -203,6 +226,9 @@ pub async fn watch_to(
         anyhow!("connecting to flowlens at {}: {text}{hint}", args.server)
     })?;
     let mut client = FlowLensClient::new(channel).max_decoding_message_size(64 << 20);
+    if let Some(c) = args.compression.encoding() {
+        client = client.accept_compressed(c);
+    }
     let mut stream = client
         .subscribe(req)
         .await

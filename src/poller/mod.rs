@@ -151,6 +151,8 @@ pub struct Poller<T: FlowTable = KernelTable> {
     pressured: [bool; 3],
     observer: Arc<str>,
     recent: Recent,
+    /// Names of interfaces the attacher does not know, looked up once each.
+    other_names: std::cell::RefCell<HashMap<u32, String>>,
 }
 
 impl<T: FlowTable> Poller<T> {
@@ -174,6 +176,7 @@ impl<T: FlowTable> Poller<T> {
             pressured: [false; 3],
             observer: host_name().into(),
             recent: Recent::default(),
+            other_names: Default::default(),
         }
     }
 
@@ -267,6 +270,8 @@ impl<T: FlowTable> Poller<T> {
                 .is_multiple_of(u64::from(self.cfg.orphan_sweep_every))
         {
             stats.orphans_removed = self.sweep_orphans(&unjoined)?;
+            // Interfaces come, go and get renamed: look names up afresh now and then.
+            self.other_names.get_mut().clear();
         }
         self.update_status(entries);
         self.last_poll_ns = now_ns;
@@ -491,9 +496,14 @@ impl<T: FlowTable> Poller<T> {
             .unwrap_or_else(|e| e.into_inner())
             .get(&ifindex)
             .cloned();
-        known
-            .or_else(|| ifindex_to_name(ifindex))
-            .unwrap_or_else(|| format!("if{ifindex}"))
+        if let Some(n) = known {
+            return n;
+        }
+        self.other_names
+            .borrow_mut()
+            .entry(ifindex)
+            .or_insert_with(|| ifindex_to_name(ifindex).unwrap_or_else(|| format!("if{ifindex}")))
+            .clone()
     }
 }
 

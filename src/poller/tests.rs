@@ -379,3 +379,28 @@ fn a_tcp_connection_back_after_an_idle_gap_keeps_its_roles_and_id() {
     assert_eq!((r.client_port, r.server_port), (1000, 80));
     assert_eq!((r.client.packets, r.server.packets), (2, 3));
 }
+
+#[test]
+fn flow_ids_are_pinned_so_they_survive_upgrades() {
+    let ip = |d| IpAddr::V4(Ipv4Addr::new(10, 0, 0, d));
+    let (key, _) = flow_key(IPPROTO_TCP, (ip(1), 40000), (ip(2), 80), 7);
+    let raw = |first_seen_ns| super::decode::RawFlow {
+        key,
+        base: types::flow_base {
+            first_seen_ns,
+            ..Default::default()
+        },
+        tcp: None,
+        icmp: None,
+    };
+    assert_eq!(raw(T0).flow_id(), raw(T0).flow_id());
+    assert_ne!(
+        raw(T0).flow_id(),
+        raw(T0 + 1).flow_id(),
+        "a new flow on the same key"
+    );
+    // The hash (FNV-1a of key and first-seen time) must not change between versions.
+    assert_eq!(raw(T0).flow_id(), PINNED);
+}
+
+const PINNED: u64 = 3_818_329_988_990_198_824;
