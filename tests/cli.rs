@@ -332,6 +332,15 @@ fn fatal_errors_name_their_source_once() {
     // Plaintext on a routable address, refused before anything is loaded.
     let err = run_fails(&["--pin-dir", &pins, "--grpc-listen", "0.0.0.0:0"], &[]);
     assert!(err.contains("--grpc-allow-insecure"), "{err}");
+    // The env file's commented default, uncommented, must not allow it either.
+    let err = run_fails(
+        &["--pin-dir", &pins, "--grpc-listen", "0.0.0.0:0"],
+        &[("FLOWLENS_GRPC_ALLOW_INSECURE", "false")],
+    );
+    assert!(
+        err.contains("refusing to serve flows in cleartext"),
+        "{err}"
+    );
     let err = run_fails(
         &[
             "--pin-dir",
