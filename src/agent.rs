@@ -11,15 +11,16 @@ use log::{info, warn};
 
 use crate::attach::{Attacher, IfNames, ProgramFds, Selector};
 use crate::config::Config;
-use crate::datapath::{Datapath, FlowMaps};
+use crate::datapath::{Datapath, DatapathError, FlowMaps};
 use crate::flow::FlowRecord;
 use crate::hub::{Hub, SinkKind};
+use crate::ipfix::{self, IpfixStats};
 use crate::metrics::{self, MetricsHandle};
 use crate::metrics_http::{self, HttpLimits};
 use crate::output::{self, OutputHandle};
 use crate::poller::{KernelTable, PollError, Poller};
 use crate::preflight::{self, PinLock};
-use crate::service::{self, ListenAddr, ServiceHandle};
+use crate::service::{self, GrpcEndpoint, ListenAddr, ServiceHandle};
 use crate::status::Status;
 
 /// Records the poller may hand the hub before it waits for the fanout; the fanout never
@@ -45,6 +46,7 @@ pub struct Agent {
     grpc: Option<ServiceHandle>,
     metrics: Option<MetricsHandle>,
     runtime: Option<tokio::runtime::Runtime>,
+    exporters: Vec<JoinHandle<()>>,
     // Declared last: dropped after everything that uses the maps.
     dp: Datapath,
     _pin_lock: Option<PinLock>,
@@ -57,12 +59,24 @@ impl Agent {
     pub fn start(cfg: Config) -> Result<Agent> {
         let selector = Selector::new(&cfg.interfaces, &cfg.exclude_interfaces)
             .context("--interface/--exclude-interface")?;
+        if let Some(both) = cfg
+            .interfaces
+            .iter()
+            .find(|i| cfg.exclude_interfaces.contains(i))
+        {
+            bail!(
+                "--interface {both} and --exclude-interface {both} cancel each other: \
+                 nothing would be attached to {both}; drop one of them"
+            );
+        }
         let grpc_addr = cfg
             .grpc_listen
             .as_deref()
-            .map(str::parse::<ListenAddr>)
-            .transpose()
-            .context("--grpc-listen")?;
+            .map(|l| -> Result<GrpcEndpoint> {
+                let addr = l.parse::<ListenAddr>().context("--grpc-listen")?;
+                GrpcEndpoint::new(addr, &cfg.grpc)
+            })
+            .transpose()?;
         if let Some(m) = &cfg.metrics_listen {
             m.parse::<std::net::SocketAddr>()
                 .with_context(|| format!("--metrics-listen {m:?}: expected HOST:PORT or off"))?;
@@ -76,8 +90,13 @@ impl Agent {
             }
             None => None,
         };
-        let mut dp = Datapath::load_pinned(cfg.capacities, cfg.pin_dir.as_deref())
-            .context("loading the flow datapath")?;
+        let mut dp = match Datapath::load_pinned(cfg.capacities, cfg.pin_dir.as_deref()) {
+            Ok(dp) => dp,
+            Err(e) => {
+                remove_empty_pin_dirs(&cfg.pin_dir);
+                return Err(explain_load_error(e, &cfg));
+            }
+        };
         match Self::wire(cfg.clone(), selector, grpc_addr, &dp) {
             Ok(parts) => Ok(parts.assemble(dp, pin_lock)),
             Err(e) => {
@@ -95,7 +114,7 @@ impl Agent {
     fn wire(
         cfg: Config,
         selector: Selector,
-        grpc_addr: Option<ListenAddr>,
+        grpc_addr: Option<GrpcEndpoint>,
         dp: &Datapath,
     ) -> Result<Parts> {
         let status = Arc::new(Status::new());
@@ -108,6 +127,7 @@ impl Agent {
             .build()
             .context("building the tokio runtime")?;
         // Listeners first: a port in use fails before anything is attached.
+        let grpc_tls = grpc_addr.as_ref().map(GrpcEndpoint::is_tls);
         let grpc = grpc_addr
             .map(|a| service::spawn_in(a, hub.clone(), status.clone(), runtime.handle()))
             .transpose()
@@ -125,8 +145,13 @@ impl Agent {
             })
             .transpose()
             .context("--metrics-listen")?;
-        if let Some(g) = &cfg.grpc_listen {
-            info!("gRPC on {g}");
+        if let (Some(g), Some(tls)) = (&cfg.grpc_listen, grpc_tls) {
+            let how = match (tls, cfg.grpc.client_ca.is_some()) {
+                (false, _) => "",
+                (true, false) => " (TLS)",
+                (true, true) => " (TLS, client certificates required)",
+            };
+            info!("gRPC on {g}{how}");
         }
         if let Some(m) = &metrics {
             info!("metrics on http://{}/metrics", m.local_addr());
@@ -168,6 +193,16 @@ impl Agent {
         }
 
         // Sinks register before the poller starts, so they see every record.
+        let mut exporters = Vec::new();
+        for exp in cfg.ipfix.exporters() {
+            let dest = exp.destination.to_string();
+            let stats = Arc::new(IpfixStats::default());
+            let rx = hub.add_sink(SinkKind::Export, &dest);
+            let thread = ipfix::spawn(exp, rx, stats.clone()).context("--ipfix")?;
+            status.add_exporter(dest.clone(), stats);
+            info!("exporting IPFIX to {dest}");
+            exporters.push(thread);
+        }
         let output = cfg
             .output
             .map(|format| output::spawn(hub.add_sink(SinkKind::Output, "stdout"), format))
@@ -198,6 +233,7 @@ impl Agent {
             grpc,
             metrics,
             runtime,
+            exporters,
         })
     }
 
@@ -216,6 +252,11 @@ impl Agent {
     /// New handles on the flow maps, to look at them from outside.
     pub fn maps(&self) -> Result<FlowMaps> {
         self.dp.maps().context("opening map handles")
+    }
+
+    /// The gRPC server's TLS, to re-read its certificate files (on SIGHUP).
+    pub fn grpc_tls(&self) -> Option<Arc<crate::tls::ServerTls>> {
+        self.grpc.as_ref().and_then(ServiceHandle::tls)
     }
 
     /// The gRPC listener's TCP address, if it listens on TCP.
@@ -270,6 +311,13 @@ impl Agent {
         if let Some(o) = self.output.take() {
             o.finish(OUTPUT_GRACE);
         }
+        // The hub is closed: each exporter sends what it holds and ends its session.
+        // Its sends time out on their own, so a stalled collector cannot hold this up long.
+        for t in self.exporters.drain(..) {
+            if t.join().is_err() {
+                result = result.and(Err(anyhow::anyhow!("an IPFIX exporter thread panicked")));
+            }
+        }
         if let Some(g) = self.grpc.take() {
             result = result.and(g.shutdown().context("stopping the gRPC service"));
         }
@@ -314,6 +362,7 @@ struct Parts {
     grpc: Option<ServiceHandle>,
     metrics: Option<MetricsHandle>,
     runtime: tokio::runtime::Runtime,
+    exporters: Vec<JoinHandle<()>>,
 }
 
 impl Parts {
@@ -330,10 +379,43 @@ impl Parts {
             grpc: self.grpc,
             metrics: self.metrics,
             runtime: Some(self.runtime),
+            exporters: self.exporters,
             dp,
             _pin_lock: pin_lock,
         }
     }
+}
+
+/// A capacity the kernel refuses is named by its flag, not left as a bare errno.
+fn explain_load_error(e: DatapathError, cfg: &Config) -> anyhow::Error {
+    let too_big = match &e {
+        DatapathError::Load(l) => l.kind() == libbpf_rs::ErrorKind::TooBig,
+        _ => false,
+    };
+    if too_big {
+        let c = cfg.capacities;
+        return anyhow::anyhow!(
+            "the kernel refused a flow map this large (E2BIG): --max-flows {}, \
+             --max-tcp-flows {}, --max-icmp-flows {}; lower them",
+            c.flows,
+            c.tcp,
+            c.icmp
+        );
+    }
+    anyhow::Error::new(e).context("loading the flow datapath")
+}
+
+/// After a failed load: the layout directories it created, then the root, each only if
+/// empty (pins of a crashed agent's flows stay for the next start).
+fn remove_empty_pin_dirs(root: &Option<PathBuf>) {
+    if let Some(dir) = root {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+    remove_pin_root(root);
 }
 
 /// The pin root goes only when empty: pins kept for a restart stay.

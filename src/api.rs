@@ -56,6 +56,18 @@ pub enum RequestError {
     TcpFlags { field: String, value: u32 },
     #[error("{field}: must not be empty")]
     Empty { field: String },
+    #[error("{field}: {count} filters exceed the limit of {limit} (--grpc-max-filters)")]
+    TooManyFilters {
+        field: String,
+        count: usize,
+        limit: usize,
+    },
+    #[error("{field}: {len} bytes exceed the limit of {limit} (--grpc-max-string-length)")]
+    TooLong {
+        field: String,
+        len: usize,
+        limit: usize,
+    },
     #[error("{field}: invalid timestamp: {reason}")]
     Timestamp { field: String, reason: String },
 }
@@ -66,15 +78,45 @@ impl From<RequestError> for tonic::Status {
     }
 }
 
+/// How much one Subscribe request may ask for; the server's flags set these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Filters in `include`, and separately in `exclude`.
+    pub max_filters: usize,
+    /// Bytes in any string field of a filter.
+    pub max_string_len: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits {
+            max_filters: 64,
+            max_string_len: 256,
+        }
+    }
+}
+
 /// Validates a request into hub subscription options.
 pub fn parse_request(
     req: &proto::SubscribeRequest,
     peer: String,
+    limits: &RequestLimits,
 ) -> Result<SubscribeOptions, RequestError> {
     let parse_all = |list: &[proto::Filter], name: &str| {
+        if list.len() > limits.max_filters {
+            return Err(RequestError::TooManyFilters {
+                field: name.to_owned(),
+                count: list.len(),
+                limit: limits.max_filters,
+            });
+        }
         list.iter()
             .enumerate()
-            .map(|(i, f)| parse_filter(f, &format!("{name}[{i}]")))
+            .map(|(i, f)| {
+                let path = format!("{name}[{i}]");
+                check_strings(f, &path, limits.max_string_len)?;
+                parse_filter(f, &path)
+            })
             .collect::<Result<Vec<_>, _>>()
     };
     let since = req.since.map(|t| timestamp_arg(t, "since")).transpose()?;
@@ -89,6 +131,26 @@ pub fn parse_request(
         follow: req.follow.unwrap_or(true),
         peer,
     })
+}
+
+/// Refuses an oversized string before any parsing spends time on it.
+fn check_strings(f: &proto::Filter, path: &str, limit: usize) -> Result<(), RequestError> {
+    let fields = [
+        ("src_cidr", &f.src_cidr),
+        ("dst_cidr", &f.dst_cidr),
+        ("cidr", &f.cidr),
+        ("interface", &f.interface),
+    ];
+    for (name, v) in fields {
+        if let Some(v) = v.as_deref().filter(|v| v.len() > limit) {
+            return Err(RequestError::TooLong {
+                field: format!("{path}.{name}"),
+                len: v.len(),
+                limit,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The range google.protobuf.Timestamp allows: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.

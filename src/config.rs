@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::api::RequestLimits;
 use crate::attach::Mode;
 use crate::datapath::Capacities;
 use crate::hub::HubConfig;
+use crate::ipfix::{self, Destination, IpfixConfig};
 use crate::poller::PollerConfig;
 use crate::render::Format;
 
@@ -30,11 +32,129 @@ pub struct Config {
     pub pin_dir: Option<PathBuf>,
     /// gRPC listen address (HOST:PORT or unix:/path); None serves no gRPC.
     pub grpc_listen: Option<String>,
+    /// Security and resource limits of the gRPC endpoint.
+    pub grpc: GrpcConfig,
     /// Prometheus listen address (HOST:PORT); None serves no metrics.
     pub metrics_listen: Option<String>,
     /// Names this agent in every record, so records of many hosts can be merged; None:
     /// the host name.
     pub observer_id: Option<String>,
+    pub ipfix: IpfixSettings,
+}
+
+/// IPFIX export: one exporter per destination, all with the same settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpfixSettings {
+    pub destinations: Vec<Destination>,
+    pub observation_domain: u32,
+    /// Path MTU to the collectors.
+    pub mtu: u16,
+    /// UDP: how often templates are sent again.
+    pub template_refresh: Duration,
+    /// Private enterprise number for the timing metrics; None: they are not exported.
+    pub enterprise: Option<u32>,
+}
+
+impl Default for IpfixSettings {
+    fn default() -> Self {
+        IpfixSettings {
+            destinations: Vec::new(),
+            observation_domain: 0,
+            mtu: ipfix::DEFAULT_MTU,
+            template_refresh: Duration::from_secs(60),
+            enterprise: None,
+        }
+    }
+}
+
+impl IpfixSettings {
+    /// One exporter's configuration per destination.
+    pub fn exporters(&self) -> impl Iterator<Item = IpfixConfig> + '_ {
+        self.destinations.iter().map(|d| IpfixConfig {
+            destination: d.clone(),
+            observation_domain: self.observation_domain,
+            mtu: self.mtu,
+            template_refresh: self.template_refresh,
+            enterprise: self.enterprise,
+        })
+    }
+}
+
+/// The gRPC endpoint: who may connect, and how much any one client may take.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrpcConfig {
+    /// Server certificate chain (PEM); with `tls_key`, the endpoint speaks only TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle (PEM) client certificates must chain to; set, a client without one is refused.
+    pub client_ca: Option<PathBuf>,
+    /// Serve cleartext on a non-loopback TCP address anyway.
+    pub allow_insecure: bool,
+    /// Permission bits of a unix socket.
+    pub socket_mode: FileMode,
+    /// Group (name or number) that owns a unix socket; None keeps the agent's.
+    pub socket_group: Option<String>,
+    /// Subscribe streams open at once, all connections together.
+    pub max_subscribers: usize,
+    /// HTTP/2 streams one connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_streams_per_connection: u32,
+    /// Largest request message accepted, in bytes.
+    pub max_request_size: usize,
+    /// Filter counts and string lengths of a Subscribe request.
+    pub request_limits: RequestLimits,
+    /// How often an HTTP/2 PING checks that a quiet peer is still there.
+    pub keepalive_interval: Duration,
+    /// A PING unanswered this long closes the connection.
+    pub keepalive_timeout: Duration,
+    /// TCP keepalive idle time on accepted connections.
+    pub tcp_keepalive: Duration,
+    /// A connection with no open stream for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig {
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            allow_insecure: false,
+            socket_mode: FileMode(0o660),
+            socket_group: None,
+            max_subscribers: 64,
+            max_streams_per_connection: 16,
+            max_request_size: 256 << 10,
+            request_limits: RequestLimits::default(),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            tcp_keepalive: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Permission bits written and read in octal (`0660`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileMode(pub u32);
+
+impl fmt::Display for FileMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
+impl FromStr for FileMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bits = u32::from_str_radix(s, 8)
+            .map_err(|_| format!("{s:?} is not an octal mode such as 0660"))?;
+        if bits > 0o777 {
+            return Err(format!("{s:?}: only permission bits (at most 0777)"));
+        }
+        Ok(FileMode(bits))
+    }
 }
 
 impl Default for Config {
@@ -50,8 +170,10 @@ impl Default for Config {
             output: Some(Format::Table),
             pin_dir: Some(PathBuf::from("/sys/fs/bpf/flowlens")),
             grpc_listen: Some("127.0.0.1:50051".into()),
+            grpc: GrpcConfig::default(),
             metrics_listen: Some("127.0.0.1:9464".into()),
             observer_id: None,
+            ipfix: IpfixSettings::default(),
         }
     }
 }

@@ -424,6 +424,17 @@ impl SinkRx {
         Some(n)
     }
 
+    /// Waits for up to `max` records (at least one); 0 once the hub is closed and
+    /// everything queued was taken.
+    pub async fn recv_many(&mut self, buf: &mut Vec<Shared>, max: usize) -> usize {
+        let n = self.rx.recv_many(buf, max).await;
+        self.counters.queued.fetch_sub(n as u64, Ordering::Relaxed);
+        self.counters
+            .delivered
+            .fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
     /// The next queued record, without waiting.
     pub fn try_recv(&mut self) -> Option<Shared> {
         let r = self.rx.try_recv().ok()?;
@@ -550,17 +561,23 @@ impl FilterStage {
             }
         }
         let Some(mut inbox) = inbox else { return };
-        while let Some(r) = inbox.recv().await {
-            self.counters.queued.fetch_sub(1, Ordering::Relaxed);
-            if let Some(want) = self.next_seq {
-                if r.seq > want {
-                    // Counted by the hub when its queue was full; the marker goes here.
-                    self.marker_owed = true;
+        // Taken in runs, so a busy stream costs one wake-up per run, not per record.
+        let mut run = Vec::with_capacity(BATCH_MAX_RECORDS);
+        while inbox.recv_many(&mut run, BATCH_MAX_RECORDS).await > 0 {
+            self.counters
+                .queued
+                .fetch_sub(run.len() as u64, Ordering::Relaxed);
+            for r in run.drain(..) {
+                if let Some(want) = self.next_seq {
+                    if r.seq > want {
+                        // Counted by the hub when its queue was full; the marker goes here.
+                        self.marker_owed = true;
+                    }
                 }
-            }
-            self.next_seq = Some(r.seq + 1);
-            if self.matches(&r).await && !self.offer(r) {
-                return;
+                self.next_seq = Some(r.seq + 1);
+                if self.matches(&r).await && !self.offer(r) {
+                    return;
+                }
             }
         }
         if self.marker_owed {

@@ -4,15 +4,19 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use log::{error, info};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use log::{info, warn};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use flowlens::agent::Agent;
+use flowlens::api::RequestLimits;
 use flowlens::attach::Mode;
-use flowlens::config::{capacity, Config, HumanDuration, OrOff};
+use flowlens::config::{
+    capacity, Config, FileMode, GrpcConfig, HumanDuration, IpfixSettings, OrOff,
+};
 use flowlens::datapath::Capacities;
 use flowlens::hub::HubConfig;
+use flowlens::ipfix::{self, Destination};
 use flowlens::poller::PollerConfig;
 use flowlens::render::Format;
 use flowlens::watch::{self, WatchArgs};
@@ -149,6 +153,52 @@ struct RunArgs {
     /// gRPC listen address: HOST:PORT, unix:/path, or "off".
     #[arg(long, env = "FLOWLENS_GRPC_LISTEN", default_value_t = OrOff::of(defaults().grpc_listen))]
     grpc_listen: OrOff,
+    /// gRPC server certificate chain (PEM): serve TLS only. Needs --grpc-tls-key.
+    #[arg(long, value_name = "PEM", env = "FLOWLENS_GRPC_TLS_CERT")]
+    grpc_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --grpc-tls-cert.
+    #[arg(long, value_name = "PEM", env = "FLOWLENS_GRPC_TLS_KEY")]
+    grpc_tls_key: Option<PathBuf>,
+    /// CA bundle (PEM): gRPC clients must present a certificate it issued (mutual TLS).
+    #[arg(long, value_name = "PEM", env = "FLOWLENS_GRPC_CLIENT_CA")]
+    grpc_client_ca: Option<PathBuf>,
+    /// Serve gRPC in cleartext on a non-loopback address: anyone who reaches the port
+    /// reads every flow. Without it that is refused.
+    #[arg(long, env = "FLOWLENS_GRPC_ALLOW_INSECURE")]
+    grpc_allow_insecure: bool,
+    /// Permission bits of the gRPC unix socket (octal).
+    #[arg(long, value_name = "MODE", env = "FLOWLENS_GRPC_SOCKET_MODE", default_value_t = defaults().grpc.socket_mode)]
+    grpc_socket_mode: FileMode,
+    /// Group (name or number) given the gRPC unix socket; default: the agent's.
+    #[arg(long, value_name = "GROUP", env = "FLOWLENS_GRPC_SOCKET_GROUP")]
+    grpc_socket_group: Option<String>,
+    /// Subscribe streams open at once, all clients together.
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_SUBSCRIBERS", value_parser = capacity, default_value_t = defaults().grpc.max_subscribers as u32)]
+    grpc_max_subscribers: u32,
+    /// HTTP/2 streams one gRPC connection may have open at once.
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_STREAMS_PER_CONNECTION", value_parser = capacity, default_value_t = defaults().grpc.max_streams_per_connection)]
+    grpc_max_streams_per_connection: u32,
+    /// Filters a Subscribe request may carry in include, and in exclude.
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_FILTERS", value_parser = capacity, default_value_t = defaults().grpc.request_limits.max_filters as u32)]
+    grpc_max_filters: u32,
+    /// Bytes in any string of a Subscribe filter (CIDR, interface name).
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_STRING_LENGTH", value_parser = capacity, default_value_t = defaults().grpc.request_limits.max_string_len as u32)]
+    grpc_max_string_length: u32,
+    /// Largest gRPC request message, in bytes.
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_REQUEST_SIZE", value_parser = capacity, default_value_t = defaults().grpc.max_request_size as u32)]
+    grpc_max_request_size: u32,
+    /// How often a quiet gRPC peer is pinged (HTTP/2 PING).
+    #[arg(long, env = "FLOWLENS_GRPC_KEEPALIVE_INTERVAL", default_value_t = HumanDuration(defaults().grpc.keepalive_interval))]
+    grpc_keepalive_interval: HumanDuration,
+    /// A ping unanswered this long closes the connection (and ends its subscribers).
+    #[arg(long, env = "FLOWLENS_GRPC_KEEPALIVE_TIMEOUT", default_value_t = HumanDuration(defaults().grpc.keepalive_timeout))]
+    grpc_keepalive_timeout: HumanDuration,
+    /// TCP keepalive idle time on gRPC connections.
+    #[arg(long, env = "FLOWLENS_GRPC_TCP_KEEPALIVE", default_value_t = HumanDuration(defaults().grpc.tcp_keepalive))]
+    grpc_tcp_keepalive: HumanDuration,
+    /// A gRPC connection with no open stream for this long is closed.
+    #[arg(long, env = "FLOWLENS_GRPC_IDLE_TIMEOUT", default_value_t = HumanDuration(defaults().grpc.idle_timeout))]
+    grpc_idle_timeout: HumanDuration,
     /// Prometheus self-metrics listen address (HOST:PORT), or "off".
     #[arg(long, env = "FLOWLENS_METRICS_LISTEN", default_value_t = OrOff::of(defaults().metrics_listen))]
     metrics_listen: OrOff,
@@ -170,6 +220,23 @@ struct RunArgs {
         value_parser = clap::builder::NonEmptyStringValueParser::new()
     )]
     observer_id: Option<String>,
+    /// IPFIX collector to export every flow record to: udp://HOST:PORT or tcp://HOST:PORT
+    /// (port 4739 when omitted). Repeatable.
+    #[arg(long = "ipfix", env = "FLOWLENS_IPFIX", value_delimiter = ',')]
+    ipfix: Vec<Destination>,
+    /// IPFIX observation domain id of this host's messages.
+    #[arg(long, env = "FLOWLENS_IPFIX_OBSERVATION_DOMAIN", default_value_t = defaults().ipfix.observation_domain)]
+    ipfix_observation_domain: u32,
+    /// Path MTU to the IPFIX collectors: each message fits one IP packet.
+    #[arg(long, env = "FLOWLENS_IPFIX_MTU", value_parser = ipfix::parse_mtu, default_value_t = defaults().ipfix.mtu)]
+    ipfix_mtu: u16,
+    /// UDP: how often IPFIX templates are sent again (a restarted collector waits this long).
+    #[arg(long, env = "FLOWLENS_IPFIX_TEMPLATE_REFRESH", default_value_t = HumanDuration(defaults().ipfix.template_refresh))]
+    ipfix_template_refresh: HumanDuration,
+    /// Private enterprise number under which the timing metrics (handshake, latency, jitter,
+    /// echo RTT) are exported; unset: they are not.
+    #[arg(long, env = "FLOWLENS_IPFIX_ENTERPRISE")]
+    ipfix_enterprise: Option<u32>,
 }
 
 impl RunArgs {
@@ -210,15 +277,49 @@ impl RunArgs {
             },
             pin_dir: self.pin_dir.0.map(PathBuf::from),
             grpc_listen: self.grpc_listen.0,
+            grpc: GrpcConfig {
+                tls_cert: self.grpc_tls_cert,
+                tls_key: self.grpc_tls_key,
+                client_ca: self.grpc_client_ca,
+                allow_insecure: self.grpc_allow_insecure,
+                socket_mode: self.grpc_socket_mode,
+                socket_group: self.grpc_socket_group,
+                max_subscribers: self.grpc_max_subscribers as usize,
+                max_streams_per_connection: self.grpc_max_streams_per_connection,
+                max_request_size: self.grpc_max_request_size as usize,
+                request_limits: RequestLimits {
+                    max_filters: self.grpc_max_filters as usize,
+                    max_string_len: self.grpc_max_string_length as usize,
+                },
+                keepalive_interval: self.grpc_keepalive_interval.0,
+                keepalive_timeout: self.grpc_keepalive_timeout.0,
+                tcp_keepalive: self.grpc_tcp_keepalive.0,
+                idle_timeout: self.grpc_idle_timeout.0,
+            },
             metrics_listen: self.metrics_listen.0,
             observer_id: self.observer_id.or(d.observer_id),
+            ipfix: IpfixSettings {
+                destinations: self.ipfix,
+                observation_domain: self.ipfix_observation_domain,
+                mtu: self.ipfix_mtu,
+                template_refresh: self.ipfix_template_refresh.0,
+                enterprise: self.ipfix_enterprise,
+            },
             ..d
         }
     }
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| match env_source(&e) {
+        Some(var) => {
+            let text = e.render().to_string();
+            let text = text.strip_prefix("error: ").unwrap_or(&text);
+            eprint!("error: environment variable {var}: {text}");
+            std::process::exit(2);
+        }
+        None => e.exit(),
+    });
     env_logger::Builder::new()
         .parse_filters(&std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log_level.clone()))
         .format_timestamp_millis()
@@ -229,24 +330,61 @@ fn main() {
         Command::Watch(args) => watch::run(*args),
     };
     if let Err(e) = res {
-        error!("{e:#}");
-        eprintln!("flowlens: {e:#}");
+        // Once, on stderr (the journal under systemd): not also through the logger.
+        eprintln!("flowlens: {}", flowlens::fatal::describe(&e));
         std::process::exit(1);
     }
+}
+
+/// The variable a rejected value came from, when the flag was not on the command line
+/// but its environment variable is set: clap's message names only the flag.
+fn env_source(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    use clap::CommandFactory;
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let long = arg.split_whitespace().next()?.strip_prefix("--")?;
+    let cmd = Cli::command();
+    let found = std::iter::once(&cmd)
+        .chain(cmd.get_subcommands())
+        .flat_map(|c| c.get_arguments())
+        .find(|a| a.get_long() == Some(long))?;
+    let short = found.get_short().map(|c| format!("-{c}"));
+    let given = std::env::args().skip(1).any(|a| {
+        a == format!("--{long}")
+            || a.starts_with(&format!("--{long}="))
+            || short.as_deref().is_some_and(|s| a.starts_with(s))
+    });
+    let var = found.get_env()?.to_str()?;
+    (!given && std::env::var_os(var).is_some()).then(|| var.to_owned())
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
 fn run(cfg: Config) -> Result<()> {
     // Installed first: a signal during start-up is not lost, and ends the run once started.
-    let mut signals =
-        Signals::new([SIGINT, SIGTERM]).context("installing SIGINT/SIGTERM handlers")?;
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("installing SIGINT/SIGTERM/SIGHUP handlers")?;
     let agent = Agent::start(cfg)?;
+    let tls = agent.grpc_tls();
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
     std::thread::Builder::new()
         .name("flowlens-signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                info!("received signal {sig}, shutting down");
+            for sig in signals.forever() {
+                if sig != SIGHUP {
+                    info!("received signal {sig}, shutting down");
+                    break;
+                }
+                // SIGHUP: new connections get the certificate files as they are now.
+                match tls.as_ref().map(|t| t.reload()) {
+                    None => info!("SIGHUP: no gRPC TLS to reload"),
+                    Some(Ok(())) => info!("SIGHUP: reloaded the gRPC TLS certificate files"),
+                    Some(Err(e)) => warn!(
+                        "SIGHUP: keeping the gRPC TLS settings in use: {}",
+                        flowlens::fatal::describe(&e)
+                    ),
+                }
             }
             drop(stop_tx);
         })

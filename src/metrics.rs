@@ -37,6 +37,7 @@ use anyhow::{Context, Result};
 
 use crate::datapath::{counter_names, is_error_counter};
 use crate::hub::{Hub, HubStats, SinkKind};
+use crate::ipfix::IpfixCounts;
 use crate::metrics_http::{HttpLimits, Render};
 use crate::status::{Snapshot, Status};
 
@@ -190,6 +191,33 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
         "Records lost by sinks whose queue was full (subscribers, stdout, exporters), departed subscribers included.",
         hub.lost_total,
     );
+    for (name, help, get) in [
+        (
+            "ipfix_records_sent_total",
+            "Flow records an IPFIX exporter sent.",
+            (|c: &IpfixCounts| c.records_sent) as fn(&IpfixCounts) -> u64,
+        ),
+        (
+            "ipfix_records_lost_total",
+            "Flow records an IPFIX exporter lost: collector unreachable, send failed, or fell behind.",
+            |c| c.records_lost,
+        ),
+        (
+            "ipfix_messages_sent_total",
+            "IPFIX messages sent.",
+            |c| c.messages_sent,
+        ),
+        (
+            "ipfix_reconnects_total",
+            "TCP connections to an IPFIX collector made after the first.",
+            |c| c.reconnects,
+        ),
+    ] {
+        e.family(name, "counter", help);
+        for (dest, c) in &snap.exporters {
+            e.sample(name, &[("collector", dest)], get(c));
+        }
+    }
     e.family(
         "sink_lost_records_total",
         "counter",

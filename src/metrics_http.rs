@@ -231,7 +231,7 @@ async fn run(
 }
 
 /// Accept errors that concern one connection only (it went away before we took it).
-fn transient(e: &std::io::Error) -> bool {
+pub(crate) fn transient(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::ECONNABORTED | libc::ECONNRESET | libc::EINTR | libc::EAGAIN | libc::EPROTO)
@@ -411,14 +411,14 @@ impl Connections {
 
 /// Pauses between failed accepts: BACKOFF_MIN doubling to BACKOFF_MAX, reset by a success.
 #[derive(Debug, Default)]
-struct Backoff {
+pub(crate) struct Backoff {
     failures: u32,
     since: Option<Instant>,
 }
 
 impl Backoff {
     /// Records a failure; returns how long to pause before the next accept.
-    fn failed(&mut self) -> Duration {
+    pub(crate) fn failed(&mut self) -> Duration {
         self.failures += 1;
         self.since.get_or_insert_with(Instant::now);
         let shift = (self.failures - 1).min(4);
@@ -426,12 +426,12 @@ impl Backoff {
     }
 
     /// Whether the failure just recorded started an episode (the one to log).
-    fn first_of_episode(&self) -> bool {
+    pub(crate) fn first_of_episode(&self) -> bool {
         self.failures == 1
     }
 
     /// Ends an episode on success; returns its failure count and length if there was one.
-    fn recovered(&mut self) -> Option<(u32, Duration)> {
+    pub(crate) fn recovered(&mut self) -> Option<(u32, Duration)> {
         let since = self.since.take()?;
         Some((std::mem::take(&mut self.failures), since.elapsed()))
     }

@@ -25,6 +25,12 @@ pub enum PreflightError {
     },
     #[error("another flowlens already uses the pinned maps in {0}; stop it, or give this one another --pin-dir")]
     Busy(PathBuf),
+    #[error("pin directory {path}: {problem}: another user could take over or move the agent's pins; {fix}, or pass another --pin-dir")]
+    Untrusted {
+        path: PathBuf,
+        problem: String,
+        fix: String,
+    },
     #[error("pin directory {path}: {source}")]
     PinDir {
         path: PathBuf,
@@ -110,14 +116,16 @@ pub fn ensure_bpffs(pin_root: &Path) -> Result<(), PreflightError> {
     }
     if pin_root.starts_with(BPFFS_ROOT) {
         let (src, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
-        // SAFETY: valid C strings; no mount data.
+        // Root only, as systemd mounts it: a bare `mount -t bpf` gives 1777.
+        let data = c"mode=0700";
+        // SAFETY: valid C strings; the data string outlives the call.
         let r = unsafe {
             libc::mount(
                 src.as_ptr(),
                 target.as_ptr(),
                 fstype.as_ptr(),
                 0,
-                std::ptr::null(),
+                data.as_ptr().cast(),
             )
         };
         if r == 0 && is_bpffs(Path::new(BPFFS_ROOT)) {
@@ -140,12 +148,69 @@ pub struct PinLock {
     _dir: File,
 }
 
-/// Creates `pin_root` and takes an exclusive lock on it.
+/// Refuses a pin directory another user could control: it, and each of its parents on
+/// the BPF filesystem, must be a directory owned by root that nobody else can write to. A
+/// parent may be world-writable with the sticky bit (a fresh bpffs is 1777): there nobody
+/// can rename or remove root's entries. `pin_root` itself may not be, since the agent
+/// creates entries in it. Paths that do not exist yet are skipped.
+pub fn check_pin_dir(pin_root: &Path) -> Result<(), PreflightError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut path = pin_root.to_path_buf();
+    let mut own = true;
+    loop {
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            if !is_bpffs(&path) {
+                break;
+            }
+            let untrusted = |problem: String, fix: String| PreflightError::Untrusted {
+                path: path.clone(),
+                problem,
+                fix,
+            };
+            if !meta.is_dir() {
+                return Err(untrusted(
+                    "is not a directory (a symlink or a pinned object)".into(),
+                    format!("remove it (`rm {}`)", path.display()),
+                ));
+            }
+            if meta.uid() != 0 {
+                return Err(untrusted(
+                    format!("is owned by uid {}, not root", meta.uid()),
+                    format!("remove it (`rm -r {}`)", path.display()),
+                ));
+            }
+            let mode = meta.mode() & 0o7777;
+            let sticky = mode & 0o1000 != 0;
+            if mode & 0o022 != 0 && (own || !sticky) {
+                return Err(untrusted(
+                    format!("is writable by group or others (mode {mode:04o})"),
+                    format!("`chmod go-w {}`", path.display()),
+                ));
+            }
+        }
+        own = false;
+        if !path.pop() || path.as_os_str().is_empty() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Creates `pin_root` (root only, 0700) and takes an exclusive lock on it, after checking
+/// nobody else controls it.
 pub fn lock_pin_root(pin_root: &Path) -> Result<PinLock, PreflightError> {
-    std::fs::create_dir_all(pin_root).map_err(|source| PreflightError::PinDir {
-        path: pin_root.to_path_buf(),
-        source,
-    })?;
+    use std::os::unix::fs::DirBuilderExt;
+    check_pin_dir(pin_root)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(pin_root)
+        .map_err(|source| PreflightError::PinDir {
+            path: pin_root.to_path_buf(),
+            source,
+        })?;
+    // Again now that it exists: someone may have created it first.
+    check_pin_dir(pin_root)?;
     let dir = File::open(pin_root).map_err(|source| PreflightError::PinDir {
         path: pin_root.to_path_buf(),
         source,

@@ -1,18 +1,23 @@
 //! The gRPC server: the FlowLens service (Subscribe, GetStatus) with health and reflection, and its listener's lifecycle.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{anyhow, Context};
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
+use anyhow::{anyhow, bail, Context};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response};
 
-use crate::api::{self, parse_request, proto};
+use crate::api::{self, parse_request, proto, RequestLimits};
+use crate::config::GrpcConfig;
 use crate::hub::{Event, Hub};
+pub use crate::listener::ListenAddr;
+use crate::listener::{self, Bound, ConnPolicy, SocketAccess, TrackStreams};
 use crate::status::Status as AgentStatus;
+use crate::tls::ServerTls;
 
 /// The server side of the FlowLens service, generated in build.rs from a hand-declared
 /// service whose Subscribe answers with [`wire::SubscribeResponse`].
@@ -28,6 +33,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Responses buffered per subscriber between its hub queue and the transport; small so a
 /// stalled client backs up into the hub queue, where losses are counted.
 const RESPONSE_BUFFER: usize = 2;
+/// Request header bytes a client may send on one stream (gRPC requests carry a few hundred).
+const MAX_HEADER_LIST: u32 = 16 << 10;
 
 /// `flowlens.v1.SubscribeResponse` as the server sends it: the records are their shared,
 /// already encoded `FlowRecord` messages. A length-delimited message field and a `bytes`
@@ -128,14 +135,26 @@ pub struct FlowLensService {
     status: Arc<AgentStatus>,
     /// Becomes true when the server stops, so following streams end and connections drain.
     stopping: watch::Receiver<bool>,
+    /// One permit per open Subscribe stream.
+    subscribers: Arc<Semaphore>,
+    max_subscribers: usize,
+    limits: RequestLimits,
 }
 
 impl FlowLensService {
-    pub fn new(hub: Hub, status: Arc<AgentStatus>, stopping: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        hub: Hub,
+        status: Arc<AgentStatus>,
+        stopping: watch::Receiver<bool>,
+        grpc: &GrpcConfig,
+    ) -> Self {
         FlowLensService {
             hub,
             status,
             stopping,
+            subscribers: Arc::new(Semaphore::new(grpc.max_subscribers)),
+            max_subscribers: grpc.max_subscribers,
+            limits: grpc.request_limits,
         }
     }
 }
@@ -151,7 +170,13 @@ impl FlowLens for FlowLensService {
         req: Request<proto::SubscribeRequest>,
     ) -> Result<Response<ResponseStream>, tonic::Status> {
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
-        let opts = parse_request(req.get_ref(), peer)?;
+        let opts = parse_request(req.get_ref(), peer, &self.limits)?;
+        let permit = self.subscribers.clone().try_acquire_owned().map_err(|_| {
+            tonic::Status::resource_exhausted(format!(
+                "subscribers: all {} allowed streams are open (--grpc-max-subscribers)",
+                self.max_subscribers
+            ))
+        })?;
         // Registered before the response head goes out, so a client that has its response
         // sees every record published afterwards.
         let mut sub = self.hub.subscribe(opts);
@@ -187,6 +212,9 @@ impl FlowLens for FlowLensService {
                 }
             }
             log::debug!("subscriber {} done", sub.id());
+            drop(sub);
+            drop(permit);
+            listener::release_memory();
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -253,79 +281,6 @@ fn status_response(status: &AgentStatus, hub: &Hub) -> proto::GetStatusResponse 
 // Server lifecycle
 // ---------------------------------------------------------------------------
 
-/// Where the server listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenAddr {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-impl std::str::FromStr for ListenAddr {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> anyhow::Result<ListenAddr> {
-        if let Some(path) = s
-            .strip_prefix("unix://")
-            .or_else(|| s.strip_prefix("unix:"))
-        {
-            anyhow::ensure!(
-                !path.is_empty(),
-                "listen address {s:?}: empty unix socket path"
-            );
-            return Ok(ListenAddr::Unix(PathBuf::from(path)));
-        }
-        s.parse()
-            .map(ListenAddr::Tcp)
-            .with_context(|| format!("listen address {s:?}: expected HOST:PORT or unix:/path"))
-    }
-}
-
-enum Bound {
-    Tcp(std::net::TcpListener),
-    Unix(std::os::unix::net::UnixListener, PathBuf),
-}
-
-fn bind(addr: &ListenAddr) -> anyhow::Result<Bound> {
-    match addr {
-        ListenAddr::Tcp(a) => {
-            let l = std::net::TcpListener::bind(a)
-                .with_context(|| format!("binding gRPC listener on {a}"))?;
-            l.set_nonblocking(true)
-                .with_context(|| format!("gRPC listener on {a}"))?;
-            Ok(Bound::Tcp(l))
-        }
-        ListenAddr::Unix(path) => {
-            remove_stale_socket(path)?;
-            let l = std::os::unix::net::UnixListener::bind(path)
-                .with_context(|| format!("binding gRPC listener on unix:{}", path.display()))?;
-            l.set_nonblocking(true)
-                .with_context(|| format!("gRPC listener on unix:{}", path.display()))?;
-            Ok(Bound::Unix(l, path.clone()))
-        }
-    }
-}
-
-/// A socket file left by a previous run would make bind fail; one that still accepts
-/// connections belongs to a live server and must not be stolen.
-fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return Ok(());
-    };
-    anyhow::ensure!(
-        meta.file_type().is_socket(),
-        "gRPC listener on unix:{}: path exists and is not a socket",
-        path.display()
-    );
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(anyhow!(
-            "gRPC listener on unix:{}: address in use by a running server",
-            path.display()
-        ));
-    }
-    std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))
-}
-
 /// A running gRPC server.
 #[derive(Debug)]
 pub struct ServiceHandle {
@@ -336,9 +291,15 @@ pub struct ServiceHandle {
     runtime: Option<tokio::runtime::Runtime>,
     local_addr: Option<SocketAddr>,
     unix_path: Option<PathBuf>,
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl ServiceHandle {
+    /// The server's TLS, to re-read its files (None: cleartext).
+    pub fn tls(&self) -> Option<Arc<ServerTls>> {
+        self.tls.clone()
+    }
+
     /// Stops accepting, ends every subscriber stream, waits (bounded by the shutdown
     /// grace) for connections to drain. Blocks: call it from outside the runtime's tasks.
     pub fn shutdown(mut self) -> anyhow::Result<()> {
@@ -391,10 +352,82 @@ impl Drop for ServiceHandle {
     }
 }
 
-/// Starts the gRPC server on a tokio runtime of its own; `listen` is "HOST:PORT" or
-/// "unix:/path". Fails (naming the address) if it cannot bind. The agent, which owns a
-/// runtime, uses [`spawn_in`].
+/// A gRPC endpoint checked and ready to bind: where, with which TLS, within which limits.
+#[derive(Debug, Clone)]
+pub struct GrpcEndpoint {
+    addr: ListenAddr,
+    tls: Option<Arc<ServerTls>>,
+    access: SocketAccess,
+    grpc: GrpcConfig,
+}
+
+impl GrpcEndpoint {
+    /// Reads the TLS files and resolves the socket group, and refuses cleartext on an
+    /// address other hosts can reach unless `allow_insecure` says so.
+    pub fn new(addr: ListenAddr, grpc: &GrpcConfig) -> anyhow::Result<GrpcEndpoint> {
+        let tls = ServerTls::from_config(grpc)?;
+        if tls.is_none() && !addr.is_local() {
+            let ListenAddr::Tcp(a) = &addr else {
+                unreachable!("unix sockets are local")
+            };
+            if !grpc.allow_insecure {
+                bail!(
+                    "--grpc-listen {a}: refusing to serve flows in cleartext on a non-loopback \
+                     address; give --grpc-tls-cert and --grpc-tls-key (and --grpc-client-ca to \
+                     require client certificates), or --grpc-allow-insecure to let anyone who \
+                     reaches the port read every flow"
+                );
+            }
+            log::warn!("gRPC on {a} in cleartext (--grpc-allow-insecure): anyone who reaches it reads every flow");
+        }
+        if tls.is_some() && grpc.client_ca.is_none() && !addr.is_local() {
+            log::warn!(
+                "gRPC TLS without --grpc-client-ca: any client that reaches the port may subscribe"
+            );
+        }
+        let gid = match (&addr, &grpc.socket_group) {
+            (ListenAddr::Unix(_), Some(g)) => {
+                Some(listener::group_id(g).with_context(|| format!("--grpc-socket-group {g:?}"))?)
+            }
+            (ListenAddr::Tcp(_), Some(_)) => {
+                bail!("--grpc-socket-group applies to a unix:/path --grpc-listen only")
+            }
+            _ => None,
+        };
+        Ok(GrpcEndpoint {
+            addr,
+            tls,
+            access: SocketAccess {
+                mode: grpc.socket_mode,
+                gid,
+            },
+            grpc: grpc.clone(),
+        })
+    }
+
+    pub fn addr(&self) -> &ListenAddr {
+        &self.addr
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+}
+
+/// Starts the gRPC server with default settings on a tokio runtime of its own; `listen`
+/// is "HOST:PORT" or "unix:/path". Fails (naming the address) if it cannot bind. The
+/// agent, which owns a runtime, uses [`spawn_in`].
 pub fn spawn(listen: &str, hub: Hub, status: Arc<AgentStatus>) -> anyhow::Result<ServiceHandle> {
+    spawn_with(listen, &GrpcConfig::default(), hub, status)
+}
+
+/// `spawn` with the endpoint's security and limits.
+pub fn spawn_with(
+    listen: &str,
+    grpc: &GrpcConfig,
+    hub: Hub,
+    status: Arc<AgentStatus>,
+) -> anyhow::Result<ServiceHandle> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("flowlens-grpc")
@@ -403,7 +436,8 @@ pub fn spawn(listen: &str, hub: Hub, status: Arc<AgentStatus>) -> anyhow::Result
         .context("building the gRPC runtime")?;
     let started = listen
         .parse()
-        .and_then(|addr| spawn_in(addr, hub, status, rt.handle()));
+        .and_then(|addr| GrpcEndpoint::new(addr, grpc))
+        .and_then(|endpoint| spawn_in(endpoint, hub, status, rt.handle()));
     match started {
         Ok(mut h) => {
             h.runtime = Some(rt);
@@ -416,22 +450,23 @@ pub fn spawn(listen: &str, hub: Hub, status: Arc<AgentStatus>) -> anyhow::Result
     }
 }
 
-/// Binds `addr` and serves on `rt`.
+/// Binds the endpoint and serves on `rt`.
 pub fn spawn_in(
-    addr: ListenAddr,
+    endpoint: GrpcEndpoint,
     hub: Hub,
     status: Arc<AgentStatus>,
     rt: &tokio::runtime::Handle,
 ) -> anyhow::Result<ServiceHandle> {
-    let bound = bind(&addr)?;
+    let bound = listener::bind(&endpoint.addr, &endpoint.access)?;
     let (local_addr, unix_path) = match &bound {
         Bound::Tcp(l) => (Some(l.local_addr().context("gRPC listener address")?), None),
         Bound::Unix(_, p) => (None, Some(p.clone())),
     };
+    let tls = endpoint.tls.clone();
     let (stop_tx, stop_rx) = oneshot::channel();
     let (done_tx, done) = std::sync::mpsc::channel();
     rt.spawn(async move {
-        let _ = done_tx.send(serve(bound, hub, status, stop_rx).await);
+        let _ = done_tx.send(serve(bound, endpoint, hub, status, stop_rx).await);
     });
     Ok(ServiceHandle {
         stop: Some(stop_tx),
@@ -439,17 +474,22 @@ pub fn spawn_in(
         runtime: None,
         local_addr,
         unix_path,
+        tls,
     })
 }
 
 async fn serve(
     bound: Bound,
+    endpoint: GrpcEndpoint,
     hub: Hub,
     status: Arc<AgentStatus>,
     stop: oneshot::Receiver<()>,
 ) -> anyhow::Result<()> {
     let (stopping_tx, stopping_rx) = watch::channel(false);
+    let grpc = &endpoint.grpc;
+    let max_request = grpc.max_request_size;
     let (health, health_svc) = tonic_health::server::health_reporter();
+    let health_svc = health_svc.max_decoding_message_size(max_request);
     health
         .set_serving::<FlowLensServer<FlowLensService>>()
         .await;
@@ -459,42 +499,46 @@ async fn serve(
     };
     let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
         .build_v1()
-        .context("building the reflection service")?;
+        .context("building the reflection service")?
+        .max_decoding_message_size(max_request);
     let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
-        .context("building the reflection service")?;
-    let router = tonic::transport::Server::builder()
+        .context("building the reflection service")?
+        .max_decoding_message_size(max_request);
+    let builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(grpc.max_streams_per_connection)
+        .http2_keepalive_interval(Some(grpc.keepalive_interval))
+        .http2_keepalive_timeout(Some(grpc.keepalive_timeout))
+        .http2_max_header_list_size(MAX_HEADER_LIST);
+    let router = builder
+        .layer(TrackStreams)
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(FlowLensServer::new(FlowLensService::new(
-            hub,
-            status,
-            stopping_rx.clone(),
-        )));
+        .add_service(
+            // Compressed only for clients that ask (grpc-accept-encoding): record batches
+            // shrink several times, at the cost of server CPU per subscriber.
+            FlowLensServer::new(FlowLensService::new(hub, status, stopping_rx.clone(), grpc))
+                .max_decoding_message_size(max_request)
+                .send_compressed(CompressionEncoding::Zstd)
+                .send_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Zstd)
+                .accept_compressed(CompressionEncoding::Gzip),
+        );
 
     let mut drained = stopping_rx.clone();
     let signal = async move {
         let _ = drained.wait_for(|s| *s).await;
     };
-    let mut server = match bound {
-        Bound::Tcp(l) => {
-            let l = tokio::net::TcpListener::from_std(l).context("registering gRPC listener")?;
-            let incoming = TcpListenerStream::new(l);
-            let incoming = tokio_stream::StreamExt::map(incoming, |s| {
-                // Batches are small and latency-sensitive; Nagle would hold them back.
-                if let Ok(s) = &s {
-                    let _ = s.set_nodelay(true);
-                }
-                s
-            });
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal))
-        }
-        Bound::Unix(l, _) => {
-            let l = tokio::net::UnixListener::from_std(l).context("registering gRPC listener")?;
-            tokio::spawn(router.serve_with_incoming_shutdown(UnixListenerStream::new(l), signal))
-        }
-    };
+    let incoming = listener::incoming(
+        bound,
+        ConnPolicy {
+            idle_timeout: grpc.idle_timeout,
+            tcp_keepalive: grpc.tcp_keepalive,
+        },
+        endpoint.tls.clone(),
+    )?;
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal));
 
     tokio::select! {
         r = &mut server => return r.context("gRPC server task")?.context("gRPC server"),

@@ -2,8 +2,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
+
+use crate::ipfix::{IpfixCounts, IpfixStats};
 
 /// Fill level of one BPF map.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -34,6 +36,8 @@ pub struct Snapshot {
     pub map_pressure_events: u64,
     /// Flows ended early to make room under map pressure (`EndReason::Evicted`).
     pub flows_evicted: u64,
+    /// Each IPFIX exporter's counters, by destination.
+    pub exporters: Vec<(String, IpfixCounts)>,
 }
 
 /// Shared, cheaply updated agent state.
@@ -47,6 +51,7 @@ pub struct Status {
     pub map_pressure_events: AtomicU64,
     pub flows_evicted: AtomicU64,
     detail: Mutex<(Vec<MapUsage>, BTreeMap<String, u64>)>,
+    exporters: Mutex<Vec<(String, Arc<IpfixStats>)>>,
     started: Mutex<Option<SystemTime>>,
 }
 
@@ -55,6 +60,14 @@ impl Status {
         let s = Status::default();
         *s.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(SystemTime::now());
         s
+    }
+
+    /// Makes an exporter's counters part of every snapshot.
+    pub fn add_exporter(&self, destination: String, stats: Arc<IpfixStats>) {
+        self.exporters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((destination, stats));
     }
 
     pub fn set_detail(&self, maps: Vec<MapUsage>, counters: BTreeMap<String, u64>) {
@@ -78,6 +91,13 @@ impl Status {
             last_poll_ns: self.last_poll_ns.load(Ordering::Relaxed),
             map_pressure_events: self.map_pressure_events.load(Ordering::Relaxed),
             flows_evicted: self.flows_evicted.load(Ordering::Relaxed),
+            exporters: self
+                .exporters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(d, s)| (d.clone(), s.snapshot()))
+                .collect(),
         }
     }
 }

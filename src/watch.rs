@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::io::{self, Write};
+use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
@@ -16,14 +17,27 @@ use crate::render::{Format, Renderer};
 /// Include flags are ANDed into one filter; each exclude flag value drops what it matches.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct WatchArgs {
-    /// Agent address: http://HOST:PORT, HOST:PORT or unix:/path.
+    /// Agent address: http://HOST:PORT, HOST:PORT, https://HOST:PORT (TLS) or unix:/path.
     #[arg(
         long,
         value_name = "ADDR",
         env = "FLOWLENS_WATCH_SERVER",
-        default_value = "http://127.0.0.1:50051"
+        default_value_t = default_server()
     )]
     pub server: String,
+    /// CA bundle (PEM) that signed the agent's certificate; default: the system's roots.
+    /// Needs an https:// --server.
+    #[arg(long, value_name = "PEM", env = "FLOWLENS_WATCH_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for an agent that requires one (--grpc-client-ca).
+    #[arg(long, value_name = "PEM", env = "FLOWLENS_WATCH_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, value_name = "PEM", env = "FLOWLENS_WATCH_KEY")]
+    pub key: Option<PathBuf>,
+    /// Ask the agent to compress the stream: zstd, gzip or none.
+    #[arg(long, value_enum, env = "FLOWLENS_WATCH_COMPRESSION", default_value_t = Compression::Zstd)]
+    pub compression: Compression,
     /// Print one JSON object per line instead of a table.
     #[arg(long, env = "FLOWLENS_WATCH_JSON")]
     pub json: bool,
@@ -135,6 +149,32 @@ pub struct WatchArgs {
     pub no_follow: bool,
 }
 
+/// Stream compression a client asks for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compression {
+    /// Several times smaller batches for a little CPU on both ends.
+    #[default]
+    Zstd,
+    Gzip,
+    None,
+}
+
+impl Compression {
+    pub fn encoding(self) -> Option<tonic::codec::CompressionEncoding> {
+        match self {
+            Compression::Zstd => Some(tonic::codec::CompressionEncoding::Zstd),
+            Compression::Gzip => Some(tonic::codec::CompressionEncoding::Gzip),
+            Compression::None => None,
+        }
+    }
+}
+
+/// Where `run` listens by default.
+fn default_server() -> String {
+    let listen = crate::config::Config::default().grpc_listen;
+    format!("http://{}", listen.unwrap_or_default())
+}
+
 /// Subscribes and prints until Ctrl-C (exit 0) or the stream ends; a broken stream is an error.
 pub fn run(args: WatchArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -166,17 +206,41 @@ pub async fn watch_to(
 ) -> anyhow::Result<()> {
     let req = subscribe_request(args)?;
     let uri = server_uri(&args.server);
-    let channel = Endpoint::from_shared(uri.clone())
+    let tls = crate::tls::client_config(
+        &uri,
+        args.ca.as_deref(),
+        args.cert.as_deref(),
+        args.key.as_deref(),
+    )?;
+    let mut endpoint = Endpoint::from_shared(uri.clone())
         .with_context(|| format!("--server {:?}", args.server))?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to flowlens at {}", args.server))?;
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .with_context(|| format!("--server {:?}: TLS settings", args.server))?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| {
+        let text = crate::fatal::chain(&e);
+        let hint = transport_hint(&uri, &text);
+        anyhow!("connecting to flowlens at {}: {text}{hint}", args.server)
+    })?;
     let mut client = FlowLensClient::new(channel).max_decoding_message_size(64 << 20);
+    if let Some(c) = args.compression.encoding() {
+        client = client.accept_compressed(c);
+    }
     let mut stream = client
         .subscribe(req)
         .await
-        .map_err(|s| anyhow!("subscribing at {}: {}", args.server, s.message()))?
+        .map_err(|s| {
+            let text = describe(&s);
+            let hint = if is_transport_failure(&s) {
+                transport_hint(&uri, &text)
+            } else {
+                ""
+            };
+            anyhow!("subscribing at {}: {text}{hint}", args.server)
+        })?
         .into_inner();
     let mut renderer = Renderer::new(if args.json {
         Format::Json
@@ -225,10 +289,41 @@ pub async fn watch_to(
 }
 
 fn describe(s: &tonic::Status) -> String {
-    if s.message().is_empty() {
+    let text = crate::fatal::status(s);
+    if text.is_empty() {
         format!("{:?}", s.code())
     } else {
-        format!("{:?}: {}", s.code(), s.message())
+        format!("{:?}: {text}", s.code())
+    }
+}
+
+/// The connection broke rather than the server answering with a gRPC error.
+fn is_transport_failure(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+            | tonic::Code::Cancelled
+    )
+}
+
+/// A likely cause when the connection fails after the peer answered: TLS on one side
+/// only, or a client certificate the agent does not accept.
+fn transport_hint(uri: &str, text: &str) -> &'static str {
+    if text.contains("tcp connect error") {
+        ""
+    } else if uri.starts_with("https://") {
+        if text.contains("InvalidContentType") || text.contains("corrupt message") {
+            " (the agent does not speak TLS: use an http:// --server)"
+        } else {
+            " (the agent ended the TLS session: if it requires client certificates \
+             (--grpc-client-ca), give --cert and --key issued by that CA)"
+        }
+    } else if uri.starts_with("http://") {
+        " (if the agent serves TLS (--grpc-tls-cert), use an https:// --server with --ca)"
+    } else {
+        ""
     }
 }
 

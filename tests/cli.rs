@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::bin::{lines, start, Running, BIN};
 use common::netns::{ifindex_in, sh, sh_out, tcx_count, Bpffs, NetPair};
+use common::pki::Pki;
 
 /// `run` flags for an agent on the pair's `a` veth, pinning under `pins`.
 fn pinned<'a>(net: &'a NetPair, pins: &'a str) -> [&'a str; 6] {
@@ -170,6 +171,186 @@ fn bad_flags_get_precise_errors() {
         &["run", "--interface", "nosuchif0"],
         "no such interface [\"nosuchif0\"]",
     );
+    fails_with(
+        &[
+            "run",
+            "--interface",
+            "flx0",
+            "--exclude-interface",
+            "lo,flx0",
+        ],
+        "--interface flx0 and --exclude-interface flx0 cancel each other",
+    );
+    fails_with(&["run", "--log-level", "loud"], "'--log-level <LOG_LEVEL>'");
+}
+
+/// `flowlens run` with `args` and `env`, expected to fail before attaching anything; its
+/// stderr. `--interface nosuchif0` keeps it from attaching to the host's interfaces even
+/// if a check it should fail lets it through.
+fn run_fails(args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--interface", "nosuchif0", "--metrics-listen", "off"]);
+    if !args.contains(&"--grpc-listen") {
+        cmd.args(["--grpc-listen", "off"]);
+    }
+    let out = cmd
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run flowlens");
+    assert!(!out.status.success(), "{args:?} must fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn fatal_errors_name_their_source_once() {
+    let fs = Bpffs::new("fatal");
+    let pins = fs.pins();
+    let err = run_fails(&["--pin-dir", &pins], &[("FLOWLENS_POLL_INTERVAL", "soon")]);
+    assert!(
+        err.contains("environment variable FLOWLENS_POLL_INTERVAL: invalid value 'soon'"),
+        "{err}"
+    );
+    // A capacity the kernel refuses: said so by flag, and no pin directory left behind.
+    let err = run_fails(&["--pin-dir", &pins, "--max-flows", "4294967295"], &[]);
+    let fatal: Vec<&str> = err.lines().filter(|l| l.starts_with("flowlens:")).collect();
+    assert_eq!(fatal.len(), 1, "printed once: {err}");
+    assert!(
+        fatal[0].contains("refused a flow map this large (E2BIG): --max-flows 4294967295"),
+        "{err}"
+    );
+    assert!(!std::path::Path::new(&pins).exists(), "{pins} left behind");
+    // Plaintext on a routable address, refused before anything is loaded.
+    let err = run_fails(&["--pin-dir", &pins, "--grpc-listen", "0.0.0.0:0"], &[]);
+    assert!(err.contains("--grpc-allow-insecure"), "{err}");
+    // The env file's commented default, uncommented, must not allow it either.
+    let err = run_fails(
+        &["--pin-dir", &pins, "--grpc-listen", "0.0.0.0:0"],
+        &[("FLOWLENS_GRPC_ALLOW_INSECURE", "false")],
+    );
+    assert!(
+        err.contains("refusing to serve flows in cleartext"),
+        "{err}"
+    );
+    let err = run_fails(
+        &[
+            "--pin-dir",
+            &pins,
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--grpc-tls-cert",
+            "/nonexistent.pem",
+            "--grpc-tls-key",
+            "/nonexistent.key",
+        ],
+        &[],
+    );
+    assert!(
+        err.contains("--grpc-tls-cert /nonexistent.pem: No such file"),
+        "{err}"
+    );
+    assert!(!std::path::Path::new(&pins).exists(), "{pins} left behind");
+
+    let out = Command::new(BIN)
+        .args(["watch", "--server", "127.0.0.1:1"])
+        .output()
+        .expect("watch");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("tcp connect error").count(), 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn sighup_reloads_the_grpc_certificates() {
+    let net = NetPair::new();
+    let pki = Pki::generate();
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let (cert, key, ca) = (path(&pki.server.0), path(&pki.server.1), path(&pki.ca));
+    let mut agent = start(
+        &net.a,
+        &[
+            "--interface",
+            &net.if_a,
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--grpc-tls-cert",
+            &cert,
+            "--grpc-tls-key",
+            &key,
+            "--grpc-client-ca",
+            &ca,
+        ],
+    );
+    agent.wait_log(
+        "gRPC on 127.0.0.1:0 (TLS, client certificates required)",
+        Duration::from_secs(10),
+    );
+    let hup = |agent: &Running| {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };
+    };
+    hup(&agent);
+    agent.wait_log(
+        "reloaded the gRPC TLS certificate files",
+        Duration::from_secs(10),
+    );
+    std::fs::write(&key, "not a key").unwrap();
+    hup(&agent);
+    agent.wait_log(
+        "keeping the gRPC TLS settings in use: --grpc-tls-key",
+        Duration::from_secs(10),
+    );
+    let (status, _) = agent.stop();
+    assert!(status.success(), "SIGHUP does not stop the agent");
+}
+
+#[test]
+fn a_pin_directory_others_control_is_refused() {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    let fs = Bpffs::new("trust");
+    let pins = fs.pins();
+    let mode = |p: &str, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+    };
+    std::fs::create_dir(&pins).unwrap();
+    chown(&pins, Some(65534), None).unwrap();
+    let err = run_fails(&["--pin-dir", &pins], &[]);
+    assert!(
+        err.contains(&format!(
+            "pin directory {pins}: is owned by uid 65534, not root"
+        )),
+        "{err}"
+    );
+    chown(&pins, Some(0), None).unwrap();
+    mode(&pins, 0o777);
+    let err = run_fails(&["--pin-dir", &pins], &[]);
+    assert!(
+        err.contains("is writable by group or others (mode 0777)"),
+        "{err}"
+    );
+    // Nobody may have moved or swapped anything inside.
+    assert_eq!(std::fs::read_dir(&pins).unwrap().count(), 0);
+    std::fs::remove_dir(&pins).unwrap();
+
+    // A parent under bpffs that others may write (without the sticky bit).
+    let shared = fs.dir.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let shared = shared.to_string_lossy().into_owned();
+    mode(&shared, 0o777);
+    let nested = format!("{shared}/pins");
+    let err = run_fails(&["--pin-dir", &nested], &[]);
+    assert!(
+        err.contains(&format!(
+            "pin directory {shared}: is writable by group or others"
+        )),
+        "{err}"
+    );
+    assert!(!std::path::Path::new(&nested).exists());
+    // With the sticky bit (as a fresh bpffs root is) it is fine, and the directory
+    // flowlens creates is root's alone.
+    mode(&shared, 0o1777);
+    let err = run_fails(&["--pin-dir", &nested], &[]);
+    assert!(err.contains("no such interface"), "{err}");
 }
 
 #[test]
@@ -531,6 +712,15 @@ fn a_missing_bpffs_is_mounted_for_the_default_pin_dir() {
         "mounted a BPF filesystem at /sys/fs/bpf",
         Duration::from_secs(10),
     );
+    // Root's alone, as systemd mounts it (a bare `mount -t bpf` gives 1777).
+    let bpffs = format!("/proc/{}/root/sys/fs/bpf", agent.child.id());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&bpffs)
+            .expect("the agent's bpffs")
+            .permissions(),
+    );
+    // (bpffs always adds the sticky bit to its root.)
+    assert_eq!(mode & 0o777, 0o700, "{bpffs}");
     agent.wait_log("attached to", Duration::from_secs(10));
     let (status, _) = agent.stop();
     assert!(status.success());

@@ -128,6 +128,8 @@ fn unit_settings() {
     assert_eq!(one("NoNewPrivileges"), "yes");
     assert_eq!(one("ProtectSystem"), "strict");
     assert_eq!(one("LimitMEMLOCK"), "infinity");
+    assert_eq!(one("LimitNOFILE"), "16384");
+    assert_eq!(one("ExecReload"), "/bin/kill -HUP $MAINPID");
     assert_eq!(one("WantedBy"), "multi-user.target");
     let caps = |key: &str| -> BTreeSet<String> {
         one(key).split_whitespace().map(str::to_owned).collect()

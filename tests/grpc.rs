@@ -19,11 +19,7 @@ use tonic::{Code, Streaming};
 /// Upper bound for anything that should happen "soon"; never the expected duration.
 const WAIT: Duration = Duration::from_secs(15);
 
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-const FIN: u8 = 0x01;
-const RST: u8 = 0x04;
-const PSH: u8 = 0x08;
+use flowlens::flow::tcp_flags::{ACK, FIN, PSH, RST, SYN};
 
 struct Agent {
     hub: Hub,
@@ -372,6 +368,46 @@ async fn records_round_trip_with_optional_fields() {
         got.records[0].first_seen,
         Some(prost_types::Timestamp::from(t(1)))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_streams_carry_the_same_records_and_seq_numbers() {
+    use tonic::codec::CompressionEncoding;
+    let agent = Agent::start();
+    let recs = corpus();
+    for (enc, name) in [
+        (CompressionEncoding::Zstd, "zstd"),
+        (CompressionEncoding::Gzip, "gzip"),
+    ] {
+        let s = agent
+            .client()
+            .await
+            .accept_compressed(enc)
+            .subscribe(proto::SubscribeRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            s.metadata()
+                .get("grpc-encoding")
+                .map(|v| v.to_str().unwrap()),
+            Some(name),
+            "the server compresses what the client accepts"
+        );
+        let mut s = s.into_inner();
+        for r in &recs {
+            agent.hub.publish(r.clone());
+        }
+        let mut got = Received::default();
+        read_until(&mut s, &mut got, |r| r.ids.len() >= recs.len()).await;
+        let back: Vec<FlowRecord> = got
+            .records
+            .iter()
+            .map(|p| FlowRecord::try_from(p).unwrap())
+            .collect();
+        assert_eq!(back, recs);
+        let seqs: Vec<u64> = got.records.iter().map(|p| p.seq).collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1449,6 +1485,18 @@ async fn watch_flags_build_the_request() {
     assert_eq!(req.follow, Some(true));
 }
 
+/// The README's grpcio invocation for the unix socket.
+const PY_UNIX_SOCKET: &str = r#"
+import sys
+sys.path.insert(0, sys.argv[2])
+import grpc
+from flowlens.v1 import flowlens_pb2 as pb, flowlens_pb2_grpc as rpc
+
+channel = grpc.insecure_channel("unix:" + sys.argv[1],
+                                options=[("grpc.default_authority", "localhost")])
+print(rpc.FlowLensStub(channel).GetStatus(pb.GetStatusRequest(), timeout=10).version)
+"#;
+
 const PY_CLIENT: &str = r#"
 import json, sys
 sys.path.insert(0, sys.argv[2])
@@ -1505,7 +1553,15 @@ async fn python_grpcio_client() {
         agent.hub.publish(r);
     }
     let addr = agent.addr.to_string();
-    let out = tokio::task::spawn_blocking(move || {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("flowlens.sock");
+    let unix = service::spawn(
+        &format!("unix:{}", sock.display()),
+        agent.hub.clone(),
+        Arc::new(Status::new()),
+    )
+    .unwrap();
+    let (out, unix_out) = tokio::task::spawn_blocking(move || {
         let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pyvenv-grpcio");
         let py = venv.join("bin/python");
         let ready = py.exists()
@@ -1532,12 +1588,23 @@ async fn python_grpcio_client() {
             .arg(format!("--python_out={}", gen.path().display()))
             .arg(format!("--grpc_python_out={}", gen.path().display()))
             .arg(format!("{proto_dir}/flowlens/v1/flowlens.proto")));
-        run(Command::new(&py)
+        let out = run(Command::new(&py)
             .args(["-c", PY_CLIENT, &addr])
-            .arg(gen.path()))
+            .arg(gen.path()));
+        let unix_out = run(Command::new(&py)
+            .args(["-c", PY_UNIX_SOCKET])
+            .arg(&sock)
+            .arg(gen.path()));
+        (out, unix_out)
     })
     .await
     .unwrap();
+    unix.shutdown().unwrap();
+    assert_eq!(
+        unix_out.trim(),
+        env!("CARGO_PKG_VERSION"),
+        "grpcio on the unix socket"
+    );
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(v["ids"], serde_json::json!([1, 6]));

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::netns::NetPair;
-use flowlens::api::proto;
 use flowlens::api::proto::flow_lens_client::FlowLensClient;
 use flowlens::api::proto::subscribe_response::Event;
+use flowlens::api::{proto, RequestLimits};
+use flowlens::config::GrpcConfig;
 use flowlens::flow::{DirStats, EndReason, FlowRecord, Hook};
 use flowlens::hub::{Hub, HubConfig};
 use flowlens::service;
@@ -177,7 +178,17 @@ fn rec(i: u32) -> FlowRecord {
 /// receipt), with a second subscriber holding `filters` filters that never match.
 async fn mean_latency(n: u32, gap: Duration, filters: usize) -> Duration {
     let hub = Hub::new(HubConfig::default());
-    let svc = service::spawn("127.0.0.1:0", hub.clone(), Arc::new(Status::new())).unwrap();
+    // An operator who raised the request limits this far, so the heavy subscriber gets in.
+    let grpc = GrpcConfig {
+        max_request_size: 64 << 20,
+        request_limits: RequestLimits {
+            max_filters: filters.max(1),
+            ..RequestLimits::default()
+        },
+        ..GrpcConfig::default()
+    };
+    let svc =
+        service::spawn_with("127.0.0.1:0", &grpc, hub.clone(), Arc::new(Status::new())).unwrap();
     let url = format!("http://{}", svc.local_addr().unwrap());
     let mut heavy_stream = None;
     if filters > 0 {

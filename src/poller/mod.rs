@@ -203,6 +203,8 @@ pub struct Poller<T: FlowTable = KernelTable> {
     /// The eviction age in force: `evict_min_age`, halved while the datapath still
     /// drops new flows (a flood faster than eviction at that age keeps up with).
     evict_age_ns: u64,
+    /// Names of interfaces the attacher does not know, looked up once each.
+    other_names: std::cell::RefCell<HashMap<u32, String>>,
 }
 
 impl<T: FlowTable> Poller<T> {
@@ -229,6 +231,7 @@ impl<T: FlowTable> Poller<T> {
             episode: None,
             last_full: [0; 3],
             evict_age_ns: cfg.evict_min_age.as_nanos() as u64,
+            other_names: Default::default(),
         }
     }
 
@@ -336,6 +339,8 @@ impl<T: FlowTable> Poller<T> {
                 .is_multiple_of(u64::from(self.cfg.orphan_sweep_every))
         {
             stats.orphans_removed = self.sweep_orphans(&unjoined)?;
+            // Interfaces come, go and get renamed: look names up afresh now and then.
+            self.other_names.get_mut().clear();
         }
         let counters = self.table.counters();
         if self.polls == 1 {
@@ -762,9 +767,14 @@ impl<T: FlowTable> Poller<T> {
             .unwrap_or_else(|e| e.into_inner())
             .get(&ifindex)
             .cloned();
-        known
-            .or_else(|| ifindex_to_name(ifindex))
-            .unwrap_or_else(|| format!("if{ifindex}"))
+        if let Some(n) = known {
+            return n;
+        }
+        self.other_names
+            .borrow_mut()
+            .entry(ifindex)
+            .or_insert_with(|| ifindex_to_name(ifindex).unwrap_or_else(|| format!("if{ifindex}")))
+            .clone()
     }
 }
 

@@ -557,3 +557,27 @@ fn during_an_episode_eviction_goes_on_below_the_threshold_down_to_the_target() {
     assert_eq!(rig.poll(T0 + 2 * S + S / 10).len(), 2);
     assert_eq!(rig.table().entries(), [5, 0, 0]);
 }
+#[test]
+fn flow_ids_are_pinned_so_they_survive_upgrades() {
+    let ip = |d| IpAddr::V4(Ipv4Addr::new(10, 0, 0, d));
+    let (key, _) = flow_key(IPPROTO_TCP, (ip(1), 40000), (ip(2), 80), 7);
+    let raw = |first_seen_ns| super::decode::RawFlow {
+        key,
+        base: types::flow_base {
+            first_seen_ns,
+            ..Default::default()
+        },
+        tcp: None,
+        icmp: None,
+    };
+    assert_eq!(raw(T0).flow_id(), raw(T0).flow_id());
+    assert_ne!(
+        raw(T0).flow_id(),
+        raw(T0 + 1).flow_id(),
+        "a new flow on the same key"
+    );
+    // The hash (FNV-1a of key and first-seen time) must not change between versions.
+    assert_eq!(raw(T0).flow_id(), PINNED);
+}
+
+const PINNED: u64 = 3_818_329_988_990_198_824;

@@ -117,3 +117,4 @@ pub mod bin;
 pub mod capture;
 pub mod netns;
 pub mod traffic;
+pub mod pki;
