@@ -654,7 +654,12 @@ fn shutdown_with_trickling_connections_is_prompt() {
     let (rt, h) = serve_text(HttpLimits::default());
     let addr = h.local_addr();
     let start = Instant::now();
-    let mut ts: Vec<Trickler> = (0..40).map(|_| Trickler::connect(addr, start)).collect();
+    // Fewer than the connection cap, so none of them is closed to make room before the
+    // shutdown this test is about.
+    let cap = HttpLimits::default().max_connections;
+    let mut ts: Vec<Trickler> = (0..cap - 2)
+        .map(|_| Trickler::connect(addr, start))
+        .collect();
     for t in &mut ts {
         assert!(t.tick(Duration::from_secs(1)));
     }

@@ -29,6 +29,14 @@ fn a_blocked_stdout_holds_up_neither_subscribers_nor_shutdown() {
     let net = NetPair::new();
     let sock = format!("/tmp/flowlens-pipeline-{}.sock", std::process::id());
     let listen = format!("unix:{sock}");
+    // Killed however the test ends, so a failed assertion leaves no agent behind.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut agent = Command::new("ip")
         .args(["netns", "exec", &net.a, BIN, "run", "--output", "table"])
         .args(["--interface", &net.if_a, "--pin-dir", "off"])
@@ -46,6 +54,7 @@ fn a_blocked_stdout_holds_up_neither_subscribers_nor_shutdown() {
         .spawn()
         .expect("spawn flowlens");
     let stderr = agent.stderr.take().expect("stderr");
+    let mut agent = KillOnDrop(agent);
     let (log_tx, log) = crossbeam_channel::unbounded();
     std::thread::spawn(move || {
         for l in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -67,8 +76,9 @@ fn a_blocked_stdout_holds_up_neither_subscribers_nor_shutdown() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn watch");
-    let (rec_tx, records) = crossbeam_channel::unbounded();
     let out = watch.stdout.take().expect("stdout");
+    let _watch = KillOnDrop(watch);
+    let (rec_tx, records) = crossbeam_channel::unbounded();
     std::thread::spawn(move || {
         for l in BufReader::new(out).lines().map_while(Result::ok) {
             let _ = rec_tx.send(l);
@@ -124,14 +134,13 @@ fn a_blocked_stdout_holds_up_neither_subscribers_nor_shutdown() {
     );
 
     // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) }, 0);
     let t0 = Instant::now();
     let status = loop {
-        if let Some(s) = agent.try_wait().expect("wait") {
+        if let Some(s) = agent.0.try_wait().expect("wait") {
             break s;
         }
         if t0.elapsed() > Duration::from_secs(10) {
-            let _ = agent.kill();
             panic!("the agent did not stop within 10 s of SIGTERM");
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -139,8 +148,6 @@ fn a_blocked_stdout_holds_up_neither_subscribers_nor_shutdown() {
     let took = t0.elapsed();
     assert!(status.success(), "exit status {status:?}");
     assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
-    let _ = watch.kill();
-    let _ = watch.wait();
     let _ = std::fs::remove_file(&sock);
 }
 
