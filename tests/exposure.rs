@@ -106,6 +106,7 @@ fn record(n: u32) -> FlowRecord {
         flow_id: u64::from(n),
         observer: "exposure-test".into(),
         continuation: false,
+        fragment: false,
         client: DirStats {
             packets: 1,
             bytes: 80,

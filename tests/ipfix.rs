@@ -41,6 +41,7 @@ fn tcp_record() -> FlowRecord {
         last_seen: t0 + Duration::from_millis(2500),
         window_start: t0,
         continuation: false,
+        fragment: false,
         client: DirStats {
             packets: 5,
             bytes: 700,
@@ -339,7 +340,7 @@ fn end_reasons_map_to_iana_codes() {
         .iter()
         .map(|r| encode::end_reason_code(*r))
         .collect();
-    assert_eq!(codes, [1, 2, 3, 3, 4]);
+    assert_eq!(codes, [1, 2, 3, 3, 4, 5]);
 }
 
 #[test]

@@ -116,5 +116,5 @@ pub mod agent;
 pub mod bin;
 pub mod capture;
 pub mod netns;
-pub mod traffic;
 pub mod pki;
+pub mod traffic;
