@@ -51,6 +51,7 @@ fn load_mono(capacity: u32) -> Result<FlowMonoSkel<'static>> {
         .open(leak_storage())
         .context("open mono")?;
     open.maps.flows.set_max_entries(capacity)?;
+    open.maps.flows_naive.set_max_entries(capacity)?;
     open.load().context("load mono")
 }
 
@@ -238,7 +239,35 @@ fn datapath(t: &mut Table) -> Result<()> {
     Ok(())
 }
 
-fn key(i: u32) -> types::flow_key {
+/// A flow mix: percent of TCP, UDP and ICMP flows.
+#[derive(Clone, Copy)]
+struct Mix(u32, u32, u32);
+
+impl Mix {
+    const DEFAULT: Mix = Mix(40, 50, 10);
+
+    fn proto(self, i: u32) -> u8 {
+        match i % 100 {
+            x if x < self.0 => 6,
+            x if x < self.0 + self.1 => 17,
+            _ => 1,
+        }
+    }
+
+    fn ext(self, i: u32) -> u32 {
+        match self.proto(i) {
+            6 => types::flow_ext::EXT_TCP.0,
+            1 => types::flow_ext::EXT_ICMP.0,
+            _ => 0,
+        }
+    }
+
+    fn label(self) -> String {
+        format!("{}/{}/{}", self.0, self.1, self.2)
+    }
+}
+
+fn key(i: u32, mix: Mix) -> types::flow_key {
     let mut k = types::flow_key::default();
     k.addr_lo[10] = 0xff;
     k.addr_lo[11] = 0xff;
@@ -248,11 +277,7 @@ fn key(i: u32) -> types::flow_key {
     k.addr_hi[12..].copy_from_slice(&[10, 200, 0, 2]);
     k.port_lo = (i >> 16) as u16;
     k.port_hi = 443;
-    k.proto = match i % 10 {
-        0..=3 => 6,
-        4..=8 => 17,
-        _ => 1,
-    };
+    k.proto = mix.proto(i);
     k.ip_version = 4;
     k.ifindex = 1;
     k
@@ -284,85 +309,215 @@ fn fill(map: &MapHandle, n: u32, kv: impl Fn(u32) -> Option<(Vec<u8>, Vec<u8>)>)
     Ok(())
 }
 
-fn fill_split(maps: &FlowMaps, n: u32) -> Result<()> {
-    let base = types::flow_base {
-        packets: [10, 10],
-        ..Default::default()
-    };
+/// Fills the split maps as the datapath would: every flow a base entry, and
+/// `sampled` percent of the TCP and ICMP flows (those with a latency or RTT
+/// sample; 100 is the worst case) an extension entry under its id.
+fn fill_split(maps: &FlowMaps, n: u32, mix: Mix, sampled: u32) -> Result<()> {
     fill(&maps.flows, n, |i| {
-        Some((bytes(&key(i)).to_vec(), bytes(&base).to_vec()))
+        let base = types::flow_base {
+            packets: [10, 10],
+            ext: mix.ext(i) as u8,
+            ext_id: if mix.ext(i) == 0 { 0 } else { u64::from(i) + 1 },
+            ..Default::default()
+        };
+        Some((bytes(&key(i, mix)).to_vec(), bytes(&base).to_vec()))
     })?;
-    fill(&maps.tcp, n, |i| {
-        let k = key(i);
-        (k.proto == 6).then(|| {
-            (
-                bytes(&k).to_vec(),
-                bytes(&types::flow_tcp::default()).to_vec(),
-            )
+    let ext_fill = |map: &MapHandle, want: u32, value: &[u8]| {
+        fill(map, n, |i| {
+            (mix.ext(i) == want && (i / 100) % 100 < sampled)
+                .then(|| ((u64::from(i) + 1).to_ne_bytes().to_vec(), value.to_vec()))
         })
-    })?;
-    fill(&maps.icmp, n, |i| {
-        let k = key(i);
-        (k.proto == 1).then(|| {
-            (
-                bytes(&k).to_vec(),
-                bytes(&types::flow_icmp::default()).to_vec(),
-            )
-        })
-    })
+    };
+    ext_fill(
+        &maps.tcp,
+        types::flow_ext::EXT_TCP.0,
+        bytes(&types::flow_tcp::default()),
+    )?;
+    ext_fill(
+        &maps.icmp,
+        types::flow_ext::EXT_ICMP.0,
+        bytes(&types::flow_icmp::default()),
+    )
 }
 
 fn memlock(m: &MapHandle) -> Result<u64> {
     Ok(FlowMaps::memlock(m)?)
 }
 
+/// Unreclaimable slab memory (bytes, /proc/meminfo) and the objects in use
+/// in each memory-cgroup-accounted kmalloc cache (/proc/slabinfo).
+struct Slab {
+    unreclaim: u64,
+    objects: std::collections::BTreeMap<u32, u64>,
+}
+
+fn slab() -> Result<Slab> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    let kb = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("SUnreclaim:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("SUnreclaim in /proc/meminfo")?;
+    let mut objects = std::collections::BTreeMap::new();
+    for l in std::fs::read_to_string("/proc/slabinfo")?.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if let Some(class) = f.first().and_then(|n| n.strip_prefix("kmalloc-cg-")) {
+            if let (Ok(class), Some(Ok(active))) =
+                (class.parse::<u32>(), f.get(1).map(|a| a.parse::<u64>()))
+            {
+                objects.insert(class, active);
+            }
+        }
+    }
+    Ok(Slab {
+        unreclaim: kb * 1024,
+        objects,
+    })
+}
+
+/// Waits (up to 30 s) until freed maps have given their memory back to
+/// within `slack` bytes of `level`: the kernel frees map elements after an
+/// RCU grace period, and a free during the next fill would net against it.
+fn settle(level: u64, slack: u64) -> Result<()> {
+    for _ in 0..300 {
+        if slab()?.unreclaim <= level + slack {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Real kernel memory one layout takes for `n` flows: slab growth per flow,
+/// the kmalloc classes its objects landed in, and memlock per flow.
+struct Cost {
+    slab_per_flow: f64,
+    classes: String,
+    memlock_per_flow: f64,
+}
+
+/// Measures `fill_maps` (which creates, fills and returns its maps' memlock
+/// before and after filling), keeping the maps alive until measured.
+fn measure<T>(n: u32, fill_maps: impl FnOnce() -> Result<(T, u64, u64)>) -> Result<Cost> {
+    let before = slab()?;
+    let (keep, empty, full) = fill_maps()?;
+    let after = slab()?;
+    drop(keep);
+    let grown = after.unreclaim.saturating_sub(before.unreclaim);
+    settle(before.unreclaim, grown / 20)?;
+    let classes = after
+        .objects
+        .iter()
+        .filter_map(|(class, now)| {
+            let grew = now.saturating_sub(*before.objects.get(class).unwrap_or(&0));
+            (grew * 20 > u64::from(n))
+                .then(|| format!("{class}: {:.2}/flow", grew as f64 / f64::from(n)))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(Cost {
+        slab_per_flow: after.unreclaim.saturating_sub(before.unreclaim) as f64 / f64::from(n),
+        classes,
+        memlock_per_flow: full.saturating_sub(empty) as f64 / f64::from(n),
+    })
+}
+
+fn split_cost(n: u32, mix: Mix, sampled: u32) -> Result<Cost> {
+    measure(n, || {
+        let dp = Datapath::load(Capacities {
+            flows: n,
+            tcp: (n / 100 * mix.0).max(1),
+            icmp: (n / 100 * mix.2).max(1),
+        })?;
+        let maps = dp.maps()?;
+        let total = |m: &FlowMaps| -> Result<u64> {
+            Ok(memlock(&m.flows)? + memlock(&m.tcp)? + memlock(&m.icmp)?)
+        };
+        let empty = total(&maps)?;
+        fill_split(&maps, n, mix, sampled)?;
+        let full = total(&maps)?;
+        Ok(((dp, maps), empty, full))
+    })
+}
+
+/// One single map holding every flow: `naive` (base, TCP and ICMP fields in
+/// every value) or best-packed (base plus the union of the extensions).
+fn single_cost(n: u32, mix: Mix, naive: bool) -> Result<Cost> {
+    measure(n, || {
+        let mono = load_mono(n)?;
+        let (map, value) = if naive {
+            (
+                MapHandle::try_from(&mono.maps.flows_naive)?,
+                bytes(&mono_types::flow_naive::default()).to_vec(),
+            )
+        } else {
+            (
+                MapHandle::try_from(&mono.maps.flows)?,
+                bytes(&mono_types::flow_packed::default()).to_vec(),
+            )
+        };
+        let empty = memlock(&map)?;
+        fill(&map, n, |i| {
+            Some((bytes(&key(i, mix)).to_vec(), value.clone()))
+        })?;
+        let full = memlock(&map)?;
+        Ok(((mono, map), empty, full))
+    })
+}
+
 fn memory(t: &mut Table) -> Result<()> {
     println!(
-        "kernel memory: 40 % TCP, 50 % UDP, 10 % ICMP flows; fdinfo memlock (bpf_map_memory_usage)"
+        "kernel memory: slab growth (/proc/meminfo SUnreclaim) per flow while creating and filling the maps, \
+         kmalloc-cg-* objects per flow (/proc/slabinfo), fdinfo memlock per flow"
     );
-    for n in [100_000u32, 1_000_000] {
-        let split = Datapath::load(Capacities {
-            flows: n,
-            tcp: n * 4 / 10,
-            icmp: n / 10,
-        })?;
-        let maps = split.maps()?;
-        let empty_split = memlock(&maps.flows)? + memlock(&maps.tcp)? + memlock(&maps.icmp)?;
-        fill_split(&maps, n)?;
-        let split_bytes = memlock(&maps.flows)? + memlock(&maps.tcp)? + memlock(&maps.icmp)?;
-        let mono = load_mono(n)?;
-        let mono_map = MapHandle::try_from(&mono.maps.flows)?;
-        let empty_mono = memlock(&mono_map)?;
-        let v = mono_types::flow_mono::default();
-        fill(&mono_map, n, |i| {
-            Some((bytes(&key(i)).to_vec(), bytes(&v).to_vec()))
-        })?;
-        let mono_bytes = memlock(&mono_map)?;
-        let per = |b: u64, e: u64| (b - e) as f64 / f64::from(n);
-        t.add(
-            "memory",
-            &format!("split maps, {n} flows"),
-            split_bytes as f64 / 1_048_576.0,
-            "MiB",
-            format!("{:.1} B/flow for entries", per(split_bytes, empty_split)),
-        );
-        t.add(
-            "memory",
-            &format!("monolithic map, {n} flows"),
-            mono_bytes as f64 / 1_048_576.0,
-            "MiB",
-            format!("{:.1} B/flow for entries", per(mono_bytes, empty_mono)),
-        );
-        t.add(
-            "memory",
-            &format!("split saving, {n} flows"),
-            100.0 * (1.0 - split_bytes as f64 / mono_bytes as f64),
-            "%",
-            format!(
-                "entries alone: {:.1} %",
-                100.0 * (1.0 - per(split_bytes, empty_split) / per(mono_bytes, empty_mono))
-            ),
-        );
+    for mix in [Mix::DEFAULT, Mix(20, 75, 5), Mix(70, 25, 5)] {
+        for n in [100_000u32, 1_000_000] {
+            let split = split_cost(n, mix, 100)?;
+            let packed = single_cost(n, mix, false)?;
+            let naive = single_cost(n, mix, true)?;
+            let what = |layout: &str| format!("{layout}, {} mix, {n} flows", mix.label());
+            for (layout, c) in [
+                ("split, every TCP/ICMP flow sampled", &split),
+                ("best-packed single", &packed),
+                ("naive single", &naive),
+            ] {
+                t.add(
+                    "memory",
+                    &what(layout),
+                    c.slab_per_flow,
+                    "B/flow",
+                    format!(
+                        "memlock {:.1} B/flow; kmalloc-cg objects {}",
+                        c.memlock_per_flow, c.classes
+                    ),
+                );
+            }
+            t.add(
+                "memory",
+                &what("split / best-packed single"),
+                split.slab_per_flow / packed.slab_per_flow,
+                "ratio",
+                format!(
+                    "split / naive x{:.2}; memlock split / best-packed x{:.2}",
+                    split.slab_per_flow / naive.slab_per_flow,
+                    split.memlock_per_flow / packed.memlock_per_flow
+                ),
+            );
+            if mix.0 == Mix::DEFAULT.0 {
+                let half = split_cost(n, mix, 50)?;
+                t.add(
+                    "memory",
+                    &what("split, half the TCP/ICMP flows sampled"),
+                    half.slab_per_flow,
+                    "B/flow",
+                    format!(
+                        "x{:.2} best-packed single; kmalloc-cg objects {}",
+                        half.slab_per_flow / packed.slab_per_flow,
+                        half.classes
+                    ),
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -375,7 +530,7 @@ fn poller(t: &mut Table) -> Result<()> {
             tcp: n,
             icmp: n,
         })?;
-        fill_split(&dp.maps()?, n)?;
+        fill_split(&dp.maps()?, n, Mix::DEFAULT, 100)?;
         let mut rates = Vec::new();
         for mode in [ReadMode::Batch, ReadMode::KeyByKey] {
             let (tx, _rx) = crossbeam_channel::unbounded();
@@ -414,36 +569,34 @@ fn poller(t: &mut Table) -> Result<()> {
     Ok(())
 }
 
-/// Fills the split maps with `n` flows last seen at `seen_ns`, each naming its extension.
+/// Fills the split maps with `n` flows of the default mix last seen at `seen_ns`, every
+/// TCP and ICMP flow with its extension entry (the poller's worst case).
 fn fill_flows(maps: &FlowMaps, n: u32, seen_ns: u64) -> Result<()> {
-    let base = |i: u32| types::flow_base {
-        first_seen_ns: seen_ns,
-        last_seen_ns: seen_ns,
-        packets: [10, 10],
-        ext: match key(i).proto {
-            6 => types::flow_ext::EXT_TCP.0 as u8,
-            1 => types::flow_ext::EXT_ICMP.0 as u8,
-            _ => 0,
-        },
-        ..Default::default()
-    };
+    let mix = Mix::DEFAULT;
+    let id = |i: u32| u64::from(i) + 1;
     fill(&maps.flows, n, |i| {
-        Some((bytes(&key(i)).to_vec(), bytes(&base(i)).to_vec()))
+        let base = types::flow_base {
+            first_seen_ns: seen_ns,
+            last_seen_ns: seen_ns,
+            packets: [10, 10],
+            ext: mix.ext(i) as u8,
+            ext_id: if mix.ext(i) == 0 { 0 } else { id(i) },
+            ..Default::default()
+        };
+        Some((bytes(&key(i, mix)).to_vec(), bytes(&base).to_vec()))
     })?;
     fill(&maps.tcp, n, |i| {
-        let k = key(i);
-        (k.proto == 6).then(|| {
+        (mix.ext(i) == types::flow_ext::EXT_TCP.0).then(|| {
             (
-                bytes(&k).to_vec(),
+                id(i).to_ne_bytes().to_vec(),
                 bytes(&types::flow_tcp::default()).to_vec(),
             )
         })
     })?;
     fill(&maps.icmp, n, |i| {
-        let k = key(i);
-        (k.proto == 1).then(|| {
+        (mix.ext(i) == types::flow_ext::EXT_ICMP.0).then(|| {
             (
-                bytes(&k).to_vec(),
+                id(i).to_ne_bytes().to_vec(),
                 bytes(&types::flow_icmp::default()).to_vec(),
             )
         })
@@ -574,7 +727,7 @@ fn poller_cost(t: &mut Table) -> Result<()> {
 }
 
 fn record(i: u64) -> FlowRecord {
-    let key = key(i as u32);
+    let key = key(i as u32, Mix::DEFAULT);
     let raw = RawFlow {
         key,
         base: types::flow_base::default(),

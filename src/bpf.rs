@@ -21,7 +21,7 @@ macro_rules! skeleton {
 
 skeleton!(flow_skel, "flow.skel.rs");
 skeleton!(
-    /// The flow programs built with one monolithic map (benchmarks only).
+    /// The flow programs built with one single map (benchmarks only).
     pub flow_mono_skel,
     "flow_mono.skel.rs"
 );
@@ -40,4 +40,5 @@ unsafe impl plain::Plain for types::flow_key {}
 unsafe impl plain::Plain for types::flow_base {}
 unsafe impl plain::Plain for types::flow_tcp {}
 unsafe impl plain::Plain for types::flow_icmp {}
-unsafe impl plain::Plain for flow_mono_skel::types::flow_mono {}
+unsafe impl plain::Plain for flow_mono_skel::types::flow_packed {}
+unsafe impl plain::Plain for flow_mono_skel::types::flow_naive {}

@@ -1,8 +1,13 @@
-//! The generated map types have the sizes the design promises, with no implicit padding.
+//! The generated map types have the sizes the design promises, with no implicit padding,
+//! and each map's hash element lands in the kmalloc size class the memory budget counts on.
 
 use std::mem::{offset_of, size_of};
 
-use flowlens::bpf::types::{flow_base, flow_icmp, flow_key, flow_tcp, tcp_latency};
+use flowlens::bpf::flow_mono_skel::types::{flow_naive, flow_packed};
+use flowlens::bpf::types::{
+    bpf_spin_lock, flow_base, flow_icmp, flow_key, flow_l4, flow_tcp, icmp_hot, tcp_hot,
+    tcp_latency,
+};
 
 /// Asserts that fields tile the struct: each starts where the previous ended.
 macro_rules! assert_tiled {
@@ -16,6 +21,16 @@ macro_rules! assert_tiled {
     }};
 }
 
+/// Bytes the kernel allocates for one element of a BPF_F_NO_PREALLOC hash map:
+/// the `htab_elem` header (48 B), key and value each rounded up to 8, and the
+/// bpf_mem_alloc free-list node (8 B), rounded up to a kmalloc size class.
+fn kmalloc_class(key: usize, value: usize) -> (usize, usize) {
+    const CLASSES: [usize; 12] = [16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096, 8192];
+    let elem = 48 + key.next_multiple_of(8) + value.next_multiple_of(8) + 8;
+    let class = *CLASSES.iter().find(|&&c| c >= elem).expect("class");
+    (elem, class)
+}
+
 #[test]
 fn flow_key_is_44_bytes_fully_explicit() {
     assert_eq!(size_of::<flow_key>(), 44);
@@ -23,25 +38,54 @@ fn flow_key_is_44_bytes_fully_explicit() {
 }
 
 #[test]
-fn base_value_fits_the_120_byte_target() {
-    assert_eq!(size_of::<flow_base>(), 56);
-    assert!(size_of::<flow_base>() <= 120);
-    assert_tiled!(flow_base, first_seen_ns: u64, last_seen_ns: u64, packets: [u64; 2], bytes: [u64; 2], ttl: [u8; 2], initiator: u8, first_hook: u8, ext: u8, __pad: [u8; 3]);
+fn base_entry_fills_kmalloc_192_exactly() {
+    assert_eq!(size_of::<tcp_hot>(), 6);
+    assert_tiled!(tcp_hot, flags: [u8; 2], state: u8, bits: u8, syn_retrans: u16);
+    assert_eq!(size_of::<icmp_hot>(), 6);
+    assert_tiled!(icmp_hot, req_seq: u16, r#type: [u8; 2], code: [u8; 2]);
+    assert_eq!(size_of::<flow_l4>(), 6);
+    assert_eq!(size_of::<flow_base>(), 88);
+    assert_tiled!(flow_base, first_seen_ns: u64, last_seen_ns: u64, packets: [u64; 2], bytes: [u64; 2], ext_id: u64, l4_ts_ns: u64, handshake_client_ns: u32, handshake_server_ns: u32, lock: bpf_spin_lock, l4: flow_l4, ttl: [u8; 2], initiator: u8, first_hook: u8, ext: u8, __pad: u8);
+    // 48 + 48 + 88 + 8: not a byte to spare before kmalloc-256.
+    assert_eq!(
+        kmalloc_class(size_of::<flow_key>(), size_of::<flow_base>()),
+        (192, 192)
+    );
 }
 
 #[test]
-fn tcp_extension_layout() {
-    // 96 bytes, over the 56-byte target: per-direction count/sum/min/max
-    // and jitter at nanosecond resolution need 32 bytes a side.
+fn tcp_extension_is_keyed_by_id_and_fills_kmalloc_128() {
     assert_eq!(size_of::<tcp_latency>(), 32);
     assert_tiled!(tcp_latency, sum_ns: u64, jitter_sum_ns: u64, count: u32, min_ns: u32, max_ns: u32, prev_ns: u32);
-    assert_eq!(size_of::<flow_tcp>(), 96);
-    assert_tiled!(flow_tcp, last_ts_ns: u64, handshake_client_ns: u32, handshake_server_ns: u32, lat: [tcp_latency; 2], lock: u32, flags: [u8; 2], state: u8, bits: u8, syn_retrans: u16, __pad: [u8; 6]);
+    assert_eq!(size_of::<flow_tcp>(), 64);
+    assert_tiled!(flow_tcp, lat: [tcp_latency; 2]);
+    assert_eq!(
+        kmalloc_class(size_of::<u64>(), size_of::<flow_tcp>()),
+        (128, 128)
+    );
 }
 
 #[test]
-fn icmp_extension_layout() {
-    // 40 bytes: type/code per direction (4) plus echo RTT pairing and stats.
-    assert_eq!(size_of::<flow_icmp>(), 40);
-    assert_tiled!(flow_icmp, req_ts_ns: u64, rtt_sum_ns: u64, rtt_count: u32, rtt_min_ns: u32, rtt_max_ns: u32, req_seq: u16, r#type: [u8; 2], code: [u8; 2], __pad: [u8; 6]);
+fn icmp_extension_is_keyed_by_id_and_lands_in_kmalloc_96() {
+    assert_eq!(size_of::<flow_icmp>(), 24);
+    assert_tiled!(flow_icmp, rtt_sum_ns: u64, rtt_count: u32, rtt_min_ns: u32, rtt_max_ns: u32, __pad: [u8; 4]);
+    assert_eq!(
+        kmalloc_class(size_of::<u64>(), size_of::<flow_icmp>()),
+        (88, 96)
+    );
+}
+
+/// The single-map layouts the benchmark measures the split against.
+#[test]
+fn single_map_values_land_in_256_and_512() {
+    assert_eq!(size_of::<flow_packed>(), 152);
+    assert_eq!(
+        kmalloc_class(size_of::<flow_key>(), size_of::<flow_packed>()).1,
+        256
+    );
+    assert_eq!(size_of::<flow_naive>(), 176);
+    assert_eq!(
+        kmalloc_class(size_of::<flow_key>(), size_of::<flow_naive>()).1,
+        512
+    );
 }

@@ -44,18 +44,17 @@ fn put(maps: &FlowMaps, i: u32, proto: u8, last_seen_ns: u64) {
         } else {
             0
         },
+        ext_id: if proto == 6 { u64::from(i) + 1 } else { 0 },
         ..Default::default()
     };
     maps.flows
         .update(bytes_of(&k), bytes_of(&b), MapFlags::ANY)
         .expect("put base");
     if proto == 6 {
-        let t = types::flow_tcp {
-            syn_retrans: i as u16,
-            ..Default::default()
-        };
+        let mut t = types::flow_tcp::default();
+        t.lat[0].count = i;
         maps.tcp
-            .update(bytes_of(&k), bytes_of(&t), MapFlags::ANY)
+            .update(&b.ext_id.to_ne_bytes(), bytes_of(&t), MapFlags::ANY)
             .expect("put tcp");
     }
 }
@@ -103,8 +102,11 @@ fn batch_and_key_by_key_reads_agree_and_joins_are_right() {
     a.sort();
     b.sort();
     assert_eq!(a, b);
-    let tcp: Vec<(types::flow_key, types::flow_tcp)> =
-        read_all(&maps.tcp, "flows_tcp", ReadMode::Batch, true).expect("locked batch");
+    let locked: Vec<(types::flow_key, types::flow_base)> =
+        read_all(&maps.flows, "flows", ReadMode::Batch, true).expect("locked batch");
+    assert_eq!(locked.len(), 5000);
+    let tcp: Vec<(u64, types::flow_tcp)> =
+        read_all(&maps.tcp, "flows_tcp", ReadMode::Batch, false).expect("batch");
     assert_eq!(tcp.len(), 2500);
 
     let (mut p, _, _) = poller(&dp, PollerConfig::default());
@@ -116,7 +118,7 @@ fn batch_and_key_by_key_reads_agree_and_joins_are_right() {
         assert_eq!(f.tcp.is_some(), f.key.proto == 6);
         if let Some(t) = f.tcp {
             assert_eq!(
-                u64::from(t.syn_retrans),
+                u64::from(t.lat[0].count),
                 f.base.packets[0],
                 "joined with its own extension"
             );
@@ -163,21 +165,20 @@ fn orphan_extension_entries_are_swept_and_counted() {
     let now = monotonic_ns();
     put(&maps, 1, 6, now);
     // extension entries with no base: what a crash between two deletes leaves
-    for i in 100..110 {
-        let k = key(i, 6);
+    // (ids no base entry holds)
+    for i in 100..110u64 {
         maps.tcp
             .update(
-                bytes_of(&k),
+                &(1_000_000 + i).to_ne_bytes(),
                 bytes_of(&types::flow_tcp::default()),
                 MapFlags::ANY,
             )
             .expect("orphan");
     }
-    for i in 200..203 {
-        let k = key(i, 1);
+    for i in 200..203u64 {
         maps.icmp
             .update(
-                bytes_of(&k),
+                &(1_000_000 + i).to_ne_bytes(),
                 bytes_of(&types::flow_icmp::default()),
                 MapFlags::ANY,
             )

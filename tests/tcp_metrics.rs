@@ -6,8 +6,10 @@ use std::thread::sleep;
 use std::time::Duration;
 
 use common::{Harness, Hook};
-use flowlens::bpf::types::{flow_tcp, tcp_bits, tcp_state};
+use flowlens::bpf::types::{flow_base, tcp_bits, tcp_hot, tcp_latency, tcp_state};
+use flowlens::flow::EndReason;
 use flowlens::packet::*;
+use flowlens::poller::decode::{Clock, Counts, RecordMeta};
 use flowlens::poller::decode::{HI_TO_LO, LO_TO_HI};
 
 const CLIENT: [u8; 4] = [10, 200, 0, 1]; // lo side: sends LO_TO_HI
@@ -29,14 +31,25 @@ fn s2c(h: &Harness, flags: u8, payload: &[u8]) {
     );
 }
 
-fn ext(h: &Harness) -> flow_tcp {
-    let t = h.tcp();
-    assert_eq!(t.len(), 1, "one TCP entry");
-    t[0].1
+/// One TCP flow's state (base entry) and latency (its flows_tcp entry, all
+/// zero while it has none).
+struct Tcp {
+    h: tcp_hot,
+    b: flow_base,
+    lat: [tcp_latency; 2],
 }
 
-fn has(t: &flow_tcp, b: tcp_bits) -> bool {
-    u32::from(t.bits) & b.0 != 0
+fn ext(h: &Harness) -> Tcp {
+    let f = h.only_joined();
+    Tcp {
+        h: f.tcp_hot().expect("a TCP flow"),
+        b: f.base,
+        lat: f.tcp.map_or([tcp_latency::default(); 2], |t| t.lat),
+    }
+}
+
+fn has(t: &Tcp, b: tcp_bits) -> bool {
+    u32::from(t.h.bits) & b.0 != 0
 }
 
 fn handshake(h: &Harness) {
@@ -54,24 +67,25 @@ fn handshake_times_are_measured_from_this_host() {
     let t = ext(&h);
     assert!(has(&t, tcp_bits::TCPB_CLIENT_HS) && has(&t, tcp_bits::TCPB_SERVER_HS));
     assert!(
-        t.handshake_client_ns >= GAP_NS,
+        t.b.handshake_client_ns >= GAP_NS,
         "SYN -> SYN-ACK {}",
-        t.handshake_client_ns
+        t.b.handshake_client_ns
     );
     assert!(
-        t.handshake_server_ns >= GAP_NS,
+        t.b.handshake_server_ns >= GAP_NS,
         "SYN-ACK -> ACK {}",
-        t.handshake_server_ns
+        t.b.handshake_server_ns
     );
-    assert!(t.handshake_client_ns < 1_000_000_000 && t.handshake_server_ns < 1_000_000_000);
-    assert_eq!(u32::from(t.state), tcp_state::TCP_ST_ESTABLISHED.0);
+    assert!(t.b.handshake_client_ns < 1_000_000_000 && t.b.handshake_server_ns < 1_000_000_000);
+    assert_eq!(u32::from(t.h.state), tcp_state::TCP_ST_ESTABLISHED.0);
     assert!(!has(&t, tcp_bits::TCPB_LATE_START));
-    assert_eq!(t.syn_retrans, 0);
+    assert_eq!(t.h.syn_retrans, 0);
     assert_eq!(
         t.lat[0].count + t.lat[1].count,
         0,
         "no payload, no latency sample"
     );
+    assert!(h.tcp().is_empty(), "no sample, no flows_tcp entry");
 }
 
 #[test]
@@ -84,11 +98,11 @@ fn retransmitted_syns_are_counted_and_timing_starts_at_the_first() {
     s2c(&h, TCP_SYN | TCP_ACK, &[]);
     c2s(&h, TCP_ACK, &[]);
     let t = ext(&h);
-    assert_eq!(t.syn_retrans, 2);
+    assert_eq!(t.h.syn_retrans, 2);
     assert!(
-        t.handshake_client_ns >= GAP_NS,
+        t.b.handshake_client_ns >= GAP_NS,
         "from the first SYN: {}",
-        t.handshake_client_ns
+        t.b.handshake_client_ns
     );
 }
 
@@ -143,7 +157,7 @@ fn late_start_has_no_handshake_and_samples_after_the_first_direction_change() {
     let t = ext(&h);
     assert!(has(&t, tcp_bits::TCPB_LATE_START));
     assert!(!has(&t, tcp_bits::TCPB_CLIENT_HS) && !has(&t, tcp_bits::TCPB_SERVER_HS));
-    assert_eq!(u32::from(t.state), tcp_state::TCP_ST_ESTABLISHED.0);
+    assert_eq!(u32::from(t.h.state), tcp_state::TCP_ST_ESTABLISHED.0);
     sleep(GAP);
     s2c(&h, TCP_ACK | TCP_PSH, b"response");
     let t = ext(&h);
@@ -160,17 +174,17 @@ fn fin_in_both_directions_closes_and_rst_resets() {
     let h = Harness::new();
     handshake(&h);
     c2s(&h, TCP_FIN | TCP_ACK, &[]);
-    assert_eq!(u32::from(ext(&h).state), tcp_state::TCP_ST_FIN_WAIT.0);
+    assert_eq!(u32::from(ext(&h).h.state), tcp_state::TCP_ST_FIN_WAIT.0);
     s2c(&h, TCP_FIN | TCP_ACK, &[]);
     let t = ext(&h);
-    assert_eq!(u32::from(t.state), tcp_state::TCP_ST_CLOSED.0);
-    assert_eq!(t.flags[LO_TO_HI] & TCP_FIN, TCP_FIN);
-    assert_eq!(t.flags[HI_TO_LO] & TCP_FIN, TCP_FIN);
+    assert_eq!(u32::from(t.h.state), tcp_state::TCP_ST_CLOSED.0);
+    assert_eq!(t.h.flags[LO_TO_HI] & TCP_FIN, TCP_FIN);
+    assert_eq!(t.h.flags[HI_TO_LO] & TCP_FIN, TCP_FIN);
 
     let r = Harness::new();
     handshake(&r);
     s2c(&r, TCP_RST, &[]);
-    assert_eq!(u32::from(ext(&r).state), tcp_state::TCP_ST_RESET.0);
+    assert_eq!(u32::from(ext(&r).h.state), tcp_state::TCP_ST_RESET.0);
 }
 
 #[test]
@@ -188,11 +202,24 @@ fn icmp_echo_rtt_pairs_replies_by_sequence_number() {
     h.run(Hook::Egress, &req(4));
     h.run(Hook::Egress, &req(5));
     h.run(Hook::Ingress, &rep(4));
-    let c = h.icmp();
-    assert_eq!(c.len(), 1);
-    let c = c[0].1;
+    let f = h.only_joined();
+    let c = f.icmp.expect("an RTT entry");
     assert_eq!(c.rtt_count, 3, "only matched request/reply pairs count");
     assert!(c.rtt_min_ns >= GAP_NS && c.rtt_max_ns >= c.rtt_min_ns);
     assert!(c.rtt_sum_ns >= 3 * u64::from(GAP_NS));
-    assert_eq!(c.r#type, [8, 0]);
+    let rec = f.to_record(
+        RecordMeta {
+            counts: Counts::of(&f.base),
+            end_reason: EndReason::IdleTimeout,
+            interface: "lo".into(),
+            observer: "test".into(),
+            window_start_ns: f.base.first_seen_ns,
+            flow_id: f.flow_id(),
+            continuation: false,
+        },
+        &Clock::new(),
+    );
+    let i = rec.icmp.expect("ICMP info");
+    assert_eq!((i.client_type, i.server_type), (Some(8), Some(0)));
+    assert_eq!(i.echo_rtt.map(|r| r.count), Some(3));
 }

@@ -29,9 +29,9 @@ struct flow_enums {
 };
 const volatile struct flow_enums flow_enums_btf = {};
 
-/* Inserts a new flow: base first, so an extension never exists without
- * it, and removed again when its extension cannot be created. Returns 0,
- * -EEXIST (another CPU created it first), or the CNT_* reason it failed.
+/* Inserts a new flow: one base entry, its TCP or ICMP state already
+ * updated from this first packet (which never gives a sample). Returns 0,
+ * -EEXIST (another CPU created it first), or CNT_BASE_FULL.
  */
 static __always_inline int flow_create(const struct acct *a, __u8 hook,
 				       __u64 now)
@@ -40,17 +40,18 @@ static __always_inline int flow_create(const struct acct *a, __u8 hook,
 	long err;
 
 	base_init(&nb, a, hook, now);
+	if (a->ext) {
+		nb.ext_id = ext_id_next();
+		/* a stack entry no other CPU sees: no lock, no sample */
+		if (a->ext == EXT_TCP)
+			tcp_update(&nb, NULL, &a->p, now);
+		else
+			icmp_update(&nb, NULL, &a->p, now);
+	}
 	err = bpf_map_update_elem(&flows, &a->p.key, &nb, BPF_NOEXIST);
 	if (err == -EEXIST)
 		return -EEXIST;
-	if (err)
-		return CNT_BASE_FULL;
-	if (!a->ext)
-		return 0;
-	err = account_ext(&a->p, a->ext, now);
-	if (err)
-		bpf_map_delete_elem(&flows, &a->p.key);
-	return err;
+	return err ? CNT_BASE_FULL : 0;
 }
 
 static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
@@ -84,12 +85,10 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 	}
 
 	base_account(b, &a, now);
-	/* a failure here only costs an existing flow its extension data */
-	if (a.ext) {
-		err = account_ext(&a.p, a.ext, now);
-		if (err)
-			count(err, a.pkts);
-	}
+	if (a.ext == EXT_TCP)
+		tcp_account(b, &a.p, now);
+	else if (a.ext == EXT_ICMP)
+		icmp_account(b, &a.p, now);
 	count(CNT_PACKETS, a.pkts);
 }
 

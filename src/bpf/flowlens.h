@@ -10,7 +10,7 @@
 /* Bumped whenever a key or value layout below changes, so pinned maps of
  * an older layout are never reused by a newer agent.
  */
-#define FLOWLENS_LAYOUT_VERSION 1
+#define FLOWLENS_LAYOUT_VERSION 2
 
 /* Index of a per-direction slot. A flow key orders its two endpoints
  * ("lo" < "hi" by address, then port), so one conversation has one key.
@@ -25,7 +25,9 @@ enum flow_hook {
 	HOOK_EGRESS = 1,
 };
 
-/* flow_base.ext: which extension entries the flow owns. */
+/* flow_base.ext: which extension map holds the flow's samples, once it
+ * has one to keep (see struct flow_base).
+ */
 enum flow_ext {
 	EXT_TCP = 1,
 	EXT_ICMP = 2,
@@ -53,13 +55,14 @@ enum flow_counter {
 	CNT_UDP_TRUNC,		/* UDP header cut short */
 	CNT_ICMP_TRUNC,		/* ICMP/ICMPv6 header cut short */
 	CNT_BASE_FULL,		/* new flow dropped: base map full */
-	CNT_TCP_FULL,		/* new flow dropped: TCP extension map full */
-	CNT_ICMP_FULL,		/* new flow dropped: ICMP extension map full */
+	CNT_TCP_FULL,		/* latency sample lost: TCP extension map full */
+	CNT_ICMP_FULL,		/* RTT sample lost: ICMP extension map full */
 	CNT_IP_BAD_VERSION,	/* IP version nibble does not match the EtherType */
 	CNT_ERRORS_END,
 	CNT_PACKETS = CNT_ERRORS_END, /* packets accounted in a flow */
 	CNT_NON_IP,		/* not IPv4/IPv6: skipped by design */
 	CNT_FRAGMENTS,		/* non-first IP fragments (accounted port-less) */
+	CNT_EXT_IDS,		/* not a counter: this CPU's extension id sequence */
 	CNT_MAX,
 };
 
@@ -84,16 +87,49 @@ struct flow_key {
 	__u8 __pad;
 };
 
+/* The fields a TCP packet may change, kept in the base entry so that an
+ * established packet that changes no state never touches flows_tcp.
+ */
+struct tcp_hot {
+	__u8 flags[2];		/* OR of TCP flags per direction */
+	__u8 state;		/* enum tcp_state */
+	__u8 bits;		/* enum tcp_bits */
+	__u16 syn_retrans;	/* SYNs re-sent before the SYN-ACK */
+};
+
+/* The same for ICMP: the last type/code and the pending echo request. */
+struct icmp_hot {
+	__u16 req_seq;		/* sequence number of the pending request */
+	__u8 type[2];		/* last type per direction */
+	__u8 code[2];		/* last code per direction */
+};
+
+union flow_l4 {
+	struct tcp_hot tcp;	/* ext == EXT_TCP */
+	struct icmp_hot icmp;	/* ext == EXT_ICMP */
+};
+
+/* 88 bytes: with the 44-byte key a hash element of 48 + 48 + 88 + 8
+ * bytes, which is kmalloc-192 exactly (tests/layout.rs pins it).
+ */
 struct flow_base {
 	__u64 first_seen_ns;	/* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
 	__u64 last_seen_ns;
 	__u64 packets[2];	/* indexed by enum flow_dir */
 	__u64 bytes[2];		/* IP bytes: IP header and payload */
+	__u64 ext_id;		/* key of the flow's extension entry; 0: none */
+	__u64 l4_ts_ns;		/* TCP: last handshake event, then last
+				 * payload; ICMP: pending echo request (0: none)
+				 */
+	__u32 handshake_client_ns;	/* TCP: SYN -> SYN-ACK (saturating) */
+	__u32 handshake_server_ns;	/* TCP: SYN-ACK -> final ACK */
+	struct bpf_spin_lock lock;	/* TCP: state changes and samples */
+	union flow_l4 l4;
 	__u8 ttl[2];		/* last TTL / hop limit seen per direction */
 	__u8 initiator;		/* enum flow_dir of the client's packets */
 	__u8 first_hook;	/* enum flow_hook of the first packet */
 	__u8 ext;		/* enum flow_ext */
-	__u8 __pad[3];
+	__u8 __pad;
 };
 
 /* Transaction latency of one side: a sample is the gap between the last
@@ -118,44 +154,36 @@ enum tcp_state {
 	TCP_ST_RESET,
 };
 
-/* flow_tcp.bits */
+/* tcp_hot.bits */
 enum tcp_bits {
 	TCPB_SYN = 1,		/* first SYN seen (handshake from the start) */
 	TCPB_SYNACK = 2,	/* SYN-ACK seen */
 	TCPB_HS_DONE = 4,	/* client's final ACK seen */
 	TCPB_CLIENT_HS = 8,	/* handshake_client_ns is valid */
 	TCPB_SERVER_HS = 16,	/* handshake_server_ns is valid */
-	TCPB_PAYLOAD = 32,	/* last_ts_ns holds a payload time */
+	TCPB_PAYLOAD = 32,	/* l4_ts_ns holds a payload time */
 	TCPB_LAST_DIR_HI = 64,	/* last payload went DIR_HI_TO_LO */
 	TCPB_LATE_START = 128,	/* first packet seen was mid-connection */
 };
 
+/* Extension entries are keyed by flow_base.ext_id (a __u64) and made with
+ * the flow's first sample, so a flow without one costs its base entry
+ * only. Element: 48 + 8 + 64 + 8 bytes, kmalloc-128.
+ */
 struct flow_tcp {
-	__u64 last_ts_ns;	/* last handshake event, then last payload */
-	__u32 handshake_client_ns;	/* SYN -> SYN-ACK (saturating) */
-	__u32 handshake_server_ns;	/* SYN-ACK -> final ACK */
 	struct tcp_latency lat[2];	/* indexed by the answering side's dir */
-	struct bpf_spin_lock lock;
-	__u8 flags[2];		/* OR of TCP flags per direction */
-	__u8 state;		/* enum tcp_state */
-	__u8 bits;		/* enum tcp_bits */
-	__u16 syn_retrans;	/* SYNs re-sent before the SYN-ACK */
-	__u8 __pad[6];
 };
 
-/* Echo round-trip time is paired by sequence number: a reply whose
- * sequence matches the pending request gives one sample.
+/* Echo round-trip time, paired by sequence number: a reply whose
+ * sequence matches the pending request gives one sample. Element:
+ * 48 + 8 + 24 + 8 bytes, kmalloc-96.
  */
 struct flow_icmp {
-	__u64 req_ts_ns;	/* pending echo request (0: none) */
 	__u64 rtt_sum_ns;
 	__u32 rtt_count;
 	__u32 rtt_min_ns;	/* saturates at U32_MAX (~4.29 s) */
 	__u32 rtt_max_ns;
-	__u16 req_seq;		/* sequence number of the pending request */
-	__u8 type[2];		/* last type per direction */
-	__u8 code[2];		/* last code per direction */
-	__u8 __pad[6];
+	__u8 __pad[4];
 };
 
 #endif /* __FLOWLENS_H */

@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
-/* The split flow maps: one base entry per flow, plus a TCP or ICMP
- * extension entry under the same key. A base entry is inserted before its
- * extension and removed when the extension cannot be made, so an extension
- * never outlives the moment its base is deleted (the poller sweeps the few
- * a concurrent end-of-flow leaves behind).
+/* The split flow maps: one base entry per flow, keyed by the flow key, and
+ * for TCP and ICMP flows an extension entry for their samples, keyed by
+ * the small id the base entry holds. The extension is made with the first
+ * sample, from a base entry that exists; ids are never reused, so an
+ * extension whose base is gone stays unjoined until the poller sweeps it.
  */
 #ifndef __FLOWLENS_MAPS_H
 #define __FLOWLENS_MAPS_H
@@ -24,7 +24,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 32768);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct flow_key);
+	__type(key, __u64);
 	__type(value, struct flow_tcp);
 } flows_tcp SEC(".maps");
 
@@ -32,68 +32,74 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 8192);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct flow_key);
+	__type(key, __u64);
 	__type(value, struct flow_icmp);
 } flows_icmp SEC(".maps");
 
-/* Inserts an empty extension entry; returns 0 or the error to count. */
-static __always_inline int ext_insert(const struct pkt *p, __u8 ext)
+/* A fresh extension id: this CPU's sequence above the CPU number, so ids
+ * are unique without a shared counter. The sequence lives in the pinned
+ * counters map, so an agent that reuses pinned maps never reissues one.
+ */
+static __always_inline __u64 ext_id_next(void)
 {
-	long err;
+	__u32 slot = CNT_EXT_IDS;
+	__u64 *seq = bpf_map_lookup_elem(&counters, &slot);
 
-	if (ext == EXT_TCP) {
-		struct flow_tcp t = {};
-
-		err = bpf_map_update_elem(&flows_tcp, &p->key, &t, BPF_NOEXIST);
-		if (err && err != -EEXIST)
-			return CNT_TCP_FULL;
-	} else {
-		struct flow_icmp c = {};
-
-		err = bpf_map_update_elem(&flows_icmp, &p->key, &c, BPF_NOEXIST);
-		if (err && err != -EEXIST)
-			return CNT_ICMP_FULL;
-	}
-	return 0;
+	if (!seq)
+		return 0;
+	*seq += 1;
+	return (*seq << 16) | (bpf_get_smp_processor_id() & 0xffff);
 }
 
-/* Updates the flow's extension entry, creating it when missing (a new
- * flow, or one whose extension a concurrent end-of-flow delete removed).
- * Returns 0 or the CNT_* reason it could not be created.
+/* The extension entry `id` in `map`, made empty when missing. NULL, with
+ * `full` counted, when the map has no room.
  */
-static __always_inline int account_ext(const struct pkt *p, __u8 ext,
-				       __u64 now)
+static __always_inline void *ext_get(void *map, __u64 id, __u32 full)
 {
-	int err;
+	/* the larger extension value; the ICMP map reads its first bytes */
+	struct flow_tcp zero = {};
+	void *v;
+	long err;
 
-	if (ext == EXT_TCP) {
-		struct flow_tcp *t = bpf_map_lookup_elem(&flows_tcp, &p->key);
-
-		if (!t) {
-			err = ext_insert(p, ext);
-			if (err)
-				return err;
-			t = bpf_map_lookup_elem(&flows_tcp, &p->key);
-			if (!t)
-				return CNT_TCP_FULL;
-		}
-		bpf_spin_lock(&t->lock);
-		tcp_update(t, p, now);
-		bpf_spin_unlock(&t->lock);
-	} else {
-		struct flow_icmp *c = bpf_map_lookup_elem(&flows_icmp, &p->key);
-
-		if (!c) {
-			err = ext_insert(p, ext);
-			if (err)
-				return err;
-			c = bpf_map_lookup_elem(&flows_icmp, &p->key);
-			if (!c)
-				return CNT_ICMP_FULL;
-		}
-		icmp_update(c, p, now);
+	if (!id)
+		return NULL;
+	v = bpf_map_lookup_elem(map, &id);
+	if (v)
+		return v;
+	err = bpf_map_update_elem(map, &id, &zero, BPF_NOEXIST);
+	if (err && err != -EEXIST) {
+		count(full, 1);
+		return NULL;
 	}
-	return 0;
+	v = bpf_map_lookup_elem(map, &id);
+	if (!v)
+		count(full, 1);
+	return v;
+}
+
+static __always_inline void tcp_account(struct flow_base *b,
+					const struct pkt *p, __u64 now)
+{
+	struct flow_tcp *t = NULL;
+
+	/* no map calls under the lock: the entry is fetched first, on a
+	 * guess that the locked update confirms or ignores
+	 */
+	if (tcp_wants_sample(b, p))
+		t = ext_get(&flows_tcp, b->ext_id, CNT_TCP_FULL);
+	bpf_spin_lock(&b->lock);
+	tcp_update(b, t, p, now);
+	bpf_spin_unlock(&b->lock);
+}
+
+static __always_inline void icmp_account(struct flow_base *b,
+					 const struct pkt *p, __u64 now)
+{
+	struct flow_icmp *c = NULL;
+
+	if (icmp_wants_sample(b, p))
+		c = ext_get(&flows_icmp, b->ext_id, CNT_ICMP_FULL);
+	icmp_update(b, c, p, now);
 }
 
 #endif /* __FLOWLENS_MAPS_H */

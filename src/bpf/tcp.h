@@ -1,5 +1,7 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
-/* TCP: handshake timing, connection state and transaction latency. */
+/* TCP: handshake timing and connection state, kept in the base entry, and
+ * transaction latency, kept in the flow's flows_tcp entry.
+ */
 #ifndef __FLOWLENS_TCP_H
 #define __FLOWLENS_TCP_H
 
@@ -25,73 +27,93 @@ static __always_inline void latency_sample(struct tcp_latency *l, __u64 gap)
 	l->count++;
 }
 
-/* Handshake timing, state and direction-agnostic transaction latency.
- * Called with t->lock held, so the multi-field updates are consistent.
+/* Whether this packet answers the other side's payload: a latency sample,
+ * which needs the flow's flows_tcp entry.
  */
-static __always_inline void tcp_update(struct flow_tcp *t,
+static __always_inline bool tcp_wants_sample(const struct flow_base *b,
+					     const struct pkt *p)
+{
+	__u8 bits = b->l4.tcp.bits;
+
+	return p->payload && (bits & TCPB_PAYLOAD) &&
+	       !!(bits & TCPB_LAST_DIR_HI) != (p->dir & 1);
+}
+
+/* Handshake timing, state and direction-agnostic transaction latency.
+ * Called with b->lock held (or on a base entry no other CPU sees yet), so
+ * the multi-field updates are consistent. t is the flow's latency entry,
+ * or NULL when the packet gives no sample or the entry could not be made.
+ */
+static __always_inline void tcp_update(struct flow_base *b, struct flow_tcp *t,
 				       const struct pkt *p, __u64 now)
 {
+	struct tcp_hot *h = &b->l4.tcp;
 	__u8 f = p->tcp_flags, d = p->dir & 1;
 
-	t->flags[d] |= f;
+	/* constant indexes: b may be on the stack (see base_init) */
+	if (d)
+		h->flags[1] |= f;
+	else
+		h->flags[0] |= f;
 
 	if ((f & TCP_SYN) && !(f & TCP_ACK)) {
-		if (!(t->bits & TCPB_SYN) && t->state == TCP_ST_NONE) {
-			t->bits |= TCPB_SYN;
-			t->last_ts_ns = now;
-			t->state = TCP_ST_SYN_SENT;
-		} else if ((t->bits & TCPB_SYN) && !(t->bits & TCPB_SYNACK)) {
-			t->syn_retrans++;
+		if (!(h->bits & TCPB_SYN) && h->state == TCP_ST_NONE) {
+			h->bits |= TCPB_SYN;
+			b->l4_ts_ns = now;
+			h->state = TCP_ST_SYN_SENT;
+		} else if ((h->bits & TCPB_SYN) && !(h->bits & TCPB_SYNACK)) {
+			h->syn_retrans++;
 		}
 	} else if ((f & TCP_SYN) && (f & TCP_ACK)) {
-		if (!(t->bits & TCPB_SYNACK) &&
-		    (t->state == TCP_ST_NONE || t->state == TCP_ST_SYN_SENT)) {
-			if (t->bits & TCPB_SYN) {
-				t->handshake_client_ns =
-					sat_u32(now - t->last_ts_ns);
-				t->bits |= TCPB_CLIENT_HS;
+		if (!(h->bits & TCPB_SYNACK) &&
+		    (h->state == TCP_ST_NONE || h->state == TCP_ST_SYN_SENT)) {
+			if (h->bits & TCPB_SYN) {
+				b->handshake_client_ns =
+					sat_u32(now - b->l4_ts_ns);
+				h->bits |= TCPB_CLIENT_HS;
 			}
-			t->bits |= TCPB_SYNACK;
-			t->last_ts_ns = now;
-			t->state = TCP_ST_SYN_RECV;
+			h->bits |= TCPB_SYNACK;
+			b->l4_ts_ns = now;
+			h->state = TCP_ST_SYN_RECV;
 			/* remembered so the final ACK is taken from the client */
 			if (d)
-				t->bits |= TCPB_LAST_DIR_HI;
+				h->bits |= TCPB_LAST_DIR_HI;
 			else
-				t->bits &= ~TCPB_LAST_DIR_HI;
+				h->bits &= ~TCPB_LAST_DIR_HI;
 		}
-	} else if ((f & TCP_ACK) && t->state == TCP_ST_SYN_RECV &&
-		   !!(t->bits & TCPB_LAST_DIR_HI) != d) {
-		t->handshake_server_ns = sat_u32(now - t->last_ts_ns);
-		t->bits |= TCPB_HS_DONE | TCPB_SERVER_HS;
-		t->state = TCP_ST_ESTABLISHED;
+	} else if ((f & TCP_ACK) && h->state == TCP_ST_SYN_RECV &&
+		   !!(h->bits & TCPB_LAST_DIR_HI) != d) {
+		b->handshake_server_ns = sat_u32(now - b->l4_ts_ns);
+		h->bits |= TCPB_HS_DONE | TCPB_SERVER_HS;
+		h->state = TCP_ST_ESTABLISHED;
 	}
 
 	if (f & TCP_RST) {
-		t->state = TCP_ST_RESET;
+		h->state = TCP_ST_RESET;
 	} else if (f & TCP_FIN) {
-		if (t->state != TCP_ST_RESET)
-			t->state = ((t->flags[0] & TCP_FIN) &&
-				    (t->flags[1] & TCP_FIN)) ?
+		if (h->state != TCP_ST_RESET)
+			h->state = ((h->flags[0] & TCP_FIN) &&
+				    (h->flags[1] & TCP_FIN)) ?
 					   TCP_ST_CLOSED : TCP_ST_FIN_WAIT;
-	} else if (t->state == TCP_ST_NONE) {
+	} else if (h->state == TCP_ST_NONE) {
 		/* monitoring started mid-connection */
-		t->state = TCP_ST_ESTABLISHED;
-		t->bits |= TCPB_LATE_START;
+		h->state = TCP_ST_ESTABLISHED;
+		h->bits |= TCPB_LATE_START;
 	}
 
 	if (!p->payload)
 		return;
-	if ((t->bits & TCPB_PAYLOAD) && !!(t->bits & TCPB_LAST_DIR_HI) != d)
-		latency_sample(&t->lat[d], now - t->last_ts_ns);
-	t->last_ts_ns = now;
-	t->bits |= TCPB_PAYLOAD;
+	if (t && (h->bits & TCPB_PAYLOAD) &&
+	    !!(h->bits & TCPB_LAST_DIR_HI) != d)
+		latency_sample(d ? &t->lat[1] : &t->lat[0], now - b->l4_ts_ns);
+	b->l4_ts_ns = now;
+	h->bits |= TCPB_PAYLOAD;
 	if (d)
-		t->bits |= TCPB_LAST_DIR_HI;
+		h->bits |= TCPB_LAST_DIR_HI;
 	else
-		t->bits &= ~TCPB_LAST_DIR_HI;
-	if (t->state < TCP_ST_ESTABLISHED)
-		t->state = TCP_ST_ESTABLISHED;
+		h->bits &= ~TCPB_LAST_DIR_HI;
+	if (h->state < TCP_ST_ESTABLISHED)
+		h->state = TCP_ST_ESTABLISHED;
 }
 
 #endif /* __FLOWLENS_TCP_H */

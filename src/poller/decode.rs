@@ -119,7 +119,8 @@ impl Counts {
     }
 }
 
-/// Everything read from the maps for one flow.
+/// Everything read from the maps for one flow: its base entry, and the extension entry
+/// its `ext_id` keys, when it has one.
 #[derive(Debug, Clone, Copy)]
 pub struct RawFlow {
     pub key: types::flow_key,
@@ -143,6 +144,21 @@ pub struct RecordMeta {
 }
 
 impl RawFlow {
+    /// The TCP state kept in the base entry, for a TCP flow.
+    pub fn tcp_hot(&self) -> Option<types::tcp_hot> {
+        if u32::from(self.base.ext) != types::flow_ext::EXT_TCP.0 {
+            return None;
+        }
+        // SAFETY: both union arms are plain integers, every bit pattern is
+        // valid; ext == EXT_TCP says it is the arm the datapath writes.
+        Some(unsafe { self.base.l4.tcp })
+    }
+
+    /// The id keying this flow's entry in extension map `m`, if it has one there.
+    pub fn ext_id(&self, m: ExtKind) -> Option<u64> {
+        ext_id(&self.base, m)
+    }
+
     /// Direction slot of the client's packets, as the datapath judged it.
     pub fn client_dir(&self) -> usize {
         usize::from(self.base.initiator & 1)
@@ -218,49 +234,57 @@ impl RawFlow {
             end_reason,
             continuation,
             fragment: k.flags & types::flow_key_flags::KEY_FRAGMENT.0 as u8 != 0,
-            tcp: self.tcp.as_ref().map(|t| tcp_info(t, c)),
-            icmp: self
-                .icmp
-                .as_ref()
-                .map(|i| icmp_info(i, k, c, self.base.packets)),
+            tcp: self.tcp_hot().map(|h| tcp_info(h, b, self.tcp.as_ref(), c)),
+            icmp: (u32::from(b.ext) == types::flow_ext::EXT_ICMP.0)
+                .then(|| icmp_info(b, self.icmp.as_ref(), k, c)),
         }
     }
 }
 
-fn tcp_info(t: &types::flow_tcp, c: usize) -> TcpInfo {
+/// TCP state from the base entry; latency from the flow's flows_tcp entry, if it has one.
+fn tcp_info(
+    h: types::tcp_hot,
+    b: &types::flow_base,
+    t: Option<&types::flow_tcp>,
+    c: usize,
+) -> TcpInfo {
     use types::tcp_bits as B;
     let s = c ^ 1;
-    let bit = |b: B| u32::from(t.bits) & b.0 != 0;
+    let bit = |b: B| u32::from(h.bits) & b.0 != 0;
     TcpInfo {
-        client_flags: t.flags[c],
-        server_flags: t.flags[s],
-        state: tcp_state(t.state),
-        handshake_client_ns: bit(B::TCPB_CLIENT_HS).then_some(t.handshake_client_ns),
-        handshake_server_ns: bit(B::TCPB_SERVER_HS).then_some(t.handshake_server_ns),
-        syn_retransmits: t.syn_retrans,
+        client_flags: h.flags[c],
+        server_flags: h.flags[s],
+        state: tcp_state(h.state),
+        handshake_client_ns: bit(B::TCPB_CLIENT_HS).then_some(b.handshake_client_ns),
+        handshake_server_ns: bit(B::TCPB_SERVER_HS).then_some(b.handshake_server_ns),
+        syn_retransmits: h.syn_retrans,
         late_start: bit(B::TCPB_LATE_START),
-        client_latency: latency(&t.lat[c]),
-        server_latency: latency(&t.lat[s]),
+        client_latency: t.and_then(|t| latency(&t.lat[c])),
+        server_latency: t.and_then(|t| latency(&t.lat[s])),
     }
 }
 
+/// Type/code from the base entry; echo RTT from the flow's flows_icmp entry, if it has one.
 fn icmp_info(
-    i: &types::flow_icmp,
+    b: &types::flow_base,
+    i: Option<&types::flow_icmp>,
     k: &types::flow_key,
     c: usize,
-    total_packets: [u64; 2],
 ) -> IcmpInfo {
+    // SAFETY: both union arms are plain integers, every bit pattern is valid;
+    // the caller checked ext == EXT_ICMP, the arm the datapath writes.
+    let h = unsafe { b.l4.icmp };
     let s = c ^ 1;
-    let sent = |d: usize| total_packets[d] > 0;
+    let sent = |d: usize| b.packets[d] > 0;
     // echo flows are keyed by identifier in both slots; others never have lo == hi
     let echo = k.port_lo == k.port_hi;
     IcmpInfo {
-        client_type: sent(c).then_some(i.r#type[c]),
-        client_code: sent(c).then_some(i.code[c]),
-        server_type: sent(s).then_some(i.r#type[s]),
-        server_code: sent(s).then_some(i.code[s]),
+        client_type: sent(c).then_some(h.r#type[c]),
+        client_code: sent(c).then_some(h.code[c]),
+        server_type: sent(s).then_some(h.r#type[s]),
+        server_code: sent(s).then_some(h.code[s]),
         echo_id: echo.then_some(k.port_lo),
-        echo_rtt: (i.rtt_count > 0).then_some(Latency {
+        echo_rtt: i.filter(|i| i.rtt_count > 0).map(|i| Latency {
             count: i.rtt_count,
             sum_ns: i.rtt_sum_ns,
             min_ns: i.rtt_min_ns,
@@ -268,6 +292,23 @@ fn icmp_info(
             jitter_ns: None,
         }),
     }
+}
+
+/// An extension map, by what it extends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtKind {
+    Tcp,
+    Icmp,
+}
+
+/// The id keying a flow's entry in extension map `m`, if the flow can have one there and
+/// has one.
+pub fn ext_id(base: &types::flow_base, m: ExtKind) -> Option<u64> {
+    let want = match m {
+        ExtKind::Tcp => types::flow_ext::EXT_TCP.0,
+        ExtKind::Icmp => types::flow_ext::EXT_ICMP.0,
+    };
+    (u32::from(base.ext) == want && base.ext_id != 0).then_some(base.ext_id)
 }
 
 fn tcp_state(v: u8) -> TcpState {

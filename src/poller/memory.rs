@@ -3,18 +3,22 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use super::decode::{addr_key, key_bytes, KeyBytes, RawFlow};
+use super::decode::{addr_key, ext_id, key_bytes, ExtKind, KeyBytes, RawFlow};
 use super::table::{ExtMap, FlowTable, Joined};
 use super::PollError;
 use crate::bpf::types;
+use crate::flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
 
 /// The three flow maps, keyed like the kernel's. Tests put entries in, poll, and look at
 /// what is left.
 #[derive(Debug, Default)]
 pub struct MemTable {
     pub base: BTreeMap<KeyBytes, (types::flow_key, types::flow_base)>,
-    pub tcp: BTreeMap<KeyBytes, types::flow_tcp>,
-    pub icmp: BTreeMap<KeyBytes, types::flow_icmp>,
+    /// Extension entries by the id their base entry holds.
+    pub tcp: BTreeMap<u64, types::flow_tcp>,
+    pub icmp: BTreeMap<u64, types::flow_icmp>,
+    /// The last extension id handed out.
+    last_id: u64,
     pub capacity: [u64; 3],
     pub counters: BTreeMap<String, u64>,
     /// Packets that land right after the next read, as (key, their time): they move the
@@ -41,21 +45,38 @@ impl MemTable {
     ) -> KeyBytes {
         let kb = key_bytes(&key);
         let mut base = base;
-        // The datapath names the extension a flow has in its base entry.
-        if tcp.is_some() {
-            base.ext |= types::flow_ext::EXT_TCP.0 as u8;
+        // As the datapath does: the base says which protocol part it carries, and the
+        // id of the extension entry, when the flow has one.
+        let fragment = key.flags & types::flow_key_flags::KEY_FRAGMENT.0 as u8 != 0;
+        base.ext = match key.proto {
+            // A fragment flow has no transport header to keep state from.
+            _ if fragment => 0,
+            IPPROTO_TCP => types::flow_ext::EXT_TCP.0 as u8,
+            IPPROTO_ICMP | IPPROTO_ICMPV6 => types::flow_ext::EXT_ICMP.0 as u8,
+            _ => 0,
+        };
+        if tcp.is_some() || icmp.is_some() {
+            self.last_id += 1;
+            base.ext_id = self.last_id;
         }
-        if icmp.is_some() {
-            base.ext |= types::flow_ext::EXT_ICMP.0 as u8;
-        }
-        self.base.insert(kb, (key, base));
         if let Some(t) = tcp {
-            self.tcp.insert(kb, t);
+            self.tcp.insert(base.ext_id, t);
         }
         if let Some(i) = icmp {
-            self.icmp.insert(kb, i);
+            self.icmp.insert(base.ext_id, i);
         }
+        self.base.insert(kb, (key, base));
         kb
+    }
+
+    /// Changes the TCP state a flow's base entry holds.
+    pub fn set_tcp_hot(&mut self, kb: &KeyBytes, f: impl FnOnce(&mut types::tcp_hot)) {
+        if let Some(b) = self.base_mut(kb) {
+            // SAFETY: both union arms are plain integers; every bit pattern is valid.
+            let mut hot = unsafe { b.l4.tcp };
+            f(&mut hot);
+            b.l4.tcp = hot;
+        }
     }
 
     /// The base entry of a flow, to change its counters between polls.
@@ -93,19 +114,19 @@ pub fn flow_key(
 
 impl FlowTable for MemTable {
     fn read(&mut self) -> Result<Joined, PollError> {
-        let mut tcp: HashMap<KeyBytes, types::flow_tcp> =
+        let mut tcp: HashMap<u64, types::flow_tcp> =
             self.tcp.iter().map(|(k, v)| (*k, *v)).collect();
-        let mut icmp: HashMap<KeyBytes, types::flow_icmp> =
+        let mut icmp: HashMap<u64, types::flow_icmp> =
             self.icmp.iter().map(|(k, v)| (*k, *v)).collect();
         let entries = [self.base.len() as u64, tcp.len() as u64, icmp.len() as u64];
         let flows = self
             .base
-            .iter()
-            .map(|(kb, (key, base))| RawFlow {
+            .values()
+            .map(|(key, base)| RawFlow {
                 key: *key,
                 base: *base,
-                tcp: tcp.remove(kb),
-                icmp: icmp.remove(kb),
+                tcp: ext_id(base, ExtKind::Tcp).and_then(|id| tcp.remove(&id)),
+                icmp: ext_id(base, ExtKind::Icmp).and_then(|id| icmp.remove(&id)),
             })
             .collect();
         let unjoined = tcp
@@ -130,17 +151,8 @@ impl FlowTable for MemTable {
         let Some((key, base)) = self.base.remove(kb) else {
             return Ok(None);
         };
-        let has = |e: types::flow_ext| u32::from(base.ext) & e.0 != 0;
-        let tcp = if has(types::flow_ext::EXT_TCP) {
-            self.tcp.remove(kb)
-        } else {
-            None
-        };
-        let icmp = if has(types::flow_ext::EXT_ICMP) {
-            self.icmp.remove(kb)
-        } else {
-            None
-        };
+        let tcp = ext_id(&base, ExtKind::Tcp).and_then(|id| self.tcp.remove(&id));
+        let icmp = ext_id(&base, ExtKind::Icmp).and_then(|id| self.icmp.remove(&id));
         Ok(Some(RawFlow {
             key,
             base,
@@ -153,13 +165,10 @@ impl FlowTable for MemTable {
         Ok(self.base.get(kb).map(|(_, b)| b.last_seen_ns))
     }
 
-    fn remove_orphan(&mut self, ext: ExtMap, kb: &KeyBytes) -> Result<bool, PollError> {
-        if self.base.contains_key(kb) {
-            return Ok(false);
-        }
+    fn remove_orphan(&mut self, ext: ExtMap, id: u64) -> Result<bool, PollError> {
         Ok(match ext {
-            ExtMap::Tcp => self.tcp.remove(kb).is_some(),
-            ExtMap::Icmp => self.icmp.remove(kb).is_some(),
+            ExtMap::Tcp => self.tcp.remove(&id).is_some(),
+            ExtMap::Icmp => self.icmp.remove(&id).is_some(),
         })
     }
 

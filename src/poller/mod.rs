@@ -556,7 +556,7 @@ impl<T: FlowTable> Poller<T> {
 
     fn end_reason(&self, f: &RawFlow, now_ns: u64) -> Option<EndReason> {
         let idle = now_ns.saturating_sub(f.base.last_seen_ns);
-        if let Some(t) = &f.tcp {
+        if let Some(t) = f.tcp_hot() {
             let state = u32::from(t.state);
             if idle >= self.cfg.tcp_close_grace.as_nanos() as u64 {
                 if state == types::tcp_state::TCP_ST_RESET.0 {
@@ -611,8 +611,7 @@ impl<T: FlowTable> Poller<T> {
     /// mid-stream that ended here recently is that connection going on.
     fn identify(&mut self, f: &RawFlow, kb: &KeyBytes) -> Identity {
         let late = f
-            .tcp
-            .as_ref()
+            .tcp_hot()
             .is_some_and(|t| u32::from(t.bits) & types::tcp_bits::TCPB_LATE_START.0 != 0);
         match self.recent.take(kb) {
             Some(prev) if late => Identity {
@@ -695,10 +694,10 @@ impl<T: FlowTable> Poller<T> {
     /// Deletes extension entries whose base entry is gone. The candidates are
     /// the extensions a read found without their base; each is checked again,
     /// since a flow created between the reads of two maps looks the same.
-    fn sweep_orphans(&mut self, unjoined: &[(ExtMap, KeyBytes)]) -> Result<usize, PollError> {
+    fn sweep_orphans(&mut self, unjoined: &[(ExtMap, u64)]) -> Result<usize, PollError> {
         let mut removed = 0;
-        for (ext, k) in unjoined {
-            if self.table.remove_orphan(*ext, k)? {
+        for (ext, id) in unjoined {
+            if self.table.remove_orphan(*ext, *id)? {
                 removed += 1;
                 debug!("removed an orphan {ext:?} extension entry");
             }

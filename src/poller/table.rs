@@ -2,14 +2,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-/// The join's map: keys are already well mixed addresses and ports, and SipHash was a
-/// quarter of a poll's time.
-type JoinMap<V> = HashMap<KeyBytes, V, foldhash::fast::RandomState>;
+/// The join's map, by extension id: SipHash was a quarter of a poll's time.
+type JoinMap<V> = HashMap<u64, V, foldhash::fast::RandomState>;
 use std::os::fd::{AsFd, AsRawFd};
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
-use super::decode::{decode, key_bytes, KeyBytes, RawFlow};
+use super::decode::{decode, ext_id, ExtKind, KeyBytes, RawFlow};
 use super::PollError;
 use crate::bpf::types;
 use crate::datapath::FlowMaps;
@@ -32,9 +31,8 @@ pub struct Joined {
     pub flows: Vec<RawFlow>,
     /// Entries in flows, flows_tcp and flows_icmp.
     pub entries: [u64; 3],
-    /// Extension keys read without a base entry: orphans, or flows created
-    /// between the reads of two maps.
-    pub unjoined: Vec<(ExtMap, KeyBytes)>,
+    /// Ids of extension entries read without a base entry naming them: orphans.
+    pub unjoined: Vec<(ExtMap, u64)>,
 }
 
 /// Where the poller reads flows from and deletes them: the kernel maps in the agent, an
@@ -48,8 +46,8 @@ pub trait FlowTable: Send {
     /// The flow's last-seen time now (None: no such flow), to tell whether a packet
     /// landed since the last read.
     fn last_seen(&mut self, key: &KeyBytes) -> Result<Option<u64>, PollError>;
-    /// Deletes `ext`'s entry for `key` when the base map has none; whether it did.
-    fn remove_orphan(&mut self, ext: ExtMap, key: &KeyBytes) -> Result<bool, PollError>;
+    /// Deletes the orphan entry `id` of extension map `ext`; whether it did.
+    fn remove_orphan(&mut self, ext: ExtMap, id: u64) -> Result<bool, PollError>;
     /// Capacities of the base, TCP and ICMP maps.
     fn capacities(&self) -> [u64; 3];
     /// The datapath's counters by name.
@@ -98,30 +96,29 @@ impl KernelTable {
 }
 
 impl FlowTable for KernelTable {
+    /// The extension maps are read before the base map: an extension is only ever made
+    /// from a base entry that exists, and ids are never reused, so one whose base the
+    /// later read does not name is an orphan.
     fn read(&mut self) -> Result<Joined, PollError> {
-        let base: Vec<(types::flow_key, types::flow_base)> =
-            read_all(&self.maps.flows, "flows", self.mode, false)?;
         let mut tcp: JoinMap<types::flow_tcp> =
-            read_all(&self.maps.tcp, "flows_tcp", self.mode, true)?
+            read_all(&self.maps.tcp, "flows_tcp", self.mode, false)?
                 .into_iter()
-                .map(|(k, v)| (key_bytes(&k), v))
                 .collect();
         let mut icmp: JoinMap<types::flow_icmp> =
             read_all(&self.maps.icmp, "flows_icmp", self.mode, false)?
                 .into_iter()
-                .map(|(k, v)| (key_bytes(&k), v))
                 .collect();
+        // Locked: the TCP state in a base entry changes under its lock.
+        let base: Vec<(types::flow_key, types::flow_base)> =
+            read_all(&self.maps.flows, "flows", self.mode, true)?;
         let entries = [base.len() as u64, tcp.len() as u64, icmp.len() as u64];
         let flows = base
             .into_iter()
-            .map(|(key, base)| {
-                let kb = key_bytes(&key);
-                RawFlow {
-                    key,
-                    base,
-                    tcp: tcp.remove(&kb),
-                    icmp: icmp.remove(&kb),
-                }
+            .map(|(key, base)| RawFlow {
+                key,
+                base,
+                tcp: ext_id(&base, ExtKind::Tcp).and_then(|id| tcp.remove(&id)),
+                icmp: ext_id(&base, ExtKind::Icmp).and_then(|id| icmp.remove(&id)),
             })
             .collect();
         let unjoined = tcp
@@ -140,18 +137,15 @@ impl FlowTable for KernelTable {
         let Some(base) = take::<types::flow_base>(&self.maps.flows, kb, "flows")? else {
             return Ok(None);
         };
-        // Only the extension the base names: a UDP flow costs one syscall, not three. An
-        // extension inserted after this read is an orphan, and the sweep takes it.
-        let has = |e: types::flow_ext| u32::from(base.ext) & e.0 != 0;
-        let tcp = if has(types::flow_ext::EXT_TCP) {
-            take(&self.maps.tcp, kb, "flows_tcp")?
-        } else {
-            None
+        // Only the extension the base names, by its id: a flow without one costs one
+        // syscall. An extension made after this read is an orphan, and the sweep takes it.
+        let tcp = match ext_id(&base, ExtKind::Tcp) {
+            Some(id) => take(&self.maps.tcp, &id.to_ne_bytes(), "flows_tcp")?,
+            None => None,
         };
-        let icmp = if has(types::flow_ext::EXT_ICMP) {
-            take(&self.maps.icmp, kb, "flows_icmp")?
-        } else {
-            None
+        let icmp = match ext_id(&base, ExtKind::Icmp) {
+            Some(id) => take(&self.maps.icmp, &id.to_ne_bytes(), "flows_icmp")?,
+            None => None,
         };
         Ok(Some(RawFlow {
             key: decode(kb),
@@ -167,15 +161,14 @@ impl FlowTable for KernelTable {
             .map(|v| decode::<types::flow_base>(&v).last_seen_ns))
     }
 
-    fn remove_orphan(&mut self, ext: ExtMap, k: &KeyBytes) -> Result<bool, PollError> {
-        let has_base = self.base(k)?.is_some();
-        // The datapath inserts a base before its extension, so an
-        // extension without its base is never a flow in the making.
+    fn remove_orphan(&mut self, ext: ExtMap, id: u64) -> Result<bool, PollError> {
+        // Ids are never reused and the read took the extension maps before the base, so
+        // an unjoined extension is certainly an orphan: no re-check.
         let map = match ext {
             ExtMap::Tcp => &self.maps.tcp,
             ExtMap::Icmp => &self.maps.icmp,
         };
-        Ok(!has_base && map.delete(k).is_ok())
+        Ok(map.delete(&id.to_ne_bytes()).is_ok())
     }
 
     fn capacities(&self) -> [u64; 3] {

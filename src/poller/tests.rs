@@ -86,7 +86,7 @@ impl Rig {
     }
 
     fn tcp_state(&mut self, kb: &KeyBytes, state: types::tcp_state) {
-        self.table().tcp.get_mut(kb).expect("tcp entry").state = state.0 as u8;
+        self.table().set_tcp_hot(kb, |h| h.state = state.0 as u8);
     }
 
     fn poll(&mut self, now_ns: u64) -> Vec<FlowRecord> {
@@ -244,7 +244,8 @@ fn orphan_extensions_are_swept_but_a_flows_own_are_not() {
     );
     rig.poll(T0 + 3 * S);
     assert_eq!(rig.table().entries(), [1, 1, 0]);
-    assert!(rig.table().tcp.contains_key(&kept));
+    let kept_id = rig.table().base[&kept].1.ext_id;
+    assert!(rig.table().tcp.contains_key(&kept_id));
     assert_eq!(rig.status.orphans_removed.load(Ordering::Relaxed), 1);
 }
 
@@ -373,7 +374,7 @@ fn a_tcp_connection_back_after_an_idle_gap_keeps_its_roles_and_id() {
         let t = rig.table();
         t.base_mut(&k).expect("base").initiator = HI_TO_LO as u8;
         t.base_mut(&k).expect("base").first_seen_ns = T0 + 35 * S;
-        t.tcp.get_mut(&k).expect("tcp").bits = types::tcp_bits::TCPB_LATE_START.0 as u8;
+        t.set_tcp_hot(&k, |h| h.bits = types::tcp_bits::TCPB_LATE_START.0 as u8);
     }
     let second = rig.poll(T0 + 71 * S);
     assert_eq!(second.len(), 1);

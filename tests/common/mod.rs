@@ -3,7 +3,11 @@
 
 use flowlens::bpf::types;
 use flowlens::datapath::{counter_names, Capacities, Datapath, FlowMaps};
+use flowlens::poller::decode::RawFlow;
 use libbpf_rs::{MapCore, MapFlags, MapHandle, ProgramInput as Input};
+
+pub const EXT_TCP: u32 = types::flow_ext::EXT_TCP.0;
+pub const EXT_ICMP: u32 = types::flow_ext::EXT_ICMP.0;
 
 pub struct Harness {
     pub dp: Datapath,
@@ -27,12 +31,14 @@ pub fn bytes_of<T: plain::Plain>(v: &T) -> &[u8] {
     unsafe { plain::as_bytes(v) }
 }
 
-pub fn entries<V: plain::Plain + Default>(map: &MapHandle) -> Vec<(types::flow_key, V)> {
+pub fn entries<K: plain::Plain + Default, V: plain::Plain + Default>(
+    map: &MapHandle,
+) -> Vec<(K, V)> {
     let keys: Vec<Vec<u8>> = map.keys().collect();
     keys.into_iter()
         .filter_map(|k| {
             let v = map.lookup(&k, MapFlags::ANY).expect("lookup")?;
-            Some((read::<types::flow_key>(&k), read::<V>(&v)))
+            Some((read::<K>(&k), read::<V>(&v)))
         })
         .collect()
 }
@@ -82,12 +88,42 @@ impl Harness {
         entries(&self.maps.flows)
     }
 
-    pub fn tcp(&self) -> Vec<(types::flow_key, types::flow_tcp)> {
+    /// TCP latency entries, keyed by extension id.
+    pub fn tcp(&self) -> Vec<(u64, types::flow_tcp)> {
         entries(&self.maps.tcp)
     }
 
-    pub fn icmp(&self) -> Vec<(types::flow_key, types::flow_icmp)> {
+    /// ICMP echo RTT entries, keyed by extension id.
+    pub fn icmp(&self) -> Vec<(u64, types::flow_icmp)> {
         entries(&self.maps.icmp)
+    }
+
+    /// Every flow as the poller joins it: base entry plus extension entry.
+    pub fn joined(&self) -> Vec<RawFlow> {
+        let tcp = self.tcp();
+        let icmp = self.icmp();
+        self.flows()
+            .into_iter()
+            .map(|(key, base)| RawFlow {
+                key,
+                base,
+                tcp: tcp
+                    .iter()
+                    .find(|(id, _)| u32::from(base.ext) == EXT_TCP && *id == base.ext_id)
+                    .map(|e| e.1),
+                icmp: icmp
+                    .iter()
+                    .find(|(id, _)| u32::from(base.ext) == EXT_ICMP && *id == base.ext_id)
+                    .map(|e| e.1),
+            })
+            .collect()
+    }
+
+    /// The one flow there is, joined.
+    pub fn only_joined(&self) -> RawFlow {
+        let f = self.joined();
+        assert_eq!(f.len(), 1, "expected exactly one flow, got {f:?}");
+        f[0]
     }
 
     pub fn only_flow(&self) -> (types::flow_key, types::flow_base) {
