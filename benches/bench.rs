@@ -66,6 +66,9 @@ fn load_baselines() -> Result<BenchSkel<'static>> {
     skel.maps
         .bench_locked
         .update(&0u32.to_ne_bytes(), &[0u8; 24], MapFlags::ANY)?;
+    skel.maps
+        .bench_key44
+        .update(&[0u8; 44], &0u64.to_ne_bytes(), MapFlags::ANY)?;
     Ok(skel)
 }
 
@@ -144,6 +147,27 @@ fn datapath(t: &mut Table) -> Result<()> {
         "ns/pkt",
         format!("x{:.2} the atomics", locked / atomic2),
     );
+    // What the flow programs pay beyond it: a 44-byte key, and each clock.
+    for (what, prog) in [
+        (
+            "lookup + add with a 44-byte key",
+            &base.progs.bench_lookup_key44,
+        ),
+        ("empty + bpf_ktime_get_ns", &base.progs.bench_clock),
+        (
+            "empty + bpf_ktime_get_coarse_ns",
+            &base.progs.bench_clock_coarse,
+        ),
+    ] {
+        let ns = existing(prog, &udp4)?;
+        t.add(
+            "datapath",
+            &format!("baseline: {what}"),
+            ns,
+            "ns/pkt",
+            format!("x{:.2} empty, x{:.2} lookup", ns / empty, ns / lookup),
+        );
+    }
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "TCP data, existing flow",

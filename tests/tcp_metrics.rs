@@ -223,3 +223,72 @@ fn icmp_echo_rtt_pairs_replies_by_sequence_number() {
     assert_eq!((i.client_type, i.server_type), (Some(8), Some(0)));
     assert_eq!(i.echo_rtt.map(|r| r.count), Some(3));
 }
+
+/// Same-direction payload and pure ACKs take the lock-free path: the sample must still
+/// start at the *last* payload of the other side's burst, as the locked update measures it.
+#[test]
+fn fast_path_keeps_the_last_payload_time_of_a_burst() {
+    let h = Harness::new();
+    handshake(&h);
+    c2s(&h, TCP_ACK | TCP_PSH, b"request");
+    sleep(GAP);
+    s2c(&h, TCP_ACK | TCP_PSH, &[b'x'; 100]); // server sample: ~GAP
+    sleep(GAP * 4);
+    s2c(&h, TCP_ACK | TCP_PSH, &[b'y'; 100]); // same direction: payload time only
+    c2s(&h, TCP_ACK, &[]); // pure ACK: nothing but counters
+    sleep(GAP);
+    c2s(&h, TCP_ACK | TCP_PSH, b"next"); // client sample: from 'y', not 'x'
+    let t = ext(&h);
+    assert_eq!((t.lat[HI_TO_LO].count, t.lat[LO_TO_HI].count), (1, 1));
+    let client = t.lat[LO_TO_HI].min_ns;
+    assert!(
+        (GAP_NS..4 * GAP_NS).contains(&client),
+        "client sample {client} ns must start at the burst's last payload"
+    );
+    assert_eq!(u32::from(t.h.state), tcp_state::TCP_ST_ESTABLISHED.0);
+    assert!(has(&t, tcp_bits::TCPB_PAYLOAD) && !has(&t, tcp_bits::TCPB_LAST_DIR_HI));
+    assert_eq!(t.h.flags[LO_TO_HI], TCP_SYN | TCP_ACK | TCP_PSH);
+}
+
+/// Packets the fast path handles change no TCP field; the next state change still lands.
+#[test]
+fn fast_path_changes_only_counters_until_a_state_change() {
+    let h = Harness::new();
+    handshake(&h);
+    c2s(&h, TCP_ACK | TCP_PSH, b"q");
+    s2c(&h, TCP_ACK | TCP_PSH, b"r");
+    let before = h.only_joined();
+    for _ in 0..5 {
+        c2s(&h, TCP_ACK, &[]);
+        s2c(&h, TCP_ACK, &[]);
+    }
+    let after = h.only_joined();
+    assert_eq!(
+        after.base.packets[LO_TO_HI] + after.base.packets[HI_TO_LO],
+        before.base.packets[LO_TO_HI] + before.base.packets[HI_TO_LO] + 10
+    );
+    let (b0, b1) = (before.base, after.base);
+    assert_eq!(b0.l4_ts_ns, b1.l4_ts_ns, "no payload, no payload time");
+    assert_eq!(
+        (b0.handshake_client_ns, b0.handshake_server_ns),
+        (b1.handshake_client_ns, b1.handshake_server_ns)
+    );
+    let (h0, h1) = (
+        before.tcp_hot().expect("tcp"),
+        after.tcp_hot().expect("tcp"),
+    );
+    assert_eq!(
+        (h0.flags, h0.state, h0.bits, h0.syn_retrans),
+        (h1.flags, h1.state, h1.bits, h1.syn_retrans)
+    );
+    assert_eq!(
+        before.tcp.map(|t| t.lat[0].count + t.lat[1].count),
+        after.tcp.map(|t| t.lat[0].count + t.lat[1].count)
+    );
+    // A flag the side never sent leaves the fast path and is recorded; FIN/RST still close.
+    c2s(&h, TCP_ACK | 0x40, &[]); // ECE
+    assert_eq!(ext(&h).h.flags[LO_TO_HI] & 0x40, 0x40);
+    c2s(&h, TCP_FIN | TCP_ACK, &[]);
+    s2c(&h, TCP_FIN | TCP_ACK, &[]);
+    assert_eq!(u32::from(ext(&h).h.state), tcp_state::TCP_ST_CLOSED.0);
+}

@@ -78,4 +78,43 @@ int bench_lookup_atomic2(struct __sk_buff *skb)
 	return TC_ACT_UNSPEC;
 }
 
+/* What the flow programs pay beyond one small-key lookup: the flow key's
+ * size, and each clock.
+ */
+struct key44 {
+	__u8 b[44];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1);
+	__type(key, struct key44);
+	__type(value, __u64);
+} bench_key44 SEC(".maps");
+
+SEC("tc")
+int bench_lookup_key44(struct __sk_buff *skb)
+{
+	struct key44 key = {};
+	__u64 *v = bpf_map_lookup_elem(&bench_key44, &key);
+
+	if (v)
+		__sync_fetch_and_add(v, skb->len);
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int bench_clock(struct __sk_buff *skb)
+{
+	skb->mark = bpf_ktime_get_ns();
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int bench_clock_coarse(struct __sk_buff *skb)
+{
+	skb->mark = bpf_ktime_get_coarse_ns();
+	return TC_ACT_UNSPEC;
+}
+
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

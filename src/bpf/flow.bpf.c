@@ -33,20 +33,19 @@ const volatile struct flow_enums flow_enums_btf = {};
  * updated from this first packet (which never gives a sample). Returns 0,
  * -EEXIST (another CPU created it first), or CNT_BASE_FULL.
  */
-static __always_inline int flow_create(const struct acct *a, __u8 hook,
-				       __u64 now)
+static __always_inline int flow_create(const struct acct *a, __u8 hook)
 {
 	struct flow_base nb = {};
 	long err;
 
-	base_init(&nb, a, hook, now);
+	base_init(&nb, a, hook, coarse_now());
 	if (a->ext) {
 		nb.ext_id = ext_id_next();
 		/* a stack entry no other CPU sees: no lock, no sample */
 		if (a->ext == EXT_TCP)
-			tcp_update(&nb, NULL, &a->p, now);
+			tcp_update(&nb, NULL, &a->p, bpf_ktime_get_ns());
 		else
-			icmp_update(&nb, NULL, &a->p, now);
+			icmp_update(&nb, NULL, &a->p);
 	}
 	err = bpf_map_update_elem(&flows, &a->p.key, &nb, BPF_NOEXIST);
 	if (err == -EEXIST)
@@ -58,16 +57,15 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 {
 	struct acct a = {};
 	struct flow_base *b;
-	__u64 now;
+	__u64 now = 0;
 	int err;
 
 	if (!acct_of(skb, &a))
 		return;
-	now = bpf_ktime_get_ns();
 
 	b = bpf_map_lookup_elem(&flows, &a.p.key);
 	if (!b) {
-		err = flow_create(&a, hook, now);
+		err = flow_create(&a, hook);
 		if (!err) {
 			count(CNT_PACKETS, a.pkts);
 			return;
@@ -84,11 +82,14 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 		}
 	}
 
-	base_account(b, &a, now);
 	if (a.ext == EXT_TCP)
-		tcp_account(b, &a.p, now);
+		now = tcp_account(b, &a.p);
 	else if (a.ext == EXT_ICMP)
-		icmp_account(b, &a.p, now);
+		now = icmp_account(b, &a.p);
+	/* last seen: the fine clock if the packet needed it, else the tick's;
+	 * first seen is always the tick's, so last >= first holds
+	 */
+	base_account(b, &a, now ?: coarse_now());
 	count(CNT_PACKETS, a.pkts);
 }
 

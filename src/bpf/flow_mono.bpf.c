@@ -48,17 +48,21 @@ struct {
 	__type(value, struct flow_naive);
 } flows_naive SEC(".maps");
 
-/* The extension fields live in the flow's own value. */
-static __always_inline void packed_l4(struct flow_packed *v,
-				      const struct acct *a, __u64 now)
+/* The extension fields live in the flow's own value. Returns the fine
+ * clock when it read it, else 0.
+ */
+static __always_inline __u64 packed_l4(struct flow_packed *v,
+				       const struct acct *a)
 {
+	__u64 now = 0;
+
 	if (a->ext == EXT_TCP) {
-		bpf_spin_lock(&v->base.lock);
-		tcp_update(&v->base, &v->ext.tcp, &a->p, now);
-		bpf_spin_unlock(&v->base.lock);
+		if (!tcp_fast(&v->base, &a->p, &now))
+			now = tcp_locked(&v->base, &v->ext.tcp, &a->p);
 	} else if (a->ext == EXT_ICMP) {
-		icmp_update(&v->base, &v->ext.icmp, &a->p, now);
+		now = icmp_update(&v->base, &v->ext.icmp, &a->p);
 	}
+	return now;
 }
 
 static __always_inline void packed_handle(struct __sk_buff *skb, __u8 hook)
@@ -70,17 +74,16 @@ static __always_inline void packed_handle(struct __sk_buff *skb, __u8 hook)
 
 	if (!acct_of(skb, &a))
 		return;
-	now = bpf_ktime_get_ns();
 	v = bpf_map_lookup_elem(&flows, &a.p.key);
 	if (!v) {
 		struct flow_packed nv = {};
 
-		base_init(&nv.base, &a, hook, now);
+		base_init(&nv.base, &a, hook, coarse_now());
 		/* a stack value no other CPU sees: no lock, no sample */
 		if (a.ext == EXT_TCP)
-			tcp_update(&nv.base, NULL, &a.p, now);
+			tcp_update(&nv.base, NULL, &a.p, bpf_ktime_get_ns());
 		else if (a.ext == EXT_ICMP)
-			icmp_update(&nv.base, NULL, &a.p, now);
+			icmp_update(&nv.base, NULL, &a.p);
 		err = bpf_map_update_elem(&flows, &a.p.key, &nv, BPF_NOEXIST);
 		if (!err) {
 			count(CNT_PACKETS, a.pkts);
@@ -93,8 +96,8 @@ static __always_inline void packed_handle(struct __sk_buff *skb, __u8 hook)
 			return;
 		}
 	}
-	base_account(&v->base, &a, now);
-	packed_l4(v, &a, now);
+	now = packed_l4(v, &a);
+	base_account(&v->base, &a, now ?: coarse_now());
 	count(CNT_PACKETS, a.pkts);
 }
 

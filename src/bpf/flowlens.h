@@ -113,7 +113,7 @@ union flow_l4 {
  * bytes, which is kmalloc-192 exactly (tests/layout.rs pins it).
  */
 struct flow_base {
-	__u64 first_seen_ns;	/* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u64 first_seen_ns;	/* CLOCK_MONOTONIC_COARSE: tick resolution */
 	__u64 last_seen_ns;
 	__u64 packets[2];	/* indexed by enum flow_dir */
 	__u64 bytes[2];		/* IP bytes: IP header and payload */

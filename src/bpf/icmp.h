@@ -20,13 +20,15 @@ static __always_inline bool icmp_wants_sample(const struct flow_base *b,
 
 /* No lock: a request and its reply are written at different times, and a
  * lost race only costs one RTT sample. c is the flow's RTT entry, or NULL
- * when the packet gives no sample or the entry could not be made.
+ * when the packet gives no sample or the entry could not be made. Returns
+ * the fine clock when it read it (echo), else 0.
  */
-static __always_inline void icmp_update(struct flow_base *b,
-					struct flow_icmp *c,
-					const struct pkt *p, __u64 now)
+static __always_inline __u64 icmp_update(struct flow_base *b,
+					 struct flow_icmp *c,
+					 const struct pkt *p)
 {
 	struct icmp_hot *h = &b->l4.icmp;
+	__u64 now;
 
 	if (p->dir == DIR_HI_TO_LO) {
 		h->type[1] = p->icmp_type;
@@ -35,6 +37,10 @@ static __always_inline void icmp_update(struct flow_base *b,
 		h->type[0] = p->icmp_type;
 		h->code[0] = p->icmp_code;
 	}
+	if (!p->echo)
+		return 0;
+	/* only echo timing needs the fine clock */
+	now = bpf_ktime_get_ns();
 	if (p->echo == ECHO_REQUEST) {
 		b->l4_ts_ns = now;
 		h->req_seq = p->echo_seq;
@@ -44,7 +50,7 @@ static __always_inline void icmp_update(struct flow_base *b,
 
 		b->l4_ts_ns = 0;
 		if (!c)
-			return;
+			return now;
 		if (!c->rtt_count || s < c->rtt_min_ns)
 			c->rtt_min_ns = s;
 		if (s > c->rtt_max_ns)
@@ -52,6 +58,7 @@ static __always_inline void icmp_update(struct flow_base *b,
 		c->rtt_sum_ns += rtt;
 		c->rtt_count++;
 	}
+	return now;
 }
 
 #endif /* __FLOWLENS_ICMP_H */

@@ -77,29 +77,31 @@ static __always_inline void *ext_get(void *map, __u64 id, __u32 full)
 	return v;
 }
 
-static __always_inline void tcp_account(struct flow_base *b,
-					const struct pkt *p, __u64 now)
+/* Returns the fine clock when it read it, else 0. */
+static __always_inline __u64 tcp_account(struct flow_base *b,
+					 const struct pkt *p)
 {
 	struct flow_tcp *t = NULL;
+	__u64 now = 0;
 
+	if (tcp_fast(b, p, &now))
+		return now;
 	/* no map calls under the lock: the entry is fetched first, on a
 	 * guess that the locked update confirms or ignores
 	 */
 	if (tcp_wants_sample(b, p))
 		t = ext_get(&flows_tcp, b->ext_id, CNT_TCP_FULL);
-	bpf_spin_lock(&b->lock);
-	tcp_update(b, t, p, now);
-	bpf_spin_unlock(&b->lock);
+	return tcp_locked(b, t, p);
 }
 
-static __always_inline void icmp_account(struct flow_base *b,
-					 const struct pkt *p, __u64 now)
+static __always_inline __u64 icmp_account(struct flow_base *b,
+					  const struct pkt *p)
 {
 	struct flow_icmp *c = NULL;
 
 	if (icmp_wants_sample(b, p))
 		c = ext_get(&flows_icmp, b->ext_id, CNT_ICMP_FULL);
-	icmp_update(b, c, p, now);
+	return icmp_update(b, c, p);
 }
 
 #endif /* __FLOWLENS_MAPS_H */

@@ -57,6 +57,32 @@ struct pkt {
 	__u16 dport;
 };
 
+/* Header offsets read straight from the packet stay below this, so the
+ * verifier can bound the pointer arithmetic; no real header chain is longer.
+ */
+#define MAX_DIRECT_OFF 0x3fff
+
+/* Copies `len` header bytes at `off` into `buf`: straight from the packet
+ * when they lie in its linear part (nearly always: stacks keep headers
+ * linear), else through bpf_skb_load_bytes. Returns 0 or a negative error.
+ */
+static __always_inline long load(struct __sk_buff *skb, __u32 off, void *buf,
+				 __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	if (off <= MAX_DIRECT_OFF && data + off + len <= end) {
+		/* word loads, not byte loads: the JIT and the verifier
+		 * (without strict alignment) take them unaligned too
+		 */
+		__builtin_memcpy(buf, __builtin_assume_aligned(data + off, 4),
+				 len);
+		return 0;
+	}
+	return bpf_skb_load_bytes(skb, off, buf, len);
+}
+
 /* Returns 0 when the packet should be accounted, or a CNT_* error. */
 static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p,
 				    __u32 off, __u32 l4_avail, bool first_frag)
@@ -73,7 +99,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p,
 		__u32 doff;
 
 		if (l4_avail < sizeof(th) ||
-		    bpf_skb_load_bytes(skb, off, &th, sizeof(th)))
+		    load(skb, off, &th, sizeof(th)))
 			return CNT_TCP_TRUNC;
 		doff = th.doff * 4;
 		if (doff < sizeof(th) || doff > l4_avail)
@@ -90,7 +116,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p,
 		struct udphdr uh;
 
 		if (l4_avail < sizeof(uh) ||
-		    bpf_skb_load_bytes(skb, off, &uh, sizeof(uh)))
+		    load(skb, off, &uh, sizeof(uh)))
 			return CNT_UDP_TRUNC;
 		p->sport = bpf_ntohs(uh.source);
 		p->dport = bpf_ntohs(uh.dest);
@@ -102,7 +128,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p,
 		/* type, code, checksum, then identifier and sequence for echo */
 		__u8 ih[8];
 
-		if (l4_avail < 4 || bpf_skb_load_bytes(skb, off, ih, 4))
+		if (l4_avail < 4 || load(skb, off, ih, 4))
 			return CNT_ICMP_TRUNC;
 		p->icmp_type = ih[0];
 		p->icmp_code = ih[1];
@@ -115,7 +141,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p,
 		/* set once here: ICMP keys are direction-independent */
 		if (p->echo) {
 			if (l4_avail < 8 ||
-			    bpf_skb_load_bytes(skb, off, ih, sizeof(ih)))
+			    load(skb, off, ih, sizeof(ih)))
 				return CNT_ICMP_TRUNC;
 			p->key.port_lo = ((__u16)ih[4] << 8) | ih[5];
 			p->key.port_hi = p->key.port_lo;
@@ -148,7 +174,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p,
 	int i;
 
 	if (skb->len < off + sizeof(ip6) ||
-	    bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)))
+	    load(skb, off, &ip6, sizeof(ip6)))
 		return CNT_IPV6_TRUNC;
 	if (ip6.version != 6)
 		return CNT_IP_BAD_VERSION;
@@ -173,7 +199,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p,
 		if (!ipv6_is_ext(nh))
 			break;
 		if (p->hdr_len + 8 > l3_len ||
-		    bpf_skb_load_bytes(skb, off, eh, sizeof(eh)))
+		    load(skb, off, eh, sizeof(eh)))
 			return CNT_IPV6_BAD_EXT;
 		if (nh == IPPROTO_FRAGMENT &&
 		    ((((__u16)eh[2] << 8) | eh[3]) & 0xFFF8)) {
@@ -213,7 +239,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p,
 	bool first_frag;
 
 	if (skb->len < off + sizeof(ip) ||
-	    bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)))
+	    load(skb, off, &ip, sizeof(ip)))
 		return CNT_IPV4_TRUNC;
 	if (ip.version != 4)
 		return CNT_IP_BAD_VERSION;
@@ -255,7 +281,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	int i, err;
 
 	if (skb->len < ETH_HLEN ||
-	    bpf_skb_load_bytes(skb, 12, &proto, sizeof(proto)))
+	    load(skb, 12, &proto, sizeof(proto)))
 		return CNT_ETH_TRUNC;
 	proto = bpf_ntohs(proto);
 
@@ -263,7 +289,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		if (proto != ETH_P_8021Q && proto != ETH_P_8021AD)
 			break;
 		if (i == MAX_VLAN_TAGS ||
-		    bpf_skb_load_bytes(skb, off + 2, &proto, sizeof(proto)))
+		    load(skb, off + 2, &proto, sizeof(proto)))
 			return CNT_VLAN_TRUNC;
 		proto = bpf_ntohs(proto);
 		off += 4;
@@ -282,14 +308,18 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 static __always_inline void normalise(struct pkt *p)
 {
 	struct flow_key *k = &p->key;
-	int cmp = 0, i;
+	__u64 lo[2], hi[2];
+	int cmp = 0;
 
-	for (i = 0; i < 16; i++) {
-		if (k->addr_lo[i] != k->addr_hi[i]) {
-			cmp = k->addr_lo[i] < k->addr_hi[i] ? -1 : 1;
-			break;
-		}
-	}
+	/* two big-endian words per address, not sixteen byte compares; the
+	 * key starts 8-aligned on the stack (struct acct holds __u64s)
+	 */
+	__builtin_memcpy(lo, __builtin_assume_aligned(k->addr_lo, 8), 16);
+	__builtin_memcpy(hi, __builtin_assume_aligned(k->addr_hi, 8), 16);
+	if (lo[0] != hi[0])
+		cmp = bpf_be64_to_cpu(lo[0]) < bpf_be64_to_cpu(hi[0]) ? -1 : 1;
+	else if (lo[1] != hi[1])
+		cmp = bpf_be64_to_cpu(lo[1]) < bpf_be64_to_cpu(hi[1]) ? -1 : 1;
 	if (!cmp && p->has_ports)
 		cmp = p->sport <= p->dport ? -1 : 1;
 

@@ -116,4 +116,44 @@ static __always_inline void tcp_update(struct flow_base *b, struct flow_tcp *t,
 		h->state = TCP_ST_ESTABLISHED;
 }
 
+/* The common case without the lock: an established packet that sets no
+ * flag its side has not sent before and carries no payload, or continues
+ * its own side's payload, changes nothing tcp_update() would, except the
+ * payload time. Returns whether it handled the packet; *now is the fine
+ * clock when it read it, else left alone.
+ */
+static __always_inline bool tcp_fast(struct flow_base *b, const struct pkt *p,
+				     __u64 *now)
+{
+	struct tcp_hot *h = &b->l4.tcp;
+	__u8 f = p->tcp_flags, d = p->dir & 1;
+
+	if ((f & (TCP_SYN | TCP_FIN | TCP_RST)) ||
+	    h->state != TCP_ST_ESTABLISHED || (h->flags[d] & f) != f)
+		return false;
+	if (!p->payload)
+		return true;
+	if (!(h->bits & TCPB_PAYLOAD) || !!(h->bits & TCPB_LAST_DIR_HI) != d)
+		return false;
+	*now = bpf_ktime_get_ns();
+	b->l4_ts_ns = *now;
+	return true;
+}
+
+/* Every other packet: the whole update under the base entry's lock. t is
+ * the flow's latency entry, or NULL when it has none to give. Returns the
+ * fine clock it read.
+ */
+static __always_inline __u64 tcp_locked(struct flow_base *b,
+					struct flow_tcp *t, const struct pkt *p)
+{
+	/* timing samples need the fine clock; no helper runs under the lock */
+	__u64 now = bpf_ktime_get_ns();
+
+	bpf_spin_lock(&b->lock);
+	tcp_update(b, t, p, now);
+	bpf_spin_unlock(&b->lock);
+	return now;
+}
+
 #endif /* __FLOWLENS_TCP_H */
