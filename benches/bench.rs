@@ -423,6 +423,23 @@ struct Cost {
 /// Measures `fill_maps` (which creates, fills and returns its maps' memlock
 /// before and after filling), keeping the maps alive until measured.
 fn measure<T>(n: u32, fill_maps: impl FnOnce() -> Result<(T, u64, u64)>) -> Result<Cost> {
+    // Maps freed earlier (another section's) may still be giving memory
+    // back: wait for three quiet readings in a row (at most 30 s).
+    let mut last = slab()?.unreclaim;
+    let mut quiet = 0;
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = slab()?.unreclaim;
+        quiet = if now.abs_diff(last) < (256 << 10) {
+            quiet + 1
+        } else {
+            0
+        };
+        last = now;
+        if quiet == 3 {
+            break;
+        }
+    }
     let before = slab()?;
     let (keep, empty, full) = fill_maps()?;
     let after = slab()?;
