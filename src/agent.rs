@@ -19,6 +19,7 @@ use crate::output::{self, OutputHandle};
 use crate::poller::{KernelTable, PollError, Poller};
 use crate::preflight::{self, PinLock};
 use crate::service::{self, ListenAddr, ServiceHandle};
+use crate::snapshot::SnapshotSlot;
 use crate::status::Status;
 
 /// Records the poller may hand the hub before it waits for the fanout; the fanout never
@@ -98,9 +99,10 @@ impl Agent {
     ) -> Result<Parts> {
         let status = Arc::new(Status::new());
         let hub = Hub::new(cfg.hub);
+        let snapshots = SnapshotSlot::new(cfg.poller.poll_interval);
         // Listeners first: a port in use fails before anything is attached.
         let grpc = grpc_addr
-            .map(|a| service::spawn_on(a, hub.clone(), status.clone()))
+            .map(|a| service::spawn_on(a, hub.clone(), status.clone(), snapshots.clone()))
             .transpose()
             .context("--grpc-listen")?;
         let metrics = cfg
@@ -154,13 +156,16 @@ impl Agent {
         // Sinks register before the poller starts, so they see every record.
         let output = cfg
             .output
-            .map(|format| output::spawn(hub.add_sink(SinkKind::Output, "stdout"), format))
+            .map(|format| {
+                output::spawn(hub.add_sink(SinkKind::Output, "stdout"), format, cfg.table)
+            })
             .transpose()
             .context("spawning the output thread")?;
         let (tx, rx) = crossbeam_channel::bounded::<FlowRecord>(RECORD_CHANNEL);
         let fanout = hub.spawn_fanout(rx).context("spawning the fanout thread")?;
         let table = KernelTable::new(dp.maps().context("opening map handles")?);
-        let poller = Poller::new(table, cfg.poller, tx, status.clone(), ifnames);
+        let poller =
+            Poller::new(table, cfg.poller, tx, status.clone(), ifnames).with_snapshots(snapshots);
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let poll_thread = std::thread::Builder::new()
             .name("flowlens-poller".into())

@@ -68,22 +68,30 @@ pub fn parse_request(
     req: &proto::SubscribeRequest,
     peer: String,
 ) -> Result<SubscribeOptions, RequestError> {
+    let since = req.since.map(|t| timestamp_arg(t, "since")).transpose()?;
+    Ok(SubscribeOptions {
+        selector: parse_selector(&req.include, &req.exclude)?,
+        replay: usize::try_from(req.replay).unwrap_or(usize::MAX),
+        since,
+        follow: req.follow.unwrap_or(true),
+        peer,
+    })
+}
+
+/// Validates the `include` and `exclude` filters of a request.
+pub fn parse_selector(
+    include: &[proto::Filter],
+    exclude: &[proto::Filter],
+) -> Result<Selector, RequestError> {
     let parse_all = |list: &[proto::Filter], name: &str| {
         list.iter()
             .enumerate()
             .map(|(i, f)| parse_filter(f, &format!("{name}[{i}]")))
             .collect::<Result<Vec<_>, _>>()
     };
-    let since = req.since.map(|t| timestamp_arg(t, "since")).transpose()?;
-    Ok(SubscribeOptions {
-        selector: Selector {
-            include: parse_all(&req.include, "include")?,
-            exclude: parse_all(&req.exclude, "exclude")?,
-        },
-        replay: usize::try_from(req.replay).unwrap_or(usize::MAX),
-        since,
-        follow: req.follow.unwrap_or(true),
-        peer,
+    Ok(Selector {
+        include: parse_all(include, "include")?,
+        exclude: parse_all(exclude, "exclude")?,
     })
 }
 
@@ -223,6 +231,7 @@ fn end_reason_from_proto(e: proto::EndReason) -> Option<EndReason> {
         proto::EndReason::TcpFin => Some(EndReason::TcpFin),
         proto::EndReason::TcpRst => Some(EndReason::TcpRst),
         proto::EndReason::Shutdown => Some(EndReason::Shutdown),
+        proto::EndReason::InProgress => Some(EndReason::InProgress),
     }
 }
 
@@ -234,6 +243,7 @@ impl From<EndReason> for proto::EndReason {
             EndReason::TcpFin => proto::EndReason::TcpFin,
             EndReason::TcpRst => proto::EndReason::TcpRst,
             EndReason::Shutdown => proto::EndReason::Shutdown,
+            EndReason::InProgress => proto::EndReason::InProgress,
         }
     }
 }

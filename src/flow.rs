@@ -85,9 +85,12 @@ pub enum EndReason {
     TcpRst,
     /// The agent is stopping and flushed the flow.
     Shutdown,
+    /// Not ended: a flow in progress as `ListFlows` reports it (counters cumulative).
+    InProgress,
 }
 
 impl EndReason {
+    /// The reasons a flow ends with (every one but `InProgress`).
     pub const ALL: [EndReason; 5] = [
         EndReason::IdleTimeout,
         EndReason::ActiveTimeout,
@@ -103,6 +106,7 @@ impl EndReason {
             EndReason::TcpFin => "tcp_fin",
             EndReason::TcpRst => "tcp_rst",
             EndReason::Shutdown => "shutdown",
+            EndReason::InProgress => "in_progress",
         }
     }
 }
@@ -200,8 +204,9 @@ pub struct IcmpInfo {
     pub echo_rtt: Option<Latency>,
 }
 
-/// A finished (or active-timeout) flow, as streamed to users.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A finished (or active-timeout, or in-progress) flow, as streamed to users; its JSON
+/// form is `render::JsonRecord`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct FlowRecord {
     pub ip_version: u8,
     pub protocol: u8,
@@ -212,22 +217,16 @@ pub struct FlowRecord {
     pub ifindex: u32,
     pub interface: String,
     pub first_hook: Hook,
-    #[serde(serialize_with = "ser_time")]
     pub first_seen: SystemTime,
-    #[serde(serialize_with = "ser_time")]
     pub last_seen: SystemTime,
-    /// What the client sent (deltas since the previous record of this flow).
+    /// What the client sent (deltas since the previous record of this flow; cumulative
+    /// when `end_reason` is `InProgress`).
     pub client: DirStats,
     /// What the server sent.
     pub server: DirStats,
     pub end_reason: EndReason,
     pub tcp: Option<TcpInfo>,
     pub icmp: Option<IcmpInfo>,
-}
-
-fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    s.serialize_f64(d.as_secs_f64())
 }
 
 impl FlowRecord {

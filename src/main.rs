@@ -1,4 +1,4 @@
-//! The flowlens command line: `run` the collector, `watch` a running one. Flags become a `Config`; the `Agent` does the rest.
+//! The flowlens command line: `run` the collector, `watch` a running one's flows as they end, or see its flows in progress with `top`. Flags become a `Config`; the `Agent` does the rest.
 
 use std::path::PathBuf;
 
@@ -14,7 +14,8 @@ use flowlens::config::{capacity, Config, HumanDuration, OrOff};
 use flowlens::datapath::Capacities;
 use flowlens::hub::HubConfig;
 use flowlens::poller::PollerConfig;
-use flowlens::render::Format;
+use flowlens::render::{self, Format, TableStyle};
+use flowlens::top::{self, TopArgs};
 use flowlens::watch::{self, WatchArgs};
 
 #[derive(Parser)]
@@ -39,10 +40,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the datapath, attach to interfaces, and report flows.
+    /// Load the datapath, attach to interfaces, and report flows as they end.
+    #[command(after_long_help = render::legend(false))]
     Run(Box<RunArgs>),
-    /// Subscribe to a running collector and print its flows.
+    /// Subscribe to a running collector and print its flows as they end.
+    #[command(after_long_help = render::legend(false))]
     Watch(Box<WatchArgs>),
+    /// Live full-screen view of a running collector's flows in progress.
+    #[command(after_long_help = top::KEYS_HELP)]
+    Top(Box<TopArgs>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -142,6 +148,12 @@ struct RunArgs {
     /// What to print on stdout for each flow record.
     #[arg(long, env = "FLOWLENS_OUTPUT", value_enum, default_value_t = Output::from(defaults().output))]
     output: Output,
+    /// Table: every column, unabbreviated (wider than 100 columns).
+    #[arg(long, env = "FLOWLENS_WIDE")]
+    wide: bool,
+    /// Table: print a legend of the columns and abbreviations before the header.
+    #[arg(long, env = "FLOWLENS_LEGEND")]
+    legend: bool,
     /// Where maps and TCX links are pinned (bpffs), so a restarted agent after
     /// a crash continues the flows in progress; "off" pins nothing.
     #[arg(long, env = "FLOWLENS_PIN_DIR", default_value_t = OrOff::of(defaults().pin_dir.map(|p| p.display().to_string())))]
@@ -196,6 +208,10 @@ impl RunArgs {
                 Output::Json => Some(Format::Json),
                 Output::None => None,
             },
+            table: TableStyle {
+                wide: self.wide,
+                legend: self.legend,
+            },
             pin_dir: self.pin_dir.0.map(PathBuf::from),
             grpc_listen: self.grpc_listen.0,
             metrics_listen: self.metrics_listen.0,
@@ -214,6 +230,7 @@ fn main() {
     let res = match cli.command {
         Command::Run(args) => run(args.into_config()),
         Command::Watch(args) => watch::run(*args),
+        Command::Top(args) => top::run(*args),
     };
     if let Err(e) = res {
         error!("{e:#}");
@@ -227,7 +244,12 @@ fn run(cfg: Config) -> Result<()> {
     // Installed first: a signal during start-up is not lost, and ends the run once started.
     let mut signals =
         Signals::new([SIGINT, SIGTERM]).context("installing SIGINT/SIGTERM handlers")?;
+    let note = (cfg.output.is_some() && std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .then(|| start_note(&cfg));
     let agent = Agent::start(cfg)?;
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
     std::thread::Builder::new()
         .name("flowlens-signals".into())
@@ -239,4 +261,25 @@ fn run(cfg: Config) -> Result<()> {
         })
         .context("spawning the signal thread")?;
     agent.run(&stop_rx)
+}
+
+/// What a person at a terminal needs to know before the first flow ends.
+fn start_note(cfg: &Config) -> String {
+    let p = &cfg.poller;
+    let d = |d| humantime::format_duration(d);
+    let top = match cfg.grpc_listen.as_deref() {
+        Some(a) if Some(a) == defaults().grpc_listen.as_deref() => "run `flowlens top`".to_owned(),
+        Some(a) => format!("run `flowlens top --server {a}`"),
+        None => "run with --grpc-listen and use `flowlens top`".to_owned(),
+    };
+    format!(
+        "flowlens: a flow is printed when it ends: after {} (TCP) / {} (UDP) / {} (ICMP) without a packet, \
+         on TCP FIN or RST, and every {} while it lasts.\n\
+         flowlens: to see flows in progress {top}; to see ended flows sooner, lower \
+         --idle-timeout-tcp/-udp/-icmp and --active-timeout.",
+        d(p.idle_tcp),
+        d(p.idle_udp),
+        d(p.idle_icmp),
+        d(p.active_timeout)
+    )
 }

@@ -1,4 +1,4 @@
-//! The gRPC server: the FlowLens service (Subscribe, GetStatus) with health and reflection, and its listener's lifecycle.
+//! The gRPC server: the FlowLens service (Subscribe, ListFlows, GetStatus) with health and reflection, and its listener's lifecycle.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,7 @@ use tonic::{Request, Response};
 
 use crate::api::{self, parse_request, proto};
 use crate::hub::{Event, Hub};
+use crate::snapshot::{page_token, parse_page_token, PagedSnapshots, SnapshotSlot};
 use crate::status::Status as AgentStatus;
 
 /// The server side of the FlowLens service, generated in build.rs from a hand-declared
@@ -29,6 +30,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Responses buffered per subscriber between its hub queue and the transport; small so a
 /// stalled client backs up into the hub queue, where losses are counted.
 const RESPONSE_BUFFER: usize = 2;
+/// ListFlows page size when the request leaves it 0, and its upper bound.
+const DEFAULT_PAGE: usize = 1000;
+const MAX_PAGE: usize = 10_000;
 
 /// `flowlens.v1.SubscribeResponse` as the server sends it: the records are their shared,
 /// already encoded `FlowRecord` messages. A length-delimited message field and a `bytes`
@@ -127,15 +131,24 @@ fn event_to_wire(ev: Event) -> wire::SubscribeResponse {
 pub struct FlowLensService {
     hub: Hub,
     status: Arc<AgentStatus>,
+    snapshots: SnapshotSlot,
+    paged: Arc<PagedSnapshots>,
     /// Becomes true when the server stops, so following streams end and connections drain.
     stopping: watch::Receiver<bool>,
 }
 
 impl FlowLensService {
-    pub fn new(hub: Hub, status: Arc<AgentStatus>, stopping: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        hub: Hub,
+        status: Arc<AgentStatus>,
+        snapshots: SnapshotSlot,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
         FlowLensService {
             hub,
             status,
+            snapshots,
+            paged: Arc::default(),
             stopping,
         }
     }
@@ -190,6 +203,52 @@ impl FlowLens for FlowLensService {
             log::debug!("subscriber {} done", sub.id());
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_flows(
+        &self,
+        req: Request<proto::ListFlowsRequest>,
+    ) -> Result<Response<proto::ListFlowsResponse>, tonic::Status> {
+        let req = req.into_inner();
+        let selector = api::parse_selector(&req.include, &req.exclude)?;
+        let size = match req.page_size {
+            0 => DEFAULT_PAGE,
+            n => (n as usize).min(MAX_PAGE),
+        };
+        let (snap, offset) = if req.page_token.is_empty() {
+            (self.snapshots.fresh().await, 0)
+        } else {
+            let (generation, offset) = parse_page_token(&req.page_token).ok_or_else(|| {
+                tonic::Status::invalid_argument(format!(
+                    "page_token: {:?} is not a token this agent gave",
+                    req.page_token
+                ))
+            })?;
+            let snap = self.paged.get(generation).ok_or_else(|| {
+                tonic::Status::aborted("page_token: that snapshot has expired; list again")
+            })?;
+            (snap, offset)
+        };
+        let matching: Vec<&crate::flow::FlowRecord> =
+            snap.flows.iter().filter(|r| selector.matches(r)).collect();
+        let end = offset.saturating_add(size).min(matching.len());
+        let next_page_token = if end < matching.len() {
+            self.paged.keep(&snap);
+            page_token(snap.generation, end)
+        } else {
+            String::new()
+        };
+        Ok(Response::new(proto::ListFlowsResponse {
+            flows: matching
+                .get(offset.min(end)..end)
+                .unwrap_or_default()
+                .iter()
+                .map(|r| proto::FlowRecord::from(*r))
+                .collect(),
+            next_page_token,
+            snapshot_time: (snap.generation > 0).then(|| snap.taken.into()),
+            total_size: matching.len() as u64,
+        }))
     }
 
     async fn get_status(
@@ -373,15 +432,18 @@ impl Drop for ServiceHandle {
 
 /// Starts the gRPC server on its own tokio runtime in a background thread; `listen` is
 /// "HOST:PORT" or "unix:/path". Fails (naming the address) if it cannot bind.
+/// Its ListFlows answers from a slot nobody publishes to (an empty list).
 pub fn spawn(listen: &str, hub: Hub, status: Arc<AgentStatus>) -> anyhow::Result<ServiceHandle> {
-    spawn_on(listen.parse()?, hub, status)
+    let idle = SnapshotSlot::new(Duration::from_millis(100));
+    spawn_on(listen.parse()?, hub, status, idle)
 }
 
-/// `spawn` with an address already parsed.
+/// `spawn` with an address already parsed, ListFlows answering from `snapshots`.
 pub fn spawn_on(
     addr: ListenAddr,
     hub: Hub,
     status: Arc<AgentStatus>,
+    snapshots: SnapshotSlot,
 ) -> anyhow::Result<ServiceHandle> {
     let bound = bind(&addr)?;
     let (local_addr, unix_path) = match &bound {
@@ -397,7 +459,7 @@ pub fn spawn_on(
     let (stop_tx, stop_rx) = oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("flowlens-grpc-main".into())
-        .spawn(move || rt.block_on(serve(bound, hub, status, stop_rx)))
+        .spawn(move || rt.block_on(serve(bound, hub, status, snapshots, stop_rx)))
         .context("spawning the gRPC server thread")?;
     Ok(ServiceHandle {
         stop: Some(stop_tx),
@@ -411,6 +473,7 @@ async fn serve(
     bound: Bound,
     hub: Hub,
     status: Arc<AgentStatus>,
+    snapshots: SnapshotSlot,
     stop: oneshot::Receiver<()>,
 ) -> anyhow::Result<()> {
     let (stopping_tx, stopping_rx) = watch::channel(false);
@@ -435,6 +498,7 @@ async fn serve(
         .add_service(FlowLensServer::new(FlowLensService::new(
             hub,
             status,
+            snapshots,
             stopping_rx.clone(),
         )));
 

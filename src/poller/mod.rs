@@ -17,6 +17,7 @@ use thiserror::Error;
 use crate::attach::IfNames;
 use crate::bpf::types;
 use crate::flow::{EndReason, FlowRecord, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+use crate::snapshot::SnapshotSlot;
 use crate::status::{MapUsage, Status};
 use decode::{key_bytes, monotonic_ns, Clock, Counts, KeyBytes, RawFlow};
 pub use table::{ExtMap, FlowTable, Joined, KernelTable, ReadMode, MAP_NAMES};
@@ -97,6 +98,7 @@ pub struct Poller<T: FlowTable = KernelTable> {
     ifnames: IfNames,
     polls: u64,
     pressured: [bool; 3],
+    snapshots: Option<SnapshotSlot>,
 }
 
 impl<T: FlowTable> Poller<T> {
@@ -117,7 +119,15 @@ impl<T: FlowTable> Poller<T> {
             ifnames,
             polls: 0,
             pressured: [false; 3],
+            snapshots: None,
         }
+    }
+
+    /// Also publishes the flows in progress into `slot` after each poll, while someone
+    /// reads them.
+    pub fn with_snapshots(mut self, slot: SnapshotSlot) -> Poller<T> {
+        self.snapshots = Some(slot);
+        self
     }
 
     pub fn table(&self) -> &T {
@@ -167,6 +177,13 @@ impl<T: FlowTable> Poller<T> {
             flows: flows.len(),
             ..PollStats::default()
         };
+        // Cumulative records of the flows that go on, built beside (not from) the delta
+        // bookkeeping below.
+        let mut in_progress = self
+            .snapshots
+            .as_ref()
+            .filter(|s| s.wanted())
+            .map(|_| Vec::with_capacity(flows.len()));
         for f in &flows {
             let kb = key_bytes(&f.key);
             if let Some(reason) = self.end_reason(f, now_ns) {
@@ -187,6 +204,18 @@ impl<T: FlowTable> Poller<T> {
             {
                 stats.active_records += 1;
             }
+            if let Some(v) = in_progress.as_mut() {
+                let ifname = self.ifname(f.key.ifindex);
+                v.push(f.to_record(
+                    Counts::of(&f.base),
+                    EndReason::InProgress,
+                    &self.clock,
+                    ifname,
+                ));
+            }
+        }
+        if let (Some(slot), Some(v)) = (&self.snapshots, in_progress) {
+            slot.publish(self.clock.to_wall(now_ns), v);
         }
         // Forget per-flow state of keys that vanished without us ending them.
         if self.reported.len() > flows.len() {
