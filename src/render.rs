@@ -98,9 +98,9 @@ impl Renderer {
 /// metrics column gives way, so an IPv4 row never passes `TABLE_WIDTH`.
 const W_TIME: usize = 8;
 const W_PROTO: usize = 4;
-const W_CLIENT: usize = 17;
+const W_CLIENT: usize = 19;
 const W_SERVER: usize = 16;
-const W_DIR: usize = 9;
+const W_DIR: usize = 8;
 const W_DUR: usize = 5;
 const W_END: usize = 4;
 
@@ -124,7 +124,7 @@ pub fn table_header(wide: bool) -> String {
     } else {
         format!(
             "{:<W_TIME$} {:<W_PROTO$} {:>W_CLIENT$}   {:<W_SERVER$} {:>W_DIR$} {:>W_DIR$} {:>W_DUR$} {:<W_END$} METRICS",
-            "TIME", "PROT", "CLIENT", "SERVER", "C>S PKT/B", "S>C PKT/B", "DUR", "END"
+            "TIME", "PROT", "CLIENT", "SERVER", "C>S", "S>C", "DUR", "END"
         )
     }
 }
@@ -134,7 +134,7 @@ pub fn legend(wide: bool) -> String {
     let mut s = String::from(
         "TIME: UTC time of the flow's last packet (a date line comes first and when the day changes).\n\
          CLIENT > SERVER: the side that sent the first packet (the SYN for TCP) > the other side.\n\
-         C>S, S>C PKT/B: packets/bytes the client sent, and the server. Bytes are IP bytes;\n\
+         C>S, S>C: packets/bytes the client sent, and the server (IP bytes: headers, no framing);\n\
          \x20 K, M, G, T = 1024^1..4 bytes; packet counts k, M, G = 1000^1..3. DUR: first to last packet.\n",
     );
     if wide {
@@ -695,7 +695,7 @@ mod tests {
     fn legend_explains_every_abbreviation() {
         let short = legend(false);
         for abbr in [
-            "idle", "actv", "fin", "rst", "stop", "rtt", "srv", "rtx", "late", "type", "PKT/B",
+            "idle", "actv", "fin", "rst", "stop", "rtt", "srv", "rtx", "late", "type", "C>S",
             "DUR", "+",
         ] {
             assert!(short.contains(abbr), "{abbr}");

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use flowlens::api::proto;
 use flowlens::api::proto::flow_lens_client::FlowLensClient;
 use flowlens::api::proto::subscribe_response::Event;
+use flowlens::client::FlowQuery;
 use flowlens::flow::{DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo, TcpState};
 use flowlens::hub::{Hub, HubConfig};
 use flowlens::service::{self, ServiceHandle};
@@ -1296,9 +1297,12 @@ async fn watch_prints_table_and_json() {
         agent.hub.publish(r);
     }
     let args = WatchArgs {
-        server: agent.addr.to_string(),
-        proto: Some("tcp".into()),
-        exclude_interface: vec!["eth1".into()],
+        query: FlowQuery {
+            server: agent.addr.to_string(),
+            proto: Some("tcp".into()),
+            exclude_interface: vec!["eth1".into()],
+            ..Default::default()
+        },
         replay: 100,
         no_follow: true,
         ..Default::default()
@@ -1309,25 +1313,32 @@ async fn watch_prints_table_and_json() {
         .unwrap();
     let text = String::from_utf8(out).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 3, "{text}");
-    assert!(lines[0].starts_with("TIME(UTC)"));
+    // Header, the date line, two flows.
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(lines[0].starts_with("TIME "), "{text}");
+    assert_eq!(lines[1], "--- 2023-11-14 (UTC) ---");
     assert!(
-        lines[1].contains("10.0.0.1:40001 -> 192.168.1.10:443"),
+        lines[2].contains("10.0.0.1:40001 > 192.168.1.10:443"),
         "{text}"
     );
-    assert!(lines[1].contains("tcp_fin"));
-    assert!(lines[1].contains("hs 0.12ms"), "{text}");
+    assert!(lines[2].contains(" fin "), "{text}");
+    assert!(lines[2].contains("srv 50µs"), "{text}");
     assert!(
-        lines[2].contains("192.168.1.20:33000 -> 10.0.0.2:22"),
+        lines[3].contains("192.168.1.20:33000 > 10.0.0.2:22"),
         "{text}"
     );
-    // Columns line up: the arrow sits at the same offset in every row.
-    assert_eq!(lines[1].find(" -> "), lines[2].find(" -> "));
+    // Columns line up: the arrow sits at the same offset in every row, and every line
+    // fits 100 columns.
+    assert_eq!(lines[2].find(" > "), lines[3].find(" > "));
+    assert!(lines.iter().all(|l| l.chars().count() <= 100), "{text}");
 
     let args = WatchArgs {
         json: true,
-        proto: None,
-        exclude_interface: vec![],
+        query: FlowQuery {
+            proto: None,
+            exclude_interface: vec![],
+            ..args.query.clone()
+        },
         ..args
     };
     let mut out = Vec::new();
@@ -1349,35 +1360,50 @@ async fn watch_prints_table_and_json() {
     for (args, flag) in [
         (
             WatchArgs {
-                port: Some("90-80".into()),
+                query: FlowQuery {
+                    port: Some("90-80".into()),
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             "--port",
         ),
         (
             WatchArgs {
-                src: Some("10.0.0.0/40".into()),
+                query: FlowQuery {
+                    src: Some("10.0.0.0/40".into()),
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             "--src",
         ),
         (
             WatchArgs {
-                proto: Some("sctp".into()),
+                query: FlowQuery {
+                    proto: Some("sctp".into()),
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             "--proto",
         ),
         (
             WatchArgs {
-                end_reason: Some("timeout".into()),
+                query: FlowQuery {
+                    end_reason: Some("timeout".into()),
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             "--end-reason",
         ),
         (
             WatchArgs {
-                tcp_flags: Some("syn,bogus".into()),
+                query: FlowQuery {
+                    tcp_flags: Some("syn,bogus".into()),
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             "--tcp-flags",
@@ -1391,7 +1417,10 @@ async fn watch_prints_table_and_json() {
     let url = agent.url();
     agent.shutdown();
     let args = WatchArgs {
-        server: url,
+        query: FlowQuery {
+            server: url,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let err = watch::watch_to(&args, &mut Vec::new(), std::future::pending())
@@ -1403,14 +1432,17 @@ async fn watch_prints_table_and_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_flags_build_the_request() {
     let args = WatchArgs {
-        src: Some("10.0.0.0/8".into()),
-        dport: Some("8000-8100".into()),
-        proto: Some("udp".into()),
-        ip_version: Some("6".into()),
-        tcp_flags: Some("syn,ack".into()),
-        end_reason: Some("tcp-rst".into()),
-        min_bytes: Some(10),
-        exclude_port: vec!["22".into(), "53".into()],
+        query: FlowQuery {
+            src: Some("10.0.0.0/8".into()),
+            dport: Some("8000-8100".into()),
+            proto: Some("udp".into()),
+            ip_version: Some("6".into()),
+            tcp_flags: Some("syn,ack".into()),
+            end_reason: Some("tcp-rst".into()),
+            min_bytes: Some(10),
+            exclude_port: vec!["22".into(), "53".into()],
+            ..Default::default()
+        },
         replay: 7,
         since: Some("5m".into()),
         no_follow: true,
@@ -1568,12 +1600,12 @@ fn watch_flags_parse_from_command_line_and_env() {
         WatchCli::try_parse_from(["watch", "--json", "--dport", "80-90", "--replay", "5"]).unwrap();
     let w = cli.watch;
     assert!(w.json && w.no_follow);
-    assert_eq!(w.dport.as_deref(), Some("80-90"));
+    assert_eq!(w.query.dport.as_deref(), Some("80-90"));
     assert_eq!(w.replay, 5);
-    assert_eq!(w.exclude_port, vec!["22", "53"]);
-    assert_eq!(w.server, "unix:/run/flowlens.sock");
+    assert_eq!(w.query.exclude_port, vec!["22", "53"]);
+    assert_eq!(w.query.server, "unix:/run/flowlens.sock");
     assert!(WatchCli::try_parse_from(["watch", "--ip-version", "5"]).is_err());
     std::env::remove_var("FLOWLENS_WATCH_SERVER");
     let w = WatchCli::try_parse_from(["watch"]).unwrap().watch;
-    assert_eq!(w.server, "http://127.0.0.1:50051");
+    assert_eq!(w.query.server, "http://127.0.0.1:50051");
 }
