@@ -213,7 +213,7 @@ fn fit(parts: &[String], room: usize) -> String {
         let sep = usize::from(!s.is_empty());
         let more = if i + 1 < parts.len() { 2 } else { 0 };
         if s.chars().count() + sep + p.chars().count() + more > room {
-            if room >= s.chars().count() + sep + 1 {
+            if room > s.chars().count() + sep {
                 s.push_str(if s.is_empty() { "+" } else { " +" });
             }
             return s;

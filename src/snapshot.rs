@@ -59,6 +59,12 @@ impl SnapshotSlot {
         at != 0 && (self.elapsed_ms() + 1).saturating_sub(at) <= DEMAND_WINDOW.as_millis() as u64
     }
 
+    /// Marks a request now: the poller builds snapshots for the next 30 s.
+    pub fn want(&self) {
+        self.wanted_at
+            .store(self.elapsed_ms() + 1, Ordering::Relaxed);
+    }
+
     /// Publishes a new snapshot (the poller, after reading the maps).
     pub fn publish(&self, taken: SystemTime, flows: Vec<FlowRecord>) {
         self.tx.send_modify(|s| {
@@ -67,6 +73,25 @@ impl SnapshotSlot {
                 taken,
                 flows,
             })
+        });
+    }
+
+    /// Drops the flows of the latest snapshot once nobody wants them, so an agent that was
+    /// asked once does not hold a copy of every flow for ever.
+    pub fn release_if_unwanted(&self) {
+        if self.wanted() {
+            return;
+        }
+        self.tx.send_if_modified(|s| {
+            if s.flows.is_empty() {
+                return false;
+            }
+            *s = Arc::new(Snapshot {
+                generation: s.generation,
+                taken: s.taken,
+                flows: Vec::new(),
+            });
+            true
         });
     }
 
@@ -80,8 +105,7 @@ impl SnapshotSlot {
     /// is older than two polls.
     pub async fn fresh(&self) -> Arc<Snapshot> {
         let was_wanted = self.wanted();
-        self.wanted_at
-            .store(self.elapsed_ms() + 1, Ordering::Relaxed);
+        self.want();
         let mut rx = self.tx.subscribe();
         let current = rx.borrow_and_update().clone();
         let recent = SystemTime::now()

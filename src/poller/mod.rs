@@ -184,6 +184,7 @@ impl<T: FlowTable> Poller<T> {
             .as_ref()
             .filter(|s| s.wanted())
             .map(|_| Vec::with_capacity(flows.len()));
+        let mut names: HashMap<u32, String> = HashMap::new();
         for f in &flows {
             let kb = key_bytes(&f.key);
             if let Some(reason) = self.end_reason(f, now_ns) {
@@ -205,7 +206,12 @@ impl<T: FlowTable> Poller<T> {
                 stats.active_records += 1;
             }
             if let Some(v) = in_progress.as_mut() {
-                let ifname = self.ifname(f.key.ifindex);
+                // Looked up once per interface and poll: a name the attacher does not
+                // know costs a syscall.
+                let ifname = names
+                    .entry(f.key.ifindex)
+                    .or_insert_with(|| self.ifname(f.key.ifindex))
+                    .clone();
                 v.push(f.to_record(
                     Counts::of(&f.base),
                     EndReason::InProgress,
@@ -214,8 +220,10 @@ impl<T: FlowTable> Poller<T> {
                 ));
             }
         }
-        if let (Some(slot), Some(v)) = (&self.snapshots, in_progress) {
-            slot.publish(self.clock.to_wall(now_ns), v);
+        match (&self.snapshots, in_progress) {
+            (Some(slot), Some(v)) => slot.publish(self.clock.to_wall(now_ns), v),
+            (Some(slot), None) => slot.release_if_unwanted(),
+            _ => {}
         }
         // Forget per-flow state of keys that vanished without us ending them.
         if self.reported.len() > flows.len() {
