@@ -41,10 +41,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the datapath, attach to interfaces, and report flows as they end.
-    #[command(after_long_help = render::legend(false))]
+    #[command(after_long_help = render::help_legend())]
     Run(Box<RunArgs>),
     /// Subscribe to a running collector and print its flows as they end.
-    #[command(after_long_help = render::legend(false))]
+    #[command(after_long_help = render::help_legend())]
     Watch(Box<WatchArgs>),
     /// Live full-screen view of a running collector's flows in progress.
     #[command(after_long_help = top::KEYS_HELP)]
@@ -273,10 +273,10 @@ fn start_note(cfg: &Config) -> String {
         None => "run with --grpc-listen and use `flowlens top`".to_owned(),
     };
     format!(
-        "flowlens: a flow is printed when it ends: after {} (TCP) / {} (UDP) / {} (ICMP) without a packet, \
-         on TCP FIN or RST, and every {} while it lasts.\n\
-         flowlens: to see flows in progress {top}; to see ended flows sooner, lower \
-         --idle-timeout-tcp/-udp/-icmp and --active-timeout.",
+        "flowlens: a flow is printed when it ends: after {} (TCP) / {} (UDP) / {} (ICMP)\n\
+         \x20 without a packet, on TCP FIN or RST, and every {} while it lasts.\n\
+         flowlens: to see flows in progress {top};\n\
+         \x20 to see ended flows sooner, lower --idle-timeout-tcp/-udp/-icmp and --active-timeout.",
         d(p.idle_tcp),
         d(p.idle_udp),
         d(p.idle_icmp),

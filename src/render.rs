@@ -129,34 +129,34 @@ pub fn table_header(wide: bool) -> String {
     }
 }
 
+const LEGEND_COMMON: &str = "TIME: UTC time of the flow's last packet (a date line comes first and when the day changes).\n\
+CLIENT > SERVER: the side that sent the first packet (the SYN for TCP) > the other side.\n\
+C>S, S>C: packets/bytes the client sent, and the server (IP bytes: headers, no framing);\n\
+\x20 K, M, G, T = 1024^1..4 bytes; packet counts k, M, G = 1000^1..3. DUR: first to last packet.\n";
+
+const LEGEND_SHORT: &str = "END: idle = no packet for the idle timeout, actv = active timeout (long flow, counters since\n\
+\x20 its previous record), fin = TCP FIN both ways, rst = TCP reset, stop = agent stopped.\n\
+METRICS: rtt = TCP handshake round trip (SYN>SYN-ACK>ACK) or ICMP echo round trip;\n\
+\x20 srv = server response time (mean); rtx = SYNs retransmitted; late = connection began\n\
+\x20 before flowlens; type = ICMP type/code the client sent; + = more (see --wide).";
+
+const LEGEND_WIDE: &str =
+    "END: idle_timeout, active_timeout (long flow, counters since its previous record), tcp_fin,\n\
+\x20 tcp_rst, shutdown (agent stopped), in_progress. TTL C/S: last TTL/hop limit of each side.\n\
+DETAIL: TCP state; flags C|S = TCP flags each side sent (S SYN, A ACK, P PSH, F FIN, R RST,\n\
+\x20 U URG, E ECE, C CWR); hs C+S = handshake SYN>SYN-ACK + SYN-ACK>ACK; srv-lat/cli-lat =\n\
+\x20 server/client response time mean (min-max, jit = jitter, n = samples); syn-rtx = SYNs\n\
+\x20 retransmitted; late-start = connection began before flowlens; icmp c=TYPE/CODE s=...;\n\
+\x20 id = echo id; rtt = echo round trip.";
+
 /// The legend: every column and abbreviation the table uses.
 pub fn legend(wide: bool) -> String {
-    let mut s = String::from(
-        "TIME: UTC time of the flow's last packet (a date line comes first and when the day changes).\n\
-         CLIENT > SERVER: the side that sent the first packet (the SYN for TCP) > the other side.\n\
-         C>S, S>C: packets/bytes the client sent, and the server (IP bytes: headers, no framing);\n\
-         \x20 K, M, G, T = 1024^1..4 bytes; packet counts k, M, G = 1000^1..3. DUR: first to last packet.\n",
-    );
-    if wide {
-        s.push_str(
-            "END: idle_timeout, active_timeout (long flow, counters since its previous record), tcp_fin,\n\
-             \x20 tcp_rst, shutdown (agent stopped), in_progress. TTL C/S: last TTL/hop limit of each side.\n\
-             DETAIL: TCP state; flags C|S = TCP flags each side sent (S SYN, A ACK, P PSH, F FIN, R RST,\n\
-             \x20 U URG, E ECE, C CWR); hs C+S = handshake SYN>SYN-ACK + SYN-ACK>ACK; srv-lat/cli-lat =\n\
-             \x20 server/client response time mean (min-max, jit = jitter, n = samples); syn-rtx = SYNs\n\
-             \x20 retransmitted; late-start = connection began before flowlens; icmp c=TYPE/CODE s=...;\n\
-             \x20 id = echo id; rtt = echo round trip.",
-        );
-    } else {
-        s.push_str(
-            "END: idle = no packet for the idle timeout, actv = active timeout (long flow, counters since\n\
-             \x20 its previous record), fin = TCP FIN both ways, rst = TCP reset, stop = agent stopped.\n\
-             METRICS: rtt = TCP handshake round trip (SYN>SYN-ACK>ACK) or ICMP echo round trip;\n\
-             \x20 srv = server response time (mean); rtx = SYNs retransmitted; late = connection began\n\
-             \x20 before flowlens; type = ICMP type/code the client sent; + = more (see --wide).",
-        );
-    }
-    s
+    [LEGEND_COMMON, if wide { LEGEND_WIDE } else { LEGEND_SHORT }].concat()
+}
+
+/// The legend of both tables, for `--help`.
+pub fn help_legend() -> String {
+    format!("Table legend:\n{LEGEND_COMMON}{LEGEND_SHORT}\nWith --wide:\n{LEGEND_WIDE}")
 }
 
 /// One table line.

@@ -548,7 +548,12 @@ mod tests {
             server_addr: "10.0.0.2".parse().unwrap(),
             server_port: 80,
             ifindex: 2,
-            interface: if port.is_multiple_of(2) { "eth0" } else { "eth1" }.into(),
+            interface: if port.is_multiple_of(2) {
+                "eth0"
+            } else {
+                "eth1"
+            }
+            .into(),
             first_hook: Hook::Egress,
             first_seen: UNIX_EPOCH + Duration::from_secs(1000),
             last_seen: UNIX_EPOCH + Duration::from_secs(1001),

@@ -152,15 +152,8 @@ fn top_shows_a_paced_transfer_on_top_at_its_rate_and_q_restores_the_terminal() {
     let sock = format!("/tmp/flowlens-top-test-{}.sock", std::process::id());
     let listen = format!("unix:{sock}");
     let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &net.a,
-            BIN,
-            "run",
-            "--interface",
-            &net.if_a,
-        ])
+        .args(["netns", "exec", &net.a, BIN])
+        .args(["run", "--interface", &net.if_a])
         .args(["--grpc-listen", &listen, "--metrics-listen", "off"])
         .args([
             "--pin-dir",
