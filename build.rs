@@ -20,9 +20,16 @@ fn build_bpf(out: &Path) {
     let arch = vmlinux_arch();
     let vmlinux = Path::new("vmlinux").join(arch);
     let target_define = format!("-D__TARGET_ARCH_{arch}");
-    let mut sources: Vec<PathBuf> = fs::read_dir("src/bpf")
+    let files: Vec<PathBuf> = fs::read_dir("src/bpf")
         .expect("src/bpf")
         .map(|e| e.expect("src/bpf entry").path())
+        .collect();
+    // Programs share headers: a change to any of them rebuilds every program.
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    let mut sources: Vec<PathBuf> = files
+        .into_iter()
         .filter(|p| p.to_string_lossy().ends_with(".bpf.c"))
         .collect();
     sources.sort();
@@ -46,7 +53,6 @@ fn build_bpf(out: &Path) {
             ])
             .build_and_generate(out.join(format!("{stem}.skel.rs")))
             .unwrap_or_else(|e| panic!("building {}: {e:#}", src.display()));
-        println!("cargo:rerun-if-changed={}", src.display());
     }
     println!("cargo:rerun-if-changed=src/bpf");
     println!("cargo:rerun-if-changed={}", vmlinux.display());

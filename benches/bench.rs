@@ -1,5 +1,6 @@
 //! `make bench`: datapath cost per packet, split vs monolithic maps (time and kernel memory),
-//! poller drain rate, gRPC stream rate, and real-traffic overhead, as ratios measured in one run.
+//! poller drain rate, gRPC stream rate, IPFIX export rate, and real-traffic overhead, as ratios
+//! measured in one run.
 
 use std::io::Write;
 use std::mem::MaybeUninit;
@@ -11,15 +12,17 @@ use anyhow::{bail, Context, Result};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject, ProgramInput, ProgramMut};
 
-use flowlens::attach::{Attacher, IfNames, Mode, ProgramFds, Selector};
+use flowlens::agent::Agent;
+use flowlens::attach::IfNames;
 use flowlens::bpf::bench_skel::{BenchSkel, BenchSkelBuilder};
 use flowlens::bpf::flow_mono_skel::{types as mono_types, FlowMonoSkel, FlowMonoSkelBuilder};
 use flowlens::bpf::types;
+use flowlens::config::Config;
 use flowlens::datapath::{Capacities, Datapath, FlowMaps};
 use flowlens::flow::{DirStats, EndReason, FlowRecord, Hook};
-use flowlens::hub::{Hub, HubConfig};
+use flowlens::hub::{Hub, HubConfig, SinkKind};
 use flowlens::packet::*;
-use flowlens::poller::decode::{monotonic_ns, Clock, Counts, RawFlow};
+use flowlens::poller::decode::{monotonic_ns, Clock, Counts, RawFlow, RecordMeta};
 use flowlens::poller::{KernelTable, Poller, PollerConfig, ReadMode};
 use flowlens::snapshot::SnapshotSlot;
 use flowlens::status::Status;
@@ -464,6 +467,164 @@ fn snapshot_cost(t: &mut Table, dp: &Datapath, n: u32) -> Result<()> {
     Ok(())
 }
 
+/// Fills the split maps with `n` flows last seen at `seen_ns`, each naming its extension.
+fn fill_flows(maps: &FlowMaps, n: u32, seen_ns: u64) -> Result<()> {
+    let base = |i: u32| types::flow_base {
+        first_seen_ns: seen_ns,
+        last_seen_ns: seen_ns,
+        packets: [10, 10],
+        ext: match key(i).proto {
+            6 => types::flow_ext::EXT_TCP.0 as u8,
+            1 => types::flow_ext::EXT_ICMP.0 as u8,
+            _ => 0,
+        },
+        ..Default::default()
+    };
+    fill(&maps.flows, n, |i| {
+        Some((bytes(&key(i)).to_vec(), bytes(&base(i)).to_vec()))
+    })?;
+    fill(&maps.tcp, n, |i| {
+        let k = key(i);
+        (k.proto == 6).then(|| {
+            (
+                bytes(&k).to_vec(),
+                bytes(&types::flow_tcp::default()).to_vec(),
+            )
+        })
+    })?;
+    fill(&maps.icmp, n, |i| {
+        let k = key(i);
+        (k.proto == 1).then(|| {
+            (
+                bytes(&k).to_vec(),
+                bytes(&types::flow_icmp::default()).to_vec(),
+            )
+        })
+    })
+}
+
+/// CPU seconds this process has used.
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage writes into the struct we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Issue 11's poller figures: agent CPU with 1 M live flows at default settings, read +
+/// join against a bare batch walk of the same maps, and ending 100 k flows at once.
+fn poller_cost(t: &mut Table) -> Result<()> {
+    use flowlens::poller::table::read_all;
+    println!("poller cost: 1 M live flows at default settings; ending 100 k flows at once");
+    let n = 1_000_000u32;
+    // Attached nowhere: the flows come from userspace, the cost is the poller's.
+    let agent = Agent::start(Config {
+        interfaces: vec!["/^flowlens-bench-none$/".into()],
+        capacities: Capacities {
+            flows: n,
+            tcp: n,
+            icmp: n,
+        },
+        output: None,
+        pin_dir: None,
+        grpc_listen: None,
+        metrics_listen: None,
+        ..Config::default()
+    })?;
+    let maps = agent.maps()?;
+    fill_flows(&maps, n, monotonic_ns())?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (c0, t0) = (cpu_secs(), Instant::now());
+    std::thread::sleep(Duration::from_secs(10));
+    let cores = (cpu_secs() - c0) / t0.elapsed().as_secs_f64();
+    t.add(
+        "poller",
+        "agent CPU, 1 M live flows, default 1 s poll",
+        cores * 100.0,
+        "% core",
+        format!("target <= 10 %; agent RSS {:.0} MiB", rss_mib()),
+    );
+    drop(agent);
+
+    // Read + join against the bare batch walk of the same three maps.
+    let dp = Datapath::load(Capacities {
+        flows: n,
+        tcp: n,
+        icmp: n,
+    })?;
+    fill_flows(&dp.maps()?, n, monotonic_ns())?;
+    let maps = dp.maps()?;
+    let t0 = Instant::now();
+    let b: Vec<(types::flow_key, types::flow_base)> =
+        read_all(&maps.flows, "flows", ReadMode::Batch, false)?;
+    let tc: Vec<(types::flow_key, types::flow_tcp)> =
+        read_all(&maps.tcp, "flows_tcp", ReadMode::Batch, true)?;
+    let ic: Vec<(types::flow_key, types::flow_icmp)> =
+        read_all(&maps.icmp, "flows_icmp", ReadMode::Batch, false)?;
+    let bare = t0.elapsed().as_secs_f64();
+    drop((b, tc, ic));
+    let mut table = KernelTable::new(dp.maps()?);
+    let t0 = Instant::now();
+    let joined = flowlens::poller::FlowTable::read(&mut table)?;
+    let full = t0.elapsed().as_secs_f64();
+    t.add(
+        "poller",
+        "read + join vs bare batch walk, 1 M flows",
+        full / bare,
+        "x",
+        format!(
+            "{:.2} M flows/s joined; target <= 1.3x",
+            joined.flows.len() as f64 / full / 1e6
+        ),
+    );
+    drop(joined);
+    drop(dp);
+
+    // Ending 100 k flows at once: all idle, one poll.
+    let m = 100_000u32;
+    let dp = Datapath::load(Capacities {
+        flows: m,
+        tcp: m,
+        icmp: m,
+    })?;
+    fill_flows(&dp.maps()?, m, 1)?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut p = Poller::new(
+        KernelTable::new(dp.maps()?),
+        PollerConfig::default(),
+        tx,
+        Arc::new(Status::new()),
+        IfNames::default(),
+    );
+    let t0 = Instant::now();
+    let st = p.poll_once(monotonic_ns())?;
+    let secs = t0.elapsed().as_secs_f64();
+    if st.ended != m as usize || rx.len() != m as usize {
+        bail!("ended {} of {m} flows", st.ended);
+    }
+    t.add(
+        "poller",
+        "ending 100 k flows in one poll",
+        f64::from(m) / secs,
+        "flows/s",
+        "target >= 1 M flows/s".into(),
+    );
+    Ok(())
+}
+
 fn record(i: u64) -> FlowRecord {
     let key = key(i as u32);
     let raw = RawFlow {
@@ -473,10 +634,16 @@ fn record(i: u64) -> FlowRecord {
         icmp: None,
     };
     let mut r = raw.to_record(
-        Counts::default(),
-        EndReason::IdleTimeout,
+        RecordMeta {
+            counts: Counts::default(),
+            end_reason: EndReason::IdleTimeout,
+            interface: "bench0".into(),
+            observer: "bench".into(),
+            window_start_ns: 0,
+            flow_id: raw.flow_id(),
+            continuation: false,
+        },
         &Clock::new(),
-        "bench0".into(),
     );
     r.client = DirStats {
         packets: i,
@@ -505,6 +672,101 @@ async fn count_stream(addr: String, want: u64) -> Result<u64> {
         }
     }
     Ok(got)
+}
+
+/// A realistic record mix: 40 % TCP (flags, handshake, latency), 50 % UDP, 10 % ICMP echo.
+fn mixed_record(i: u64) -> FlowRecord {
+    use flowlens::flow::{IcmpInfo, Latency, TcpInfo, TcpState};
+    let mut r = record(i);
+    r.client_addr = std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i as u32 % 5000));
+    r.server = DirStats {
+        packets: i % 97,
+        bytes: (i % 97) * 1400,
+        ttl: 63,
+    };
+    let lat = Latency {
+        count: 1 + (i % 50) as u32,
+        sum_ns: 250_000 * (1 + i % 50),
+        min_ns: 90_000,
+        max_ns: 900_000,
+        jitter_ns: Some(40_000),
+    };
+    match i % 10 {
+        0..=3 => {
+            r.protocol = 6;
+            r.server_port = [443, 80, 22, 5432][(i % 4) as usize];
+            r.tcp = Some(TcpInfo {
+                client_flags: 0x1b,
+                server_flags: 0x1b,
+                state: TcpState::Closed,
+                handshake_client_ns: Some(120_000 + (i % 1000) as u32),
+                handshake_server_ns: Some(40_000),
+                syn_retransmits: 0,
+                late_start: false,
+                client_latency: Some(lat),
+                server_latency: Some(lat),
+            });
+        }
+        4..=8 => {
+            r.protocol = 17;
+            r.server_port = 53;
+        }
+        _ => {
+            r.protocol = 1;
+            r.client_port = 0;
+            r.server_port = 0;
+            r.icmp = Some(IcmpInfo {
+                client_type: Some(8),
+                client_code: Some(0),
+                server_type: Some(0),
+                server_code: Some(0),
+                echo_id: Some(i as u16),
+                echo_rtt: Some(Latency {
+                    jitter_ns: None,
+                    ..lat
+                }),
+            });
+        }
+    }
+    r
+}
+
+/// What gRPC compression saves on a batch of 1000 records of the realistic mix.
+fn compression(t: &mut Table) -> Result<()> {
+    use prost::Message;
+    let batch = flowlens::api::proto::FlowBatch {
+        records: (0..1000u64)
+            .map(|i| flowlens::api::proto::FlowRecord::from(&mixed_record(i)))
+            .collect(),
+    }
+    .encode_to_vec();
+    let zstd = zstd::bulk::compress(&batch, 0)?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&batch)?;
+    let gzip = gz.finish()?;
+    let per = |b: &[u8]| b.len() as f64 / 1000.0;
+    t.add(
+        "stream",
+        "bytes/record, uncompressed",
+        per(&batch),
+        "B",
+        "1000-record batch, 40/50/10 TCP/UDP/ICMP".into(),
+    );
+    t.add(
+        "stream",
+        "bytes/record, zstd (watch default)",
+        per(&zstd),
+        "B",
+        format!("{:.2}x smaller", batch.len() as f64 / zstd.len() as f64),
+    );
+    t.add(
+        "stream",
+        "bytes/record, gzip",
+        per(&gzip),
+        "B",
+        format!("{:.2}x smaller", batch.len() as f64 / gzip.len() as f64),
+    );
+    Ok(())
 }
 
 fn stream(t: &mut Table) -> Result<()> {
@@ -581,6 +843,135 @@ fn stream(t: &mut Table) -> Result<()> {
         rates[1],
         "rec/s",
         format!("x{:.2} of unstalled", rates[1] / rates[0]),
+    );
+    Ok(())
+}
+
+/// IPFIX: records encoded, and encoded + sent by the exporter thread to a local UDP sink;
+/// what handing records to it costs the output thread at 100 k flows ended per second.
+fn ipfix(t: &mut Table) -> Result<()> {
+    use flowlens::ipfix::{self, encode::Encoder, Destination, IpfixConfig, IpfixStats};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    println!("ipfix: RFC 7011 encoding and UDP export (two data records per flow)");
+    let n: u64 = 1_000_000;
+    let recs: Vec<Arc<FlowRecord>> = (1..=n)
+        .map(|i| {
+            let mut r = record(i);
+            r.server = r.client;
+            Arc::new(r)
+        })
+        .collect();
+
+    let mut enc = Encoder::new(0, 1400 - 28, None)?;
+    let (mut bytes, mut msgs) = (0usize, 0u64);
+    let t0 = Instant::now();
+    for chunk in recs.chunks(4096) {
+        enc.encode(chunk.iter().map(|r| &**r), 0, false, &mut |m| {
+            bytes += m.bytes.len();
+            msgs += 1;
+        });
+    }
+    let encode_rate = n as f64 / t0.elapsed().as_secs_f64();
+    t.add(
+        "ipfix",
+        "flow records encoded (no I/O)",
+        encode_rate,
+        "rec/s",
+        format!(
+            "{:.1} B/flow, {msgs} messages of <= 1372 B",
+            bytes as f64 / n as f64
+        ),
+    );
+
+    let sink = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    sink.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let port = sink.local_addr()?.port();
+    let received = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let (got, stop) = (received.clone(), done.clone());
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(len) = sink.recv(&mut buf) {
+                got.fetch_add(len as u64, Ordering::Relaxed);
+            }
+        }
+    });
+    let cfg = IpfixConfig {
+        destination: format!("udp://127.0.0.1:{port}").parse::<Destination>()?,
+        observation_domain: 0,
+        mtu: ipfix::DEFAULT_MTU,
+        template_refresh: Duration::from_secs(60),
+        enterprise: None,
+    };
+    let stats = Arc::new(IpfixStats::default());
+    let hub = Hub::new(HubConfig {
+        sink_queue: n as usize,
+        ..HubConfig::default()
+    });
+    let t0 = Instant::now();
+    let exporter = ipfix::spawn(cfg, hub.add_sink(SinkKind::Export, "bench"), stats.clone())?;
+    for chunk in recs.chunks(256) {
+        hub.publish_all(chunk.iter().map(|r| (**r).clone()));
+    }
+    hub.close();
+    exporter
+        .join()
+        .map_err(|_| anyhow::anyhow!("the exporter panicked"))?;
+    let secs = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(300));
+    done.store(true, Ordering::Relaxed);
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the sink reader panicked"))?;
+    let s = stats.snapshot();
+    if s.records_sent + s.records_lost != n {
+        bail!(
+            "exporter accounted for {} of {n} records",
+            s.records_sent + s.records_lost
+        );
+    }
+    let send_rate = s.records_sent as f64 / secs;
+    t.add(
+        "ipfix",
+        "flow records published, encoded + sent over UDP (loopback)",
+        send_rate,
+        "rec/s",
+        format!(
+            "x{:.2} of encoding alone; {} messages, {:.1}% of bytes read by the sink",
+            send_rate / encode_rate,
+            s.messages_sent,
+            100.0 * received.load(Ordering::Relaxed) as f64 / s.bytes_sent.max(1) as f64
+        ),
+    );
+
+    // The fanout's share: publishing with an exporter's sink registered vs none.
+    let plain: Vec<FlowRecord> = recs.iter().take(200_000).map(|r| (**r).clone()).collect();
+    let mut per_rec = Vec::new();
+    for with_sink in [false, true] {
+        let hub = Hub::new(HubConfig {
+            ring_capacity: 0,
+            sink_queue: plain.len(),
+            ..HubConfig::default()
+        });
+        let _rx = with_sink.then(|| hub.add_sink(SinkKind::Export, "bench"));
+        let t0 = Instant::now();
+        for chunk in plain.chunks(256) {
+            hub.publish_all(chunk.iter().cloned());
+        }
+        per_rec.push(t0.elapsed().as_nanos() as f64 / plain.len() as f64);
+    }
+    let handoff_ns = (per_rec[1] - per_rec[0]).max(0.0);
+    t.add(
+        "ipfix",
+        "hand-off cost in the fanout per exporter",
+        handoff_ns,
+        "ns/rec",
+        format!(
+            "{:.2}% of a core at 100k flows/s; exporter thread {:.1}% of a core",
+            handoff_ns * 100_000.0 / 1e7,
+            100.0 * 100_000.0 / send_rate
+        ),
     );
     Ok(())
 }
@@ -670,34 +1061,36 @@ fn traffic(t: &mut Table) -> Result<()> {
         Ok((gbps, pps))
     };
     let without = run()?;
-    let dp = Datapath::load(Capacities::default())?;
-    let fds = ProgramFds::of(&dp)?;
+    // The whole agent (datapath, attacher, poller, hub), as `flowlens run` wires it.
     let ns_path = format!("/run/netns/{}", net.0);
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
-    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<usize>(1);
-    let attach = std::thread::spawn(move || -> Result<()> {
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+    let agent = std::thread::spawn(move || -> Result<()> {
         let f = std::fs::File::open(&ns_path)?;
         // SAFETY: valid netns fd; affects this thread only.
         if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
             bail!("setns: {}", std::io::Error::last_os_error());
         }
-        let mut a = Attacher::new(fds, Mode::Auto, IfNames::default());
-        let r = a.sync(&Selector::new(&["flbA".into()], &[])?)?;
-        ready_tx.send(r.attached.len())?;
-        let _ = stop_rx.recv();
-        Ok(())
+        let agent = Agent::start(Config {
+            interfaces: vec!["flbA".into()],
+            output: None,
+            pin_dir: None,
+            grpc_listen: None,
+            metrics_listen: None,
+            ..Config::default()
+        })?;
+        ready_tx.send(agent.maps()?)?;
+        agent.run(&stop_rx)
     });
-    if ready_rx.recv()? != 1 {
-        bail!("could not attach to the bench veth");
-    }
+    let maps = ready_rx.recv()?;
     let with = run()?;
+    let flows = maps.flows.keys().count();
     drop(stop_tx);
-    attach
+    agent
         .join()
-        .map_err(|_| anyhow::anyhow!("attach thread panicked"))??;
+        .map_err(|_| anyhow::anyhow!("agent thread panicked"))??;
     let _ = server.kill();
     let _ = server.wait();
-    let flows = dp.maps()?.flows.keys().count();
     t.add(
         "traffic",
         "iperf3 TCP, without flowlens",
@@ -735,11 +1128,14 @@ fn main() -> Result<()> {
     let mut t = Table(Vec::new());
     let only: Vec<String> = std::env::args().skip(1).collect();
     let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
-    let sections: [(&str, Section); 5] = [
+    let sections: [(&str, Section); 8] = [
         ("datapath", datapath),
         ("memory", memory),
         ("poller", poller),
+        ("poller_cost", poller_cost),
         ("stream", stream),
+        ("compression", compression),
+        ("ipfix", ipfix),
         ("traffic", traffic),
     ];
     for (name, f) in sections {

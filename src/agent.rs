@@ -14,7 +14,9 @@ use crate::config::Config;
 use crate::datapath::{Datapath, FlowMaps};
 use crate::flow::FlowRecord;
 use crate::hub::{Hub, SinkKind};
+use crate::ipfix::{self, IpfixStats};
 use crate::metrics::{self, MetricsHandle};
+use crate::metrics_http::{self, HttpLimits};
 use crate::output::{self, OutputHandle};
 use crate::poller::{KernelTable, PollError, Poller};
 use crate::preflight::{self, PinLock};
@@ -44,6 +46,8 @@ pub struct Agent {
     output: Option<OutputHandle>,
     grpc: Option<ServiceHandle>,
     metrics: Option<MetricsHandle>,
+    runtime: Option<tokio::runtime::Runtime>,
+    exporters: Vec<JoinHandle<()>>,
     // Declared last: dropped after everything that uses the maps.
     dp: Datapath,
     _pin_lock: Option<PinLock>,
@@ -99,16 +103,38 @@ impl Agent {
     ) -> Result<Parts> {
         let status = Arc::new(Status::new());
         let hub = Hub::new(cfg.hub);
+        // One runtime serves gRPC (and its subscribers' tasks) and the metrics endpoint.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("flowlens-rt")
+            .enable_all()
+            .build()
+            .context("building the tokio runtime")?;
         let snapshots = SnapshotSlot::new(cfg.poller.poll_interval);
         // Listeners first: a port in use fails before anything is attached.
         let grpc = grpc_addr
-            .map(|a| service::spawn_on(a, hub.clone(), status.clone(), snapshots.clone()))
+            .map(|a| {
+                service::spawn_in(
+                    a,
+                    hub.clone(),
+                    status.clone(),
+                    snapshots.clone(),
+                    runtime.handle(),
+                )
+            })
             .transpose()
             .context("--grpc-listen")?;
         let metrics = cfg
             .metrics_listen
             .as_deref()
-            .map(|m| metrics::spawn(m, status.clone(), hub.clone()))
+            .map(|m| {
+                metrics_http::spawn(
+                    m,
+                    runtime.handle(),
+                    metrics::renderer(status.clone(), hub.clone()),
+                    HttpLimits::default(),
+                )
+            })
             .transpose()
             .context("--metrics-listen")?;
         if let Some(g) = &cfg.grpc_listen {
@@ -154,6 +180,16 @@ impl Agent {
         }
 
         // Sinks register before the poller starts, so they see every record.
+        let mut exporters = Vec::new();
+        for exp in cfg.ipfix.exporters() {
+            let dest = exp.destination.to_string();
+            let stats = Arc::new(IpfixStats::default());
+            let rx = hub.add_sink(SinkKind::Export, &dest);
+            let thread = ipfix::spawn(exp, rx, stats.clone()).context("--ipfix")?;
+            status.add_exporter(dest.clone(), stats);
+            info!("exporting IPFIX to {dest}");
+            exporters.push(thread);
+        }
         let output = cfg
             .output
             .map(|format| {
@@ -164,8 +200,13 @@ impl Agent {
         let (tx, rx) = crossbeam_channel::bounded::<FlowRecord>(RECORD_CHANNEL);
         let fanout = hub.spawn_fanout(rx).context("spawning the fanout thread")?;
         let table = KernelTable::new(dp.maps().context("opening map handles")?);
-        let poller =
-            Poller::new(table, cfg.poller, tx, status.clone(), ifnames).with_snapshots(snapshots);
+        let poller = Poller::new(table, cfg.poller, tx, status.clone(), ifnames)
+            .with_observer(
+                cfg.observer_id
+                    .as_deref()
+                    .unwrap_or(&crate::poller::host_name()),
+            )
+            .with_snapshots(snapshots);
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let poll_thread = std::thread::Builder::new()
             .name("flowlens-poller".into())
@@ -182,6 +223,8 @@ impl Agent {
             output,
             grpc,
             metrics,
+            runtime,
+            exporters,
         })
     }
 
@@ -254,11 +297,21 @@ impl Agent {
         if let Some(o) = self.output.take() {
             o.finish(OUTPUT_GRACE);
         }
+        // The hub is closed: each exporter sends what it holds and ends its session.
+        // Its sends time out on their own, so a stalled collector cannot hold this up long.
+        for t in self.exporters.drain(..) {
+            if t.join().is_err() {
+                result = result.and(Err(anyhow::anyhow!("an IPFIX exporter thread panicked")));
+            }
+        }
         if let Some(g) = self.grpc.take() {
             result = result.and(g.shutdown().context("stopping the gRPC service"));
         }
         if let Some(m) = self.metrics.take() {
             m.shutdown();
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_millis(500));
         }
         result?;
         self.dp.unpin().context("removing map pins")?;
@@ -294,6 +347,8 @@ struct Parts {
     output: Option<OutputHandle>,
     grpc: Option<ServiceHandle>,
     metrics: Option<MetricsHandle>,
+    runtime: tokio::runtime::Runtime,
+    exporters: Vec<JoinHandle<()>>,
 }
 
 impl Parts {
@@ -309,6 +364,8 @@ impl Parts {
             output: self.output,
             grpc: self.grpc,
             metrics: self.metrics,
+            runtime: Some(self.runtime),
+            exporters: self.exporters,
             dp,
             _pin_lock: pin_lock,
         }

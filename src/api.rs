@@ -19,9 +19,12 @@ pub mod proto {
         include_bytes!(concat!(env!("OUT_DIR"), "/flowlens_descriptor.bin"));
 }
 
-/// A record's protobuf encoding (a `flowlens.v1.FlowRecord` message), as the server sends it.
-pub fn encode_record(r: &FlowRecord) -> Bytes {
-    proto::FlowRecord::from(r).encode_to_vec().into()
+/// A record's protobuf encoding (a `flowlens.v1.FlowRecord` message) with the hub's
+/// sequence number, as the server sends it.
+pub fn encode_record(seq: u64, r: &FlowRecord) -> Bytes {
+    let mut p = proto::FlowRecord::from(r);
+    p.seq = seq;
+    p.encode_to_vec().into()
 }
 
 // ---------------------------------------------------------------------------
@@ -73,6 +76,7 @@ pub fn parse_request(
         selector: parse_selector(&req.include, &req.exclude)?,
         replay: usize::try_from(req.replay).unwrap_or(usize::MAX),
         since,
+        after_seq: req.after_seq,
         follow: req.follow.unwrap_or(true),
         peer,
     })
@@ -315,6 +319,11 @@ impl From<&FlowRecord> for proto::FlowRecord {
             .into(),
             first_seen: Some(r.first_seen.into()),
             last_seen: Some(r.last_seen.into()),
+            window_start: Some(r.window_start.into()),
+            flow_id: r.flow_id,
+            observer: r.observer.to_string(),
+            continuation: r.continuation,
+            seq: 0,
             client: Some(dir_to_proto(&r.client)),
             server: Some(dir_to_proto(&r.server)),
             end_reason: proto::EndReason::from(r.end_reason).into(),
@@ -457,6 +466,14 @@ impl TryFrom<&proto::FlowRecord> for FlowRecord {
             },
             first_seen: time_from_proto(p.first_seen, "first_seen")?,
             last_seen: time_from_proto(p.last_seen, "last_seen")?,
+            // Absent from servers before window_start existed: the flow's first packet.
+            window_start: match p.window_start {
+                Some(_) => time_from_proto(p.window_start, "window_start")?,
+                None => time_from_proto(p.first_seen, "first_seen")?,
+            },
+            flow_id: p.flow_id,
+            observer: p.observer.as_str().into(),
+            continuation: p.continuation,
             client: dir_from_proto(p.client, "client.ttl")?,
             server: dir_from_proto(p.server, "server.ttl")?,
             end_reason: end_reason_from_proto(p.end_reason()).unwrap_or(EndReason::IdleTimeout),

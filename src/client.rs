@@ -17,9 +17,12 @@ pub struct FlowQuery {
         long,
         value_name = "ADDR",
         env = "FLOWLENS_WATCH_SERVER",
-        default_value = "http://127.0.0.1:50051"
+        default_value_t = default_server()
     )]
     pub server: String,
+    /// Ask the agent to compress what it sends: zstd, gzip or none.
+    #[arg(long, value_enum, env = "FLOWLENS_WATCH_COMPRESSION", default_value_t = Compression::Zstd)]
+    pub compression: Compression,
 
     /// Client (initiator) address inside CIDR.
     #[arg(long, value_name = "CIDR", env = "FLOWLENS_WATCH_SRC")]
@@ -109,6 +112,32 @@ pub struct FlowQuery {
     pub exclude_interface: Vec<String>,
 }
 
+/// Compression a client asks the agent for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compression {
+    /// Several times smaller batches for a little CPU on both ends.
+    #[default]
+    Zstd,
+    Gzip,
+    None,
+}
+
+impl Compression {
+    pub fn encoding(self) -> Option<tonic::codec::CompressionEncoding> {
+        match self {
+            Compression::Zstd => Some(tonic::codec::CompressionEncoding::Zstd),
+            Compression::Gzip => Some(tonic::codec::CompressionEncoding::Gzip),
+            Compression::None => None,
+        }
+    }
+}
+
+/// Where `run` listens by default.
+fn default_server() -> String {
+    let listen = crate::config::Config::default().grpc_listen;
+    format!("http://{}", listen.unwrap_or_default())
+}
+
 /// The largest message a client accepts (a full ListFlows page or record batch).
 const MAX_MESSAGE: usize = 64 << 20;
 
@@ -121,7 +150,11 @@ impl FlowQuery {
             .connect()
             .await
             .with_context(|| format!("connecting to flowlens at {}", self.server))?;
-        Ok(FlowLensClient::new(channel).max_decoding_message_size(MAX_MESSAGE))
+        let client = FlowLensClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
+        Ok(match self.compression.encoding() {
+            Some(c) => client.accept_compressed(c),
+            None => client,
+        })
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::attach::Mode;
 use crate::datapath::Capacities;
 use crate::hub::HubConfig;
+use crate::ipfix::{self, Destination, IpfixConfig};
 use crate::poller::PollerConfig;
 use crate::render::{Format, TableStyle};
 
@@ -34,6 +35,48 @@ pub struct Config {
     pub grpc_listen: Option<String>,
     /// Prometheus listen address (HOST:PORT); None serves no metrics.
     pub metrics_listen: Option<String>,
+    /// Names this agent in every record, so records of many hosts can be merged; None:
+    /// the host name.
+    pub observer_id: Option<String>,
+    pub ipfix: IpfixSettings,
+}
+
+/// IPFIX export: one exporter per destination, all with the same settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpfixSettings {
+    pub destinations: Vec<Destination>,
+    pub observation_domain: u32,
+    /// Path MTU to the collectors.
+    pub mtu: u16,
+    /// UDP: how often templates are sent again.
+    pub template_refresh: Duration,
+    /// Private enterprise number for the timing metrics; None: they are not exported.
+    pub enterprise: Option<u32>,
+}
+
+impl Default for IpfixSettings {
+    fn default() -> Self {
+        IpfixSettings {
+            destinations: Vec::new(),
+            observation_domain: 0,
+            mtu: ipfix::DEFAULT_MTU,
+            template_refresh: Duration::from_secs(60),
+            enterprise: None,
+        }
+    }
+}
+
+impl IpfixSettings {
+    /// One exporter's configuration per destination.
+    pub fn exporters(&self) -> impl Iterator<Item = IpfixConfig> + '_ {
+        self.destinations.iter().map(|d| IpfixConfig {
+            destination: d.clone(),
+            observation_domain: self.observation_domain,
+            mtu: self.mtu,
+            template_refresh: self.template_refresh,
+            enterprise: self.enterprise,
+        })
+    }
 }
 
 impl Default for Config {
@@ -51,6 +94,8 @@ impl Default for Config {
             pin_dir: Some(PathBuf::from("/sys/fs/bpf/flowlens")),
             grpc_listen: Some("127.0.0.1:50051".into()),
             metrics_listen: Some("127.0.0.1:9464".into()),
+            observer_id: None,
+            ipfix: IpfixSettings::default(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Flow records in user terms: what every sink (stdout, gRPC, export) receives. No kernel types here.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -206,8 +207,19 @@ pub struct IcmpInfo {
 
 /// A finished (or active-timeout, or in-progress) flow, as streamed to users; its JSON
 /// form is `render::JsonRecord`.
+///
+/// Packets and bytes are deltas: what the flow sent in this record's window
+/// (`window_start` .. `last_seen`); summing a flow's records gives its totals (an
+/// `InProgress` record from ListFlows is cumulative instead). Everything
+/// in `tcp` and `icmp` (flags, state, handshake, latency and RTT statistics) is cumulative
+/// over the whole flow: the last record of a flow carries the final values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FlowRecord {
+    /// The same on every record of one flow (active-timeout records, the final record, a
+    /// continuation after an idle gap, across an agent restart with pinned maps).
+    pub flow_id: u64,
+    /// Which agent saw the flow (`--observer-id`, the host name by default).
+    pub observer: Arc<str>,
     pub ip_version: u8,
     pub protocol: u8,
     pub client_addr: IpAddr,
@@ -219,12 +231,18 @@ pub struct FlowRecord {
     pub first_hook: Hook,
     pub first_seen: SystemTime,
     pub last_seen: SystemTime,
+    /// Start of the window this record's deltas cover: `first_seen` on a flow's first
+    /// record, the previous record's emission time after that.
+    pub window_start: SystemTime,
     /// What the client sent (deltas since the previous record of this flow; cumulative
     /// when `end_reason` is `InProgress`).
     pub client: DirStats,
     /// What the server sent.
     pub server: DirStats,
     pub end_reason: EndReason,
+    /// The flow was seen before, ended after an idle gap and came back: client and server
+    /// are those of the earlier part, and `flow_id` is the same.
+    pub continuation: bool,
     pub tcp: Option<TcpInfo>,
     pub icmp: Option<IcmpInfo>,
 }
@@ -236,6 +254,21 @@ impl FlowRecord {
 
     pub fn total_packets(&self) -> u64 {
         self.client.packets + self.server.packets
+    }
+
+    /// Swaps client and server: every per-side field changes place.
+    pub fn swap_roles(&mut self) {
+        std::mem::swap(&mut self.client_addr, &mut self.server_addr);
+        std::mem::swap(&mut self.client_port, &mut self.server_port);
+        std::mem::swap(&mut self.client, &mut self.server);
+        if let Some(t) = &mut self.tcp {
+            std::mem::swap(&mut t.client_flags, &mut t.server_flags);
+            std::mem::swap(&mut t.client_latency, &mut t.server_latency);
+        }
+        if let Some(i) = &mut self.icmp {
+            std::mem::swap(&mut i.client_type, &mut i.server_type);
+            std::mem::swap(&mut i.client_code, &mut i.server_code);
+        }
     }
 
     /// Whether the protocol has ports (TCP, UDP); others report port 0.

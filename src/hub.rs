@@ -69,8 +69,10 @@ impl Envelope {
     }
 
     /// The record's wire encoding, made by the first caller and shared with the rest.
-    pub fn wire(&self, encode: impl FnOnce(&FlowRecord) -> Bytes) -> Bytes {
-        self.wire.get_or_init(|| encode(&self.record)).clone()
+    pub fn wire(&self, encode: impl FnOnce(u64, &FlowRecord) -> Bytes) -> Bytes {
+        self.wire
+            .get_or_init(|| encode(self.seq, &self.record))
+            .clone()
     }
 }
 
@@ -422,6 +424,17 @@ impl SinkRx {
         Some(n)
     }
 
+    /// Waits for up to `max` records (at least one); 0 once the hub is closed and
+    /// everything queued was taken.
+    pub async fn recv_many(&mut self, buf: &mut Vec<Shared>, max: usize) -> usize {
+        let n = self.rx.recv_many(buf, max).await;
+        self.counters.queued.fetch_sub(n as u64, Ordering::Relaxed);
+        self.counters
+            .delivered
+            .fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
     /// The next queued record, without waiting.
     pub fn try_recv(&mut self) -> Option<Shared> {
         let r = self.rx.try_recv().ok()?;
@@ -454,6 +467,8 @@ pub struct SubscribeOptions {
     pub replay: usize,
     /// Replay the matching ring records with `last_seen >= since`.
     pub since: Option<SystemTime>,
+    /// Replay the matching ring records numbered after this one.
+    pub after_seq: Option<u64>,
     /// Stream new records after the replay.
     pub follow: bool,
     /// Remote address, for status.
@@ -462,7 +477,7 @@ pub struct SubscribeOptions {
 
 impl SubscribeOptions {
     fn wants_replay(&self) -> bool {
-        self.replay > 0 || self.since.is_some()
+        self.replay > 0 || self.since.is_some() || self.after_seq.is_some()
     }
 }
 
@@ -472,6 +487,7 @@ impl Default for SubscribeOptions {
             selector: Selector::default(),
             replay: 0,
             since: None,
+            after_seq: None,
             follow: true,
             peer: String::new(),
         }
@@ -527,6 +543,10 @@ impl FilterStage {
                 if replay.len() >= limit {
                     break;
                 }
+                if opts.after_seq.is_some_and(|after| r.seq <= after) {
+                    // The ring is in seq order: everything before this was seen too.
+                    break;
+                }
                 if opts.since.is_none_or(|t| r.record.last_seen >= t) && self.matches(r).await {
                     replay.push(r.clone());
                 }
@@ -541,17 +561,23 @@ impl FilterStage {
             }
         }
         let Some(mut inbox) = inbox else { return };
-        while let Some(r) = inbox.recv().await {
-            self.counters.queued.fetch_sub(1, Ordering::Relaxed);
-            if let Some(want) = self.next_seq {
-                if r.seq > want {
-                    // Counted by the hub when its queue was full; the marker goes here.
-                    self.marker_owed = true;
+        // Taken in runs, so a busy stream costs one wake-up per run, not per record.
+        let mut run = Vec::with_capacity(BATCH_MAX_RECORDS);
+        while inbox.recv_many(&mut run, BATCH_MAX_RECORDS).await > 0 {
+            self.counters
+                .queued
+                .fetch_sub(run.len() as u64, Ordering::Relaxed);
+            for r in run.drain(..) {
+                if let Some(want) = self.next_seq {
+                    if r.seq > want {
+                        // Counted by the hub when its queue was full; the marker goes here.
+                        self.marker_owed = true;
+                    }
                 }
-            }
-            self.next_seq = Some(r.seq + 1);
-            if self.matches(&r).await && !self.offer(r) {
-                return;
+                self.next_seq = Some(r.seq + 1);
+                if self.matches(&r).await && !self.offer(r) {
+                    return;
+                }
             }
         }
         if self.marker_owed {

@@ -10,9 +10,10 @@ use signal_hook::iterator::Signals;
 
 use flowlens::agent::Agent;
 use flowlens::attach::Mode;
-use flowlens::config::{capacity, Config, HumanDuration, OrOff};
+use flowlens::config::{capacity, Config, HumanDuration, IpfixSettings, OrOff};
 use flowlens::datapath::Capacities;
 use flowlens::hub::HubConfig;
+use flowlens::ipfix::{self, Destination};
 use flowlens::poller::PollerConfig;
 use flowlens::render::{self, Format, TableStyle};
 use flowlens::top::{self, TopArgs};
@@ -170,6 +171,35 @@ struct RunArgs {
     /// Records queued per subscriber before it starts losing them (and is told so).
     #[arg(long, env = "FLOWLENS_SUBSCRIBER_QUEUE", value_parser = capacity, default_value_t = defaults().hub.subscriber_queue as u32)]
     subscriber_queue: u32,
+    /// Records queued for stdout (and each exporter) before it starts losing them; losses
+    /// are counted in flowlens_sink_lost_records_total and logged.
+    #[arg(long, env = "FLOWLENS_OUTPUT_QUEUE", value_parser = capacity, default_value_t = defaults().hub.sink_queue as u32)]
+    output_queue: u32,
+    /// Names this agent in every record (`observer`), so records of many hosts can be
+    /// merged. Default: the host name.
+    #[arg(
+        long,
+        env = "FLOWLENS_OBSERVER_ID",
+        value_parser = clap::builder::NonEmptyStringValueParser::new()
+    )]
+    observer_id: Option<String>,
+    /// IPFIX collector to export every flow record to: udp://HOST:PORT or tcp://HOST:PORT
+    /// (port 4739 when omitted). Repeatable.
+    #[arg(long = "ipfix", env = "FLOWLENS_IPFIX", value_delimiter = ',')]
+    ipfix: Vec<Destination>,
+    /// IPFIX observation domain id of this host's messages.
+    #[arg(long, env = "FLOWLENS_IPFIX_OBSERVATION_DOMAIN", default_value_t = defaults().ipfix.observation_domain)]
+    ipfix_observation_domain: u32,
+    /// Path MTU to the IPFIX collectors: each message fits one IP packet.
+    #[arg(long, env = "FLOWLENS_IPFIX_MTU", value_parser = ipfix::parse_mtu, default_value_t = defaults().ipfix.mtu)]
+    ipfix_mtu: u16,
+    /// UDP: how often IPFIX templates are sent again (a restarted collector waits this long).
+    #[arg(long, env = "FLOWLENS_IPFIX_TEMPLATE_REFRESH", default_value_t = HumanDuration(defaults().ipfix.template_refresh))]
+    ipfix_template_refresh: HumanDuration,
+    /// Private enterprise number under which the timing metrics (handshake, latency, jitter,
+    /// echo RTT) are exported; unset: they are not.
+    #[arg(long, env = "FLOWLENS_IPFIX_ENTERPRISE")]
+    ipfix_enterprise: Option<u32>,
 }
 
 impl RunArgs {
@@ -201,7 +231,7 @@ impl RunArgs {
             hub: HubConfig {
                 ring_capacity: self.replay_ring as usize,
                 subscriber_queue: self.subscriber_queue as usize,
-                ..d.hub
+                sink_queue: self.output_queue as usize,
             },
             output: match self.output {
                 Output::Table => Some(Format::Table),
@@ -215,6 +245,14 @@ impl RunArgs {
             pin_dir: self.pin_dir.0.map(PathBuf::from),
             grpc_listen: self.grpc_listen.0,
             metrics_listen: self.metrics_listen.0,
+            observer_id: self.observer_id.or(d.observer_id),
+            ipfix: IpfixSettings {
+                destinations: self.ipfix,
+                observation_domain: self.ipfix_observation_domain,
+                mtu: self.ipfix_mtu,
+                template_refresh: self.ipfix_template_refresh.0,
+                enterprise: self.ipfix_enterprise,
+            },
             ..d
         }
     }

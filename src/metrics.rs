@@ -1,4 +1,4 @@
-//! Prometheus self-metrics: renders the agent's status as text exposition format 0.0.4 and serves it on `GET /metrics` from a small std-thread HTTP endpoint.
+//! Prometheus self-metrics: renders the agent's status as text exposition format 0.0.4 (served by [`crate::metrics_http`]).
 //!
 //! Metric families (all prefixed `flowlens_`):
 //!
@@ -29,269 +29,41 @@
 //! and are exposed separately. A counter name the datapath does not know is informational.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use log::{debug, warn};
 
 use crate::datapath::{counter_names, is_error_counter};
 use crate::hub::{Hub, HubStats, SinkKind};
+use crate::ipfix::IpfixCounts;
+use crate::metrics_http::{HttpLimits, Render};
 use crate::status::{Snapshot, Status};
 
-/// Content type of the text exposition format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-/// Longest a client may take to send its request head, and we to write the response.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest request head read; longer requests get 431.
-const MAX_HEAD: usize = 8 * 1024;
-/// Connections handled at once; more are closed straight away.
-const MAX_CONNECTIONS: usize = 32;
-/// How often the accept loop checks for shutdown.
-const ACCEPT_TICK_MS: i32 = 200;
+pub use crate::metrics_http::{MetricsHandle, CONTENT_TYPE};
 
-/// The running metrics endpoint; `shutdown` (or drop) stops it.
-#[derive(Debug)]
-pub struct MetricsHandle {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+/// A render closure for [`crate::metrics_http::spawn`]: the live exposition of `status` and `hub`.
+pub fn renderer(status: Arc<Status>, hub: Hub) -> Render {
+    Arc::new(move || render(&status.snapshot(), &hub.stats()))
 }
 
-impl MetricsHandle {
-    /// The bound address (the real port when `listen` asked for port 0).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Stops accepting and waits (at most ~200 ms) for the accept thread to end; requests in
-    /// flight finish on their own threads within their I/O timeouts.
-    pub fn shutdown(mut self) {
-        self.stop_and_join();
-    }
-
-    fn stop_and_join(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for MetricsHandle {
-    fn drop(&mut self) {
-        self.stop_and_join();
-    }
-}
-
-/// Serves GET /metrics (Prometheus text format 0.0.4) on `listen` ("HOST:PORT") from a std
-/// thread; errors clearly (naming the address) if it cannot bind (e.g. port in use).
+/// Serves GET /metrics for `status` and `hub` on `listen` ("HOST:PORT") from a one-thread tokio
+/// runtime of its own, with the default [`HttpLimits`]; errors name the address if it cannot
+/// bind (e.g. port in use). Callers that own a runtime use [`crate::metrics_http::spawn`].
 pub fn spawn(listen: &str, status: Arc<Status>, hub: Hub) -> Result<MetricsHandle> {
-    let listener = TcpListener::bind(listen)
-        .with_context(|| format!("metrics endpoint: cannot listen on {listen}"))?;
-    let addr = listener
-        .local_addr()
-        .with_context(|| format!("metrics endpoint: local address of {listen}"))?;
-    listener
-        .set_nonblocking(true)
-        .with_context(|| format!("metrics endpoint: configuring {addr}"))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let thread_stop = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("flowlens-metrics".into())
-        .spawn(move || accept_loop(listener, &thread_stop, &status, &hub))
-        .context("spawning the metrics thread")?;
-    Ok(MetricsHandle {
-        addr,
-        stop,
-        thread: Some(thread),
-    })
-}
-
-fn accept_loop(listener: TcpListener, stop: &AtomicBool, status: &Arc<Status>, hub: &Hub) {
-    let active = Arc::new(AtomicUsize::new(0));
-    while !stop.load(Ordering::Relaxed) {
-        let mut pfd = libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, ACCEPT_TICK_MS) };
-        if r <= 0 {
-            continue; // timeout or EINTR: re-check the stop flag
-        }
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                warn!("metrics endpoint: accept: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        };
-        if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-            active.fetch_sub(1, Ordering::AcqRel);
-            debug!("metrics endpoint: too many connections, closing one");
-            continue;
-        }
-        let (status, hub, done) = (status.clone(), hub.clone(), active.clone());
-        let spawned = std::thread::Builder::new()
-            .name("flowlens-metrics-conn".into())
-            .spawn(move || {
-                if let Err(e) = serve(stream, &status, &hub) {
-                    debug!("metrics endpoint: connection: {e}");
-                }
-                done.fetch_sub(1, Ordering::AcqRel);
-            });
-        if let Err(e) = spawned {
-            active.fetch_sub(1, Ordering::AcqRel);
-            warn!("metrics endpoint: spawning a connection thread: {e}");
-        }
-    }
-}
-
-/// Answers one request on `stream`, then closes it.
-fn serve(mut stream: TcpStream, status: &Status, hub: &Hub) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let head = match read_head(&mut stream) {
-        Ok(h) => h,
-        Err(HeadError::TooLarge) => {
-            return respond(
-                &mut stream,
-                431,
-                "Request Header Fields Too Large",
-                &[],
-                "",
-                true,
-            )
-        }
-        Err(HeadError::Io(e)) => return Err(e),
-    };
-    let line = head.lines().next().unwrap_or("");
-    let mut parts = line.split_ascii_whitespace();
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return respond(
-            &mut stream,
-            400,
-            "Bad Request",
-            &[],
-            "bad request line\n",
-            true,
-        );
-    };
-    if !version.starts_with("HTTP/") {
-        return respond(
-            &mut stream,
-            400,
-            "Bad Request",
-            &[],
-            "bad request line\n",
-            true,
-        );
-    }
-    let path = target.split(['?', '#']).next().unwrap_or("");
-    if path != "/metrics" {
-        return respond(
-            &mut stream,
-            404,
-            "Not Found",
-            &[],
-            "not found; try /metrics\n",
-            true,
-        );
-    }
-    let body_wanted = match method {
-        "GET" => true,
-        "HEAD" => false,
-        _ => {
-            return respond(
-                &mut stream,
-                405,
-                "Method Not Allowed",
-                &[("Allow", "GET, HEAD")],
-                "method not allowed\n",
-                true,
-            )
-        }
-    };
-    let text = render(&status.snapshot(), &hub.stats());
-    respond(
-        &mut stream,
-        200,
-        "OK",
-        &[("Content-Type", CONTENT_TYPE)],
-        &text,
-        body_wanted,
-    )
-}
-
-enum HeadError {
-    TooLarge,
-    Io(std::io::Error),
-}
-
-/// Reads up to the blank line ending the request head (or EOF).
-fn read_head(stream: &mut TcpStream) -> Result<String, HeadError> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk).map_err(HeadError::Io)?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
-            break;
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(HeadError::TooLarge);
-        }
-    }
-    Ok(String::from_utf8_lossy(&buf).into_owned())
-}
-
-fn respond(
-    stream: &mut TcpStream,
-    code: u16,
-    reason: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-    body_wanted: bool,
-) -> std::io::Result<()> {
-    let mut out = format!("HTTP/1.1 {code} {reason}\r\n");
-    let has_type = headers
-        .iter()
-        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
-    for (k, v) in headers {
-        let _ = write!(out, "{k}: {v}\r\n");
-    }
-    if !has_type {
-        out.push_str("Content-Type: text/plain; charset=utf-8\r\n");
-    }
-    let _ = write!(
-        out,
-        "Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    if body_wanted {
-        out.push_str(body);
-    }
-    stream.write_all(out.as_bytes())?;
-    stream.flush()?;
-    // Tell the client we are done; errors here (client already gone) do not matter.
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    Ok(())
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("flowlens-metrics")
+        .enable_all()
+        .build()
+        .context("metrics endpoint: building its runtime")?;
+    let h = crate::metrics_http::spawn(
+        listen,
+        rt.handle(),
+        renderer(status, hub),
+        HttpLimits::default(),
+    )?;
+    Ok(h.owning(rt))
 }
 
 // ---------------------------------------------------------------------------
@@ -418,6 +190,33 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
         "Records lost by sinks whose queue was full (subscribers, stdout, exporters), departed subscribers included.",
         hub.lost_total,
     );
+    for (name, help, get) in [
+        (
+            "ipfix_records_sent_total",
+            "Flow records an IPFIX exporter sent.",
+            (|c: &IpfixCounts| c.records_sent) as fn(&IpfixCounts) -> u64,
+        ),
+        (
+            "ipfix_records_lost_total",
+            "Flow records an IPFIX exporter lost: collector unreachable, send failed, or fell behind.",
+            |c| c.records_lost,
+        ),
+        (
+            "ipfix_messages_sent_total",
+            "IPFIX messages sent.",
+            |c| c.messages_sent,
+        ),
+        (
+            "ipfix_reconnects_total",
+            "TCP connections to an IPFIX collector made after the first.",
+            |c| c.reconnects,
+        ),
+    ] {
+        e.family(name, "counter", help);
+        for (dest, c) in &snap.exporters {
+            e.sample(name, &[("collector", dest)], get(c));
+        }
+    }
     e.family(
         "sink_lost_records_total",
         "counter",
@@ -514,6 +313,7 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn label_values_are_escaped() {

@@ -8,11 +8,9 @@ pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88A8;
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_PSH: u8 = 0x08;
-pub const TCP_ACK: u8 = 0x10;
+pub use crate::flow::tcp_flags::{
+    ACK as TCP_ACK, FIN as TCP_FIN, PSH as TCP_PSH, RST as TCP_RST, SYN as TCP_SYN,
+};
 
 /// Ethernet frame around `l3`, with 802.1Q/802.1ad tags (outermost first).
 pub fn eth(ethertype: u16, tags: &[(u16, u16)], l3: &[u8]) -> Vec<u8> {

@@ -480,6 +480,8 @@ pub fn latency(ns: u64) -> String {
 /// README "JSON records" documents every field; renaming one breaks users.
 #[derive(Debug, Serialize)]
 pub struct JsonRecord<'a> {
+    flow_id: u64,
+    observer: &'a str,
     ip_version: u8,
     protocol: u8,
     protocol_name: Option<&'static str>,
@@ -494,10 +496,13 @@ pub struct JsonRecord<'a> {
     first_seen_ns: u64,
     last_seen: String,
     last_seen_ns: u64,
+    window_start: String,
+    window_start_ns: u64,
     duration_ns: u64,
     client: &'a DirStats,
     server: &'a DirStats,
     end_reason: EndReason,
+    continuation: bool,
     tcp: Option<&'a TcpInfo>,
     icmp: Option<&'a IcmpInfo>,
 }
@@ -513,6 +518,8 @@ impl<'a> JsonRecord<'a> {
         };
         let rfc3339 = |t: SystemTime| humantime::format_rfc3339_nanos(t).to_string();
         JsonRecord {
+            flow_id: r.flow_id,
+            observer: &r.observer,
             ip_version: r.ip_version,
             protocol: r.protocol,
             protocol_name: proto_name(r.protocol),
@@ -527,10 +534,13 @@ impl<'a> JsonRecord<'a> {
             first_seen_ns: ns(r.first_seen),
             last_seen: rfc3339(r.last_seen),
             last_seen_ns: ns(r.last_seen),
+            window_start: rfc3339(r.window_start),
+            window_start_ns: ns(r.window_start),
             duration_ns: flow_duration(r).as_nanos().try_into().unwrap_or(u64::MAX),
             client: &r.client,
             server: &r.server,
             end_reason: r.end_reason,
+            continuation: r.continuation,
             tcp: r.tcp.as_ref(),
             icmp: r.icmp.as_ref(),
         }
@@ -548,6 +558,10 @@ mod tests {
 
     fn rec(client: &str, cport: u16, server: &str, sport: u16, proto: u8) -> FlowRecord {
         FlowRecord {
+            flow_id: 42,
+            observer: "host1".into(),
+            window_start: at(1_795_637_000),
+            continuation: false,
             ip_version: 4,
             protocol: proto,
             client_addr: client.parse().unwrap(),
@@ -797,6 +811,11 @@ mod tests {
         assert_eq!(v["end_reason"], "tcp_fin");
         assert_eq!(v["first_hook"], "egress");
         let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
-        assert_eq!(keys.len(), 20, "{keys:?}");
+        assert_eq!(v["window_start"], "2026-11-25T20:03:20.000000000Z");
+        assert_eq!(
+            (v["flow_id"].as_u64(), v["observer"].as_str()),
+            (Some(42), Some("host1"))
+        );
+        assert_eq!(keys.len(), 25, "{keys:?}");
     }
 }

@@ -3,12 +3,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, Context};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
+use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response};
 
 use crate::api::{self, parse_request, proto};
@@ -389,24 +389,35 @@ fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
 #[derive(Debug)]
 pub struct ServiceHandle {
     stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<anyhow::Result<()>>>,
+    /// The server task's result, once it ended.
+    done: std::sync::mpsc::Receiver<anyhow::Result<()>>,
+    /// The runtime it runs on, when it has one of its own (`spawn`).
+    runtime: Option<tokio::runtime::Runtime>,
     local_addr: Option<SocketAddr>,
     unix_path: Option<PathBuf>,
 }
 
 impl ServiceHandle {
-    /// Stops accepting, ends every subscriber stream, waits (bounded) for connections to
-    /// drain, and joins the server thread.
+    /// Stops accepting, ends every subscriber stream, waits (bounded by the shutdown
+    /// grace) for connections to drain. Blocks: call it from outside the runtime's tasks.
     pub fn shutdown(mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let result = match self.thread.take() {
-            Some(t) => t
-                .join()
-                .map_err(|_| anyhow!("gRPC server thread panicked"))?,
-            None => Ok(()),
+        let result = match self
+            .done
+            .recv_timeout(SHUTDOWN_GRACE + Duration::from_secs(1))
+        {
+            Ok(r) => r,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(anyhow!("the gRPC server task ended without a result"))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                log::warn!("gRPC server still stopping after {SHUTDOWN_GRACE:?}; leaving it");
+                Ok(())
+            }
         };
+        self.release_runtime();
         self.remove_socket();
         result
     }
@@ -421,49 +432,83 @@ impl ServiceHandle {
             let _ = std::fs::remove_file(p);
         }
     }
+
+    /// Without waiting: the handle may be dropped inside another runtime's task, where
+    /// blocking on a runtime's shutdown is not allowed.
+    fn release_runtime(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Drop for ServiceHandle {
     fn drop(&mut self) {
-        // Dropping the stop sender also stops the server; only the join is skipped.
+        // Dropping the stop sender also stops the server; only the wait is skipped.
+        self.release_runtime();
         self.remove_socket();
     }
 }
 
-/// Starts the gRPC server on its own tokio runtime in a background thread; `listen` is
-/// "HOST:PORT" or "unix:/path". Fails (naming the address) if it cannot bind.
-/// Its ListFlows answers from a slot nobody publishes to (an empty list).
+/// Starts the gRPC server on a tokio runtime of its own; `listen` is "HOST:PORT" or
+/// "unix:/path". Fails (naming the address) if it cannot bind. The agent, which owns a
+/// runtime, uses [`spawn_in`]. Its ListFlows answers from a slot nobody publishes to (an
+/// empty list).
 pub fn spawn(listen: &str, hub: Hub, status: Arc<AgentStatus>) -> anyhow::Result<ServiceHandle> {
     let idle = SnapshotSlot::new(Duration::from_millis(100));
-    spawn_on(listen.parse()?, hub, status, idle)
+    spawn_with(listen, hub, status, idle)
 }
 
-/// `spawn` with an address already parsed, ListFlows answering from `snapshots`.
-pub fn spawn_on(
-    addr: ListenAddr,
+/// `spawn`, ListFlows answering from `snapshots`.
+pub fn spawn_with(
+    listen: &str,
     hub: Hub,
     status: Arc<AgentStatus>,
     snapshots: SnapshotSlot,
 ) -> anyhow::Result<ServiceHandle> {
-    let bound = bind(&addr)?;
-    let (local_addr, unix_path) = match &bound {
-        Bound::Tcp(l) => (Some(l.local_addr().context("gRPC listener address")?), None),
-        Bound::Unix(_, p) => (None, Some(p.clone())),
-    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("flowlens-grpc")
         .enable_all()
         .build()
         .context("building the gRPC runtime")?;
+    let started = listen
+        .parse()
+        .and_then(|addr| spawn_in(addr, hub, status, snapshots, rt.handle()));
+    match started {
+        Ok(mut h) => {
+            h.runtime = Some(rt);
+            Ok(h)
+        }
+        Err(e) => {
+            rt.shutdown_background();
+            Err(e)
+        }
+    }
+}
+
+/// Binds `addr` and serves on `rt`, ListFlows answering from `snapshots`.
+pub fn spawn_in(
+    addr: ListenAddr,
+    hub: Hub,
+    status: Arc<AgentStatus>,
+    snapshots: SnapshotSlot,
+    rt: &tokio::runtime::Handle,
+) -> anyhow::Result<ServiceHandle> {
+    let bound = bind(&addr)?;
+    let (local_addr, unix_path) = match &bound {
+        Bound::Tcp(l) => (Some(l.local_addr().context("gRPC listener address")?), None),
+        Bound::Unix(_, p) => (None, Some(p.clone())),
+    };
     let (stop_tx, stop_rx) = oneshot::channel();
-    let thread = std::thread::Builder::new()
-        .name("flowlens-grpc-main".into())
-        .spawn(move || rt.block_on(serve(bound, hub, status, snapshots, stop_rx)))
-        .context("spawning the gRPC server thread")?;
+    let (done_tx, done) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        let _ = done_tx.send(serve(bound, hub, status, snapshots, stop_rx).await);
+    });
     Ok(ServiceHandle {
         stop: Some(stop_tx),
-        thread: Some(thread),
+        done,
+        runtime: None,
         local_addr,
         unix_path,
     })
@@ -495,12 +540,20 @@ async fn serve(
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(FlowLensServer::new(FlowLensService::new(
-            hub,
-            status,
-            snapshots,
-            stopping_rx.clone(),
-        )));
+        .add_service(
+            // Compressed only for clients that ask (grpc-accept-encoding): record batches
+            // shrink several times, at the cost of server CPU per subscriber.
+            FlowLensServer::new(FlowLensService::new(
+                hub,
+                status,
+                snapshots,
+                stopping_rx.clone(),
+            ))
+            .send_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .accept_compressed(CompressionEncoding::Gzip),
+        );
 
     let mut drained = stopping_rx.clone();
     let signal = async move {

@@ -2,8 +2,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
+
+use crate::ipfix::{IpfixCounts, IpfixStats};
 
 /// Fill level of one BPF map.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,6 +34,8 @@ pub struct Snapshot {
     pub last_poll_ns: u64,
     /// Times a flow map crossed the pressure threshold (80 % full by default).
     pub map_pressure_events: u64,
+    /// Each IPFIX exporter's counters, by destination.
+    pub exporters: Vec<(String, IpfixCounts)>,
 }
 
 /// Shared, cheaply updated agent state.
@@ -44,6 +48,7 @@ pub struct Status {
     pub active_flows: AtomicU64,
     pub map_pressure_events: AtomicU64,
     detail: Mutex<(Vec<MapUsage>, BTreeMap<String, u64>)>,
+    exporters: Mutex<Vec<(String, Arc<IpfixStats>)>>,
     started: Mutex<Option<SystemTime>>,
 }
 
@@ -52,6 +57,14 @@ impl Status {
         let s = Status::default();
         *s.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(SystemTime::now());
         s
+    }
+
+    /// Makes an exporter's counters part of every snapshot.
+    pub fn add_exporter(&self, destination: String, stats: Arc<IpfixStats>) {
+        self.exporters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((destination, stats));
     }
 
     pub fn set_detail(&self, maps: Vec<MapUsage>, counters: BTreeMap<String, u64>) {
@@ -74,6 +87,13 @@ impl Status {
             orphans_removed: self.orphans_removed.load(Ordering::Relaxed),
             last_poll_ns: self.last_poll_ns.load(Ordering::Relaxed),
             map_pressure_events: self.map_pressure_events.load(Ordering::Relaxed),
+            exporters: self
+                .exporters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(d, s)| (d.clone(), s.snapshot()))
+                .collect(),
         }
     }
 }

@@ -541,6 +541,10 @@ mod tests {
 
     fn rec(port: u16, proto: u8, bytes: u64, packets: u64) -> FlowRecord {
         FlowRecord {
+            flow_id: u64::from(port),
+            observer: "host1".into(),
+            window_start: UNIX_EPOCH + Duration::from_secs(1000),
+            continuation: false,
             ip_version: 4,
             protocol: proto,
             client_addr: "10.0.0.1".parse().unwrap(),

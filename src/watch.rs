@@ -44,6 +44,10 @@ pub struct WatchArgs {
     /// First print the kept flows last seen within this long ago (e.g. 30s, 5m, 1h).
     #[arg(long, value_name = "DURATION", env = "FLOWLENS_WATCH_SINCE")]
     pub since: Option<String>,
+    /// First print the kept flows emitted after record number N (a record's `seq`), to
+    /// resume where an earlier watch stopped.
+    #[arg(long, value_name = "N", env = "FLOWLENS_WATCH_AFTER_SEQ")]
+    pub after_seq: Option<u64>,
     /// Exit after the replay instead of following new flows.
     #[arg(long, env = "FLOWLENS_WATCH_NO_FOLLOW")]
     pub no_follow: bool,
@@ -284,5 +288,6 @@ pub fn subscribe_request(a: &WatchArgs) -> anyhow::Result<proto::SubscribeReques
         replay: a.replay,
         since,
         follow: Some(!a.no_follow),
+        after_seq: a.after_seq,
     })
 }

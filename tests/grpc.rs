@@ -21,11 +21,7 @@ use tonic::{Code, Streaming};
 /// Upper bound for anything that should happen "soon"; never the expected duration.
 const WAIT: Duration = Duration::from_secs(15);
 
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-const FIN: u8 = 0x01;
-const RST: u8 = 0x04;
-const PSH: u8 = 0x08;
+use flowlens::flow::tcp_flags::{ACK, FIN, PSH, RST, SYN};
 
 struct Agent {
     hub: Hub,
@@ -48,13 +44,8 @@ impl Agent {
         let hub = Hub::new(cfg);
         let status = Arc::new(Status::new());
         let snapshots = SnapshotSlot::new(Duration::from_millis(100));
-        let handle = service::spawn_on(
-            listen.parse().unwrap(),
-            hub.clone(),
-            status.clone(),
-            snapshots.clone(),
-        )
-        .unwrap();
+        let handle =
+            service::spawn_with(listen, hub.clone(), status.clone(), snapshots.clone()).unwrap();
         let addr = handle.local_addr().expect("tcp listener has an address");
         Agent {
             hub,
@@ -110,6 +101,8 @@ fn t(secs: u64) -> SystemTime {
 /// A TCP record; `id` goes into ifindex so tests can tell records apart.
 fn rec(id: u32) -> FlowRecord {
     FlowRecord {
+        flow_id: 0x1234_5678_9abc_def0 + u64::from(id),
+        observer: "host-a".into(),
         ip_version: 4,
         protocol: 6,
         client_addr: "10.9.0.1".parse().unwrap(),
@@ -121,6 +114,8 @@ fn rec(id: u32) -> FlowRecord {
         first_hook: Hook::Egress,
         first_seen: t(u64::from(id)),
         last_seen: t(u64::from(id) + 1),
+        window_start: t(u64::from(id)),
+        continuation: false,
         client: DirStats {
             packets: 3,
             bytes: 180,
@@ -274,6 +269,7 @@ fn replay_all(include: Vec<proto::Filter>, exclude: Vec<proto::Filter>) -> proto
         replay: 1_000_000,
         since: None,
         follow: Some(false),
+        after_seq: None,
     }
 }
 
@@ -381,6 +377,46 @@ async fn records_round_trip_with_optional_fields() {
         got.records[0].first_seen,
         Some(prost_types::Timestamp::from(t(1)))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_streams_carry_the_same_records_and_seq_numbers() {
+    use tonic::codec::CompressionEncoding;
+    let agent = Agent::start();
+    let recs = corpus();
+    for (enc, name) in [
+        (CompressionEncoding::Zstd, "zstd"),
+        (CompressionEncoding::Gzip, "gzip"),
+    ] {
+        let s = agent
+            .client()
+            .await
+            .accept_compressed(enc)
+            .subscribe(proto::SubscribeRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            s.metadata()
+                .get("grpc-encoding")
+                .map(|v| v.to_str().unwrap()),
+            Some(name),
+            "the server compresses what the client accepts"
+        );
+        let mut s = s.into_inner();
+        for r in &recs {
+            agent.hub.publish(r.clone());
+        }
+        let mut got = Received::default();
+        read_until(&mut s, &mut got, |r| r.ids.len() >= recs.len()).await;
+        let back: Vec<FlowRecord> = got
+            .records
+            .iter()
+            .map(|p| FlowRecord::try_from(p).unwrap())
+            .collect();
+        assert_eq!(back, recs);
+        let seqs: Vec<u64> = got.records.iter().map(|p| p.seq).collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

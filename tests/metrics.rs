@@ -1,4 +1,4 @@
-//! Prometheus self-metrics: the exposition parses, and a real scrape over TCP serves a Status's values.
+//! Prometheus self-metrics: the exposition parses, a real scrape over TCP serves a Status's values, and slow, idle or too many clients neither block scrapes nor shutdown.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowlens::hub::{Hub, HubConfig, SubscribeOptions};
-use flowlens::metrics;
+use flowlens::metrics::{self, MetricsHandle};
+use flowlens::metrics_http::{self, HttpLimits};
 use flowlens::status::{MapUsage, Snapshot, Status};
 
 /// One parsed sample: metric name, labels, value.
@@ -301,29 +302,53 @@ fn label_values_are_escaped_in_the_exposition() {
     );
 }
 
-/// One HTTP exchange: (status code, headers, body).
+/// One HTTP exchange on a fresh connection: (status code, headers, body).
 fn http(addr: SocketAddr, request: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    exchange(&mut s, request)
+}
+
+/// Sends `request` on `s` and reads one response: up to Content-Length when the server sends
+/// one (the connection may stay open for the next request), else to the end of the stream.
+fn exchange(s: &mut TcpStream, request: &str) -> (u16, String, String) {
     s.write_all(request.as_bytes()).expect("send");
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read response");
-    let raw = String::from_utf8(raw).expect("utf-8 response");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("response head");
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let n = s.read(&mut chunk).expect("read response head");
+        assert!(n > 0, "connection closed inside the response head: {raw:?}");
+        raw.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8(raw[..head_end].to_vec()).expect("utf-8 head");
+    let mut body = raw[head_end + 4..].to_vec();
     let code = head
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("status line of {head:?}"));
-    if let Some(len) = head
+    let length = head
         .lines()
         .find_map(|l| l.strip_prefix("Content-Length: "))
-    {
-        if !request.starts_with("HEAD ") {
-            assert_eq!(len.parse::<usize>().unwrap(), body.len(), "Content-Length");
+        .map(|len| len.parse::<usize>().expect("Content-Length"));
+    match length {
+        _ if request.starts_with("HEAD ") => {}
+        Some(len) => {
+            while body.len() < len {
+                let n = s.read(&mut chunk).expect("read response body");
+                assert!(n > 0, "connection closed inside the body");
+                body.extend_from_slice(&chunk[..n]);
+            }
+            assert_eq!(len, body.len(), "Content-Length");
+        }
+        None => {
+            s.read_to_end(&mut body).expect("read response body");
         }
     }
-    (code, head.to_owned(), body.to_owned())
+    (code, head, String::from_utf8(body).expect("utf-8 body"))
 }
 
 fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
@@ -435,4 +460,353 @@ fn port_in_use_names_the_address() {
     )
     .expect_err("bad address");
     assert!(format!("{err:#}").contains("not-an-address"), "{err:#}");
+}
+
+// ---------------------------------------------------------------------------
+// The HTTP endpoint under slow, idle and too many clients
+// ---------------------------------------------------------------------------
+
+/// An endpoint on a runtime the test owns, serving a fixed text.
+fn serve_text(limits: HttpLimits) -> (tokio::runtime::Runtime, MetricsHandle) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let render: metrics_http::Render = Arc::new(|| "flowlens_up 1\n".to_owned());
+    let h = metrics_http::spawn("127.0.0.1:0", rt.handle(), render, limits).expect("spawn");
+    (rt, h)
+}
+
+/// The default limits but for a shorter request timeout, to keep the tests short.
+fn limits_timing_out_after(request_timeout: Duration) -> HttpLimits {
+    HttpLimits {
+        request_timeout,
+        ..HttpLimits::default()
+    }
+}
+
+const SCRAPE: &str = "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n";
+
+/// Whether the server has closed `s` (reads EOF or a reset); never blocks.
+fn closed_by_server(s: &TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let r = (&*s).read(&mut [0u8; 64]);
+    s.set_nonblocking(false).unwrap();
+    match r {
+        Ok(0) => true,
+        Ok(_) => false, // an error response (e.g. 408/400) precedes the close
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+/// A client sending a request one byte at a time, `every` apart.
+struct Trickler {
+    s: TcpStream,
+    sent: usize,
+    next: Instant,
+}
+
+impl Trickler {
+    fn connect(addr: SocketAddr, first: Instant) -> Self {
+        let s = TcpStream::connect(addr).expect("connect trickler");
+        Trickler {
+            s,
+            sent: 0,
+            next: first,
+        }
+    }
+
+    /// Sends the next byte when due; false once the server has closed the connection.
+    fn tick(&mut self, every: Duration) -> bool {
+        if closed_by_server(&self.s) {
+            return false;
+        }
+        if Instant::now() >= self.next {
+            // Never completes: the blank line ending the head is not in the pattern.
+            let pattern =
+                b"GET /metrics HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+            let byte = pattern[self.sent.min(pattern.len() - 1)];
+            if (&self.s).write_all(&[byte]).is_err() {
+                return false;
+            }
+            self.sent += 1;
+            self.next += every;
+        }
+        true
+    }
+}
+
+#[test]
+fn trickling_clients_beyond_the_cap_do_not_block_scrapes() {
+    let limits = HttpLimits::default();
+    const TRICKLERS: usize = 40;
+    assert!(TRICKLERS > limits.max_connections);
+    let (_rt, h) = serve_text(limits);
+    let addr = h.local_addr();
+    let every = Duration::from_secs(2);
+    let start = Instant::now();
+    // Staggered so that some byte arrives every 50 ms; each reconnects as soon as it is closed.
+    let mut ts: Vec<Trickler> = (0..TRICKLERS)
+        .map(|i| Trickler::connect(addr, start + every * i as u32 / TRICKLERS as u32))
+        .collect();
+    let mut reconnects = 0;
+    // A scraper keeping its connection alive; like any client it asks as soon as it connects
+    // (a connection that has not sent a complete request is what gets evicted at the cap).
+    let mut kept_alive = TcpStream::connect(addr).unwrap();
+    kept_alive
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(exchange(&mut kept_alive, SCRAPE).0, 200);
+    let (mut scrapes, mut worst) = (0, Duration::ZERO);
+    let mut next_scrape = start + Duration::from_millis(500);
+    while start.elapsed() < Duration::from_secs(10) {
+        for t in &mut ts {
+            if !t.tick(every) {
+                *t = Trickler::connect(addr, Instant::now());
+                reconnects += 1;
+            }
+        }
+        if Instant::now() >= next_scrape {
+            // A fresh connection, as a scraper arriving at the cap, and a kept-alive one.
+            let t = Instant::now();
+            let (code, _, body) = get(addr, "/metrics");
+            assert_eq!((code, body.as_str()), (200, "flowlens_up 1\n"));
+            let (code, _, body) = exchange(&mut kept_alive, SCRAPE);
+            assert_eq!((code, body.as_str()), (200, "flowlens_up 1\n"));
+            let took = t.elapsed();
+            assert!(
+                took < Duration::from_secs(2),
+                "scrape {scrapes} took {took:?}"
+            );
+            worst = worst.max(took);
+            scrapes += 1;
+            next_scrape += Duration::from_millis(500);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("{scrapes} scrape pairs under {TRICKLERS} tricklers, slowest {worst:?}, {reconnects} tricklers closed by the server");
+    assert!(scrapes >= 15, "{scrapes}");
+    // At the cap, scrapes evict tricklers; past the request timeout, the rest are cut off.
+    assert!(reconnects >= TRICKLERS, "{reconnects}");
+    drop(ts);
+    h.shutdown();
+}
+
+#[test]
+fn half_a_header_is_cut_off_after_the_request_timeout() {
+    let timeout = Duration::from_secs(3);
+    let (_rt, h) = serve_text(limits_timing_out_after(timeout));
+    let start = Instant::now();
+    // A byte every 500 ms: no single read ever waits long, only the whole head does.
+    let mut t = Trickler::connect(h.local_addr(), start);
+    while t.tick(Duration::from_millis(500)) {
+        assert!(
+            start.elapsed() < timeout * 2,
+            "still open after {:?}",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let open = start.elapsed();
+    eprintln!("half a header ({} bytes) cut off after {open:?}", t.sent);
+    assert!(open >= timeout - Duration::from_millis(200), "{open:?}");
+    assert!(t.sent >= 5, "{} bytes", t.sent);
+    h.shutdown();
+}
+
+#[test]
+fn keep_alive_is_bounded_by_requests_and_idle_time() {
+    let timeout = Duration::from_secs(2);
+    let (_rt, h) = serve_text(HttpLimits {
+        max_requests_per_connection: 3,
+        ..limits_timing_out_after(timeout)
+    });
+    let mut s = TcpStream::connect(h.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for i in 1..=3 {
+        let (code, head, _) = exchange(&mut s, SCRAPE);
+        assert_eq!(code, 200);
+        assert_eq!(head.contains("Connection: close"), i == 3, "{head}");
+    }
+    assert_eq!(
+        s.read(&mut [0u8; 16]).unwrap(),
+        0,
+        "closed after the last request"
+    );
+
+    // An idle kept-alive connection is closed once the next head is overdue.
+    let mut s = TcpStream::connect(h.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    exchange(&mut s, SCRAPE);
+    let idle = Instant::now();
+    assert_eq!(s.read(&mut [0u8; 16]).unwrap_or(0), 0);
+    let waited = idle.elapsed();
+    assert!(
+        waited >= timeout - Duration::from_millis(200) && waited < timeout * 2,
+        "{waited:?}"
+    );
+    h.shutdown();
+}
+
+#[test]
+fn shutdown_with_trickling_connections_is_prompt() {
+    let (rt, h) = serve_text(HttpLimits::default());
+    let addr = h.local_addr();
+    let start = Instant::now();
+    let mut ts: Vec<Trickler> = (0..40).map(|_| Trickler::connect(addr, start)).collect();
+    for t in &mut ts {
+        assert!(t.tick(Duration::from_secs(1)));
+    }
+    let mut kept_alive = TcpStream::connect(addr).unwrap();
+    kept_alive
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(exchange(&mut kept_alive, SCRAPE).0, 200);
+    std::thread::sleep(Duration::from_millis(200));
+
+    let t = Instant::now();
+    h.shutdown();
+    let took = t.elapsed();
+    eprintln!("shutdown with 41 open connections took {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(
+        TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err(),
+        "still listening after shutdown"
+    );
+    // Every connection was closed, not left to its timeout.
+    std::thread::sleep(Duration::from_millis(100));
+    let open = ts.iter().filter(|t| !closed_by_server(&t.s)).count();
+    assert_eq!(open, 0, "connections left open");
+    assert!(closed_by_server(&kept_alive));
+    drop(rt);
+}
+
+/// Set in the child process that `out_of_descriptors_backs_off_instead_of_spinning` starts.
+const EMFILE_CHILD: &str = "FLOWLENS_TEST_EMFILE_CHILD";
+
+/// CPU time this process has used (user + system).
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes the zero-initialised struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid out-pointer.
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) }, 0);
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+#[test]
+fn out_of_descriptors_backs_off_instead_of_spinning() {
+    if std::env::var_os(EMFILE_CHILD).is_some() {
+        return emfile_child();
+    }
+    // The descriptor limit is per process: exhaust it in a child, not among the other tests.
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "out_of_descriptors_backs_off_instead_of_spinning",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(EMFILE_CHILD, "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the child test");
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    assert!(out.status.success(), "child failed: {}", out.status);
+    assert!(text.contains("1 passed"), "the child ran no test");
+    // One warning for the whole episode, one note when it ends.
+    assert_eq!(
+        text.matches("metrics endpoint: accept:").count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(text.matches("accepting again after").count(), 1, "{text}");
+    // 2 s out of descriptors at 100, 200, 400, 800 ms pauses: about five tries, not thousands.
+    let tries: u32 = text
+        .split("accepting again after ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("failed accept count");
+    assert!((2..=10).contains(&tries), "{tries} failed accepts in 2 s");
+}
+
+fn emfile_child() {
+    let _ = env_logger::builder()
+        .is_test(true)
+        .filter_level(log::LevelFilter::Info)
+        .try_init();
+    let (_rt, h) = serve_text(HttpLimits::default());
+    let addr = h.local_addr();
+    let lim = libc::rlimit {
+        rlim_cur: 256,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    let mut old: libc::rlimit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointers to rlimit structs for the duration of the calls.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut old), 0);
+        let lim = libc::rlimit {
+            rlim_max: old.rlim_max,
+            ..lim
+        };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+    let mut filler = Vec::new();
+    loop {
+        match std::fs::File::open("/dev/null") {
+            Ok(f) => filler.push(f),
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => break,
+            Err(e) => panic!("opening /dev/null: {e}"),
+        }
+    }
+    // One descriptor for the client; the server's accept then has none.
+    filler.pop();
+    let mut client = TcpStream::connect(addr).expect("connect");
+    client.write_all(SCRAPE.as_bytes()).unwrap();
+    let cpu = cpu_time();
+    let wall = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_time() - cpu;
+    eprintln!(
+        "out of descriptors for {:?}: the process used {used:?} of CPU",
+        wall.elapsed()
+    );
+    assert!(
+        used < Duration::from_millis(300),
+        "accept loop spinning: {used:?}"
+    );
+
+    drop(filler);
+    let freed = Instant::now();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut raw = [0u8; 512];
+    let n = client
+        .read(&mut raw)
+        .expect("response after descriptors came back");
+    assert!(raw[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &raw[..n]);
+    let waited = freed.elapsed();
+    eprintln!("served {waited:?} after descriptors came back");
+    assert!(waited < Duration::from_millis(1500), "{waited:?}");
+    h.shutdown();
 }

@@ -271,6 +271,7 @@ fn snapshots_are_cumulative_only_while_wanted_and_leave_the_deltas_alone() {
     plain::copy_from_bytes(&mut b, &v).expect("base");
     b.packets = [7, 4];
     b.bytes = [700, 240];
+    b.last_seen_ns = now + 2;
     maps.flows
         .update(bytes_of(&k), bytes_of(&b), MapFlags::ANY)
         .expect("update");

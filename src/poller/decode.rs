@@ -1,6 +1,7 @@
 //! Decodes raw map entries (the skeleton's `types`) into flow records: the only place that knows both.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::bpf::types;
@@ -127,18 +128,54 @@ pub struct RawFlow {
     pub icmp: Option<types::flow_icmp>,
 }
 
+/// What a record says besides the map entries: set by the poller.
+#[derive(Debug, Clone)]
+pub struct RecordMeta {
+    /// The (delta) counters to report.
+    pub counts: Counts,
+    pub end_reason: EndReason,
+    pub interface: String,
+    pub observer: Arc<str>,
+    /// BPF clock time this record's window starts at.
+    pub window_start_ns: u64,
+    pub flow_id: u64,
+    pub continuation: bool,
+}
+
 impl RawFlow {
-    /// Builds the user-facing record. `counts` are the (delta) counters to report.
-    pub fn to_record(
-        &self,
-        counts: Counts,
-        end_reason: EndReason,
-        clock: &Clock,
-        interface: String,
-    ) -> FlowRecord {
+    /// Direction slot of the client's packets, as the datapath judged it.
+    pub fn client_dir(&self) -> usize {
+        usize::from(self.base.initiator & 1)
+    }
+
+    /// A flow's id: its key and first packet's time, hashed (FNV-1a, stable across
+    /// builds), so every record of the flow has it, before and after an agent restart.
+    pub fn flow_id(&self) -> u64 {
+        const PRIME: u64 = 0x0100_0000_01b3;
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in key_bytes(&self.key)
+            .iter()
+            .chain(&self.base.first_seen_ns.to_le_bytes())
+        {
+            h = (h ^ u64::from(*b)).wrapping_mul(PRIME);
+        }
+        h
+    }
+
+    /// Builds the user-facing record.
+    pub fn to_record(&self, meta: RecordMeta, clock: &Clock) -> FlowRecord {
+        let RecordMeta {
+            counts,
+            end_reason,
+            interface,
+            observer,
+            window_start_ns,
+            flow_id,
+            continuation,
+        } = meta;
         let k = &self.key;
         let b = &self.base;
-        let c = usize::from(b.initiator & 1);
+        let c = self.client_dir();
         let s = c ^ 1;
         let addrs = [
             key_addr(&k.addr_lo, k.ip_version),
@@ -158,6 +195,8 @@ impl RawFlow {
             ttl: b.ttl[d],
         };
         FlowRecord {
+            flow_id,
+            observer,
             ip_version: k.ip_version,
             protocol: k.proto,
             client_addr: addrs[c],
@@ -173,9 +212,11 @@ impl RawFlow {
             },
             first_seen: clock.to_wall(b.first_seen_ns),
             last_seen: clock.to_wall(b.last_seen_ns),
+            window_start: clock.to_wall(window_start_ns),
             client: dir(c),
             server: dir(s),
             end_reason,
+            continuation,
             tcp: self.tcp.as_ref().map(|t| tcp_info(t, c)),
             icmp: self
                 .icmp

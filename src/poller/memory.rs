@@ -36,6 +36,14 @@ impl MemTable {
         icmp: Option<types::flow_icmp>,
     ) -> KeyBytes {
         let kb = key_bytes(&key);
+        let mut base = base;
+        // The datapath names the extension a flow has in its base entry.
+        if tcp.is_some() {
+            base.ext |= types::flow_ext::EXT_TCP.0 as u8;
+        }
+        if icmp.is_some() {
+            base.ext |= types::flow_ext::EXT_ICMP.0 as u8;
+        }
         self.base.insert(kb, (key, base));
         if let Some(t) = tcp {
             self.tcp.insert(kb, t);
@@ -109,10 +117,21 @@ impl FlowTable for MemTable {
     }
 
     fn take(&mut self, kb: &KeyBytes) -> Result<Option<RawFlow>, PollError> {
-        let base = self.base.remove(kb);
-        let tcp = self.tcp.remove(kb);
-        let icmp = self.icmp.remove(kb);
-        Ok(base.map(|(key, base)| RawFlow {
+        let Some((key, base)) = self.base.remove(kb) else {
+            return Ok(None);
+        };
+        let has = |e: types::flow_ext| u32::from(base.ext) & e.0 != 0;
+        let tcp = if has(types::flow_ext::EXT_TCP) {
+            self.tcp.remove(kb)
+        } else {
+            None
+        };
+        let icmp = if has(types::flow_ext::EXT_ICMP) {
+            self.icmp.remove(kb)
+        } else {
+            None
+        };
+        Ok(Some(RawFlow {
             key,
             base,
             tcp,

@@ -3,6 +3,8 @@
 pub mod decode;
 pub mod memory;
 pub mod table;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -19,7 +21,7 @@ use crate::bpf::types;
 use crate::flow::{EndReason, FlowRecord, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 use crate::snapshot::SnapshotSlot;
 use crate::status::{MapUsage, Status};
-use decode::{key_bytes, monotonic_ns, Clock, Counts, KeyBytes, RawFlow};
+use decode::{key_bytes, monotonic_ns, Clock, Counts, KeyBytes, RawFlow, RecordMeta};
 pub use table::{ExtMap, FlowTable, Joined, KernelTable, ReadMode, MAP_NAMES};
 
 #[derive(Debug, Error)]
@@ -77,13 +79,61 @@ pub struct PollStats {
     pub orphans_removed: usize,
 }
 
-/// Per-flow state the poller keeps between polls.
+/// Per-flow state the poller keeps between a flow's records.
 #[derive(Debug, Clone, Copy)]
 struct Reported {
     /// Counters already reported in active-timeout records.
     counts: Counts,
     /// When the last record of this flow was emitted (BPF clock).
     at_ns: u64,
+    who: Identity,
+}
+
+/// Who a flow is: its id and which side is the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    flow_id: u64,
+    /// Direction slot of the client's packets.
+    client: usize,
+    continuation: bool,
+}
+
+/// Recently ended flows, so a TCP connection that idled past its timeout and resumes
+/// keeps its id and roles (the datapath can only guess them mid-connection).
+#[derive(Debug, Default)]
+struct Recent {
+    by_key: HashMap<KeyBytes, Identity>,
+    order: std::collections::VecDeque<KeyBytes>,
+}
+
+impl Recent {
+    /// Flows remembered at most; the oldest is forgotten first.
+    const CAPACITY: usize = 65_536;
+
+    fn remember(&mut self, kb: KeyBytes, who: Identity) {
+        if self.by_key.insert(kb, who).is_none() {
+            self.order.push_back(kb);
+            if self.order.len() > Self::CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.by_key.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn take(&mut self, kb: &KeyBytes) -> Option<Identity> {
+        // Its slot in `order` goes when it comes round; a re-insert before then is fine.
+        self.by_key.remove(kb)
+    }
+}
+
+/// The host name, the default observer id.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// Ends flows by the lifecycle rules and emits their records; generic over where the
@@ -97,7 +147,13 @@ pub struct Poller<T: FlowTable = KernelTable> {
     reported: HashMap<KeyBytes, Reported>,
     ifnames: IfNames,
     polls: u64,
+    /// When the previous poll ran (BPF clock); 0 before the first.
+    last_poll_ns: u64,
     pressured: [bool; 3],
+    observer: Arc<str>,
+    recent: Recent,
+    /// Names of interfaces the attacher does not know, looked up once each.
+    other_names: std::cell::RefCell<HashMap<u32, String>>,
     snapshots: Option<SnapshotSlot>,
 }
 
@@ -118,7 +174,11 @@ impl<T: FlowTable> Poller<T> {
             reported: HashMap::new(),
             ifnames,
             polls: 0,
+            last_poll_ns: 0,
             pressured: [false; 3],
+            observer: host_name().into(),
+            recent: Recent::default(),
+            other_names: Default::default(),
             snapshots: None,
         }
     }
@@ -127,6 +187,12 @@ impl<T: FlowTable> Poller<T> {
     /// reads them.
     pub fn with_snapshots(mut self, slot: SnapshotSlot) -> Poller<T> {
         self.snapshots = Some(slot);
+        self
+    }
+
+    /// Names the agent in every record (`--observer-id`).
+    pub fn with_observer(mut self, observer: &str) -> Self {
+        self.observer = observer.into();
         self
     }
 
@@ -184,7 +250,6 @@ impl<T: FlowTable> Poller<T> {
             .as_ref()
             .filter(|s| s.wanted())
             .map(|_| Vec::with_capacity(flows.len()));
-        let mut names: HashMap<u32, String> = HashMap::new();
         for f in &flows {
             let kb = key_bytes(&f.key);
             if let Some(reason) = self.end_reason(f, now_ns) {
@@ -200,23 +265,32 @@ impl<T: FlowTable> Poller<T> {
                 .reported
                 .get(&kb)
                 .map_or(f.base.first_seen_ns, |r| r.at_ns);
-            if now_ns.saturating_sub(last) >= self.cfg.active_timeout.as_nanos() as u64
+            // A flow quiet since the previous poll is not reported as active: if it stays
+            // quiet its idle end reports everything, if not the next poll does.
+            let busy = f.base.last_seen_ns >= self.last_poll_ns;
+            if busy
+                && now_ns.saturating_sub(last) >= self.cfg.active_timeout.as_nanos() as u64
                 && self.emit_active(f, &kb, now_ns)?
             {
                 stats.active_records += 1;
             }
             if let Some(v) = in_progress.as_mut() {
-                // Looked up once per interface and poll: a name the attacher does not
-                // know costs a syscall.
-                let ifname = names
-                    .entry(f.key.ifindex)
-                    .or_insert_with(|| self.ifname(f.key.ifindex))
-                    .clone();
-                v.push(f.to_record(
+                // Who the flow is, without `identify`'s bookkeeping (a continuation not
+                // reported yet shows its own id until its first record).
+                let who = self.reported.get(&kb).map_or(
+                    Identity {
+                        flow_id: f.flow_id(),
+                        client: f.client_dir(),
+                        continuation: false,
+                    },
+                    |r| r.who,
+                );
+                v.push(self.record(
+                    f,
                     Counts::of(&f.base),
                     EndReason::InProgress,
-                    &self.clock,
-                    ifname,
+                    f.base.first_seen_ns,
+                    who,
                 ));
             }
         }
@@ -237,8 +311,11 @@ impl<T: FlowTable> Poller<T> {
                 .is_multiple_of(u64::from(self.cfg.orphan_sweep_every))
         {
             stats.orphans_removed = self.sweep_orphans(&unjoined)?;
+            // Interfaces come, go and get renamed: look names up afresh now and then.
+            self.other_names.get_mut().clear();
         }
         self.update_status(entries);
+        self.last_poll_ns = now_ns;
         Ok(stats)
     }
 
@@ -286,40 +363,103 @@ impl<T: FlowTable> Poller<T> {
         let Some(raw) = self.table.take(kb)? else {
             return Ok(false);
         };
-        let prior = self
-            .reported
-            .remove(kb)
-            .map(|r| r.counts)
-            .unwrap_or_default();
-        let counts = Counts::of(&raw.base).saturating_sub(&prior);
-        let ifname = self.ifname(raw.key.ifindex);
-        let rec = raw.to_record(counts, reason, &self.clock, ifname);
+        let (prior, at_ns, who) = match self.reported.remove(kb) {
+            Some(r) => (Some(r.counts), r.at_ns, r.who),
+            None => (None, raw.base.first_seen_ns, self.identify(&raw, kb)),
+        };
+        let counts = Counts::of(&raw.base).saturating_sub(&prior.unwrap_or_default());
         self.status.flows_ended.fetch_add(1, Ordering::Relaxed);
+        if raw.key.proto == IPPROTO_TCP {
+            self.recent.remember(*kb, who);
+        }
+        if prior.is_some() && counts == Counts::default() {
+            // Everything was in the flow's last active-timeout record.
+            debug!(
+                "flow {:016x} ended with nothing new since its last record",
+                who.flow_id
+            );
+            return Ok(true);
+        }
+        let rec = self.record(&raw, counts, reason, at_ns, who);
         self.send(rec)?;
         Ok(true)
+    }
+
+    /// Who a flow seen for the first time is: a TCP connection the datapath picked up
+    /// mid-stream that ended here recently is that connection going on.
+    fn identify(&mut self, f: &RawFlow, kb: &KeyBytes) -> Identity {
+        let late = f
+            .tcp
+            .as_ref()
+            .is_some_and(|t| u32::from(t.bits) & types::tcp_bits::TCPB_LATE_START.0 != 0);
+        match self.recent.take(kb) {
+            Some(prev) if late => Identity {
+                continuation: true,
+                ..prev
+            },
+            _ => Identity {
+                flow_id: f.flow_id(),
+                client: f.client_dir(),
+                continuation: false,
+            },
+        }
+    }
+
+    fn record(
+        &self,
+        f: &RawFlow,
+        counts: Counts,
+        end_reason: EndReason,
+        window_start_ns: u64,
+        who: Identity,
+    ) -> FlowRecord {
+        let mut rec = f.to_record(
+            RecordMeta {
+                counts,
+                end_reason,
+                interface: self.ifname(f.key.ifindex),
+                observer: self.observer.clone(),
+                window_start_ns,
+                flow_id: who.flow_id,
+                continuation: who.continuation,
+            },
+            &self.clock,
+        );
+        if who.client != f.client_dir() {
+            rec.swap_roles();
+        }
+        rec
     }
 
     /// Emits a record with the deltas since the last one; the kernel entry stays as it is.
     /// Returns whether there was anything new to report.
     fn emit_active(&mut self, f: &RawFlow, kb: &KeyBytes, now_ns: u64) -> Result<bool, PollError> {
         let total = Counts::of(&f.base);
-        let prior = self.reported.get(kb).map(|r| r.counts).unwrap_or_default();
+        let (prior, at_ns, who) = match self.reported.get(kb) {
+            Some(r) => (r.counts, r.at_ns, r.who),
+            None => (
+                Counts::default(),
+                f.base.first_seen_ns,
+                self.identify(f, kb),
+            ),
+        };
         self.reported.insert(
             *kb,
             Reported {
                 counts: total,
                 at_ns: now_ns,
+                who,
             },
         );
         if total == prior {
             return Ok(false);
         }
-        let ifname = self.ifname(f.key.ifindex);
-        let rec = f.to_record(
+        let rec = self.record(
+            f,
             total.saturating_sub(&prior),
             EndReason::ActiveTimeout,
-            &self.clock,
-            ifname,
+            at_ns,
+            who,
         );
         self.send(rec)?;
         Ok(true)
@@ -397,9 +537,14 @@ impl<T: FlowTable> Poller<T> {
             .unwrap_or_else(|e| e.into_inner())
             .get(&ifindex)
             .cloned();
-        known
-            .or_else(|| ifindex_to_name(ifindex))
-            .unwrap_or_else(|| format!("if{ifindex}"))
+        if let Some(n) = known {
+            return n;
+        }
+        self.other_names
+            .borrow_mut()
+            .entry(ifindex)
+            .or_insert_with(|| ifindex_to_name(ifindex).unwrap_or_else(|| format!("if{ifindex}")))
+            .clone()
     }
 }
 

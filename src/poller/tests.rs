@@ -1,0 +1,406 @@
+//! The lifecycle rules on an in-memory table: no kernel, no root.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+
+use super::decode::{KeyBytes, HI_TO_LO, LO_TO_HI};
+use super::memory::{flow_key, MemTable};
+use super::{Poller, PollerConfig};
+use crate::attach::IfNames;
+use crate::bpf::types;
+use crate::flow::{EndReason, FlowRecord, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use crate::status::Status;
+
+const S: u64 = 1_000_000_000;
+/// Every flow in these tests starts here on the BPF clock.
+const T0: u64 = 1_000 * S;
+
+fn cfg() -> PollerConfig {
+    PollerConfig {
+        poll_interval: Duration::from_secs(1),
+        idle_tcp: Duration::from_secs(30),
+        idle_udp: Duration::from_secs(20),
+        idle_icmp: Duration::from_secs(10),
+        idle_other: Duration::from_secs(40),
+        tcp_close_grace: Duration::from_secs(2),
+        active_timeout: Duration::from_secs(60),
+        orphan_sweep_every: 3,
+        pressure_threshold: 0.8,
+    }
+}
+
+struct Rig {
+    poller: Poller<MemTable>,
+    rx: Receiver<FlowRecord>,
+    status: Arc<Status>,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        Rig::with(cfg(), [1000, 1000, 1000])
+    }
+
+    fn with(cfg: PollerConfig, capacity: [u64; 3]) -> Rig {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let status = Arc::new(Status::new());
+        Rig {
+            poller: Poller::new(
+                MemTable::new(capacity),
+                cfg,
+                tx,
+                status.clone(),
+                IfNames::default(),
+            ),
+            rx,
+            status,
+        }
+    }
+
+    fn table(&mut self) -> &mut MemTable {
+        self.poller.table_mut()
+    }
+
+    /// A flow from 10.0.0.1:port (the client, its packets go lo -> hi) to 10.0.0.2.
+    fn flow(&mut self, proto: u8, port: u16, packets: [u64; 2], last_seen_ns: u64) -> KeyBytes {
+        let ip = |d| IpAddr::V4(Ipv4Addr::new(10, 0, 0, d));
+        let (key, client_is_lo) = flow_key(proto, (ip(1), port), (ip(2), 80), 7);
+        assert!(client_is_lo);
+        let base = types::flow_base {
+            first_seen_ns: T0,
+            last_seen_ns,
+            packets,
+            bytes: packets.map(|p| p * 100),
+            initiator: LO_TO_HI as u8,
+            ..Default::default()
+        };
+        let tcp = (proto == IPPROTO_TCP).then(types::flow_tcp::default);
+        let icmp = (proto == IPPROTO_ICMP).then(types::flow_icmp::default);
+        self.table().put(key, base, tcp, icmp)
+    }
+
+    fn tcp_state(&mut self, kb: &KeyBytes, state: types::tcp_state) {
+        self.table().tcp.get_mut(kb).expect("tcp entry").state = state.0 as u8;
+    }
+
+    fn poll(&mut self, now_ns: u64) -> Vec<FlowRecord> {
+        self.poller.poll_once(now_ns).expect("poll");
+        self.rx.try_iter().collect()
+    }
+}
+
+#[test]
+fn idle_flows_end_after_their_protocols_timeout_and_leave_every_map() {
+    let mut rig = Rig::new();
+    rig.flow(IPPROTO_UDP, 1000, [3, 2], T0 + S);
+    rig.flow(IPPROTO_ICMP, 0, [1, 1], T0 + S);
+    rig.flow(IPPROTO_TCP, 1001, [5, 4], T0 + S);
+    rig.flow(47, 0, [1, 0], T0 + S);
+
+    assert!(rig.poll(T0 + 10 * S).is_empty(), "nothing is idle yet");
+    let icmp = rig.poll(T0 + 11 * S);
+    assert_eq!(icmp.len(), 1);
+    assert_eq!(icmp[0].protocol, IPPROTO_ICMP);
+    assert_eq!(icmp[0].end_reason, EndReason::IdleTimeout);
+    let udp = rig.poll(T0 + 21 * S);
+    assert_eq!(udp.len(), 1);
+    assert_eq!(udp[0].protocol, IPPROTO_UDP);
+    assert_eq!((udp[0].client.packets, udp[0].server.packets), (3, 2));
+    assert_eq!((udp[0].client.bytes, udp[0].server.bytes), (300, 200));
+    assert_eq!(udp[0].client_port, 1000);
+    assert_eq!(udp[0].server_port, 80);
+    let tcp = rig.poll(T0 + 31 * S);
+    assert_eq!(tcp.len(), 1);
+    assert_eq!(tcp[0].protocol, IPPROTO_TCP);
+    assert!(tcp[0].tcp.is_some());
+    let other = rig.poll(T0 + 41 * S);
+    assert_eq!(other.len(), 1);
+    assert_eq!(other[0].protocol, 47);
+    assert_eq!(rig.table().entries(), [0, 0, 0], "every map is empty");
+    assert_eq!(rig.status.flows_ended.load(Ordering::Relaxed), 4);
+}
+
+#[test]
+fn a_packet_before_the_timeout_keeps_a_flow_alive() {
+    let mut rig = Rig::new();
+    let k = rig.flow(IPPROTO_UDP, 1000, [1, 0], T0 + S);
+    assert!(rig.poll(T0 + 15 * S).is_empty());
+    let b = rig.table().base_mut(&k).expect("base");
+    b.last_seen_ns = T0 + 15 * S;
+    b.packets[LO_TO_HI] += 1;
+    assert!(rig.poll(T0 + 30 * S).is_empty(), "idle only 15 s");
+    let r = rig.poll(T0 + 35 * S);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].client.packets, 2);
+}
+
+#[test]
+fn closed_and_reset_tcp_flows_end_after_the_grace_period() {
+    let mut rig = Rig::new();
+    let fin = rig.flow(IPPROTO_TCP, 1000, [4, 4], T0 + S);
+    let rst = rig.flow(IPPROTO_TCP, 1001, [2, 1], T0 + S);
+    let open = rig.flow(IPPROTO_TCP, 1002, [2, 2], T0 + S);
+    rig.tcp_state(&fin, types::tcp_state::TCP_ST_CLOSED);
+    rig.tcp_state(&rst, types::tcp_state::TCP_ST_RESET);
+    rig.tcp_state(&open, types::tcp_state::TCP_ST_ESTABLISHED);
+
+    assert!(rig.poll(T0 + 2 * S).is_empty(), "within the grace period");
+    let mut ended = rig.poll(T0 + 3 * S);
+    ended.sort_by_key(|r| r.client_port);
+    let reasons: Vec<_> = ended.iter().map(|r| r.end_reason).collect();
+    assert_eq!(reasons, [EndReason::TcpFin, EndReason::TcpRst]);
+    assert_eq!(
+        rig.table().entries(),
+        [1, 1, 0],
+        "only the open flow is left"
+    );
+    let last = rig.poll(T0 + 31 * S);
+    assert_eq!(last[0].end_reason, EndReason::IdleTimeout);
+}
+
+#[test]
+fn active_timeout_records_carry_deltas_that_add_up_to_the_total() {
+    let mut rig = Rig::new();
+    let k = rig.flow(IPPROTO_UDP, 1000, [10, 5], T0 + 59 * S);
+    let a1 = rig.poll(T0 + 60 * S);
+    assert_eq!(a1.len(), 1);
+    assert_eq!(a1[0].end_reason, EndReason::ActiveTimeout);
+    assert_eq!((a1[0].client.packets, a1[0].server.packets), (10, 5));
+    assert_eq!(
+        rig.table().entries(),
+        [1, 0, 0],
+        "the flow goes on in the map"
+    );
+
+    let b = rig.table().base_mut(&k).expect("base");
+    b.packets = [17, 9];
+    b.bytes = [1700, 900];
+    b.last_seen_ns = T0 + 119 * S;
+    assert!(
+        rig.poll(T0 + 100 * S).is_empty(),
+        "next record one timeout later"
+    );
+    let a2 = rig.poll(T0 + 120 * S);
+    assert_eq!((a2[0].client.packets, a2[0].server.packets), (7, 4));
+    assert_eq!((a2[0].client.bytes, a2[0].server.bytes), (700, 400));
+
+    rig.table().base_mut(&k).expect("base").packets = [18, 9];
+    let end = rig.poll(T0 + 139 * S + 1);
+    assert_eq!(end[0].end_reason, EndReason::IdleTimeout);
+    assert_eq!((end[0].client.packets, end[0].server.packets), (1, 0));
+    let total: u64 = [&a1[0], &a2[0], &end[0]]
+        .iter()
+        .map(|r| r.total_packets())
+        .sum();
+    assert_eq!(total, 18 + 9);
+}
+
+#[test]
+fn an_active_flow_with_nothing_new_gets_no_record() {
+    let mut rig = Rig::with(
+        PollerConfig {
+            idle_udp: Duration::from_secs(300),
+            ..cfg()
+        },
+        [1000; 3],
+    );
+    rig.flow(IPPROTO_UDP, 1000, [1, 1], T0 + 50 * S);
+    assert_eq!(rig.poll(T0 + 60 * S).len(), 1);
+    assert!(rig.poll(T0 + 120 * S).is_empty(), "no packet since");
+}
+
+#[test]
+fn flush_ends_every_flow_as_shutdown() {
+    let mut rig = Rig::new();
+    for port in 0..5 {
+        rig.flow(IPPROTO_TCP, 2000 + port, [1, 1], T0);
+    }
+    rig.flow(IPPROTO_ICMP, 0, [1, 0], T0);
+    assert_eq!(rig.poller.flush().expect("flush"), 6);
+    let recs: Vec<_> = rig.rx.try_iter().collect();
+    assert_eq!(recs.len(), 6);
+    assert!(recs.iter().all(|r| r.end_reason == EndReason::Shutdown));
+    assert_eq!(rig.table().entries(), [0, 0, 0]);
+}
+
+#[test]
+fn orphan_extensions_are_swept_but_a_flows_own_are_not() {
+    let mut rig = Rig::new();
+    let orphan = rig.flow(IPPROTO_TCP, 1000, [1, 0], T0);
+    let kept = rig.flow(IPPROTO_TCP, 1001, [1, 0], T0);
+    rig.table().base.remove(&orphan);
+    rig.poll(T0 + S);
+    rig.poll(T0 + 2 * S);
+    assert_eq!(
+        rig.table().entries(),
+        [1, 2, 0],
+        "sweep runs every 3rd poll"
+    );
+    rig.poll(T0 + 3 * S);
+    assert_eq!(rig.table().entries(), [1, 1, 0]);
+    assert!(rig.table().tcp.contains_key(&kept));
+    assert_eq!(rig.status.orphans_removed.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn map_pressure_is_reported_once_per_episode() {
+    let mut rig = Rig::with(cfg(), [10, 10, 10]);
+    let keys: Vec<_> = (0..9)
+        .map(|i| rig.flow(IPPROTO_UDP, 1000 + i, [1, 0], T0))
+        .collect();
+    rig.poll(T0 + S);
+    rig.poll(T0 + 2 * S);
+    assert_eq!(rig.status.map_pressure_events.load(Ordering::Relaxed), 1);
+    for k in &keys[..5] {
+        rig.table().base.remove(k);
+    }
+    rig.poll(T0 + 3 * S);
+    for i in 0..5 {
+        rig.flow(IPPROTO_UDP, 3000 + i, [1, 0], T0);
+    }
+    rig.poll(T0 + 4 * S);
+    assert_eq!(rig.status.map_pressure_events.load(Ordering::Relaxed), 2);
+    let usage = rig.status.snapshot().maps;
+    assert_eq!(usage[0].name, "flows");
+    assert_eq!((usage[0].entries, usage[0].capacity), (9, 10));
+}
+
+#[test]
+fn the_initiator_decides_client_and_server() {
+    let mut rig = Rig::new();
+    let k = rig.flow(IPPROTO_UDP, 1000, [2, 7], T0);
+    // The hi endpoint (10.0.0.2:80) sent first.
+    rig.table().base_mut(&k).expect("base").initiator = HI_TO_LO as u8;
+    rig.poller.flush().expect("flush");
+    let r = rig.rx.try_recv().expect("record");
+    assert_eq!(r.client_addr, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)));
+    assert_eq!((r.client_port, r.server_port), (80, 1000));
+    assert_eq!((r.client.packets, r.server.packets), (7, 2));
+}
+
+#[test]
+fn a_flow_quiet_since_the_last_poll_gets_its_idle_end_not_an_active_record() {
+    let mut rig = Rig::with(
+        PollerConfig {
+            idle_udp: Duration::from_secs(30),
+            active_timeout: Duration::from_secs(20),
+            ..cfg()
+        },
+        [1000; 3],
+    );
+    rig.flow(IPPROTO_UDP, 1000, [4, 4], T0 + 7 * S);
+    for t in 1..=36 {
+        assert!(rig.poll(T0 + t * S).is_empty(), "no record at +{t} s");
+    }
+    let end = rig.poll(T0 + 37 * S);
+    assert_eq!(end.len(), 1);
+    assert_eq!(end[0].end_reason, EndReason::IdleTimeout);
+    assert_eq!(end[0].total_packets(), 8);
+    assert_eq!(end[0].window_start, end[0].first_seen);
+}
+
+#[test]
+fn no_empty_final_record_after_an_active_record() {
+    let mut rig = Rig::new();
+    rig.flow(IPPROTO_UDP, 1000, [3, 3], T0 + 59 * S);
+    assert_eq!(rig.poll(T0 + 60 * S).len(), 1);
+    // Nothing since: the flow leaves the maps without a 0-packet record.
+    assert!(rig.poll(T0 + 80 * S).is_empty());
+    assert_eq!(rig.table().entries(), [0, 0, 0]);
+    assert_eq!(rig.status.flows_ended.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn every_record_of_a_flow_has_its_id_observer_and_window() {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut poller = Poller::new(
+        MemTable::new([100; 3]),
+        cfg(),
+        tx,
+        Arc::new(Status::new()),
+        IfNames::default(),
+    )
+    .with_observer("edge-7");
+    let ip = |d| IpAddr::V4(Ipv4Addr::new(10, 0, 0, d));
+    let (key, _) = flow_key(IPPROTO_UDP, (ip(1), 5000), (ip(2), 53), 3);
+    let base = types::flow_base {
+        first_seen_ns: T0,
+        last_seen_ns: T0 + 59 * S,
+        packets: [1, 1],
+        ..Default::default()
+    };
+    let kb = poller.table_mut().put(key, base, None, None);
+    poller.poll_once(T0 + 60 * S).expect("poll");
+    let b = poller.table_mut().base_mut(&kb).expect("base");
+    b.packets = [2, 2];
+    b.last_seen_ns = T0 + 70 * S;
+    poller.poll_once(T0 + 91 * S).expect("poll");
+    let recs: Vec<FlowRecord> = rx.try_iter().collect();
+    assert_eq!(recs.len(), 2);
+    assert_eq!(recs[0].flow_id, recs[1].flow_id);
+    assert_ne!(recs[0].flow_id, 0);
+    assert!(recs.iter().all(|r| &*r.observer == "edge-7"));
+    assert_eq!(recs[0].window_start, recs[0].first_seen);
+    // The second window starts when the first record went out.
+    let gap = recs[1]
+        .window_start
+        .duration_since(recs[0].first_seen)
+        .expect("later");
+    assert_eq!(gap, Duration::from_secs(60));
+}
+
+#[test]
+fn a_tcp_connection_back_after_an_idle_gap_keeps_its_roles_and_id() {
+    let mut rig = Rig::new();
+    let k = rig.flow(IPPROTO_TCP, 1000, [5, 5], T0 + S);
+    rig.tcp_state(&k, types::tcp_state::TCP_ST_ESTABLISHED);
+    let first = rig.poll(T0 + 31 * S);
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].client_port, 1000);
+
+    // It resumes: the datapath sees it mid-connection and, by the port heuristic, takes
+    // the side with the higher port (1000 > 80) as the client.
+    let k2 = rig.flow(IPPROTO_TCP, 1000, [2, 3], T0 + 40 * S);
+    assert_eq!(k, k2);
+    {
+        let t = rig.table();
+        t.base_mut(&k).expect("base").initiator = HI_TO_LO as u8;
+        t.base_mut(&k).expect("base").first_seen_ns = T0 + 35 * S;
+        t.tcp.get_mut(&k).expect("tcp").bits = types::tcp_bits::TCPB_LATE_START.0 as u8;
+    }
+    let second = rig.poll(T0 + 71 * S);
+    assert_eq!(second.len(), 1);
+    let r = &second[0];
+    assert!(r.continuation);
+    assert_eq!(r.flow_id, first[0].flow_id);
+    assert_eq!((r.client_port, r.server_port), (1000, 80));
+    assert_eq!((r.client.packets, r.server.packets), (2, 3));
+}
+
+#[test]
+fn flow_ids_are_pinned_so_they_survive_upgrades() {
+    let ip = |d| IpAddr::V4(Ipv4Addr::new(10, 0, 0, d));
+    let (key, _) = flow_key(IPPROTO_TCP, (ip(1), 40000), (ip(2), 80), 7);
+    let raw = |first_seen_ns| super::decode::RawFlow {
+        key,
+        base: types::flow_base {
+            first_seen_ns,
+            ..Default::default()
+        },
+        tcp: None,
+        icmp: None,
+    };
+    assert_eq!(raw(T0).flow_id(), raw(T0).flow_id());
+    assert_ne!(
+        raw(T0).flow_id(),
+        raw(T0 + 1).flow_id(),
+        "a new flow on the same key"
+    );
+    // The hash (FNV-1a of key and first-seen time) must not change between versions.
+    assert_eq!(raw(T0).flow_id(), PINNED);
+}
+
+const PINNED: u64 = 3_818_329_988_990_198_824;
