@@ -5,7 +5,7 @@ ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 PREFIX ?= /usr/local
 # Packages the build, the tests and the benchmarks need; `deps` installs the missing ones.
 APT_PACKAGES := clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config protobuf-compiler \
-	iproute2 iputils-ping bpftool ethtool iperf3 hping3 make gcc nfdump pmacct tshark
+	iproute2 iputils-ping bpftool ethtool iperf3 hping3 make gcc nfdump pmacct tshark tmux
 RUN_ARGS ?=
 
 .PHONY: deps build run test bench lint vmlinux install clean

@@ -96,6 +96,15 @@ fn build_server(out: &Path) {
         )
         .method(
             method(
+                "list_flows",
+                "ListFlows",
+                "crate::api::proto::ListFlowsRequest",
+                "crate::api::proto::ListFlowsResponse",
+            )
+            .build(),
+        )
+        .method(
+            method(
                 "get_status",
                 "GetStatus",
                 "crate::api::proto::GetStatusRequest",

@@ -22,8 +22,9 @@ use flowlens::datapath::{Capacities, Datapath, FlowMaps};
 use flowlens::flow::{DirStats, EndReason, FlowRecord, Hook};
 use flowlens::hub::{Hub, HubConfig, SinkKind};
 use flowlens::packet::*;
-use flowlens::poller::decode::{Clock, Counts, RawFlow, RecordMeta};
+use flowlens::poller::decode::{monotonic_ns, Clock, Counts, RawFlow, RecordMeta};
 use flowlens::poller::{KernelTable, Poller, PollerConfig, ReadMode};
+use flowlens::snapshot::SnapshotSlot;
 use flowlens::status::Status;
 
 const REPEAT: u32 = 1_000_000;
@@ -606,7 +607,59 @@ fn poller(t: &mut Table) -> Result<()> {
             "flows/s",
             String::new(),
         );
+        snapshot_cost(t, &dp, n)?;
     }
+    Ok(())
+}
+
+/// What a poll costs while `top` or a ListFlows client asks for the flows in progress:
+/// the same poll (nothing ends, nothing is emitted) without and with the snapshot.
+fn snapshot_cost(t: &mut Table, dp: &Datapath, n: u32) -> Result<()> {
+    let never = Duration::from_secs(1 << 30);
+    let cfg = PollerConfig {
+        idle_tcp: never,
+        idle_udp: never,
+        idle_icmp: never,
+        idle_other: never,
+        active_timeout: never,
+        orphan_sweep_every: 0,
+        ..PollerConfig::default()
+    };
+    let mut secs = Vec::new();
+    for wanted in [false, true] {
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let slot = SnapshotSlot::new(cfg.poll_interval);
+        let mut p = Poller::new(
+            KernelTable::new(dp.maps()?),
+            cfg,
+            tx,
+            Arc::new(Status::new()),
+            IfNames::default(),
+        )
+        .with_snapshots(slot.clone());
+        const POLLS: u32 = 3;
+        let t0 = Instant::now();
+        for _ in 0..POLLS {
+            if wanted {
+                slot.want();
+            }
+            p.poll_once(monotonic_ns())?;
+        }
+        secs.push(t0.elapsed().as_secs_f64() / f64::from(POLLS));
+        if wanted && slot.latest().flows.len() != n as usize {
+            bail!(
+                "the snapshot holds {} of {n} flows",
+                slot.latest().flows.len()
+            );
+        }
+    }
+    t.add(
+        "poller",
+        &format!("poll with a ListFlows snapshot, {n} flows"),
+        secs[1] * 1e3,
+        "ms",
+        format!("x{:.2} the same poll without", secs[1] / secs[0]),
+    );
     Ok(())
 }
 
@@ -668,7 +721,6 @@ fn rss_mib() -> f64 {
 /// Issue 11's poller figures: agent CPU with 1 M live flows at default settings, read +
 /// join against a bare batch walk of the same maps, and ending 100 k flows at once.
 fn poller_cost(t: &mut Table) -> Result<()> {
-    use flowlens::poller::decode::monotonic_ns;
     use flowlens::poller::table::read_all;
     println!("poller cost: 1 M live flows at default settings; ending 100 k flows at once");
     let n = 1_000_000u32;

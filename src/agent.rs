@@ -21,6 +21,7 @@ use crate::output::{self, OutputHandle};
 use crate::poller::{KernelTable, PollError, Poller};
 use crate::preflight::{self, PinLock};
 use crate::service::{self, GrpcEndpoint, ListenAddr, ServiceHandle};
+use crate::snapshot::SnapshotSlot;
 use crate::status::Status;
 
 /// Records the poller may hand the hub before it waits for the fanout; the fanout never
@@ -126,10 +127,19 @@ impl Agent {
             .enable_all()
             .build()
             .context("building the tokio runtime")?;
+        let snapshots = SnapshotSlot::new(cfg.poller.poll_interval);
         // Listeners first: a port in use fails before anything is attached.
         let grpc_tls = grpc_addr.as_ref().map(GrpcEndpoint::is_tls);
         let grpc = grpc_addr
-            .map(|a| service::spawn_in(a, hub.clone(), status.clone(), runtime.handle()))
+            .map(|a| {
+                service::spawn_in(
+                    a,
+                    hub.clone(),
+                    status.clone(),
+                    snapshots.clone(),
+                    runtime.handle(),
+                )
+            })
             .transpose()
             .context("--grpc-listen")?;
         let metrics = cfg
@@ -205,17 +215,21 @@ impl Agent {
         }
         let output = cfg
             .output
-            .map(|format| output::spawn(hub.add_sink(SinkKind::Output, "stdout"), format))
+            .map(|format| {
+                output::spawn(hub.add_sink(SinkKind::Output, "stdout"), format, cfg.table)
+            })
             .transpose()
             .context("spawning the output thread")?;
         let (tx, rx) = crossbeam_channel::bounded::<FlowRecord>(RECORD_CHANNEL);
         let fanout = hub.spawn_fanout(rx).context("spawning the fanout thread")?;
         let table = KernelTable::new(dp.maps().context("opening map handles")?);
-        let poller = Poller::new(table, cfg.poller, tx, status.clone(), ifnames).with_observer(
-            cfg.observer_id
-                .as_deref()
-                .unwrap_or(&crate::poller::host_name()),
-        );
+        let poller = Poller::new(table, cfg.poller, tx, status.clone(), ifnames)
+            .with_observer(
+                cfg.observer_id
+                    .as_deref()
+                    .unwrap_or(&crate::poller::host_name()),
+            )
+            .with_snapshots(snapshots);
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let poll_thread = std::thread::Builder::new()
             .name("flowlens-poller".into())

@@ -102,6 +102,23 @@ pub fn parse_request(
     peer: String,
     limits: &RequestLimits,
 ) -> Result<SubscribeOptions, RequestError> {
+    let since = req.since.map(|t| timestamp_arg(t, "since")).transpose()?;
+    Ok(SubscribeOptions {
+        selector: parse_selector(&req.include, &req.exclude, limits)?,
+        replay: usize::try_from(req.replay).unwrap_or(usize::MAX),
+        since,
+        after_seq: req.after_seq,
+        follow: req.follow.unwrap_or(true),
+        peer,
+    })
+}
+
+/// Validates the `include` and `exclude` filters of a request, within `limits`.
+pub fn parse_selector(
+    include: &[proto::Filter],
+    exclude: &[proto::Filter],
+    limits: &RequestLimits,
+) -> Result<Selector, RequestError> {
     let parse_all = |list: &[proto::Filter], name: &str| {
         if list.len() > limits.max_filters {
             return Err(RequestError::TooManyFilters {
@@ -119,17 +136,9 @@ pub fn parse_request(
             })
             .collect::<Result<Vec<_>, _>>()
     };
-    let since = req.since.map(|t| timestamp_arg(t, "since")).transpose()?;
-    Ok(SubscribeOptions {
-        selector: Selector {
-            include: parse_all(&req.include, "include")?,
-            exclude: parse_all(&req.exclude, "exclude")?,
-        },
-        replay: usize::try_from(req.replay).unwrap_or(usize::MAX),
-        since,
-        after_seq: req.after_seq,
-        follow: req.follow.unwrap_or(true),
-        peer,
+    Ok(Selector {
+        include: parse_all(include, "include")?,
+        exclude: parse_all(exclude, "exclude")?,
     })
 }
 
@@ -290,6 +299,7 @@ fn end_reason_from_proto(e: proto::EndReason) -> Option<EndReason> {
         proto::EndReason::TcpRst => Some(EndReason::TcpRst),
         proto::EndReason::Shutdown => Some(EndReason::Shutdown),
         proto::EndReason::Evicted => Some(EndReason::Evicted),
+        proto::EndReason::InProgress => Some(EndReason::InProgress),
     }
 }
 
@@ -302,6 +312,7 @@ impl From<EndReason> for proto::EndReason {
             EndReason::TcpRst => proto::EndReason::TcpRst,
             EndReason::Shutdown => proto::EndReason::Shutdown,
             EndReason::Evicted => proto::EndReason::Evicted,
+            EndReason::InProgress => proto::EndReason::InProgress,
         }
     }
 }

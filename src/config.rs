@@ -11,7 +11,7 @@ use crate::datapath::Capacities;
 use crate::hub::HubConfig;
 use crate::ipfix::{self, Destination, IpfixConfig};
 use crate::poller::PollerConfig;
-use crate::render::Format;
+use crate::render::{Format, TableStyle};
 
 /// Everything `Agent::start` needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +28,8 @@ pub struct Config {
     pub hub: HubConfig,
     /// What stdout gets; None prints nothing.
     pub output: Option<Format>,
+    /// How the stdout table looks.
+    pub table: TableStyle,
     /// Where maps and links are pinned (bpffs); None pins nothing.
     pub pin_dir: Option<PathBuf>,
     /// gRPC listen address (HOST:PORT or unix:/path); None serves no gRPC.
@@ -168,6 +170,7 @@ impl Default for Config {
             capacities: Capacities::default(),
             hub: HubConfig::default(),
             output: Some(Format::Table),
+            table: TableStyle::default(),
             pin_dir: Some(PathBuf::from("/sys/fs/bpf/flowlens")),
             grpc_listen: Some("127.0.0.1:50051".into()),
             grpc: GrpcConfig::default(),

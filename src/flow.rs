@@ -90,9 +90,12 @@ pub enum EndReason {
     /// packet and nothing since. Its counts are complete up to here; a later packet
     /// starts a new flow.
     Evicted,
+    /// Not ended: a flow in progress as `ListFlows` reports it (counters cumulative).
+    InProgress,
 }
 
 impl EndReason {
+    /// The reasons a flow ends with (every one but `InProgress`).
     pub const ALL: [EndReason; 6] = [
         EndReason::IdleTimeout,
         EndReason::ActiveTimeout,
@@ -110,6 +113,7 @@ impl EndReason {
             EndReason::TcpRst => "tcp_rst",
             EndReason::Shutdown => "shutdown",
             EndReason::Evicted => "evicted",
+            EndReason::InProgress => "in_progress",
         }
     }
 }
@@ -207,13 +211,15 @@ pub struct IcmpInfo {
     pub echo_rtt: Option<Latency>,
 }
 
-/// A finished (or active-timeout) flow, as streamed to users.
+/// A finished (or active-timeout, or in-progress) flow, as streamed to users; its JSON
+/// form is `render::JsonRecord`.
 ///
 /// Packets and bytes are deltas: what the flow sent in this record's window
-/// (`window_start` .. `last_seen`); summing a flow's records gives its totals. Everything
+/// (`window_start` .. `last_seen`); summing a flow's records gives its totals (an
+/// `InProgress` record from ListFlows is cumulative instead). Everything
 /// in `tcp` and `icmp` (flags, state, handshake, latency and RTT statistics) is cumulative
 /// over the whole flow: the last record of a flow carries the final values.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FlowRecord {
     /// The same on every record of one flow (active-timeout records, the final record, a
     /// continuation after an idle gap, across an agent restart with pinned maps).
@@ -229,15 +235,13 @@ pub struct FlowRecord {
     pub ifindex: u32,
     pub interface: String,
     pub first_hook: Hook,
-    #[serde(serialize_with = "ser_time")]
     pub first_seen: SystemTime,
-    #[serde(serialize_with = "ser_time")]
     pub last_seen: SystemTime,
     /// Start of the window this record's deltas cover: `first_seen` on a flow's first
     /// record, the previous record's emission time after that.
-    #[serde(serialize_with = "ser_time")]
     pub window_start: SystemTime,
-    /// What the client sent (deltas since the previous record of this flow).
+    /// What the client sent (deltas since the previous record of this flow; cumulative
+    /// when `end_reason` is `InProgress`).
     pub client: DirStats,
     /// What the server sent.
     pub server: DirStats,
@@ -251,11 +255,6 @@ pub struct FlowRecord {
     pub fragment: bool,
     pub tcp: Option<TcpInfo>,
     pub icmp: Option<IcmpInfo>,
-}
-
-fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    s.serialize_f64(d.as_secs_f64())
 }
 
 impl FlowRecord {

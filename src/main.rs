@@ -1,4 +1,4 @@
-//! The flowlens command line: `run` the collector, `watch` a running one. Flags become a `Config`; the `Agent` does the rest.
+//! The flowlens command line: `run` the collector, `watch` a running one's flows as they end, or see its flows in progress with `top`. Flags become a `Config`; the `Agent` does the rest.
 
 use std::path::PathBuf;
 
@@ -18,7 +18,8 @@ use flowlens::datapath::Capacities;
 use flowlens::hub::HubConfig;
 use flowlens::ipfix::{self, Destination};
 use flowlens::poller::PollerConfig;
-use flowlens::render::Format;
+use flowlens::render::{self, Format, TableStyle};
+use flowlens::top::{self, TopArgs};
 use flowlens::watch::{self, WatchArgs};
 
 #[derive(Parser)]
@@ -43,10 +44,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the datapath, attach to interfaces, and report flows.
+    /// Load the datapath, attach to interfaces, and report flows as they end.
+    #[command(after_long_help = render::help_legend())]
     Run(Box<RunArgs>),
-    /// Subscribe to a running collector and print its flows.
+    /// Subscribe to a running collector and print its flows as they end.
+    #[command(after_long_help = render::help_legend())]
     Watch(Box<WatchArgs>),
+    /// Live full-screen view of a running collector's flows in progress.
+    #[command(after_long_help = top::KEYS_HELP)]
+    Top(Box<TopArgs>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -146,6 +152,12 @@ struct RunArgs {
     /// What to print on stdout for each flow record.
     #[arg(long, env = "FLOWLENS_OUTPUT", value_enum, default_value_t = Output::from(defaults().output))]
     output: Output,
+    /// Table: every column, unabbreviated (wider than 100 columns).
+    #[arg(long, env = "FLOWLENS_WIDE")]
+    wide: bool,
+    /// Table: print a legend of the columns and abbreviations before the header.
+    #[arg(long, env = "FLOWLENS_LEGEND")]
+    legend: bool,
     /// Where maps and TCX links are pinned (bpffs), so a restarted agent after
     /// a crash continues the flows in progress; "off" pins nothing.
     #[arg(long, env = "FLOWLENS_PIN_DIR", default_value_t = OrOff::of(defaults().pin_dir.map(|p| p.display().to_string())))]
@@ -275,6 +287,10 @@ impl RunArgs {
                 Output::Json => Some(Format::Json),
                 Output::None => None,
             },
+            table: TableStyle {
+                wide: self.wide,
+                legend: self.legend,
+            },
             pin_dir: self.pin_dir.0.map(PathBuf::from),
             grpc_listen: self.grpc_listen.0,
             grpc: GrpcConfig {
@@ -328,6 +344,7 @@ fn main() {
     let res = match cli.command {
         Command::Run(args) => run(args.into_config()),
         Command::Watch(args) => watch::run(*args),
+        Command::Top(args) => top::run(*args),
     };
     if let Err(e) = res {
         // Once, on stderr (the journal under systemd): not also through the logger.
@@ -365,7 +382,12 @@ fn run(cfg: Config) -> Result<()> {
     // Installed first: a signal during start-up is not lost, and ends the run once started.
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
         .context("installing SIGINT/SIGTERM/SIGHUP handlers")?;
+    let note = (cfg.output.is_some() && std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .then(|| start_note(&cfg));
     let agent = Agent::start(cfg)?;
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
     let tls = agent.grpc_tls();
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
     std::thread::Builder::new()
@@ -390,4 +412,25 @@ fn run(cfg: Config) -> Result<()> {
         })
         .context("spawning the signal thread")?;
     agent.run(&stop_rx)
+}
+
+/// What a person at a terminal needs to know before the first flow ends.
+fn start_note(cfg: &Config) -> String {
+    let p = &cfg.poller;
+    let d = |d| humantime::format_duration(d);
+    let top = match cfg.grpc_listen.as_deref() {
+        Some(a) if Some(a) == defaults().grpc_listen.as_deref() => "run `flowlens top`".to_owned(),
+        Some(a) => format!("run `flowlens top --server {a}`"),
+        None => "run with --grpc-listen and use `flowlens top`".to_owned(),
+    };
+    format!(
+        "flowlens: a flow is printed when it ends: after {} (TCP) / {} (UDP) / {} (ICMP)\n\
+         \x20 without a packet, on TCP FIN or RST, and every {} while it lasts.\n\
+         flowlens: to see flows in progress {top};\n\
+         \x20 to see ended flows sooner, lower --idle-timeout-tcp/-udp/-icmp and --active-timeout.",
+        d(p.idle_tcp),
+        d(p.idle_udp),
+        d(p.idle_icmp),
+        d(p.active_timeout)
+    )
 }

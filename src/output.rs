@@ -8,7 +8,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::warn;
 
 use crate::hub::SinkRx;
-use crate::render::{Format, Renderer};
+use crate::render::{Format, Renderer, TableStyle};
 
 /// Records rendered per write batch; a flush follows each batch.
 const BATCH: usize = 1024;
@@ -41,12 +41,12 @@ impl OutputHandle {
 }
 
 /// Starts writing the records `rx` receives to stdout in `format`.
-pub fn spawn(rx: SinkRx, format: Format) -> io::Result<OutputHandle> {
+pub fn spawn(rx: SinkRx, format: Format, style: TableStyle) -> io::Result<OutputHandle> {
     let (done_tx, done) = crossbeam_channel::bounded(1);
     let thread = std::thread::Builder::new()
         .name("flowlens-output".into())
         .spawn(move || {
-            write_all(rx, format, &mut BufWriter::new(io::stdout()));
+            write_all(rx, format, style, &mut BufWriter::new(io::stdout()));
             let _ = done_tx.send(());
         })?;
     Ok(OutputHandle {
@@ -55,8 +55,8 @@ pub fn spawn(rx: SinkRx, format: Format) -> io::Result<OutputHandle> {
     })
 }
 
-fn write_all(mut rx: SinkRx, format: Format, out: &mut impl Write) {
-    let mut renderer = Renderer::new(format);
+fn write_all(mut rx: SinkRx, format: Format, style: TableStyle, out: &mut impl Write) {
+    let mut renderer = Renderer::styled(format, style);
     // stdout closed (piped into `head`): keep draining so the hub counts nothing as lost.
     let mut open = renderer.header(out).and_then(|()| out.flush()).is_ok();
     let mut buf = Vec::with_capacity(BATCH);

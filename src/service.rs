@@ -1,4 +1,4 @@
-//! The gRPC server: the FlowLens service (Subscribe, GetStatus) with health and reflection, and its listener's lifecycle.
+//! The gRPC server: the FlowLens service (Subscribe, ListFlows, GetStatus) with health and reflection, and its listener's lifecycle.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,6 +16,7 @@ use crate::config::GrpcConfig;
 use crate::hub::{Event, Hub};
 pub use crate::listener::ListenAddr;
 use crate::listener::{self, Bound, ConnPolicy, SocketAccess, TrackStreams};
+use crate::snapshot::{page_token, parse_page_token, PagedSnapshots, SnapshotSlot};
 use crate::status::Status as AgentStatus;
 use crate::tls::ServerTls;
 
@@ -35,6 +36,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const RESPONSE_BUFFER: usize = 2;
 /// Request header bytes a client may send on one stream (gRPC requests carry a few hundred).
 const MAX_HEADER_LIST: u32 = 16 << 10;
+/// ListFlows page size when the request leaves it 0, and its upper bound.
+const DEFAULT_PAGE: usize = 1000;
+const MAX_PAGE: usize = 10_000;
 
 /// `flowlens.v1.SubscribeResponse` as the server sends it: the records are their shared,
 /// already encoded `FlowRecord` messages. A length-delimited message field and a `bytes`
@@ -133,6 +137,8 @@ fn event_to_wire(ev: Event) -> wire::SubscribeResponse {
 pub struct FlowLensService {
     hub: Hub,
     status: Arc<AgentStatus>,
+    snapshots: SnapshotSlot,
+    paged: Arc<PagedSnapshots>,
     /// Becomes true when the server stops, so following streams end and connections drain.
     stopping: watch::Receiver<bool>,
     /// One permit per open Subscribe stream.
@@ -145,12 +151,15 @@ impl FlowLensService {
     pub fn new(
         hub: Hub,
         status: Arc<AgentStatus>,
+        snapshots: SnapshotSlot,
         stopping: watch::Receiver<bool>,
         grpc: &GrpcConfig,
     ) -> Self {
         FlowLensService {
             hub,
             status,
+            snapshots,
+            paged: Arc::default(),
             stopping,
             subscribers: Arc::new(Semaphore::new(grpc.max_subscribers)),
             max_subscribers: grpc.max_subscribers,
@@ -217,6 +226,52 @@ impl FlowLens for FlowLensService {
             listener::release_memory();
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_flows(
+        &self,
+        req: Request<proto::ListFlowsRequest>,
+    ) -> Result<Response<proto::ListFlowsResponse>, tonic::Status> {
+        let req = req.into_inner();
+        let selector = api::parse_selector(&req.include, &req.exclude, &self.limits)?;
+        let size = match req.page_size {
+            0 => DEFAULT_PAGE,
+            n => (n as usize).min(MAX_PAGE),
+        };
+        let (snap, offset) = if req.page_token.is_empty() {
+            (self.snapshots.fresh().await, 0)
+        } else {
+            let (generation, offset) = parse_page_token(&req.page_token).ok_or_else(|| {
+                tonic::Status::invalid_argument(format!(
+                    "page_token: {:?} is not a token this agent gave",
+                    req.page_token
+                ))
+            })?;
+            let snap = self.paged.get(generation).ok_or_else(|| {
+                tonic::Status::aborted("page_token: that snapshot has expired; list again")
+            })?;
+            (snap, offset)
+        };
+        let matching: Vec<&crate::flow::FlowRecord> =
+            snap.flows.iter().filter(|r| selector.matches(r)).collect();
+        let end = offset.saturating_add(size).min(matching.len());
+        let next_page_token = if end < matching.len() {
+            self.paged.keep(&snap);
+            page_token(snap.generation, end)
+        } else {
+            String::new()
+        };
+        Ok(Response::new(proto::ListFlowsResponse {
+            flows: matching
+                .get(offset.min(end)..end)
+                .unwrap_or_default()
+                .iter()
+                .map(|r| proto::FlowRecord::from(*r))
+                .collect(),
+            next_page_token,
+            snapshot_time: (snap.generation > 0).then(|| snap.taken.into()),
+            total_size: matching.len() as u64,
+        }))
     }
 
     async fn get_status(
@@ -417,6 +472,8 @@ impl GrpcEndpoint {
 /// Starts the gRPC server with default settings on a tokio runtime of its own; `listen`
 /// is "HOST:PORT" or "unix:/path". Fails (naming the address) if it cannot bind. The
 /// agent, which owns a runtime, uses [`spawn_in`].
+///
+/// Its ListFlows answers from a slot nobody publishes to (an empty list).
 pub fn spawn(listen: &str, hub: Hub, status: Arc<AgentStatus>) -> anyhow::Result<ServiceHandle> {
     spawn_with(listen, &GrpcConfig::default(), hub, status)
 }
@@ -428,6 +485,18 @@ pub fn spawn_with(
     hub: Hub,
     status: Arc<AgentStatus>,
 ) -> anyhow::Result<ServiceHandle> {
+    let idle = SnapshotSlot::new(Duration::from_millis(100));
+    spawn_with_snapshots(listen, grpc, hub, status, idle)
+}
+
+/// `spawn_with`, ListFlows answering from `snapshots`.
+pub fn spawn_with_snapshots(
+    listen: &str,
+    grpc: &GrpcConfig,
+    hub: Hub,
+    status: Arc<AgentStatus>,
+    snapshots: SnapshotSlot,
+) -> anyhow::Result<ServiceHandle> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("flowlens-grpc")
@@ -437,7 +506,7 @@ pub fn spawn_with(
     let started = listen
         .parse()
         .and_then(|addr| GrpcEndpoint::new(addr, grpc))
-        .and_then(|endpoint| spawn_in(endpoint, hub, status, rt.handle()));
+        .and_then(|endpoint| spawn_in(endpoint, hub, status, snapshots, rt.handle()));
     match started {
         Ok(mut h) => {
             h.runtime = Some(rt);
@@ -450,11 +519,12 @@ pub fn spawn_with(
     }
 }
 
-/// Binds the endpoint and serves on `rt`.
+/// Binds the endpoint and serves on `rt`, ListFlows answering from `snapshots`.
 pub fn spawn_in(
     endpoint: GrpcEndpoint,
     hub: Hub,
     status: Arc<AgentStatus>,
+    snapshots: SnapshotSlot,
     rt: &tokio::runtime::Handle,
 ) -> anyhow::Result<ServiceHandle> {
     let bound = listener::bind(&endpoint.addr, &endpoint.access)?;
@@ -466,7 +536,7 @@ pub fn spawn_in(
     let (stop_tx, stop_rx) = oneshot::channel();
     let (done_tx, done) = std::sync::mpsc::channel();
     rt.spawn(async move {
-        let _ = done_tx.send(serve(bound, endpoint, hub, status, stop_rx).await);
+        let _ = done_tx.send(serve(bound, endpoint, hub, status, snapshots, stop_rx).await);
     });
     Ok(ServiceHandle {
         stop: Some(stop_tx),
@@ -483,6 +553,7 @@ async fn serve(
     endpoint: GrpcEndpoint,
     hub: Hub,
     status: Arc<AgentStatus>,
+    snapshots: SnapshotSlot,
     stop: oneshot::Receiver<()>,
 ) -> anyhow::Result<()> {
     let (stopping_tx, stopping_rx) = watch::channel(false);
@@ -518,12 +589,18 @@ async fn serve(
         .add_service(
             // Compressed only for clients that ask (grpc-accept-encoding): record batches
             // shrink several times, at the cost of server CPU per subscriber.
-            FlowLensServer::new(FlowLensService::new(hub, status, stopping_rx.clone(), grpc))
-                .max_decoding_message_size(max_request)
-                .send_compressed(CompressionEncoding::Zstd)
-                .send_compressed(CompressionEncoding::Gzip)
-                .accept_compressed(CompressionEncoding::Zstd)
-                .accept_compressed(CompressionEncoding::Gzip),
+            FlowLensServer::new(FlowLensService::new(
+                hub,
+                status,
+                snapshots,
+                stopping_rx.clone(),
+                grpc,
+            ))
+            .max_decoding_message_size(max_request)
+            .send_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .accept_compressed(CompressionEncoding::Gzip),
         );
 
     let mut drained = stopping_rx.clone();

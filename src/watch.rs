@@ -1,133 +1,37 @@
-//! `flowlens watch`: subscribes to a flowlens agent over gRPC and prints flows as a table or JSON lines.
+//! `flowlens watch`: subscribes to a flowlens agent over gRPC and prints flows as they end, as a table or JSON lines, reconnecting when asked to.
 
 use std::future::Future;
 use std::io::{self, Write};
-use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, bail, Context};
-use tonic::transport::Endpoint;
+use anyhow::{bail, Context};
 
 use crate::api::proto;
-use crate::api::proto::flow_lens_client::FlowLensClient;
-use crate::filter::Cidr;
-use crate::flow::{proto_name, tcp_flags, EndReason, FlowRecord, IPPROTO_ICMPV6};
-use crate::render::{Format, Renderer};
+use crate::client::{describe, FlowQuery};
+use crate::flow::FlowRecord;
+use crate::render::{Format, Renderer, TableStyle};
 
-/// Include flags are ANDed into one filter; each exclude flag value drops what it matches.
+/// First wait before reconnecting, and the longest.
+const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct WatchArgs {
-    /// Agent address: http://HOST:PORT, HOST:PORT, https://HOST:PORT (TLS) or unix:/path.
-    #[arg(
-        long,
-        value_name = "ADDR",
-        env = "FLOWLENS_WATCH_SERVER",
-        default_value_t = default_server()
-    )]
-    pub server: String,
-    /// CA bundle (PEM) that signed the agent's certificate; default: the system's roots.
-    /// Needs an https:// --server.
-    #[arg(long, value_name = "PEM", env = "FLOWLENS_WATCH_CA")]
-    pub ca: Option<PathBuf>,
-    /// Client certificate (PEM) for an agent that requires one (--grpc-client-ca).
-    #[arg(long, value_name = "PEM", env = "FLOWLENS_WATCH_CERT")]
-    pub cert: Option<PathBuf>,
-    /// Private key (PEM) of --cert.
-    #[arg(long, value_name = "PEM", env = "FLOWLENS_WATCH_KEY")]
-    pub key: Option<PathBuf>,
-    /// Ask the agent to compress the stream: zstd, gzip or none.
-    #[arg(long, value_enum, env = "FLOWLENS_WATCH_COMPRESSION", default_value_t = Compression::Zstd)]
-    pub compression: Compression,
+    #[command(flatten)]
+    pub query: FlowQuery,
     /// Print one JSON object per line instead of a table.
     #[arg(long, env = "FLOWLENS_WATCH_JSON")]
     pub json: bool,
-
-    /// Client (initiator) address inside CIDR.
-    #[arg(long, value_name = "CIDR", env = "FLOWLENS_WATCH_SRC")]
-    pub src: Option<String>,
-    /// Server address inside CIDR.
-    #[arg(long, value_name = "CIDR", env = "FLOWLENS_WATCH_DST")]
-    pub dst: Option<String>,
-    /// Client or server address inside CIDR.
-    #[arg(long, value_name = "CIDR", env = "FLOWLENS_WATCH_ADDR")]
-    pub addr: Option<String>,
-    /// Client or server port (N or LO-HI, inclusive).
-    #[arg(long, value_name = "N|LO-HI", env = "FLOWLENS_WATCH_PORT")]
-    pub port: Option<String>,
-    /// Client port (N or LO-HI).
-    #[arg(long, value_name = "N|LO-HI", env = "FLOWLENS_WATCH_SPORT")]
-    pub sport: Option<String>,
-    /// Server port (N or LO-HI).
-    #[arg(long, value_name = "N|LO-HI", env = "FLOWLENS_WATCH_DPORT")]
-    pub dport: Option<String>,
-    /// IP protocol: tcp, udp, icmp, icmpv6 or a number.
-    #[arg(long, value_name = "PROTO", env = "FLOWLENS_WATCH_PROTO")]
-    pub proto: Option<String>,
-    /// IP version.
-    #[arg(long, value_name = "4|6", env = "FLOWLENS_WATCH_IP_VERSION",
-          value_parser = clap::builder::PossibleValuesParser::new(["4", "6"]))]
-    pub ip_version: Option<String>,
-    /// Interface name.
-    #[arg(long, value_name = "NAME", env = "FLOWLENS_WATCH_INTERFACE")]
-    pub interface: Option<String>,
-    /// TCP flags that must all have been seen: names (syn,ack,fin,rst,psh,urg,ece,cwr) or a number.
-    #[arg(long, value_name = "FLAGS", env = "FLOWLENS_WATCH_TCP_FLAGS")]
-    pub tcp_flags: Option<String>,
-    /// End reason: idle_timeout, active_timeout, tcp_fin, tcp_rst, shutdown.
-    #[arg(long, value_name = "REASON", env = "FLOWLENS_WATCH_END_REASON")]
-    pub end_reason: Option<String>,
-    /// Minimum bytes, both directions together.
-    #[arg(long, value_name = "N", env = "FLOWLENS_WATCH_MIN_BYTES")]
-    pub min_bytes: Option<u64>,
-
-    /// Drop flows whose client address is inside CIDR (repeatable).
-    #[arg(
-        long,
-        value_name = "CIDR",
-        env = "FLOWLENS_WATCH_EXCLUDE_SRC",
-        value_delimiter = ','
-    )]
-    pub exclude_src: Vec<String>,
-    /// Drop flows whose server address is inside CIDR (repeatable).
-    #[arg(
-        long,
-        value_name = "CIDR",
-        env = "FLOWLENS_WATCH_EXCLUDE_DST",
-        value_delimiter = ','
-    )]
-    pub exclude_dst: Vec<String>,
-    /// Drop flows with either address inside CIDR (repeatable).
-    #[arg(
-        long,
-        value_name = "CIDR",
-        env = "FLOWLENS_WATCH_EXCLUDE_ADDR",
-        value_delimiter = ','
-    )]
-    pub exclude_addr: Vec<String>,
-    /// Drop flows with either port in N or LO-HI (repeatable).
-    #[arg(
-        long,
-        value_name = "N|LO-HI",
-        env = "FLOWLENS_WATCH_EXCLUDE_PORT",
-        value_delimiter = ','
-    )]
-    pub exclude_port: Vec<String>,
-    /// Drop flows of this IP protocol (repeatable).
-    #[arg(
-        long,
-        value_name = "PROTO",
-        env = "FLOWLENS_WATCH_EXCLUDE_PROTO",
-        value_delimiter = ','
-    )]
-    pub exclude_proto: Vec<String>,
-    /// Drop flows seen on this interface (repeatable).
-    #[arg(
-        long,
-        value_name = "NAME",
-        env = "FLOWLENS_WATCH_EXCLUDE_INTERFACE",
-        value_delimiter = ','
-    )]
-    pub exclude_interface: Vec<String>,
+    /// Table: every column, unabbreviated (wider than 100 columns).
+    #[arg(long, env = "FLOWLENS_WATCH_WIDE")]
+    pub wide: bool,
+    /// Table: print a legend of the columns and abbreviations before the header.
+    #[arg(long, env = "FLOWLENS_WATCH_LEGEND")]
+    pub legend: bool,
+    /// When the agent goes away (restart, crash), keep trying to reconnect with backoff
+    /// instead of exiting; the records a restarted agent kept are replayed.
+    #[arg(long, env = "FLOWLENS_WATCH_RECONNECT")]
+    pub reconnect: bool,
 
     /// First print up to N recent matching flows kept by the agent.
     #[arg(
@@ -149,33 +53,8 @@ pub struct WatchArgs {
     pub no_follow: bool,
 }
 
-/// Stream compression a client asks for.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Compression {
-    /// Several times smaller batches for a little CPU on both ends.
-    #[default]
-    Zstd,
-    Gzip,
-    None,
-}
-
-impl Compression {
-    pub fn encoding(self) -> Option<tonic::codec::CompressionEncoding> {
-        match self {
-            Compression::Zstd => Some(tonic::codec::CompressionEncoding::Zstd),
-            Compression::Gzip => Some(tonic::codec::CompressionEncoding::Gzip),
-            Compression::None => None,
-        }
-    }
-}
-
-/// Where `run` listens by default.
-fn default_server() -> String {
-    let listen = crate::config::Config::default().grpc_listen;
-    format!("http://{}", listen.unwrap_or_default())
-}
-
-/// Subscribes and prints until Ctrl-C (exit 0) or the stream ends; a broken stream is an error.
+/// Subscribes and prints until Ctrl-C (exit 0) or the stream ends; a broken stream is an
+/// error unless `--reconnect`.
 pub fn run(args: WatchArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -198,6 +77,18 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
     })
 }
 
+/// How one subscription ended.
+enum Ended {
+    /// The server ended the stream (agent stopping, or the replay is over).
+    Closed,
+    /// The caller's stop signal.
+    Stopped,
+    /// Output went away (e.g. piped into `head`): a normal way to stop.
+    OutputGone,
+    /// The connection broke; the message says how.
+    Lost(String),
+}
+
 /// The body of `run`, with the output and the stop signal supplied by the caller.
 pub async fn watch_to(
     args: &WatchArgs,
@@ -205,71 +96,138 @@ pub async fn watch_to(
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let req = subscribe_request(args)?;
-    let uri = server_uri(&args.server);
-    let tls = crate::tls::client_config(
-        &uri,
-        args.ca.as_deref(),
-        args.cert.as_deref(),
-        args.key.as_deref(),
-    )?;
-    let mut endpoint = Endpoint::from_shared(uri.clone())
-        .with_context(|| format!("--server {:?}", args.server))?
-        .tcp_nodelay(true);
-    if let Some(tls) = tls {
-        endpoint = endpoint
-            .tls_config(tls)
-            .with_context(|| format!("--server {:?}: TLS settings", args.server))?;
-    }
-    let channel = endpoint.connect().await.map_err(|e| {
-        let text = crate::fatal::chain(&e);
-        let hint = transport_hint(&uri, &text);
-        anyhow!("connecting to flowlens at {}: {text}{hint}", args.server)
-    })?;
-    let mut client = FlowLensClient::new(channel).max_decoding_message_size(64 << 20);
-    if let Some(c) = args.compression.encoding() {
-        client = client.accept_compressed(c);
-    }
-    let mut stream = client
-        .subscribe(req)
-        .await
-        .map_err(|s| {
-            let text = describe(&s);
-            let hint = if is_transport_failure(&s) {
-                transport_hint(&uri, &text)
-            } else {
-                ""
-            };
-            anyhow!("subscribing at {}: {text}{hint}", args.server)
-        })?
-        .into_inner();
-    let mut renderer = Renderer::new(if args.json {
-        Format::Json
-    } else {
-        Format::Table
-    });
-    if let Err(e) = renderer.header(out).and_then(|()| out.flush()) {
-        return quiet_pipe(e);
-    }
+    let server = &args.query.server;
+    let style = TableStyle {
+        wide: args.wide,
+        legend: args.legend,
+    };
+    let mut renderer = Renderer::styled(
+        if args.json {
+            Format::Json
+        } else {
+            Format::Table
+        },
+        style,
+    );
     tokio::pin!(stop);
+    let mut backoff = BACKOFF_FIRST;
+    // The start time of the agent we last streamed from, to tell a restart from a blip.
+    let mut agent_started: Option<SystemTime> = None;
+    let mut reconnecting = false;
     loop {
-        let msg = tokio::select! {
-            _ = &mut stop => return Ok(()),
-            msg = stream.message() => msg,
+        let attempt = async {
+            let mut client = args.query.connect().await?;
+            let started = client
+                .get_status(proto::GetStatusRequest {})
+                .await
+                .ok()
+                .and_then(|s| s.into_inner().started)
+                .and_then(|t| SystemTime::try_from(t).ok());
+            let mut req = req.clone();
+            if reconnecting {
+                // Only a restarted agent's records are replayed: its ring holds nothing
+                // this watch has seen, so all of them (since the epoch).
+                let restarted = started.is_some() && started != agent_started;
+                req.replay = 0;
+                req.since = restarted.then(|| UNIX_EPOCH.into());
+                req.follow = Some(true);
+            }
+            let stream = client
+                .subscribe(req)
+                .await
+                .map_err(|s| {
+                    let text = describe(&s);
+                    let hint = if crate::client::is_transport_failure(&s) {
+                        crate::client::transport_hint(&crate::client::server_uri(server), &text)
+                    } else {
+                        ""
+                    };
+                    anyhow::anyhow!("subscribing at {server}: {text}{hint}")
+                })?
+                .into_inner();
+            anyhow::Ok((stream, started))
         };
-        let event = match msg {
-            Ok(Some(m)) => m.event,
-            Ok(None) => {
-                if !args.no_follow {
+        let connected = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            c = attempt => c,
+        };
+        let (stream, started) = match connected {
+            Ok(c) => c,
+            Err(e) if reconnecting => {
+                eprintln!("flowlens watch: {e:#}; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = &mut stop => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if reconnecting {
+            let restarted = started.is_some() && started != agent_started;
+            eprintln!(
+                "flowlens watch: reconnected to {server}{}",
+                if restarted {
+                    "; the agent had restarted: replaying the records it kept"
+                } else {
+                    "; records ended while disconnected were missed"
+                }
+            );
+        }
+        agent_started = started;
+        backoff = BACKOFF_FIRST;
+        if let Err(e) = renderer.header(out).and_then(|()| out.flush()) {
+            return quiet_pipe(e);
+        }
+        match follow(stream, &mut renderer, out, &mut stop).await {
+            Ended::Stopped | Ended::OutputGone => return Ok(()),
+            Ended::Closed if !args.reconnect || req.follow == Some(false) => {
+                if req.follow != Some(false) {
                     eprintln!("flowlens watch: the server ended the stream");
                 }
                 return Ok(());
             }
-            Err(s) => bail!("stream from {} lost: {}", args.server, describe(&s)),
+            Ended::Lost(why) if !args.reconnect => {
+                bail!("stream from {server} lost: {why}")
+            }
+            Ended::Closed => {
+                eprintln!(
+                    "flowlens watch: {server} ended the stream (agent stopping?); reconnecting"
+                )
+            }
+            Ended::Lost(why) => {
+                eprintln!("flowlens watch: stream from {server} lost ({why}); reconnecting")
+            }
+        }
+        reconnecting = true;
+    }
+}
+
+/// Prints one subscription's records until it ends.
+async fn follow(
+    mut stream: tonic::Streaming<proto::SubscribeResponse>,
+    renderer: &mut Renderer,
+    out: &mut impl Write,
+    stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Ended {
+    loop {
+        let msg = tokio::select! {
+            _ = stop.as_mut() => return Ended::Stopped,
+            msg = stream.message() => msg,
+        };
+        let event = match msg {
+            Ok(Some(m)) => m.event,
+            Ok(None) => return Ended::Closed,
+            Err(s) => return Ended::Lost(describe(&s)),
         };
         match event {
             Some(proto::subscribe_response::Event::Flows(batch)) => {
-                if let Err(e) = print_batch(&batch, &mut renderer, out) {
-                    return quiet_pipe(e);
+                if let Err(e) = print_batch(&batch, renderer, out) {
+                    return match quiet_pipe(e) {
+                        Ok(()) => Ended::OutputGone,
+                        Err(e) => Ended::Lost(format!("{e:#}")),
+                    };
                 }
             }
             Some(proto::subscribe_response::Event::Lost(lost)) => {
@@ -285,45 +243,6 @@ pub async fn watch_to(
             }
             None => {}
         }
-    }
-}
-
-fn describe(s: &tonic::Status) -> String {
-    let text = crate::fatal::status(s);
-    if text.is_empty() {
-        format!("{:?}", s.code())
-    } else {
-        format!("{:?}: {text}", s.code())
-    }
-}
-
-/// The connection broke rather than the server answering with a gRPC error.
-fn is_transport_failure(s: &tonic::Status) -> bool {
-    matches!(
-        s.code(),
-        tonic::Code::Unavailable
-            | tonic::Code::Unknown
-            | tonic::Code::Internal
-            | tonic::Code::Cancelled
-    )
-}
-
-/// A likely cause when the connection fails after the peer answered: TLS on one side
-/// only, or a client certificate the agent does not accept.
-fn transport_hint(uri: &str, text: &str) -> &'static str {
-    if text.contains("tcp connect error") {
-        ""
-    } else if uri.starts_with("https://") {
-        if text.contains("InvalidContentType") || text.contains("corrupt message") {
-            " (the agent does not speak TLS: use an http:// --server)"
-        } else {
-            " (the agent ended the TLS session: if it requires client certificates \
-             (--grpc-client-ca), give --cert and --key issued by that CA)"
-        }
-    } else if uri.starts_with("http://") {
-        " (if the agent serves TLS (--grpc-tls-cert), use an https:// --server with --ca)"
-    } else {
-        ""
     }
 }
 
@@ -354,99 +273,9 @@ fn print_batch(
     out.flush()
 }
 
-fn server_uri(server: &str) -> String {
-    if server.starts_with("unix:") || server.contains("://") {
-        server.to_owned()
-    } else {
-        format!("http://{server}")
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Request
-// ---------------------------------------------------------------------------
-
 /// Builds the Subscribe request the flags describe, rejecting bad values by flag name.
 pub fn subscribe_request(a: &WatchArgs) -> anyhow::Result<proto::SubscribeRequest> {
-    let include = proto::Filter {
-        src_cidr: cidr_arg(&a.src, "--src")?,
-        dst_cidr: cidr_arg(&a.dst, "--dst")?,
-        cidr: cidr_arg(&a.addr, "--addr")?,
-        src_port: a
-            .sport
-            .as_deref()
-            .map(|s| port_arg(s, "--sport"))
-            .transpose()?,
-        dst_port: a
-            .dport
-            .as_deref()
-            .map(|s| port_arg(s, "--dport"))
-            .transpose()?,
-        port: a
-            .port
-            .as_deref()
-            .map(|s| port_arg(s, "--port"))
-            .transpose()?,
-        protocol: a
-            .proto
-            .as_deref()
-            .map(|s| proto_arg(s, "--proto"))
-            .transpose()?,
-        ip_version: match a.ip_version.as_deref() {
-            None => proto::IpVersion::Unspecified,
-            Some("4") => proto::IpVersion::IpVersion4,
-            Some("6") => proto::IpVersion::IpVersion6,
-            Some(v) => bail!("--ip-version {v:?}: expected 4 or 6"),
-        }
-        .into(),
-        interface: a.interface.clone(),
-        tcp_flags: a.tcp_flags.as_deref().map(tcp_flags_arg).transpose()?,
-        end_reason: a
-            .end_reason
-            .as_deref()
-            .map(end_reason_arg)
-            .transpose()?
-            .map(|e| proto::EndReason::from(e).into())
-            .unwrap_or_default(),
-        min_bytes: a.min_bytes,
-    };
-    let mut exclude = Vec::new();
-    for s in &a.exclude_src {
-        exclude.push(proto::Filter {
-            src_cidr: cidr_arg(&Some(s.clone()), "--exclude-src")?,
-            ..Default::default()
-        });
-    }
-    for s in &a.exclude_dst {
-        exclude.push(proto::Filter {
-            dst_cidr: cidr_arg(&Some(s.clone()), "--exclude-dst")?,
-            ..Default::default()
-        });
-    }
-    for s in &a.exclude_addr {
-        exclude.push(proto::Filter {
-            cidr: cidr_arg(&Some(s.clone()), "--exclude-addr")?,
-            ..Default::default()
-        });
-    }
-    for s in &a.exclude_port {
-        exclude.push(proto::Filter {
-            port: Some(port_arg(s, "--exclude-port")?),
-            ..Default::default()
-        });
-    }
-    for s in &a.exclude_proto {
-        exclude.push(proto::Filter {
-            protocol: Some(proto_arg(s, "--exclude-proto")?),
-            ..Default::default()
-        });
-    }
-    for s in &a.exclude_interface {
-        exclude.push(proto::Filter {
-            interface: Some(s.clone()),
-            ..Default::default()
-        });
-    }
+    let (include, exclude) = a.query.filters()?;
     let since = a
         .since
         .as_deref()
@@ -461,11 +290,6 @@ pub fn subscribe_request(a: &WatchArgs) -> anyhow::Result<proto::SubscribeReques
             Ok(t.into())
         })
         .transpose()?;
-    let include = if include == proto::Filter::default() {
-        Vec::new()
-    } else {
-        vec![include]
-    };
     Ok(proto::SubscribeRequest {
         include,
         exclude,
@@ -474,77 +298,4 @@ pub fn subscribe_request(a: &WatchArgs) -> anyhow::Result<proto::SubscribeReques
         follow: Some(!a.no_follow),
         after_seq: a.after_seq,
     })
-}
-
-fn cidr_arg(v: &Option<String>, flag: &str) -> anyhow::Result<Option<String>> {
-    if let Some(s) = v {
-        s.parse::<Cidr>()
-            .with_context(|| format!("{flag} {s:?}: expected ADDR or ADDR/LEN"))?;
-    }
-    Ok(v.clone())
-}
-
-/// "N" or "LO-HI".
-pub fn port_arg(s: &str, flag: &str) -> anyhow::Result<proto::PortRange> {
-    let num = |p: &str| -> anyhow::Result<u32> {
-        let n: u16 = p
-            .trim()
-            .parse()
-            .with_context(|| format!("{flag} {s:?}: expected a port 0-65535 or LO-HI"))?;
-        Ok(u32::from(n))
-    };
-    let (lo, hi) = match s.split_once('-') {
-        Some((lo, hi)) => (num(lo)?, num(hi)?),
-        None => {
-            let n = num(s)?;
-            (n, n)
-        }
-    };
-    if lo > hi {
-        bail!("{flag} {s:?}: range reversed ({lo} > {hi})");
-    }
-    Ok(proto::PortRange { lo, hi: Some(hi) })
-}
-
-/// A protocol name or number.
-pub fn proto_arg(s: &str, flag: &str) -> anyhow::Result<u32> {
-    let lower = s.to_ascii_lowercase();
-    let named = (0..=u8::MAX).find(|&p| proto_name(p) == Some(lower.as_str()));
-    let p = match (named, lower.as_str()) {
-        (Some(p), _) => p,
-        (None, "icmp6" | "ipv6-icmp") => IPPROTO_ICMPV6,
-        (None, other) => other.parse().with_context(|| {
-            format!("{flag} {s:?}: expected tcp, udp, icmp, icmpv6 or a number 0-255")
-        })?,
-    };
-    Ok(u32::from(p))
-}
-
-/// "syn,ack", "0x12" or "18".
-pub fn tcp_flags_arg(s: &str) -> anyhow::Result<u32> {
-    let err =
-        || format!("--tcp-flags {s:?}: expected names (fin,syn,rst,psh,ack,urg,ece,cwr) or 1-255");
-    let t = s.trim();
-    let bits = if let Some(hex) = t.strip_prefix("0x") {
-        u8::from_str_radix(hex, 16).with_context(err)?
-    } else if let Ok(n) = t.parse::<u8>() {
-        n
-    } else {
-        tcp_flags::from_names(t).ok_or_else(|| anyhow!(err()))?
-    };
-    if bits == 0 {
-        bail!(err());
-    }
-    Ok(u32::from(bits))
-}
-
-pub fn end_reason_arg(s: &str) -> anyhow::Result<EndReason> {
-    let norm = s.trim().to_ascii_lowercase().replace('-', "_");
-    EndReason::ALL
-        .into_iter()
-        .find(|e| e.as_str() == norm)
-        .ok_or_else(|| {
-            let names: Vec<&str> = EndReason::ALL.iter().map(|e| e.as_str()).collect();
-            anyhow!("--end-reason {s:?}: expected one of {}", names.join(", "))
-        })
 }

@@ -162,7 +162,10 @@ async fn status_over_tls(
 
 fn watch_args(server: &str) -> WatchArgs {
     WatchArgs {
-        server: server.to_owned(),
+        query: flowlens::client::FlowQuery {
+            server: server.to_owned(),
+            ..Default::default()
+        },
         no_follow: true,
         ..WatchArgs::default()
     }
@@ -185,9 +188,9 @@ async fn mutual_tls_admits_only_clients_of_its_ca() {
 
     // `watch` with the same files, and refusing to drop TLS or ignore the flags.
     let mut args = watch_args(&url);
-    args.ca = Some(pki.ca.clone());
-    args.cert = Some(pki.client.0.clone());
-    args.key = Some(pki.client.1.clone());
+    args.query.ca = Some(pki.ca.clone());
+    args.query.cert = Some(pki.client.0.clone());
+    args.query.key = Some(pki.client.1.clone());
     let mut out = Vec::new();
     watch::watch_to(&args, &mut out, std::future::pending())
         .await
@@ -197,8 +200,8 @@ async fn mutual_tls_admits_only_clients_of_its_ca() {
         "the table header"
     );
 
-    args.cert = None;
-    args.key = None;
+    args.query.cert = None;
+    args.query.key = None;
     let err = watch::watch_to(&args, &mut Vec::new(), std::future::pending())
         .await
         .expect_err("watch without a client certificate");
@@ -216,7 +219,7 @@ async fn mutual_tls_admits_only_clients_of_its_ca() {
         "the error says what is wrong: {err}"
     );
     let mut args = watch_args(&plain);
-    args.ca = Some(pki.ca.clone());
+    args.query.ca = Some(pki.ca.clone());
     let err = watch::watch_to(&args, &mut Vec::new(), std::future::pending())
         .await
         .expect_err("--ca with an http:// server");
@@ -279,7 +282,7 @@ async fn tls_to_a_cleartext_port_fails_clearly() {
     let pki = Pki::generate();
     let server = Server::start(&GrpcConfig::default());
     let mut args = watch_args(&format!("https://127.0.0.1:{}", server.addr.port()));
-    args.ca = Some(pki.ca.clone());
+    args.query.ca = Some(pki.ca.clone());
     let err = watch::watch_to(&args, &mut Vec::new(), std::future::pending())
         .await
         .expect_err("TLS to a cleartext port");

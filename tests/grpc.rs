@@ -8,9 +8,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use flowlens::api::proto;
 use flowlens::api::proto::flow_lens_client::FlowLensClient;
 use flowlens::api::proto::subscribe_response::Event;
+use flowlens::client::FlowQuery;
 use flowlens::flow::{DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo, TcpState};
 use flowlens::hub::{Hub, HubConfig};
 use flowlens::service::{self, ServiceHandle};
+use flowlens::snapshot::SnapshotSlot;
 use flowlens::status::{MapUsage, Status};
 use flowlens::watch::{self, WatchArgs};
 use tonic::transport::{Channel, Endpoint};
@@ -24,6 +26,7 @@ use flowlens::flow::tcp_flags::{ACK, FIN, PSH, RST, SYN};
 struct Agent {
     hub: Hub,
     status: Arc<Status>,
+    snapshots: SnapshotSlot,
     handle: Option<ServiceHandle>,
     addr: SocketAddr,
 }
@@ -34,13 +37,26 @@ impl Agent {
     }
 
     fn with_config(cfg: HubConfig) -> Agent {
+        Agent::on("127.0.0.1:0", cfg)
+    }
+
+    fn on(listen: &str, cfg: HubConfig) -> Agent {
         let hub = Hub::new(cfg);
         let status = Arc::new(Status::new());
-        let handle = service::spawn("127.0.0.1:0", hub.clone(), status.clone()).unwrap();
+        let snapshots = SnapshotSlot::new(Duration::from_millis(100));
+        let handle = service::spawn_with_snapshots(
+            listen,
+            &flowlens::config::GrpcConfig::default(),
+            hub.clone(),
+            status.clone(),
+            snapshots.clone(),
+        )
+        .unwrap();
         let addr = handle.local_addr().expect("tcp listener has an address");
         Agent {
             hub,
             status,
+            snapshots,
             handle: Some(handle),
             addr,
         }
@@ -1195,7 +1211,7 @@ async fn reflection_describes_the_service() {
     let svc = &ours.service[0];
     assert_eq!(svc.name(), "FlowLens");
     let methods: Vec<&str> = svc.method.iter().map(|m| m.name()).collect();
-    assert_eq!(methods, vec!["Subscribe", "GetStatus"]);
+    assert_eq!(methods, vec!["Subscribe", "ListFlows", "GetStatus"]);
     assert!(svc.method[0].server_streaming());
     // Imports are resolvable too (generic clients fetch them by name), so they can decode
     // timestamps.
@@ -1338,9 +1354,12 @@ async fn watch_prints_table_and_json() {
         agent.hub.publish(r);
     }
     let args = WatchArgs {
-        server: agent.addr.to_string(),
-        proto: Some("tcp".into()),
-        exclude_interface: vec!["eth1".into()],
+        query: FlowQuery {
+            server: agent.addr.to_string(),
+            proto: Some("tcp".into()),
+            exclude_interface: vec!["eth1".into()],
+            ..Default::default()
+        },
         replay: 100,
         no_follow: true,
         ..Default::default()
@@ -1351,25 +1370,32 @@ async fn watch_prints_table_and_json() {
         .unwrap();
     let text = String::from_utf8(out).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 3, "{text}");
-    assert!(lines[0].starts_with("TIME(UTC)"));
+    // Header, the date line, two flows.
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(lines[0].starts_with("TIME "), "{text}");
+    assert_eq!(lines[1], "--- 2023-11-14 (UTC) ---");
     assert!(
-        lines[1].contains("10.0.0.1:40001 -> 192.168.1.10:443"),
+        lines[2].contains("10.0.0.1:40001 > 192.168.1.10:443"),
         "{text}"
     );
-    assert!(lines[1].contains("tcp_fin"));
-    assert!(lines[1].contains("hs 0.12ms"), "{text}");
+    assert!(lines[2].contains(" fin "), "{text}");
+    assert!(lines[2].contains("srv 50µs"), "{text}");
     assert!(
-        lines[2].contains("192.168.1.20:33000 -> 10.0.0.2:22"),
+        lines[3].contains("192.168.1.20:33000 > 10.0.0.2:22"),
         "{text}"
     );
-    // Columns line up: the arrow sits at the same offset in every row.
-    assert_eq!(lines[1].find(" -> "), lines[2].find(" -> "));
+    // Columns line up: the arrow sits at the same offset in every row, and every line
+    // fits 100 columns.
+    assert_eq!(lines[2].find(" > "), lines[3].find(" > "));
+    assert!(lines.iter().all(|l| l.chars().count() <= 100), "{text}");
 
     let args = WatchArgs {
         json: true,
-        proto: None,
-        exclude_interface: vec![],
+        query: FlowQuery {
+            proto: None,
+            exclude_interface: vec![],
+            ..args.query.clone()
+        },
         ..args
     };
     let mut out = Vec::new();
@@ -1391,35 +1417,50 @@ async fn watch_prints_table_and_json() {
     for (args, flag) in [
         (
             WatchArgs {
-                port: Some("90-80".into()),
+                query: FlowQuery {
+                    port: Some("90-80".into()),
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             "--port",
         ),
         (
             WatchArgs {
-                src: Some("10.0.0.0/40".into()),
+                query: FlowQuery {
+                    src: Some("10.0.0.0/40".into()),
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             "--src",
         ),
         (
             WatchArgs {
-                proto: Some("sctp".into()),
+                query: FlowQuery {
+                    proto: Some("sctp".into()),
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             "--proto",
         ),
         (
             WatchArgs {
-                end_reason: Some("timeout".into()),
+                query: FlowQuery {
+                    end_reason: Some("timeout".into()),
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             "--end-reason",
         ),
         (
             WatchArgs {
-                tcp_flags: Some("syn,bogus".into()),
+                query: FlowQuery {
+                    tcp_flags: Some("syn,bogus".into()),
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             "--tcp-flags",
@@ -1433,7 +1474,10 @@ async fn watch_prints_table_and_json() {
     let url = agent.url();
     agent.shutdown();
     let args = WatchArgs {
-        server: url,
+        query: FlowQuery {
+            server: url,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let err = watch::watch_to(&args, &mut Vec::new(), std::future::pending())
@@ -1445,14 +1489,17 @@ async fn watch_prints_table_and_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_flags_build_the_request() {
     let args = WatchArgs {
-        src: Some("10.0.0.0/8".into()),
-        dport: Some("8000-8100".into()),
-        proto: Some("udp".into()),
-        ip_version: Some("6".into()),
-        tcp_flags: Some("syn,ack".into()),
-        end_reason: Some("tcp-rst".into()),
-        min_bytes: Some(10),
-        exclude_port: vec!["22".into(), "53".into()],
+        query: FlowQuery {
+            src: Some("10.0.0.0/8".into()),
+            dport: Some("8000-8100".into()),
+            proto: Some("udp".into()),
+            ip_version: Some("6".into()),
+            tcp_flags: Some("syn,ack".into()),
+            end_reason: Some("tcp-rst".into()),
+            min_bytes: Some(10),
+            exclude_port: vec!["22".into(), "53".into()],
+            ..Default::default()
+        },
         replay: 7,
         since: Some("5m".into()),
         no_follow: true,
@@ -1641,12 +1688,215 @@ fn watch_flags_parse_from_command_line_and_env() {
         WatchCli::try_parse_from(["watch", "--json", "--dport", "80-90", "--replay", "5"]).unwrap();
     let w = cli.watch;
     assert!(w.json && w.no_follow);
-    assert_eq!(w.dport.as_deref(), Some("80-90"));
+    assert_eq!(w.query.dport.as_deref(), Some("80-90"));
     assert_eq!(w.replay, 5);
-    assert_eq!(w.exclude_port, vec!["22", "53"]);
-    assert_eq!(w.server, "unix:/run/flowlens.sock");
+    assert_eq!(w.query.exclude_port, vec!["22", "53"]);
+    assert_eq!(w.query.server, "unix:/run/flowlens.sock");
     assert!(WatchCli::try_parse_from(["watch", "--ip-version", "5"]).is_err());
     std::env::remove_var("FLOWLENS_WATCH_SERVER");
     let w = WatchCli::try_parse_from(["watch"]).unwrap().watch;
-    assert_eq!(w.server, "http://127.0.0.1:50051");
+    assert_eq!(w.query.server, "http://127.0.0.1:50051");
+}
+
+/// `n` flows in progress: odd ones UDP, the rest TCP; client port 10000 + i.
+fn in_progress(n: u16) -> Vec<FlowRecord> {
+    (0..n)
+        .map(|i| {
+            let mut r = rec(1);
+            r.client_port = 10_000 + i;
+            r.end_reason = EndReason::InProgress;
+            if i % 2 == 1 {
+                r.protocol = 17;
+                r.tcp = None;
+            }
+            r
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_flows_pages_one_snapshot_filtered_on_the_server() {
+    let agent = Agent::start();
+    assert!(!agent.snapshots.wanted(), "nobody asked yet");
+    let taken = t(50);
+    agent.snapshots.publish(taken, in_progress(2501));
+    let mut client = agent.client().await;
+    let udp = proto::ListFlowsRequest {
+        include: vec![proto::Filter {
+            protocol: Some(17),
+            ..Default::default()
+        }],
+        page_size: 600,
+        ..Default::default()
+    };
+    let first = client.list_flows(udp.clone()).await.unwrap().into_inner();
+    assert!(agent.snapshots.wanted(), "a request turns snapshots on");
+    assert_eq!(first.total_size, 1250);
+    assert_eq!(first.flows.len(), 600);
+    assert_eq!(
+        SystemTime::try_from(first.snapshot_time.unwrap()).unwrap(),
+        taken
+    );
+    // A newer snapshot does not change the pages of a listing under way.
+    agent.snapshots.publish(t(51), in_progress(10));
+    let mut ports: Vec<u32> = first.flows.iter().map(|f| f.client_port).collect();
+    let mut token = first.next_page_token;
+    let mut pages = 1;
+    while !token.is_empty() {
+        let page = client
+            .list_flows(proto::ListFlowsRequest {
+                page_token: token,
+                ..udp.clone()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(page.total_size, 1250);
+        ports.extend(page.flows.iter().map(|f| f.client_port));
+        token = page.next_page_token;
+        pages += 1;
+    }
+    assert_eq!(pages, 3);
+    let want: Vec<u32> = (0..2501)
+        .filter(|i| i % 2 == 1)
+        .map(|i| 10_000 + i)
+        .collect();
+    assert_eq!(ports, want, "every UDP flow once, in order");
+
+    // The records are in progress, with cumulative counters.
+    let now = client
+        .list_flows(proto::ListFlowsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(now.total_size, 10);
+    assert_eq!(now.flows[0].end_reason(), proto::EndReason::InProgress);
+    assert!(now.next_page_token.is_empty());
+
+    // Bad requests name the field.
+    for (req, code, needle) in [
+        (
+            proto::ListFlowsRequest {
+                page_token: "x".into(),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "page_token",
+        ),
+        (
+            proto::ListFlowsRequest {
+                page_token: "999.0".into(),
+                ..Default::default()
+            },
+            Code::Aborted,
+            "list again",
+        ),
+        (
+            proto::ListFlowsRequest {
+                exclude: vec![proto::Filter {
+                    dst_cidr: Some("10.0.0.0/33".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "exclude[0].dst_cidr",
+        ),
+    ] {
+        let err = client.list_flows(req).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+        assert!(err.message().contains(needle), "{err:?}");
+    }
+}
+
+/// A `Write` the test reads while `watch` writes to it.
+#[derive(Clone, Default)]
+struct Shared(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Shared {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn ports(&self) -> Vec<u64> {
+        String::from_utf8(self.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| v["client_port"].as_u64().unwrap())
+            .collect()
+    }
+
+    async fn wait_for(&self, n: usize) -> Vec<u64> {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let p = self.ports();
+            if p.len() >= n || std::time::Instant::now() > deadline {
+                return p;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_reconnect_follows_a_restarted_agent_without_gaps_or_repeats() {
+    let first = Agent::start();
+    let listen = first.addr.to_string();
+    let args = WatchArgs {
+        query: FlowQuery {
+            server: listen.clone(),
+            ..Default::default()
+        },
+        json: true,
+        reconnect: true,
+        ..Default::default()
+    };
+    let out = Shared::default();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let watch = tokio::spawn({
+        let mut out = out.clone();
+        async move {
+            watch::watch_to(&args, &mut out, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        }
+    });
+    let publish = |a: &Agent, port: u16| {
+        let mut r = rec(1);
+        r.client_port = port;
+        a.hub.publish(r);
+    };
+    // Subscribed once GetStatus shows the subscriber.
+    let deadline = std::time::Instant::now() + WAIT;
+    while first.hub.stats().subscribers().count() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "watch never subscribed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    publish(&first, 1);
+    assert_eq!(out.wait_for(1).await, [1]);
+
+    // The agent restarts on the same address; what it emits before watch is back is
+    // replayed, what it emits after is followed.
+    first.shutdown();
+    let second = Agent::on(&listen, HubConfig::default());
+    publish(&second, 2);
+    assert_eq!(out.wait_for(2).await, [1, 2]);
+    publish(&second, 3);
+    assert_eq!(out.wait_for(3).await, [1, 2, 3]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(out.ports(), [1, 2, 3], "nothing twice");
+    stop_tx.send(()).unwrap();
+    watch.await.unwrap().unwrap();
 }

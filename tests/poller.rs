@@ -13,6 +13,7 @@ use flowlens::flow::{EndReason, FlowRecord};
 use flowlens::poller::decode::monotonic_ns;
 use flowlens::poller::table::read_all;
 use flowlens::poller::{KernelTable, Poller, PollerConfig, ReadMode};
+use flowlens::snapshot::SnapshotSlot;
 use flowlens::status::Status;
 use libbpf_rs::{MapCore, MapFlags};
 
@@ -237,4 +238,60 @@ fn map_pressure_is_counted_once_per_crossing() {
         2,
         "counted again after dropping below"
     );
+}
+
+#[test]
+fn snapshots_are_cumulative_only_while_wanted_and_leave_the_deltas_alone() {
+    let dp = Datapath::load(Capacities::default()).expect("load");
+    let maps = dp.maps().expect("maps");
+    let now = monotonic_ns();
+    for i in 1..=3 {
+        put(&maps, i, if i == 1 { 6 } else { 17 }, now);
+    }
+    let cfg = PollerConfig {
+        active_timeout: Duration::from_nanos(1),
+        ..PollerConfig::default()
+    };
+    let slot = SnapshotSlot::new(cfg.poll_interval);
+    let (p, rx, _) = poller(&dp, cfg);
+    let mut p = p.with_snapshots(slot.clone());
+
+    p.poll_once(now + 1).expect("poll");
+    assert_eq!(slot.latest().generation, 0, "nobody asked: no snapshot");
+    assert_eq!(rx.try_iter().count(), 3, "active records as before");
+
+    slot.want();
+    // Flow 2 had 2 + 1 packets; now 7 + 4.
+    let mut b = types::flow_base::default();
+    let k = key(2, 17);
+    let v = maps
+        .flows
+        .lookup(bytes_of(&k), MapFlags::ANY)
+        .expect("lookup")
+        .expect("flow 2");
+    plain::copy_from_bytes(&mut b, &v).expect("base");
+    b.packets = [7, 4];
+    b.bytes = [700, 240];
+    b.last_seen_ns = now + 2;
+    maps.flows
+        .update(bytes_of(&k), bytes_of(&b), MapFlags::ANY)
+        .expect("update");
+    p.poll_once(now + 2).expect("poll");
+    let snap = slot.latest();
+    assert_eq!((snap.generation, snap.flows.len()), (1, 3));
+    assert!(snap
+        .flows
+        .iter()
+        .all(|r| r.end_reason == EndReason::InProgress));
+    let two = snap
+        .flows
+        .iter()
+        .find(|r| r.client.packets + r.server.packets == 11)
+        .expect("flow 2 with its cumulative counts");
+    assert_eq!(two.total_bytes(), 940);
+    // The active record of flow 2 holds only what is new since the first one.
+    let active: Vec<FlowRecord> = rx.try_iter().collect();
+    assert_eq!(active.len(), 1, "only flow 2 changed: {active:?}");
+    assert_eq!(active[0].total_packets(), 11 - 3);
+    assert_eq!(active[0].end_reason, EndReason::ActiveTimeout);
 }

@@ -63,7 +63,9 @@ pub mod pen {
 pub fn end_reason_code(r: EndReason) -> u8 {
     match r {
         EndReason::IdleTimeout => 0x01,
-        EndReason::ActiveTimeout => 0x02,
+        // In-progress records (ListFlows) never reach an exporter; if one did, the flow
+        // goes on like an active-timeout one.
+        EndReason::ActiveTimeout | EndReason::InProgress => 0x02,
         // "end of Flow detected": the transport said so.
         EndReason::TcpFin | EndReason::TcpRst => 0x03,
         // "forced end": the metering process stopped.

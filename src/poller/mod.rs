@@ -19,6 +19,7 @@ use thiserror::Error;
 use crate::attach::IfNames;
 use crate::bpf::types;
 use crate::flow::{EndReason, FlowRecord, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+use crate::snapshot::SnapshotSlot;
 use crate::status::{MapUsage, Status};
 use decode::{key_bytes, monotonic_ns, Clock, Counts, KeyBytes, RawFlow, RecordMeta};
 pub use table::{ExtMap, FlowTable, Joined, KernelTable, ReadMode, MAP_NAMES};
@@ -205,6 +206,7 @@ pub struct Poller<T: FlowTable = KernelTable> {
     evict_age_ns: u64,
     /// Names of interfaces the attacher does not know, looked up once each.
     other_names: std::cell::RefCell<HashMap<u32, String>>,
+    snapshots: Option<SnapshotSlot>,
 }
 
 impl<T: FlowTable> Poller<T> {
@@ -232,7 +234,15 @@ impl<T: FlowTable> Poller<T> {
             last_full: [0; 3],
             evict_age_ns: cfg.evict_min_age.as_nanos() as u64,
             other_names: Default::default(),
+            snapshots: None,
         }
+    }
+
+    /// Also publishes the flows in progress into `slot` after each poll, while someone
+    /// reads them.
+    pub fn with_snapshots(mut self, slot: SnapshotSlot) -> Poller<T> {
+        self.snapshots = Some(slot);
+        self
     }
 
     /// Names the agent in every record (`--observer-id`).
@@ -299,6 +309,13 @@ impl<T: FlowTable> Poller<T> {
             ..PollStats::default()
         };
         let mut kept = Vec::with_capacity(flows.len());
+        // Cumulative records of the flows that go on, built beside (not from) the delta
+        // bookkeeping below.
+        let mut in_progress = self
+            .snapshots
+            .as_ref()
+            .filter(|s| s.wanted())
+            .map(|_| Vec::with_capacity(flows.len()));
         for f in &flows {
             let kb = key_bytes(&f.key);
             if let Some(reason) = self.end_reason(f, now_ns) {
@@ -326,6 +343,30 @@ impl<T: FlowTable> Poller<T> {
             {
                 stats.active_records += 1;
             }
+            if let Some(v) = in_progress.as_mut() {
+                // Who the flow is, without `identify`'s bookkeeping (a continuation not
+                // reported yet shows its own id until its first record).
+                let who = self.reported.get(&kb).map_or(
+                    Identity {
+                        flow_id: f.flow_id(),
+                        client: f.client_dir(),
+                        continuation: false,
+                    },
+                    |r| r.who,
+                );
+                v.push(self.record(
+                    f,
+                    Counts::of(&f.base),
+                    EndReason::InProgress,
+                    f.base.first_seen_ns,
+                    who,
+                ));
+            }
+        }
+        match (&self.snapshots, in_progress) {
+            (Some(slot), Some(v)) => slot.publish(self.clock.to_wall(now_ns), v),
+            (Some(slot), None) => slot.release_if_unwanted(),
+            _ => {}
         }
         // Forget per-flow state of keys that vanished without us ending them.
         if self.reported.len() > flows.len() {
