@@ -196,7 +196,7 @@ async fn mutual_tls_admits_only_clients_of_its_ca() {
         .await
         .expect("watch over mutual TLS");
     assert!(
-        String::from_utf8_lossy(&out).contains("PROTO"),
+        String::from_utf8_lossy(&out).contains("CLIENT"),
         "the table header"
     );
 
