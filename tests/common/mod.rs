@@ -151,6 +151,7 @@ impl Harness {
 pub mod agent;
 pub mod bin;
 pub mod capture;
+pub mod grpc;
 pub mod netns;
 pub mod pki;
 pub mod traffic;
