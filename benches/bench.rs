@@ -732,11 +732,7 @@ fn poller_cost(t: &mut Table) -> Result<()> {
             tcp: n,
             icmp: n,
         },
-        output: None,
-        pin_dir: None,
-        grpc_listen: None,
-        metrics_listen: None,
-        ..Config::default()
+        ..Config::embedded(&[])
     })?;
     let maps = agent.maps()?;
     fill_flows(&maps, n, monotonic_ns())?;
@@ -1265,14 +1261,7 @@ fn traffic(t: &mut Table) -> Result<()> {
         if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
             bail!("setns: {}", std::io::Error::last_os_error());
         }
-        let agent = Agent::start(Config {
-            interfaces: vec!["flbA".into()],
-            output: None,
-            pin_dir: None,
-            grpc_listen: None,
-            metrics_listen: None,
-            ..Config::default()
-        })?;
+        let agent = Agent::start(Config::embedded(&["flbA"]))?;
         ready_tx.send(agent.maps()?)?;
         agent.run(&stop_rx)
     });

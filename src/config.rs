@@ -181,6 +181,21 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// The defaults without anything outside the process: nothing on stdout, no pins, no
+    /// listeners. For embedding the agent (tests, benchmarks), attached to `interfaces`.
+    pub fn embedded(interfaces: &[&str]) -> Config {
+        Config {
+            interfaces: interfaces.iter().map(|i| (*i).to_owned()).collect(),
+            output: None,
+            pin_dir: None,
+            grpc_listen: None,
+            metrics_listen: None,
+            ..Config::default()
+        }
+    }
+}
+
 /// A duration in the one grammar every flag uses (humantime: `500ms`, `30s`, `1h30m`),
 /// greater than zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -419,18 +419,7 @@ fn watch_receives_exactly_the_flows_of_the_traffic_over_grpc() {
     assert_eq!(v["end_reason"], "idle_timeout");
 
     // Self-metrics, scraped from inside the agent's namespace.
-    let body = net
-        .in_ns(&net.a, || {
-            use std::io::{Read, Write};
-            let mut c = std::net::TcpStream::connect("127.0.0.1:9464").expect("metrics port");
-            c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-                .expect("request");
-            let mut body = String::new();
-            c.read_to_string(&mut body).expect("response");
-            body
-        })
-        .join()
-        .expect("scrape");
+    let body = net.scrape(&net.a, "127.0.0.1:9464");
     assert!(
         body.starts_with("HTTP/1.") && body.contains(" 200 "),
         "{body}"

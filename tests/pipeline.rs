@@ -111,18 +111,7 @@ fn a_blocked_stdout_holds_up_neither_subscribers_nor_shutdown() {
     }
     assert_eq!(got, FLOWS as u64);
 
-    let body = net
-        .in_ns(&net.a, || {
-            use std::io::{Read, Write};
-            let mut c = std::net::TcpStream::connect("127.0.0.1:9464").expect("metrics");
-            c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-                .expect("request");
-            let mut body = String::new();
-            c.read_to_string(&mut body).expect("response");
-            body
-        })
-        .join()
-        .expect("scrape");
+    let body = net.scrape(&net.a, "127.0.0.1:9464");
     let lost: f64 = body
         .lines()
         .find_map(|l| l.strip_prefix("flowlens_sink_lost_records_total{sink=\"stdout\"} "))

@@ -50,14 +50,9 @@ impl Agent {
     /// nothing on stdout, no pins and no listeners.
     pub fn start(net: &NetPair, poller: PollerConfig, capacities: Capacities) -> Agent {
         let cfg = Config {
-            interfaces: vec![net.if_a.clone()],
             poller,
             capacities,
-            output: None,
-            pin_dir: None,
-            grpc_listen: None,
-            metrics_listen: None,
-            ..Config::default()
+            ..Config::embedded(&[&net.if_a])
         };
         let path = format!("/run/netns/{}", net.a);
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);

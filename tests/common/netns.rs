@@ -101,6 +101,21 @@ impl NetPair {
         })
     }
 
+    /// GET /metrics from inside namespace `ns` (HTTP/1.0: the body ends with the stream).
+    pub fn scrape(&self, ns: &str, addr: &'static str) -> String {
+        self.in_ns(ns, move || {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect(addr).expect("metrics port");
+            c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+                .expect("request");
+            let mut body = String::new();
+            c.read_to_string(&mut body).expect("response");
+            body
+        })
+        .join()
+        .expect("scrape")
+    }
+
     /// `count` pings from namespace a to `to`, which must all be answered.
     pub fn ping_from_a(&self, to: IpAddr, count: u32) {
         let (to, count) = (to.to_string(), count.to_string());
