@@ -135,6 +135,7 @@ fn a_blocked_stdout_holds_up_neither_subscribers_nor_shutdown() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let took = t0.elapsed();
+    eprintln!("SIGTERM to exit with stdout blocked: {took:?}; stdout lost {lost} records");
     assert!(status.success(), "exit status {status:?}");
     assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
     let _ = std::fs::remove_file(&sock);
