@@ -1,10 +1,10 @@
 //! An in-memory `FlowTable`: the maps as plain collections, so the poller's lifecycle rules run without a kernel.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use super::decode::{addr_key, ext_id, key_bytes, ExtKind, KeyBytes, RawFlow};
-use super::table::{ExtMap, FlowTable, Joined};
+use super::table::{join, ExtMap, FlowTable, Joined};
 use super::PollError;
 use crate::bpf::types;
 use crate::flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
@@ -114,37 +114,18 @@ pub fn flow_key(
 
 impl FlowTable for MemTable {
     fn read(&mut self) -> Result<Joined, PollError> {
-        let mut tcp: HashMap<u64, types::flow_tcp> =
-            self.tcp.iter().map(|(k, v)| (*k, *v)).collect();
-        let mut icmp: HashMap<u64, types::flow_icmp> =
-            self.icmp.iter().map(|(k, v)| (*k, *v)).collect();
-        let entries = [self.base.len() as u64, tcp.len() as u64, icmp.len() as u64];
-        let flows = self
-            .base
-            .values()
-            .map(|(key, base)| RawFlow {
-                key: *key,
-                base: *base,
-                tcp: ext_id(base, ExtKind::Tcp).and_then(|id| tcp.remove(&id)),
-                icmp: ext_id(base, ExtKind::Icmp).and_then(|id| icmp.remove(&id)),
-            })
-            .collect();
-        let unjoined = tcp
-            .into_keys()
-            .map(|k| (ExtMap::Tcp, k))
-            .chain(icmp.into_keys().map(|k| (ExtMap::Icmp, k)))
-            .collect();
+        let joined = join(
+            self.base.values().copied(),
+            self.tcp.iter().map(|(k, v)| (*k, *v)).collect(),
+            self.icmp.iter().map(|(k, v)| (*k, *v)).collect(),
+        );
         for (kb, at) in std::mem::take(&mut self.land_after_read) {
             if let Some(b) = self.base_mut(&kb) {
                 b.last_seen_ns = at;
                 b.packets[0] += 1;
             }
         }
-        Ok(Joined {
-            flows,
-            entries,
-            unjoined,
-        })
+        Ok(joined)
     }
 
     fn take(&mut self, kb: &KeyBytes) -> Result<Option<RawFlow>, PollError> {

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 /// The join's map, by extension id: SipHash was a quarter of a poll's time.
-type JoinMap<V> = HashMap<u64, V, foldhash::fast::RandomState>;
+pub type JoinMap<V> = HashMap<u64, V, foldhash::fast::RandomState>;
 use std::os::fd::{AsFd, AsRawFd};
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
@@ -33,6 +33,38 @@ pub struct Joined {
     pub entries: [u64; 3],
     /// Ids of extension entries read without a base entry naming them: orphans.
     pub unjoined: Vec<(ExtMap, u64)>,
+}
+
+/// Joins each base entry with the extension entries its id names; the extension entries
+/// no base names are the orphans. Both tables read through this.
+pub fn join(
+    base: impl IntoIterator<Item = (types::flow_key, types::flow_base)>,
+    mut tcp: JoinMap<types::flow_tcp>,
+    mut icmp: JoinMap<types::flow_icmp>,
+) -> Joined {
+    let mut entries = [0, tcp.len() as u64, icmp.len() as u64];
+    let flows = base
+        .into_iter()
+        .map(|(key, base)| {
+            entries[0] += 1;
+            RawFlow {
+                key,
+                base,
+                tcp: ext_id(&base, ExtKind::Tcp).and_then(|id| tcp.remove(&id)),
+                icmp: ext_id(&base, ExtKind::Icmp).and_then(|id| icmp.remove(&id)),
+            }
+        })
+        .collect();
+    let unjoined = tcp
+        .into_keys()
+        .map(|k| (ExtMap::Tcp, k))
+        .chain(icmp.into_keys().map(|k| (ExtMap::Icmp, k)))
+        .collect();
+    Joined {
+        flows,
+        entries,
+        unjoined,
+    }
 }
 
 /// Where the poller reads flows from and deletes them: the kernel maps in the agent, an
@@ -100,37 +132,18 @@ impl FlowTable for KernelTable {
     /// from a base entry that exists, and ids are never reused, so one whose base the
     /// later read does not name is an orphan.
     fn read(&mut self) -> Result<Joined, PollError> {
-        let mut tcp: JoinMap<types::flow_tcp> =
+        let tcp: JoinMap<types::flow_tcp> =
             read_all(&self.maps.tcp, "flows_tcp", self.mode, false)?
                 .into_iter()
                 .collect();
-        let mut icmp: JoinMap<types::flow_icmp> =
+        let icmp: JoinMap<types::flow_icmp> =
             read_all(&self.maps.icmp, "flows_icmp", self.mode, false)?
                 .into_iter()
                 .collect();
         // Locked: the TCP state in a base entry changes under its lock.
         let base: Vec<(types::flow_key, types::flow_base)> =
             read_all(&self.maps.flows, "flows", self.mode, true)?;
-        let entries = [base.len() as u64, tcp.len() as u64, icmp.len() as u64];
-        let flows = base
-            .into_iter()
-            .map(|(key, base)| RawFlow {
-                key,
-                base,
-                tcp: ext_id(&base, ExtKind::Tcp).and_then(|id| tcp.remove(&id)),
-                icmp: ext_id(&base, ExtKind::Icmp).and_then(|id| icmp.remove(&id)),
-            })
-            .collect();
-        let unjoined = tcp
-            .into_keys()
-            .map(|k| (ExtMap::Tcp, k))
-            .chain(icmp.into_keys().map(|k| (ExtMap::Icmp, k)))
-            .collect();
-        Ok(Joined {
-            flows,
-            entries,
-            unjoined,
-        })
+        Ok(join(base, tcp, icmp))
     }
 
     fn take(&mut self, kb: &KeyBytes) -> Result<Option<RawFlow>, PollError> {
