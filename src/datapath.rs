@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
@@ -33,6 +34,12 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error("program {prog}: {source}")]
+    Program {
+        prog: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
@@ -59,13 +66,25 @@ impl Default for Capacities {
     }
 }
 
-/// Owned handles on the four maps, usable from any thread.
+impl Capacities {
+    /// Records one scan pass copies out at most (`scan_out`): a sixteenth of the base
+    /// map within [4096, 65536], so the buffer stays a small part of what the flows cost
+    /// and a poll that ends many flows needs few passes.
+    pub fn scan_out(&self) -> u32 {
+        (self.flows / 16).clamp(4096, 65_536)
+    }
+}
+
+/// Owned handles on the maps and the scan program, usable from any thread.
 #[derive(Debug)]
 pub struct FlowMaps {
     pub flows: MapHandle,
     pub tcp: MapHandle,
     pub icmp: MapHandle,
     pub counters: MapHandle,
+    pub scan_out: MapHandle,
+    /// The `flowlens_scan` program (src/bpf/scan.h).
+    pub scan: OwnedFd,
 }
 
 /// Name of each kernel counter slot, in `enum flow_counter` order.
@@ -243,6 +262,7 @@ impl Datapath {
         set(&mut open.maps.flows, "flows", cap.flows)?;
         set(&mut open.maps.flows_tcp, "flows_tcp", cap.tcp)?;
         set(&mut open.maps.flows_icmp, "flows_icmp", cap.icmp)?;
+        set(&mut open.maps.scan_out, "scan_out", cap.scan_out())?;
         // FLOWLENS_LAYOUT_VERSION, as compiled into the object: a new layout
         // gets a new directory and never meets maps of an old one.
         let version = open
@@ -322,6 +342,17 @@ impl Datapath {
             tcp: h(&maps.flows_tcp, "flows_tcp")?,
             icmp: h(&maps.flows_icmp, "flows_icmp")?,
             counters: h(&maps.counters, "counters")?,
+            scan_out: h(&maps.scan_out, "scan_out")?,
+            scan: self
+                .skel
+                .progs
+                .flowlens_scan
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| DatapathError::Program {
+                    prog: "flowlens_scan",
+                    source,
+                })?,
         })
     }
 

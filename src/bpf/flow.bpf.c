@@ -9,6 +9,7 @@
 #include "flowlens.h"
 #include "base.h"
 #include "maps.h"
+#include "scan.h"
 
 /* Read by userspace: pinned maps live under a directory named after it,
  * so maps of another layout are never reused.
@@ -26,6 +27,8 @@ struct flow_enums {
 	enum tcp_state state;
 	enum tcp_bits bits;
 	enum flow_key_flags key_flags;
+	enum scan_kind scan_kind;
+	enum scan_proto scan_proto;
 };
 const volatile struct flow_enums flow_enums_btf = {};
 

@@ -129,7 +129,9 @@ struct flow_base {
 	__u8 initiator;		/* enum flow_dir of the client's packets */
 	__u8 first_hook;	/* enum flow_hook of the first packet */
 	__u8 ext;		/* enum flow_ext */
-	__u8 __pad;
+	__u8 windows;		/* written by the scan only: active-timeout
+				 * windows reported (mod 256), see scan.h
+				 */
 };
 
 /* Transaction latency of one side: a sample is the gap between the last
@@ -184,6 +186,58 @@ struct flow_icmp {
 	__u32 rtt_min_ns;	/* saturates at U32_MAX (~4.29 s) */
 	__u32 rtt_max_ns;
 	__u8 __pad[4];
+};
+
+/* What the poller's scan (scan.h) did with a flow it copied out. */
+enum scan_kind {
+	SCAN_ACTIVE = 0,	/* due an active-timeout record; left in place */
+	SCAN_END_IDLE,		/* ended and deleted: idle timeout */
+	SCAN_END_FIN,		/* ended and deleted: FIN both ways, then grace */
+	SCAN_END_RST,		/* ended and deleted: reset, then grace */
+	SCAN_END_FLUSH,		/* ended and deleted: the agent shuts down */
+};
+
+/* Index of scan_args.idle_ns by protocol. */
+enum scan_proto {
+	SCAN_TCP = 0,
+	SCAN_UDP,
+	SCAN_ICMP,
+	SCAN_OTHER,
+	SCAN_PROTOS,
+};
+
+/* The scan program's context: set by the poller, with the results
+ * written back. Times are on the BPF clock (CLOCK_MONOTONIC).
+ */
+struct scan_args {
+	__u64 now_ns;
+	__u64 prev_ns;		/* the previous scan: flows seen since are busy */
+	__u64 idle_ns[SCAN_PROTOS];
+	__u64 close_grace_ns;
+	__u64 active_ns;
+	__u32 flush;		/* end every flow */
+	__u32 capacity;		/* records scan_out holds */
+	__u32 truncated;	/* out: scan_out filled up; scan again */
+	__u32 copied;		/* out: records in scan_out */
+	__u64 entries[3];	/* out: flows, flows_tcp, flows_icmp; while
+				 * truncated, those seen before it filled up
+				 */
+};
+
+/* One flow the scan copied out. The extension is the one the base names,
+ * copied before it was deleted (ended flows) or as it is (active ones).
+ * The base is bytes: a struct with a bpf_spin_lock cannot be a field of
+ * another map's value; its lock bytes are zero here.
+ */
+struct scan_rec {
+	struct flow_key key;
+	__u8 kind;		/* enum scan_kind */
+	__u8 has_tcp;
+	__u8 has_icmp;
+	__u8 __pad;
+	__u8 base[sizeof(struct flow_base)];
+	struct flow_tcp tcp;
+	struct flow_icmp icmp;
 };
 
 #endif /* __FLOWLENS_H */

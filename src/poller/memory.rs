@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use super::decode::{addr_key, ext_id, key_bytes, ExtKind, KeyBytes, RawFlow};
+use super::scan::{due, ScanKind, Scanned};
 use super::table::{join, ExtMap, FlowTable, Joined};
 use super::PollError;
 use crate::bpf::types;
@@ -126,6 +127,39 @@ impl FlowTable for MemTable {
             }
         }
         Ok(joined)
+    }
+
+    fn scan(&mut self, args: &types::scan_args) -> Result<Scanned, PollError> {
+        let due: Vec<(KeyBytes, ScanKind, u64)> = self
+            .base
+            .iter()
+            .filter_map(|(kb, (key, base))| due(key, base, args).map(|(k, w)| (*kb, k, w)))
+            .collect();
+        let mut flows = Vec::with_capacity(due.len());
+        for (kb, kind, window) in due {
+            if kind != ScanKind::Active {
+                flows.extend(self.take(&kb)?.map(|f| (kind, f)));
+                continue;
+            }
+            let Some((key, base)) = self.base.get_mut(&kb) else {
+                continue;
+            };
+            flows.push((
+                kind,
+                RawFlow {
+                    key: *key,
+                    base: *base,
+                    tcp: ext_id(base, ExtKind::Tcp).and_then(|id| self.tcp.get(&id).copied()),
+                    icmp: ext_id(base, ExtKind::Icmp).and_then(|id| self.icmp.get(&id).copied()),
+                },
+            ));
+            base.windows = window as u8;
+        }
+        Ok(Scanned {
+            flows,
+            entries: self.entries().map(|n| n as u64),
+            truncated: false,
+        })
     }
 
     fn take(&mut self, kb: &KeyBytes) -> Result<Option<RawFlow>, PollError> {

@@ -2,6 +2,7 @@
 
 pub mod decode;
 pub mod memory;
+pub mod scan;
 pub mod table;
 #[cfg(test)]
 mod tests;
@@ -18,10 +19,11 @@ use thiserror::Error;
 
 use crate::attach::IfNames;
 use crate::bpf::types;
-use crate::flow::{EndReason, FlowRecord, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+use crate::flow::{EndReason, FlowRecord, IPPROTO_TCP};
 use crate::snapshot::SnapshotSlot;
 use crate::status::{MapUsage, Status};
 use decode::{key_bytes, monotonic_ns, Clock, Counts, KeyBytes, RawFlow, RecordMeta};
+use scan::ScanKind;
 pub use table::{ExtMap, FlowTable, Joined, KernelTable, ReadMode, MAP_NAMES};
 
 #[derive(Debug, Error)]
@@ -32,6 +34,8 @@ pub enum PollError {
         #[source]
         source: std::io::Error,
     },
+    #[error("running the flow scan program: {0}")]
+    Scan(#[source] std::io::Error),
     #[error("the record channel is closed")]
     ChannelClosed,
 }
@@ -73,7 +77,9 @@ impl Default for PollerConfig {
             idle_other: Duration::from_secs(30),
             tcp_close_grace: Duration::from_secs(2),
             active_timeout: Duration::from_secs(60),
-            orphan_sweep_every: 10,
+            // A sweep reads every flow, so it is as rare as the orphans it removes (an
+            // extension made by a sample that raced its flow's end): once a minute.
+            orphan_sweep_every: 60,
             pressure_threshold: 0.8,
             pressure_poll_interval: Duration::from_millis(100),
             evict_min_age: Duration::from_secs(1),
@@ -296,93 +302,19 @@ impl<T: FlowTable> Poller<T> {
         self.table.read()
     }
 
-    /// One poll: report ended and long-running flows, delete ended keys everywhere.
+    /// One poll: the scan ends due flows (deleting them from every map) and hands over
+    /// those due an active-timeout record; every flow is read only when something needs
+    /// them all (a ListFlows snapshot, the orphan sweep, eviction under pressure).
     pub fn poll_once(&mut self, now_ns: u64) -> Result<PollStats, PollError> {
         self.polls += 1;
-        let Joined {
-            flows,
-            mut entries,
-            unjoined,
-        } = self.read_flows()?;
-        let mut stats = PollStats {
-            flows: flows.len(),
-            ..PollStats::default()
-        };
-        let mut kept = Vec::with_capacity(flows.len());
-        // Cumulative records of the flows that go on, built beside (not from) the delta
-        // bookkeeping below.
-        let mut in_progress = self
-            .snapshots
-            .as_ref()
-            .filter(|s| s.wanted())
-            .map(|_| Vec::with_capacity(flows.len()));
-        for f in &flows {
-            let kb = key_bytes(&f.key);
-            if let Some(reason) = self.end_reason(f, now_ns) {
-                match self.end_flow_if_quiet(f, &kb, reason)? {
-                    Ended::Yes => {
-                        stats.ended += 1;
-                        Self::forget_entries(&mut entries, f);
-                    }
-                    Ended::Revived => stats.revived += 1,
-                    Ended::Gone => {}
-                }
-                continue;
-            }
-            kept.push(f);
-            let last = self
-                .reported
-                .get(&kb)
-                .map_or(f.base.first_seen_ns, |r| r.at_ns);
-            // A flow quiet since the previous poll is not reported as active: if it stays
-            // quiet its idle end reports everything, if not the next poll does.
-            let busy = f.base.last_seen_ns >= self.last_poll_ns;
-            if busy
-                && now_ns.saturating_sub(last) >= self.cfg.active_timeout.as_nanos() as u64
-                && self.emit_active(f, &kb, now_ns)?
-            {
-                stats.active_records += 1;
-            }
-            if let Some(v) = in_progress.as_mut() {
-                // Who the flow is, without `identify`'s bookkeeping (a continuation not
-                // reported yet shows its own id until its first record).
-                let who = self.reported.get(&kb).map_or(
-                    Identity {
-                        flow_id: f.flow_id(),
-                        client: f.client_dir(),
-                        continuation: false,
-                    },
-                    |r| r.who,
-                );
-                v.push(self.record(
-                    f,
-                    Counts::of(&f.base),
-                    EndReason::InProgress,
-                    f.base.first_seen_ns,
-                    who,
-                ));
-            }
-        }
-        match (&self.snapshots, in_progress) {
-            (Some(slot), Some(v)) => slot.publish(self.clock.to_wall(now_ns), v),
-            (Some(slot), None) => slot.release_if_unwanted(),
-            _ => {}
-        }
-        // Forget per-flow state of keys that vanished without us ending them.
-        if self.reported.len() > flows.len() {
-            let live: std::collections::HashSet<KeyBytes> =
-                flows.iter().map(|f| key_bytes(&f.key)).collect();
-            self.reported.retain(|k, _| live.contains(k));
-        }
-        if self.cfg.orphan_sweep_every > 0
+        let mut stats = PollStats::default();
+        let mut entries = self.scan_all(now_ns, false, &mut stats)?;
+        stats.flows = entries[0] as usize + stats.ended;
+        let sweep = self.cfg.orphan_sweep_every > 0
             && self
                 .polls
-                .is_multiple_of(u64::from(self.cfg.orphan_sweep_every))
-        {
-            stats.orphans_removed = self.sweep_orphans(&unjoined)?;
-            // Interfaces come, go and get renamed: look names up afresh now and then.
-            self.other_names.get_mut().clear();
-        }
+                .is_multiple_of(u64::from(self.cfg.orphan_sweep_every));
+        let snapshot = self.snapshots.as_ref().is_some_and(|s| s.wanted());
         let counters = self.table.counters();
         if self.polls == 1 {
             // Drops before this agent's first poll (pinned maps) are not this episode's.
@@ -394,23 +326,114 @@ impl<T: FlowTable> Poller<T> {
             self.check_pressure(i, u);
         }
         self.episode_check(pressure.iter().any(|p| *p), now_ns, &entries, &counters);
-        if self.episode.is_some() {
-            let full = full_counts(&counters);
-            let (evicted, revived) = self.evict(&kept, &mut entries, full, now_ns)?;
-            stats.evicted = evicted;
-            stats.revived += revived;
-            stats.ended += evicted;
-            if evicted > 0 {
-                // Still making room: the episode goes on.
-                if let Some(ep) = &mut self.episode {
-                    ep.last_pressed_ns = now_ns;
+        if sweep || snapshot || self.episode.is_some() {
+            let Joined {
+                flows,
+                entries: read,
+                unjoined,
+            } = self.read_flows()?;
+            entries = read;
+            if snapshot {
+                self.publish_snapshot(&flows, now_ns);
+            }
+            if sweep {
+                // Forget per-flow state of keys that vanished without us ending them.
+                if self.reported.len() > flows.len() {
+                    let live: std::collections::HashSet<KeyBytes> =
+                        flows.iter().map(|f| key_bytes(&f.key)).collect();
+                    self.reported.retain(|k, _| live.contains(k));
+                }
+                stats.orphans_removed = self.sweep_orphans(&unjoined)?;
+                // Interfaces come, go and get renamed: look names up afresh now and then.
+                self.other_names.get_mut().clear();
+            }
+            if self.episode.is_some() {
+                let full = full_counts(&counters);
+                let kept: Vec<&RawFlow> = flows.iter().collect();
+                let (evicted, revived) = self.evict(&kept, &mut entries, full, now_ns)?;
+                stats.evicted = evicted;
+                stats.revived += revived;
+                stats.ended += evicted;
+                if evicted > 0 {
+                    // Still making room: the episode goes on.
+                    if let Some(ep) = &mut self.episode {
+                        ep.last_pressed_ns = now_ns;
+                    }
                 }
             }
+        }
+        if let Some(slot) = self.snapshots.as_ref().filter(|_| !snapshot) {
+            slot.release_if_unwanted();
         }
         self.last_full = full_counts(&counters);
         self.update_status(entries, counters);
         self.last_poll_ns = now_ns;
         Ok(stats)
+    }
+
+    /// Scans until a pass leaves nothing due behind, emitting the records of the flows
+    /// it ended or found due. Returns the entries left in each map.
+    fn scan_all(
+        &mut self,
+        now_ns: u64,
+        flush: bool,
+        stats: &mut PollStats,
+    ) -> Result<[u64; 3], PollError> {
+        let args = scan::args(&self.cfg, now_ns, self.last_poll_ns, flush);
+        loop {
+            let pass = self.table.scan(&args)?;
+            let copied = pass.flows.len();
+            for (kind, f) in pass.flows {
+                let kb = key_bytes(&f.key);
+                match kind {
+                    ScanKind::Ended(reason) => {
+                        self.finish(f, &kb, reason)?;
+                        stats.ended += 1;
+                    }
+                    ScanKind::Active => {
+                        if self.emit_active(&f, &kb, now_ns)? {
+                            stats.active_records += 1;
+                        }
+                    }
+                }
+            }
+            // A full pass made progress (each flow it copied is ended or marked), so the
+            // next one finds what it left.
+            if !pass.truncated || copied == 0 {
+                return Ok(pass.entries);
+            }
+        }
+    }
+
+    /// Cumulative records of the flows in progress, for ListFlows, built beside (not
+    /// from) the delta bookkeeping.
+    fn publish_snapshot(&self, flows: &[RawFlow], now_ns: u64) {
+        let Some(slot) = &self.snapshots else {
+            return;
+        };
+        let v = flows
+            .iter()
+            .map(|f| {
+                // Who the flow is, without `identify`'s bookkeeping (a continuation not
+                // reported yet shows its own id until its first record).
+                let who = self.reported.get(&key_bytes(&f.key)).map_or(
+                    Identity {
+                        flow_id: f.flow_id(),
+                        client: f.client_dir(),
+                        continuation: false,
+                    },
+                    |r| r.who,
+                );
+                self.record(
+                    f,
+                    Counts::of(&f.base),
+                    EndReason::InProgress,
+                    f.base.first_seen_ns,
+                    who,
+                )
+            })
+            .collect();
+        slot.publish(self.clock.to_wall(now_ns), v);
     }
 
     fn forget_entries(entries: &mut [u64; 3], f: &RawFlow) {
@@ -583,38 +606,11 @@ impl<T: FlowTable> Poller<T> {
 
     /// Ends every flow now (agent shutdown). Returns how many.
     pub fn flush(&mut self) -> Result<usize, PollError> {
-        let flows = self.read_flows()?.flows;
-        let mut n = 0;
-        for f in &flows {
-            if self.end_flow(&key_bytes(&f.key), EndReason::Shutdown)? {
-                n += 1;
-            }
-        }
+        let mut stats = PollStats::default();
+        let entries = self.scan_all(monotonic_ns(), true, &mut stats)?;
         let counters = self.table.counters();
-        self.update_status([0; 3], counters);
-        Ok(n)
-    }
-
-    fn end_reason(&self, f: &RawFlow, now_ns: u64) -> Option<EndReason> {
-        let idle = now_ns.saturating_sub(f.base.last_seen_ns);
-        if let Some(t) = f.tcp_hot() {
-            let state = u32::from(t.state);
-            if idle >= self.cfg.tcp_close_grace.as_nanos() as u64 {
-                if state == types::tcp_state::TCP_ST_RESET.0 {
-                    return Some(EndReason::TcpRst);
-                }
-                if state == types::tcp_state::TCP_ST_CLOSED.0 {
-                    return Some(EndReason::TcpFin);
-                }
-            }
-        }
-        let timeout = match f.key.proto {
-            IPPROTO_TCP => self.cfg.idle_tcp,
-            IPPROTO_UDP => self.cfg.idle_udp,
-            IPPROTO_ICMP | IPPROTO_ICMPV6 => self.cfg.idle_icmp,
-            _ => self.cfg.idle_other,
-        };
-        (idle >= timeout.as_nanos() as u64).then_some(EndReason::IdleTimeout)
+        self.update_status(entries, counters);
+        Ok(stats.ended)
     }
 
     /// Takes a flow out of every map and emits its final record.
@@ -626,6 +622,12 @@ impl<T: FlowTable> Poller<T> {
         let Some(raw) = self.table.take(kb)? else {
             return Ok(false);
         };
+        self.finish(raw, kb, reason)?;
+        Ok(true)
+    }
+
+    /// Emits the final record of a flow already taken out of every map.
+    fn finish(&mut self, raw: RawFlow, kb: &KeyBytes, reason: EndReason) -> Result<(), PollError> {
         let (prior, at_ns, who) = match self.reported.remove(kb) {
             Some(r) => (Some(r.counts), r.at_ns, r.who),
             None => (None, raw.base.first_seen_ns, self.identify(&raw, kb)),
@@ -641,11 +643,10 @@ impl<T: FlowTable> Poller<T> {
                 "flow {:016x} ended with nothing new since its last record",
                 who.flow_id
             );
-            return Ok(true);
+            return Ok(());
         }
         let rec = self.record(&raw, counts, reason, at_ns, who);
-        self.send(rec)?;
-        Ok(true)
+        self.send(rec)
     }
 
     /// Who a flow seen for the first time is: a TCP connection the datapath picked up

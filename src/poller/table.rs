@@ -9,6 +9,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
 use super::decode::{decode, ext_id, ExtKind, KeyBytes, RawFlow};
+use super::scan::{decode_rec, Scanned};
 use super::PollError;
 use crate::bpf::types;
 use crate::datapath::FlowMaps;
@@ -72,6 +73,9 @@ pub fn join(
 pub trait FlowTable: Send {
     /// Reads every map once and joins each base entry with its extension.
     fn read(&mut self) -> Result<Joined, PollError>;
+    /// One pass of the scan (`src/bpf/scan.h`): ends the flows due to end, taking them
+    /// out of every map, and returns them with the flows due an active-timeout record.
+    fn scan(&mut self, args: &types::scan_args) -> Result<Scanned, PollError>;
     /// Takes a flow out of every map. The base entry goes first and atomically with its
     /// read, so the flow holds every packet counted before the delete.
     fn take(&mut self, key: &KeyBytes) -> Result<Option<RawFlow>, PollError>;
@@ -144,6 +148,36 @@ impl FlowTable for KernelTable {
         let base: Vec<(types::flow_key, types::flow_base)> =
             read_all(&self.maps.flows, "flows", self.mode, true)?;
         Ok(join(base, tcp, icmp))
+    }
+
+    fn scan(&mut self, args: &types::scan_args) -> Result<Scanned, PollError> {
+        let mut a = *args;
+        a.capacity = self.maps.scan_out.max_entries();
+        let size = std::mem::size_of::<types::scan_args>();
+        let ctx: *mut types::scan_args = &mut a;
+        let mut opts = libbpf_sys::bpf_test_run_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _,
+            ctx_in: ctx.cast(),
+            ctx_size_in: size as _,
+            ..Default::default()
+        };
+        // SAFETY: the context is `a`, a scan_args of the size given, which the kernel
+        // copies in and (a syscall program's results) back; nothing else of ours is touched.
+        let ret =
+            unsafe { libbpf_sys::bpf_prog_test_run_opts(self.maps.scan.as_raw_fd(), &mut opts) };
+        if ret < 0 {
+            return Err(PollError::Scan(std::io::Error::from_raw_os_error(-ret)));
+        }
+        let recs: Vec<types::scan_rec> =
+            read_prefix(&self.maps.scan_out, a.copied).map_err(|source| PollError::Read {
+                map: "scan_out",
+                source,
+            })?;
+        Ok(Scanned {
+            flows: recs.iter().filter_map(decode_rec).collect(),
+            entries: a.entries,
+            truncated: a.truncated != 0,
+        })
     }
 
     fn take(&mut self, kb: &KeyBytes) -> Result<Option<RawFlow>, PollError> {
@@ -257,6 +291,58 @@ where
             Some((decode(&k), decode(&v)))
         })
         .collect()
+}
+
+/// The first `n` entries of an array map, in index order, in as few syscalls as the
+/// kernel allows.
+fn read_prefix<V: plain::Plain + Default + Clone>(
+    map: &MapHandle,
+    n: u32,
+) -> std::io::Result<Vec<V>> {
+    let vs = map.value_size() as usize;
+    let mut out = Vec::with_capacity(n as usize);
+    let mut keys = vec![0u32; n as usize];
+    let mut vals = vec![0u8; vs * n as usize];
+    let mut token = 0u32;
+    let mut next = 0u32;
+    let opts = libbpf_sys::bpf_map_batch_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
+        elem_flags: 0,
+        flags: 0,
+    };
+    while out.len() < n as usize {
+        let mut count = n - out.len() as u32;
+        // SAFETY: keys and vals hold at least `count` entries, the tokens one key each.
+        let ret = unsafe {
+            libbpf_sys::bpf_map_lookup_batch(
+                map.as_fd().as_raw_fd(),
+                if out.is_empty() {
+                    std::ptr::null_mut()
+                } else {
+                    (&mut token as *mut u32).cast()
+                },
+                (&mut next as *mut u32).cast(),
+                keys.as_mut_ptr().cast(),
+                vals.as_mut_ptr().cast(),
+                &mut count,
+                &opts,
+            )
+        };
+        let err = if ret < 0 { -ret } else { 0 };
+        if err != 0 && err != libc::ENOENT {
+            return Err(std::io::Error::from_raw_os_error(err));
+        }
+        out.extend(
+            vals[..count as usize * vs]
+                .chunks_exact(vs)
+                .map(decode::<V>),
+        );
+        if err == libc::ENOENT || count == 0 {
+            break;
+        }
+        token = next;
+    }
+    Ok(out)
 }
 
 /// BPF_MAP_LOOKUP_BATCH over the whole map, decoding in place. A hash

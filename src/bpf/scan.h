@@ -1,0 +1,168 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* The poller's scan: one pass over the flow maps inside the kernel, run by
+ * the agent through BPF_PROG_TEST_RUN every poll. It ends the flows that
+ * are due (idle, TCP closed or reset past the grace, or every flow on
+ * shutdown), copying each out and deleting it from every map, and copies
+ * out the flows due an active-timeout record. Userspace then handles only
+ * those instead of copying every flow out every poll.
+ *
+ * Active-timeout windows are counted from a flow's first packet: a flow is
+ * due when it has entered a window it has not been reported in
+ * (flow_base.windows, which only this program writes) and has had packets
+ * since the previous scan; a quiet flow is left for its idle end or for
+ * the first scan that finds it busy again.
+ */
+#ifndef __FLOWLENS_SCAN_H
+#define __FLOWLENS_SCAN_H
+
+/* Capacity is set from userspace before load. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct scan_rec);
+} scan_out SEC(".maps");
+
+struct scan_ctx {
+	struct scan_args a;
+	__u64 kept;		/* flows left in place */
+	__u32 n;		/* records copied so far */
+	bool full;
+};
+
+static __always_inline __u32 scan_proto(__u8 proto)
+{
+	switch (proto) {
+	case IPPROTO_TCP:
+		return SCAN_TCP;
+	case IPPROTO_UDP:
+		return SCAN_UDP;
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6:
+		return SCAN_ICMP;
+	default:
+		return SCAN_OTHER;
+	}
+}
+
+/* What the scan does with a flow: a scan_kind, or -1 to leave it. */
+static __always_inline int scan_due(const struct flow_key *k,
+				    const struct flow_base *b,
+				    const struct scan_args *a, __u64 *window)
+{
+	__u64 now = a->now_ns;
+	__u64 idle = now > b->last_seen_ns ? now - b->last_seen_ns : 0;
+	__u32 p = scan_proto(k->proto);
+
+	if (a->flush)
+		return SCAN_END_FLUSH;
+	if (b->ext == EXT_TCP && idle >= a->close_grace_ns) {
+		if (b->l4.tcp.state == TCP_ST_RESET)
+			return SCAN_END_RST;
+		if (b->l4.tcp.state == TCP_ST_CLOSED)
+			return SCAN_END_FIN;
+	}
+	if (p < SCAN_PROTOS && idle >= a->idle_ns[p])
+		return SCAN_END_IDLE;
+	if (!a->active_ns || now <= b->first_seen_ns ||
+	    b->last_seen_ns < a->prev_ns)
+		return -1;
+	*window = (now - b->first_seen_ns) / a->active_ns;
+	if (*window && (__u8)*window != b->windows)
+		return SCAN_ACTIVE;
+	return -1;
+}
+
+/* Copies a base entry around its lock, which a program may not read. */
+static __always_inline void scan_copy_base(__u8 *dst, const struct flow_base *b)
+{
+	const __u8 *src = (const __u8 *)b;
+	const __u32 lock = __builtin_offsetof(struct flow_base, lock);
+	const __u32 after = lock + sizeof(struct bpf_spin_lock);
+
+	__builtin_memcpy(dst, src, lock);
+	__builtin_memcpy(dst + after, src + after,
+			 sizeof(struct flow_base) - after);
+}
+
+static long scan_flow(struct bpf_map *map, const struct flow_key *key,
+		      struct flow_base *b, struct scan_ctx *c)
+{
+	struct scan_rec *r;
+	struct flow_tcp *t = NULL;
+	struct flow_icmp *i = NULL;
+	__u64 window = 0;
+	__u64 id = b->ext_id;
+	__u32 slot = c->n;
+	int kind;
+
+	kind = scan_due(key, b, &c->a, &window);
+	if (kind < 0 || kind == SCAN_ACTIVE)
+		c->kept++;
+	if (kind < 0)
+		return 0;
+	if (slot >= c->a.capacity) {
+		/* the rest waits for the next pass, which finds it due again */
+		c->full = true;
+		return 1;
+	}
+	r = bpf_map_lookup_elem(&scan_out, &slot);
+	if (!r)
+		return 1;
+	c->n = slot + 1;
+	r->key = *key;
+	r->kind = kind;
+	scan_copy_base(r->base, b);
+	if (id && b->ext == EXT_TCP)
+		t = bpf_map_lookup_elem(&flows_tcp, &id);
+	else if (id && b->ext == EXT_ICMP)
+		i = bpf_map_lookup_elem(&flows_icmp, &id);
+	r->has_tcp = !!t;
+	r->has_icmp = !!i;
+	if (t)
+		r->tcp = *t;
+	if (i)
+		r->icmp = *i;
+	if (kind == SCAN_ACTIVE) {
+		b->windows = (__u8)window;
+		return 0;
+	}
+	/* The base goes first, so the datapath stops finding the flow; a
+	 * sample taken on the way makes an orphan extension, which the
+	 * poller's sweep removes.
+	 */
+	bpf_map_delete_elem(&flows, &r->key);
+	if (t)
+		bpf_map_delete_elem(&flows_tcp, &id);
+	if (i)
+		bpf_map_delete_elem(&flows_icmp, &id);
+	return 0;
+}
+
+static long scan_count(struct bpf_map *map, const void *key, void *value,
+		       __u64 *n)
+{
+	*n += 1;
+	return 0;
+}
+
+SEC("syscall")
+int flowlens_scan(struct scan_args *args)
+{
+	struct scan_ctx c = {};
+	__u64 n = 0;
+
+	c.a = *args;
+	bpf_for_each_map_elem(&flows, scan_flow, &c, 0);
+	args->truncated = c.full;
+	args->copied = c.n;
+	args->entries[0] = c.kept;
+	bpf_for_each_map_elem(&flows_tcp, scan_count, &n, 0);
+	args->entries[1] = n;
+	n = 0;
+	bpf_for_each_map_elem(&flows_icmp, scan_count, &n, 0);
+	args->entries[2] = n;
+	return 0;
+}
+
+#endif /* __FLOWLENS_SCAN_H */
