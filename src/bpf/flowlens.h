@@ -219,9 +219,7 @@ struct scan_args {
 	__u32 capacity;		/* records scan_out holds */
 	__u32 truncated;	/* out: scan_out filled up; scan again */
 	__u32 copied;		/* out: records in scan_out */
-	__u64 entries[3];	/* out: flows, flows_tcp, flows_icmp; while
-				 * truncated, those seen before it filled up
-				 */
+	__u64 entries[3];	/* out: flows, flows_tcp, flows_icmp */
 };
 
 /* One flow the scan copied out. The extension is the one the base names,

@@ -112,6 +112,9 @@ struct Episode {
     full_at_start: [u64; 3],
 }
 
+/// A poll may take at most this share (1/n) of a core; see `Poller::next_interval`.
+const POLL_BUDGET: u32 = 40;
+
 /// How long without pressure ends an episode.
 const EPISODE_CALM: Duration = Duration::from_secs(2);
 
@@ -274,11 +277,7 @@ impl<T: FlowTable> Poller<T> {
     /// disconnects, then flushes every flow.
     pub fn run(mut self, stop: Receiver<()>) -> Result<(), PollError> {
         loop {
-            let interval = if self.under_pressure() {
-                self.cfg.pressure_poll_interval.min(self.cfg.poll_interval)
-            } else {
-                self.cfg.poll_interval
-            };
+            let interval = self.next_interval();
             select! {
                 recv(after(interval)) -> _ => {
                     let started = Instant::now();
@@ -295,6 +294,24 @@ impl<T: FlowTable> Poller<T> {
         let n = self.flush()?;
         info!("shutdown: flushed {n} flows");
         Ok(())
+    }
+
+    /// When to poll next: every poll interval, faster under pressure, and, when many
+    /// flows make a poll long, spaced so polling costs at most 1/`POLL_BUDGET` of a core,
+    /// but never more than half the shortest idle timeout apart.
+    fn next_interval(&self) -> Duration {
+        if self.under_pressure() {
+            return self.cfg.pressure_poll_interval.min(self.cfg.poll_interval);
+        }
+        let last = Duration::from_nanos(self.status.last_poll_ns.load(Ordering::Relaxed));
+        let cfg = &self.cfg;
+        let cap = [cfg.idle_tcp, cfg.idle_udp, cfg.idle_icmp, cfg.idle_other]
+            .into_iter()
+            .min()
+            .unwrap_or(cfg.poll_interval)
+            / 2;
+        cfg.poll_interval
+            .max(last.saturating_mul(POLL_BUDGET).min(cap))
     }
 
     /// Reads every map once and joins each base entry with its extension.
