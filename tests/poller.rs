@@ -295,3 +295,214 @@ fn snapshots_are_cumulative_only_while_wanted_and_leave_the_deltas_alone() {
     assert_eq!(active[0].total_packets(), 11 - 3);
     assert_eq!(active[0].end_reason, EndReason::ActiveTimeout);
 }
+
+/// One case for the scan: a flow's protocol, times and TCP state, and whether it has an
+/// extension entry.
+struct Case {
+    proto: u8,
+    fragment: bool,
+    first_s: u64,
+    last_s: u64,
+    windows: u8,
+    state: Option<types::tcp_state>,
+    ext: bool,
+}
+
+/// The same flows in the kernel maps and in the in-memory table, under the same ids.
+fn both(cases: &[Case], t0: u64) -> (Datapath, flowlens::poller::memory::MemTable) {
+    use flowlens::poller::memory::MemTable;
+    let dp = Datapath::load(Capacities::default()).expect("load");
+    let maps = dp.maps().expect("maps");
+    let mut mem = MemTable::new([65_536, 32_768, 8_192]);
+    let s = 1_000_000_000u64;
+    for (i, c) in cases.iter().enumerate() {
+        let mut k = key(i as u32, c.proto);
+        if c.fragment {
+            k.flags = types::flow_key_flags::KEY_FRAGMENT.0 as u8;
+        }
+        let mut b = types::flow_base {
+            first_seen_ns: t0 + c.first_s * s,
+            last_seen_ns: t0 + c.last_s * s,
+            packets: [3, i as u64],
+            bytes: [300, 100 * i as u64],
+            windows: c.windows,
+            ..Default::default()
+        };
+        if let Some(st) = c.state {
+            b.l4.tcp.state = st.0 as u8;
+        }
+        let tcp = (c.ext && c.proto == 6).then(|| {
+            let mut t = types::flow_tcp::default();
+            t.lat[1].count = i as u32 + 7;
+            t
+        });
+        let icmp = (c.ext && c.proto == 1).then(|| types::flow_icmp {
+            rtt_count: i as u32 + 9,
+            ..Default::default()
+        });
+        let kb = mem.put(k, b, tcp, icmp);
+        let (_, b) = mem.base[&kb];
+        maps.flows
+            .update(&kb, bytes_of(&b), MapFlags::ANY)
+            .expect("put base");
+        if let Some(t) = tcp {
+            maps.tcp
+                .update(&b.ext_id.to_ne_bytes(), bytes_of(&t), MapFlags::ANY)
+                .expect("put tcp");
+        }
+        if let Some(c) = icmp {
+            maps.icmp
+                .update(&b.ext_id.to_ne_bytes(), bytes_of(&c), MapFlags::ANY)
+                .expect("put icmp");
+        }
+    }
+    (dp, mem)
+}
+
+type Seen = Vec<(
+    Vec<u8>,
+    flowlens::poller::scan::ScanKind,
+    Vec<u8>,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+)>;
+
+/// A pass's flows as comparable bytes, in key order.
+fn seen(pass: flowlens::poller::scan::Scanned) -> Seen {
+    let mut v: Seen = pass
+        .flows
+        .into_iter()
+        .map(|(kind, f)| {
+            (
+                bytes_of(&f.key).to_vec(),
+                kind,
+                bytes_of(&f.base).to_vec(),
+                f.tcp.map(|t| bytes_of(&t).to_vec()),
+                f.icmp.map(|c| bytes_of(&c).to_vec()),
+            )
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// The scan program and the in-memory table's scan (which the lifecycle unit tests pin
+/// down) pick the same flows for the same reasons and leave the same entries behind.
+#[test]
+fn the_kernel_scan_follows_the_same_rules_as_the_in_memory_one() {
+    use flowlens::poller::scan::{args, ScanKind};
+    use flowlens::poller::FlowTable;
+    use types::tcp_state as St;
+    let c = |proto, first_s, last_s, windows, state, ext| Case {
+        proto,
+        fragment: false,
+        first_s,
+        last_s,
+        windows,
+        state,
+        ext,
+    };
+    // Polled at 50 s, the previous poll at 44 s; UDP idles out at 30 s, TCP at 60 s,
+    // ICMP at 10 s, others at 40 s; windows of 40 s; TCP close grace 2 s.
+    let cases = [
+        c(17, 0, 10, 0, None, false),                  // UDP idle 40 s: ends
+        c(17, 0, 45, 0, None, false),                  // busy, in window 1: active
+        c(17, 0, 35, 0, None, false),                  // quiet since the last poll: left
+        c(17, 0, 44, 0, None, false),                  // seen at the last poll: active
+        c(17, 15, 49, 0, None, false),                 // 35 s old, no window yet: left
+        c(6, 0, 49, 0, Some(St::TCP_ST_CLOSED), true), // closed 1 s ago: active
+        c(6, 0, 47, 0, Some(St::TCP_ST_CLOSED), true), // closed 3 s ago: FIN
+        c(6, 0, 47, 0, Some(St::TCP_ST_RESET), false), // reset 3 s ago: RST
+        c(6, 0, 43, 0, Some(St::TCP_ST_ESTABLISHED), true), // quiet 7 s: left
+        c(6, 0, 49, 1, Some(St::TCP_ST_ESTABLISHED), true), // window 1 reported: left
+        c(1, 0, 30, 0, None, true),                    // ICMP quiet 20 s: ends, RTT copied
+        c(47, 0, 5, 0, None, false),                   // other protocol, idle 45 s: ends
+        Case {
+            fragment: true,
+            ..c(17, 0, 12, 0, None, false) // a fragment flow, idle 38 s: ends
+        },
+    ];
+    let cfg = PollerConfig {
+        idle_udp: Duration::from_secs(30),
+        idle_tcp: Duration::from_secs(60),
+        idle_other: Duration::from_secs(40),
+        active_timeout: Duration::from_secs(40),
+        ..PollerConfig::default()
+    };
+    let t0 = monotonic_ns();
+    let s = 1_000_000_000u64;
+    let (dp, mut mem) = both(&cases, t0);
+    let mut kernel = KernelTable::new(dp.maps().expect("maps"));
+    let a = args(&cfg, t0 + 50 * s, t0 + 44 * s, false);
+    let (k, m) = (
+        kernel.scan(&a).expect("kernel scan"),
+        mem.scan(&a).expect("memory scan"),
+    );
+    assert_eq!((k.truncated, k.entries), (m.truncated, m.entries));
+    let (k, m) = (seen(k), seen(m));
+    assert_eq!(k, m);
+    let kinds: Vec<ScanKind> = k.iter().map(|f| f.1).collect();
+    let ended = |r| kinds.iter().filter(|k| **k == ScanKind::Ended(r)).count();
+    assert_eq!(
+        (
+            ended(EndReason::IdleTimeout),
+            ended(EndReason::TcpFin),
+            ended(EndReason::TcpRst)
+        ),
+        (4, 1, 1)
+    );
+    assert_eq!(kinds.iter().filter(|k| **k == ScanKind::Active).count(), 3);
+    assert_eq!(k.len(), 9, "the other four are left alone");
+    // What is left, windows marked included, is the same too.
+    let maps = dp.maps().expect("maps");
+    let mut left: Vec<(Vec<u8>, Vec<u8>)> =
+        read_all::<types::flow_key, types::flow_base>(&maps.flows, "flows", ReadMode::Batch, true)
+            .expect("read")
+            .iter()
+            .map(|(k, b)| (bytes_of(k).to_vec(), bytes_of(b).to_vec()))
+            .collect();
+    left.sort();
+    let mut mem_left: Vec<(Vec<u8>, Vec<u8>)> = mem
+        .base
+        .values()
+        .map(|(k, b)| (bytes_of(k).to_vec(), bytes_of(b).to_vec()))
+        .collect();
+    mem_left.sort();
+    assert_eq!(left, mem_left);
+    assert_eq!(
+        [maps.tcp.keys().count(), maps.icmp.keys().count()],
+        [mem.tcp.len(), mem.icmp.len()]
+    );
+    // A second scan at the same time finds nothing new; a flush ends the rest.
+    assert!(kernel.scan(&a).expect("again").flows.is_empty());
+    let flush = args(&cfg, t0 + 50 * s, t0 + 50 * s, true);
+    let (k, m) = (
+        kernel.scan(&flush).expect("flush"),
+        mem.scan(&flush).expect("flush"),
+    );
+    assert_eq!(k.entries, [0, 0, 0]);
+    assert_eq!(seen(k), seen(m));
+}
+
+/// More flows due than one pass copies out: the pass says so, and the next one goes on.
+#[test]
+fn a_scan_with_more_due_than_it_holds_goes_on_in_the_next_pass() {
+    use flowlens::poller::scan::args;
+    use flowlens::poller::FlowTable;
+    let dp = Datapath::load(Capacities::default()).expect("load");
+    let maps = dp.maps().expect("maps");
+    let cap = Capacities::default().scan_out();
+    let n = cap + 500;
+    for i in 0..n {
+        put(&maps, i, 17, 1);
+    }
+    let mut table = KernelTable::new(dp.maps().expect("maps"));
+    let a = args(&PollerConfig::default(), monotonic_ns(), 0, false);
+    let first = table.scan(&a).expect("scan");
+    assert!(first.truncated);
+    assert_eq!(first.flows.len(), cap as usize);
+    let second = table.scan(&a).expect("scan");
+    assert!(!second.truncated);
+    assert_eq!(second.flows.len(), 500);
+    assert_eq!(second.entries, [0, 0, 0]);
+}
