@@ -667,12 +667,17 @@ fn snapshot_cost(t: &mut Table, dp: &Datapath, n: u32) -> Result<()> {
 /// Fills the split maps with `n` flows of the default mix last seen at `seen_ns`, every
 /// TCP and ICMP flow with its extension entry (the poller's worst case).
 fn fill_flows(maps: &FlowMaps, n: u32, seen_ns: u64) -> Result<()> {
+    fill_flows_seen(maps, n, seen_ns, seen_ns)
+}
+
+/// Like `fill_flows`, first seen at `first_ns` and last seen at `last_ns`.
+fn fill_flows_seen(maps: &FlowMaps, n: u32, first_ns: u64, last_ns: u64) -> Result<()> {
     let mix = Mix::DEFAULT;
     let id = |i: u32| u64::from(i) + 1;
     fill(&maps.flows, n, |i| {
         let base = types::flow_base {
-            first_seen_ns: seen_ns,
-            last_seen_ns: seen_ns,
+            first_seen_ns: first_ns,
+            last_seen_ns: last_ns,
             packets: [10, 10],
             ext: mix.ext(i) as u8,
             ext_id: if mix.ext(i) == 0 { 0 } else { id(i) },
@@ -738,7 +743,10 @@ fn poller_cost(t: &mut Table) -> Result<()> {
         ..Config::embedded(&[])
     })?;
     let maps = agent.maps()?;
-    fill_flows(&maps, n, monotonic_ns())?;
+    // Live, not ending: last seen 40 s ahead, so no flow idles out during the window and
+    // each poll finds every flow busy (the scan then checks its active-timeout window).
+    let now = monotonic_ns();
+    fill_flows_seen(&maps, n, now, now + 40_000_000_000)?;
     std::thread::sleep(Duration::from_secs(2));
     let (c0, t0) = (cpu_secs(), Instant::now());
     std::thread::sleep(Duration::from_secs(30));

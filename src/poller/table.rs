@@ -36,36 +36,67 @@ pub struct Joined {
     pub unjoined: Vec<(ExtMap, u64)>,
 }
 
-/// Joins each base entry with the extension entries its id names; the extension entries
-/// no base names are the orphans. Both tables read through this.
+/// Joins base entries, as they are read, with the extension entries read before them:
+/// each base takes the entry its id names, and those no base names are the orphans. Both
+/// tables read through this, the kernel one straight from its batch buffers.
+pub struct Joiner {
+    tcp: JoinMap<types::flow_tcp>,
+    icmp: JoinMap<types::flow_icmp>,
+    flows: Vec<RawFlow>,
+    entries: [u64; 3],
+}
+
+impl Joiner {
+    pub fn new(
+        tcp: JoinMap<types::flow_tcp>,
+        icmp: JoinMap<types::flow_icmp>,
+        capacity: usize,
+    ) -> Joiner {
+        let entries = [0, tcp.len() as u64, icmp.len() as u64];
+        Joiner {
+            tcp,
+            icmp,
+            flows: Vec::with_capacity(capacity),
+            entries,
+        }
+    }
+
+    pub fn push(&mut self, key: types::flow_key, base: types::flow_base) {
+        self.entries[0] += 1;
+        self.flows.push(RawFlow {
+            key,
+            base,
+            tcp: ext_id(&base, ExtKind::Tcp).and_then(|id| self.tcp.remove(&id)),
+            icmp: ext_id(&base, ExtKind::Icmp).and_then(|id| self.icmp.remove(&id)),
+        });
+    }
+
+    pub fn finish(self) -> Joined {
+        let unjoined = self
+            .tcp
+            .into_keys()
+            .map(|k| (ExtMap::Tcp, k))
+            .chain(self.icmp.into_keys().map(|k| (ExtMap::Icmp, k)))
+            .collect();
+        Joined {
+            flows: self.flows,
+            entries: self.entries,
+            unjoined,
+        }
+    }
+}
+
+/// Joins a whole set of base entries (see `Joiner`).
 pub fn join(
     base: impl IntoIterator<Item = (types::flow_key, types::flow_base)>,
-    mut tcp: JoinMap<types::flow_tcp>,
-    mut icmp: JoinMap<types::flow_icmp>,
+    tcp: JoinMap<types::flow_tcp>,
+    icmp: JoinMap<types::flow_icmp>,
 ) -> Joined {
-    let mut entries = [0, tcp.len() as u64, icmp.len() as u64];
-    let flows = base
-        .into_iter()
-        .map(|(key, base)| {
-            entries[0] += 1;
-            RawFlow {
-                key,
-                base,
-                tcp: ext_id(&base, ExtKind::Tcp).and_then(|id| tcp.remove(&id)),
-                icmp: ext_id(&base, ExtKind::Icmp).and_then(|id| icmp.remove(&id)),
-            }
-        })
-        .collect();
-    let unjoined = tcp
-        .into_keys()
-        .map(|k| (ExtMap::Tcp, k))
-        .chain(icmp.into_keys().map(|k| (ExtMap::Icmp, k)))
-        .collect();
-    Joined {
-        flows,
-        entries,
-        unjoined,
+    let mut j = Joiner::new(tcp, icmp, 0);
+    for (key, b) in base {
+        j.push(key, b);
     }
+    j.finish()
 }
 
 /// Where the poller reads flows from and deletes them: the kernel maps in the agent, an
@@ -101,6 +132,8 @@ pub enum ReadMode {
 pub struct KernelTable {
     maps: FlowMaps,
     mode: ReadMode,
+    /// Entries the previous read found, to size the next one's collections.
+    last_entries: [u64; 3],
 }
 
 impl KernelTable {
@@ -108,6 +141,7 @@ impl KernelTable {
         KernelTable {
             maps,
             mode: ReadMode::Batch,
+            last_entries: [0; 3],
         }
     }
 
@@ -136,18 +170,27 @@ impl FlowTable for KernelTable {
     /// from a base entry that exists, and ids are never reused, so one whose base the
     /// later read does not name is an orphan.
     fn read(&mut self) -> Result<Joined, PollError> {
-        let tcp: JoinMap<types::flow_tcp> =
-            read_all(&self.maps.tcp, "flows_tcp", self.mode, false)?
-                .into_iter()
-                .collect();
-        let icmp: JoinMap<types::flow_icmp> =
-            read_all(&self.maps.icmp, "flows_icmp", self.mode, false)?
-                .into_iter()
-                .collect();
-        // Locked: the TCP state in a base entry changes under its lock.
-        let base: Vec<(types::flow_key, types::flow_base)> =
-            read_all(&self.maps.flows, "flows", self.mode, true)?;
-        Ok(join(base, tcp, icmp))
+        let [_, tcp_n, icmp_n] = self.last_entries.map(|n| n as usize);
+        // Room for a full map: address space only, the pages are touched as flows come,
+        // and the vector never grows by copying.
+        let flows = self.maps.flows.max_entries() as usize;
+        let mut tcp = JoinMap::with_capacity_and_hasher(tcp_n, Default::default());
+        walk(&self.maps.tcp, "flows_tcp", self.mode, false, |k, v| {
+            tcp.insert(decode(k), decode(v));
+        })?;
+        let mut icmp = JoinMap::with_capacity_and_hasher(icmp_n, Default::default());
+        walk(&self.maps.icmp, "flows_icmp", self.mode, false, |k, v| {
+            icmp.insert(decode(k), decode(v));
+        })?;
+        // Each base entry is joined as it comes out of the batch buffer, with no copy in
+        // between; locked, as the TCP state in a base entry changes under its lock.
+        let mut j = Joiner::new(tcp, icmp, flows);
+        walk(&self.maps.flows, "flows", self.mode, true, |k, v| {
+            j.push(decode(k), decode(v));
+        })?;
+        let joined = j.finish();
+        self.last_entries = joined.entries;
+        Ok(joined)
     }
 
     fn scan(&mut self, args: &types::scan_args) -> Result<Scanned, PollError> {
@@ -252,9 +295,25 @@ where
     K: plain::Plain + Default,
     V: plain::Plain + Default,
 {
-    Ok(match mode {
-        ReadMode::Batch => match read_batch(map, locked) {
-            Ok(entries) => entries,
+    let mut out = Vec::new();
+    walk(map, name, mode, locked, |k, v| {
+        out.push((decode(k), decode(v)))
+    })?;
+    Ok(out)
+}
+
+/// Hands every entry of a hash map, as key and value bytes, to `f`: in batches where the
+/// kernel supports them, else key by key.
+pub fn walk(
+    map: &MapHandle,
+    name: &'static str,
+    mode: ReadMode,
+    locked: bool,
+    mut f: impl FnMut(&[u8], &[u8]),
+) -> Result<(), PollError> {
+    match mode {
+        ReadMode::Batch => match walk_batch(map, locked, &mut f) {
+            Ok(()) => Ok(()),
             // kernels without batch ops for this map type
             Err(e)
                 if matches!(
@@ -262,12 +321,16 @@ where
                     Some(libc::EINVAL | libc::ENOTSUP | ENOTSUPP)
                 ) =>
             {
-                read_key_by_key(map, locked)
+                walk_key_by_key(map, locked, f);
+                Ok(())
             }
-            Err(source) => return Err(PollError::Read { map: name, source }),
+            Err(source) => Err(PollError::Read { map: name, source }),
         },
-        ReadMode::KeyByKey => read_key_by_key(map, locked),
-    })
+        ReadMode::KeyByKey => {
+            walk_key_by_key(map, locked, f);
+            Ok(())
+        }
+    }
 }
 
 fn lookup_flags(locked: bool) -> MapFlags {
@@ -278,19 +341,14 @@ fn lookup_flags(locked: bool) -> MapFlags {
     }
 }
 
-fn read_key_by_key<K, V>(map: &MapHandle, locked: bool) -> Vec<(K, V)>
-where
-    K: plain::Plain + Default,
-    V: plain::Plain + Default,
-{
+fn walk_key_by_key(map: &MapHandle, locked: bool, mut f: impl FnMut(&[u8], &[u8])) {
     let keys: Vec<Vec<u8>> = map.keys().collect();
-    keys.into_iter()
-        .filter_map(|k| {
-            // A key deleted since the walk is simply gone.
-            let v = map.lookup(&k, lookup_flags(locked)).ok()??;
-            Some((decode(&k), decode(&v)))
-        })
-        .collect()
+    for k in keys {
+        // A key deleted since the walk is simply gone.
+        if let Ok(Some(v)) = map.lookup(&k, lookup_flags(locked)) {
+            f(&k, &v);
+        }
+    }
 }
 
 /// The first `n` entries of an array map, in index order, in as few syscalls as the
@@ -345,17 +403,17 @@ fn read_prefix<V: plain::Plain + Default + Clone>(
     Ok(out)
 }
 
-/// BPF_MAP_LOOKUP_BATCH over the whole map, decoding in place. A hash
-/// bucket must fit in one batch (else ENOSPC), so the batch doubles until it does.
-fn read_batch<K, V>(map: &MapHandle, locked: bool) -> std::io::Result<Vec<(K, V)>>
-where
-    K: plain::Plain + Default,
-    V: plain::Plain + Default,
-{
+/// BPF_MAP_LOOKUP_BATCH over the whole map, each entry handed to `f` straight from the
+/// batch buffers. A hash bucket must fit in one batch (else ENOSPC), so the batch doubles
+/// until it does.
+fn walk_batch(
+    map: &MapHandle,
+    locked: bool,
+    f: &mut impl FnMut(&[u8], &[u8]),
+) -> std::io::Result<()> {
     let ks = map.key_size() as usize;
     let vs = map.value_size() as usize;
     let mut batch: u32 = 1024;
-    let mut out = Vec::new();
     let mut token = vec![0u8; ks.max(8)];
     let mut next = vec![0u8; ks.max(8)];
     let mut keys = vec![0u8; ks * batch as usize];
@@ -396,14 +454,14 @@ where
             return Err(std::io::Error::from_raw_os_error(err));
         }
         let n = count as usize;
-        out.extend(
-            keys[..n * ks]
-                .chunks_exact(ks)
-                .zip(vals[..n * vs].chunks_exact(vs))
-                .map(|(k, v)| (decode(k), decode(v))),
-        );
+        for (k, v) in keys[..n * ks]
+            .chunks_exact(ks)
+            .zip(vals[..n * vs].chunks_exact(vs))
+        {
+            f(k, v);
+        }
         if err == libc::ENOENT {
-            return Ok(out);
+            return Ok(());
         }
         std::mem::swap(&mut token, &mut next);
         first = false;
