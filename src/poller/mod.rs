@@ -134,6 +134,10 @@ enum Ended {
     Gone,
 }
 
+/// Per-flow state by flow key: foldhash, as SipHash over the 44-byte key was a visible
+/// share of ending a flow.
+type KeyMap<V> = HashMap<KeyBytes, V, foldhash::fast::RandomState>;
+
 /// Per-flow state the poller keeps between a flow's records.
 #[derive(Debug, Clone, Copy)]
 struct Reported {
@@ -157,7 +161,7 @@ struct Identity {
 /// keeps its id and roles (the datapath can only guess them mid-connection).
 #[derive(Debug, Default)]
 struct Recent {
-    by_key: HashMap<KeyBytes, Identity>,
+    by_key: KeyMap<Identity>,
     order: std::collections::VecDeque<KeyBytes>,
 }
 
@@ -199,7 +203,7 @@ pub struct Poller<T: FlowTable = KernelTable> {
     clock: Clock,
     tx: Sender<FlowRecord>,
     status: Arc<Status>,
-    reported: HashMap<KeyBytes, Reported>,
+    reported: KeyMap<Reported>,
     ifnames: IfNames,
     polls: u64,
     /// When the previous poll ran (BPF clock); 0 before the first.
@@ -232,7 +236,7 @@ impl<T: FlowTable> Poller<T> {
             clock: Clock::new(),
             tx,
             status,
-            reported: HashMap::new(),
+            reported: KeyMap::default(),
             ifnames,
             polls: 0,
             last_poll_ns: 0,
@@ -356,7 +360,7 @@ impl<T: FlowTable> Poller<T> {
             if sweep {
                 // Forget per-flow state of keys that vanished without us ending them.
                 if self.reported.len() > flows.len() {
-                    let live: std::collections::HashSet<KeyBytes> =
+                    let live: std::collections::HashSet<KeyBytes, foldhash::fast::RandomState> =
                         flows.iter().map(|f| key_bytes(&f.key)).collect();
                     self.reported.retain(|k, _| live.contains(k));
                 }
