@@ -306,6 +306,8 @@ struct Case {
     windows: u8,
     state: Option<types::tcp_state>,
     ext: bool,
+    /// One packet, no answer (else a few each way).
+    single: bool,
 }
 
 /// The same flows in the kernel maps and in the in-memory table, under the same ids.
@@ -323,8 +325,12 @@ fn both(cases: &[Case], t0: u64) -> (Datapath, flowlens::poller::memory::MemTabl
         let mut b = types::flow_base {
             first_seen_ns: t0 + c.first_s * s,
             last_seen_ns: t0 + c.last_s * s,
-            packets: [3, i as u64],
-            bytes: [300, 100 * i as u64],
+            packets: if c.single { [1, 0] } else { [3, i as u64] },
+            bytes: if c.single {
+                [60, 0]
+            } else {
+                [300, 100 * i as u64]
+            },
             windows: c.windows,
             ..Default::default()
         };
@@ -401,6 +407,7 @@ fn the_kernel_scan_follows_the_same_rules_as_the_in_memory_one() {
         windows,
         state,
         ext,
+        single: false,
     };
     // Polled at 50 s, the previous poll at 44 s; UDP idles out at 30 s, TCP at 60 s,
     // ICMP at 10 s, others at 40 s; windows of 40 s; TCP close grace 2 s.
@@ -505,4 +512,71 @@ fn a_scan_with_more_due_than_it_holds_goes_on_in_the_next_pass() {
     assert!(!second.truncated);
     assert_eq!(second.flows.len(), 500);
     assert_eq!(second.entries, [0, 0, 0]);
+}
+
+/// Eviction in the kernel scan follows the in-memory rules: only one-packet flows never
+/// reported and quiet for the age, only while a map is over what it may keep, and only
+/// flows that free an entry in a map that must give one up.
+#[test]
+fn the_kernel_scan_evicts_by_the_same_rules_as_the_in_memory_one() {
+    use flowlens::poller::scan::{args, ScanKind};
+    use flowlens::poller::FlowTable;
+    let c = |proto, last_s, windows, ext| Case {
+        proto,
+        fragment: false,
+        first_s: last_s,
+        last_s,
+        windows,
+        state: None,
+        ext,
+        single: true,
+    };
+    let mut cases = vec![
+        c(17, 8, 1, false), // reported once: kept
+        c(17, 9, 0, false), // 1 s quiet: younger than the age, kept
+        c(6, 5, 0, true),   // holds a TCP extension entry
+    ];
+    cases.extend((0..6).map(|_| c(17, 5, 0, false)));
+    let t0 = monotonic_ns();
+    let s = 1_000_000_000u64;
+    let cfg = PollerConfig::default();
+    let evicting = |keep: [u64; 3]| {
+        let mut a = args(&cfg, t0 + 10 * s, t0 + 9 * s, false);
+        a.evict_age_ns = 2 * s;
+        a.evict_keep = keep;
+        a
+    };
+    // Every candidate goes when the maps must give up more than there are.
+    let (dp, mut mem) = both(&cases, t0);
+    let mut kernel = KernelTable::new(dp.maps().expect("maps"));
+    let all = evicting([0, 0, 0]);
+    let (k, m) = (
+        kernel.scan(&all).expect("scan"),
+        mem.scan(&all).expect("scan"),
+    );
+    assert_eq!((k.entries, k.evict_left), (m.entries, m.evict_left));
+    assert_eq!(
+        k.entries,
+        [2, 0, 0],
+        "only the reported and the young flow stay"
+    );
+    let (k, m) = (seen(k), seen(m));
+    assert_eq!(k, m);
+    assert!(k.iter().all(|f| f.1 == ScanKind::Ended(EndReason::Evicted)));
+    // Only the TCP map over what it keeps: only the flow holding an entry there goes.
+    let (dp, mut mem) = both(&cases, t0);
+    let mut kernel = KernelTable::new(dp.maps().expect("maps"));
+    let tcp_only = evicting([100, 0, 100]);
+    let (k, m) = (
+        kernel.scan(&tcp_only).expect("scan"),
+        mem.scan(&tcp_only).expect("scan"),
+    );
+    assert_eq!(seen(k), seen(m));
+    // The base map three over: three of the six plain candidates, whichever the map
+    // order gives (kernel and memory orders differ), and no more.
+    let (dp, _) = both(&cases, t0);
+    let mut kernel = KernelTable::new(dp.maps().expect("maps"));
+    let k = kernel.scan(&evicting([6, 100, 100])).expect("scan");
+    assert_eq!(k.flows.len(), 3);
+    assert_eq!((k.entries[0], k.evict_left), (6, [0, 0, 0]));
 }

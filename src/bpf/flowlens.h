@@ -195,6 +195,7 @@ enum scan_kind {
 	SCAN_END_FIN,		/* ended and deleted: FIN both ways, then grace */
 	SCAN_END_RST,		/* ended and deleted: reset, then grace */
 	SCAN_END_FLUSH,		/* ended and deleted: the agent shuts down */
+	SCAN_END_EVICT,		/* ended and deleted: evicted under pressure */
 };
 
 /* Index of scan_args.idle_ns by protocol. */
@@ -220,6 +221,13 @@ struct scan_args {
 	__u32 truncated;	/* out: scan_out filled up; scan again */
 	__u32 copied;		/* out: records in scan_out */
 	__u64 entries[3];	/* out: flows, flows_tcp, flows_icmp */
+	/* Eviction under map pressure: flows that sent one packet, never had
+	 * an active-timeout record and were quiet this long (0: none) are
+	 * ended until each map is down to the entries it may keep.
+	 */
+	__u64 evict_age_ns;
+	__u64 evict_keep[3];	/* flows, flows_tcp, flows_icmp */
+	__u64 evict_need[3];	/* out: what each map still had to give up */
 };
 
 /* One flow the scan copied out. The extension is the one the base names,

@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /* The poller's scan: one pass over the flow maps inside the kernel, run by
  * the agent through BPF_PROG_TEST_RUN every poll. It ends the flows that
- * are due (idle, TCP closed or reset past the grace, or every flow on
- * shutdown), copying each out and deleting it from every map, and copies
- * out the flows due an active-timeout record. Userspace then handles only
+ * are due (idle, TCP closed or reset past the grace, evicted under map
+ * pressure, or every flow on shutdown), copying each out and deleting it
+ * from every map, and copies out the flows due an active-timeout record. Userspace then handles only
  * those instead of copying every flow out every poll.
  *
  * Active-timeout windows are counted from a flow's first packet: a flow is
@@ -76,6 +76,38 @@ static __always_inline int scan_due(const struct flow_key *k,
 	return -1;
 }
 
+/* Whether a flow no other rule ends may be evicted: it sent one packet
+ * (no answer), was never reported, and has been quiet for the eviction age.
+ */
+static __always_inline bool scan_may_evict(const struct flow_base *b,
+					   const struct scan_args *a)
+{
+	__u64 now = a->now_ns;
+	__u64 idle = now > b->last_seen_ns ? now - b->last_seen_ns : 0;
+
+	return a->evict_age_ns && idle >= a->evict_age_ns && !b->windows &&
+	       b->packets[0] + b->packets[1] == 1;
+}
+
+/* Whether evicting a flow frees an entry some map must give up; takes
+ * what it frees off the need.
+ */
+static __always_inline bool scan_take_need(struct scan_args *a, bool tcp,
+					   bool icmp)
+{
+	__u64 *need = a->evict_need;
+
+	if (!need[0] && !(tcp && need[1]) && !(icmp && need[2]))
+		return false;
+	if (need[0])
+		need[0]--;
+	if (tcp && need[1])
+		need[1]--;
+	if (icmp && need[2])
+		need[2]--;
+	return true;
+}
+
 /* Copies a base entry around its lock, which a program may not read. */
 static __always_inline void scan_copy_base(__u8 *dst, const struct flow_base *b)
 {
@@ -100,12 +132,21 @@ static long scan_flow(struct bpf_map *map, const struct flow_key *key,
 	int kind;
 
 	kind = scan_due(key, b, &c->a, &window);
-	if (kind < 0)
+	if (kind < 0 && !scan_may_evict(b, &c->a))
 		return 0;
 	if (slot >= c->a.capacity) {
 		/* the rest waits for the next pass, which finds it due again */
 		c->full = true;
 		return 1;
+	}
+	if (id && b->ext == EXT_TCP)
+		t = bpf_map_lookup_elem(&flows_tcp, &id);
+	else if (id && b->ext == EXT_ICMP)
+		i = bpf_map_lookup_elem(&flows_icmp, &id);
+	if (kind < 0) {
+		if (!scan_take_need(&c->a, t, i))
+			return 0;
+		kind = SCAN_END_EVICT;
 	}
 	r = bpf_map_lookup_elem(&scan_out, &slot);
 	if (!r)
@@ -114,10 +155,6 @@ static long scan_flow(struct bpf_map *map, const struct flow_key *key,
 	r->key = *key;
 	r->kind = kind;
 	scan_copy_base(r->base, b);
-	if (id && b->ext == EXT_TCP)
-		t = bpf_map_lookup_elem(&flows_tcp, &id);
-	else if (id && b->ext == EXT_ICMP)
-		i = bpf_map_lookup_elem(&flows_icmp, &id);
 	r->has_tcp = !!t;
 	r->has_icmp = !!i;
 	if (t)
@@ -143,18 +180,34 @@ static long scan_flow(struct bpf_map *map, const struct flow_key *key,
 /* The map's element count, kept per CPU by the kernel: no walk. */
 extern __s64 bpf_map_sum_elem_count(const struct bpf_map *map) __ksym;
 
+/* Entries a map has beyond `keep`. */
+static __always_inline __u64 scan_over(void *map, __u64 keep)
+{
+	__s64 n = bpf_map_sum_elem_count((const struct bpf_map *)map);
+
+	return n > 0 && (__u64)n > keep ? (__u64)n - keep : 0;
+}
+
 SEC("syscall")
 int flowlens_scan(struct scan_args *args)
 {
 	struct scan_ctx c = {};
 
 	c.a = *args;
+	if (c.a.evict_age_ns) {
+		c.a.evict_need[0] = scan_over(&flows, c.a.evict_keep[0]);
+		c.a.evict_need[1] = scan_over(&flows_tcp, c.a.evict_keep[1]);
+		c.a.evict_need[2] = scan_over(&flows_icmp, c.a.evict_keep[2]);
+	}
 	bpf_for_each_map_elem(&flows, scan_flow, &c, 0);
 	args->truncated = c.full;
 	args->copied = c.n;
 	args->entries[0] = bpf_map_sum_elem_count((const struct bpf_map *)&flows);
 	args->entries[1] = bpf_map_sum_elem_count((const struct bpf_map *)&flows_tcp);
 	args->entries[2] = bpf_map_sum_elem_count((const struct bpf_map *)&flows_icmp);
+	args->evict_need[0] = c.a.evict_need[0];
+	args->evict_need[1] = c.a.evict_need[1];
+	args->evict_need[2] = c.a.evict_need[2];
 	return 0;
 }
 

@@ -4,11 +4,11 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use super::decode::{addr_key, ext_id, key_bytes, ExtKind, KeyBytes, RawFlow};
-use super::scan::{due, ScanKind, Scanned};
+use super::scan::{due, may_evict, take_need, ScanKind, Scanned};
 use super::table::{join, ExtMap, FlowTable, Joined};
 use super::PollError;
 use crate::bpf::types;
-use crate::flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
+use crate::flow::{EndReason, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
 
 /// The three flow maps, keyed like the kernel's. Tests put entries in, poll, and look at
 /// what is left.
@@ -22,10 +22,6 @@ pub struct MemTable {
     last_id: u64,
     pub capacity: [u64; 3],
     pub counters: BTreeMap<String, u64>,
-    /// Packets that land right after the next read, as (key, their time): they move the
-    /// flow's last-seen time and count one packet from lo to hi, as a CPU racing the
-    /// poller would.
-    pub land_after_read: Vec<(KeyBytes, u64)>,
 }
 
 impl MemTable {
@@ -85,6 +81,19 @@ impl MemTable {
         self.base.get_mut(kb).map(|(_, b)| b)
     }
 
+    /// Takes a flow out of every map, as the scan does.
+    fn take(&mut self, kb: &KeyBytes) -> Option<RawFlow> {
+        let (key, base) = self.base.remove(kb)?;
+        let tcp = ext_id(&base, ExtKind::Tcp).and_then(|id| self.tcp.remove(&id));
+        let icmp = ext_id(&base, ExtKind::Icmp).and_then(|id| self.icmp.remove(&id));
+        Some(RawFlow {
+            key,
+            base,
+            tcp,
+            icmp,
+        })
+    }
+
     pub fn entries(&self) -> [usize; 3] {
         [self.base.len(), self.tcp.len(), self.icmp.len()]
     }
@@ -120,25 +129,32 @@ impl FlowTable for MemTable {
             self.tcp.iter().map(|(k, v)| (*k, *v)).collect(),
             self.icmp.iter().map(|(k, v)| (*k, *v)).collect(),
         );
-        for (kb, at) in std::mem::take(&mut self.land_after_read) {
-            if let Some(b) = self.base_mut(&kb) {
-                b.last_seen_ns = at;
-                b.packets[0] += 1;
-            }
-        }
         Ok(joined)
     }
 
     fn scan(&mut self, args: &types::scan_args) -> Result<Scanned, PollError> {
-        let due: Vec<(KeyBytes, ScanKind, u64)> = self
-            .base
-            .iter()
-            .filter_map(|(kb, (key, base))| due(key, base, args).map(|(k, w)| (*kb, k, w)))
-            .collect();
-        let mut flows = Vec::with_capacity(due.len());
-        for (kb, kind, window) in due {
+        let mut a = *args;
+        if a.evict_age_ns != 0 {
+            let n = self.entries();
+            a.evict_need = std::array::from_fn(|i| (n[i] as u64).saturating_sub(a.evict_keep[i]));
+        }
+        let mut picked: Vec<(KeyBytes, ScanKind, u64)> = Vec::new();
+        for (kb, (key, base)) in &self.base {
+            if let Some((kind, window)) = due(key, base, &a) {
+                picked.push((*kb, kind, window));
+            } else if may_evict(base, &a) {
+                let tcp = ext_id(base, ExtKind::Tcp).is_some_and(|id| self.tcp.contains_key(&id));
+                let icmp =
+                    ext_id(base, ExtKind::Icmp).is_some_and(|id| self.icmp.contains_key(&id));
+                if take_need(&mut a, tcp, icmp) {
+                    picked.push((*kb, ScanKind::Ended(EndReason::Evicted), 0));
+                }
+            }
+        }
+        let mut flows = Vec::with_capacity(picked.len());
+        for (kb, kind, window) in picked {
             if kind != ScanKind::Active {
-                flows.extend(self.take(&kb)?.map(|f| (kind, f)));
+                flows.extend(self.take(&kb).map(|f| (kind, f)));
                 continue;
             }
             let Some((key, base)) = self.base.get_mut(&kb) else {
@@ -159,25 +175,8 @@ impl FlowTable for MemTable {
             flows,
             entries: self.entries().map(|n| n as u64),
             truncated: false,
+            evict_left: a.evict_need,
         })
-    }
-
-    fn take(&mut self, kb: &KeyBytes) -> Result<Option<RawFlow>, PollError> {
-        let Some((key, base)) = self.base.remove(kb) else {
-            return Ok(None);
-        };
-        let tcp = ext_id(&base, ExtKind::Tcp).and_then(|id| self.tcp.remove(&id));
-        let icmp = ext_id(&base, ExtKind::Icmp).and_then(|id| self.icmp.remove(&id));
-        Ok(Some(RawFlow {
-            key,
-            base,
-            tcp,
-            icmp,
-        }))
-    }
-
-    fn last_seen(&mut self, kb: &KeyBytes) -> Result<Option<u64>, PollError> {
-        Ok(self.base.get(kb).map(|(_, b)| b.last_seen_ns))
     }
 
     fn remove_orphan(&mut self, ext: ExtMap, id: u64) -> Result<bool, PollError> {

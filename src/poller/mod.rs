@@ -59,8 +59,8 @@ pub struct PollerConfig {
     /// Poll cadence while a map is under pressure (above the threshold, or full).
     pub pressure_poll_interval: Duration,
     /// Under pressure, a flow that sent one packet and nothing since for this long is
-    /// evicted (ended early, `EndReason::Evicted`) to make room; long enough for the
-    /// answer to a SYN or a query to have come back.
+    /// evicted (ended early, `EndReason::Evicted`) by the scan to make room; long enough
+    /// for the answer to a SYN or a query to have come back.
     pub evict_min_age: Duration,
     /// Under pressure, flows are evicted until each pressured map is at most this full
     /// (0..1), or no flow is left to evict.
@@ -96,8 +96,6 @@ pub struct PollStats {
     pub active_records: usize,
     pub orphans_removed: usize,
     pub evicted: usize,
-    /// Flows left alone because a packet landed between the read and their end.
-    pub revived: usize,
 }
 
 /// A stretch of polls during which a flow map was above the pressure threshold or
@@ -125,13 +123,12 @@ fn full_counts(counters: &BTreeMap<String, u64>) -> [u64; 3] {
     FULL_COUNTERS.map(|n| counters.get(n).copied().unwrap_or(0))
 }
 
-/// What became of a flow the poller tried to end.
-enum Ended {
-    Yes,
-    /// A packet landed since the read: the flow goes on.
-    Revived,
-    /// Already gone from the map.
-    Gone,
+/// What a scan pass evicts during a pressure episode (see `Poller::eviction`).
+#[derive(Debug, Clone, Copy)]
+struct Eviction {
+    age_ns: u64,
+    /// Entries flows, flows_tcp and flows_icmp may keep.
+    keep: [u64; 3],
 }
 
 /// Per-flow state by flow key: foldhash, as SipHash over the 44-byte key was a visible
@@ -300,14 +297,16 @@ impl<T: FlowTable> Poller<T> {
         Ok(())
     }
 
-    /// When to poll next: every poll interval, faster under pressure, and, when many
-    /// flows make a poll long, spaced so polling costs at most 1/`POLL_BUDGET` of a core,
-    /// but never more than half the shortest idle timeout apart.
+    /// When to poll next: every poll interval, faster under pressure (at most half a
+    /// core), and, when many flows make a poll long, spaced so polling costs at most
+    /// 1/`POLL_BUDGET` of a core, but never more than half the shortest idle timeout apart.
     fn next_interval(&self) -> Duration {
-        if self.under_pressure() {
-            return self.cfg.pressure_poll_interval.min(self.cfg.poll_interval);
-        }
         let last = Duration::from_nanos(self.status.last_poll_ns.load(Ordering::Relaxed));
+        if self.under_pressure() {
+            // Making room comes first, but never more than half a core.
+            let fast = self.cfg.pressure_poll_interval.min(self.cfg.poll_interval);
+            return fast.max(last.saturating_mul(2));
+        }
         let cfg = &self.cfg;
         let cap = [cfg.idle_tcp, cfg.idle_udp, cfg.idle_icmp, cfg.idle_other]
             .into_iter()
@@ -323,31 +322,52 @@ impl<T: FlowTable> Poller<T> {
         self.table.read()
     }
 
-    /// One poll: the scan ends due flows (deleting them from every map) and hands over
-    /// those due an active-timeout record; every flow is read only when something needs
-    /// them all (a ListFlows snapshot, the orphan sweep, eviction under pressure).
+    /// One poll: the scan ends due flows (deleting them from every map), evicts flows
+    /// during a pressure episode, and hands over those due an active-timeout record;
+    /// every flow is read only when something needs them all (a ListFlows snapshot, the
+    /// orphan sweep).
     pub fn poll_once(&mut self, now_ns: u64) -> Result<PollStats, PollError> {
         self.polls += 1;
         let mut stats = PollStats::default();
-        let mut entries = self.scan_all(now_ns, false, &mut stats)?;
-        stats.flows = entries[0] as usize + stats.ended;
-        let sweep = self.cfg.orphan_sweep_every > 0
-            && self
-                .polls
-                .is_multiple_of(u64::from(self.cfg.orphan_sweep_every));
-        let snapshot = self.snapshots.as_ref().is_some_and(|s| s.wanted());
         let counters = self.table.counters();
         if self.polls == 1 {
             // Drops before this agent's first poll (pinned maps) are not this episode's.
             self.last_full = full_counts(&counters);
         }
+        let full = full_counts(&counters);
+        // An episode going on evicts in the same pass as the timeouts.
+        let evict = self.episode.is_some().then(|| self.eviction(full));
+        let mut entries = self.scan_all(now_ns, false, evict, &mut stats)?;
+        stats.flows = entries[0] as usize + stats.ended;
         let pressure = self.pressure(&entries, &counters);
         // Crossings are judged before eviction makes room, so each one is counted.
         for (i, u) in self.usage(entries).iter().enumerate() {
             self.check_pressure(i, u);
         }
+        let started = self.episode.is_none();
         self.episode_check(pressure.iter().any(|p| *p), now_ns, &entries, &counters);
-        if sweep || snapshot || self.episode.is_some() {
+        if started && self.episode.is_some() {
+            // An episode that starts now makes room now: a second pass that only evicts
+            // (everything else it would do, the first one did).
+            let evict = self.eviction(full);
+            entries = self.scan_all(now_ns, false, Some(evict), &mut stats)?;
+        }
+        if stats.evicted > 0 {
+            self.status
+                .flows_evicted
+                .fetch_add(stats.evicted as u64, Ordering::Relaxed);
+            if let Some(ep) = &mut self.episode {
+                // Still making room: the episode goes on.
+                ep.evicted += stats.evicted as u64;
+                ep.last_pressed_ns = now_ns;
+            }
+        }
+        let sweep = self.cfg.orphan_sweep_every > 0
+            && self
+                .polls
+                .is_multiple_of(u64::from(self.cfg.orphan_sweep_every));
+        let snapshot = self.snapshots.as_ref().is_some_and(|s| s.wanted());
+        if sweep || snapshot {
             let Joined {
                 flows,
                 entries: read,
@@ -368,39 +388,30 @@ impl<T: FlowTable> Poller<T> {
                 // Interfaces come, go and get renamed: look names up afresh now and then.
                 self.other_names.get_mut().clear();
             }
-            if self.episode.is_some() {
-                let full = full_counts(&counters);
-                let kept: Vec<&RawFlow> = flows.iter().collect();
-                let (evicted, revived) = self.evict(&kept, &mut entries, full, now_ns)?;
-                stats.evicted = evicted;
-                stats.revived += revived;
-                stats.ended += evicted;
-                if evicted > 0 {
-                    // Still making room: the episode goes on.
-                    if let Some(ep) = &mut self.episode {
-                        ep.last_pressed_ns = now_ns;
-                    }
-                }
-            }
         }
         if let Some(slot) = self.snapshots.as_ref().filter(|_| !snapshot) {
             slot.release_if_unwanted();
         }
-        self.last_full = full_counts(&counters);
+        self.last_full = full;
         self.update_status(entries, counters);
         self.last_poll_ns = now_ns;
         Ok(stats)
     }
 
     /// Scans until a pass leaves nothing due behind, emitting the records of the flows
-    /// it ended or found due. Returns the entries left in each map.
+    /// it ended, evicted or found due. Returns the entries left in each map.
     fn scan_all(
         &mut self,
         now_ns: u64,
         flush: bool,
+        evict: Option<Eviction>,
         stats: &mut PollStats,
     ) -> Result<[u64; 3], PollError> {
-        let args = scan::args(&self.cfg, now_ns, self.last_poll_ns, flush);
+        let mut args = scan::args(&self.cfg, now_ns, self.last_poll_ns, flush);
+        if let Some(e) = evict {
+            args.evict_age_ns = e.age_ns;
+            args.evict_keep = e.keep;
+        }
         loop {
             let pass = self.table.scan(&args)?;
             let copied = pass.flows.len();
@@ -410,6 +421,9 @@ impl<T: FlowTable> Poller<T> {
                     ScanKind::Ended(reason) => {
                         self.finish(f, &kb, reason)?;
                         stats.ended += 1;
+                        if reason == EndReason::Evicted {
+                            stats.evicted += 1;
+                        }
                     }
                     ScanKind::Active => {
                         if self.emit_active(&f, &kb, now_ns)? {
@@ -455,12 +469,6 @@ impl<T: FlowTable> Poller<T> {
             })
             .collect();
         slot.publish(self.clock.to_wall(now_ns), v);
-    }
-
-    fn forget_entries(entries: &mut [u64; 3], f: &RawFlow) {
-        entries[0] = entries[0].saturating_sub(1);
-        entries[1] = entries[1].saturating_sub(u64::from(f.tcp.is_some()));
-        entries[2] = entries[2].saturating_sub(u64::from(f.icmp.is_some()));
     }
 
     /// Which maps are under pressure: above the threshold, or the datapath dropped new
@@ -536,21 +544,14 @@ impl<T: FlowTable> Poller<T> {
         }
     }
 
-    /// Ends flows that sent one packet and nothing since the eviction age, oldest first,
-    /// until every map is down to `evict_target`, for as long as the episode lasts. The age is `evict_min_age`,
-    /// halved at each poll the datapath dropped new flows (down to the pressure poll
-    /// interval) and doubled back at each poll it did not. Returns (evicted, revived).
-    fn evict(
-        &mut self,
-        kept: &[&RawFlow],
-        entries: &mut [u64; 3],
-        full: [u64; 3],
-        now_ns: u64,
-    ) -> Result<(usize, usize), PollError> {
+    /// What to evict during an episode: flows that sent one packet and nothing since the
+    /// eviction age, until every map is down to `evict_target`. The age is
+    /// `evict_min_age`, halved at each poll the datapath dropped new flows (down to the
+    /// pressure poll interval) and doubled back at each poll it did not. Which of the
+    /// flows old enough go first is the map's order, not their age.
+    fn eviction(&mut self, full: [u64; 3]) -> Eviction {
         let caps = self.table.capacities();
-        let mut need: [u64; 3] = std::array::from_fn(|i| {
-            entries[i].saturating_sub((self.cfg.evict_target * caps[i] as f64) as u64)
-        });
+        let keep = caps.map(|c| (self.cfg.evict_target * c as f64) as u64);
         let max_age = self.cfg.evict_min_age.as_nanos() as u64;
         let floor = max_age.min(self.cfg.pressure_poll_interval.as_nanos() as u64);
         self.evict_age_ns = if (0..3).any(|i| full[i] > self.last_full[i]) {
@@ -558,93 +559,19 @@ impl<T: FlowTable> Poller<T> {
         } else {
             self.evict_age_ns.saturating_mul(2).min(max_age)
         };
-        let min_age = self.evict_age_ns;
-        let mut candidates: Vec<&RawFlow> = kept
-            .iter()
-            .copied()
-            .filter(|f| {
-                f.base.packets[0] + f.base.packets[1] == 1
-                    && now_ns.saturating_sub(f.base.last_seen_ns) >= min_age
-                    && !self.reported.contains_key(&key_bytes(&f.key))
-            })
-            .collect();
-        candidates.sort_by_key(|f| f.base.last_seen_ns);
-        let (mut evicted, mut revived) = (0, 0);
-        for f in candidates {
-            if need == [0; 3] {
-                break;
-            }
-            let helps = [true, f.tcp.is_some(), f.icmp.is_some()];
-            if !(0..3).any(|i| helps[i] && need[i] > 0) {
-                continue;
-            }
-            match self.end_flow_if_quiet(f, &key_bytes(&f.key), EndReason::Evicted)? {
-                Ended::Yes => {
-                    evicted += 1;
-                    Self::forget_entries(entries, f);
-                    for i in 0..3 {
-                        if helps[i] {
-                            need[i] = need[i].saturating_sub(1);
-                        }
-                    }
-                }
-                Ended::Revived => revived += 1,
-                Ended::Gone => {}
-            }
+        Eviction {
+            age_ns: self.evict_age_ns.max(1),
+            keep,
         }
-        if evicted > 0 {
-            self.status
-                .flows_evicted
-                .fetch_add(evicted as u64, Ordering::Relaxed);
-            if let Some(ep) = &mut self.episode {
-                ep.evicted += evicted as u64;
-            }
-        }
-        Ok((evicted, revived))
-    }
-
-    /// Ends a flow the last read found due, unless a packet of it has landed since: the
-    /// packet would race the delete (the datapath adds to the entry it looked up, and a
-    /// delete between its lookup and its add would lose the packet), and the flow is
-    /// alive anyway.
-    fn end_flow_if_quiet(
-        &mut self,
-        f: &RawFlow,
-        kb: &KeyBytes,
-        reason: EndReason,
-    ) -> Result<Ended, PollError> {
-        match self.table.last_seen(kb)? {
-            None => return Ok(Ended::Gone),
-            Some(t) if t != f.base.last_seen_ns => return Ok(Ended::Revived),
-            Some(_) => {}
-        }
-        Ok(if self.end_flow(kb, reason)? {
-            Ended::Yes
-        } else {
-            Ended::Gone
-        })
     }
 
     /// Ends every flow now (agent shutdown). Returns how many.
     pub fn flush(&mut self) -> Result<usize, PollError> {
         let mut stats = PollStats::default();
-        let entries = self.scan_all(monotonic_ns(), true, &mut stats)?;
+        let entries = self.scan_all(monotonic_ns(), true, None, &mut stats)?;
         let counters = self.table.counters();
         self.update_status(entries, counters);
         Ok(stats.ended)
-    }
-
-    /// Takes a flow out of every map and emits its final record.
-    ///
-    /// The base entry goes first and atomically with its read, so the
-    /// record holds every packet counted before the delete; a packet that
-    /// lands after it starts a new flow.
-    fn end_flow(&mut self, kb: &KeyBytes, reason: EndReason) -> Result<bool, PollError> {
-        let Some(raw) = self.table.take(kb)? else {
-            return Ok(false);
-        };
-        self.finish(raw, kb, reason)?;
-        Ok(true)
     }
 
     /// Emits the final record of a flow already taken out of every map.

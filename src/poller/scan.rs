@@ -14,6 +14,8 @@ pub struct Scanned {
     pub entries: [u64; 3],
     /// The pass stopped with its output full: scan again for the rest.
     pub truncated: bool,
+    /// Entries each map still had to give up by eviction when the pass ended.
+    pub evict_left: [u64; 3],
 }
 
 /// What the scan did with a flow (`enum scan_kind`).
@@ -34,6 +36,7 @@ impl ScanKind {
             k if k == K::SCAN_END_FIN.0 => ScanKind::Ended(EndReason::TcpFin),
             k if k == K::SCAN_END_RST.0 => ScanKind::Ended(EndReason::TcpRst),
             k if k == K::SCAN_END_FLUSH.0 => ScanKind::Ended(EndReason::Shutdown),
+            k if k == K::SCAN_END_EVICT.0 => ScanKind::Ended(EndReason::Evicted),
             _ => return None,
         })
     }
@@ -99,6 +102,32 @@ pub fn due(
     }
     let window = (now - b.first_seen_ns) / a.active_ns;
     (window != 0 && window as u8 != b.windows).then_some((ScanKind::Active, window))
+}
+
+/// `scan_may_evict` of scan.h: a flow no other rule ends that sent one packet, was never
+/// reported and has been quiet for the eviction age.
+pub fn may_evict(b: &types::flow_base, a: &types::scan_args) -> bool {
+    a.evict_age_ns != 0
+        && a.now_ns.saturating_sub(b.last_seen_ns) >= a.evict_age_ns
+        && b.windows == 0
+        && b.packets[0] + b.packets[1] == 1
+}
+
+/// `scan_take_need` of scan.h: whether evicting a flow that holds the given extension
+/// entries frees one some map must give up; takes it off the need.
+pub fn take_need(a: &mut types::scan_args, tcp: bool, icmp: bool) -> bool {
+    let need = &mut a.evict_need;
+    if need[0] == 0 && !(tcp && need[1] > 0) && !(icmp && need[2] > 0) {
+        return false;
+    }
+    need[0] = need[0].saturating_sub(1);
+    if tcp {
+        need[1] = need[1].saturating_sub(1);
+    }
+    if icmp {
+        need[2] = need[2].saturating_sub(1);
+    }
+    true
 }
 
 /// Decodes one record of `scan_out`.

@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
-use super::decode::{decode, ext_id, ExtKind, KeyBytes, RawFlow};
+use super::decode::{decode, ext_id, ExtKind, RawFlow};
 use super::scan::{decode_rec, Scanned};
 use super::PollError;
 use crate::bpf::types;
@@ -107,12 +107,6 @@ pub trait FlowTable: Send {
     /// One pass of the scan (`src/bpf/scan.h`): ends the flows due to end, taking them
     /// out of every map, and returns them with the flows due an active-timeout record.
     fn scan(&mut self, args: &types::scan_args) -> Result<Scanned, PollError>;
-    /// Takes a flow out of every map. The base entry goes first and atomically with its
-    /// read, so the flow holds every packet counted before the delete.
-    fn take(&mut self, key: &KeyBytes) -> Result<Option<RawFlow>, PollError>;
-    /// The flow's last-seen time now (None: no such flow), to tell whether a packet
-    /// landed since the last read.
-    fn last_seen(&mut self, key: &KeyBytes) -> Result<Option<u64>, PollError>;
     /// Deletes the orphan entry `id` of extension map `ext`; whether it did.
     fn remove_orphan(&mut self, ext: ExtMap, id: u64) -> Result<bool, PollError>;
     /// Capacities of the base, TCP and ICMP maps.
@@ -151,17 +145,6 @@ impl KernelTable {
 
     pub fn maps(&self) -> &FlowMaps {
         &self.maps
-    }
-
-    /// The base entry's bytes, if the flow is there.
-    fn base(&self, kb: &KeyBytes) -> Result<Option<Vec<u8>>, PollError> {
-        self.maps
-            .flows
-            .lookup(kb, MapFlags::ANY)
-            .map_err(|e| PollError::Read {
-                map: "flows",
-                source: std::io::Error::other(e),
-            })
     }
 }
 
@@ -220,35 +203,8 @@ impl FlowTable for KernelTable {
             flows: recs.iter().filter_map(decode_rec).collect(),
             entries: a.entries,
             truncated: a.truncated != 0,
+            evict_left: a.evict_need,
         })
-    }
-
-    fn take(&mut self, kb: &KeyBytes) -> Result<Option<RawFlow>, PollError> {
-        let Some(base) = take::<types::flow_base>(&self.maps.flows, kb, "flows")? else {
-            return Ok(None);
-        };
-        // Only the extension the base names, by its id: a flow without one costs one
-        // syscall. An extension made after this read is an orphan, and the sweep takes it.
-        let tcp = match ext_id(&base, ExtKind::Tcp) {
-            Some(id) => take(&self.maps.tcp, &id.to_ne_bytes(), "flows_tcp")?,
-            None => None,
-        };
-        let icmp = match ext_id(&base, ExtKind::Icmp) {
-            Some(id) => take(&self.maps.icmp, &id.to_ne_bytes(), "flows_icmp")?,
-            None => None,
-        };
-        Ok(Some(RawFlow {
-            key: decode(kb),
-            base,
-            tcp,
-            icmp,
-        }))
-    }
-
-    fn last_seen(&mut self, kb: &KeyBytes) -> Result<Option<u64>, PollError> {
-        Ok(self
-            .base(kb)?
-            .map(|v| decode::<types::flow_base>(&v).last_seen_ns))
     }
 
     fn remove_orphan(&mut self, ext: ExtMap, id: u64) -> Result<bool, PollError> {
@@ -268,20 +224,6 @@ impl FlowTable for KernelTable {
     fn counters(&self) -> BTreeMap<String, u64> {
         self.maps.counters().unwrap_or_default()
     }
-}
-
-/// Atomically reads and deletes one entry.
-fn take<V: plain::Plain + Default>(
-    map: &MapHandle,
-    key: &[u8],
-    name: &'static str,
-) -> Result<Option<V>, PollError> {
-    map.lookup_and_delete(key)
-        .map(|v| v.map(|v| decode(&v)))
-        .map_err(|e| PollError::Read {
-            map: name,
-            source: std::io::Error::other(e),
-        })
 }
 
 /// Reads every entry of a hash map, in batches where the kernel supports them.
