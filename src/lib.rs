@@ -25,6 +25,7 @@ pub mod output;
 pub mod packet;
 pub mod poller;
 pub mod preflight;
+pub mod record_encoding;
 pub mod render;
 pub mod service;
 pub mod snapshot;

@@ -41,35 +41,52 @@ const DEFAULT_PAGE: usize = 1000;
 const MAX_PAGE: usize = 10_000;
 
 /// `flowlens.v1.SubscribeResponse` as the server sends it: the records are their shared,
-/// already encoded `FlowRecord` messages. A length-delimited message field and a `bytes`
-/// field are the same on the wire, so clients decode this as the proto says.
+/// already encoded `FlowRecord` messages, copied straight into the response. A
+/// length-delimited message field and a `bytes` field are the same on the wire, so clients
+/// decode this as the proto says.
 pub mod wire {
-    use bytes::{Buf, BufMut, Bytes};
+    use bytes::{Buf, BufMut};
     use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len};
     use prost::encoding::{DecodeContext, WireType};
     use prost::{DecodeError, Message};
 
     use crate::api::proto;
+    use crate::hub::{Envelope, Records};
+    use crate::record_encoding::encode_record;
 
-    #[derive(Debug, Clone, PartialEq)]
+    /// Room for a typical record's encoding, so making one allocates once.
+    const RECORD_CAPACITY: usize = 192;
+
+    #[derive(Debug, Clone)]
     pub enum SubscribeResponse {
-        /// `flows` (field 1): a FlowBatch whose `records` (field 1) are these encodings.
-        Flows(Vec<Bytes>),
+        /// `flows` (field 1): a FlowBatch whose `records` (field 1) are these records'
+        /// shared encodings.
+        Flows(Records),
         /// `lost` (field 2).
         Lost(proto::Lost),
     }
 
     impl Default for SubscribeResponse {
         fn default() -> Self {
-            SubscribeResponse::Flows(Vec::new())
+            SubscribeResponse::Flows(Records::default())
         }
     }
 
-    fn batch_len(records: &[Bytes]) -> usize {
-        records
-            .iter()
-            .map(|r| key_len(1) + encoded_len_varint(r.len() as u64) + r.len())
-            .sum()
+    /// A record's encoding: made by the first subscriber that sends it, shared by the rest.
+    pub fn record_bytes(r: &Envelope) -> &[u8] {
+        r.wire(|seq, rec| {
+            let mut buf = Vec::with_capacity(RECORD_CAPACITY);
+            encode_record(seq, rec, &mut buf);
+            buf.into_boxed_slice()
+        })
+    }
+
+    fn entry_len(r: &[u8]) -> usize {
+        key_len(1) + encoded_len_varint(r.len() as u64) + r.len()
+    }
+
+    fn batch_len(records: &Records) -> usize {
+        records.iter().map(|r| entry_len(record_bytes(r))).sum()
     }
 
     impl Message for SubscribeResponse {
@@ -78,7 +95,8 @@ pub mod wire {
                 SubscribeResponse::Flows(records) => {
                     encode_key(1, WireType::LengthDelimited, buf);
                     encode_varint(batch_len(records) as u64, buf);
-                    for r in records {
+                    for r in records.iter() {
+                        let r = record_bytes(r);
                         encode_key(1, WireType::LengthDelimited, buf);
                         encode_varint(r.len() as u64, buf);
                         buf.put_slice(r);
@@ -118,9 +136,8 @@ pub mod wire {
 
 fn event_to_wire(ev: Event) -> wire::SubscribeResponse {
     match ev {
-        Event::Records(recs) => wire::SubscribeResponse::Flows(
-            recs.iter().map(|r| r.wire(api::encode_record)).collect(),
-        ),
+        // Encoded (once per record, whoever comes first) when tonic writes the response.
+        Event::Records(recs) => wire::SubscribeResponse::Flows(recs),
         Event::Lost(count) => wire::SubscribeResponse::Lost(proto::Lost {
             count,
             reason: proto::LostReason::QueueFull.into(),

@@ -1,0 +1,368 @@
+//! A flow record's `flowlens.v1.FlowRecord` encoding written straight from [`FlowRecord`]: byte for byte what prost writes for the converted message, without building it (no String, no `core::fmt`).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use prost::encoding::{encode_key, encode_varint, message, WireType};
+use prost::Message;
+
+use crate::api::{self, proto};
+use crate::flow::{FlowRecord, Hook};
+
+/// Longest textual IP address: eight groups of four hex digits and seven colons.
+const ADDR_TEXT_MAX: usize = 39;
+
+/// An IP address as `Display` writes it, on the stack.
+struct AddrText {
+    buf: [u8; ADDR_TEXT_MAX],
+    len: usize,
+}
+
+impl AddrText {
+    fn new() -> AddrText {
+        AddrText {
+            buf: [0; ADDR_TEXT_MAX],
+            len: 0,
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    fn push_str(&mut self, s: &[u8]) {
+        self.buf[self.len..self.len + s.len()].copy_from_slice(s);
+        self.len += s.len();
+    }
+
+    fn push_decimal(&mut self, v: u8) {
+        if v >= 100 {
+            self.push(b'0' + v / 100);
+        }
+        if v >= 10 {
+            self.push(b'0' + v / 10 % 10);
+        }
+        self.push(b'0' + v % 10);
+    }
+
+    /// Lowercase hex without leading zeros, as `{:x}` writes it.
+    fn push_hex(&mut self, v: u16) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut shift = 12;
+        while shift > 0 && v >> shift == 0 {
+            shift -= 4;
+        }
+        loop {
+            self.push(DIGITS[usize::from((v >> shift) & 0xf)]);
+            if shift == 0 {
+                break;
+            }
+            shift -= 4;
+        }
+    }
+
+    fn push_v4(&mut self, a: Ipv4Addr) {
+        let [a, b, c, d] = a.octets();
+        self.push_decimal(a);
+        for o in [b, c, d] {
+            self.push(b'.');
+            self.push_decimal(o);
+        }
+    }
+
+    fn push_groups(&mut self, groups: &[u16]) {
+        for (i, &g) in groups.iter().enumerate() {
+            if i > 0 {
+                self.push(b':');
+            }
+            self.push_hex(g);
+        }
+    }
+
+    /// RFC 5952 text, as `Ipv6Addr`'s `Display`: IPv4-mapped addresses end in dotted
+    /// decimal, and the first longest run of two or more zero groups becomes "::".
+    fn push_v6(&mut self, a: Ipv6Addr) {
+        if let Some(v4) = a.to_ipv4_mapped() {
+            self.push_str(b"::ffff:");
+            self.push_v4(v4);
+            return;
+        }
+        let groups = a.segments();
+        let (mut best_start, mut best_len) = (0, 0);
+        let (mut start, mut len) = (0, 0);
+        for (i, &g) in groups.iter().enumerate() {
+            if g == 0 {
+                if len == 0 {
+                    start = i;
+                }
+                len += 1;
+                if len > best_len {
+                    (best_start, best_len) = (start, len);
+                }
+            } else {
+                len = 0;
+            }
+        }
+        if best_len > 1 {
+            self.push_groups(&groups[..best_start]);
+            self.push_str(b"::");
+            self.push_groups(&groups[best_start + best_len..]);
+        } else {
+            self.push_groups(&groups);
+        }
+    }
+
+    fn of(addr: IpAddr) -> AddrText {
+        let mut t = AddrText::new();
+        match addr {
+            IpAddr::V4(a) => t.push_v4(a),
+            IpAddr::V6(a) => t.push_v6(a),
+        }
+        t
+    }
+}
+
+fn varint_field(tag: u32, v: u64, buf: &mut Vec<u8>) {
+    if v != 0 {
+        encode_key(tag, WireType::Varint, buf);
+        encode_varint(v, buf);
+    }
+}
+
+fn enum_field(tag: u32, v: i32, buf: &mut Vec<u8>) {
+    // int32 on the wire: negative values sign-extend to ten bytes, as prost writes them.
+    varint_field(tag, v as i64 as u64, buf);
+}
+
+fn bool_field(tag: u32, v: bool, buf: &mut Vec<u8>) {
+    varint_field(tag, u64::from(v), buf);
+}
+
+fn bytes_field(tag: u32, v: &[u8], buf: &mut Vec<u8>) {
+    if !v.is_empty() {
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(v.len() as u64, buf);
+        buf.extend_from_slice(v);
+    }
+}
+
+fn message_field(tag: u32, m: &impl Message, buf: &mut Vec<u8>) {
+    message::encode(tag, m, buf);
+}
+
+/// Appends `r`'s encoding with sequence number `seq` to `buf`: the same bytes as
+/// `proto::FlowRecord::from(r)` with `seq` set, encoded by prost. The nested messages
+/// hold no strings, so they go through prost; the strings are written from their sources.
+pub fn encode_record(seq: u64, r: &FlowRecord, buf: &mut Vec<u8>) {
+    let ip_version = match r.ip_version {
+        4 => proto::IpVersion::IpVersion4,
+        6 => proto::IpVersion::IpVersion6,
+        _ => proto::IpVersion::Unspecified,
+    };
+    let hook = match r.first_hook {
+        Hook::Ingress => proto::Hook::Ingress,
+        Hook::Egress => proto::Hook::Egress,
+    };
+    enum_field(1, ip_version.into(), buf);
+    varint_field(2, u64::from(r.protocol), buf);
+    bytes_field(3, AddrText::of(r.client_addr).as_bytes(), buf);
+    varint_field(4, u64::from(r.client_port), buf);
+    bytes_field(5, AddrText::of(r.server_addr).as_bytes(), buf);
+    varint_field(6, u64::from(r.server_port), buf);
+    varint_field(7, u64::from(r.ifindex), buf);
+    bytes_field(8, r.interface.as_bytes(), buf);
+    enum_field(9, hook.into(), buf);
+    message_field(10, &prost_types::Timestamp::from(r.first_seen), buf);
+    message_field(11, &prost_types::Timestamp::from(r.last_seen), buf);
+    message_field(12, &api::dir_to_proto(&r.client), buf);
+    message_field(13, &api::dir_to_proto(&r.server), buf);
+    enum_field(14, proto::EndReason::from(r.end_reason).into(), buf);
+    if let Some(t) = &r.tcp {
+        message_field(15, &api::tcp_to_proto(t), buf);
+    }
+    if let Some(i) = &r.icmp {
+        message_field(16, &api::icmp_to_proto(i), buf);
+    }
+    varint_field(17, r.flow_id, buf);
+    bytes_field(18, r.observer.as_bytes(), buf);
+    message_field(19, &prost_types::Timestamp::from(r.window_start), buf);
+    bool_field(20, r.continuation, buf);
+    varint_field(21, seq, buf);
+    bool_field(22, r.fragment, buf);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use super::*;
+    use crate::flow::{DirStats, EndReason, IcmpInfo, Latency, TcpInfo, TcpState};
+
+    fn base() -> FlowRecord {
+        FlowRecord {
+            flow_id: 0xfeed_beef_0000_0001,
+            observer: "host-a".into(),
+            ip_version: 4,
+            protocol: 17,
+            client_addr: "10.200.0.1".parse().unwrap(),
+            client_port: 40000,
+            server_addr: "10.200.0.2".parse().unwrap(),
+            server_port: 53,
+            ifindex: 3,
+            interface: "veth0".into(),
+            first_hook: Hook::Egress,
+            first_seen: UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789),
+            last_seen: UNIX_EPOCH + Duration::new(1_700_000_005, 0),
+            window_start: UNIX_EPOCH + Duration::new(1_700_000_001, 1),
+            client: DirStats {
+                packets: 3,
+                bytes: 300,
+                ttl: 64,
+            },
+            server: DirStats::default(),
+            end_reason: EndReason::IdleTimeout,
+            continuation: false,
+            fragment: false,
+            tcp: None,
+            icmp: None,
+        }
+    }
+
+    fn variants() -> Vec<FlowRecord> {
+        let lat = Latency {
+            count: 2,
+            sum_ns: 300,
+            min_ns: 100,
+            max_ns: 200,
+            jitter_ns: Some(0),
+        };
+        let mut out = vec![base()];
+        let mut r = base();
+        r.protocol = 6;
+        r.tcp = Some(TcpInfo {
+            client_flags: 0x1b,
+            server_flags: 0x12,
+            state: TcpState::Established,
+            handshake_client_ns: Some(0),
+            handshake_server_ns: None,
+            syn_retransmits: 2,
+            late_start: true,
+            client_latency: Some(lat),
+            server_latency: Some(Latency {
+                jitter_ns: None,
+                ..lat
+            }),
+        });
+        r.continuation = true;
+        r.end_reason = EndReason::TcpRst;
+        out.push(r);
+        let mut r = base();
+        r.ip_version = 6;
+        r.protocol = 58;
+        r.client_addr = "2001:db8::1".parse().unwrap();
+        r.server_addr = "::ffff:192.0.2.1".parse().unwrap();
+        r.client_port = 0;
+        r.server_port = 0;
+        r.first_hook = Hook::Ingress;
+        r.icmp = Some(IcmpInfo {
+            client_type: Some(128),
+            client_code: Some(0),
+            server_type: None,
+            server_code: None,
+            echo_id: Some(0),
+            echo_rtt: Some(Latency::default()),
+        });
+        out.push(r);
+        let mut r = base();
+        r.fragment = true;
+        r.client_port = 0;
+        r.server_port = 0;
+        r.interface.clear();
+        r.observer = "".into();
+        r.ifindex = 0;
+        r.flow_id = 0;
+        r.client = DirStats::default();
+        r.end_reason = EndReason::Evicted;
+        out.push(r);
+        let mut r = base();
+        // Before the epoch, and the epoch itself: negative seconds, zero nanos.
+        r.first_seen = UNIX_EPOCH - Duration::new(5, 250);
+        r.last_seen = UNIX_EPOCH;
+        r.window_start = UNIX_EPOCH - Duration::from_secs(1);
+        r.ip_version = 0;
+        r.protocol = 255;
+        r.end_reason = EndReason::InProgress;
+        out.push(r);
+        let mut r = base();
+        r.last_seen = SystemTime::UNIX_EPOCH + Duration::from_secs(u32::MAX as u64 * 4);
+        r.client.bytes = u64::MAX;
+        r.server.packets = u64::MAX;
+        r.interface = "a-rather-long-interface-name-é".into();
+        out.push(r);
+        out
+    }
+
+    #[test]
+    fn same_bytes_as_the_prost_message() {
+        for (i, r) in variants().iter().enumerate() {
+            for seq in [0, 1, 127, 128, u64::MAX] {
+                let mut p = proto::FlowRecord::from(r);
+                p.seq = seq;
+                let mut fast = vec![0xaa];
+                encode_record(seq, r, &mut fast);
+                assert_eq!(fast[1..], p.encode_to_vec()[..], "variant {i}, seq {seq}");
+            }
+        }
+    }
+
+    fn text(a: IpAddr) -> String {
+        String::from_utf8(AddrText::of(a).as_bytes().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn ipv4_text_matches_display() {
+        for v in [0u32, 1, 9, 10, 99, 100, 255, 256, 0x0a00_0001, 0xc0a8_6401, u32::MAX] {
+            let a = IpAddr::V4(Ipv4Addr::from(v));
+            assert_eq!(text(a), a.to_string());
+        }
+        for o in 0..=255u8 {
+            let a = IpAddr::V4(Ipv4Addr::new(o, 255 - o, o / 3, o.wrapping_mul(7)));
+            assert_eq!(text(a), a.to_string());
+        }
+    }
+
+    #[test]
+    fn ipv6_text_matches_display_for_every_zero_pattern() {
+        let values = [1u16, 0xf, 0x10, 0xff, 0x100, 0xfff, 0x1000, 0xdb8, 0xffff];
+        for pattern in 0..256u32 {
+            for (k, v) in values.iter().enumerate() {
+                let mut groups = [0u16; 8];
+                for (i, g) in groups.iter_mut().enumerate() {
+                    if pattern & (1 << i) != 0 {
+                        *g = values[(k + i) % values.len()].wrapping_mul(*v | 1);
+                    }
+                }
+                let a = IpAddr::V6(Ipv6Addr::from(groups));
+                assert_eq!(text(a), a.to_string(), "{groups:x?}");
+            }
+        }
+        for a in [
+            "::",
+            "::1",
+            "::ffff:10.0.0.1",
+            "::ffff:0.0.0.0",
+            "::10.0.0.1",
+            "64:ff9b::192.0.2.33",
+            "fe80::1:0:0:1",
+            "2001:db8:0:0:1:0:0:1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        ] {
+            let a: IpAddr = a.parse().unwrap();
+            assert_eq!(text(a), a.to_string());
+        }
+    }
+}
