@@ -25,7 +25,12 @@ pub const BATCH_MAX_DELAY: Duration = Duration::from_millis(100);
 
 /// Records the fanout thread takes from the poller per hub lock, so a busy
 /// poller does not pay one lock round-trip per record.
-const FANOUT_CHUNK: usize = 256;
+const FANOUT_CHUNK: usize = 1024;
+
+/// How long the fanout thread lets records gather after taking fewer than a chunk. A
+/// poller sends records one at a time; without the pause every few records would cost a
+/// wake-up of the fanout thread, and then of every subscriber's task, each.
+const FANOUT_LINGER: Duration = Duration::from_micros(200);
 
 /// Filter evaluations a subscriber's task does before it lets other tasks run, so a
 /// subscriber with a huge filter list cannot starve the others on its worker.
@@ -82,19 +87,29 @@ pub type Shared = Arc<Envelope>;
 /// one item. Every subscriber shares the same records; only the bounds are its own.
 #[derive(Debug, Clone)]
 struct Run {
-    recs: Arc<[Shared]>,
+    recs: RunRecords,
     start: usize,
     end: usize,
 }
 
+/// A lone record (a single publish, a replayed record) needs no shared slice.
+#[derive(Debug, Clone)]
+enum RunRecords {
+    One(Shared),
+    Many(Arc<[Shared]>),
+}
+
 impl Run {
-    fn new(recs: Arc<[Shared]>) -> Run {
+    fn new(mut recs: Vec<Shared>) -> Run {
         let end = recs.len();
-        Run {
-            recs,
-            start: 0,
-            end,
-        }
+        let recs = match recs.pop() {
+            Some(one) if recs.is_empty() => RunRecords::One(one),
+            last => {
+                recs.extend(last);
+                RunRecords::Many(recs.into())
+            }
+        };
+        Run { recs, start: 0, end }
     }
 
     fn len(&self) -> usize {
@@ -102,7 +117,11 @@ impl Run {
     }
 
     fn as_slice(&self) -> &[Shared] {
-        &self.recs[self.start..self.end]
+        let all = match &self.recs {
+            RunRecords::One(r) => std::slice::from_ref(r),
+            RunRecords::Many(rs) => rs,
+        };
+        &all[self.start..self.end]
     }
 
     /// The first `n` records as a run of their own.
@@ -310,6 +329,10 @@ impl Hub {
                 while let Ok(first) = rx.recv() {
                     chunk.push(first);
                     chunk.extend(rx.try_iter().take(FANOUT_CHUNK - 1));
+                    if chunk.len() < FANOUT_CHUNK {
+                        std::thread::sleep(FANOUT_LINGER);
+                        chunk.extend(rx.try_iter().take(FANOUT_CHUNK - chunk.len()));
+                    }
                     hub.publish_all(chunk.drain(..));
                 }
                 hub.close();
@@ -328,7 +351,7 @@ impl Hub {
         let mut st = self.lock();
         let st = &mut *st;
         let mut next_seq = st.next_seq;
-        let envs: Arc<[Shared]> = recs
+        let envs: Vec<Shared> = recs
             .into_iter()
             .map(|rec| {
                 let env = Arc::new(Envelope::new(next_seq, rec));
@@ -696,7 +719,7 @@ impl FilterStage {
                 // one record per queue slot so the outbox bound holds.
                 self.counters.queued.fetch_add(1, Ordering::Relaxed);
                 self.counters.outbox.fetch_add(1, Ordering::Relaxed);
-                let one = Run::new(Arc::from([r]));
+                let one = Run::new(vec![r]);
                 if self.out.send(Item::Records(one)).await.is_err() {
                     return;
                 }
@@ -730,7 +753,7 @@ impl FilterStage {
                     if kept.is_empty() {
                         continue;
                     }
-                    Run::new(kept.into())
+                    Run::new(kept)
                 };
                 if !self.offer(passed) {
                     return;

@@ -59,16 +59,31 @@ pub mod wire {
 
     #[derive(Debug, Clone)]
     pub enum SubscribeResponse {
-        /// `flows` (field 1): a FlowBatch whose `records` (field 1) are these records'
-        /// shared encodings.
-        Flows(Records),
+        /// `flows` (field 1).
+        Flows(FlowBatch),
         /// `lost` (field 2).
         Lost(proto::Lost),
     }
 
     impl Default for SubscribeResponse {
         fn default() -> Self {
-            SubscribeResponse::Flows(Records::default())
+            SubscribeResponse::Flows(FlowBatch::default())
+        }
+    }
+
+    /// A FlowBatch whose `records` (field 1) are these records' shared encodings.
+    #[derive(Debug, Clone, Default)]
+    pub struct FlowBatch {
+        records: Records,
+        /// Length of the FlowBatch message, known before tonic asks for it.
+        len: usize,
+    }
+
+    impl FlowBatch {
+        /// Encodes the records no other subscriber has encoded yet.
+        pub fn new(records: Records) -> FlowBatch {
+            let len = records.iter().map(|r| entry_len(record_bytes(r))).sum();
+            FlowBatch { records, len }
         }
     }
 
@@ -85,17 +100,13 @@ pub mod wire {
         key_len(1) + encoded_len_varint(r.len() as u64) + r.len()
     }
 
-    fn batch_len(records: &Records) -> usize {
-        records.iter().map(|r| entry_len(record_bytes(r))).sum()
-    }
-
     impl Message for SubscribeResponse {
         fn encode_raw(&self, buf: &mut impl BufMut) {
             match self {
-                SubscribeResponse::Flows(records) => {
+                SubscribeResponse::Flows(batch) => {
                     encode_key(1, WireType::LengthDelimited, buf);
-                    encode_varint(batch_len(records) as u64, buf);
-                    for r in records.iter() {
+                    encode_varint(batch.len as u64, buf);
+                    for r in batch.records.iter() {
                         let r = record_bytes(r);
                         encode_key(1, WireType::LengthDelimited, buf);
                         encode_varint(r.len() as u64, buf);
@@ -120,9 +131,8 @@ pub mod wire {
 
         fn encoded_len(&self) -> usize {
             match self {
-                SubscribeResponse::Flows(records) => {
-                    let n = batch_len(records);
-                    key_len(1) + encoded_len_varint(n as u64) + n
+                SubscribeResponse::Flows(batch) => {
+                    key_len(1) + encoded_len_varint(batch.len as u64) + batch.len
                 }
                 SubscribeResponse::Lost(l) => prost::encoding::message::encoded_len(2, l),
             }
@@ -136,8 +146,7 @@ pub mod wire {
 
 fn event_to_wire(ev: Event) -> wire::SubscribeResponse {
     match ev {
-        // Encoded (once per record, whoever comes first) when tonic writes the response.
-        Event::Records(recs) => wire::SubscribeResponse::Flows(recs),
+        Event::Records(recs) => wire::SubscribeResponse::Flows(wire::FlowBatch::new(recs)),
         Event::Lost(count) => wire::SubscribeResponse::Lost(proto::Lost {
             count,
             reason: proto::LostReason::QueueFull.into(),
