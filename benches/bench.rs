@@ -1189,7 +1189,48 @@ fn stream(t: &mut Table) -> Result<()> {
         "rec/s",
         format!("x{:.2} of unstalled", rates[1] / rates[0]),
     );
+    stream_encode(t, &recs)?;
     stream_idle_rss(t)
+}
+
+/// What encoding one record costs: through the prost message (Strings, `core::fmt` for the
+/// addresses), as the server did before, and written straight from the record.
+fn stream_encode(t: &mut Table, recs: &[FlowRecord]) -> Result<()> {
+    use prost::Message;
+    let (mut bytes_prost, mut bytes_direct) = (0usize, 0usize);
+    let t0 = Instant::now();
+    for (i, r) in recs.iter().enumerate() {
+        let mut p = flowlens::api::proto::FlowRecord::from(r);
+        p.seq = i as u64 + 1;
+        bytes_prost += std::hint::black_box(p.encode_to_vec()).len();
+    }
+    let prost_ns = t0.elapsed().as_secs_f64() * 1e9 / recs.len() as f64;
+    let mut buf = Vec::with_capacity(256);
+    let t0 = Instant::now();
+    for (i, r) in recs.iter().enumerate() {
+        buf.clear();
+        flowlens::record_encoding::encode_record(i as u64 + 1, r, &mut buf);
+        bytes_direct += std::hint::black_box(&buf).len();
+    }
+    let direct_ns = t0.elapsed().as_secs_f64() * 1e9 / recs.len() as f64;
+    if bytes_prost != bytes_direct {
+        bail!("encodings differ in length: {bytes_prost} vs {bytes_direct} bytes");
+    }
+    t.add(
+        "stream",
+        "encode one record, via the prost message",
+        prost_ns,
+        "ns",
+        String::new(),
+    );
+    t.add(
+        "stream",
+        "encode one record, straight from FlowRecord",
+        direct_ns,
+        "ns",
+        format!("x{:.2} faster; same bytes", prost_ns / direct_ns),
+    );
+    Ok(())
 }
 
 /// Subscriber counts of the stream throughput figures.
