@@ -109,7 +109,11 @@ impl Run {
                 RunRecords::Many(recs.into())
             }
         };
-        Run { recs, start: 0, end }
+        Run {
+            recs,
+            start: 0,
+            end,
+        }
     }
 
     fn len(&self) -> usize {

@@ -325,7 +325,19 @@ mod tests {
 
     #[test]
     fn ipv4_text_matches_display() {
-        for v in [0u32, 1, 9, 10, 99, 100, 255, 256, 0x0a00_0001, 0xc0a8_6401, u32::MAX] {
+        for v in [
+            0u32,
+            1,
+            9,
+            10,
+            99,
+            100,
+            255,
+            256,
+            0x0a00_0001,
+            0xc0a8_6401,
+            u32::MAX,
+        ] {
             let a = IpAddr::V4(Ipv4Addr::from(v));
             assert_eq!(text(a), a.to_string());
         }
