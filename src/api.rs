@@ -332,7 +332,7 @@ fn tcp_state_from_proto(s: proto::TcpState) -> TcpState {
     }
 }
 
-pub(crate) fn dir_to_proto(d: &DirStats) -> proto::DirStats {
+fn dir_to_proto(d: &DirStats) -> proto::DirStats {
     proto::DirStats {
         packets: d.packets,
         bytes: d.bytes,
@@ -350,7 +350,7 @@ fn latency_to_proto(l: &Latency) -> proto::Latency {
     }
 }
 
-pub(crate) fn tcp_to_proto(t: &TcpInfo) -> proto::TcpInfo {
+fn tcp_to_proto(t: &TcpInfo) -> proto::TcpInfo {
     proto::TcpInfo {
         client_flags: u32::from(t.client_flags),
         server_flags: u32::from(t.server_flags),
@@ -364,7 +364,7 @@ pub(crate) fn tcp_to_proto(t: &TcpInfo) -> proto::TcpInfo {
     }
 }
 
-pub(crate) fn icmp_to_proto(i: &IcmpInfo) -> proto::IcmpInfo {
+fn icmp_to_proto(i: &IcmpInfo) -> proto::IcmpInfo {
     proto::IcmpInfo {
         client_type: i.client_type.map(u32::from),
         client_code: i.client_code.map(u32::from),

@@ -1,12 +1,11 @@
-//! A flow record's `flowlens.v1.FlowRecord` encoding written straight from [`FlowRecord`]: byte for byte what prost writes for the converted message, without building it (no String, no `core::fmt`).
+//! A flow record's `flowlens.v1.FlowRecord` encoding written straight from [`FlowRecord`]: byte for byte what prost writes for the converted message, without building it (no String, no `core::fmt`, one reservation).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use prost::encoding::{encode_key, encode_varint, message, WireType};
-use prost::Message;
+use std::time::SystemTime;
 
-use crate::api::{self, proto};
-use crate::flow::{FlowRecord, Hook};
+use crate::api::proto;
+use crate::flow::{DirStats, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo};
 
 /// Longest textual IP address: eight groups of four hex digits and seven colons.
 const ADDR_TEXT_MAX: usize = 39;
@@ -126,37 +125,126 @@ impl AddrText {
     }
 }
 
-fn varint_field(tag: u32, v: u64, buf: &mut Vec<u8>) {
-    if v != 0 {
-        encode_key(tag, WireType::Varint, buf);
-        encode_varint(v, buf);
+const VARINT: u32 = 0;
+const LEN: u32 = 2;
+
+/// Protobuf fields appended to a buffer, with prost's rules for what is left out: scalars
+/// at their default value, empty strings, absent optionals and messages.
+struct Fields<'a>(&'a mut Vec<u8>);
+
+impl Fields<'_> {
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.0.push(v as u8 | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
+    }
+
+    fn key(&mut self, tag: u32, wire_type: u32) {
+        self.varint(u64::from(tag << 3 | wire_type));
+    }
+
+    /// A proto3 scalar: absent when zero.
+    fn uint(&mut self, tag: u32, v: u64) {
+        if v != 0 {
+            self.key(tag, VARINT);
+            self.varint(v);
+        }
+    }
+
+    /// An `optional` scalar: present, even at zero, when set.
+    fn opt(&mut self, tag: u32, v: Option<u64>) {
+        if let Some(v) = v {
+            self.key(tag, VARINT);
+            self.varint(v);
+        }
+    }
+
+    /// An int32 (enums, Timestamp.nanos): negative values sign-extend to ten bytes.
+    fn int32(&mut self, tag: u32, v: i32) {
+        self.uint(tag, i64::from(v) as u64);
+    }
+
+    fn bytes(&mut self, tag: u32, v: &[u8]) {
+        if !v.is_empty() {
+            self.key(tag, LEN);
+            self.varint(v.len() as u64);
+            self.0.extend_from_slice(v);
+        }
+    }
+
+    /// A nested message whose body `write` appends. Every nested message of a record is
+    /// shorter than 128 bytes, so its length is one byte, patched in afterwards.
+    fn message(&mut self, tag: u32, write: impl FnOnce(&mut Self)) {
+        self.key(tag, LEN);
+        let at = self.0.len();
+        self.0.push(0);
+        write(self);
+        let len = self.0.len() - at - 1;
+        assert!(len < 0x80, "nested message of {len} bytes");
+        self.0[at] = len as u8;
+    }
+
+    fn timestamp(&mut self, tag: u32, t: SystemTime) {
+        let t = prost_types::Timestamp::from(t);
+        self.message(tag, |f| {
+            f.uint(1, t.seconds as u64);
+            f.int32(2, t.nanos);
+        });
+    }
+
+    fn dir(&mut self, tag: u32, d: &DirStats) {
+        self.message(tag, |f| {
+            f.uint(1, d.packets);
+            f.uint(2, d.bytes);
+            f.uint(3, u64::from(d.ttl));
+        });
+    }
+
+    fn latency(&mut self, tag: u32, l: &Option<Latency>) {
+        if let Some(l) = l {
+            self.message(tag, |f| {
+                f.uint(1, u64::from(l.count));
+                f.uint(2, l.sum_ns);
+                f.uint(3, u64::from(l.min_ns));
+                f.uint(4, u64::from(l.max_ns));
+                f.opt(5, l.jitter_ns);
+            });
+        }
+    }
+
+    fn tcp(&mut self, tag: u32, t: &TcpInfo) {
+        self.message(tag, |f| {
+            f.uint(1, u64::from(t.client_flags));
+            f.uint(2, u64::from(t.server_flags));
+            f.int32(3, proto::TcpState::from(t.state).into());
+            f.opt(4, t.handshake_client_ns.map(u64::from));
+            f.opt(5, t.handshake_server_ns.map(u64::from));
+            f.uint(6, u64::from(t.syn_retransmits));
+            f.uint(7, u64::from(t.late_start));
+            f.latency(8, &t.client_latency);
+            f.latency(9, &t.server_latency);
+        });
+    }
+
+    fn icmp(&mut self, tag: u32, i: &IcmpInfo) {
+        self.message(tag, |f| {
+            f.opt(1, i.client_type.map(u64::from));
+            f.opt(2, i.client_code.map(u64::from));
+            f.opt(3, i.server_type.map(u64::from));
+            f.opt(4, i.server_code.map(u64::from));
+            f.opt(5, i.echo_id.map(u64::from));
+            f.latency(6, &i.echo_rtt);
+        });
     }
 }
 
-fn enum_field(tag: u32, v: i32, buf: &mut Vec<u8>) {
-    // int32 on the wire: negative values sign-extend to ten bytes, as prost writes them.
-    varint_field(tag, v as i64 as u64, buf);
-}
-
-fn bool_field(tag: u32, v: bool, buf: &mut Vec<u8>) {
-    varint_field(tag, u64::from(v), buf);
-}
-
-fn bytes_field(tag: u32, v: &[u8], buf: &mut Vec<u8>) {
-    if !v.is_empty() {
-        encode_key(tag, WireType::LengthDelimited, buf);
-        encode_varint(v.len() as u64, buf);
-        buf.extend_from_slice(v);
-    }
-}
-
-fn message_field(tag: u32, m: &impl Message, buf: &mut Vec<u8>) {
-    message::encode(tag, m, buf);
-}
+/// Room for everything but the strings of a record's encoding.
+const RECORD_FIXED_MAX: usize = 512;
 
 /// Appends `r`'s encoding with sequence number `seq` to `buf`: the same bytes as
-/// `proto::FlowRecord::from(r)` with `seq` set, encoded by prost. The nested messages
-/// hold no strings, so they go through prost; the strings are written from their sources.
+/// `proto::FlowRecord::from(r)` with `seq` set, encoded by prost (fields in tag order).
 pub fn encode_record(seq: u64, r: &FlowRecord, buf: &mut Vec<u8>) {
     let ip_version = match r.ip_version {
         4 => proto::IpVersion::IpVersion4,
@@ -167,40 +255,46 @@ pub fn encode_record(seq: u64, r: &FlowRecord, buf: &mut Vec<u8>) {
         Hook::Ingress => proto::Hook::Ingress,
         Hook::Egress => proto::Hook::Egress,
     };
-    enum_field(1, ip_version.into(), buf);
-    varint_field(2, u64::from(r.protocol), buf);
-    bytes_field(3, AddrText::of(r.client_addr).as_bytes(), buf);
-    varint_field(4, u64::from(r.client_port), buf);
-    bytes_field(5, AddrText::of(r.server_addr).as_bytes(), buf);
-    varint_field(6, u64::from(r.server_port), buf);
-    varint_field(7, u64::from(r.ifindex), buf);
-    bytes_field(8, r.interface.as_bytes(), buf);
-    enum_field(9, hook.into(), buf);
-    message_field(10, &prost_types::Timestamp::from(r.first_seen), buf);
-    message_field(11, &prost_types::Timestamp::from(r.last_seen), buf);
-    message_field(12, &api::dir_to_proto(&r.client), buf);
-    message_field(13, &api::dir_to_proto(&r.server), buf);
-    enum_field(14, proto::EndReason::from(r.end_reason).into(), buf);
+    let client_addr = AddrText::of(r.client_addr);
+    let server_addr = AddrText::of(r.server_addr);
+    buf.reserve(RECORD_FIXED_MAX + r.interface.len() + r.observer.len());
+    let mut f = Fields(buf);
+    f.int32(1, ip_version.into());
+    f.uint(2, u64::from(r.protocol));
+    f.bytes(3, client_addr.as_bytes());
+    f.uint(4, u64::from(r.client_port));
+    f.bytes(5, server_addr.as_bytes());
+    f.uint(6, u64::from(r.server_port));
+    f.uint(7, u64::from(r.ifindex));
+    f.bytes(8, r.interface.as_bytes());
+    f.int32(9, hook.into());
+    f.timestamp(10, r.first_seen);
+    f.timestamp(11, r.last_seen);
+    f.dir(12, &r.client);
+    f.dir(13, &r.server);
+    f.int32(14, proto::EndReason::from(r.end_reason).into());
     if let Some(t) = &r.tcp {
-        message_field(15, &api::tcp_to_proto(t), buf);
+        f.tcp(15, t);
     }
     if let Some(i) = &r.icmp {
-        message_field(16, &api::icmp_to_proto(i), buf);
+        f.icmp(16, i);
     }
-    varint_field(17, r.flow_id, buf);
-    bytes_field(18, r.observer.as_bytes(), buf);
-    message_field(19, &prost_types::Timestamp::from(r.window_start), buf);
-    bool_field(20, r.continuation, buf);
-    varint_field(21, seq, buf);
-    bool_field(22, r.fragment, buf);
+    f.uint(17, r.flow_id);
+    f.bytes(18, r.observer.as_bytes());
+    f.timestamp(19, r.window_start);
+    f.uint(20, u64::from(r.continuation));
+    f.uint(21, seq);
+    f.uint(22, u64::from(r.fragment));
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+    use prost::Message;
+
     use super::*;
-    use crate::flow::{DirStats, EndReason, IcmpInfo, Latency, TcpInfo, TcpState};
+    use crate::flow::{EndReason, TcpState};
 
     fn base() -> FlowRecord {
         FlowRecord {
@@ -302,6 +396,41 @@ mod tests {
         r.client.bytes = u64::MAX;
         r.server.packets = u64::MAX;
         r.interface = "a-rather-long-interface-name-é".into();
+        out.push(r);
+        // Every nested field at its widest: the longest nested messages there can be.
+        let widest = Latency {
+            count: u32::MAX,
+            sum_ns: u64::MAX,
+            min_ns: u32::MAX,
+            max_ns: u32::MAX,
+            jitter_ns: Some(u64::MAX),
+        };
+        let mut r = base();
+        r.client = DirStats {
+            packets: u64::MAX,
+            bytes: u64::MAX,
+            ttl: u8::MAX,
+        };
+        r.tcp = Some(TcpInfo {
+            client_flags: u8::MAX,
+            server_flags: u8::MAX,
+            state: TcpState::Reset,
+            handshake_client_ns: Some(u32::MAX),
+            handshake_server_ns: Some(u32::MAX),
+            syn_retransmits: u16::MAX,
+            late_start: true,
+            client_latency: Some(widest),
+            server_latency: Some(widest),
+        });
+        r.icmp = Some(IcmpInfo {
+            client_type: Some(u8::MAX),
+            client_code: Some(u8::MAX),
+            server_type: Some(u8::MAX),
+            server_code: Some(u8::MAX),
+            echo_id: Some(u16::MAX),
+            echo_rtt: Some(widest),
+        });
+        r.first_seen = UNIX_EPOCH - Duration::new(u32::MAX as u64 * 8, 999_999_999);
         out.push(r);
         out
     }

@@ -54,9 +54,6 @@ pub mod wire {
     use crate::hub::{Envelope, Records};
     use crate::record_encoding::encode_record;
 
-    /// Room for a typical record's encoding, so making one allocates once.
-    const RECORD_CAPACITY: usize = 192;
-
     #[derive(Debug, Clone)]
     pub enum SubscribeResponse {
         /// `flows` (field 1).
@@ -90,7 +87,7 @@ pub mod wire {
     /// A record's encoding: made by the first subscriber that sends it, shared by the rest.
     pub fn record_bytes(r: &Envelope) -> &[u8] {
         r.wire(|seq, rec| {
-            let mut buf = Vec::with_capacity(RECORD_CAPACITY);
+            let mut buf = Vec::new();
             encode_record(seq, rec, &mut buf);
             buf.into_boxed_slice()
         })
