@@ -49,6 +49,7 @@ pub mod wire {
     use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len};
     use prost::encoding::{DecodeContext, WireType};
     use prost::{DecodeError, Message};
+    use tonic::codec::{Codec, EncodeBuf, Encoder};
 
     use crate::api::proto;
     use crate::hub::{Envelope, Records};
@@ -137,6 +138,45 @@ pub mod wire {
 
         fn clear(&mut self) {
             *self = SubscribeResponse::default();
+        }
+    }
+
+    /// Subscribe's codec: prost's, except that a response reserves its whole length in
+    /// tonic's buffer before it is written, instead of regrowing the buffer (and copying
+    /// what is already in it) as records are appended.
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct SubscribeCodec;
+
+    impl Codec for SubscribeCodec {
+        type Encode = SubscribeResponse;
+        type Decode = proto::SubscribeRequest;
+        type Encoder = SubscribeEncoder;
+        type Decoder = tonic_prost::ProstDecoder<proto::SubscribeRequest>;
+
+        fn encoder(&mut self) -> SubscribeEncoder {
+            SubscribeEncoder
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            Default::default()
+        }
+    }
+
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct SubscribeEncoder;
+
+    impl Encoder for SubscribeEncoder {
+        type Item = SubscribeResponse;
+        type Error = tonic::Status;
+
+        fn encode(
+            &mut self,
+            item: SubscribeResponse,
+            buf: &mut EncodeBuf<'_>,
+        ) -> Result<(), tonic::Status> {
+            buf.reserve(item.encoded_len());
+            item.encode_raw(buf);
+            Ok(())
         }
     }
 }
