@@ -2,13 +2,31 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use std::time::SystemTime;
+use prost_types::Timestamp;
 
 use crate::api::proto;
 use crate::flow::{DirStats, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo};
 
 /// Longest textual IP address: eight groups of four hex digits and seven colons.
 const ADDR_TEXT_MAX: usize = 39;
+
+/// 0 to 255 in decimal: the digits, left-aligned, and how many there are.
+const DECIMAL: [([u8; 3], usize); 256] = {
+    let mut table = [([0u8; 3], 0usize); 256];
+    let mut v = 0;
+    while v < 256 {
+        let (h, t, o) = ((v / 100) as u8, (v / 10 % 10) as u8, (v % 10) as u8);
+        table[v] = if v >= 100 {
+            ([b'0' + h, b'0' + t, b'0' + o], 3)
+        } else if v >= 10 {
+            ([b'0' + t, b'0' + o, 0], 2)
+        } else {
+            ([b'0' + o, 0, 0], 1)
+        };
+        v += 1;
+    }
+    table
+};
 
 /// An IP address as `Display` writes it, on the stack.
 struct AddrText {
@@ -39,13 +57,11 @@ impl AddrText {
     }
 
     fn push_decimal(&mut self, v: u8) {
-        if v >= 100 {
-            self.push(b'0' + v / 100);
-        }
-        if v >= 10 {
-            self.push(b'0' + v / 10 % 10);
-        }
-        self.push(b'0' + v % 10);
+        // All three bytes go in; only the digits count. An address never ends closer than
+        // three bytes to the end of the buffer.
+        let (digits, n) = DECIMAL[usize::from(v)];
+        self.buf[self.len..self.len + 3].copy_from_slice(&digits);
+        self.len += n;
     }
 
     /// Lowercase hex without leading zeros, as `{:x}` writes it.
@@ -186,8 +202,7 @@ impl Fields<'_> {
         self.0[at] = len as u8;
     }
 
-    fn timestamp(&mut self, tag: u32, t: SystemTime) {
-        let t = prost_types::Timestamp::from(t);
+    fn timestamp(&mut self, tag: u32, t: &Timestamp) {
         self.message(tag, |f| {
             f.uint(1, t.seconds as u64);
             f.int32(2, t.nanos);
@@ -255,6 +270,13 @@ pub fn encode_record(seq: u64, r: &FlowRecord, buf: &mut Vec<u8>) {
         Hook::Ingress => proto::Hook::Ingress,
         Hook::Egress => proto::Hook::Egress,
     };
+    let first_seen = Timestamp::from(r.first_seen);
+    // A flow's first record starts its window at its first packet: converted once.
+    let window_start = if r.window_start == r.first_seen {
+        first_seen
+    } else {
+        Timestamp::from(r.window_start)
+    };
     let client_addr = AddrText::of(r.client_addr);
     let server_addr = AddrText::of(r.server_addr);
     buf.reserve(RECORD_FIXED_MAX + r.interface.len() + r.observer.len());
@@ -268,8 +290,8 @@ pub fn encode_record(seq: u64, r: &FlowRecord, buf: &mut Vec<u8>) {
     f.uint(7, u64::from(r.ifindex));
     f.bytes(8, r.interface.as_bytes());
     f.int32(9, hook.into());
-    f.timestamp(10, r.first_seen);
-    f.timestamp(11, r.last_seen);
+    f.timestamp(10, &first_seen);
+    f.timestamp(11, &Timestamp::from(r.last_seen));
     f.dir(12, &r.client);
     f.dir(13, &r.server);
     f.int32(14, proto::EndReason::from(r.end_reason).into());
@@ -281,7 +303,7 @@ pub fn encode_record(seq: u64, r: &FlowRecord, buf: &mut Vec<u8>) {
     }
     f.uint(17, r.flow_id);
     f.bytes(18, r.observer.as_bytes());
-    f.timestamp(19, r.window_start);
+    f.timestamp(19, &window_start);
     f.uint(20, u64::from(r.continuation));
     f.uint(21, seq);
     f.uint(22, u64::from(r.fragment));
@@ -362,6 +384,7 @@ mod tests {
         r.client_port = 0;
         r.server_port = 0;
         r.first_hook = Hook::Ingress;
+        r.window_start = r.first_seen;
         r.icmp = Some(IcmpInfo {
             client_type: Some(128),
             client_code: Some(0),
