@@ -329,15 +329,13 @@ impl Hub {
         std::thread::Builder::new()
             .name("flowlens-fanout".into())
             .spawn(move || {
-                let mut chunk = Vec::with_capacity(FANOUT_CHUNK);
                 while let Ok(first) = rx.recv() {
-                    chunk.push(first);
-                    chunk.extend(rx.try_iter().take(FANOUT_CHUNK - 1));
-                    if chunk.len() < FANOUT_CHUNK {
+                    if rx.len() < FANOUT_CHUNK - 1 {
                         std::thread::sleep(FANOUT_LINGER);
-                        chunk.extend(rx.try_iter().take(FANOUT_CHUNK - chunk.len()));
                     }
-                    hub.publish_all(chunk.drain(..));
+                    // Taken from the channel straight into the hub: one move per record.
+                    let rest = rx.try_iter().take(FANOUT_CHUNK - 1);
+                    hub.publish_all(std::iter::once(first).chain(rest));
                 }
                 hub.close();
             })
