@@ -792,6 +792,9 @@ impl FilterStage {
         }
         let queued = self.counters.outbox.load(Ordering::Relaxed) as usize;
         let take = self.queue.saturating_sub(queued).min(n);
+        if take == 0 && self.out.is_closed() {
+            return false;
+        }
         if take > 0 {
             match self.out.try_send(Item::Records(run.prefix(take))) {
                 Ok(()) => {
