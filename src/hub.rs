@@ -27,7 +27,7 @@ pub const BATCH_MAX_DELAY: Duration = Duration::from_millis(100);
 /// poller does not pay one lock round-trip per record.
 const FANOUT_CHUNK: usize = 1024;
 
-/// How long the fanout thread lets records gather after taking fewer than a chunk. A
+/// How long the fanout thread lets records gather when fewer than a chunk are waiting. A
 /// poller sends records one at a time; without the pause every few records would cost a
 /// wake-up of the fanout thread, and then of every subscriber's task, each.
 const FANOUT_LINGER: Duration = Duration::from_micros(200);
