@@ -114,6 +114,13 @@ async fn batches_are_bounded() {
     )
     .await;
     assert_eq!(replayed.batches, vec![1000, 1000, 501]);
+
+    // Records published together, more than a batch holds, are split across batches.
+    agent.hub.publish_all((2502..=5001).map(rec));
+    let mut got = Received::default();
+    read_until(&mut s, &mut got, |r| r.ids.len() >= 2500).await;
+    assert_eq!(got.ids, (2502..=5001).collect::<Vec<_>>());
+    assert_eq!(got.batches, vec![1000, 1000, 500]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
