@@ -69,8 +69,8 @@ fn build_proto(out: &Path) {
 }
 
 /// The FlowLens server, declared by hand so Subscribe can answer with records encoded
-/// once and shared by every subscriber (`service::wire`) instead of the generated
-/// message type; the routes and the wire format are those of the proto.
+/// once and shared by every subscriber (`service::wire`, with its own codec) instead of
+/// the generated message type; the routes and the wire format are those of the proto.
 fn build_server(out: &Path) {
     use tonic_build::manual::{Builder, Method, Service};
     let method = |name: &str, route: &str, input: &str, output: &str| {
@@ -91,6 +91,7 @@ fn build_server(out: &Path) {
                 "crate::api::proto::SubscribeRequest",
                 "crate::service::wire::SubscribeResponse",
             )
+            .codec_path("crate::service::wire::SubscribeCodec")
             .server_streaming()
             .build(),
         )

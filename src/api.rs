@@ -3,9 +3,6 @@
 use std::net::IpAddr;
 use std::time::SystemTime;
 
-use bytes::Bytes;
-use prost::Message;
-
 use crate::filter::{Cidr, CidrError, Filter, PortRange, Selector};
 use crate::flow::{DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo, TcpState};
 use crate::hub::SubscribeOptions;
@@ -17,14 +14,6 @@ pub mod proto {
 
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/flowlens_descriptor.bin"));
-}
-
-/// A record's protobuf encoding (a `flowlens.v1.FlowRecord` message) with the hub's
-/// sequence number, as the server sends it.
-pub fn encode_record(seq: u64, r: &FlowRecord) -> Bytes {
-    let mut p = proto::FlowRecord::from(r);
-    p.seq = seq;
-    p.encode_to_vec().into()
 }
 
 // ---------------------------------------------------------------------------
@@ -361,6 +350,33 @@ fn latency_to_proto(l: &Latency) -> proto::Latency {
     }
 }
 
+fn tcp_to_proto(t: &TcpInfo) -> proto::TcpInfo {
+    proto::TcpInfo {
+        client_flags: u32::from(t.client_flags),
+        server_flags: u32::from(t.server_flags),
+        state: proto::TcpState::from(t.state).into(),
+        handshake_client_ns: t.handshake_client_ns,
+        handshake_server_ns: t.handshake_server_ns,
+        syn_retransmits: u32::from(t.syn_retransmits),
+        late_start: t.late_start,
+        client_latency: t.client_latency.as_ref().map(latency_to_proto),
+        server_latency: t.server_latency.as_ref().map(latency_to_proto),
+    }
+}
+
+fn icmp_to_proto(i: &IcmpInfo) -> proto::IcmpInfo {
+    proto::IcmpInfo {
+        client_type: i.client_type.map(u32::from),
+        client_code: i.client_code.map(u32::from),
+        server_type: i.server_type.map(u32::from),
+        server_code: i.server_code.map(u32::from),
+        echo_id: i.echo_id.map(u32::from),
+        echo_rtt: i.echo_rtt.as_ref().map(latency_to_proto),
+    }
+}
+
+/// The message `record_encoding::encode_record` writes without building it; ListFlows
+/// and the tests use this one.
 impl From<&FlowRecord> for proto::FlowRecord {
     fn from(r: &FlowRecord) -> proto::FlowRecord {
         let ip_version = match r.ip_version {
@@ -393,25 +409,8 @@ impl From<&FlowRecord> for proto::FlowRecord {
             client: Some(dir_to_proto(&r.client)),
             server: Some(dir_to_proto(&r.server)),
             end_reason: proto::EndReason::from(r.end_reason).into(),
-            tcp: r.tcp.as_ref().map(|t| proto::TcpInfo {
-                client_flags: u32::from(t.client_flags),
-                server_flags: u32::from(t.server_flags),
-                state: proto::TcpState::from(t.state).into(),
-                handshake_client_ns: t.handshake_client_ns,
-                handshake_server_ns: t.handshake_server_ns,
-                syn_retransmits: u32::from(t.syn_retransmits),
-                late_start: t.late_start,
-                client_latency: t.client_latency.as_ref().map(latency_to_proto),
-                server_latency: t.server_latency.as_ref().map(latency_to_proto),
-            }),
-            icmp: r.icmp.as_ref().map(|i| proto::IcmpInfo {
-                client_type: i.client_type.map(u32::from),
-                client_code: i.client_code.map(u32::from),
-                server_type: i.server_type.map(u32::from),
-                server_code: i.server_code.map(u32::from),
-                echo_id: i.echo_id.map(u32::from),
-                echo_rtt: i.echo_rtt.as_ref().map(latency_to_proto),
-            }),
+            tcp: r.tcp.as_ref().map(tcp_to_proto),
+            icmp: r.icmp.as_ref().map(icmp_to_proto),
         }
     }
 }

@@ -2,14 +2,16 @@
 //!
 //! Each sink has its own bounded queue. The hub only `try_send`s into it: a full queue
 //! loses the record for that sink alone, counts it, and the sink is told. Subscriber
-//! filters run on the subscriber's own task, never under the hub's lock.
+//! filters run on the subscriber's own task, never under the hub's lock. Records travel
+//! to a subscriber in runs (the records of one publish call), so a busy stream costs one
+//! queue slot and one wake-up per run, not per record; the queues are still bounded in
+//! records.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
@@ -23,7 +25,12 @@ pub const BATCH_MAX_DELAY: Duration = Duration::from_millis(100);
 
 /// Records the fanout thread takes from the poller per hub lock, so a busy
 /// poller does not pay one lock round-trip per record.
-const FANOUT_CHUNK: usize = 256;
+const FANOUT_CHUNK: usize = 1024;
+
+/// How long the fanout thread lets records gather when fewer than a chunk are waiting. A
+/// poller sends records one at a time; without the pause every few records would cost a
+/// wake-up of the fanout thread, and then of every subscriber's task, each.
+const FANOUT_LINGER: Duration = Duration::from_micros(200);
 
 /// Filter evaluations a subscriber's task does before it lets other tasks run, so a
 /// subscriber with a huge filter list cannot starve the others on its worker.
@@ -56,7 +63,7 @@ pub struct Envelope {
     /// 1 for the first record of this agent run, then +1 per record.
     pub seq: u64,
     pub record: FlowRecord,
-    wire: OnceLock<Bytes>,
+    wire: OnceLock<Box<[u8]>>,
 }
 
 impl Envelope {
@@ -69,14 +76,101 @@ impl Envelope {
     }
 
     /// The record's wire encoding, made by the first caller and shared with the rest.
-    pub fn wire(&self, encode: impl FnOnce(u64, &FlowRecord) -> Bytes) -> Bytes {
-        self.wire
-            .get_or_init(|| encode(self.seq, &self.record))
-            .clone()
+    pub fn wire(&self, encode: impl FnOnce(u64, &FlowRecord) -> Box<[u8]>) -> &[u8] {
+        self.wire.get_or_init(|| encode(self.seq, &self.record))
     }
 }
 
 pub type Shared = Arc<Envelope>;
+
+/// Consecutive records of one publish call: what moves through a subscriber's queues as
+/// one item. Every subscriber shares the same records; only the bounds are its own.
+#[derive(Debug, Clone)]
+struct Run {
+    recs: RunRecords,
+    start: usize,
+    end: usize,
+}
+
+/// A lone record (a single publish, a replayed record) needs no shared slice.
+#[derive(Debug, Clone)]
+enum RunRecords {
+    One(Shared),
+    Many(Arc<[Shared]>),
+}
+
+impl Run {
+    fn new(mut recs: Vec<Shared>) -> Run {
+        let end = recs.len();
+        let recs = match recs.pop() {
+            Some(one) if recs.is_empty() => RunRecords::One(one),
+            last => {
+                recs.extend(last);
+                RunRecords::Many(recs.into())
+            }
+        };
+        Run {
+            recs,
+            start: 0,
+            end,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn as_slice(&self) -> &[Shared] {
+        let all = match &self.recs {
+            RunRecords::One(r) => std::slice::from_ref(r),
+            RunRecords::Many(rs) => rs,
+        };
+        &all[self.start..self.end]
+    }
+
+    /// The first `n` records as a run of their own.
+    fn prefix(&self, n: usize) -> Run {
+        Run {
+            recs: self.recs.clone(),
+            start: self.start,
+            end: self.start + n.min(self.len()),
+        }
+    }
+
+    /// Takes the first `n` records off this run into a run of their own.
+    fn split_front(&mut self, n: usize) -> Run {
+        let front = self.prefix(n);
+        self.start = front.end;
+        front
+    }
+}
+
+/// A batch of records for one subscriber, in emission order: the runs it was taken from,
+/// so handing a batch on costs nothing per record.
+#[derive(Debug, Clone, Default)]
+pub struct Records {
+    runs: Vec<Run>,
+    len: usize,
+}
+
+impl Records {
+    fn push(&mut self, run: Run) {
+        self.len += run.len();
+        self.runs.push(run);
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Shared> + '_ {
+        self.runs.iter().flat_map(Run::as_slice)
+    }
+}
 
 /// What kind of consumer a sink is, for status and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +201,10 @@ struct SinkCounters {
     connected: SystemTime,
     /// Records in the sink's queues now.
     queued: AtomicU64,
+    /// A subscriber's records in its inbox, and in its outbox: each bounded by
+    /// `subscriber_queue`. Only the sending side adds, so a reading is never too low.
+    inbox: AtomicU64,
+    outbox: AtomicU64,
     /// Records handed to the sink since it registered.
     delivered: AtomicU64,
     lost: AtomicU64,
@@ -151,8 +249,23 @@ impl HubStats {
     }
 }
 
+/// A sink's queue: local sinks take records one by one, subscribers in runs.
+enum SinkTx {
+    Each(mpsc::Sender<Shared>),
+    Runs(mpsc::Sender<Run>),
+}
+
+impl SinkTx {
+    fn is_closed(&self) -> bool {
+        match self {
+            SinkTx::Each(tx) => tx.is_closed(),
+            SinkTx::Runs(tx) => tx.is_closed(),
+        }
+    }
+}
+
 struct SinkEntry {
-    tx: mpsc::Sender<Shared>,
+    tx: SinkTx,
     counters: Arc<SinkCounters>,
 }
 
@@ -216,11 +329,13 @@ impl Hub {
         std::thread::Builder::new()
             .name("flowlens-fanout".into())
             .spawn(move || {
-                let mut chunk = Vec::with_capacity(FANOUT_CHUNK);
                 while let Ok(first) = rx.recv() {
-                    chunk.push(first);
-                    chunk.extend(rx.try_iter().take(FANOUT_CHUNK - 1));
-                    hub.publish_all(chunk.drain(..));
+                    if rx.len() < FANOUT_CHUNK - 1 {
+                        std::thread::sleep(FANOUT_LINGER);
+                    }
+                    // Taken from the channel straight into the hub: one move per record.
+                    let rest = rx.try_iter().take(FANOUT_CHUNK - 1);
+                    hub.publish_all(std::iter::once(first).chain(rest));
                 }
                 hub.close();
             })
@@ -233,35 +348,75 @@ impl Hub {
 
     pub fn publish_all(&self, recs: impl IntoIterator<Item = FlowRecord>) {
         let cap = self.inner.cfg.ring_capacity;
+        let queue = self.inner.cfg.subscriber_queue.max(1);
         let lost_total = &self.inner.lost_total;
         let mut st = self.lock();
-        let mut n = 0;
-        let mut gone = false;
-        for rec in recs {
-            n += 1;
-            let env = Arc::new(Envelope::new(st.next_seq, rec));
-            st.next_seq += 1;
-            if cap > 0 {
+        let st = &mut *st;
+        let mut next_seq = st.next_seq;
+        let envs: Vec<Shared> = recs
+            .into_iter()
+            .map(|rec| {
+                let env = Arc::new(Envelope::new(next_seq, rec));
+                next_seq += 1;
+                env
+            })
+            .collect();
+        st.next_seq = next_seq;
+        let n = envs.len();
+        if n == 0 {
+            return;
+        }
+        if cap > 0 {
+            // Only the last `cap` of a large call can stay.
+            for env in &envs[n.saturating_sub(cap)..] {
                 if st.ring.len() >= cap {
                     st.ring.pop_front();
                 }
                 st.ring.push_back(env.clone());
             }
-            for s in &st.sinks {
-                match s.tx.try_send(env.clone()) {
-                    Ok(()) => {
-                        s.counters.queued.fetch_add(1, Ordering::Relaxed);
+        }
+        let run = Run::new(envs);
+        let mut gone = false;
+        for s in &st.sinks {
+            let c = &s.counters;
+            match &s.tx {
+                SinkTx::Each(tx) => {
+                    for env in run.as_slice() {
+                        match tx.try_send(env.clone()) {
+                            Ok(()) => {
+                                c.queued.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(TrySendError::Full(_)) => c.lose(1, lost_total),
+                            Err(TrySendError::Closed(_)) => gone = true,
+                        }
                     }
-                    Err(TrySendError::Full(_)) => s.counters.lose(1, lost_total),
-                    Err(TrySendError::Closed(_)) => gone = true,
+                }
+                SinkTx::Runs(tx) => {
+                    // What fits goes; the rest of the run is lost for this subscriber.
+                    let room = queue.saturating_sub(c.inbox.load(Ordering::Relaxed) as usize);
+                    let take = room.min(n);
+                    if take == 0 {
+                        gone |= tx.is_closed();
+                    } else {
+                        match tx.try_send(run.prefix(take)) {
+                            Ok(()) => {
+                                c.inbox.fetch_add(take as u64, Ordering::Relaxed);
+                                c.queued.fetch_add(take as u64, Ordering::Relaxed);
+                            }
+                            Err(TrySendError::Full(_)) => c.lose(take as u64, lost_total),
+                            Err(TrySendError::Closed(_)) => gone = true,
+                        }
+                    }
+                    if take < n {
+                        c.lose((n - take) as u64, lost_total);
+                    }
                 }
             }
         }
         if gone {
             st.sinks.retain(|s| !s.tx.is_closed());
         }
-        drop(st);
-        self.inner.published.fetch_add(n, Ordering::Relaxed);
+        self.inner.published.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Whether `close` was called: no record will be published any more.
@@ -294,6 +449,8 @@ impl Hub {
             name: name.to_owned(),
             connected: SystemTime::now(),
             queued: AtomicU64::new(0),
+            inbox: AtomicU64::new(0),
+            outbox: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             lost_pending: AtomicU64::new(0),
@@ -311,7 +468,7 @@ impl Hub {
         let mut st = self.lock();
         if !st.closed {
             st.sinks.push(SinkEntry {
-                tx,
+                tx: SinkTx::Each(tx),
                 counters: counters.clone(),
             });
         }
@@ -333,7 +490,7 @@ impl Hub {
         };
         let inbox = if opts.follow && !st.closed {
             st.sinks.push(SinkEntry {
-                tx: in_tx,
+                tx: SinkTx::Runs(in_tx),
                 counters: counters.clone(),
             });
             Some(in_rx)
@@ -345,6 +502,7 @@ impl Hub {
         let stage = FilterStage {
             selector: opts.selector.clone(),
             counters: counters.clone(),
+            queue,
             out: out_tx,
             lost_total: self.clone(),
             marker_owed: false,
@@ -356,6 +514,7 @@ impl Hub {
             hub: self.clone(),
             counters,
             rx: Some(out_rx),
+            pending: None,
             marker_seen: false,
         }
     }
@@ -498,16 +657,19 @@ impl Default for SubscribeOptions {
 #[derive(Debug, Clone)]
 pub enum Event {
     /// In emission order, at most [`BATCH_MAX_RECORDS`].
-    Records(Vec<Shared>),
+    Records(Records),
     /// This many records were dropped because a queue was full.
     Lost(u64),
 }
 
 enum Item {
-    Record(Shared),
+    Records(Run),
     /// Records were lost here; the count is in `SinkCounters::lost_pending`.
     LostMarker,
 }
+
+/// Runs a subscriber's filter task takes from its inbox per wake-up.
+const RUNS_PER_WAKE: usize = 64;
 
 /// A subscriber's own task: replays, then filters live records from its inbox into its
 /// outbox. A client that does not read fills the outbox, and the records its filters
@@ -515,6 +677,8 @@ enum Item {
 struct FilterStage {
     selector: Selector,
     counters: Arc<SinkCounters>,
+    /// Records the outbox holds at most.
+    queue: usize,
     out: mpsc::Sender<Item>,
     lost_total: Hub,
     /// A loss happened and its marker is not queued yet.
@@ -530,7 +694,7 @@ impl FilterStage {
         mut self,
         ring: Vec<Shared>,
         opts: SubscribeOptions,
-        inbox: Option<mpsc::Receiver<Shared>>,
+        inbox: Option<mpsc::Receiver<Run>>,
     ) {
         if opts.wants_replay() {
             let limit = if opts.replay == 0 {
@@ -553,29 +717,47 @@ impl FilterStage {
             }
             drop(ring);
             for r in replay.into_iter().rev() {
-                // Replay is bounded by the ring: it waits for the client instead of losing.
+                // Replay is bounded by the ring: it waits for the client instead of losing,
+                // one record per queue slot so the outbox bound holds.
                 self.counters.queued.fetch_add(1, Ordering::Relaxed);
-                if self.out.send(Item::Record(r)).await.is_err() {
+                self.counters.outbox.fetch_add(1, Ordering::Relaxed);
+                let one = Run::new(vec![r]);
+                if self.out.send(Item::Records(one)).await.is_err() {
                     return;
                 }
             }
         }
         let Some(mut inbox) = inbox else { return };
-        // Taken in runs, so a busy stream costs one wake-up per run, not per record.
-        let mut run = Vec::with_capacity(BATCH_MAX_RECORDS);
-        while inbox.recv_many(&mut run, BATCH_MAX_RECORDS).await > 0 {
-            self.counters
-                .queued
-                .fetch_sub(run.len() as u64, Ordering::Relaxed);
-            for r in run.drain(..) {
-                if let Some(want) = self.next_seq {
-                    if r.seq > want {
-                        // Counted by the hub when its queue was full; the marker goes here.
-                        self.marker_owed = true;
-                    }
+        let mut runs = Vec::with_capacity(RUNS_PER_WAKE);
+        while inbox.recv_many(&mut runs, RUNS_PER_WAKE).await > 0 {
+            for run in runs.drain(..) {
+                let n = run.len() as u64;
+                self.counters.inbox.fetch_sub(n, Ordering::Relaxed);
+                self.counters.queued.fetch_sub(n, Ordering::Relaxed);
+                let recs = run.as_slice();
+                let (Some(first), Some(last)) = (recs.first(), recs.last()) else {
+                    continue;
+                };
+                if self.next_seq.is_some_and(|want| first.seq > want) {
+                    // Counted by the hub when the inbox was full; the marker goes here.
+                    self.marker_owed = true;
                 }
-                self.next_seq = Some(r.seq + 1);
-                if self.matches(&r).await && !self.offer(r) {
+                self.next_seq = Some(last.seq + 1);
+                let passed = if self.selector.is_empty() {
+                    run
+                } else {
+                    let mut kept = Vec::new();
+                    for r in recs {
+                        if self.matches(r).await {
+                            kept.push(r.clone());
+                        }
+                    }
+                    if kept.is_empty() {
+                        continue;
+                    }
+                    Run::new(kept)
+                };
+                if !self.offer(passed) {
                     return;
                 }
             }
@@ -595,33 +777,47 @@ impl FilterStage {
         self.selector.matches(&r.record)
     }
 
-    /// Queues one record; false when the subscriber is gone.
-    fn offer(&mut self, r: Shared) -> bool {
+    /// Queues what fits of `run` and loses the rest; false when the subscriber is gone.
+    fn offer(&mut self, run: Run) -> bool {
+        let n = run.len();
         if self.marker_owed {
             match self.out.try_send(Item::LostMarker) {
                 Ok(()) => self.marker_owed = false,
                 Err(TrySendError::Full(_)) => {
-                    self.lose();
+                    self.lose(n);
                     return true;
                 }
                 Err(TrySendError::Closed(_)) => return false,
             }
         }
-        match self.out.try_send(Item::Record(r)) {
-            Ok(()) => {
-                self.counters.queued.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(TrySendError::Full(_)) => {
-                self.lose();
-                true
-            }
-            Err(TrySendError::Closed(_)) => false,
+        let queued = self.counters.outbox.load(Ordering::Relaxed) as usize;
+        let take = self.queue.saturating_sub(queued).min(n);
+        if take == 0 && self.out.is_closed() {
+            return false;
         }
+        if take > 0 {
+            match self.out.try_send(Item::Records(run.prefix(take))) {
+                Ok(()) => {
+                    self.counters
+                        .outbox
+                        .fetch_add(take as u64, Ordering::Relaxed);
+                    self.counters
+                        .queued
+                        .fetch_add(take as u64, Ordering::Relaxed);
+                }
+                Err(TrySendError::Full(_)) => self.lose(take),
+                Err(TrySendError::Closed(_)) => return false,
+            }
+        }
+        if take < n {
+            self.lose(n - take);
+        }
+        true
     }
 
-    fn lose(&mut self) {
-        self.counters.lose(1, &self.lost_total.inner.lost_total);
+    fn lose(&mut self, n: usize) {
+        self.counters
+            .lose(n as u64, &self.lost_total.inner.lost_total);
         self.marker_owed = true;
     }
 }
@@ -632,6 +828,8 @@ pub struct Subscription {
     counters: Arc<SinkCounters>,
     /// The filter task's outbox; None once it ended.
     rx: Option<mpsc::Receiver<Item>>,
+    /// The rest of a run the previous batch had no room for; it comes first.
+    pending: Option<Run>,
     /// A loss marker ended the previous batch; report the loss next.
     marker_seen: bool,
 }
@@ -658,6 +856,9 @@ impl Subscription {
                 return Some(ev);
             }
         }
+        if let Some(run) = self.pending.take() {
+            return Some(self.batch_from(run).await);
+        }
         loop {
             let rx = self.rx.as_mut()?;
             let item = match rx.try_recv() {
@@ -673,11 +874,9 @@ impl Subscription {
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
             };
             match item {
-                Some(Item::Record(r)) => {
-                    let mut batch = vec![r];
-                    self.fill_batch(&mut batch).await;
-                    self.delivered(batch.len());
-                    return Some(Event::Records(batch));
+                Some(Item::Records(run)) => {
+                    self.took(&run);
+                    return Some(self.batch_from(run).await);
                 }
                 Some(Item::LostMarker) => {
                     if let Some(ev) = self.take_lost() {
@@ -692,17 +891,42 @@ impl Subscription {
         }
     }
 
-    fn delivered(&self, n: usize) {
-        self.counters.queued.fetch_sub(n as u64, Ordering::Relaxed);
+    /// A batch starting with `run`, filled from the outbox.
+    async fn batch_from(&mut self, run: Run) -> Event {
+        let mut batch = Records::default();
+        self.add_to_batch(&mut batch, run);
+        self.fill_batch(&mut batch).await;
+        self.counters
+            .queued
+            .fetch_sub(batch.len() as u64, Ordering::Relaxed);
         self.counters
             .delivered
-            .fetch_add(n as u64, Ordering::Relaxed);
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Event::Records(batch)
     }
 
-    async fn fill_batch(&mut self, batch: &mut Vec<Shared>) {
+    /// Adds what fits of `run` to `batch`; the rest waits for the next batch.
+    fn add_to_batch(&mut self, batch: &mut Records, mut run: Run) {
+        let room = BATCH_MAX_RECORDS - batch.len();
+        if run.len() > room {
+            batch.push(run.split_front(room));
+            self.pending = Some(run);
+        } else {
+            batch.push(run);
+        }
+    }
+
+    /// A run left the outbox.
+    fn took(&self, run: &Run) {
+        self.counters
+            .outbox
+            .fetch_sub(run.len() as u64, Ordering::Relaxed);
+    }
+
+    async fn fill_batch(&mut self, batch: &mut Records) {
         let deadline = tokio::time::Instant::now() + BATCH_MAX_DELAY;
-        let Some(rx) = self.rx.as_mut() else { return };
-        while batch.len() < BATCH_MAX_RECORDS {
+        while batch.len() < BATCH_MAX_RECORDS && self.pending.is_none() {
+            let Some(rx) = self.rx.as_mut() else { return };
             let item = match rx.try_recv() {
                 Ok(item) => Some(item),
                 Err(mpsc::error::TryRecvError::Empty) => {
@@ -714,7 +938,10 @@ impl Subscription {
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
             };
             match item {
-                Some(Item::Record(r)) => batch.push(r),
+                Some(Item::Records(run)) => {
+                    self.took(&run);
+                    self.add_to_batch(batch, run);
+                }
                 Some(Item::LostMarker) => {
                     self.marker_seen = true;
                     return;

@@ -4,7 +4,8 @@
 //! kernel maps; the `poller` reads and ends flows into `flow` records; the `hub` hands
 //! each record to every sink (`output`, the gRPC `service`'s subscribers). The `agent`
 //! owns and wires them all from one `config`. `api` is shared by the server and the
-//! `watch` client; `render` is how people and scripts see a record.
+//! `watch` client; `record_encoding` writes a record as the server streams it; `render` is
+//! how people and scripts see a record.
 
 pub mod agent;
 pub mod api;
@@ -25,6 +26,7 @@ pub mod output;
 pub mod packet;
 pub mod poller;
 pub mod preflight;
+pub mod record_encoding;
 pub mod render;
 pub mod service;
 pub mod snapshot;

@@ -41,44 +41,71 @@ const DEFAULT_PAGE: usize = 1000;
 const MAX_PAGE: usize = 10_000;
 
 /// `flowlens.v1.SubscribeResponse` as the server sends it: the records are their shared,
-/// already encoded `FlowRecord` messages. A length-delimited message field and a `bytes`
-/// field are the same on the wire, so clients decode this as the proto says.
+/// already encoded `FlowRecord` messages, copied straight into the response. A
+/// length-delimited message field and a `bytes` field are the same on the wire, so clients
+/// decode this as the proto says.
 pub mod wire {
-    use bytes::{Buf, BufMut, Bytes};
+    use bytes::{Buf, BufMut};
     use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len};
     use prost::encoding::{DecodeContext, WireType};
     use prost::{DecodeError, Message};
+    use tonic::codec::{Codec, EncodeBuf, Encoder};
 
     use crate::api::proto;
+    use crate::hub::{Envelope, Records};
+    use crate::record_encoding::encode_record;
 
-    #[derive(Debug, Clone, PartialEq)]
+    #[derive(Debug, Clone)]
     pub enum SubscribeResponse {
-        /// `flows` (field 1): a FlowBatch whose `records` (field 1) are these encodings.
-        Flows(Vec<Bytes>),
+        /// `flows` (field 1).
+        Flows(FlowBatch),
         /// `lost` (field 2).
         Lost(proto::Lost),
     }
 
     impl Default for SubscribeResponse {
         fn default() -> Self {
-            SubscribeResponse::Flows(Vec::new())
+            SubscribeResponse::Flows(FlowBatch::default())
         }
     }
 
-    fn batch_len(records: &[Bytes]) -> usize {
-        records
-            .iter()
-            .map(|r| key_len(1) + encoded_len_varint(r.len() as u64) + r.len())
-            .sum()
+    /// A FlowBatch whose `records` (field 1) are these records' shared encodings.
+    #[derive(Debug, Clone, Default)]
+    pub struct FlowBatch {
+        records: Records,
+        /// Length of the FlowBatch message, known before tonic asks for it.
+        len: usize,
+    }
+
+    impl FlowBatch {
+        /// Encodes the records no other subscriber has encoded yet.
+        pub fn new(records: Records) -> FlowBatch {
+            let len = records.iter().map(|r| entry_len(record_bytes(r))).sum();
+            FlowBatch { records, len }
+        }
+    }
+
+    /// A record's encoding: made by the first subscriber that sends it, shared by the rest.
+    pub fn record_bytes(r: &Envelope) -> &[u8] {
+        r.wire(|seq, rec| {
+            let mut buf = Vec::new();
+            encode_record(seq, rec, &mut buf);
+            buf.into_boxed_slice()
+        })
+    }
+
+    fn entry_len(r: &[u8]) -> usize {
+        key_len(1) + encoded_len_varint(r.len() as u64) + r.len()
     }
 
     impl Message for SubscribeResponse {
         fn encode_raw(&self, buf: &mut impl BufMut) {
             match self {
-                SubscribeResponse::Flows(records) => {
+                SubscribeResponse::Flows(batch) => {
                     encode_key(1, WireType::LengthDelimited, buf);
-                    encode_varint(batch_len(records) as u64, buf);
-                    for r in records {
+                    encode_varint(batch.len as u64, buf);
+                    for r in batch.records.iter() {
+                        let r = record_bytes(r);
                         encode_key(1, WireType::LengthDelimited, buf);
                         encode_varint(r.len() as u64, buf);
                         buf.put_slice(r);
@@ -102,9 +129,8 @@ pub mod wire {
 
         fn encoded_len(&self) -> usize {
             match self {
-                SubscribeResponse::Flows(records) => {
-                    let n = batch_len(records);
-                    key_len(1) + encoded_len_varint(n as u64) + n
+                SubscribeResponse::Flows(batch) => {
+                    key_len(1) + encoded_len_varint(batch.len as u64) + batch.len
                 }
                 SubscribeResponse::Lost(l) => prost::encoding::message::encoded_len(2, l),
             }
@@ -114,13 +140,50 @@ pub mod wire {
             *self = SubscribeResponse::default();
         }
     }
+
+    /// Subscribe's codec: prost's, except that a response reserves its whole length in
+    /// tonic's buffer before it is written, instead of regrowing the buffer (and copying
+    /// what is already in it) as records are appended.
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct SubscribeCodec;
+
+    impl Codec for SubscribeCodec {
+        type Encode = SubscribeResponse;
+        type Decode = proto::SubscribeRequest;
+        type Encoder = SubscribeEncoder;
+        type Decoder = tonic_prost::ProstDecoder<proto::SubscribeRequest>;
+
+        fn encoder(&mut self) -> SubscribeEncoder {
+            SubscribeEncoder
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            Default::default()
+        }
+    }
+
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct SubscribeEncoder;
+
+    impl Encoder for SubscribeEncoder {
+        type Item = SubscribeResponse;
+        type Error = tonic::Status;
+
+        fn encode(
+            &mut self,
+            item: SubscribeResponse,
+            buf: &mut EncodeBuf<'_>,
+        ) -> Result<(), tonic::Status> {
+            buf.reserve(item.encoded_len());
+            item.encode_raw(buf);
+            Ok(())
+        }
+    }
 }
 
 fn event_to_wire(ev: Event) -> wire::SubscribeResponse {
     match ev {
-        Event::Records(recs) => wire::SubscribeResponse::Flows(
-            recs.iter().map(|r| r.wire(api::encode_record)).collect(),
-        ),
+        Event::Records(recs) => wire::SubscribeResponse::Flows(wire::FlowBatch::new(recs)),
         Event::Lost(count) => wire::SubscribeResponse::Lost(proto::Lost {
             count,
             reason: proto::LostReason::QueueFull.into(),

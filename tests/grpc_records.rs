@@ -375,3 +375,170 @@ async fn include_exclude_logic() {
     read_until(&mut s, &mut got, |r| r.ids.last() == Some(&99)).await;
     assert_eq!(got.ids, vec![1, 2, 3, 6, 99]);
 }
+
+/// Records of every shape the server's encoder writes differently: the corpus (IPv4, IPv6,
+/// TCP with latency, UDP, ICMP, ICMPv6), a fragment, a continuation with both latencies,
+/// and IPv4-mapped and uncompressible IPv6 addresses with no interface name.
+fn shapes() -> Vec<FlowRecord> {
+    let mut frag = rec(7);
+    frag.fragment = true;
+    frag.protocol = 17;
+    frag.tcp = None;
+    frag.client_port = 0;
+    frag.server_port = 0;
+    let mut cont = rec(8);
+    cont.continuation = true;
+    cont.end_reason = EndReason::Evicted;
+    cont.tcp.as_mut().unwrap().client_latency = Some(Latency {
+        count: 4,
+        sum_ns: 4_000,
+        min_ns: 500,
+        max_ns: 2_000,
+        jitter_ns: Some(300),
+    });
+    let mut v6 = rec(9);
+    v6.ip_version = 6;
+    v6.client_addr = "::ffff:10.1.2.3".parse().unwrap();
+    v6.server_addr = "2001:db8:0:1:1:1:1:1".parse().unwrap();
+    v6.interface = String::new();
+    v6.first_hook = Hook::Ingress;
+    let mut out = corpus();
+    out.extend([frag, cont, v6]);
+    out
+}
+
+/// A Subscribe client that keeps each response's bytes as they came.
+mod raw {
+    use bytes::{Buf, Bytes};
+    use tonic::codec::{Codec, DecodeBuf, Decoder};
+    use tonic::Status;
+
+    use super::proto;
+
+    pub struct Raw;
+
+    impl Codec for Raw {
+        type Encode = proto::SubscribeRequest;
+        type Decode = Bytes;
+        type Encoder = tonic_prost::ProstEncoder<proto::SubscribeRequest>;
+        type Decoder = RawDecoder;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            tonic_prost::ProstEncoder::new(Default::default())
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            RawDecoder
+        }
+    }
+
+    pub struct RawDecoder;
+
+    impl Decoder for RawDecoder {
+        type Item = Bytes;
+        type Error = Status;
+
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+            Ok(Some(src.copy_to_bytes(src.remaining())))
+        }
+    }
+}
+
+async fn raw_subscribe(agent: &Agent, req: proto::SubscribeRequest) -> Streaming<bytes::Bytes> {
+    let mut grpc = tonic::client::Grpc::new(agent.channel().await);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/flowlens.v1.FlowLens/Subscribe");
+    grpc.server_streaming(tonic::Request::new(req), path, raw::Raw)
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Reads `n` records' worth of responses and checks each response is, byte for byte, what
+/// prost writes for the same records converted through `proto::FlowRecord::from`.
+async fn assert_prost_bytes(s: &mut Streaming<bytes::Bytes>, recs: &[FlowRecord]) {
+    use prost::Message;
+    let mut seen = 0;
+    while seen < recs.len() {
+        let msg = tokio::time::timeout(WAIT, s.message())
+            .await
+            .expect("timed out waiting for a stream message")
+            .expect("stream error")
+            .expect("stream ended early");
+        let decoded = proto::SubscribeResponse::decode(msg.clone()).unwrap();
+        let Some(Event::Flows(batch)) = decoded.event else {
+            panic!("not a batch: {decoded:?}");
+        };
+        let expected = proto::FlowBatch {
+            records: batch
+                .records
+                .iter()
+                .map(|got| {
+                    let mut p = proto::FlowRecord::from(&recs[got.seq as usize - 1]);
+                    p.seq = got.seq;
+                    p
+                })
+                .collect(),
+        };
+        assert_eq!(batch, expected);
+        let expected = proto::SubscribeResponse {
+            event: Some(Event::Flows(expected)),
+        };
+        assert_eq!(msg[..], expected.encode_to_vec()[..], "bytes of {batch:?}");
+        seen += batch.records.len();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_records_are_the_prost_encoding_byte_for_byte() {
+    // Live records published together travel as one run; replayed ones one by one.
+    let recs = shapes();
+    let agent = Agent::start();
+    let mut live = raw_subscribe(&agent, proto::SubscribeRequest::default()).await;
+    agent.hub.publish_all(recs.clone());
+    assert_prost_bytes(&mut live, &recs).await;
+    let mut replayed = raw_subscribe(&agent, replay_all(vec![], vec![])).await;
+    assert_prost_bytes(&mut replayed, &recs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_apply_to_records_published_together() {
+    let agent = Agent::start();
+    let tcp_not_ssh = proto::SubscribeRequest {
+        include: vec![proto::Filter {
+            protocol: Some(6),
+            ..Default::default()
+        }],
+        exclude: vec![proto::Filter {
+            port: ports(22, None),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let v6 = proto::SubscribeRequest {
+        include: vec![proto::Filter {
+            ip_version: proto::IpVersion::IpVersion6.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut a = agent.subscribe(tcp_not_ssh).await;
+    let mut b = agent.subscribe(v6).await;
+    let mut all = agent.subscribe(proto::SubscribeRequest::default()).await;
+    let recs = shapes();
+    agent.hub.publish_all(recs.clone());
+    let mut got_all = Received::default();
+    read_until(&mut all, &mut got_all, |r| r.ids.len() >= recs.len()).await;
+    assert_eq!(got_all.ids, (1..=9).collect::<Vec<_>>());
+    // One more record marks the end of what the filtered streams can hold.
+    agent.hub.publish(rec(100));
+    let mut got_a = Received::default();
+    read_until(&mut a, &mut got_a, |r| r.ids.last() == Some(&100)).await;
+    assert_eq!(got_a.ids, vec![1, 3, 8, 9, 100]);
+    let mut last_v6 = rec(101);
+    last_v6.ip_version = 6;
+    agent.hub.publish(last_v6);
+    let mut got_b = Received::default();
+    read_until(&mut b, &mut got_b, |r| r.ids.last() == Some(&101)).await;
+    assert_eq!(got_b.ids, vec![3, 5, 9, 101]);
+}

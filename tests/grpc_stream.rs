@@ -114,6 +114,13 @@ async fn batches_are_bounded() {
     )
     .await;
     assert_eq!(replayed.batches, vec![1000, 1000, 501]);
+
+    // Records published together, more than a batch holds, are split across batches.
+    agent.hub.publish_all((2502..=5001).map(rec));
+    let mut got = Received::default();
+    read_until(&mut s, &mut got, |r| r.ids.len() >= 2500).await;
+    assert_eq!(got.ids, (2502..=5001).collect::<Vec<_>>());
+    assert_eq!(got.batches, vec![1000, 1000, 500]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,4 +260,41 @@ async fn shutdown_ends_following_streams() {
     );
     let end = tokio::time::timeout(WAIT, s.message()).await.unwrap();
     assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_larger_than_the_queue_loses_its_tail_and_says_so() {
+    let agent = Agent::with_config(HubConfig {
+        ring_capacity: 1000,
+        subscriber_queue: 8,
+        ..HubConfig::default()
+    });
+    let mut s = agent.subscribe(proto::SubscribeRequest::default()).await;
+    // One publish call: the queue takes what fits of the run, the rest is lost at once.
+    agent.hub.publish_all((1..=100).map(rec));
+    let mut got = Received::default();
+    read_until(&mut s, &mut got, |r| {
+        r.ids.len() as u64 + r.total_lost() >= 100
+    })
+    .await;
+    assert_eq!(got.ids, (1..=8).collect::<Vec<_>>());
+    assert_eq!(got.lost, vec![92]);
+    let seqs: Vec<u64> = got.records.iter().map(|p| p.seq).collect();
+    assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+
+    // Later runs flow again, numbered after the lost ones; every record is either
+    // delivered in order or counted.
+    for chunk in 0..20u32 {
+        agent
+            .hub
+            .publish_all((0..10).map(|i| rec(101 + chunk * 10 + i)));
+    }
+    read_until(&mut s, &mut got, |r| {
+        r.ids.len() as u64 + r.total_lost() >= 300
+    })
+    .await;
+    assert_eq!(got.ids.len() as u64 + got.total_lost(), 300);
+    assert!(got.ids.windows(2).all(|w| w[0] < w[1]), "{:?}", got.ids);
+    assert!(got.records.iter().all(|p| p.seq == u64::from(p.ifindex)));
+    assert_eq!(agent.hub.stats().lost_total, got.total_lost());
 }
