@@ -126,7 +126,7 @@ pub enum ReadMode {
 pub struct KernelTable {
     maps: FlowMaps,
     mode: ReadMode,
-    /// Entries the previous read found, to size the next one's collections.
+    /// Entries the previous read or scan found, to size the next read's collections.
     last_entries: [u64; 3],
 }
 
@@ -199,6 +199,7 @@ impl FlowTable for KernelTable {
                 map: "scan_out",
                 source,
             })?;
+        self.last_entries = a.entries;
         Ok(Scanned {
             flows: recs.iter().filter_map(decode_rec).collect(),
             entries: a.entries,
