@@ -314,6 +314,12 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
         "Duration of the last poll cycle, in seconds.",
         float(snap.last_poll_ns as f64 / 1e9),
     );
+    e.single(
+        "poll_interval_seconds",
+        "gauge",
+        "Gap before the next poll: --poll-interval, shorter under map pressure, longer when many flows make a poll long.",
+        float(snap.poll_interval_ns as f64 / 1e9),
+    );
     e.out
 }
 

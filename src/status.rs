@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub orphans_removed: u64,
     /// Duration of the last poll cycle.
     pub last_poll_ns: u64,
+    /// The gap the poller keeps before its next poll.
+    pub poll_interval_ns: u64,
     /// Times a flow map crossed the pressure threshold (80 % full by default).
     pub map_pressure_events: u64,
     /// Flows ended early to make room under map pressure (`EndReason::Evicted`).
@@ -47,6 +49,7 @@ pub struct Status {
     pub records_emitted: AtomicU64,
     pub orphans_removed: AtomicU64,
     pub last_poll_ns: AtomicU64,
+    pub poll_interval_ns: AtomicU64,
     pub active_flows: AtomicU64,
     pub map_pressure_events: AtomicU64,
     pub flows_evicted: AtomicU64,
@@ -89,6 +92,7 @@ impl Status {
             kernel_counters,
             orphans_removed: self.orphans_removed.load(Ordering::Relaxed),
             last_poll_ns: self.last_poll_ns.load(Ordering::Relaxed),
+            poll_interval_ns: self.poll_interval_ns.load(Ordering::Relaxed),
             map_pressure_events: self.map_pressure_events.load(Ordering::Relaxed),
             flows_evicted: self.flows_evicted.load(Ordering::Relaxed),
             exporters: self

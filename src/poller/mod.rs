@@ -279,6 +279,9 @@ impl<T: FlowTable> Poller<T> {
     pub fn run(mut self, stop: Receiver<()>) -> Result<(), PollError> {
         loop {
             let interval = self.next_interval();
+            self.status
+                .poll_interval_ns
+                .store(interval.as_nanos() as u64, Ordering::Relaxed);
             select! {
                 recv(after(interval)) -> _ => {
                     let started = Instant::now();

@@ -571,3 +571,31 @@ fn flow_ids_are_pinned_so_they_survive_upgrades() {
 }
 
 const PINNED: u64 = 3_818_329_988_990_198_824;
+
+/// Polls keep the interval while they are short; when many flows make them long they
+/// are spaced to cost 1/40 of a core, at most half the shortest idle timeout apart; under
+/// pressure they come every 100 ms, but at most half a core.
+#[test]
+fn polls_are_spaced_by_what_they_cost() {
+    let mut rig = Rig::new();
+    let at = |rig: &Rig, last_ms: u64| {
+        rig.status
+            .last_poll_ns
+            .store(last_ms * 1_000_000, Ordering::Relaxed);
+        rig.poller.next_interval()
+    };
+    assert_eq!(at(&rig, 10), Duration::from_secs(1));
+    assert_eq!(at(&rig, 50), Duration::from_secs(2));
+    assert_eq!(
+        at(&rig, 1000),
+        Duration::from_secs(5),
+        "half of ICMP's 10 s"
+    );
+    for i in 0..900 {
+        rig.flow(IPPROTO_UDP, i, [1, 0], T0);
+    }
+    rig.poll(T0 + S / 10);
+    assert!(rig.poller.under_pressure());
+    assert_eq!(at(&rig, 10), Duration::from_millis(100));
+    assert_eq!(at(&rig, 300), Duration::from_millis(600));
+}
