@@ -310,8 +310,9 @@ struct Case {
     single: bool,
 }
 
-/// The same flows in the kernel maps and in the in-memory table, under the same ids.
-fn both(cases: &[Case], t0: u64) -> (Datapath, flowlens::poller::memory::MemTable) {
+/// The same flows in the kernel maps and in the in-memory table, under the same ids; the
+/// datapath must outlive the kernel table's scans.
+fn both(cases: &[Case], t0: u64) -> (Datapath, KernelTable, flowlens::poller::memory::MemTable) {
     use flowlens::poller::memory::MemTable;
     let dp = Datapath::load(Capacities::default()).expect("load");
     let maps = dp.maps().expect("maps");
@@ -362,7 +363,8 @@ fn both(cases: &[Case], t0: u64) -> (Datapath, flowlens::poller::memory::MemTabl
                 .expect("put icmp");
         }
     }
-    (dp, mem)
+    let kernel = KernelTable::new(dp.maps().expect("maps"));
+    (dp, kernel, mem)
 }
 
 type Seen = Vec<(
@@ -438,8 +440,7 @@ fn the_kernel_scan_follows_the_same_rules_as_the_in_memory_one() {
     };
     let t0 = monotonic_ns();
     let s = 1_000_000_000u64;
-    let (dp, mut mem) = both(&cases, t0);
-    let mut kernel = KernelTable::new(dp.maps().expect("maps"));
+    let (dp, mut kernel, mut mem) = both(&cases, t0);
     let a = args(&cfg, t0 + 50 * s, t0 + 44 * s, false);
     let (k, m) = (
         kernel.scan(&a).expect("kernel scan"),
@@ -546,14 +547,16 @@ fn the_kernel_scan_evicts_by_the_same_rules_as_the_in_memory_one() {
         a.evict_keep = keep;
         a
     };
+    // Fresh maps each time, the kernel's and the memory table's results.
+    let scan_both = |a: types::scan_args| {
+        let (_dp, mut kernel, mut mem) = both(&cases, t0);
+        (
+            kernel.scan(&a).expect("kernel scan"),
+            mem.scan(&a).expect("memory scan"),
+        )
+    };
     // Every candidate goes when the maps must give up more than there are.
-    let (dp, mut mem) = both(&cases, t0);
-    let mut kernel = KernelTable::new(dp.maps().expect("maps"));
-    let all = evicting([0, 0, 0]);
-    let (k, m) = (
-        kernel.scan(&all).expect("scan"),
-        mem.scan(&all).expect("scan"),
-    );
+    let (k, m) = scan_both(evicting([0, 0, 0]));
     assert_eq!((k.entries, k.evict_left), (m.entries, m.evict_left));
     assert_eq!(
         k.entries,
@@ -564,18 +567,11 @@ fn the_kernel_scan_evicts_by_the_same_rules_as_the_in_memory_one() {
     assert_eq!(k, m);
     assert!(k.iter().all(|f| f.1 == ScanKind::Ended(EndReason::Evicted)));
     // Only the TCP map over what it keeps: only the flow holding an entry there goes.
-    let (dp, mut mem) = both(&cases, t0);
-    let mut kernel = KernelTable::new(dp.maps().expect("maps"));
-    let tcp_only = evicting([100, 0, 100]);
-    let (k, m) = (
-        kernel.scan(&tcp_only).expect("scan"),
-        mem.scan(&tcp_only).expect("scan"),
-    );
+    let (k, m) = scan_both(evicting([100, 0, 100]));
     assert_eq!(seen(k), seen(m));
     // The base map three over: three of the six plain candidates, whichever the map
     // order gives (kernel and memory orders differ), and no more.
-    let (dp, _) = both(&cases, t0);
-    let mut kernel = KernelTable::new(dp.maps().expect("maps"));
+    let (_dp, mut kernel, _) = both(&cases, t0);
     let k = kernel.scan(&evicting([6, 100, 100])).expect("scan");
     assert_eq!(k.flows.len(), 3);
     assert_eq!((k.entries[0], k.evict_left), (6, [0, 0, 0]));
