@@ -18,7 +18,7 @@ use crate::datapath::FlowMaps;
 const ENOTSUPP: i32 = 524;
 
 /// An extension map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ExtMap {
     Tcp,
     Icmp,
@@ -44,7 +44,15 @@ pub struct Joiner {
     icmp: JoinMap<types::flow_icmp>,
     flows: Vec<RawFlow>,
     entries: [u64; 3],
+    /// Base entries waiting to be joined as a group (see `join_pending`).
+    pending: Vec<(types::flow_key, types::flow_base)>,
+    /// Extension entries a base took, TCP and ICMP.
+    joined: [usize; 2],
 }
+
+/// Base entries joined together: their lookups run back to back, so the CPU overlaps
+/// their cache misses (the extension table is too big for the cache).
+const JOIN_GROUP: usize = 32;
 
 impl Joiner {
     pub fn new(
@@ -58,26 +66,67 @@ impl Joiner {
             icmp,
             flows: Vec::with_capacity(capacity),
             entries,
+            pending: Vec::with_capacity(JOIN_GROUP),
+            joined: [0; 2],
         }
     }
 
     pub fn push(&mut self, key: types::flow_key, base: types::flow_base) {
-        self.entries[0] += 1;
-        self.flows.push(RawFlow {
-            key,
-            base,
-            tcp: ext_id(&base, ExtKind::Tcp).and_then(|id| self.tcp.remove(&id)),
-            icmp: ext_id(&base, ExtKind::Icmp).and_then(|id| self.icmp.remove(&id)),
-        });
+        self.pending.push((key, base));
+        if self.pending.len() == JOIN_GROUP {
+            self.join_pending();
+        }
     }
 
-    pub fn finish(self) -> Joined {
-        let unjoined = self
-            .tcp
-            .into_keys()
-            .map(|k| (ExtMap::Tcp, k))
-            .chain(self.icmp.into_keys().map(|k| (ExtMap::Icmp, k)))
-            .collect();
+    fn join_pending(&mut self) {
+        let mut tcp = [None; JOIN_GROUP];
+        let mut icmp = [None; JOIN_GROUP];
+        // Lookups only, back to back; nothing is removed, so none waits on another.
+        for (i, (_, b)) in self.pending.iter().enumerate() {
+            tcp[i] = ext_id(b, ExtKind::Tcp).and_then(|id| self.tcp.get(&id).copied());
+            icmp[i] = ext_id(b, ExtKind::Icmp).and_then(|id| self.icmp.get(&id).copied());
+        }
+        self.entries[0] += self.pending.len() as u64;
+        for (i, (key, base)) in self.pending.drain(..).enumerate() {
+            self.joined[0] += usize::from(tcp[i].is_some());
+            self.joined[1] += usize::from(icmp[i].is_some());
+            self.flows.push(RawFlow {
+                key,
+                base,
+                tcp: tcp[i],
+                icmp: icmp[i],
+            });
+        }
+    }
+
+    pub fn finish(mut self) -> Joined {
+        self.join_pending();
+        // Entries no base took are orphans; usually every one was taken.
+        let mut unjoined = Vec::new();
+        if self.joined[0] < self.tcp.len() || self.joined[1] < self.icmp.len() {
+            let named: std::collections::HashSet<(ExtMap, u64), foldhash::fast::RandomState> = self
+                .flows
+                .iter()
+                .flat_map(|f| {
+                    [
+                        f.tcp
+                            .and(ext_id(&f.base, ExtKind::Tcp))
+                            .map(|id| (ExtMap::Tcp, id)),
+                        f.icmp
+                            .and(ext_id(&f.base, ExtKind::Icmp))
+                            .map(|id| (ExtMap::Icmp, id)),
+                    ]
+                })
+                .flatten()
+                .collect();
+            unjoined = self
+                .tcp
+                .into_keys()
+                .map(|k| (ExtMap::Tcp, k))
+                .chain(self.icmp.into_keys().map(|k| (ExtMap::Icmp, k)))
+                .filter(|e| !named.contains(e))
+                .collect();
+        }
         Joined {
             flows: self.flows,
             entries: self.entries,
