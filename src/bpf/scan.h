@@ -177,15 +177,36 @@ static long scan_flow(struct bpf_map *map, const struct flow_key *key,
 	return 0;
 }
 
-/* The map's element count, kept per CPU by the kernel: no walk. */
-extern __s64 bpf_map_sum_elem_count(const struct bpf_map *map) __ksym;
+/* The map's element count, kept per CPU by the kernel (6.6 and later):
+ * no walk. Weak, so older kernels load the program and count by walking.
+ */
+extern __s64 bpf_map_sum_elem_count(const struct bpf_map *map) __ksym __weak;
+
+static long scan_count(struct bpf_map *map, const void *key, void *value,
+		       __u64 *n)
+{
+	*n += 1;
+	return 0;
+}
+
+static __always_inline __u64 scan_entries(void *map)
+{
+	__s64 n = 0;
+
+	if (bpf_ksym_exists(bpf_map_sum_elem_count)) {
+		n = bpf_map_sum_elem_count((const struct bpf_map *)map);
+		return n > 0 ? (__u64)n : 0;
+	}
+	bpf_for_each_map_elem(map, scan_count, &n, 0);
+	return n;
+}
 
 /* Entries a map has beyond `keep`. */
 static __always_inline __u64 scan_over(void *map, __u64 keep)
 {
-	__s64 n = bpf_map_sum_elem_count((const struct bpf_map *)map);
+	__u64 n = scan_entries(map);
 
-	return n > 0 && (__u64)n > keep ? (__u64)n - keep : 0;
+	return n > keep ? n - keep : 0;
 }
 
 SEC("syscall")
@@ -202,9 +223,9 @@ int flowlens_scan(struct scan_args *args)
 	bpf_for_each_map_elem(&flows, scan_flow, &c, 0);
 	args->truncated = c.full;
 	args->copied = c.n;
-	args->entries[0] = bpf_map_sum_elem_count((const struct bpf_map *)&flows);
-	args->entries[1] = bpf_map_sum_elem_count((const struct bpf_map *)&flows_tcp);
-	args->entries[2] = bpf_map_sum_elem_count((const struct bpf_map *)&flows_icmp);
+	args->entries[0] = scan_entries(&flows);
+	args->entries[1] = scan_entries(&flows_tcp);
+	args->entries[2] = scan_entries(&flows_icmp);
 	args->evict_need[0] = c.a.evict_need[0];
 	args->evict_need[1] = c.a.evict_need[1];
 	args->evict_need[2] = c.a.evict_need[2];
