@@ -73,6 +73,12 @@ impl Capacities {
     pub fn scan_out(&self) -> u32 {
         (self.flows / 16).clamp(4096, 65_536)
     }
+
+    /// TCP flows noted as closed at once (`closing`): an eighth of the base map within
+    /// [1024, 65536]; an entry lives for the close grace only.
+    pub fn closing(&self) -> u32 {
+        (self.flows / 8).clamp(1024, 65_536)
+    }
 }
 
 /// Owned handles on the maps and the scan program, usable from any thread.
@@ -83,6 +89,8 @@ pub struct FlowMaps {
     pub icmp: MapHandle,
     pub counters: MapHandle,
     pub scan_out: MapHandle,
+    /// TCP flows the datapath noted as closed.
+    pub closing: MapHandle,
     /// The `flowlens_scan` program (src/bpf/scan.h).
     pub scan: OwnedFd,
 }
@@ -263,6 +271,7 @@ impl Datapath {
         set(&mut open.maps.flows_tcp, "flows_tcp", cap.tcp)?;
         set(&mut open.maps.flows_icmp, "flows_icmp", cap.icmp)?;
         set(&mut open.maps.scan_out, "scan_out", cap.scan_out())?;
+        set(&mut open.maps.closing, "closing", cap.closing())?;
         // FLOWLENS_LAYOUT_VERSION, as compiled into the object: a new layout
         // gets a new directory and never meets maps of an old one.
         let version = open
@@ -343,6 +352,7 @@ impl Datapath {
             icmp: h(&maps.flows_icmp, "flows_icmp")?,
             counters: h(&maps.counters, "counters")?,
             scan_out: h(&maps.scan_out, "scan_out")?,
+            closing: h(&maps.closing, "closing")?,
             scan: self
                 .skel
                 .progs

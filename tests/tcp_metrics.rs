@@ -11,6 +11,7 @@ use flowlens::flow::EndReason;
 use flowlens::packet::*;
 use flowlens::poller::decode::{Clock, Counts, RecordMeta};
 use flowlens::poller::decode::{HI_TO_LO, LO_TO_HI};
+use libbpf_rs::MapCore;
 
 const CLIENT: [u8; 4] = [10, 200, 0, 1]; // lo side: sends LO_TO_HI
 const SERVER: [u8; 4] = [10, 200, 0, 2];
@@ -291,4 +292,57 @@ fn fast_path_changes_only_counters_until_a_state_change() {
     c2s(&h, TCP_FIN | TCP_ACK, &[]);
     s2c(&h, TCP_FIN | TCP_ACK, &[]);
     assert_eq!(u32::from(ext(&h).h.state), tcp_state::TCP_ST_CLOSED.0);
+}
+
+/// The datapath notes a TCP close (FIN both ways, or RST, even as a flow's first packet),
+/// and a pass over those notes alone ends such flows once past the grace, leaving every
+/// other flow to the full scans; the note goes with the flow.
+#[test]
+fn closes_are_noted_and_a_pass_over_the_notes_ends_them() {
+    use flowlens::poller::decode::monotonic_ns;
+    use flowlens::poller::scan::{closing_args, ScanKind};
+    use flowlens::poller::{FlowTable, KernelTable, PollerConfig};
+    let h = Harness::new();
+    handshake(&h);
+    c2s(&h, TCP_FIN | TCP_ACK, &[]);
+    assert_eq!(h.maps.closing.keys().count(), 0, "one FIN is no close");
+    s2c(&h, TCP_FIN | TCP_ACK, &[]);
+    assert_eq!(h.maps.closing.keys().count(), 1);
+    h.run(
+        Hook::Egress,
+        &v4_frame(CLIENT, SERVER, 6, 64, &tcp(50001, 8080, TCP_RST, &[])),
+    );
+    assert_eq!(h.maps.closing.keys().count(), 2, "a lone RST too");
+    h.run(
+        Hook::Egress,
+        &v4_frame(CLIENT, SERVER, 17, 64, &udp(5000, 53, b"q")),
+    );
+    let cfg = PollerConfig::default();
+    let mut table = KernelTable::new(h.dp.maps().expect("maps"));
+    let now = monotonic_ns();
+    let pass = table.scan(&closing_args(&cfg, now)).expect("scan");
+    assert!(pass.flows.is_empty(), "within the grace");
+    // Long enough for the UDP flow to be idle too: not this pass's business.
+    let later = now + 2 * cfg.idle_udp.as_nanos() as u64;
+    let mut kinds: Vec<ScanKind> = table
+        .scan(&closing_args(&cfg, later))
+        .expect("scan")
+        .flows
+        .iter()
+        .map(|f| f.0)
+        .collect();
+    kinds.sort_by_key(|k| format!("{k:?}"));
+    assert_eq!(
+        kinds,
+        [
+            ScanKind::Ended(EndReason::TcpFin),
+            ScanKind::Ended(EndReason::TcpRst)
+        ]
+    );
+    assert_eq!(
+        h.maps.closing.keys().count(),
+        0,
+        "the notes go with the flows"
+    );
+    assert_eq!(h.maps.flows.keys().count(), 1, "the UDP flow is left");
 }

@@ -53,7 +53,11 @@ static __always_inline int flow_create(const struct acct *a, __u8 hook)
 	err = bpf_map_update_elem(&flows, &a->p.key, &nb, BPF_NOEXIST);
 	if (err == -EEXIST)
 		return -EEXIST;
-	return err ? CNT_BASE_FULL : 0;
+	if (err)
+		return CNT_BASE_FULL;
+	if (a->ext == EXT_TCP && (a->p.tcp_flags & TCP_RST))
+		tcp_note_close(&nb, &a->p);
+	return 0;
 }
 
 static __always_inline void handle(struct __sk_buff *skb, __u8 hook)

@@ -217,9 +217,11 @@ struct scan_args {
 	__u64 close_grace_ns;
 	__u64 active_ns;
 	__u32 flush;		/* end every flow */
+	__u32 closing_only;	/* only the flows in `closing` (scan.h) */
 	__u32 capacity;		/* records scan_out holds */
 	__u32 truncated;	/* out: scan_out filled up; scan again */
 	__u32 copied;		/* out: records in scan_out */
+	__u32 __pad;
 	__u64 entries[3];	/* out: flows, flows_tcp, flows_icmp */
 	/* Eviction under map pressure: flows that sent one packet, never had
 	 * an active-timeout record and were quiet this long (0: none) are

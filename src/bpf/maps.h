@@ -36,6 +36,28 @@ struct {
 	__type(value, struct flow_icmp);
 } flows_icmp SEC(".maps");
 
+/* TCP flows that have seen their close (FIN both ways, or RST), so the
+ * poller can end them after the grace period without walking every flow
+ * when its full scans are spaced out. A full map only makes an end wait
+ * for the next full scan.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct flow_key);
+	__type(value, __u8);
+} closing SEC(".maps");
+
+static __always_inline void tcp_note_close(const struct flow_base *b,
+					   const struct pkt *p)
+{
+	__u8 one = 1;
+
+	if (b->l4.tcp.state == TCP_ST_CLOSED || b->l4.tcp.state == TCP_ST_RESET)
+		bpf_map_update_elem(&closing, &p->key, &one, BPF_ANY);
+}
+
 /* A fresh extension id: this CPU's sequence above the CPU number, so ids
  * are unique without a shared counter. The sequence lives in the pinned
  * counters map, so an agent that reuses pinned maps never reissues one.
@@ -91,7 +113,11 @@ static __always_inline __u64 tcp_account(struct flow_base *b,
 	 */
 	if (tcp_wants_sample(b, p))
 		t = ext_get(&flows_tcp, b->ext_id, CNT_TCP_FULL);
-	return tcp_locked(b, t, p);
+	now = tcp_locked(b, t, p);
+	/* the fast path never takes FIN or RST: only this one can close */
+	if (p->tcp_flags & (TCP_FIN | TCP_RST))
+		tcp_note_close(b, p);
+	return now;
 }
 
 static __always_inline __u64 icmp_account(struct flow_base *b,

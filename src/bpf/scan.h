@@ -6,6 +6,9 @@
  * from every map, and copies out the flows due an active-timeout record. Userspace then handles only
  * those instead of copying every flow out every poll.
  *
+ * Between spaced-out full scans, a pass over `closing` alone ends the TCP
+ * flows the datapath noted as closed, so closes stay prompt at any size.
+ *
  * Active-timeout windows are counted from a flow's first packet: a flow is
  * due when it has entered a window it has not been reported in
  * (flow_base.windows, which only this program writes) and has had packets
@@ -174,7 +177,32 @@ static long scan_flow(struct bpf_map *map, const struct flow_key *key,
 		bpf_map_delete_elem(&flows_tcp, &id);
 	if (i)
 		bpf_map_delete_elem(&flows_icmp, &id);
+	/* its note, if the datapath took one */
+	if (kind == SCAN_END_FIN || kind == SCAN_END_RST)
+		bpf_map_delete_elem(&closing, &r->key);
 	return 0;
+}
+
+/* A flow the datapath noted as closed: judged like any other (so it ends
+ * once past the grace), and forgotten once it is gone or no longer closed.
+ */
+static long scan_closing(struct bpf_map *map, const struct flow_key *key,
+			 __u8 *v, struct scan_ctx *c)
+{
+	struct flow_key k = *key;
+	struct flow_base *b = bpf_map_lookup_elem(&flows, &k);
+	long ret;
+
+	if (!b || b->ext != EXT_TCP ||
+	    (b->l4.tcp.state != TCP_ST_CLOSED &&
+	     b->l4.tcp.state != TCP_ST_RESET)) {
+		bpf_map_delete_elem(&closing, &k);
+		return 0;
+	}
+	ret = scan_flow(map, &k, b, c);
+	if (!bpf_map_lookup_elem(&flows, &k))
+		bpf_map_delete_elem(&closing, &k);
+	return ret;
 }
 
 /* The map's element count, kept per CPU by the kernel (6.6 and later):
@@ -220,7 +248,10 @@ int flowlens_scan(struct scan_args *args)
 		c.a.evict_need[1] = scan_over(&flows_tcp, c.a.evict_keep[1]);
 		c.a.evict_need[2] = scan_over(&flows_icmp, c.a.evict_keep[2]);
 	}
-	bpf_for_each_map_elem(&flows, scan_flow, &c, 0);
+	if (c.a.closing_only)
+		bpf_for_each_map_elem(&closing, scan_closing, &c, 0);
+	else
+		bpf_for_each_map_elem(&flows, scan_flow, &c, 0);
 	args->truncated = c.full;
 	args->copied = c.n;
 	args->entries[0] = scan_entries(&flows);

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use super::decode::{addr_key, ext_id, key_bytes, ExtKind, KeyBytes, RawFlow};
-use super::scan::{due, may_evict, take_need, ScanKind, Scanned};
+use super::scan::{due, is_closed, may_evict, take_need, ScanKind, Scanned};
 use super::table::{join, ExtMap, FlowTable, Joined};
 use super::PollError;
 use crate::bpf::types;
@@ -140,6 +140,10 @@ impl FlowTable for MemTable {
         }
         let mut picked: Vec<(KeyBytes, ScanKind, u64)> = Vec::new();
         for (kb, (key, base)) in &self.base {
+            // Every closed flow stands for one the datapath noted.
+            if a.closing_only != 0 && !is_closed(base) {
+                continue;
+            }
             if let Some((kind, window)) = due(key, base, &a) {
                 picked.push((*kb, kind, window));
             } else if may_evict(base, &a) {

@@ -277,20 +277,33 @@ impl<T: FlowTable> Poller<T> {
     /// Polls every interval (faster under map pressure) until `stop` fires or
     /// disconnects, then flushes every flow.
     pub fn run(mut self, stop: Receiver<()>) -> Result<(), PollError> {
+        let mut next_full = Instant::now();
         loop {
             let interval = self.next_interval();
             self.status
                 .poll_interval_ns
                 .store(interval.as_nanos() as u64, Ordering::Relaxed);
+            // Between spaced-out polls, the closed TCP flows are still ended every poll
+            // interval, from the datapath's notes.
+            let wait = next_full
+                .saturating_duration_since(Instant::now())
+                .min(self.cfg.poll_interval);
             select! {
-                recv(after(interval)) -> _ => {
+                recv(after(wait)) -> _ => {
                     let started = Instant::now();
-                    match self.poll_once(monotonic_ns()) {
+                    let res = if started >= next_full {
+                        let res = self.poll_once(monotonic_ns());
+                        self.status.last_poll_ns.store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                        next_full = Instant::now() + self.next_interval();
+                        res
+                    } else {
+                        self.poll_closing(monotonic_ns())
+                    };
+                    match res {
                         Ok(s) => debug!("poll: {s:?}"),
                         Err(PollError::ChannelClosed) => return Err(PollError::ChannelClosed),
                         Err(e) => warn!("poll failed: {e}"),
                     }
-                    self.status.last_poll_ns.store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 }
                 recv(stop) -> _ => break,
             }
@@ -298,6 +311,15 @@ impl<T: FlowTable> Poller<T> {
         let n = self.flush()?;
         info!("shutdown: flushed {n} flows");
         Ok(())
+    }
+
+    /// Ends the TCP flows the datapath noted as closed and past the close grace, without
+    /// walking every flow (the run loop's step between spaced-out polls).
+    pub fn poll_closing(&mut self, now_ns: u64) -> Result<PollStats, PollError> {
+        let mut stats = PollStats::default();
+        let args = scan::closing_args(&self.cfg, now_ns);
+        self.scan_passes(args, now_ns, &mut stats)?;
+        Ok(stats)
     }
 
     /// When to poll next: every poll interval, faster under pressure (at most half a
@@ -415,6 +437,17 @@ impl<T: FlowTable> Poller<T> {
             args.evict_age_ns = e.age_ns;
             args.evict_keep = e.keep;
         }
+        self.scan_passes(args, now_ns, stats)
+    }
+
+    /// Runs the scan with `args` until a pass leaves nothing due behind, emitting the
+    /// records of the flows it ended, evicted or found due. Returns the entries left.
+    fn scan_passes(
+        &mut self,
+        args: types::scan_args,
+        now_ns: u64,
+        stats: &mut PollStats,
+    ) -> Result<[u64; 3], PollError> {
         loop {
             let pass = self.table.scan(&args)?;
             let copied = pass.flows.len();

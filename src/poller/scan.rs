@@ -61,6 +61,26 @@ pub fn args(cfg: &PollerConfig, now_ns: u64, prev_ns: u64, flush: bool) -> types
     }
 }
 
+/// The arguments of a pass over the flows the datapath noted as closed, alone: they end
+/// once past the close grace; nothing else is judged.
+pub fn closing_args(cfg: &PollerConfig, now_ns: u64) -> types::scan_args {
+    types::scan_args {
+        closing_only: 1,
+        active_ns: 0,
+        ..args(cfg, now_ns, 0, false)
+    }
+}
+
+/// Whether the datapath notes a flow as closed (`tcp_note_close`).
+pub fn is_closed(b: &types::flow_base) -> bool {
+    if u32::from(b.ext) != types::flow_ext::EXT_TCP.0 {
+        return false;
+    }
+    // SAFETY: both union arms are plain integers; ext == EXT_TCP names this one.
+    let state = u32::from(unsafe { b.l4.tcp }.state);
+    state == types::tcp_state::TCP_ST_CLOSED.0 || state == types::tcp_state::TCP_ST_RESET.0
+}
+
 fn proto_slot(proto: u8) -> usize {
     use types::scan_proto as P;
     (match proto {

@@ -599,3 +599,28 @@ fn polls_are_spaced_by_what_they_cost() {
     assert_eq!(at(&rig, 10), Duration::from_millis(100));
     assert_eq!(at(&rig, 300), Duration::from_millis(600));
 }
+
+/// Between spaced-out polls, the closed TCP flows are ended from the datapath's notes:
+/// past the grace, and nothing else.
+#[test]
+fn a_pass_over_the_closing_notes_ends_closed_flows_only() {
+    let mut rig = Rig::new();
+    let fin = rig.flow(IPPROTO_TCP, 1000, [5, 5], T0 + 10 * S);
+    rig.tcp_state(&fin, types::tcp_state::TCP_ST_CLOSED);
+    let rst = rig.flow(IPPROTO_TCP, 1001, [5, 1], T0 + 11 * S);
+    rig.tcp_state(&rst, types::tcp_state::TCP_ST_RESET);
+    rig.flow(IPPROTO_UDP, 2000, [1, 1], T0);
+    rig.poller.poll_closing(T0 + 12 * S).expect("pass");
+    let recs: Vec<FlowRecord> = rig.rx.try_iter().collect();
+    assert_eq!(recs.len(), 1, "the reset is inside its grace");
+    assert_eq!(recs[0].end_reason, EndReason::TcpFin);
+    rig.poller.poll_closing(T0 + 14 * S).expect("pass");
+    let recs: Vec<FlowRecord> = rig.rx.try_iter().collect();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].end_reason, EndReason::TcpRst);
+    assert_eq!(
+        rig.table().entries(),
+        [1, 0, 0],
+        "the idle UDP flow waits for a poll"
+    );
+}
