@@ -176,13 +176,7 @@ async fn get_status_reports_agent_and_hub() {
     }
     let _sub = agent.subscribe(proto::SubscribeRequest::default()).await;
 
-    let st = agent
-        .client()
-        .await
-        .get_status(proto::GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let st = agent.status().await;
     assert_eq!(st.version, env!("CARGO_PKG_VERSION"));
     assert!(st.started.is_some());
     assert!(st.uptime.is_some());

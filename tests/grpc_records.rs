@@ -9,17 +9,8 @@ async fn records_round_trip_with_optional_fields() {
     let agent = Agent::start();
     let mut s = agent.subscribe(proto::SubscribeRequest::default()).await;
     let recs = corpus();
-    for r in &recs {
-        agent.hub.publish(r.clone());
-    }
-    let mut got = Received::default();
-    read_until(&mut s, &mut got, |r| r.ids.len() >= recs.len()).await;
-    let back: Vec<FlowRecord> = got
-        .records
-        .iter()
-        .map(|p| FlowRecord::try_from(p).unwrap())
-        .collect();
-    assert_eq!(back, recs);
+    let got = agent.publish_and_read(&mut s, &recs).await;
+    assert_eq!(got.flow_records(), recs);
 
     // Absent optionals stay absent on the wire, zero values stay present.
     let p = &got.records[0];
@@ -66,17 +57,8 @@ async fn compressed_streams_carry_the_same_records_and_seq_numbers() {
             "the server compresses what the client accepts"
         );
         let mut s = s.into_inner();
-        for r in &recs {
-            agent.hub.publish(r.clone());
-        }
-        let mut got = Received::default();
-        read_until(&mut s, &mut got, |r| r.ids.len() >= recs.len()).await;
-        let back: Vec<FlowRecord> = got
-            .records
-            .iter()
-            .map(|p| FlowRecord::try_from(p).unwrap())
-            .collect();
-        assert_eq!(back, recs);
+        let got = agent.publish_and_read(&mut s, &recs).await;
+        assert_eq!(got.flow_records(), recs);
         let seqs: Vec<u64> = got.records.iter().map(|p| p.seq).collect();
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
     }

@@ -180,13 +180,7 @@ async fn stalled_subscriber_loses_records_others_get_all() {
     );
 
     let lost = slow_lost(&agent.hub);
-    let status = agent
-        .client()
-        .await
-        .get_status(proto::GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let status = agent.status().await;
     assert_eq!(status.subscribers.len(), 2);
     assert_eq!(status.lost_total, lost);
     assert!(status.subscribers.iter().any(|s| s.lost == lost));

@@ -82,6 +82,30 @@ impl Agent {
         FlowLensClient::new(self.channel().await)
     }
 
+    /// GetStatus, answered.
+    pub async fn status(&self) -> proto::GetStatusResponse {
+        self.client()
+            .await
+            .get_status(proto::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Publishes `recs` and reads a subscription until every one of them came back.
+    pub async fn publish_and_read(
+        &self,
+        s: &mut Streaming<proto::SubscribeResponse>,
+        recs: &[FlowRecord],
+    ) -> Received {
+        for r in recs {
+            self.hub.publish(r.clone());
+        }
+        let mut got = Received::default();
+        read_until(s, &mut got, |r| r.ids.len() >= recs.len()).await;
+        got
+    }
+
     pub async fn subscribe(
         &self,
         req: proto::SubscribeRequest,
@@ -299,6 +323,14 @@ pub struct Received {
 }
 
 impl Received {
+    /// The records received, converted back from the wire.
+    pub fn flow_records(&self) -> Vec<FlowRecord> {
+        self.records
+            .iter()
+            .map(|p| FlowRecord::try_from(p).unwrap())
+            .collect()
+    }
+
     pub fn absorb(&mut self, msg: proto::SubscribeResponse) {
         match msg.event.expect("event set") {
             Event::Flows(b) => {
