@@ -49,12 +49,19 @@ struct {
 	__type(value, __u8);
 } closing SEC(".maps");
 
+/* FIN both ways or RST: the states a TCP flow ends in. */
+static __always_inline bool tcp_closed(const struct flow_base *b)
+{
+	return b->l4.tcp.state == TCP_ST_CLOSED ||
+	       b->l4.tcp.state == TCP_ST_RESET;
+}
+
 static __always_inline void tcp_note_close(const struct flow_base *b,
 					   const struct pkt *p)
 {
 	__u8 one = 1;
 
-	if (b->l4.tcp.state == TCP_ST_CLOSED || b->l4.tcp.state == TCP_ST_RESET)
+	if (tcp_closed(b))
 		bpf_map_update_elem(&closing, &p->key, &one, BPF_ANY);
 }
 

@@ -47,13 +47,20 @@ static __always_inline __u32 scan_proto(__u8 proto)
 	}
 }
 
+/* How long the flow has been quiet at the scan's time. */
+static __always_inline __u64 scan_idle(const struct flow_base *b,
+				       const struct scan_args *a)
+{
+	return a->now_ns > b->last_seen_ns ? a->now_ns - b->last_seen_ns : 0;
+}
+
 /* What the scan does with a flow: a scan_kind, or -1 to leave it. */
 static __always_inline int scan_due(const struct flow_key *k,
 				    const struct flow_base *b,
 				    const struct scan_args *a, __u64 *window)
 {
 	__u64 now = a->now_ns;
-	__u64 idle = now > b->last_seen_ns ? now - b->last_seen_ns : 0;
+	__u64 idle = scan_idle(b, a);
 	__u32 p = scan_proto(k->proto);
 
 	if (a->flush)
@@ -85,10 +92,8 @@ static __always_inline int scan_due(const struct flow_key *k,
 static __always_inline bool scan_may_evict(const struct flow_base *b,
 					   const struct scan_args *a)
 {
-	__u64 now = a->now_ns;
-	__u64 idle = now > b->last_seen_ns ? now - b->last_seen_ns : 0;
-
-	return a->evict_age_ns && idle >= a->evict_age_ns && !b->windows &&
+	return a->evict_age_ns && scan_idle(b, a) >= a->evict_age_ns &&
+	       !b->windows &&
 	       b->packets[0] + b->packets[1] == 1;
 }
 
@@ -193,9 +198,7 @@ static long scan_closing(struct bpf_map *map, const struct flow_key *key,
 	struct flow_base *b = bpf_map_lookup_elem(&flows, &k);
 	long ret;
 
-	if (!b || b->ext != EXT_TCP ||
-	    (b->l4.tcp.state != TCP_ST_CLOSED &&
-	     b->l4.tcp.state != TCP_ST_RESET)) {
+	if (!b || b->ext != EXT_TCP || !tcp_closed(b)) {
 		bpf_map_delete_elem(&closing, &k);
 		return 0;
 	}

@@ -146,12 +146,7 @@ pub struct RecordMeta {
 impl RawFlow {
     /// The TCP state kept in the base entry, for a TCP flow.
     pub fn tcp_hot(&self) -> Option<types::tcp_hot> {
-        if u32::from(self.base.ext) != types::flow_ext::EXT_TCP.0 {
-            return None;
-        }
-        // SAFETY: both union arms are plain integers, every bit pattern is
-        // valid; ext == EXT_TCP says it is the arm the datapath writes.
-        Some(unsafe { self.base.l4.tcp })
+        tcp_hot(&self.base)
     }
 
     /// The id keying this flow's entry in extension map `m`, if it has one there.
@@ -303,6 +298,16 @@ pub enum ExtKind {
 
 /// The id keying a flow's entry in extension map `m`, if the flow can have one there and
 /// has one.
+/// The TCP state a base entry keeps, for a TCP flow.
+pub fn tcp_hot(base: &types::flow_base) -> Option<types::tcp_hot> {
+    if u32::from(base.ext) != types::flow_ext::EXT_TCP.0 {
+        return None;
+    }
+    // SAFETY: both union arms are plain integers, every bit pattern is
+    // valid; ext == EXT_TCP says it is the arm the datapath writes.
+    Some(unsafe { base.l4.tcp })
+}
+
 pub fn ext_id(base: &types::flow_base, m: ExtKind) -> Option<u64> {
     let want = match m {
         ExtKind::Tcp => types::flow_ext::EXT_TCP.0,

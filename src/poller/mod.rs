@@ -277,12 +277,9 @@ impl<T: FlowTable> Poller<T> {
     /// Polls every interval (faster under map pressure) until `stop` fires or
     /// disconnects, then flushes every flow.
     pub fn run(mut self, stop: Receiver<()>) -> Result<(), PollError> {
+        self.spaced_by(self.next_interval());
         let mut next_full = Instant::now();
         loop {
-            let interval = self.next_interval();
-            self.status
-                .poll_interval_ns
-                .store(interval.as_nanos() as u64, Ordering::Relaxed);
             // Between spaced-out polls, the closed TCP flows are still ended every poll
             // interval, from the datapath's notes.
             let wait = next_full
@@ -294,7 +291,7 @@ impl<T: FlowTable> Poller<T> {
                     let res = if started >= next_full {
                         let res = self.poll_once(monotonic_ns());
                         self.status.last_poll_ns.store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                        next_full = Instant::now() + self.next_interval();
+                        next_full = Instant::now() + self.spaced_by(self.next_interval());
                         res
                     } else {
                         self.poll_closing(monotonic_ns())
@@ -311,6 +308,14 @@ impl<T: FlowTable> Poller<T> {
         let n = self.flush()?;
         info!("shutdown: flushed {n} flows");
         Ok(())
+    }
+
+    /// Publishes the gap before the next poll (`flowlens_poll_interval_seconds`).
+    fn spaced_by(&self, interval: Duration) -> Duration {
+        self.status
+            .poll_interval_ns
+            .store(interval.as_nanos() as u64, Ordering::Relaxed);
+        interval
     }
 
     /// Ends the TCP flows the datapath noted as closed and past the close grace, without

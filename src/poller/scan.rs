@@ -1,6 +1,6 @@
 //! The poller's side of the in-kernel scan (`src/bpf/scan.h`): its arguments, what it returns, and the same rules in Rust for the in-memory table.
 
-use super::decode::{decode, RawFlow};
+use super::decode::{decode, tcp_hot, RawFlow};
 use super::PollerConfig;
 use crate::bpf::types;
 use crate::flow::{EndReason, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
@@ -73,12 +73,16 @@ pub fn closing_args(cfg: &PollerConfig, now_ns: u64) -> types::scan_args {
 
 /// Whether the datapath notes a flow as closed (`tcp_note_close`).
 pub fn is_closed(b: &types::flow_base) -> bool {
-    if u32::from(b.ext) != types::flow_ext::EXT_TCP.0 {
-        return false;
+    close_reason(b).is_some()
+}
+
+/// The end a closed TCP flow gets: RST or FIN both ways (`enum tcp_state`).
+fn close_reason(b: &types::flow_base) -> Option<EndReason> {
+    match u32::from(tcp_hot(b)?.state) {
+        s if s == types::tcp_state::TCP_ST_RESET.0 => Some(EndReason::TcpRst),
+        s if s == types::tcp_state::TCP_ST_CLOSED.0 => Some(EndReason::TcpFin),
+        _ => None,
     }
-    // SAFETY: both union arms are plain integers; ext == EXT_TCP names this one.
-    let state = u32::from(unsafe { b.l4.tcp }.state);
-    state == types::tcp_state::TCP_ST_CLOSED.0 || state == types::tcp_state::TCP_ST_RESET.0
 }
 
 fn proto_slot(proto: u8) -> usize {
@@ -104,14 +108,9 @@ pub fn due(
     if a.flush != 0 {
         return Some((ScanKind::Ended(EndReason::Shutdown), 0));
     }
-    if u32::from(b.ext) == types::flow_ext::EXT_TCP.0 && idle >= a.close_grace_ns {
-        // SAFETY: both union arms are plain integers; ext == EXT_TCP names this one.
-        let state = u32::from(unsafe { b.l4.tcp }.state);
-        if state == types::tcp_state::TCP_ST_RESET.0 {
-            return Some((ScanKind::Ended(EndReason::TcpRst), 0));
-        }
-        if state == types::tcp_state::TCP_ST_CLOSED.0 {
-            return Some((ScanKind::Ended(EndReason::TcpFin), 0));
+    if idle >= a.close_grace_ns {
+        if let Some(reason) = close_reason(b) {
+            return Some((ScanKind::Ended(reason), 0));
         }
     }
     if idle >= a.idle_ns[proto_slot(key.proto)] {
