@@ -119,7 +119,7 @@ struct RunArgs {
     /// How to attach.
     #[arg(long, env = "FLOWLENS_ATTACH_MODE", value_enum, default_value_t = AttachMode::from(defaults().attach_mode))]
     attach_mode: AttachMode,
-    /// How often the flow maps are read.
+    /// How often the poller scans the flow maps (spaced out when a scan of very many flows is long; closed TCP flows are still ended this often).
     #[arg(long, env = "FLOWLENS_POLL_INTERVAL", default_value_t = HumanDuration(defaults().poller.poll_interval))]
     poll_interval: HumanDuration,
     /// A TCP flow with no packet for this long ends.
