@@ -18,9 +18,13 @@
 #ifndef __FLOWLENS_SCAN_H
 #define __FLOWLENS_SCAN_H
 
-/* Capacity is set from userspace before load. */
+/* Capacity is set from userspace before load. Mapped by the poller, which
+ * reads a pass's records where they were written: no copy through a
+ * syscall, no buffer to fault in per pass.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, 4096);
 	__type(key, __u32);
 	__type(value, struct scan_rec);

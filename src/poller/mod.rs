@@ -644,12 +644,15 @@ impl<T: FlowTable> Poller<T> {
         let late = f
             .tcp_hot()
             .is_some_and(|t| u32::from(t.bits) & types::tcp_bits::TCPB_LATE_START.0 != 0);
-        match self.recent.take(kb) {
-            Some(prev) if late => Identity {
+        // Only a late start can be a continuation: no lookup for the others. An entry
+        // left for such a flow's key is replaced when the flow ends, as every TCP end
+        // is remembered.
+        match late.then(|| self.recent.take(kb)).flatten() {
+            Some(prev) => Identity {
                 continuation: true,
                 ..prev
             },
-            _ => Identity {
+            None => Identity {
                 flow_id: f.flow_id(),
                 client: f.client_dir(),
                 continuation: false,
