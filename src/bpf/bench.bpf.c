@@ -103,6 +103,21 @@ int bench_lookup_key44(struct __sk_buff *skb)
 	return TC_ACT_UNSPEC;
 }
 
+/* The floor of any packet whose time a latency or RTT sample needs: the
+ * flow key's lookup and add, and one fine clock read.
+ */
+SEC("tc")
+int bench_key44_clock(struct __sk_buff *skb)
+{
+	struct key44 key = {};
+	__u64 *v = bpf_map_lookup_elem(&bench_key44, &key);
+
+	if (v)
+		__sync_fetch_and_add(v, skb->len);
+	skb->mark = bpf_ktime_get_ns();
+	return TC_ACT_UNSPEC;
+}
+
 SEC("tc")
 int bench_clock(struct __sk_buff *skb)
 {
