@@ -67,11 +67,11 @@ impl Default for Capacities {
 }
 
 impl Capacities {
-    /// Records one scan pass copies out at most (`scan_out`): a sixteenth of the base
-    /// map within [4096, 65536], so the buffer stays a small part of what the flows cost
-    /// and a poll that ends many flows needs few passes.
+    /// Records one scan pass copies out at most (`scan_out`): an eighth of the base map
+    /// within [4096, 65536], so the buffer stays a small part of what the flows cost
+    /// and a poll that ends many flows needs few passes (each restarts the walk).
     pub fn scan_out(&self) -> u32 {
-        (self.flows / 16).clamp(4096, 65_536)
+        (self.flows / 8).clamp(4096, 65_536)
     }
 
     /// TCP flows noted as closed at once (`closing`): an eighth of the base map within

@@ -78,8 +78,8 @@ fn icmp_extension_is_keyed_by_id_and_lands_in_kmalloc_96() {
 /// The scan's context and its output records, which userspace reads by these sizes.
 #[test]
 fn scan_args_and_records_are_fully_explicit() {
-    assert_eq!(size_of::<scan_args>(), 168);
-    assert_tiled!(scan_args, now_ns: u64, prev_ns: u64, idle_ns: [u64; 4], close_grace_ns: u64, active_ns: u64, flush: u32, closing_only: u32, capacity: u32, truncated: u32, copied: u32, __pad: u32, entries: [u64; 3], evict_age_ns: u64, evict_keep: [u64; 3], evict_need: [u64; 3]);
+    assert_eq!(size_of::<scan_args>(), 176);
+    assert_tiled!(scan_args, now_ns: u64, prev_ns: u64, idle_ns: [u64; 4], close_grace_ns: u64, active_ns: u64, flush: u32, closing_only: u32, capacity: u32, truncated: u32, copied: u32, part: u32, parts: u32, first_slot: u32, entries: [u64; 3], evict_age_ns: u64, evict_keep: [u64; 3], evict_need: [u64; 3]);
     assert_eq!(size_of::<scan_rec>(), 224);
     assert_tiled!(scan_rec, key: flow_key, kind: u8, has_tcp: u8, has_icmp: u8, __pad: u8, base: [u8; 88], tcp: flow_tcp, icmp: flow_icmp);
 }

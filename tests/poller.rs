@@ -515,6 +515,69 @@ fn a_scan_with_more_due_than_it_holds_goes_on_in_the_next_pass() {
     assert_eq!(second.entries, [0, 0, 0]);
 }
 
+/// A bulk end (more due than one pass holds) split among concurrent scans gives the same
+/// records as one scan does, each flow once, and leaves the same flows in every map.
+#[test]
+fn a_bulk_end_split_among_threads_ends_what_one_thread_ends() {
+    use flowlens::poller::FlowTable;
+    let now = monotonic_ns();
+    let old = now - 40_000_000_000;
+    // Over twice what one pass holds; three in four idle, a third TCP.
+    let n = 2 * Capacities::default().scan_out() + 3_000;
+    let run = |threads: u32| {
+        let dp = Datapath::load(Capacities::default()).expect("load");
+        let maps = dp.maps().expect("maps");
+        for i in 0..n {
+            let proto = if i % 3 == 0 { 6 } else { 17 };
+            put(&maps, i, proto, if i % 4 == 3 { now } else { old });
+        }
+        if threads > 1 {
+            let mut t = KernelTable::new(dp.maps().expect("maps"));
+            assert!(
+                t.split(threads).is_some(),
+                "the kernel table splits its scan"
+            );
+        }
+        let cfg = PollerConfig {
+            scan_threads: threads,
+            ..PollerConfig::default()
+        };
+        let (mut p, rx, _) = poller(&dp, cfg);
+        let stats = p.poll_once(now).expect("poll");
+        let mut recs: Vec<_> = rx
+            .try_iter()
+            .map(|r| {
+                (
+                    r.protocol,
+                    r.client_port.min(r.server_port),
+                    r.client_port.max(r.server_port),
+                    r.client.packets + r.server.packets,
+                    r.client.bytes + r.server.bytes,
+                    r.end_reason == EndReason::IdleTimeout,
+                )
+            })
+            .collect();
+        recs.sort();
+        let left = [maps.flows.keys().count(), maps.tcp.keys().count()];
+        (stats, recs, left)
+    };
+    let (one, recs_one, left_one) = run(1);
+    let (split, recs_split, left_split) = run(3);
+    let idle = (0..n).filter(|i| i % 4 != 3).count();
+    assert_eq!((one.ended, split.ended), (idle, idle));
+    assert_eq!(recs_split.len(), idle);
+    let mut keys: Vec<_> = recs_split.iter().map(|r| (r.0, r.1, r.2)).collect();
+    keys.dedup();
+    assert_eq!(keys.len(), idle, "each flow ends once");
+    assert!(recs_split.iter().all(|r| r.5), "every end is an idle end");
+    assert_eq!(recs_split, recs_one);
+    let live = n as usize - idle;
+    assert_eq!(left_split, left_one);
+    let live_tcp = (0..n).filter(|i| i % 3 == 0 && i % 4 == 3).count();
+    assert_eq!(left_split, [live, live_tcp]);
+    assert_eq!(one, split, "the same poll statistics");
+}
+
 /// Eviction in the kernel scan follows the in-memory rules: only one-packet flows never
 /// reported and quiet for the age, only while a map is over what it may keep, and only
 /// flows that free an entry in a map that must give one up.

@@ -218,10 +218,16 @@ struct scan_args {
 	__u64 active_ns;
 	__u32 flush;		/* end every flow */
 	__u32 closing_only;	/* only the flows in `closing` (scan.h) */
-	__u32 capacity;		/* records scan_out holds */
+	__u32 capacity;		/* records this scan may write */
 	__u32 truncated;	/* out: scan_out filled up; scan again */
 	__u32 copied;		/* out: records in scan_out */
-	__u32 __pad;
+	/* Concurrent scans split the flows by key hash: this one takes part
+	 * `part` of `parts` (0 or 1: every flow) and writes its records from
+	 * slot `first_slot` of scan_out on.
+	 */
+	__u32 part;
+	__u32 parts;
+	__u32 first_slot;
 	__u64 entries[3];	/* out: flows, flows_tcp, flows_icmp */
 	/* Eviction under map pressure: flows that sent one packet, never had
 	 * an active-timeout record and were quiet this long (0: none) are

@@ -32,7 +32,8 @@ struct {
 
 struct scan_ctx {
 	struct scan_args a;
-	__u32 n;		/* records copied so far */
+	__u32 n;		/* the next slot of scan_out to fill */
+	__u32 end;		/* the first slot past this scan's part */
 	bool full;
 };
 
@@ -132,6 +133,20 @@ static __always_inline void scan_copy_base(__u8 *dst, const struct flow_base *b)
 			 sizeof(struct flow_base) - after);
 }
 
+/* Which of `parts` concurrent scans takes the flow: a hash of the whole
+ * key, so the parts are even whatever the traffic.
+ */
+static __always_inline __u32 scan_part(const struct flow_key *k, __u32 parts)
+{
+	const __u32 *w = (const __u32 *)k;
+	__u32 h = 0;
+	int i;
+
+	for (i = 0; i < sizeof(*k) / 4; i++)
+		h = (h ^ w[i]) * 0x9e3779b1;
+	return (h >> 16) % parts;
+}
+
 static long scan_flow(struct bpf_map *map, const struct flow_key *key,
 		      struct flow_base *b, struct scan_ctx *c)
 {
@@ -143,10 +158,12 @@ static long scan_flow(struct bpf_map *map, const struct flow_key *key,
 	__u32 slot = c->n;
 	int kind;
 
+	if (c->a.parts > 1 && scan_part(key, c->a.parts) != c->a.part)
+		return 0;
 	kind = scan_due(key, b, &c->a, &window);
 	if (kind < 0 && !scan_may_evict(b, &c->a))
 		return 0;
-	if (slot >= c->a.capacity) {
+	if (slot >= c->end) {
 		/* the rest waits for the next pass, which finds it due again */
 		c->full = true;
 		return 1;
@@ -250,6 +267,8 @@ int flowlens_scan(struct scan_args *args)
 	struct scan_ctx c = {};
 
 	c.a = *args;
+	c.n = c.a.first_slot;
+	c.end = c.a.first_slot + c.a.capacity;
 	if (c.a.evict_age_ns) {
 		c.a.evict_need[0] = scan_over(&flows, c.a.evict_keep[0]);
 		c.a.evict_need[1] = scan_over(&flows_tcp, c.a.evict_keep[1]);
@@ -260,7 +279,7 @@ int flowlens_scan(struct scan_args *args)
 	else
 		bpf_for_each_map_elem(&flows, scan_flow, &c, 0);
 	args->truncated = c.full;
-	args->copied = c.n;
+	args->copied = c.n - c.a.first_slot;
 	args->entries[0] = scan_entries(&flows);
 	args->entries[1] = scan_entries(&flows_tcp);
 	args->entries[2] = scan_entries(&flows_icmp);

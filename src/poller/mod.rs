@@ -23,8 +23,8 @@ use crate::flow::{EndReason, FlowRecord, IPPROTO_TCP};
 use crate::snapshot::SnapshotSlot;
 use crate::status::{MapUsage, Status};
 use decode::{key_bytes, monotonic_ns, Clock, Counts, KeyBytes, RawFlow, RecordMeta};
-use scan::ScanKind;
-pub use table::{ExtMap, FlowTable, Joined, KernelTable, ReadMode, MAP_NAMES};
+use scan::{ScanKind, Scanned};
+pub use table::{ExtMap, FlowTable, Joined, KernelTable, ReadMode, SplitScan, MAP_NAMES};
 
 #[derive(Debug, Error)]
 pub enum PollError {
@@ -65,6 +65,9 @@ pub struct PollerConfig {
     /// Under pressure, flows are evicted until each pressured map is at most this full
     /// (0..1), or no flow is left to evict.
     pub evict_target: f64,
+    /// When one pass cannot hold all that is due (a bulk end), the passes after it are
+    /// split among this many concurrent scans, one per CPU.
+    pub scan_threads: u32,
 }
 
 impl Default for PollerConfig {
@@ -84,6 +87,7 @@ impl Default for PollerConfig {
             pressure_poll_interval: Duration::from_millis(100),
             evict_min_age: Duration::from_secs(1),
             evict_target: 0.5,
+            scan_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4) as u32),
         }
     }
 }
@@ -453,32 +457,92 @@ impl<T: FlowTable> Poller<T> {
         now_ns: u64,
         stats: &mut PollStats,
     ) -> Result<[u64; 3], PollError> {
+        let mut pass = self.table.scan(&args)?;
         loop {
-            let pass = self.table.scan(&args)?;
-            let copied = pass.flows.len();
-            for (kind, f) in pass.flows {
-                let kb = key_bytes(&f.key);
-                match kind {
-                    ScanKind::Ended(reason) => {
-                        self.finish(f, &kb, reason)?;
-                        stats.ended += 1;
-                        if reason == EndReason::Evicted {
-                            stats.evicted += 1;
-                        }
-                    }
-                    ScanKind::Active => {
-                        if self.emit_active(&f, &kb, now_ns)? {
-                            stats.active_records += 1;
-                        }
+            // A full pass made progress (each flow it copied is ended or marked), so the
+            // next one finds what it left.
+            let more = pass.truncated && !pass.flows.is_empty();
+            let entries = pass.entries;
+            // More is due than a pass holds: a bulk end, worth every CPU. A poll with
+            // little due stays one walk on one CPU; eviction and the closing pass count
+            // for the whole map, so they are never split.
+            if more && args.evict_age_ns == 0 && args.closing_only == 0 {
+                if let Some(split) = self.table.split(self.cfg.scan_threads) {
+                    return self.split_passes(&split, &args, pass, now_ns, stats);
+                }
+            }
+            self.take(pass, now_ns, stats)?;
+            if !more {
+                return Ok(entries);
+            }
+            pass = self.table.scan(&args)?;
+        }
+    }
+
+    /// The rest of a bulk end, split among the CPUs: each part's thread runs its passes
+    /// and hands their flows over as they come, while this thread emits the records.
+    fn split_passes(
+        &mut self,
+        split: &SplitScan,
+        args: &types::scan_args,
+        first: Scanned,
+        now_ns: u64,
+        stats: &mut PollStats,
+    ) -> Result<[u64; 3], PollError> {
+        let mut entries = first.entries;
+        let (tx, rx) = crossbeam_channel::bounded::<Scanned>(2 * split.parts() as usize);
+        std::thread::scope(|s| {
+            let parts: Vec<_> = (0..split.parts())
+                .map(|part| {
+                    let tx = tx.clone();
+                    s.spawn(move || split.run(args, part, |pass| tx.send(pass).is_ok()))
+                })
+                .collect();
+            drop(tx);
+            let mut took = self.take(first, now_ns, stats);
+            if took.is_ok() {
+                for pass in rx.iter() {
+                    entries = [0, 1, 2].map(|i| entries[i].min(pass.entries[i]));
+                    took = self.take(pass, now_ns, stats);
+                    if took.is_err() {
+                        break;
                     }
                 }
             }
-            // A full pass made progress (each flow it copied is ended or marked), so the
-            // next one finds what it left.
-            if !pass.truncated || copied == 0 {
-                return Ok(pass.entries);
+            // an error here stops the parts at their next pass
+            drop(rx);
+            let ran = parts.into_iter().try_for_each(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(PollError::Scan(std::io::Error::other(
+                        "a scan thread panicked",
+                    )))
+                })
+            });
+            took.and(ran)
+        })?;
+        Ok(entries)
+    }
+
+    /// Emits the records of the flows one pass ended, evicted or found due.
+    fn take(&mut self, pass: Scanned, now_ns: u64, stats: &mut PollStats) -> Result<(), PollError> {
+        for (kind, f) in pass.flows {
+            let kb = key_bytes(&f.key);
+            match kind {
+                ScanKind::Ended(reason) => {
+                    self.finish(f, &kb, reason)?;
+                    stats.ended += 1;
+                    if reason == EndReason::Evicted {
+                        stats.evicted += 1;
+                    }
+                }
+                ScanKind::Active => {
+                    if self.emit_active(&f, &kb, now_ns)? {
+                        stats.active_records += 1;
+                    }
+                }
             }
         }
+        Ok(())
     }
 
     /// Cumulative records of the flows in progress, for ListFlows, built beside (not

@@ -1,10 +1,11 @@
 //! The poller's view of the flow maps: a `FlowTable` trait, implemented over the kernel maps here and in memory in `memory`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 /// The join's map, by extension id: SipHash was a quarter of a poll's time.
 pub type JoinMap<V> = HashMap<u64, V, foldhash::fast::RandomState>;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
@@ -156,6 +157,12 @@ pub trait FlowTable: Send {
     /// One pass of the scan (`src/bpf/scan.h`): ends the flows due to end, taking them
     /// out of every map, and returns them with the flows due an active-timeout record.
     fn scan(&mut self, args: &types::scan_args) -> Result<Scanned, PollError>;
+    /// The scan apart from the table, to run `parts` concurrent scans that each take
+    /// the flows their share of the key hash names (a bulk end then uses more than one
+    /// CPU); None where the table has no such program.
+    fn split(&mut self, _parts: u32) -> Option<SplitScan> {
+        None
+    }
     /// Deletes the orphan entry `id` of extension map `ext`; whether it did.
     fn remove_orphan(&mut self, ext: ExtMap, id: u64) -> Result<bool, PollError>;
     /// Capacities of the base, TCP and ICMP maps.
@@ -178,7 +185,7 @@ pub struct KernelTable {
     /// Entries the previous read or scan found, to size the next read's collections.
     last_entries: [u64; 3],
     /// `scan_out` in this process, mapped at the first scan.
-    scan_out: Option<ScanOut>,
+    scan_out: Option<Arc<ScanOut>>,
 }
 
 impl KernelTable {
@@ -198,6 +205,85 @@ impl KernelTable {
     pub fn maps(&self) -> &FlowMaps {
         &self.maps
     }
+}
+
+impl KernelTable {
+    /// `scan_out`, mapped at the first call.
+    fn scan_out(&mut self) -> Result<Arc<ScanOut>, PollError> {
+        if let Some(out) = &self.scan_out {
+            return Ok(out.clone());
+        }
+        let out =
+            Arc::new(
+                ScanOut::map(&self.maps.scan_out).map_err(|source| PollError::Read {
+                    map: "scan_out",
+                    source,
+                })?,
+            );
+        self.scan_out = Some(out.clone());
+        Ok(out)
+    }
+}
+
+/// The scan split into parts, each run by a thread of its own: a part's passes write
+/// its own slice of scan_out, which that thread reads back before its next pass.
+pub struct SplitScan {
+    prog: std::os::fd::OwnedFd,
+    out: Arc<ScanOut>,
+    parts: u32,
+    capacity: u32,
+}
+
+impl SplitScan {
+    pub fn parts(&self) -> u32 {
+        self.parts
+    }
+
+    /// Runs the passes of part `part` until one leaves nothing of its own due, handing
+    /// each pass's flows to `sink`; stops early when `sink` says so.
+    pub fn run(
+        &self,
+        args: &types::scan_args,
+        part: u32,
+        mut sink: impl FnMut(Scanned) -> bool,
+    ) -> Result<(), PollError> {
+        let mut a = types::scan_args {
+            capacity: self.capacity,
+            part,
+            parts: self.parts,
+            first_slot: part * self.capacity,
+            ..*args
+        };
+        let _slice = self.out.claim(a.first_slot, self.capacity)?;
+        loop {
+            run_scan(self.prog.as_fd(), &mut a)?;
+            let pass = self.out.scanned(&a);
+            let more = pass.truncated && !pass.flows.is_empty();
+            if !sink(pass) || !more {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Runs the scan program once with `a` as its context; the kernel writes the results
+/// back into `a`.
+fn run_scan(prog: BorrowedFd<'_>, a: &mut types::scan_args) -> Result<(), PollError> {
+    let size = std::mem::size_of::<types::scan_args>();
+    let ctx: *mut types::scan_args = a;
+    let mut opts = libbpf_sys::bpf_test_run_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _,
+        ctx_in: ctx.cast(),
+        ctx_size_in: size as _,
+        ..Default::default()
+    };
+    // SAFETY: the context is `a`, a scan_args of the size given, which the kernel copies
+    // in and (a syscall program's results) back; nothing else of ours is touched.
+    let ret = unsafe { libbpf_sys::bpf_prog_test_run_opts(prog.as_raw_fd(), &mut opts) };
+    if ret < 0 {
+        return Err(PollError::Scan(std::io::Error::from_raw_os_error(-ret)));
+    }
+    Ok(())
 }
 
 impl FlowTable for KernelTable {
@@ -229,40 +315,29 @@ impl FlowTable for KernelTable {
     }
 
     fn scan(&mut self, args: &types::scan_args) -> Result<Scanned, PollError> {
+        let out = self.scan_out()?;
         let mut a = *args;
-        a.capacity = self.maps.scan_out.max_entries();
-        let size = std::mem::size_of::<types::scan_args>();
-        let ctx: *mut types::scan_args = &mut a;
-        let mut opts = libbpf_sys::bpf_test_run_opts {
-            sz: std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _,
-            ctx_in: ctx.cast(),
-            ctx_size_in: size as _,
-            ..Default::default()
-        };
-        // SAFETY: the context is `a`, a scan_args of the size given, which the kernel
-        // copies in and (a syscall program's results) back; nothing else of ours is touched.
-        let ret =
-            unsafe { libbpf_sys::bpf_prog_test_run_opts(self.maps.scan.as_raw_fd(), &mut opts) };
-        if ret < 0 {
-            return Err(PollError::Scan(std::io::Error::from_raw_os_error(-ret)));
-        }
-        if self.scan_out.is_none() {
-            let out = ScanOut::map(&self.maps.scan_out).map_err(|source| PollError::Read {
-                map: "scan_out",
-                source,
-            })?;
-            self.scan_out = Some(out);
-        }
-        let flows = match &self.scan_out {
-            Some(out) => out.records(a.copied).filter_map(decode_rec).collect(),
-            None => Vec::new(),
-        };
+        a.capacity = out.records;
+        (a.part, a.parts, a.first_slot) = (0, 0, 0);
+        let _all = out.claim(0, out.records)?;
+        run_scan(self.maps.scan.as_fd(), &mut a)?;
+        let pass = out.scanned(&a);
         self.last_entries = a.entries;
-        Ok(Scanned {
-            flows,
-            entries: a.entries,
-            truncated: a.truncated != 0,
-            evict_left: a.evict_need,
+        Ok(pass)
+    }
+
+    fn split(&mut self, parts: u32) -> Option<SplitScan> {
+        let out = self.scan_out().ok()?;
+        // Each part needs room for a useful pass of its own.
+        let parts = parts.min(out.records / 1024);
+        if parts < 2 {
+            return None;
+        }
+        Some(SplitScan {
+            prog: self.maps.scan.try_clone().ok()?,
+            capacity: out.records / parts,
+            out,
+            parts,
         })
     }
 
@@ -355,17 +430,37 @@ fn walk_key_by_key(map: &MapHandle, locked: bool, mut f: impl FnMut(&[u8], &[u8]
 /// The scan's output array mapped read-only into this process: a pass's records are
 /// read where the scan program wrote them, instead of copied out through a syscall into
 /// buffers faulted in afresh on every pass (15 % of a poll that ends 100 k flows).
-struct ScanOut {
+pub struct ScanOut {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
     /// Bytes from one record to the next: an array element is its value rounded to 8.
     stride: usize,
     records: u32,
+    /// Slots claimed by the scans running now: a scan writes and reads back only its
+    /// own slots, so no two claims overlap.
+    claimed: std::sync::Mutex<Vec<std::ops::Range<u32>>>,
 }
 
-// SAFETY: the mapping is owned by this value alone and only read through `&self`; the
-// kernel writes it only while a scan, which needs `&mut KernelTable`, runs.
+// SAFETY: the mapping is owned by this value alone. The kernel writes a slot only while
+// a scan runs, and a scan runs only under a claim (`claim`) on its slots, which excludes
+// every other claim on them; the records are read back under the same claim, on the
+// same thread, after the scan returned. So no slot is ever read while written.
 unsafe impl Send for ScanOut {}
+// SAFETY: as for Send: threads share the mapping only through disjoint claims.
+unsafe impl Sync for ScanOut {}
+
+/// Slots of scan_out one scan holds; given back when dropped.
+struct Claim<'a> {
+    out: &'a ScanOut,
+    slots: std::ops::Range<u32>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut held = self.out.claimed.lock().unwrap_or_else(|e| e.into_inner());
+        held.retain(|r| *r != self.slots);
+    }
+}
 
 impl ScanOut {
     fn map(m: &MapHandle) -> std::io::Result<ScanOut> {
@@ -400,15 +495,54 @@ impl ScanOut {
             len,
             stride,
             records: m.max_entries(),
+            claimed: std::sync::Mutex::new(Vec::new()),
         })
     }
 
-    /// The first `n` records, as the last scan left them.
-    fn records(&self, n: u32) -> impl Iterator<Item = &types::scan_rec> + '_ {
-        let n = n.min(self.records) as usize;
-        // SAFETY: the first n records lie inside the mapping, which lives as long as
-        // `self`; no scan runs while `&self` is borrowed, so nothing writes them.
-        let bytes = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), n * self.stride) };
+    /// Claims the `n` slots from `first` for one scan, or fails if another scan holds
+    /// any of them.
+    fn claim(&self, first: u32, n: u32) -> Result<Claim<'_>, PollError> {
+        let slots = first..first.saturating_add(n);
+        let mut held = self.claimed.lock().unwrap_or_else(|e| e.into_inner());
+        if held
+            .iter()
+            .any(|r| r.start < slots.end && slots.start < r.end)
+        {
+            return Err(PollError::Scan(std::io::Error::other(
+                "two scans at once over the same slots of scan_out",
+            )));
+        }
+        held.push(slots.clone());
+        Ok(Claim { out: self, slots })
+    }
+
+    /// The pass whose returned arguments are `a`: its records decoded out of its slots.
+    /// Called under the claim that the pass ran under.
+    fn scanned(&self, a: &types::scan_args) -> Scanned {
+        Scanned {
+            flows: self
+                .records(a.first_slot, a.copied)
+                .filter_map(decode_rec)
+                .collect(),
+            entries: a.entries,
+            truncated: a.truncated != 0,
+            evict_left: a.evict_need,
+        }
+    }
+
+    /// The `n` records from slot `first` on, as the last scan left them.
+    fn records(&self, first: u32, n: u32) -> impl Iterator<Item = &types::scan_rec> + '_ {
+        let first = first.min(self.records);
+        let n = n.min(self.records - first) as usize;
+        // SAFETY: these records lie inside the mapping, which lives as long as `self`;
+        // the caller holds the claim on them and its scan has returned, so nothing
+        // writes them (see the Sync impl).
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                self.ptr.as_ptr().add(first as usize * self.stride),
+                n * self.stride,
+            )
+        };
         bytes.chunks_exact(self.stride).map(|c| {
             plain::from_bytes(&c[..std::mem::size_of::<types::scan_rec>()])
                 .expect("array elements are 8-aligned in a page-aligned mapping")

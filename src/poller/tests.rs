@@ -33,6 +33,7 @@ fn cfg() -> PollerConfig {
         pressure_poll_interval: Duration::from_millis(100),
         evict_min_age: Duration::from_secs(1),
         evict_target: 0.5,
+        scan_threads: 1,
     }
 }
 

@@ -42,6 +42,7 @@ pub fn fast_config() -> PollerConfig {
         pressure_poll_interval: Duration::from_millis(50),
         evict_min_age: Duration::from_millis(500),
         evict_target: 0.5,
+        ..PollerConfig::default()
     }
 }
 
