@@ -159,6 +159,7 @@ fn bad_flags_get_precise_errors() {
     );
     fails_with(&["run", "--poll-interval", "soon"], "--poll-interval");
     fails_with(&["run", "--max-flows", "0"], "must be at least 1");
+    fails_with(&["run", "--scan-threads", "0"], "--scan-threads");
     fails_with(
         &["run", "--output", "xml"],
         "possible values: table, json, none",
