@@ -92,14 +92,19 @@ struct {
 	__type(value, __u64);
 } bench_key44 SEC(".maps");
 
-SEC("tc")
-int bench_lookup_key44(struct __sk_buff *skb)
+static __always_inline void key44_add(struct __sk_buff *skb)
 {
 	struct key44 key = {};
 	__u64 *v = bpf_map_lookup_elem(&bench_key44, &key);
 
 	if (v)
 		__sync_fetch_and_add(v, skb->len);
+}
+
+SEC("tc")
+int bench_lookup_key44(struct __sk_buff *skb)
+{
+	key44_add(skb);
 	return TC_ACT_UNSPEC;
 }
 
@@ -109,11 +114,7 @@ int bench_lookup_key44(struct __sk_buff *skb)
 SEC("tc")
 int bench_key44_clock(struct __sk_buff *skb)
 {
-	struct key44 key = {};
-	__u64 *v = bpf_map_lookup_elem(&bench_key44, &key);
-
-	if (v)
-		__sync_fetch_and_add(v, skb->len);
+	key44_add(skb);
 	skb->mark = bpf_ktime_get_ns();
 	return TC_ACT_UNSPEC;
 }
