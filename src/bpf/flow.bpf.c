@@ -88,6 +88,7 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 			return;
 		}
 	}
+	count(CNT_PACKETS, a.pkts);
 
 	if (a.ext == EXT_TCP)
 		now = tcp_account(b, &a.p);
@@ -97,7 +98,6 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 	 * first seen is always the tick's, so last >= first holds
 	 */
 	base_account(b, &a, now ?: coarse_now());
-	count(CNT_PACKETS, a.pkts);
 }
 
 FLOW_PROGRAMS(handle);
