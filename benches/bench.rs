@@ -1284,7 +1284,7 @@ fn stream(t: &mut Table) -> Result<()> {
         let (t0, c0) = (Instant::now(), cpu_secs());
         let fanout = hub.spawn_fanout(rx)?;
         for r in batch {
-            tx.send(r)?;
+            tx.send(Box::new(r))?;
         }
         // The poller goes, as when the agent stops: the hub closes after the last record
         // and every stream ends with it, so the last batch is sent at once instead of

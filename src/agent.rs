@@ -220,7 +220,7 @@ impl Agent {
             })
             .transpose()
             .context("spawning the output thread")?;
-        let (tx, rx) = crossbeam_channel::bounded::<FlowRecord>(RECORD_CHANNEL);
+        let (tx, rx) = crossbeam_channel::bounded::<Box<FlowRecord>>(RECORD_CHANNEL);
         let fanout = hub.spawn_fanout(rx).context("spawning the fanout thread")?;
         let table = KernelTable::new(dp.maps().context("opening map handles")?);
         let poller = Poller::new(table, cfg.poller, tx, status.clone(), ifnames)

@@ -62,12 +62,13 @@ impl Default for HubConfig {
 pub struct Envelope {
     /// 1 for the first record of this agent run, then +1 per record.
     pub seq: u64,
-    pub record: FlowRecord,
+    /// Boxed from the poller on: the record is never copied on its way to the sinks.
+    pub record: Box<FlowRecord>,
     wire: OnceLock<Box<[u8]>>,
 }
 
 impl Envelope {
-    pub fn new(seq: u64, record: FlowRecord) -> Envelope {
+    pub fn new(seq: u64, record: Box<FlowRecord>) -> Envelope {
         Envelope {
             seq,
             record,
@@ -323,7 +324,7 @@ impl Hub {
     /// of its stream after the last record.
     pub fn spawn_fanout(
         &self,
-        rx: crossbeam_channel::Receiver<FlowRecord>,
+        rx: crossbeam_channel::Receiver<Box<FlowRecord>>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let hub = self.clone();
         std::thread::Builder::new()
@@ -346,7 +347,7 @@ impl Hub {
         self.publish_all(std::iter::once(rec));
     }
 
-    pub fn publish_all(&self, recs: impl IntoIterator<Item = FlowRecord>) {
+    pub fn publish_all<R: Into<Box<FlowRecord>>>(&self, recs: impl IntoIterator<Item = R>) {
         let cap = self.inner.cfg.ring_capacity;
         let queue = self.inner.cfg.subscriber_queue.max(1);
         let lost_total = &self.inner.lost_total;
@@ -356,7 +357,7 @@ impl Hub {
         let envs: Vec<Shared> = recs
             .into_iter()
             .map(|rec| {
-                let env = Arc::new(Envelope::new(next_seq, rec));
+                let env = Arc::new(Envelope::new(next_seq, rec.into()));
                 next_seq += 1;
                 env
             })

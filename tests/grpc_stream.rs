@@ -215,7 +215,7 @@ async fn fanout_thread_ends_streams_when_the_poller_goes() {
     let fanout = agent.hub.spawn_fanout(rx).unwrap();
     let s = agent.subscribe(proto::SubscribeRequest::default()).await;
     for i in 1..=3 {
-        tx.send(rec(i)).unwrap();
+        tx.send(Box::new(rec(i))).unwrap();
     }
     drop(tx);
     let got = drain(s).await;

@@ -63,7 +63,11 @@ fn put(maps: &FlowMaps, i: u32, proto: u8, last_seen_ns: u64) {
 fn poller(
     dp: &Datapath,
     cfg: PollerConfig,
-) -> (Poller, crossbeam_channel::Receiver<FlowRecord>, Arc<Status>) {
+) -> (
+    Poller,
+    crossbeam_channel::Receiver<Box<FlowRecord>>,
+    Arc<Status>,
+) {
     let (tx, rx) = crossbeam_channel::unbounded();
     let status = Arc::new(Status::new());
     (
@@ -144,7 +148,7 @@ fn idle_flows_end_and_leave_every_map() {
     let (mut p, rx, status) = poller(&dp, PollerConfig::default());
     let s = p.poll_once(now).expect("poll");
     assert_eq!((s.flows, s.ended), (300, 200));
-    let recs: Vec<FlowRecord> = rx.try_iter().collect();
+    let recs: Vec<FlowRecord> = rx.try_iter().map(|r| *r).collect();
     assert_eq!(recs.len(), 200);
     assert!(recs.iter().all(|r| r.end_reason == EndReason::IdleTimeout));
     let left = [maps.flows.keys().count(), maps.tcp.keys().count()];
@@ -290,7 +294,7 @@ fn snapshots_are_cumulative_only_while_wanted_and_leave_the_deltas_alone() {
         .expect("flow 2 with its cumulative counts");
     assert_eq!(two.total_bytes(), 940);
     // The active record of flow 2 holds only what is new since the first one.
-    let active: Vec<FlowRecord> = rx.try_iter().collect();
+    let active: Vec<FlowRecord> = rx.try_iter().map(|r| *r).collect();
     assert_eq!(active.len(), 1, "only flow 2 changed: {active:?}");
     assert_eq!(active[0].total_packets(), 11 - 3);
     assert_eq!(active[0].end_reason, EndReason::ActiveTimeout);

@@ -202,7 +202,7 @@ pub struct Poller<T: FlowTable = KernelTable> {
     table: T,
     cfg: PollerConfig,
     clock: Clock,
-    tx: Sender<FlowRecord>,
+    tx: Sender<Box<FlowRecord>>,
     status: Arc<Status>,
     reported: KeyMap<Reported>,
     ifnames: IfNames,
@@ -227,7 +227,7 @@ impl<T: FlowTable> Poller<T> {
     pub fn new(
         table: T,
         cfg: PollerConfig,
-        tx: Sender<FlowRecord>,
+        tx: Sender<Box<FlowRecord>>,
         status: Arc<Status>,
         ifnames: IfNames,
     ) -> Poller<T> {
@@ -786,7 +786,9 @@ impl<T: FlowTable> Poller<T> {
 
     fn send(&self, rec: FlowRecord) -> Result<(), PollError> {
         self.status.records_emitted.fetch_add(1, Ordering::Relaxed);
-        self.tx.send(rec).map_err(|_| PollError::ChannelClosed)
+        self.tx
+            .send(Box::new(rec))
+            .map_err(|_| PollError::ChannelClosed)
     }
 
     /// Deletes extension entries whose base entry is gone. The candidates are
