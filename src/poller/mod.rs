@@ -492,10 +492,19 @@ impl<T: FlowTable> Poller<T> {
         let mut entries = first.entries;
         let (tx, rx) = crossbeam_channel::bounded::<Scanned>(2 * split.parts() as usize);
         std::thread::scope(|s| {
+            // Named, so `top -H` tells them apart. A part whose thread cannot start leaves
+            // its flows due: the next poll finds them.
+            let mut spawned = Ok(());
             let parts: Vec<_> = (0..split.parts())
-                .map(|part| {
+                .filter_map(|part| {
                     let tx = tx.clone();
-                    s.spawn(move || split.run(args, part, |pass| tx.send(pass).is_ok()))
+                    std::thread::Builder::new()
+                        .name(format!("flowlens-scan{part}"))
+                        .spawn_scoped(s, move || {
+                            split.run(args, part, |pass| tx.send(pass).is_ok())
+                        })
+                        .map_err(|e| spawned = Err(PollError::Scan(e)))
+                        .ok()
                 })
                 .collect();
             drop(tx);
@@ -518,7 +527,7 @@ impl<T: FlowTable> Poller<T> {
                     )))
                 })
             });
-            took.and(ran)
+            took.and(ran).and(spawned)
         })?;
         Ok(entries)
     }
