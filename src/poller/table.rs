@@ -205,9 +205,7 @@ impl KernelTable {
     pub fn maps(&self) -> &FlowMaps {
         &self.maps
     }
-}
 
-impl KernelTable {
     /// `scan_out`, mapped at the first call.
     fn scan_out(&mut self) -> Result<Arc<ScanOut>, PollError> {
         if let Some(out) = &self.scan_out {
