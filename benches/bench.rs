@@ -24,7 +24,7 @@ use flowlens::flow::{DirStats, EndReason, FlowRecord, Hook};
 use flowlens::hub::{Hub, HubConfig, SinkKind};
 use flowlens::packet::*;
 use flowlens::poller::decode::{monotonic_ns, Clock, Counts, RawFlow, RecordMeta};
-use flowlens::poller::{KernelTable, Poller, PollerConfig, ReadMode};
+use flowlens::poller::{KernelTable, Poller, PollerConfig, ReadMode, OUT_BATCH, OUT_FIRST};
 use flowlens::snapshot::SnapshotSlot;
 use flowlens::status::Status;
 
@@ -1280,11 +1280,13 @@ fn stream(t: &mut Table) -> Result<()> {
             .collect();
         std::thread::sleep(Duration::from_millis(500));
         let (tx, rx) = crossbeam_channel::unbounded();
-        let batch = recs.clone();
         let (t0, c0) = (Instant::now(), cpu_secs());
         let fanout = hub.spawn_fanout(rx)?;
-        for r in batch {
-            tx.send(Box::new(r))?;
+        // In the poller's batches, each made as the poller makes it, record by record.
+        for chunk in recs.chunks(OUT_BATCH) {
+            let mut batch = Vec::with_capacity(OUT_FIRST);
+            batch.extend(chunk.iter().cloned());
+            tx.send(batch)?;
         }
         // The poller goes, as when the agent stops: the hub closes after the last record
         // and every stream ends with it, so the last batch is sent at once instead of

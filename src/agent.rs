@@ -24,9 +24,10 @@ use crate::service::{self, GrpcEndpoint, ListenAddr, ServiceHandle};
 use crate::snapshot::SnapshotSlot;
 use crate::status::Status;
 
-/// Records the poller may hand the hub before it waits for the fanout; the fanout never
+/// Batches of records (each at most a poll's, and at most 1,024 records: 64 Ki records
+/// in all) the poller may hand the hub before it waits for the fanout; the fanout never
 /// waits on a sink, so this only fills when the fanout itself falls behind.
-const RECORD_CHANNEL: usize = 65_536;
+const RECORD_CHANNEL: usize = 64;
 /// How long shutdown waits for stdout to take the last records.
 const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 
@@ -220,7 +221,7 @@ impl Agent {
             })
             .transpose()
             .context("spawning the output thread")?;
-        let (tx, rx) = crossbeam_channel::bounded::<Box<FlowRecord>>(RECORD_CHANNEL);
+        let (tx, rx) = crossbeam_channel::bounded::<Vec<FlowRecord>>(RECORD_CHANNEL);
         let fanout = hub.spawn_fanout(rx).context("spawning the fanout thread")?;
         let table = KernelTable::new(dp.maps().context("opening map handles")?);
         let poller = Poller::new(table, cfg.poller, tx, status.clone(), ifnames)

@@ -56,77 +56,178 @@ impl Default for HubConfig {
     }
 }
 
-/// A record as the hub hands it out: numbered in emission order, shared by every sink,
-/// with a slot for its wire encoding so that is done once, not once per subscriber.
+/// Records published together (what the poller handed over in one go): numbered once,
+/// shared by the ring and every sink, and freed together. One allocation per record,
+/// made on one thread and freed on another, cost more in glibc's arena locks than the
+/// stream's own work once it passed 1 M records/s.
 #[derive(Debug)]
-pub struct Envelope {
-    /// 1 for the first record of this agent run, then +1 per record.
-    pub seq: u64,
-    /// Boxed from the poller on: the record is never copied on its way to the sinks.
-    pub record: Box<FlowRecord>,
-    wire: OnceLock<Box<[u8]>>,
+pub struct Block {
+    first_seq: u64,
+    records: Vec<FlowRecord>,
+    wire: OnceLock<Wire>,
 }
 
-impl Envelope {
-    pub fn new(seq: u64, record: Box<FlowRecord>) -> Envelope {
-        Envelope {
-            seq,
-            record,
+impl Block {
+    fn new(first_seq: u64, records: Vec<FlowRecord>) -> Block {
+        Block {
+            first_seq,
+            records,
             wire: OnceLock::new(),
         }
     }
 
-    /// The record's wire encoding, made by the first caller and shared with the rest.
-    pub fn wire(&self, encode: impl FnOnce(u64, &FlowRecord) -> Box<[u8]>) -> &[u8] {
-        self.wire.get_or_init(|| encode(self.seq, &self.record))
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The records' wire encodings, made once (by the first subscriber that sends a run of
+    /// this block) and shared with the rest.
+    pub fn wire(&self, encode: impl FnOnce(u64, &[FlowRecord]) -> Wire) -> &Wire {
+        self.wire
+            .get_or_init(|| encode(self.first_seq, &self.records))
     }
 }
 
-pub type Shared = Arc<Envelope>;
+/// A block's records encoded end to end, so that a run of them is one slice.
+#[derive(Debug, Default)]
+pub struct Wire {
+    bytes: Vec<u8>,
+    /// Where each record's encoding ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl Wire {
+    /// The buffer the next record is appended to; `record_done` marks where it ends.
+    pub fn buf(&mut self) -> &mut Vec<u8> {
+        &mut self.bytes
+    }
+
+    pub fn record_done(&mut self) {
+        self.ends.push(self.bytes.len());
+    }
+
+    /// The encodings of records `start..end`, end to end.
+    pub fn slice(&self, start: usize, end: usize) -> &[u8] {
+        if start >= end {
+            return &[];
+        }
+        let from = if start == 0 { 0 } else { self.ends[start - 1] };
+        &self.bytes[from..self.ends[end - 1]]
+    }
+}
+
+/// A record as the hub hands it out: numbered in emission order and shared by every sink.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    block: Arc<Block>,
+    idx: usize,
+}
+
+impl Shared {
+    /// 1 for the first record of this agent run, then +1 per record.
+    pub fn seq(&self) -> u64 {
+        self.as_ref().seq()
+    }
+
+    pub fn record(&self) -> &FlowRecord {
+        &self.block.records[self.idx]
+    }
+
+    fn as_ref(&self) -> RecordRef<'_> {
+        RecordRef {
+            block: &self.block,
+            idx: self.idx,
+        }
+    }
+}
+
+/// A record of a run or batch, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRef<'a> {
+    block: &'a Arc<Block>,
+    idx: usize,
+}
+
+impl<'a> RecordRef<'a> {
+    pub fn seq(self) -> u64 {
+        self.block.first_seq + self.idx as u64
+    }
+
+    pub fn record(self) -> &'a FlowRecord {
+        &self.block.records[self.idx]
+    }
+
+    pub fn to_shared(self) -> Shared {
+        Shared {
+            block: self.block.clone(),
+            idx: self.idx,
+        }
+    }
+}
 
 /// Consecutive records of one publish call: what moves through a subscriber's queues as
 /// one item. Every subscriber shares the same records; only the bounds are its own.
 #[derive(Debug, Clone)]
-struct Run {
+pub struct Run {
     recs: RunRecords,
     start: usize,
     end: usize,
 }
 
-/// A lone record (a single publish, a replayed record) needs no shared slice.
 #[derive(Debug, Clone)]
 enum RunRecords {
-    One(Shared),
-    Many(Arc<[Shared]>),
+    /// Records `start..end` of a block, as published.
+    Block(Arc<Block>),
+    /// Records picked one by one (a filter's matches, a replay): `start..end` of these.
+    Picked(Arc<[Shared]>),
 }
 
 impl Run {
-    fn new(mut recs: Vec<Shared>) -> Run {
-        let end = recs.len();
-        let recs = match recs.pop() {
-            Some(one) if recs.is_empty() => RunRecords::One(one),
-            last => {
-                recs.extend(last);
-                RunRecords::Many(recs.into())
-            }
-        };
+    fn block(block: Arc<Block>) -> Run {
         Run {
-            recs,
+            end: block.len(),
+            recs: RunRecords::Block(block),
             start: 0,
-            end,
         }
     }
 
-    fn len(&self) -> usize {
+    fn picked(recs: Vec<Shared>) -> Run {
+        Run {
+            end: recs.len(),
+            recs: RunRecords::Picked(recs.into()),
+            start: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
         self.end - self.start
     }
 
-    fn as_slice(&self) -> &[Shared] {
-        let all = match &self.recs {
-            RunRecords::One(r) => std::slice::from_ref(r),
-            RunRecords::Many(rs) => rs,
-        };
-        &all[self.start..self.end]
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    fn get(&self, i: usize) -> RecordRef<'_> {
+        match &self.recs {
+            RunRecords::Block(block) => RecordRef { block, idx: i },
+            RunRecords::Picked(recs) => recs[i].as_ref(),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = RecordRef<'_>> + '_ {
+        (self.start..self.end).map(|i| self.get(i))
+    }
+
+    /// The block and the range of its records this run is, when it is one.
+    pub fn block_range(&self) -> Option<(&Arc<Block>, usize, usize)> {
+        match &self.recs {
+            RunRecords::Block(block) => Some((block, self.start, self.end)),
+            RunRecords::Picked(_) => None,
+        }
     }
 
     /// The first `n` records as a run of their own.
@@ -168,8 +269,12 @@ impl Records {
         self.len == 0
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Shared> + '_ {
-        self.runs.iter().flat_map(Run::as_slice)
+    pub fn runs(&self) -> &[Run] {
+        &self.runs
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = RecordRef<'_>> + '_ {
+        self.runs.iter().flat_map(Run::iter)
     }
 }
 
@@ -271,7 +376,9 @@ struct SinkEntry {
 }
 
 struct State {
-    ring: VecDeque<Shared>,
+    /// The newest `ring_capacity` records: whole blocks, the oldest from its `.1`-th record.
+    ring: VecDeque<(Arc<Block>, usize)>,
+    ring_len: usize,
     sinks: Vec<SinkEntry>,
     next_seq: u64,
     closed: bool,
@@ -303,7 +410,8 @@ impl Hub {
             inner: Arc::new(Inner {
                 cfg,
                 state: Mutex::new(State {
-                    ring: VecDeque::with_capacity(cfg.ring_capacity.min(1 << 16)),
+                    ring: VecDeque::new(),
+                    ring_len: 0,
                     sinks: Vec::new(),
                     next_seq: 1,
                     closed: false,
@@ -319,24 +427,30 @@ impl Hub {
         self.inner.cfg
     }
 
-    /// Spawns the fanout thread: it drains `rx` (records from the poller) and publishes
-    /// them in chunks. When `rx` disconnects it closes the hub, so every sink sees the end
-    /// of its stream after the last record.
+    /// Spawns the fanout thread: it drains `rx` (the poller's batches of records) and
+    /// publishes them, several batches per hub lock. When `rx` disconnects it closes the
+    /// hub, so every sink sees the end of its stream after the last record.
     pub fn spawn_fanout(
         &self,
-        rx: crossbeam_channel::Receiver<Box<FlowRecord>>,
+        rx: crossbeam_channel::Receiver<Vec<FlowRecord>>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let hub = self.clone();
         std::thread::Builder::new()
             .name("flowlens-fanout".into())
             .spawn(move || {
+                let mut batches = Vec::new();
                 while let Ok(first) = rx.recv() {
-                    if rx.len() < FANOUT_CHUNK - 1 {
+                    let mut n = first.len();
+                    if n < FANOUT_CHUNK && rx.is_empty() {
                         std::thread::sleep(FANOUT_LINGER);
                     }
-                    // Taken from the channel straight into the hub: one move per record.
-                    let rest = rx.try_iter().take(FANOUT_CHUNK - 1);
-                    hub.publish_all(std::iter::once(first).chain(rest));
+                    batches.push(first);
+                    while n < FANOUT_CHUNK {
+                        let Ok(more) = rx.try_recv() else { break };
+                        n += more.len();
+                        batches.push(more);
+                    }
+                    hub.publish_batches(batches.drain(..));
                 }
                 hub.close();
             })
@@ -344,46 +458,68 @@ impl Hub {
 
     /// Stores `rec` for replay and offers it to every sink; never waits on a sink.
     pub fn publish(&self, rec: FlowRecord) {
-        self.publish_all(std::iter::once(rec));
+        self.publish_batches([vec![rec]]);
     }
 
-    pub fn publish_all<R: Into<Box<FlowRecord>>>(&self, recs: impl IntoIterator<Item = R>) {
-        let cap = self.inner.cfg.ring_capacity;
-        let queue = self.inner.cfg.subscriber_queue.max(1);
-        let lost_total = &self.inner.lost_total;
+    /// Publishes `recs` as one run.
+    pub fn publish_all(&self, recs: impl IntoIterator<Item = FlowRecord>) {
+        self.publish_batches([recs.into_iter().collect::<Vec<_>>()]);
+    }
+
+    /// Publishes each batch as a run of its own, its records never copied, all under one
+    /// lock of the hub.
+    pub fn publish_batches(&self, batches: impl IntoIterator<Item = Vec<FlowRecord>>) {
         let mut st = self.lock();
         let st = &mut *st;
-        let mut next_seq = st.next_seq;
-        let envs: Vec<Shared> = recs
-            .into_iter()
-            .map(|rec| {
-                let env = Arc::new(Envelope::new(next_seq, rec.into()));
-                next_seq += 1;
-                env
-            })
-            .collect();
-        st.next_seq = next_seq;
-        let n = envs.len();
-        if n == 0 {
+        let mut n = 0;
+        for recs in batches {
+            if recs.is_empty() {
+                continue;
+            }
+            let block = Arc::new(Block::new(st.next_seq, recs));
+            st.next_seq += block.len() as u64;
+            n += block.len();
+            self.keep(st, &block);
+            self.offer(st, Run::block(block));
+        }
+        self.inner.published.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Keeps the newest `ring_capacity` records for replay.
+    fn keep(&self, st: &mut State, block: &Arc<Block>) {
+        let cap = self.inner.cfg.ring_capacity;
+        if cap == 0 {
             return;
         }
-        if cap > 0 {
-            // Only the last `cap` of a large call can stay.
-            for env in &envs[n.saturating_sub(cap)..] {
-                if st.ring.len() >= cap {
-                    st.ring.pop_front();
-                }
-                st.ring.push_back(env.clone());
+        // Only the last `cap` of a large block can stay.
+        let from = block.len().saturating_sub(cap);
+        st.ring.push_back((block.clone(), from));
+        st.ring_len += block.len() - from;
+        while st.ring_len > cap {
+            let Some((oldest, start)) = st.ring.front_mut() else {
+                break;
+            };
+            let drop = (st.ring_len - cap).min(oldest.len() - *start);
+            *start += drop;
+            st.ring_len -= drop;
+            if *start == oldest.len() {
+                st.ring.pop_front();
             }
         }
-        let run = Run::new(envs);
+    }
+
+    /// Offers a run to every sink; what a sink's queue has no room for is lost for it.
+    fn offer(&self, st: &mut State, run: Run) {
+        let queue = self.inner.cfg.subscriber_queue.max(1);
+        let lost_total = &self.inner.lost_total;
+        let n = run.len();
         let mut gone = false;
         for s in &st.sinks {
             let c = &s.counters;
             match &s.tx {
                 SinkTx::Each(tx) => {
-                    for env in run.as_slice() {
-                        match tx.try_send(env.clone()) {
+                    for r in run.iter() {
+                        match tx.try_send(r.to_shared()) {
                             Ok(()) => {
                                 c.queued.fetch_add(1, Ordering::Relaxed);
                             }
@@ -417,7 +553,6 @@ impl Hub {
         if gone {
             st.sinks.retain(|s| !s.tx.is_closed());
         }
-        self.inner.published.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Whether `close` was called: no record will be published any more.
@@ -485,7 +620,15 @@ impl Hub {
         let (in_tx, in_rx) = mpsc::channel(queue);
         let mut st = self.lock();
         let ring: Vec<Shared> = if opts.wants_replay() {
-            st.ring.iter().cloned().collect()
+            st.ring
+                .iter()
+                .flat_map(|(block, start)| {
+                    (*start..block.len()).map(|idx| Shared {
+                        block: block.clone(),
+                        idx,
+                    })
+                })
+                .collect()
         } else {
             Vec::new()
         };
@@ -523,7 +666,7 @@ impl Hub {
     pub fn stats(&self) -> HubStats {
         let st = self.lock();
         HubStats {
-            ring_len: st.ring.len(),
+            ring_len: st.ring_len,
             ring_capacity: self.inner.cfg.ring_capacity,
             published: self.inner.published.load(Ordering::Relaxed),
             lost_total: self.inner.lost_total.load(Ordering::Relaxed),
@@ -708,11 +851,13 @@ impl FilterStage {
                 if replay.len() >= limit {
                     break;
                 }
-                if opts.after_seq.is_some_and(|after| r.seq <= after) {
+                if opts.after_seq.is_some_and(|after| r.seq() <= after) {
                     // The ring is in seq order: everything before this was seen too.
                     break;
                 }
-                if opts.since.is_none_or(|t| r.record.last_seen >= t) && self.matches(r).await {
+                if opts.since.is_none_or(|t| r.record().last_seen >= t)
+                    && self.matches(r.record()).await
+                {
                     replay.push(r.clone());
                 }
             }
@@ -722,7 +867,7 @@ impl FilterStage {
                 // one record per queue slot so the outbox bound holds.
                 self.counters.queued.fetch_add(1, Ordering::Relaxed);
                 self.counters.outbox.fetch_add(1, Ordering::Relaxed);
-                let one = Run::new(vec![r]);
+                let one = Run::picked(vec![r]);
                 if self.out.send(Item::Records(one)).await.is_err() {
                     return;
                 }
@@ -735,28 +880,28 @@ impl FilterStage {
                 let n = run.len() as u64;
                 self.counters.inbox.fetch_sub(n, Ordering::Relaxed);
                 self.counters.queued.fetch_sub(n, Ordering::Relaxed);
-                let recs = run.as_slice();
-                let (Some(first), Some(last)) = (recs.first(), recs.last()) else {
+                if run.is_empty() {
                     continue;
-                };
-                if self.next_seq.is_some_and(|want| first.seq > want) {
+                }
+                let (first, last) = (run.get(run.start).seq(), run.get(run.end - 1).seq());
+                if self.next_seq.is_some_and(|want| first > want) {
                     // Counted by the hub when the inbox was full; the marker goes here.
                     self.marker_owed = true;
                 }
-                self.next_seq = Some(last.seq + 1);
+                self.next_seq = Some(last + 1);
                 let passed = if self.selector.is_empty() {
                     run
                 } else {
                     let mut kept = Vec::new();
-                    for r in recs {
-                        if self.matches(r).await {
-                            kept.push(r.clone());
+                    for r in run.iter() {
+                        if self.matches(r.record()).await {
+                            kept.push(r.to_shared());
                         }
                     }
                     if kept.is_empty() {
                         continue;
                     }
-                    Run::new(kept)
+                    Run::picked(kept)
                 };
                 if !self.offer(passed) {
                     return;
@@ -768,14 +913,14 @@ impl FilterStage {
         }
     }
 
-    async fn matches(&mut self, r: &Shared) -> bool {
+    async fn matches(&mut self, r: &FlowRecord) -> bool {
         let cost = self.selector.len().max(1);
         self.spent += cost;
         if self.spent >= FILTER_BUDGET {
             self.spent = 0;
             tokio::task::yield_now().await;
         }
-        self.selector.matches(&r.record)
+        self.selector.matches(r)
     }
 
     /// Queues what fits of `run` and loses the rest; false when the subscriber is gone.

@@ -65,7 +65,7 @@ fn write_all(mut rx: SinkRx, format: Format, style: TableStyle, out: &mut impl W
         if open {
             open = buf
                 .iter()
-                .try_for_each(|r| renderer.record(out, &r.record))
+                .try_for_each(|r| renderer.record(out, r.record()))
                 .and_then(|()| out.flush())
                 .is_ok();
         }

@@ -52,7 +52,10 @@ pub mod wire {
     use tonic::codec::{Codec, EncodeBuf, Encoder};
 
     use crate::api::proto;
-    use crate::hub::{Envelope, Records};
+    use std::sync::Arc;
+
+    use crate::flow::FlowRecord;
+    use crate::hub::{Block, Records, Wire};
     use crate::record_encoding::encode_record;
 
     #[derive(Debug, Clone)]
@@ -69,33 +72,78 @@ pub mod wire {
         }
     }
 
-    /// A FlowBatch whose `records` (field 1) are these records' shared encodings.
+    /// A FlowBatch whose `records` (field 1) are, in order, slices of the blocks' shared
+    /// encodings and the encodings of records picked one by one.
     #[derive(Debug, Clone, Default)]
     pub struct FlowBatch {
-        records: Records,
+        parts: Vec<Part>,
         /// Length of the FlowBatch message, known before tonic asks for it.
         len: usize,
     }
 
-    impl FlowBatch {
-        /// Encodes the records no other subscriber has encoded yet.
-        pub fn new(records: Records) -> FlowBatch {
-            let len = records.iter().map(|r| entry_len(record_bytes(r))).sum();
-            FlowBatch { records, len }
+    #[derive(Debug, Clone)]
+    enum Part {
+        /// Bytes `.1..` `.2` of a block's shared encoding: every record of a run, framed.
+        Shared(Arc<Block>, usize, usize),
+        /// Framed records this subscriber encoded itself (a filter's matches, a replay):
+        /// shared by no other, so not worth a block's whole encoding.
+        Own(Vec<u8>),
+    }
+
+    impl Part {
+        fn bytes(&self) -> &[u8] {
+            match self {
+                Part::Shared(block, start, end) => block.wire(encode_block).slice(*start, *end),
+                Part::Own(bytes) => bytes,
+            }
         }
     }
 
-    /// A record's encoding: made by the first subscriber that sends it, shared by the rest.
-    pub fn record_bytes(r: &Envelope) -> &[u8] {
-        r.wire(|seq, rec| {
-            let mut buf = Vec::new();
-            encode_record(seq, rec, &mut buf);
-            buf.into_boxed_slice()
-        })
+    impl FlowBatch {
+        /// Encodes what no other subscriber has encoded yet.
+        pub fn new(records: Records) -> FlowBatch {
+            let mut parts = Vec::with_capacity(records.runs().len());
+            let mut own = Vec::new();
+            let mut scratch = Vec::new();
+            for run in records.runs() {
+                if let Some((block, start, end)) = run.block_range() {
+                    if !own.is_empty() {
+                        parts.push(Part::Own(std::mem::take(&mut own)));
+                    }
+                    parts.push(Part::Shared(block.clone(), start, end));
+                } else {
+                    for r in run.iter() {
+                        frame_record(r.seq(), r.record(), &mut scratch, &mut own);
+                    }
+                }
+            }
+            if !own.is_empty() {
+                parts.push(Part::Own(own));
+            }
+            let len = parts.iter().map(|p| p.bytes().len()).sum();
+            FlowBatch { parts, len }
+        }
     }
 
-    fn entry_len(r: &[u8]) -> usize {
-        key_len(1) + encoded_len_varint(r.len() as u64) + r.len()
+    /// A block's records as `FlowBatch.records` entries, end to end.
+    fn encode_block(first_seq: u64, records: &[FlowRecord]) -> Wire {
+        let mut wire = Wire::default();
+        wire.buf().reserve(records.len() * 192);
+        let mut scratch = Vec::with_capacity(256);
+        for (seq, rec) in (first_seq..).zip(records) {
+            frame_record(seq, rec, &mut scratch, wire.buf());
+            wire.record_done();
+        }
+        wire
+    }
+
+    /// Appends one `FlowBatch.records` entry (key, length, record) to `out`.
+    fn frame_record(seq: u64, rec: &FlowRecord, scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
+        scratch.clear();
+        encode_record(seq, rec, scratch);
+        encode_key(1, WireType::LengthDelimited, out);
+        encode_varint(scratch.len() as u64, out);
+        out.extend_from_slice(scratch);
     }
 
     impl Message for SubscribeResponse {
@@ -104,11 +152,8 @@ pub mod wire {
                 SubscribeResponse::Flows(batch) => {
                     encode_key(1, WireType::LengthDelimited, buf);
                     encode_varint(batch.len as u64, buf);
-                    for r in batch.records.iter() {
-                        let r = record_bytes(r);
-                        encode_key(1, WireType::LengthDelimited, buf);
-                        encode_varint(r.len() as u64, buf);
-                        buf.put_slice(r);
+                    for p in &batch.parts {
+                        buf.put_slice(p.bytes());
                     }
                 }
                 SubscribeResponse::Lost(l) => prost::encoding::message::encode(2, l, buf),

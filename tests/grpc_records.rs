@@ -437,11 +437,12 @@ async fn raw_subscribe(agent: &Agent, req: proto::SubscribeRequest) -> Streaming
 }
 
 /// Reads `n` records' worth of responses and checks each response is, byte for byte, what
-/// prost writes for the same records converted through `proto::FlowRecord::from`.
-async fn assert_prost_bytes(s: &mut Streaming<bytes::Bytes>, recs: &[FlowRecord]) {
+/// prost writes for the same records (`recs[seq - 1]`) converted through
+/// `proto::FlowRecord::from`.
+async fn assert_prost_bytes(s: &mut Streaming<bytes::Bytes>, recs: &[FlowRecord], n: usize) {
     use prost::Message;
     let mut seen = 0;
-    while seen < recs.len() {
+    while seen < n {
         let msg = tokio::time::timeout(WAIT, s.message())
             .await
             .expect("timed out waiting for a stream message")
@@ -478,9 +479,31 @@ async fn streamed_records_are_the_prost_encoding_byte_for_byte() {
     let agent = Agent::start();
     let mut live = raw_subscribe(&agent, proto::SubscribeRequest::default()).await;
     agent.hub.publish_all(recs.clone());
-    assert_prost_bytes(&mut live, &recs).await;
+    assert_prost_bytes(&mut live, &recs, recs.len()).await;
     let mut replayed = raw_subscribe(&agent, replay_all(vec![], vec![])).await;
-    assert_prost_bytes(&mut replayed, &recs).await;
+    assert_prost_bytes(&mut replayed, &recs, recs.len()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poller_batches_larger_than_a_response_and_replay_then_live_are_prost_bytes() {
+    // The poller hands over up to 1,024 records at once, more than one response holds
+    // (1,000), so a batch's shared encoding is cut across responses. A replay followed by
+    // live records mixes records encoded for one subscriber with a shared encoding.
+    let recs: Vec<FlowRecord> = shapes().into_iter().cycle().take(2_500).collect();
+    let agent = Agent::start();
+    let mut live = raw_subscribe(&agent, proto::SubscribeRequest::default()).await;
+    agent
+        .hub
+        .publish_batches([recs[..1_024].to_vec(), recs[1_024..1_030].to_vec()]);
+    assert_prost_bytes(&mut live, &recs, 1_030).await;
+    let replay_then_live = proto::SubscribeRequest {
+        replay: 5,
+        ..Default::default()
+    };
+    let mut both = raw_subscribe(&agent, replay_then_live).await;
+    agent.hub.publish_batches([recs[1_030..].to_vec()]);
+    assert_prost_bytes(&mut both, &recs, 5 + 1_470).await;
+    assert_prost_bytes(&mut live, &recs, 1_470).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

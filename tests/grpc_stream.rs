@@ -214,9 +214,9 @@ async fn fanout_thread_ends_streams_when_the_poller_goes() {
     let (tx, rx) = crossbeam_channel::bounded(16);
     let fanout = agent.hub.spawn_fanout(rx).unwrap();
     let s = agent.subscribe(proto::SubscribeRequest::default()).await;
-    for i in 1..=3 {
-        tx.send(Box::new(rec(i))).unwrap();
-    }
+    // The poller's batches, of any size, come out as one numbered stream.
+    tx.send(vec![rec(1)]).unwrap();
+    tx.send(vec![rec(2), rec(3)]).unwrap();
     drop(tx);
     let got = drain(s).await;
     assert_eq!(got.ids, vec![1, 2, 3]);
@@ -291,4 +291,24 @@ async fn a_run_larger_than_the_queue_loses_its_tail_and_says_so() {
     assert!(got.ids.windows(2).all(|w| w[0] < w[1]), "{:?}", got.ids);
     assert!(got.records.iter().all(|p| p.seq == u64::from(p.ifindex)));
     assert_eq!(agent.hub.stats().lost_total, got.total_lost());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ring_keeps_the_newest_records_across_the_pollers_batches() {
+    let agent = Agent::with_config(HubConfig {
+        ring_capacity: 10,
+        ..HubConfig::default()
+    });
+    let batch = |ids: std::ops::RangeInclusive<u32>| ids.map(rec).collect::<Vec<_>>();
+    let ring = || async { ids_for(&agent, vec![], vec![]).await };
+    // A batch larger than the ring leaves only its tail there.
+    agent.hub.publish_batches([batch(1..=14)]);
+    assert_eq!(ring().await, (5..=14).collect::<Vec<_>>());
+    // Later batches push the oldest records out, part of a batch at a time.
+    agent.hub.publish_batches([batch(15..=17), batch(18..=18)]);
+    assert_eq!(ring().await, (9..=18).collect::<Vec<_>>());
+    assert_eq!(agent.hub.stats().ring_len, 10);
+    agent.hub.publish_batches([batch(19..=20), batch(21..=40)]);
+    assert_eq!(ring().await, (31..=40).collect::<Vec<_>>());
+    assert_eq!(agent.hub.stats().ring_len, 10);
 }

@@ -12,7 +12,7 @@ use flowlens::datapath::{Capacities, Datapath, FlowMaps};
 use flowlens::flow::{EndReason, FlowRecord};
 use flowlens::poller::decode::monotonic_ns;
 use flowlens::poller::table::read_all;
-use flowlens::poller::{KernelTable, Poller, PollerConfig, ReadMode};
+use flowlens::poller::{KernelTable, Poller, PollerConfig, ReadMode, OUT_BATCH};
 use flowlens::snapshot::SnapshotSlot;
 use flowlens::status::Status;
 use libbpf_rs::{MapCore, MapFlags};
@@ -65,7 +65,7 @@ fn poller(
     cfg: PollerConfig,
 ) -> (
     Poller,
-    crossbeam_channel::Receiver<Box<FlowRecord>>,
+    crossbeam_channel::Receiver<Vec<FlowRecord>>,
     Arc<Status>,
 ) {
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -148,7 +148,7 @@ fn idle_flows_end_and_leave_every_map() {
     let (mut p, rx, status) = poller(&dp, PollerConfig::default());
     let s = p.poll_once(now).expect("poll");
     assert_eq!((s.flows, s.ended), (300, 200));
-    let recs: Vec<FlowRecord> = rx.try_iter().map(|r| *r).collect();
+    let recs: Vec<FlowRecord> = rx.try_iter().flatten().collect();
     assert_eq!(recs.len(), 200);
     assert!(recs.iter().all(|r| r.end_reason == EndReason::IdleTimeout));
     let left = [maps.flows.keys().count(), maps.tcp.keys().count()];
@@ -160,7 +160,10 @@ fn idle_flows_end_and_leave_every_map() {
     assert_eq!(status.snapshot().active_flows, 100);
     assert_eq!(p.flush().expect("flush"), 100);
     assert_eq!([maps.flows.keys().count(), maps.tcp.keys().count()], [0, 0]);
-    assert!(rx.try_iter().all(|r| r.end_reason == EndReason::Shutdown));
+    assert!(rx
+        .try_iter()
+        .flatten()
+        .all(|r| r.end_reason == EndReason::Shutdown));
 }
 
 #[test]
@@ -262,7 +265,11 @@ fn snapshots_are_cumulative_only_while_wanted_and_leave_the_deltas_alone() {
 
     p.poll_once(now + 1).expect("poll");
     assert_eq!(slot.latest().generation, 0, "nobody asked: no snapshot");
-    assert_eq!(rx.try_iter().count(), 3, "active records as before");
+    assert_eq!(
+        rx.try_iter().flatten().count(),
+        3,
+        "active records as before"
+    );
 
     slot.want();
     // Flow 2 had 2 + 1 packets; now 7 + 4.
@@ -294,7 +301,7 @@ fn snapshots_are_cumulative_only_while_wanted_and_leave_the_deltas_alone() {
         .expect("flow 2 with its cumulative counts");
     assert_eq!(two.total_bytes(), 940);
     // The active record of flow 2 holds only what is new since the first one.
-    let active: Vec<FlowRecord> = rx.try_iter().map(|r| *r).collect();
+    let active: Vec<FlowRecord> = rx.try_iter().flatten().collect();
     assert_eq!(active.len(), 1, "only flow 2 changed: {active:?}");
     assert_eq!(active[0].total_packets(), 11 - 3);
     assert_eq!(active[0].end_reason, EndReason::ActiveTimeout);
@@ -548,8 +555,16 @@ fn a_bulk_end_split_among_threads_ends_what_one_thread_ends() {
         };
         let (mut p, rx, _) = poller(&dp, cfg);
         let stats = p.poll_once(now).expect("poll");
-        let mut recs: Vec<_> = rx
-            .try_iter()
+        let batches: Vec<Vec<FlowRecord>> = rx.try_iter().collect();
+        assert!(
+            batches
+                .iter()
+                .all(|b| !b.is_empty() && b.len() <= OUT_BATCH),
+            "the poll hands its records over in batches of at most {OUT_BATCH}"
+        );
+        let mut recs: Vec<_> = batches
+            .into_iter()
+            .flatten()
             .map(|r| {
                 (
                     r.protocol,

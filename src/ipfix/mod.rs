@@ -286,7 +286,7 @@ pub fn spawn(
                 if batch.is_empty() {
                     exporter.upkeep();
                 } else {
-                    exporter.send(batch.iter().map(|e| &*e.record));
+                    exporter.send(batch.iter().map(|e| e.record()));
                 }
                 if !open {
                     break;

@@ -117,6 +117,11 @@ struct Episode {
 /// A poll may take at most this share (1/n) of a core; see `Poller::next_interval`.
 const POLL_BUDGET: u32 = 40;
 
+/// Records handed to the hub in one batch at most (a block of the hub's), and the room a
+/// new batch starts with: most polls end a few flows, a bulk end fills whole batches.
+pub const OUT_BATCH: usize = 1024;
+pub const OUT_FIRST: usize = 16;
+
 /// How long without pressure ends an episode.
 const EPISODE_CALM: Duration = Duration::from_secs(2);
 
@@ -202,7 +207,10 @@ pub struct Poller<T: FlowTable = KernelTable> {
     table: T,
     cfg: PollerConfig,
     clock: Clock,
-    tx: Sender<Box<FlowRecord>>,
+    tx: Sender<Vec<FlowRecord>>,
+    /// Records of the poll in progress, handed over in batches: the hub keeps a batch as
+    /// one block, so a record costs no allocation of its own on the way to the sinks.
+    out: Vec<FlowRecord>,
     status: Arc<Status>,
     reported: KeyMap<Reported>,
     ifnames: IfNames,
@@ -227,7 +235,7 @@ impl<T: FlowTable> Poller<T> {
     pub fn new(
         table: T,
         cfg: PollerConfig,
-        tx: Sender<Box<FlowRecord>>,
+        tx: Sender<Vec<FlowRecord>>,
         status: Arc<Status>,
         ifnames: IfNames,
     ) -> Poller<T> {
@@ -236,6 +244,7 @@ impl<T: FlowTable> Poller<T> {
             cfg,
             clock: Clock::new(),
             tx,
+            out: Vec::new(),
             status,
             reported: KeyMap::default(),
             ifnames,
@@ -325,10 +334,32 @@ impl<T: FlowTable> Poller<T> {
     /// Ends the TCP flows the datapath noted as closed and past the close grace, without
     /// walking every flow (the run loop's step between spaced-out polls).
     pub fn poll_closing(&mut self, now_ns: u64) -> Result<PollStats, PollError> {
-        let mut stats = PollStats::default();
-        let args = scan::closing_args(&self.cfg, now_ns);
-        self.scan_passes(args, now_ns, &mut stats)?;
-        Ok(stats)
+        self.handing_over(|p| {
+            let mut stats = PollStats::default();
+            let args = scan::closing_args(&p.cfg, now_ns);
+            p.scan_passes(args, now_ns, &mut stats)?;
+            Ok(stats)
+        })
+    }
+
+    /// Runs a step that emits records, then hands them all over, even when the step
+    /// failed halfway.
+    fn handing_over<R>(
+        &mut self,
+        step: impl FnOnce(&mut Self) -> Result<R, PollError>,
+    ) -> Result<R, PollError> {
+        let res = step(self);
+        let sent = self.hand_over();
+        res.and_then(|r| sent.map(|()| r))
+    }
+
+    /// Sends the records emitted so far to the hub, waiting while its channel is full.
+    fn hand_over(&mut self) -> Result<(), PollError> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::replace(&mut self.out, Vec::with_capacity(OUT_FIRST));
+        self.tx.send(batch).map_err(|_| PollError::ChannelClosed)
     }
 
     /// When to poll next: every poll interval, faster under pressure (at most half a
@@ -361,6 +392,10 @@ impl<T: FlowTable> Poller<T> {
     /// every flow is read only when something needs them all (a ListFlows snapshot, the
     /// orphan sweep).
     pub fn poll_once(&mut self, now_ns: u64) -> Result<PollStats, PollError> {
+        self.handing_over(|p| p.poll_flows(now_ns))
+    }
+
+    fn poll_flows(&mut self, now_ns: u64) -> Result<PollStats, PollError> {
         self.polls += 1;
         let mut stats = PollStats::default();
         let counters = self.table.counters();
@@ -681,6 +716,10 @@ impl<T: FlowTable> Poller<T> {
 
     /// Ends every flow now (agent shutdown). Returns how many.
     pub fn flush(&mut self) -> Result<usize, PollError> {
+        self.handing_over(Self::end_every_flow)
+    }
+
+    fn end_every_flow(&mut self) -> Result<usize, PollError> {
         let mut stats = PollStats::default();
         let entries = self.scan_all(monotonic_ns(), true, None, &mut stats)?;
         let counters = self.table.counters();
@@ -793,11 +832,13 @@ impl<T: FlowTable> Poller<T> {
         Ok(true)
     }
 
-    fn send(&self, rec: FlowRecord) -> Result<(), PollError> {
+    fn send(&mut self, rec: FlowRecord) -> Result<(), PollError> {
         self.status.records_emitted.fetch_add(1, Ordering::Relaxed);
-        self.tx
-            .send(Box::new(rec))
-            .map_err(|_| PollError::ChannelClosed)
+        self.out.push(rec);
+        if self.out.len() >= OUT_BATCH {
+            self.hand_over()?;
+        }
+        Ok(())
     }
 
     /// Deletes extension entries whose base entry is gone. The candidates are

@@ -39,7 +39,7 @@ fn cfg() -> PollerConfig {
 
 struct Rig {
     poller: Poller<MemTable>,
-    rx: Receiver<Box<FlowRecord>>,
+    rx: Receiver<Vec<FlowRecord>>,
     status: Arc<Status>,
 }
 
@@ -92,7 +92,7 @@ impl Rig {
 
     fn poll(&mut self, now_ns: u64) -> Vec<FlowRecord> {
         self.poller.poll_once(now_ns).expect("poll");
-        self.rx.try_iter().map(|r| *r).collect()
+        self.rx.try_iter().flatten().collect()
     }
 }
 
@@ -224,7 +224,7 @@ fn flush_ends_every_flow_as_shutdown() {
     }
     rig.flow(IPPROTO_ICMP, 0, [1, 0], T0);
     assert_eq!(rig.poller.flush().expect("flush"), 6);
-    let recs: Vec<_> = rig.rx.try_iter().map(|r| *r).collect();
+    let recs: Vec<_> = rig.rx.try_iter().flatten().collect();
     assert_eq!(recs.len(), 6);
     assert!(recs.iter().all(|r| r.end_reason == EndReason::Shutdown));
     assert_eq!(rig.table().entries(), [0, 0, 0]);
@@ -281,7 +281,12 @@ fn the_initiator_decides_client_and_server() {
     // The hi endpoint (10.0.0.2:80) sent first.
     rig.table().base_mut(&k).expect("base").initiator = HI_TO_LO as u8;
     rig.poller.flush().expect("flush");
-    let r = rig.rx.try_recv().expect("record");
+    let [r] = rig
+        .rx
+        .try_recv()
+        .expect("record")
+        .try_into()
+        .expect("one record");
     assert_eq!(r.client_addr, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)));
     assert_eq!((r.client_port, r.server_port), (80, 1000));
     assert_eq!((r.client.packets, r.server.packets), (7, 2));
@@ -344,7 +349,7 @@ fn every_record_of_a_flow_has_its_id_observer_and_window() {
     b.packets = [2, 2];
     b.last_seen_ns = T0 + 70 * S;
     poller.poll_once(T0 + 91 * S).expect("poll");
-    let recs: Vec<FlowRecord> = rx.try_iter().map(|r| *r).collect();
+    let recs: Vec<FlowRecord> = rx.try_iter().flatten().collect();
     assert_eq!(recs.len(), 2);
     assert_eq!(recs[0].flow_id, recs[1].flow_id);
     assert_ne!(recs[0].flow_id, 0);
@@ -508,7 +513,7 @@ fn fragment_flows_are_marked_in_their_records() {
     rig.table().put(key, base, None, None);
     rig.flow(IPPROTO_ICMP, 0, [1, 1], T0);
     rig.poller.flush().expect("flush");
-    let recs: Vec<FlowRecord> = rig.rx.try_iter().map(|r| *r).collect();
+    let recs: Vec<FlowRecord> = rig.rx.try_iter().flatten().collect();
     assert_eq!(recs.len(), 2, "separate keys");
     let frag = recs.iter().find(|r| r.fragment).expect("fragment record");
     assert_eq!(frag.client.packets, 2);
@@ -612,11 +617,11 @@ fn a_pass_over_the_closing_notes_ends_closed_flows_only() {
     rig.tcp_state(&rst, types::tcp_state::TCP_ST_RESET);
     rig.flow(IPPROTO_UDP, 2000, [1, 1], T0);
     rig.poller.poll_closing(T0 + 12 * S).expect("pass");
-    let recs: Vec<FlowRecord> = rig.rx.try_iter().map(|r| *r).collect();
+    let recs: Vec<FlowRecord> = rig.rx.try_iter().flatten().collect();
     assert_eq!(recs.len(), 1, "the reset is inside its grace");
     assert_eq!(recs[0].end_reason, EndReason::TcpFin);
     rig.poller.poll_closing(T0 + 14 * S).expect("pass");
-    let recs: Vec<FlowRecord> = rig.rx.try_iter().map(|r| *r).collect();
+    let recs: Vec<FlowRecord> = rig.rx.try_iter().flatten().collect();
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0].end_reason, EndReason::TcpRst);
     assert_eq!(

@@ -83,7 +83,7 @@ impl Agent {
     fn take_records(&mut self) -> bool {
         let mut got = false;
         while let Some(r) = self.rx.try_recv() {
-            self.seen.push((*r.record).clone());
+            self.seen.push(r.record().clone());
             got = true;
         }
         got
