@@ -358,7 +358,13 @@ impl<T: FlowTable> Poller<T> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let batch = std::mem::replace(&mut self.out, Vec::with_capacity(OUT_FIRST));
+        // A full batch is a bulk end going on: the next one is likely full too.
+        let room = if self.out.len() >= OUT_BATCH {
+            OUT_BATCH
+        } else {
+            OUT_FIRST
+        };
+        let batch = std::mem::replace(&mut self.out, Vec::with_capacity(room));
         self.tx.send(batch).map_err(|_| PollError::ChannelClosed)
     }
 
