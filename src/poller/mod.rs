@@ -364,7 +364,12 @@ impl<T: FlowTable> Poller<T> {
         } else {
             OUT_FIRST
         };
-        let batch = std::mem::replace(&mut self.out, Vec::with_capacity(room));
+        let mut batch = std::mem::replace(&mut self.out, Vec::with_capacity(room));
+        // The hub keeps a batch whole for as long as any of its records is wanted (the
+        // replay ring holds thousands): it must not hold room for records it never got.
+        if batch.capacity() - batch.len() > batch.len() / 8 {
+            batch.shrink_to_fit();
+        }
         self.tx.send(batch).map_err(|_| PollError::ChannelClosed)
     }
 

@@ -630,3 +630,21 @@ fn a_pass_over_the_closing_notes_ends_closed_flows_only() {
         "the idle UDP flow waits for a poll"
     );
 }
+
+#[test]
+fn a_poll_hands_its_records_over_in_batches_without_spare_room() {
+    let mut rig = Rig::new();
+    let n = super::OUT_BATCH + 100;
+    for i in 0..n {
+        rig.flow(IPPROTO_UDP, 1000 + i as u16, [1, 0], T0);
+    }
+    rig.poller.poll_once(T0 + 1000 * S).expect("poll");
+    let batches: Vec<Vec<FlowRecord>> = rig.rx.try_iter().collect();
+    let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [super::OUT_BATCH, 100]);
+    // The hub keeps a batch whole while the replay ring wants any of its records.
+    assert!(batches.iter().all(|b| b.capacity() == b.len()));
+    // A poll that ends nothing hands nothing over.
+    rig.poller.poll_once(T0 + 1001 * S).expect("poll");
+    assert!(rig.rx.try_recv().is_err());
+}
