@@ -285,4 +285,37 @@ impl FlowRecord {
     pub fn has_ports(&self) -> bool {
         matches!(self.protocol, IPPROTO_TCP | IPPROTO_UDP)
     }
+
+    /// A UDP record for unit tests, every field set.
+    #[cfg(test)]
+    pub(crate) fn example() -> FlowRecord {
+        use std::time::{Duration, UNIX_EPOCH};
+        FlowRecord {
+            flow_id: 0xfeed_beef_0000_0001,
+            observer: "host-a".into(),
+            ip_version: 4,
+            protocol: IPPROTO_UDP,
+            client_addr: "10.200.0.1".parse().unwrap(),
+            client_port: 40000,
+            server_addr: "10.200.0.2".parse().unwrap(),
+            server_port: 53,
+            ifindex: 3,
+            interface: "veth0".into(),
+            first_hook: Hook::Egress,
+            first_seen: UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789),
+            last_seen: UNIX_EPOCH + Duration::new(1_700_000_005, 0),
+            window_start: UNIX_EPOCH + Duration::new(1_700_000_001, 1),
+            client: DirStats {
+                packets: 3,
+                bytes: 300,
+                ttl: 64,
+            },
+            server: DirStats::default(),
+            end_reason: EndReason::IdleTimeout,
+            continuation: false,
+            fragment: false,
+            tcp: None,
+            icmp: None,
+        }
+    }
 }

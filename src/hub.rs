@@ -56,21 +56,45 @@ impl Default for HubConfig {
     }
 }
 
-/// Records published together (what the poller handed over in one go): numbered once,
-/// shared by the ring and every sink, and freed together. One allocation per record,
-/// made on one thread and freed on another, cost more in glibc's arena locks than the
-/// stream's own work once it passed 1 M records/s.
+/// Records handed out together: numbered once, shared by the ring and every sink, and freed
+/// together. One allocation per record, made on one thread and freed on another, cost more
+/// in glibc's arena locks than the stream's own work once it passed 1 M records/s.
+///
+/// A block is kept whole while any of its records is wanted, so what holds a few records of
+/// a large block for long (a filter's matches, the head of a run a full queue cut short)
+/// holds copies of them in a block of their own instead.
 #[derive(Debug)]
 pub struct Block {
-    first_seq: u64,
+    seqs: Seqs,
     records: Vec<FlowRecord>,
     wire: OnceLock<Wire>,
+}
+
+#[derive(Debug)]
+enum Seqs {
+    /// A batch as published: `first`, `first + 1`, ...
+    From(u64),
+    /// Records picked from several batches: each its own.
+    Each(Vec<u64>),
 }
 
 impl Block {
     fn new(first_seq: u64, records: Vec<FlowRecord>) -> Block {
         Block {
-            first_seq,
+            seqs: Seqs::From(first_seq),
+            records,
+            wire: OnceLock::new(),
+        }
+    }
+
+    /// A block of copies of `picked`.
+    fn copied<'a>(picked: impl IntoIterator<Item = RecordRef<'a>>) -> Block {
+        let (seqs, records) = picked
+            .into_iter()
+            .map(|r| (r.seq(), r.record().clone()))
+            .unzip();
+        Block {
+            seqs: Seqs::Each(seqs),
             records,
             wire: OnceLock::new(),
         }
@@ -84,11 +108,25 @@ impl Block {
         self.records.is_empty()
     }
 
+    fn seq(&self, idx: usize) -> u64 {
+        match &self.seqs {
+            Seqs::From(first) => first + idx as u64,
+            Seqs::Each(seqs) => seqs[idx],
+        }
+    }
+
+    /// The records with their numbers, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &FlowRecord)> + '_ {
+        self.records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (self.seq(i), r))
+    }
+
     /// The records' wire encodings, made once (by the first subscriber that sends a run of
     /// this block) and shared with the rest.
-    pub fn wire(&self, encode: impl FnOnce(u64, &[FlowRecord]) -> Wire) -> &Wire {
-        self.wire
-            .get_or_init(|| encode(self.first_seq, &self.records))
+    pub fn wire(&self, encode: impl FnOnce(&Block) -> Wire) -> &Wire {
+        self.wire.get_or_init(|| encode(self))
     }
 }
 
@@ -130,7 +168,7 @@ pub struct Shared {
 impl Shared {
     /// 1 for the first record of this agent run, then +1 per record.
     pub fn seq(&self) -> u64 {
-        self.as_ref().seq()
+        self.block.seq(self.idx)
     }
 
     pub fn record(&self) -> &FlowRecord {
@@ -154,14 +192,14 @@ pub struct RecordRef<'a> {
 
 impl<'a> RecordRef<'a> {
     pub fn seq(self) -> u64 {
-        self.block.first_seq + self.idx as u64
+        self.block.seq(self.idx)
     }
 
     pub fn record(self) -> &'a FlowRecord {
         &self.block.records[self.idx]
     }
 
-    pub fn to_shared(self) -> Shared {
+    fn to_shared(self) -> Shared {
         Shared {
             block: self.block.clone(),
             idx: self.idx,
@@ -169,36 +207,20 @@ impl<'a> RecordRef<'a> {
     }
 }
 
-/// Consecutive records of one publish call: what moves through a subscriber's queues as
-/// one item. Every subscriber shares the same records; only the bounds are its own.
+/// Consecutive records of a block: what moves through a subscriber's queues as one item.
+/// Every subscriber shares the same block; only the bounds are its own.
 #[derive(Debug, Clone)]
 pub struct Run {
-    recs: RunRecords,
+    block: Arc<Block>,
     start: usize,
     end: usize,
 }
 
-#[derive(Debug, Clone)]
-enum RunRecords {
-    /// Records `start..end` of a block, as published.
-    Block(Arc<Block>),
-    /// Records picked one by one (a filter's matches, a replay): `start..end` of these.
-    Picked(Arc<[Shared]>),
-}
-
 impl Run {
-    fn block(block: Arc<Block>) -> Run {
+    fn new(block: Arc<Block>) -> Run {
         Run {
             end: block.len(),
-            recs: RunRecords::Block(block),
-            start: 0,
-        }
-    }
-
-    fn picked(recs: Vec<Shared>) -> Run {
-        Run {
-            end: recs.len(),
-            recs: RunRecords::Picked(recs.into()),
+            block,
             start: 0,
         }
     }
@@ -211,10 +233,10 @@ impl Run {
         self.start == self.end
     }
 
-    fn get(&self, i: usize) -> RecordRef<'_> {
-        match &self.recs {
-            RunRecords::Block(block) => RecordRef { block, idx: i },
-            RunRecords::Picked(recs) => recs[i].as_ref(),
+    fn get(&self, idx: usize) -> RecordRef<'_> {
+        RecordRef {
+            block: &self.block,
+            idx,
         }
     }
 
@@ -222,21 +244,28 @@ impl Run {
         (self.start..self.end).map(|i| self.get(i))
     }
 
-    /// The block and the range of its records this run is, when it is one.
-    pub fn block_range(&self) -> Option<(&Arc<Block>, usize, usize)> {
-        match &self.recs {
-            RunRecords::Block(block) => Some((block, self.start, self.end)),
-            RunRecords::Picked(_) => None,
-        }
+    /// The block and the range of its records this run is.
+    pub fn block_range(&self) -> (&Arc<Block>, usize, usize) {
+        (&self.block, self.start, self.end)
     }
 
     /// The first `n` records as a run of their own.
     fn prefix(&self, n: usize) -> Run {
         Run {
-            recs: self.recs.clone(),
+            block: self.block.clone(),
             start: self.start,
             end: self.start + n.min(self.len()),
         }
+    }
+
+    /// The first `n` records, to be queued: copied when they are a small part of a large
+    /// block, which a queue slow to drain would otherwise keep whole for them.
+    fn head_to_keep(&self, n: usize) -> Run {
+        let n = n.min(self.len());
+        if n * COPY_BELOW >= self.block.len() {
+            return self.prefix(n);
+        }
+        Run::new(Arc::new(Block::copied(self.prefix(n).iter())))
     }
 
     /// Takes the first `n` records off this run into a run of their own.
@@ -246,6 +275,10 @@ impl Run {
         front
     }
 }
+
+/// A queue keeps a share of a block by reference only when the share is at least
+/// 1/`COPY_BELOW` of it, so what it holds is at most this many times what it queued.
+const COPY_BELOW: usize = 4;
 
 /// A batch of records for one subscriber, in emission order: the runs it was taken from,
 /// so handing a batch on costs nothing per record.
@@ -480,7 +513,7 @@ impl Hub {
             st.next_seq += block.len() as u64;
             n += block.len();
             self.keep(st, &block);
-            self.offer(st, Run::block(block));
+            self.offer(st, Run::new(block));
         }
         self.inner.published.fetch_add(n as u64, Ordering::Relaxed);
     }
@@ -518,7 +551,14 @@ impl Hub {
             let c = &s.counters;
             match &s.tx {
                 SinkTx::Each(tx) => {
-                    for r in run.iter() {
+                    // What fits goes; the rest of the run is lost for this sink.
+                    let room = tx.capacity();
+                    let fits = if room >= n {
+                        run.prefix(n)
+                    } else {
+                        run.head_to_keep(room)
+                    };
+                    for r in fits.iter() {
                         match tx.try_send(r.to_shared()) {
                             Ok(()) => {
                                 c.queued.fetch_add(1, Ordering::Relaxed);
@@ -526,6 +566,10 @@ impl Hub {
                             Err(TrySendError::Full(_)) => c.lose(1, lost_total),
                             Err(TrySendError::Closed(_)) => gone = true,
                         }
+                    }
+                    if fits.len() < n {
+                        gone |= tx.is_closed();
+                        c.lose((n - fits.len()) as u64, lost_total);
                     }
                 }
                 SinkTx::Runs(tx) => {
@@ -535,7 +579,7 @@ impl Hub {
                     if take == 0 {
                         gone |= tx.is_closed();
                     } else {
-                        match tx.try_send(run.prefix(take)) {
+                        match tx.try_send(run.head_to_keep(take)) {
                             Ok(()) => {
                                 c.inbox.fetch_add(take as u64, Ordering::Relaxed);
                                 c.queued.fetch_add(take as u64, Ordering::Relaxed);
@@ -867,7 +911,7 @@ impl FilterStage {
                 // one record per queue slot so the outbox bound holds.
                 self.counters.queued.fetch_add(1, Ordering::Relaxed);
                 self.counters.outbox.fetch_add(1, Ordering::Relaxed);
-                let one = Run::picked(vec![r]);
+                let one = Run::new(Arc::new(Block::copied([r.as_ref()])));
                 if self.out.send(Item::Records(one)).await.is_err() {
                     return;
                 }
@@ -895,13 +939,17 @@ impl FilterStage {
                     let mut kept = Vec::new();
                     for r in run.iter() {
                         if self.matches(r.record()).await {
-                            kept.push(r.to_shared());
+                            kept.push(r);
                         }
                     }
-                    if kept.is_empty() {
+                    if kept.len() == run.len() {
+                        run
+                    } else if kept.is_empty() {
                         continue;
+                    } else {
+                        // Copies: a few matches must not keep whole batches queued.
+                        Run::new(Arc::new(Block::copied(kept)))
                     }
-                    Run::picked(kept)
                 };
                 if !self.offer(passed) {
                     return;
@@ -1109,5 +1157,98 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.hub.unregister(self.counters.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::filter::Filter;
+    use crate::flow::IPPROTO_TCP;
+
+    /// A poller batch of `n` UDP records, every tenth TCP.
+    fn batch(n: usize) -> Vec<FlowRecord> {
+        (0..n)
+            .map(|i| {
+                let mut r = FlowRecord::example();
+                r.client_port = i as u16;
+                if i % 10 == 0 {
+                    r.protocol = IPPROTO_TCP;
+                }
+                r
+            })
+            .collect()
+    }
+
+    fn cfg(queue: usize) -> HubConfig {
+        HubConfig {
+            ring_capacity: 100,
+            subscriber_queue: queue,
+            sink_queue: queue,
+        }
+    }
+
+    /// The records a batch holds and the block each run of it keeps.
+    fn kept(recs: &Records) -> Vec<(u64, usize)> {
+        recs.runs()
+            .iter()
+            .flat_map(|run| run.iter().map(|r| (r.seq(), run.block_range().0.len())))
+            .collect()
+    }
+
+    #[test]
+    fn a_sink_short_of_room_keeps_copies_of_what_fits_not_the_whole_batch() {
+        let hub = Hub::new(cfg(10));
+        let mut sink = hub.add_sink(SinkKind::Export, "test");
+        hub.publish_batches([batch(1024)]);
+        let got: Vec<Shared> = std::iter::from_fn(|| sink.try_recv()).collect();
+        let seqs: Vec<u64> = got.iter().map(Shared::seq).collect();
+        assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+        assert!(got.iter().all(|r| r.block.len() == 10), "a copy of 10");
+        assert_eq!(got[3].record().client_port, 3);
+        assert_eq!(sink.take_lost(), 1014);
+        // With room for a quarter of the batch or more, the batch itself is shared.
+        hub.publish_batches([batch(40)]);
+        let got: Vec<Shared> = std::iter::from_fn(|| sink.try_recv()).collect();
+        assert_eq!(got.len(), 10);
+        assert!(got.iter().all(|r| r.block.len() == 40));
+        assert_eq!(got[0].seq(), 1025);
+    }
+
+    /// Every record and the loss a subscription reports until its stream ends.
+    async fn drain(sub: &mut Subscription) -> (Vec<(u64, usize)>, u64) {
+        let (mut recs, mut lost) = (Vec::new(), 0);
+        while let Some(ev) = sub.next_event().await {
+            match ev {
+                Event::Records(r) => recs.extend(kept(&r)),
+                Event::Lost(n) => lost += n,
+            }
+        }
+        (recs, lost)
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_keeps_copies_of_its_filters_matches_and_of_a_cut_run() {
+        let hub = Hub::new(cfg(200));
+        let tcp = Selector {
+            include: vec![Filter {
+                protocol: Some(IPPROTO_TCP),
+                ..Filter::default()
+            }],
+            exclude: Vec::new(),
+        };
+        let mut filtered = hub.subscribe(SubscribeOptions {
+            selector: tcp,
+            ..SubscribeOptions::default()
+        });
+        let mut all = hub.subscribe(SubscribeOptions::default());
+        hub.publish_batches([batch(1024)]);
+        hub.close();
+        // 200 of 1,024 fit a queue: copies, as a small part of the batch, numbered as
+        // published. The filter's 20 matches among them are copied again, alone.
+        let want: Vec<(u64, usize)> = (1..=200).step_by(10).map(|s| (s, 20)).collect();
+        assert_eq!(drain(&mut filtered).await, (want, 824));
+        let want: Vec<(u64, usize)> = (1..=200).map(|s| (s, 200)).collect();
+        assert_eq!(drain(&mut all).await, (want, 824));
     }
 }

@@ -52,10 +52,8 @@ pub mod wire {
     use tonic::codec::{Codec, EncodeBuf, Encoder};
 
     use crate::api::proto;
-    use std::sync::Arc;
-
     use crate::flow::FlowRecord;
-    use crate::hub::{Block, Records, Wire};
+    use crate::hub::{Block, Records, Run, Wire};
     use crate::record_encoding::encode_record;
 
     #[derive(Debug, Clone)]
@@ -72,65 +70,35 @@ pub mod wire {
         }
     }
 
-    /// A FlowBatch whose `records` (field 1) are, in order, slices of the blocks' shared
-    /// encodings and the encodings of records picked one by one.
+    /// A FlowBatch whose `records` (field 1) are, in order, slices of its runs' blocks'
+    /// shared encodings.
     #[derive(Debug, Clone, Default)]
     pub struct FlowBatch {
-        parts: Vec<Part>,
+        records: Records,
         /// Length of the FlowBatch message, known before tonic asks for it.
         len: usize,
     }
 
-    #[derive(Debug, Clone)]
-    enum Part {
-        /// Bytes `.1..` `.2` of a block's shared encoding: every record of a run, framed.
-        Shared(Arc<Block>, usize, usize),
-        /// Framed records this subscriber encoded itself (a filter's matches, a replay):
-        /// shared by no other, so not worth a block's whole encoding.
-        Own(Vec<u8>),
-    }
-
-    impl Part {
-        fn bytes(&self) -> &[u8] {
-            match self {
-                Part::Shared(block, start, end) => block.wire(encode_block).slice(*start, *end),
-                Part::Own(bytes) => bytes,
-            }
-        }
-    }
-
     impl FlowBatch {
-        /// Encodes what no other subscriber has encoded yet.
+        /// Encodes the blocks no other subscriber has encoded yet.
         pub fn new(records: Records) -> FlowBatch {
-            let mut parts = Vec::with_capacity(records.runs().len());
-            let mut own = Vec::new();
-            let mut scratch = Vec::new();
-            for run in records.runs() {
-                if let Some((block, start, end)) = run.block_range() {
-                    if !own.is_empty() {
-                        parts.push(Part::Own(std::mem::take(&mut own)));
-                    }
-                    parts.push(Part::Shared(block.clone(), start, end));
-                } else {
-                    for r in run.iter() {
-                        frame_record(r.seq(), r.record(), &mut scratch, &mut own);
-                    }
-                }
-            }
-            if !own.is_empty() {
-                parts.push(Part::Own(own));
-            }
-            let len = parts.iter().map(|p| p.bytes().len()).sum();
-            FlowBatch { parts, len }
+            let len = records.runs().iter().map(|r| run_bytes(r).len()).sum();
+            FlowBatch { records, len }
         }
+    }
+
+    /// A run's records as `FlowBatch.records` entries, end to end.
+    fn run_bytes(run: &Run) -> &[u8] {
+        let (block, start, end) = run.block_range();
+        block.wire(encode_block).slice(start, end)
     }
 
     /// A block's records as `FlowBatch.records` entries, end to end.
-    fn encode_block(first_seq: u64, records: &[FlowRecord]) -> Wire {
+    fn encode_block(block: &Block) -> Wire {
         let mut wire = Wire::default();
-        wire.buf().reserve(records.len() * 192);
+        wire.buf().reserve(block.len() * 192);
         let mut scratch = Vec::with_capacity(256);
-        for (seq, rec) in (first_seq..).zip(records) {
+        for (seq, rec) in block.iter() {
             frame_record(seq, rec, &mut scratch, wire.buf());
             wire.record_done();
         }
@@ -152,8 +120,8 @@ pub mod wire {
                 SubscribeResponse::Flows(batch) => {
                     encode_key(1, WireType::LengthDelimited, buf);
                     encode_varint(batch.len as u64, buf);
-                    for p in &batch.parts {
-                        buf.put_slice(p.bytes());
+                    for run in batch.records.runs() {
+                        buf.put_slice(run_bytes(run));
                     }
                 }
                 SubscribeResponse::Lost(l) => prost::encoding::message::encode(2, l, buf),
