@@ -1905,6 +1905,7 @@ fn main() -> Result<()> {
         // Each section in a process of its own: one section's leftovers (a heap grown to
         // hundreds of MiB, kernel objects) moved the next one's figures by up to 2x.
         for (name, _) in wanted {
+            wait_quiet();
             rows.extend(section_in_child(name)?);
         }
     }
@@ -1922,6 +1923,34 @@ fn main() -> Result<()> {
 
 const TABLE_HEADER: &str =
     "section    measurement                                             value unit       note";
+
+/// Waits (at most 30 s) until the machine's CPUs are 90 % idle over half a second: the
+/// kernel frees a section's maps (millions of entries) on its own threads after the section
+/// ended, and the next section would be timed against that.
+fn wait_quiet() {
+    let busy_idle = || -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let idle = cpu.get(3)? + cpu.get(4)?;
+        Some((cpu.iter().sum::<u64>() - idle, idle))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Some((b0, i0)) = busy_idle() else { return };
+        std::thread::sleep(Duration::from_millis(500));
+        let Some((b1, i1)) = busy_idle() else { return };
+        let (busy, idle) = (b1 - b0, i1 - i0);
+        if busy * 9 <= idle {
+            return;
+        }
+    }
+}
 
 /// Runs one section in a child process, passing its progress through; returns its table's
 /// rows.
