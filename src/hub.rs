@@ -174,13 +174,6 @@ impl Shared {
     pub fn record(&self) -> &FlowRecord {
         &self.block.records[self.idx]
     }
-
-    fn as_ref(&self) -> RecordRef<'_> {
-        RecordRef {
-            block: &self.block,
-            idx: self.idx,
-        }
-    }
 }
 
 /// A record of a run or batch, borrowed.
@@ -222,6 +215,15 @@ impl Run {
             end: block.len(),
             block,
             start: 0,
+        }
+    }
+
+    /// The record `r` alone.
+    fn one(r: &Shared) -> Run {
+        Run {
+            block: r.block.clone(),
+            start: r.idx,
+            end: r.idx + 1,
         }
     }
 
@@ -908,10 +910,12 @@ impl FilterStage {
             drop(ring);
             for r in replay.into_iter().rev() {
                 // Replay is bounded by the ring: it waits for the client instead of losing,
-                // one record per queue slot so the outbox bound holds.
+                // one record per queue slot so the outbox bound holds. It refers to the
+                // ring's blocks, which every replay shares, so it keeps no more than the
+                // ring held when it began.
                 self.counters.queued.fetch_add(1, Ordering::Relaxed);
                 self.counters.outbox.fetch_add(1, Ordering::Relaxed);
-                let one = Run::new(Arc::new(Block::copied([r.as_ref()])));
+                let one = Run::one(&r);
                 if self.out.send(Item::Records(one)).await.is_err() {
                     return;
                 }
@@ -1250,5 +1254,19 @@ mod tests {
         assert_eq!(drain(&mut filtered).await, (want, 824));
         let want: Vec<(u64, usize)> = (1..=200).map(|s| (s, 200)).collect();
         assert_eq!(drain(&mut all).await, (want, 824));
+    }
+
+    #[tokio::test]
+    async fn a_replay_refers_to_the_rings_blocks() {
+        let hub = Hub::new(cfg(200));
+        hub.publish_batches([batch(50)]);
+        let mut replay = hub.subscribe(SubscribeOptions {
+            replay: 10,
+            follow: false,
+            ..SubscribeOptions::default()
+        });
+        // Shared with the ring and every other replay: bounded by what the ring holds.
+        let want: Vec<(u64, usize)> = (41..=50).map(|s| (s, 50)).collect();
+        assert_eq!(drain(&mut replay).await, (want, 0));
     }
 }
