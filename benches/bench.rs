@@ -1836,32 +1836,26 @@ fn attach_empty(
     crossbeam_channel::Sender<()>,
     std::thread::JoinHandle<Result<()>>,
 )> {
-    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-    let name = std::ffi::CString::new(iface)?;
+    use flowlens::attach::{Attacher, Mode, ProgramFds, Selector};
+    use std::os::fd::AsFd;
+    let only = Selector::new(&[iface.to_owned()], &[])?;
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
     let hook = in_netns(ns, move || {
-        // SAFETY: a NUL-terminated name.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if ifindex == 0 {
-            bail!("no interface {name:?}");
-        }
         let skel = load_baselines()?;
-        let prog = skel.progs.bench_empty.as_fd().as_raw_fd();
-        let mut links = Vec::new();
-        for ty in [libbpf_sys::BPF_TCX_INGRESS, libbpf_sys::BPF_TCX_EGRESS] {
-            // SAFETY: valid program fd; null opts are allowed.
-            let fd =
-                unsafe { libbpf_sys::bpf_link_create(prog, ifindex as i32, ty, std::ptr::null()) };
-            if fd < 0 {
-                bail!("TCX attach: {}", std::io::Error::from_raw_os_error(-fd));
-            }
-            // SAFETY: the kernel just handed us this fd, owned by nothing else.
-            links.push(unsafe { OwnedFd::from_raw_fd(fd) });
+        let prog = skel.progs.bench_empty.as_fd();
+        let progs = ProgramFds {
+            ingress: prog.try_clone_to_owned()?,
+            egress: prog.try_clone_to_owned()?,
+        };
+        // Detached when dropped, at the end of this thread.
+        let mut attacher = Attacher::new(progs, Mode::Tcx, IfNames::default());
+        let report = attacher.sync(&only)?;
+        if report.attached.is_empty() {
+            bail!("the empty program attached nowhere: {:?}", report.failed);
         }
         ready_tx.send(())?;
         let _ = stop_rx.recv();
-        drop(links);
         Ok(())
     });
     if ready_rx.recv().is_err() {
