@@ -505,9 +505,7 @@ impl<T: FlowTable> Poller<T> {
     ) -> Result<[u64; 3], PollError> {
         let mut pass = self.table.scan(&args)?;
         loop {
-            // A full pass made progress (each flow it copied is ended or marked), so the
-            // next one finds what it left.
-            let more = pass.truncated && !pass.flows.is_empty();
+            let more = pass.more_due();
             let entries = pass.entries;
             // More is due than a pass holds: a bulk end, worth every CPU. A poll with
             // little due stays one walk on one CPU; eviction and the closing pass count

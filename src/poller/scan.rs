@@ -18,6 +18,14 @@ pub struct Scanned {
     pub evict_left: [u64; 3],
 }
 
+impl Scanned {
+    /// Whether another pass would find more: this one filled its output, and made
+    /// progress (each flow it copied is ended or marked, so the next finds what it left).
+    pub fn more_due(&self) -> bool {
+        self.truncated && !self.flows.is_empty()
+    }
+}
+
 /// What the scan did with a flow (`enum scan_kind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScanKind {

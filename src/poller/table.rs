@@ -256,7 +256,7 @@ impl SplitScan {
         loop {
             run_scan(self.prog.as_fd(), &mut a)?;
             let pass = self.out.scanned(&a);
-            let more = pass.truncated && !pass.flows.is_empty();
+            let more = pass.more_due();
             if !sink(pass) || !more {
                 return Ok(());
             }
