@@ -264,7 +264,7 @@ impl Run {
     /// block, which a queue slow to drain would otherwise keep whole for them.
     fn head_to_keep(&self, n: usize) -> Run {
         let n = n.min(self.len());
-        if n * COPY_BELOW >= self.block.len() {
+        if n == 0 || n * COPY_BELOW >= self.block.len() {
             return self.prefix(n);
         }
         Run::new(Arc::new(Block::copied(self.prefix(n).iter())))
@@ -554,12 +554,7 @@ impl Hub {
             match &s.tx {
                 SinkTx::Each(tx) => {
                     // What fits goes; the rest of the run is lost for this sink.
-                    let room = tx.capacity();
-                    let fits = if room >= n {
-                        run.prefix(n)
-                    } else {
-                        run.head_to_keep(room)
-                    };
+                    let fits = run.head_to_keep(tx.capacity());
                     for r in fits.iter() {
                         match tx.try_send(r.to_shared()) {
                             Ok(()) => {
