@@ -69,7 +69,7 @@ fn build_proto(out: &Path) {
 }
 
 /// The FlowLens server, declared by hand so Subscribe can answer with records encoded
-/// once and shared by every subscriber (`service::wire`, with its own codec) instead of
+/// once and shared by every subscriber (`sinks::grpc::service::wire`, with its own codec) instead of
 /// the generated message type; the routes and the wire format are those of the proto.
 fn build_server(out: &Path) {
     use tonic_build::manual::{Builder, Method, Service};
@@ -88,10 +88,10 @@ fn build_server(out: &Path) {
             method(
                 "subscribe",
                 "Subscribe",
-                "crate::api::proto::SubscribeRequest",
-                "crate::service::wire::SubscribeResponse",
+                "crate::record::api::proto::SubscribeRequest",
+                "crate::sinks::grpc::service::wire::SubscribeResponse",
             )
-            .codec_path("crate::service::wire::SubscribeCodec")
+            .codec_path("crate::sinks::grpc::service::wire::SubscribeCodec")
             .server_streaming()
             .build(),
         )
@@ -99,8 +99,8 @@ fn build_server(out: &Path) {
             method(
                 "list_flows",
                 "ListFlows",
-                "crate::api::proto::ListFlowsRequest",
-                "crate::api::proto::ListFlowsResponse",
+                "crate::record::api::proto::ListFlowsRequest",
+                "crate::record::api::proto::ListFlowsResponse",
             )
             .build(),
         )
@@ -108,8 +108,8 @@ fn build_server(out: &Path) {
             method(
                 "get_status",
                 "GetStatus",
-                "crate::api::proto::GetStatusRequest",
-                "crate::api::proto::GetStatusResponse",
+                "crate::record::api::proto::GetStatusRequest",
+                "crate::record::api::proto::GetStatusResponse",
             )
             .build(),
         )

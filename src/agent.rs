@@ -9,19 +9,19 @@ use anyhow::{bail, Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use log::{info, warn};
 
-use crate::attach::{Attacher, IfNames, ProgramFds, Selector};
 use crate::config::Config;
-use crate::datapath::{Datapath, DatapathError, FlowMaps};
-use crate::flow::FlowRecord;
 use crate::hub::{Hub, SinkKind};
-use crate::ipfix::{self, IpfixStats};
+use crate::kernel::attach::{Attacher, IfNames, ProgramFds, Selector};
+use crate::kernel::datapath::{Datapath, DatapathError, FlowMaps};
+use crate::kernel::preflight::{self, PinLock};
+use crate::metrics::http::HttpLimits;
 use crate::metrics::{self, MetricsHandle};
-use crate::metrics_http::{self, HttpLimits};
-use crate::output::{self, OutputHandle};
 use crate::poller::{KernelTable, PollError, Poller};
-use crate::preflight::{self, PinLock};
-use crate::service::{self, GrpcEndpoint, ListenAddr, ServiceHandle};
-use crate::snapshot::SnapshotSlot;
+use crate::record::flow::FlowRecord;
+use crate::record::snapshot::SnapshotSlot;
+use crate::sinks::grpc::{self, GrpcEndpoint, ListenAddr, ServiceHandle};
+use crate::sinks::ipfix::{self, IpfixStats};
+use crate::sinks::stdout::{self, OutputHandle};
 use crate::status::Status;
 
 /// Batches of records (each at most a poll's, and at most 1,024 records: 64 Ki records
@@ -133,7 +133,7 @@ impl Agent {
         let grpc_tls = grpc_addr.as_ref().map(GrpcEndpoint::is_tls);
         let grpc = grpc_addr
             .map(|a| {
-                service::spawn_in(
+                grpc::spawn_in(
                     a,
                     hub.clone(),
                     status.clone(),
@@ -147,7 +147,7 @@ impl Agent {
             .metrics_listen
             .as_deref()
             .map(|m| {
-                metrics_http::spawn(
+                metrics::http::spawn(
                     m,
                     runtime.handle(),
                     metrics::renderer(status.clone(), hub.clone()),
@@ -217,7 +217,7 @@ impl Agent {
         let output = cfg
             .output
             .map(|format| {
-                output::spawn(hub.add_sink(SinkKind::Output, "stdout"), format, cfg.table)
+                stdout::spawn(hub.add_sink(SinkKind::Output, "stdout"), format, cfg.table)
             })
             .transpose()
             .context("spawning the output thread")?;

@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::api::RequestLimits;
-use crate::attach::Mode;
-use crate::datapath::Capacities;
 use crate::hub::HubConfig;
-use crate::ipfix::{self, Destination, IpfixConfig};
+use crate::kernel::attach::Mode;
+use crate::kernel::datapath::Capacities;
 use crate::poller::PollerConfig;
-use crate::render::{Format, TableStyle};
+use crate::record::api::RequestLimits;
+use crate::record::render::{Format, TableStyle};
+use crate::sinks::ipfix::{self, Destination, IpfixConfig};
 
 /// Everything `Agent::start` needs.
 #[derive(Debug, Clone, PartialEq)]

@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use crate::filter::Selector;
-use crate::flow::FlowRecord;
+use crate::record::filter::{Selector, SubscribeOptions};
+use crate::record::flow::FlowRecord;
 
 /// Most records in one delivered batch.
 pub const BATCH_MAX_RECORDS: usize = 1000;
@@ -803,41 +803,6 @@ impl Drop for SinkRx {
 // Subscribers
 // ---------------------------------------------------------------------------
 
-/// What a subscriber asks for.
-#[derive(Debug, Clone)]
-pub struct SubscribeOptions {
-    pub selector: Selector,
-    /// Replay at most this many recent matching ring records (0: no limit).
-    pub replay: usize,
-    /// Replay the matching ring records with `last_seen >= since`.
-    pub since: Option<SystemTime>,
-    /// Replay the matching ring records numbered after this one.
-    pub after_seq: Option<u64>,
-    /// Stream new records after the replay.
-    pub follow: bool,
-    /// Remote address, for status.
-    pub peer: String,
-}
-
-impl SubscribeOptions {
-    fn wants_replay(&self) -> bool {
-        self.replay > 0 || self.since.is_some() || self.after_seq.is_some()
-    }
-}
-
-impl Default for SubscribeOptions {
-    fn default() -> Self {
-        SubscribeOptions {
-            selector: Selector::default(),
-            replay: 0,
-            since: None,
-            after_seq: None,
-            follow: true,
-            peer: String::new(),
-        }
-    }
-}
-
 /// What a subscriber receives.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -1162,8 +1127,8 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::filter::Filter;
-    use crate::flow::IPPROTO_TCP;
+    use crate::record::filter::Filter;
+    use crate::record::flow::IPPROTO_TCP;
 
     /// A poller batch of `n` UDP records, every tenth TCP.
     fn batch(n: usize) -> Vec<FlowRecord> {

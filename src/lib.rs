@@ -1,36 +1,22 @@
 //! flowlens: a host network flow collector built on split BPF flow maps.
 //!
-//! Data moves one way: the datapath (`bpf`, `datapath`, `attach`) counts packets into the
-//! kernel maps; the `poller` reads and ends flows into `flow` records; the `hub` hands
-//! each record to every sink (`output`, the gRPC `service`'s subscribers). The `agent`
-//! owns and wires them all from one `config`. `api` is shared by the server and the
-//! `watch` client; `record_encoding` writes a record as the server streams it; `render` is
-//! how people and scripts see a record.
+//! Data moves one way, in stages, each a folder: the `kernel` side loads the datapath
+//! (built from `src/bpf/`) and attaches it; the `poller` reads the maps and ends flows into
+//! `record`s; the `hub` numbers them and hands each to every one of the `sinks` (stdout,
+//! gRPC subscribers, IPFIX). The `agent` owns and wires them all from one `config`, with
+//! one shutdown order. The `cli` clients (`watch`, `top`) talk to a running agent over gRPC
+//! only. A stage imports from the stages before it and from `record`, never from one after
+//! it; ARCHITECTURE.md draws it.
 
 pub mod agent;
-pub mod api;
-pub mod attach;
-pub mod bpf;
-pub mod client;
+pub mod cli;
 pub mod config;
-pub mod datapath;
 pub mod fatal;
-pub mod filter;
-pub mod flow;
 pub mod hub;
-pub mod ipfix;
-pub mod listener;
+pub mod kernel;
 pub mod metrics;
-pub mod metrics_http;
-pub mod output;
-pub mod packet;
 pub mod poller;
-pub mod preflight;
-pub mod record_encoding;
-pub mod render;
-pub mod service;
-pub mod snapshot;
+pub mod record;
+pub mod sinks;
 pub mod status;
 pub mod tls;
-pub mod top;
-pub mod watch;

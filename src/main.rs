@@ -9,18 +9,18 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use flowlens::agent::Agent;
-use flowlens::api::RequestLimits;
-use flowlens::attach::Mode;
+use flowlens::cli::top::{self, TopArgs};
+use flowlens::cli::watch::{self, WatchArgs};
 use flowlens::config::{
     capacity, Config, FileMode, GrpcConfig, HumanDuration, IpfixSettings, OrOff,
 };
-use flowlens::datapath::Capacities;
 use flowlens::hub::HubConfig;
-use flowlens::ipfix::{self, Destination};
+use flowlens::kernel::attach::Mode;
+use flowlens::kernel::datapath::Capacities;
 use flowlens::poller::PollerConfig;
-use flowlens::render::{self, Format, TableStyle};
-use flowlens::top::{self, TopArgs};
-use flowlens::watch::{self, WatchArgs};
+use flowlens::record::api::RequestLimits;
+use flowlens::record::render::{self, Format, TableStyle};
+use flowlens::sinks::ipfix::{self, Destination};
 
 #[derive(Parser)]
 #[command(

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use crate::ipfix::{IpfixCounts, IpfixStats};
+use crate::sinks::ipfix::{IpfixCounts, IpfixStats};
 
 /// Fill level of one BPF map.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

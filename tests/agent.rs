@@ -9,8 +9,8 @@ use std::time::Duration;
 use common::agent::{fast_config, Agent};
 use common::capture::{sent_by, Capture};
 use common::netns::NetPair;
-use flowlens::datapath::Capacities;
-use flowlens::flow::{EndReason, FlowRecord, TcpState};
+use flowlens::kernel::datapath::Capacities;
+use flowlens::record::flow::{EndReason, FlowRecord, TcpState};
 
 const WAIT: Duration = Duration::from_secs(20);
 

@@ -3,9 +3,9 @@
 mod common;
 
 use common::{Harness, Hook};
-use flowlens::bpf::types;
-use flowlens::datapath::Capacities;
-use flowlens::packet::*;
+use flowlens::kernel::bpf::types;
+use flowlens::kernel::datapath::Capacities;
+use flowlens::kernel::packet::*;
 use flowlens::poller::decode::{addr_key, HI_TO_LO, LO_TO_HI};
 
 const A: [u8; 4] = [10, 200, 0, 1];
@@ -565,7 +565,7 @@ fn concurrent_updates_of_one_flow_lose_no_increment() {
     h.run(Hook::Ingress, &frame);
     const PER_THREAD: i32 = 200_000;
     // Both CPUs hammer the same flow at once, each from its own thread.
-    let fds = flowlens::attach::ProgramFds::of(&h.dp).expect("fds");
+    let fds = flowlens::kernel::attach::ProgramFds::of(&h.dp).expect("fds");
     let threads: Vec<_> = [fds.ingress, fds.egress]
         .into_iter()
         .map(|fd| {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::agent::{fast_config, Agent};
 use common::netns::NetPair;
-use flowlens::datapath::Capacities;
+use flowlens::kernel::datapath::Capacities;
 
 const FLOWS: u16 = 400;
 const ROUNDS: u64 = 12;

@@ -9,14 +9,14 @@ use std::time::{Duration, Instant, SystemTime};
 mod common;
 
 use common::pki::Pki;
-use flowlens::api::proto;
-use flowlens::api::proto::flow_lens_client::FlowLensClient;
+use flowlens::cli::watch::{self, WatchArgs};
 use flowlens::config::{FileMode, GrpcConfig};
-use flowlens::flow::{DirStats, EndReason, FlowRecord, Hook};
 use flowlens::hub::{Hub, HubConfig};
-use flowlens::service::{self, ServiceHandle};
+use flowlens::record::api::proto;
+use flowlens::record::api::proto::flow_lens_client::FlowLensClient;
+use flowlens::record::flow::{DirStats, EndReason, FlowRecord, Hook};
+use flowlens::sinks::grpc::{self, ServiceHandle};
 use flowlens::status::Status;
-use flowlens::watch::{self, WatchArgs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
@@ -37,7 +37,7 @@ impl Server {
 
     fn with_hub(grpc: &GrpcConfig, hub: HubConfig) -> Server {
         let hub = Hub::new(hub);
-        let handle = service::spawn_with("127.0.0.1:0", grpc, hub.clone(), Arc::new(Status::new()))
+        let handle = grpc::spawn_with("127.0.0.1:0", grpc, hub.clone(), Arc::new(Status::new()))
             .expect("spawn gRPC server");
         let addr = handle.local_addr().expect("a TCP address");
         Server {
@@ -162,7 +162,7 @@ async fn status_over_tls(
 
 fn watch_args(server: &str) -> WatchArgs {
     WatchArgs {
-        query: flowlens::client::FlowQuery {
+        query: flowlens::cli::client::FlowQuery {
             server: server.to_owned(),
             ..Default::default()
         },
@@ -295,7 +295,7 @@ async fn tls_to_a_cleartext_port_fails_clearly() {
 fn cleartext_beyond_loopback_needs_the_insecure_flag() {
     let hub = Hub::new(HubConfig::default());
     let status = Arc::new(Status::new());
-    let err = service::spawn_with("0.0.0.0:0", &GrpcConfig::default(), hub, status)
+    let err = grpc::spawn_with("0.0.0.0:0", &GrpcConfig::default(), hub, status)
         .expect_err("cleartext on every address");
     let err = err.to_string();
     assert!(
@@ -307,21 +307,21 @@ fn cleartext_beyond_loopback_needs_the_insecure_flag() {
         allow_insecure: true,
         ..GrpcConfig::default()
     };
-    service::GrpcEndpoint::new("0.0.0.0:0".parse().unwrap(), &allowed).expect("allowed");
+    grpc::GrpcEndpoint::new("0.0.0.0:0".parse().unwrap(), &allowed).expect("allowed");
 
     let pki = Pki::generate();
     let half = GrpcConfig {
         tls_cert: Some(pki.server.0.clone()),
         ..GrpcConfig::default()
     };
-    let err = service::GrpcEndpoint::new("127.0.0.1:0".parse().unwrap(), &half).unwrap_err();
+    let err = grpc::GrpcEndpoint::new("127.0.0.1:0".parse().unwrap(), &half).unwrap_err();
     assert_eq!(err.to_string(), "--grpc-tls-cert needs --grpc-tls-key");
     let swapped = GrpcConfig {
         tls_cert: Some(pki.server.0.clone()),
         tls_key: Some(pki.client.1.clone()),
         ..GrpcConfig::default()
     };
-    let err = service::GrpcEndpoint::new("127.0.0.1:0".parse().unwrap(), &swapped).unwrap_err();
+    let err = grpc::GrpcEndpoint::new("127.0.0.1:0".parse().unwrap(), &swapped).unwrap_err();
     assert!(
         flowlens::fatal::describe(&err).starts_with("--grpc-tls-cert "),
         "a key that does not match is reported by flag: {err:#}"
@@ -345,7 +345,7 @@ async fn unix_socket_gets_the_configured_mode_and_group() {
     let hub = Hub::new(HubConfig::default());
     let listen = format!("unix:{}", sock.display());
     let handle =
-        service::spawn_with(&listen, &grpc, hub, Arc::new(Status::new())).expect("unix listener");
+        grpc::spawn_with(&listen, &grpc, hub, Arc::new(Status::new())).expect("unix listener");
     let meta = std::fs::metadata(&sock).expect("socket exists");
     assert_eq!(meta.mode() & 0o7777, 0o640);
     assert_eq!(meta.gid(), 65534);
@@ -360,7 +360,7 @@ async fn unix_socket_gets_the_configured_mode_and_group() {
         socket_group: Some("0".into()),
         ..GrpcConfig::default()
     };
-    let err = service::GrpcEndpoint::new("127.0.0.1:0".parse().unwrap(), &tcp_group).unwrap_err();
+    let err = grpc::GrpcEndpoint::new("127.0.0.1:0".parse().unwrap(), &tcp_group).unwrap_err();
     assert!(err.to_string().contains("--grpc-socket-group"), "{err}");
 }
 

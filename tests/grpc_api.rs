@@ -313,11 +313,11 @@ async fn unix_socket_listener() {
     let path = dir.path().join("flowlens.sock");
     let listen = format!("unix:{}", path.display());
     let hub = Hub::new(HubConfig::default());
-    let handle = service::spawn(&listen, hub.clone(), Arc::new(Status::new())).unwrap();
+    let handle = grpc::spawn(&listen, hub.clone(), Arc::new(Status::new())).unwrap();
     assert!(handle.local_addr().is_none());
 
     // A second server must not steal a live socket.
-    let err = service::spawn(&listen, hub.clone(), Arc::new(Status::new())).unwrap_err();
+    let err = grpc::spawn(&listen, hub.clone(), Arc::new(Status::new())).unwrap_err();
     assert!(format!("{err:#}").contains(&listen), "{err:#}");
 
     let channel = Endpoint::from_shared(listen.clone())
@@ -347,7 +347,7 @@ async fn unix_socket_listener() {
 async fn port_in_use_is_a_clear_error() {
     let agent = Agent::start();
     let listen = agent.addr.to_string();
-    let err = service::spawn(
+    let err = grpc::spawn(
         &listen,
         Hub::new(HubConfig::default()),
         Arc::new(Status::new()),
@@ -357,7 +357,7 @@ async fn port_in_use_is_a_clear_error() {
     assert!(msg.contains(&listen), "{msg}");
     assert!(msg.to_lowercase().contains("in use"), "{msg}");
 
-    let err = service::spawn(
+    let err = grpc::spawn(
         "nonsense",
         Hub::new(HubConfig::default()),
         Arc::new(Status::new()),
@@ -424,7 +424,7 @@ async fn python_grpcio_client() {
     let addr = agent.addr.to_string();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("flowlens.sock");
-    let unix = service::spawn(
+    let unix = grpc::spawn(
         &format!("unix:{}", sock.display()),
         agent.hub.clone(),
         Arc::new(Status::new()),

@@ -3,8 +3,8 @@
 
 use std::mem::{offset_of, size_of};
 
-use flowlens::bpf::flow_mono_skel::types::{flow_naive, flow_packed};
-use flowlens::bpf::types::{
+use flowlens::kernel::bpf::flow_mono_skel::types::{flow_naive, flow_packed};
+use flowlens::kernel::bpf::types::{
     bpf_spin_lock, flow_base, flow_icmp, flow_key, flow_l4, flow_tcp, icmp_hot, scan_args,
     scan_rec, tcp_hot, tcp_latency,
 };

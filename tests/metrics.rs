@@ -7,9 +7,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flowlens::hub::{Hub, HubConfig, SubscribeOptions};
+use flowlens::hub::{Hub, HubConfig};
+use flowlens::metrics::http::{self, HttpLimits};
 use flowlens::metrics::{self, MetricsHandle};
-use flowlens::metrics_http::{self, HttpLimits};
+use flowlens::record::filter::SubscribeOptions;
 use flowlens::status::{MapUsage, Snapshot, Status};
 
 /// One parsed sample: metric name, labels, value.
@@ -159,7 +160,7 @@ fn filled_status() -> Arc<Status> {
             capacity: 8_192,
         },
     ];
-    let counters: BTreeMap<String, u64> = flowlens::datapath::counter_names()
+    let counters: BTreeMap<String, u64> = flowlens::kernel::datapath::counter_names()
         .into_iter()
         .map(|(slot, name)| (name.to_owned(), 1000 + u64::from(slot)))
         .collect();
@@ -240,8 +241,8 @@ fn render_parses_and_carries_every_value() {
     );
 
     // Every kernel counter appears once, in the family its class says.
-    for (slot, name) in flowlens::datapath::counter_names() {
-        let (family, label) = if flowlens::datapath::is_error_counter(slot) {
+    for (slot, name) in flowlens::kernel::datapath::counter_names() {
+        let (family, label) = if flowlens::kernel::datapath::is_error_counter(slot) {
             ("flowlens_kernel_packets_unaccounted_total", "reason")
         } else {
             ("flowlens_kernel_packets_total", "counter")
@@ -256,14 +257,14 @@ fn render_parses_and_carries_every_value() {
         .iter()
         .filter(|s| s.name.starts_with("flowlens_kernel_"))
         .count();
-    assert_eq!(kernel, flowlens::datapath::counter_names().len());
+    assert_eq!(kernel, flowlens::kernel::datapath::counter_names().len());
     assert_eq!(
         value(
             &samples,
             "flowlens_kernel_packets_total",
             &[("counter", "packets_accounted")]
         ),
-        1000.0 + f64::from(flowlens::bpf::types::flow_counter::CNT_PACKETS.0)
+        1000.0 + f64::from(flowlens::kernel::bpf::types::flow_counter::CNT_PACKETS.0)
     );
 }
 
@@ -473,8 +474,8 @@ fn serve_text(limits: HttpLimits) -> (tokio::runtime::Runtime, MetricsHandle) {
         .enable_all()
         .build()
         .unwrap();
-    let render: metrics_http::Render = Arc::new(|| "flowlens_up 1\n".to_owned());
-    let h = metrics_http::spawn("127.0.0.1:0", rt.handle(), render, limits).expect("spawn");
+    let render: http::Render = Arc::new(|| "flowlens_up 1\n".to_owned());
+    let h = http::spawn("127.0.0.1:0", rt.handle(), render, limits).expect("spawn");
     (rt, h)
 }
 

@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::netns::NetPair;
-use flowlens::api::proto::flow_lens_client::FlowLensClient;
-use flowlens::api::proto::subscribe_response::Event;
-use flowlens::api::{proto, RequestLimits};
 use flowlens::config::GrpcConfig;
-use flowlens::flow::{DirStats, EndReason, FlowRecord, Hook};
 use flowlens::hub::{Hub, HubConfig};
-use flowlens::service;
+use flowlens::record::api::proto::flow_lens_client::FlowLensClient;
+use flowlens::record::api::proto::subscribe_response::Event;
+use flowlens::record::api::{proto, RequestLimits};
+use flowlens::record::flow::{DirStats, EndReason, FlowRecord, Hook};
+use flowlens::sinks::grpc;
 use flowlens::status::Status;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowlens");
@@ -184,8 +184,7 @@ async fn mean_latency(n: u32, gap: Duration, filters: usize) -> Duration {
         },
         ..GrpcConfig::default()
     };
-    let svc =
-        service::spawn_with("127.0.0.1:0", &grpc, hub.clone(), Arc::new(Status::new())).unwrap();
+    let svc = grpc::spawn_with("127.0.0.1:0", &grpc, hub.clone(), Arc::new(Status::new())).unwrap();
     let url = format!("http://{}", svc.local_addr().unwrap());
     let mut heavy_stream = None;
     if filters > 0 {

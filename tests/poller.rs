@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::bytes_of;
-use flowlens::attach::IfNames;
-use flowlens::bpf::types;
-use flowlens::datapath::{Capacities, Datapath, FlowMaps};
-use flowlens::flow::{EndReason, FlowRecord};
+use flowlens::kernel::attach::IfNames;
+use flowlens::kernel::bpf::types;
+use flowlens::kernel::datapath::{Capacities, Datapath, FlowMaps};
 use flowlens::poller::decode::monotonic_ns;
 use flowlens::poller::table::read_all;
 use flowlens::poller::{KernelTable, Poller, PollerConfig, ReadMode, OUT_BATCH};
-use flowlens::snapshot::SnapshotSlot;
+use flowlens::record::flow::{EndReason, FlowRecord};
+use flowlens::record::snapshot::SnapshotSlot;
 use flowlens::status::Status;
 use libbpf_rs::{MapCore, MapFlags};
 

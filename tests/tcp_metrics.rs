@@ -6,11 +6,11 @@ use std::thread::sleep;
 use std::time::Duration;
 
 use common::{Harness, Hook};
-use flowlens::bpf::types::{flow_base, tcp_bits, tcp_hot, tcp_latency, tcp_state};
-use flowlens::flow::EndReason;
-use flowlens::packet::*;
+use flowlens::kernel::bpf::types::{flow_base, tcp_bits, tcp_hot, tcp_latency, tcp_state};
+use flowlens::kernel::packet::*;
 use flowlens::poller::decode::{Clock, Counts, RecordMeta};
 use flowlens::poller::decode::{HI_TO_LO, LO_TO_HI};
+use flowlens::record::flow::EndReason;
 use libbpf_rs::MapCore;
 
 const CLIENT: [u8; 4] = [10, 200, 0, 1]; // lo side: sends LO_TO_HI

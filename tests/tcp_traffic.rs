@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::agent::{fast_config, Agent};
 use common::netns::NetPair;
-use flowlens::datapath::Capacities;
-use flowlens::flow::{FlowRecord, TcpInfo};
+use flowlens::kernel::datapath::Capacities;
+use flowlens::record::flow::{FlowRecord, TcpInfo};
 
 const WAIT: Duration = Duration::from_secs(20);
 /// Below the ephemeral range, as real services are: a connection seen

@@ -4,8 +4,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::bpf::types;
-use crate::flow::{
+use crate::kernel::bpf::types;
+use crate::record::flow::{
     DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo, TcpState, IPPROTO_ICMP,
     IPPROTO_ICMPV6,
 };

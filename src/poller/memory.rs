@@ -7,8 +7,8 @@ use super::decode::{addr_key, ext_id, key_bytes, ExtKind, KeyBytes, RawFlow};
 use super::scan::{due, is_closed, may_evict, take_need, ScanKind, Scanned};
 use super::table::{join, ExtMap, FlowTable, Joined};
 use super::PollError;
-use crate::bpf::types;
-use crate::flow::{EndReason, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
+use crate::kernel::bpf::types;
+use crate::record::flow::{EndReason, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
 
 /// The three flow maps, keyed like the kernel's. Tests put entries in, poll, and look at
 /// what is left.

@@ -17,10 +17,10 @@ use crossbeam_channel::{after, select, Receiver, Sender};
 use log::{debug, info, warn};
 use thiserror::Error;
 
-use crate::attach::IfNames;
-use crate::bpf::types;
-use crate::flow::{EndReason, FlowRecord, IPPROTO_TCP};
-use crate::snapshot::SnapshotSlot;
+use crate::kernel::attach::IfNames;
+use crate::kernel::bpf::types;
+use crate::record::flow::{EndReason, FlowRecord, IPPROTO_TCP};
+use crate::record::snapshot::SnapshotSlot;
 use crate::status::{MapUsage, Status};
 use decode::{key_bytes, monotonic_ns, Clock, Counts, KeyBytes, RawFlow, RecordMeta};
 use scan::{ScanKind, Scanned};

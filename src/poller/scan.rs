@@ -2,8 +2,8 @@
 
 use super::decode::{decode, tcp_hot, RawFlow};
 use super::PollerConfig;
-use crate::bpf::types;
-use crate::flow::{EndReason, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+use crate::kernel::bpf::types;
+use crate::record::flow::{EndReason, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 /// What one scan pass found: flows it ended (already gone from every map) and flows due
 /// an active-timeout record (left in place), in map order.

@@ -12,8 +12,8 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use super::decode::{decode, ext_id, ExtKind, RawFlow};
 use super::scan::{decode_rec, Scanned};
 use super::PollError;
-use crate::bpf::types;
-use crate::datapath::FlowMaps;
+use crate::kernel::bpf::types;
+use crate::kernel::datapath::FlowMaps;
 
 /// The kernel-internal "operation not supported" errno.
 const ENOTSUPP: i32 = 524;

@@ -10,9 +10,9 @@ use crossbeam_channel::Receiver;
 use super::decode::{KeyBytes, HI_TO_LO, LO_TO_HI};
 use super::memory::{flow_key, MemTable};
 use super::{Poller, PollerConfig};
-use crate::attach::IfNames;
-use crate::bpf::types;
-use crate::flow::{EndReason, FlowRecord, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use crate::kernel::attach::IfNames;
+use crate::kernel::bpf::types;
+use crate::record::flow::{EndReason, FlowRecord, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 use crate::status::Status;
 
 const S: u64 = 1_000_000_000;

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use flowlens::agent::Agent as FlowAgent;
 use flowlens::config::Config;
-use flowlens::datapath::{Capacities, FlowMaps};
-use flowlens::flow::FlowRecord;
 use flowlens::hub::{Hub, SinkKind, SinkRx};
+use flowlens::kernel::datapath::{Capacities, FlowMaps};
 use flowlens::poller::PollerConfig;
+use flowlens::record::flow::FlowRecord;
 use flowlens::status::Status;
 use libbpf_rs::MapCore;
 

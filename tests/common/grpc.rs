@@ -3,18 +3,18 @@
 // Re-exported for the gRPC test files, each of which uses a different part.
 #![allow(unused_imports)]
 
-pub use flowlens::api::proto;
-pub use flowlens::api::proto::flow_lens_client::FlowLensClient;
-pub use flowlens::api::proto::subscribe_response::Event;
-pub use flowlens::client::FlowQuery;
-pub use flowlens::flow::{
+pub use flowlens::cli::client::FlowQuery;
+pub use flowlens::cli::watch::{self, WatchArgs};
+pub use flowlens::hub::{Hub, HubConfig};
+pub use flowlens::record::api::proto;
+pub use flowlens::record::api::proto::flow_lens_client::FlowLensClient;
+pub use flowlens::record::api::proto::subscribe_response::Event;
+pub use flowlens::record::flow::{
     DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo, TcpState,
 };
-pub use flowlens::hub::{Hub, HubConfig};
-pub use flowlens::service::{self, ServiceHandle};
-pub use flowlens::snapshot::SnapshotSlot;
+pub use flowlens::record::snapshot::SnapshotSlot;
+pub use flowlens::sinks::grpc::{self, ServiceHandle};
 pub use flowlens::status::{MapUsage, Status};
-pub use flowlens::watch::{self, WatchArgs};
 pub use std::collections::BTreeMap;
 pub use std::net::{IpAddr, SocketAddr};
 pub use std::sync::Arc;
@@ -25,7 +25,7 @@ pub use tonic::{Code, Streaming};
 /// Upper bound for anything that should happen "soon"; never the expected duration.
 pub const WAIT: Duration = Duration::from_secs(15);
 
-pub use flowlens::flow::tcp_flags::{ACK, FIN, PSH, RST, SYN};
+pub use flowlens::record::flow::tcp_flags::{ACK, FIN, PSH, RST, SYN};
 
 pub struct Agent {
     pub hub: Hub,
@@ -48,7 +48,7 @@ impl Agent {
         let hub = Hub::new(cfg);
         let status = Arc::new(Status::new());
         let snapshots = SnapshotSlot::new(Duration::from_millis(100));
-        let handle = service::spawn_with_snapshots(
+        let handle = grpc::spawn_with_snapshots(
             listen,
             &flowlens::config::GrpcConfig::default(),
             hub.clone(),

@@ -1,8 +1,8 @@
 //! Shared test harness: a loaded datapath fed with hand-built packets.
 #![allow(dead_code)]
 
-use flowlens::bpf::types;
-use flowlens::datapath::{counter_names, Capacities, Datapath, FlowMaps};
+use flowlens::kernel::bpf::types;
+use flowlens::kernel::datapath::{counter_names, Capacities, Datapath, FlowMaps};
 use flowlens::poller::decode::RawFlow;
 use libbpf_rs::{MapCore, MapFlags, MapHandle, ProgramInput as Input};
 

@@ -3,9 +3,10 @@
 use std::net::IpAddr;
 use std::time::SystemTime;
 
-use crate::filter::{Cidr, CidrError, Filter, PortRange, Selector};
-use crate::flow::{DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo, TcpState};
-use crate::hub::SubscribeOptions;
+use crate::record::filter::{Cidr, CidrError, Filter, PortRange, Selector, SubscribeOptions};
+use crate::record::flow::{
+    DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo, TcpState,
+};
 
 /// Generated protocol types and the file descriptor set served by reflection.
 #[allow(clippy::all, missing_docs)]
@@ -168,7 +169,7 @@ fn timestamp_arg(t: prost_types::Timestamp, field: &str) -> Result<SystemTime, R
     SystemTime::try_from(t).map_err(|e| err(e.to_string()))
 }
 
-/// Validates one filter; `path` names it in errors (e.g. "include[2]").
+/// Validates one filter; `path` names it in errors (e.g. `include[2]`).
 pub fn parse_filter(f: &proto::Filter, path: &str) -> Result<Filter, RequestError> {
     let field = |name: &str| format!("{path}.{name}");
     let cidr = |v: &Option<String>, name: &str| -> Result<Option<Cidr>, RequestError> {
@@ -375,7 +376,7 @@ fn icmp_to_proto(i: &IcmpInfo) -> proto::IcmpInfo {
     }
 }
 
-/// The message `record_encoding::encode_record` writes without building it; ListFlows
+/// The message `encoding::encode_record` writes without building it; ListFlows
 /// and the tests use this one.
 impl From<&FlowRecord> for proto::FlowRecord {
     fn from(r: &FlowRecord) -> proto::FlowRecord {

@@ -46,8 +46,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::{info, warn};
 
-use crate::flow::FlowRecord;
 use crate::hub::{Shared, SinkRx};
+use crate::record::flow::FlowRecord;
 use encode::{Encoder, Message};
 use transport::{Link, Tcp, Udp};
 

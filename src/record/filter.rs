@@ -2,8 +2,9 @@
 
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::time::SystemTime;
 
-use crate::flow::{EndReason, FlowRecord};
+use crate::record::flow::{EndReason, FlowRecord};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CidrError {
@@ -178,5 +179,40 @@ impl Selector {
     pub fn matches(&self, r: &FlowRecord) -> bool {
         (self.include.is_empty() || self.include.iter().any(|f| f.matches(r)))
             && !self.exclude.iter().any(|f| f.matches(r))
+    }
+}
+
+/// What a subscriber asks for: its filters and how much of the recent past to replay.
+#[derive(Debug, Clone)]
+pub struct SubscribeOptions {
+    pub selector: Selector,
+    /// Replay at most this many recent matching ring records (0: no limit).
+    pub replay: usize,
+    /// Replay the matching ring records with `last_seen >= since`.
+    pub since: Option<SystemTime>,
+    /// Replay the matching ring records numbered after this one.
+    pub after_seq: Option<u64>,
+    /// Stream new records after the replay.
+    pub follow: bool,
+    /// Remote address, for status.
+    pub peer: String,
+}
+
+impl SubscribeOptions {
+    pub fn wants_replay(&self) -> bool {
+        self.replay > 0 || self.since.is_some() || self.after_seq.is_some()
+    }
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        SubscribeOptions {
+            selector: Selector::default(),
+            replay: 0,
+            since: None,
+            after_seq: None,
+            follow: true,
+            peer: String::new(),
+        }
     }
 }

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::api::proto;
-use crate::api::proto::flow_lens_client::FlowLensClient;
-use crate::filter::Cidr;
-use crate::flow::{proto_name, tcp_flags, EndReason, IPPROTO_ICMPV6};
+use crate::record::api::proto;
+use crate::record::api::proto::flow_lens_client::FlowLensClient;
+use crate::record::filter::Cidr;
+use crate::record::flow::{proto_name, tcp_flags, EndReason, IPPROTO_ICMPV6};
 
 /// Which agent to ask and which flows: the flags `watch` and `top` share. Include flags
 /// are ANDed into one filter; each exclude flag value drops what it matches.

@@ -8,7 +8,7 @@ pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88A8;
 
-pub use crate::flow::tcp_flags::{
+pub use crate::record::flow::tcp_flags::{
     ACK as TCP_ACK, FIN as TCP_FIN, PSH as TCP_PSH, RST as TCP_RST, SYN as TCP_SYN,
 };
 
@@ -93,7 +93,7 @@ pub fn v6_frame(src: [u8; 16], dst: [u8; 16], next: u8, hop: u8, l4: &[u8]) -> V
     eth(ETH_P_IPV6, &[], &ipv6(src, dst, next, hop, l4))
 }
 
-/// fd00::<n>, an address inside the test-only ULA prefix.
+/// `fd00::<n>`, an address inside the test-only ULA prefix.
 pub fn ula(n: u16) -> [u8; 16] {
     let mut a = [0u8; 16];
     a[0] = 0xfd;

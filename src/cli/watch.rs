@@ -6,10 +6,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 
-use crate::api::proto;
-use crate::client::{describe, FlowQuery};
-use crate::flow::FlowRecord;
-use crate::render::{Format, Renderer, TableStyle};
+use crate::cli::client::{describe, FlowQuery};
+use crate::record::api::proto;
+use crate::record::flow::FlowRecord;
+use crate::record::render::{Format, Renderer, TableStyle};
 
 /// First wait before reconnecting, and the longest.
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -137,8 +137,11 @@ pub async fn watch_to(
                 .await
                 .map_err(|s| {
                     let text = describe(&s);
-                    let hint = if crate::client::is_transport_failure(&s) {
-                        crate::client::transport_hint(&crate::client::server_uri(server), &text)
+                    let hint = if crate::cli::client::is_transport_failure(&s) {
+                        crate::cli::client::transport_hint(
+                            &crate::cli::client::server_uri(server),
+                            &text,
+                        )
                     } else {
                         ""
                     };

@@ -15,12 +15,12 @@ use ratatui::widgets::{Paragraph, Row, Table};
 use ratatui::{DefaultTerminal, Frame};
 use tonic::transport::Channel;
 
-use crate::api::proto;
-use crate::api::proto::flow_lens_client::FlowLensClient;
-use crate::client::{describe, FlowQuery};
+use crate::cli::client::{describe, FlowQuery};
 use crate::config::HumanDuration;
-use crate::flow::FlowRecord;
-use crate::render::{self, client_endpoint, count, handshake_rtt, server_endpoint, size};
+use crate::record::api::proto;
+use crate::record::api::proto::flow_lens_client::FlowLensClient;
+use crate::record::flow::FlowRecord;
+use crate::record::render::{self, client_endpoint, count, handshake_rtt, server_endpoint, size};
 
 /// The keys, for `--help` and the screen's last line.
 pub const KEYS_HELP: &str = "Keys: q (or Esc, Ctrl-C) quit; space (or p) pause/resume; s next sort; \
@@ -536,7 +536,7 @@ fn render_view(f: &mut Frame, view: &View) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flow::{DirStats, EndReason, Hook, IPPROTO_TCP, IPPROTO_UDP};
+    use crate::record::flow::{DirStats, EndReason, Hook, IPPROTO_TCP, IPPROTO_UDP};
     use std::time::UNIX_EPOCH;
 
     fn rec(port: u16, proto: u8, bytes: u64, packets: u64) -> FlowRecord {

@@ -1,4 +1,4 @@
-//! Prometheus self-metrics: renders the agent's status as text exposition format 0.0.4 (served by [`crate::metrics_http`]).
+//! Prometheus self-metrics: renders the agent's status as text exposition format 0.0.4 (served by [`crate::metrics::http`]).
 //!
 //! Metric families (all prefixed `flowlens_`):
 //!
@@ -24,10 +24,12 @@
 //! | `kernel_packets_total` | counter | `counter` | informational kernel counts (not disjoint: do not sum) |
 //! | `last_poll_duration_seconds` | gauge | | duration of the last poll cycle |
 //!
-//! The kernel counters are split with [`crate::datapath::is_error_counter`]: summing
+//! The kernel counters are split with [`crate::kernel::datapath::is_error_counter`]: summing
 //! `kernel_packets_unaccounted_total` over `reason` gives every packet not accounted, while the
 //! informational counts (`packets_accounted`, `non_ip_skipped`, `ip_fragments_non_first`) overlap
 //! and are exposed separately. A counter name the datapath does not know is informational.
+
+pub mod http;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -35,22 +37,22 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
-use crate::datapath::{counter_names, is_error_counter};
 use crate::hub::{Hub, HubStats, SinkKind};
-use crate::ipfix::IpfixCounts;
-use crate::metrics_http::{HttpLimits, Render};
+use crate::kernel::datapath::{counter_names, is_error_counter};
+use crate::metrics::http::{HttpLimits, Render};
+use crate::sinks::ipfix::IpfixCounts;
 use crate::status::{Snapshot, Status};
 
-pub use crate::metrics_http::{MetricsHandle, CONTENT_TYPE};
+pub use crate::metrics::http::{MetricsHandle, CONTENT_TYPE};
 
-/// A render closure for [`crate::metrics_http::spawn`]: the live exposition of `status` and `hub`.
+/// A render closure for [`crate::metrics::http::spawn`]: the live exposition of `status` and `hub`.
 pub fn renderer(status: Arc<Status>, hub: Hub) -> Render {
     Arc::new(move || render(&status.snapshot(), &hub.stats()))
 }
 
 /// Serves GET /metrics for `status` and `hub` on `listen` ("HOST:PORT") from a one-thread tokio
 /// runtime of its own, with the default [`HttpLimits`]; errors name the address if it cannot
-/// bind (e.g. port in use). Callers that own a runtime use [`crate::metrics_http::spawn`].
+/// bind (e.g. port in use). Callers that own a runtime use [`crate::metrics::http::spawn`].
 pub fn spawn(listen: &str, status: Arc<Status>, hub: Hub) -> Result<MetricsHandle> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -58,7 +60,7 @@ pub fn spawn(listen: &str, status: Arc<Status>, hub: Hub) -> Result<MetricsHandl
         .enable_all()
         .build()
         .context("metrics endpoint: building its runtime")?;
-    let h = crate::metrics_http::spawn(
+    let h = crate::metrics::http::spawn(
         listen,
         rt.handle(),
         renderer(status, hub),

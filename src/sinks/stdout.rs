@@ -8,7 +8,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::warn;
 
 use crate::hub::SinkRx;
-use crate::render::{Format, Renderer, TableStyle};
+use crate::record::render::{Format, Renderer, TableStyle};
 
 /// Records rendered per write batch; a flush follows each batch.
 const BATCH: usize = 1024;

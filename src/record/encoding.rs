@@ -4,8 +4,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use prost_types::Timestamp;
 
-use crate::api::proto;
-use crate::flow::{DirStats, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo};
+use crate::record::api::proto;
+use crate::record::flow::{DirStats, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo};
 
 /// Longest textual IP address: eight groups of four hex digits and seven colons.
 const ADDR_TEXT_MAX: usize = 39;
@@ -316,7 +316,7 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::flow::{EndReason, TcpState};
+    use crate::record::flow::{EndReason, TcpState};
 
     fn base() -> FlowRecord {
         FlowRecord::example()

@@ -11,12 +11,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response};
 
-use crate::api::{self, parse_request, proto, RequestLimits};
 use crate::config::GrpcConfig;
 use crate::hub::{Event, Hub};
-pub use crate::listener::ListenAddr;
-use crate::listener::{self, Bound, ConnPolicy, SocketAccess, TrackStreams};
-use crate::snapshot::{page_token, parse_page_token, PagedSnapshots, SnapshotSlot};
+use crate::record::api::{self, parse_request, proto, RequestLimits};
+use crate::record::snapshot::{page_token, parse_page_token, PagedSnapshots, SnapshotSlot};
+pub use crate::sinks::grpc::listener::ListenAddr;
+use crate::sinks::grpc::listener::{self, Bound, ConnPolicy, SocketAccess, TrackStreams};
 use crate::status::Status as AgentStatus;
 use crate::tls::ServerTls;
 
@@ -51,10 +51,10 @@ pub mod wire {
     use prost::{DecodeError, Message};
     use tonic::codec::{Codec, EncodeBuf, Encoder};
 
-    use crate::api::proto;
-    use crate::flow::FlowRecord;
     use crate::hub::{Block, Records, Run, Wire};
-    use crate::record_encoding::encode_record;
+    use crate::record::api::proto;
+    use crate::record::encoding::encode_record;
+    use crate::record::flow::FlowRecord;
 
     #[derive(Debug, Clone)]
     pub enum SubscribeResponse {
@@ -328,7 +328,7 @@ impl FlowLens for FlowLensService {
             })?;
             (snap, offset)
         };
-        let matching: Vec<&crate::flow::FlowRecord> =
+        let matching: Vec<&crate::record::flow::FlowRecord> =
             snap.flows.iter().filter(|r| selector.matches(r)).collect();
         let end = offset.saturating_add(size).min(matching.len());
         let next_page_token = if end < matching.len() {

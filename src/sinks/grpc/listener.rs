@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::config::FileMode;
-use crate::metrics_http::{transient, Backoff};
+use crate::metrics::http::{transient, Backoff};
 use crate::tls::{ServerTls, HANDSHAKE_TIMEOUT};
 
 /// Where the server listens.

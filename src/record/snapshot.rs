@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::flow::FlowRecord;
+use crate::record::flow::FlowRecord;
 
 /// The flows one poll found, with cumulative counters (`end_reason` is `InProgress`).
 #[derive(Debug, Clone, PartialEq)]

@@ -12,7 +12,7 @@ use log::{info, warn};
 use regex::Regex;
 use thiserror::Error;
 
-use crate::datapath::Datapath;
+use crate::kernel::datapath::Datapath;
 
 #[derive(Debug, Error)]
 pub enum AttachError {

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::flow::{
+use crate::record::flow::{
     proto_name, tcp_flags, DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo,
     TcpState,
 };
@@ -554,7 +554,7 @@ impl<'a> JsonRecord<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flow::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+    use crate::record::flow::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
     fn at(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)

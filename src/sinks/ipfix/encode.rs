@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use crate::flow::{
+use crate::record::flow::{
     EndReason, FlowRecord, Hook, Latency, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
 };
 

@@ -10,7 +10,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenMapMut, OpenObject, ProgramMut
 use log::{info, warn};
 use thiserror::Error;
 
-use crate::bpf::{types, FlowSkel, FlowSkelBuilder};
+use crate::kernel::bpf::{types, FlowSkel, FlowSkelBuilder};
 use crate::status::MapUsage;
 
 #[derive(Debug, Error)]

@@ -1,0 +1,8 @@
+//! The clients of a running agent: `watch` (ended flows as they come), `top` (flows in progress, full screen), and what they share (`client`: connection and filter flags).
+//!
+//! They speak gRPC only: they import `record` (the API, filters, rendering), `config` (the
+//! duration grammar, defaults), `tls` and `fatal`, never the agent's internals.
+
+pub mod client;
+pub mod top;
+pub mod watch;
