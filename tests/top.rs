@@ -5,6 +5,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use common::netns::NetPair;
@@ -21,7 +22,17 @@ struct Tmux {
 }
 
 impl Tmux {
+    /// A tmux server whose one pane runs a shell.
     fn start(cols: u16, rows: u16) -> Tmux {
+        Tmux::start_with(
+            cols,
+            rows,
+            "env -i TERM=xterm-256color PATH=/usr/bin:/bin sh",
+        )
+    }
+
+    /// A tmux server whose one pane runs `command`.
+    fn start_with(cols: u16, rows: u16, command: &str) -> Tmux {
         if Command::new("tmux").arg("-V").output().is_err() {
             let ok = Command::new("sh")
                 .args(["-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux"])
@@ -29,8 +40,13 @@ impl Tmux {
                 .is_ok_and(|s| s.success());
             assert!(ok, "tmux is missing and could not be installed");
         }
+        static NEXT: AtomicU32 = AtomicU32::new(0);
         let t = Tmux {
-            socket: format!("flowlens-top-test-{}", std::process::id()),
+            socket: format!(
+                "flowlens-top-test-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::SeqCst)
+            ),
         };
         t.cmd(&[
             "new-session",
@@ -41,7 +57,7 @@ impl Tmux {
             &cols.to_string(),
             "-y",
             &rows.to_string(),
-            "env -i TERM=xterm-256color PATH=/usr/bin:/bin sh",
+            command,
         ]);
         t
     }
@@ -102,6 +118,50 @@ impl Drop for Tmux {
 
 struct Agent(Child);
 
+impl Agent {
+    /// `flowlens run` on the pair's veth in namespace a, serving gRPC on the unix socket
+    /// `sock`; returns once it listens.
+    fn start(net: &NetPair, sock: &str) -> Agent {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &net.a, BIN])
+            .args(["run", "--interface", &net.if_a])
+            .args([
+                "--grpc-listen",
+                &format!("unix:{sock}"),
+                "--metrics-listen",
+                "off",
+            ])
+            .args([
+                "--pin-dir",
+                "off",
+                "--output",
+                "none",
+                "--poll-interval",
+                "500ms",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn flowlens run");
+        let mut err = child.stderr.take().expect("stderr");
+        let agent = Agent(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !std::path::Path::new(sock).exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the agent never listened on {sock}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::spawn(move || {
+            // Drained so the agent never blocks on a full stderr pipe.
+            let mut sink = Vec::new();
+            let _ = err.read_to_end(&mut sink);
+        });
+        agent
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         // SAFETY: signalling our own child.
@@ -149,39 +209,9 @@ fn top_row(screen: &str) -> Option<(String, String, Option<f64>)> {
 #[test]
 fn top_shows_a_paced_transfer_on_top_at_its_rate_and_q_restores_the_terminal() {
     let net = NetPair::new();
-    let sock = format!("/tmp/flowlens-top-test-{}.sock", std::process::id());
+    let sock = format!("/tmp/flowlens-top-test-{}-rate.sock", std::process::id());
     let listen = format!("unix:{sock}");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &net.a, BIN])
-        .args(["run", "--interface", &net.if_a])
-        .args(["--grpc-listen", &listen, "--metrics-listen", "off"])
-        .args([
-            "--pin-dir",
-            "off",
-            "--output",
-            "none",
-            "--poll-interval",
-            "500ms",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn flowlens run");
-    let mut err = child.stderr.take().expect("stderr");
-    let agent = Agent(child);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !std::path::Path::new(&sock).exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the agent never listened on {sock}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::spawn(move || {
-        // Drained so the agent never blocks on a full stderr pipe.
-        let mut sink = Vec::new();
-        let _ = err.read_to_end(&mut sink);
-    });
+    let agent = Agent::start(&net, &sock);
 
     let tmux = Tmux::start(160, 40);
     tmux.send(&[
@@ -300,4 +330,116 @@ fn top_shows_a_paced_transfer_on_top_at_its_rate_and_q_restores_the_terminal() {
     drop(agent);
     let _ = server.join();
     let _ = std::fs::remove_file(&sock);
+}
+
+/// CPU ticks (user + system) a process has used, from /proc/PID/stat; None once it is gone.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: the fields start after its closing parenthesis.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Whether a process is gone or has exited (a zombie waiting for its parent).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// The pid of the process running in the tmux pane.
+fn pane_pid(tmux: &Tmux) -> u32 {
+    tmux.cmd(&["list-panes", "-t", "top", "-F", "#{pane_pid}"])
+        .trim()
+        .parse()
+        .expect("pane pid")
+}
+
+/// `flowlens top` as the pane's own process, as in a tmux window or an ssh session.
+fn top_in_pane(sock: &str) -> Tmux {
+    let tmux = Tmux::start_with(
+        100,
+        24,
+        &format!("exec env TERM=xterm-256color {BIN} top --server unix:{sock} --interval 500ms"),
+    );
+    tmux.wait_for("the top screen", Duration::from_secs(10), |s| {
+        s.contains("flowlens top") && s.contains("PROTO")
+    });
+    tmux
+}
+
+#[test]
+fn top_ends_within_a_second_of_its_terminal_going_away() {
+    let net = NetPair::new();
+    let sock = format!("/tmp/flowlens-top-test-{}-hup.sock", std::process::id());
+    let agent = Agent::start(&net, &sock);
+    let tmux = top_in_pane(&sock);
+    let pid = pane_pid(&tmux);
+    tmux.cmd(&["kill-session", "-t", "top"]);
+    let killed = Instant::now();
+    while !exited(pid) && killed.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = killed.elapsed();
+    let spinning = cpu_ticks(pid);
+    if !exited(pid) {
+        // SAFETY: killing the process the test's tmux started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    assert!(
+        took < Duration::from_secs(1),
+        "top still ran {took:?} after its terminal went away (cpu ticks {spinning:?})"
+    );
+    drop(agent);
+    let _ = std::fs::remove_file(&sock);
+}
+
+#[test]
+fn top_and_watch_reconnect_stay_quiet_while_their_agent_is_stopped() {
+    let net = NetPair::new();
+    let sock = format!("/tmp/flowlens-top-test-{}-quiet.sock", std::process::id());
+    let agent = Agent::start(&net, &sock);
+    let tmux = top_in_pane(&sock);
+    let top = pane_pid(&tmux);
+    let mut watch = Command::new(BIN)
+        .args(["watch", "--reconnect", "--server", &format!("unix:{sock}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn flowlens watch");
+    std::thread::sleep(Duration::from_secs(1));
+    drop(agent);
+    let _ = std::fs::remove_file(&sock);
+    // Both notice the agent is gone, then wait for it.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = [cpu_ticks(top), cpu_ticks(watch.id())];
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(10));
+    let after = [cpu_ticks(top), cpu_ticks(watch.id())];
+    let secs = started.elapsed().as_secs_f64();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    for (name, (b, a)) in ["top", "watch --reconnect"]
+        .iter()
+        .zip(before.iter().zip(after.iter()))
+    {
+        let (Some(b), Some(a)) = (b, a) else {
+            panic!("{name} exited while its agent was stopped");
+        };
+        let share = (a - b) as f64 / hz / secs;
+        eprintln!("{name}: {:.2} % of a CPU over {secs:.1} s", share * 100.0);
+        assert!(
+            share < 0.01,
+            "{name} used {:.2} % of a CPU over {secs:.1} s with its agent stopped",
+            share * 100.0
+        );
+    }
+    drop(tmux);
 }

@@ -4,5 +4,6 @@
 //! duration grammar, defaults), `tls` and `fatal`, never the agent's internals.
 
 pub mod client;
+pub mod terminal;
 pub mod top;
 pub mod watch;

@@ -2,12 +2,10 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
-use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
+use ratatui::crossterm::event::{Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Modifier, Style};
 use ratatui::text::Line;
@@ -16,6 +14,7 @@ use ratatui::{DefaultTerminal, Frame};
 use tonic::transport::Channel;
 
 use crate::cli::client::{describe, FlowQuery};
+use crate::cli::terminal::{Input, Terminal};
 use crate::config::HumanDuration;
 use crate::record::api::proto;
 use crate::record::api::proto::flow_lens_client::FlowLensClient;
@@ -28,6 +27,9 @@ b sort by bytes/s, k by packets/s, t by total bytes, l by latency, a by age; r r
 Columns: RATE = bytes/s both ways, C>S/S>C = bytes/s each way, PKT/s = packets/s both ways, \
 BYTES = total both ways, AGE = since the first packet, RTT = TCP handshake or ICMP echo round trip, \
 SRV = server response time (mean). Sizes: K, M, G = 1024^1..3 bytes.";
+
+/// The longest wait between attempts to reach an agent that is down.
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Flows asked for per ListFlows page.
 const PAGE: u32 = 5000;
@@ -322,10 +324,7 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the top runtime")?;
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
-        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
-    }
+    let tty = Terminal::open().context("opening the terminal")?;
     let mut terminal = ratatui::try_init().context("setting up the terminal")?;
     let _restore = Restore;
     let mut view = View {
@@ -340,7 +339,11 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
     let mut client = None;
     let mut rates = Rates::default();
     let mut next_fetch = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
+    // Drawn when something changed: a redraw of an unchanged screen is most of an idle
+    // top's CPU.
+    let mut dirty = true;
+    let mut retry = args.interval.0;
+    while !tty.stopped() {
         if !view.paused && Instant::now() >= next_fetch {
             next_fetch = Instant::now() + args.interval.0;
             match rt.block_on(fetch(&args.query, &mut client, &req)) {
@@ -348,25 +351,42 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
                     if view.taken != Some(taken) {
                         view.rows = rates.update(taken, flows);
                         view.taken = Some(taken);
+                        sort_rows(&mut view.rows, view.sort, view.reverse);
+                        dirty = true;
                     }
-                    view.error = None;
+                    dirty |= view.error.take().is_some();
+                    retry = args.interval.0;
                 }
                 Err(e) => {
                     client = None;
-                    view.error = Some(format!("{e:#}; retrying"));
+                    let error = Some(format!("{e:#}; retrying"));
+                    dirty |= view.error != error;
+                    view.error = error;
+                    // An agent that is down is asked less and less often.
+                    next_fetch = Instant::now() + retry;
+                    retry = (retry * 2).min(RETRY_MAX.max(args.interval.0));
                 }
             }
-            sort_rows(&mut view.rows, view.sort, view.reverse);
         }
-        draw(&mut terminal, &view)?;
+        if std::mem::take(&mut dirty) {
+            draw(&mut terminal, &view)?;
+        }
+        // A signal may be taken on another thread and not wake the wait: it is bounded.
         let wait = next_fetch
             .saturating_duration_since(Instant::now())
             .min(Duration::from_millis(250));
-        if !event::poll(wait).context("reading the terminal")? {
-            continue;
-        }
-        let Event::Key(k) = event::read().context("reading the terminal")? else {
-            continue;
+        let k = match tty.next(wait) {
+            Input::Event(Event::Key(k)) => {
+                dirty = true;
+                k
+            }
+            Input::Event(Event::Resize(..)) => {
+                dirty = true;
+                continue;
+            }
+            Input::Event(_) | Input::Idle => continue,
+            // Nobody is left to see the screen or an error.
+            Input::Gone(_) => break,
         };
         if k.kind != KeyEventKind::Press {
             continue;

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::io::{self, Write};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 
@@ -179,10 +179,10 @@ pub async fn watch_to(
             );
         }
         agent_started = started;
-        backoff = BACKOFF_FIRST;
         if let Err(e) = renderer.header(out).and_then(|()| out.flush()) {
             return quiet_pipe(e);
         }
+        let began = Instant::now();
         match follow(stream, &mut renderer, out, &mut stop).await {
             Ended::Stopped | Ended::OutputGone => return Ok(()),
             Ended::Closed if !args.reconnect || req.follow == Some(false) => {
@@ -202,6 +202,17 @@ pub async fn watch_to(
             Ended::Lost(why) => {
                 eprintln!("flowlens watch: stream from {server} lost ({why}); reconnecting")
             }
+        }
+        // A stream that ended soon after it began waits out the backoff like a failed
+        // connect: a server that ends every stream at once must not make a busy loop of it.
+        if began.elapsed() < BACKOFF_MAX {
+            tokio::select! {
+                _ = &mut stop => return Ok(()),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        } else {
+            backoff = BACKOFF_FIRST;
         }
         reconnecting = true;
     }
