@@ -861,7 +861,7 @@ impl FilterStage {
                     // The ring is in seq order: everything before this was seen too.
                     break;
                 }
-                if opts.since.is_none_or(|t| r.record().last_seen >= t)
+                if opts.since.is_none_or(|t| r.record().emitted >= t)
                     && self.matches(r.record()).await
                 {
                     replay.push(r.clone());

@@ -15,6 +15,15 @@ pub struct MapUsage {
     pub capacity: u64,
 }
 
+/// An interface the agent's programs are attached to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedInterface {
+    pub name: String,
+    pub ifindex: u32,
+    /// "tcx" or "tc".
+    pub hook: &'static str,
+}
+
 /// A point-in-time view of the agent, as `GetStatus` reports it.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -40,6 +49,10 @@ pub struct Snapshot {
     pub flows_evicted: u64,
     /// Each IPFIX exporter's counters, by destination.
     pub exporters: Vec<(String, IpfixCounts)>,
+    /// The interfaces attached to, as of the last interface sync.
+    pub interfaces: Vec<AttachedInterface>,
+    /// The name records carry in `observer`.
+    pub observer: String,
 }
 
 /// Shared, cheaply updated agent state.
@@ -56,6 +69,8 @@ pub struct Status {
     detail: Mutex<(Vec<MapUsage>, BTreeMap<String, u64>)>,
     exporters: Mutex<Vec<(String, Arc<IpfixStats>)>>,
     started: Mutex<Option<SystemTime>>,
+    interfaces: Mutex<Vec<AttachedInterface>>,
+    observer: Mutex<String>,
 }
 
 impl Status {
@@ -71,6 +86,15 @@ impl Status {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((destination, stats));
+    }
+
+    /// The interfaces attached to now (after each interface sync).
+    pub fn set_interfaces(&self, interfaces: Vec<AttachedInterface>) {
+        *self.interfaces.lock().unwrap_or_else(|e| e.into_inner()) = interfaces;
+    }
+
+    pub fn set_observer(&self, observer: &str) {
+        *self.observer.lock().unwrap_or_else(|e| e.into_inner()) = observer.to_owned();
     }
 
     pub fn set_detail(&self, maps: Vec<MapUsage>, counters: BTreeMap<String, u64>) {
@@ -102,6 +126,16 @@ impl Status {
                 .iter()
                 .map(|(d, s)| (d.clone(), s.snapshot()))
                 .collect(),
+            interfaces: self
+                .interfaces
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            observer: self
+                .observer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 mod common;
 
 use common::pki::Pki;
+use flowlens::cli::client::AgentAddr;
 use flowlens::cli::watch::{self, WatchArgs};
 use flowlens::config::{FileMode, GrpcConfig};
 use flowlens::hub::{Hub, HubConfig};
@@ -103,6 +104,7 @@ fn record(n: u32) -> FlowRecord {
         first_seen: now,
         last_seen: now,
         window_start: now,
+        emitted: now,
         flow_id: u64::from(n),
         observer: "exposure-test".into(),
         continuation: false,
@@ -163,7 +165,10 @@ async fn status_over_tls(
 fn watch_args(server: &str) -> WatchArgs {
     WatchArgs {
         query: flowlens::cli::client::FlowQuery {
-            server: server.to_owned(),
+            agent: AgentAddr {
+                server: server.to_owned(),
+                ..Default::default()
+            },
             ..Default::default()
         },
         no_follow: true,
@@ -188,9 +193,9 @@ async fn mutual_tls_admits_only_clients_of_its_ca() {
 
     // `watch` with the same files, and refusing to drop TLS or ignore the flags.
     let mut args = watch_args(&url);
-    args.query.ca = Some(pki.ca.clone());
-    args.query.cert = Some(pki.client.0.clone());
-    args.query.key = Some(pki.client.1.clone());
+    args.query.agent.ca = Some(pki.ca.clone());
+    args.query.agent.cert = Some(pki.client.0.clone());
+    args.query.agent.key = Some(pki.client.1.clone());
     let mut out = Vec::new();
     watch::watch_to(&args, &mut out, std::future::pending())
         .await
@@ -200,8 +205,8 @@ async fn mutual_tls_admits_only_clients_of_its_ca() {
         "the table header"
     );
 
-    args.query.cert = None;
-    args.query.key = None;
+    args.query.agent.cert = None;
+    args.query.agent.key = None;
     let err = watch::watch_to(&args, &mut Vec::new(), std::future::pending())
         .await
         .expect_err("watch without a client certificate");
@@ -219,7 +224,7 @@ async fn mutual_tls_admits_only_clients_of_its_ca() {
         "the error says what is wrong: {err}"
     );
     let mut args = watch_args(&plain);
-    args.query.ca = Some(pki.ca.clone());
+    args.query.agent.ca = Some(pki.ca.clone());
     let err = watch::watch_to(&args, &mut Vec::new(), std::future::pending())
         .await
         .expect_err("--ca with an http:// server");
@@ -282,7 +287,7 @@ async fn tls_to_a_cleartext_port_fails_clearly() {
     let pki = Pki::generate();
     let server = Server::start(&GrpcConfig::default());
     let mut args = watch_args(&format!("https://127.0.0.1:{}", server.addr.port()));
-    args.query.ca = Some(pki.ca.clone());
+    args.query.agent.ca = Some(pki.ca.clone());
     let err = watch::watch_to(&args, &mut Vec::new(), std::future::pending())
         .await
         .expect_err("TLS to a cleartext port");

@@ -61,7 +61,8 @@ async fn replay_then_follow() {
     };
     assert_eq!(even, vec![6, 8, 10]);
 
-    // `since` selects by last_seen (rec(i) has last_seen t(i + 1)), alone or with a count.
+    // `since` selects by emission time (rec(i) was emitted at t(i + 2), its last packet
+    // was at t(i + 1)), alone or with a count.
     let since = |replay| proto::SubscribeRequest {
         since: Some(t(33).into()),
         replay,
@@ -70,7 +71,7 @@ async fn replay_then_follow() {
     };
     assert_eq!(
         drain(agent.subscribe(since(0)).await).await.ids,
-        vec![32, 33, 34, 35, 36]
+        vec![31, 32, 33, 34, 35, 36]
     );
     assert_eq!(
         drain(agent.subscribe(since(2)).await).await.ids,

@@ -42,6 +42,7 @@ fn tcp_record() -> FlowRecord {
         first_seen: t0,
         last_seen: t0 + Duration::from_millis(2500),
         window_start: t0,
+        emitted: t0 + Duration::from_millis(3000),
         continuation: false,
         fragment: false,
         client: DirStats {

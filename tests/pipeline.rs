@@ -157,6 +157,7 @@ fn rec(i: u32) -> FlowRecord {
         first_seen: SystemTime::now(),
         last_seen: SystemTime::now(),
         window_start: SystemTime::now(),
+        emitted: SystemTime::now(),
         continuation: false,
         fragment: false,
         client: DirStats {

@@ -193,6 +193,7 @@ pub fn record(i: u64) -> FlowRecord {
             interface: "bench0".into(),
             observer: "bench".into(),
             window_start_ns: 0,
+            emitted_ns: 0,
             flow_id: raw.flow_id(),
             continuation: false,
         },

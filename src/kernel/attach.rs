@@ -9,7 +9,6 @@ use std::sync::{Arc, RwLock};
 
 use libbpf_rs::{TcHook, TcHookBuilder, TC_EGRESS, TC_INGRESS};
 use log::{info, warn};
-use regex::Regex;
 use thiserror::Error;
 
 use crate::kernel::datapath::Datapath;
@@ -38,44 +37,14 @@ pub enum AttachError {
     Fd(#[source] std::io::Error),
 }
 
-/// An interface name pattern: `/regex/`, a glob (`veth*`), or a literal name.
-#[derive(Debug, Clone)]
-pub enum Pattern {
-    Regex(Regex),
-    Glob(glob::Pattern),
-}
+/// An interface name pattern, as `--interface` takes it: the same grammar filters use.
+pub use crate::record::filter::NamePattern as Pattern;
 
-impl Pattern {
-    pub fn parse(s: &str) -> Result<Pattern, AttachError> {
-        let err = |reason: String| AttachError::Pattern {
-            pattern: s.to_owned(),
-            reason,
-        };
-        if s.is_empty() {
-            return Err(err("empty pattern".into()));
-        }
-        if s.len() >= 2 && s.starts_with('/') && s.ends_with('/') {
-            let re = Regex::new(&format!("^(?:{})$", &s[1..s.len() - 1]))
-                .map_err(|e| err(e.to_string()))?;
-            return Ok(Pattern::Regex(re));
-        }
-        glob::Pattern::new(s)
-            .map(Pattern::Glob)
-            .map_err(|e| err(e.to_string()))
-    }
-
-    pub fn matches(&self, name: &str) -> bool {
-        match self {
-            Pattern::Regex(r) => r.is_match(name),
-            Pattern::Glob(g) => g.matches(name),
-        }
-    }
-
-    /// A plain interface name, not a glob or regex.
-    pub fn is_literal(&self) -> bool {
-        match self {
-            Pattern::Regex(_) => false,
-            Pattern::Glob(g) => !g.as_str().contains(['*', '?', '[']),
+impl From<crate::record::filter::PatternError> for AttachError {
+    fn from(e: crate::record::filter::PatternError) -> AttachError {
+        AttachError::Pattern {
+            pattern: e.pattern,
+            reason: e.reason,
         }
     }
 }
@@ -205,6 +174,15 @@ enum Hooks {
         ingress: Option<TcHook>,
         egress: TcHook,
     },
+}
+
+impl Hooks {
+    fn kind(&self) -> &'static str {
+        match self {
+            Hooks::Tcx { .. } => "tcx",
+            Hooks::Tc { .. } => "tc",
+        }
+    }
 }
 
 struct Attachment {
@@ -365,11 +343,12 @@ impl Attacher {
         }
     }
 
-    pub fn attached(&self) -> Vec<(u32, String)> {
+    /// Each interface attached to: (ifindex, name, "tcx" or "tc"), by ifindex.
+    pub fn attached(&self) -> Vec<(u32, String, &'static str)> {
         let mut v: Vec<_> = self
             .attached
             .iter()
-            .map(|(i, a)| (*i, a.name.clone()))
+            .map(|(i, a)| (*i, a.name.clone(), a.hooks.kind()))
             .collect();
         v.sort();
         v

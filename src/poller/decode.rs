@@ -139,6 +139,8 @@ pub struct RecordMeta {
     pub observer: Arc<str>,
     /// BPF clock time this record's window starts at.
     pub window_start_ns: u64,
+    /// BPF clock time of the poll that emits the record.
+    pub emitted_ns: u64,
     pub flow_id: u64,
     pub continuation: bool,
 }
@@ -181,6 +183,7 @@ impl RawFlow {
             interface,
             observer,
             window_start_ns,
+            emitted_ns,
             flow_id,
             continuation,
         } = meta;
@@ -224,6 +227,7 @@ impl RawFlow {
             first_seen: clock.to_wall(b.first_seen_ns),
             last_seen: clock.to_wall(b.last_seen_ns),
             window_start: clock.to_wall(window_start_ns),
+            emitted: clock.to_wall(emitted_ns),
             client: dir(c),
             server: dir(s),
             end_reason,

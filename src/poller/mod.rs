@@ -582,7 +582,7 @@ impl<T: FlowTable> Poller<T> {
             let kb = key_bytes(&f.key);
             match kind {
                 ScanKind::Ended(reason) => {
-                    self.finish(f, &kb, reason)?;
+                    self.finish(f, &kb, reason, now_ns)?;
                     stats.ended += 1;
                     if reason == EndReason::Evicted {
                         stats.evicted += 1;
@@ -621,7 +621,7 @@ impl<T: FlowTable> Poller<T> {
                     f,
                     Counts::of(&f.base),
                     EndReason::InProgress,
-                    f.base.first_seen_ns,
+                    (f.base.first_seen_ns, now_ns),
                     who,
                 )
             })
@@ -737,7 +737,13 @@ impl<T: FlowTable> Poller<T> {
     }
 
     /// Emits the final record of a flow already taken out of every map.
-    fn finish(&mut self, raw: RawFlow, kb: &KeyBytes, reason: EndReason) -> Result<(), PollError> {
+    fn finish(
+        &mut self,
+        raw: RawFlow,
+        kb: &KeyBytes,
+        reason: EndReason,
+        now_ns: u64,
+    ) -> Result<(), PollError> {
         let (prior, at_ns, who) = match self.reported.remove(kb) {
             Some(r) => (Some(r.counts), r.at_ns, r.who),
             None => (None, raw.base.first_seen_ns, self.identify(&raw, kb)),
@@ -755,7 +761,7 @@ impl<T: FlowTable> Poller<T> {
             );
             return Ok(());
         }
-        let rec = self.record(&raw, counts, reason, at_ns, who);
+        let rec = self.record(&raw, counts, reason, (at_ns, now_ns), who);
         self.send(rec)
     }
 
@@ -786,7 +792,7 @@ impl<T: FlowTable> Poller<T> {
         f: &RawFlow,
         counts: Counts,
         end_reason: EndReason,
-        window_start_ns: u64,
+        (window_start_ns, emitted_ns): (u64, u64),
         who: Identity,
     ) -> FlowRecord {
         let mut rec = f.to_record(
@@ -796,6 +802,7 @@ impl<T: FlowTable> Poller<T> {
                 interface: self.ifname(f.key.ifindex),
                 observer: self.observer.clone(),
                 window_start_ns,
+                emitted_ns,
                 flow_id: who.flow_id,
                 continuation: who.continuation,
             },
@@ -834,7 +841,7 @@ impl<T: FlowTable> Poller<T> {
             f,
             total.saturating_sub(&prior),
             EndReason::ActiveTimeout,
-            at_ns,
+            (at_ns, now_ns),
             who,
         );
         self.send(rec)?;

@@ -361,6 +361,11 @@ fn every_record_of_a_flow_has_its_id_observer_and_window() {
         .duration_since(recs[0].first_seen)
         .expect("later");
     assert_eq!(gap, Duration::from_secs(60));
+    // Each record says when it was emitted (its poll); the first one's is the second's
+    // window start.
+    assert_eq!(recs[0].emitted, recs[1].window_start);
+    let at = |r: &FlowRecord| r.emitted.duration_since(recs[0].first_seen).expect("later");
+    assert_eq!(at(&recs[1]), Duration::from_secs(91));
 }
 
 #[test]

@@ -58,6 +58,11 @@ pub enum RequestError {
         len: usize,
         limit: usize,
     },
+    #[error("{field}: {source}")]
+    Pattern {
+        field: String,
+        source: crate::record::filter::PatternError,
+    },
     #[error("{field}: invalid timestamp: {reason}")]
     Timestamp { field: String, reason: String },
 }
@@ -237,7 +242,15 @@ pub fn parse_filter(f: &proto::Filter, path: &str) -> Result<Filter, RequestErro
                 field: field("interface"),
             });
         }
-        i => i.clone(),
+        Some(i) => Some(
+            crate::record::filter::NamePattern::parse(i).map_err(|source| {
+                RequestError::Pattern {
+                    field: field("interface"),
+                    source,
+                }
+            })?,
+        ),
+        None => None,
     };
     Ok(Filter {
         src: cidr(&f.src_cidr, "src_cidr")?,
@@ -402,6 +415,7 @@ impl From<&FlowRecord> for proto::FlowRecord {
             first_seen: Some(r.first_seen.into()),
             last_seen: Some(r.last_seen.into()),
             window_start: Some(r.window_start.into()),
+            emitted: Some(r.emitted.into()),
             flow_id: r.flow_id,
             observer: r.observer.to_string(),
             continuation: r.continuation,
@@ -536,6 +550,11 @@ impl TryFrom<&proto::FlowRecord> for FlowRecord {
             window_start: match p.window_start {
                 Some(_) => time_from_proto(p.window_start, "window_start")?,
                 None => time_from_proto(p.first_seen, "first_seen")?,
+            },
+            // Absent from servers before emitted existed: the last packet is the closest.
+            emitted: match p.emitted {
+                Some(_) => time_from_proto(p.emitted, "emitted")?,
+                None => time_from_proto(p.last_seen, "last_seen")?,
             },
             flow_id: p.flow_id,
             observer: p.observer.as_str().into(),

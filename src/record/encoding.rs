@@ -307,6 +307,7 @@ pub fn encode_record(seq: u64, r: &FlowRecord, buf: &mut Vec<u8>) {
     f.uint(20, u64::from(r.continuation));
     f.uint(21, seq);
     f.uint(22, u64::from(r.fragment));
+    f.timestamp(24, &Timestamp::from(r.emitted));
 }
 
 #[cfg(test)]
@@ -384,6 +385,7 @@ mod tests {
         r.first_seen = UNIX_EPOCH - Duration::new(5, 250);
         r.last_seen = UNIX_EPOCH;
         r.window_start = UNIX_EPOCH - Duration::from_secs(1);
+        r.emitted = UNIX_EPOCH;
         r.ip_version = 0;
         r.protocol = 255;
         r.end_reason = EndReason::InProgress;

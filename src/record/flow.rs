@@ -240,6 +240,10 @@ pub struct FlowRecord {
     /// Start of the window this record's deltas cover: `first_seen` on a flow's first
     /// record, the previous record's emission time after that.
     pub window_start: SystemTime,
+    /// When the poller emitted the record (the poll that ended the flow or found its
+    /// active timeout due); the flow's next record starts its window here. In a
+    /// ListFlows snapshot: when the maps were read.
+    pub emitted: SystemTime,
     /// What the client sent (deltas since the previous record of this flow; cumulative
     /// when `end_reason` is `InProgress`).
     pub client: DirStats,
@@ -305,6 +309,7 @@ impl FlowRecord {
             first_seen: UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789),
             last_seen: UNIX_EPOCH + Duration::new(1_700_000_005, 0),
             window_start: UNIX_EPOCH + Duration::new(1_700_000_001, 1),
+            emitted: UNIX_EPOCH + Duration::new(1_700_000_006, 500_000_000),
             client: DirStats {
                 packets: 3,
                 bytes: 300,

@@ -3,7 +3,7 @@
 // Re-exported for the gRPC test files, each of which uses a different part.
 #![allow(unused_imports)]
 
-pub use flowlens::cli::client::FlowQuery;
+pub use flowlens::cli::client::{AgentAddr, FlowQuery};
 pub use flowlens::cli::watch::{self, WatchArgs};
 pub use flowlens::hub::{Hub, HubConfig};
 pub use flowlens::record::api::proto;
@@ -152,6 +152,7 @@ pub fn rec(id: u32) -> FlowRecord {
         first_seen: t(u64::from(id)),
         last_seen: t(u64::from(id) + 1),
         window_start: t(u64::from(id)),
+        emitted: t(u64::from(id) + 2),
         continuation: false,
         fragment: false,
         client: DirStats {

@@ -405,6 +405,31 @@ fn status_response(status: &AgentStatus, hub: &Hub) -> proto::GetStatusResponse 
             .collect(),
         lost_total: hub.lost_total,
         records_published: hub.published,
+        interfaces: snap
+            .interfaces
+            .iter()
+            .map(|i| proto::InterfaceInfo {
+                name: i.name.clone(),
+                ifindex: i.ifindex,
+                hook: i.hook.to_owned(),
+            })
+            .collect(),
+        sinks: hub
+            .sinks
+            .iter()
+            .filter(|s| s.kind != crate::hub::SinkKind::Subscriber)
+            .map(|s| proto::SinkInfo {
+                kind: s.kind.as_str().to_owned(),
+                name: s.name.clone(),
+                delivered: s.delivered,
+                queued: s.queued,
+                lost: s.lost,
+            })
+            .collect(),
+        observer: snap.observer,
+        poll_interval: (snap.poll_interval_ns > 0)
+            .then(|| Duration::from_nanos(snap.poll_interval_ns))
+            .and_then(|d| prost_types::Duration::try_from(d).ok()),
     }
 }
 
