@@ -59,32 +59,10 @@ impl Agent {
     /// listeners, attaches and starts every thread. Nothing is attached when a check or
     /// a listener fails, and a failed start leaves no pins behind.
     pub fn start(cfg: Config) -> Result<Agent> {
-        let selector = Selector::new(&cfg.interfaces, &cfg.exclude_interfaces)
-            .context("--interface/--exclude-interface")?;
-        if let Some(both) = cfg
-            .interfaces
-            .iter()
-            .find(|i| cfg.exclude_interfaces.contains(i))
-        {
-            bail!(
-                "--interface {both} and --exclude-interface {both} cancel each other: \
-                 nothing would be attached to {both}; drop one of them"
-            );
-        }
-        let grpc_addr = cfg
-            .grpc_listen
-            .as_deref()
-            .map(|l| -> Result<GrpcEndpoint> {
-                let addr = l.parse::<ListenAddr>().context("--grpc-listen")?;
-                GrpcEndpoint::new(addr, &cfg.grpc)
-            })
-            .transpose()?;
-        if let Some(m) = &cfg.metrics_listen {
-            m.parse::<std::net::SocketAddr>()
-                .with_context(|| format!("--metrics-listen {m:?}: expected HOST:PORT or off"))?;
-        }
-        preflight::check_btf()?;
-        preflight::check_capabilities()?;
+        let Checked {
+            selector,
+            grpc: grpc_addr,
+        } = Self::check(&cfg)?;
         let pin_lock = match &cfg.pin_dir {
             Some(root) => {
                 preflight::ensure_bpffs(root)?;
@@ -111,6 +89,45 @@ impl Agent {
                 Err(e)
             }
         }
+    }
+
+    /// Everything that can be checked without loading or attaching anything: the flags
+    /// against each other, the interfaces named, listen addresses and TLS files, the
+    /// kernel's BTF, the capabilities held and the pin directory. `start` runs it first;
+    /// `run --check-config` runs only it.
+    pub fn check(cfg: &Config) -> Result<Checked> {
+        let selector = Selector::new(&cfg.interfaces, &cfg.exclude_interfaces)
+            .context("--interface/--exclude-interface")?;
+        if let Some(both) = cfg
+            .interfaces
+            .iter()
+            .find(|i| cfg.exclude_interfaces.contains(i))
+        {
+            bail!(
+                "--interface {both} and --exclude-interface {both} cancel each other: \
+                 nothing would be attached to {both}; drop one of them"
+            );
+        }
+        let grpc = cfg
+            .grpc_listen
+            .as_deref()
+            .map(|l| -> Result<GrpcEndpoint> {
+                let addr = l.parse::<ListenAddr>().context("--grpc-listen")?;
+                GrpcEndpoint::new(addr, &cfg.grpc)
+            })
+            .transpose()?;
+        if let Some(m) = &cfg.metrics_listen {
+            m.parse::<std::net::SocketAddr>()
+                .with_context(|| format!("--metrics-listen {m:?}: expected HOST:PORT or off"))?;
+        }
+        preflight::check_btf()?;
+        preflight::check_capabilities()?;
+        if let Some(root) = &cfg.pin_dir {
+            preflight::check_bpffs(root)?;
+            preflight::check_pin_dir(root)?;
+        }
+        check_interfaces_exist(cfg, &selector)?;
+        Ok(Checked { selector, grpc })
     }
 
     fn wire(
@@ -180,22 +197,12 @@ impl Agent {
         let first = attacher
             .sync(&selector)
             .context("attaching to interfaces")?;
-        let names: Vec<String> = attacher.attached().into_iter().map(|(_, n)| n).collect();
+        let names: Vec<String> = attacher.attached().into_iter().map(|(_, n, _)| n).collect();
         if !first.failed.is_empty() && names.is_empty() {
             bail!(
                 "could not attach to any selected interface: {:?}",
                 first.failed
             );
-        }
-        let missing: Vec<&String> = cfg
-            .interfaces
-            .iter()
-            .zip(&selector.include)
-            .filter(|(_, p)| p.is_literal() && !names.iter().any(|n| p.matches(n)))
-            .map(|(s, _)| s)
-            .collect();
-        if !missing.is_empty() {
-            bail!("--interface: no such interface {missing:?} (see `ip link`)");
         }
         if names.is_empty() {
             warn!("no interface matches yet; waiting for one to appear");
@@ -203,6 +210,7 @@ impl Agent {
             info!("monitoring {}", names.join(", "));
         }
 
+        publish_interfaces(&attacher, &status);
         // Sinks register before the poller starts, so they see every record.
         let mut exporters = Vec::new();
         for exp in cfg.ipfix.exporters() {
@@ -224,12 +232,13 @@ impl Agent {
         let (tx, rx) = crossbeam_channel::bounded::<Vec<FlowRecord>>(RECORD_CHANNEL);
         let fanout = hub.spawn_fanout(rx).context("spawning the fanout thread")?;
         let table = KernelTable::new(dp.maps().context("opening map handles")?);
+        let observer = cfg
+            .observer_id
+            .clone()
+            .unwrap_or_else(crate::poller::host_name);
+        status.set_observer(&observer);
         let poller = Poller::new(table, cfg.poller, tx, status.clone(), ifnames)
-            .with_observer(
-                cfg.observer_id
-                    .as_deref()
-                    .unwrap_or(&crate::poller::host_name()),
-            )
+            .with_observer(&observer)
             .with_snapshots(snapshots);
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let poll_thread = std::thread::Builder::new()
@@ -288,6 +297,7 @@ impl Agent {
         if let Err(e) = self.attacher.sync(&self.selector) {
             warn!("interface sync: {e}");
         }
+        publish_interfaces(&self.attacher, &self.status);
     }
 
     /// Follows interfaces until `stop` fires or disconnects, then shuts down in order.
@@ -362,6 +372,72 @@ impl Drop for Agent {
         }
         self.hub.close();
     }
+}
+
+/// What `Agent::check` found good, for `start` to go on with.
+pub struct Checked {
+    selector: Selector,
+    grpc: Option<GrpcEndpoint>,
+}
+
+/// A literal `--interface` that names no interface here is a typo until proven otherwise
+/// (a glob or regex waits for interfaces to appear): one line that lists what exists.
+fn check_interfaces_exist(cfg: &Config, selector: &Selector) -> Result<()> {
+    let literals: Vec<&String> = cfg
+        .interfaces
+        .iter()
+        .zip(&selector.include)
+        .filter(|(_, p)| p.is_literal())
+        .map(|(s, _)| s)
+        .collect();
+    if literals.is_empty() {
+        return Ok(());
+    }
+    let here: Vec<String> = crate::kernel::attach::list_interfaces()
+        .context("listing network interfaces")?
+        .into_values()
+        .map(|i| i.name)
+        .collect();
+    let missing: Vec<&str> = literals
+        .iter()
+        .filter(|l| !here.contains(l))
+        .map(|l| l.as_str())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    const SHOWN: usize = 20;
+    let mut list = here
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if here.len() > SHOWN {
+        let _ =
+            std::fmt::Write::write_fmt(&mut list, format_args!(" and {} more", here.len() - SHOWN));
+    }
+    bail!(
+        "--interface {}: no such interface here (there are: {list}); check the name \
+         (`ip link`), or give a pattern such as {}* to attach when it appears",
+        missing.join(", "),
+        missing[0]
+    )
+}
+
+/// What GetStatus says the agent is attached to.
+fn publish_interfaces(attacher: &Attacher, status: &Status) {
+    status.set_interfaces(
+        attacher
+            .attached()
+            .into_iter()
+            .map(|(ifindex, name, hook)| crate::status::AttachedInterface {
+                name,
+                ifindex,
+                hook,
+            })
+            .collect(),
+    );
 }
 
 /// Everything `wire` started, waiting for the datapath to join it.

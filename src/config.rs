@@ -159,6 +159,11 @@ impl FromStr for FileMode {
     }
 }
 
+/// Where the agent serves gRPC unless told otherwise: a unix socket in its runtime
+/// directory (systemd's RuntimeDirectory=flowlens), so only root and the socket's group
+/// read the flows, and clients find it without flags.
+pub const DEFAULT_SOCKET: &str = "unix:/run/flowlens/flowlens.sock";
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -172,7 +177,7 @@ impl Default for Config {
             output: Some(Format::Table),
             table: TableStyle::default(),
             pin_dir: Some(PathBuf::from("/sys/fs/bpf/flowlens")),
-            grpc_listen: Some("127.0.0.1:50051".into()),
+            grpc_listen: Some(DEFAULT_SOCKET.into()),
             grpc: GrpcConfig::default(),
             metrics_listen: Some("127.0.0.1:9464".into()),
             observer_id: None,

@@ -1,4 +1,4 @@
-//! The flowlens command line: `run` the collector, `watch` a running one's flows as they end, or see its flows in progress with `top`. Flags become a `Config`; the `Agent` does the rest.
+//! The flowlens command line: `run` the collector, `watch` a running one's flows as they end, see its flows in progress with `top` or `flows`, its state with `status`. Flags become a `Config`; the `Agent` does the rest.
 
 use std::path::PathBuf;
 
@@ -9,6 +9,8 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use flowlens::agent::Agent;
+use flowlens::cli::flows::{self, FlowsArgs};
+use flowlens::cli::status::{self, StatusArgs};
 use flowlens::cli::top::{self, TopArgs};
 use flowlens::cli::watch::{self, WatchArgs};
 use flowlens::config::{
@@ -53,6 +55,10 @@ enum Command {
     /// Live full-screen view of a running collector's flows in progress.
     #[command(after_long_help = top::KEYS_HELP)]
     Top(Box<TopArgs>),
+    /// Print a running collector's flows in progress once (a table, or --json).
+    Flows(Box<FlowsArgs>),
+    /// Print a running collector's state: interfaces, maps, counters, sinks, losses.
+    Status(Box<StatusArgs>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -155,7 +161,7 @@ struct RunArgs {
     /// What to print on stdout for each flow record.
     #[arg(long, env = "FLOWLENS_OUTPUT", value_enum, default_value_t = Output::from(defaults().output))]
     output: Output,
-    /// Table: every column, unabbreviated (wider than 100 columns).
+    /// Table: every column, unabbreviated.
     #[arg(long, env = "FLOWLENS_WIDE")]
     wide: bool,
     /// Table: print a legend of the columns and abbreviations before the header.
@@ -252,6 +258,11 @@ struct RunArgs {
     /// echo RTT) are exported; unset: they are not.
     #[arg(long, env = "FLOWLENS_IPFIX_ENTERPRISE")]
     ipfix_enterprise: Option<u32>,
+    /// Check the flags and FLOWLENS_* variables (and the interfaces, addresses, TLS files,
+    /// kernel, capabilities and pin directory they name) without loading anything; print
+    /// the settings and exit 0, or the problem and exit 1.
+    #[arg(long)]
+    check_config: bool,
 }
 
 impl RunArgs {
@@ -294,6 +305,8 @@ impl RunArgs {
             table: TableStyle {
                 wide: self.wide,
                 legend: self.legend,
+                width: render::stdout_width(),
+                ..TableStyle::default()
             },
             pin_dir: self.pin_dir.0.map(PathBuf::from),
             grpc_listen: self.grpc_listen.0,
@@ -331,6 +344,14 @@ impl RunArgs {
 }
 
 fn main() {
+    // An empty variable is an unset one: `FLOWLENS_X=` in /etc/default/flowlens (a line
+    // uncommented as shipped) means "the default", as it reads, not an empty value.
+    for (k, v) in std::env::vars_os() {
+        if v.is_empty() && k.to_string_lossy().starts_with("FLOWLENS_") {
+            // Nothing else runs yet: no other thread reads the environment.
+            std::env::remove_var(k);
+        }
+    }
     let cli = Cli::try_parse().unwrap_or_else(|e| match env_source(&e) {
         Some(var) => {
             let text = e.render().to_string();
@@ -346,9 +367,12 @@ fn main() {
         .target(env_logger::Target::Stderr)
         .init();
     let res = match cli.command {
+        Command::Run(args) if args.check_config => check_config(&args.into_config()),
         Command::Run(args) => run(args.into_config()),
         Command::Watch(args) => watch::run(*args),
         Command::Top(args) => top::run(*args),
+        Command::Flows(args) => flows::run(*args),
+        Command::Status(args) => status::run(*args),
     };
     if let Err(e) = res {
         // Once, on stderr (the journal under systemd): not also through the logger.
@@ -386,12 +410,13 @@ fn run(cfg: Config) -> Result<()> {
     // Installed first: a signal during start-up is not lost, and ends the run once started.
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
         .context("installing SIGINT/SIGTERM/SIGHUP handlers")?;
-    let note = (cfg.output.is_some() && std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .then(|| start_note(&cfg));
-    let agent = Agent::start(cfg)?;
-    if let Some(note) = note {
-        eprintln!("{note}");
+    // Said once the flags are known to be good, and before the table's header: the output
+    // thread writes that as soon as the agent starts.
+    if cfg.output.is_some() && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        Agent::check(&cfg)?;
+        eprintln!("{}", start_note(&cfg));
     }
+    let agent = Agent::start(cfg)?;
     let tls = agent.grpc_tls();
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
     std::thread::Builder::new()
@@ -423,7 +448,9 @@ fn start_note(cfg: &Config) -> String {
     let p = &cfg.poller;
     let d = |d| humantime::format_duration(d);
     let top = match cfg.grpc_listen.as_deref() {
-        Some(a) if Some(a) == defaults().grpc_listen.as_deref() => "run `flowlens top`".to_owned(),
+        Some(a) if Some(a) == defaults().grpc_listen.as_deref() => {
+            "run `flowlens top` or `flowlens flows`".to_owned()
+        }
         Some(a) => format!("run `flowlens top --server {a}`"),
         None => "run with --grpc-listen and use `flowlens top`".to_owned(),
     };
@@ -437,4 +464,70 @@ fn start_note(cfg: &Config) -> String {
         d(p.idle_icmp),
         d(p.active_timeout)
     )
+}
+
+/// `run --check-config`: what would run, or why it would not.
+fn check_config(cfg: &Config) -> Result<()> {
+    Agent::check(cfg)?;
+    let or = |v: &Option<String>, none: &str| v.clone().unwrap_or_else(|| none.to_owned());
+    let list = |v: &[String], none: &str| {
+        if v.is_empty() {
+            none.to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    let p = &cfg.poller;
+    let d = |d| humantime::format_duration(d).to_string();
+    println!("flowlens: the configuration is good; `flowlens run` would use:");
+    println!(
+        "  interfaces     {} (excluding {})",
+        list(
+            &cfg.interfaces,
+            "every interface that is up, except loopback"
+        ),
+        list(&cfg.exclude_interfaces, "none")
+    );
+    println!(
+        "  timeouts       idle tcp {} udp {} icmp {} other {}, active {}, TCP close grace {}, poll every {}",
+        d(p.idle_tcp),
+        d(p.idle_udp),
+        d(p.idle_icmp),
+        d(p.idle_other),
+        d(p.active_timeout),
+        d(p.tcp_close_grace),
+        d(p.poll_interval)
+    );
+    println!(
+        "  maps           {} flows, {} TCP, {} ICMP",
+        cfg.capacities.flows, cfg.capacities.tcp, cfg.capacities.icmp
+    );
+    println!(
+        "  stdout         {}",
+        match cfg.output {
+            Some(Format::Table) => "a table line per record",
+            Some(Format::Json) => "a JSON object per record",
+            None => "nothing",
+        }
+    );
+    println!("  gRPC           {}", or(&cfg.grpc_listen, "off"));
+    println!("  metrics        {}", or(&cfg.metrics_listen, "off"));
+    println!(
+        "  pins           {}",
+        cfg.pin_dir
+            .as_ref()
+            .map_or_else(|| "off".to_owned(), |p| p.display().to_string())
+    );
+    let ipfix: Vec<String> = cfg
+        .ipfix
+        .destinations
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    println!("  IPFIX          {}", list(&ipfix, "none"));
+    println!(
+        "  observer       {}",
+        or(&cfg.observer_id, &flowlens::poller::host_name())
+    );
+    Ok(())
 }

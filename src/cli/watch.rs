@@ -6,28 +6,37 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 
-use crate::cli::client::{describe, FlowQuery};
+use crate::cli::client::{describe, end_reason_arg, EndMatch, FlowQuery};
 use crate::record::api::proto;
 use crate::record::flow::FlowRecord;
-use crate::record::render::{Format, Renderer, TableStyle};
+use crate::record::render::{self, Format, Renderer, TableStyle, TimeFormat};
 
 /// First wait before reconnecting, and the longest.
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// With `--until`: how long after that time (and after the last record emitted before
+/// it) the watch waits for records still on their way (batches leave the agent within
+/// ~100 ms of their first record).
+const UNTIL_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct WatchArgs {
     #[command(flatten)]
     pub query: FlowQuery,
+    /// End reason: idle_timeout, active_timeout, tcp_fin, tcp_rst, shutdown, evicted, or the
+    /// table's idle, actv, fin, rst, rst-c, rst-s, rst-cs, refused, stop, evict (repeatable).
+    #[arg(
+        long,
+        value_name = "REASON",
+        env = "FLOWLENS_WATCH_END_REASON",
+        value_delimiter = ','
+    )]
+    pub end_reason: Vec<String>,
     /// Print one JSON object per line instead of a table.
     #[arg(long, env = "FLOWLENS_WATCH_JSON")]
     pub json: bool,
-    /// Table: every column, unabbreviated (wider than 100 columns).
-    #[arg(long, env = "FLOWLENS_WATCH_WIDE")]
-    pub wide: bool,
-    /// Table: print a legend of the columns and abbreviations before the header.
-    #[arg(long, env = "FLOWLENS_WATCH_LEGEND")]
-    pub legend: bool,
+    #[command(flatten)]
+    pub table: TableArgs,
     /// When the agent goes away (restart, crash), keep trying to reconnect with backoff
     /// instead of exiting; the records a restarted agent kept are replayed.
     #[arg(long, env = "FLOWLENS_WATCH_RECONNECT")]
@@ -41,9 +50,14 @@ pub struct WatchArgs {
         env = "FLOWLENS_WATCH_REPLAY"
     )]
     pub replay: u32,
-    /// First print the kept flows last seen within this long ago (e.g. 30s, 5m, 1h).
-    #[arg(long, value_name = "DURATION", env = "FLOWLENS_WATCH_SINCE")]
+    /// First print the kept records emitted since then: a duration ago (30s, 5m, 1h) or a
+    /// time (2026-11-25T20:03:00Z, or "2026-11-25 20:03" in --time-format's zone).
+    #[arg(long, value_name = "TIME", env = "FLOWLENS_WATCH_SINCE")]
     pub since: Option<String>,
+    /// Only records emitted up to then (same forms as --since); the watch ends once the
+    /// agent's records pass it.
+    #[arg(long, value_name = "TIME", env = "FLOWLENS_WATCH_UNTIL")]
+    pub until: Option<String>,
     /// First print the kept flows emitted after record number N (a record's `seq`), to
     /// resume where an earlier watch stopped.
     #[arg(long, value_name = "N", env = "FLOWLENS_WATCH_AFTER_SEQ")]
@@ -51,6 +65,37 @@ pub struct WatchArgs {
     /// Exit after the replay instead of following new flows.
     #[arg(long, env = "FLOWLENS_WATCH_NO_FOLLOW")]
     pub no_follow: bool,
+}
+
+/// How the table looks: the flags `watch` and `flows` share.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TableArgs {
+    /// Table: every column, unabbreviated.
+    #[arg(long, env = "FLOWLENS_WATCH_WIDE")]
+    pub wide: bool,
+    /// Table: print a legend of the columns and abbreviations before the header.
+    #[arg(long, env = "FLOWLENS_WATCH_LEGEND")]
+    pub legend: bool,
+    /// Table: no header and no date lines, rows only.
+    #[arg(long, env = "FLOWLENS_WATCH_NO_HEADER")]
+    pub no_header: bool,
+    /// Table: times in UTC, the local time zone, or Unix seconds.
+    #[arg(long, value_enum, env = "FLOWLENS_WATCH_TIME_FORMAT", default_value_t = TimeFormat::Utc)]
+    pub time_format: TimeFormat,
+}
+
+impl TableArgs {
+    /// The table style, as wide as the terminal on stdout.
+    pub fn style(&self) -> TableStyle {
+        TableStyle {
+            wide: self.wide,
+            legend: self.legend,
+            no_header: self.no_header,
+            time: self.time_format,
+            width: render::stdout_width(),
+            ..TableStyle::default()
+        }
+    }
 }
 
 /// Subscribes and prints until Ctrl-C (exit 0) or the stream ends; a broken stream is an
@@ -85,6 +130,8 @@ enum Ended {
     Stopped,
     /// Output went away (e.g. piped into `head`): a normal way to stop.
     OutputGone,
+    /// The records passed `--until`.
+    Until,
     /// The connection broke; the message says how.
     Lost(String),
 }
@@ -96,11 +143,9 @@ pub async fn watch_to(
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let req = subscribe_request(args)?;
-    let server = &args.query.server;
-    let style = TableStyle {
-        wide: args.wide,
-        legend: args.legend,
-    };
+    let server = &args.query.agent.server;
+    let style = args.table.style();
+    let keep = Keep::of(args)?;
     let mut renderer = Renderer::styled(
         if args.json {
             Format::Json
@@ -116,7 +161,7 @@ pub async fn watch_to(
     let mut reconnecting = false;
     loop {
         let attempt = async {
-            let mut client = args.query.connect().await?;
+            let mut client = args.query.agent.connect().await?;
             let started = client
                 .get_status(proto::GetStatusRequest {})
                 .await
@@ -183,8 +228,8 @@ pub async fn watch_to(
             return quiet_pipe(e);
         }
         let began = Instant::now();
-        match follow(stream, &mut renderer, out, &mut stop).await {
-            Ended::Stopped | Ended::OutputGone => return Ok(()),
+        match follow(stream, &keep, &mut renderer, out, &mut stop).await {
+            Ended::Stopped | Ended::OutputGone | Ended::Until => return Ok(()),
             Ended::Closed if !args.reconnect || req.follow == Some(false) => {
                 if req.follow != Some(false) {
                     eprintln!("flowlens watch: the server ended the stream");
@@ -218,16 +263,69 @@ pub async fn watch_to(
     }
 }
 
+/// What the client keeps of the records the agent sends: the finer reset labels of
+/// `--end-reason`, and `--until`.
+#[derive(Debug, Clone, Default)]
+struct Keep {
+    /// Empty: every end reason the agent sends.
+    ends: Vec<EndMatch>,
+    until: Option<SystemTime>,
+}
+
+impl Keep {
+    fn of(a: &WatchArgs) -> anyhow::Result<Keep> {
+        Ok(Keep {
+            ends: end_matches(&a.end_reason)?,
+            until: a
+                .until
+                .as_deref()
+                .map(|s| time_arg(s, "--until", a.table.time_format))
+                .transpose()?,
+        })
+    }
+
+    fn wants(&self, r: &FlowRecord) -> bool {
+        self.ends.is_empty() || self.ends.iter().any(|e| e.matches(r))
+    }
+
+    /// Whether `r` comes after `--until`: records arrive in emission order, so nothing
+    /// after it is wanted either.
+    fn past(&self, r: &FlowRecord) -> bool {
+        self.until.is_some_and(|u| r.emitted > u)
+    }
+
+    /// When to stop waiting for records: `UNTIL_GRACE` after `--until` and after the
+    /// last record, whichever is later.
+    fn deadline(&self, last: Instant) -> Option<Instant> {
+        let u = self.until?;
+        let left = u.duration_since(SystemTime::now()).unwrap_or_default();
+        Some((Instant::now() + left).max(last) + UNTIL_GRACE)
+    }
+}
+
+fn end_matches(values: &[String]) -> anyhow::Result<Vec<EndMatch>> {
+    values.iter().map(|s| end_reason_arg(s)).collect()
+}
+
 /// Prints one subscription's records until it ends.
 async fn follow(
     mut stream: tonic::Streaming<proto::SubscribeResponse>,
+    keep: &Keep,
     renderer: &mut Renderer,
     out: &mut impl Write,
     stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Ended {
+    let mut last = Instant::now();
     loop {
+        let until = async {
+            match keep.deadline(last) {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         let msg = tokio::select! {
             _ = stop.as_mut() => return Ended::Stopped,
+            _ = until => return Ended::Until,
             msg = stream.message() => msg,
         };
         let event = match msg {
@@ -237,11 +335,16 @@ async fn follow(
         };
         match event {
             Some(proto::subscribe_response::Event::Flows(batch)) => {
-                if let Err(e) = print_batch(&batch, renderer, out) {
-                    return match quiet_pipe(e) {
-                        Ok(()) => Ended::OutputGone,
-                        Err(e) => Ended::Lost(format!("{e:#}")),
-                    };
+                last = Instant::now();
+                match print_batch(&batch, keep, renderer, out) {
+                    Ok(true) => {}
+                    Ok(false) => return Ended::Until,
+                    Err(e) => {
+                        return match quiet_pipe(e) {
+                            Ok(()) => Ended::OutputGone,
+                            Err(e) => Ended::Lost(format!("{e:#}")),
+                        }
+                    }
                 }
             }
             Some(proto::subscribe_response::Event::Lost(lost)) => {
@@ -269,11 +372,13 @@ fn quiet_pipe(e: io::Error) -> anyhow::Result<()> {
     }
 }
 
+/// Prints the records `keep` wants; false once they passed `--until`.
 fn print_batch(
     batch: &proto::FlowBatch,
+    keep: &Keep,
     renderer: &mut Renderer,
     out: &mut impl Write,
-) -> io::Result<()> {
+) -> io::Result<bool> {
     for p in &batch.records {
         let rec = match FlowRecord::try_from(p) {
             Ok(r) => r,
@@ -282,27 +387,31 @@ fn print_batch(
                 continue;
             }
         };
-        renderer.record(out, &rec)?;
+        if keep.past(&rec) {
+            out.flush()?;
+            return Ok(false);
+        }
+        if keep.wants(&rec) {
+            renderer.record(out, &rec)?;
+        }
     }
-    out.flush()
+    out.flush()?;
+    Ok(true)
 }
 
 /// Builds the Subscribe request the flags describe, rejecting bad values by flag name.
 pub fn subscribe_request(a: &WatchArgs) -> anyhow::Result<proto::SubscribeRequest> {
-    let (include, exclude) = a.query.filters()?;
+    let ends: Vec<_> = end_matches(&a.end_reason)?
+        .into_iter()
+        .map(|e| e.reason)
+        .collect();
+    let mut reasons = ends.clone();
+    reasons.dedup();
+    let (include, exclude) = a.query.filters(&reasons)?;
     let since = a
         .since
         .as_deref()
-        .map(|s| -> anyhow::Result<prost_types::Timestamp> {
-            let ago = humantime::parse_duration(s).with_context(|| {
-                format!("--since {s:?}: expected a duration such as 90s, 5m, 1h30m")
-            })?;
-            let t = SystemTime::now()
-                .checked_sub(ago)
-                .unwrap_or(UNIX_EPOCH)
-                .max(UNIX_EPOCH);
-            Ok(t.into())
-        })
+        .map(|s| time_arg(s, "--since", a.table.time_format).map(prost_types::Timestamp::from))
         .transpose()?;
     Ok(proto::SubscribeRequest {
         include,
@@ -311,5 +420,53 @@ pub fn subscribe_request(a: &WatchArgs) -> anyhow::Result<proto::SubscribeReques
         since,
         follow: Some(!a.no_follow),
         after_seq: a.after_seq,
+    })
+}
+
+/// A point in time as `--since` and `--until` take it: a duration ago (`90s`, `1h30m`), an
+/// RFC 3339 time (`2026-11-25T20:03:00Z`, `...+01:00`), a date and time without a zone
+/// (`2026-11-25 20:03[:00]`, in the zone `--time-format` names), or Unix seconds.
+pub fn time_arg(s: &str, flag: &str, zone: TimeFormat) -> anyhow::Result<SystemTime> {
+    use chrono::{NaiveDateTime, TimeZone};
+    let s = s.trim();
+    if let Ok(ago) = humantime::parse_duration(s) {
+        return Ok(SystemTime::now()
+            .checked_sub(ago)
+            .unwrap_or(UNIX_EPOCH)
+            .max(UNIX_EPOCH));
+    }
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.into());
+    }
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs >= 0.0 && secs.is_finite() {
+            return Ok(UNIX_EPOCH + Duration::from_secs_f64(secs));
+        }
+    }
+    let naive = [
+        "%Y-%m-%d %H:%M:%S",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M",
+    ]
+    .iter()
+    .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
+    .or_else(|| {
+        chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+            .ok()
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+    });
+    let at = naive.and_then(|n| match zone {
+        TimeFormat::Local => chrono::Local
+            .from_local_datetime(&n)
+            .earliest()
+            .map(SystemTime::from),
+        TimeFormat::Utc | TimeFormat::Unix => Some(chrono::Utc.from_utc_datetime(&n).into()),
+    });
+    at.ok_or_else(|| {
+        anyhow::anyhow!(
+            "{flag} {s:?}: expected a duration ago (90s, 5m, 1h30m), a time \
+             (2026-11-25T20:03:00Z, \"2026-11-25 20:03\") or Unix seconds"
+        )
     })
 }

@@ -17,12 +17,14 @@ pub enum PreflightError {
         "missing capabilities: {missing} (have CapEff={have:#x}); run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (see deploy/flowlens.service)"
     )]
     Capabilities { missing: String, have: u64 },
-    #[error("{path} is not on a BPF filesystem and mounting one failed ({source}); mount it with `mount -t bpf bpf /sys/fs/bpf`, or pass --pin-dir off")]
+    #[error("--pin-dir {path}: no BPF filesystem is mounted at /sys/fs/bpf and mounting one failed ({source}); mount it (`mount -t bpf bpf /sys/fs/bpf`), or pass --pin-dir off")]
     NoBpffs {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    #[error("--pin-dir {path} is not on a BPF filesystem: use a directory under /sys/fs/bpf (mounted when missing), mount one where you want it (`mount -t bpf bpf DIR`), or pass --pin-dir off")]
+    NotBpffs { path: PathBuf },
     #[error("another flowlens already uses the pinned maps in {0}; stop it, or give this one another --pin-dir")]
     Busy(PathBuf),
     #[error("pin directory {path}: {problem}: another user could take over or move the agent's pins; {fix}, or pass another --pin-dir")]
@@ -129,7 +131,18 @@ pub fn ensure_bpffs(pin_root: &Path) -> Result<(), PreflightError> {
             )
         };
         if r == 0 && is_bpffs(Path::new(BPFFS_ROOT)) {
-            log::info!("mounted a BPF filesystem at {BPFFS_ROOT}");
+            if private_mount_namespace() {
+                log::warn!(
+                    "mounted a BPF filesystem at {BPFFS_ROOT} in this process's own mount \
+                     namespace (as `ip netns exec` gives it): the pins under {} vanish when \
+                     the agent exits, so a restarted agent cannot take its flows over; run it \
+                     in the host's mount namespace (e.g. `nsenter --net=/run/netns/NAME`) \
+                     or pass --pin-dir off",
+                    pin_root.display()
+                );
+            } else {
+                log::info!("mounted a BPF filesystem at {BPFFS_ROOT}");
+            }
             return Ok(());
         }
         return Err(PreflightError::NoBpffs {
@@ -137,10 +150,37 @@ pub fn ensure_bpffs(pin_root: &Path) -> Result<(), PreflightError> {
             source: std::io::Error::last_os_error(),
         });
     }
-    Err(PreflightError::NoBpffs {
+    Err(PreflightError::NotBpffs {
         path: pin_root.to_path_buf(),
-        source: std::io::Error::other("not a BPF filesystem"),
     })
+}
+
+/// Whether this process runs in a mount namespace of its own rather than init's: a bpffs
+/// it mounts there is gone when the namespace is (`ip netns exec` makes one per command).
+fn private_mount_namespace() -> bool {
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    match (ns("self"), ns("1")) {
+        (Some(me), Some(init)) => me != init,
+        _ => false,
+    }
+}
+
+/// Whether `pin_root` can be on a bpffs without loading anything: it is on one already,
+/// or it is under /sys/fs/bpf, which `ensure_bpffs` mounts when missing.
+pub fn check_bpffs(pin_root: &Path) -> Result<(), PreflightError> {
+    let mut probe = pin_root.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    if is_bpffs(&probe) || pin_root.starts_with(BPFFS_ROOT) {
+        Ok(())
+    } else {
+        Err(PreflightError::NotBpffs {
+            path: pin_root.to_path_buf(),
+        })
+    }
 }
 
 /// Held for the agent's life: one agent per pin directory.

@@ -137,6 +137,14 @@ fn bind_unix(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    // The runtime directory systemd makes for the unit; run by hand, the agent makes it
+    // (one level only: a mistyped deeper path is an error, not a tree of directories).
+    if !parent.exists() {
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
     let staging = parent.join(format!(".flowlens-bind-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::DirBuilder::new()
