@@ -27,7 +27,6 @@ pub fn run(t: &mut Table) -> Result<()> {
     for subs in STREAM_SUBSCRIBERS {
         let hub = Hub::new(HubConfig {
             ring_capacity: 1000,
-            subscriber_queue: records as usize,
             ..HubConfig::default()
         });
         let svc =
@@ -79,11 +78,7 @@ pub fn run(t: &mut Table) -> Result<()> {
     // The poller's side: publishing with and without a subscriber that never reads.
     let mut rates = Vec::new();
     for stalled in [false, true] {
-        let hub = Hub::new(HubConfig {
-            ring_capacity: 10_000,
-            subscriber_queue: 4096,
-            ..HubConfig::default()
-        });
+        let hub = Hub::new(HubConfig::default());
         let _enter = rt.enter();
         let _sub = stalled.then(|| hub.subscribe(Default::default()));
         let t0 = Instant::now();
@@ -119,6 +114,7 @@ fn stream_encode(t: &mut Table, recs: &[FlowRecord]) -> Result<()> {
     for (i, r) in recs.iter().enumerate() {
         let mut p = flowlens::record::api::proto::FlowRecord::from(r);
         p.seq = i as u64 + 1;
+        p.run = 1;
         bytes_prost += std::hint::black_box(p.encode_to_vec()).len();
     }
     let prost_ns = t0.elapsed().as_secs_f64() * 1e9 / recs.len() as f64;
@@ -126,7 +122,11 @@ fn stream_encode(t: &mut Table, recs: &[FlowRecord]) -> Result<()> {
     let t0 = Instant::now();
     for (i, r) in recs.iter().enumerate() {
         buf.clear();
-        flowlens::record::encoding::encode_record(i as u64 + 1, r, &mut buf);
+        let at = flowlens::record::encoding::Stamp {
+            run: 1,
+            seq: i as u64 + 1,
+        };
+        flowlens::record::encoding::encode_record(at, r, &mut buf);
         bytes_direct += std::hint::black_box(&buf).len();
     }
     let direct_ns = t0.elapsed().as_secs_f64() * 1e9 / recs.len() as f64;

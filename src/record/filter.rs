@@ -186,12 +186,14 @@ impl Selector {
 #[derive(Debug, Clone)]
 pub struct SubscribeOptions {
     pub selector: Selector,
-    /// Replay at most this many recent matching ring records (0: no limit).
+    /// Replay at most this many recent matching records (0: no limit).
     pub replay: usize,
-    /// Replay the matching ring records with `last_seen >= since`.
+    /// Replay the matching records with `last_seen >= since`.
     pub since: Option<SystemTime>,
-    /// Replay the matching ring records numbered after this one.
+    /// Replay the matching records numbered after this one (of run `run`).
     pub after_seq: Option<u64>,
+    /// The run `after_seq` counts in; another run than the hub's: the agent restarted.
+    pub run: Option<u64>,
     /// Stream new records after the replay.
     pub follow: bool,
     /// Remote address, for status.
@@ -211,6 +213,7 @@ impl Default for SubscribeOptions {
             replay: 0,
             since: None,
             after_seq: None,
+            run: None,
             follow: true,
             peer: String::new(),
         }

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use crate::record::encoding::Stamp;
 use crate::record::flow::{
     proto_name, tcp_flags, DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo,
     TcpState,
@@ -71,7 +72,13 @@ impl Renderer {
         Ok(())
     }
 
+    /// `r` with no stamp (JSON `seq` and `run` 0): a record that was never emitted.
     pub fn record(&mut self, out: &mut impl Write, r: &FlowRecord) -> io::Result<()> {
+        self.record_at(out, Stamp::default(), r)
+    }
+
+    /// `r`, emitted as record `at.seq` of run `at.run` (JSON shows both; the table neither).
+    pub fn record_at(&mut self, out: &mut impl Write, at: Stamp, r: &FlowRecord) -> io::Result<()> {
         match self.format {
             Format::Table => {
                 self.header(out)?;
@@ -83,7 +90,7 @@ impl Renderer {
                 writeln!(out, "{}", table_row(r, self.style.wide))
             }
             Format::Json => {
-                serde_json::to_writer(&mut *out, &JsonRecord::of(r))?;
+                serde_json::to_writer(&mut *out, &JsonRecord::of(at, r))?;
                 writeln!(out)
             }
         }
@@ -479,9 +486,10 @@ pub fn latency(ns: u64) -> String {
 // JSON
 // ---------------------------------------------------------------------------
 
-/// The JSON form of a record: the proto's field names, RFC 3339 timestamps with
-/// nanoseconds and their integer `*_ns` twins, and the protocol's name beside its number.
-/// README "JSON records" documents every field; renaming one breaks users.
+/// The JSON form of a record: every field of the proto's `FlowRecord` under its name,
+/// RFC 3339 timestamps with nanoseconds and their integer `*_ns` twins, the protocol's
+/// name beside its number, and the TCP flags' names beside their bits. README "JSON
+/// records" documents every field; renaming one breaks users.
 #[derive(Debug, Serialize)]
 pub struct JsonRecord<'a> {
     flow_id: u64,
@@ -507,12 +515,35 @@ pub struct JsonRecord<'a> {
     server: &'a DirStats,
     end_reason: EndReason,
     continuation: bool,
-    tcp: Option<&'a TcpInfo>,
+    fragment: bool,
+    tcp: Option<JsonTcp<'a>>,
     icmp: Option<&'a IcmpInfo>,
+    seq: u64,
+    run: u64,
+}
+
+/// `TcpInfo` with the flags' names (`["SYN", "ACK"]`) beside each side's bits, for tools
+/// without bitwise operators (jq).
+#[derive(Debug, Serialize)]
+struct JsonTcp<'a> {
+    #[serde(flatten)]
+    info: &'a TcpInfo,
+    client_flag_names: Vec<&'static str>,
+    server_flag_names: Vec<&'static str>,
+}
+
+impl<'a> JsonTcp<'a> {
+    fn of(info: &'a TcpInfo) -> JsonTcp<'a> {
+        JsonTcp {
+            info,
+            client_flag_names: tcp_flags::upper_names(info.client_flags),
+            server_flag_names: tcp_flags::upper_names(info.server_flags),
+        }
+    }
 }
 
 impl<'a> JsonRecord<'a> {
-    pub fn of(r: &'a FlowRecord) -> JsonRecord<'a> {
+    pub fn of(at: Stamp, r: &'a FlowRecord) -> JsonRecord<'a> {
         let ns = |t: SystemTime| {
             t.duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
@@ -545,8 +576,11 @@ impl<'a> JsonRecord<'a> {
             server: &r.server,
             end_reason: r.end_reason,
             continuation: r.continuation,
-            tcp: r.tcp.as_ref(),
+            fragment: r.fragment,
+            tcp: r.tcp.as_ref().map(JsonTcp::of),
             icmp: r.icmp.as_ref(),
+            seq: at.seq,
+            run: at.run,
         }
     }
 }
@@ -821,6 +855,6 @@ mod tests {
             (v["flow_id"].as_u64(), v["observer"].as_str()),
             (Some(42), Some("host1"))
         );
-        assert_eq!(keys.len(), 25, "{keys:?}");
+        assert_eq!(keys.len(), 28, "{keys:?}");
     }
 }
