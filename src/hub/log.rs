@@ -505,8 +505,9 @@ pub(crate) struct Cursor {
 
 impl Cursor {
     /// The next run of at most `max` records, or why there is none. With `only_small`
-    /// (adding to a batch already begun) a gap or a whole block of `share_min` records or
-    /// more is left for the next call (Wait).
+    /// (adding to a batch already begun) only a whole block of fewer than `share_min`
+    /// records that fits is taken; a gap, a large block or a part of one is left for the
+    /// next call (Wait), so that large blocks are sent whole, as they are shared.
     pub fn step(&mut self, log: &Shared, max: usize, only_small: Option<usize>) -> Step {
         let st = log.lock();
         if self.end.is_some_and(|e| self.next >= e) {
@@ -529,7 +530,7 @@ impl Cursor {
         }
         let run = st.run_at(self.next, max, self.end);
         if let Some(share_min) = only_small {
-            if run.is_whole() && run.len() >= share_min {
+            if !run.is_whole() || run.len() >= share_min {
                 return Step::Wait;
             }
         }

@@ -161,8 +161,11 @@ impl Hub {
     }
 
     /// Spawns the fanout thread: it drains `rx` (the poller's batches of records) and
-    /// publishes them, several batches per block. When `rx` disconnects it closes the hub,
-    /// so every reader sees the end of its stream after the last record.
+    /// publishes them in blocks of [`BATCH_MAX_RECORDS`]. While more are coming it keeps
+    /// the tail that does not fill a block for the next round, so a bulk end makes full
+    /// blocks (each one batch for a subscriber, compressed once for all) even though the
+    /// poller's batches are of another size. When `rx` disconnects it closes the hub, so
+    /// every reader sees the end of its stream after the last record.
     pub fn spawn_fanout(
         &self,
         rx: crossbeam_channel::Receiver<Vec<FlowRecord>>,
@@ -171,20 +174,25 @@ impl Hub {
         std::thread::Builder::new()
             .name("flowlens-fanout".into())
             .spawn(move || {
-                let mut batches = Vec::new();
+                let mut pending = Pending::default();
                 while let Ok(first) = rx.recv() {
-                    let mut n = first.len();
-                    if n < BATCH_MAX_RECORDS && rx.is_empty() {
+                    pending.push(first);
+                    if pending.len < BATCH_MAX_RECORDS && rx.is_empty() {
                         std::thread::sleep(FANOUT_LINGER);
                     }
-                    batches.push(first);
-                    while n < FANOUT_CHUNK {
+                    while pending.len < FANOUT_CHUNK {
                         let Ok(more) = rx.try_recv() else { break };
-                        n += more.len();
-                        batches.push(more);
+                        pending.push(more);
                     }
-                    hub.publish_batches(batches.drain(..));
+                    let whole = if rx.is_empty() {
+                        pending.len
+                    } else {
+                        pending.len / BATCH_MAX_RECORDS * BATCH_MAX_RECORDS
+                    };
+                    hub.publish_records(pending.iter().take(whole));
+                    pending.consume(whole);
                 }
+                hub.publish_records(pending.iter());
                 hub.close();
             })
     }
@@ -201,9 +209,15 @@ impl Hub {
 
     /// Numbers the records of `batches` in order, encodes them into blocks of up to
     /// [`BATCH_MAX_RECORDS`] (a block may hold the records of several batches), and
-    /// appends the blocks to the log. The records are encoded here, once, outside the
-    /// log's lock; readers decode what they need.
+    /// appends the blocks to the log.
     pub fn publish_batches(&self, batches: impl IntoIterator<Item = Vec<FlowRecord>>) {
+        let batches: Vec<Vec<FlowRecord>> = batches.into_iter().collect();
+        self.publish_records(batches.iter().flatten());
+    }
+
+    /// Numbers and encodes `recs` into blocks, once, outside the log's lock (readers
+    /// decode what they need), and appends them.
+    fn publish_records<'a>(&self, recs: impl Iterator<Item = &'a FlowRecord>) {
         let mut numbering = self
             .inner
             .numbering
@@ -213,22 +227,20 @@ impl Hub {
         let mut first = next;
         let mut blocks = Vec::new();
         let mut writer: Option<BatchWriter> = None;
-        for batch in batches {
-            for r in &batch {
-                let w = writer.get_or_insert_with(|| BatchWriter::with_capacity(batch.len()));
-                w.record(
-                    Stamp {
-                        run: self.inner.run,
-                        seq: next,
-                    },
-                    r,
-                );
-                next += 1;
-                if w.len() == BATCH_MAX_RECORDS {
-                    let full = writer.take().expect("a writer");
-                    blocks.push(self.inner.block(first, full.finish()));
-                    first = next;
-                }
+        for r in recs {
+            let w = writer.get_or_insert_with(|| BatchWriter::with_capacity(BATCH_MAX_RECORDS));
+            w.record(
+                Stamp {
+                    run: self.inner.run,
+                    seq: next,
+                },
+                r,
+            );
+            next += 1;
+            if w.len() == BATCH_MAX_RECORDS {
+                let full = writer.take().expect("a writer");
+                blocks.push(self.inner.block(first, full.finish()));
+                first = next;
             }
         }
         if let Some(w) = writer.filter(|w| !w.is_empty()) {
@@ -293,6 +305,40 @@ impl Hub {
                     lost: s.lost_by(log.held_from),
                 })
                 .collect(),
+        }
+    }
+}
+
+/// The poller's batches the fanout holds: the front one from `start` on.
+#[derive(Default)]
+struct Pending {
+    batches: std::collections::VecDeque<Vec<FlowRecord>>,
+    start: usize,
+    len: usize,
+}
+
+impl Pending {
+    fn push(&mut self, batch: Vec<FlowRecord>) {
+        self.len += batch.len();
+        self.batches.push_back(batch);
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &FlowRecord> + '_ {
+        self.batches.iter().flatten().skip(self.start)
+    }
+
+    /// Lets go of the first `n` records.
+    fn consume(&mut self, mut n: usize) {
+        self.len -= n;
+        while let Some(front) = self.batches.front() {
+            let left = front.len() - self.start;
+            if n < left {
+                self.start += n;
+                return;
+            }
+            n -= left;
+            self.start = 0;
+            self.batches.pop_front();
         }
     }
 }
