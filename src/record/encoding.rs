@@ -431,9 +431,14 @@ impl<'a> Field<'a> {
     }
 
     fn addr(self) -> Result<IpAddr, DecodeError> {
-        self.text()?
-            .parse()
-            .map_err(|_| DecodeError("an address is not an IP address"))
+        let b = self.bytes()?;
+        if let Some(v4) = dotted_quad(b) {
+            return Ok(IpAddr::V4(v4));
+        }
+        std::str::from_utf8(b)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .ok_or(DecodeError("an address is not an IP address"))
     }
 
     fn time(self) -> Result<SystemTime, DecodeError> {
@@ -446,6 +451,14 @@ impl<'a> Field<'a> {
             }
             Ok(true)
         })?;
+        // What the encoder wrote from a SystemTime: nanos within 0..1e9.
+        if let (Ok(secs), Ok(nanos)) = (u64::try_from(t.seconds), u32::try_from(t.nanos)) {
+            if nanos < 1_000_000_000 {
+                return SystemTime::UNIX_EPOCH
+                    .checked_add(std::time::Duration::new(secs, nanos))
+                    .ok_or(DecodeError("a timestamp out of range"));
+            }
+        }
         SystemTime::try_from(t).map_err(|_| DecodeError("a timestamp out of range"))
     }
 
@@ -536,6 +549,33 @@ impl<'a> Field<'a> {
         })?;
         Ok(i)
     }
+}
+
+/// `a.b.c.d` in decimal (as [`AddrText`] writes an IPv4 address), without `str::parse`.
+fn dotted_quad(b: &[u8]) -> Option<Ipv4Addr> {
+    if !(7..=15).contains(&b.len()) {
+        return None;
+    }
+    let mut octets = [0u8; 4];
+    let (mut i, mut n, mut digits) = (0, 0u16, 0);
+    for &c in b {
+        match c {
+            b'0'..=b'9' if digits < 3 => {
+                n = n * 10 + u16::from(c - b'0');
+                digits += 1;
+            }
+            b'.' if digits > 0 && i < 3 => {
+                octets[i] = u8::try_from(n).ok()?;
+                (i, n, digits) = (i + 1, 0, 0);
+            }
+            _ => return None,
+        }
+    }
+    if i != 3 || digits == 0 {
+        return None;
+    }
+    octets[3] = u8::try_from(n).ok()?;
+    Some(Ipv4Addr::from(octets))
 }
 
 /// Reads records back from their encoding, the inverse of [`encode_record`]. Keeps the
@@ -1003,6 +1043,25 @@ mod tests {
 
     fn text(a: IpAddr) -> String {
         String::from_utf8(AddrText::of(a).as_bytes().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn dotted_quads_read_back_as_display_wrote_them() {
+        for v in [0u32, 1, 0x0a00_0001, 0xc0a8_6401, 0x6464_6464, u32::MAX] {
+            let a = Ipv4Addr::from(v);
+            assert_eq!(dotted_quad(a.to_string().as_bytes()), Some(a));
+        }
+        for bad in [
+            "1.2.3",
+            "1.2.3.4.5",
+            "256.1.1.1",
+            "1..2.3",
+            "1.2.3.",
+            "01234.1.1.1",
+            "::1",
+        ] {
+            assert_eq!(dotted_quad(bad.as_bytes()), None, "{bad}");
+        }
     }
 
     #[test]
