@@ -227,12 +227,14 @@ struct RunArgs {
     /// read them.
     #[arg(long, env = "FLOWLENS_REPLAY_RING", value_parser = capacity, default_value_t = defaults().hub.ring_capacity as u32)]
     replay_ring: u32,
-    /// No effect any more (accepted with a warning): readers share --buffer-memory.
+    /// No effect any more (accepted, whatever its value, with a warning): readers share
+    /// --buffer-memory.
     #[arg(long, env = "FLOWLENS_SUBSCRIBER_QUEUE", hide = true)]
-    subscriber_queue: Option<u32>,
-    /// No effect any more (accepted with a warning): readers share --buffer-memory.
+    subscriber_queue: Option<String>,
+    /// No effect any more (accepted, whatever its value, with a warning): readers share
+    /// --buffer-memory.
     #[arg(long, env = "FLOWLENS_OUTPUT_QUEUE", hide = true)]
-    output_queue: Option<u32>,
+    output_queue: Option<String>,
     /// Names this agent in every record (`observer`), so records of many hosts can be
     /// merged. Default: the host name.
     #[arg(
@@ -264,11 +266,11 @@ impl RunArgs {
     /// Flags given that no longer do anything, and what replaced them.
     fn deprecated(&self) -> Vec<String> {
         [
-            ("--subscriber-queue", self.subscriber_queue),
-            ("--output-queue", self.output_queue),
+            ("--subscriber-queue", &self.subscriber_queue),
+            ("--output-queue", &self.output_queue),
         ]
         .into_iter()
-        .filter_map(|(flag, v)| v.map(|_| flag))
+        .filter_map(|(flag, v)| v.as_ref().map(|_| flag))
         .map(|flag| {
             format!(
                 "{flag} has no effect any more: every reader (stdout, each subscriber, each \

@@ -11,7 +11,7 @@
 //! | `flows_ended_total` | counter | | flows the poller has seen end |
 //! | `records_emitted_total` | counter | | flow records emitted (active-timeout records included) |
 //! | `subscribers` | gauge | | connected stream subscribers |
-//! | `subscriber_lost_records_total` | counter | | records lost by slow subscribers (departed ones included) |
+//! | `subscriber_lost_records_total` | counter | | records lost by subscribers a whole buffer behind (departed ones included) |
 //! | `replay_ring_records` | gauge | | records the buffer holds (replay and resume reach back to them) |
 //! | `replay_ring_capacity_records` | gauge | | records kept after every reader read them (`--replay-ring`) |
 //! | `buffer_bytes` | gauge | | bytes the record buffer holds |
@@ -194,7 +194,7 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
     e.single(
         "subscriber_lost_records_total",
         "counter",
-        "Records lost by sinks whose queue was full (subscribers, stdout, exporters), departed subscribers included.",
+        "Records gRPC subscribers lost (they fell a whole buffer behind; after their filters), departed subscribers included.",
         hub.lost_total,
     );
     for (name, help, get) in [
