@@ -220,8 +220,7 @@ pub async fn watch_to(
             return quiet_pipe(e);
         }
         let began = Instant::now();
-        let clean_before = previous.unwrap_or(true);
-        let ended = follow(stream, &mut renderer, out, &mut stop, &mut at, clean_before).await;
+        let ended = follow(stream, &mut renderer, out, &mut stop, &mut at, previous).await;
         match ended {
             Ended::Stopped | Ended::OutputGone => return Ok(()),
             Ended::Closed if !args.reconnect || req.follow == Some(false) => {
@@ -259,15 +258,15 @@ pub async fn watch_to(
 }
 
 /// Prints one subscription's records until it ends, keeping `at` on the last one printed.
-/// `clean_before`: the previous stream (if any) ended with the server's OK, after every
-/// record its agent had.
+/// `previous`: whether the previous stream of this watch (if any) ended with the server's
+/// OK, after every record its agent had.
 async fn follow(
     mut stream: tonic::Streaming<proto::SubscribeResponse>,
     renderer: &mut Renderer,
     out: &mut impl Write,
     stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     at: &mut Option<Position>,
-    clean_before: bool,
+    previous: Option<bool>,
 ) -> Ended {
     use proto::subscribe_response::Event;
     loop {
@@ -291,7 +290,7 @@ async fn follow(
             }
             Some(Event::Lost(lost)) => eprintln!("flowlens watch: {}", lost_text(&lost)),
             Some(Event::Restarted(r)) => {
-                eprintln!("flowlens watch: {}", restart_text(&r, *at, clean_before));
+                eprintln!("flowlens watch: {}", restart_text(&r, *at, previous));
                 *at = Some(Position {
                     run: r.run,
                     seq: r.first_seq.saturating_sub(1),
@@ -325,17 +324,21 @@ fn lost_text(lost: &proto::Lost) -> String {
 }
 
 /// A `Restarted` event in words: what of the old run and of the new one was missed.
-fn restart_text(r: &proto::Restarted, at: Option<Position>, clean_before: bool) -> String {
-    let old = match at {
-        Some(p) if clean_before => format!(
+fn restart_text(r: &proto::Restarted, at: Option<Position>, previous: Option<bool>) -> String {
+    let old = match (at, previous) {
+        (Some(p), Some(true)) => format!(
             "run {} ended cleanly after record {}: nothing of it was missed",
             p.run, p.seq
         ),
-        Some(p) => format!(
+        (Some(p), Some(false)) => format!(
             "records run {} emitted after record {} and had not sent, if any, were lost with it",
             p.run, p.seq
         ),
-        None => format!("run {} is gone", r.requested_run),
+        (Some(p), None) => format!(
+            "what run {} emitted after record {}, if anything, is not known to the agent now",
+            p.run, p.seq
+        ),
+        (None, _) => format!("run {} is gone", r.requested_run),
     };
     let new = if r.first_seq <= 1 {
         format!("every record of the new run {} follows", r.run)
@@ -414,4 +417,60 @@ pub fn subscribe_request(a: &WatchArgs) -> anyhow::Result<proto::SubscribeReques
         after_seq: a.after_seq,
         run: a.run,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn restarted(first_seq: u64) -> proto::Restarted {
+        proto::Restarted {
+            requested_run: 7,
+            run: 9,
+            started: None,
+            first_seq,
+        }
+    }
+
+    #[test]
+    fn a_restart_says_what_of_each_run_was_missed() {
+        let at = Some(Position { run: 7, seq: 41 });
+        let clean = restart_text(&restarted(1), at, Some(true));
+        assert!(
+            clean.contains("run 7 ended cleanly after record 41: nothing of it"),
+            "{clean}"
+        );
+        assert!(
+            clean.contains("every record of the new run 9 follows"),
+            "{clean}"
+        );
+        let crashed = restart_text(&restarted(101), at, Some(false));
+        assert!(
+            crashed.contains("emitted after record 41 and had not sent, if any, were lost"),
+            "{crashed}"
+        );
+        assert!(
+            crashed.contains("emitted 100 records before the oldest it still holds"),
+            "{crashed}"
+        );
+        assert!(crashed.contains("record 101 on follows"), "{crashed}");
+        let first = restart_text(&restarted(1), at, None);
+        assert!(first.contains("is not known to the agent now"), "{first}");
+    }
+
+    #[test]
+    fn a_loss_names_its_records_and_why() {
+        let lost = proto::Lost {
+            count: 3,
+            reason: proto::LostReason::NotRetained.into(),
+            first_seq: 11,
+            last_seq: 13,
+        };
+        let text = lost_text(&lost);
+        assert!(
+            text.starts_with("LOST 3 flow records (records 11..=13): "),
+            "{text}"
+        );
+        assert!(text.contains("no longer held them"), "{text}");
+    }
 }
