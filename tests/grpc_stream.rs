@@ -340,4 +340,19 @@ async fn resuming_on_the_same_run_sends_each_record_once() {
     let r = &got.restarts[0];
     assert_eq!((r.requested_run, r.run, r.first_seq), (run ^ 1, run, 1));
     assert_eq!(got.ids, (1..=50).collect::<Vec<_>>());
+
+    // Records after after_seq that the agent no longer holds: named first, then the rest.
+    let small = Agent::with_config(HubConfig {
+        ring_capacity: 10,
+        ..HubConfig::default()
+    });
+    for i in 1..=50 {
+        small.hub.publish(rec(i));
+    }
+    let got = drain(small.subscribe(resume(30, small.hub.run())).await).await;
+    assert_eq!(got.losses.len(), 1);
+    let l = &got.losses[0];
+    assert_eq!(l.reason(), proto::LostReason::NotRetained);
+    assert_eq!((l.count, l.first_seq, l.last_seq), (10, 31, 40));
+    assert_eq!(got.ids, (41..=50).collect::<Vec<_>>());
 }
