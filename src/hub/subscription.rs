@@ -136,14 +136,6 @@ impl Records {
                 }
             })
     }
-
-    /// The distinct blocks it refers to, and how many records of each.
-    pub fn blocks(&self) -> impl Iterator<Item = (&Arc<Block>, usize)> + '_ {
-        self.parts.iter().map(|p| match p {
-            Part::Run(r) => (r.block(), r.len()),
-            Part::Picked(b, picks) => (b, picks.len()),
-        })
-    }
 }
 
 /// A filter task's notes on one block: which records its filters matched.
