@@ -143,18 +143,19 @@ pub async fn watch_to(
         let attempt = async {
             let mut client = args.query.connect().await?;
             let mut req = req.clone();
-            if reconnecting {
+            // After the last record printed; before any, the request as first made.
+            if let Some(p) = at.filter(|_| reconnecting) {
                 req.replay = 0;
                 req.since = None;
                 req.follow = Some(true);
-                req.after_seq = at.map(|p| p.seq);
-                req.run = at.map(|p| p.run);
+                req.after_seq = Some(p.seq);
+                req.run = Some(p.run);
             }
-            // Before any record: where this stream begins (the agent's run and its latest
+            // Where a stream that replays nothing begins (the agent's run and its latest
             // seq), so that a drop before the first record still resumes exactly. Asked
             // before subscribing: a record published in between comes again after a drop
             // only if it was never printed.
-            let begins = if args.reconnect && at.is_none() {
+            let begins = if args.reconnect && at.is_none() && !subscribe_replays(&req) {
                 client
                     .get_status(proto::GetStatusRequest {})
                     .await
@@ -208,6 +209,9 @@ pub async fn watch_to(
                 Some(p) => eprintln!(
                     "flowlens watch: reconnected to {server}; resuming after record {} of run {}",
                     p.seq, p.run
+                ),
+                None if subscribe_replays(&req) => eprintln!(
+                    "flowlens watch: reconnected to {server}; nothing was printed yet: asking again"
                 ),
                 None => eprintln!(
                     "flowlens watch: reconnected to {server}; records ended while disconnected \
@@ -389,6 +393,11 @@ fn print_batch(
         renderer.record_at(out, stamp, &rec)?;
     }
     out.flush()
+}
+
+/// Whether `req` asks for records emitted before it.
+fn subscribe_replays(req: &proto::SubscribeRequest) -> bool {
+    req.replay > 0 || req.since.is_some() || req.after_seq.is_some()
 }
 
 /// Builds the Subscribe request the flags describe, rejecting bad values by flag name.
