@@ -253,6 +253,64 @@ impl FromStr for OrOff {
     }
 }
 
+/// An amount of memory: a number of bytes, or one with a unit (`KiB`, `MiB`, `GiB`; `K`,
+/// `M`, `G` mean the same; `KB`, `MB`, `GB` are powers of 1000), e.g. `256MiB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub usize);
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (unit, size) in [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if n >= size && n.is_multiple_of(size) {
+                return write!(f, "{}{unit}", n / size);
+            }
+        }
+        write!(f, "{n}")
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?}: expected a size such as 256MiB, 1GiB or 65536"))?;
+        let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kib" => 1 << 10,
+            "m" | "mib" => 1 << 20,
+            "g" | "gib" => 1 << 30,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "{s:?}: unknown unit {other:?} (B, KiB, MiB, GiB, KB, MB, GB)"
+                ))
+            }
+        };
+        n.checked_mul(scale)
+            .and_then(|b| usize::try_from(b).ok())
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+/// `--buffer-memory`: at least [`MIN_BUFFER_MEMORY`](crate::hub::MIN_BUFFER_MEMORY).
+pub fn buffer_memory(s: &str) -> Result<ByteSize, String> {
+    let b: ByteSize = s.parse()?;
+    let min = ByteSize(crate::hub::MIN_BUFFER_MEMORY);
+    if b.0 < min.0 {
+        return Err(format!("{b} is below the minimum of {min}"));
+    }
+    Ok(b)
+}
+
 /// A map capacity: at least 1.
 pub fn capacity(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|e| format!("{e}"))?;

@@ -14,7 +14,8 @@ use flowlens::cli::status::{self, StatusArgs};
 use flowlens::cli::top::{self, TopArgs};
 use flowlens::cli::watch::{self, WatchArgs};
 use flowlens::config::{
-    capacity, Config, FileMode, GrpcConfig, HumanDuration, IpfixSettings, OrOff,
+    buffer_memory, capacity, ByteSize, Config, FileMode, GrpcConfig, HumanDuration, IpfixSettings,
+    OrOff,
 };
 use flowlens::hub::HubConfig;
 use flowlens::kernel::attach::Mode;
@@ -223,16 +224,23 @@ struct RunArgs {
     /// Prometheus self-metrics listen address (HOST:PORT), or "off".
     #[arg(long, env = "FLOWLENS_METRICS_LISTEN", default_value_t = OrOff::of(defaults().metrics_listen))]
     metrics_listen: OrOff,
-    /// Records kept in memory for subscribers' replay.
+    /// Memory for records not yet read by every reader (stdout, subscribers, exporters),
+    /// shared by all of them: a reader loses records only when it falls this far behind.
+    /// About 200 bytes per record (256MiB: a burst of over 1 M records).
+    #[arg(long, env = "FLOWLENS_BUFFER_MEMORY", value_parser = buffer_memory, default_value_t = ByteSize(defaults().hub.buffer_memory))]
+    buffer_memory: ByteSize,
+    /// Records kept in memory for subscribers' replay and resume after every reader has
+    /// read them.
     #[arg(long, env = "FLOWLENS_REPLAY_RING", value_parser = capacity, default_value_t = defaults().hub.ring_capacity as u32)]
     replay_ring: u32,
-    /// Records queued per subscriber before it starts losing them (and is told so).
-    #[arg(long, env = "FLOWLENS_SUBSCRIBER_QUEUE", value_parser = capacity, default_value_t = defaults().hub.subscriber_queue as u32)]
-    subscriber_queue: u32,
-    /// Records queued for stdout (and each exporter) before it starts losing them; losses
-    /// are counted in flowlens_sink_lost_records_total and logged.
-    #[arg(long, env = "FLOWLENS_OUTPUT_QUEUE", value_parser = capacity, default_value_t = defaults().hub.sink_queue as u32)]
-    output_queue: u32,
+    /// No effect any more (accepted, whatever its value, with a warning): readers share
+    /// --buffer-memory.
+    #[arg(long, env = "FLOWLENS_SUBSCRIBER_QUEUE", hide = true)]
+    subscriber_queue: Option<String>,
+    /// No effect any more (accepted, whatever its value, with a warning): readers share
+    /// --buffer-memory.
+    #[arg(long, env = "FLOWLENS_OUTPUT_QUEUE", hide = true)]
+    output_queue: Option<String>,
     /// Names this agent in every record (`observer`), so records of many hosts can be
     /// merged. Default: the host name.
     #[arg(
@@ -266,6 +274,25 @@ struct RunArgs {
 }
 
 impl RunArgs {
+    /// Flags given that no longer do anything, and what replaced them.
+    fn deprecated(&self) -> Vec<String> {
+        [
+            ("--subscriber-queue", &self.subscriber_queue),
+            ("--output-queue", &self.output_queue),
+        ]
+        .into_iter()
+        .filter_map(|(flag, v)| v.as_ref().map(|_| flag))
+        .map(|flag| {
+            format!(
+                "{flag} has no effect any more: every reader (stdout, each subscriber, each \
+                 exporter) reads one shared buffer of records, bounded by --buffer-memory \
+                 (now {}); remove {flag} (or its FLOWLENS_ variable)",
+                self.buffer_memory
+            )
+        })
+        .collect()
+    }
+
     fn into_config(self) -> Config {
         let d = defaults();
         Config {
@@ -293,9 +320,8 @@ impl RunArgs {
                 icmp: self.max_icmp_flows,
             },
             hub: HubConfig {
+                buffer_memory: self.buffer_memory.0,
                 ring_capacity: self.replay_ring as usize,
-                subscriber_queue: self.subscriber_queue as usize,
-                sink_queue: self.output_queue as usize,
             },
             output: match self.output {
                 Output::Table => Some(Format::Table),
@@ -367,8 +393,16 @@ fn main() {
         .target(env_logger::Target::Stderr)
         .init();
     let res = match cli.command {
-        Command::Run(args) if args.check_config => check_config(&args.into_config()),
-        Command::Run(args) => run(args.into_config()),
+        Command::Run(args) => {
+            for note in args.deprecated() {
+                warn!("{note}");
+            }
+            if args.check_config {
+                check_config(&args.into_config())
+            } else {
+                run(args.into_config())
+            }
+        }
         Command::Watch(args) => watch::run(*args),
         Command::Top(args) => top::run(*args),
         Command::Flows(args) => flows::run(*args),

@@ -872,8 +872,10 @@ async fn memory_of_disconnected_subscribers_is_returned() {
          after they left {after:.1} MB ({:?} after the last left)",
         start.elapsed()
     );
+    // They share the records they have not read (the hub's log): what each costs alone
+    // is its connection and the messages in flight to it.
     assert!(
-        peak - baseline > 20.0,
+        peak - baseline > 8.0,
         "the stalled subscribers should have cost memory: {baseline:.1} -> {peak:.1} MB"
     );
     assert!(

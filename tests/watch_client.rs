@@ -287,31 +287,14 @@ async fn watch_reconnect_follows_a_restarted_agent_without_gaps_or_repeats() {
         reconnect: true,
         ..Default::default()
     };
-    let out = Shared::default();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let watch = tokio::spawn({
-        let mut out = out.clone();
-        async move {
-            watch::watch_to(&args, &mut out, async {
-                let _ = stop_rx.await;
-            })
-            .await
-        }
-    });
+    let watch = WatchTask::spawn(args);
+    let out = watch.out.clone();
     let publish = |a: &Agent, port: u16| {
         let mut r = rec(1);
         r.client_port = port;
         a.hub.publish(r);
     };
-    // Subscribed once GetStatus shows the subscriber.
-    let deadline = std::time::Instant::now() + WAIT;
-    while first.hub.stats().subscribers().count() == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "watch never subscribed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_subscribers(&first.hub, 1).await;
     publish(&first, 1);
     assert_eq!(out.wait_for(1).await, [1]);
 
@@ -325,8 +308,7 @@ async fn watch_reconnect_follows_a_restarted_agent_without_gaps_or_repeats() {
     assert_eq!(out.wait_for(3).await, [1, 2, 3]);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(out.ports(), [1, 2, 3], "nothing twice");
-    stop_tx.send(()).unwrap();
-    watch.await.unwrap().unwrap();
+    watch.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

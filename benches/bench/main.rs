@@ -1,7 +1,8 @@
 //! `make bench`: datapath cost per packet, split vs monolithic maps (time and kernel memory),
-//! poller drain rate, gRPC stream rate, IPFIX export rate, and real-traffic overhead, as ratios
-//! measured in one run.
+//! poller drain rate, gRPC stream rate, bursts of flow ends to every reader, IPFIX export rate,
+//! and real-traffic overhead, as ratios measured in one run.
 
+mod burst;
 mod common;
 mod compression;
 mod datapath;
@@ -23,7 +24,7 @@ use common::Table;
 type Section = fn(&mut Table) -> Result<()>;
 
 /// Every section, in the order a full run takes them: its name, what it measures, and it.
-const SECTIONS: [(&str, &str, Section); 8] = [
+const SECTIONS: [(&str, &str, Section); 9] = [
     (
         "datapath",
         "BPF datapath cost per packet, split vs monolithic maps",
@@ -48,6 +49,11 @@ const SECTIONS: [(&str, &str, Section); 8] = [
         "stream",
         "gRPC stream rate, publish rate, encoding, idle-subscriber RSS",
         stream::run,
+    ),
+    (
+        "burst",
+        "100 k and 1 M flows ending at once, through the binary to stdout, watch and grpcio",
+        burst::run,
     ),
     (
         "compression",

@@ -7,6 +7,7 @@ use anyhow::Context;
 use crate::cli::client::{describe, list_flows, FlowQuery};
 use crate::cli::watch::TableArgs;
 use crate::record::api::proto;
+use crate::record::encoding::Stamp;
 use crate::record::flow::FlowRecord;
 use crate::record::render::{self, Format, JsonRecord, Renderer, TableKind};
 
@@ -127,7 +128,8 @@ pub fn print(args: &FlowsArgs, flows: &[FlowRecord], out: &mut impl Write) -> io
             if i > 0 {
                 writeln!(out, ",")?;
             }
-            serde_json::to_writer(&mut *out, &JsonRecord::of(r))?;
+            // Flows in progress have no place in the emission order: run and seq 0, as ListFlows says.
+            serde_json::to_writer(&mut *out, &JsonRecord::of(Stamp::default(), r))?;
         }
         if !flows.is_empty() {
             writeln!(out)?;

@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 
 use crate::cli::client::{describe, end_reason_arg, EndMatch, FlowQuery};
 use crate::record::api::proto;
+use crate::record::encoding::Stamp;
 use crate::record::flow::FlowRecord;
 use crate::record::render::{self, Format, Renderer, TableStyle, TimeFormat};
 
@@ -37,8 +38,9 @@ pub struct WatchArgs {
     pub json: bool,
     #[command(flatten)]
     pub table: TableArgs,
-    /// When the agent goes away (restart, crash), keep trying to reconnect with backoff
-    /// instead of exiting; the records a restarted agent kept are replayed.
+    /// When the stream breaks (a dropped connection, an agent restart or crash), keep
+    /// trying to reconnect with backoff instead of exiting, and resume after the last
+    /// record printed: nothing twice, and what could not be had is said on stderr.
     #[arg(long, env = "FLOWLENS_WATCH_RECONNECT")]
     pub reconnect: bool,
 
@@ -59,9 +61,18 @@ pub struct WatchArgs {
     #[arg(long, value_name = "TIME", env = "FLOWLENS_WATCH_UNTIL")]
     pub until: Option<String>,
     /// First print the kept flows emitted after record number N (a record's `seq`), to
-    /// resume where an earlier watch stopped.
+    /// resume where an earlier watch stopped; give that record's `run` with --run.
     #[arg(long, value_name = "N", env = "FLOWLENS_WATCH_AFTER_SEQ")]
     pub after_seq: Option<u64>,
+    /// The agent run --after-seq counts in (a record's `run`): if the agent restarted
+    /// since, watch says so and prints what the new run still holds instead.
+    #[arg(
+        long,
+        value_name = "ID",
+        env = "FLOWLENS_WATCH_RUN",
+        requires = "after_seq"
+    )]
+    pub run: Option<u64>,
     /// Exit after the replay instead of following new flows.
     #[arg(long, env = "FLOWLENS_WATCH_NO_FOLLOW")]
     pub no_follow: bool,
@@ -124,7 +135,8 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
 
 /// How one subscription ended.
 enum Ended {
-    /// The server ended the stream (agent stopping, or the replay is over).
+    /// The server ended the stream (agent stopping, after every record; or the replay is
+    /// over).
     Closed,
     /// The caller's stop signal.
     Stopped,
@@ -134,6 +146,13 @@ enum Ended {
     Until,
     /// The connection broke; the message says how.
     Lost(String),
+}
+
+/// The last record printed: where a reconnected stream resumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Position {
+    run: u64,
+    seq: u64,
 }
 
 /// The body of `run`, with the output and the stop signal supplied by the caller.
@@ -156,27 +175,45 @@ pub async fn watch_to(
     );
     tokio::pin!(stop);
     let mut backoff = BACKOFF_FIRST;
-    // The start time of the agent we last streamed from, to tell a restart from a blip.
-    let mut agent_started: Option<SystemTime> = None;
-    let mut reconnecting = false;
+    // Where to resume: the last record printed or, before the first, where the first
+    // stream began.
+    let mut at: Option<Position> = args
+        .after_seq
+        .zip(args.run)
+        .map(|(seq, run)| Position { run, seq });
+    // How the previous stream ended, once there was one.
+    let mut previous: Option<bool> = None;
     loop {
+        let reconnecting = previous.is_some();
         let attempt = async {
             let mut client = args.query.agent.connect().await?;
-            let started = client
-                .get_status(proto::GetStatusRequest {})
-                .await
-                .ok()
-                .and_then(|s| s.into_inner().started)
-                .and_then(|t| SystemTime::try_from(t).ok());
             let mut req = req.clone();
-            if reconnecting {
-                // Only a restarted agent's records are replayed: its ring holds nothing
-                // this watch has seen, so all of them (since the epoch).
-                let restarted = started.is_some() && started != agent_started;
+            // After the last record printed; before any, the request as first made.
+            if let Some(p) = at.filter(|_| reconnecting) {
                 req.replay = 0;
-                req.since = restarted.then(|| UNIX_EPOCH.into());
+                req.since = None;
                 req.follow = Some(true);
+                req.after_seq = Some(p.seq);
+                req.run = Some(p.run);
             }
+            // Where a stream that replays nothing begins (the agent's run and its latest
+            // seq), so that a drop before the first record still resumes exactly. Asked
+            // before subscribing: a record published in between comes again after a drop
+            // only if it was never printed.
+            let begins = if args.reconnect && at.is_none() && !subscribe_replays(&req) {
+                client
+                    .get_status(proto::GetStatusRequest {})
+                    .await
+                    .ok()
+                    .map(|s| s.into_inner())
+                    .filter(|s| s.run != 0)
+                    .map(|s| Position {
+                        run: s.run,
+                        seq: s.records_published,
+                    })
+            } else {
+                None
+            };
             let stream = client
                 .subscribe(req)
                 .await
@@ -193,13 +230,13 @@ pub async fn watch_to(
                     anyhow::anyhow!("subscribing at {server}: {text}{hint}")
                 })?
                 .into_inner();
-            anyhow::Ok((stream, started))
+            anyhow::Ok((stream, begins))
         };
         let connected = tokio::select! {
             _ = &mut stop => return Ok(()),
             c = attempt => c,
         };
-        let (stream, started) = match connected {
+        let (stream, begins) = match connected {
             Ok(c) => c,
             Err(e) if reconnecting => {
                 eprintln!("flowlens watch: {e:#}; retrying in {backoff:?}");
@@ -213,22 +250,36 @@ pub async fn watch_to(
             Err(e) => return Err(e),
         };
         if reconnecting {
-            let restarted = started.is_some() && started != agent_started;
-            eprintln!(
-                "flowlens watch: reconnected to {server}{}",
-                if restarted {
-                    "; the agent had restarted: replaying the records it kept"
-                } else {
-                    "; records ended while disconnected were missed"
-                }
-            );
+            match at {
+                Some(p) => eprintln!(
+                    "flowlens watch: reconnected to {server}; resuming after record {} of run {}",
+                    p.seq, p.run
+                ),
+                None if subscribe_replays(&req) => eprintln!(
+                    "flowlens watch: reconnected to {server}; nothing was printed yet: asking again"
+                ),
+                None => eprintln!(
+                    "flowlens watch: reconnected to {server}; records ended while disconnected \
+                     were missed (the agent did not say where the stream was)"
+                ),
+            }
         }
-        agent_started = started;
+        at = at.or(begins);
         if let Err(e) = renderer.header(out).and_then(|()| out.flush()) {
             return quiet_pipe(e);
         }
         let began = Instant::now();
-        match follow(stream, &keep, &mut renderer, out, &mut stop).await {
+        let ended = follow(
+            stream,
+            &keep,
+            &mut renderer,
+            out,
+            &mut stop,
+            &mut at,
+            previous,
+        )
+        .await;
+        match ended {
             Ended::Stopped | Ended::OutputGone | Ended::Until => return Ok(()),
             Ended::Closed if !args.reconnect || req.follow == Some(false) => {
                 if req.follow != Some(false) {
@@ -242,10 +293,12 @@ pub async fn watch_to(
             Ended::Closed => {
                 eprintln!(
                     "flowlens watch: {server} ended the stream (agent stopping?); reconnecting"
-                )
+                );
+                previous = Some(true);
             }
             Ended::Lost(why) => {
-                eprintln!("flowlens watch: stream from {server} lost ({why}); reconnecting")
+                eprintln!("flowlens watch: stream from {server} lost ({why}); reconnecting");
+                previous = Some(false);
             }
         }
         // A stream that ended soon after it began waits out the backoff like a failed
@@ -259,7 +312,6 @@ pub async fn watch_to(
         } else {
             backoff = BACKOFF_FIRST;
         }
-        reconnecting = true;
     }
 }
 
@@ -307,14 +359,19 @@ fn end_matches(values: &[String]) -> anyhow::Result<Vec<EndMatch>> {
     values.iter().map(|s| end_reason_arg(s)).collect()
 }
 
-/// Prints one subscription's records until it ends.
+/// Prints one subscription's records until it ends, keeping `at` on the last one printed.
+/// `previous`: whether the previous stream of this watch (if any) ended with the server's
+/// OK, after every record its agent had.
 async fn follow(
     mut stream: tonic::Streaming<proto::SubscribeResponse>,
     keep: &Keep,
     renderer: &mut Renderer,
     out: &mut impl Write,
     stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    at: &mut Option<Position>,
+    previous: Option<bool>,
 ) -> Ended {
+    use proto::subscribe_response::Event;
     let mut last = Instant::now();
     loop {
         let until = async {
@@ -334,9 +391,9 @@ async fn follow(
             Err(s) => return Ended::Lost(describe(&s)),
         };
         match event {
-            Some(proto::subscribe_response::Event::Flows(batch)) => {
+            Some(Event::Flows(batch)) => {
                 last = Instant::now();
-                match print_batch(&batch, keep, renderer, out) {
+                match print_batch(&batch, keep, renderer, out, at) {
                     Ok(true) => {}
                     Ok(false) => return Ended::Until,
                     Err(e) => {
@@ -347,20 +404,71 @@ async fn follow(
                     }
                 }
             }
-            Some(proto::subscribe_response::Event::Lost(lost)) => {
-                eprintln!(
-                    "flowlens watch: LOST {} flow records ({})",
-                    lost.count,
-                    match lost.reason() {
-                        proto::LostReason::QueueFull =>
-                            "queue full: this client did not read fast enough",
-                        proto::LostReason::Unspecified => "unspecified reason",
-                    }
-                );
+            Some(Event::Lost(lost)) => eprintln!("flowlens watch: {}", lost_text(&lost)),
+            Some(Event::Restarted(r)) => {
+                eprintln!("flowlens watch: {}", restart_text(&r, *at, previous));
+                *at = Some(Position {
+                    run: r.run,
+                    seq: r.first_seq.saturating_sub(1),
+                });
             }
             None => {}
         }
     }
+}
+
+/// A `Lost` event in words: how many, which records, why.
+fn lost_text(lost: &proto::Lost) -> String {
+    let range = if lost.first_seq > 0 {
+        format!(" (records {}..={})", lost.first_seq, lost.last_seq)
+    } else {
+        String::new()
+    };
+    let why = match lost.reason() {
+        proto::LostReason::QueueFull => {
+            "this client fell behind: the agent's buffer let them go before it read them"
+        }
+        proto::LostReason::NotRetained => {
+            "the agent no longer held them when this client resumed (counted before filters)"
+        }
+        proto::LostReason::FiltersBehind => {
+            "the filters could not keep up with the stream (counted before filters)"
+        }
+        proto::LostReason::Unspecified => "unspecified reason",
+    };
+    format!("LOST {} flow records{range}: {why}", lost.count)
+}
+
+/// A `Restarted` event in words: what of the old run and of the new one was missed.
+fn restart_text(r: &proto::Restarted, at: Option<Position>, previous: Option<bool>) -> String {
+    let old = match (at, previous) {
+        (Some(p), Some(true)) => format!(
+            "run {} ended cleanly after record {}: nothing of it was missed",
+            p.run, p.seq
+        ),
+        (Some(p), Some(false)) => format!(
+            "records run {} emitted after record {} and had not sent, if any, were lost with it",
+            p.run, p.seq
+        ),
+        (Some(p), None) => format!(
+            "what run {} emitted after record {}, if anything, is not known to the agent now",
+            p.run, p.seq
+        ),
+        (None, _) => format!("run {} is gone", r.requested_run),
+    };
+    let new = if r.first_seq <= 1 {
+        format!("every record of the new run {} follows", r.run)
+    } else {
+        format!(
+            "the new run {} emitted {} records before the oldest it still holds (records \
+             1..={}): missed; record {} on follows",
+            r.run,
+            r.first_seq - 1,
+            r.first_seq - 1,
+            r.first_seq
+        )
+    };
+    format!("the agent restarted; {old}; {new}")
 }
 
 /// Output going away (e.g. piped into `head`) is a normal way to stop.
@@ -378,8 +486,13 @@ fn print_batch(
     keep: &Keep,
     renderer: &mut Renderer,
     out: &mut impl Write,
+    at: &mut Option<Position>,
 ) -> io::Result<bool> {
     for p in &batch.records {
+        *at = Some(Position {
+            run: p.run,
+            seq: p.seq,
+        });
         let rec = match FlowRecord::try_from(p) {
             Ok(r) => r,
             Err(e) => {
@@ -392,11 +505,20 @@ fn print_batch(
             return Ok(false);
         }
         if keep.wants(&rec) {
-            renderer.record(out, &rec)?;
+            let stamp = Stamp {
+                run: p.run,
+                seq: p.seq,
+            };
+            renderer.record_at(out, stamp, &rec)?;
         }
     }
     out.flush()?;
     Ok(true)
+}
+
+/// Whether `req` asks for records emitted before it.
+fn subscribe_replays(req: &proto::SubscribeRequest) -> bool {
+    req.replay > 0 || req.since.is_some() || req.after_seq.is_some()
 }
 
 /// Builds the Subscribe request the flags describe, rejecting bad values by flag name.
@@ -420,6 +542,7 @@ pub fn subscribe_request(a: &WatchArgs) -> anyhow::Result<proto::SubscribeReques
         since,
         follow: Some(!a.no_follow),
         after_seq: a.after_seq,
+        run: a.run,
     })
 }
 
@@ -469,4 +592,60 @@ pub fn time_arg(s: &str, flag: &str, zone: TimeFormat) -> anyhow::Result<SystemT
              (2026-11-25T20:03:00Z, \"2026-11-25 20:03\") or Unix seconds"
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn restarted(first_seq: u64) -> proto::Restarted {
+        proto::Restarted {
+            requested_run: 7,
+            run: 9,
+            started: None,
+            first_seq,
+        }
+    }
+
+    #[test]
+    fn a_restart_says_what_of_each_run_was_missed() {
+        let at = Some(Position { run: 7, seq: 41 });
+        let clean = restart_text(&restarted(1), at, Some(true));
+        assert!(
+            clean.contains("run 7 ended cleanly after record 41: nothing of it"),
+            "{clean}"
+        );
+        assert!(
+            clean.contains("every record of the new run 9 follows"),
+            "{clean}"
+        );
+        let crashed = restart_text(&restarted(101), at, Some(false));
+        assert!(
+            crashed.contains("emitted after record 41 and had not sent, if any, were lost"),
+            "{crashed}"
+        );
+        assert!(
+            crashed.contains("emitted 100 records before the oldest it still holds"),
+            "{crashed}"
+        );
+        assert!(crashed.contains("record 101 on follows"), "{crashed}");
+        let first = restart_text(&restarted(1), at, None);
+        assert!(first.contains("is not known to the agent now"), "{first}");
+    }
+
+    #[test]
+    fn a_loss_names_its_records_and_why() {
+        let lost = proto::Lost {
+            count: 3,
+            reason: proto::LostReason::NotRetained.into(),
+            first_seq: 11,
+            last_seq: 13,
+        };
+        let text = lost_text(&lost);
+        assert!(
+            text.starts_with("LOST 3 flow records (records 11..=13): "),
+            "{text}"
+        );
+        assert!(text.contains("no longer held them"), "{text}");
+    }
 }

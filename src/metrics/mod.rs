@@ -11,9 +11,13 @@
 //! | `flows_ended_total` | counter | | flows the poller has seen end |
 //! | `records_emitted_total` | counter | | flow records emitted (active-timeout records included) |
 //! | `subscribers` | gauge | | connected stream subscribers |
-//! | `subscriber_lost_records_total` | counter | | records lost by slow subscribers (departed ones included) |
-//! | `replay_ring_records` | gauge | | records held for replay |
-//! | `replay_ring_capacity_records` | gauge | | replay ring capacity |
+//! | `subscriber_lost_records_total` | counter | | records lost by subscribers a whole buffer behind (departed ones included) |
+//! | `replay_ring_records` | gauge | | records the buffer holds (replay and resume reach back to them) |
+//! | `replay_ring_capacity_records` | gauge | | records kept after every reader read them (`--replay-ring`) |
+//! | `buffer_bytes` | gauge | | bytes the record buffer holds |
+//! | `buffer_capacity_bytes` | gauge | | its bound (`--buffer-memory`) |
+//! | `sink_behind_records` | gauge | `sink` | records a local sink has yet to read |
+//! | `sink_lost_records_total` | counter | `sink` | records a local sink lost (it fell a whole buffer behind) |
 //! | `map_entries` | gauge | `map` | entries in a flow map at the last poll |
 //! | `map_capacity_entries` | gauge | `map` | a flow map's maximum entries |
 //! | `map_utilization_ratio` | gauge | `map` | entries / capacity (0..1) |
@@ -190,7 +194,7 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
     e.single(
         "subscriber_lost_records_total",
         "counter",
-        "Records lost by sinks whose queue was full (subscribers, stdout, exporters), departed subscribers included.",
+        "Records gRPC subscribers lost (they fell a whole buffer behind; after their filters), departed subscribers included.",
         hub.lost_total,
     );
     for (name, help, get) in [
@@ -228,17 +232,37 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
     for s in hub.sinks.iter().filter(|s| s.kind != SinkKind::Subscriber) {
         e.sample("sink_lost_records_total", &[("sink", &s.name)], s.lost);
     }
+    e.family(
+        "sink_behind_records",
+        "gauge",
+        "Records published that a local sink (stdout, an exporter) has yet to read.",
+    );
+    for s in hub.sinks.iter().filter(|s| s.kind != SinkKind::Subscriber) {
+        e.sample("sink_behind_records", &[("sink", &s.name)], s.queued);
+    }
     e.single(
         "replay_ring_records",
         "gauge",
-        "Records held in memory for subscribers' replay.",
+        "Records the buffer holds: replay and resume reach back to them.",
         hub.ring_len,
     );
     e.single(
         "replay_ring_capacity_records",
         "gauge",
-        "Capacity of the replay ring, in records.",
+        "Records kept for replay after every reader has read them (--replay-ring).",
         hub.ring_capacity,
+    );
+    e.single(
+        "buffer_bytes",
+        "gauge",
+        "Bytes the record buffer holds: encoded records and their compressed forms.",
+        hub.buffer_bytes,
+    );
+    e.single(
+        "buffer_capacity_bytes",
+        "gauge",
+        "Bound of the record buffer (--buffer-memory).",
+        hub.buffer_capacity,
     );
 
     e.family(
@@ -350,8 +374,12 @@ mod tests {
             ..Snapshot::default()
         };
         let hub = HubStats {
+            run: 1,
             ring_len: 0,
             ring_capacity: 0,
+            buffer_bytes: 0,
+            buffer_capacity: 0,
+            oldest_seq: 0,
             published: 0,
             lost_total: 0,
             sinks: Vec::new(),

@@ -103,6 +103,7 @@ pub fn parse_request(
         replay: usize::try_from(req.replay).unwrap_or(usize::MAX),
         since,
         after_seq: req.after_seq,
+        run: req.run,
         follow: req.follow.unwrap_or(true),
         peer,
     })
@@ -293,7 +294,7 @@ fn parse_port_range(p: &proto::PortRange, field: &str) -> Result<PortRange, Requ
 // Conversions
 // ---------------------------------------------------------------------------
 
-fn end_reason_from_proto(e: proto::EndReason) -> Option<EndReason> {
+pub(crate) fn end_reason_from_proto(e: proto::EndReason) -> Option<EndReason> {
     match e {
         proto::EndReason::Unspecified => None,
         proto::EndReason::IdleTimeout => Some(EndReason::IdleTimeout),
@@ -334,7 +335,7 @@ impl From<TcpState> for proto::TcpState {
     }
 }
 
-fn tcp_state_from_proto(s: proto::TcpState) -> TcpState {
+pub(crate) fn tcp_state_from_proto(s: proto::TcpState) -> TcpState {
     match s {
         proto::TcpState::Unspecified | proto::TcpState::None => TcpState::None,
         proto::TcpState::SynSent => TcpState::SynSent,
@@ -421,6 +422,7 @@ impl From<&FlowRecord> for proto::FlowRecord {
             continuation: r.continuation,
             fragment: r.fragment,
             seq: 0,
+            run: 0,
             client: Some(dir_to_proto(&r.client)),
             server: Some(dir_to_proto(&r.server)),
             end_reason: proto::EndReason::from(r.end_reason).into(),

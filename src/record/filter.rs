@@ -256,12 +256,14 @@ impl Selector {
 #[derive(Debug, Clone)]
 pub struct SubscribeOptions {
     pub selector: Selector,
-    /// Replay at most this many recent matching ring records (0: no limit).
+    /// Replay at most this many recent matching records (0: no limit).
     pub replay: usize,
-    /// Replay the matching ring records with `emitted >= since`.
+    /// Replay the matching records with `emitted >= since`.
     pub since: Option<SystemTime>,
-    /// Replay the matching ring records numbered after this one.
+    /// Replay the matching records numbered after this one (of run `run`).
     pub after_seq: Option<u64>,
+    /// The run `after_seq` counts in; another run than the hub's: the agent restarted.
+    pub run: Option<u64>,
     /// Stream new records after the replay.
     pub follow: bool,
     /// Remote address, for status.
@@ -281,6 +283,7 @@ impl Default for SubscribeOptions {
             replay: 0,
             since: None,
             after_seq: None,
+            run: None,
             follow: true,
             peer: String::new(),
         }

@@ -49,6 +49,17 @@ pub mod tcp_flags {
         }
     }
 
+    /// The names of the flags in `bits`, upper case, in the order letters are printed:
+    /// `["SYN", "ACK"]`.
+    pub fn upper_names(bits: u8) -> Vec<&'static str> {
+        const UPPER: [&str; 8] = ["SYN", "ACK", "PSH", "FIN", "RST", "URG", "ECE", "CWR"];
+        ALL.iter()
+            .zip(UPPER)
+            .filter(|((b, _, _), _)| bits & b != 0)
+            .map(|(_, name)| name)
+            .collect()
+    }
+
     /// Parses "syn,ack" (also `|` or `+` separated) into bits.
     pub fn from_names(s: &str) -> Option<u8> {
         let mut bits = 0u8;

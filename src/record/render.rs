@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use crate::record::encoding::Stamp;
 use crate::record::flow::{
     proto_name, tcp_flags, DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo,
     TcpState, IPPROTO_TCP,
@@ -120,7 +121,13 @@ impl Renderer {
         Ok(())
     }
 
+    /// `r` with no stamp (JSON `seq` and `run` 0): a record that was never emitted.
     pub fn record(&mut self, out: &mut impl Write, r: &FlowRecord) -> io::Result<()> {
+        self.record_at(out, Stamp::default(), r)
+    }
+
+    /// `r`, emitted as record `at.seq` of run `at.run` (JSON shows both; the table neither).
+    pub fn record_at(&mut self, out: &mut impl Write, at: Stamp, r: &FlowRecord) -> io::Result<()> {
         match self.format {
             Format::Table => {
                 self.header(out)?;
@@ -134,7 +141,7 @@ impl Renderer {
                 writeln!(out, "{}", row(&self.layout, &self.style, r))
             }
             Format::Json => {
-                serde_json::to_writer(&mut *out, &JsonRecord::of(r))?;
+                serde_json::to_writer(&mut *out, &JsonRecord::of(at, r))?;
                 writeln!(out)
             }
         }
@@ -712,9 +719,10 @@ pub fn latency(ns: u64) -> String {
 // JSON
 // ---------------------------------------------------------------------------
 
-/// The JSON form of a record: the proto's field names, RFC 3339 timestamps with
-/// nanoseconds and their integer `*_ns` twins, and the protocol's name beside its number.
-/// README "JSON records" documents every field; renaming one breaks users.
+/// The JSON form of a record: every field of the proto's `FlowRecord` under its name,
+/// RFC 3339 timestamps with nanoseconds and their integer `*_ns` twins, the protocol's
+/// name beside its number, and the TCP flags' names beside their bits. README "JSON
+/// records" documents every field; renaming one breaks users.
 #[derive(Debug, Serialize)]
 pub struct JsonRecord<'a> {
     flow_id: u64,
@@ -742,12 +750,35 @@ pub struct JsonRecord<'a> {
     server: &'a DirStats,
     end_reason: EndReason,
     continuation: bool,
-    tcp: Option<&'a TcpInfo>,
+    fragment: bool,
+    tcp: Option<JsonTcp<'a>>,
     icmp: Option<&'a IcmpInfo>,
+    seq: u64,
+    run: u64,
+}
+
+/// `TcpInfo` with the flags' names (`["SYN", "ACK"]`) beside each side's bits, for tools
+/// without bitwise operators (jq).
+#[derive(Debug, Serialize)]
+struct JsonTcp<'a> {
+    #[serde(flatten)]
+    info: &'a TcpInfo,
+    client_flag_names: Vec<&'static str>,
+    server_flag_names: Vec<&'static str>,
+}
+
+impl<'a> JsonTcp<'a> {
+    fn of(info: &'a TcpInfo) -> JsonTcp<'a> {
+        JsonTcp {
+            info,
+            client_flag_names: tcp_flags::upper_names(info.client_flags),
+            server_flag_names: tcp_flags::upper_names(info.server_flags),
+        }
+    }
 }
 
 impl<'a> JsonRecord<'a> {
-    pub fn of(r: &'a FlowRecord) -> JsonRecord<'a> {
+    pub fn of(at: Stamp, r: &'a FlowRecord) -> JsonRecord<'a> {
         let ns = |t: SystemTime| {
             t.duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
@@ -782,8 +813,11 @@ impl<'a> JsonRecord<'a> {
             server: &r.server,
             end_reason: r.end_reason,
             continuation: r.continuation,
-            tcp: r.tcp.as_ref(),
+            fragment: r.fragment,
+            tcp: r.tcp.as_ref().map(JsonTcp::of),
             icmp: r.icmp.as_ref(),
+            seq: at.seq,
+            run: at.run,
         }
     }
 }
@@ -1205,6 +1239,6 @@ mod tests {
         );
         assert_eq!(v["emitted"], "2026-11-25T20:03:24.000000000Z");
         assert_eq!(v["emitted_ns"], 1_795_637_004_000_000_000u64);
-        assert_eq!(keys.len(), 27, "{keys:?}");
+        assert_eq!(keys.len(), 30, "{keys:?}");
     }
 }
