@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use log::{info, warn};
 
+use crate::admission::{self, Episode};
 use crate::config::Config;
 use crate::hub::{Hub, SinkKind};
 use crate::kernel::attach::{Attacher, IfNames, ProgramFds, Selector};
@@ -49,6 +50,8 @@ pub struct Agent {
     metrics: Option<MetricsHandle>,
     runtime: Option<tokio::runtime::Runtime>,
     exporters: Vec<JoinHandle<()>>,
+    /// Interface syncs failing in a row: logged when it starts and when it ends.
+    sync_failures: Episode,
     // Declared last: dropped after everything that uses the maps.
     dp: Datapath,
     _pin_lock: Option<PinLock>,
@@ -146,6 +149,7 @@ impl Agent {
             .build()
             .context("building the tokio runtime")?;
         let snapshots = SnapshotSlot::new(cfg.poller.poll_interval);
+        let (grpc_addr, metrics_limits) = fit_connections(&cfg, grpc_addr)?;
         // Listeners first: a port in use fails before anything is attached.
         let grpc_tls = grpc_addr.as_ref().map(GrpcEndpoint::is_tls);
         let grpc = grpc_addr
@@ -168,7 +172,7 @@ impl Agent {
                     m,
                     runtime.handle(),
                     metrics::renderer(status.clone(), hub.clone()),
-                    HttpLimits::default(),
+                    metrics_limits,
                 )
             })
             .transpose()
@@ -292,10 +296,22 @@ impl Agent {
         self.metrics.as_ref().map(MetricsHandle::local_addr)
     }
 
-    /// Attaches to interfaces that appeared and drops those that went away.
+    /// Attaches to interfaces that appeared and drops those that went away. A sync that
+    /// keeps failing is logged when it starts failing and when it works again.
     pub fn sync_interfaces(&mut self) {
-        if let Err(e) = self.attacher.sync(&self.selector) {
-            warn!("interface sync: {e}");
+        match self.attacher.sync(&self.selector) {
+            Err(e) if self.sync_failures.event() => {
+                warn!(
+                    "interface sync: {e} (retried every {:?}; said again when it works)",
+                    self.cfg.resync_interval
+                );
+            }
+            Err(e) => log::debug!("interface sync: {e}"),
+            Ok(_) => {
+                if let Some((n, over)) = self.sync_failures.end() {
+                    info!("interface sync works again after {n} failures over {over:?}");
+                }
+            }
         }
         publish_interfaces(&self.attacher, &self.status);
     }
@@ -471,10 +487,51 @@ impl Parts {
             metrics: self.metrics,
             runtime: Some(self.runtime),
             exporters: self.exporters,
+            sync_failures: Episode::default(),
             dp,
             _pin_lock: pin_lock,
         }
     }
+}
+
+/// The listeners' connection caps, lowered where the descriptor limit could not hold them
+/// beside what is open already and [`admission::RESERVE`] (kept for interfaces that
+/// appear, exporters and the poller), so a flood of connections cannot take the
+/// descriptors the rest of the agent needs.
+fn fit_connections(
+    cfg: &Config,
+    grpc: Option<GrpcEndpoint>,
+) -> Result<(Option<GrpcEndpoint>, HttpLimits)> {
+    let mut metrics = HttpLimits::default();
+    let limit = admission::raise_descriptor_limit();
+    let open = admission::open_descriptors();
+    let wanted = [
+        grpc.as_ref().map_or(0, |_| cfg.grpc.max_connections),
+        cfg.metrics_listen
+            .as_ref()
+            .map_or(0, |_| metrics.max_connections),
+    ];
+    let Some(caps) = admission::fit_descriptors(limit, open, &wanted) else {
+        bail!(
+            "the descriptor limit ({limit}, LimitNOFILE= under systemd) leaves no room for \
+             connections beside the {open} descriptors open and the {} kept in reserve; raise it",
+            admission::RESERVE
+        );
+    };
+    if caps[0] < wanted[0] {
+        warn!(
+            "--grpc-max-connections {} lowered to {}: the descriptor limit ({limit}) holds no \
+             more beside the {open} open and the {} kept in reserve; raise LimitNOFILE",
+            wanted[0],
+            caps[0],
+            admission::RESERVE
+        );
+    }
+    metrics.max_connections = caps[1].max(1);
+    metrics.max_connections_per_source = metrics
+        .max_connections_per_source
+        .min(metrics.max_connections);
+    Ok((grpc.map(|g| g.with_max_connections(caps[0])), metrics))
 }
 
 /// A capacity the kernel refuses is named by its flag, not left as a bare errno.

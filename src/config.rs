@@ -97,8 +97,19 @@ pub struct GrpcConfig {
     pub socket_mode: FileMode,
     /// Group (name or number) that owns a unix socket; None keeps the agent's.
     pub socket_group: Option<String>,
-    /// Subscribe streams open at once, all connections together.
+    /// Long-lived streams (Subscribe, health Watch, reflection) open at once, all
+    /// connections together.
     pub max_subscribers: usize,
+    /// Connections open at once, all peers together.
+    pub max_connections: usize,
+    /// Connections open at once from one source address (an IPv6 /64).
+    pub max_connections_per_source: usize,
+    /// A connection must finish its TLS handshake (cleartext: send the HTTP/2 preface)
+    /// this soon after it is accepted.
+    pub handshake_timeout: Duration,
+    /// A request's message must arrive whole this soon after its stream starts (a client
+    /// trickling it while answering pings would hold the stream for ever).
+    pub request_timeout: Duration,
     /// HTTP/2 streams one connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS).
     pub max_streams_per_connection: u32,
     /// Largest request message accepted, in bytes.
@@ -125,6 +136,10 @@ impl Default for GrpcConfig {
             socket_mode: FileMode(0o660),
             socket_group: None,
             max_subscribers: 64,
+            max_connections: 1024,
+            max_connections_per_source: 64,
+            handshake_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
             max_streams_per_connection: 16,
             max_request_size: 256 << 10,
             request_limits: RequestLimits::default(),

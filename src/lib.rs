@@ -8,6 +8,7 @@
 //! only. A stage imports from the stages before it and from `record`, never from one after
 //! it; ARCHITECTURE.md draws it.
 
+pub mod admission;
 pub mod agent;
 pub mod cli;
 pub mod config;

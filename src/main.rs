@@ -193,20 +193,31 @@ struct RunArgs {
     /// Group (name or number) given the gRPC unix socket; default: the agent's.
     #[arg(long, value_name = "GROUP", env = "FLOWLENS_GRPC_SOCKET_GROUP")]
     grpc_socket_group: Option<String>,
-    /// Subscribe streams open at once, all clients together.
-    #[arg(long, env = "FLOWLENS_GRPC_MAX_SUBSCRIBERS", value_parser = capacity, default_value_t = defaults().grpc.max_subscribers as u32)]
+    /// Long-lived streams (Subscribe, health Watch, reflection) open at once, all clients together.
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_SUBSCRIBERS", default_value_t = defaults().grpc.max_subscribers as u32)]
     grpc_max_subscribers: u32,
+    /// gRPC connections open at once, all clients together; at the cap a new one closes the
+    /// oldest that has not authenticated (lowered to fit the descriptor limit).
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_CONNECTIONS", default_value_t = defaults().grpc.max_connections as u32)]
+    grpc_max_connections: u32,
+    /// gRPC connections open at once from one source address (an IPv6 /64).
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_CONNECTIONS_PER_SOURCE", default_value_t = defaults().grpc.max_connections_per_source as u32)]
+    grpc_max_connections_per_source: u32,
+    /// A gRPC connection must finish its TLS handshake (in cleartext: send the HTTP/2
+    /// preface) this soon after it is accepted, or it is closed.
+    #[arg(long, env = "FLOWLENS_GRPC_HANDSHAKE_TIMEOUT", default_value_t = HumanDuration(defaults().grpc.handshake_timeout))]
+    grpc_handshake_timeout: HumanDuration,
     /// HTTP/2 streams one gRPC connection may have open at once.
-    #[arg(long, env = "FLOWLENS_GRPC_MAX_STREAMS_PER_CONNECTION", value_parser = capacity, default_value_t = defaults().grpc.max_streams_per_connection)]
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_STREAMS_PER_CONNECTION", default_value_t = defaults().grpc.max_streams_per_connection)]
     grpc_max_streams_per_connection: u32,
     /// Filters a Subscribe request may carry in include, and in exclude.
-    #[arg(long, env = "FLOWLENS_GRPC_MAX_FILTERS", value_parser = capacity, default_value_t = defaults().grpc.request_limits.max_filters as u32)]
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_FILTERS", default_value_t = defaults().grpc.request_limits.max_filters as u32)]
     grpc_max_filters: u32,
     /// Bytes in any string of a Subscribe filter (CIDR, interface name).
-    #[arg(long, env = "FLOWLENS_GRPC_MAX_STRING_LENGTH", value_parser = capacity, default_value_t = defaults().grpc.request_limits.max_string_len as u32)]
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_STRING_LENGTH", default_value_t = defaults().grpc.request_limits.max_string_len as u32)]
     grpc_max_string_length: u32,
     /// Largest gRPC request message, in bytes.
-    #[arg(long, env = "FLOWLENS_GRPC_MAX_REQUEST_SIZE", value_parser = capacity, default_value_t = defaults().grpc.max_request_size as u32)]
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_REQUEST_SIZE", default_value_t = defaults().grpc.max_request_size as u32)]
     grpc_max_request_size: u32,
     /// How often a quiet gRPC peer is pinged (HTTP/2 PING).
     #[arg(long, env = "FLOWLENS_GRPC_KEEPALIVE_INTERVAL", default_value_t = HumanDuration(defaults().grpc.keepalive_interval))]
@@ -318,6 +329,10 @@ impl RunArgs {
                 socket_mode: self.grpc_socket_mode,
                 socket_group: self.grpc_socket_group,
                 max_subscribers: self.grpc_max_subscribers as usize,
+                max_connections: self.grpc_max_connections as usize,
+                max_connections_per_source: self.grpc_max_connections_per_source as usize,
+                handshake_timeout: self.grpc_handshake_timeout.0,
+                request_timeout: d.grpc.request_timeout,
                 max_streams_per_connection: self.grpc_max_streams_per_connection,
                 max_request_size: self.grpc_max_request_size as usize,
                 request_limits: RequestLimits {

@@ -1,6 +1,6 @@
 //! Attaches the flow programs to selected interfaces (TCX, or clsact TC on older kernels) and follows interfaces as they come and go.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
 use std::fs;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use libbpf_rs::{TcHook, TcHookBuilder, TC_EGRESS, TC_INGRESS};
-use log::{info, warn};
+use log::{debug, info, warn};
 use thiserror::Error;
 
 use crate::kernel::datapath::Datapath;
@@ -297,6 +297,9 @@ pub struct Attacher {
     stale_pins_swept: bool,
     /// TCX proved unavailable: stop trying it.
     tcx_unsupported: bool,
+    /// Interfaces whose attachment failed at the last sync: retried every sync, warned
+    /// about once until they attach.
+    failing: HashSet<u32>,
 }
 
 /// TC filter priority and handle used for our clsact filters.
@@ -314,6 +317,7 @@ impl Attacher {
             link_dir: None,
             stale_pins_swept: false,
             tcx_unsupported: false,
+            failing: HashSet::new(),
         }
     }
 
@@ -357,6 +361,7 @@ impl Attacher {
     /// Attaches to newly selected interfaces and drops those gone or deselected.
     pub fn sync(&mut self, sel: &Selector) -> Result<SyncReport, AttachError> {
         let ifaces = list_interfaces()?;
+        self.failing.retain(|i| ifaces.contains_key(i));
         let mut report = SyncReport::default();
         let gone: Vec<u32> = self
             .attached
@@ -388,6 +393,7 @@ impl Attacher {
                         "attached to {} (ifindex {}) with {how}",
                         iface.name, iface.ifindex
                     );
+                    self.failing.remove(&iface.ifindex);
                     report.attached.push(iface.name.clone());
                     self.names
                         .write()
@@ -396,7 +402,11 @@ impl Attacher {
                     self.attached.insert(iface.ifindex, a);
                 }
                 Err(e) => {
-                    warn!("{e}");
+                    if self.failing.insert(iface.ifindex) {
+                        warn!("{e} (retried every sync; said again when it works)");
+                    } else {
+                        debug!("{e}");
+                    }
                     report.failed.push(iface.name.clone());
                 }
             }

@@ -11,6 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response};
 
+use crate::admission::Caps;
 use crate::config::GrpcConfig;
 use crate::hub::{Event, Hub};
 use crate::record::api::{self, parse_request, proto, RequestLimits};
@@ -217,7 +218,8 @@ pub struct FlowLensService {
     paged: Arc<PagedSnapshots>,
     /// Becomes true when the server stops, so following streams end and connections drain.
     stopping: watch::Receiver<bool>,
-    /// One permit per open Subscribe stream.
+    /// One permit per open long-lived stream (Subscribe, and health Watch and reflection
+    /// through the listener's layer).
     subscribers: Arc<Semaphore>,
     max_subscribers: usize,
     limits: RequestLimits,
@@ -229,6 +231,7 @@ impl FlowLensService {
         status: Arc<AgentStatus>,
         snapshots: SnapshotSlot,
         stopping: watch::Receiver<bool>,
+        streams: Arc<Semaphore>,
         grpc: &GrpcConfig,
     ) -> Self {
         FlowLensService {
@@ -237,7 +240,7 @@ impl FlowLensService {
             snapshots,
             paged: Arc::default(),
             stopping,
-            subscribers: Arc::new(Semaphore::new(grpc.max_subscribers)),
+            subscribers: streams,
             max_subscribers: grpc.max_subscribers,
             limits: grpc.request_limits,
         }
@@ -258,7 +261,8 @@ impl FlowLens for FlowLensService {
         let opts = parse_request(req.get_ref(), peer, &self.limits)?;
         let permit = self.subscribers.clone().try_acquire_owned().map_err(|_| {
             tonic::Status::resource_exhausted(format!(
-                "subscribers: all {} allowed streams are open (--grpc-max-subscribers)",
+                "subscribers: all {} allowed long-lived streams (Subscribe, health Watch, \
+                 reflection) are open (--grpc-max-subscribers)",
                 self.max_subscribers
             ))
         })?;
@@ -565,6 +569,16 @@ impl GrpcEndpoint {
         &self.addr
     }
 
+    /// The same endpoint holding at most `n` connections (and as many per source).
+    pub fn with_max_connections(mut self, n: usize) -> GrpcEndpoint {
+        self.grpc.max_connections = n.max(1);
+        self.grpc.max_connections_per_source = self
+            .grpc
+            .max_connections_per_source
+            .min(self.grpc.max_connections);
+        self
+    }
+
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
     }
@@ -677,13 +691,19 @@ async fn serve(
         .build_v1alpha()
         .context("building the reflection service")?
         .max_decoding_message_size(max_request);
+    let streams = Arc::new(Semaphore::new(grpc.max_subscribers));
     let builder = tonic::transport::Server::builder()
         .max_concurrent_streams(grpc.max_streams_per_connection)
         .http2_keepalive_interval(Some(grpc.keepalive_interval))
         .http2_keepalive_timeout(Some(grpc.keepalive_timeout))
         .http2_max_header_list_size(MAX_HEADER_LIST);
     let router = builder
-        .layer(TrackStreams)
+        .layer(TrackStreams {
+            streams: streams.clone(),
+            max_streams: grpc.max_subscribers,
+            stopping: stopping_rx.clone(),
+            request_timeout: grpc.request_timeout,
+        })
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -695,6 +715,7 @@ async fn serve(
                 status,
                 snapshots,
                 stopping_rx.clone(),
+                streams,
                 grpc,
             ))
             .max_decoding_message_size(max_request)
@@ -713,6 +734,11 @@ async fn serve(
         ConnPolicy {
             idle_timeout: grpc.idle_timeout,
             tcp_keepalive: grpc.tcp_keepalive,
+            handshake_timeout: grpc.handshake_timeout,
+            caps: Caps {
+                total: grpc.max_connections,
+                per_source: grpc.max_connections_per_source,
+            },
         },
         endpoint.tls.clone(),
     )?;
