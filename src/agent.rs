@@ -119,9 +119,32 @@ impl Agent {
                 GrpcEndpoint::new(addr, &cfg.grpc)
             })
             .transpose()?;
+        if cfg.grpc_listen.is_none() {
+            let g = &cfg.grpc;
+            let given = [
+                ("--grpc-tls-cert", g.tls_cert.is_some()),
+                ("--grpc-tls-key", g.tls_key.is_some()),
+                ("--grpc-client-ca", g.client_ca.is_some()),
+                ("--grpc-socket-group", g.socket_group.is_some()),
+            ];
+            if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+                bail!(
+                    "{flag} is set but --grpc-listen is off: nothing would use it; give \
+                     --grpc-listen, or drop {flag}"
+                );
+            }
+        }
         if let Some(m) = &cfg.metrics_listen {
-            m.parse::<std::net::SocketAddr>()
+            let addr = m
+                .parse::<std::net::SocketAddr>()
                 .with_context(|| format!("--metrics-listen {m:?}: expected HOST:PORT or off"))?;
+            if !addr.ip().is_loopback() && !cfg.metrics_allow_remote {
+                bail!(
+                    "--metrics-listen {m}: refusing to serve the metrics in cleartext to other \
+                     hosts; listen on 127.0.0.1 (and let a local agent or a reverse proxy with \
+                     TLS forward them), or give --metrics-allow-remote"
+                );
+            }
         }
         preflight::check_btf()?;
         preflight::check_capabilities()?;
@@ -187,6 +210,15 @@ impl Agent {
         }
         if let Some(m) = &metrics {
             info!("metrics on http://{}/metrics", m.local_addr());
+            if !m.local_addr().ip().is_loopback() {
+                warn!("metrics served in cleartext to other hosts (--metrics-allow-remote)");
+            }
+        }
+        if let Some(tls) = grpc.as_ref().and_then(ServiceHandle::tls) {
+            status.set_tls_cert_expiry(Some(tls.not_after()));
+            if let Some(w) = tls.expiry_warning(std::time::SystemTime::now()) {
+                warn!("{w}");
+            }
         }
 
         let ifnames = IfNames::default();
@@ -316,13 +348,27 @@ impl Agent {
         publish_interfaces(&self.attacher, &self.status);
     }
 
+    /// Keeps the certificate's expiry in the metrics current (SIGHUP may change it) and
+    /// warns when it comes near.
+    fn watch_certificate(&self) {
+        if let Some(tls) = self.grpc_tls() {
+            self.status.set_tls_cert_expiry(Some(tls.not_after()));
+            if let Some(w) = tls.expiry_warning(std::time::SystemTime::now()) {
+                warn!("{w}");
+            }
+        }
+    }
+
     /// Follows interfaces until `stop` fires or disconnects, then shuts down in order.
     pub fn run(mut self, stop: &Receiver<()>) -> Result<()> {
         let tick = crossbeam_channel::tick(self.cfg.resync_interval);
         loop {
             crossbeam_channel::select! {
                 recv(stop) -> _ => break,
-                recv(tick) -> _ => self.sync_interfaces(),
+                recv(tick) -> _ => {
+                    self.sync_interfaces();
+                    self.watch_certificate();
+                }
             }
         }
         self.shutdown()

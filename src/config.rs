@@ -38,6 +38,8 @@ pub struct Config {
     pub grpc: GrpcConfig,
     /// Prometheus listen address (HOST:PORT); None serves no metrics.
     pub metrics_listen: Option<String>,
+    /// Serve the metrics (in cleartext) on an address other hosts can reach.
+    pub metrics_allow_remote: bool,
     /// Names this agent in every record, so records of many hosts can be merged; None:
     /// the host name.
     pub observer_id: Option<String>,
@@ -195,6 +197,7 @@ impl Default for Config {
             grpc_listen: Some(DEFAULT_SOCKET.into()),
             grpc: GrpcConfig::default(),
             metrics_listen: Some("127.0.0.1:9464".into()),
+            metrics_allow_remote: false,
             observer_id: None,
             ipfix: IpfixSettings::default(),
         }

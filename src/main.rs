@@ -234,11 +234,15 @@ struct RunArgs {
     /// Prometheus self-metrics listen address (HOST:PORT), or "off".
     #[arg(long, env = "FLOWLENS_METRICS_LISTEN", default_value_t = OrOff::of(defaults().metrics_listen))]
     metrics_listen: OrOff,
+    /// Serve the metrics on an address other hosts can reach (in cleartext); without it a
+    /// non-loopback --metrics-listen is refused.
+    #[arg(long, env = "FLOWLENS_METRICS_ALLOW_REMOTE")]
+    metrics_allow_remote: bool,
     /// Records kept in memory for subscribers' replay.
-    #[arg(long, env = "FLOWLENS_REPLAY_RING", value_parser = capacity, default_value_t = defaults().hub.ring_capacity as u32)]
+    #[arg(long, env = "FLOWLENS_REPLAY_RING", default_value_t = defaults().hub.ring_capacity as u32)]
     replay_ring: u32,
     /// Records queued per subscriber before it starts losing them (and is told so).
-    #[arg(long, env = "FLOWLENS_SUBSCRIBER_QUEUE", value_parser = capacity, default_value_t = defaults().hub.subscriber_queue as u32)]
+    #[arg(long, env = "FLOWLENS_SUBSCRIBER_QUEUE", default_value_t = defaults().hub.subscriber_queue as u32)]
     subscriber_queue: u32,
     /// Records queued for stdout (and each exporter) before it starts losing them; losses
     /// are counted in flowlens_sink_lost_records_total and logged.
@@ -345,6 +349,7 @@ impl RunArgs {
                 idle_timeout: self.grpc_idle_timeout.0,
             },
             metrics_listen: self.metrics_listen.0,
+            metrics_allow_remote: self.metrics_allow_remote,
             observer_id: self.observer_id.or(d.observer_id),
             ipfix: IpfixSettings {
                 destinations: self.ipfix,
