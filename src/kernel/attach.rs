@@ -33,6 +33,8 @@ pub enum AttachError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Untrusted(#[from] crate::kernel::preflight::PreflightError),
     #[error("duplicating a program fd: {0}")]
     Fd(#[source] std::io::Error),
 }
@@ -321,12 +323,10 @@ impl Attacher {
         }
     }
 
-    /// Pins TCX links under `dir` and takes over links a previous agent pinned there.
+    /// Pins TCX links under `dir` and takes over links a previous agent pinned there
+    /// (once everything in it is checked to be root's alone).
     pub fn pin_links(&mut self, dir: PathBuf) -> Result<(), AttachError> {
-        fs::create_dir_all(&dir).map_err(|source| AttachError::Pin {
-            path: dir.clone(),
-            source,
-        })?;
+        crate::kernel::preflight::make_pin_dir(&dir)?;
         self.link_dir = Some(dir);
         Ok(())
     }

@@ -34,6 +34,8 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Untrusted(#[from] crate::kernel::preflight::PreflightError),
     #[error("program {prog}: {source}")]
     Program {
         prog: &'static str,
@@ -282,10 +284,8 @@ impl Datapath {
         let pin_dir = pin_root.map(|root| root.join(format!("v{version}")));
         let mut reused = false;
         if let Some(dir) = &pin_dir {
-            std::fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir {
-                path: dir.clone(),
-                source,
-            })?;
+            // Root's alone, and checked before anything in it is reused.
+            crate::kernel::preflight::make_pin_dir(dir)?;
             let maps = &mut open.maps;
             reused |= pin_map(&mut maps.flows, "flows", dir)?;
             reused |= pin_map(&mut maps.flows_tcp, "flows_tcp", dir)?;
