@@ -270,12 +270,3 @@ impl FromStr for OrOff {
         }
     }
 }
-
-/// A map capacity: at least 1.
-pub fn capacity(s: &str) -> Result<u32, String> {
-    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
-    if n == 0 {
-        return Err("must be at least 1".into());
-    }
-    Ok(n)
-}

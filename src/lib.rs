@@ -17,6 +17,7 @@ pub mod hub;
 pub mod kernel;
 pub mod metrics;
 pub mod poller;
+pub mod ranges;
 pub mod record;
 pub mod sinks;
 pub mod status;

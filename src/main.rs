@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use log::{info, warn};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -13,16 +13,14 @@ use flowlens::cli::flows::{self, FlowsArgs};
 use flowlens::cli::status::{self, StatusArgs};
 use flowlens::cli::top::{self, TopArgs};
 use flowlens::cli::watch::{self, WatchArgs};
-use flowlens::config::{
-    capacity, Config, FileMode, GrpcConfig, HumanDuration, IpfixSettings, OrOff,
-};
+use flowlens::config::{Config, FileMode, GrpcConfig, HumanDuration, IpfixSettings, OrOff};
 use flowlens::hub::HubConfig;
 use flowlens::kernel::attach::Mode;
 use flowlens::kernel::datapath::Capacities;
 use flowlens::poller::PollerConfig;
 use flowlens::record::api::RequestLimits;
 use flowlens::record::render::{self, Format, TableStyle};
-use flowlens::sinks::ipfix::{self, Destination};
+use flowlens::sinks::ipfix::Destination;
 
 #[derive(Parser)]
 #[command(
@@ -147,16 +145,16 @@ struct RunArgs {
     #[arg(long, env = "FLOWLENS_ACTIVE_TIMEOUT", default_value_t = HumanDuration(defaults().poller.active_timeout))]
     active_timeout: HumanDuration,
     /// Concurrent scans a bulk end (more flows due than one pass holds) is split among; 1 keeps every poll on one CPU. Default: the CPUs, at most 4.
-    #[arg(long, env = "FLOWLENS_SCAN_THREADS", value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, env = "FLOWLENS_SCAN_THREADS")]
     scan_threads: Option<u32>,
     /// Capacity of the base flow map (every flow).
-    #[arg(long, env = "FLOWLENS_MAX_FLOWS", value_parser = capacity, default_value_t = defaults().capacities.flows)]
+    #[arg(long, env = "FLOWLENS_MAX_FLOWS", default_value_t = defaults().capacities.flows)]
     max_flows: u32,
     /// Capacity of the TCP extension map.
-    #[arg(long, env = "FLOWLENS_MAX_TCP_FLOWS", value_parser = capacity, default_value_t = defaults().capacities.tcp)]
+    #[arg(long, env = "FLOWLENS_MAX_TCP_FLOWS", default_value_t = defaults().capacities.tcp)]
     max_tcp_flows: u32,
     /// Capacity of the ICMP extension map.
-    #[arg(long, env = "FLOWLENS_MAX_ICMP_FLOWS", value_parser = capacity, default_value_t = defaults().capacities.icmp)]
+    #[arg(long, env = "FLOWLENS_MAX_ICMP_FLOWS", default_value_t = defaults().capacities.icmp)]
     max_icmp_flows: u32,
     /// What to print on stdout for each flow record.
     #[arg(long, env = "FLOWLENS_OUTPUT", value_enum, default_value_t = Output::from(defaults().output))]
@@ -246,7 +244,7 @@ struct RunArgs {
     subscriber_queue: u32,
     /// Records queued for stdout (and each exporter) before it starts losing them; losses
     /// are counted in flowlens_sink_lost_records_total and logged.
-    #[arg(long, env = "FLOWLENS_OUTPUT_QUEUE", value_parser = capacity, default_value_t = defaults().hub.sink_queue as u32)]
+    #[arg(long, env = "FLOWLENS_OUTPUT_QUEUE", default_value_t = defaults().hub.sink_queue as u32)]
     output_queue: u32,
     /// Names this agent in every record (`observer`), so records of many hosts can be
     /// merged. Default: the host name.
@@ -264,7 +262,7 @@ struct RunArgs {
     #[arg(long, env = "FLOWLENS_IPFIX_OBSERVATION_DOMAIN", default_value_t = defaults().ipfix.observation_domain)]
     ipfix_observation_domain: u32,
     /// Path MTU to the IPFIX collectors: each message fits one IP packet.
-    #[arg(long, env = "FLOWLENS_IPFIX_MTU", value_parser = ipfix::parse_mtu, default_value_t = defaults().ipfix.mtu)]
+    #[arg(long, env = "FLOWLENS_IPFIX_MTU", default_value_t = defaults().ipfix.mtu)]
     ipfix_mtu: u16,
     /// UDP: how often IPFIX templates are sent again (a restarted collector waits this long).
     #[arg(long, env = "FLOWLENS_IPFIX_TEMPLATE_REFRESH", default_value_t = HumanDuration(defaults().ipfix.template_refresh))]
@@ -372,7 +370,7 @@ fn main() {
             std::env::remove_var(k);
         }
     }
-    let cli = Cli::try_parse().unwrap_or_else(|e| match env_source(&e) {
+    let cli = parse().unwrap_or_else(|e| match env_source(&e) {
         Some(var) => {
             let text = e.render().to_string();
             let text = text.strip_prefix("error: ").unwrap_or(&text);
@@ -399,6 +397,23 @@ fn main() {
         eprintln!("flowlens: {}", flowlens::fatal::describe(&e));
         std::process::exit(1);
     }
+}
+
+/// The command line, its values checked against their documented ranges
+/// (`flowlens::ranges`): a value out of range ends the process with one sentence.
+fn parse() -> Result<Cli, clap::Error> {
+    let mut cmd = flowlens::ranges::prepare(Cli::command());
+    let mut matches = cmd.try_get_matches_from_mut(std::env::args_os())?;
+    if let Some((name, sub)) = matches.subcommand() {
+        let sub_cmd = cmd
+            .find_subcommand(name)
+            .expect("a parsed subcommand exists");
+        if let Err(why) = flowlens::ranges::check(sub_cmd, sub) {
+            eprintln!("flowlens: {why}");
+            std::process::exit(2);
+        }
+    }
+    Cli::from_arg_matches_mut(&mut matches)
 }
 
 /// The variable a rejected value came from, when the flag was not on the command line
@@ -550,4 +565,55 @@ fn check_config(cfg: &Config) -> Result<()> {
         or(&cfg.observer_id, &flowlens::poller::host_name())
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_number_and_duration_flag_has_a_documented_range() {
+        let cmd = flowlens::ranges::prepare(Cli::command());
+        assert_eq!(
+            flowlens::ranges::unchecked(&cmd),
+            Vec::<String>::new(),
+            "add these flags to flowlens::ranges::TABLE"
+        );
+        // And every line of the table names a flag that exists.
+        let mut longs = Vec::new();
+        for sub in cmd.get_subcommands() {
+            longs.extend(sub.get_arguments().filter_map(|a| a.get_long()));
+        }
+        for (long, _) in flowlens::ranges::TABLE {
+            assert!(longs.contains(long), "ranges::TABLE names no flag --{long}");
+        }
+        // The defaults lie inside their ranges (given on the command line, as `check`
+        // skips defaults).
+        for sub in cmd.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let (Some(long), Some(default)) =
+                    (arg.get_long(), arg.get_default_values().first())
+                else {
+                    continue;
+                };
+                if !arg.get_action().takes_values() {
+                    continue;
+                }
+                let given: Vec<std::ffi::OsString> = vec![
+                    "flowlens".into(),
+                    sub.get_name().into(),
+                    format!("--{long}").into(),
+                    default.into(),
+                ];
+                let m = cmd.clone().try_get_matches_from(given).expect("parses");
+                let (_, matches) = m.subcommand().unwrap();
+                assert_eq!(
+                    flowlens::ranges::check(sub, matches),
+                    Ok(()),
+                    "{} --{long}",
+                    sub.get_name()
+                );
+            }
+        }
+    }
 }

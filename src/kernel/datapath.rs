@@ -242,6 +242,20 @@ fn pin_map(m: &mut OpenMapMut<'_>, name: &'static str, dir: &Path) -> Result<boo
     Ok(reuse)
 }
 
+/// Sends libbpf's own messages through the agent's logger at debug level (target
+/// `libbpf`) instead of straight to stderr: a failed load is one sentence of the agent's,
+/// and `--log-level debug` still shows libbpf's account of it.
+fn route_libbpf_output() {
+    fn to_log(_level: libbpf_rs::PrintLevel, msg: String) {
+        log::debug!(target: "libbpf", "{}", msg.trim_end());
+    }
+    let print = log::log_enabled!(target: "libbpf", log::Level::Debug).then_some((
+        libbpf_rs::PrintLevel::Debug,
+        to_log as libbpf_rs::PrintCallback,
+    ));
+    libbpf_rs::set_print(print);
+}
+
 impl Datapath {
     /// Opens the skeleton, applies capacities, and loads it into the kernel.
     pub fn load(cap: Capacities) -> Result<Datapath, DatapathError> {
@@ -254,6 +268,7 @@ impl Datapath {
         cap: Capacities,
         pin_root: Option<&Path>,
     ) -> Result<Datapath, DatapathError> {
+        route_libbpf_output();
         // The skeleton borrows its object storage for its whole life; the
         // agent keeps one datapath for the process, so leaking it is right.
         let storage: &'static mut MaybeUninit<OpenObject> =
