@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use log::{info, warn};
 
+use crate::admission::{self, Episode};
 use crate::config::Config;
 use crate::hub::{Hub, SinkKind};
 use crate::kernel::attach::{Attacher, IfNames, ProgramFds, Selector};
@@ -49,6 +50,8 @@ pub struct Agent {
     metrics: Option<MetricsHandle>,
     runtime: Option<tokio::runtime::Runtime>,
     exporters: Vec<JoinHandle<()>>,
+    /// Interface syncs failing in a row: logged when it starts and when it ends.
+    sync_failures: Episode,
     // Declared last: dropped after everything that uses the maps.
     dp: Datapath,
     _pin_lock: Option<PinLock>,
@@ -116,9 +119,32 @@ impl Agent {
                 GrpcEndpoint::new(addr, &cfg.grpc)
             })
             .transpose()?;
+        if cfg.grpc_listen.is_none() {
+            let g = &cfg.grpc;
+            let given = [
+                ("--grpc-tls-cert", g.tls_cert.is_some()),
+                ("--grpc-tls-key", g.tls_key.is_some()),
+                ("--grpc-client-ca", g.client_ca.is_some()),
+                ("--grpc-socket-group", g.socket_group.is_some()),
+            ];
+            if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+                bail!(
+                    "{flag} is set but --grpc-listen is off: nothing would use it; give \
+                     --grpc-listen, or drop {flag}"
+                );
+            }
+        }
         if let Some(m) = &cfg.metrics_listen {
-            m.parse::<std::net::SocketAddr>()
+            let addr = m
+                .parse::<std::net::SocketAddr>()
                 .with_context(|| format!("--metrics-listen {m:?}: expected HOST:PORT or off"))?;
+            if !addr.ip().is_loopback() && !cfg.metrics_allow_remote {
+                bail!(
+                    "--metrics-listen {m}: refusing to serve the metrics in cleartext to other \
+                     hosts; listen on 127.0.0.1 (and let a local agent or a reverse proxy with \
+                     TLS forward them), or give --metrics-allow-remote"
+                );
+            }
         }
         preflight::check_btf()?;
         preflight::check_capabilities()?;
@@ -146,6 +172,7 @@ impl Agent {
             .build()
             .context("building the tokio runtime")?;
         let snapshots = SnapshotSlot::new(cfg.poller.poll_interval);
+        let (grpc_addr, metrics_limits) = fit_connections(&cfg, grpc_addr)?;
         // Listeners first: a port in use fails before anything is attached.
         let grpc_tls = grpc_addr.as_ref().map(GrpcEndpoint::is_tls);
         let grpc = grpc_addr
@@ -168,7 +195,7 @@ impl Agent {
                     m,
                     runtime.handle(),
                     metrics::renderer(status.clone(), hub.clone()),
-                    HttpLimits::default(),
+                    metrics_limits,
                 )
             })
             .transpose()
@@ -183,6 +210,15 @@ impl Agent {
         }
         if let Some(m) = &metrics {
             info!("metrics on http://{}/metrics", m.local_addr());
+            if !m.local_addr().ip().is_loopback() {
+                warn!("metrics served in cleartext to other hosts (--metrics-allow-remote)");
+            }
+        }
+        if let Some(tls) = grpc.as_ref().and_then(ServiceHandle::tls) {
+            status.set_tls_cert_expiry(Some(tls.not_after()));
+            if let Some(w) = tls.expiry_warning(std::time::SystemTime::now()) {
+                warn!("{w}");
+            }
         }
 
         let ifnames = IfNames::default();
@@ -292,12 +328,35 @@ impl Agent {
         self.metrics.as_ref().map(MetricsHandle::local_addr)
     }
 
-    /// Attaches to interfaces that appeared and drops those that went away.
+    /// Attaches to interfaces that appeared and drops those that went away. A sync that
+    /// keeps failing is logged when it starts failing and when it works again.
     pub fn sync_interfaces(&mut self) {
-        if let Err(e) = self.attacher.sync(&self.selector) {
-            warn!("interface sync: {e}");
+        match self.attacher.sync(&self.selector) {
+            Err(e) if self.sync_failures.event() => {
+                warn!(
+                    "interface sync: {e} (retried every {:?}; said again when it works)",
+                    self.cfg.resync_interval
+                );
+            }
+            Err(e) => log::debug!("interface sync: {e}"),
+            Ok(_) => {
+                if let Some((n, over)) = self.sync_failures.end() {
+                    info!("interface sync works again after {n} failures over {over:?}");
+                }
+            }
         }
         publish_interfaces(&self.attacher, &self.status);
+    }
+
+    /// Keeps the certificate's expiry in the metrics current (SIGHUP may change it) and
+    /// warns when it comes near.
+    fn watch_certificate(&self) {
+        if let Some(tls) = self.grpc_tls() {
+            self.status.set_tls_cert_expiry(Some(tls.not_after()));
+            if let Some(w) = tls.expiry_warning(std::time::SystemTime::now()) {
+                warn!("{w}");
+            }
+        }
     }
 
     /// Follows interfaces until `stop` fires or disconnects, then shuts down in order.
@@ -306,7 +365,10 @@ impl Agent {
         loop {
             crossbeam_channel::select! {
                 recv(stop) -> _ => break,
-                recv(tick) -> _ => self.sync_interfaces(),
+                recv(tick) -> _ => {
+                    self.sync_interfaces();
+                    self.watch_certificate();
+                }
             }
         }
         self.shutdown()
@@ -471,10 +533,51 @@ impl Parts {
             metrics: self.metrics,
             runtime: Some(self.runtime),
             exporters: self.exporters,
+            sync_failures: Episode::default(),
             dp,
             _pin_lock: pin_lock,
         }
     }
+}
+
+/// The listeners' connection caps, lowered where the descriptor limit could not hold them
+/// beside what is open already and [`admission::RESERVE`] (kept for interfaces that
+/// appear, exporters and the poller), so a flood of connections cannot take the
+/// descriptors the rest of the agent needs.
+fn fit_connections(
+    cfg: &Config,
+    grpc: Option<GrpcEndpoint>,
+) -> Result<(Option<GrpcEndpoint>, HttpLimits)> {
+    let mut metrics = HttpLimits::default();
+    let limit = admission::raise_descriptor_limit();
+    let open = admission::open_descriptors();
+    let wanted = [
+        grpc.as_ref().map_or(0, |_| cfg.grpc.max_connections),
+        cfg.metrics_listen
+            .as_ref()
+            .map_or(0, |_| metrics.max_connections),
+    ];
+    let Some(caps) = admission::fit_descriptors(limit, open, &wanted) else {
+        bail!(
+            "the descriptor limit ({limit}, LimitNOFILE= under systemd) leaves no room for \
+             connections beside the {open} descriptors open and the {} kept in reserve; raise it",
+            admission::RESERVE
+        );
+    };
+    if caps[0] < wanted[0] {
+        warn!(
+            "--grpc-max-connections {} lowered to {}: the descriptor limit ({limit}) holds no \
+             more beside the {open} open and the {} kept in reserve; raise LimitNOFILE",
+            wanted[0],
+            caps[0],
+            admission::RESERVE
+        );
+    }
+    metrics.max_connections = caps[1].max(1);
+    metrics.max_connections_per_source = metrics
+        .max_connections_per_source
+        .min(metrics.max_connections);
+    Ok((grpc.map(|g| g.with_max_connections(caps[0])), metrics))
 }
 
 /// A capacity the kernel refuses is named by its flag, not left as a bare errno.

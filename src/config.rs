@@ -38,6 +38,8 @@ pub struct Config {
     pub grpc: GrpcConfig,
     /// Prometheus listen address (HOST:PORT); None serves no metrics.
     pub metrics_listen: Option<String>,
+    /// Serve the metrics (in cleartext) on an address other hosts can reach.
+    pub metrics_allow_remote: bool,
     /// Names this agent in every record, so records of many hosts can be merged; None:
     /// the host name.
     pub observer_id: Option<String>,
@@ -97,8 +99,19 @@ pub struct GrpcConfig {
     pub socket_mode: FileMode,
     /// Group (name or number) that owns a unix socket; None keeps the agent's.
     pub socket_group: Option<String>,
-    /// Subscribe streams open at once, all connections together.
+    /// Long-lived streams (Subscribe, health Watch, reflection) open at once, all
+    /// connections together.
     pub max_subscribers: usize,
+    /// Connections open at once, all peers together.
+    pub max_connections: usize,
+    /// Connections open at once from one source address (an IPv6 /64).
+    pub max_connections_per_source: usize,
+    /// A connection must finish its TLS handshake (cleartext: send the HTTP/2 preface)
+    /// this soon after it is accepted.
+    pub handshake_timeout: Duration,
+    /// A request's message must arrive whole this soon after its stream starts (a client
+    /// trickling it while answering pings would hold the stream for ever).
+    pub request_timeout: Duration,
     /// HTTP/2 streams one connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS).
     pub max_streams_per_connection: u32,
     /// Largest request message accepted, in bytes.
@@ -125,6 +138,10 @@ impl Default for GrpcConfig {
             socket_mode: FileMode(0o660),
             socket_group: None,
             max_subscribers: 64,
+            max_connections: 1024,
+            max_connections_per_source: 64,
+            handshake_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
             max_streams_per_connection: 16,
             max_request_size: 256 << 10,
             request_limits: RequestLimits::default(),
@@ -180,6 +197,7 @@ impl Default for Config {
             grpc_listen: Some(DEFAULT_SOCKET.into()),
             grpc: GrpcConfig::default(),
             metrics_listen: Some("127.0.0.1:9464".into()),
+            metrics_allow_remote: false,
             observer_id: None,
             ipfix: IpfixSettings::default(),
         }
@@ -299,23 +317,4 @@ impl FromStr for ByteSize {
             .map(ByteSize)
             .ok_or_else(|| format!("{s:?} is too large"))
     }
-}
-
-/// `--buffer-memory`: at least [`MIN_BUFFER_MEMORY`](crate::hub::MIN_BUFFER_MEMORY).
-pub fn buffer_memory(s: &str) -> Result<ByteSize, String> {
-    let b: ByteSize = s.parse()?;
-    let min = ByteSize(crate::hub::MIN_BUFFER_MEMORY);
-    if b.0 < min.0 {
-        return Err(format!("{b} is below the minimum of {min}"));
-    }
-    Ok(b)
-}
-
-/// A map capacity: at least 1.
-pub fn capacity(s: &str) -> Result<u32, String> {
-    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
-    if n == 0 {
-        return Err("must be at least 1".into());
-    }
-    Ok(n)
 }

@@ -8,6 +8,7 @@
 //! only. A stage imports from the stages before it and from `record`, never from one after
 //! it; ARCHITECTURE.md draws it.
 
+pub mod admission;
 pub mod agent;
 pub mod cli;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod hub;
 pub mod kernel;
 pub mod metrics;
 pub mod poller;
+pub mod ranges;
 pub mod record;
 pub mod sinks;
 pub mod status;

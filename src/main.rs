@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use log::{info, warn};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -14,8 +14,7 @@ use flowlens::cli::status::{self, StatusArgs};
 use flowlens::cli::top::{self, TopArgs};
 use flowlens::cli::watch::{self, WatchArgs};
 use flowlens::config::{
-    buffer_memory, capacity, ByteSize, Config, FileMode, GrpcConfig, HumanDuration, IpfixSettings,
-    OrOff,
+    ByteSize, Config, FileMode, GrpcConfig, HumanDuration, IpfixSettings, OrOff,
 };
 use flowlens::hub::HubConfig;
 use flowlens::kernel::attach::Mode;
@@ -23,7 +22,7 @@ use flowlens::kernel::datapath::Capacities;
 use flowlens::poller::PollerConfig;
 use flowlens::record::api::RequestLimits;
 use flowlens::record::render::{self, Format, TableStyle};
-use flowlens::sinks::ipfix::{self, Destination};
+use flowlens::sinks::ipfix::Destination;
 
 #[derive(Parser)]
 #[command(
@@ -148,16 +147,16 @@ struct RunArgs {
     #[arg(long, env = "FLOWLENS_ACTIVE_TIMEOUT", default_value_t = HumanDuration(defaults().poller.active_timeout))]
     active_timeout: HumanDuration,
     /// Concurrent scans a bulk end (more flows due than one pass holds) is split among; 1 keeps every poll on one CPU. Default: the CPUs, at most 4.
-    #[arg(long, env = "FLOWLENS_SCAN_THREADS", value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, env = "FLOWLENS_SCAN_THREADS")]
     scan_threads: Option<u32>,
     /// Capacity of the base flow map (every flow).
-    #[arg(long, env = "FLOWLENS_MAX_FLOWS", value_parser = capacity, default_value_t = defaults().capacities.flows)]
+    #[arg(long, env = "FLOWLENS_MAX_FLOWS", default_value_t = defaults().capacities.flows)]
     max_flows: u32,
     /// Capacity of the TCP extension map.
-    #[arg(long, env = "FLOWLENS_MAX_TCP_FLOWS", value_parser = capacity, default_value_t = defaults().capacities.tcp)]
+    #[arg(long, env = "FLOWLENS_MAX_TCP_FLOWS", default_value_t = defaults().capacities.tcp)]
     max_tcp_flows: u32,
     /// Capacity of the ICMP extension map.
-    #[arg(long, env = "FLOWLENS_MAX_ICMP_FLOWS", value_parser = capacity, default_value_t = defaults().capacities.icmp)]
+    #[arg(long, env = "FLOWLENS_MAX_ICMP_FLOWS", default_value_t = defaults().capacities.icmp)]
     max_icmp_flows: u32,
     /// What to print on stdout for each flow record.
     #[arg(long, env = "FLOWLENS_OUTPUT", value_enum, default_value_t = Output::from(defaults().output))]
@@ -194,20 +193,31 @@ struct RunArgs {
     /// Group (name or number) given the gRPC unix socket; default: the agent's.
     #[arg(long, value_name = "GROUP", env = "FLOWLENS_GRPC_SOCKET_GROUP")]
     grpc_socket_group: Option<String>,
-    /// Subscribe streams open at once, all clients together.
-    #[arg(long, env = "FLOWLENS_GRPC_MAX_SUBSCRIBERS", value_parser = capacity, default_value_t = defaults().grpc.max_subscribers as u32)]
+    /// Long-lived streams (Subscribe, health Watch, reflection) open at once, all clients together.
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_SUBSCRIBERS", default_value_t = defaults().grpc.max_subscribers as u32)]
     grpc_max_subscribers: u32,
+    /// gRPC connections open at once, all clients together; at the cap a new one closes the
+    /// oldest that has not authenticated (lowered to fit the descriptor limit).
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_CONNECTIONS", default_value_t = defaults().grpc.max_connections as u32)]
+    grpc_max_connections: u32,
+    /// gRPC connections open at once from one source address (an IPv6 /64).
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_CONNECTIONS_PER_SOURCE", default_value_t = defaults().grpc.max_connections_per_source as u32)]
+    grpc_max_connections_per_source: u32,
+    /// A gRPC connection must finish its TLS handshake (in cleartext: send the HTTP/2
+    /// preface) this soon after it is accepted, or it is closed.
+    #[arg(long, env = "FLOWLENS_GRPC_HANDSHAKE_TIMEOUT", default_value_t = HumanDuration(defaults().grpc.handshake_timeout))]
+    grpc_handshake_timeout: HumanDuration,
     /// HTTP/2 streams one gRPC connection may have open at once.
-    #[arg(long, env = "FLOWLENS_GRPC_MAX_STREAMS_PER_CONNECTION", value_parser = capacity, default_value_t = defaults().grpc.max_streams_per_connection)]
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_STREAMS_PER_CONNECTION", default_value_t = defaults().grpc.max_streams_per_connection)]
     grpc_max_streams_per_connection: u32,
     /// Filters a Subscribe request may carry in include, and in exclude.
-    #[arg(long, env = "FLOWLENS_GRPC_MAX_FILTERS", value_parser = capacity, default_value_t = defaults().grpc.request_limits.max_filters as u32)]
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_FILTERS", default_value_t = defaults().grpc.request_limits.max_filters as u32)]
     grpc_max_filters: u32,
     /// Bytes in any string of a Subscribe filter (CIDR, interface name).
-    #[arg(long, env = "FLOWLENS_GRPC_MAX_STRING_LENGTH", value_parser = capacity, default_value_t = defaults().grpc.request_limits.max_string_len as u32)]
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_STRING_LENGTH", default_value_t = defaults().grpc.request_limits.max_string_len as u32)]
     grpc_max_string_length: u32,
     /// Largest gRPC request message, in bytes.
-    #[arg(long, env = "FLOWLENS_GRPC_MAX_REQUEST_SIZE", value_parser = capacity, default_value_t = defaults().grpc.max_request_size as u32)]
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_REQUEST_SIZE", default_value_t = defaults().grpc.max_request_size as u32)]
     grpc_max_request_size: u32,
     /// How often a quiet gRPC peer is pinged (HTTP/2 PING).
     #[arg(long, env = "FLOWLENS_GRPC_KEEPALIVE_INTERVAL", default_value_t = HumanDuration(defaults().grpc.keepalive_interval))]
@@ -224,14 +234,18 @@ struct RunArgs {
     /// Prometheus self-metrics listen address (HOST:PORT), or "off".
     #[arg(long, env = "FLOWLENS_METRICS_LISTEN", default_value_t = OrOff::of(defaults().metrics_listen))]
     metrics_listen: OrOff,
+    /// Serve the metrics on an address other hosts can reach (in cleartext); without it a
+    /// non-loopback --metrics-listen is refused.
+    #[arg(long, env = "FLOWLENS_METRICS_ALLOW_REMOTE")]
+    metrics_allow_remote: bool,
     /// Memory for records not yet read by every reader (stdout, subscribers, exporters),
     /// shared by all of them: a reader loses records only when it falls this far behind.
     /// About 200 bytes per record (256MiB: a burst of over 1 M records).
-    #[arg(long, env = "FLOWLENS_BUFFER_MEMORY", value_parser = buffer_memory, default_value_t = ByteSize(defaults().hub.buffer_memory))]
+    #[arg(long, env = "FLOWLENS_BUFFER_MEMORY", default_value_t = ByteSize(defaults().hub.buffer_memory))]
     buffer_memory: ByteSize,
     /// Records kept in memory for subscribers' replay and resume after every reader has
     /// read them.
-    #[arg(long, env = "FLOWLENS_REPLAY_RING", value_parser = capacity, default_value_t = defaults().hub.ring_capacity as u32)]
+    #[arg(long, env = "FLOWLENS_REPLAY_RING", default_value_t = defaults().hub.ring_capacity as u32)]
     replay_ring: u32,
     /// No effect any more (accepted, whatever its value, with a warning): readers share
     /// --buffer-memory.
@@ -257,7 +271,7 @@ struct RunArgs {
     #[arg(long, env = "FLOWLENS_IPFIX_OBSERVATION_DOMAIN", default_value_t = defaults().ipfix.observation_domain)]
     ipfix_observation_domain: u32,
     /// Path MTU to the IPFIX collectors: each message fits one IP packet.
-    #[arg(long, env = "FLOWLENS_IPFIX_MTU", value_parser = ipfix::parse_mtu, default_value_t = defaults().ipfix.mtu)]
+    #[arg(long, env = "FLOWLENS_IPFIX_MTU", default_value_t = defaults().ipfix.mtu)]
     ipfix_mtu: u16,
     /// UDP: how often IPFIX templates are sent again (a restarted collector waits this long).
     #[arg(long, env = "FLOWLENS_IPFIX_TEMPLATE_REFRESH", default_value_t = HumanDuration(defaults().ipfix.template_refresh))]
@@ -344,6 +358,10 @@ impl RunArgs {
                 socket_mode: self.grpc_socket_mode,
                 socket_group: self.grpc_socket_group,
                 max_subscribers: self.grpc_max_subscribers as usize,
+                max_connections: self.grpc_max_connections as usize,
+                max_connections_per_source: self.grpc_max_connections_per_source as usize,
+                handshake_timeout: self.grpc_handshake_timeout.0,
+                request_timeout: d.grpc.request_timeout,
                 max_streams_per_connection: self.grpc_max_streams_per_connection,
                 max_request_size: self.grpc_max_request_size as usize,
                 request_limits: RequestLimits {
@@ -356,6 +374,7 @@ impl RunArgs {
                 idle_timeout: self.grpc_idle_timeout.0,
             },
             metrics_listen: self.metrics_listen.0,
+            metrics_allow_remote: self.metrics_allow_remote,
             observer_id: self.observer_id.or(d.observer_id),
             ipfix: IpfixSettings {
                 destinations: self.ipfix,
@@ -378,7 +397,7 @@ fn main() {
             std::env::remove_var(k);
         }
     }
-    let cli = Cli::try_parse().unwrap_or_else(|e| match env_source(&e) {
+    let cli = parse().unwrap_or_else(|e| match env_source(&e) {
         Some(var) => {
             let text = e.render().to_string();
             let text = text.strip_prefix("error: ").unwrap_or(&text);
@@ -413,6 +432,23 @@ fn main() {
         eprintln!("flowlens: {}", flowlens::fatal::describe(&e));
         std::process::exit(1);
     }
+}
+
+/// The command line, its values checked against their documented ranges
+/// (`flowlens::ranges`): a value out of range ends the process with one sentence.
+fn parse() -> Result<Cli, clap::Error> {
+    let mut cmd = flowlens::ranges::prepare(Cli::command());
+    let mut matches = cmd.try_get_matches_from_mut(std::env::args_os())?;
+    if let Some((name, sub)) = matches.subcommand() {
+        let sub_cmd = cmd
+            .find_subcommand(name)
+            .expect("a parsed subcommand exists");
+        if let Err(why) = flowlens::ranges::check(sub_cmd, sub) {
+            eprintln!("flowlens: {why}");
+            std::process::exit(2);
+        }
+    }
+    Cli::from_arg_matches_mut(&mut matches)
 }
 
 /// The variable a rejected value came from, when the flag was not on the command line
@@ -564,4 +600,55 @@ fn check_config(cfg: &Config) -> Result<()> {
         or(&cfg.observer_id, &flowlens::poller::host_name())
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_number_and_duration_flag_has_a_documented_range() {
+        let cmd = flowlens::ranges::prepare(Cli::command());
+        assert_eq!(
+            flowlens::ranges::unchecked(&cmd),
+            Vec::<String>::new(),
+            "add these flags to flowlens::ranges::TABLE"
+        );
+        // And every line of the table names a flag that exists.
+        let mut longs = Vec::new();
+        for sub in cmd.get_subcommands() {
+            longs.extend(sub.get_arguments().filter_map(|a| a.get_long()));
+        }
+        for (long, _) in flowlens::ranges::TABLE {
+            assert!(longs.contains(long), "ranges::TABLE names no flag --{long}");
+        }
+        // The defaults lie inside their ranges (given on the command line, as `check`
+        // skips defaults).
+        for sub in cmd.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let (Some(long), Some(default)) =
+                    (arg.get_long(), arg.get_default_values().first())
+                else {
+                    continue;
+                };
+                if !arg.get_action().takes_values() {
+                    continue;
+                }
+                let given: Vec<std::ffi::OsString> = vec![
+                    "flowlens".into(),
+                    sub.get_name().into(),
+                    format!("--{long}").into(),
+                    default.into(),
+                ];
+                let m = cmd.clone().try_get_matches_from(given).expect("parses");
+                let (_, matches) = m.subcommand().unwrap();
+                assert_eq!(
+                    flowlens::ranges::check(sub, matches),
+                    Ok(()),
+                    "{} --{long}",
+                    sub.get_name()
+                );
+            }
+        }
+    }
 }

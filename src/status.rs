@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub interfaces: Vec<AttachedInterface>,
     /// The name records carry in `observer`.
     pub observer: String,
+    /// When the gRPC server certificate in use expires (None: no TLS).
+    pub tls_cert_expiry: Option<SystemTime>,
 }
 
 /// Shared, cheaply updated agent state.
@@ -71,6 +73,7 @@ pub struct Status {
     started: Mutex<Option<SystemTime>>,
     interfaces: Mutex<Vec<AttachedInterface>>,
     observer: Mutex<String>,
+    tls_cert_expiry: Mutex<Option<SystemTime>>,
 }
 
 impl Status {
@@ -91,6 +94,14 @@ impl Status {
     /// The interfaces attached to now (after each interface sync).
     pub fn set_interfaces(&self, interfaces: Vec<AttachedInterface>) {
         *self.interfaces.lock().unwrap_or_else(|e| e.into_inner()) = interfaces;
+    }
+
+    /// The expiry of the gRPC certificate in use (at start and after each reload).
+    pub fn set_tls_cert_expiry(&self, at: Option<SystemTime>) {
+        *self
+            .tls_cert_expiry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = at;
     }
 
     pub fn set_observer(&self, observer: &str) {
@@ -136,6 +147,10 @@ impl Status {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
+            tls_cert_expiry: *self
+                .tls_cert_expiry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
         }
     }
 }

@@ -175,12 +175,10 @@ fn check_config_validates_without_loading_anything() {
         cmd.args(["netns", "exec", &net.b, BIN, "run", "--check-config"])
             .args(args)
             .env_remove("RUST_LOG");
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("FLOWLENS_") {
-                cmd.env_remove(k);
-            }
-        }
-        let out = cmd.envs(env.iter().copied()).output().expect("flowlens");
+        let out = common::bin::without_flowlens_env(&mut cmd)
+            .envs(env.iter().copied())
+            .output()
+            .expect("flowlens");
         let (o, e) = text(&out);
         (out.status.code(), o, e)
     };

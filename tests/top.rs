@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -143,8 +143,24 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn flowlens run");
-        let mut err = child.stderr.take().expect("stderr");
+        let err = child.stderr.take().expect("stderr");
         let agent = Agent(child);
+        // The agent listens before it attaches: traffic sent before "monitoring" would
+        // miss its first packets (a handshake, so client and server would come out
+        // swapped). The rest of stderr is drained, so the agent never blocks on the pipe.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if line.contains("monitoring ") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(15))
+            .expect("the agent never attached to its interface");
         let deadline = Instant::now() + Duration::from_secs(15);
         while !std::path::Path::new(sock).exists() {
             assert!(
@@ -153,11 +169,6 @@ impl Agent {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::spawn(move || {
-            // Drained so the agent never blocks on a full stderr pipe.
-            let mut sink = Vec::new();
-            let _ = err.read_to_end(&mut sink);
-        });
         agent
     }
 }

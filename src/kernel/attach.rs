@@ -1,6 +1,6 @@
 //! Attaches the flow programs to selected interfaces (TCX, or clsact TC on older kernels) and follows interfaces as they come and go.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
 use std::fs;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use libbpf_rs::{TcHook, TcHookBuilder, TC_EGRESS, TC_INGRESS};
-use log::{info, warn};
+use log::{debug, info, warn};
 use thiserror::Error;
 
 use crate::kernel::datapath::Datapath;
@@ -33,6 +33,8 @@ pub enum AttachError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Untrusted(#[from] crate::kernel::preflight::PreflightError),
     #[error("duplicating a program fd: {0}")]
     Fd(#[source] std::io::Error),
 }
@@ -297,6 +299,9 @@ pub struct Attacher {
     stale_pins_swept: bool,
     /// TCX proved unavailable: stop trying it.
     tcx_unsupported: bool,
+    /// Interfaces whose attachment failed at the last sync: retried every sync, warned
+    /// about once until they attach.
+    failing: HashSet<u32>,
 }
 
 /// TC filter priority and handle used for our clsact filters.
@@ -314,15 +319,14 @@ impl Attacher {
             link_dir: None,
             stale_pins_swept: false,
             tcx_unsupported: false,
+            failing: HashSet::new(),
         }
     }
 
-    /// Pins TCX links under `dir` and takes over links a previous agent pinned there.
+    /// Pins TCX links under `dir` and takes over links a previous agent pinned there
+    /// (once everything in it is checked to be root's alone).
     pub fn pin_links(&mut self, dir: PathBuf) -> Result<(), AttachError> {
-        fs::create_dir_all(&dir).map_err(|source| AttachError::Pin {
-            path: dir.clone(),
-            source,
-        })?;
+        crate::kernel::preflight::make_pin_dir(&dir)?;
         self.link_dir = Some(dir);
         Ok(())
     }
@@ -357,6 +361,7 @@ impl Attacher {
     /// Attaches to newly selected interfaces and drops those gone or deselected.
     pub fn sync(&mut self, sel: &Selector) -> Result<SyncReport, AttachError> {
         let ifaces = list_interfaces()?;
+        self.failing.retain(|i| ifaces.contains_key(i));
         let mut report = SyncReport::default();
         let gone: Vec<u32> = self
             .attached
@@ -388,6 +393,7 @@ impl Attacher {
                         "attached to {} (ifindex {}) with {how}",
                         iface.name, iface.ifindex
                     );
+                    self.failing.remove(&iface.ifindex);
                     report.attached.push(iface.name.clone());
                     self.names
                         .write()
@@ -396,7 +402,11 @@ impl Attacher {
                     self.attached.insert(iface.ifindex, a);
                 }
                 Err(e) => {
-                    warn!("{e}");
+                    if self.failing.insert(iface.ifindex) {
+                        warn!("{e} (retried every sync; said again when it works)");
+                    } else {
+                        debug!("{e}");
+                    }
                     report.failed.push(iface.name.clone());
                 }
             }

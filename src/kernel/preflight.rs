@@ -192,8 +192,105 @@ pub struct PinLock {
 /// the BPF filesystem, must be a directory owned by root that nobody else can write to. A
 /// parent may be world-writable with the sticky bit (a fresh bpffs is 1777): there nobody
 /// can rename or remove root's entries. `pin_root` itself may not be, since the agent
-/// creates entries in it. Paths that do not exist yet are skipped.
+/// creates entries in it; nor may anything under it ([`check_pin_tree`]). Paths that do
+/// not exist yet are skipped.
 pub fn check_pin_dir(pin_root: &Path) -> Result<(), PreflightError> {
+    check_pin_parents(pin_root)?;
+    check_pin_tree(pin_root)
+}
+
+/// Directories nested deeper than this under the pin root are refused: flowlens makes two
+/// levels (`v<layout>/links/`).
+const MAX_PIN_DEPTH: usize = 8;
+
+/// Refuses anything under `dir` (and `dir` itself) that another user could have put there
+/// or could change: every directory and pinned object must be root's and not writable by
+/// group or others, and none may be a symlink. Whatever lives there is checked, not a
+/// list of names, so pins that later versions add are covered too. A missing `dir` is fine.
+pub fn check_pin_tree(dir: &Path) -> Result<(), PreflightError> {
+    check_tree(dir, 0)
+}
+
+fn check_tree(path: &Path, depth: usize) -> Result<(), PreflightError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(PreflightError::PinDir {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let untrusted = |problem: String, fix: String| PreflightError::Untrusted {
+        path: path.to_path_buf(),
+        problem,
+        fix,
+    };
+    let remove = || format!("remove it (`rm -r {}`)", path.display());
+    if meta.file_type().is_symlink() {
+        return Err(untrusted("is a symlink".into(), remove()));
+    }
+    if meta.uid() != 0 {
+        return Err(untrusted(
+            format!("is owned by uid {}, not root", meta.uid()),
+            remove(),
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(untrusted(
+            format!("is writable by group or others (mode {mode:04o})"),
+            format!("`chmod go-w {}`", path.display()),
+        ));
+    }
+    if !meta.is_dir() {
+        return Ok(());
+    }
+    if depth >= MAX_PIN_DEPTH {
+        return Err(untrusted(
+            format!("is nested more than {MAX_PIN_DEPTH} directories deep"),
+            remove(),
+        ));
+    }
+    let entries = std::fs::read_dir(path).map_err(|source| PreflightError::PinDir {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    for e in entries {
+        let e = e.map_err(|source| PreflightError::PinDir {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        check_tree(&e.path(), depth + 1)?;
+    }
+    Ok(())
+}
+
+/// Creates `dir` under a checked pin root (root's alone: 0700, whatever the umask) when
+/// missing, and checks everything in it before the agent reuses what it holds.
+pub fn make_pin_dir(dir: &Path) -> Result<(), PreflightError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let io = |source| PreflightError::PinDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
+        // The umask may have taken bits away, never added any; but make it exact.
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(io)?;
+    }
+    check_pin_tree(dir)
+}
+
+/// The pin root and its parents on the BPF filesystem (see [`check_pin_dir`]).
+fn check_pin_parents(pin_root: &Path) -> Result<(), PreflightError> {
     use std::os::unix::fs::MetadataExt;
     let mut path = pin_root.to_path_buf();
     let mut own = true;

@@ -27,6 +27,7 @@
 //! | `kernel_packets_unaccounted_total` | counter | `reason` | packets the datapath could not account (error counters) |
 //! | `kernel_packets_total` | counter | `counter` | informational kernel counts (not disjoint: do not sum) |
 //! | `last_poll_duration_seconds` | gauge | | duration of the last poll cycle |
+//! | `tls_cert_expiry_seconds` | gauge | | Unix time the gRPC server certificate expires (with TLS only) |
 //!
 //! The kernel counters are split with [`crate::kernel::datapath::is_error_counter`]: summing
 //! `kernel_packets_unaccounted_total` over `reason` gives every packet not accounted, while the
@@ -346,6 +347,14 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
         "Gap before the next poll: --poll-interval, shorter under map pressure, longer when many flows make a poll long.",
         float(snap.poll_interval_ns as f64 / 1e9),
     );
+    if let Some(expiry) = snap.tls_cert_expiry {
+        e.single(
+            "tls_cert_expiry_seconds",
+            "gauge",
+            "Unix time the gRPC server certificate in use expires (the earliest notAfter of its chain).",
+            float(unix_seconds(expiry)),
+        );
+    }
     e.out
 }
 

@@ -10,6 +10,7 @@ use tokio::sync::{oneshot, watch, Semaphore};
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response};
 
+use crate::admission::Caps;
 use crate::config::GrpcConfig;
 use crate::hub::Hub;
 use crate::record::api::{self, proto, RequestLimits};
@@ -335,6 +336,16 @@ impl GrpcEndpoint {
         &self.addr
     }
 
+    /// The same endpoint holding at most `n` connections (and as many per source).
+    pub fn with_max_connections(mut self, n: usize) -> GrpcEndpoint {
+        self.grpc.max_connections = n.max(1);
+        self.grpc.max_connections_per_source = self
+            .grpc
+            .max_connections_per_source
+            .min(self.grpc.max_connections);
+        self
+    }
+
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
     }
@@ -447,6 +458,7 @@ async fn serve(
         .build_v1alpha()
         .context("building the reflection service")?
         .max_decoding_message_size(max_request);
+    let streams = Arc::new(Semaphore::new(grpc.max_subscribers));
     let builder = tonic::transport::Server::builder()
         .max_concurrent_streams(grpc.max_streams_per_connection)
         .http2_keepalive_interval(Some(grpc.keepalive_interval))
@@ -464,12 +476,19 @@ async fn serve(
         hub,
         limits: grpc.request_limits,
         max_request,
-        subscribers: Arc::new(Semaphore::new(grpc.max_subscribers)),
+        // Subscribe streams take their places among the long-lived streams the layer
+        // counts (health Watch, reflection).
+        subscribers: streams.clone(),
         max_subscribers: grpc.max_subscribers,
         stopping: stopping_rx.clone(),
     });
     let router = builder
-        .layer(TrackStreams)
+        .layer(TrackStreams {
+            streams: streams.clone(),
+            max_streams: grpc.max_subscribers,
+            stopping: stopping_rx.clone(),
+            request_timeout: grpc.request_timeout,
+        })
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -484,6 +503,11 @@ async fn serve(
         ConnPolicy {
             idle_timeout: grpc.idle_timeout,
             tcp_keepalive: grpc.tcp_keepalive,
+            handshake_timeout: grpc.handshake_timeout,
+            caps: Caps {
+                total: grpc.max_connections,
+                per_source: grpc.max_connections_per_source,
+            },
         },
         endpoint.tls.clone(),
     )?;

@@ -144,7 +144,8 @@ pub struct SubscribeRoute {
     pub limits: RequestLimits,
     /// Bytes a request message may have.
     pub max_request: usize,
-    /// One permit per open Subscribe stream.
+    /// One permit per open long-lived stream: Subscribe, and health Watch and reflection
+    /// through the listener's layer.
     pub subscribers: Arc<Semaphore>,
     pub max_subscribers: usize,
     /// Becomes true when the server stops, so following streams end and connections drain.
@@ -205,7 +206,8 @@ impl SubscribeRoute {
         let opts = parse_request(&msg, peer, &self.limits)?;
         let permit = self.subscribers.clone().try_acquire_owned().map_err(|_| {
             tonic::Status::resource_exhausted(format!(
-                "subscribers: all {} allowed streams are open (--grpc-max-subscribers)",
+                "subscribers: all {} allowed long-lived streams (Subscribe, health Watch, \
+                 reflection) are open (--grpc-max-subscribers)",
                 self.max_subscribers
             ))
         })?;

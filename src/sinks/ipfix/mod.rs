@@ -157,15 +157,6 @@ impl fmt::Display for Destination {
     }
 }
 
-/// `--ipfix-mtu`: a path MTU from [`MIN_MTU`] to 65535.
-pub fn parse_mtu(s: &str) -> Result<u16, String> {
-    match s.parse::<u16>() {
-        Ok(n) if n >= MIN_MTU => Ok(n),
-        Ok(n) => Err(format!("{n} is below the minimum of {MIN_MTU}")),
-        Err(e) => Err(format!("{e} (a number of bytes, {MIN_MTU} to 65535)")),
-    }
-}
-
 /// One exporter: where to, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IpfixConfig {
