@@ -158,6 +158,11 @@ struct RunArgs {
     /// Capacity of the ICMP extension map.
     #[arg(long, env = "FLOWLENS_MAX_ICMP_FLOWS", default_value_t = defaults().capacities.icmp)]
     max_icmp_flows: u32,
+    /// Capacity of the map of flows' local sockets and their owners (one entry per local
+    /// end; a loopback flow takes two). Full: new flows are kept without their process.
+    /// Default: --max-flows.
+    #[arg(long, env = "FLOWLENS_MAX_LOCAL_FLOWS")]
+    max_local_flows: Option<u32>,
     /// What to print on stdout for each flow record.
     #[arg(long, env = "FLOWLENS_OUTPUT", value_enum, default_value_t = Output::from(defaults().output))]
     output: Output,
@@ -332,6 +337,7 @@ impl RunArgs {
                 flows: self.max_flows,
                 tcp: self.max_tcp_flows,
                 icmp: self.max_icmp_flows,
+                owner: self.max_local_flows.unwrap_or(self.max_flows),
             },
             hub: HubConfig {
                 buffer_memory: self.buffer_memory.0,
@@ -569,8 +575,8 @@ fn check_config(cfg: &Config) -> Result<()> {
         d(p.poll_interval)
     );
     println!(
-        "  maps           {} flows, {} TCP, {} ICMP",
-        cfg.capacities.flows, cfg.capacities.tcp, cfg.capacities.icmp
+        "  maps           {} flows, {} TCP, {} ICMP, {} local ends",
+        cfg.capacities.flows, cfg.capacities.tcp, cfg.capacities.icmp, cfg.capacities.owner
     );
     println!(
         "  stdout         {}",

@@ -465,6 +465,7 @@ fn full_base_map_is_counted_and_nothing_half_made_is_left() {
         flows: 4,
         tcp: 4,
         icmp: 4,
+        owner: 4,
     });
     for port in 0..6u16 {
         h.run(
@@ -483,6 +484,7 @@ fn full_extension_map_costs_samples_never_flows() {
         flows: 16,
         tcp: 2,
         icmp: 1,
+        owner: 16,
     });
     // Four request/response exchanges: each wants a latency sample.
     for port in 0..4u16 {
@@ -754,6 +756,7 @@ mod edges {
             flows: 1,
             tcp: 4,
             icmp: 4,
+            owner: 1,
         });
         h.run(Hook::Egress, &v4_frame(A, B, 17, 64, &udp(1, 2, &[])));
         let g = v4_frame(A, B, 6, 64, &tcp(1000, 2000, TCP_ACK, &[0u8; 3000]));

@@ -68,6 +68,8 @@ fn tcp_record() -> FlowRecord {
             server_latency: None,
         }),
         icmp: None,
+        client_process: None,
+        server_process: None,
     }
 }
 

@@ -216,6 +216,7 @@ fn map_pressure_is_counted_once_per_crossing() {
         flows: 10,
         tcp: 10,
         icmp: 10,
+        owner: 10,
     })
     .expect("load");
     let maps = dp.maps().expect("maps");

@@ -200,6 +200,7 @@ pub fn run(t: &mut Table) -> Result<()> {
         flows: 2 * n,
         tcp: 2 * n,
         icmp: 1024,
+        owner: 2 * n,
     })?;
     let mono_new = load_mono(2 * n)?;
     for tcp_flow in [false, true] {

@@ -116,6 +116,7 @@ fn split_cost(n: u32, mix: Mix, sampled: u32) -> Result<Cost> {
             flows: n,
             tcp: (n / 100 * mix.0).max(1),
             icmp: (n / 100 * mix.2).max(1),
+            owner: n,
         })?;
         let maps = dp.maps()?;
         let total = |m: &FlowMaps| -> Result<u64> {

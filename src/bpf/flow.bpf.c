@@ -9,6 +9,7 @@
 #include "flowlens.h"
 #include "base.h"
 #include "maps.h"
+#include "owner.h"
 #include "scan.h"
 
 /* Read by userspace: pinned maps live under a directory named after it,
@@ -36,9 +37,11 @@ const volatile struct flow_enums flow_enums_btf = {};
  * updated from this first packet (which never gives a sample). Returns 0,
  * -EEXIST (another CPU created it first), or CNT_BASE_FULL.
  */
-static __always_inline int flow_create(const struct acct *a, __u8 hook)
+static __always_inline int flow_create(struct __sk_buff *skb,
+				       const struct acct *a, __u8 hook)
 {
 	struct flow_base nb = {};
+	struct owner_take own = {};
 	long err;
 
 	base_init(&nb, a, hook, coarse_now());
@@ -50,11 +53,13 @@ static __always_inline int flow_create(const struct acct *a, __u8 hook)
 		else
 			icmp_update(&nb, NULL, &a->p);
 	}
+	owner_take(skb, a, hook, &own, &nb.ext_id);
 	err = bpf_map_update_elem(&flows, &a->p.key, &nb, BPF_NOEXIST);
 	if (err == -EEXIST)
 		return -EEXIST;
 	if (err)
 		return CNT_BASE_FULL;
+	owner_put(nb.ext_id, &own);
 	if (a->ext == EXT_TCP && (a->p.tcp_flags & TCP_RST))
 		tcp_note_close(&nb, &a->p);
 	return 0;
@@ -72,7 +77,7 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 
 	b = bpf_map_lookup_elem(&flows, &a.p.key);
 	if (!b) {
-		err = flow_create(&a, hook);
+		err = flow_create(skb, &a, hook);
 		if (!err) {
 			count(CNT_PACKETS, a.pkts);
 			return;

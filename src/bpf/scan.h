@@ -190,6 +190,7 @@ static long scan_flow(struct bpf_map *map, const struct flow_key *key,
 		r->tcp = *t;
 	if (i)
 		r->icmp = *i;
+	owner_scan(slot, id, kind != SCAN_ACTIVE);
 	if (kind == SCAN_ACTIVE) {
 		b->windows = (__u8)window;
 		return 0;

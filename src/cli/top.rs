@@ -1145,6 +1145,8 @@ mod tests {
             end_reason: EndReason::InProgress,
             tcp: None,
             icmp: None,
+            client_process: None,
+            server_process: None,
         }
     }
 

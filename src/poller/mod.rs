@@ -19,10 +19,13 @@ use thiserror::Error;
 
 use crate::kernel::attach::IfNames;
 use crate::kernel::bpf::types;
+use crate::kernel::cgroup::CgroupNames;
 use crate::record::flow::{EndReason, FlowRecord, IPPROTO_TCP};
 use crate::record::snapshot::SnapshotSlot;
 use crate::status::{MapUsage, Status};
-use decode::{key_bytes, monotonic_ns, Clock, Counts, KeyBytes, RawFlow, RecordMeta};
+use decode::{
+    key_bytes, local_process, monotonic_ns, Clock, Counts, KeyBytes, RawFlow, RecordMeta,
+};
 use scan::{ScanKind, Scanned};
 pub use table::{ExtMap, FlowTable, Joined, KernelTable, ReadMode, SplitScan, MAP_NAMES};
 
@@ -229,6 +232,10 @@ pub struct Poller<T: FlowTable = KernelTable> {
     /// Names of interfaces the attacher does not know, looked up once each.
     other_names: std::cell::RefCell<HashMap<u32, String>>,
     snapshots: Option<SnapshotSlot>,
+    /// Names of the cgroups flows' local sockets are in.
+    cgroups: std::cell::RefCell<CgroupNames>,
+    /// `owner_map_full` when its rise was last logged (or at the first poll), and when.
+    owner_full: Option<(u64, Option<Instant>)>,
 }
 
 impl<T: FlowTable> Poller<T> {
@@ -258,7 +265,16 @@ impl<T: FlowTable> Poller<T> {
             evict_age_ns: cfg.evict_min_age.as_nanos() as u64,
             other_names: Default::default(),
             snapshots: None,
+            cgroups: std::cell::RefCell::new(CgroupNames::new(None)),
+            owner_full: None,
         }
+    }
+
+    /// Names the cgroups of flows' local sockets from `names` (the host's cgroup v2
+    /// hierarchy).
+    pub fn with_cgroups(mut self, names: CgroupNames) -> Self {
+        self.cgroups = std::cell::RefCell::new(names);
+        self
     }
 
     /// Also publishes the flows in progress into `slot` after each poll, while someone
@@ -805,6 +821,7 @@ impl<T: FlowTable> Poller<T> {
                 emitted_ns,
                 flow_id: who.flow_id,
                 continuation: who.continuation,
+                local: self.local(f),
             },
             &self.clock,
         );
@@ -812,6 +829,16 @@ impl<T: FlowTable> Poller<T> {
             rec.swap_roles();
         }
         rec
+    }
+
+    /// The owners of a flow's local ends, by key endpoint, in user terms.
+    fn local(&self, f: &RawFlow) -> [Option<Box<crate::record::flow::LocalProcess>>; 2] {
+        if f.owner.iter().all(Option::is_none) {
+            return [None, None];
+        }
+        let mut names = self.cgroups.borrow_mut();
+        f.owner
+            .map(|o| o.map(|o| Box::new(local_process(&o, &mut names))))
     }
 
     /// Emits a record with the deltas since the last one; the kernel entry stays as it is.
@@ -893,7 +920,35 @@ impl<T: FlowTable> Poller<T> {
         self.status
             .active_flows
             .store(entries[0], Ordering::Relaxed);
-        self.status.set_detail(self.usage(entries), counters);
+        let mut usage = self.usage(entries);
+        if let Some((entries, capacity)) = self.table.owner_fill() {
+            usage.push(MapUsage {
+                name: "flows_owner".to_owned(),
+                entries,
+                capacity,
+            });
+        }
+        self.check_owner_full(&counters);
+        self.status.set_detail(usage, counters);
+    }
+
+    /// Logs, at most once a minute while it goes on, that a full `flows_owner` cost new
+    /// flows their attribution (the flows themselves are kept).
+    fn check_owner_full(&mut self, counters: &BTreeMap<String, u64>) {
+        let now = counters.get("owner_map_full").copied().unwrap_or(0);
+        let Some((told, at)) = self.owner_full else {
+            // Losses before this agent's first poll (pinned maps) are not its own.
+            self.owner_full = Some((now, None));
+            return;
+        };
+        if now > told && at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            warn!(
+                "the map of flows' local sockets (flows_owner) is full: {} new flows kept \
+                 without their cgroup and process; raise --max-local-flows",
+                now - told
+            );
+            self.owner_full = Some((now, Some(Instant::now())));
+        }
     }
 
     /// Counts threshold crossings; logs them outside a pressure episode only (inside one,

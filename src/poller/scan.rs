@@ -157,8 +157,9 @@ pub fn take_need(a: &mut types::scan_args, tcp: bool, icmp: bool) -> bool {
     true
 }
 
-/// Decodes one record of `scan_out`.
-pub fn decode_rec(r: &types::scan_rec) -> Option<(ScanKind, RawFlow)> {
+/// Decodes one record of `scan_out`, with its flow's owners from the same slot of
+/// `scan_owner_out`.
+pub fn decode_rec(r: &types::scan_rec, o: &types::scan_owner) -> Option<(ScanKind, RawFlow)> {
     let kind = ScanKind::from_raw(r.kind)?;
     Some((
         kind,
@@ -167,6 +168,7 @@ pub fn decode_rec(r: &types::scan_rec) -> Option<(ScanKind, RawFlow)> {
             base: decode(&r.base),
             tcp: (r.has_tcp != 0).then_some(r.tcp),
             icmp: (r.has_icmp != 0).then_some(r.icmp),
+            owner: [0, 1].map(|end| (o.has[end] != 0).then_some(o.side[end])),
         },
     ))
 }

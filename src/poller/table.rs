@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
-use super::decode::{decode, ext_id, ExtKind, RawFlow};
+use super::decode::{decode, ext_id, owner_key, owner_of_key, ExtKind, RawFlow};
 use super::scan::{decode_rec, Scanned};
 use super::PollError;
 use crate::kernel::bpf::types;
@@ -18,11 +18,13 @@ use crate::kernel::datapath::FlowMaps;
 /// The kernel-internal "operation not supported" errno.
 const ENOTSUPP: i32 = 524;
 
-/// An extension map.
+/// A map keyed by a flow's ext_id: an extension, or the owners of its local ends (keyed
+/// by `owner_key`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ExtMap {
     Tcp,
     Icmp,
+    Owner,
 }
 
 /// Names of the base, TCP and ICMP maps, in the order counts are given.
@@ -43,12 +45,14 @@ pub struct Joined {
 pub struct Joiner {
     tcp: JoinMap<types::flow_tcp>,
     icmp: JoinMap<types::flow_icmp>,
+    /// Owners of local ends, by `owner_key`.
+    owner: JoinMap<types::flow_owner>,
     flows: Vec<RawFlow>,
     entries: [u64; 3],
     /// Base entries waiting to be joined as a group (see `join_pending`).
     pending: Vec<(types::flow_key, types::flow_base)>,
-    /// Extension entries a base took, TCP and ICMP.
-    joined: [usize; 2],
+    /// Extension entries a base took: TCP, ICMP, owners.
+    joined: [usize; 3],
 }
 
 /// Base entries joined together: their lookups run back to back, so the CPU overlaps
@@ -59,17 +63,27 @@ impl Joiner {
     pub fn new(
         tcp: JoinMap<types::flow_tcp>,
         icmp: JoinMap<types::flow_icmp>,
+        owner: JoinMap<types::flow_owner>,
         capacity: usize,
     ) -> Joiner {
         let entries = [0, tcp.len() as u64, icmp.len() as u64];
         Joiner {
             tcp,
             icmp,
+            owner,
             flows: Vec::with_capacity(capacity),
             entries,
             pending: Vec::with_capacity(JOIN_GROUP),
-            joined: [0; 2],
+            joined: [0; 3],
         }
+    }
+
+    /// The owners of flow `b`'s local ends, if it has any.
+    fn owners(&self, b: &types::flow_base) -> [Option<types::flow_owner>; 2] {
+        if b.ext_id == 0 || self.owner.is_empty() {
+            return [None, None];
+        }
+        [0, 1].map(|end| self.owner.get(&owner_key(b.ext_id, end)).copied())
     }
 
     pub fn push(&mut self, key: types::flow_key, base: types::flow_base) {
@@ -82,20 +96,24 @@ impl Joiner {
     fn join_pending(&mut self) {
         let mut tcp = [None; JOIN_GROUP];
         let mut icmp = [None; JOIN_GROUP];
+        let mut owner = [[None; 2]; JOIN_GROUP];
         // Lookups only, back to back; nothing is removed, so none waits on another.
         for (i, (_, b)) in self.pending.iter().enumerate() {
             tcp[i] = ext_id(b, ExtKind::Tcp).and_then(|id| self.tcp.get(&id).copied());
             icmp[i] = ext_id(b, ExtKind::Icmp).and_then(|id| self.icmp.get(&id).copied());
+            owner[i] = self.owners(b);
         }
         self.entries[0] += self.pending.len() as u64;
         for (i, (key, base)) in self.pending.drain(..).enumerate() {
             self.joined[0] += usize::from(tcp[i].is_some());
             self.joined[1] += usize::from(icmp[i].is_some());
+            self.joined[2] += owner[i].iter().flatten().count();
             self.flows.push(RawFlow {
                 key,
                 base,
                 tcp: tcp[i],
                 icmp: icmp[i],
+                owner: owner[i],
             });
         }
     }
@@ -104,6 +122,20 @@ impl Joiner {
         self.join_pending();
         // Entries no base took are orphans; usually every one was taken.
         let mut unjoined = Vec::new();
+        if self.joined[2] < self.owner.len() {
+            let named: std::collections::HashSet<u64, foldhash::fast::RandomState> = self
+                .flows
+                .iter()
+                .filter(|f| f.owner.iter().any(Option::is_some))
+                .map(|f| f.base.ext_id)
+                .collect();
+            unjoined.extend(
+                self.owner
+                    .keys()
+                    .filter(|k| !named.contains(&owner_of_key(**k).0))
+                    .map(|k| (ExtMap::Owner, *k)),
+            );
+        }
         if self.joined[0] < self.tcp.len() || self.joined[1] < self.icmp.len() {
             let named: std::collections::HashSet<(ExtMap, u64), foldhash::fast::RandomState> = self
                 .flows
@@ -120,13 +152,13 @@ impl Joiner {
                 })
                 .flatten()
                 .collect();
-            unjoined = self
-                .tcp
-                .into_keys()
-                .map(|k| (ExtMap::Tcp, k))
-                .chain(self.icmp.into_keys().map(|k| (ExtMap::Icmp, k)))
-                .filter(|e| !named.contains(e))
-                .collect();
+            unjoined.extend(
+                self.tcp
+                    .into_keys()
+                    .map(|k| (ExtMap::Tcp, k))
+                    .chain(self.icmp.into_keys().map(|k| (ExtMap::Icmp, k)))
+                    .filter(|e| !named.contains(e)),
+            );
         }
         Joined {
             flows: self.flows,
@@ -141,8 +173,9 @@ pub fn join(
     base: impl IntoIterator<Item = (types::flow_key, types::flow_base)>,
     tcp: JoinMap<types::flow_tcp>,
     icmp: JoinMap<types::flow_icmp>,
+    owner: JoinMap<types::flow_owner>,
 ) -> Joined {
-    let mut j = Joiner::new(tcp, icmp, 0);
+    let mut j = Joiner::new(tcp, icmp, owner, 0);
     for (key, b) in base {
         j.push(key, b);
     }
@@ -167,6 +200,11 @@ pub trait FlowTable: Send {
     fn remove_orphan(&mut self, ext: ExtMap, id: u64) -> Result<bool, PollError>;
     /// Capacities of the base, TCP and ICMP maps.
     fn capacities(&self) -> [u64; 3];
+    /// Entries in the owners' map (`flows_owner`) and its capacity; None where there is
+    /// no such map.
+    fn owner_fill(&self) -> Option<(u64, u64)> {
+        None
+    }
     /// The datapath's counters by name.
     fn counters(&self) -> BTreeMap<String, u64>;
 }
@@ -186,6 +224,8 @@ pub struct KernelTable {
     last_entries: [u64; 3],
     /// `scan_out` in this process, mapped at the first scan.
     scan_out: Option<Arc<ScanOut>>,
+    /// Owner entries the previous read found.
+    owners: usize,
 }
 
 impl KernelTable {
@@ -195,6 +235,7 @@ impl KernelTable {
             mode: ReadMode::Batch,
             last_entries: [0; 3],
             scan_out: None,
+            owners: 0,
         }
     }
 
@@ -211,13 +252,14 @@ impl KernelTable {
         if let Some(out) = &self.scan_out {
             return Ok(out.clone());
         }
-        let out =
-            Arc::new(
-                ScanOut::map(&self.maps.scan_out).map_err(|source| PollError::Read {
+        let out = Arc::new(
+            ScanOut::map(&self.maps.scan_out, &self.maps.scan_owner_out).map_err(|source| {
+                PollError::Read {
                     map: "scan_out",
                     source,
-                })?,
-            );
+                }
+            })?,
+        );
         self.scan_out = Some(out.clone());
         Ok(out)
     }
@@ -267,16 +309,30 @@ impl SplitScan {
 /// Runs the scan program once with `a` as its context; the kernel writes the results
 /// back into `a`.
 fn run_scan(prog: BorrowedFd<'_>, a: &mut types::scan_args) -> Result<(), PollError> {
-    let size = std::mem::size_of::<types::scan_args>();
-    let ctx: *mut types::scan_args = a;
+    run_syscall(prog, a)
+}
+
+/// The entries of `flows_owner`, counted by its `owner_entries` program; None if it
+/// failed to run.
+fn count_entries(prog: &std::os::fd::OwnedFd) -> Option<u64> {
+    let mut a = types::owner_count_args::default();
+    run_syscall(prog.as_fd(), &mut a).ok()?;
+    Some(a.entries)
+}
+
+/// Runs a syscall program once with `a` as its context; the kernel writes its results
+/// back into `a`.
+fn run_syscall<T: plain::Plain>(prog: BorrowedFd<'_>, a: &mut T) -> Result<(), PollError> {
+    let size = std::mem::size_of::<T>();
+    let ctx: *mut T = a;
     let mut opts = libbpf_sys::bpf_test_run_opts {
         sz: std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _,
         ctx_in: ctx.cast(),
         ctx_size_in: size as _,
         ..Default::default()
     };
-    // SAFETY: the context is `a`, a scan_args of the size given, which the kernel copies
-    // in and (a syscall program's results) back; nothing else of ours is touched.
+    // SAFETY: the context is `a`, a plain struct of the size given, which the kernel
+    // copies in and (a syscall program's results) back; nothing else of ours is touched.
     let ret = unsafe { libbpf_sys::bpf_prog_test_run_opts(prog.as_raw_fd(), &mut opts) };
     if ret < 0 {
         return Err(PollError::Scan(std::io::Error::from_raw_os_error(-ret)));
@@ -301,9 +357,15 @@ impl FlowTable for KernelTable {
         walk(&self.maps.icmp, "flows_icmp", self.mode, false, |k, v| {
             icmp.insert(decode(k), decode(v));
         })?;
+        // Owners are made after their base entry, like extensions: read before it.
+        let mut owner = JoinMap::with_capacity_and_hasher(self.owners, Default::default());
+        walk(&self.maps.owner, "flows_owner", self.mode, false, |k, v| {
+            owner.insert(decode(k), decode(v));
+        })?;
+        self.owners = owner.len();
         // Each base entry is joined as it comes out of the batch buffer, with no copy in
         // between; locked, as the TCP state in a base entry changes under its lock.
-        let mut j = Joiner::new(tcp, icmp, flows);
+        let mut j = Joiner::new(tcp, icmp, owner, flows);
         walk(&self.maps.flows, "flows", self.mode, true, |k, v| {
             j.push(decode(k), decode(v));
         })?;
@@ -345,12 +407,18 @@ impl FlowTable for KernelTable {
         let map = match ext {
             ExtMap::Tcp => &self.maps.tcp,
             ExtMap::Icmp => &self.maps.icmp,
+            ExtMap::Owner => &self.maps.owner,
         };
         Ok(map.delete(&id.to_ne_bytes()).is_ok())
     }
 
     fn capacities(&self) -> [u64; 3] {
         [&self.maps.flows, &self.maps.tcp, &self.maps.icmp].map(|m| u64::from(m.max_entries()))
+    }
+
+    fn owner_fill(&self) -> Option<(u64, u64)> {
+        let n = count_entries(&self.maps.owner_count)?;
+        Some((n, u64::from(self.maps.owner.max_entries())))
     }
 
     fn counters(&self) -> BTreeMap<String, u64> {
@@ -425,48 +493,24 @@ fn walk_key_by_key(map: &MapHandle, locked: bool, mut f: impl FnMut(&[u8], &[u8]
     }
 }
 
-/// The scan's output array mapped read-only into this process: a pass's records are
-/// read where the scan program wrote them, instead of copied out through a syscall into
-/// buffers faulted in afresh on every pass (15 % of a poll that ends 100 k flows).
-pub struct ScanOut {
+/// An array map of `T` mapped read-only into this process.
+struct Mapped<T> {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
-    /// Bytes from one record to the next: an array element is its value rounded to 8.
+    /// Bytes from one element to the next: an array element is its value rounded to 8.
     stride: usize,
     records: u32,
-    /// Slots claimed by the scans running now: a scan writes and reads back only its
-    /// own slots, so no two claims overlap.
-    claimed: std::sync::Mutex<Vec<std::ops::Range<u32>>>,
+    _of: std::marker::PhantomData<T>,
 }
 
-// SAFETY: the mapping is owned by this value alone. The kernel writes a slot only while
-// a scan runs, and a scan runs only under a claim (`claim`) on its slots, which excludes
-// every other claim on them; the records are read back under the same claim, on the
-// same thread, after the scan returned. So no slot is ever read while written.
-unsafe impl Send for ScanOut {}
-// SAFETY: as for Send: threads share the mapping only through disjoint claims.
-unsafe impl Sync for ScanOut {}
-
-/// Slots of scan_out one scan holds; given back when dropped.
-struct Claim<'a> {
-    out: &'a ScanOut,
-    slots: std::ops::Range<u32>,
-}
-
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        let mut held = self.out.claimed.lock().unwrap_or_else(|e| e.into_inner());
-        held.retain(|r| *r != self.slots);
-    }
-}
-
-impl ScanOut {
-    fn map(m: &MapHandle) -> std::io::Result<ScanOut> {
-        let size = std::mem::size_of::<types::scan_rec>();
+impl<T: plain::Plain> Mapped<T> {
+    fn map(m: &MapHandle, name: &str) -> std::io::Result<Mapped<T>> {
+        let size = std::mem::size_of::<T>();
         if m.value_size() as usize != size {
             return Err(std::io::Error::other(format!(
-                "scan_out holds {}-byte values, scan_rec is {size}",
-                m.value_size()
+                "{name} holds {}-byte values, {} is {size}",
+                m.value_size(),
+                std::any::type_name::<T>()
             )));
         }
         let stride = size.next_multiple_of(8);
@@ -488,11 +532,87 @@ impl ScanOut {
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(ScanOut {
+        Ok(Mapped {
             ptr: std::ptr::NonNull::new(p.cast()).ok_or_else(std::io::Error::last_os_error)?,
             len,
             stride,
             records: m.max_entries(),
+            _of: std::marker::PhantomData,
+        })
+    }
+
+    /// The `n` elements from slot `first` on. The caller makes sure nothing writes them
+    /// meanwhile (see `ScanOut`'s Sync impl).
+    fn slots(&self, first: u32, n: u32) -> impl Iterator<Item = &T> + '_ {
+        let first = first.min(self.records);
+        let n = n.min(self.records - first) as usize;
+        // SAFETY: these elements lie inside the mapping, which lives as long as `self`;
+        // the caller holds the claim on them and its scan has returned, so nothing
+        // writes them (see ScanOut's Sync impl).
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                self.ptr.as_ptr().add(first as usize * self.stride),
+                n * self.stride,
+            )
+        };
+        bytes.chunks_exact(self.stride).map(|c| {
+            plain::from_bytes(&c[..std::mem::size_of::<T>()])
+                .expect("array elements are 8-aligned in a page-aligned mapping")
+        })
+    }
+}
+
+impl<T> Drop for Mapped<T> {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once; no reference to it outlives
+        // `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The scan's output arrays mapped read-only into this process: a pass's records are
+/// read where the scan program wrote them, instead of copied out through a syscall into
+/// buffers faulted in afresh on every pass (15 % of a poll that ends 100 k flows).
+pub struct ScanOut {
+    recs: Mapped<types::scan_rec>,
+    /// `scan_owner_out`, slot for slot: the owners of each record's flow.
+    owners: Mapped<types::scan_owner>,
+    records: u32,
+    /// Slots claimed by the scans running now: a scan writes and reads back only its
+    /// own slots, so no two claims overlap.
+    claimed: std::sync::Mutex<Vec<std::ops::Range<u32>>>,
+}
+
+// SAFETY: the mappings are owned by this value alone. The kernel writes a slot only while
+// a scan runs, and a scan runs only under a claim (`claim`) on its slots, which excludes
+// every other claim on them; the records are read back under the same claim, on the
+// same thread, after the scan returned. So no slot is ever read while written.
+unsafe impl Send for ScanOut {}
+// SAFETY: as for Send: threads share the mappings only through disjoint claims.
+unsafe impl Sync for ScanOut {}
+
+/// Slots of scan_out one scan holds; given back when dropped.
+struct Claim<'a> {
+    out: &'a ScanOut,
+    slots: std::ops::Range<u32>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut held = self.out.claimed.lock().unwrap_or_else(|e| e.into_inner());
+        held.retain(|r| *r != self.slots);
+    }
+}
+
+impl ScanOut {
+    fn map(recs: &MapHandle, owners: &MapHandle) -> std::io::Result<ScanOut> {
+        let recs = Mapped::map(recs, "scan_out")?;
+        let owners = Mapped::map(owners, "scan_owner_out")?;
+        let records = recs.records.min(owners.records);
+        Ok(ScanOut {
+            recs,
+            owners,
+            records,
             claimed: std::sync::Mutex::new(Vec::new()),
         })
     }
@@ -519,40 +639,15 @@ impl ScanOut {
     fn scanned(&self, a: &types::scan_args) -> Scanned {
         Scanned {
             flows: self
-                .records(a.first_slot, a.copied)
-                .filter_map(decode_rec)
+                .recs
+                .slots(a.first_slot, a.copied)
+                .zip(self.owners.slots(a.first_slot, a.copied))
+                .filter_map(|(r, o)| decode_rec(r, o))
                 .collect(),
             entries: a.entries,
             truncated: a.truncated != 0,
             evict_left: a.evict_need,
         }
-    }
-
-    /// The `n` records from slot `first` on, as the last scan left them.
-    fn records(&self, first: u32, n: u32) -> impl Iterator<Item = &types::scan_rec> + '_ {
-        let first = first.min(self.records);
-        let n = n.min(self.records - first) as usize;
-        // SAFETY: these records lie inside the mapping, which lives as long as `self`;
-        // the caller holds the claim on them and its scan has returned, so nothing
-        // writes them (see the Sync impl).
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                self.ptr.as_ptr().add(first as usize * self.stride),
-                n * self.stride,
-            )
-        };
-        bytes.chunks_exact(self.stride).map(|c| {
-            plain::from_bytes(&c[..std::mem::size_of::<types::scan_rec>()])
-                .expect("array elements are 8-aligned in a page-aligned mapping")
-        })
-    }
-}
-
-impl Drop for ScanOut {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once; no reference to it outlives
-        // `self`.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 

@@ -570,6 +570,7 @@ fn flow_ids_are_pinned_so_they_survive_upgrades() {
         },
         tcp: None,
         icmp: None,
+        owner: [None, None],
     };
     assert_eq!(raw(T0).flow_id(), raw(T0).flow_id());
     assert_ne!(

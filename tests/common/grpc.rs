@@ -184,6 +184,8 @@ pub fn rec(id: u32) -> FlowRecord {
             }),
         }),
         icmp: None,
+        client_process: None,
+        server_process: None,
     }
 }
 

@@ -115,6 +115,7 @@ impl Harness {
                     .iter()
                     .find(|(id, _)| u32::from(base.ext) == EXT_ICMP && *id == base.ext_id)
                     .map(|e| e.1),
+                owner: [None, None],
             })
             .collect()
     }
