@@ -609,18 +609,20 @@ fn explain_load_error(e: DatapathError, cfg: &Config) -> anyhow::Error {
 /// v2, hybrid or v1), and returns the names of its cgroups.
 fn attribute_sockets(dp: &mut Datapath) -> CgroupNames {
     let hierarchy = Hierarchy::detect();
-    let mut names = CgroupNames::new(hierarchy.mount().map(std::path::Path::to_path_buf));
     if let Err(why) = dp.attribution() {
         warn!("flows carry no cgroup or process of their local sockets: {why}");
-        return names;
+        return CgroupNames::new(None);
     }
-    let hook = cgroup::open_root(hierarchy.mount())
-        .map_err(|e| format!("opening the cgroup v2 root: {e}"))
-        .and_then(|root| {
-            use std::os::fd::AsFd;
-            dp.attach_owner_hook(root.as_fd())
-                .map_err(|e| format!("attaching to the cgroup v2 root: {e}"))
-        });
+    let root = cgroup::open_root(hierarchy.mount())
+        .map_err(|e| format!("opening the cgroup v2 root: {e}"));
+    let hook = root.as_ref().map_err(Clone::clone).and_then(|root| {
+        use std::os::fd::AsFd;
+        dp.attach_owner_hook(root.as_fd())
+            .map_err(|e| format!("attaching to the cgroup v2 root: {e}"))
+    });
+    // Names only where a cgroup v2 hierarchy is in use: on a v1 host every socket is in
+    // its root.
+    let mut names = CgroupNames::new(root.ok().filter(|_| hierarchy.mount().is_some()));
     let open = match dp.seed_owners() {
         Ok(n) => n,
         Err(e) => {

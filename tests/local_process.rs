@@ -5,6 +5,7 @@ mod common;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use common::agent::{fast_config, Agent};
-use common::netns::NetPair;
+use common::netns::{sh, NetPair};
 use flowlens::kernel::cgroup::CgroupNames;
 use flowlens::kernel::datapath::Capacities;
 use flowlens::record::flow::{EndReason, FlowRecord, LocalProcess};
@@ -96,6 +97,7 @@ impl Drop for Cgroups {
 const PROGRAM: &str = r#"
 import ctypes, socket, sys
 ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)
+print(open("/proc/self/comm").read().strip(), flush=True)
 mode, host, port = sys.argv[2], sys.argv[3], int(sys.argv[4])
 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 if mode == "tcp-server":
@@ -128,6 +130,14 @@ elif mode in ("tcp-client", "tcp-client-leave"):
             got += len(c.recv(65536))
         c.close()
     print("done", flush=True)
+elif mode == "tcp-try":
+    c = socket.socket(fam, socket.SOCK_STREAM)
+    c.settimeout(0.3)
+    try:
+        c.connect((host, port))
+    except OSError:
+        pass
+    print("done", flush=True)
 elif mode == "udp-clients":
     n = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     socks = [socket.socket(fam, socket.SOCK_DGRAM) for _ in range(n)]
@@ -150,6 +160,8 @@ fn python() -> &'static str {
 struct Proc {
     child: Child,
     out: BufReader<ChildStdout>,
+    /// Its command name, as the kernel keeps it, once it named itself.
+    comm: String,
 }
 
 impl Proc {
@@ -189,8 +201,14 @@ impl Proc {
         }
         let mut child = cmd.spawn().expect("python3");
         drop(netns);
-        let out = BufReader::new(child.stdout.take().unwrap());
-        Proc { child, out }
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut comm = String::new();
+        out.read_line(&mut comm).expect("its command name");
+        Proc {
+            child,
+            out,
+            comm: comm.trim().to_owned(),
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -204,12 +222,9 @@ impl Proc {
         assert_eq!(line.trim(), what, "the program said {line:?}");
     }
 
-    /// Its command name as the kernel keeps it.
+    /// Its command name as the kernel keeps it (read by itself before any socket).
     fn comm(&self) -> String {
-        std::fs::read_to_string(format!("/proc/{}/comm", self.pid()))
-            .expect("comm")
-            .trim()
-            .to_owned()
+        self.comm.clone()
     }
 
     /// Waits for it to exit by itself.
@@ -525,7 +540,7 @@ fn a_full_owner_map_loses_the_attribution_never_the_flow() {
 fn cgroups_are_named_as_they_come_and_go() {
     let cg = Cgroups::new();
     let (svc, svc_path) = cg.make("system.slice/foo.service");
-    let mut names = CgroupNames::new(Some(cg.mnt.path().to_path_buf()));
+    let mut names = CgroupNames::at(cg.mnt.path()).expect("the hierarchy's root");
     names.walk();
     let walks = names.walks();
     let n = names.name(cgroup_id(&svc)).expect("a cgroup made before the walk");
@@ -554,4 +569,88 @@ fn cgroups_are_named_as_they_come_and_go() {
     );
     let root = names.name(cgroup_id(cg.mnt.path())).expect("the root");
     assert_eq!((&*root.path, root.unit.as_deref()), ("/", None));
+}
+
+#[test]
+fn forwarded_flows_carry_no_process_even_to_a_port_a_local_service_listens_on() {
+    let net = NetPair::new();
+    let cg = Cgroups::new();
+    let (dir, path) = cg.make("system.slice/any.service");
+    let (tcp_port, udp_port) = (port(), port());
+    // Namespace a routes a "far" network for b, back out through b (no other device is
+    // needed for a packet to be forwarded): what b sends there crosses a's interface on
+    // its way through, to the same ports a's wildcard-bound services listen on.
+    let IpAddr::V4(v4) = net.v4_a else {
+        unreachable!()
+    };
+    let n = v4.octets()[2];
+    let (far4, far6) = (format!("10.201.{n}.9"), format!("fd01:{n:x}::9"));
+    for cmd in [
+        "sysctl -qw net.ipv4.ip_forward=1",
+        "sysctl -qw net.ipv6.conf.all.forwarding=1",
+    ] {
+        let mut args = vec!["ip", "netns", "exec", &net.a];
+        args.extend(cmd.split(' '));
+        sh(&args);
+    }
+    let (net4, net6) = (format!("10.201.{n}.0/24"), format!("fd01:{n:x}::/64"));
+    let (a4, a6) = (net.v4_a.to_string(), net.v6_a.to_string());
+    let (b4, b6) = (net.v4_b.to_string(), net.v6_b.to_string());
+    sh(&["ip", "-n", &net.a, "route", "add", &net4, "via", &b4]);
+    sh(&["ip", "-n", &net.a, "-6", "route", "add", &net6, "via", &b6]);
+    sh(&["ip", "-n", &net.b, "route", "add", &net4, "via", &a4]);
+    sh(&["ip", "-n", &net.b, "-6", "route", "add", &net6, "via", &a6]);
+    let mut agent = Agent::start(&net, fast_config(), Capacities::default());
+    let mut tcp_server = Proc::spawn(
+        &net.a,
+        Some(&dir),
+        &["flowlens-any", "tcp-server", "0.0.0.0", &tcp_port.to_string()],
+    );
+    tcp_server.expect("ready");
+    let mut udp_server = Proc::spawn(
+        &net.a,
+        Some(&dir),
+        &["flowlens-uany", "udp-server", "::", &udp_port.to_string()],
+    );
+    udp_server.expect("ready");
+    for (mode, host, port) in [
+        ("tcp-try", far4.as_str(), tcp_port),
+        ("udp-clients", far6.as_str(), udp_port),
+        ("tcp-client", a4.as_str(), tcp_port),
+        ("udp-clients", a6.as_str(), udp_port),
+    ] {
+        let mut c = Proc::spawn(&net.b, None, &["flowlens-b", mode, host, &port.to_string()]);
+        c.expect("done");
+        c.wait();
+    }
+    let to = |r: &FlowRecord, proto: u8, host: &str, port: u16| {
+        r.protocol == proto && r.server_addr.to_string() == host && r.server_port == port
+    };
+    let cases = [
+        (6, far4.as_str(), tcp_port, None),
+        (17, far6.as_str(), udp_port, None),
+        (6, a4.as_str(), tcp_port, Some(("flowlens-any", tcp_server.pid()))),
+        (17, a6.as_str(), udp_port, Some(("flowlens-uany", udp_server.pid()))),
+    ];
+    let records = agent.wait_for("the four flows' ends", Duration::from_secs(15), |rs| {
+        cases.iter().all(|&(proto, host, port, _)| {
+            rs.iter()
+                .any(|r| to(r, proto, host, port) && r.end_reason != EndReason::ActiveTimeout)
+        })
+    });
+    for (proto, host, port, local) in cases {
+        let flow: Vec<_> = records.iter().filter(|r| to(r, proto, host, port)).collect();
+        assert_eq!(flow.len(), 1, "{flow:#?}");
+        assert_eq!(flow[0].client_process, None, "the client is remote: {:#?}", flow[0]);
+        let want = local.map(|(comm, pid)| want(&dir, &path, Some("any.service"), pid, comm));
+        assert_eq!(
+            flow[0].server_process.as_deref(),
+            want.as_ref(),
+            "{proto} to {host}: {:#?}",
+            flow[0]
+        );
+    }
+    wait_maps_empty(&agent);
+    drop((tcp_server, udp_server));
+    agent.stop();
 }

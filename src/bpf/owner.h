@@ -33,6 +33,7 @@
 /* The cgroup v2 root: every process on a host that does not use cgroup v2 */
 #define CGROUP_ROOT_ID 1
 #define E2BIG 7
+#define PACKET_OTHERHOST 3
 
 /* Off (set before load) for a datapath that attributes nothing: the
  * benchmark's "before", and kernels without the socket hooks.
@@ -158,14 +159,60 @@ static __always_inline bool owner_of(struct bpf_sock *sk, struct flow_owner *o)
 	return true;
 }
 
+/* Whether a socket is bound to the wildcard address, so matches a packet to
+ * any destination address.
+ */
+static __always_inline bool owner_any_addr(struct bpf_sock *sk)
+{
+	if (sk->family == AF_INET)
+		return !sk->src_ip4;
+	return !(sk->src_ip6[0] | sk->src_ip6[1] | sk->src_ip6[2] |
+		 sk->src_ip6[3]);
+}
+
+/* Whether an arriving packet is for this host rather than one it forwards:
+ * a socket lookup matches a wildcard-bound socket whatever the destination,
+ * so a forwarded packet to a port a local service listens on would be
+ * taken for that service's. The route says which: a forwarded packet's is a
+ * unicast route elsewhere. Where this interface does not forward at all, it
+ * is for this host or dropped.
+ */
+static __always_inline bool owner_for_host(struct __sk_buff *skb,
+					   const struct pkt *p,
+					   const __u8 *src, const __u8 *dst)
+{
+	struct bpf_fib_lookup f = {};
+	long r;
+
+	/* a frame for another station (a bridge port, promiscuous mode) */
+	if (skb->pkt_type == PACKET_OTHERHOST)
+		return false;
+	f.l4_protocol = p->key.proto;
+	f.sport = bpf_htons(p->sport);
+	f.dport = bpf_htons(p->dport);
+	f.ifindex = skb->ifindex;
+	if (p->key.ip_version == 4) {
+		f.family = AF_INET;
+		__builtin_memcpy(&f.ipv4_src, src + 12, 4);
+		__builtin_memcpy(&f.ipv4_dst, dst + 12, 4);
+	} else {
+		f.family = AF_INET6;
+		__builtin_memcpy(f.ipv6_src, src, 16);
+		__builtin_memcpy(f.ipv6_dst, dst, 16);
+	}
+	r = bpf_fib_lookup(skb, &f, sizeof(f), 0);
+	return r == BPF_FIB_LKUP_RET_NOT_FWDED ||
+	       r == BPF_FIB_LKUP_RET_FWD_DISABLED;
+}
+
 /* The socket the packet is delivered to on this host, if any. */
 static __always_inline bool owner_lookup(struct __sk_buff *skb,
-					 const struct pkt *p,
+					 const struct pkt *p, __u32 hook,
 					 struct flow_owner *o)
 {
 	struct bpf_sock_tuple t = {};
 	const __u8 *src = p->key.addr_lo, *dst = p->key.addr_hi;
-	struct bpf_sock *sk;
+	struct bpf_sock *sk, *full;
 	__u32 size;
 	bool found;
 
@@ -194,7 +241,19 @@ static __always_inline bool owner_lookup(struct __sk_buff *skb,
 		sk = bpf_sk_lookup_udp(skb, &t, size, BPF_F_CURRENT_NETNS, 0);
 	if (!sk)
 		return false;
-	found = owner_of(sk, o);
+	/* one pointer type whichever lookup found it: the verifier lets an
+	 * instruction read through one type only; a request socket stands for
+	 * its listener
+	 */
+	full = bpf_sk_fullsock(sk);
+	if (!full)
+		full = bpf_get_listener_sock(sk);
+	/* on loopback every destination is this host's */
+	if (!full || (hook == HOOK_INGRESS && skb->ifindex != LOOPBACK_IFINDEX &&
+		      owner_any_addr(full) && !owner_for_host(skb, p, src, dst)))
+		found = false;
+	else
+		found = owner_of(full, o);
 	bpf_sk_release(sk);
 	return found;
 }
@@ -224,9 +283,9 @@ __noinline int owner_ends(struct __sk_buff *skb, const struct pkt *p,
 	if (p->key.proto != IPPROTO_TCP && p->key.proto != IPPROTO_UDP)
 		goto out;
 	if (from_hi)
-		t->found[0] = owner_lookup(skb, p, &t->end[0]);
+		t->found[0] = owner_lookup(skb, p, hook, &t->end[0]);
 	else
-		t->found[1] = owner_lookup(skb, p, &t->end[1]);
+		t->found[1] = owner_lookup(skb, p, hook, &t->end[1]);
 out:
 	return t->found[0] + t->found[1];
 }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -91,13 +91,14 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The root directory of the cgroup v2 hierarchy, open, to attach programs to: that of
-/// `mount`, or, on a host where none is mounted, of a mount made for the moment in a
-/// private directory and undone at once (a program stays attached to the cgroup, not
-/// to the mount). Needs CAP_SYS_ADMIN for the latter.
+/// The root directory of the cgroup v2 hierarchy, open, to attach programs to and to name
+/// cgroups from: that of `mount`, or, where none is mounted (or it went: another's mount
+/// undone meanwhile), of a mount made for the moment in a private directory and undone
+/// at once. The open directory keeps working after its mount is undone, and there is one
+/// cgroup v2 hierarchy whatever the mount. Needs CAP_SYS_ADMIN for a mount of its own.
 pub fn open_root(mount: Option<&Path>) -> std::io::Result<OwnedFd> {
-    if let Some(m) = mount {
-        return open_dir(m);
+    if let Some(fd) = mount.and_then(|m| open_dir(m).ok()) {
+        return Ok(fd);
     }
     let dir = std::env::temp_dir().join(format!("flowlens-cgroup2-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -188,12 +189,15 @@ struct Entry {
     gone_since: Option<Instant>,
 }
 
-/// Cgroup ids to names, by walking the cgroup v2 mount (a cgroup2 directory's inode
-/// number is the cgroup's id); an unknown id walks it again, so cgroups that appear are
-/// found, and those that go are kept a while for the records of their flows.
+/// Cgroup ids to names, by walking the cgroup v2 hierarchy from its open root directory
+/// (a cgroup2 directory's inode number is the cgroup's id); an unknown id walks it again,
+/// so cgroups that appear are found, and those that go are kept a while for the records
+/// of their flows.
 #[derive(Debug)]
 pub struct CgroupNames {
-    mount: Option<PathBuf>,
+    /// The hierarchy's root directory, open, and the path that reaches it through the
+    /// descriptor (`/proc/self/fd/N`), whatever becomes of the mount it was opened by.
+    root: Option<(OwnedFd, PathBuf)>,
     by_id: HashMap<u64, Entry>,
     last_walk: Option<Instant>,
     /// The largest id the last walk saw.
@@ -202,10 +206,14 @@ pub struct CgroupNames {
 }
 
 impl CgroupNames {
-    /// Names the cgroups of the hierarchy mounted at `mount`; none without one.
-    pub fn new(mount: Option<PathBuf>) -> CgroupNames {
+    /// Names the cgroups of the hierarchy whose root directory `root` is open; none
+    /// without one.
+    pub fn new(root: Option<OwnedFd>) -> CgroupNames {
         CgroupNames {
-            mount,
+            root: root.map(|fd| {
+                let path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+                (fd, path)
+            }),
             by_id: HashMap::new(),
             last_walk: None,
             max_id: 0,
@@ -213,9 +221,14 @@ impl CgroupNames {
         }
     }
 
+    /// Names the cgroups of the hierarchy mounted at `mount`.
+    pub fn at(mount: &Path) -> std::io::Result<CgroupNames> {
+        Ok(Self::new(Some(open_dir(mount)?)))
+    }
+
     /// Whether there is a hierarchy to name cgroups from.
     pub fn has_hierarchy(&self) -> bool {
-        self.mount.is_some()
+        self.root.is_some()
     }
 
     /// Walks of the hierarchy so far.
@@ -228,7 +241,7 @@ impl CgroupNames {
         if let Some(e) = self.by_id.get(&id) {
             return Some(e.name.clone());
         }
-        self.mount.as_ref()?;
+        self.root.as_ref()?;
         let stale = self
             .last_walk
             .is_none_or(|t| t.elapsed() >= REWALK_EVERY);
@@ -240,7 +253,7 @@ impl CgroupNames {
 
     /// Reads every cgroup of the hierarchy.
     pub fn walk(&mut self) {
-        let Some(root) = self.mount.clone() else {
+        let Some(root) = self.root.as_ref().map(|(_, p)| p.clone()) else {
             return;
         };
         let now = Instant::now();
