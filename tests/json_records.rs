@@ -190,7 +190,10 @@ fn every_proto_field_is_a_json_key_and_every_other_key_is_documented() {
     );
     assert_eq!(v["server_process"]["unit"], "nginx.service");
     assert_eq!(v["client_process"]["pid"], 31337);
-    assert_eq!(v["client_process"]["cgroup"], "/system.slice/curl-job.service");
+    assert_eq!(
+        v["client_process"]["cgroup"],
+        "/system.slice/curl-job.service"
+    );
     // A side that is no local socket (a remote host, forwarded traffic) is null.
     let mut remote = full();
     remote.client_process = None;

@@ -63,10 +63,7 @@ impl Cgroups {
     }
 
     fn path_of(&self, dir: &Path) -> String {
-        format!(
-            "/{}",
-            dir.strip_prefix(self.mnt.path()).unwrap().display()
-        )
+        format!("/{}", dir.strip_prefix(self.mnt.path()).unwrap().display())
     }
 }
 
@@ -168,9 +165,8 @@ impl Proc {
     fn spawn(ns: &str, cgroup: Option<&Path>, args: &[&str]) -> Proc {
         let netns = File::open(format!("/run/netns/{ns}")).expect("the test namespace");
         let fd = netns.as_raw_fd();
-        let procs = cgroup.map(|c| {
-            CString::new(c.join("cgroup.procs").as_os_str().as_bytes()).expect("a path")
-        });
+        let procs = cgroup
+            .map(|c| CString::new(c.join("cgroup.procs").as_os_str().as_bytes()).expect("a path"));
         let mut cmd = Command::new(python());
         cmd.arg("-c")
             .arg(PROGRAM)
@@ -315,7 +311,10 @@ fn each_side_of_a_loopback_connection_names_its_cgroup_unit_and_process() {
     );
     let (cli_pid, cli_comm, srv_pid, srv_comm) =
         (client.pid(), client.comm(), server.pid(), server.comm());
-    assert_eq!((cli_comm.as_str(), srv_comm.as_str()), ("flowlens-cli", "flowlens-srv"));
+    assert_eq!(
+        (cli_comm.as_str(), srv_comm.as_str()),
+        ("flowlens-cli", "flowlens-srv")
+    );
     client.expect("done");
     client.wait();
     let records = agent.wait_for("the loopback connection", Duration::from_secs(15), |r| {
@@ -343,7 +342,10 @@ fn each_side_of_a_loopback_connection_names_its_cgroup_unit_and_process() {
         )),
         "server side of {r:#?}"
     );
-    assert!(srv_path.ends_with("/system.slice/foo.service"), "{srv_path}");
+    assert!(
+        srv_path.ends_with("/system.slice/foo.service"),
+        "{srv_path}"
+    );
     wait_maps_empty(&agent);
     drop(server);
     agent.stop();
@@ -374,7 +376,12 @@ fn attribution_taken_at_the_first_packet_outlives_the_process() {
     let mut tcp_client = Proc::spawn(
         &net.a,
         Some(&cli_dir),
-        &["flowlens-gone", "tcp-client-leave", "::1", &tcp_port.to_string()],
+        &[
+            "flowlens-gone",
+            "tcp-client-leave",
+            "::1",
+            &tcp_port.to_string(),
+        ],
     );
     let tcp_pid = tcp_client.pid();
     tcp_client.expect("done");
@@ -382,7 +389,12 @@ fn attribution_taken_at_the_first_packet_outlives_the_process() {
     let mut udp_client = Proc::spawn(
         &net.a,
         Some(&cli_dir),
-        &["flowlens-ugone", "udp-clients", "::1", &udp_port.to_string()],
+        &[
+            "flowlens-ugone",
+            "udp-clients",
+            "::1",
+            &udp_port.to_string(),
+        ],
     );
     let udp_pid = udp_client.pid();
     udp_client.expect("done");
@@ -396,8 +408,22 @@ fn attribution_taken_at_the_first_packet_outlives_the_process() {
                 .any(|f| f.end_reason == EndReason::IdleTimeout)
     });
     for (proto, port, pid, comm, srv_pid, srv_comm) in [
-        (6, tcp_port, tcp_pid, "flowlens-gone", tcp_server.pid(), "flowlens-srv"),
-        (17, udp_port, udp_pid, "flowlens-ugone", udp_server.pid(), "flowlens-usrv"),
+        (
+            6,
+            tcp_port,
+            tcp_pid,
+            "flowlens-gone",
+            tcp_server.pid(),
+            "flowlens-srv",
+        ),
+        (
+            17,
+            udp_port,
+            udp_pid,
+            "flowlens-ugone",
+            udp_server.pid(),
+            "flowlens-usrv",
+        ),
     ] {
         let flow = the_flow(records, proto, port);
         assert_eq!(flow.len(), 1, "{flow:#?}");
@@ -410,7 +436,13 @@ fn attribution_taken_at_the_first_packet_outlives_the_process() {
         );
         assert_eq!(
             r.server_process.as_deref(),
-            Some(&want(&srv_dir, &srv_path, Some("sink.service"), srv_pid, srv_comm)),
+            Some(&want(
+                &srv_dir,
+                &srv_path,
+                Some("sink.service"),
+                srv_pid,
+                srv_comm
+            )),
             "server side of {r:#?}"
         );
     }
@@ -432,13 +464,23 @@ fn flows_through_an_interface_carry_the_local_side_only() {
     let mut server = Proc::spawn(
         &net.a,
         Some(&srv_dir),
-        &["flowlens-web", "tcp-server", &net.v4_a.to_string(), &in_port.to_string()],
+        &[
+            "flowlens-web",
+            "tcp-server",
+            &net.v4_a.to_string(),
+            &in_port.to_string(),
+        ],
     );
     server.expect("ready");
     let mut remote = Proc::spawn(
         &net.b,
         None,
-        &["flowlens-rem", "tcp-client", &net.v4_a.to_string(), &in_port.to_string()],
+        &[
+            "flowlens-rem",
+            "tcp-client",
+            &net.v4_a.to_string(),
+            &in_port.to_string(),
+        ],
     );
     remote.expect("done");
     // Out: a client here reaches a server in the other namespace: its packets carry
@@ -453,7 +495,12 @@ fn flows_through_an_interface_carry_the_local_side_only() {
     let mut client = Proc::spawn(
         &net.a,
         Some(&cli_dir),
-        &["flowlens-fetch", "tcp-client", &net.v4_b.to_string(), &out_port.to_string()],
+        &[
+            "flowlens-fetch",
+            "tcp-client",
+            &net.v4_b.to_string(),
+            &out_port.to_string(),
+        ],
     );
     let cli_pid = client.pid();
     client.expect("done");
@@ -511,7 +558,13 @@ fn a_full_owner_map_loses_the_attribution_never_the_flow() {
     let mut client = Proc::spawn(
         &net.a,
         Some(&dir),
-        &["flowlens-burst", "udp-clients", &net.v4_b.to_string(), &port.to_string(), "3"],
+        &[
+            "flowlens-burst",
+            "udp-clients",
+            &net.v4_b.to_string(),
+            &port.to_string(),
+            "3",
+        ],
     );
     let pid = client.pid();
     client.expect("done");
@@ -524,10 +577,19 @@ fn a_full_owner_map_loses_the_attribution_never_the_flow() {
         assert_eq!((f.client.packets, f.client.bytes), (3, 3 * 128), "{f:#?}");
         assert_eq!(f.server_process, None);
     }
-    let attributed: Vec<_> = flows.iter().filter_map(|f| f.client_process.as_deref()).collect();
+    let attributed: Vec<_> = flows
+        .iter()
+        .filter_map(|f| f.client_process.as_deref())
+        .collect();
     assert_eq!(
         attributed,
-        [&want(&dir, &path, Some("burst.service"), pid, "flowlens-burst")],
+        [&want(
+            &dir,
+            &path,
+            Some("burst.service"),
+            pid,
+            "flowlens-burst"
+        )],
         "exactly one flow kept its attribution"
     );
     let counters = agent.maps.counters().expect("counters");
@@ -543,7 +605,9 @@ fn cgroups_are_named_as_they_come_and_go() {
     let mut names = CgroupNames::at(cg.mnt.path()).expect("the hierarchy's root");
     names.walk();
     let walks = names.walks();
-    let n = names.name(cgroup_id(&svc)).expect("a cgroup made before the walk");
+    let n = names
+        .name(cgroup_id(&svc))
+        .expect("a cgroup made before the walk");
     assert_eq!(
         (&*n.path, n.unit.as_deref()),
         (svc_path.as_str(), Some("foo.service"))
@@ -554,7 +618,9 @@ fn cgroups_are_named_as_they_come_and_go() {
     // A cgroup made since the walk: its id is newer than any the walk saw, so the next
     // lookup walks again and finds it.
     let (late, late_path) = cg.make("system.slice/foo.service/worker");
-    let n = names.name(cgroup_id(&late)).expect("a cgroup made after the walk");
+    let n = names
+        .name(cgroup_id(&late))
+        .expect("a cgroup made after the walk");
     assert_eq!(
         (&*n.path, n.unit.as_deref()),
         (late_path.as_str(), Some("foo.service"))
@@ -604,7 +670,12 @@ fn forwarded_flows_carry_no_process_even_to_a_port_a_local_service_listens_on() 
     let mut tcp_server = Proc::spawn(
         &net.a,
         Some(&dir),
-        &["flowlens-any", "tcp-server", "0.0.0.0", &tcp_port.to_string()],
+        &[
+            "flowlens-any",
+            "tcp-server",
+            "0.0.0.0",
+            &tcp_port.to_string(),
+        ],
     );
     tcp_server.expect("ready");
     let mut udp_server = Proc::spawn(
@@ -629,8 +700,18 @@ fn forwarded_flows_carry_no_process_even_to_a_port_a_local_service_listens_on() 
     let cases = [
         (6, far4.as_str(), tcp_port, None),
         (17, far6.as_str(), udp_port, None),
-        (6, a4.as_str(), tcp_port, Some(("flowlens-any", tcp_server.pid()))),
-        (17, a6.as_str(), udp_port, Some(("flowlens-uany", udp_server.pid()))),
+        (
+            6,
+            a4.as_str(),
+            tcp_port,
+            Some(("flowlens-any", tcp_server.pid())),
+        ),
+        (
+            17,
+            a6.as_str(),
+            udp_port,
+            Some(("flowlens-uany", udp_server.pid())),
+        ),
     ];
     let records = agent.wait_for("the four flows' ends", Duration::from_secs(15), |rs| {
         cases.iter().all(|&(proto, host, port, _)| {
@@ -639,9 +720,16 @@ fn forwarded_flows_carry_no_process_even_to_a_port_a_local_service_listens_on() 
         })
     });
     for (proto, host, port, local) in cases {
-        let flow: Vec<_> = records.iter().filter(|r| to(r, proto, host, port)).collect();
+        let flow: Vec<_> = records
+            .iter()
+            .filter(|r| to(r, proto, host, port))
+            .collect();
         assert_eq!(flow.len(), 1, "{flow:#?}");
-        assert_eq!(flow[0].client_process, None, "the client is remote: {:#?}", flow[0]);
+        assert_eq!(
+            flow[0].client_process, None,
+            "the client is remote: {:#?}",
+            flow[0]
+        );
         let want = local.map(|(comm, pid)| want(&dir, &path, Some("any.service"), pid, comm));
         assert_eq!(
             flow[0].server_process.as_deref(),

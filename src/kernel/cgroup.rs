@@ -242,9 +242,7 @@ impl CgroupNames {
             return Some(e.name.clone());
         }
         self.root.as_ref()?;
-        let stale = self
-            .last_walk
-            .is_none_or(|t| t.elapsed() >= REWALK_EVERY);
+        let stale = self.last_walk.is_none_or(|t| t.elapsed() >= REWALK_EVERY);
         if id > self.max_id || stale {
             self.walk();
         }
@@ -307,8 +305,10 @@ impl CgroupNames {
                 }
             }
         }
-        self.by_id
-            .retain(|_, e| e.gone_since.is_none_or(|t| now.duration_since(t) < FORGET_AFTER));
+        self.by_id.retain(|_, e| {
+            e.gone_since
+                .is_none_or(|t| now.duration_since(t) < FORGET_AFTER)
+        });
         debug!("cgroup names: {} cgroups known", self.by_id.len());
     }
 }
@@ -330,7 +330,10 @@ mod tests {
                 "/user.slice/user-1000.slice/user@1000.service",
                 Some("user@1000.service"),
             ),
-            ("/system.slice/docker-0123abcd.scope", Some("docker-0123abcd.scope")),
+            (
+                "/system.slice/docker-0123abcd.scope",
+                Some("docker-0123abcd.scope"),
+            ),
             ("/system.slice/sshd.socket", Some("sshd.socket")),
             ("/init.scope", Some("init.scope")),
             ("/machine.slice", Some("machine.slice")),

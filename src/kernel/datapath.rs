@@ -350,7 +350,11 @@ impl Datapath {
         set(&mut open.maps.scan_out, "scan_out", cap.scan_out())?;
         set(&mut open.maps.closing, "closing", cap.closing())?;
         set(&mut open.maps.flows_owner, "flows_owner", cap.owner)?;
-        set(&mut open.maps.scan_owner_out, "scan_owner_out", cap.scan_out())?;
+        set(
+            &mut open.maps.scan_owner_out,
+            "scan_owner_out",
+            cap.scan_out(),
+        )?;
         if !attribution {
             if let Some(r) = open.maps.rodata_data.as_deref_mut() {
                 r.owner_attribution = false;

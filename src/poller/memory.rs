@@ -201,8 +201,7 @@ impl FlowTable for MemTable {
                     key,
                     base,
                     tcp: ext_id(&base, ExtKind::Tcp).and_then(|id| self.tcp.get(&id).copied()),
-                    icmp: ext_id(&base, ExtKind::Icmp)
-                        .and_then(|id| self.icmp.get(&id).copied()),
+                    icmp: ext_id(&base, ExtKind::Icmp).and_then(|id| self.icmp.get(&id).copied()),
                     owner: self.owners(&base),
                 },
             ));

@@ -258,13 +258,17 @@ pub fn parse_filter(f: &proto::Filter, path: &str) -> Result<Filter, RequestErro
     let cgroup = f
         .cgroup
         .as_deref()
-        .map(|c| cgroup_path(c).ok_or_else(|| RequestError::CgroupPath {
-            field: field("cgroup"),
-            value: c.to_owned(),
-        }))
+        .map(|c| {
+            cgroup_path(c).ok_or_else(|| RequestError::CgroupPath {
+                field: field("cgroup"),
+                value: c.to_owned(),
+            })
+        })
         .transpose()?;
     if f.pid == Some(0) {
-        return Err(RequestError::Pid { field: field("pid") });
+        return Err(RequestError::Pid {
+            field: field("pid"),
+        });
     }
     Ok(Filter {
         src: cidr(&f.src_cidr, "src_cidr")?,
@@ -292,7 +296,11 @@ pub fn cgroup_path(s: &str) -> Option<String> {
         return None;
     }
     let t = s.trim_end_matches('/');
-    Some(if t.is_empty() { "/".into() } else { t.to_owned() })
+    Some(if t.is_empty() {
+        "/".into()
+    } else {
+        t.to_owned()
+    })
 }
 
 fn parse_port_range(p: &proto::PortRange, field: &str) -> Result<PortRange, RequestError> {

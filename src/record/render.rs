@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use crate::record::encoding::Stamp;
 use crate::record::flow::{
-    proto_name, tcp_flags, DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency,
-    LocalProcess, TcpInfo, TcpState, IPPROTO_TCP,
+    proto_name, tcp_flags, DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, LocalProcess,
+    TcpInfo, TcpState, IPPROTO_TCP,
 };
 
 /// How records are written.
