@@ -357,7 +357,10 @@ fn each_record_names_the_local_socket_its_packets_left_or_reached() {
     );
     // Forwarded: no local socket; an unknown uid is all ones.
     rec.server_process = None;
-    assert_eq!(owners(&rec), vec![owner_fields(0, 0, 0, u32::MAX, "", ""); 2]);
+    assert_eq!(
+        owners(&rec),
+        vec![owner_fields(0, 0, 0, u32::MAX, "", ""); 2]
+    );
     // A long unit is cut to fit: two records of the largest kind fit a 576-byte MTU.
     let long = format!("docker-{}.scope", "0123456789abcdef".repeat(6));
     rec.server_process = proc_of(22, 200, "app", Some(&long));

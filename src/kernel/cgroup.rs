@@ -156,9 +156,8 @@ const UNIT_SUFFIXES: [&str; 5] = [".service", ".scope", ".socket", ".mount", ".s
 pub fn unit_of(path: &str) -> Option<&str> {
     let parts = || path.split('/').filter(|p| !p.is_empty());
     parts()
-        .filter(|p| UNIT_SUFFIXES.iter().any(|s| is_unit(p, s)))
-        .last()
-        .or_else(|| parts().filter(|p| is_unit(p, ".slice")).last())
+        .rfind(|p| UNIT_SUFFIXES.iter().any(|s| is_unit(p, s)))
+        .or_else(|| parts().rfind(|p| is_unit(p, ".slice")))
 }
 
 fn is_unit(name: &str, suffix: &str) -> bool {

@@ -26,6 +26,7 @@
 //! | `flows_evicted_total` | counter | | flows ended early to make room under map pressure |
 //! | `kernel_packets_unaccounted_total` | counter | `reason` | packets the datapath could not account (error counters) |
 //! | `kernel_packets_total` | counter | `counter` | informational kernel counts (not disjoint: do not sum) |
+//! | `kernel_attribution_lost_total` | counter | `reason` | flows kept without their local socket's owner, sockets whose owner was not noted |
 //! | `last_poll_duration_seconds` | gauge | | duration of the last poll cycle |
 //! | `tls_cert_expiry_seconds` | gauge | | Unix time the gRPC server certificate expires (with TLS only) |
 //!
@@ -43,7 +44,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 
 use crate::hub::{Hub, HubStats, SinkKind};
-use crate::kernel::datapath::{counter_names, is_error_counter};
+use crate::kernel::datapath::{counter_names, is_error_counter, owner_counter_names};
 use crate::metrics::http::{HttpLimits, Render};
 use crate::sinks::ipfix::IpfixCounts;
 use crate::status::{Snapshot, Status};
@@ -315,9 +316,16 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
         .filter(|&(slot, _)| is_error_counter(slot))
         .map(|(_, name)| name)
         .collect();
-    let (unaccounted, info): (Vec<_>, Vec<_>) = snap
+    let owner: std::collections::BTreeSet<&str> = owner_counter_names()
+        .into_iter()
+        .map(|(_, name)| name)
+        .collect();
+    let (attribution, packets): (Vec<_>, Vec<_>) = snap
         .kernel_counters
         .iter()
+        .partition(|(name, _)| owner.contains(name.as_str()));
+    let (unaccounted, info): (Vec<_>, Vec<_>) = packets
+        .into_iter()
         .partition(|(name, _)| errors.contains(name.as_str()));
     e.family(
         "kernel_packets_unaccounted_total",
@@ -334,6 +342,15 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
     );
     for (name, v) in info {
         e.sample("kernel_packets_total", &[("counter", name)], v);
+    }
+    e.family(
+        "kernel_attribution_lost_total",
+        "counter",
+        "Flows kept without their local socket's owner (owner_map_full: flows_owner was full), \
+         and sockets whose owner was not noted (socket_owner_lost), by reason.",
+    );
+    for (name, v) in attribution {
+        e.sample("kernel_attribution_lost_total", &[("reason", name)], v);
     }
     e.single(
         "last_poll_duration_seconds",
