@@ -2,6 +2,7 @@
 //! poller drain rate, gRPC stream rate, IPFIX export rate, and real-traffic overhead, as ratios
 //! measured in one run.
 
+mod busy;
 mod common;
 mod compression;
 mod datapath;
@@ -23,7 +24,7 @@ use common::Table;
 type Section = fn(&mut Table) -> Result<()>;
 
 /// Every section, in the order a full run takes them: its name, what it measures, and it.
-const SECTIONS: [(&str, &str, Section); 8] = [
+const SECTIONS: [(&str, &str, Section); 9] = [
     (
         "datapath",
         "BPF datapath cost per packet, split vs monolithic maps",
@@ -43,6 +44,11 @@ const SECTIONS: [(&str, &str, Section); 8] = [
         "poller_cost",
         "agent CPU at 1 M live flows; ending 100 k flows at once",
         poller_cost::run,
+    ),
+    (
+        "busy",
+        "agent CPU and RSS at 1 M flows sending a packet a minute (active records)",
+        busy::run,
     ),
     (
         "stream",

@@ -34,7 +34,7 @@
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 21);
+	__uint(max_entries, 1 << 22);
 } scan_ring SEC(".maps");
 
 /* TCP connections that ended idle, established and answered (struct
@@ -498,7 +498,9 @@ int flowlens_scan(struct scan_args *args)
 	if (c.a.closing_only) {
 		bpf_for_each_map_elem(&closing, scan_closing, &c, 0);
 	} else {
-		bpf_for_each_map_elem(&flows, scan_flow, &c, 0);
+		/* a walk costs every bucket, empty or not: none without flows */
+		if (scan_entries(&flows))
+			bpf_for_each_map_elem(&flows, scan_flow, &c, 0);
 		last = bpf_map_lookup_elem(&last_scan, &zero);
 		if (last && !c.a.flush)
 			*last = c.a.now_ns;

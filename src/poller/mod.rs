@@ -66,7 +66,9 @@ pub struct PollerConfig {
     /// (0..1), or no flow is left to evict.
     pub evict_target: f64,
     /// A bulk end (thousands of flows due to end in one poll) is split among this many
-    /// concurrent scans, one per CPU.
+    /// concurrent scans, one per CPU. 1 by default: the one thread that emits the records
+    /// is slower than two scans ending flows, so they fill the ring and walk the map again
+    /// (a walk of 1 M flows costs more than the ends it saves there).
     pub scan_threads: u32,
 }
 
@@ -87,7 +89,7 @@ impl Default for PollerConfig {
             pressure_poll_interval: Duration::from_millis(100),
             evict_min_age: Duration::from_secs(1),
             evict_target: 0.5,
-            scan_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4) as u32),
+            scan_threads: 1,
         }
     }
 }
@@ -445,6 +447,12 @@ impl<T: FlowTable> Poller<T> {
         let done = table.scan(&args, cfg.scan_threads, &mut |flows| {
             emit.take(flows, args.now_ns, stats)
         })?;
+        if args.closing_only == 0 {
+            self.status.scans.fetch_add(1, Ordering::Relaxed);
+            self.status
+                .scan_walks
+                .fetch_add(u64::from(done.passes), Ordering::Relaxed);
+        }
         if done.passes > 1 {
             debug!(
                 "the scan took {} walks of the map (the ring filled){}",
