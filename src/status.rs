@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::sinks::ipfix::{IpfixCounts, IpfixStats};
+use crate::sinks::kafka::{KafkaCounts, KafkaStats};
 
 /// Fill level of one BPF map.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -40,6 +41,8 @@ pub struct Snapshot {
     pub flows_evicted: u64,
     /// Each IPFIX exporter's counters, by destination.
     pub exporters: Vec<(String, IpfixCounts)>,
+    /// The Kafka sink's counters, with its name (`kafka://BROKERS/TOPIC`).
+    pub kafka: Option<(String, KafkaCounts)>,
 }
 
 /// Shared, cheaply updated agent state.
@@ -55,6 +58,7 @@ pub struct Status {
     pub flows_evicted: AtomicU64,
     detail: Mutex<(Vec<MapUsage>, BTreeMap<String, u64>)>,
     exporters: Mutex<Vec<(String, Arc<IpfixStats>)>>,
+    kafka: Mutex<Option<(String, Arc<KafkaStats>)>>,
     started: Mutex<Option<SystemTime>>,
 }
 
@@ -71,6 +75,11 @@ impl Status {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((destination, stats));
+    }
+
+    /// Makes the Kafka sink's counters part of every snapshot.
+    pub fn set_kafka(&self, name: String, stats: Arc<KafkaStats>) {
+        *self.kafka.lock().unwrap_or_else(|e| e.into_inner()) = Some((name, stats));
     }
 
     pub fn set_detail(&self, maps: Vec<MapUsage>, counters: BTreeMap<String, u64>) {
@@ -102,6 +111,12 @@ impl Status {
                 .iter()
                 .map(|(d, s)| (d.clone(), s.snapshot()))
                 .collect(),
+            kafka: self
+                .kafka
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|(n, s)| (n.clone(), s.snapshot())),
         }
     }
 }
