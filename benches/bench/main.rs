@@ -1,11 +1,12 @@
 //! `make bench`: datapath cost per packet, split vs monolithic maps (time and kernel memory),
-//! poller drain rate, gRPC stream rate, IPFIX export rate, and real-traffic overhead, as ratios
+//! poller drain rate, gRPC stream rate, IPFIX and Kafka export rates, and real-traffic overhead, as ratios
 //! measured in one run.
 
 mod common;
 mod compression;
 mod datapath;
 mod ipfix;
+mod kafka;
 mod memory;
 mod poller;
 mod poller_cost;
@@ -23,7 +24,7 @@ use common::Table;
 type Section = fn(&mut Table) -> Result<()>;
 
 /// Every section, in the order a full run takes them: its name, what it measures, and it.
-const SECTIONS: [(&str, &str, Section); 8] = [
+const SECTIONS: [(&str, &str, Section); 9] = [
     (
         "datapath",
         "BPF datapath cost per packet, split vs monolithic maps",
@@ -58,6 +59,11 @@ const SECTIONS: [(&str, &str, Section); 8] = [
         "ipfix",
         "IPFIX encoding and UDP export rate; fanout hand-off cost",
         ipfix::run,
+    ),
+    (
+        "kafka",
+        "Kafka export: encoding, hand-off to librdkafka, tansu acknowledgements",
+        kafka::run,
     ),
     (
         "traffic",

@@ -1,0 +1,242 @@
+//! Kafka export: records encoded (value + key), encoded and handed to librdkafka by the sink's producer, and acknowledged by a tansu broker on loopback, with flowlens' default producer settings (zstd, idempotent, acks=all).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use flowlens::record::flow::FlowRecord;
+use flowlens::sinks::kafka::message::{write_key, write_value};
+use flowlens::sinks::kafka::{KafkaFlags, KafkaStats, Producer};
+
+use crate::common::{mixed_record, Table};
+
+/// Records per round; rounds per measurement (the machine is shared: the table gives the
+/// range).
+const N: u64 = 500_000;
+const ROUNDS: usize = 3;
+/// Records the sink hands over per call, as its thread does.
+const BATCH: usize = 4096;
+
+/// tansu as `make test-deps` builds it.
+fn tansu() -> Result<PathBuf> {
+    let dir = std::env::var_os("FLOWLENS_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/flowlens-tools")
+        });
+    let t = dir.join("tansu/bin/tansu");
+    if !t.exists() {
+        bail!("{} missing: run `make test-deps`", t.display());
+    }
+    Ok(t)
+}
+
+struct Broker(Child);
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A tansu broker with in-memory storage on a free loopback port, and a 3-partition topic.
+fn broker(topic: &str) -> Result<(Broker, u16)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let tansu = tansu()?;
+    let child = Command::new(&tansu)
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", "memory://tansu/", "--silent"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting tansu")?;
+    let b = Broker(child);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("tansu did not listen on {port}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ok = Command::new(&tansu)
+        .args([
+            "topic",
+            "create",
+            "--broker",
+            &url,
+            "--partitions",
+            "3",
+            topic,
+        ])
+        .output()?
+        .status
+        .success();
+    if !ok {
+        bail!("tansu topic create {topic} failed");
+    }
+    Ok((b, port))
+}
+
+/// CPU time this thread has used.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill; CLOCK_THREAD_CPUTIME_ID always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn range(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)))
+}
+
+pub fn run(t: &mut Table) -> Result<()> {
+    println!(
+        "kafka: {N} records per round, {ROUNDS} rounds (best and worst shown), tansu on loopback"
+    );
+    let recs: Vec<FlowRecord> = (1..=N).map(mixed_record).collect();
+
+    // Encoding alone: the value (the gRPC bytes) and the key of each record.
+    let mut enc = Vec::new();
+    let (mut value, mut key) = (Vec::with_capacity(512), Vec::with_capacity(128));
+    let mut bytes = 0usize;
+    for _ in 0..ROUNDS {
+        bytes = 0;
+        let t0 = Instant::now();
+        for (i, r) in recs.iter().enumerate() {
+            value.clear();
+            key.clear();
+            write_value(i as u64, r, &mut value);
+            write_key(r, &mut key);
+            bytes += value.len();
+        }
+        enc.push(N as f64 / t0.elapsed().as_secs_f64());
+    }
+    let (lo, hi) = range(&enc);
+    t.add(
+        "kafka",
+        "records encoded (value + key), no librdkafka",
+        hi,
+        "rec/s",
+        format!("worst {lo:.0}; {:.0} B per value", bytes as f64 / N as f64),
+    );
+
+    let (mut handed, mut handed_cpu, mut acked) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let topic = format!("bench{round}");
+        let (_broker, port) = broker(&topic)?;
+        let cfg = KafkaFlags {
+            brokers: Some(
+                format!("127.0.0.1:{port}")
+                    .parse()
+                    .map_err(anyhow::Error::msg)?,
+            ),
+            topic,
+            // Room for the whole round: the sink never waits for the broker here.
+            options: vec![
+                "queue.buffering.max.messages=2000000"
+                    .parse()
+                    .map_err(anyhow::Error::msg)?,
+                "queue.buffering.max.kbytes=2097152"
+                    .parse()
+                    .map_err(anyhow::Error::msg)?,
+            ],
+            ..KafkaFlags::default()
+        }
+        .resolve()?
+        .context("kafka config")?;
+        let stats = Arc::new(KafkaStats::default());
+        let mut p = Producer::new(cfg, "bench", stats.clone())?;
+        // Connected, with the topic's metadata, before the clock starts.
+        p.send(recs.iter().take(1).map(|r| (0, r)), 0);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while stats.snapshot().records_delivered < 1 {
+            if Instant::now() > deadline {
+                bail!("the first record was not acknowledged");
+            }
+            p.upkeep();
+        }
+        let t0 = Instant::now();
+        let (mut in_send, mut send_cpu) = (Duration::ZERO, Duration::ZERO);
+        for (b, chunk) in recs.chunks(BATCH).enumerate() {
+            let (s0, c0) = (Instant::now(), thread_cpu());
+            let first = (b * BATCH) as u64 + 1;
+            p.send(
+                chunk.iter().enumerate().map(|(i, r)| (first + i as u64, r)),
+                0,
+            );
+            in_send += s0.elapsed();
+            send_cpu += thread_cpu() - c0;
+            p.upkeep();
+        }
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let c = stats.snapshot();
+            if c.records_delivered + c.lost_total() > N {
+                if c.lost_total() > 0 {
+                    bail!("{} records lost: {c:?}", c.lost_total());
+                }
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("not acknowledged in 300 s: {c:?}");
+            }
+            p.upkeep();
+        }
+        let total = t0.elapsed();
+        handed.push(N as f64 / in_send.as_secs_f64());
+        handed_cpu.push(N as f64 / send_cpu.as_secs_f64());
+        acked.push(N as f64 / total.as_secs_f64());
+        let c = stats.snapshot();
+        println!(
+            "  round {round}: handed over in {in_send:.2?} ({send_cpu:.2?} of the thread's CPU), \
+             acknowledged in {total:.2?} ({:.0} MB of values)",
+            c.bytes_delivered as f64 / 1e6
+        );
+        p.finish(Duration::from_secs(1));
+    }
+    let (lo, hi) = range(&handed_cpu);
+    t.add(
+        "kafka",
+        "records encoded + handed to librdkafka, per CPU s",
+        hi,
+        "rec/s",
+        format!("worst {lo:.0}; the sink thread's CPU time in Producer::send"),
+    );
+    let (lo, hi) = range(&handed);
+    t.add(
+        "kafka",
+        "records encoded + handed to librdkafka (wall)",
+        hi,
+        "rec/s",
+        format!(
+            "worst {lo:.0}; wall time in Producer::send, librdkafka and tansu on the other CPU"
+        ),
+    );
+    let (lo, hi) = range(&acked);
+    t.add(
+        "kafka",
+        "records acknowledged by tansu (loopback)",
+        hi,
+        "rec/s",
+        format!("worst {lo:.0}; first send to last acknowledgement, broker on the same 2 vCPUs"),
+    );
+    Ok(())
+}
