@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::bin::{self, Running};
-use common::kafka::{
-    consume, consume_with, free_port, partition_for, python, Broker, Msg, TlsProxy,
-};
+use common::kafka::{consume, free_port, partition_for, python, Broker, Msg, TlsProxy};
 use common::netns::NetPair;
 use common::pki::Pki;
 use common::traffic::tcp_transfer;
@@ -261,7 +259,13 @@ fn each_record_is_one_message_with_its_key_on_its_murmur2_partition_headers_and_
         "stdout has fewer records than gRPC"
     );
     let total = seen.len() + rest.len();
-    let msgs = consume(&net.a, &broker.addr(), TOPIC, PARTITIONS, total, WAIT);
+    let msgs = consume(
+        &net.a,
+        &broker.addr(),
+        TOPIC,
+        (PARTITIONS, total, WAIT),
+        &[],
+    );
     assert_eq!(msgs.len(), total, "one message per record");
 
     let mut by_seq = BTreeMap::new();
@@ -477,7 +481,13 @@ fn a_broker_stopped_mid_run_loses_exactly_what_is_counted_and_export_resumes_aft
     let m = wait_accounted(&net, mport, &a, &mut seen);
     let before = seen.len();
     assert_eq!(delivered(&m), before as u64, "{m}");
-    let msgs = consume(&net.a, &broker.addr(), TOPIC, PARTITIONS, before, WAIT);
+    let msgs = consume(
+        &net.a,
+        &broker.addr(),
+        TOPIC,
+        (PARTITIONS, before, WAIT),
+        &[],
+    );
     assert!(msgs.len() >= before);
 
     // The broker goes away: nothing is delivered from here on.
@@ -542,7 +552,13 @@ fn a_broker_stopped_mid_run_loses_exactly_what_is_counted_and_export_resumes_aft
     // 0.6 does not drop a batch a producer sent again after a request timed out, as a
     // Kafka broker does for an idempotent producer: a record may be there twice.
     let since = (delivered(&m) - before) as usize;
-    let msgs = consume(&net.a, &broker.addr(), TOPIC, PARTITIONS, since, WAIT);
+    let msgs = consume(
+        &net.a,
+        &broker.addr(),
+        TOPIC,
+        (PARTITIONS, since, WAIT),
+        &[],
+    );
     // Records the agent emitted after the last scrape (neighbour discovery) may be there too.
     let once: BTreeSet<u64> = msgs
         .iter()
@@ -667,13 +683,11 @@ fn tls_with_a_private_ca_and_a_client_certificate_delivers_and_a_wrong_ca_is_tol
     let (status, rest) = a.stop();
     assert!(status.success(), "{status:?}");
     let total = seen.len() + rest.len();
-    let msgs = consume_with(
+    let msgs = consume(
         &net.a,
         &brokers,
         TOPIC,
-        PARTITIONS,
-        total,
-        WAIT,
+        (PARTITIONS, total, WAIT),
         &[
             ("security.protocol", "ssl"),
             ("ssl.ca.location", ca),

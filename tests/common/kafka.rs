@@ -196,26 +196,13 @@ pub struct Msg {
 }
 
 /// Reads `topic` (all `partitions`, from the beginning) in namespace `ns` until `want`
-/// messages came, then half a second more for any extra; panics after `timeout`.
+/// messages came, then half a second more for any extra; panics after `timeout`. `settings`
+/// are more librdkafka settings (TLS).
 pub fn consume(
     ns: &str,
     brokers: &str,
     topic: &str,
-    partitions: i32,
-    want: usize,
-    timeout: Duration,
-) -> Vec<Msg> {
-    consume_with(ns, brokers, topic, partitions, want, timeout, &[])
-}
-
-/// [`consume`] with more librdkafka settings (TLS).
-pub fn consume_with(
-    ns: &str,
-    brokers: &str,
-    topic: &str,
-    partitions: i32,
-    want: usize,
-    timeout: Duration,
+    (partitions, want, timeout): (i32, usize, Duration),
     settings: &[(&str, &str)],
 ) -> Vec<Msg> {
     let (path, brokers, topic) = (
