@@ -25,7 +25,7 @@ CHDB_STAMP := $(TOOLS_DIR)/py/.chdb-$(CHDB_VERSION)
 # libprotobuf-dev: the protobuf well-known types ClickHouse needs beside flowlens.proto.
 KAFKA_TEST_APT_PACKAGES := libprotobuf-dev python3-venv
 
-.PHONY: deps test-deps kafka-test-tools build run test bench lint vmlinux install clean
+.PHONY: deps test-deps kafka-test-tools kafka-test-apt build run test bench lint vmlinux install clean
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -40,7 +40,9 @@ deps:
 # What the tests need beyond `deps`.
 test-deps: deps kafka-test-tools
 
-kafka-test-tools: $(TANSU) $(CHDB_STAMP)
+kafka-test-tools: kafka-test-apt $(TANSU) $(CHDB_STAMP)
+
+kafka-test-apt:
 	@missing=""; for p in $(KAFKA_TEST_APT_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
@@ -53,7 +55,8 @@ $(TANSU):
 	$(CARGO) install tansu --version $(TANSU_VERSION) --locked --features dynostore \
 		--root $(TOOLS_DIR)/tansu
 
-$(CHDB_STAMP):
+# After the apt packages: python3-venv makes `python3 -m venv` work with Debian's python3.
+$(CHDB_STAMP): | kafka-test-apt
 	python3 -m venv $(TOOLS_DIR)/py
 	$(TEST_PYTHON) -m pip install -q --disable-pip-version-check chdb==$(CHDB_VERSION)
 	touch $@
