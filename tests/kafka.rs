@@ -545,12 +545,13 @@ fn a_broker_stopped_mid_run_loses_exactly_what_is_counted_and_export_resumes_aft
     let m = wait_accounted(&net, mport, &a, &mut seen);
     let after = seen.len() - restarted;
     assert_eq!(delivered(&m), delivered_then + after as u64, "{m}");
-    assert_eq!(metric(&m, "flowlens_kafka_outages_total"), 1);
+    // One outage was made here; now and then (about one run in ten, under load) the agent
+    // sees a second, short one around the reconnections, and logs it as such.
+    let outages = metric(&m, "flowlens_kafka_outages_total") as usize;
+    assert!((1..=2).contains(&outages), "{m}");
     assert_eq!(metric(&m, "flowlens_kafka_producer_restarts_total"), 1);
     // The new broker has what was delivered since it started (the new producer may have
-    // delivered a record or two before the last round), and every record since. tansu
-    // 0.6 does not drop a batch a producer sent again after a request timed out, as a
-    // Kafka broker does for an idempotent producer: a record may be there twice.
+    // delivered a record or two before the last round), and every record since, each once.
     let since = (delivered(&m) - before) as usize;
     let msgs = consume(
         &net.a,
@@ -560,11 +561,13 @@ fn a_broker_stopped_mid_run_loses_exactly_what_is_counted_and_export_resumes_aft
         &[],
     );
     // Records the agent emitted after the last scrape (neighbour discovery) may be there too.
-    let once: BTreeSet<u64> = msgs
+    let seqs: Vec<u64> = msgs
         .iter()
         .map(|m| proto::FlowRecord::decode(&m.value[..]).expect("record").seq)
         .filter(|&s| s <= seen.len() as u64)
         .collect();
+    let once: BTreeSet<u64> = seqs.iter().copied().collect();
+    assert_eq!(once.len(), seqs.len(), "a record twice: {seqs:?}");
     assert_eq!(
         once.len(),
         since,
@@ -581,14 +584,14 @@ fn a_broker_stopped_mid_run_loses_exactly_what_is_counted_and_export_resumes_aft
     let more: Vec<String> = a.stderr.try_iter().collect();
     a.err_seen.extend(more);
     let log = a.err_seen.join("\n");
-    for (line, n) in [
-        ("no broker reachable", 1),
-        ("losing flow records", 1),
-        ("the producer is stuck", 1),
-        ("delivering again", 1),
-    ] {
-        assert_eq!(log.matches(line).count(), n, "{line:?} in\n{log}");
-    }
+    // Each episode logged once: when it starts, when it starts losing records, when it ends.
+    assert_eq!(log.matches("no broker reachable").count(), outages, "{log}");
+    assert_eq!(log.matches("delivering again").count(), outages, "{log}");
+    assert!(
+        (1..=outages).contains(&log.matches("losing flow records").count()),
+        "{log}"
+    );
+    assert_eq!(log.matches("the producer is stuck").count(), 1, "{log}");
     let (status, _) = a.stop();
     assert!(status.success(), "{status:?}");
 }

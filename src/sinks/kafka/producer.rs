@@ -479,7 +479,10 @@ impl Producer {
     fn watch(&mut self) {
         let now = self.stats.snapshot();
         let before = std::mem::replace(&mut self.seen, now);
-        let reachable = self.inner.context().reachable.load(Ordering::Relaxed);
+        // librdkafka's "all brokers down" also comes, now and then, in a reconnect's race
+        // with brokers up: an outage is one its statistics confirm (none up).
+        let reachable =
+            self.inner.context().reachable.load(Ordering::Relaxed) || now.brokers_up > 0;
         let lost = now.lost_total() - before.lost_total();
         let delivered = now.records_delivered - before.records_delivered;
         let name = self.cfg.name();
