@@ -1,12 +1,13 @@
 //! `make bench`: datapath cost per packet, split vs monolithic maps (time and kernel memory),
-//! poller drain rate, gRPC stream rate, bursts of flow ends to every reader, IPFIX export rate,
-//! and real-traffic overhead, as ratios measured in one run.
+//! poller drain rate, gRPC stream rate, bursts of flow ends to every reader, IPFIX and Kafka
+//! export rates, and real-traffic overhead, as ratios measured in one run.
 
 mod burst;
 mod common;
 mod compression;
 mod datapath;
 mod ipfix;
+mod kafka;
 mod memory;
 mod poller;
 mod poller_cost;
@@ -24,7 +25,7 @@ use common::Table;
 type Section = fn(&mut Table) -> Result<()>;
 
 /// Every section, in the order a full run takes them: its name, what it measures, and it.
-const SECTIONS: [(&str, &str, Section); 9] = [
+const SECTIONS: [(&str, &str, Section); 10] = [
     (
         "datapath",
         "BPF datapath cost per packet, split vs monolithic maps",
@@ -64,6 +65,11 @@ const SECTIONS: [(&str, &str, Section); 9] = [
         "ipfix",
         "IPFIX encoding and UDP export rate; fanout hand-off cost",
         ipfix::run,
+    ),
+    (
+        "kafka",
+        "Kafka export: encoding, hand-off to librdkafka, tansu acknowledgements",
+        kafka::run,
     ),
     (
         "traffic",
