@@ -214,7 +214,7 @@ pub fn run(t: &mut Table) -> Result<()> {
     let (lo, hi) = range(&handed_cpu);
     t.add(
         "kafka",
-        "records encoded + handed to librdkafka, per CPU s",
+        "records keyed + handed to librdkafka, per CPU s",
         hi,
         "rec/s",
         format!("worst {lo:.0}; the sink thread's CPU time in Producer::send"),
@@ -222,7 +222,7 @@ pub fn run(t: &mut Table) -> Result<()> {
     let (lo, hi) = range(&handed);
     t.add(
         "kafka",
-        "records encoded + handed to librdkafka (wall)",
+        "records keyed + handed to librdkafka (wall)",
         hi,
         "rec/s",
         format!(
