@@ -68,9 +68,10 @@ fn build_proto(out: &Path) {
     println!("cargo:rerun-if-changed=proto");
 }
 
-/// The FlowLens server, declared by hand so Subscribe can answer with records encoded
-/// once and shared by every subscriber (`sinks::grpc::service::wire`, with its own codec) instead of
-/// the generated message type; the routes and the wire format are those of the proto.
+/// The FlowLens server's unary methods, declared by hand: Subscribe is served by a route of
+/// its own (`sinks::grpc::subscribe`) that writes its gRPC messages itself, so that records
+/// encoded and compressed once are shared by every subscriber. The routes and the wire
+/// format are those of the proto.
 fn build_server(out: &Path) {
     use tonic_build::manual::{Builder, Method, Service};
     let method = |name: &str, route: &str, input: &str, output: &str| {
@@ -84,17 +85,6 @@ fn build_server(out: &Path) {
     let service = Service::builder()
         .name("FlowLens")
         .package("flowlens.v1")
-        .method(
-            method(
-                "subscribe",
-                "Subscribe",
-                "crate::record::api::proto::SubscribeRequest",
-                "crate::sinks::grpc::service::wire::SubscribeResponse",
-            )
-            .codec_path("crate::sinks::grpc::service::wire::SubscribeCodec")
-            .server_streaming()
-            .build(),
-        )
         .method(
             method(
                 "list_flows",

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use log::{info, warn};
 
+use crate::admission::{self, Episode};
 use crate::config::Config;
 use crate::hub::{Hub, SinkKind};
 use crate::kernel::attach::{Attacher, IfNames, ProgramFds, Selector};
@@ -21,6 +22,7 @@ use crate::record::flow::FlowRecord;
 use crate::record::snapshot::SnapshotSlot;
 use crate::sinks::grpc::{self, GrpcEndpoint, ListenAddr, ServiceHandle};
 use crate::sinks::ipfix::{self, IpfixStats};
+use crate::sinks::kafka::{self, KafkaStats, Producer};
 use crate::sinks::stdout::{self, OutputHandle};
 use crate::status::Status;
 
@@ -49,6 +51,9 @@ pub struct Agent {
     metrics: Option<MetricsHandle>,
     runtime: Option<tokio::runtime::Runtime>,
     exporters: Vec<JoinHandle<()>>,
+    /// Interface syncs failing in a row: logged when it starts and when it ends.
+    sync_failures: Episode,
+    kafka: Option<JoinHandle<()>>,
     // Declared last: dropped after everything that uses the maps.
     dp: Datapath,
     _pin_lock: Option<PinLock>,
@@ -59,32 +64,25 @@ impl Agent {
     /// listeners, attaches and starts every thread. Nothing is attached when a check or
     /// a listener fails, and a failed start leaves no pins behind.
     pub fn start(cfg: Config) -> Result<Agent> {
-        let selector = Selector::new(&cfg.interfaces, &cfg.exclude_interfaces)
-            .context("--interface/--exclude-interface")?;
-        if let Some(both) = cfg
-            .interfaces
-            .iter()
-            .find(|i| cfg.exclude_interfaces.contains(i))
-        {
-            bail!(
-                "--interface {both} and --exclude-interface {both} cancel each other: \
-                 nothing would be attached to {both}; drop one of them"
-            );
-        }
-        let grpc_addr = cfg
-            .grpc_listen
-            .as_deref()
-            .map(|l| -> Result<GrpcEndpoint> {
-                let addr = l.parse::<ListenAddr>().context("--grpc-listen")?;
-                GrpcEndpoint::new(addr, &cfg.grpc)
+        let Checked {
+            selector,
+            grpc: grpc_addr,
+        } = Self::check(&cfg)?;
+        let observer = cfg
+            .observer_id
+            .clone()
+            .unwrap_or_else(crate::poller::host_name);
+        // librdkafka checks its settings (and TLS files) when the producer is made, before
+        // anything is loaded; it connects in the background.
+        let kafka = cfg
+            .kafka
+            .clone()
+            .map(|k| {
+                let stats = Arc::new(KafkaStats::default());
+                Producer::new(k, &format!("flowlens-{observer}"), stats.clone()).map(|p| (p, stats))
             })
-            .transpose()?;
-        if let Some(m) = &cfg.metrics_listen {
-            m.parse::<std::net::SocketAddr>()
-                .with_context(|| format!("--metrics-listen {m:?}: expected HOST:PORT or off"))?;
-        }
-        preflight::check_btf()?;
-        preflight::check_capabilities()?;
+            .transpose()
+            .context("--kafka")?;
         let pin_lock = match &cfg.pin_dir {
             Some(root) => {
                 preflight::ensure_bpffs(root)?;
@@ -99,7 +97,7 @@ impl Agent {
                 return Err(explain_load_error(e, &cfg));
             }
         };
-        match Self::wire(cfg.clone(), selector, grpc_addr, &dp) {
+        match Self::wire(cfg.clone(), selector, grpc_addr, kafka, &dp) {
             Ok(parts) => Ok(parts.assemble(dp, pin_lock)),
             Err(e) => {
                 // A start-up failure must not leave pins behind, unless they hold the
@@ -113,10 +111,73 @@ impl Agent {
         }
     }
 
+    /// Everything that can be checked without loading or attaching anything: the flags
+    /// against each other, the interfaces named, listen addresses and TLS files, the
+    /// kernel's BTF, the capabilities held and the pin directory. `start` runs it first;
+    /// `run --check-config` runs only it.
+    pub fn check(cfg: &Config) -> Result<Checked> {
+        let selector = Selector::new(&cfg.interfaces, &cfg.exclude_interfaces)
+            .context("--interface/--exclude-interface")?;
+        if let Some(both) = cfg
+            .interfaces
+            .iter()
+            .find(|i| cfg.exclude_interfaces.contains(i))
+        {
+            bail!(
+                "--interface {both} and --exclude-interface {both} cancel each other: \
+                 nothing would be attached to {both}; drop one of them"
+            );
+        }
+        let grpc = cfg
+            .grpc_listen
+            .as_deref()
+            .map(|l| -> Result<GrpcEndpoint> {
+                let addr = l.parse::<ListenAddr>().context("--grpc-listen")?;
+                GrpcEndpoint::new(addr, &cfg.grpc)
+            })
+            .transpose()?;
+        if cfg.grpc_listen.is_none() {
+            let g = &cfg.grpc;
+            let given = [
+                ("--grpc-tls-cert", g.tls_cert.is_some()),
+                ("--grpc-tls-key", g.tls_key.is_some()),
+                ("--grpc-client-ca", g.client_ca.is_some()),
+                ("--grpc-socket-group", g.socket_group.is_some()),
+            ];
+            if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+                bail!(
+                    "{flag} is set but --grpc-listen is off: nothing would use it; give \
+                     --grpc-listen, or drop {flag}"
+                );
+            }
+        }
+        if let Some(m) = &cfg.metrics_listen {
+            let addr = m
+                .parse::<std::net::SocketAddr>()
+                .with_context(|| format!("--metrics-listen {m:?}: expected HOST:PORT or off"))?;
+            if !addr.ip().is_loopback() && !cfg.metrics_allow_remote {
+                bail!(
+                    "--metrics-listen {m}: refusing to serve the metrics in cleartext to other \
+                     hosts; listen on 127.0.0.1 (and let a local agent or a reverse proxy with \
+                     TLS forward them), or give --metrics-allow-remote"
+                );
+            }
+        }
+        preflight::check_btf()?;
+        preflight::check_capabilities()?;
+        if let Some(root) = &cfg.pin_dir {
+            preflight::check_bpffs(root)?;
+            preflight::check_pin_dir(root)?;
+        }
+        check_interfaces_exist(cfg, &selector)?;
+        Ok(Checked { selector, grpc })
+    }
+
     fn wire(
         cfg: Config,
         selector: Selector,
         grpc_addr: Option<GrpcEndpoint>,
+        kafka: Option<(Producer, Arc<KafkaStats>)>,
         dp: &Datapath,
     ) -> Result<Parts> {
         let status = Arc::new(Status::new());
@@ -129,6 +190,7 @@ impl Agent {
             .build()
             .context("building the tokio runtime")?;
         let snapshots = SnapshotSlot::new(cfg.poller.poll_interval);
+        let (grpc_addr, metrics_limits) = fit_connections(&cfg, grpc_addr)?;
         // Listeners first: a port in use fails before anything is attached.
         let grpc_tls = grpc_addr.as_ref().map(GrpcEndpoint::is_tls);
         let grpc = grpc_addr
@@ -151,7 +213,7 @@ impl Agent {
                     m,
                     runtime.handle(),
                     metrics::renderer(status.clone(), hub.clone()),
-                    HttpLimits::default(),
+                    metrics_limits,
                 )
             })
             .transpose()
@@ -166,6 +228,15 @@ impl Agent {
         }
         if let Some(m) = &metrics {
             info!("metrics on http://{}/metrics", m.local_addr());
+            if !m.local_addr().ip().is_loopback() {
+                warn!("metrics served in cleartext to other hosts (--metrics-allow-remote)");
+            }
+        }
+        if let Some(tls) = grpc.as_ref().and_then(ServiceHandle::tls) {
+            status.set_tls_cert_expiry(Some(tls.not_after()));
+            if let Some(w) = tls.expiry_warning(std::time::SystemTime::now()) {
+                warn!("{w}");
+            }
         }
 
         let ifnames = IfNames::default();
@@ -180,22 +251,12 @@ impl Agent {
         let first = attacher
             .sync(&selector)
             .context("attaching to interfaces")?;
-        let names: Vec<String> = attacher.attached().into_iter().map(|(_, n)| n).collect();
+        let names: Vec<String> = attacher.attached().into_iter().map(|(_, n, _)| n).collect();
         if !first.failed.is_empty() && names.is_empty() {
             bail!(
                 "could not attach to any selected interface: {:?}",
                 first.failed
             );
-        }
-        let missing: Vec<&String> = cfg
-            .interfaces
-            .iter()
-            .zip(&selector.include)
-            .filter(|(_, p)| p.is_literal() && !names.iter().any(|n| p.matches(n)))
-            .map(|(s, _)| s)
-            .collect();
-        if !missing.is_empty() {
-            bail!("--interface: no such interface {missing:?} (see `ip link`)");
         }
         if names.is_empty() {
             warn!("no interface matches yet; waiting for one to appear");
@@ -203,6 +264,7 @@ impl Agent {
             info!("monitoring {}", names.join(", "));
         }
 
+        publish_interfaces(&attacher, &status);
         // Sinks register before the poller starts, so they see every record.
         let mut exporters = Vec::new();
         for exp in cfg.ipfix.exporters() {
@@ -214,6 +276,19 @@ impl Agent {
             info!("exporting IPFIX to {dest}");
             exporters.push(thread);
         }
+        let kafka = kafka
+            .map(|(producer, stats)| -> Result<JoinHandle<()>> {
+                let name = cfg.kafka.as_ref().map(|k| k.name()).unwrap_or_default();
+                if let Some(w) = cfg.kafka.as_ref().and_then(|k| k.warning()) {
+                    warn!("{w}");
+                }
+                let rx = hub.add_sink(SinkKind::Export, &name);
+                let thread = kafka::spawn(producer, rx).context("--kafka")?;
+                status.set_kafka(name.clone(), stats);
+                info!("exporting to Kafka {name}");
+                Ok(thread)
+            })
+            .transpose()?;
         let output = cfg
             .output
             .map(|format| {
@@ -224,12 +299,13 @@ impl Agent {
         let (tx, rx) = crossbeam_channel::bounded::<Vec<FlowRecord>>(RECORD_CHANNEL);
         let fanout = hub.spawn_fanout(rx).context("spawning the fanout thread")?;
         let table = KernelTable::new(dp.maps().context("opening map handles")?);
+        let observer = cfg
+            .observer_id
+            .clone()
+            .unwrap_or_else(crate::poller::host_name);
+        status.set_observer(&observer);
         let poller = Poller::new(table, cfg.poller, tx, status.clone(), ifnames)
-            .with_observer(
-                cfg.observer_id
-                    .as_deref()
-                    .unwrap_or(&crate::poller::host_name()),
-            )
+            .with_observer(&observer)
             .with_snapshots(snapshots);
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let poll_thread = std::thread::Builder::new()
@@ -249,6 +325,7 @@ impl Agent {
             metrics,
             runtime,
             exporters,
+            kafka,
         })
     }
 
@@ -283,10 +360,34 @@ impl Agent {
         self.metrics.as_ref().map(MetricsHandle::local_addr)
     }
 
-    /// Attaches to interfaces that appeared and drops those that went away.
+    /// Attaches to interfaces that appeared and drops those that went away. A sync that
+    /// keeps failing is logged when it starts failing and when it works again.
     pub fn sync_interfaces(&mut self) {
-        if let Err(e) = self.attacher.sync(&self.selector) {
-            warn!("interface sync: {e}");
+        match self.attacher.sync(&self.selector) {
+            Err(e) if self.sync_failures.event() => {
+                warn!(
+                    "interface sync: {e} (retried every {:?}; said again when it works)",
+                    self.cfg.resync_interval
+                );
+            }
+            Err(e) => log::debug!("interface sync: {e}"),
+            Ok(_) => {
+                if let Some((n, over)) = self.sync_failures.end() {
+                    info!("interface sync works again after {n} failures over {over:?}");
+                }
+            }
+        }
+        publish_interfaces(&self.attacher, &self.status);
+    }
+
+    /// Keeps the certificate's expiry in the metrics current (SIGHUP may change it) and
+    /// warns when it comes near.
+    fn watch_certificate(&self) {
+        if let Some(tls) = self.grpc_tls() {
+            self.status.set_tls_cert_expiry(Some(tls.not_after()));
+            if let Some(w) = tls.expiry_warning(std::time::SystemTime::now()) {
+                warn!("{w}");
+            }
         }
     }
 
@@ -296,7 +397,10 @@ impl Agent {
         loop {
             crossbeam_channel::select! {
                 recv(stop) -> _ => break,
-                recv(tick) -> _ => self.sync_interfaces(),
+                recv(tick) -> _ => {
+                    self.sync_interfaces();
+                    self.watch_certificate();
+                }
             }
         }
         self.shutdown()
@@ -333,6 +437,12 @@ impl Agent {
                 result = result.and(Err(anyhow::anyhow!("an IPFIX exporter thread panicked")));
             }
         }
+        // Waits up to kafka::STOP_GRACE for the brokers to acknowledge what is buffered.
+        if let Some(t) = self.kafka.take() {
+            if t.join().is_err() {
+                result = result.and(Err(anyhow::anyhow!("the Kafka producer thread panicked")));
+            }
+        }
         if let Some(g) = self.grpc.take() {
             result = result.and(g.shutdown().context("stopping the gRPC service"));
         }
@@ -364,6 +474,72 @@ impl Drop for Agent {
     }
 }
 
+/// What `Agent::check` found good, for `start` to go on with.
+pub struct Checked {
+    selector: Selector,
+    grpc: Option<GrpcEndpoint>,
+}
+
+/// A literal `--interface` that names no interface here is a typo until proven otherwise
+/// (a glob or regex waits for interfaces to appear): one line that lists what exists.
+fn check_interfaces_exist(cfg: &Config, selector: &Selector) -> Result<()> {
+    let literals: Vec<&String> = cfg
+        .interfaces
+        .iter()
+        .zip(&selector.include)
+        .filter(|(_, p)| p.is_literal())
+        .map(|(s, _)| s)
+        .collect();
+    if literals.is_empty() {
+        return Ok(());
+    }
+    let here: Vec<String> = crate::kernel::attach::list_interfaces()
+        .context("listing network interfaces")?
+        .into_values()
+        .map(|i| i.name)
+        .collect();
+    let missing: Vec<&str> = literals
+        .iter()
+        .filter(|l| !here.contains(l))
+        .map(|l| l.as_str())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    const SHOWN: usize = 20;
+    let mut list = here
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if here.len() > SHOWN {
+        let _ =
+            std::fmt::Write::write_fmt(&mut list, format_args!(" and {} more", here.len() - SHOWN));
+    }
+    bail!(
+        "--interface {}: no such interface here (there are: {list}); check the name \
+         (`ip link`), or give a pattern such as {}* to attach when it appears",
+        missing.join(", "),
+        missing[0]
+    )
+}
+
+/// What GetStatus says the agent is attached to.
+fn publish_interfaces(attacher: &Attacher, status: &Status) {
+    status.set_interfaces(
+        attacher
+            .attached()
+            .into_iter()
+            .map(|(ifindex, name, hook)| crate::status::AttachedInterface {
+                name,
+                ifindex,
+                hook,
+            })
+            .collect(),
+    );
+}
+
 /// Everything `wire` started, waiting for the datapath to join it.
 struct Parts {
     cfg: Config,
@@ -378,6 +554,7 @@ struct Parts {
     metrics: Option<MetricsHandle>,
     runtime: tokio::runtime::Runtime,
     exporters: Vec<JoinHandle<()>>,
+    kafka: Option<JoinHandle<()>>,
 }
 
 impl Parts {
@@ -395,10 +572,52 @@ impl Parts {
             metrics: self.metrics,
             runtime: Some(self.runtime),
             exporters: self.exporters,
+            sync_failures: Episode::default(),
+            kafka: self.kafka,
             dp,
             _pin_lock: pin_lock,
         }
     }
+}
+
+/// The listeners' connection caps, lowered where the descriptor limit could not hold them
+/// beside what is open already and [`admission::RESERVE`] (kept for interfaces that
+/// appear, exporters and the poller), so a flood of connections cannot take the
+/// descriptors the rest of the agent needs.
+fn fit_connections(
+    cfg: &Config,
+    grpc: Option<GrpcEndpoint>,
+) -> Result<(Option<GrpcEndpoint>, HttpLimits)> {
+    let mut metrics = HttpLimits::default();
+    let limit = admission::raise_descriptor_limit();
+    let open = admission::open_descriptors();
+    let wanted = [
+        grpc.as_ref().map_or(0, |_| cfg.grpc.max_connections),
+        cfg.metrics_listen
+            .as_ref()
+            .map_or(0, |_| metrics.max_connections),
+    ];
+    let Some(caps) = admission::fit_descriptors(limit, open, &wanted) else {
+        bail!(
+            "the descriptor limit ({limit}, LimitNOFILE= under systemd) leaves no room for \
+             connections beside the {open} descriptors open and the {} kept in reserve; raise it",
+            admission::RESERVE
+        );
+    };
+    if caps[0] < wanted[0] {
+        warn!(
+            "--grpc-max-connections {} lowered to {}: the descriptor limit ({limit}) holds no \
+             more beside the {open} open and the {} kept in reserve; raise LimitNOFILE",
+            wanted[0],
+            caps[0],
+            admission::RESERVE
+        );
+    }
+    metrics.max_connections = caps[1].max(1);
+    metrics.max_connections_per_source = metrics
+        .max_connections_per_source
+        .min(metrics.max_connections);
+    Ok((grpc.map(|g| g.with_max_connections(caps[0])), metrics))
 }
 
 /// A capacity the kernel refuses is named by its flag, not left as a bare errno.

@@ -12,6 +12,7 @@ use crate::poller::PollerConfig;
 use crate::record::api::RequestLimits;
 use crate::record::render::{Format, TableStyle};
 use crate::sinks::ipfix::{self, Destination, IpfixConfig};
+use crate::sinks::kafka::KafkaConfig;
 
 /// Everything `Agent::start` needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,10 +39,14 @@ pub struct Config {
     pub grpc: GrpcConfig,
     /// Prometheus listen address (HOST:PORT); None serves no metrics.
     pub metrics_listen: Option<String>,
+    /// Serve the metrics (in cleartext) on an address other hosts can reach.
+    pub metrics_allow_remote: bool,
     /// Names this agent in every record, so records of many hosts can be merged; None:
     /// the host name.
     pub observer_id: Option<String>,
     pub ipfix: IpfixSettings,
+    /// Kafka export; None: none.
+    pub kafka: Option<KafkaConfig>,
 }
 
 /// IPFIX export: one exporter per destination, all with the same settings.
@@ -97,8 +102,19 @@ pub struct GrpcConfig {
     pub socket_mode: FileMode,
     /// Group (name or number) that owns a unix socket; None keeps the agent's.
     pub socket_group: Option<String>,
-    /// Subscribe streams open at once, all connections together.
+    /// Long-lived streams (Subscribe, health Watch, reflection) open at once, all
+    /// connections together.
     pub max_subscribers: usize,
+    /// Connections open at once, all peers together.
+    pub max_connections: usize,
+    /// Connections open at once from one source address (an IPv6 /64).
+    pub max_connections_per_source: usize,
+    /// A connection must finish its TLS handshake (cleartext: send the HTTP/2 preface)
+    /// this soon after it is accepted.
+    pub handshake_timeout: Duration,
+    /// A request's message must arrive whole this soon after its stream starts (a client
+    /// trickling it while answering pings would hold the stream for ever).
+    pub request_timeout: Duration,
     /// HTTP/2 streams one connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS).
     pub max_streams_per_connection: u32,
     /// Largest request message accepted, in bytes.
@@ -125,6 +141,10 @@ impl Default for GrpcConfig {
             socket_mode: FileMode(0o660),
             socket_group: None,
             max_subscribers: 64,
+            max_connections: 1024,
+            max_connections_per_source: 64,
+            handshake_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
             max_streams_per_connection: 16,
             max_request_size: 256 << 10,
             request_limits: RequestLimits::default(),
@@ -159,6 +179,11 @@ impl FromStr for FileMode {
     }
 }
 
+/// Where the agent serves gRPC unless told otherwise: a unix socket in its runtime
+/// directory (systemd's RuntimeDirectory=flowlens), so only root and the socket's group
+/// read the flows, and clients find it without flags.
+pub const DEFAULT_SOCKET: &str = "unix:/run/flowlens/flowlens.sock";
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -172,11 +197,13 @@ impl Default for Config {
             output: Some(Format::Table),
             table: TableStyle::default(),
             pin_dir: Some(PathBuf::from("/sys/fs/bpf/flowlens")),
-            grpc_listen: Some("127.0.0.1:50051".into()),
+            grpc_listen: Some(DEFAULT_SOCKET.into()),
             grpc: GrpcConfig::default(),
             metrics_listen: Some("127.0.0.1:9464".into()),
+            metrics_allow_remote: false,
             observer_id: None,
             ipfix: IpfixSettings::default(),
+            kafka: None,
         }
     }
 }
@@ -248,11 +275,50 @@ impl FromStr for OrOff {
     }
 }
 
-/// A map capacity: at least 1.
-pub fn capacity(s: &str) -> Result<u32, String> {
-    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
-    if n == 0 {
-        return Err("must be at least 1".into());
+/// An amount of memory: a number of bytes, or one with a unit (`KiB`, `MiB`, `GiB`; `K`,
+/// `M`, `G` mean the same; `KB`, `MB`, `GB` are powers of 1000), e.g. `256MiB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub usize);
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (unit, size) in [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if n >= size && n.is_multiple_of(size) {
+                return write!(f, "{}{unit}", n / size);
+            }
+        }
+        write!(f, "{n}")
     }
-    Ok(n)
+}
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?}: expected a size such as 256MiB, 1GiB or 65536"))?;
+        let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kib" => 1 << 10,
+            "m" | "mib" => 1 << 20,
+            "g" | "gib" => 1 << 30,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "{s:?}: unknown unit {other:?} (B, KiB, MiB, GiB, KB, MB, GB)"
+                ))
+            }
+        };
+        n.checked_mul(scale)
+            .and_then(|b| usize::try_from(b).ok())
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
 }

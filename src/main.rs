@@ -1,18 +1,21 @@
-//! The flowlens command line: `run` the collector, `watch` a running one's flows as they end, or see its flows in progress with `top`. Flags become a `Config`; the `Agent` does the rest.
+//! The flowlens command line: `run` the collector, `watch` a running one's flows as they end, see its flows in progress with `top` or `flows`, its state with `status`. Flags become a `Config`; the `Agent` does the rest.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::TypedValueParser as _;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use log::{info, warn};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use flowlens::agent::Agent;
+use flowlens::cli::flows::{self, FlowsArgs};
+use flowlens::cli::status::{self, StatusArgs};
 use flowlens::cli::top::{self, TopArgs};
 use flowlens::cli::watch::{self, WatchArgs};
 use flowlens::config::{
-    capacity, Config, FileMode, GrpcConfig, HumanDuration, IpfixSettings, OrOff,
+    ByteSize, Config, FileMode, GrpcConfig, HumanDuration, IpfixSettings, OrOff,
 };
 use flowlens::hub::HubConfig;
 use flowlens::kernel::attach::Mode;
@@ -20,7 +23,11 @@ use flowlens::kernel::datapath::Capacities;
 use flowlens::poller::PollerConfig;
 use flowlens::record::api::RequestLimits;
 use flowlens::record::render::{self, Format, TableStyle};
-use flowlens::sinks::ipfix::{self, Destination};
+use flowlens::sinks::ipfix::Destination;
+use flowlens::sinks::kafka::config::{
+    Brokers, Compression, KafkaOption, SaslMechanism, DEFAULT_TOPIC, PASSWORD_ENV,
+};
+use flowlens::sinks::kafka::KafkaFlags;
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +60,10 @@ enum Command {
     /// Live full-screen view of a running collector's flows in progress.
     #[command(after_long_help = top::KEYS_HELP)]
     Top(Box<TopArgs>),
+    /// Print a running collector's flows in progress once (a table, or --json).
+    Flows(Box<FlowsArgs>),
+    /// Print a running collector's state: interfaces, maps, counters, sinks, losses.
+    Status(Box<StatusArgs>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -140,22 +151,22 @@ struct RunArgs {
     /// A long flow is reported (with counter deltas) every this long and keeps going.
     #[arg(long, env = "FLOWLENS_ACTIVE_TIMEOUT", default_value_t = HumanDuration(defaults().poller.active_timeout))]
     active_timeout: HumanDuration,
-    /// Concurrent scans a bulk end (thousands of flows ending in one poll) is split among; above 1 they outrun the one thread that emits the records, and walk the map again.
-    #[arg(long, env = "FLOWLENS_SCAN_THREADS", value_parser = clap::value_parser!(u32).range(1..=64), default_value_t = defaults().poller.scan_threads)]
-    scan_threads: u32,
+    /// Concurrent scans a bulk end (thousands of flows ending in one poll) is split among; above 1 they outrun the one thread that emits the records, and walk the map again. Default: 1.
+    #[arg(long, env = "FLOWLENS_SCAN_THREADS")]
+    scan_threads: Option<u32>,
     /// Capacity of the base flow map (every flow).
-    #[arg(long, env = "FLOWLENS_MAX_FLOWS", value_parser = capacity, default_value_t = defaults().capacities.flows)]
+    #[arg(long, env = "FLOWLENS_MAX_FLOWS", default_value_t = defaults().capacities.flows)]
     max_flows: u32,
     /// Capacity of the TCP extension map.
-    #[arg(long, env = "FLOWLENS_MAX_TCP_FLOWS", value_parser = capacity, default_value_t = defaults().capacities.tcp)]
+    #[arg(long, env = "FLOWLENS_MAX_TCP_FLOWS", default_value_t = defaults().capacities.tcp)]
     max_tcp_flows: u32,
     /// Capacity of the ICMP extension map.
-    #[arg(long, env = "FLOWLENS_MAX_ICMP_FLOWS", value_parser = capacity, default_value_t = defaults().capacities.icmp)]
+    #[arg(long, env = "FLOWLENS_MAX_ICMP_FLOWS", default_value_t = defaults().capacities.icmp)]
     max_icmp_flows: u32,
     /// What to print on stdout for each flow record.
     #[arg(long, env = "FLOWLENS_OUTPUT", value_enum, default_value_t = Output::from(defaults().output))]
     output: Output,
-    /// Table: every column, unabbreviated (wider than 100 columns).
+    /// Table: every column, unabbreviated.
     #[arg(long, env = "FLOWLENS_WIDE")]
     wide: bool,
     /// Table: print a legend of the columns and abbreviations before the header.
@@ -187,20 +198,31 @@ struct RunArgs {
     /// Group (name or number) given the gRPC unix socket; default: the agent's.
     #[arg(long, value_name = "GROUP", env = "FLOWLENS_GRPC_SOCKET_GROUP")]
     grpc_socket_group: Option<String>,
-    /// Subscribe streams open at once, all clients together.
-    #[arg(long, env = "FLOWLENS_GRPC_MAX_SUBSCRIBERS", value_parser = capacity, default_value_t = defaults().grpc.max_subscribers as u32)]
+    /// Long-lived streams (Subscribe, health Watch, reflection) open at once, all clients together.
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_SUBSCRIBERS", default_value_t = defaults().grpc.max_subscribers as u32)]
     grpc_max_subscribers: u32,
+    /// gRPC connections open at once, all clients together; at the cap a new one closes the
+    /// oldest that has not authenticated (lowered to fit the descriptor limit).
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_CONNECTIONS", default_value_t = defaults().grpc.max_connections as u32)]
+    grpc_max_connections: u32,
+    /// gRPC connections open at once from one source address (an IPv6 /64).
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_CONNECTIONS_PER_SOURCE", default_value_t = defaults().grpc.max_connections_per_source as u32)]
+    grpc_max_connections_per_source: u32,
+    /// A gRPC connection must finish its TLS handshake (in cleartext: send the HTTP/2
+    /// preface) this soon after it is accepted, or it is closed.
+    #[arg(long, env = "FLOWLENS_GRPC_HANDSHAKE_TIMEOUT", default_value_t = HumanDuration(defaults().grpc.handshake_timeout))]
+    grpc_handshake_timeout: HumanDuration,
     /// HTTP/2 streams one gRPC connection may have open at once.
-    #[arg(long, env = "FLOWLENS_GRPC_MAX_STREAMS_PER_CONNECTION", value_parser = capacity, default_value_t = defaults().grpc.max_streams_per_connection)]
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_STREAMS_PER_CONNECTION", default_value_t = defaults().grpc.max_streams_per_connection)]
     grpc_max_streams_per_connection: u32,
     /// Filters a Subscribe request may carry in include, and in exclude.
-    #[arg(long, env = "FLOWLENS_GRPC_MAX_FILTERS", value_parser = capacity, default_value_t = defaults().grpc.request_limits.max_filters as u32)]
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_FILTERS", default_value_t = defaults().grpc.request_limits.max_filters as u32)]
     grpc_max_filters: u32,
     /// Bytes in any string of a Subscribe filter (CIDR, interface name).
-    #[arg(long, env = "FLOWLENS_GRPC_MAX_STRING_LENGTH", value_parser = capacity, default_value_t = defaults().grpc.request_limits.max_string_len as u32)]
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_STRING_LENGTH", default_value_t = defaults().grpc.request_limits.max_string_len as u32)]
     grpc_max_string_length: u32,
     /// Largest gRPC request message, in bytes.
-    #[arg(long, env = "FLOWLENS_GRPC_MAX_REQUEST_SIZE", value_parser = capacity, default_value_t = defaults().grpc.max_request_size as u32)]
+    #[arg(long, env = "FLOWLENS_GRPC_MAX_REQUEST_SIZE", default_value_t = defaults().grpc.max_request_size as u32)]
     grpc_max_request_size: u32,
     /// How often a quiet gRPC peer is pinged (HTTP/2 PING).
     #[arg(long, env = "FLOWLENS_GRPC_KEEPALIVE_INTERVAL", default_value_t = HumanDuration(defaults().grpc.keepalive_interval))]
@@ -217,16 +239,27 @@ struct RunArgs {
     /// Prometheus self-metrics listen address (HOST:PORT), or "off".
     #[arg(long, env = "FLOWLENS_METRICS_LISTEN", default_value_t = OrOff::of(defaults().metrics_listen))]
     metrics_listen: OrOff,
-    /// Records kept in memory for subscribers' replay.
-    #[arg(long, env = "FLOWLENS_REPLAY_RING", value_parser = capacity, default_value_t = defaults().hub.ring_capacity as u32)]
+    /// Serve the metrics on an address other hosts can reach (in cleartext); without it a
+    /// non-loopback --metrics-listen is refused.
+    #[arg(long, env = "FLOWLENS_METRICS_ALLOW_REMOTE")]
+    metrics_allow_remote: bool,
+    /// Memory for records not yet read by every reader (stdout, subscribers, exporters),
+    /// shared by all of them: a reader loses records only when it falls this far behind.
+    /// About 200 bytes per record (256MiB: a burst of over 1 M records).
+    #[arg(long, env = "FLOWLENS_BUFFER_MEMORY", default_value_t = ByteSize(defaults().hub.buffer_memory))]
+    buffer_memory: ByteSize,
+    /// Records kept in memory for subscribers' replay and resume after every reader has
+    /// read them.
+    #[arg(long, env = "FLOWLENS_REPLAY_RING", default_value_t = defaults().hub.ring_capacity as u32)]
     replay_ring: u32,
-    /// Records queued per subscriber before it starts losing them (and is told so).
-    #[arg(long, env = "FLOWLENS_SUBSCRIBER_QUEUE", value_parser = capacity, default_value_t = defaults().hub.subscriber_queue as u32)]
-    subscriber_queue: u32,
-    /// Records queued for stdout (and each exporter) before it starts losing them; losses
-    /// are counted in flowlens_sink_lost_records_total and logged.
-    #[arg(long, env = "FLOWLENS_OUTPUT_QUEUE", value_parser = capacity, default_value_t = defaults().hub.sink_queue as u32)]
-    output_queue: u32,
+    /// No effect any more (accepted, whatever its value, with a warning): readers share
+    /// --buffer-memory.
+    #[arg(long, env = "FLOWLENS_SUBSCRIBER_QUEUE", hide = true)]
+    subscriber_queue: Option<String>,
+    /// No effect any more (accepted, whatever its value, with a warning): readers share
+    /// --buffer-memory.
+    #[arg(long, env = "FLOWLENS_OUTPUT_QUEUE", hide = true)]
+    output_queue: Option<String>,
     /// Names this agent in every record (`observer`), so records of many hosts can be
     /// merged. Default: the host name.
     #[arg(
@@ -243,7 +276,7 @@ struct RunArgs {
     #[arg(long, env = "FLOWLENS_IPFIX_OBSERVATION_DOMAIN", default_value_t = defaults().ipfix.observation_domain)]
     ipfix_observation_domain: u32,
     /// Path MTU to the IPFIX collectors: each message fits one IP packet.
-    #[arg(long, env = "FLOWLENS_IPFIX_MTU", value_parser = ipfix::parse_mtu, default_value_t = defaults().ipfix.mtu)]
+    #[arg(long, env = "FLOWLENS_IPFIX_MTU", default_value_t = defaults().ipfix.mtu)]
     ipfix_mtu: u16,
     /// UDP: how often IPFIX templates are sent again (a restarted collector waits this long).
     #[arg(long, env = "FLOWLENS_IPFIX_TEMPLATE_REFRESH", default_value_t = HumanDuration(defaults().ipfix.template_refresh))]
@@ -252,12 +285,108 @@ struct RunArgs {
     /// echo RTT) are exported; unset: they are not.
     #[arg(long, env = "FLOWLENS_IPFIX_ENTERPRISE")]
     ipfix_enterprise: Option<u32>,
+    /// Kafka brokers to export every flow record to: HOST:PORT, comma-separated (the bootstrap
+    /// list). One message per record, protobuf `flowlens.v1.FlowRecord`.
+    #[arg(long = "kafka", value_name = "BROKERS", env = "FLOWLENS_KAFKA")]
+    kafka: Option<Brokers>,
+    /// Kafka topic the records go to (it must exist; flowlens does not create it).
+    #[arg(long, value_name = "TOPIC", env = "FLOWLENS_KAFKA_TOPIC", default_value = DEFAULT_TOPIC)]
+    kafka_topic: String,
+    /// Compression of the Kafka record batches.
+    #[arg(
+        long,
+        env = "FLOWLENS_KAFKA_COMPRESSION",
+        default_value_t = Compression::default(),
+        value_parser = clap::builder::PossibleValuesParser::new(Compression::ALL.map(|c| c.as_str()))
+            .map(|s| s.parse::<Compression>().expect("a listed value"))
+    )]
+    kafka_compression: Compression,
+    /// Speak TLS to the Kafka brokers, trusting the system's CAs (implied by --kafka-tls-ca,
+    /// --kafka-tls-cert).
+    #[arg(long, env = "FLOWLENS_KAFKA_TLS")]
+    kafka_tls: bool,
+    /// CA bundle (PEM) the Kafka brokers' certificates must chain to, instead of the system's.
+    #[arg(long, value_name = "PEM", env = "FLOWLENS_KAFKA_TLS_CA")]
+    kafka_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for brokers that require one. Needs --kafka-tls-key.
+    #[arg(long, value_name = "PEM", env = "FLOWLENS_KAFKA_TLS_CERT")]
+    kafka_tls_cert: Option<PathBuf>,
+    /// Private key (PEM, unencrypted) of --kafka-tls-cert.
+    #[arg(long, value_name = "PEM", env = "FLOWLENS_KAFKA_TLS_KEY")]
+    kafka_tls_key: Option<PathBuf>,
+    /// SASL mechanism for the Kafka brokers. The password comes from
+    /// --kafka-sasl-password-file or the environment variable FLOWLENS_KAFKA_SASL_PASSWORD,
+    /// never from a flag.
+    #[arg(
+        long,
+        value_name = "MECHANISM",
+        env = "FLOWLENS_KAFKA_SASL_MECHANISM",
+        value_parser = clap::builder::PossibleValuesParser::new(["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+            .map(|s| s.parse::<SaslMechanism>().expect("a listed value")),
+        ignore_case = true
+    )]
+    kafka_sasl_mechanism: Option<SaslMechanism>,
+    /// SASL user name.
+    #[arg(long, value_name = "USER", env = "FLOWLENS_KAFKA_SASL_USERNAME")]
+    kafka_sasl_username: Option<String>,
+    /// File holding the SASL password (one line; keep it readable by root only).
+    #[arg(long, value_name = "FILE", env = "FLOWLENS_KAFKA_SASL_PASSWORD_FILE")]
+    kafka_sasl_password_file: Option<PathBuf>,
+    /// Any other librdkafka producer setting, KEY=VALUE (e.g. message.timeout.ms=600000).
+    /// Repeatable, or several separated by ';' (librdkafka values may hold commas); applied
+    /// last, so it overrides flowlens' own settings. Passwords are refused here.
+    #[arg(
+        long = "kafka-option",
+        value_name = "KEY=VALUE",
+        env = "FLOWLENS_KAFKA_OPTIONS",
+        value_delimiter = ';'
+    )]
+    kafka_options: Vec<KafkaOption>,
+    /// Check the flags and FLOWLENS_* variables (and the interfaces, addresses, TLS files,
+    /// kernel, capabilities and pin directory they name) without loading anything; print
+    /// the settings and exit 0, or the problem and exit 1.
+    #[arg(long)]
+    check_config: bool,
 }
 
 impl RunArgs {
-    fn into_config(self) -> Config {
+    /// Flags given that no longer do anything, and what replaced them.
+    fn deprecated(&self) -> Vec<String> {
+        [
+            ("--subscriber-queue", &self.subscriber_queue),
+            ("--output-queue", &self.output_queue),
+        ]
+        .into_iter()
+        .filter_map(|(flag, v)| v.as_ref().map(|_| flag))
+        .map(|flag| {
+            format!(
+                "{flag} has no effect any more: every reader (stdout, each subscriber, each \
+                 exporter) reads one shared buffer of records, bounded by --buffer-memory \
+                 (now {}); remove {flag} (or its FLOWLENS_ variable)",
+                self.buffer_memory
+            )
+        })
+        .collect()
+    }
+
+    fn into_config(self) -> Result<Config> {
         let d = defaults();
-        Config {
+        let kafka = KafkaFlags {
+            brokers: self.kafka,
+            topic: self.kafka_topic,
+            compression: self.kafka_compression,
+            tls: self.kafka_tls,
+            tls_ca: self.kafka_tls_ca,
+            tls_cert: self.kafka_tls_cert,
+            tls_key: self.kafka_tls_key,
+            sasl_mechanism: self.kafka_sasl_mechanism,
+            sasl_username: self.kafka_sasl_username,
+            sasl_password_file: self.kafka_sasl_password_file,
+            sasl_password_env: std::env::var(PASSWORD_ENV).ok(),
+            options: self.kafka_options,
+        }
+        .resolve()?;
+        Ok(Config {
             interfaces: self.interfaces,
             exclude_interfaces: self.exclude_interfaces,
             attach_mode: match self.attach_mode {
@@ -273,7 +402,7 @@ impl RunArgs {
                 idle_other: self.idle_timeout_other.0,
                 tcp_close_grace: self.tcp_close_grace.0,
                 active_timeout: self.active_timeout.0,
-                scan_threads: self.scan_threads,
+                scan_threads: self.scan_threads.unwrap_or(d.poller.scan_threads),
                 ..d.poller
             },
             capacities: Capacities {
@@ -282,9 +411,8 @@ impl RunArgs {
                 icmp: self.max_icmp_flows,
             },
             hub: HubConfig {
+                buffer_memory: self.buffer_memory.0,
                 ring_capacity: self.replay_ring as usize,
-                subscriber_queue: self.subscriber_queue as usize,
-                sink_queue: self.output_queue as usize,
             },
             output: match self.output {
                 Output::Table => Some(Format::Table),
@@ -294,6 +422,8 @@ impl RunArgs {
             table: TableStyle {
                 wide: self.wide,
                 legend: self.legend,
+                width: render::stdout_width(),
+                ..TableStyle::default()
             },
             pin_dir: self.pin_dir.0.map(PathBuf::from),
             grpc_listen: self.grpc_listen.0,
@@ -305,6 +435,10 @@ impl RunArgs {
                 socket_mode: self.grpc_socket_mode,
                 socket_group: self.grpc_socket_group,
                 max_subscribers: self.grpc_max_subscribers as usize,
+                max_connections: self.grpc_max_connections as usize,
+                max_connections_per_source: self.grpc_max_connections_per_source as usize,
+                handshake_timeout: self.grpc_handshake_timeout.0,
+                request_timeout: d.grpc.request_timeout,
                 max_streams_per_connection: self.grpc_max_streams_per_connection,
                 max_request_size: self.grpc_max_request_size as usize,
                 request_limits: RequestLimits {
@@ -317,6 +451,7 @@ impl RunArgs {
                 idle_timeout: self.grpc_idle_timeout.0,
             },
             metrics_listen: self.metrics_listen.0,
+            metrics_allow_remote: self.metrics_allow_remote,
             observer_id: self.observer_id.or(d.observer_id),
             ipfix: IpfixSettings {
                 destinations: self.ipfix,
@@ -325,13 +460,22 @@ impl RunArgs {
                 template_refresh: self.ipfix_template_refresh.0,
                 enterprise: self.ipfix_enterprise,
             },
+            kafka,
             ..d
-        }
+        })
     }
 }
 
 fn main() {
-    let cli = Cli::try_parse().unwrap_or_else(|e| match env_source(&e) {
+    // An empty variable is an unset one: `FLOWLENS_X=` in /etc/default/flowlens (a line
+    // uncommented as shipped) means "the default", as it reads, not an empty value.
+    for (k, v) in std::env::vars_os() {
+        if v.is_empty() && k.to_string_lossy().starts_with("FLOWLENS_") {
+            // Nothing else runs yet: no other thread reads the environment.
+            std::env::remove_var(k);
+        }
+    }
+    let cli = parse().unwrap_or_else(|e| match env_source(&e) {
         Some(var) => {
             let text = e.render().to_string();
             let text = text.strip_prefix("error: ").unwrap_or(&text);
@@ -346,15 +490,41 @@ fn main() {
         .target(env_logger::Target::Stderr)
         .init();
     let res = match cli.command {
-        Command::Run(args) => run(args.into_config()),
+        Command::Run(args) => {
+            for note in args.deprecated() {
+                warn!("{note}");
+            }
+            let check = args.check_config;
+            args.into_config()
+                .and_then(|cfg| if check { check_config(&cfg) } else { run(cfg) })
+        }
         Command::Watch(args) => watch::run(*args),
         Command::Top(args) => top::run(*args),
+        Command::Flows(args) => flows::run(*args),
+        Command::Status(args) => status::run(*args),
     };
     if let Err(e) = res {
         // Once, on stderr (the journal under systemd): not also through the logger.
         eprintln!("flowlens: {}", flowlens::fatal::describe(&e));
         std::process::exit(1);
     }
+}
+
+/// The command line, its values checked against their documented ranges
+/// (`flowlens::ranges`): a value out of range ends the process with one sentence.
+fn parse() -> Result<Cli, clap::Error> {
+    let mut cmd = flowlens::ranges::prepare(Cli::command());
+    let mut matches = cmd.try_get_matches_from_mut(std::env::args_os())?;
+    if let Some((name, sub)) = matches.subcommand() {
+        let sub_cmd = cmd
+            .find_subcommand(name)
+            .expect("a parsed subcommand exists");
+        if let Err(why) = flowlens::ranges::check(sub_cmd, sub) {
+            eprintln!("flowlens: {why}");
+            std::process::exit(2);
+        }
+    }
+    Cli::from_arg_matches_mut(&mut matches)
 }
 
 /// The variable a rejected value came from, when the flag was not on the command line
@@ -386,12 +556,13 @@ fn run(cfg: Config) -> Result<()> {
     // Installed first: a signal during start-up is not lost, and ends the run once started.
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
         .context("installing SIGINT/SIGTERM/SIGHUP handlers")?;
-    let note = (cfg.output.is_some() && std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .then(|| start_note(&cfg));
-    let agent = Agent::start(cfg)?;
-    if let Some(note) = note {
-        eprintln!("{note}");
+    // Said once the flags are known to be good, and before the table's header: the output
+    // thread writes that as soon as the agent starts.
+    if cfg.output.is_some() && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        Agent::check(&cfg)?;
+        eprintln!("{}", start_note(&cfg));
     }
+    let agent = Agent::start(cfg)?;
     let tls = agent.grpc_tls();
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
     std::thread::Builder::new()
@@ -423,7 +594,9 @@ fn start_note(cfg: &Config) -> String {
     let p = &cfg.poller;
     let d = |d| humantime::format_duration(d);
     let top = match cfg.grpc_listen.as_deref() {
-        Some(a) if Some(a) == defaults().grpc_listen.as_deref() => "run `flowlens top`".to_owned(),
+        Some(a) if Some(a) == defaults().grpc_listen.as_deref() => {
+            "run `flowlens top` or `flowlens flows`".to_owned()
+        }
         Some(a) => format!("run `flowlens top --server {a}`"),
         None => "run with --grpc-listen and use `flowlens top`".to_owned(),
     };
@@ -437,4 +610,121 @@ fn start_note(cfg: &Config) -> String {
         d(p.idle_icmp),
         d(p.active_timeout)
     )
+}
+
+/// `run --check-config`: what would run, or why it would not.
+fn check_config(cfg: &Config) -> Result<()> {
+    Agent::check(cfg)?;
+    let or = |v: &Option<String>, none: &str| v.clone().unwrap_or_else(|| none.to_owned());
+    let list = |v: &[String], none: &str| {
+        if v.is_empty() {
+            none.to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    let p = &cfg.poller;
+    let d = |d| humantime::format_duration(d).to_string();
+    println!("flowlens: the configuration is good; `flowlens run` would use:");
+    println!(
+        "  interfaces     {} (excluding {})",
+        list(
+            &cfg.interfaces,
+            "every interface that is up, except loopback"
+        ),
+        list(&cfg.exclude_interfaces, "none")
+    );
+    println!(
+        "  timeouts       idle tcp {} udp {} icmp {} other {}, active {}, TCP close grace {}, poll every {}",
+        d(p.idle_tcp),
+        d(p.idle_udp),
+        d(p.idle_icmp),
+        d(p.idle_other),
+        d(p.active_timeout),
+        d(p.tcp_close_grace),
+        d(p.poll_interval)
+    );
+    println!(
+        "  maps           {} flows, {} TCP, {} ICMP",
+        cfg.capacities.flows, cfg.capacities.tcp, cfg.capacities.icmp
+    );
+    println!(
+        "  stdout         {}",
+        match cfg.output {
+            Some(Format::Table) => "a table line per record",
+            Some(Format::Json) => "a JSON object per record",
+            None => "nothing",
+        }
+    );
+    println!("  gRPC           {}", or(&cfg.grpc_listen, "off"));
+    println!("  metrics        {}", or(&cfg.metrics_listen, "off"));
+    println!(
+        "  pins           {}",
+        cfg.pin_dir
+            .as_ref()
+            .map_or_else(|| "off".to_owned(), |p| p.display().to_string())
+    );
+    let ipfix: Vec<String> = cfg
+        .ipfix
+        .destinations
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    println!("  IPFIX          {}", list(&ipfix, "none"));
+    println!(
+        "  observer       {}",
+        or(&cfg.observer_id, &flowlens::poller::host_name())
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_number_and_duration_flag_has_a_documented_range() {
+        let cmd = flowlens::ranges::prepare(Cli::command());
+        assert_eq!(
+            flowlens::ranges::unchecked(&cmd),
+            Vec::<String>::new(),
+            "add these flags to flowlens::ranges::TABLE"
+        );
+        // And every line of the table names a flag that exists.
+        let mut longs = Vec::new();
+        for sub in cmd.get_subcommands() {
+            longs.extend(sub.get_arguments().filter_map(|a| a.get_long()));
+        }
+        for (long, _) in flowlens::ranges::TABLE {
+            assert!(longs.contains(long), "ranges::TABLE names no flag --{long}");
+        }
+        // The defaults lie inside their ranges (given on the command line, as `check`
+        // skips defaults).
+        for sub in cmd.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let (Some(long), Some(default)) =
+                    (arg.get_long(), arg.get_default_values().first())
+                else {
+                    continue;
+                };
+                if !arg.get_action().takes_values() {
+                    continue;
+                }
+                let given: Vec<std::ffi::OsString> = vec![
+                    "flowlens".into(),
+                    sub.get_name().into(),
+                    format!("--{long}").into(),
+                    default.into(),
+                ];
+                let m = cmd.clone().try_get_matches_from(given).expect("parses");
+                let (_, matches) = m.subcommand().unwrap();
+                assert_eq!(
+                    flowlens::ranges::check(sub, matches),
+                    Ok(()),
+                    "{} --{long}",
+                    sub.get_name()
+                );
+            }
+        }
+    }
 }

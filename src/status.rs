@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::sinks::ipfix::{IpfixCounts, IpfixStats};
+use crate::sinks::kafka::{KafkaCounts, KafkaStats};
 
 /// Fill level of one BPF map.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -13,6 +14,15 @@ pub struct MapUsage {
     pub name: String,
     pub entries: u64,
     pub capacity: u64,
+}
+
+/// An interface the agent's programs are attached to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedInterface {
+    pub name: String,
+    pub ifindex: u32,
+    /// "tcx" or "tc".
+    pub hook: &'static str,
 }
 
 /// A point-in-time view of the agent, as `GetStatus` reports it.
@@ -40,6 +50,14 @@ pub struct Snapshot {
     pub flows_evicted: u64,
     /// Each IPFIX exporter's counters, by destination.
     pub exporters: Vec<(String, IpfixCounts)>,
+    /// The interfaces attached to, as of the last interface sync.
+    pub interfaces: Vec<AttachedInterface>,
+    /// The name records carry in `observer`.
+    pub observer: String,
+    /// When the gRPC server certificate in use expires (None: no TLS).
+    pub tls_cert_expiry: Option<SystemTime>,
+    /// The Kafka sink's counters, with its name (`kafka://BROKERS/TOPIC`).
+    pub kafka: Option<(String, KafkaCounts)>,
 }
 
 /// Shared, cheaply updated agent state.
@@ -59,7 +77,11 @@ pub struct Status {
     pub scan_walks: AtomicU64,
     detail: Mutex<(Vec<MapUsage>, BTreeMap<String, u64>)>,
     exporters: Mutex<Vec<(String, Arc<IpfixStats>)>>,
+    kafka: Mutex<Option<(String, Arc<KafkaStats>)>>,
     started: Mutex<Option<SystemTime>>,
+    interfaces: Mutex<Vec<AttachedInterface>>,
+    observer: Mutex<String>,
+    tls_cert_expiry: Mutex<Option<SystemTime>>,
 }
 
 impl Status {
@@ -75,6 +97,28 @@ impl Status {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((destination, stats));
+    }
+
+    /// The interfaces attached to now (after each interface sync).
+    pub fn set_interfaces(&self, interfaces: Vec<AttachedInterface>) {
+        *self.interfaces.lock().unwrap_or_else(|e| e.into_inner()) = interfaces;
+    }
+
+    /// The expiry of the gRPC certificate in use (at start and after each reload).
+    pub fn set_tls_cert_expiry(&self, at: Option<SystemTime>) {
+        *self
+            .tls_cert_expiry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = at;
+    }
+
+    pub fn set_observer(&self, observer: &str) {
+        *self.observer.lock().unwrap_or_else(|e| e.into_inner()) = observer.to_owned();
+    }
+
+    /// Makes the Kafka sink's counters part of every snapshot.
+    pub fn set_kafka(&self, name: String, stats: Arc<KafkaStats>) {
+        *self.kafka.lock().unwrap_or_else(|e| e.into_inner()) = Some((name, stats));
     }
 
     pub fn set_detail(&self, maps: Vec<MapUsage>, counters: BTreeMap<String, u64>) {
@@ -106,6 +150,26 @@ impl Status {
                 .iter()
                 .map(|(d, s)| (d.clone(), s.snapshot()))
                 .collect(),
+            interfaces: self
+                .interfaces
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            observer: self
+                .observer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            tls_cert_expiry: *self
+                .tls_cert_expiry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+            kafka: self
+                .kafka
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|(n, s)| (n.clone(), s.snapshot())),
         }
     }
 }

@@ -1,8 +1,8 @@
 //! TLS for gRPC: the server's certificate and client-certificate authority from `run`'s flags (re-read on SIGHUP), and the `watch` client's trust and identity from its own.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use rustls::server::WebPkiClientVerifier;
@@ -13,8 +13,9 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::config::GrpcConfig;
 
-/// How long a client may take to finish its TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long before its certificate expires the server warns (log, and the
+/// `flowlens_tls_cert_expiry_seconds` metric says when all along).
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
 
 fn read_pem(path: &Path, flag: &str) -> anyhow::Result<Vec<u8>> {
     let pem = std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))?;
@@ -44,10 +45,79 @@ struct TlsFiles {
     client_ca: Option<PathBuf>,
 }
 
+/// When a certificate chain can be used: the latest `notBefore` and the earliest
+/// `notAfter` of its certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+fn unix(secs: i64) -> SystemTime {
+    match u64::try_from(secs) {
+        Ok(s) => UNIX_EPOCH + Duration::from_secs(s),
+        Err(_) => UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()),
+    }
+}
+
+fn date(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The validity of `certs` (a chain, leaf first), refusing one that is not valid `now`:
+/// every client would fail its handshake against it.
+fn check_validity(
+    certs: &[CertificateDer<'_>],
+    path: &Path,
+    now: SystemTime,
+) -> anyhow::Result<Validity> {
+    let mut validity = Validity {
+        not_before: UNIX_EPOCH,
+        not_after: unix(i64::MAX / 2),
+    };
+    for (i, der) in certs.iter().enumerate() {
+        let which = match i {
+            0 => "the certificate".to_owned(),
+            n => format!("certificate {} of its chain", n + 1),
+        };
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| {
+            anyhow::anyhow!(
+                "--grpc-tls-cert {}: {which} does not parse: {e}",
+                path.display()
+            )
+        })?;
+        let v = cert.validity();
+        let (from, until) = (
+            unix(v.not_before.timestamp()),
+            unix(v.not_after.timestamp()),
+        );
+        if now < from {
+            bail!(
+                "--grpc-tls-cert {}: {which} is not valid before {} (the clock says {}): clients \
+                 would refuse it; check the clock, or use a certificate valid now",
+                path.display(),
+                date(from),
+                date(now)
+            );
+        }
+        if now > until {
+            bail!(
+                "--grpc-tls-cert {}: {which} expired on {}: clients would refuse it; renew it",
+                path.display(),
+                date(until)
+            );
+        }
+        validity.not_before = validity.not_before.max(from);
+        validity.not_after = validity.not_after.min(until);
+    }
+    Ok(validity)
+}
+
 impl TlsFiles {
-    fn load(&self) -> anyhow::Result<ServerConfig> {
+    fn load(&self) -> anyhow::Result<(ServerConfig, Validity)> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let certs = certificates(&self.cert, "--grpc-tls-cert")?;
+        let validity = check_validity(&certs, &self.cert, SystemTime::now())?;
         let key = PrivateKeyDer::from_pem_slice(&read_pem(&self.key, "--grpc-tls-key")?)
             .with_context(|| format!("--grpc-tls-key {}", self.key.display()))?;
         let builder = ServerConfig::builder_with_provider(provider.clone())
@@ -76,7 +146,7 @@ impl TlsFiles {
             )
         })?;
         cfg.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(cfg)
+        Ok((cfg, validity))
     }
 }
 
@@ -85,12 +155,15 @@ impl TlsFiles {
 #[derive(Debug)]
 pub struct ServerTls {
     files: TlsFiles,
-    current: RwLock<Arc<ServerConfig>>,
+    current: RwLock<(Arc<ServerConfig>, Validity)>,
+    /// The `notAfter` last warned about, and whether it had passed then.
+    warned: Mutex<Option<(SystemTime, bool)>>,
 }
 
 impl ServerTls {
     /// The server's TLS from the flags, or None for cleartext. Every file is read and
-    /// checked here, so a bad one fails start-up before anything is attached.
+    /// checked here (a certificate outside its validity dates too), so a bad one fails
+    /// start-up before anything is attached.
     pub fn from_config(g: &GrpcConfig) -> anyhow::Result<Option<Arc<ServerTls>>> {
         let (cert, key) = match (&g.tls_cert, &g.tls_key) {
             (Some(c), Some(k)) => (c, k),
@@ -108,21 +181,66 @@ impl ServerTls {
             key: key.clone(),
             client_ca: g.client_ca.clone(),
         };
-        let current = RwLock::new(Arc::new(files.load()?));
-        Ok(Some(Arc::new(ServerTls { files, current })))
+        let (cfg, validity) = files.load()?;
+        Ok(Some(Arc::new(ServerTls {
+            files,
+            current: RwLock::new((Arc::new(cfg), validity)),
+            warned: Mutex::new(None),
+        })))
     }
 
-    /// Re-reads the files; on any error the settings in use stay.
+    /// Re-reads the files; on any error (a certificate outside its validity dates
+    /// included) the settings in use stay.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let cfg = Arc::new(self.files.load()?);
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+        let (cfg, validity) = self.files.load()?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = (Arc::new(cfg), validity);
         Ok(())
     }
 
     /// For the next handshake.
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        let cfg = self.current.read().unwrap_or_else(|e| e.into_inner());
-        tokio_rustls::TlsAcceptor::from(cfg.clone())
+        let cur = self.current.read().unwrap_or_else(|e| e.into_inner());
+        tokio_rustls::TlsAcceptor::from(cur.0.clone())
+    }
+
+    /// When the certificate in use stops being valid (the earliest of its chain).
+    pub fn not_after(&self) -> SystemTime {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .not_after
+    }
+
+    /// What to warn about the certificate in use at `now`, once per certificate and state:
+    /// that it expires within [`EXPIRY_WARNING`], and again once it has expired.
+    pub fn expiry_warning(&self, now: SystemTime) -> Option<String> {
+        let not_after = self.not_after();
+        let expired = now >= not_after;
+        let left = not_after.duration_since(now).unwrap_or_default();
+        if !expired && left > EXPIRY_WARNING {
+            return None;
+        }
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        if *warned == Some((not_after, expired)) {
+            return None;
+        }
+        *warned = Some((not_after, expired));
+        let cert = self.files.cert.display();
+        Some(if expired {
+            format!(
+                "the gRPC TLS certificate {cert} expired on {}: clients cannot connect; renew it \
+                 and send SIGHUP (systemctl reload flowlens)",
+                date(not_after)
+            )
+        } else {
+            format!(
+                "the gRPC TLS certificate {cert} expires on {} (in {} days); renew it and send \
+                 SIGHUP (systemctl reload flowlens)",
+                date(not_after),
+                left.as_secs() / 86_400
+            )
+        })
     }
 
     pub fn requires_client_certificates(&self) -> bool {

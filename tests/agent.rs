@@ -367,7 +367,9 @@ fn flows_ending_just_before_their_active_tick_end_once_with_their_true_reason() 
         conns.into_iter().for_each(|c| c.join().expect("conn"));
     });
     let udp_server = net
-        .in_ns(&net.b, move || UdpSocket::bind(SocketAddr::new(b, 0)).expect("bind"))
+        .in_ns(&net.b, move || {
+            UdpSocket::bind(SocketAddr::new(b, 0)).expect("bind")
+        })
         .join()
         .expect("server");
     let uport = udp_server.local_addr().expect("addr").port();

@@ -158,7 +158,10 @@ fn bad_flags_get_precise_errors() {
         "must be greater than zero",
     );
     fails_with(&["run", "--poll-interval", "soon"], "--poll-interval");
-    fails_with(&["run", "--max-flows", "0"], "must be at least 1");
+    fails_with(
+        &["run", "--max-flows", "0"],
+        "--max-flows \"0\" is out of range: give 1 to 16777216",
+    );
     fails_with(&["run", "--scan-threads", "0"], "--scan-threads");
     fails_with(
         &["run", "--output", "xml"],
@@ -170,7 +173,7 @@ fn bad_flags_get_precise_errors() {
     );
     fails_with(
         &["run", "--interface", "nosuchif0"],
-        "no such interface [\"nosuchif0\"]",
+        "--interface nosuchif0: no such interface here (there are: ",
     );
     fails_with(
         &[
@@ -190,7 +193,10 @@ fn bad_flags_get_precise_errors() {
 /// if a check it should fail lets it through.
 fn run_fails(args: &[&str], env: &[(&str, &str)]) -> String {
     let mut cmd = Command::new(BIN);
-    cmd.args(["run", "--interface", "nosuchif0", "--metrics-listen", "off"]);
+    cmd.args(["run", "--metrics-listen", "off"]);
+    if !args.contains(&"--interface") {
+        cmd.args(["--interface", "nosuchif0"]);
+    }
     if !args.contains(&"--grpc-listen") {
         cmd.args(["--grpc-listen", "off"]);
     }
@@ -212,12 +218,26 @@ fn fatal_errors_name_their_source_once() {
         err.contains("environment variable FLOWLENS_POLL_INTERVAL: invalid value 'soon'"),
         "{err}"
     );
-    // A capacity the kernel refuses: said so by flag, and no pin directory left behind.
+    // A capacity past the documented range: one line, before anything is loaded.
     let err = run_fails(&["--pin-dir", &pins, "--max-flows", "4294967295"], &[]);
-    let fatal: Vec<&str> = err.lines().filter(|l| l.starts_with("flowlens:")).collect();
-    assert_eq!(fatal.len(), 1, "printed once: {err}");
+    assert_eq!(
+        err,
+        "flowlens: --max-flows \"4294967295\" is out of range: give 1 to 16777216\n"
+    );
+    // One the kernel refuses (through the library, which has no flag ranges): said so by
+    // flag, libbpf's own lines only in the debug log, and no pin directory left behind.
+    let cfg = flowlens::config::Config {
+        capacities: flowlens::kernel::datapath::Capacities {
+            flows: u32::MAX,
+            ..Default::default()
+        },
+        pin_dir: Some(pins.clone().into()),
+        ..flowlens::config::Config::embedded(&["nosuchif*"])
+    };
+    let err = flowlens::agent::Agent::start(cfg).err().expect("E2BIG");
+    let err = flowlens::fatal::describe(&err);
     assert!(
-        fatal[0].contains("refused a flow map this large (E2BIG): --max-flows 4294967295"),
+        err.starts_with("the kernel refused a flow map this large (E2BIG): --max-flows 4294967295"),
         "{err}"
     );
     assert!(!std::path::Path::new(&pins).exists(), "{pins} left behind");
@@ -257,7 +277,12 @@ fn fatal_errors_name_their_source_once() {
         .output()
         .expect("watch");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.matches("tcp connect error").count(), 1, "{err}");
+    assert_eq!(
+        err.matches("no flowlens agent at 127.0.0.1:1 (connection refused)")
+            .count(),
+        1,
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
 
@@ -564,7 +589,7 @@ fn a_crashed_agent_restarts_without_losing_the_flow_in_progress() {
     assert!(status.success());
     assert_eq!(tcx_count(&net.a, ifa, libbpf_sys::BPF_TCX_INGRESS), 0);
     assert!(
-        !std::path::Path::new(&pins).join("v1").exists(),
+        !std::path::Path::new(&pins).join(layout_dir()).exists(),
         "pins removed after a clean stop"
     );
 }
@@ -849,9 +874,12 @@ fn two_crashes_with_active_records_out_report_nothing_twice() {
     seen.extend(kill_and_collect(first));
     let mut second = start(&net.a, &args);
     second.wait_log("reusing pinned maps", Duration::from_secs(10));
-    until_record(&second, &mut seen, "the second agent's active record", |v| {
-        is_tcp(v) && active(v)
-    });
+    until_record(
+        &second,
+        &mut seen,
+        "the second agent's active record",
+        |v| is_tcp(v) && active(v),
+    );
     std::thread::sleep(Duration::from_secs(1));
     seen.extend(kill_and_collect(second));
     let mut third = start(&net.a, &args);
@@ -900,4 +928,251 @@ fn two_crashes_with_active_records_out_report_nothing_twice() {
     assert_eq!(quiet.len(), 1, "the quiet flow's only record: {quiet:#?}");
     assert_eq!(quiet[0]["end_reason"], "shutdown");
     assert_eq!(quiet[0]["client"]["packets"], 5);
+}
+
+/// `v<FLOWLENS_LAYOUT_VERSION>`: where the agent pins its maps under the pin root.
+fn layout_dir() -> String {
+    let header = include_str!("../src/bpf/flowlens.h");
+    let version = header
+        .lines()
+        .find_map(|l| l.strip_prefix("#define FLOWLENS_LAYOUT_VERSION "))
+        .expect("the layout version in flowlens.h");
+    format!("v{}", version.trim())
+}
+
+#[test]
+fn every_directory_under_the_pin_root_is_checked_and_made_root_only() {
+    use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
+    let fs = Bpffs::new("subdirs");
+    let pins = fs.pins();
+    let mode = |p: &str, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+    };
+    std::fs::create_dir(&pins).unwrap();
+    mode(&pins, 0o755);
+    let layout = format!("{pins}/{}", layout_dir());
+    let links = format!("{layout}/links");
+    // What flowlens makes, and something it does not know (a later version's pins).
+    let later = format!("{layout}/scan");
+    for dir in [&layout, &links, &later] {
+        std::fs::create_dir_all(dir).unwrap();
+        mode(dir, 0o700);
+        chown(dir, Some(65534), None).unwrap();
+        let err = run_fails(&["--pin-dir", &pins], &[]);
+        assert_eq!(
+            err,
+            format!(
+                "flowlens: pin directory {dir}: is owned by uid 65534, not root: another user \
+                 could take over or move the agent's pins; remove it (`rm -r {dir}`), or pass \
+                 another --pin-dir\n"
+            )
+        );
+        chown(dir, Some(0), None).unwrap();
+        mode(dir, 0o777);
+        let err = run_fails(&["--pin-dir", &pins], &[]);
+        assert!(
+            err.contains(&format!(
+                "pin directory {dir}: is writable by group or others (mode 0777)"
+            )),
+            "{err}"
+        );
+        mode(dir, 0o700);
+    }
+    // A symlink anywhere under the root is refused too.
+    std::os::unix::fs::symlink("/tmp", format!("{links}/1-ingress")).unwrap();
+    let err = run_fails(&["--pin-dir", &pins], &[]);
+    assert!(
+        err.contains(&format!("pin directory {links}/1-ingress: is a symlink")),
+        "{err}"
+    );
+    std::fs::remove_file(format!("{links}/1-ingress")).unwrap();
+    std::fs::remove_dir(&later).unwrap();
+    std::fs::remove_dir(&links).unwrap();
+    std::fs::remove_dir(&layout).unwrap();
+    std::fs::remove_dir(&pins).unwrap();
+
+    // What the agent makes is root's alone, whatever the umask.
+    let net = NetPair::new();
+    let mut agent = start(&net.a, &pinned(&net, &pins));
+    agent.wait_log("attached to", Duration::from_secs(10));
+    let links = format!("{pins}/{}/links", layout_dir());
+    for dir in [&pins, &format!("{pins}/{}", layout_dir()), &links] {
+        let m = std::fs::metadata(dir).expect("made by the agent");
+        assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o700), "{dir}");
+    }
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}
+
+/// `flowlens run --check-config` with `args` and `env` (no other FLOWLENS_* variable),
+/// on the host: it loads and binds nothing. Exit code and stderr.
+fn check_config(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "run",
+        "--check-config",
+        "--interface",
+        "lo",
+        "--pin-dir",
+        "off",
+    ])
+    .args(args)
+    .env_remove("RUST_LOG");
+    let out = common::bin::without_flowlens_env(&mut cmd)
+        .envs(env.iter().copied())
+        .output()
+        .expect("flowlens");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn values_out_of_their_documented_range_are_refused_in_one_sentence() {
+    let long_path = format!("unix:/tmp/{}", "s".repeat(103));
+    let big_id = "x".repeat(100 << 10);
+    // (flag, variable, value, the sentence after the flag or variable)
+    let cases: &[(&str, &str, &str, &str)] = &[
+        ("--poll-interval", "FLOWLENS_POLL_INTERVAL", "1ns", " is out of range: give 10ms to 1h"),
+        ("--poll-interval", "FLOWLENS_POLL_INTERVAL", "100000000000h", " is out of range: give 10ms to 1h"),
+        ("--idle-timeout-tcp", "FLOWLENS_IDLE_TIMEOUT_TCP", "500ms", " is out of range: give 1s to 7days"),
+        ("--idle-timeout-udp", "FLOWLENS_IDLE_TIMEOUT_UDP", "8days", " is out of range: give 1s to 7days"),
+        ("--idle-timeout-icmp", "FLOWLENS_IDLE_TIMEOUT_ICMP", "100ms", " is out of range: give 1s to 7days"),
+        ("--idle-timeout-other", "FLOWLENS_IDLE_TIMEOUT_OTHER", "30days", " is out of range: give 1s to 7days"),
+        ("--active-timeout", "FLOWLENS_ACTIVE_TIMEOUT", "10ms", " is out of range: give 1s to 7days"),
+        ("--tcp-close-grace", "FLOWLENS_TCP_CLOSE_GRACE", "2h", " is out of range: give 100ms to 1h"),
+        ("--scan-threads", "FLOWLENS_SCAN_THREADS", "65", " is out of range: give 1 to 64"),
+        ("--max-tcp-flows", "FLOWLENS_MAX_TCP_FLOWS", "16777217", " is out of range: give 1 to 16777216"),
+        ("--grpc-max-connections", "FLOWLENS_GRPC_MAX_CONNECTIONS", "0", " is out of range: give 1 to 1048576"),
+        ("--grpc-handshake-timeout", "FLOWLENS_GRPC_HANDSHAKE_TIMEOUT", "5m", " is out of range: give 1s to 1m"),
+        ("--grpc-max-request-size", "FLOWLENS_GRPC_MAX_REQUEST_SIZE", "10", " is out of range: give 1024 to 67108864"),
+        ("--grpc-keepalive-timeout", "FLOWLENS_GRPC_KEEPALIVE_TIMEOUT", "1h", " is out of range: give 1s to 10m"),
+        ("--ipfix-mtu", "FLOWLENS_IPFIX_MTU", "575", " is out of range: give 576 to 65535"),
+        ("--grpc-socket-group", "FLOWLENS_GRPC_SOCKET_GROUP", "4294967295", ": no such group \"4294967295\" on this host (`getent group` lists them)"),
+        ("--grpc-listen", "FLOWLENS_GRPC_LISTEN", &long_path, ": the socket path is 108 bytes, and a unix socket's holds at most 107; use a shorter one"),
+        ("--observer-id", "FLOWLENS_OBSERVER_ID", "rack1\nhost3", ": contains the control character '\\n'; use printable characters"),
+        ("--observer-id", "FLOWLENS_OBSERVER_ID", &big_id, ": is 102400 bytes; an observer id has at most 255"),
+    ];
+    for (flag, var, value, why) in cases {
+        let shown = format!("{value:?}");
+        let (code, err) = check_config(&[flag, value], &[]);
+        assert_eq!(code, Some(2), "{flag} {value}: {err}");
+        assert_eq!(err, format!("flowlens: {flag} {shown}{why}\n"));
+        let (code, err) = check_config(&[], &[(var, value)]);
+        assert_eq!(code, Some(2), "{var}={value}: {err}");
+        assert_eq!(err, format!("flowlens: {var}={shown} ({flag}){why}\n"));
+    }
+    // Both ends of a range are in it.
+    for (flag, value) in [
+        ("--poll-interval", "10ms"),
+        ("--poll-interval", "1h"),
+        ("--idle-timeout-tcp", "7days"),
+    ] {
+        let (code, err) = check_config(&[flag, value], &[]);
+        assert_eq!(code, Some(0), "{flag} {value}: {err}");
+    }
+
+    // Settings that nothing would use.
+    let (code, err) = check_config(
+        &["--grpc-listen", "off", "--grpc-tls-cert", "/missing.pem"],
+        &[],
+    );
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        err,
+        "flowlens: --grpc-tls-cert is set but --grpc-listen is off: nothing would use it; give \
+         --grpc-listen, or drop --grpc-tls-cert\n"
+    );
+    let (_, err) = check_config(
+        &["--grpc-listen", "off"],
+        &[("FLOWLENS_GRPC_CLIENT_CA", "/ca.pem")],
+    );
+    assert!(
+        err.contains("--grpc-client-ca is set but --grpc-listen is off"),
+        "{err}"
+    );
+    // Metrics for other hosts only when asked for.
+    let (code, err) = check_config(&["--metrics-listen", "0.0.0.0:9464"], &[]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("--metrics-listen 0.0.0.0:9464: refusing to serve the metrics in cleartext"),
+        "{err}"
+    );
+    let (code, err) = check_config(
+        &["--metrics-listen", "0.0.0.0:9464", "--metrics-allow-remote"],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn booleans_from_the_environment_take_the_usual_forms() {
+    // Each form of each switch that changes whether check-config passes.
+    let truthy = ["1", "true", "yes", "TRUE", "Yes"];
+    let falsy = ["0", "false", "no", "NO"];
+    for (var, args) in [
+        (
+            "FLOWLENS_GRPC_ALLOW_INSECURE",
+            &["--grpc-listen", "0.0.0.0:50051"],
+        ),
+        (
+            "FLOWLENS_METRICS_ALLOW_REMOTE",
+            &["--metrics-listen", "0.0.0.0:9464"],
+        ),
+    ] {
+        for form in truthy {
+            let (code, err) = check_config(args, &[(var, form)]);
+            assert_eq!(code, Some(0), "{var}={form}: {err}");
+        }
+        for form in falsy {
+            let (code, err) = check_config(args, &[(var, form)]);
+            assert_eq!(code, Some(1), "{var}={form}: {err}");
+            assert!(err.contains("refusing to serve"), "{var}={form}: {err}");
+        }
+    }
+    // Every other switch reads them too (the clients' as well), and names itself otherwise.
+    for var in ["FLOWLENS_WIDE", "FLOWLENS_LEGEND"] {
+        for form in truthy.iter().chain(&falsy) {
+            let (code, err) = check_config(&[], &[(var, form)]);
+            assert_eq!(code, Some(0), "{var}={form}: {err}");
+        }
+        let (code, err) = check_config(&[], &[(var, "maybe")]);
+        assert_eq!(code, Some(2));
+        assert!(
+            err.starts_with(&format!("error: environment variable {var}: ")),
+            "{err}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["watch", "--server", "unix:/nonexistent/flowlens.sock"])
+        .env("FLOWLENS_WATCH_JSON", "yes")
+        .env("FLOWLENS_WATCH_NO_FOLLOW", "1")
+        .output()
+        .expect("watch");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "parsed, then no agent: {err}");
+    assert!(err.contains("no flowlens agent"), "{err}");
+}
+
+#[test]
+fn libbpf_speaks_through_the_agent_log_at_debug_level() {
+    let net = NetPair::new();
+    let log_of = |args: &[&str]| -> Vec<String> {
+        let mut agent = start(&net.a, args);
+        agent.wait_log("attached to", Duration::from_secs(10));
+        let lines: Vec<String> = agent.err_seen.drain(..).collect();
+        let (status, _) = agent.stop();
+        assert!(status.success());
+        lines
+    };
+    let quiet = log_of(&["--interface", &net.if_a]);
+    let libbpf: Vec<&String> = quiet.iter().filter(|l| l.contains("libbpf")).collect();
+    assert!(libbpf.is_empty(), "at info level: {libbpf:#?}");
+    let verbose = log_of(&["--interface", &net.if_a, "--log-level", "debug"]);
+    let libbpf: Vec<&String> = verbose.iter().filter(|l| l.contains("libbpf")).collect();
+    assert!(!libbpf.is_empty(), "libbpf says something while loading");
+    for l in libbpf {
+        assert!(l.contains(" DEBUG libbpf] "), "not through the logger: {l}");
+    }
 }

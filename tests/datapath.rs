@@ -98,6 +98,7 @@ fn first_seen_is_the_first_packets_fine_time_and_durations_are_never_negative() 
                 interface: "lo".into(),
                 observer: "test".into(),
                 window_start_ns: raw.base.first_seen_ns,
+                emitted_ns: raw.base.last_seen_ns,
                 flow_id: raw.flow_id(),
                 continuation: false,
             },

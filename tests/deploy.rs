@@ -127,6 +127,8 @@ fn unit_settings() {
     assert_eq!(one("KillSignal"), "SIGTERM");
     assert_eq!(one("NoNewPrivileges"), "yes");
     assert_eq!(one("ProtectSystem"), "strict");
+    assert_eq!(one("RuntimeDirectory"), "flowlens");
+    assert_eq!(one("RuntimeDirectoryMode"), "0755");
     assert_eq!(one("LimitMEMLOCK"), "infinity");
     assert_eq!(one("LimitNOFILE"), "16384");
     assert_eq!(one("ExecReload"), "/bin/kill -HUP $MAINPID");
@@ -178,6 +180,23 @@ fn env_file_lists_every_run_flag_with_its_default() {
     }
     assert!(flags.len() >= 18, "too few env vars in help:\n{help}");
 
+    // The unit's Environment= settings are the service's defaults.
+    let unit = unit_text();
+    let unit_env: Vec<(String, String)> = directive(&unit, "Environment")
+        .iter()
+        .filter_map(|e| e.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    assert_eq!(
+        unit_env,
+        [("FLOWLENS_OUTPUT".to_owned(), "none".to_owned())],
+        "the service prints no record into the journal"
+    );
+    for (var, default) in flags.iter_mut() {
+        if let Some((_, v)) = unit_env.iter().find(|(k, _)| k == var) {
+            *default = Some(v.clone());
+        }
+    }
     let env = std::fs::read_to_string(Path::new(ROOT).join("deploy/flowlens.env"))
         .expect("deploy/flowlens.env");
     let mut listed: Vec<(String, String)> = Vec::new();
@@ -204,8 +223,14 @@ fn env_file_lists_every_run_flag_with_its_default() {
             1,
             "{var} must be listed once in deploy/flowlens.env"
         );
-        if let Some(d) = default {
-            assert_eq!(vals[0], d, "{var}: env file and flag default differ");
+        match default {
+            Some(d) => assert_eq!(vals[0], d, "{var}: env file and flag default differ"),
+            // Without a default the line is `VAR=`: uncommented as shipped, it changes
+            // nothing (an empty variable is an unset one); examples go in the comments.
+            None => assert!(
+                vals[0].is_empty() || vals[0] == "false",
+                "{var} has no default: list it as `#{var}=` (`false` for a switch)"
+            ),
         }
     }
     for (k, _) in &listed {
@@ -302,19 +327,24 @@ fn lines(r: impl std::io::Read + Send + 'static) -> Receiver<String> {
     rx
 }
 
+/// `caps` as setpriv's capability sets take them: "-all,+bpf,+net_admin,...".
+fn setpriv_caps(caps: &[String]) -> String {
+    std::iter::once("-all".to_owned())
+        .chain(
+            caps.iter()
+                .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase())),
+        )
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// `flowlens run --interface lo` in `ns` as root holding only `caps` (bounding, inheritable
 /// and ambient sets), as systemd starts it with the unit's CapabilityBoundingSet=.
 fn start_with_caps(ns: &Netns, caps: &[String], pins: &str) -> (Child, Receiver<String>) {
     ensure_tool("setpriv", "util-linux");
     ensure_tool("ip", "iproute2");
     ensure_tool("tc", "iproute2");
-    let set = std::iter::once("-all".to_owned())
-        .chain(
-            caps.iter()
-                .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase())),
-        )
-        .collect::<Vec<_>>()
-        .join(",");
+    let set = setpriv_caps(caps);
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.0, "setpriv"])
         .arg(format!("--inh-caps={set}"))
@@ -451,4 +481,121 @@ fn without_cap_bpf_it_fails_clearly() {
         "no clear capability error: {log:#?}"
     );
     ns.assert_lo_clean();
+}
+
+// ---------------------------------------------------------------------------
+// The unit's file system: read-only but its runtime directory
+// ---------------------------------------------------------------------------
+
+/// What systemd does for the unit, done by hand in a mount namespace of the test's own
+/// (this machine's PID 1 is not systemd, so `systemd-run` cannot apply the unit): the
+/// host's bpffs mounted as systemd mounts it, a fresh /run with the unit's
+/// RuntimeDirectory=flowlens (mode RuntimeDirectoryMode=), then ProtectSystem=strict:
+/// every mount read-only except the API file systems (/proc, /sys, /dev), with the
+/// runtime directory bound writable again. The agent then runs with the unit's
+/// capabilities and Environment=, no flags but `--interface lo`, while `flowlens status`
+/// and `flowlens flows --json | jq length` use the default socket over a pipe.
+const READ_ONLY_SCRIPT: &str = r#"
+set -u -o pipefail
+bin=$1; caps=$2; host_ns=$3
+# Never on the host's mounts: this must be a mount namespace of its own.
+if [ "$(readlink /proc/self/ns/mnt)" = "$host_ns" ]; then
+  echo "REFUSED: not in a private mount namespace"; exit 9
+fi
+mount --make-rprivate /
+mountpoint -q /sys/fs/bpf || mount -t bpf -o mode=0700 bpf /sys/fs/bpf
+mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -m 0755 /run/flowlens
+mount --bind /run/flowlens /run/flowlens
+# (Field 5 is the mount point; after the " - " separator, the file system type.)
+for m in $(awk '{ for (i = 7; $i != "-"; i++) ; if ($(i + 1) != "nsfs") print $5 }' \
+    /proc/self/mountinfo | sort -u); do
+  # API file systems stay writable; the host's mounts under /run are hidden by ours.
+  case "$m" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*|/run/*) continue ;; esac
+  mount -o remount,bind,ro "$m" 2>/dev/null || echo "NOTE: $m stays writable"
+done
+# (Nothing may be open for writing on a mount made read-only: the agent logs to a pipe.)
+touch /run/probe 2>/dev/null && echo "WRITABLE: /run"
+touch /etc/flowlens-probe 2>/dev/null && echo "WRITABLE: /etc" && rm -f /etc/flowlens-probe
+touch /run/flowlens/probe && rm /run/flowlens/probe && echo "RUNTIME-DIR-WRITABLE"
+setpriv --inh-caps="$caps" --ambient-caps="$caps" --bounding-set="$caps" -- \
+  env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin FLOWLENS_OUTPUT=none \
+  "$bin" run --interface lo 2> >(sed 's/^/LOG: /') &
+agent=$!
+i=0
+while [ ! -S /run/flowlens/flowlens.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+ls -l /run/flowlens | sed 's/^/SOCKET: /'
+ping -c 3 -i 0.2 -q 127.0.0.1 >/dev/null
+sleep 1
+echo "STATUS-BEGIN"
+"$bin" status | cat; echo "STATUS-EXIT=$?"
+"$bin" status --json | jq -r '"STATUS-JSON interfaces=\(.interfaces | length) version=\(.version)"'
+echo "STATUS-END"
+n=$("$bin" flows --json | jq length); echo "FLOWS=$n"
+kill -TERM $agent; wait $agent; echo "AGENT-EXIT=$?"
+[ ! -e /run/flowlens/flowlens.sock ] || echo "SOCKET-LEFT"
+"#;
+
+#[test]
+fn the_default_socket_works_with_only_the_runtime_directory_writable() {
+    ensure_tool("setpriv", "util-linux");
+    ensure_tool("unshare", "util-linux");
+    ensure_tool("jq", "jq");
+    ensure_tool("ping", "iputils-ping");
+    let (caps, _) = unit_caps();
+    let set = setpriv_caps(&caps);
+    let ns = Netns::new("ro");
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        &ns.0,
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+    ])
+    .args(["bash", "-c", READ_ONLY_SCRIPT, "read-only", BIN, &set])
+    .arg(std::fs::read_link("/proc/self/ns/mnt").expect("our mount namespace"))
+    .current_dir(work.path());
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("FLOWLENS_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd.env_remove("RUST_LOG").output().expect("run the script");
+    let report = text(&out);
+    eprintln!("{report}");
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    let has = |s: &str| report.lines().any(|l| l.contains(s));
+    assert!(!has("REFUSED"), "{report}");
+    assert!(
+        !has("WRITABLE: "),
+        "the sandbox is not read-only:\n{report}"
+    );
+    assert!(has("RUNTIME-DIR-WRITABLE"), "{report}");
+    assert!(
+        has("SOCKET: srw-rw----"),
+        "the socket, mode 0660:\n{report}"
+    );
+    assert!(has("STATUS-EXIT=0"), "{report}");
+    assert!(has("interfaces:   lo ("), "{report}");
+    assert!(has("flows:"), "{report}");
+    assert!(has("STATUS-JSON interfaces=1 version="), "{report}");
+    let flows: u64 = report
+        .lines()
+        .find_map(|l| l.strip_prefix("FLOWS="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no flow count:\n{report}"));
+    assert!(flows >= 1, "the ping is a flow in progress:\n{report}");
+    assert!(has("AGENT-EXIT=0"), "{report}");
+    assert!(
+        !has("SOCKET-LEFT"),
+        "the socket is removed on exit:\n{report}"
+    );
+    assert!(
+        !has("Read-only file system"),
+        "something wanted to write outside the runtime directory:\n{report}"
+    );
 }

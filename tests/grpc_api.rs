@@ -186,6 +186,11 @@ async fn get_status_reports_agent_and_hub() {
     assert_eq!(st.map_pressure_events, 2);
     assert_eq!(st.ring_records, 5);
     assert_eq!(st.ring_capacity, 10_000);
+    assert_eq!(st.run, agent.hub.run());
+    assert!(st.run > 0 && st.run < 1 << 53, "{}", st.run);
+    assert_eq!(st.oldest_seq, 1);
+    assert!(st.buffer_bytes > 5 * 100, "{}", st.buffer_bytes);
+    assert_eq!(st.buffer_capacity_bytes, 256 << 20);
     assert_eq!(st.records_published, 5);
     assert_eq!(st.maps.len(), 1);
     assert_eq!(st.maps[0].name, "flow_base");
@@ -399,24 +404,10 @@ except grpc.RpcError as e:
 print(json.dumps(out))
 "#;
 
-fn run(cmd: &mut std::process::Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// A Python grpcio client generated from the proto: the API works outside Rust/tonic.
 /// Installs grpcio and grpcio-tools from PyPI into a venv kept under the target dir.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_client() {
-    use std::process::Command;
     let agent = Agent::start();
     for r in corpus() {
         agent.hub.publish(r);
@@ -431,39 +422,13 @@ async fn python_grpcio_client() {
     )
     .unwrap();
     let (out, unix_out) = tokio::task::spawn_blocking(move || {
-        let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pyvenv-grpcio");
-        let py = venv.join("bin/python");
-        let ready = py.exists()
-            && Command::new(&py)
-                .args(["-c", "import grpc, grpc_tools"])
-                .status()
-                .is_ok_and(|s| s.success());
-        if !ready {
-            run(Command::new("python3").arg("-m").arg("venv").arg(&venv));
-            run(Command::new(&py).args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "grpcio>=1.60",
-                "grpcio-tools>=1.60",
-            ]));
-        }
-        let gen = tempfile::tempdir().unwrap();
-        let proto_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
-        run(Command::new(&py)
-            .args(["-m", "grpc_tools.protoc", "-I", proto_dir])
-            .arg(format!("--python_out={}", gen.path().display()))
-            .arg(format!("--grpc_python_out={}", gen.path().display()))
-            .arg(format!("{proto_dir}/flowlens/v1/flowlens.proto")));
-        let out = run(Command::new(&py)
-            .args(["-c", PY_CLIENT, &addr])
-            .arg(gen.path()));
-        let unix_out = run(Command::new(&py)
+        let py = Grpcio::ready();
+        let out = run(py.command().args(["-c", PY_CLIENT, &addr]).arg(py.gen()));
+        let unix_out = run(py
+            .command()
             .args(["-c", PY_UNIX_SOCKET])
             .arg(&sock)
-            .arg(gen.path()));
+            .arg(py.gen()));
         (out, unix_out)
     })
     .await

@@ -438,8 +438,13 @@ async fn raw_subscribe(agent: &Agent, req: proto::SubscribeRequest) -> Streaming
 
 /// Reads `n` records' worth of responses and checks each response is, byte for byte, what
 /// prost writes for the same records (`recs[seq - 1]`) converted through
-/// `proto::FlowRecord::from`.
-async fn assert_prost_bytes(s: &mut Streaming<bytes::Bytes>, recs: &[FlowRecord], n: usize) {
+/// `proto::FlowRecord::from`, stamped with the hub's run.
+async fn assert_prost_bytes(
+    s: &mut Streaming<bytes::Bytes>,
+    recs: &[FlowRecord],
+    n: usize,
+    run: u64,
+) {
     use prost::Message;
     let mut seen = 0;
     while seen < n {
@@ -459,6 +464,7 @@ async fn assert_prost_bytes(s: &mut Streaming<bytes::Bytes>, recs: &[FlowRecord]
                 .map(|got| {
                     let mut p = proto::FlowRecord::from(&recs[got.seq as usize - 1]);
                     p.seq = got.seq;
+                    p.run = run;
                     p
                 })
                 .collect(),
@@ -474,36 +480,39 @@ async fn assert_prost_bytes(s: &mut Streaming<bytes::Bytes>, recs: &[FlowRecord]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_records_are_the_prost_encoding_byte_for_byte() {
-    // Live records published together travel as one run; replayed ones one by one.
+    // Live records published together travel as one block's shared message; replayed
+    // ones too.
     let recs = shapes();
     let agent = Agent::start();
+    let run = agent.hub.run();
     let mut live = raw_subscribe(&agent, proto::SubscribeRequest::default()).await;
     agent.hub.publish_all(recs.clone());
-    assert_prost_bytes(&mut live, &recs, recs.len()).await;
+    assert_prost_bytes(&mut live, &recs, recs.len(), run).await;
     let mut replayed = raw_subscribe(&agent, replay_all(vec![], vec![])).await;
-    assert_prost_bytes(&mut replayed, &recs, recs.len()).await;
+    assert_prost_bytes(&mut replayed, &recs, recs.len(), run).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poller_batches_larger_than_a_response_and_replay_then_live_are_prost_bytes() {
-    // The poller hands over up to 1,024 records at once, more than one response holds
-    // (1,000), so a batch's shared encoding is cut across responses. A replay followed by
-    // live records mixes records encoded for one subscriber with a shared encoding.
+    // The poller hands over up to 1,024 records at once, more than one block holds
+    // (1,000), so its batches are cut across blocks. A replay that starts within a block,
+    // followed by live records, mixes messages made for one subscriber with shared ones.
     let recs: Vec<FlowRecord> = shapes().into_iter().cycle().take(2_500).collect();
     let agent = Agent::start();
+    let run = agent.hub.run();
     let mut live = raw_subscribe(&agent, proto::SubscribeRequest::default()).await;
     agent
         .hub
         .publish_batches([recs[..1_024].to_vec(), recs[1_024..1_030].to_vec()]);
-    assert_prost_bytes(&mut live, &recs, 1_030).await;
+    assert_prost_bytes(&mut live, &recs, 1_030, run).await;
     let replay_then_live = proto::SubscribeRequest {
         replay: 5,
         ..Default::default()
     };
     let mut both = raw_subscribe(&agent, replay_then_live).await;
     agent.hub.publish_batches([recs[1_030..].to_vec()]);
-    assert_prost_bytes(&mut both, &recs, 5 + 1_470).await;
-    assert_prost_bytes(&mut live, &recs, 1_470).await;
+    assert_prost_bytes(&mut both, &recs, 5 + 1_470, run).await;
+    assert_prost_bytes(&mut live, &recs, 1_470, run).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,4 @@
-//! gRPC streaming: replay then follow, batch bounds, a stalled subscriber's losses, stream ends on poller exit and shutdown.
+//! gRPC streaming: replay then follow, batch bounds, a stalled subscriber's losses, stream ends on poller exit and shutdown, resuming after a seq.
 
 mod common;
 
@@ -8,7 +8,6 @@ use common::grpc::*;
 async fn replay_then_follow() {
     let agent = Agent::with_config(HubConfig {
         ring_capacity: 20,
-        subscriber_queue: 4096,
         ..HubConfig::default()
     });
     for i in 1..=30 {
@@ -61,7 +60,8 @@ async fn replay_then_follow() {
     };
     assert_eq!(even, vec![6, 8, 10]);
 
-    // `since` selects by last_seen (rec(i) has last_seen t(i + 1)), alone or with a count.
+    // `since` selects by emission time (rec(i) was emitted at t(i + 2), its last packet
+    // was at t(i + 1)), alone or with a count.
     let since = |replay| proto::SubscribeRequest {
         since: Some(t(33).into()),
         replay,
@@ -70,7 +70,7 @@ async fn replay_then_follow() {
     };
     assert_eq!(
         drain(agent.subscribe(since(0)).await).await.ids,
-        vec![32, 33, 34, 35, 36]
+        vec![31, 32, 33, 34, 35, 36]
     );
     assert_eq!(
         drain(agent.subscribe(since(2)).await).await.ids,
@@ -123,26 +123,31 @@ async fn batches_are_bounded() {
     assert_eq!(got.batches, vec![1000, 1000, 500]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_subscriber_loses_records_others_get_all() {
-    let agent = Agent::with_config(HubConfig {
-        ring_capacity: 100,
-        subscriber_queue: 64,
-        ..HubConfig::default()
-    });
-    // A small HTTP/2 window makes the stalled client's transport fill up quickly.
-    let slow_channel = Endpoint::from_shared(agent.url())
+/// A subscriber on a connection with a small HTTP/2 window, so that its transport fills
+/// up quickly while it does not read.
+async fn small_window_subscriber(agent: &Agent) -> Streaming<proto::SubscribeResponse> {
+    let channel = Endpoint::from_shared(agent.url())
         .unwrap()
         .initial_stream_window_size(Some(16 * 1024))
         .initial_connection_window_size(Some(16 * 1024))
         .connect()
         .await
         .unwrap();
-    let mut slow = FlowLensClient::new(slow_channel)
+    FlowLensClient::new(channel)
         .subscribe(proto::SubscribeRequest::default())
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_subscriber_loses_records_others_get_all() {
+    // The smallest buffer: a few hundred records.
+    let agent = Agent::with_config(HubConfig {
+        ring_capacity: 100,
+        buffer_memory: flowlens::hub::MIN_BUFFER_MEMORY,
+    });
+    let mut slow = small_window_subscriber(&agent).await;
     let mut fast = agent.subscribe(proto::SubscribeRequest::default()).await;
     let slow_id = agent.hub.stats().subscribers().next().unwrap().id;
 
@@ -157,7 +162,7 @@ async fn stalled_subscriber_loses_records_others_get_all() {
     let mut published = 0u32;
     let mut extra_chunks = 2;
     while extra_chunks > 0 {
-        // Paced so the fast subscriber (queue of 64) can keep up; the slow one never reads.
+        // Paced so the fast subscriber can keep up; the slow one never reads.
         for _ in 0..50 {
             published += 1;
             agent.hub.publish(rec(published));
@@ -185,7 +190,7 @@ async fn stalled_subscriber_loses_records_others_get_all() {
     assert_eq!(status.lost_total, lost);
     assert!(status.subscribers.iter().any(|s| s.lost == lost));
 
-    // Once it reads again it gets what was queued, then a Lost event covering the gap.
+    // Once it reads again it gets what was in flight, then a Lost event covering the gap.
     let mut slow_got = Received::default();
     let total = u64::from(published);
     read_until(&mut slow, &mut slow_got, |r| {
@@ -257,58 +262,98 @@ async fn shutdown_ends_following_streams() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_larger_than_the_queue_loses_its_tail_and_says_so() {
+async fn every_seq_is_received_once_or_named_in_one_loss() {
     let agent = Agent::with_config(HubConfig {
-        ring_capacity: 1000,
-        subscriber_queue: 8,
-        ..HubConfig::default()
+        ring_capacity: 0,
+        buffer_memory: flowlens::hub::MIN_BUFFER_MEMORY,
     });
-    let mut s = agent.subscribe(proto::SubscribeRequest::default()).await;
-    // One publish call: the queue takes what fits of the run, the rest is lost at once.
-    agent.hub.publish_all((1..=100).map(rec));
-    let mut got = Received::default();
-    read_until(&mut s, &mut got, |r| {
-        r.ids.len() as u64 + r.total_lost() >= 100
-    })
-    .await;
-    assert_eq!(got.ids, (1..=8).collect::<Vec<_>>());
-    assert_eq!(got.lost, vec![92]);
-    let seqs: Vec<u64> = got.records.iter().map(|p| p.seq).collect();
-    assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
-
-    // Later runs flow again, numbered after the lost ones; every record is either
-    // delivered in order or counted.
-    for chunk in 0..20u32 {
+    let mut s = small_window_subscriber(&agent).await;
+    // 20,000 records, far more than the buffer holds, while the client reads nothing.
+    for chunk in 0..200u32 {
         agent
             .hub
-            .publish_all((0..10).map(|i| rec(101 + chunk * 10 + i)));
+            .publish_all((1..=100).map(|i| rec(chunk * 100 + i)));
     }
+    let mut got = Received::default();
     read_until(&mut s, &mut got, |r| {
-        r.ids.len() as u64 + r.total_lost() >= 300
+        r.ids.len() as u64 + r.total_lost() >= 20_000
     })
     .await;
-    assert_eq!(got.ids.len() as u64 + got.total_lost(), 300);
-    assert!(got.ids.windows(2).all(|w| w[0] < w[1]), "{:?}", got.ids);
-    assert!(got.records.iter().all(|p| p.seq == u64::from(p.ifindex)));
+    assert!(got.total_lost() > 0, "the buffer cannot have held 20,000");
+    // In stream order: records, and losses naming exactly the seqs they cover.
+    let mut seen = vec![0u8; 20_001];
+    for p in &got.records {
+        assert_eq!(p.seq, u64::from(p.ifindex));
+        seen[p.seq as usize] += 1;
+    }
+    for l in &got.losses {
+        assert_eq!(l.reason(), proto::LostReason::QueueFull);
+        assert_eq!(l.count, l.last_seq + 1 - l.first_seq, "{l:?}");
+        for seq in l.first_seq..=l.last_seq {
+            seen[seq as usize] += 1;
+        }
+    }
+    assert!(seen[1..].iter().all(|&n| n == 1), "every seq once");
+    assert!(got.ids.windows(2).all(|w| w[0] < w[1]), "in order");
     assert_eq!(agent.hub.stats().lost_total, got.total_lost());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_ring_keeps_the_newest_records_across_the_pollers_batches() {
+async fn the_log_keeps_the_newest_records_in_whole_blocks() {
     let agent = Agent::with_config(HubConfig {
         ring_capacity: 10,
         ..HubConfig::default()
     });
     let batch = |ids: std::ops::RangeInclusive<u32>| ids.map(rec).collect::<Vec<_>>();
-    let ring = || async { ids_for(&agent, vec![], vec![]).await };
-    // A batch larger than the ring leaves only its tail there.
+    let held = || async { ids_for(&agent, vec![], vec![]).await };
+    // A block larger than the ring stays whole.
     agent.hub.publish_batches([batch(1..=14)]);
-    assert_eq!(ring().await, (5..=14).collect::<Vec<_>>());
-    // Later batches push the oldest records out, part of a batch at a time.
+    assert_eq!(held().await, (1..=14).collect::<Vec<_>>());
+    // The poller's batches published together make one block; the oldest block goes
+    // once the newer ones hold the ring's 10 records without it.
     agent.hub.publish_batches([batch(15..=17), batch(18..=18)]);
-    assert_eq!(ring().await, (9..=18).collect::<Vec<_>>());
-    assert_eq!(agent.hub.stats().ring_len, 10);
+    assert_eq!(held().await, (1..=18).collect::<Vec<_>>());
     agent.hub.publish_batches([batch(19..=20), batch(21..=40)]);
-    assert_eq!(ring().await, (31..=40).collect::<Vec<_>>());
-    assert_eq!(agent.hub.stats().ring_len, 10);
+    assert_eq!(held().await, (19..=40).collect::<Vec<_>>());
+    assert_eq!(agent.hub.stats().ring_len, 22);
+    assert_eq!(agent.hub.stats().oldest_seq, 19);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_on_the_same_run_sends_each_record_once() {
+    let agent = Agent::start();
+    let run = agent.hub.run();
+    agent.hub.publish_all((1..=50).map(rec));
+    let resume = |after: u64, run: u64| proto::SubscribeRequest {
+        after_seq: Some(after),
+        run: Some(run),
+        follow: Some(false),
+        ..Default::default()
+    };
+    let got = drain(agent.subscribe(resume(30, run)).await).await;
+    assert_eq!(got.ids, (31..=50).collect::<Vec<_>>());
+    assert!(got.restarts.is_empty() && got.losses.is_empty());
+    assert!(got.records.iter().all(|p| p.run == run));
+
+    // Another run's seq: the agent says it restarted, and sends all it holds.
+    let got = drain(agent.subscribe(resume(30, run ^ 1)).await).await;
+    assert_eq!(got.restarts.len(), 1);
+    let r = &got.restarts[0];
+    assert_eq!((r.requested_run, r.run, r.first_seq), (run ^ 1, run, 1));
+    assert_eq!(got.ids, (1..=50).collect::<Vec<_>>());
+
+    // Records after after_seq that the agent no longer holds: named first, then the rest.
+    let small = Agent::with_config(HubConfig {
+        ring_capacity: 10,
+        ..HubConfig::default()
+    });
+    for i in 1..=50 {
+        small.hub.publish(rec(i));
+    }
+    let got = drain(small.subscribe(resume(30, small.hub.run())).await).await;
+    assert_eq!(got.losses.len(), 1);
+    let l = &got.losses[0];
+    assert_eq!(l.reason(), proto::LostReason::NotRetained);
+    assert_eq!((l.count, l.first_seq, l.last_seq), (10, 31, 40));
+    assert_eq!(got.ids, (41..=50).collect::<Vec<_>>());
 }

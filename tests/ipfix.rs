@@ -42,6 +42,7 @@ fn tcp_record() -> FlowRecord {
         first_seen: t0,
         last_seen: t0 + Duration::from_millis(2500),
         window_start: t0,
+        emitted: t0 + Duration::from_millis(3000),
         continuation: false,
         fragment: false,
         client: DirStats {
@@ -351,8 +352,16 @@ fn a_final_record_with_nothing_new_still_says_how_the_flow_ended() {
     let s = sets(&messages(&mut enc, std::slice::from_ref(&rec), false)[0]);
     assert_eq!(s.len(), 1);
     let data = &s[0].1;
-    assert_eq!(data.len(), 8 + 8 + 5 + 9 + 16 + 16 + 1 + 1 + 2, "one record");
-    assert_eq!(&data[8..16], &[10, 200, 1, 1, 10, 200, 1, 2], "client -> server");
+    assert_eq!(
+        data.len(),
+        8 + 8 + 5 + 9 + 16 + 16 + 1 + 1 + 2,
+        "one record"
+    );
+    assert_eq!(
+        &data[8..16],
+        &[10, 200, 1, 1, 10, 200, 1, 2],
+        "client -> server"
+    );
     // octets and packets zero, then flowEndReason 3 (end of flow detected)
     assert_eq!(&data[46..62], &[0; 16]);
     assert_eq!(data[62], 3);

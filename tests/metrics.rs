@@ -173,8 +173,7 @@ fn render_parses_and_carries_every_value() {
     let status = filled_status();
     let hub = Hub::new(HubConfig {
         ring_capacity: 100,
-        subscriber_queue: 8,
-        ..HubConfig::default()
+        buffer_memory: 1 << 20,
     });
     // Subscriptions run a task on the caller's runtime.
     let rt = tokio::runtime::Runtime::new().expect("runtime");

@@ -215,6 +215,7 @@ fn icmp_echo_rtt_pairs_replies_by_sequence_number() {
             interface: "lo".into(),
             observer: "test".into(),
             window_start_ns: f.base.first_seen_ns,
+            emitted_ns: f.base.last_seen_ns,
             flow_id: f.flow_id(),
             continuation: false,
         },

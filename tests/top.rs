@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -143,8 +143,24 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn flowlens run");
-        let mut err = child.stderr.take().expect("stderr");
+        let err = child.stderr.take().expect("stderr");
         let agent = Agent(child);
+        // The agent listens before it attaches: traffic sent before "monitoring" would
+        // miss its first packets (a handshake, so client and server would come out
+        // swapped). The rest of stderr is drained, so the agent never blocks on the pipe.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if line.contains("monitoring ") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(15))
+            .expect("the agent never attached to its interface");
         let deadline = Instant::now() + Duration::from_secs(15);
         while !std::path::Path::new(sock).exists() {
             assert!(
@@ -153,11 +169,6 @@ impl Agent {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::spawn(move || {
-            // Drained so the agent never blocks on a full stderr pipe.
-            let mut sink = Vec::new();
-            let _ = err.read_to_end(&mut sink);
-        });
         agent
     }
 }
@@ -178,15 +189,14 @@ impl Drop for Agent {
     }
 }
 
-/// "1.0M/s" or "993K/s" in bytes per second.
+/// "1.0MB/s", "993KB/s" or "840B/s" in bytes per second.
 fn parse_rate(s: &str) -> Option<f64> {
-    let v = s.strip_suffix("/s")?;
+    let v = s.strip_suffix("B/s")?;
     let (num, mult) = match v.chars().last()? {
-        'B' => (&v[..v.len() - 1], 1.0),
         'K' => (&v[..v.len() - 1], 1024.0),
         'M' => (&v[..v.len() - 1], 1024.0 * 1024.0),
         'G' => (&v[..v.len() - 1], 1024.0 * 1024.0 * 1024.0),
-        _ => return None,
+        _ => (v, 1.0),
     };
     Some(num.parse::<f64>().ok()? * mult)
 }
@@ -290,7 +300,7 @@ fn top_shows_a_paced_transfer_on_top_at_its_rate_and_q_restores_the_terminal() {
     // Sorting by total bytes puts the burst, the bigger flow, first.
     tmux.send(&["t"]);
     let s = tmux.wait_for("sorted by total bytes", Duration::from_secs(5), |s| {
-        s.contains("sorted by total bytes")
+        s.contains("sort: total bytes")
     });
     let (client, _, _) = top_row(&s).expect("a flow row");
     assert!(
@@ -442,4 +452,218 @@ fn top_and_watch_reconnect_stay_quiet_while_their_agent_is_stopped() {
         );
     }
     drop(tmux);
+}
+
+/// Endpoints as a cell may show them: whole, or cut in the middle around "…".
+fn shows(cell: &str, endpoint: &str) -> bool {
+    if cell == endpoint {
+        return true;
+    }
+    let Some((head, tail)) = cell.split_once('…') else {
+        return false;
+    };
+    !head.is_empty() && !tail.is_empty() && endpoint.starts_with(head) && endpoint.ends_with(tail)
+}
+
+/// A number with its unit: rates in B/s or b/s with a multiplier, sizes, durations.
+fn has_unit(cell: &str) -> bool {
+    let num = |s: &str| !s.is_empty() && s.parse::<f64>().is_ok();
+    for unit in [
+        "KB/s", "MB/s", "GB/s", "TB/s", "B/s", "kb/s", "Mb/s", "Gb/s", "Tb/s", "b/s", "KB", "MB",
+        "GB", "TB", "B", "ns", "µs", "ms", "s", "d", "h",
+    ] {
+        if let Some(n) = cell.strip_suffix(unit) {
+            if num(n) {
+                return true;
+            }
+        }
+    }
+    // Packet rates ("120/s", "12k/s") and compound durations ("9m59s", "3h7m").
+    let compact = |s: &str| {
+        let s = s.trim_end_matches(['k', 'M', 'G']);
+        num(s)
+    };
+    cell.strip_suffix("/s").is_some_and(compact)
+        || cell.chars().next().is_some_and(|c| c.is_ascii_digit())
+            && cell
+                .chars()
+                .all(|c| c.is_ascii_digit() || "mhds".contains(c))
+}
+
+#[test]
+fn top_reads_at_80_100_and_200_columns_with_ipv4_and_ipv6_flows() {
+    let net = NetPair::new();
+    // Long IPv6 addresses of a /64 of the test's own, beside the pair's short ones.
+    let subnet = match net.v4_a {
+        std::net::IpAddr::V4(a) => a.octets()[2],
+        _ => unreachable!(),
+    };
+    let long = |host: u16| -> std::net::IpAddr {
+        std::net::Ipv6Addr::new(
+            0xfd00,
+            0x100 + u16::from(subnet),
+            0xabcd,
+            0xef01,
+            0x2345,
+            0x6789,
+            0xabcd,
+            host,
+        )
+        .into()
+    };
+    for (ns, ifc, host) in [(&net.a, &net.if_a, 1), (&net.b, &net.if_b, 2)] {
+        common::netns::sh(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/64", long(host)),
+            "dev",
+            ifc,
+            "nodad",
+        ]);
+    }
+    let sock = format!("/tmp/flowlens-top-test-{}-widths.sock", std::process::id());
+    let agent = Agent::start(&net, &sock);
+
+    // Three connections, each trickling 1 KB every 50 ms so every rate has a value: IPv4,
+    // IPv6 on the pair's addresses, IPv6 on the long ones.
+    let mut endpoints = Vec::new();
+    let mut senders = Vec::new();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for (client, server) in [
+        (net.v4_a, net.v4_b),
+        (net.v6_a, net.v6_b),
+        (long(1), long(2)),
+    ] {
+        let listener = net
+            .in_ns(&net.b, move || {
+                std::net::TcpListener::bind(SocketAddr::new(server, 0)).expect("bind")
+            })
+            .join()
+            .expect("listener");
+        let port = listener.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut buf = vec![0u8; 65_536];
+            while s.read(&mut buf).is_ok_and(|k| k > 0) {}
+        });
+        let stop = stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        senders.push(net.in_ns(&net.a, move || {
+            let c = std::net::TcpStream::connect(SocketAddr::new(server, port)).expect("connect");
+            let _ = tx.send(c.local_addr().expect("local").port());
+            let mut c = c;
+            while !stop.load(Ordering::SeqCst) {
+                if c.write_all(&[3u8; 1000]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }));
+        let cport = rx.recv().expect("client port");
+        let show = |a: std::net::IpAddr, p: u16| match a {
+            std::net::IpAddr::V4(_) => format!("{a}:{p}"),
+            std::net::IpAddr::V6(_) => format!("[{a}]:{p}"),
+        };
+        endpoints.push((show(client, cport), show(server, port)));
+        let _ = client;
+    }
+
+    let tmux = Tmux::start_with(
+        200,
+        30,
+        &format!("exec env TERM=xterm-256color {BIN} top --server unix:{sock} --interval 500ms"),
+    );
+    let mut report = String::new();
+    for width in [200u16, 100, 80] {
+        tmux.cmd(&[
+            "resize-window",
+            "-t",
+            "top",
+            "-x",
+            &width.to_string(),
+            "-y",
+            "30",
+        ]);
+        // Every connection on screen with a rate.
+        let screen = tmux.wait_for(
+            &format!("three flows with rates at {width} columns"),
+            Duration::from_secs(15),
+            |s| {
+                let rows: Vec<&str> = s
+                    .lines()
+                    .filter(|l| l.starts_with("tcp "))
+                    .filter(|l| l.contains("B/s"))
+                    .collect();
+                // Laid out for this width: the header ends with a whole column title
+                // (a screen drawn for a wider pane is cut at the pane's edge).
+                let titles = [
+                    "PROTO", "CLIENT", "SERVER", "IFACE", "STATE", "RATE", "C>S", "S>C", "PKT/s",
+                    "BYTES", "AGE", "RTT", "SRV",
+                ];
+                let laid_out = s
+                    .lines()
+                    .find(|l| l.trim_start().starts_with("PROTO"))
+                    .and_then(|h| h.split_whitespace().last())
+                    .is_some_and(|t| titles.contains(&t.trim_end_matches(['▼', '▲'])));
+                rows.len() >= 3 && laid_out
+            },
+        );
+        report.push_str(&format!("--- {width} columns ---\n{screen}\n"));
+        let header = screen
+            .lines()
+            .find(|l| l.trim_start().starts_with("PROTO"))
+            .expect("column header");
+        let cols: Vec<&str> = header.split_whitespace().collect();
+        for (client, server) in &endpoints {
+            let row = screen
+                .lines()
+                .find(|l| {
+                    let c: Vec<&str> = l.split_whitespace().collect();
+                    c.len() > 2 && shows(c[1], client) && shows(c[2], server)
+                })
+                .unwrap_or_else(|| panic!("{client} > {server} at {width} columns:\n{screen}"));
+            let cells: Vec<&str> = row.split_whitespace().collect();
+            assert_eq!(
+                cells.len(),
+                cols.len(),
+                "a cell per column:\n{header}\n{row}"
+            );
+            for (title, cell) in cols.iter().zip(&cells).skip(3) {
+                if matches!(title.trim_end_matches(['▼', '▲']), "IFACE" | "STATE") {
+                    continue;
+                }
+                assert!(
+                    *cell == "-" || has_unit(cell),
+                    "{title} {cell:?} without its unit at {width} columns:\n{screen}"
+                );
+            }
+            if width == 200 {
+                assert!(
+                    row.contains(client.as_str()) && row.contains(server.as_str()),
+                    "whole at 200:\n{row}"
+                );
+            }
+        }
+        let expect: &[&str] = match width {
+            200 => &["IFACE", "PKT/s", "SRV", "C>S", "S>C"],
+            100 => &["C>S", "S>C", "BYTES", "AGE"],
+            _ => &["RATE▼", "BYTES", "AGE", "STATE"],
+        };
+        for c in expect {
+            assert!(cols.contains(c), "{c} at {width} columns:\n{header}");
+        }
+    }
+    eprintln!("{report}");
+    // The long IPv6 address was whole at 200 columns and shortened, not cut, at 80.
+    assert!(report.contains('…'), "{report}");
+    stop.store(true, Ordering::SeqCst);
+    for s in senders {
+        let _ = s.join();
+    }
+    drop(tmux);
+    drop(agent);
+    let _ = std::fs::remove_file(&sock);
 }

@@ -12,8 +12,11 @@ async fn watch_prints_table_and_json() {
     }
     let args = WatchArgs {
         query: FlowQuery {
-            server: agent.addr.to_string(),
-            proto: Some("tcp".into()),
+            agent: AgentAddr {
+                server: agent.addr.to_string(),
+                ..Default::default()
+            },
+            proto: vec!["tcp".into()],
             exclude_interface: vec!["eth1".into()],
             ..Default::default()
         },
@@ -29,7 +32,7 @@ async fn watch_prints_table_and_json() {
     let lines: Vec<&str> = text.lines().collect();
     // Header, the date line, two flows.
     assert_eq!(lines.len(), 4, "{text}");
-    assert!(lines[0].starts_with("TIME "), "{text}");
+    assert!(lines[0].starts_with("TIME     FIRST "), "{text}");
     assert_eq!(lines[1], "--- 2023-11-14 (UTC) ---");
     assert!(
         lines[2].contains("10.0.0.1:40001 > 192.168.1.10:443"),
@@ -42,14 +45,14 @@ async fn watch_prints_table_and_json() {
         "{text}"
     );
     // Columns line up: the arrow sits at the same offset in every row, and every line
-    // fits 100 columns.
+    // fits the table's width.
     assert_eq!(lines[2].find(" > "), lines[3].find(" > "));
-    assert!(lines.iter().all(|l| l.chars().count() <= 100), "{text}");
+    assert!(lines.iter().all(|l| l.chars().count() <= 120), "{text}");
 
     let args = WatchArgs {
         json: true,
         query: FlowQuery {
-            proto: None,
+            proto: vec![],
             exclude_interface: vec![],
             ..args.query.clone()
         },
@@ -75,7 +78,7 @@ async fn watch_prints_table_and_json() {
         (
             WatchArgs {
                 query: FlowQuery {
-                    port: Some("90-80".into()),
+                    port: vec!["90-80".into()],
                     ..Default::default()
                 },
                 ..Default::default()
@@ -85,7 +88,7 @@ async fn watch_prints_table_and_json() {
         (
             WatchArgs {
                 query: FlowQuery {
-                    src: Some("10.0.0.0/40".into()),
+                    src: vec!["10.0.0.0/40".into()],
                     ..Default::default()
                 },
                 ..Default::default()
@@ -95,7 +98,7 @@ async fn watch_prints_table_and_json() {
         (
             WatchArgs {
                 query: FlowQuery {
-                    proto: Some("sctp".into()),
+                    proto: vec!["sctp".into()],
                     ..Default::default()
                 },
                 ..Default::default()
@@ -104,10 +107,7 @@ async fn watch_prints_table_and_json() {
         ),
         (
             WatchArgs {
-                query: FlowQuery {
-                    end_reason: Some("timeout".into()),
-                    ..Default::default()
-                },
+                end_reason: vec!["finished".into()],
                 ..Default::default()
             },
             "--end-reason",
@@ -115,7 +115,7 @@ async fn watch_prints_table_and_json() {
         (
             WatchArgs {
                 query: FlowQuery {
-                    tcp_flags: Some("syn,bogus".into()),
+                    tcp_flags: vec!["syn,bogus".into()],
                     ..Default::default()
                 },
                 ..Default::default()
@@ -132,7 +132,10 @@ async fn watch_prints_table_and_json() {
     agent.shutdown();
     let args = WatchArgs {
         query: FlowQuery {
-            server: url,
+            agent: AgentAddr {
+                server: url,
+                ..Default::default()
+            },
             ..Default::default()
         },
         ..Default::default()
@@ -140,23 +143,27 @@ async fn watch_prints_table_and_json() {
     let err = watch::watch_to(&args, &mut Vec::new(), std::future::pending())
         .await
         .unwrap_err();
-    assert!(format!("{err:#}").contains("connecting"), "{err:#}");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("no flowlens agent at") && err.contains("start it"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_flags_build_the_request() {
     let args = WatchArgs {
         query: FlowQuery {
-            src: Some("10.0.0.0/8".into()),
-            dport: Some("8000-8100".into()),
-            proto: Some("udp".into()),
+            src: vec!["10.0.0.0/8".into()],
+            dport: vec!["8000-8100".into()],
+            proto: vec!["udp".into()],
             ip_version: Some("6".into()),
-            tcp_flags: Some("syn,ack".into()),
-            end_reason: Some("tcp-rst".into()),
+            tcp_flags: vec!["syn,ack".into()],
             min_bytes: Some(10),
             exclude_port: vec!["22".into(), "53".into()],
             ..Default::default()
         },
+        end_reason: vec!["tcp-rst".into()],
         replay: 7,
         since: Some("5m".into()),
         no_follow: true,
@@ -183,6 +190,54 @@ async fn watch_flags_build_the_request() {
         "{ago:?}"
     );
 
+    // Repeated include flags are alternatives: one filter per combination of values;
+    // --end-reason takes the table's labels too.
+    let args = WatchArgs {
+        query: FlowQuery {
+            port: vec!["80".into(), "443".into()],
+            proto: vec!["tcp".into(), "udp".into()],
+            interface: vec!["veth*".into()],
+            ..Default::default()
+        },
+        end_reason: vec!["idle".into(), "rst".into(), "refused".into()],
+        ..Default::default()
+    };
+    let req = watch::subscribe_request(&args).unwrap();
+    assert_eq!(req.include.len(), 2 * 2 * 2, "{:#?}", req.include);
+    let mut seen: Vec<(u32, u32, i32)> = req
+        .include
+        .iter()
+        .map(|f| (f.port.unwrap().lo, f.protocol.unwrap(), f.end_reason))
+        .collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 8);
+    assert!(req
+        .include
+        .iter()
+        .all(|f| f.interface.as_deref() == Some("veth*")));
+    let bad = WatchArgs {
+        query: FlowQuery {
+            interface: vec!["/([/".into()],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = watch::subscribe_request(&bad).unwrap_err();
+    assert!(format!("{err:#}").contains("--interface"), "{err:#}");
+
+    // --since and --until take durations, RFC 3339 times, zone-less times and Unix
+    // seconds.
+    use flowlens::record::render::TimeFormat;
+    let at = |s: &str| watch::time_arg(s, "--since", TimeFormat::Utc).unwrap();
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_637_000);
+    assert_eq!(at("2026-11-25T20:03:20Z"), t);
+    assert_eq!(at("2026-11-25T21:03:20+01:00"), t);
+    assert_eq!(at("2026-11-25 20:03:20"), t);
+    assert_eq!(at("1795637000"), t);
+    let err = watch::time_arg("yesterday", "--until", TimeFormat::Utc).unwrap_err();
+    assert!(format!("{err:#}").contains("--until"), "{err:#}");
+
     // No flags: no include filter at all (everything), follow on.
     let req = watch::subscribe_request(&WatchArgs::default()).unwrap();
     assert!(req.include.is_empty() && req.exclude.is_empty());
@@ -206,14 +261,14 @@ fn watch_flags_parse_from_command_line_and_env() {
         WatchCli::try_parse_from(["watch", "--json", "--dport", "80-90", "--replay", "5"]).unwrap();
     let w = cli.watch;
     assert!(w.json && w.no_follow);
-    assert_eq!(w.query.dport.as_deref(), Some("80-90"));
+    assert_eq!(w.query.dport, ["80-90"]);
     assert_eq!(w.replay, 5);
     assert_eq!(w.query.exclude_port, vec!["22", "53"]);
-    assert_eq!(w.query.server, "unix:/run/flowlens.sock");
+    assert_eq!(w.query.agent.server, "unix:/run/flowlens.sock");
     assert!(WatchCli::try_parse_from(["watch", "--ip-version", "5"]).is_err());
     std::env::remove_var("FLOWLENS_WATCH_SERVER");
     let w = WatchCli::try_parse_from(["watch"]).unwrap().watch;
-    assert_eq!(w.query.server, "http://127.0.0.1:50051");
+    assert_eq!(w.query.agent.server, "unix:/run/flowlens/flowlens.sock");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,38 +277,24 @@ async fn watch_reconnect_follows_a_restarted_agent_without_gaps_or_repeats() {
     let listen = first.addr.to_string();
     let args = WatchArgs {
         query: FlowQuery {
-            server: listen.clone(),
+            agent: AgentAddr {
+                server: listen.clone(),
+                ..Default::default()
+            },
             ..Default::default()
         },
         json: true,
         reconnect: true,
         ..Default::default()
     };
-    let out = Shared::default();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let watch = tokio::spawn({
-        let mut out = out.clone();
-        async move {
-            watch::watch_to(&args, &mut out, async {
-                let _ = stop_rx.await;
-            })
-            .await
-        }
-    });
+    let watch = WatchTask::spawn(args);
+    let out = watch.out.clone();
     let publish = |a: &Agent, port: u16| {
         let mut r = rec(1);
         r.client_port = port;
         a.hub.publish(r);
     };
-    // Subscribed once GetStatus shows the subscriber.
-    let deadline = std::time::Instant::now() + WAIT;
-    while first.hub.stats().subscribers().count() == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "watch never subscribed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_subscribers(&first.hub, 1).await;
     publish(&first, 1);
     assert_eq!(out.wait_for(1).await, [1]);
 
@@ -267,6 +308,81 @@ async fn watch_reconnect_follows_a_restarted_agent_without_gaps_or_repeats() {
     assert_eq!(out.wait_for(3).await, [1, 2, 3]);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(out.ports(), [1, 2, 3], "nothing twice");
-    stop_tx.send(()).unwrap();
-    watch.await.unwrap().unwrap();
+    watch.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_until_ends_by_itself_and_reset_labels_pick_resets() {
+    let agent = Agent::start();
+    // rec(i) is emitted at t(i + 2); the even ones are resets, 2 and 6 refused connections.
+    for i in 1..=8u32 {
+        let mut r = rec(i);
+        if i % 2 == 0 {
+            r.end_reason = EndReason::TcpRst;
+            if i % 4 == 2 {
+                tcp_flags(&mut r, SYN, RST | ACK);
+            } else {
+                tcp_flags(&mut r, SYN | ACK, SYN | ACK | RST);
+            }
+        }
+        agent.hub.publish(r);
+    }
+    let ids = |out: Vec<u8>| -> Vec<u64> {
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["ifindex"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let until = humantime::format_rfc3339(t(6)).to_string();
+    let args = WatchArgs {
+        query: FlowQuery {
+            agent: AgentAddr {
+                server: agent.addr.to_string(),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        json: true,
+        replay: 100,
+        until: Some(until),
+        ..Default::default()
+    };
+    // Following, yet it ends: the records passed --until.
+    let mut out = Vec::new();
+    tokio::time::timeout(
+        WAIT,
+        watch::watch_to(&args, &mut out, std::future::pending()),
+    )
+    .await
+    .expect("watch --until ends by itself")
+    .unwrap();
+    assert_eq!(ids(out), [1, 2, 3, 4]);
+
+    let args = WatchArgs {
+        query: args.query.clone(),
+        json: true,
+        replay: 100,
+        no_follow: true,
+        end_reason: vec!["refused".into()],
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    watch::watch_to(&args, &mut out, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(ids(out), [2, 6]);
+    let args = WatchArgs {
+        end_reason: vec!["rst-s".into()],
+        ..args
+    };
+    let mut out = Vec::new();
+    watch::watch_to(&args, &mut out, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(ids(out), [4, 8]);
 }

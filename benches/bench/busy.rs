@@ -43,7 +43,13 @@ fn frame(i: u32) -> Vec<u8> {
     let src = [10, 64 + (i >> 16) as u8, (i >> 8) as u8, i as u8];
     let dst = [10, 200, 0, 2];
     match i % 10 {
-        0..=3 => v4_frame(src, dst, 6, 64, &tcp(40_000, 443, TCP_ACK | TCP_PSH, &[0; 64])),
+        0..=3 => v4_frame(
+            src,
+            dst,
+            6,
+            64,
+            &tcp(40_000, 443, TCP_ACK | TCP_PSH, &[0; 64]),
+        ),
         4..=8 => v4_frame(src, dst, 17, 64, &udp(40_000, 53, &[0; 64])),
         _ => v4_frame(src, dst, 1, 64, &echo(8, 7, 1, &[0; 56])),
     }
@@ -219,9 +225,12 @@ pub fn run(t: &mut Table) -> Result<()> {
     let sent = gen.join().expect("traffic thread")?;
     // Every flow ends idle within IDLE of its last packet, plus a poll (polls of 1 M
     // flows are up to half the shortest idle timeout apart).
-    let ending = measure(&agent, &traffic_us, IDLE + IDLE / 2 + Duration::from_secs(15), |a| {
-        a.status().active_flows.load(Ordering::Relaxed) == 0
-    });
+    let ending = measure(
+        &agent,
+        &traffic_us,
+        IDLE + IDLE / 2 + Duration::from_secs(15),
+        |a| a.status().active_flows.load(Ordering::Relaxed) == 0,
+    );
     let left = agent.status().active_flows.load(Ordering::Relaxed);
     let after = measure(&agent, &traffic_us, Duration::from_secs(10), |_| false);
     let poll_ms = agent.status().last_poll_ns.load(Ordering::Relaxed) as f64 / 1e6;

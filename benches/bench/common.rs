@@ -130,7 +130,13 @@ pub fn fill(map: &MapHandle, n: u32, kv: impl Fn(u32) -> Option<(Vec<u8>, Vec<u8
 /// `sampled` percent of the TCP and ICMP flows (those with a latency or RTT
 /// sample; 100 is the worst case) an extension entry under its id.
 pub fn fill_split(maps: &FlowMaps, n: u32, mix: Mix, sampled: u32) -> Result<()> {
-    fill(&maps.flows, n, |i| {
+    fill_split_maps([&maps.flows, &maps.tcp, &maps.icmp], n, mix, sampled)
+}
+
+/// `fill_split` on the base, TCP and ICMP maps given apart (pinned ones, say).
+pub fn fill_split_maps(maps: [&MapHandle; 3], n: u32, mix: Mix, sampled: u32) -> Result<()> {
+    let [flows, tcp, icmp] = maps;
+    fill(flows, n, |i| {
         let base = types::flow_base {
             packets: [10, 10],
             meta: meta::created(LO_TO_HI, false, mix.ext(i)),
@@ -146,15 +152,31 @@ pub fn fill_split(maps: &FlowMaps, n: u32, mix: Mix, sampled: u32) -> Result<()>
         })
     };
     ext_fill(
-        &maps.tcp,
+        tcp,
         types::flow_ext::EXT_TCP.0,
         bytes(&types::flow_tcp::default()),
     )?;
     ext_fill(
-        &maps.icmp,
+        icmp,
         types::flow_ext::EXT_ICMP.0,
         bytes(&types::flow_icmp::default()),
     )
+}
+
+/// CPU seconds process `pid` has used (utime + stime in /proc/<pid>/stat).
+pub fn cpu_secs_of(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_comm = stat.rsplit_once(')').context("/proc stat")?.1;
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    // utime and stime: fields 14 and 15 of stat, 12 and 13 after the command name.
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    Ok(ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
+}
+
+/// Peak resident memory of process `pid` in MiB (VmHWM).
+pub fn peak_rss_mib_of(pid: u32) -> Result<f64> {
+    status_mib(pid, "VmHWM")
 }
 
 /// CPU seconds this process has used.
@@ -169,13 +191,18 @@ pub fn cpu_secs() -> f64 {
 
 /// Resident memory of process `pid` in MiB (VmRSS in /proc/<pid>/status).
 pub fn rss_mib_of(pid: u32) -> Result<f64> {
+    status_mib(pid, "VmRSS")
+}
+
+/// A memory field of /proc/<pid>/status (in kB there), in MiB.
+fn status_mib(pid: u32, field: &str) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
-        .with_context(|| format!("VmRSS of process {pid}"))
+        .with_context(|| format!("{field} of process {pid}"))
 }
 
 pub fn record(i: u64) -> FlowRecord {
@@ -193,6 +220,7 @@ pub fn record(i: u64) -> FlowRecord {
             interface: "bench0".into(),
             observer: "bench".into(),
             window_start_ns: 0,
+            emitted_ns: 0,
             flow_id: raw.flow_id(),
             continuation: false,
         },

@@ -1,4 +1,4 @@
-//! What `watch` and `top` share: the agent address and filter flags, the request filters they become, and the connection.
+//! What the clients (`watch`, `top`, `flows`, `status`) share: the agent address and filter flags, the request filters they become, and the connection.
 
 use std::path::PathBuf;
 
@@ -10,66 +10,86 @@ use crate::record::api::proto::flow_lens_client::FlowLensClient;
 use crate::record::filter::Cidr;
 use crate::record::flow::{proto_name, tcp_flags, EndReason, IPPROTO_ICMPV6};
 
-/// Which agent to ask and which flows: the flags `watch` and `top` share. Include flags
-/// are ANDed into one filter; each exclude flag value drops what it matches.
+/// Which agent to ask and which flows: the flags `watch`, `top` and `flows` share.
+/// Values of one include flag are alternatives (`--port 80 --port 443`: either); different
+/// include flags must all match. Each exclude flag value drops what it matches.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct FlowQuery {
-    /// Agent address: http://HOST:PORT, HOST:PORT, https://HOST:PORT (TLS) or unix:/path.
+    #[command(flatten)]
+    pub agent: AgentAddr,
+
+    /// Client (initiator) address inside CIDR (repeatable, comma-separated).
     #[arg(
         long,
-        value_name = "ADDR",
-        env = "FLOWLENS_WATCH_SERVER",
-        default_value_t = default_server()
+        value_name = "CIDR",
+        env = "FLOWLENS_WATCH_SRC",
+        value_delimiter = ','
     )]
-    pub server: String,
-    /// CA bundle (PEM) that signed the agent's certificate; default: the system's roots.
-    /// Needs an https:// --server.
-    #[arg(long, value_name = "PEM", env = "FLOWLENS_WATCH_CA")]
-    pub ca: Option<PathBuf>,
-    /// Client certificate (PEM) for an agent that requires one (--grpc-client-ca).
-    #[arg(long, value_name = "PEM", env = "FLOWLENS_WATCH_CERT")]
-    pub cert: Option<PathBuf>,
-    /// Private key (PEM) of --cert.
-    #[arg(long, value_name = "PEM", env = "FLOWLENS_WATCH_KEY")]
-    pub key: Option<PathBuf>,
-    /// Ask the agent to compress what it sends: zstd, gzip or none.
-    #[arg(long, value_enum, env = "FLOWLENS_WATCH_COMPRESSION", default_value_t = Compression::Zstd)]
-    pub compression: Compression,
-
-    /// Client (initiator) address inside CIDR.
-    #[arg(long, value_name = "CIDR", env = "FLOWLENS_WATCH_SRC")]
-    pub src: Option<String>,
-    /// Server address inside CIDR.
-    #[arg(long, value_name = "CIDR", env = "FLOWLENS_WATCH_DST")]
-    pub dst: Option<String>,
-    /// Client or server address inside CIDR.
-    #[arg(long, value_name = "CIDR", env = "FLOWLENS_WATCH_ADDR")]
-    pub addr: Option<String>,
-    /// Client or server port (N or LO-HI, inclusive).
-    #[arg(long, value_name = "N|LO-HI", env = "FLOWLENS_WATCH_PORT")]
-    pub port: Option<String>,
-    /// Client port (N or LO-HI).
-    #[arg(long, value_name = "N|LO-HI", env = "FLOWLENS_WATCH_SPORT")]
-    pub sport: Option<String>,
-    /// Server port (N or LO-HI).
-    #[arg(long, value_name = "N|LO-HI", env = "FLOWLENS_WATCH_DPORT")]
-    pub dport: Option<String>,
-    /// IP protocol: tcp, udp, icmp, icmpv6 or a number.
-    #[arg(long, value_name = "PROTO", env = "FLOWLENS_WATCH_PROTO")]
-    pub proto: Option<String>,
+    pub src: Vec<String>,
+    /// Server address inside CIDR (repeatable).
+    #[arg(
+        long,
+        value_name = "CIDR",
+        env = "FLOWLENS_WATCH_DST",
+        value_delimiter = ','
+    )]
+    pub dst: Vec<String>,
+    /// Client or server address inside CIDR (repeatable).
+    #[arg(
+        long,
+        value_name = "CIDR",
+        env = "FLOWLENS_WATCH_ADDR",
+        value_delimiter = ','
+    )]
+    pub addr: Vec<String>,
+    /// Client or server port, N or LO-HI inclusive (repeatable).
+    #[arg(
+        long,
+        value_name = "N|LO-HI",
+        env = "FLOWLENS_WATCH_PORT",
+        value_delimiter = ','
+    )]
+    pub port: Vec<String>,
+    /// Client port, N or LO-HI (repeatable).
+    #[arg(
+        long,
+        value_name = "N|LO-HI",
+        env = "FLOWLENS_WATCH_SPORT",
+        value_delimiter = ','
+    )]
+    pub sport: Vec<String>,
+    /// Server port, N or LO-HI (repeatable).
+    #[arg(
+        long,
+        value_name = "N|LO-HI",
+        env = "FLOWLENS_WATCH_DPORT",
+        value_delimiter = ','
+    )]
+    pub dport: Vec<String>,
+    /// IP protocol: tcp, udp, icmp, icmpv6 or a number (repeatable).
+    #[arg(
+        long,
+        value_name = "PROTO",
+        env = "FLOWLENS_WATCH_PROTO",
+        value_delimiter = ','
+    )]
+    pub proto: Vec<String>,
     /// IP version.
     #[arg(long, value_name = "4|6", env = "FLOWLENS_WATCH_IP_VERSION",
           value_parser = clap::builder::PossibleValuesParser::new(["4", "6"]))]
     pub ip_version: Option<String>,
-    /// Interface name.
-    #[arg(long, value_name = "NAME", env = "FLOWLENS_WATCH_INTERFACE")]
-    pub interface: Option<String>,
-    /// TCP flags that must all have been seen: names (syn,ack,fin,rst,psh,urg,ece,cwr) or a number.
+    /// Interface: a name, a glob (veth*) or a /regex/, as `run --interface` (repeatable).
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "FLOWLENS_WATCH_INTERFACE",
+        value_delimiter = ','
+    )]
+    pub interface: Vec<String>,
+    /// TCP flags that must all have been seen: names (syn,ack; also fin, rst, psh, urg, ece,
+    /// cwr) or a number. Repeatable: a flow with any of the sets matches.
     #[arg(long, value_name = "FLAGS", env = "FLOWLENS_WATCH_TCP_FLAGS")]
-    pub tcp_flags: Option<String>,
-    /// End reason: idle_timeout, active_timeout, tcp_fin, tcp_rst, shutdown.
-    #[arg(long, value_name = "REASON", env = "FLOWLENS_WATCH_END_REASON")]
-    pub end_reason: Option<String>,
+    pub tcp_flags: Vec<String>,
     /// Minimum bytes, both directions together.
     #[arg(long, value_name = "N", env = "FLOWLENS_WATCH_MIN_BYTES")]
     pub min_bytes: Option<u64>,
@@ -114,7 +134,7 @@ pub struct FlowQuery {
         value_delimiter = ','
     )]
     pub exclude_proto: Vec<String>,
-    /// Drop flows seen on this interface (repeatable).
+    /// Drop flows seen on an interface this name, glob or /regex/ matches (repeatable).
     #[arg(
         long,
         value_name = "NAME",
@@ -122,6 +142,32 @@ pub struct FlowQuery {
         value_delimiter = ','
     )]
     pub exclude_interface: Vec<String>,
+}
+
+/// The agent a client talks to, and how.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AgentAddr {
+    /// Agent address: unix:/path, http://HOST:PORT, HOST:PORT or https://HOST:PORT (TLS).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "FLOWLENS_WATCH_SERVER",
+        default_value_t = default_server()
+    )]
+    pub server: String,
+    /// CA bundle (PEM) that signed the agent's certificate; default: the system's roots.
+    /// Needs an https:// --server.
+    #[arg(long, value_name = "PEM", env = "FLOWLENS_WATCH_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for an agent that requires one (--grpc-client-ca).
+    #[arg(long, value_name = "PEM", env = "FLOWLENS_WATCH_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, value_name = "PEM", env = "FLOWLENS_WATCH_KEY")]
+    pub key: Option<PathBuf>,
+    /// Ask the agent to compress what it sends: zstd, gzip or none.
+    #[arg(long, value_enum, env = "FLOWLENS_WATCH_COMPRESSION", default_value_t = Compression::Zstd)]
+    pub compression: Compression,
 }
 
 /// Compression a client asks the agent for.
@@ -146,15 +192,17 @@ impl Compression {
 
 /// Where `run` listens by default.
 fn default_server() -> String {
-    let listen = crate::config::Config::default().grpc_listen;
-    format!("http://{}", listen.unwrap_or_default())
+    let listen = crate::config::Config::default()
+        .grpc_listen
+        .unwrap_or_default();
+    server_uri(&listen)
 }
 
 /// The largest message a client accepts (a full ListFlows page or record batch).
 const MAX_MESSAGE: usize = 64 << 20;
 
-impl FlowQuery {
-    /// Connects to the agent named by `--server`; errors name it.
+impl AgentAddr {
+    /// Connects to the agent named by `--server`; errors name it and say what to do.
     pub async fn connect(&self) -> anyhow::Result<FlowLensClient<Channel>> {
         let uri = server_uri(&self.server);
         // Never a quiet fall-back to cleartext: TLS flags with an http:// server are an error.
@@ -174,14 +222,45 @@ impl FlowQuery {
         }
         let channel = endpoint.connect().await.map_err(|e| {
             let text = crate::fatal::chain(&e);
-            let hint = transport_hint(&uri, &text);
-            anyhow!("connecting to flowlens at {}: {text}{hint}", self.server)
+            match unreachable_hint(&self.server, &text) {
+                Some(why) => anyhow!("{why}"),
+                None => {
+                    let hint = transport_hint(&uri, &text);
+                    anyhow!("connecting to flowlens at {}: {text}{hint}", self.server)
+                }
+            }
         })?;
         let client = FlowLensClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
         Ok(match self.compression.encoding() {
             Some(c) => client.accept_compressed(c),
             None => client,
         })
+    }
+}
+
+/// One line for the usual reasons nothing answers at `server`: no agent there, or a
+/// socket this user may not open.
+pub fn unreachable_hint(server: &str, text: &str) -> Option<String> {
+    let fix = if server == default_server() {
+        "start it (`flowlens run`, or `systemctl start flowlens`), or pass --server where it listens"
+    } else {
+        "start it, or pass the --server it listens on (its --grpc-listen)"
+    };
+    if text.contains("os error 2") || text.contains("No such file") {
+        Some(format!(
+            "no flowlens agent at {server} (the socket does not exist): {fix}"
+        ))
+    } else if text.contains("os error 111") || text.contains("Connection refused") {
+        Some(format!(
+            "no flowlens agent at {server} (connection refused): {fix}"
+        ))
+    } else if text.contains("os error 13") || text.contains("Permission denied") {
+        Some(format!(
+            "not allowed to connect to {server} (permission denied): run as root, or as a \
+             member of the socket's group (the agent's --grpc-socket-group)"
+        ))
+    } else {
+        None
     }
 }
 
@@ -233,34 +312,19 @@ pub fn describe(s: &tonic::Status) -> String {
     }
 }
 
+/// Include filters beyond this many are refused here, before the agent refuses them.
+const MAX_INCLUDE: usize = 4096;
+
 impl FlowQuery {
-    /// The include and exclude filters the flags describe, rejecting bad values by flag name.
-    pub fn filters(&self) -> anyhow::Result<(Vec<proto::Filter>, Vec<proto::Filter>)> {
+    /// The include and exclude filters the flags describe, rejecting bad values by flag
+    /// name. Include flags combine into one filter per combination of their values; the
+    /// end reasons (`watch --end-reason`, repeatable) are one more such flag.
+    pub fn filters(
+        &self,
+        end_reasons: &[EndReason],
+    ) -> anyhow::Result<(Vec<proto::Filter>, Vec<proto::Filter>)> {
         let a = self;
-        let include = proto::Filter {
-            src_cidr: cidr_arg(&a.src, "--src")?,
-            dst_cidr: cidr_arg(&a.dst, "--dst")?,
-            cidr: cidr_arg(&a.addr, "--addr")?,
-            src_port: a
-                .sport
-                .as_deref()
-                .map(|s| port_arg(s, "--sport"))
-                .transpose()?,
-            dst_port: a
-                .dport
-                .as_deref()
-                .map(|s| port_arg(s, "--dport"))
-                .transpose()?,
-            port: a
-                .port
-                .as_deref()
-                .map(|s| port_arg(s, "--port"))
-                .transpose()?,
-            protocol: a
-                .proto
-                .as_deref()
-                .map(|s| proto_arg(s, "--proto"))
-                .transpose()?,
+        let mut include = vec![proto::Filter {
             ip_version: match a.ip_version.as_deref() {
                 None => proto::IpVersion::Unspecified,
                 Some("4") => proto::IpVersion::IpVersion4,
@@ -268,69 +332,132 @@ impl FlowQuery {
                 Some(v) => bail!("--ip-version {v:?}: expected 4 or 6"),
             }
             .into(),
-            interface: a.interface.clone(),
-            tcp_flags: a.tcp_flags.as_deref().map(tcp_flags_arg).transpose()?,
-            end_reason: a
-                .end_reason
-                .as_deref()
-                .map(end_reason_arg)
-                .transpose()?
-                .map(|e| proto::EndReason::from(e).into())
-                .unwrap_or_default(),
             min_bytes: a.min_bytes,
+            ..Default::default()
+        }];
+        let cidrs = |v: &[String], flag: &str| -> anyhow::Result<Vec<String>> {
+            v.iter().map(|s| cidr_arg(s, flag)).collect()
         };
+        let ports = |v: &[String], flag: &str| -> anyhow::Result<Vec<proto::PortRange>> {
+            v.iter().map(|s| port_arg(s, flag)).collect()
+        };
+        let protos = |v: &[String], flag: &str| -> anyhow::Result<Vec<u32>> {
+            v.iter().map(|s| proto_arg(s, flag)).collect()
+        };
+        let ifaces = |v: &[String], flag: &str| -> anyhow::Result<Vec<String>> {
+            v.iter().map(|s| interface_arg(s, flag)).collect()
+        };
+        include = alternatives(include, cidrs(&a.src, "--src")?, |f, v| {
+            f.src_cidr = Some(v)
+        });
+        include = alternatives(include, cidrs(&a.dst, "--dst")?, |f, v| {
+            f.dst_cidr = Some(v)
+        });
+        include = alternatives(include, cidrs(&a.addr, "--addr")?, |f, v| f.cidr = Some(v));
+        include = alternatives(include, ports(&a.port, "--port")?, |f, v| f.port = Some(v));
+        include = alternatives(include, ports(&a.sport, "--sport")?, |f, v| {
+            f.src_port = Some(v)
+        });
+        include = alternatives(include, ports(&a.dport, "--dport")?, |f, v| {
+            f.dst_port = Some(v)
+        });
+        include = alternatives(include, protos(&a.proto, "--proto")?, |f, v| {
+            f.protocol = Some(v)
+        });
+        include = alternatives(include, ifaces(&a.interface, "--interface")?, |f, v| {
+            f.interface = Some(v)
+        });
+        let flags = a
+            .tcp_flags
+            .iter()
+            .map(|s| tcp_flags_arg(s))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        include = alternatives(include, flags, |f, v| f.tcp_flags = Some(v));
+        let reasons: Vec<i32> = end_reasons
+            .iter()
+            .map(|&e| proto::EndReason::from(e).into())
+            .collect();
+        include = alternatives(include, reasons, |f, v| f.end_reason = v);
+        if include.len() > MAX_INCLUDE {
+            bail!(
+                "the include flags combine into {} filters (one per combination of their values); \
+                 give fewer values",
+                include.len()
+            );
+        }
         let mut exclude = Vec::new();
-        for s in &a.exclude_src {
-            exclude.push(proto::Filter {
-                src_cidr: cidr_arg(&Some(s.clone()), "--exclude-src")?,
+        let mut drop = |f: proto::Filter| exclude.push(f);
+        for v in cidrs(&a.exclude_src, "--exclude-src")? {
+            drop(proto::Filter {
+                src_cidr: Some(v),
                 ..Default::default()
             });
         }
-        for s in &a.exclude_dst {
-            exclude.push(proto::Filter {
-                dst_cidr: cidr_arg(&Some(s.clone()), "--exclude-dst")?,
+        for v in cidrs(&a.exclude_dst, "--exclude-dst")? {
+            drop(proto::Filter {
+                dst_cidr: Some(v),
                 ..Default::default()
             });
         }
-        for s in &a.exclude_addr {
-            exclude.push(proto::Filter {
-                cidr: cidr_arg(&Some(s.clone()), "--exclude-addr")?,
+        for v in cidrs(&a.exclude_addr, "--exclude-addr")? {
+            drop(proto::Filter {
+                cidr: Some(v),
                 ..Default::default()
             });
         }
-        for s in &a.exclude_port {
-            exclude.push(proto::Filter {
-                port: Some(port_arg(s, "--exclude-port")?),
+        for v in ports(&a.exclude_port, "--exclude-port")? {
+            drop(proto::Filter {
+                port: Some(v),
                 ..Default::default()
             });
         }
-        for s in &a.exclude_proto {
-            exclude.push(proto::Filter {
-                protocol: Some(proto_arg(s, "--exclude-proto")?),
+        for v in protos(&a.exclude_proto, "--exclude-proto")? {
+            drop(proto::Filter {
+                protocol: Some(v),
                 ..Default::default()
             });
         }
-        for s in &a.exclude_interface {
-            exclude.push(proto::Filter {
-                interface: Some(s.clone()),
+        for v in ifaces(&a.exclude_interface, "--exclude-interface")? {
+            drop(proto::Filter {
+                interface: Some(v),
                 ..Default::default()
             });
         }
-        let include = if include == proto::Filter::default() {
-            Vec::new()
-        } else {
-            vec![include]
-        };
+        include.retain(|f| *f != proto::Filter::default());
         Ok((include, exclude))
     }
 }
 
-fn cidr_arg(v: &Option<String>, flag: &str) -> anyhow::Result<Option<String>> {
-    if let Some(s) = v {
-        s.parse::<Cidr>()
-            .with_context(|| format!("{flag} {s:?}: expected ADDR or ADDR/LEN"))?;
+/// Every filter of `filters` once per value of a flag (unchanged when it has none).
+fn alternatives<T: Clone>(
+    filters: Vec<proto::Filter>,
+    values: Vec<T>,
+    set: impl Fn(&mut proto::Filter, T),
+) -> Vec<proto::Filter> {
+    if values.is_empty() {
+        return filters;
     }
-    Ok(v.clone())
+    filters
+        .iter()
+        .flat_map(|f| {
+            values.iter().map(|v| {
+                let mut f = f.clone();
+                set(&mut f, v.clone());
+                f
+            })
+        })
+        .collect()
+}
+
+fn interface_arg(s: &str, flag: &str) -> anyhow::Result<String> {
+    crate::record::filter::NamePattern::parse(s).with_context(|| format!("{flag} {s:?}"))?;
+    Ok(s.to_owned())
+}
+
+fn cidr_arg(s: &str, flag: &str) -> anyhow::Result<String> {
+    s.parse::<Cidr>()
+        .with_context(|| format!("{flag} {s:?}: expected ADDR or ADDR/LEN"))?;
+    Ok(s.to_owned())
 }
 
 /// "N" or "LO-HI".
@@ -387,13 +514,103 @@ pub fn tcp_flags_arg(s: &str) -> anyhow::Result<u32> {
     Ok(u32::from(bits))
 }
 
-pub fn end_reason_arg(s: &str) -> anyhow::Result<EndReason> {
-    let norm = s.trim().to_ascii_lowercase().replace('-', "_");
+/// An `--end-reason` value: a reason's name (`idle_timeout`) or the table's label for it
+/// (`idle`, `actv`, `fin`, `rst`, `stop`, `evict`); the table's finer reset labels
+/// (`rst-c`, `rst-s`, `rst-cs`, `refused`) select resets the agent sends and the client
+/// keeps those the label names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndMatch {
+    pub reason: EndReason,
+    /// The table label a record must also have (`render::end_label`).
+    pub label: Option<&'static str>,
+}
+
+impl EndMatch {
+    pub fn matches(&self, r: &crate::record::flow::FlowRecord) -> bool {
+        r.end_reason == self.reason
+            && self
+                .label
+                .is_none_or(|l| crate::record::render::end_label(r) == l)
+    }
+}
+
+/// Table labels and the reasons they stand for.
+const END_LABELS: [(&str, EndReason); 10] = [
+    ("idle", EndReason::IdleTimeout),
+    ("actv", EndReason::ActiveTimeout),
+    ("active", EndReason::ActiveTimeout),
+    ("fin", EndReason::TcpFin),
+    ("rst", EndReason::TcpRst),
+    ("reset", EndReason::TcpRst),
+    ("stop", EndReason::Shutdown),
+    ("evict", EndReason::Evicted),
+    ("timeout", EndReason::IdleTimeout),
+    ("shutdown", EndReason::Shutdown),
+];
+
+/// The finer reset labels of the table.
+const RESET_LABELS: [&str; 4] = ["rst-c", "rst-s", "rst-cs", "refused"];
+
+pub fn end_reason_arg(s: &str) -> anyhow::Result<EndMatch> {
+    let norm = s.trim().to_ascii_lowercase();
+    if let Some(&l) = RESET_LABELS.iter().find(|&&l| l == norm) {
+        return Ok(EndMatch {
+            reason: EndReason::TcpRst,
+            label: Some(l),
+        });
+    }
+    let name = norm.replace('-', "_");
     EndReason::ALL
         .into_iter()
-        .find(|e| e.as_str() == norm)
+        .find(|e| e.as_str() == name)
+        .or_else(|| END_LABELS.iter().find(|(l, _)| *l == norm).map(|(_, e)| *e))
+        .map(|reason| EndMatch {
+            reason,
+            label: None,
+        })
         .ok_or_else(|| {
             let names: Vec<&str> = EndReason::ALL.iter().map(|e| e.as_str()).collect();
-            anyhow!("--end-reason {s:?}: expected one of {}", names.join(", "))
+            anyhow!(
+                "--end-reason {s:?}: expected one of {}, or the table's idle, actv, fin, rst, \
+                 rst-c, rst-s, rst-cs, refused, stop, evict",
+                names.join(", ")
+            )
         })
+}
+
+/// Every page of one ListFlows listing (the snapshot's time and its flows); a snapshot
+/// that expires between pages starts the listing again.
+pub async fn list_flows(
+    client: &mut FlowLensClient<Channel>,
+    base: &proto::ListFlowsRequest,
+) -> Result<(std::time::SystemTime, Vec<crate::record::flow::FlowRecord>), tonic::Status> {
+    use crate::record::flow::FlowRecord;
+    use std::time::SystemTime;
+    'listing: for _ in 0..3 {
+        let mut req = base.clone();
+        let mut flows = Vec::new();
+        loop {
+            let resp = match client.list_flows(req.clone()).await {
+                Ok(r) => r.into_inner(),
+                Err(s) if s.code() == tonic::Code::Aborted => continue 'listing,
+                Err(s) => return Err(s),
+            };
+            flows.extend(
+                resp.flows
+                    .iter()
+                    .filter_map(|p| FlowRecord::try_from(p).ok()),
+            );
+            if resp.next_page_token.is_empty() {
+                let taken = resp
+                    .snapshot_time
+                    .and_then(|t| SystemTime::try_from(t).ok())
+                    .unwrap_or_else(SystemTime::now);
+                return Ok((taken, flows));
+            }
+            req.page_token = resp.next_page_token;
+        }
+    }
+    Err(tonic::Status::aborted(
+        "the agent's snapshots kept expiring while paging",
+    ))
 }

@@ -1,19 +1,19 @@
-//! `flowlens top`: a live full-screen view of an agent's flows in progress, with per-flow rates from consecutive `ListFlows` snapshots.
+//! `flowlens top`: a live full-screen view of an agent's flows in progress, with per-flow rates from consecutive `ListFlows` snapshots, laid out for the terminal's width.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
-use ratatui::crossterm::event::{Event, KeyCode, KeyEventKind, KeyModifiers};
-use ratatui::layout::{Constraint, Layout};
+use ratatui::crossterm::event::{Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
+use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
 use ratatui::text::Line;
-use ratatui::widgets::{Paragraph, Row, Table};
-use ratatui::{DefaultTerminal, Frame};
+use ratatui::widgets::{Block, Borders, Clear, Paragraph, Row, Table};
+use ratatui::Frame;
 use tonic::transport::Channel;
 
-use crate::cli::client::{describe, FlowQuery};
+use crate::cli::client::{describe, list_flows, FlowQuery};
 use crate::cli::terminal::{Input, Terminal};
 use crate::config::HumanDuration;
 use crate::record::api::proto;
@@ -21,12 +21,23 @@ use crate::record::api::proto::flow_lens_client::FlowLensClient;
 use crate::record::flow::FlowRecord;
 use crate::record::render::{self, client_endpoint, count, handshake_rtt, server_endpoint, size};
 
-/// The keys, for `--help` and the screen's last line.
-pub const KEYS_HELP: &str = "Keys: q (or Esc, Ctrl-C) quit; space (or p) pause/resume; s next sort; \
-b sort by bytes/s, k by packets/s, t by total bytes, l by latency, a by age; r reverse the order.\n\
-Columns: RATE = bytes/s both ways, C>S/S>C = bytes/s each way, PKT/s = packets/s both ways, \
-BYTES = total both ways, AGE = since the first packet, RTT = TCP handshake or ICMP echo round trip, \
-SRV = server response time (mean). Sizes: K, M, G = 1024^1..3 bytes.";
+/// The keys, for `--help` and the `?` screen.
+pub const KEYS_HELP: &str = "Keys:
+  q, Ctrl-C      quit (Esc: close help, clear the filter, else quit)
+  ?, h           this help
+  space, p       pause / resume
+  j, Down        scroll down      k, Up       scroll up
+  PageDown, f    page down        PageUp, u   page up      Home / End   first / last
+  /              filter: rows whose text contains what you type (Enter keeps it, Esc drops it)
+  g              group by host pair (client address > server address, every port)
+  b              bits/s instead of bytes/s
+  s / S          next / previous sort     r  reverse the order
+  1 rate  2 packets/s  3 total bytes  4 latency  5 age   (also t total, l latency, a age)
+Columns: RATE = both ways, C>S / S>C = each way (B/s, KB/s = 1024 B/s..., or b/s, kb/s = 1000 b/s...),
+  PKT/s = packets/s both ways, BYTES = total both ways, AGE = since the first packet,
+  RTT = TCP handshake or ICMP echo round trip, SRV = server response time (mean),
+  FLOWS = flows of a host pair (g). Narrow terminals drop columns (IFACE, SRV, PKT/s,
+  RTT, S>C, C>S first) and shorten long addresses in the middle (...).";
 
 /// The longest wait between attempts to reach an agent that is down.
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -44,6 +55,9 @@ pub struct TopArgs {
     /// Sort order to start with.
     #[arg(long, value_enum, env = "FLOWLENS_TOP_SORT", default_value_t = SortKey::Rate)]
     pub sort: SortKey,
+    /// Show rates in bits per second (the `b` key toggles it).
+    #[arg(long, env = "FLOWLENS_TOP_BITS")]
+    pub bits: bool,
 }
 
 /// What the rows are sorted by, largest first.
@@ -72,7 +86,7 @@ impl SortKey {
 
     fn label(self) -> &'static str {
         match self {
-            SortKey::Rate => "bytes/s",
+            SortKey::Rate => "rate",
             SortKey::Packets => "packets/s",
             SortKey::Bytes => "total bytes",
             SortKey::Latency => "latency",
@@ -80,9 +94,21 @@ impl SortKey {
         }
     }
 
-    fn next(self) -> SortKey {
-        let i = Self::ORDER.iter().position(|&k| k == self).unwrap_or(0);
-        Self::ORDER[(i + 1) % Self::ORDER.len()]
+    fn step(self, by: isize) -> SortKey {
+        let n = Self::ORDER.len() as isize;
+        let i = Self::ORDER.iter().position(|&k| k == self).unwrap_or(0) as isize;
+        Self::ORDER[(i + by).rem_euclid(n) as usize]
+    }
+
+    /// The column the sort reads, marked in the header.
+    fn column(self) -> Col {
+        match self {
+            SortKey::Rate => Col::Rate,
+            SortKey::Packets => Col::Pps,
+            SortKey::Bytes => Col::Bytes,
+            SortKey::Latency => Col::Srv,
+            SortKey::Age => Col::Age,
+        }
     }
 }
 
@@ -132,12 +158,19 @@ impl FlowRow {
         self.rate.map(|[c, s]| c + s)
     }
 
-    /// Server response time, else the handshake or echo round trip.
-    pub fn latency_ns(&self) -> Option<u64> {
+    /// The TCP handshake or ICMP echo round trip.
+    fn rtt_ns(&self) -> Option<u64> {
         let tcp = self.rec.tcp.as_ref();
-        tcp.and_then(|t| t.server_latency.map(|l| l.mean_ns()))
-            .or_else(|| tcp.and_then(handshake_rtt))
+        tcp.and_then(handshake_rtt)
             .or_else(|| self.rec.icmp.and_then(|i| i.echo_rtt).map(|l| l.mean_ns()))
+    }
+
+    /// The server's mean response time.
+    fn srv_ns(&self) -> Option<u64> {
+        self.rec
+            .tcp
+            .and_then(|t| t.server_latency)
+            .map(|l| l.mean_ns())
     }
 }
 
@@ -190,27 +223,6 @@ impl Rates {
     }
 }
 
-/// Sorts largest first (oldest first for age); unknown values go last.
-pub fn sort_rows(rows: &mut [FlowRow], key: SortKey, reverse: bool) {
-    let value = |r: &FlowRow| -> f64 {
-        match key {
-            SortKey::Rate => r.bytes_per_sec().unwrap_or(-1.0),
-            SortKey::Packets => r.pps.unwrap_or(-1.0),
-            SortKey::Bytes => r.rec.total_bytes() as f64,
-            SortKey::Latency => r.latency_ns().map_or(-1.0, |v| v as f64),
-            SortKey::Age => r.age.as_secs_f64(),
-        }
-    };
-    rows.sort_by(|a, b| {
-        let o = value(b).total_cmp(&value(a));
-        if reverse {
-            o.reverse()
-        } else {
-            o
-        }
-    });
-}
-
 /// Per-interface totals for the header.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct IfaceTotals {
@@ -220,14 +232,18 @@ pub struct IfaceTotals {
     pub packets_per_sec: f64,
 }
 
+fn iface_name(r: &FlowRecord) -> String {
+    if r.interface.is_empty() {
+        format!("if{}", r.ifindex)
+    } else {
+        r.interface.clone()
+    }
+}
+
 pub fn totals(rows: &[FlowRow]) -> Vec<IfaceTotals> {
     let mut by: Vec<IfaceTotals> = Vec::new();
     for r in rows {
-        let name = if r.rec.interface.is_empty() {
-            format!("if{}", r.rec.ifindex)
-        } else {
-            r.rec.interface.clone()
-        };
+        let name = iface_name(&r.rec);
         let i = match by.iter().position(|t| t.name == name) {
             Some(i) => i,
             None => {
@@ -247,71 +263,538 @@ pub fn totals(rows: &[FlowRow]) -> Vec<IfaceTotals> {
 }
 
 // ---------------------------------------------------------------------------
+// Lines: a flow, or the flows of a host pair
+// ---------------------------------------------------------------------------
+
+/// One line of the table: a flow, or (grouped) every flow between two hosts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub proto: String,
+    pub client: String,
+    pub server: String,
+    pub iface: String,
+    pub state: String,
+    pub flows: usize,
+    /// Bytes/s each way; None before the second snapshot.
+    pub rate: Option<[f64; 2]>,
+    pub pps: Option<f64>,
+    pub bytes: u64,
+    pub age: Duration,
+    pub rtt: Option<u64>,
+    pub srv: Option<u64>,
+}
+
+impl Entry {
+    fn of(r: &FlowRow) -> Entry {
+        Entry {
+            proto: render::proto_label(r.rec.protocol),
+            client: client_endpoint(&r.rec),
+            server: server_endpoint(&r.rec),
+            iface: iface_name(&r.rec),
+            state: r
+                .rec
+                .tcp
+                .map_or("-", |t| render::state_short(t.state))
+                .to_owned(),
+            flows: 1,
+            rate: r.rate,
+            pps: r.pps,
+            bytes: r.rec.total_bytes(),
+            age: r.age,
+            rtt: r.rtt_ns(),
+            srv: r.srv_ns(),
+        }
+    }
+
+    fn bytes_per_sec(&self) -> Option<f64> {
+        self.rate.map(|[c, s]| c + s)
+    }
+
+    /// What `/` searches.
+    fn text(&self) -> String {
+        format!(
+            "{} {} {} {} {}",
+            self.proto, self.client, self.server, self.iface, self.state
+        )
+        .to_lowercase()
+    }
+}
+
+/// The flows of each client address > server address pair, summed; a column whose flows
+/// differ says `*`.
+pub fn group_by_hosts(rows: &[FlowRow]) -> Vec<Entry> {
+    let mut at: HashMap<(IpAddr, IpAddr), usize> = HashMap::new();
+    let mut out: Vec<Entry> = Vec::new();
+    let mix = |a: &mut String, b: &str| {
+        if a != b {
+            *a = "*".into();
+        }
+    };
+    for r in rows {
+        let key = (r.rec.client_addr, r.rec.server_addr);
+        let one = Entry {
+            client: r.rec.client_addr.to_string(),
+            server: r.rec.server_addr.to_string(),
+            state: "1".into(),
+            ..Entry::of(r)
+        };
+        match at.get(&key) {
+            None => {
+                at.insert(key, out.len());
+                out.push(one);
+            }
+            Some(&i) => {
+                let g = &mut out[i];
+                mix(&mut g.proto, &one.proto);
+                mix(&mut g.iface, &one.iface);
+                g.flows += 1;
+                g.state = g.flows.to_string();
+                g.rate = match (g.rate, one.rate) {
+                    (Some([a, b]), Some([c, d])) => Some([a + c, b + d]),
+                    (x, y) => x.or(y),
+                };
+                g.pps = match (g.pps, one.pps) {
+                    (Some(a), Some(b)) => Some(a + b),
+                    (x, y) => x.or(y),
+                };
+                g.bytes += one.bytes;
+                g.age = g.age.max(one.age);
+                g.rtt = g.rtt.min(one.rtt).or(g.rtt.or(one.rtt));
+                g.srv = g.srv.max(one.srv);
+            }
+        }
+    }
+    out
+}
+
+/// Sorts largest first (oldest first for age); unknown values go last.
+pub fn sort_lines(lines: &mut [Entry], key: SortKey, reverse: bool) {
+    let value = |l: &Entry| -> f64 {
+        match key {
+            SortKey::Rate => l.bytes_per_sec().unwrap_or(-1.0),
+            SortKey::Packets => l.pps.unwrap_or(-1.0),
+            SortKey::Bytes => l.bytes as f64,
+            SortKey::Latency => l.srv.or(l.rtt).map_or(-1.0, |v| v as f64),
+            SortKey::Age => l.age.as_secs_f64(),
+        }
+    };
+    lines.sort_by(|a, b| {
+        let o = value(b).total_cmp(&value(a));
+        if reverse {
+            o.reverse()
+        } else {
+            o
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Units: every number says what it is
+// ---------------------------------------------------------------------------
+
+/// A byte count with its unit: "840B", "1.4KB", "590KB", "1.0MB" (K = 1024).
+pub fn bytes_unit(v: u64) -> String {
+    let s = size(v);
+    if s.ends_with('B') {
+        s
+    } else {
+        s + "B"
+    }
+}
+
+/// A rate in bytes/s ("590KB/s") or bits/s ("4.8Mb/s", k = 1000).
+pub fn rate_unit(v: Option<f64>, bits: bool) -> String {
+    let Some(v) = v else {
+        return "-".into();
+    };
+    if bits {
+        let b = (v * 8.0).round() as u64;
+        let s = count(b);
+        // `count` is exact below 10000: scale those too, so the unit is always there.
+        let s = if b >= 1000 && !s.ends_with(['k', 'M', 'G', 'T', 'P', 'E']) {
+            format!("{:.1}k", b as f64 / 1000.0)
+        } else {
+            s
+        };
+        format!("{s}b/s")
+    } else {
+        format!("{}/s", bytes_unit(v.round() as u64))
+    }
+}
+
+/// Packets per second: "120/s", "12k/s".
+fn pps_unit(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |p| format!("{}/s", count(p.round() as u64)))
+}
+
+fn latency_unit(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".into(), render::latency)
+}
+
+/// `s` cut to `width` characters in the middle, with "…" where the middle was: both ends
+/// of an address (its network, its host and port) stay readable.
+pub fn shorten_middle(s: &str, width: usize) -> String {
+    let n = s.chars().count();
+    if n <= width {
+        return s.to_owned();
+    }
+    if width == 0 {
+        return String::new();
+    }
+    let keep = width - 1;
+    let head = keep.div_ceil(2);
+    let tail = keep - head;
+    let chars: Vec<char> = s.chars().collect();
+    let mut out: String = chars[..head].iter().collect();
+    out.push('…');
+    out.extend(&chars[n - tail..]);
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Columns laid out for the width
+// ---------------------------------------------------------------------------
+
+/// A table column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Col {
+    Proto,
+    Client,
+    Server,
+    Iface,
+    State,
+    Rate,
+    CtoS,
+    StoC,
+    Pps,
+    Bytes,
+    Age,
+    Rtt,
+    Srv,
+}
+
+/// Screen order.
+const COLUMNS: [Col; 13] = [
+    Col::Proto,
+    Col::Client,
+    Col::Server,
+    Col::Iface,
+    Col::State,
+    Col::Rate,
+    Col::CtoS,
+    Col::StoC,
+    Col::Pps,
+    Col::Bytes,
+    Col::Age,
+    Col::Rtt,
+    Col::Srv,
+];
+
+/// The order columns give way in when the terminal is narrow: last goes first.
+const PRIORITY: [Col; 13] = [
+    Col::Client,
+    Col::Server,
+    Col::Rate,
+    Col::Proto,
+    Col::State,
+    Col::Bytes,
+    Col::Age,
+    Col::CtoS,
+    Col::StoC,
+    Col::Rtt,
+    Col::Pps,
+    Col::Srv,
+    Col::Iface,
+];
+
+/// Address columns are not shortened below this (a whole IPv4 address and port) while
+/// other columns can give way.
+const ADDR_MIN: usize = 21;
+/// Nor below this at all.
+const ADDR_FLOOR: usize = 9;
+
+impl Col {
+    fn title(self, grouped: bool) -> &'static str {
+        match self {
+            Col::Proto => "PROTO",
+            Col::Client => "CLIENT",
+            Col::Server => "SERVER",
+            Col::Iface => "IFACE",
+            Col::State if grouped => "FLOWS",
+            Col::State => "STATE",
+            Col::Rate => "RATE",
+            Col::CtoS => "C>S",
+            Col::StoC => "S>C",
+            Col::Pps => "PKT/s",
+            Col::Bytes => "BYTES",
+            Col::Age => "AGE",
+            Col::Rtt => "RTT",
+            Col::Srv => "SRV",
+        }
+    }
+
+    /// The width values usually take, so columns do not jump as values change.
+    fn usual(self) -> usize {
+        match self {
+            Col::Proto => 5,
+            Col::State => 7,
+            Col::Rate | Col::CtoS | Col::StoC => 7,
+            Col::Pps => 6,
+            Col::Bytes | Col::Age | Col::Rtt | Col::Srv => 5,
+            Col::Iface => 6,
+            Col::Client | Col::Server => 0,
+        }
+    }
+
+    fn cell(self, l: &Entry, bits: bool) -> String {
+        match self {
+            Col::Proto => l.proto.clone(),
+            Col::Client => l.client.clone(),
+            Col::Server => l.server.clone(),
+            Col::Iface => l.iface.clone(),
+            Col::State => l.state.clone(),
+            Col::Rate => rate_unit(l.bytes_per_sec(), bits),
+            Col::CtoS => rate_unit(l.rate.map(|[c, _]| c), bits),
+            Col::StoC => rate_unit(l.rate.map(|[_, s]| s), bits),
+            Col::Pps => pps_unit(l.pps),
+            Col::Bytes => bytes_unit(l.bytes),
+            Col::Age => render::duration(l.age),
+            Col::Rtt => latency_unit(l.rtt),
+            Col::Srv => latency_unit(l.srv),
+        }
+    }
+
+    fn right_aligned(self) -> bool {
+        !matches!(
+            self,
+            Col::Proto | Col::Client | Col::Server | Col::Iface | Col::State
+        )
+    }
+}
+
+/// The columns that fit `width` and their widths: every number whole, the addresses
+/// given what is left (at most what their longest value needs).
+fn fit_columns(width: usize, lines: &[Entry], bits: bool, grouped: bool) -> Vec<(Col, usize)> {
+    let natural = |c: Col| {
+        lines
+            .iter()
+            .map(|l| c.cell(l, bits).chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(c.title(grouped).len())
+            .max(c.usual())
+    };
+    let addr = [natural(Col::Client), natural(Col::Server)];
+    let mut kept: Vec<(Col, usize)> = COLUMNS
+        .iter()
+        .filter(|c| !matches!(c, Col::Client | Col::Server))
+        .map(|&c| (c, natural(c)))
+        .collect();
+    let need = |kept: &[(Col, usize)], a: usize| -> usize {
+        // Every column plus one space between each.
+        kept.iter().map(|(_, w)| w + 1).sum::<usize>() + a + 1
+    };
+    let addr_min = addr[0].min(ADDR_MIN) + addr[1].min(ADDR_MIN);
+    for drop in PRIORITY.iter().rev() {
+        if need(&kept, addr_min) <= width {
+            break;
+        }
+        if !matches!(drop, Col::Client | Col::Server | Col::Rate) {
+            kept.retain(|(c, _)| c != drop);
+        }
+    }
+    let room = width.saturating_sub(need(&kept, 0));
+    // Each address column gets its natural width when both fit, else half the room (an
+    // address shorter than its half gives the rest to the other).
+    let (c, s) = if addr[0] + addr[1] <= room {
+        (addr[0], addr[1])
+    } else {
+        let half = room / 2;
+        let c = addr[0].min(half.max(room.saturating_sub(addr[1])));
+        (c.max(ADDR_FLOOR), room.saturating_sub(c).max(ADDR_FLOOR))
+    };
+    COLUMNS
+        .iter()
+        .filter_map(|&col| match col {
+            Col::Client => Some((col, c)),
+            Col::Server => Some((col, s)),
+            _ => kept.iter().find(|(k, _)| *k == col).copied(),
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
 // Fetching
 // ---------------------------------------------------------------------------
 
-/// Every page of one listing; a snapshot that expires between pages starts it again.
-async fn list_all(
-    client: &mut FlowLensClient<Channel>,
-    base: &proto::ListFlowsRequest,
-) -> Result<(SystemTime, Vec<FlowRecord>), tonic::Status> {
-    'listing: for _ in 0..3 {
-        let mut req = base.clone();
-        let mut flows = Vec::new();
-        loop {
-            let resp = match client.list_flows(req.clone()).await {
-                Ok(r) => r.into_inner(),
-                Err(s) if s.code() == tonic::Code::Aborted => continue 'listing,
-                Err(s) => return Err(s),
-            };
-            flows.extend(
-                resp.flows
-                    .iter()
-                    .filter_map(|p| FlowRecord::try_from(p).ok()),
-            );
-            if resp.next_page_token.is_empty() {
-                let taken = resp
-                    .snapshot_time
-                    .and_then(|t| SystemTime::try_from(t).ok())
-                    .unwrap_or_else(SystemTime::now);
-                return Ok((taken, flows));
-            }
-            req.page_token = resp.next_page_token;
-        }
-    }
-    Err(tonic::Status::aborted(
-        "the agent's snapshots kept expiring while paging",
-    ))
-}
-
-/// The ListFlows request the flags describe.
-pub fn list_request(q: &FlowQuery) -> anyhow::Result<proto::ListFlowsRequest> {
-    if q.end_reason.is_some() {
-        bail!("--end-reason: top shows flows in progress, which have not ended; use `flowlens watch --end-reason`");
-    }
-    let (include, exclude) = q.filters()?;
-    Ok(proto::ListFlowsRequest {
-        include,
-        exclude,
-        page_size: PAGE,
-        page_token: String::new(),
-    })
+/// One listing, connecting first when there is no connection.
+async fn fetch(
+    q: &FlowQuery,
+    client: &mut Option<FlowLensClient<Channel>>,
+    req: &proto::ListFlowsRequest,
+) -> anyhow::Result<(SystemTime, Vec<FlowRecord>)> {
+    let c = match client {
+        Some(c) => c,
+        None => client.insert(q.agent.connect().await?),
+    };
+    list_flows(c, req)
+        .await
+        .map_err(|s| anyhow::anyhow!("listing flows at {}: {}", q.agent.server, describe(&s)))
 }
 
 // ---------------------------------------------------------------------------
 // Screen
 // ---------------------------------------------------------------------------
 
+/// What `/` is doing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum Typing {
+    #[default]
+    No,
+    /// Editing a filter: the text so far.
+    Filter(String),
+}
+
 /// Everything the screen shows.
-struct View {
+#[derive(Debug, Default)]
+pub struct View {
     server: String,
     rows: Vec<FlowRow>,
     taken: Option<SystemTime>,
-    sort: SortKey,
+    sort: Option<SortKey>,
     reverse: bool,
     paused: bool,
-    /// The last fetch's failure, shown until one succeeds.
+    /// The last fetch's failure, shown in full until one succeeds.
     error: Option<String>,
+    /// First line shown.
+    scroll: usize,
+    /// Lines the table showed last time it was drawn (for paging).
+    page: usize,
+    filter: String,
+    typing: Typing,
+    help: bool,
+    grouped: bool,
+    bits: bool,
+}
+
+/// What a key asks of the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Nothing,
+    Redraw,
+    Quit,
+}
+
+impl View {
+    fn new(server: &str, sort: SortKey, bits: bool) -> View {
+        View {
+            server: server.to_owned(),
+            sort: Some(sort),
+            bits,
+            page: 10,
+            ..View::default()
+        }
+    }
+
+    fn sort(&self) -> SortKey {
+        self.sort.unwrap_or(SortKey::Rate)
+    }
+
+    /// The lines on screen, before scrolling: filtered, grouped, sorted.
+    fn lines(&self) -> Vec<Entry> {
+        let mut lines = if self.grouped {
+            group_by_hosts(&self.rows)
+        } else {
+            self.rows.iter().map(Entry::of).collect()
+        };
+        let needle = self.filter.to_lowercase();
+        if !needle.is_empty() {
+            lines.retain(|l| l.text().contains(&needle));
+        }
+        sort_lines(&mut lines, self.sort(), self.reverse);
+        lines
+    }
+
+    /// Handles one key press.
+    pub fn key(&mut self, k: KeyEvent) -> Action {
+        if k.kind != KeyEventKind::Press {
+            return Action::Nothing;
+        }
+        if let Typing::Filter(text) = &mut self.typing {
+            match k.code {
+                KeyCode::Enter => {
+                    self.filter = std::mem::take(text);
+                    self.typing = Typing::No;
+                }
+                KeyCode::Esc => self.typing = Typing::No,
+                KeyCode::Backspace => {
+                    text.pop();
+                }
+                KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => {
+                    return Action::Quit
+                }
+                KeyCode::Char(c) => text.push(c),
+                _ => return Action::Nothing,
+            }
+            self.scroll = 0;
+            return Action::Redraw;
+        }
+        let lines = self.lines().len();
+        let last = lines.saturating_sub(self.page.max(1));
+        let sort = |v: &mut View, key| {
+            v.sort = Some(key);
+            v.scroll = 0;
+        };
+        match k.code {
+            KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => {
+                return Action::Quit
+            }
+            KeyCode::Char('q') => return Action::Quit,
+            KeyCode::Esc if self.help => self.help = false,
+            KeyCode::Esc if !self.filter.is_empty() => self.filter.clear(),
+            KeyCode::Esc => return Action::Quit,
+            KeyCode::Char('?') | KeyCode::Char('h') => self.help = !self.help,
+            KeyCode::Char(' ') | KeyCode::Char('p') => self.paused = !self.paused,
+            KeyCode::Char('/') => self.typing = Typing::Filter(self.filter.clone()),
+            KeyCode::Char('g') => {
+                self.grouped = !self.grouped;
+                self.scroll = 0;
+            }
+            KeyCode::Char('b') => self.bits = !self.bits,
+            KeyCode::Char('s') => {
+                let next = self.sort().step(1);
+                sort(self, next);
+            }
+            KeyCode::Char('S') => {
+                let prev = self.sort().step(-1);
+                sort(self, prev);
+            }
+            KeyCode::Char('r') => self.reverse = !self.reverse,
+            KeyCode::Char('1') => sort(self, SortKey::Rate),
+            KeyCode::Char('2') => sort(self, SortKey::Packets),
+            KeyCode::Char('3') | KeyCode::Char('t') => sort(self, SortKey::Bytes),
+            KeyCode::Char('4') | KeyCode::Char('l') => sort(self, SortKey::Latency),
+            KeyCode::Char('5') | KeyCode::Char('a') => sort(self, SortKey::Age),
+            KeyCode::Char('j') | KeyCode::Down => self.scroll = (self.scroll + 1).min(last),
+            KeyCode::Char('k') | KeyCode::Up => self.scroll = self.scroll.saturating_sub(1),
+            KeyCode::PageDown | KeyCode::Char('f') => {
+                self.scroll = (self.scroll + self.page.max(1)).min(last)
+            }
+            KeyCode::PageUp | KeyCode::Char('u') => {
+                self.scroll = self.scroll.saturating_sub(self.page.max(1))
+            }
+            KeyCode::Home => self.scroll = 0,
+            KeyCode::End | KeyCode::Char('G') => self.scroll = last,
+            _ => return Action::Nothing,
+        }
+        Action::Redraw
+    }
+
+    /// A new snapshot's rows.
+    fn show(&mut self, taken: SystemTime, rows: Vec<FlowRow>) {
+        self.rows = rows;
+        self.taken = Some(taken);
+    }
 }
 
 /// Restores the terminal however `run` ends (ratatui's panic hook covers panics).
@@ -326,9 +809,15 @@ impl Drop for Restore {
 /// Runs the live view until `q`, Ctrl-C or SIGTERM.
 pub fn run(args: TopArgs) -> anyhow::Result<()> {
     use std::io::IsTerminal;
-    let req = list_request(&args.query)?;
+    let req = proto::ListFlowsRequest {
+        page_size: PAGE,
+        ..crate::cli::flows::list_request(&args.query)?
+    };
     if !std::io::stdout().is_terminal() {
-        bail!("flowlens top needs a terminal; for scripts use `flowlens watch --json` or the ListFlows RPC");
+        bail!(
+            "flowlens top needs a terminal; on a pipe use `flowlens flows` (the flows in \
+             progress, --json for scripts) or `flowlens watch --json` (flows as they end)"
+        );
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -337,15 +826,7 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
     let tty = Terminal::open().context("opening the terminal")?;
     let mut terminal = ratatui::try_init().context("setting up the terminal")?;
     let _restore = Restore;
-    let mut view = View {
-        server: args.query.server.clone(),
-        rows: Vec::new(),
-        taken: None,
-        sort: args.sort,
-        reverse: false,
-        paused: false,
-        error: None,
-    };
+    let mut view = View::new(&args.query.agent.server, args.sort, args.bits);
     let mut client = None;
     let mut rates = Rates::default();
     let mut next_fetch = Instant::now();
@@ -359,9 +840,8 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
             match rt.block_on(fetch(&args.query, &mut client, &req)) {
                 Ok((taken, flows)) => {
                     if view.taken != Some(taken) {
-                        view.rows = rates.update(taken, flows);
-                        view.taken = Some(taken);
-                        sort_rows(&mut view.rows, view.sort, view.reverse);
+                        let rows = rates.update(taken, flows);
+                        view.show(taken, rows);
                         dirty = true;
                     }
                     dirty |= view.error.take().is_some();
@@ -379,194 +859,267 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
             }
         }
         if std::mem::take(&mut dirty) {
-            draw(&mut terminal, &view)?;
+            terminal
+                .draw(|f| render_view(f, &mut view))
+                .context("drawing the screen")?;
         }
         // A signal may be taken on another thread and not wake the wait: it is bounded.
         let wait = next_fetch
             .saturating_duration_since(Instant::now())
             .min(Duration::from_millis(250));
-        let k = match tty.next(wait) {
-            Input::Event(Event::Key(k)) => {
-                dirty = true;
-                k
-            }
-            Input::Event(Event::Resize(..)) => {
-                dirty = true;
-                continue;
-            }
-            Input::Event(_) | Input::Idle => continue,
+        match tty.next(wait) {
+            Input::Event(Event::Key(k)) => match view.key(k) {
+                Action::Quit => break,
+                Action::Redraw => dirty = true,
+                Action::Nothing => {}
+            },
+            Input::Event(Event::Resize(..)) => dirty = true,
+            Input::Event(_) | Input::Idle => {}
             // Nobody is left to see the screen or an error.
             Input::Gone(_) => break,
-        };
-        if k.kind != KeyEventKind::Press {
-            continue;
-        }
-        let sort = |v: &mut View, key| {
-            v.sort = key;
-            sort_rows(&mut v.rows, v.sort, v.reverse);
-        };
-        match k.code {
-            KeyCode::Char('q') | KeyCode::Esc => break,
-            KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => break,
-            KeyCode::Char(' ') | KeyCode::Char('p') => view.paused = !view.paused,
-            KeyCode::Char('s') => {
-                let next = view.sort.next();
-                sort(&mut view, next);
-            }
-            KeyCode::Char('b') => sort(&mut view, SortKey::Rate),
-            KeyCode::Char('k') => sort(&mut view, SortKey::Packets),
-            KeyCode::Char('t') => sort(&mut view, SortKey::Bytes),
-            KeyCode::Char('l') => sort(&mut view, SortKey::Latency),
-            KeyCode::Char('a') => sort(&mut view, SortKey::Age),
-            KeyCode::Char('r') => {
-                view.reverse = !view.reverse;
-                sort_rows(&mut view.rows, view.sort, view.reverse);
-            }
-            _ => {}
         }
     }
     Ok(())
 }
 
-/// One listing, connecting first when there is no connection.
-async fn fetch(
-    q: &FlowQuery,
-    client: &mut Option<FlowLensClient<Channel>>,
-    req: &proto::ListFlowsRequest,
-) -> anyhow::Result<(SystemTime, Vec<FlowRecord>)> {
-    let c = match client {
-        Some(c) => c,
-        None => client.insert(q.connect().await?),
-    };
-    list_all(c, req)
-        .await
-        .map_err(|s| anyhow::anyhow!("listing flows at {}: {}", q.server, describe(&s)))
+/// `text` in lines of at most `width` characters, broken at spaces where it can be.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let width = width.max(1);
+    let mut out = Vec::new();
+    let mut line = String::new();
+    for word in text.split(' ') {
+        let mut word = word.to_owned();
+        loop {
+            let len = line.chars().count();
+            let sep = usize::from(len > 0);
+            if len + sep + word.chars().count() <= width {
+                if sep == 1 {
+                    line.push(' ');
+                }
+                line.push_str(&word);
+                break;
+            }
+            if len > 0 {
+                out.push(std::mem::take(&mut line));
+                continue;
+            }
+            // A word longer than a line is cut where the line ends.
+            let rest: String = word.chars().skip(width).collect();
+            out.push(word.chars().take(width).collect());
+            word = rest;
+            if word.is_empty() {
+                break;
+            }
+        }
+    }
+    if !line.is_empty() || out.is_empty() {
+        out.push(line);
+    }
+    out
 }
 
-fn draw(terminal: &mut DefaultTerminal, view: &View) -> anyhow::Result<()> {
-    terminal
-        .draw(|f| render_view(f, view))
-        .context("drawing the screen")?;
-    Ok(())
-}
-
-fn rate(v: Option<f64>) -> String {
-    v.map_or_else(|| "-".into(), |v| format!("{}/s", size(v.round() as u64)))
-}
-
-fn header_lines(view: &View) -> Vec<Line<'static>> {
+/// The header: what is shown and from where, per-interface totals, then the state of the
+/// view (sort, pause, filter, grouping, position) and any error, in full.
+fn header_lines(view: &View, shown: (usize, usize, usize), width: usize) -> Vec<Line<'static>> {
     let when = view.taken.map_or_else(
         || "waiting for the first snapshot".into(),
         |t| {
             let s = humantime::format_rfc3339_seconds(t).to_string();
-            format!("snapshot {} UTC", &s[11..19])
+            format!("{} UTC", &s[11..19])
         },
     );
-    let mut first = format!(
-        "flowlens top - {} - {when} - {} flows - sorted by {}{}",
-        view.server,
-        view.rows.len(),
-        view.sort.label(),
-        if view.reverse { " (reversed)" } else { "" }
-    );
-    if view.paused {
-        first.push_str(" - PAUSED");
-    }
-    let mut lines = vec![Line::styled(
-        first,
-        Style::default().add_modifier(Modifier::BOLD),
-    )];
+    let flows = format!("{} flows", view.rows.len());
+    let first = format!("flowlens top  {}  {when}  {flows}", view.server);
+    let bold = Style::default().add_modifier(Modifier::BOLD);
+    let mut lines: Vec<Line> = wrap(&first, width)
+        .into_iter()
+        .map(|l| Line::styled(l, bold))
+        .collect();
     let ifaces: Vec<String> = totals(&view.rows)
         .iter()
         .map(|t| {
             format!(
-                "{}: {} flows {} {} pkt/s",
+                "{}: {} flows {} {}",
                 t.name,
                 t.flows,
-                rate(Some(t.bytes_per_sec)),
-                count(t.packets_per_sec.round() as u64)
+                rate_unit(Some(t.bytes_per_sec), view.bits),
+                pps_unit(Some(t.packets_per_sec)).replace("/s", " pkt/s")
             )
         })
         .collect();
-    lines.push(Line::raw(if ifaces.is_empty() {
-        "no flows in progress".to_owned()
-    } else {
-        ifaces.join("   ")
-    }));
+    let second = match (&view.error, view.taken) {
+        (Some(_), _) => "not connected".to_owned(),
+        (None, None) => String::new(),
+        (None, Some(_)) if ifaces.is_empty() => "no flows in progress".to_owned(),
+        (None, Some(_)) => ifaces.join("   "),
+    };
+    lines.extend(wrap(&second, width).into_iter().map(Line::raw));
+    let (from, to, of) = shown;
+    let mut state = vec![format!(
+        "sort: {} {}",
+        view.sort().label(),
+        if view.reverse {
+            "(reversed)"
+        } else {
+            "(largest first)"
+        }
+    )];
+    if view.paused {
+        state.push("PAUSED".into());
+    }
+    if view.grouped {
+        state.push("grouped by host pair".into());
+    }
+    if !view.filter.is_empty() {
+        state.push(format!("filter: {}", view.filter));
+    }
+    if view.bits {
+        state.push("bits/s".into());
+    }
+    if of > 0 {
+        state.push(format!("rows {from}-{to} of {of}"));
+    }
+    let rev = Style::default().add_modifier(Modifier::REVERSED);
+    for l in wrap(&state.join("  |  "), width) {
+        let style = if view.paused { rev } else { Style::default() };
+        lines.push(Line::styled(l, style));
+    }
     if let Some(e) = &view.error {
-        lines.push(Line::styled(
-            e.clone(),
-            Style::default().add_modifier(Modifier::REVERSED),
-        ));
+        lines.extend(wrap(e, width).into_iter().map(|l| Line::styled(l, rev)));
     }
     lines
 }
 
-fn render_view(f: &mut Frame, view: &View) {
-    let head = header_lines(view);
-    let [top, body, foot] = Layout::vertical([
+/// The key line: as many keys as fit, the filter being typed instead while typing.
+fn footer(view: &View, width: usize) -> String {
+    if let Typing::Filter(text) = &view.typing {
+        return format!("filter: {text}_   (Enter keep, Esc cancel)");
+    }
+    let keys = [
+        "? help",
+        "q quit",
+        "/ filter",
+        "g group",
+        "b bits",
+        "s sort",
+        "r reverse",
+        "p pause",
+        "j/k scroll",
+        "1-5 sort by",
+    ];
+    let mut s = String::new();
+    for k in keys {
+        if s.chars().count() + 2 + k.len() > width {
+            break;
+        }
+        if !s.is_empty() {
+            s.push_str("  ");
+        }
+        s.push_str(k);
+    }
+    s
+}
+
+pub fn render_view(f: &mut Frame, view: &mut View) {
+    let area = f.area();
+    let width = usize::from(area.width);
+    let lines = view.lines();
+    // The table's height is what the header and footer leave: known once the header is.
+    let guess = header_lines(view, (0, 0, 0), width).len() as u16;
+    let body = area.height.saturating_sub(guess + 1).saturating_sub(1);
+    view.page = usize::from(body).max(1);
+    view.scroll = view.scroll.min(lines.len().saturating_sub(view.page));
+    let to = (view.scroll + view.page).min(lines.len());
+    let shown = (
+        view.scroll + usize::from(!lines.is_empty()),
+        to,
+        lines.len(),
+    );
+    let head = header_lines(view, shown, width);
+    let [top, table, foot] = Layout::vertical([
         Constraint::Length(head.len() as u16),
         Constraint::Min(1),
         Constraint::Length(1),
     ])
-    .areas(f.area());
+    .areas(area);
     f.render_widget(Paragraph::new(head), top);
-    let widths = [
-        Constraint::Length(6),
-        Constraint::Min(21),
-        Constraint::Min(21),
-        Constraint::Length(10),
-        Constraint::Length(7),
-        Constraint::Length(7),
-        Constraint::Length(7),
-        Constraint::Length(7),
-        Constraint::Length(6),
-        Constraint::Length(5),
-        Constraint::Length(5),
-        Constraint::Length(6),
-        Constraint::Length(6),
-    ];
-    let header = Row::new([
-        "PROTO", "CLIENT", "SERVER", "IFACE", "STATE", "RATE", "C>S", "S>C", "PKT/s", "BYTES",
-        "AGE", "RTT", "SRV",
-    ])
+    let visible = &lines[view.scroll.min(lines.len())..to];
+    let cols = fit_columns(width, visible, view.bits, view.grouped);
+    let sorted = view.sort().column();
+    let header = Row::new(cols.iter().map(|&(c, w)| {
+        let mut t = c.title(view.grouped).to_owned();
+        if c == sorted {
+            t.push(if view.reverse { '▲' } else { '▼' });
+        }
+        align(&t, w, c.right_aligned())
+    }))
     .style(Style::default().add_modifier(Modifier::REVERSED));
-    let rows = view.rows.iter().map(|r| {
-        let t = r.rec.tcp.as_ref();
-        let lat = |v: Option<u64>| v.map_or_else(|| "-".into(), render::latency);
-        Row::new(vec![
-            render::proto_label(r.rec.protocol),
-            client_endpoint(&r.rec),
-            server_endpoint(&r.rec),
-            r.rec.interface.clone(),
-            t.map_or("-", |t| render::state_short(t.state)).to_owned(),
-            rate(r.bytes_per_sec()),
-            rate(r.rate.map(|[c, _]| c)),
-            rate(r.rate.map(|[_, s]| s)),
-            r.pps
-                .map_or_else(|| "-".into(), |p| count(p.round() as u64)),
-            size(r.rec.total_bytes()),
-            render::duration(r.age),
-            lat(t
-                .and_then(handshake_rtt)
-                .or_else(|| r.rec.icmp.and_then(|i| i.echo_rtt).map(|l| l.mean_ns()))),
-            lat(t.and_then(|t| t.server_latency).map(|l| l.mean_ns())),
-        ])
+    let rows = visible.iter().map(|l| {
+        Row::new(cols.iter().map(|&(c, w)| {
+            let v = c.cell(l, view.bits);
+            let v = match c {
+                Col::Client | Col::Server | Col::Iface | Col::Proto => shorten_middle(&v, w),
+                _ => v,
+            };
+            align(&v, w, c.right_aligned())
+        }))
     });
-    f.render_widget(Table::new(rows, widths).header(header), body);
+    let widths: Vec<Constraint> = cols
+        .iter()
+        .map(|&(_, w)| Constraint::Length(w as u16))
+        .collect();
     f.render_widget(
-        Paragraph::new(
-            "q quit  space pause  s sort  b bytes/s  k pkt/s  t total  l latency  a age  r reverse",
-        )
-        .style(Style::default().add_modifier(Modifier::DIM)),
+        Table::new(rows, widths).header(header).column_spacing(1),
+        table,
+    );
+    f.render_widget(
+        Paragraph::new(footer(view, width)).style(Style::default().add_modifier(Modifier::DIM)),
         foot,
+    );
+    if view.help {
+        help_box(f, area);
+    }
+}
+
+fn align(s: &str, w: usize, right: bool) -> String {
+    if right {
+        format!("{s:>w$}")
+    } else {
+        format!("{s:<w$}")
+    }
+}
+
+/// The `?` screen, over the table.
+fn help_box(f: &mut Frame, area: Rect) {
+    let text: Vec<Line> = KEYS_HELP.lines().map(|l| Line::raw(l.to_owned())).collect();
+    let w = area.width.min(104);
+    let h = area.height.min(text.len() as u16 + 2);
+    let r = Rect {
+        x: area.x + (area.width - w) / 2,
+        y: area.y + (area.height - h) / 2,
+        width: w,
+        height: h,
+    };
+    f.render_widget(Clear, r);
+    f.render_widget(
+        Paragraph::new(text)
+            .wrap(ratatui::widgets::Wrap { trim: false })
+            .block(
+                Block::default()
+                    .borders(Borders::ALL)
+                    .title(" flowlens top: keys (? or Esc closes) "),
+            ),
+        r,
     );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::flow::{DirStats, EndReason, Hook, IPPROTO_TCP, IPPROTO_UDP};
+    use crate::record::flow::{
+        DirStats, EndReason, Hook, Latency, TcpInfo, TcpState, IPPROTO_TCP, IPPROTO_UDP,
+    };
+    use ratatui::backend::TestBackend;
     use std::time::UNIX_EPOCH;
 
     fn rec(port: u16, proto: u8, bytes: u64, packets: u64) -> FlowRecord {
@@ -574,6 +1127,7 @@ mod tests {
             flow_id: u64::from(port),
             observer: "host1".into(),
             window_start: UNIX_EPOCH + Duration::from_secs(1000),
+            emitted: UNIX_EPOCH + Duration::from_secs(1002),
             continuation: false,
             fragment: false,
             ip_version: 4,
@@ -604,6 +1158,10 @@ mod tests {
         }
     }
 
+    fn entries(rows: &[FlowRow]) -> Vec<Entry> {
+        rows.iter().map(Entry::of).collect()
+    }
+
     #[test]
     fn rates_come_from_consecutive_snapshots() {
         let t0 = UNIX_EPOCH + Duration::from_secs(1002);
@@ -628,7 +1186,7 @@ mod tests {
         let rows = rates.update(t0 + Duration::from_secs(1), vec![again]);
         assert_eq!(rows[0].rate, Some([1000.0, 0.0]));
 
-        let mut rows = rates.update(
+        let rows = rates.update(
             t0 + Duration::from_secs(2),
             vec![
                 rec(2, IPPROTO_UDP, 1000, 1),
@@ -636,13 +1194,14 @@ mod tests {
                 rec(4, IPPROTO_TCP, 5000, 90),
             ],
         );
-        sort_rows(&mut rows, SortKey::Rate, false);
-        let ports: Vec<u16> = rows.iter().map(|r| r.rec.client_port).collect();
-        assert_eq!(ports, [3, 4, 2]);
-        sort_rows(&mut rows, SortKey::Packets, false);
-        assert_eq!(rows[0].rec.client_port, 4);
-        sort_rows(&mut rows, SortKey::Rate, true);
-        assert_eq!(rows[0].rec.client_port, 2);
+        let mut lines = entries(&rows);
+        let ports = |l: &[Entry]| -> Vec<String> { l.iter().map(|e| e.client.clone()).collect() };
+        sort_lines(&mut lines, SortKey::Rate, false);
+        assert_eq!(ports(&lines), ["10.0.0.1:3", "10.0.0.1:4", "10.0.0.1:2"]);
+        sort_lines(&mut lines, SortKey::Packets, false);
+        assert_eq!(lines[0].client, "10.0.0.1:4");
+        sort_lines(&mut lines, SortKey::Rate, true);
+        assert_eq!(lines[0].client, "10.0.0.1:2");
         let t = totals(&rows);
         assert_eq!((t[0].name.as_str(), t[0].flows), ("eth1", 1));
         assert_eq!((t[1].name.as_str(), t[1].flows), ("eth0", 2));
@@ -670,17 +1229,299 @@ mod tests {
     }
 
     #[test]
-    fn end_reason_is_refused_for_flows_in_progress() {
+    fn numbers_carry_their_units() {
+        assert_eq!(rate_unit(Some(1_048_576.0), false), "1.0MB/s");
+        assert_eq!(rate_unit(Some(840.0), false), "840B/s");
+        assert_eq!(rate_unit(Some(1_000_000.0), true), "8.0Mb/s");
+        assert_eq!(rate_unit(Some(500.0), true), "4.0kb/s");
+        assert_eq!(rate_unit(Some(100.0), true), "800b/s");
+        assert_eq!(rate_unit(None, true), "-");
+        assert_eq!(bytes_unit(1_400), "1.4KB");
+        assert_eq!(bytes_unit(12), "12B");
+        assert_eq!(pps_unit(Some(12_345.0)), "12k/s");
+        for v in [0.0, 999.0, 1023.0, 1e6, 1e9, 1e12, 5e15] {
+            assert!(rate_unit(Some(v), false).chars().count() <= 8);
+            assert!(rate_unit(Some(v), true).chars().count() <= 8);
+        }
+    }
+
+    #[test]
+    fn long_addresses_are_shortened_in_the_middle() {
+        let a = "[fd00:a:abcd:ef01:2345:6789:abcd:ef01]:5201";
+        let s = shorten_middle(a, 21);
+        assert_eq!(s, "[fd00:a:ab…ef01]:5201");
+        assert_eq!(s.chars().count(), 21);
+        assert_eq!(shorten_middle("10.0.0.1:80", 21), "10.0.0.1:80");
+    }
+
+    #[test]
+    fn host_pairs_sum_their_flows() {
+        let mut rates = Rates::default();
+        let t0 = UNIX_EPOCH + Duration::from_secs(1002);
+        rates.update(
+            t0,
+            vec![rec(1, IPPROTO_TCP, 0, 0), rec(3, IPPROTO_UDP, 0, 0)],
+        );
+        let rows = rates.update(
+            t0 + Duration::from_secs(1),
+            vec![rec(1, IPPROTO_TCP, 1000, 10), rec(3, IPPROTO_UDP, 500, 5)],
+        );
+        let g = group_by_hosts(&rows);
+        assert_eq!(g.len(), 1);
+        assert_eq!(
+            (g[0].client.as_str(), g[0].server.as_str()),
+            ("10.0.0.1", "10.0.0.2")
+        );
+        assert_eq!((g[0].flows, g[0].proto.as_str()), (2, "*"));
+        assert_eq!(g[0].rate, Some([1500.0, 0.0]));
+        assert_eq!(g[0].bytes, 1500);
+    }
+
+    /// A view of `n` flows, IPv4 and IPv6 (long addresses), after two snapshots.
+    fn busy_view(n: u16) -> View {
+        let mut flows = Vec::new();
+        for i in 0..n {
+            let mut r = rec(40000 + i, IPPROTO_TCP, 0, 0);
+            if i % 2 == 1 {
+                r.ip_version = 6;
+                r.client_addr = "fd00:a:abcd:ef01:2345:6789:abcd:1".parse().unwrap();
+                r.server_addr = "fd00:a:abcd:ef01:2345:6789:abcd:2".parse().unwrap();
+            }
+            r.tcp = Some(TcpInfo {
+                client_flags: 0x12,
+                server_flags: 0x12,
+                state: TcpState::Established,
+                handshake_client_ns: Some(120_000),
+                handshake_server_ns: Some(30_000),
+                syn_retransmits: 0,
+                late_start: false,
+                client_latency: None,
+                server_latency: Some(Latency {
+                    count: 4,
+                    sum_ns: 4_000_000,
+                    min_ns: 900_000,
+                    max_ns: 1_100_000,
+                    jitter_ns: None,
+                }),
+            });
+            flows.push(r);
+        }
+        let mut rates = Rates::default();
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_795_637_000);
+        rates.update(t0, flows.clone());
+        for (i, f) in flows.iter_mut().enumerate() {
+            f.client.bytes = 1_000_000 * (i as u64 + 1);
+            f.server.bytes = 20_000;
+            f.client.packets = 900;
+        }
+        let mut view = View::new("unix:/run/flowlens/flowlens.sock", SortKey::Rate, false);
+        let rows = rates.update(t0 + Duration::from_secs(1), flows);
+        view.show(t0 + Duration::from_secs(1), rows);
+        view
+    }
+
+    fn screen(view: &mut View, w: u16, h: u16) -> Vec<String> {
+        let mut t = ratatui::Terminal::new(TestBackend::new(w, h)).unwrap();
+        t.draw(|f| render_view(f, view)).unwrap();
+        let buf = t.backend().buffer().clone();
+        (0..h)
+            .map(|y| {
+                (0..w)
+                    .map(|x| buf[(x, y)].symbol().to_owned())
+                    .collect::<String>()
+                    .trim_end()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    /// The table's rows: the lines after the column header, up to the footer.
+    fn table(lines: &[String]) -> (String, Vec<String>) {
+        let at = lines
+            .iter()
+            .position(|l| l.trim_start().starts_with("PROTO"))
+            .expect("a column header");
+        let rows = lines[at + 1..lines.len() - 1]
+            .iter()
+            .filter(|l| !l.is_empty())
+            .cloned()
+            .collect();
+        (lines[at].clone(), rows)
+    }
+
+    /// Every cell of every row is whole: addresses whole or shortened around "…", numbers
+    /// with their units.
+    fn assert_readable(lines: &[String], w: usize) {
+        let (header, rows) = table(lines);
+        let v6 = [
+            "[fd00:a:abcd:ef01:2345:6789:abcd:1]",
+            "[fd00:a:abcd:ef01:2345:6789:abcd:2]",
+        ];
+        assert!(!rows.is_empty());
+        for row in &rows {
+            assert!(row.chars().count() <= w, "{row}");
+            let cells: Vec<&str> = row.split_whitespace().collect();
+            for (i, c) in cells.iter().enumerate() {
+                let endpoint = i == 1 || i == 2;
+                if endpoint {
+                    let whole = c.starts_with("10.0.0.") || v6.iter().any(|a| c.starts_with(a));
+                    let short =
+                        c.contains('…') && (c.starts_with("[fd00:") || c.starts_with("10."));
+                    assert!(whole || short, "address cut: {c:?} in {row}");
+                    assert!(
+                        c.ends_with(|ch: char| ch.is_ascii_digit()),
+                        "port cut: {row}"
+                    );
+                } else if i > 2 && *c != "-" && *c != "estab" && !c.starts_with("eth") {
+                    let unit = ["B/s", "b/s", "/s", "B", "s", "m", "h", "d"]
+                        .iter()
+                        .any(|u| c.ends_with(u));
+                    assert!(unit, "{c:?} has no unit in {row}\n{header}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_table_reads_at_80_100_and_200_columns() {
+        for (w, cols) in [
+            (
+                80u16,
+                &[
+                    "PROTO", "CLIENT", "SERVER", "STATE", "RATE▼", "BYTES", "AGE",
+                ][..],
+            ),
+            (100, &["C>S", "S>C", "RTT"][..]),
+            (200, &["IFACE", "PKT/s", "SRV"][..]),
+        ] {
+            let mut view = busy_view(6);
+            let lines = screen(&mut view, w, 24);
+            eprintln!("{w} columns:\n{}", lines.join("\n"));
+            let (header, _) = table(&lines);
+            for c in cols {
+                assert!(header.contains(c), "{w} columns: no {c} in {header}");
+            }
+            assert_readable(&lines, usize::from(w));
+            let text = lines.join("\n");
+            if w == 200 {
+                assert!(
+                    text.contains("[fd00:a:abcd:ef01:2345:6789:abcd:1]:40001"),
+                    "{text}"
+                );
+                assert!(!text.contains('…'), "{text}");
+            }
+            if w == 80 {
+                assert!(text.contains('…'), "{text}");
+                assert!(text.contains("10.0.0.1:40000"), "{text}");
+            }
+        }
+    }
+
+    fn press(view: &mut View, c: KeyCode) -> Action {
+        view.key(KeyEvent::new(c, KeyModifiers::NONE))
+    }
+
+    #[test]
+    fn keys_scroll_filter_group_toggle_bits_and_help() {
+        let mut view = busy_view(40);
+        let lines = screen(&mut view, 100, 20);
+        let (_, rows) = table(&lines);
+        let first = rows[0].clone();
+        assert!(lines.iter().any(|l| l.contains("rows 1-")), "{lines:#?}");
+        press(&mut view, KeyCode::Char('j'));
+        let (_, rows) = table(&screen(&mut view, 100, 20));
+        assert_eq!(rows[0], table(&lines).1[1], "j scrolls one line");
+        press(&mut view, KeyCode::PageDown);
+        let s = screen(&mut view, 100, 20);
+        assert!(!table(&s).1.contains(&first));
+        press(&mut view, KeyCode::End);
+        let s = screen(&mut view, 100, 20);
+        assert!(s.iter().any(|l| l.contains("of 40")), "{s:#?}");
+        assert!(table(&s).1.last().unwrap().contains(":40000"), "{s:#?}");
+        press(&mut view, KeyCode::Home);
+
+        // b: bits per second.
+        press(&mut view, KeyCode::Char('b'));
+        let s = screen(&mut view, 100, 20);
+        assert!(table(&s).1[0].contains("Mb/s"), "{s:#?}");
+        press(&mut view, KeyCode::Char('b'));
+
+        // /: only the rows whose text holds the filter.
+        press(&mut view, KeyCode::Char('/'));
+        for c in ":40003".chars() {
+            press(&mut view, KeyCode::Char(c));
+        }
+        assert!(screen(&mut view, 100, 20)
+            .last()
+            .unwrap()
+            .contains("filter: :40003_"));
+        press(&mut view, KeyCode::Enter);
+        let s = screen(&mut view, 100, 20);
+        let (_, rows) = table(&s);
+        assert_eq!(rows.len(), 1, "{s:#?}");
+        assert!(s.iter().any(|l| l.contains("filter: :40003")));
+        assert_eq!(
+            press(&mut view, KeyCode::Esc),
+            Action::Redraw,
+            "Esc clears the filter"
+        );
+        assert_eq!(table(&screen(&mut view, 100, 20)).1.len(), 15);
+
+        // g: one line per host pair (IPv4 and IPv6 here), with its number of flows.
+        press(&mut view, KeyCode::Char('g'));
+        let s = screen(&mut view, 100, 20);
+        let (header, rows) = table(&s);
+        assert!(header.contains("FLOWS"), "{header}");
+        assert_eq!(rows.len(), 2, "{s:#?}");
+        assert!(rows.iter().all(|r| r.contains(" 20 ")), "{s:#?}");
+
+        // ?: the keys, over the table; Esc closes it.
+        press(&mut view, KeyCode::Char('?'));
+        let s = screen(&mut view, 100, 30).join("\n");
+        assert!(
+            s.contains("group by host pair") && s.contains("PageDown"),
+            "{s}"
+        );
+        press(&mut view, KeyCode::Esc);
+        assert!(!screen(&mut view, 100, 30).join("\n").contains("PageDown"));
+        assert_eq!(press(&mut view, KeyCode::Char('q')), Action::Quit);
+    }
+
+    #[test]
+    fn an_error_is_shown_whole_and_not_as_an_empty_listing() {
+        let mut view = View::new("unix:/run/flowlens/flowlens.sock", SortKey::Rate, false);
+        view.paused = true;
+        view.error = Some(
+            "no flowlens agent at unix:/run/flowlens/flowlens.sock (connection refused): start \
+             it (`flowlens run`, or `systemctl start flowlens`), or pass --server where it \
+             listens; retrying"
+                .into(),
+        );
+        let s = screen(&mut view, 80, 24).join("\n");
+        assert!(s.contains("not connected"), "{s}");
+        assert!(!s.contains("no flows in progress"), "{s}");
+        assert!(s.contains("PAUSED"), "{s}");
+        let flat = s.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(flat.contains("where it listens; retrying"), "{s}");
+    }
+
+    #[test]
+    fn top_takes_the_filters_of_watch_but_no_end_reason() {
         let q = FlowQuery {
-            end_reason: Some("tcp_fin".into()),
+            proto: vec!["udp".into()],
+            port: vec!["53".into(), "5353".into()],
             ..Default::default()
         };
-        let err = list_request(&q).unwrap_err();
-        assert!(format!("{err:#}").contains("--end-reason"), "{err:#}");
-        let q = FlowQuery {
-            proto: Some("udp".into()),
-            ..Default::default()
-        };
-        assert_eq!(list_request(&q).unwrap().include[0].protocol, Some(17));
+        let req = crate::cli::flows::list_request(&q).unwrap();
+        assert_eq!(req.include.len(), 2);
+        assert!(req.include.iter().all(|f| f.protocol == Some(17)));
+        use clap::CommandFactory;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            top: TopArgs,
+        }
+        let help = Cli::command().render_long_help().to_string();
+        assert!(!help.contains("--end-reason"), "{help}");
     }
 }

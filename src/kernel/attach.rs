@@ -1,6 +1,6 @@
 //! Attaches the flow programs to selected interfaces (TCX, or clsact TC on older kernels) and follows interfaces as they come and go.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
 use std::fs;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use libbpf_rs::{TcHook, TcHookBuilder, TC_EGRESS, TC_INGRESS};
-use log::{info, warn};
-use regex::Regex;
+use log::{debug, info, warn};
 use thiserror::Error;
 
 use crate::kernel::datapath::Datapath;
@@ -34,48 +33,20 @@ pub enum AttachError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Untrusted(#[from] crate::kernel::preflight::PreflightError),
     #[error("duplicating a program fd: {0}")]
     Fd(#[source] std::io::Error),
 }
 
-/// An interface name pattern: `/regex/`, a glob (`veth*`), or a literal name.
-#[derive(Debug, Clone)]
-pub enum Pattern {
-    Regex(Regex),
-    Glob(glob::Pattern),
-}
+/// An interface name pattern, as `--interface` takes it: the same grammar filters use.
+pub use crate::record::filter::NamePattern as Pattern;
 
-impl Pattern {
-    pub fn parse(s: &str) -> Result<Pattern, AttachError> {
-        let err = |reason: String| AttachError::Pattern {
-            pattern: s.to_owned(),
-            reason,
-        };
-        if s.is_empty() {
-            return Err(err("empty pattern".into()));
-        }
-        if s.len() >= 2 && s.starts_with('/') && s.ends_with('/') {
-            let re = Regex::new(&format!("^(?:{})$", &s[1..s.len() - 1]))
-                .map_err(|e| err(e.to_string()))?;
-            return Ok(Pattern::Regex(re));
-        }
-        glob::Pattern::new(s)
-            .map(Pattern::Glob)
-            .map_err(|e| err(e.to_string()))
-    }
-
-    pub fn matches(&self, name: &str) -> bool {
-        match self {
-            Pattern::Regex(r) => r.is_match(name),
-            Pattern::Glob(g) => g.matches(name),
-        }
-    }
-
-    /// A plain interface name, not a glob or regex.
-    pub fn is_literal(&self) -> bool {
-        match self {
-            Pattern::Regex(_) => false,
-            Pattern::Glob(g) => !g.as_str().contains(['*', '?', '[']),
+impl From<crate::record::filter::PatternError> for AttachError {
+    fn from(e: crate::record::filter::PatternError) -> AttachError {
+        AttachError::Pattern {
+            pattern: e.pattern,
+            reason: e.reason,
         }
     }
 }
@@ -207,6 +178,15 @@ enum Hooks {
     },
 }
 
+impl Hooks {
+    fn kind(&self) -> &'static str {
+        match self {
+            Hooks::Tcx { .. } => "tcx",
+            Hooks::Tc { .. } => "tc",
+        }
+    }
+}
+
 struct Attachment {
     name: String,
     hooks: Hooks,
@@ -319,6 +299,9 @@ pub struct Attacher {
     stale_pins_swept: bool,
     /// TCX proved unavailable: stop trying it.
     tcx_unsupported: bool,
+    /// Interfaces whose attachment failed at the last sync: retried every sync, warned
+    /// about once until they attach.
+    failing: HashSet<u32>,
 }
 
 /// TC filter priority and handle used for our clsact filters.
@@ -336,15 +319,14 @@ impl Attacher {
             link_dir: None,
             stale_pins_swept: false,
             tcx_unsupported: false,
+            failing: HashSet::new(),
         }
     }
 
-    /// Pins TCX links under `dir` and takes over links a previous agent pinned there.
+    /// Pins TCX links under `dir` and takes over links a previous agent pinned there
+    /// (once everything in it is checked to be root's alone).
     pub fn pin_links(&mut self, dir: PathBuf) -> Result<(), AttachError> {
-        fs::create_dir_all(&dir).map_err(|source| AttachError::Pin {
-            path: dir.clone(),
-            source,
-        })?;
+        crate::kernel::preflight::make_pin_dir(&dir)?;
         self.link_dir = Some(dir);
         Ok(())
     }
@@ -365,11 +347,12 @@ impl Attacher {
         }
     }
 
-    pub fn attached(&self) -> Vec<(u32, String)> {
+    /// Each interface attached to: (ifindex, name, "tcx" or "tc"), by ifindex.
+    pub fn attached(&self) -> Vec<(u32, String, &'static str)> {
         let mut v: Vec<_> = self
             .attached
             .iter()
-            .map(|(i, a)| (*i, a.name.clone()))
+            .map(|(i, a)| (*i, a.name.clone(), a.hooks.kind()))
             .collect();
         v.sort();
         v
@@ -378,6 +361,7 @@ impl Attacher {
     /// Attaches to newly selected interfaces and drops those gone or deselected.
     pub fn sync(&mut self, sel: &Selector) -> Result<SyncReport, AttachError> {
         let ifaces = list_interfaces()?;
+        self.failing.retain(|i| ifaces.contains_key(i));
         let mut report = SyncReport::default();
         let gone: Vec<u32> = self
             .attached
@@ -409,6 +393,7 @@ impl Attacher {
                         "attached to {} (ifindex {}) with {how}",
                         iface.name, iface.ifindex
                     );
+                    self.failing.remove(&iface.ifindex);
                     report.attached.push(iface.name.clone());
                     self.names
                         .write()
@@ -417,7 +402,11 @@ impl Attacher {
                     self.attached.insert(iface.ifindex, a);
                 }
                 Err(e) => {
-                    warn!("{e}");
+                    if self.failing.insert(iface.ifindex) {
+                        warn!("{e} (retried every sync; said again when it works)");
+                    } else {
+                        debug!("{e}");
+                    }
                     report.failed.push(iface.name.clone());
                 }
             }

@@ -34,6 +34,8 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Untrusted(#[from] crate::kernel::preflight::PreflightError),
     #[error("program {prog}: {source}")]
     Program {
         prog: &'static str,
@@ -254,6 +256,20 @@ fn pin_map(m: &mut OpenMapMut<'_>, name: &'static str, dir: &Path) -> Result<boo
     Ok(reuse)
 }
 
+/// Sends libbpf's own messages through the agent's logger at debug level (target
+/// `libbpf`) instead of straight to stderr: a failed load is one sentence of the agent's,
+/// and `--log-level debug` still shows libbpf's account of it.
+fn route_libbpf_output() {
+    fn to_log(_level: libbpf_rs::PrintLevel, msg: String) {
+        log::debug!(target: "libbpf", "{}", msg.trim_end());
+    }
+    let print = log::log_enabled!(target: "libbpf", log::Level::Debug).then_some((
+        libbpf_rs::PrintLevel::Debug,
+        to_log as libbpf_rs::PrintCallback,
+    ));
+    libbpf_rs::set_print(print);
+}
+
 impl Datapath {
     /// Opens the skeleton, applies capacities, and loads it into the kernel.
     pub fn load(cap: Capacities) -> Result<Datapath, DatapathError> {
@@ -266,6 +282,7 @@ impl Datapath {
         cap: Capacities,
         pin_root: Option<&Path>,
     ) -> Result<Datapath, DatapathError> {
+        route_libbpf_output();
         // The skeleton borrows its object storage for its whole life; the
         // agent keeps one datapath for the process, so leaking it is right.
         let storage: &'static mut MaybeUninit<OpenObject> =
@@ -296,10 +313,8 @@ impl Datapath {
         let pin_dir = pin_root.map(|root| root.join(format!("v{version}")));
         let mut reused = false;
         if let Some(dir) = &pin_dir {
-            std::fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir {
-                path: dir.clone(),
-                source,
-            })?;
+            // Root's alone, and checked before anything in it is reused.
+            crate::kernel::preflight::make_pin_dir(dir)?;
             let maps = &mut open.maps;
             reused |= pin_map(&mut maps.flows, "flows", dir)?;
             reused |= pin_map(&mut maps.flows_tcp, "flows_tcp", dir)?;

@@ -8,24 +8,24 @@
 //!   same clock bounds how long a kept-alive connection may sit idle.
 //! - **Bounded keep-alive.** A connection serves at most `max_requests_per_connection`
 //!   requests; the last response says `Connection: close`.
-//! - **Connection cap that slow clients cannot exhaust.** At most `max_connections` are open.
-//!   When a new one arrives at the cap, the oldest connection that is not in the middle of a
-//!   request is closed to make room: first among those that never completed a request (the
-//!   slowloris case), else among kept-alive idle ones. A connection only counts as "in a
-//!   request" from the moment its head has fully arrived until its response body has been
-//!   handed over, so holding a slot requires the very thing an attacker avoids doing. Only when
-//!   every slot is mid-request is the new connection refused.
+//! - **Connection cap that slow clients cannot exhaust** ([`crate::admission`], shared with
+//!   the gRPC listener). At most `max_connections` are open, `max_connections_per_source` from
+//!   one address. When a new one arrives at a cap, the oldest connection that is not in the
+//!   middle of a request is closed to make room: first among those that never sent a complete
+//!   request head (the slowloris case), else among kept-alive idle ones. A connection only
+//!   counts as "in a request" from the moment its head has fully arrived until its response
+//!   body has been handed over, so holding a slot requires the very thing an attacker avoids
+//!   doing. Only when every slot is mid-request is the new connection refused.
 //! - **Accept back-off.** When accepting fails (out of descriptors: EMFILE/ENFILE, or memory),
 //!   the loop sleeps 100 ms, doubling to 1 s, and logs once per episode instead of spinning.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc};
 use std::task::{Context as TaskContext, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
@@ -35,7 +35,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, info, warn};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::{Handle, Runtime};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
+
+use crate::admission::{self, Backoff, Busy, Caps, Connections, Episode, Held, Slot};
 
 /// Produces the exposition text for one scrape; called on a runtime worker, so keep it cheap.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
@@ -50,9 +52,6 @@ const MAX_HEAD: usize = 8 * 1024;
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
 /// How long `shutdown` waits for the server task to end.
 const SHUTDOWN_WAIT: Duration = Duration::from_millis(1500);
-/// First and longest pause after a failed accept.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// How much the endpoint lets one client hold; see the module documentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +60,8 @@ pub struct HttpLimits {
     pub request_timeout: Duration,
     /// Connections open at once.
     pub max_connections: usize,
+    /// Connections open at once from one address (an IPv6 /64).
+    pub max_connections_per_source: usize,
     /// Requests served on one kept-alive connection before it is closed.
     pub max_requests_per_connection: u32,
 }
@@ -70,6 +71,7 @@ impl Default for HttpLimits {
         HttpLimits {
             request_timeout: Duration::from_secs(5),
             max_connections: 32,
+            max_connections_per_source: 32,
             max_requests_per_connection: 100,
         }
     }
@@ -174,9 +176,13 @@ async fn run(
         .keep_alive(true)
         .max_buf_size(MAX_HEAD)
         .title_case_headers(true);
-    let conns = Arc::new(Mutex::new(Connections::default()));
+    let conns = Connections::new(Caps {
+        total: limits.max_connections,
+        per_source: limits.max_connections_per_source,
+    });
     let mut tasks = tokio::task::JoinSet::new();
     let mut backoff = Backoff::default();
+    let mut shedding = Episode::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -185,20 +191,20 @@ async fn run(
         };
         // Reap finished connection tasks so the set does not grow with every connection served.
         while tasks.try_join_next().is_some() {}
-        let stream = match accepted {
-            Ok((stream, _)) => {
+        let (stream, peer) = match accepted {
+            Ok(accepted) => {
                 if let Some((n, over)) = backoff.recovered() {
                     info!(
                         "metrics endpoint: accepting again after {n} failed accepts over {over:?}"
                     );
                 }
-                stream
+                accepted
             }
-            Err(e) if transient(&e) => continue,
+            Err(e) if admission::transient(&e) => continue,
             Err(e) => {
                 let pause = backoff.failed();
                 if backoff.first_of_episode() {
-                    warn!("metrics endpoint: accept: {e}; retrying every {BACKOFF_MIN:?} to {BACKOFF_MAX:?} until it succeeds");
+                    warn!("metrics endpoint: accept: {e}; retrying every {:?} to {:?} until it succeeds", admission::BACKOFF_MIN, admission::BACKOFF_MAX);
                 }
                 tokio::select! {
                     biased;
@@ -208,39 +214,36 @@ async fn run(
             }
         };
         let _ = stream.set_nodelay(true);
-        let Some((id, slot)) = lock(&conns).admit(limits.max_connections) else {
-            debug!(
-                "metrics endpoint: {} connections all mid-request; refusing one",
-                limits.max_connections
-            );
-            continue;
+        let admitted = match Connections::admit(&conns, Some(peer.ip())) {
+            Ok(a) => a,
+            Err(why) => {
+                debug!(
+                    "metrics endpoint: every connection mid-request ({why:?} cap); refusing {peer}"
+                );
+                continue;
+            }
         };
-        let (http, render, conns) = (http.clone(), render.clone(), conns.clone());
+        admission::log_shedding(
+            &mut shedding,
+            admitted.shed,
+            "metrics endpoint",
+            limits.max_connections,
+        );
+        let (http, render) = (http.clone(), render.clone());
         tasks.spawn(async move {
-            serve(stream, &http, render, limits, &slot).await;
-            lock(&conns).remove(id);
+            serve(stream, &http, render, limits, admitted.held).await;
         });
+        // Let the new connection read what it already has before the next accept: a
+        // backlog of a flood's connections must not shed it before it had a chance.
+        tokio::task::yield_now().await;
     }
     drop(listener);
-    lock(&conns).close_all();
+    admission::lock(&conns).close_all();
     // Each task ends at once unless mid-request; those get DRAIN_GRACE, then are dropped here.
     let _ = tokio::time::timeout(DRAIN_GRACE + Duration::from_millis(100), async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
-}
-
-/// Accept errors that concern one connection only (it went away before we took it).
-pub(crate) fn transient(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ECONNABORTED | libc::ECONNRESET | libc::EINTR | libc::EAGAIN | libc::EPROTO)
-    )
-}
-
-fn lock(conns: &Mutex<Connections>) -> std::sync::MutexGuard<'_, Connections> {
-    // A panic while holding the lock leaves the map consistent (each step is one map call).
-    conns.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Serves one connection until it ends, is evicted, or the server stops.
@@ -249,11 +252,12 @@ async fn serve(
     http: &hyper::server::conn::http1::Builder,
     render: Render,
     limits: HttpLimits,
-    slot: &Arc<Slot>,
+    held: Held,
 ) {
-    let service_slot = slot.clone();
+    let slot = held.slot().clone();
+    let served = Arc::new(AtomicU32::new(0));
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let response = answer(&req, &render, limits, &service_slot);
+        let response = answer(&req, &render, limits, &slot, &served);
         async move { Ok::<_, Infallible>(response) }
     });
     let conn = http.serve_connection(TokioIo::new(stream), service);
@@ -264,8 +268,8 @@ async fn serve(
                 debug!("metrics endpoint: connection: {e}");
             }
         }
-        () = slot.close.notified() => {
-            if slot.in_request.load(Ordering::Acquire) {
+        () = held.slot().closed() => {
+            if held.slot().is_busy() {
                 conn.as_mut().graceful_shutdown();
                 let _ = tokio::time::timeout(DRAIN_GRACE, conn).await;
             }
@@ -279,9 +283,12 @@ fn answer(
     render: &Render,
     limits: HttpLimits,
     slot: &Arc<Slot>,
+    served: &AtomicU32,
 ) -> Response<OneChunk> {
-    let busy = Busy::enter(slot);
-    let served = slot.served.fetch_add(1, Ordering::AcqRel) + 1;
+    let busy = slot.enter();
+    // A complete request head: no longer the first to be shed at the cap.
+    slot.prove();
+    let served = served.fetch_add(1, Ordering::AcqRel) + 1;
     let (status, body, content_type) = if req.uri().path() != "/metrics" {
         (
             StatusCode::NOT_FOUND,
@@ -337,147 +344,5 @@ impl Body for OneChunk {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
-    }
-}
-
-/// Marks a connection as mid-request while alive.
-struct Busy(Arc<Slot>);
-
-impl Busy {
-    fn enter(slot: &Arc<Slot>) -> Self {
-        slot.in_request.store(true, Ordering::Release);
-        Busy(slot.clone())
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.in_request.store(false, Ordering::Release);
-    }
-}
-
-/// What the accept loop knows about one open connection.
-#[derive(Default)]
-struct Slot {
-    /// Between a complete request head and the hand-over of its response body.
-    in_request: AtomicBool,
-    /// Requests answered (or being answered) on this connection.
-    served: AtomicU32,
-    /// Told to close: evicted, or the server is stopping.
-    close: Notify,
-}
-
-/// The open connections, oldest first (ids only grow).
-#[derive(Default)]
-struct Connections {
-    next_id: u64,
-    open: BTreeMap<u64, Arc<Slot>>,
-}
-
-impl Connections {
-    /// Registers a new connection, first evicting the best candidate when at `cap`; `None`
-    /// when every open connection is mid-request.
-    fn admit(&mut self, cap: usize) -> Option<(u64, Arc<Slot>)> {
-        while self.open.len() >= cap.max(1) {
-            let idle = |s: &Slot| !s.in_request.load(Ordering::Acquire);
-            let victim = self
-                .open
-                .iter()
-                .find(|(_, s)| idle(s) && s.served.load(Ordering::Acquire) == 0)
-                .or_else(|| self.open.iter().find(|(_, s)| idle(s)))
-                .map(|(&id, _)| id)?;
-            if let Some(s) = self.open.remove(&victim) {
-                debug!("metrics endpoint: at {cap} connections; closing the oldest idle one");
-                s.close.notify_one();
-            }
-        }
-        let id = self.next_id;
-        self.next_id += 1;
-        let slot = Arc::new(Slot::default());
-        self.open.insert(id, slot.clone());
-        Some((id, slot))
-    }
-
-    fn remove(&mut self, id: u64) {
-        self.open.remove(&id);
-    }
-
-    fn close_all(&mut self) {
-        for (_, s) in std::mem::take(&mut self.open) {
-            s.close.notify_one();
-        }
-    }
-}
-
-/// Pauses between failed accepts: BACKOFF_MIN doubling to BACKOFF_MAX, reset by a success.
-#[derive(Debug, Default)]
-pub(crate) struct Backoff {
-    failures: u32,
-    since: Option<Instant>,
-}
-
-impl Backoff {
-    /// Records a failure; returns how long to pause before the next accept.
-    pub(crate) fn failed(&mut self) -> Duration {
-        self.failures += 1;
-        self.since.get_or_insert_with(Instant::now);
-        let shift = (self.failures - 1).min(4);
-        (BACKOFF_MIN * (1 << shift)).min(BACKOFF_MAX)
-    }
-
-    /// Whether the failure just recorded started an episode (the one to log).
-    pub(crate) fn first_of_episode(&self) -> bool {
-        self.failures == 1
-    }
-
-    /// Ends an episode on success; returns its failure count and length if there was one.
-    pub(crate) fn recovered(&mut self) -> Option<(u32, Duration)> {
-        let since = self.since.take()?;
-        Some((std::mem::take(&mut self.failures), since.elapsed()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_to_a_second_and_resets() {
-        let mut b = Backoff::default();
-        let pauses: Vec<u64> = (0..7).map(|_| b.failed().as_millis() as u64).collect();
-        assert_eq!(pauses, [100, 200, 400, 800, 1000, 1000, 1000]);
-        assert!(!b.first_of_episode());
-        assert_eq!(b.recovered().map(|(n, _)| n), Some(7));
-        assert_eq!(b.recovered(), None);
-        assert_eq!(b.failed(), BACKOFF_MIN);
-        assert!(b.first_of_episode());
-    }
-
-    fn slot(c: &Connections, id: u64) -> &Slot {
-        &c.open[&id]
-    }
-
-    #[test]
-    fn eviction_prefers_the_oldest_that_never_completed_a_request() {
-        let mut c = Connections::default();
-        for _ in 0..4 {
-            c.admit(4).unwrap();
-        }
-        slot(&c, 0).in_request.store(true, Ordering::Release); // mid-request: never evicted
-        slot(&c, 1).served.store(1, Ordering::Release); // kept-alive idle: second choice
-        c.admit(4).unwrap();
-        assert_eq!(c.open.keys().copied().collect::<Vec<_>>(), [0, 1, 3, 4]);
-        c.admit(4).unwrap();
-        assert_eq!(c.open.keys().copied().collect::<Vec<_>>(), [0, 1, 4, 5]);
-        for id in [4, 5] {
-            slot(&c, id).served.store(1, Ordering::Release);
-        }
-        c.admit(4).unwrap();
-        assert_eq!(c.open.keys().copied().collect::<Vec<_>>(), [0, 4, 5, 6]);
-        for id in [4, 5, 6] {
-            slot(&c, id).in_request.store(true, Ordering::Release);
-        }
-        assert!(c.admit(4).is_none(), "every slot is mid-request");
-        assert_eq!(c.open.len(), 4);
     }
 }

@@ -11,9 +11,13 @@
 //! | `flows_ended_total` | counter | | flows the poller has seen end |
 //! | `records_emitted_total` | counter | | flow records emitted (active-timeout records included) |
 //! | `subscribers` | gauge | | connected stream subscribers |
-//! | `subscriber_lost_records_total` | counter | | records lost by slow subscribers (departed ones included) |
-//! | `replay_ring_records` | gauge | | records held for replay |
-//! | `replay_ring_capacity_records` | gauge | | replay ring capacity |
+//! | `subscriber_lost_records_total` | counter | | records lost by subscribers a whole buffer behind (departed ones included) |
+//! | `replay_ring_records` | gauge | | records the buffer holds (replay and resume reach back to them) |
+//! | `replay_ring_capacity_records` | gauge | | records kept after every reader read them (`--replay-ring`) |
+//! | `buffer_bytes` | gauge | | bytes the record buffer holds |
+//! | `buffer_capacity_bytes` | gauge | | its bound (`--buffer-memory`) |
+//! | `sink_behind_records` | gauge | `sink` | records a local sink has yet to read |
+//! | `sink_lost_records_total` | counter | `sink` | records a local sink lost (it fell a whole buffer behind) |
 //! | `map_entries` | gauge | `map` | entries in a flow map at the last poll |
 //! | `map_capacity_entries` | gauge | `map` | a flow map's maximum entries |
 //! | `map_utilization_ratio` | gauge | `map` | entries / capacity (0..1) |
@@ -23,6 +27,15 @@
 //! | `kernel_packets_unaccounted_total` | counter | `reason` | packets the datapath could not account (error counters) |
 //! | `kernel_packets_total` | counter | `counter` | informational kernel counts (not disjoint: do not sum) |
 //! | `last_poll_duration_seconds` | gauge | | duration of the last poll cycle |
+//! | `tls_cert_expiry_seconds` | gauge | | Unix time the gRPC server certificate expires (with TLS only) |
+//! | `kafka_records_produced_total` | counter | | records handed to librdkafka (with `--kafka`) |
+//! | `kafka_records_delivered_total` | counter | | records the brokers acknowledged |
+//! | `kafka_delivered_bytes_total` | counter | | value bytes of those records, before compression |
+//! | `kafka_records_lost_total` | counter | `reason` | records lost: `queue_full`, `buffer_full`, `delivery_failed`, `rejected` |
+//! | `kafka_records_buffered` | gauge | | records in librdkafka waiting for an acknowledgement |
+//! | `kafka_brokers_up` | gauge | | brokers the producer has a connection to |
+//! | `kafka_outages_total` | counter | | episodes with no broker reachable |
+//! | `kafka_producer_restarts_total` | counter | | producers made again after a fatal error |
 //!
 //! The kernel counters are split with [`crate::kernel::datapath::is_error_counter`]: summing
 //! `kernel_packets_unaccounted_total` over `reason` gives every packet not accounted, while the
@@ -41,6 +54,7 @@ use crate::hub::{Hub, HubStats, SinkKind};
 use crate::kernel::datapath::{counter_names, is_error_counter};
 use crate::metrics::http::{HttpLimits, Render};
 use crate::sinks::ipfix::IpfixCounts;
+use crate::sinks::kafka::LossReason;
 use crate::status::{Snapshot, Status};
 
 pub use crate::metrics::http::{MetricsHandle, CONTENT_TYPE};
@@ -190,7 +204,7 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
     e.single(
         "subscriber_lost_records_total",
         "counter",
-        "Records lost by sinks whose queue was full (subscribers, stdout, exporters), departed subscribers included.",
+        "Records gRPC subscribers lost (they fell a whole buffer behind; after their filters), departed subscribers included.",
         hub.lost_total,
     );
     for (name, help, get) in [
@@ -220,6 +234,63 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
             e.sample(name, &[("collector", dest)], get(c));
         }
     }
+    if let Some((_, k)) = &snap.kafka {
+        for (name, help, v) in [
+            (
+                "kafka_records_produced_total",
+                "Flow records handed to librdkafka.",
+                k.records_produced,
+            ),
+            (
+                "kafka_records_delivered_total",
+                "Flow records the Kafka brokers acknowledged (acks=all).",
+                k.records_delivered,
+            ),
+            (
+                "kafka_delivered_bytes_total",
+                "Value bytes of the acknowledged records, before compression.",
+                k.bytes_delivered,
+            ),
+            (
+                "kafka_outages_total",
+                "Episodes with no Kafka broker reachable.",
+                k.outages,
+            ),
+            (
+                "kafka_producer_restarts_total",
+                "Kafka producers made again after a fatal error.",
+                k.producer_restarts,
+            ),
+        ] {
+            e.single(name, "counter", help, v);
+        }
+        e.family(
+            "kafka_records_lost_total",
+            "counter",
+            "Flow records lost for Kafka: queue_full (the sink fell behind), buffer_full \
+             (librdkafka's buffer was full), delivery_failed (not acknowledged in time, refused, \
+             or unacknowledged at stop), rejected (refused by librdkafka on the spot).",
+        );
+        for r in LossReason::ALL {
+            e.sample(
+                "kafka_records_lost_total",
+                &[("reason", r.as_str())],
+                k.lost(r),
+            );
+        }
+        e.single(
+            "kafka_records_buffered",
+            "gauge",
+            "Flow records in librdkafka's buffer waiting for an acknowledgement.",
+            k.records_buffered,
+        );
+        e.single(
+            "kafka_brokers_up",
+            "gauge",
+            "Kafka brokers the producer has an open connection to.",
+            k.brokers_up,
+        );
+    }
     e.family(
         "sink_lost_records_total",
         "counter",
@@ -228,17 +299,37 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
     for s in hub.sinks.iter().filter(|s| s.kind != SinkKind::Subscriber) {
         e.sample("sink_lost_records_total", &[("sink", &s.name)], s.lost);
     }
+    e.family(
+        "sink_behind_records",
+        "gauge",
+        "Records published that a local sink (stdout, an exporter) has yet to read.",
+    );
+    for s in hub.sinks.iter().filter(|s| s.kind != SinkKind::Subscriber) {
+        e.sample("sink_behind_records", &[("sink", &s.name)], s.queued);
+    }
     e.single(
         "replay_ring_records",
         "gauge",
-        "Records held in memory for subscribers' replay.",
+        "Records the buffer holds: replay and resume reach back to them.",
         hub.ring_len,
     );
     e.single(
         "replay_ring_capacity_records",
         "gauge",
-        "Capacity of the replay ring, in records.",
+        "Records kept for replay after every reader has read them (--replay-ring).",
         hub.ring_capacity,
+    );
+    e.single(
+        "buffer_bytes",
+        "gauge",
+        "Bytes the record buffer holds: encoded records and their compressed forms.",
+        hub.buffer_bytes,
+    );
+    e.single(
+        "buffer_capacity_bytes",
+        "gauge",
+        "Bound of the record buffer (--buffer-memory).",
+        hub.buffer_capacity,
     );
 
     e.family(
@@ -322,6 +413,14 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
         "Gap before the next poll: --poll-interval, shorter under map pressure, longer when many flows make a poll long.",
         float(snap.poll_interval_ns as f64 / 1e9),
     );
+    if let Some(expiry) = snap.tls_cert_expiry {
+        e.single(
+            "tls_cert_expiry_seconds",
+            "gauge",
+            "Unix time the gRPC server certificate in use expires (the earliest notAfter of its chain).",
+            float(unix_seconds(expiry)),
+        );
+    }
     e.out
 }
 
@@ -350,8 +449,12 @@ mod tests {
             ..Snapshot::default()
         };
         let hub = HubStats {
+            run: 1,
             ring_len: 0,
             ring_capacity: 0,
+            buffer_bytes: 0,
+            buffer_capacity: 0,
+            oldest_seq: 0,
             published: 0,
             lost_total: 0,
             sinks: Vec::new(),

@@ -198,6 +198,8 @@ pub struct RecordMeta {
     pub observer: Arc<str>,
     /// BPF clock time this record's window starts at.
     pub window_start_ns: u64,
+    /// BPF clock time of the poll that emits the record.
+    pub emitted_ns: u64,
     pub flow_id: u64,
     pub continuation: bool,
 }
@@ -248,6 +250,7 @@ impl RawFlow {
             interface,
             observer,
             window_start_ns,
+            emitted_ns,
             flow_id,
             continuation,
         } = meta;
@@ -294,6 +297,7 @@ impl RawFlow {
             first_seen: clock.to_wall(b.first_seen_ns),
             last_seen: clock.to_wall(last_seen_ns),
             window_start: clock.to_wall(window_start_ns.min(last_seen_ns)),
+            emitted: clock.to_wall(emitted_ns),
             client: dir(c),
             server: dir(s),
             end_reason,

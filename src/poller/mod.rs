@@ -694,6 +694,7 @@ impl Emitter {
                 interface: self.ifname(f.key.ifindex),
                 observer: self.observer.clone(),
                 window_start_ns: window_start_ns(&f.base, now_ns),
+                emitted_ns: now_ns,
                 flow_id: f.flow_id(),
                 continuation: f.is_continuation(),
             },

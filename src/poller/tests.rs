@@ -487,6 +487,15 @@ fn every_record_of_a_flow_has_its_id_observer_and_window() {
             && gap > Duration::from_secs(60) - Duration::from_nanos(1 << 22),
         "{gap:?}"
     );
+    // Each record says when it was emitted (its poll); the first one's is the second's
+    // window start, to the entry's rounding.
+    let lag = recs[0]
+        .emitted
+        .duration_since(recs[1].window_start)
+        .expect("rounded down");
+    assert!(lag < Duration::from_nanos(1 << 22), "{lag:?}");
+    let at = |r: &FlowRecord| r.emitted.duration_since(recs[0].first_seen).expect("later");
+    assert_eq!(at(&recs[1]), Duration::from_secs(91));
 }
 
 /// A TCP connection with its handshake seen, established, that sent both ways.

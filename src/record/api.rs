@@ -58,6 +58,11 @@ pub enum RequestError {
         len: usize,
         limit: usize,
     },
+    #[error("{field}: {source}")]
+    Pattern {
+        field: String,
+        source: crate::record::filter::PatternError,
+    },
     #[error("{field}: invalid timestamp: {reason}")]
     Timestamp { field: String, reason: String },
 }
@@ -98,6 +103,7 @@ pub fn parse_request(
         replay: usize::try_from(req.replay).unwrap_or(usize::MAX),
         since,
         after_seq: req.after_seq,
+        run: req.run,
         follow: req.follow.unwrap_or(true),
         peer,
     })
@@ -237,7 +243,15 @@ pub fn parse_filter(f: &proto::Filter, path: &str) -> Result<Filter, RequestErro
                 field: field("interface"),
             });
         }
-        i => i.clone(),
+        Some(i) => Some(
+            crate::record::filter::NamePattern::parse(i).map_err(|source| {
+                RequestError::Pattern {
+                    field: field("interface"),
+                    source,
+                }
+            })?,
+        ),
+        None => None,
     };
     Ok(Filter {
         src: cidr(&f.src_cidr, "src_cidr")?,
@@ -280,7 +294,7 @@ fn parse_port_range(p: &proto::PortRange, field: &str) -> Result<PortRange, Requ
 // Conversions
 // ---------------------------------------------------------------------------
 
-fn end_reason_from_proto(e: proto::EndReason) -> Option<EndReason> {
+pub(crate) fn end_reason_from_proto(e: proto::EndReason) -> Option<EndReason> {
     match e {
         proto::EndReason::Unspecified => None,
         proto::EndReason::IdleTimeout => Some(EndReason::IdleTimeout),
@@ -321,7 +335,7 @@ impl From<TcpState> for proto::TcpState {
     }
 }
 
-fn tcp_state_from_proto(s: proto::TcpState) -> TcpState {
+pub(crate) fn tcp_state_from_proto(s: proto::TcpState) -> TcpState {
     match s {
         proto::TcpState::Unspecified | proto::TcpState::None => TcpState::None,
         proto::TcpState::SynSent => TcpState::SynSent,
@@ -402,11 +416,13 @@ impl From<&FlowRecord> for proto::FlowRecord {
             first_seen: Some(r.first_seen.into()),
             last_seen: Some(r.last_seen.into()),
             window_start: Some(r.window_start.into()),
+            emitted: Some(r.emitted.into()),
             flow_id: r.flow_id,
             observer: r.observer.to_string(),
             continuation: r.continuation,
             fragment: r.fragment,
             seq: 0,
+            run: 0,
             client: Some(dir_to_proto(&r.client)),
             server: Some(dir_to_proto(&r.server)),
             end_reason: proto::EndReason::from(r.end_reason).into(),
@@ -536,6 +552,11 @@ impl TryFrom<&proto::FlowRecord> for FlowRecord {
             window_start: match p.window_start {
                 Some(_) => time_from_proto(p.window_start, "window_start")?,
                 None => time_from_proto(p.first_seen, "first_seen")?,
+            },
+            // Absent from servers before emitted existed: the last packet is the closest.
+            emitted: match p.emitted {
+                Some(_) => time_from_proto(p.emitted, "emitted")?,
+                None => time_from_proto(p.last_seen, "last_seen")?,
             },
             flow_id: p.flow_id,
             observer: p.observer.as_str().into(),

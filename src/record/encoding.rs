@@ -1,11 +1,14 @@
-//! A flow record's `flowlens.v1.FlowRecord` encoding written straight from [`FlowRecord`]: byte for byte what prost writes for the converted message, without building it (no String, no `core::fmt`, one reservation).
+//! A flow record's `flowlens.v1.FlowRecord` encoding written straight from [`FlowRecord`] (byte for byte what prost writes for the converted message, without building it: no String, no `core::fmt`, one reservation), read straight back into one, and records framed as the gRPC message a subscriber receives.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::SystemTime;
 
+use bytes::Bytes;
 use prost_types::Timestamp;
 
-use crate::record::api::proto;
-use crate::record::flow::{DirStats, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo};
+use crate::record::api::{end_reason_from_proto, proto, tcp_state_from_proto};
+use crate::record::flow::{DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo};
 
 /// Longest textual IP address: eight groups of four hex digits and seven colons.
 const ADDR_TEXT_MAX: usize = 39;
@@ -258,9 +261,18 @@ impl Fields<'_> {
 /// Room for everything but the strings of a record's encoding.
 const RECORD_FIXED_MAX: usize = 512;
 
-/// Appends `r`'s encoding with sequence number `seq` to `buf`: the same bytes as
-/// `proto::FlowRecord::from(r)` with `seq` set, encoded by prost (fields in tag order).
-pub fn encode_record(seq: u64, r: &FlowRecord, buf: &mut Vec<u8>) {
+/// Where a record stands in an agent's emission: the run that emitted it and its number
+/// in that run (`FlowRecord.run` and `.seq` on the wire).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Stamp {
+    pub run: u64,
+    pub seq: u64,
+}
+
+/// Appends `r`'s encoding stamped `at` to `buf`: the same bytes as
+/// `proto::FlowRecord::from(r)` with `seq` and `run` set, encoded by prost (fields in tag
+/// order).
+pub fn encode_record(at: Stamp, r: &FlowRecord, buf: &mut Vec<u8>) {
     let ip_version = match r.ip_version {
         4 => proto::IpVersion::IpVersion4,
         6 => proto::IpVersion::IpVersion6,
@@ -305,8 +317,557 @@ pub fn encode_record(seq: u64, r: &FlowRecord, buf: &mut Vec<u8>) {
     f.bytes(18, r.observer.as_bytes());
     f.timestamp(19, &window_start);
     f.uint(20, u64::from(r.continuation));
-    f.uint(21, seq);
+    f.uint(21, at.seq);
     f.uint(22, u64::from(r.fragment));
+    f.uint(23, at.run);
+    f.timestamp(24, &Timestamp::from(r.emitted));
+}
+
+// ---------------------------------------------------------------------------
+// Decoding
+// ---------------------------------------------------------------------------
+
+/// Bytes that are not a `FlowRecord` this agent wrote.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("FlowRecord encoding: {0}")]
+pub struct DecodeError(&'static str);
+
+/// A cursor over protobuf bytes.
+struct Wire<'a>(&'a [u8]);
+
+impl<'a> Wire<'a> {
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut v = 0u64;
+        for (i, &b) in self.0.iter().enumerate().take(10) {
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b < 0x80 {
+                self.0 = &self.0[i + 1..];
+                return Ok(v);
+            }
+        }
+        Err(DecodeError("truncated or overlong varint"))
+    }
+
+    /// The next field's tag and wire type; None at the end.
+    fn key(&mut self) -> Result<Option<(u32, u32)>, DecodeError> {
+        if self.0.is_empty() {
+            return Ok(None);
+        }
+        let k = self.varint()?;
+        Ok(Some(((k >> 3) as u32, (k & 7) as u32)))
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if n > self.0.len() {
+            return Err(DecodeError("field runs past the end"));
+        }
+        let (v, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(v)
+    }
+
+    fn len_delimited(&mut self) -> Result<&'a [u8], DecodeError> {
+        let n = self.varint()?;
+        self.take(usize::try_from(n).map_err(|_| DecodeError("length"))?)
+    }
+
+    fn skip(&mut self, wire_type: u32) -> Result<(), DecodeError> {
+        match wire_type {
+            VARINT => self.varint().map(drop),
+            LEN => self.len_delimited().map(drop),
+            1 => self.take(8).map(drop),
+            5 => self.take(4).map(drop),
+            _ => Err(DecodeError("unknown wire type")),
+        }
+    }
+
+    /// Each field of a message: `visit(tag, value or bytes)`; unknown fields are skipped
+    /// by the caller returning `Ok(false)`.
+    fn fields(
+        mut self,
+        mut visit: impl FnMut(u32, Field<'a>) -> Result<bool, DecodeError>,
+    ) -> Result<(), DecodeError> {
+        while let Some((tag, wt)) = self.key()? {
+            let field = match wt {
+                VARINT => Field::Int(self.varint()?),
+                LEN => Field::Bytes(self.len_delimited()?),
+                other => {
+                    self.skip(other)?;
+                    continue;
+                }
+            };
+            visit(tag, field)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Field<'a> {
+    Int(u64),
+    Bytes(&'a [u8]),
+}
+
+impl<'a> Field<'a> {
+    fn int(self) -> Result<u64, DecodeError> {
+        match self {
+            Field::Int(v) => Ok(v),
+            Field::Bytes(_) => Err(DecodeError("a number field holds bytes")),
+        }
+    }
+
+    fn narrow<T: TryFrom<u64>>(self) -> Result<T, DecodeError> {
+        T::try_from(self.int()?).map_err(|_| DecodeError("a number out of its field's range"))
+    }
+
+    fn bytes(self) -> Result<&'a [u8], DecodeError> {
+        match self {
+            Field::Bytes(b) => Ok(b),
+            Field::Int(_) => Err(DecodeError("a message field holds a number")),
+        }
+    }
+
+    fn text(self) -> Result<&'a str, DecodeError> {
+        std::str::from_utf8(self.bytes()?).map_err(|_| DecodeError("a string is not UTF-8"))
+    }
+
+    fn addr(self) -> Result<IpAddr, DecodeError> {
+        let b = self.bytes()?;
+        if let Some(v4) = dotted_quad(b) {
+            return Ok(IpAddr::V4(v4));
+        }
+        std::str::from_utf8(b)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .ok_or(DecodeError("an address is not an IP address"))
+    }
+
+    fn time(self) -> Result<SystemTime, DecodeError> {
+        let mut t = Timestamp::default();
+        Wire(self.bytes()?).fields(|tag, f| {
+            match tag {
+                1 => t.seconds = f.int()? as i64,
+                2 => t.nanos = f.int()? as i64 as i32,
+                _ => {}
+            }
+            Ok(true)
+        })?;
+        // What the encoder wrote from a SystemTime: nanos within 0..1e9.
+        if let (Ok(secs), Ok(nanos)) = (u64::try_from(t.seconds), u32::try_from(t.nanos)) {
+            if nanos < 1_000_000_000 {
+                return SystemTime::UNIX_EPOCH
+                    .checked_add(std::time::Duration::new(secs, nanos))
+                    .ok_or(DecodeError("a timestamp out of range"));
+            }
+        }
+        SystemTime::try_from(t).map_err(|_| DecodeError("a timestamp out of range"))
+    }
+
+    fn dir(self) -> Result<DirStats, DecodeError> {
+        let mut d = DirStats::default();
+        Wire(self.bytes()?).fields(|tag, f| {
+            match tag {
+                1 => d.packets = f.int()?,
+                2 => d.bytes = f.int()?,
+                3 => d.ttl = f.narrow()?,
+                _ => {}
+            }
+            Ok(true)
+        })?;
+        Ok(d)
+    }
+
+    fn latency(self) -> Result<Latency, DecodeError> {
+        let mut l = Latency::default();
+        Wire(self.bytes()?).fields(|tag, f| {
+            match tag {
+                1 => l.count = f.narrow()?,
+                2 => l.sum_ns = f.int()?,
+                3 => l.min_ns = f.narrow()?,
+                4 => l.max_ns = f.narrow()?,
+                5 => l.jitter_ns = Some(f.int()?),
+                _ => {}
+            }
+            Ok(true)
+        })?;
+        Ok(l)
+    }
+
+    fn tcp(self) -> Result<TcpInfo, DecodeError> {
+        let mut t = TcpInfo {
+            client_flags: 0,
+            server_flags: 0,
+            state: crate::record::flow::TcpState::None,
+            handshake_client_ns: None,
+            handshake_server_ns: None,
+            syn_retransmits: 0,
+            late_start: false,
+            client_latency: None,
+            server_latency: None,
+        };
+        Wire(self.bytes()?).fields(|tag, f| {
+            match tag {
+                1 => t.client_flags = f.narrow()?,
+                2 => t.server_flags = f.narrow()?,
+                3 => {
+                    let v = proto::TcpState::try_from(f.int()? as i32)
+                        .map_err(|_| DecodeError("unknown TCP state"))?;
+                    t.state = tcp_state_from_proto(v);
+                }
+                4 => t.handshake_client_ns = Some(f.narrow()?),
+                5 => t.handshake_server_ns = Some(f.narrow()?),
+                6 => t.syn_retransmits = f.narrow()?,
+                7 => t.late_start = f.int()? != 0,
+                8 => t.client_latency = Some(f.latency()?),
+                9 => t.server_latency = Some(f.latency()?),
+                _ => {}
+            }
+            Ok(true)
+        })?;
+        Ok(t)
+    }
+
+    fn icmp(self) -> Result<IcmpInfo, DecodeError> {
+        let mut i = IcmpInfo {
+            client_type: None,
+            client_code: None,
+            server_type: None,
+            server_code: None,
+            echo_id: None,
+            echo_rtt: None,
+        };
+        Wire(self.bytes()?).fields(|tag, f| {
+            match tag {
+                1 => i.client_type = Some(f.narrow()?),
+                2 => i.client_code = Some(f.narrow()?),
+                3 => i.server_type = Some(f.narrow()?),
+                4 => i.server_code = Some(f.narrow()?),
+                5 => i.echo_id = Some(f.narrow()?),
+                6 => i.echo_rtt = Some(f.latency()?),
+                _ => {}
+            }
+            Ok(true)
+        })?;
+        Ok(i)
+    }
+}
+
+/// `a.b.c.d` in decimal (as [`AddrText`] writes an IPv4 address), without `str::parse`.
+fn dotted_quad(b: &[u8]) -> Option<Ipv4Addr> {
+    if !(7..=15).contains(&b.len()) {
+        return None;
+    }
+    let mut octets = [0u8; 4];
+    let (mut i, mut n, mut digits) = (0, 0u16, 0);
+    for &c in b {
+        match c {
+            b'0'..=b'9' if digits < 3 => {
+                n = n * 10 + u16::from(c - b'0');
+                digits += 1;
+            }
+            b'.' if digits > 0 && i < 3 => {
+                octets[i] = u8::try_from(n).ok()?;
+                (i, n, digits) = (i + 1, 0, 0);
+            }
+            _ => return None,
+        }
+    }
+    if i != 3 || digits == 0 {
+        return None;
+    }
+    octets[3] = u8::try_from(n).ok()?;
+    Some(Ipv4Addr::from(octets))
+}
+
+/// Reads records back from their encoding, the inverse of [`encode_record`]. Keeps the
+/// last observer name it made, so the records of one agent share one allocation of it.
+#[derive(Debug, Default)]
+pub struct RecordDecoder {
+    observer: Option<Arc<str>>,
+}
+
+impl RecordDecoder {
+    /// The record `bytes` encode (a `FlowRecord` message, without a length prefix) and its
+    /// stamp. Fields this agent does not know are skipped.
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<(Stamp, FlowRecord), DecodeError> {
+        let mut at = Stamp::default();
+        let mut first_seen = None;
+        let mut window_start = None;
+        let mut emitted = None;
+        let mut r = FlowRecord {
+            flow_id: 0,
+            observer: Arc::from(""),
+            ip_version: 0,
+            protocol: 0,
+            client_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            client_port: 0,
+            server_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            server_port: 0,
+            ifindex: 0,
+            interface: String::new(),
+            first_hook: Hook::Ingress,
+            first_seen: SystemTime::UNIX_EPOCH,
+            last_seen: SystemTime::UNIX_EPOCH,
+            window_start: SystemTime::UNIX_EPOCH,
+            emitted: SystemTime::UNIX_EPOCH,
+            client: DirStats::default(),
+            server: DirStats::default(),
+            end_reason: EndReason::IdleTimeout,
+            continuation: false,
+            fragment: false,
+            tcp: None,
+            icmp: None,
+        };
+        let mut observer: &[u8] = b"";
+        Wire(bytes).fields(|tag, f| {
+            match tag {
+                1 => r.ip_version = f.narrow()?,
+                2 => r.protocol = f.narrow()?,
+                3 => r.client_addr = f.addr()?,
+                4 => r.client_port = f.narrow()?,
+                5 => r.server_addr = f.addr()?,
+                6 => r.server_port = f.narrow()?,
+                7 => r.ifindex = f.narrow()?,
+                8 => r.interface = f.text()?.to_owned(),
+                9 => {
+                    r.first_hook = match proto::Hook::try_from(f.int()? as i32) {
+                        Ok(proto::Hook::Egress) => Hook::Egress,
+                        _ => Hook::Ingress,
+                    }
+                }
+                10 => first_seen = Some(f.time()?),
+                11 => r.last_seen = f.time()?,
+                12 => r.client = f.dir()?,
+                13 => r.server = f.dir()?,
+                14 => {
+                    let e = proto::EndReason::try_from(f.int()? as i32)
+                        .map_err(|_| DecodeError("unknown end reason"))?;
+                    r.end_reason = end_reason_from_proto(e).unwrap_or(EndReason::IdleTimeout);
+                }
+                15 => r.tcp = Some(f.tcp()?),
+                16 => r.icmp = Some(f.icmp()?),
+                17 => r.flow_id = f.int()?,
+                18 => observer = f.bytes()?,
+                19 => window_start = Some(f.time()?),
+                20 => r.continuation = f.int()? != 0,
+                21 => at.seq = f.int()?,
+                22 => r.fragment = f.int()? != 0,
+                23 => at.run = f.int()?,
+                24 => emitted = Some(f.time()?),
+                _ => {}
+            }
+            Ok(true)
+        })?;
+        r.first_seen = first_seen.unwrap_or(SystemTime::UNIX_EPOCH);
+        // Absent from encodings made before window_start existed: the flow's first packet.
+        r.window_start = window_start.unwrap_or(r.first_seen);
+        // Absent from encodings made before emitted existed: the latest packet.
+        r.emitted = emitted.unwrap_or(r.last_seen);
+        r.observer = self.observer(observer)?;
+        Ok((at, r))
+    }
+
+    fn observer(&mut self, bytes: &[u8]) -> Result<Arc<str>, DecodeError> {
+        if let Some(o) = self.observer.as_ref().filter(|o| o.as_bytes() == bytes) {
+            return Ok(o.clone());
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| DecodeError("observer is not UTF-8"))?;
+        let o: Arc<str> = Arc::from(text);
+        self.observer = Some(o.clone());
+        Ok(o)
+    }
+}
+
+/// What a record's routing needs (a Kafka message's key and observer header), read from its
+/// encoding without decoding the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoints<'a> {
+    pub protocol: u8,
+    pub client: (IpAddr, u16),
+    pub server: (IpAddr, u16),
+    pub observer: &'a [u8],
+}
+
+impl<'a> Endpoints<'a> {
+    /// The endpoints of the `FlowRecord` `bytes` encode (without a length prefix).
+    pub fn read(bytes: &'a [u8]) -> Result<Endpoints<'a>, DecodeError> {
+        let none = (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+        let mut e = Endpoints {
+            protocol: 0,
+            client: none,
+            server: none,
+            observer: b"",
+        };
+        Wire(bytes).fields(|tag, f| {
+            match tag {
+                2 => e.protocol = f.narrow()?,
+                3 => e.client.0 = f.addr()?,
+                4 => e.client.1 = f.narrow()?,
+                5 => e.server.0 = f.addr()?,
+                6 => e.server.1 = f.narrow()?,
+                18 => e.observer = f.bytes()?,
+                _ => {}
+            }
+            Ok(true)
+        })?;
+        Ok(e)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Batches as gRPC messages
+// ---------------------------------------------------------------------------
+
+/// Bytes before a batch's entries kept for the head of its gRPC message: the 5-byte
+/// length prefix, `SubscribeResponse.flows`' key and its length (a varint of at most 5).
+const HEAD_ROOM: usize = 5 + 1 + 5;
+
+/// The gRPC length prefix: the compressed flag and the message's length.
+pub const GRPC_PREFIX: usize = 5;
+
+/// `FlowRecord`s written as `FlowBatch.records` entries (key, length, record), end to end,
+/// after room for the head that makes them one `SubscribeResponse` gRPC message.
+#[derive(Debug)]
+pub struct BatchWriter {
+    buf: Vec<u8>,
+    /// Where each entry ends in `buf`.
+    ends: Vec<u32>,
+    scratch: Vec<u8>,
+}
+
+impl BatchWriter {
+    /// Room for about `records` records.
+    pub fn with_capacity(records: usize) -> BatchWriter {
+        let mut buf = Vec::with_capacity(HEAD_ROOM + records * 200);
+        buf.resize(HEAD_ROOM, 0);
+        BatchWriter {
+            buf,
+            ends: Vec::with_capacity(records),
+            scratch: Vec::with_capacity(256),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Appends `r` stamped `at`.
+    pub fn record(&mut self, at: Stamp, r: &FlowRecord) {
+        self.scratch.clear();
+        encode_record(at, r, &mut self.scratch);
+        let mut f = Fields(&mut self.buf);
+        f.key(1, LEN);
+        f.varint(self.scratch.len() as u64);
+        self.buf.extend_from_slice(&self.scratch);
+        self.ends.push(self.buf.len() as u32);
+    }
+
+    /// The batch, its head written.
+    pub fn finish(mut self) -> EncodedBatch {
+        let entries = self.buf.len() - HEAD_ROOM;
+        let mut head = Vec::with_capacity(HEAD_ROOM);
+        let mut f = Fields(&mut head);
+        f.key(1, LEN);
+        f.varint(entries as u64);
+        let message = head.len() + entries;
+        let start = HEAD_ROOM - GRPC_PREFIX - head.len();
+        self.buf[start] = 0;
+        self.buf[start + 1..start + GRPC_PREFIX].copy_from_slice(&(message as u32).to_be_bytes());
+        self.buf[start + GRPC_PREFIX..HEAD_ROOM].copy_from_slice(&head);
+        EncodedBatch {
+            bytes: Bytes::from(self.buf),
+            start,
+            ends: self.ends.into_boxed_slice(),
+        }
+    }
+}
+
+/// Records encoded once, as the `SubscribeResponse` gRPC message of one batch of them;
+/// every reader shares it (cheap to clone: the bytes are reference-counted).
+#[derive(Debug, Clone)]
+pub struct EncodedBatch {
+    bytes: Bytes,
+    /// Where the gRPC message (its 5-byte prefix) starts in `bytes`.
+    start: usize,
+    ends: Box<[u32]>,
+}
+
+impl EncodedBatch {
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The whole batch as one uncompressed gRPC message, length prefix included.
+    pub fn frame(&self) -> Bytes {
+        self.bytes.slice(self.start..)
+    }
+
+    /// The `SubscribeResponse` message alone (what a compressed frame compresses).
+    pub fn message(&self) -> &[u8] {
+        &self.bytes[self.start + GRPC_PREFIX..]
+    }
+
+    /// Entries `start..end` (key, length, record each), end to end.
+    pub fn entries(&self, start: usize, end: usize) -> &[u8] {
+        if start >= end {
+            return &[];
+        }
+        let from = if start == 0 {
+            HEAD_ROOM
+        } else {
+            self.ends[start - 1] as usize
+        };
+        &self.bytes[from..self.ends[end - 1] as usize]
+    }
+
+    /// Record `i`'s `FlowRecord` bytes, without its entry's key and length.
+    pub fn record(&self, i: usize) -> &[u8] {
+        let mut entry = Wire(self.entries(i, i + 1));
+        // Written by `BatchWriter::record`: a key and a length, never malformed.
+        let _ = entry.key();
+        entry.len_delimited().unwrap_or_default()
+    }
+
+    /// Heap bytes this batch holds.
+    pub fn heap_bytes(&self) -> usize {
+        self.bytes.len() + self.ends.len() * std::mem::size_of::<u32>()
+    }
+}
+
+/// `msg` as one gRPC message: the length prefix (with the compressed flag) and `msg`.
+pub fn grpc_frame(msg: &[u8], compressed: bool) -> Bytes {
+    let mut out = Vec::with_capacity(GRPC_PREFIX + msg.len());
+    out.push(u8::from(compressed));
+    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    out.extend_from_slice(msg);
+    Bytes::from(out)
+}
+
+/// Entries taken from batches ([`EncodedBatch::entries`]) as one uncompressed
+/// `SubscribeResponse` gRPC message: a batch of its own, for what is not a whole batch
+/// (a filter's matches, a catch-up over small batches).
+pub fn batch_frame(entries: &[&[u8]]) -> Vec<u8> {
+    let len: usize = entries.iter().map(|e| e.len()).sum();
+    let mut head = Vec::with_capacity(HEAD_ROOM);
+    let mut f = Fields(&mut head);
+    f.key(1, LEN);
+    f.varint(len as u64);
+    let mut out = Vec::with_capacity(GRPC_PREFIX + head.len() + len);
+    out.push(0);
+    out.extend_from_slice(&((head.len() + len) as u32).to_be_bytes());
+    out.extend_from_slice(&head);
+    for e in entries {
+        out.extend_from_slice(e);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -384,6 +945,7 @@ mod tests {
         r.first_seen = UNIX_EPOCH - Duration::new(5, 250);
         r.last_seen = UNIX_EPOCH;
         r.window_start = UNIX_EPOCH - Duration::from_secs(1);
+        r.emitted = UNIX_EPOCH;
         r.ip_version = 0;
         r.protocol = 255;
         r.end_reason = EndReason::InProgress;
@@ -435,18 +997,114 @@ mod tests {
     #[test]
     fn same_bytes_as_the_prost_message() {
         for (i, r) in variants().iter().enumerate() {
-            for seq in [0, 1, 127, 128, u64::MAX] {
+            for (seq, run) in [
+                (0, 0),
+                (1, 1),
+                (127, u64::MAX),
+                (128, 0x8000),
+                (u64::MAX, 7),
+            ] {
                 let mut p = proto::FlowRecord::from(r);
                 p.seq = seq;
+                p.run = run;
                 let mut fast = vec![0xaa];
-                encode_record(seq, r, &mut fast);
+                encode_record(Stamp { run, seq }, r, &mut fast);
                 assert_eq!(fast[1..], p.encode_to_vec()[..], "variant {i}, seq {seq}");
             }
         }
     }
 
+    #[test]
+    fn decoding_gives_back_every_record_and_its_stamp() {
+        let mut dec = RecordDecoder::default();
+        for (i, r) in variants().iter().enumerate() {
+            let at = Stamp {
+                run: 0xdead_beef_0000_0000 + i as u64,
+                seq: 1 << (i * 7),
+            };
+            let mut buf = Vec::new();
+            encode_record(at, r, &mut buf);
+            let (got_at, got) = dec.decode(&buf).unwrap();
+            assert_eq!((got_at, &got), (at, r), "variant {i}");
+            // What prost's generated client decodes is the same record.
+            let p = proto::FlowRecord::decode(buf.as_slice()).unwrap();
+            assert_eq!((p.seq, p.run), (at.seq, at.run));
+        }
+        // A field this agent does not know (a newer agent's) is skipped.
+        let mut buf = Vec::new();
+        encode_record(Stamp { run: 1, seq: 2 }, &base(), &mut buf);
+        buf.extend_from_slice(&[0xc0, 0x02, 0x05]); // field 40, varint 5
+        assert_eq!(dec.decode(&buf).unwrap().1, base());
+        assert!(dec.decode(&buf[..buf.len() - 10]).is_err(), "truncated");
+    }
+
+    #[test]
+    fn a_batch_is_one_subscribe_response_message() {
+        let recs = variants();
+        let mut w = BatchWriter::with_capacity(recs.len());
+        for (i, r) in recs.iter().enumerate() {
+            w.record(
+                Stamp {
+                    run: 9,
+                    seq: 100 + i as u64,
+                },
+                r,
+            );
+        }
+        let b = w.finish();
+        assert_eq!(b.len(), recs.len());
+        let frame = b.frame();
+        assert_eq!(frame[0], 0, "not compressed");
+        let len = u32::from_be_bytes(frame[1..5].try_into().unwrap()) as usize;
+        assert_eq!(len, frame.len() - 5);
+        assert_eq!(&frame[5..], b.message());
+        let msg = proto::SubscribeResponse::decode(b.message()).unwrap();
+        let Some(proto::subscribe_response::Event::Flows(batch)) = msg.event else {
+            panic!("{msg:?}")
+        };
+        assert_eq!(batch.records.len(), recs.len());
+        for (i, (p, r)) in batch.records.iter().zip(&recs).enumerate() {
+            let mut want = proto::FlowRecord::from(r);
+            want.seq = 100 + i as u64;
+            want.run = 9;
+            assert_eq!(p, &want);
+            assert_eq!(b.record(i), want.encode_to_vec());
+        }
+        // Entries picked from it make a message of their own.
+        let picked = batch_frame(&[b.entries(1, 3), b.entries(5, 6)]);
+        let msg = proto::SubscribeResponse::decode(&picked[5..]).unwrap();
+        let Some(proto::subscribe_response::Event::Flows(batch)) = msg.event else {
+            panic!("{msg:?}")
+        };
+        let seqs: Vec<u64> = batch.records.iter().map(|p| p.seq).collect();
+        assert_eq!(seqs, [101, 102, 105]);
+        assert_eq!(
+            u32::from_be_bytes(picked[1..5].try_into().unwrap()) as usize,
+            picked.len() - 5
+        );
+    }
+
     fn text(a: IpAddr) -> String {
         String::from_utf8(AddrText::of(a).as_bytes().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn dotted_quads_read_back_as_display_wrote_them() {
+        for v in [0u32, 1, 0x0a00_0001, 0xc0a8_6401, 0x6464_6464, u32::MAX] {
+            let a = Ipv4Addr::from(v);
+            assert_eq!(dotted_quad(a.to_string().as_bytes()), Some(a));
+        }
+        for bad in [
+            "1.2.3",
+            "1.2.3.4.5",
+            "256.1.1.1",
+            "1..2.3",
+            "1.2.3.",
+            "01234.1.1.1",
+            "::1",
+        ] {
+            assert_eq!(dotted_quad(bad.as_bytes()), None, "{bad}");
+        }
     }
 
     #[test]

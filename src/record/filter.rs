@@ -4,7 +4,76 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::SystemTime;
 
+use regex::Regex;
+
 use crate::record::flow::{EndReason, FlowRecord};
+
+/// A pattern that does not compile.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid interface pattern {pattern:?}: {reason}")]
+pub struct PatternError {
+    pub pattern: String,
+    pub reason: String,
+}
+
+/// An interface name pattern: `/regex/` (anchored), a glob (`veth*`), or a literal name;
+/// `run --interface` and the subscribers' `interface` filter read the same grammar.
+#[derive(Debug, Clone)]
+pub enum NamePattern {
+    Regex(Regex, String),
+    Glob(glob::Pattern),
+}
+
+impl NamePattern {
+    pub fn parse(s: &str) -> Result<NamePattern, PatternError> {
+        let err = |reason: String| PatternError {
+            pattern: s.to_owned(),
+            reason,
+        };
+        if s.is_empty() {
+            return Err(err("empty pattern".into()));
+        }
+        if s.len() >= 2 && s.starts_with('/') && s.ends_with('/') {
+            let re = Regex::new(&format!("^(?:{})$", &s[1..s.len() - 1]))
+                .map_err(|e| err(e.to_string()))?;
+            return Ok(NamePattern::Regex(re, s.to_owned()));
+        }
+        glob::Pattern::new(s)
+            .map(NamePattern::Glob)
+            .map_err(|e| err(e.to_string()))
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            NamePattern::Regex(r, _) => r.is_match(name),
+            NamePattern::Glob(g) => g.matches(name),
+        }
+    }
+
+    /// A plain interface name, not a glob or regex.
+    pub fn is_literal(&self) -> bool {
+        match self {
+            NamePattern::Regex(..) => false,
+            NamePattern::Glob(g) => !g.as_str().contains(['*', '?', '[']),
+        }
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        match self {
+            NamePattern::Regex(_, s) => s,
+            NamePattern::Glob(g) => g.as_str(),
+        }
+    }
+}
+
+impl PartialEq for NamePattern {
+    fn eq(&self, other: &NamePattern) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for NamePattern {}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CidrError {
@@ -121,7 +190,8 @@ pub struct Filter {
     pub port: Option<PortRange>,
     pub protocol: Option<u8>,
     pub ip_version: Option<u8>,
-    pub interface: Option<String>,
+    /// Interface name, glob or /regex/.
+    pub interface: Option<NamePattern>,
     /// Bits that must all appear in client_flags | server_flags.
     pub tcp_flags: Option<u8>,
     pub end_reason: Option<EndReason>,
@@ -146,7 +216,7 @@ impl Filter {
             })
             && opt(&self.protocol, |&p| p == r.protocol)
             && opt(&self.ip_version, |&v| v == r.ip_version)
-            && opt(&self.interface, |i| *i == r.interface)
+            && opt(&self.interface, |i| i.matches(&r.interface))
             && opt(&self.tcp_flags, |&want| {
                 r.tcp
                     .as_ref()
@@ -186,12 +256,14 @@ impl Selector {
 #[derive(Debug, Clone)]
 pub struct SubscribeOptions {
     pub selector: Selector,
-    /// Replay at most this many recent matching ring records (0: no limit).
+    /// Replay at most this many recent matching records (0: no limit).
     pub replay: usize,
-    /// Replay the matching ring records with `last_seen >= since`.
+    /// Replay the matching records with `emitted >= since`.
     pub since: Option<SystemTime>,
-    /// Replay the matching ring records numbered after this one.
+    /// Replay the matching records numbered after this one (of run `run`).
     pub after_seq: Option<u64>,
+    /// The run `after_seq` counts in; another run than the hub's: the agent restarted.
+    pub run: Option<u64>,
     /// Stream new records after the replay.
     pub follow: bool,
     /// Remote address, for status.
@@ -211,6 +283,7 @@ impl Default for SubscribeOptions {
             replay: 0,
             since: None,
             after_seq: None,
+            run: None,
             follow: true,
             peer: String::new(),
         }

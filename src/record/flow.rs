@@ -49,6 +49,17 @@ pub mod tcp_flags {
         }
     }
 
+    /// The names of the flags in `bits`, upper case, in the order letters are printed:
+    /// `["SYN", "ACK"]`.
+    pub fn upper_names(bits: u8) -> Vec<&'static str> {
+        const UPPER: [&str; 8] = ["SYN", "ACK", "PSH", "FIN", "RST", "URG", "ECE", "CWR"];
+        ALL.iter()
+            .zip(UPPER)
+            .filter(|((b, _, _), _)| bits & b != 0)
+            .map(|(_, name)| name)
+            .collect()
+    }
+
     /// Parses "syn,ack" (also `|` or `+` separated) into bits.
     pub fn from_names(s: &str) -> Option<u8> {
         let mut bits = 0u8;
@@ -242,6 +253,11 @@ pub struct FlowRecord {
     /// Start of the window this record's deltas cover: `first_seen` on a flow's first
     /// record, the previous record's emission time after that.
     pub window_start: SystemTime,
+    /// When the poller emitted the record (the poll that ended the flow or found its
+    /// active timeout due); the flow's next record starts its window here (to the ~4 ms
+    /// the kernel entry keeps it in, rounded down). In a ListFlows snapshot: when the
+    /// maps were read.
+    pub emitted: SystemTime,
     /// What the client sent (deltas since the previous record of this flow, also when
     /// `end_reason` is `InProgress`).
     pub client: DirStats,
@@ -308,6 +324,7 @@ impl FlowRecord {
             first_seen: UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789),
             last_seen: UNIX_EPOCH + Duration::new(1_700_000_005, 0),
             window_start: UNIX_EPOCH + Duration::new(1_700_000_001, 1),
+            emitted: UNIX_EPOCH + Duration::new(1_700_000_006, 500_000_000),
             client: DirStats {
                 packets: 3,
                 bytes: 300,

@@ -1,4 +1,4 @@
-//! How a person and a script see records: the one table renderer and the one JSON encoder, used by `run` and `watch` alike, and the compact number formats `top` shares.
+//! How a person and a script see records: the one table renderer and the one JSON encoder, used by `run`, `watch` and `flows` alike, and the compact number formats `top` shares.
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
@@ -7,9 +7,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use crate::record::encoding::Stamp;
 use crate::record::flow::{
     proto_name, tcp_flags, DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo,
-    TcpState,
+    TcpState, IPPROTO_TCP,
 };
 
 /// How records are written.
@@ -21,27 +22,73 @@ pub enum Format {
     Json,
 }
 
+/// How the table writes times.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TimeFormat {
+    /// HH:MM:SS in UTC, a date line when the UTC day changes.
+    #[default]
+    Utc,
+    /// HH:MM:SS in the local time zone (TZ, else /etc/localtime), a date line when the
+    /// local day changes.
+    Local,
+    /// Seconds since the Unix epoch with milliseconds; no date lines.
+    Unix,
+}
+
+/// Which records a table holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TableKind {
+    /// Records as they are emitted: TIME (the emission) first, END says why.
+    #[default]
+    Emitted,
+    /// Flows in progress (ListFlows): no TIME column (one snapshot time for all), STATE
+    /// instead of END.
+    InProgress,
+}
+
 /// Table options.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TableStyle {
-    /// Every column, unabbreviated (wider than 100 columns).
+    /// Every column, unabbreviated.
     pub wide: bool,
     /// Print the legend before the header.
     pub legend: bool,
+    /// No header line and no date lines: rows only, for scripts.
+    pub no_header: bool,
+    pub time: TimeFormat,
+    /// Columns a row may take (the terminal's width); None: `TABLE_WIDTH`.
+    pub width: Option<usize>,
+    pub kind: TableKind,
 }
 
-/// The default table fits this many columns (IPv4 flows; the metrics column gives way).
-pub const TABLE_WIDTH: usize = 100;
+/// The width the default table is laid out for when it does not know a terminal's: an
+/// IPv4 row fits with its metrics (a longer endpoint pushes the row right; METRICS gives
+/// way first).
+pub const TABLE_WIDTH: usize = 120;
+
+/// Narrower than this, the default table leaves out FIRST to keep room for METRICS.
+const FIRST_COLUMN_FROM: usize = 120;
+
+/// The width of the terminal on stdout, if stdout is one.
+pub fn stdout_width() -> Option<usize> {
+    // SAFETY: winsize is plain data; the ioctl writes it or fails.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ on fd 1 with a valid winsize pointer.
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    (ok && ws.ws_col > 0).then_some(usize::from(ws.ws_col))
+}
 
 /// Writes records in one format; the table's header goes out before the first record,
-/// and a date line whenever the UTC day changes.
+/// and a date line whenever the day changes.
 #[derive(Debug)]
 pub struct Renderer {
     format: Format,
     style: TableStyle,
+    layout: Vec<Col>,
     header_done: bool,
-    /// Days since the epoch of the last row, to print the date when it changes.
-    day: Option<u64>,
+    /// The day of the last row (in the table's time zone), to print the date when it
+    /// changes.
+    day: Option<i64>,
 }
 
 impl Renderer {
@@ -53,6 +100,7 @@ impl Renderer {
         Renderer {
             format,
             style,
+            layout: layout(&style),
             header_done: false,
             day: None,
         }
@@ -64,26 +112,36 @@ impl Renderer {
         if self.format == Format::Table && !self.header_done {
             self.header_done = true;
             if self.style.legend {
-                writeln!(out, "{}", legend(self.style.wide))?;
+                writeln!(out, "{}", legend(&self.style))?;
             }
-            writeln!(out, "{}", table_header(self.style.wide))?;
+            if !self.style.no_header {
+                writeln!(out, "{}", header_line(&self.layout, &self.style))?;
+            }
         }
         Ok(())
     }
 
+    /// `r` with no stamp (JSON `seq` and `run` 0): a record that was never emitted.
     pub fn record(&mut self, out: &mut impl Write, r: &FlowRecord) -> io::Result<()> {
+        self.record_at(out, Stamp::default(), r)
+    }
+
+    /// `r`, emitted as record `at.seq` of run `at.run` (JSON shows both; the table neither).
+    pub fn record_at(&mut self, out: &mut impl Write, at: Stamp, r: &FlowRecord) -> io::Result<()> {
         match self.format {
             Format::Table => {
                 self.header(out)?;
-                let day = days(r.last_seen);
-                if self.day != Some(day) {
+                // Flows in progress were all "emitted" at their snapshot's time: one line.
+                if let Some((day, line)) = date_line(r.emitted, self.style.time) {
+                    if self.day != Some(day) && !self.style.no_header {
+                        writeln!(out, "{line}")?;
+                    }
                     self.day = Some(day);
-                    writeln!(out, "--- {} (UTC) ---", date_utc(r.last_seen))?;
                 }
-                writeln!(out, "{}", table_row(r, self.style.wide))
+                writeln!(out, "{}", row(&self.layout, &self.style, r))
             }
             Format::Json => {
-                serde_json::to_writer(&mut *out, &JsonRecord::of(r))?;
+                serde_json::to_writer(&mut *out, &JsonRecord::of(at, r))?;
                 writeln!(out)
             }
         }
@@ -94,115 +152,285 @@ impl Renderer {
 // Table
 // ---------------------------------------------------------------------------
 
-/// Column widths of the default table; a longer value pushes the rest right and the
-/// metrics column gives way, so an IPv4 row never passes `TABLE_WIDTH`.
-const W_TIME: usize = 8;
-const W_PROTO: usize = 4;
-const W_CLIENT: usize = 19;
-const W_SERVER: usize = 16;
-const W_DIR: usize = 8;
-const W_DUR: usize = 5;
-const W_END: usize = 4;
+/// A table column; the last one (METRICS or DETAIL) takes what is left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Col {
+    /// When the record was emitted.
+    Time,
+    /// The flow's first packet.
+    First,
+    Observer,
+    Iface,
+    Proto,
+    Client,
+    Server,
+    ClientSent,
+    ServerSent,
+    Ttl,
+    Duration,
+    End,
+    Tail,
+}
 
-/// Wide table widths (IPv6 endpoints fit).
-const WW_TIME: usize = 12;
-const WW_IFACE: usize = 10;
-const WW_PROTO: usize = 6;
-const WW_ENDPOINT: usize = 21;
-const WW_DIR: usize = 18;
-const WW_TTL: usize = 7;
-const WW_DUR: usize = 10;
-const WW_END: usize = 14;
+/// The columns `style` shows, in order.
+fn layout(style: &TableStyle) -> Vec<Col> {
+    let mut cols = Vec::new();
+    if style.kind == TableKind::Emitted {
+        cols.push(Col::Time);
+    }
+    let room = style.width.unwrap_or(TABLE_WIDTH);
+    if style.wide || style.kind == TableKind::InProgress || room >= FIRST_COLUMN_FROM {
+        cols.push(Col::First);
+    }
+    if style.wide {
+        cols.extend([Col::Observer, Col::Iface]);
+    }
+    cols.extend([
+        Col::Proto,
+        Col::Client,
+        Col::Server,
+        Col::ClientSent,
+        Col::ServerSent,
+    ]);
+    if style.wide {
+        cols.push(Col::Ttl);
+    }
+    cols.extend([Col::Duration, Col::End, Col::Tail]);
+    cols
+}
 
-/// The header line.
-pub fn table_header(wide: bool) -> String {
-    if wide {
-        format!(
-            "{:<WW_TIME$} {:<WW_IFACE$} {:<WW_PROTO$} {:>WW_ENDPOINT$}   {:<WW_ENDPOINT$} {:>WW_DIR$} {:>WW_DIR$} {:>WW_TTL$} {:>WW_DUR$} {:<WW_END$} DETAIL",
-            "TIME", "IFACE", "PROTO", "CLIENT", "SERVER", "C>S PKTS/BYTES", "S>C PKTS/BYTES", "TTL C/S", "DURATION", "END"
-        )
-    } else {
-        format!(
-            "{:<W_TIME$} {:<W_PROTO$} {:>W_CLIENT$}   {:<W_SERVER$} {:>W_DIR$} {:>W_DIR$} {:>W_DUR$} {:<W_END$} METRICS",
-            "TIME", "PROT", "CLIENT", "SERVER", "C>S", "S>C", "DUR", "END"
-        )
+/// A column's width (a longer value pushes the rest of the row right) and whether its
+/// values are right-aligned.
+fn width(col: Col, style: &TableStyle) -> (usize, bool) {
+    let time = match (style.time, style.wide) {
+        (TimeFormat::Unix, _) => 14,
+        (_, true) => 12,
+        (_, false) => 8,
+    };
+    match (col, style.wide) {
+        (Col::Time | Col::First, _) => (time, false),
+        (Col::Observer, _) => (12, false),
+        (Col::Iface, _) => (10, false),
+        (Col::Proto, false) => (4, false),
+        (Col::Proto, true) => (6, false),
+        (Col::Client, false) => (19, true),
+        (Col::Server, false) => (16, false),
+        (Col::Client, true) => (21, true),
+        (Col::Server, true) => (21, false),
+        (Col::ClientSent | Col::ServerSent, false) => (8, true),
+        (Col::ClientSent | Col::ServerSent, true) => (18, true),
+        (Col::Ttl, _) => (7, true),
+        (Col::Duration, false) => (5, true),
+        (Col::Duration, true) => (10, true),
+        (Col::End, false) => (4, false),
+        (Col::End, true) => (14, false),
+        (Col::Tail, _) => (0, false),
     }
 }
 
-const LEGEND_COMMON: &str = "TIME: UTC time of the flow's last packet (a date line comes first and when the day changes).\n\
-CLIENT > SERVER: the side that sent the first packet (the SYN for TCP) > the other side.\n\
-C>S, S>C: packets/bytes the client sent, and the server (IP bytes: headers, no framing);\n\
-\x20 K, M, G, T = 1024^1..4 bytes; packet counts k, M, G = 1000^1..3. DUR: first to last packet.\n";
+fn title(col: Col, style: &TableStyle) -> &'static str {
+    match (col, style.wide) {
+        (Col::Time, _) => "TIME",
+        (Col::First, _) => "FIRST",
+        (Col::Observer, _) => "OBSERVER",
+        (Col::Iface, _) => "IFACE",
+        (Col::Proto, false) => "PROT",
+        (Col::Proto, true) => "PROTO",
+        (Col::Client, _) => "CLIENT",
+        (Col::Server, _) => "SERVER",
+        (Col::ClientSent, false) => "C>S",
+        (Col::ServerSent, false) => "S>C",
+        (Col::ClientSent, true) => "C>S PKTS/BYTES",
+        (Col::ServerSent, true) => "S>C PKTS/BYTES",
+        (Col::Ttl, _) => "TTL C/S",
+        (Col::Duration, false) => "DUR",
+        (Col::Duration, true) => "DURATION",
+        (Col::End, _) if style.kind == TableKind::InProgress => "STATE",
+        (Col::End, _) => "END",
+        (Col::Tail, false) => "METRICS",
+        (Col::Tail, true) => "DETAIL",
+    }
+}
 
-const LEGEND_SHORT: &str = "END: idle = no packet for the idle timeout, actv = active timeout (long flow, counters since\n\
-\x20 its previous record), fin = TCP FIN both ways, rst = TCP reset, stop = agent stopped.\n\
+/// Joins cells padded to their widths: CLIENT and SERVER with " > " (three spaces in the
+/// header), the others with one space.
+fn join(layout: &[Col], style: &TableStyle, cell: impl Fn(Col) -> String) -> String {
+    let mut s = String::new();
+    for (i, &col) in layout.iter().enumerate() {
+        if i > 0 {
+            s.push_str(if col == Col::Server { " > " } else { " " });
+        }
+        let (w, right) = width(col, style);
+        let v = cell(col);
+        if right {
+            let _ = write!(s, "{v:>w$}");
+        } else {
+            let _ = write!(s, "{v:<w$}");
+        }
+    }
+    s.trim_end().to_owned()
+}
+
+/// The header line.
+fn header_line(layout: &[Col], style: &TableStyle) -> String {
+    join(layout, style, |c| title(c, style).to_owned()).replace(" > ", "   ")
+}
+
+/// The header line of a table in `style`.
+pub fn table_header(style: &TableStyle) -> String {
+    header_line(&layout(style), style)
+}
+
+/// One table line.
+fn row(layout: &[Col], style: &TableStyle, r: &FlowRecord) -> String {
+    let wide = style.wide;
+    let cell = |col: Col| -> String {
+        match col {
+            Col::Time => clock(r.emitted, style.time, wide),
+            Col::First => clock(r.first_seen, style.time, wide),
+            Col::Observer => r.observer.to_string(),
+            Col::Iface if r.interface.is_empty() => format!("if{}", r.ifindex),
+            Col::Iface => r.interface.clone(),
+            Col::Proto => proto_label(r.protocol),
+            Col::Client => client_endpoint(r),
+            Col::Server => server_endpoint(r),
+            Col::ClientSent if wide => format!("{}/{}", r.client.packets, r.client.bytes),
+            Col::ServerSent if wide => format!("{}/{}", r.server.packets, r.server.bytes),
+            Col::ClientSent => dir_compact(&r.client),
+            Col::ServerSent => dir_compact(&r.server),
+            Col::Ttl => format!("{}/{}", r.client.ttl, r.server.ttl),
+            Col::Duration if wide => format!("{:.3}s", flow_duration(r).as_secs_f64()),
+            Col::Duration => duration(flow_duration(r)),
+            Col::End if style.kind == TableKind::InProgress => state_label(r).to_owned(),
+            Col::End if wide => match end_label(r) {
+                l @ ("refused" | "rst-c" | "rst-s" | "rst-cs") => format!("tcp_rst ({l})"),
+                _ => r.end_reason.as_str().to_owned(),
+            },
+            Col::End => end_label(r).to_owned(),
+            Col::Tail => String::new(),
+        }
+    };
+    let mut s = join(layout, style, cell);
+    if wide {
+        let d = detail(r);
+        if !d.is_empty() {
+            s.push(' ');
+            s.push_str(&d);
+        }
+        return s;
+    }
+    // The tail starts where the header says METRICS, whatever the row pushed right.
+    let start = header_line(layout, style).chars().count() - "METRICS".len();
+    let used = s.chars().count();
+    let pad = start.saturating_sub(used);
+    let room = style
+        .width
+        .unwrap_or(TABLE_WIDTH)
+        .saturating_sub(used + pad.max(1));
+    let tail = fit(&metrics(r), room);
+    if !tail.is_empty() {
+        s.push_str(&" ".repeat(pad.max(1)));
+        s.push_str(&tail);
+    }
+    s
+}
+
+/// One table line in `style` (header and date lines aside).
+pub fn table_row(r: &FlowRecord, style: &TableStyle) -> String {
+    row(&layout(style), style, r)
+}
+
+const LEGEND_COMMON: &str = "TIME: when the agent emitted the record (the poll that ended the flow); rows come in this order.\n\
+FIRST: the flow's first packet. CLIENT > SERVER: the side that sent the first packet (the SYN\n\
+\x20 for TCP) > the other. C>S, S>C: packets/bytes the client sent, and the server (IP bytes:\n\
+\x20 headers, no framing); K, M, G, T = 1024^1..4 bytes; packet counts k, M, G = 1000^1..3.\n\
+DUR: first to last packet. ";
+
+const LEGEND_SHORT: &str =
+    "END: idle = no packet for the idle timeout, actv = active timeout (long flow,\n\
+\x20 counters since its previous record), fin = TCP FIN both ways, rst-c / rst-s / rst-cs = TCP\n\
+\x20 reset by the client / the server / both, refused = the server answered the SYN with a reset,\n\
+\x20 stop = agent stopped, evict = ended early to make room in a full flow map (a flood).\n\
 METRICS: rtt = TCP handshake round trip (SYN>SYN-ACK>ACK) or ICMP echo round trip;\n\
 \x20 srv = server response time (mean); rtx = SYNs retransmitted; late = connection began\n\
 \x20 before flowlens; type = ICMP type/code the client sent; + = more (see --wide).";
 
-const LEGEND_WIDE: &str =
-    "END: idle_timeout, active_timeout (long flow, counters since its previous record), tcp_fin,\n\
-\x20 tcp_rst, shutdown (agent stopped), in_progress. TTL C/S: last TTL/hop limit of each side.\n\
+const LEGEND_WIDE: &str = "OBSERVER: the agent that saw the flow. IFACE: the interface.\n\
+END: idle_timeout, active_timeout (long flow, counters since its previous record), tcp_fin,\n\
+\x20 tcp_rst (who reset, or refused), shutdown (agent stopped), evicted (room made in a full\n\
+\x20 flow map), in_progress. TTL C/S: last TTL/hop limit of each side.\n\
 DETAIL: TCP state; flags C|S = TCP flags each side sent (S SYN, A ACK, P PSH, F FIN, R RST,\n\
 \x20 U URG, E ECE, C CWR); hs C+S = handshake SYN>SYN-ACK + SYN-ACK>ACK; srv-lat/cli-lat =\n\
 \x20 server/client response time mean (min-max, jit = jitter, n = samples); syn-rtx = SYNs\n\
 \x20 retransmitted; late-start = connection began before flowlens; icmp c=TYPE/CODE s=...;\n\
 \x20 id = echo id; rtt = echo round trip.";
 
+/// What the times are in.
+fn time_legend(t: TimeFormat) -> &'static str {
+    match t {
+        TimeFormat::Utc => "Times are UTC (--time-format local|unix).\n",
+        TimeFormat::Local => "Times are local (--time-format utc|unix).\n",
+        TimeFormat::Unix => "Times are seconds since the Unix epoch (--time-format utc|local).\n",
+    }
+}
+
 /// The legend: every column and abbreviation the table uses.
-pub fn legend(wide: bool) -> String {
-    [LEGEND_COMMON, if wide { LEGEND_WIDE } else { LEGEND_SHORT }].concat()
+pub fn legend(style: &TableStyle) -> String {
+    [
+        LEGEND_COMMON,
+        time_legend(style.time),
+        if style.wide {
+            LEGEND_WIDE
+        } else {
+            LEGEND_SHORT
+        },
+    ]
+    .concat()
 }
 
 /// The legend of both tables, for `--help`.
 pub fn help_legend() -> String {
-    format!("Table legend:\n{LEGEND_COMMON}{LEGEND_SHORT}\nWith --wide:\n{LEGEND_WIDE}")
-}
-
-/// One table line.
-pub fn table_row(r: &FlowRecord, wide: bool) -> String {
-    if wide {
-        return wide_row(r);
-    }
-    let mut s = format!(
-        "{:<W_TIME$} {:<W_PROTO$} {:>W_CLIENT$} > {:<W_SERVER$} {:>W_DIR$} {:>W_DIR$} {:>W_DUR$} {:<W_END$} ",
-        clock_utc(r.last_seen, false),
-        proto_label(r.protocol),
-        client_endpoint(r),
-        server_endpoint(r),
-        dir_compact(&r.client),
-        dir_compact(&r.server),
-        duration(flow_duration(r)),
-        end_short(r.end_reason),
-    );
-    let room = TABLE_WIDTH.saturating_sub(s.chars().count());
-    s.push_str(&fit(&metrics(r), room));
-    s.trim_end().to_owned()
-}
-
-fn wide_row(r: &FlowRecord) -> String {
-    let iface = if r.interface.is_empty() {
-        format!("if{}", r.ifindex)
-    } else {
-        r.interface.clone()
-    };
-    let dir = |d: &DirStats| format!("{}/{}", d.packets, d.bytes);
     format!(
-        "{:<WW_TIME$} {:<WW_IFACE$} {:<WW_PROTO$} {:>WW_ENDPOINT$} > {:<WW_ENDPOINT$} {:>WW_DIR$} {:>WW_DIR$} {:>WW_TTL$} {:>WW_DUR$} {:<WW_END$} {}",
-        clock_utc(r.last_seen, true),
-        iface,
-        proto_label(r.protocol),
-        client_endpoint(r),
-        server_endpoint(r),
-        dir(&r.client),
-        dir(&r.server),
-        format!("{}/{}", r.client.ttl, r.server.ttl),
-        format!("{:.3}s", flow_duration(r).as_secs_f64()),
-        r.end_reason.as_str(),
-        detail(r),
+        "Table legend:\n{LEGEND_COMMON}{}{LEGEND_SHORT}\nWith --wide:\n{LEGEND_WIDE}",
+        time_legend(TimeFormat::Utc)
     )
-    .trim_end()
-    .to_owned()
+}
+
+/// What the END column says: the end reason, and for a TCP reset who sent it, or
+/// `refused` when the server answered the client's SYN with one.
+pub fn end_label(r: &FlowRecord) -> &'static str {
+    match r.end_reason {
+        EndReason::IdleTimeout => "idle",
+        EndReason::ActiveTimeout => "actv",
+        EndReason::TcpFin => "fin",
+        EndReason::TcpRst => rst_label(r),
+        EndReason::Shutdown => "stop",
+        EndReason::Evicted => "evict",
+        EndReason::InProgress => "live",
+    }
+}
+
+fn rst_label(r: &FlowRecord) -> &'static str {
+    let Some(t) = r.tcp.filter(|_| r.protocol == IPPROTO_TCP) else {
+        return "rst";
+    };
+    let (c, s) = (t.client_flags, t.server_flags);
+    let rst = tcp_flags::RST;
+    let syn = tcp_flags::SYN;
+    if c & syn != 0 && s & rst != 0 && s & syn == 0 {
+        return "refused";
+    }
+    match (c & rst != 0, s & rst != 0) {
+        (true, false) => "rst-c",
+        (false, true) => "rst-s",
+        (true, true) => "rst-cs",
+        (false, false) => "rst",
+    }
+}
+
+/// What the STATE column of flows in progress says: the TCP state, else `live`.
+pub fn state_label(r: &FlowRecord) -> &'static str {
+    r.tcp.map_or("live", |t| state_short(t.state))
 }
 
 /// Metrics parts in order of importance, each whole or not at all; "+" marks the
@@ -339,18 +567,6 @@ fn latency_detail(l: &Latency) -> String {
     s
 }
 
-fn end_short(e: EndReason) -> &'static str {
-    match e {
-        EndReason::IdleTimeout => "idle",
-        EndReason::ActiveTimeout => "actv",
-        EndReason::TcpFin => "fin",
-        EndReason::TcpRst => "rst",
-        EndReason::Shutdown => "stop",
-        EndReason::Evicted => "evict",
-        EndReason::InProgress => "live",
-    }
-}
-
 /// A short TCP state name for narrow columns.
 pub fn state_short(s: TcpState) -> &'static str {
     match s {
@@ -392,22 +608,46 @@ fn dir_compact(d: &DirStats) -> String {
     format!("{}/{}", count(d.packets), size(d.bytes))
 }
 
-fn days(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() / 86_400
+/// The day `t` falls on in the table's time zone, and the line that announces it; None
+/// for Unix times, which need none.
+fn date_line(t: SystemTime, f: TimeFormat) -> Option<(i64, String)> {
+    match f {
+        TimeFormat::Utc => {
+            let mut date = humantime::format_rfc3339_seconds(t).to_string();
+            date.truncate(10);
+            let day = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() / 86_400;
+            Some((day as i64, format!("--- {date} (UTC) ---")))
+        }
+        TimeFormat::Local => {
+            let local = chrono::DateTime::<chrono::Local>::from(t);
+            let day = chrono::Datelike::num_days_from_ce(&local.date_naive());
+            Some((
+                i64::from(day),
+                format!(
+                    "--- {} (local, UTC{}) ---",
+                    local.format("%Y-%m-%d"),
+                    local.format("%:z")
+                ),
+            ))
+        }
+        TimeFormat::Unix => None,
+    }
 }
 
-/// "2026-11-25": the date part of RFC 3339.
-fn date_utc(t: SystemTime) -> String {
-    let mut s = humantime::format_rfc3339_seconds(t).to_string();
-    s.truncate(10);
-    s
-}
-
-/// "HH:MM:SS", with milliseconds when `millis`.
-fn clock_utc(t: SystemTime, millis: bool) -> String {
+/// "HH:MM:SS" (with milliseconds when `millis`) in UTC or local time, or Unix seconds
+/// with milliseconds.
+pub fn clock(t: SystemTime, f: TimeFormat, millis: bool) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let s = d.as_secs() % 86_400;
-    let hms = format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60);
+    let hms = match f {
+        TimeFormat::Unix => return format!("{}.{:03}", d.as_secs(), d.subsec_millis()),
+        TimeFormat::Utc => {
+            let s = d.as_secs() % 86_400;
+            format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+        }
+        TimeFormat::Local => chrono::DateTime::<chrono::Local>::from(t)
+            .format("%H:%M:%S")
+            .to_string(),
+    };
     if millis {
         format!("{hms}.{:03}", d.subsec_millis())
     } else {
@@ -479,9 +719,10 @@ pub fn latency(ns: u64) -> String {
 // JSON
 // ---------------------------------------------------------------------------
 
-/// The JSON form of a record: the proto's field names, RFC 3339 timestamps with
-/// nanoseconds and their integer `*_ns` twins, and the protocol's name beside its number.
-/// README "JSON records" documents every field; renaming one breaks users.
+/// The JSON form of a record: every field of the proto's `FlowRecord` under its name,
+/// RFC 3339 timestamps with nanoseconds and their integer `*_ns` twins, the protocol's
+/// name beside its number, and the TCP flags' names beside their bits. README "JSON
+/// records" documents every field; renaming one breaks users.
 #[derive(Debug, Serialize)]
 pub struct JsonRecord<'a> {
     flow_id: u64,
@@ -503,16 +744,41 @@ pub struct JsonRecord<'a> {
     window_start: String,
     window_start_ns: u64,
     duration_ns: u64,
+    emitted: String,
+    emitted_ns: u64,
     client: &'a DirStats,
     server: &'a DirStats,
     end_reason: EndReason,
     continuation: bool,
-    tcp: Option<&'a TcpInfo>,
+    fragment: bool,
+    tcp: Option<JsonTcp<'a>>,
     icmp: Option<&'a IcmpInfo>,
+    seq: u64,
+    run: u64,
+}
+
+/// `TcpInfo` with the flags' names (`["SYN", "ACK"]`) beside each side's bits, for tools
+/// without bitwise operators (jq).
+#[derive(Debug, Serialize)]
+struct JsonTcp<'a> {
+    #[serde(flatten)]
+    info: &'a TcpInfo,
+    client_flag_names: Vec<&'static str>,
+    server_flag_names: Vec<&'static str>,
+}
+
+impl<'a> JsonTcp<'a> {
+    fn of(info: &'a TcpInfo) -> JsonTcp<'a> {
+        JsonTcp {
+            info,
+            client_flag_names: tcp_flags::upper_names(info.client_flags),
+            server_flag_names: tcp_flags::upper_names(info.server_flags),
+        }
+    }
 }
 
 impl<'a> JsonRecord<'a> {
-    pub fn of(r: &'a FlowRecord) -> JsonRecord<'a> {
+    pub fn of(at: Stamp, r: &'a FlowRecord) -> JsonRecord<'a> {
         let ns = |t: SystemTime| {
             t.duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
@@ -541,12 +807,17 @@ impl<'a> JsonRecord<'a> {
             window_start: rfc3339(r.window_start),
             window_start_ns: ns(r.window_start),
             duration_ns: flow_duration(r).as_nanos().try_into().unwrap_or(u64::MAX),
+            emitted: rfc3339(r.emitted),
+            emitted_ns: ns(r.emitted),
             client: &r.client,
             server: &r.server,
             end_reason: r.end_reason,
             continuation: r.continuation,
-            tcp: r.tcp.as_ref(),
+            fragment: r.fragment,
+            tcp: r.tcp.as_ref().map(JsonTcp::of),
             icmp: r.icmp.as_ref(),
+            seq: at.seq,
+            run: at.run,
         }
     }
 }
@@ -565,6 +836,7 @@ mod tests {
             flow_id: 42,
             observer: "host1".into(),
             window_start: at(1_795_637_000),
+            emitted: at(1_795_637_004),
             continuation: false,
             fragment: false,
             ip_version: 4,
@@ -638,7 +910,7 @@ mod tests {
     }
 
     #[test]
-    fn ipv4_rows_fit_100_columns() {
+    fn ipv4_rows_fit_the_table_width() {
         let mut icmp = rec("203.120.111.222", 0, "198.151.100.200", 0, IPPROTO_ICMP);
         icmp.icmp = Some(IcmpInfo {
             client_type: Some(8),
@@ -663,40 +935,108 @@ mod tests {
             });
             r
         };
-        for r in [
-            worst_tcp(),
-            typical.clone(),
-            icmp,
-            rec("1.1.1.1", 1, "2.2.2.2", 2, IPPROTO_UDP),
-        ] {
-            let row = table_row(&r, false);
-            assert!(
-                row.chars().count() <= TABLE_WIDTH,
-                "{} > 100: {row}",
-                row.len()
-            );
+        for width in [None, Some(100), Some(160)] {
+            let style = TableStyle {
+                width,
+                ..TableStyle::default()
+            };
+            let limit = width.unwrap_or(TABLE_WIDTH);
+            for r in [
+                worst_tcp(),
+                typical.clone(),
+                icmp.clone(),
+                rec("1.1.1.1", 1, "2.2.2.2", 2, IPPROTO_UDP),
+            ] {
+                let row = table_row(&r, &style);
+                assert!(
+                    row.chars().count() <= limit,
+                    "{} > {limit}: {row}",
+                    row.len()
+                );
+            }
+            assert!(table_header(&style).chars().count() <= limit);
         }
-        assert!(table_header(false).chars().count() <= TABLE_WIDTH);
-        for line in legend(false).lines().chain(legend(true).lines()) {
-            assert!(line.chars().count() <= TABLE_WIDTH, "{line}");
+        for line in legend(&TableStyle::default()).lines().chain(
+            legend(&TableStyle {
+                wide: true,
+                ..TableStyle::default()
+            })
+            .lines(),
+        ) {
+            assert!(line.chars().count() <= 100, "{line}");
         }
         // A typical row keeps its handshake and server latency, and the arrow lines up
         // with the header's gap.
-        let row = table_row(&typical, false);
+        let style = TableStyle::default();
+        let row = table_row(&typical, &style);
         assert!(row.contains("rtt 8.6s srv 1.0ms"), "{row}");
         assert!(
             row.contains("10.200.12.1:45678 > 10.200.12.2:5201"),
             "{row}"
         );
-        assert_eq!(row.find(" > "), table_header(false).find("   SERVER"));
+        assert_eq!(row.find(" > "), table_header(&style).find("   SERVER"));
+        assert_eq!(
+            row.find("rtt"),
+            table_header(&style).find("METRICS"),
+            "{row}"
+        );
+        // TIME is the emission, FIRST the first packet.
+        assert!(row.starts_with("20:03:24 20:03:20 tcp "), "{row}");
         // The worst one says that it left metrics out.
-        assert!(table_row(&worst_tcp(), false).ends_with('+'));
+        assert!(table_row(&worst_tcp(), &style).ends_with('+'));
+        // A 100-column terminal drops FIRST to keep room for the metrics.
+        let narrow = TableStyle {
+            width: Some(100),
+            ..style
+        };
+        assert!(!table_header(&narrow).contains("FIRST"));
+        assert!(table_row(&typical, &narrow).contains("rtt 8.6s srv 1.0ms"));
+    }
+
+    #[test]
+    fn resets_say_who_and_a_refused_connection_says_so() {
+        let mut r = rec("10.0.0.1", 40000, "10.0.0.2", 443, IPPROTO_TCP);
+        r.end_reason = EndReason::TcpRst;
+        let tcp = |c: u8, s: u8| {
+            Some(TcpInfo {
+                client_flags: c,
+                server_flags: s,
+                ..worst_tcp().tcp.unwrap()
+            })
+        };
+        use tcp_flags::{ACK, RST, SYN};
+        for (c, s, want) in [
+            (SYN, RST | ACK, "refused"),
+            (SYN | ACK | RST, SYN | ACK, "rst-c"),
+            (SYN | ACK, SYN | ACK | RST, "rst-s"),
+            (SYN | ACK | RST, SYN | ACK | RST, "rst-cs"),
+            (ACK, ACK, "rst"),
+        ] {
+            r.tcp = tcp(c, s);
+            assert_eq!(end_label(&r), want);
+            let row = table_row(&r, &TableStyle::default());
+            assert!(row.contains(&format!(" {want} ")), "{row}");
+        }
+        r.tcp = tcp(SYN, RST | ACK);
+        let wide = table_row(
+            &r,
+            &TableStyle {
+                wide: true,
+                ..TableStyle::default()
+            },
+        );
+        assert!(wide.contains("tcp_rst (refused)"), "{wide}");
     }
 
     #[test]
     fn wide_rows_show_everything() {
-        let row = table_row(&worst_tcp(), true);
+        let style = TableStyle {
+            wide: true,
+            ..TableStyle::default()
+        };
+        let row = table_row(&worst_tcp(), &style);
         for part in [
+            "host1",
             "eth0",
             "active_timeout",
             "fin_wait flags SAPFRUEC|SAPFRUEC",
@@ -708,18 +1048,26 @@ mod tests {
         ] {
             assert!(row.contains(part), "{part:?} in {row}");
         }
+        assert!(
+            table_header(&style).starts_with("TIME         FIRST        OBSERVER     IFACE"),
+            "{}",
+            table_header(&style)
+        );
     }
 
     #[test]
     fn legend_explains_every_abbreviation() {
-        let short = legend(false);
+        let short = legend(&TableStyle::default());
         for abbr in [
-            "idle", "actv", "fin", "rst", "stop", "rtt", "srv", "rtx", "late", "type", "C>S",
-            "DUR", "+",
+            "idle", "actv", "fin", "rst-c", "rst-s", "refused", "stop", "evict", "rtt", "srv",
+            "rtx", "late", "type", "C>S", "DUR", "FIRST", "+",
         ] {
             assert!(short.contains(abbr), "{abbr}");
         }
-        let wide = legend(true);
+        let wide = legend(&TableStyle {
+            wide: true,
+            ..TableStyle::default()
+        });
         for abbr in [
             "hs C+S",
             "srv-lat",
@@ -730,6 +1078,8 @@ mod tests {
             "TTL",
             "S SYN",
             "id",
+            "evicted",
+            "OBSERVER",
         ] {
             assert!(wide.contains(abbr), "{abbr}");
         }
@@ -737,14 +1087,18 @@ mod tests {
         let mut r = Renderer::styled(
             Format::Table,
             TableStyle {
-                wide: false,
                 legend: true,
+                ..TableStyle::default()
             },
         );
         r.header(&mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
-        assert!(text.starts_with("TIME: UTC"), "{text}");
-        assert!(text.lines().last().unwrap().starts_with("TIME     PROT"));
+        assert!(text.starts_with("TIME: when the agent"), "{text}");
+        assert!(text
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("TIME     FIRST    PROT"));
     }
 
     #[test]
@@ -752,19 +1106,81 @@ mod tests {
         let mut out = Vec::new();
         let mut rd = Renderer::new(Format::Table);
         let mut r = rec("10.0.0.1", 40000, "10.0.0.2", 443, IPPROTO_TCP);
-        r.last_seen = UNIX_EPOCH + Duration::from_secs(20_000 * 86_400 + 86_399);
+        r.emitted = UNIX_EPOCH + Duration::from_secs(20_000 * 86_400 + 86_399);
         rd.record(&mut out, &r).unwrap();
         rd.record(&mut out, &r).unwrap();
-        r.last_seen += Duration::from_secs(2);
+        r.emitted += Duration::from_secs(2);
         rd.record(&mut out, &r).unwrap();
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 6, "{text}");
         assert_eq!(lines[1], "--- 2024-10-04 (UTC) ---");
-        assert!(lines[2].starts_with("23:59:59 tcp "), "{text}");
+        assert!(lines[2].starts_with("23:59:59 "), "{text}");
         assert!(lines[3].starts_with("23:59:59 "));
         assert_eq!(lines[4], "--- 2024-10-05 (UTC) ---");
         assert!(lines[5].starts_with("00:00:01 "));
+    }
+
+    #[test]
+    fn no_header_prints_rows_only_and_unix_times_have_no_date_line() {
+        let r = rec("10.0.0.1", 40000, "10.0.0.2", 443, IPPROTO_TCP);
+        let mut out = Vec::new();
+        let mut rd = Renderer::styled(
+            Format::Table,
+            TableStyle {
+                no_header: true,
+                ..TableStyle::default()
+            },
+        );
+        rd.header(&mut out).unwrap();
+        rd.record(&mut out, &r).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.starts_with("20:03:24 20:03:20 tcp"), "{text}");
+
+        let mut out = Vec::new();
+        let unix = TableStyle {
+            time: TimeFormat::Unix,
+            ..TableStyle::default()
+        };
+        Renderer::styled(Format::Table, unix)
+            .record(&mut out, &r)
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[1].starts_with("1795637004.000 1795637000.000 tcp"),
+            "{text}"
+        );
+        assert_eq!(lines[0].find("FIRST"), lines[1].find("1795637000"));
+    }
+
+    #[test]
+    fn local_times_follow_the_time_zone() {
+        // TZ is read when a local time is first needed; this test owns it in this process.
+        std::env::set_var("TZ", "Asia/Kolkata");
+        let t = at(1_795_637_000);
+        assert_eq!(clock(t, TimeFormat::Local, false), "01:33:20");
+        assert_eq!(clock(t, TimeFormat::Utc, false), "20:03:20");
+        let (_, line) = date_line(t, TimeFormat::Local).unwrap();
+        assert_eq!(line, "--- 2026-11-26 (local, UTC+05:30) ---");
+    }
+
+    #[test]
+    fn flows_in_progress_show_their_state_instead_of_an_end() {
+        let mut r = rec("10.0.0.1", 40000, "10.0.0.2", 443, IPPROTO_TCP);
+        r.end_reason = EndReason::InProgress;
+        r.tcp = worst_tcp().tcp;
+        let style = TableStyle {
+            kind: TableKind::InProgress,
+            ..TableStyle::default()
+        };
+        assert!(table_header(&style).starts_with("FIRST    PROT"));
+        assert!(table_header(&style).contains(" STATE "));
+        let row = table_row(&r, &style);
+        assert!(row.starts_with("20:03:20 tcp "), "{row}");
+        assert!(row.contains(" finwait "), "{row}");
     }
 
     #[test]
@@ -821,6 +1237,8 @@ mod tests {
             (v["flow_id"].as_u64(), v["observer"].as_str()),
             (Some(42), Some("host1"))
         );
-        assert_eq!(keys.len(), 25, "{keys:?}");
+        assert_eq!(v["emitted"], "2026-11-25T20:03:24.000000000Z");
+        assert_eq!(v["emitted_ns"], 1_795_637_004_000_000_000u64);
+        assert_eq!(keys.len(), 30, "{keys:?}");
     }
 }

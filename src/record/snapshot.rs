@@ -128,24 +128,55 @@ impl SnapshotSlot {
 
 /// How long a snapshot stays pinned for a paged listing after its latest page.
 const PAGE_TTL: Duration = Duration::from_secs(60);
-/// Snapshots pinned for paged listings at once; a listing whose snapshot is pushed out
-/// starts again.
-const PAGED_SNAPSHOTS: usize = 4;
+/// Memory the snapshots pinned for paged listings may hold together (the one a listing
+/// just asked for is always kept); past it the oldest is let go and its listing starts
+/// again. Listings of the same poll share one snapshot, so this bounds distinct polls
+/// (a record is 368 bytes on x86-64): about 350 of 1,000 flows, or 5 of 65,536.
+pub const PAGED_MEMORY: usize = 128 << 20;
+
+impl Snapshot {
+    /// Bytes it holds: its records and the interface names they own.
+    pub fn memory(&self) -> usize {
+        self.flows.capacity() * std::mem::size_of::<FlowRecord>()
+            + self
+                .flows
+                .iter()
+                .map(|f| f.interface.capacity())
+                .sum::<usize>()
+    }
+}
 
 /// Snapshots that paged listings are still reading, so every page of one listing comes
-/// from the same poll although the slot moves on.
-#[derive(Debug, Default)]
+/// from the same poll although the slot moves on; bounded by their memory, not by a count,
+/// so many `top`s paging at once do not push each other out.
+#[derive(Debug)]
 pub struct PagedSnapshots {
+    budget: usize,
     kept: std::sync::Mutex<Vec<(Instant, Arc<Snapshot>)>>,
 }
 
+impl Default for PagedSnapshots {
+    fn default() -> Self {
+        PagedSnapshots::with_budget(PAGED_MEMORY)
+    }
+}
+
 impl PagedSnapshots {
-    /// Keeps `snap` for the listing's next page.
+    pub fn with_budget(budget: usize) -> PagedSnapshots {
+        PagedSnapshots {
+            budget,
+            kept: Default::default(),
+        }
+    }
+
+    /// Keeps `snap` for the listing's next page, letting the oldest others go while they
+    /// hold more than the budget together.
     pub fn keep(&self, snap: &Arc<Snapshot>) {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         kept.retain(|(at, s)| at.elapsed() < PAGE_TTL && s.generation != snap.generation);
-        if kept.len() >= PAGED_SNAPSHOTS {
-            kept.remove(0);
+        let mut held: usize = kept.iter().map(|(_, s)| s.memory()).sum::<usize>() + snap.memory();
+        while held > self.budget && !kept.is_empty() {
+            held -= kept.remove(0).1.memory();
         }
         kept.push((Instant::now(), snap.clone()));
     }
@@ -168,4 +199,72 @@ pub fn page_token(generation: u64, offset: usize) -> String {
 pub fn parse_page_token(s: &str) -> Option<(u64, usize)> {
     let (g, o) = s.split_once('.')?;
     Some((g.parse().ok()?, o.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::flow::{DirStats, EndReason, Hook};
+
+    fn snapshot(generation: u64, flows: usize) -> Arc<Snapshot> {
+        let now = SystemTime::now();
+        let rec = FlowRecord {
+            ip_version: 4,
+            protocol: 17,
+            client_addr: [10, 200, 0, 1].into(),
+            client_port: 5000,
+            server_addr: [10, 200, 0, 2].into(),
+            server_port: 53,
+            ifindex: 2,
+            interface: "veth0".into(),
+            first_hook: Hook::Egress,
+            first_seen: now,
+            last_seen: now,
+            window_start: now,
+            emitted: now,
+            flow_id: 1,
+            observer: "test".into(),
+            continuation: false,
+            fragment: false,
+            client: DirStats::default(),
+            server: DirStats::default(),
+            end_reason: EndReason::InProgress,
+            tcp: None,
+            icmp: None,
+        };
+        Arc::new(Snapshot {
+            generation,
+            taken: now,
+            flows: vec![rec; flows],
+        })
+    }
+
+    #[test]
+    fn many_listings_keep_their_snapshots_within_the_memory_budget() {
+        let paged = PagedSnapshots::default();
+        // Twenty `top`s each paging through a snapshot of their own poll: none is pushed
+        // out (a count of 4 used to expire all but the last four).
+        let snaps: Vec<_> = (1..=20).map(|g| snapshot(g, 2000)).collect();
+        for s in &snaps {
+            paged.keep(s);
+        }
+        for g in 1..=20 {
+            assert!(paged.get(g).is_some(), "generation {g} expired");
+        }
+    }
+
+    #[test]
+    fn the_oldest_goes_once_the_budget_is_spent() {
+        let one = snapshot(1, 1000).memory();
+        let paged = PagedSnapshots::with_budget(one * 3);
+        for g in 1..=5 {
+            paged.keep(&snapshot(g, 1000));
+        }
+        let kept: Vec<u64> = (1..=5).filter(|g| paged.get(*g).is_some()).collect();
+        assert_eq!(kept, [3, 4, 5]);
+        // One larger than the whole budget is still kept for its own listing.
+        paged.keep(&snapshot(6, 5000));
+        assert!(paged.get(6).is_some());
+        assert!(paged.get(5).is_none());
+    }
 }

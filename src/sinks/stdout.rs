@@ -1,4 +1,4 @@
-//! The agent's stdout as a hub sink: records are rendered on a thread of their own, so a slow or blocked terminal or pipe loses records (counted) instead of holding up the poller or any subscriber.
+//! The agent's stdout as a hub sink: records are rendered on a thread of their own from the hub's log, so a slow terminal or pipe reads at its own pace (and a blocked one loses records, counted, once it is the log's bound behind) instead of holding up the poller or any subscriber.
 
 use std::io::{self, BufWriter, Write};
 use std::thread::JoinHandle;
@@ -7,11 +7,9 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::warn;
 
-use crate::hub::SinkRx;
+use crate::hub::{Next, SinkRx};
+use crate::record::encoding::RecordDecoder;
 use crate::record::render::{Format, Renderer, TableStyle};
-
-/// Records rendered per write batch; a flush follows each batch.
-const BATCH: usize = 1024;
 
 /// The running stdout sink.
 #[derive(Debug)]
@@ -57,25 +55,51 @@ pub fn spawn(rx: SinkRx, format: Format, style: TableStyle) -> io::Result<Output
 
 fn write_all(mut rx: SinkRx, format: Format, style: TableStyle, out: &mut impl Write) {
     let mut renderer = Renderer::styled(format, style);
-    // stdout closed (piped into `head`): keep draining so the hub counts nothing as lost.
+    let mut dec = RecordDecoder::default();
+    // stdout closed (piped into `head`): keep reading so the hub counts nothing as lost.
     let mut open = renderer.header(out).and_then(|()| out.flush()).is_ok();
-    let mut buf = Vec::with_capacity(BATCH);
     let mut losing = false;
-    while rx.blocking_recv_many(&mut buf, BATCH).is_some() {
-        if open {
-            open = buf
-                .iter()
-                .try_for_each(|r| renderer.record(out, r.record()))
-                .and_then(|()| out.flush())
-                .is_ok();
+    loop {
+        // Flushed when nothing more is there: once per burst, not per block.
+        let next = match rx.try_next() {
+            Next::Idle => {
+                open = open && out.flush().is_ok();
+                rx.next_blocking(None)
+            }
+            other => other,
+        };
+        match next {
+            Next::Records(run) => {
+                losing = false;
+                if open {
+                    open = run
+                        .decode(&mut dec)
+                        .try_for_each(|r| match r {
+                            Ok((at, r)) => renderer.record_at(out, at, &r),
+                            Err(e) => {
+                                warn!("stdout: skipping a record: {e}");
+                                Ok(())
+                            }
+                        })
+                        .is_ok();
+                }
+            }
+            Next::Lost(gap) => {
+                if !losing {
+                    warn!(
+                        "stdout is not keeping up: records {}..={} ({}) left the buffer \
+                         (--buffer-memory) before they were printed (counted in \
+                         flowlens_sink_lost_records_total); gRPC subscribers are not affected",
+                        gap.first_seq,
+                        gap.last_seq,
+                        gap.count()
+                    );
+                }
+                losing = true;
+            }
+            Next::Idle => {}
+            Next::End => break,
         }
-        buf.clear();
-        let lost = rx.take_lost();
-        if lost > 0 && !losing {
-            warn!(
-                "stdout is not keeping up: {lost} records not printed (counted in flowlens_sink_lost_records_total); gRPC subscribers are not affected"
-            );
-        }
-        losing = lost > 0;
     }
+    let _ = out.flush();
 }

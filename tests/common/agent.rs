@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use flowlens::agent::Agent as FlowAgent;
 use flowlens::config::Config;
-use flowlens::hub::{Hub, SinkKind, SinkRx};
+use flowlens::hub::{Hub, Next, SinkKind, SinkRx};
 use flowlens::kernel::datapath::{Capacities, FlowMaps};
 use flowlens::poller::PollerConfig;
+use flowlens::record::encoding::RecordDecoder;
 use flowlens::record::flow::FlowRecord;
 use flowlens::status::Status;
 use libbpf_rs::MapCore;
@@ -82,11 +83,18 @@ impl Agent {
 
     fn take_records(&mut self) -> bool {
         let mut got = false;
-        while let Some(r) = self.rx.try_recv() {
-            self.seen.push(r.record().clone());
-            got = true;
+        let mut dec = RecordDecoder::default();
+        loop {
+            match self.rx.try_next() {
+                Next::Records(run) => {
+                    self.seen
+                        .extend(run.decode(&mut dec).map(|r| r.expect("a record").1));
+                    got = true;
+                }
+                Next::Lost(gap) => panic!("the test's sink lost records: {gap:?}"),
+                Next::Idle | Next::End => return got,
+            }
         }
-        got
     }
 
     /// Collects records until `done` holds for all records so far, or panics after `timeout`.

@@ -26,6 +26,16 @@ pub fn lines(r: impl std::io::Read + Send + 'static) -> Receiver<String> {
     rx
 }
 
+/// `cmd` without the `FLOWLENS_*` variables of the test's own environment.
+pub fn without_flowlens_env(cmd: &mut Command) -> &mut Command {
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("FLOWLENS_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
 /// Starts `flowlens run` in namespace `ns`; unless `args` say otherwise it
 /// pins nothing and serves no gRPC, so parallel tests never share state.
 pub fn start(ns: &str, args: &[&str]) -> Running {

@@ -3,7 +3,7 @@
 // Re-exported for the gRPC test files, each of which uses a different part.
 #![allow(unused_imports)]
 
-pub use flowlens::cli::client::FlowQuery;
+pub use flowlens::cli::client::{AgentAddr, FlowQuery};
 pub use flowlens::cli::watch::{self, WatchArgs};
 pub use flowlens::hub::{Hub, HubConfig};
 pub use flowlens::record::api::proto;
@@ -152,6 +152,7 @@ pub fn rec(id: u32) -> FlowRecord {
         first_seen: t(u64::from(id)),
         last_seen: t(u64::from(id) + 1),
         window_start: t(u64::from(id)),
+        emitted: t(u64::from(id) + 2),
         continuation: false,
         fragment: false,
         client: DirStats {
@@ -311,6 +312,7 @@ pub fn replay_all(
         since: None,
         follow: Some(false),
         after_seq: None,
+        run: None,
     }
 }
 
@@ -318,7 +320,10 @@ pub fn replay_all(
 pub struct Received {
     pub ids: Vec<u32>,
     pub batches: Vec<usize>,
+    /// Each `Lost` event's count; `losses` has the events.
     pub lost: Vec<u64>,
+    pub losses: Vec<proto::Lost>,
+    pub restarts: Vec<proto::Restarted>,
     pub records: Vec<proto::FlowRecord>,
 }
 
@@ -339,9 +344,10 @@ impl Received {
                 self.records.extend(b.records);
             }
             Event::Lost(l) => {
-                assert_eq!(l.reason(), proto::LostReason::QueueFull);
                 self.lost.push(l.count);
+                self.losses.push(l);
             }
+            Event::Restarted(r) => self.restarts.push(r),
         }
     }
 
@@ -398,6 +404,78 @@ pub type SelectorCase = (
     Vec<u32>,
 );
 
+/// Runs `cmd`, failing the test with its output unless it succeeds; its stdout.
+pub fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A stock Python grpcio client: grpcio and grpcio-tools from PyPI in a venv kept under the
+/// target dir, and the proto's Python modules generated for this test.
+pub struct Grpcio {
+    py: std::path::PathBuf,
+    gen: tempfile::TempDir,
+}
+
+impl Grpcio {
+    /// Installs grpcio when missing (once, under a lock: tests in parallel share the venv)
+    /// and generates the modules. Blocking.
+    pub fn ready() -> Grpcio {
+        use std::os::fd::AsRawFd;
+        use std::process::Command;
+        let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let venv = tmp.join("pyvenv-grpcio");
+        let py = venv.join("bin/python");
+        let lock = std::fs::File::create(tmp.join("pyvenv-grpcio.lock")).unwrap();
+        // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
+        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let ready = py.exists()
+            && Command::new(&py)
+                .args(["-c", "import grpc, grpc_tools"])
+                .status()
+                .is_ok_and(|s| s.success());
+        if !ready {
+            run(Command::new("python3").arg("-m").arg("venv").arg(&venv));
+            run(Command::new(&py).args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "grpcio>=1.60",
+                "grpcio-tools>=1.60",
+            ]));
+        }
+        drop(lock);
+        let gen = tempfile::tempdir().unwrap();
+        let proto_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
+        run(Command::new(&py)
+            .args(["-m", "grpc_tools.protoc", "-I", proto_dir])
+            .arg(format!("--python_out={}", gen.path().display()))
+            .arg(format!("--grpc_python_out={}", gen.path().display()))
+            .arg(format!("{proto_dir}/flowlens/v1/flowlens.proto")));
+        Grpcio { py, gen }
+    }
+
+    /// The venv's python.
+    pub fn command(&self) -> std::process::Command {
+        std::process::Command::new(&self.py)
+    }
+
+    /// Where the generated modules are (a script puts it on `sys.path`).
+    pub fn gen(&self) -> &std::path::Path {
+        self.gen.path()
+    }
+}
+
 /// The README's grpcio invocation for the unix socket.
 pub const PY_UNIX_SOCKET: &str = r#"
 import sys
@@ -426,6 +504,48 @@ pub fn in_progress(n: u16) -> Vec<FlowRecord> {
         .collect()
 }
 
+/// `watch` running in-process on the test's runtime, writing into `out`, until stopped.
+pub struct WatchTask {
+    pub out: Shared,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl WatchTask {
+    pub fn spawn(args: WatchArgs) -> WatchTask {
+        let out = Shared::default();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn({
+            let mut out = out.clone();
+            async move {
+                watch::watch_to(&args, &mut out, async {
+                    let _ = stop_rx.await;
+                })
+                .await
+            }
+        });
+        WatchTask { out, stop, task }
+    }
+
+    /// Stops it as Ctrl-C would; it must end without an error.
+    pub async fn stop(self) {
+        self.stop.send(()).unwrap();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// Waits until `hub` has `n` subscribers.
+pub async fn wait_subscribers(hub: &Hub, n: usize) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while hub.stats().subscribers().count() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} subscribers never came"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A `Write` the test reads while `watch` writes to it.
 #[derive(Clone, Default)]
 pub struct Shared(Arc<std::sync::Mutex<Vec<u8>>>);
@@ -442,11 +562,19 @@ impl std::io::Write for Shared {
 }
 
 impl Shared {
-    pub fn ports(&self) -> Vec<u64> {
-        String::from_utf8(self.0.lock().unwrap().clone())
-            .unwrap()
+    /// Every complete JSON line written so far.
+    pub fn json(&self) -> Vec<serde_json::Value> {
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        let complete = text.rsplit_once('\n').map_or("", |(done, _)| done);
+        complete
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect()
+    }
+
+    pub fn ports(&self) -> Vec<u64> {
+        self.json()
+            .iter()
             .map(|v| v["client_port"].as_u64().unwrap())
             .collect()
     }

@@ -152,6 +152,7 @@ pub mod agent;
 pub mod bin;
 pub mod capture;
 pub mod grpc;
+pub mod kafka;
 pub mod netns;
 pub mod pki;
 pub mod traffic;

@@ -1,6 +1,8 @@
 //! Certificates made at test time (rcgen): a CA with a server and a client certificate, and a client certificate of another CA.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::time::SystemTime;
 
 /// A CA with a server and a client certificate, and a client certificate of another CA,
 /// as PEM files in a temporary directory.
@@ -14,6 +16,12 @@ pub struct Pki {
 
 impl Pki {
     pub fn generate() -> Pki {
+        Pki::with_server_validity(None)
+    }
+
+    /// As `generate`, the server certificate valid only from `.0` to `.1` (rcgen's default
+    /// is 1975 to 4096).
+    pub fn with_server_validity(validity: Option<(SystemTime, SystemTime)>) -> Pki {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
         let dir = tempfile::tempdir().expect("tempdir");
         let write = |name: &str, pem: String| {
@@ -35,6 +43,10 @@ impl Pki {
                 CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                     .expect("leaf params");
             params.distinguished_name.push(DnType::CommonName, name);
+            if let (Some((from, until)), "server") = (validity, name) {
+                params.not_before = from.into();
+                params.not_after = until.into();
+            }
             let cert = params.signed_by(&key, issuer).expect("leaf cert");
             (
                 write(&format!("{name}.pem"), cert.pem()),

@@ -1,4 +1,4 @@
-//! The gRPC listener: binds TCP or a unix socket with safe permissions, accepts with a back-off when file descriptors run out, and closes connections that stay idle.
+//! The gRPC listener: binds TCP or a unix socket with safe permissions, admits connections within caps (in all and per source address) that shed the oldest not-yet-authenticated ones first, closes connections that do not finish their handshake in time or stay idle, and accepts with a back-off when file descriptors run out.
 
 use std::future::Future;
 use std::io;
@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -21,9 +21,12 @@ use tokio::time::{Instant, Sleep};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+use crate::admission::{self, Backoff, Busy, Caps, Connections, Episode, Held, Slot};
 use crate::config::FileMode;
-use crate::metrics::http::{transient, Backoff};
-use crate::tls::{ServerTls, HANDSHAKE_TIMEOUT};
+use crate::tls::ServerTls;
+
+/// Bytes of a unix socket path (`sun_path` holds 108 with the closing NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
 
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +46,12 @@ impl std::str::FromStr for ListenAddr {
             anyhow::ensure!(
                 !path.is_empty(),
                 "listen address {s:?}: empty unix socket path"
+            );
+            anyhow::ensure!(
+                path.len() <= MAX_SOCKET_PATH,
+                "the socket path is {} bytes, and a unix socket's holds at most \
+                 {MAX_SOCKET_PATH}; use a shorter one",
+                path.len()
             );
             return Ok(ListenAddr::Unix(PathBuf::from(path)));
         }
@@ -70,28 +79,33 @@ pub struct SocketAccess {
     pub gid: Option<u32>,
 }
 
-/// Resolves `--grpc-socket-group`: a group name or a number.
+/// Resolves `--grpc-socket-group`: a group name or a number, which must name a group of
+/// this host (chown takes gid 4294967295 as "leave it", which would leave the socket root's).
 pub fn group_id(group: &str) -> anyhow::Result<u32> {
-    if let Ok(gid) = group.parse::<u32>() {
-        return Ok(gid);
-    }
-    let name = std::ffi::CString::new(group).map_err(|_| anyhow!("{group:?}: contains NUL"))?;
     let mut grp: libc::group = unsafe_zeroed_group();
     let mut buf = vec![0u8; 16 << 10];
     let mut out: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call and buf outlives it; the result is only
-    // read when getgrnam_r reports it filled `grp`.
-    let rc = unsafe {
-        libc::getgrnam_r(
-            name.as_ptr(),
-            &mut grp,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut out,
-        )
+    let rc = if let Ok(gid) = group.parse::<u32>() {
+        // SAFETY: every pointer is valid for the call and buf outlives it; the result is
+        // only read when getgrgid_r reports it filled `grp`.
+        unsafe { libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr().cast(), buf.len(), &mut out) }
+    } else {
+        let name = std::ffi::CString::new(group).map_err(|_| anyhow!("{group:?}: contains NUL"))?;
+        // SAFETY: as above, for getgrnam_r.
+        unsafe {
+            libc::getgrnam_r(
+                name.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut out,
+            )
+        }
     };
     if rc != 0 || out.is_null() {
-        return Err(anyhow!("no such group {group:?}"));
+        return Err(anyhow!(
+            "no such group {group:?} on this host (`getent group` lists them)"
+        ));
     }
     Ok(grp.gr_gid)
 }
@@ -137,6 +151,14 @@ fn bind_unix(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    // The runtime directory systemd makes for the unit; run by hand, the agent makes it
+    // (one level only: a mistyped deeper path is an error, not a tree of directories).
+    if !parent.exists() {
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
     let staging = parent.join(format!(".flowlens-bind-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::DirBuilder::new()
@@ -187,12 +209,22 @@ pub struct ConnPolicy {
     pub idle_timeout: Duration,
     /// TCP keepalive idle time.
     pub tcp_keepalive: Duration,
+    /// A connection that has not finished its TLS handshake (or, in cleartext, sent the
+    /// HTTP/2 preface) this long after it was accepted is closed.
+    pub handshake_timeout: Duration,
+    /// Connections held at once, in all and per source address.
+    pub caps: Caps,
 }
 
-/// Accepts on its own task and hands connections to the server. An accept failing for
-/// the listener rather than for one connection (out of descriptors or memory) makes it
-/// pause, with the metrics endpoint's back-off, and log once per episode instead of spinning; the task ends when the server drops the
-/// stream, closing the listener.
+/// The HTTP/2 client connection preface: what a cleartext peer proves itself with.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Accepts on its own task and hands connections to the server. Each is admitted within
+/// the caps first (shedding, at a cap, the oldest connection that has not authenticated).
+/// An accept failing for the listener rather than for one connection (out of descriptors
+/// or memory) makes it pause, with the metrics endpoint's back-off, and log once per
+/// episode instead of spinning; the task ends when the server drops the stream, closing
+/// the listener.
 pub fn incoming(
     bound: Bound,
     policy: ConnPolicy,
@@ -207,8 +239,10 @@ pub fn incoming(
         ),
     };
     let (tx, rx) = mpsc::channel::<io::Result<ServerIo>>(1);
+    let conns = Connections::new(policy.caps);
     tokio::spawn(async move {
         let mut backoff = Backoff::default();
+        let mut shedding = Episode::default();
         loop {
             let accepted = tokio::select! {
                 r = listener.accept() => r,
@@ -219,8 +253,22 @@ pub fn incoming(
                     if let Some((n, over)) = backoff.recovered() {
                         info!("gRPC: accepting connections again after {n} failed accepts over {over:?}");
                     }
+                    let peer = io.peer();
+                    let admitted = match Connections::admit(&conns, peer) {
+                        Ok(a) => a,
+                        Err(why) => {
+                            debug!("gRPC: every connection is mid-request ({why:?} cap); refusing one from {peer:?}");
+                            continue;
+                        }
+                    };
+                    admission::log_shedding(
+                        &mut shedding,
+                        admitted.shed,
+                        "gRPC",
+                        policy.caps.total,
+                    );
                     io.configure(&policy);
-                    let conn = Conn::new(io, policy.idle_timeout);
+                    let conn = Conn::new(io, admitted.held, &policy, tls.is_some());
                     match &tls {
                         None => {
                             if tx.send(Ok(ServerIo::Plain(conn))).await.is_err() {
@@ -229,19 +277,27 @@ pub fn incoming(
                         }
                         // On a task of its own: a slow handshake holds up no one else.
                         Some(tls) => {
-                            tokio::spawn(handshake(tls.acceptor(), conn, tx.clone()));
+                            tokio::spawn(handshake(
+                                tls.acceptor(),
+                                conn,
+                                policy.handshake_timeout,
+                                tx.clone(),
+                            ));
                         }
                     }
+                    // Let the connection read what it already has before the next accept:
+                    // a backlog of a flood's connections must not shed it unheard.
+                    tokio::task::yield_now().await;
                 }
                 // One connection's failure (reset before accept, ...): the next one is fine.
-                Err(e) if transient(&e) => debug!("gRPC accept: {e}"),
+                Err(e) if admission::transient(&e) => debug!("gRPC accept: {e}"),
                 Err(e) => {
                     let pause = backoff.failed();
                     if backoff.first_of_episode() {
                         warn!(
                             "gRPC: cannot accept connections: {e}; pausing accepts until it \
                              passes (out of descriptors: raise LimitNOFILE, or lower \
-                             --grpc-max-subscribers)"
+                             --grpc-max-connections)"
                         );
                     }
                     tokio::select! {
@@ -258,14 +314,17 @@ pub fn incoming(
 async fn handshake(
     acceptor: tokio_rustls::TlsAcceptor,
     conn: Conn,
+    timeout: Duration,
     tx: mpsc::Sender<io::Result<ServerIo>>,
 ) {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await {
+    match tokio::time::timeout(timeout, acceptor.accept(conn)).await {
         Ok(Ok(s)) => {
+            // Authenticated (with --grpc-client-ca, by its certificate): shed last.
+            s.get_ref().0.state.slot.prove();
             let _ = tx.send(Ok(ServerIo::Tls(Box::new(s)))).await;
         }
         Ok(Err(e)) => debug!("gRPC TLS handshake: {e}"),
-        Err(_) => debug!("gRPC TLS handshake: not done in {HANDSHAKE_TIMEOUT:?}"),
+        Err(_) => debug!("gRPC TLS handshake: not done in {timeout:?}"),
     }
 }
 
@@ -289,6 +348,13 @@ enum Io {
 }
 
 impl Io {
+    fn peer(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Io::Tcp(s) => s.peer_addr().ok().map(|a| a.ip()),
+            Io::Unix(_) => None,
+        }
+    }
+
     fn configure(&self, policy: &ConnPolicy) {
         if let Io::Tcp(s) = self {
             // Batches are small and latency-sensitive; Nagle would hold them back.
@@ -327,21 +393,24 @@ fn set_tcp_keepalive(s: &TcpStream, idle: Duration) -> io::Result<()> {
     Ok(())
 }
 
-/// Streams open on one connection, and since when it has had none.
+/// A connection's place at the listener (streams open, authenticated or not), and since
+/// when it has had no open stream.
 #[derive(Debug)]
 pub struct ConnState {
-    active: AtomicUsize,
+    slot: Arc<Slot>,
     idle_since: Mutex<Instant>,
 }
 
 impl ConnState {
     fn enter(self: &Arc<Self>) -> StreamGuard {
-        self.active.fetch_add(1, Ordering::AcqRel);
-        StreamGuard(self.clone())
+        StreamGuard {
+            busy: Some(self.slot.enter()),
+            state: self.clone(),
+        }
     }
 
     fn idle_since(&self) -> Option<Instant> {
-        if self.active.load(Ordering::Acquire) > 0 {
+        if self.slot.is_busy() {
             return None;
         }
         Some(*self.idle_since.lock().unwrap_or_else(|e| e.into_inner()))
@@ -349,12 +418,20 @@ impl ConnState {
 }
 
 /// One open stream; the connection's idle clock starts when the last one goes.
-pub struct StreamGuard(Arc<ConnState>);
+pub struct StreamGuard {
+    busy: Option<Busy>,
+    state: Arc<ConnState>,
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        let mut since = self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner());
-        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+        let mut since = self
+            .state
+            .idle_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.busy.take();
+        if !self.state.slot.is_busy() {
             *since = Instant::now();
         }
     }
@@ -368,39 +445,83 @@ pub struct ConnInfo {
     state: Arc<ConnState>,
 }
 
-/// An accepted connection that fails its next read once it has had no open stream for
+type Closed = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
+
+/// An accepted connection that fails its next read once it is shed at a cap, once it has
+/// not authenticated within the handshake timeout, or once it has had no open stream for
 /// the idle timeout, which makes the server close it.
 pub struct Conn {
     io: Io,
     state: Arc<ConnState>,
     idle_timeout: Duration,
+    handshake_timeout: Duration,
     timer: Pin<Box<Sleep>>,
+    /// Until it resolves: shed to make room.
+    closed: Option<Closed>,
+    /// Cleartext: bytes of the preface seen so far (None: TLS, done, or not a preface).
+    preface_seen: Option<usize>,
+    _held: Held,
 }
 
 impl Conn {
-    fn new(io: Io, idle_timeout: Duration) -> Conn {
+    fn new(io: Io, held: Held, policy: &ConnPolicy, tls: bool) -> Conn {
+        let slot = held.slot().clone();
         Conn {
             io,
             state: Arc::new(ConnState {
-                active: AtomicUsize::new(0),
+                slot: slot.clone(),
                 idle_since: Mutex::new(Instant::now()),
             }),
-            idle_timeout,
-            timer: Box::pin(tokio::time::sleep(idle_timeout)),
+            idle_timeout: policy.idle_timeout,
+            handshake_timeout: policy.handshake_timeout,
+            timer: Box::pin(tokio::time::sleep(
+                policy.handshake_timeout.min(policy.idle_timeout),
+            )),
+            closed: Some(Box::pin(slot.closed())),
+            preface_seen: (!tls).then_some(0),
+            _held: held,
         }
     }
 
-    /// True once idle for the timeout; otherwise leaves the timer armed for the next check.
-    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+    /// The error that ends the connection, if its time is up: not authenticated within
+    /// the handshake timeout, or idle for the idle timeout. Otherwise leaves the timer
+    /// armed for the next check.
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<&'static str> {
         while self.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
+            let (limit, why) = if self.state.slot.is_proven() {
+                (
+                    self.idle_timeout,
+                    "connection idle for the --grpc-idle-timeout",
+                )
+            } else {
+                // Not yet speaking gRPC is idle too: whichever limit comes first.
+                (
+                    self.handshake_timeout.min(self.idle_timeout),
+                    "no TLS handshake or HTTP/2 preface in time (--grpc-handshake-timeout)",
+                )
+            };
             match self.state.idle_since() {
-                Some(since) if now >= since + self.idle_timeout => return true,
-                Some(since) => self.timer.as_mut().reset(since + self.idle_timeout),
-                None => self.timer.as_mut().reset(now + self.idle_timeout),
+                Some(since) if now >= since + limit => return Some(why),
+                Some(since) => self.timer.as_mut().reset(since + limit),
+                None => self.timer.as_mut().reset(now + limit),
             }
         }
-        false
+        None
+    }
+
+    /// Whether it was shed to make room for another connection.
+    fn shed(&mut self, cx: &mut Context<'_>) -> bool {
+        match &mut self.closed {
+            None => true,
+            Some(f) => {
+                if f.as_mut().poll(cx).is_ready() {
+                    self.closed = None;
+                    return true;
+                }
+                false
+            }
+        }
     }
 }
 
@@ -433,16 +554,34 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.idle_expired(cx) {
+        if this.shed(cx) {
             return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "connection idle for the --grpc-idle-timeout",
+                io::ErrorKind::ConnectionAborted,
+                "closed to make room for another connection (--grpc-max-connections)",
             )));
         }
-        match &mut this.io {
+        if let Some(why) = this.expired(cx) {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)));
+        }
+        let before = buf.filled().len();
+        let r = match &mut this.io {
             Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Io::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        };
+        if let Some(seen) = this.preface_seen {
+            let got = &buf.filled()[before..];
+            let want = &PREFACE[seen..];
+            let n = got.len().min(want.len());
+            this.preface_seen = if got[..n] != want[..n] {
+                None
+            } else if seen + n == PREFACE.len() {
+                this.state.slot.prove();
+                None
+            } else {
+                Some(seen + n)
+            };
         }
+        r
     }
 }
 
@@ -493,10 +632,10 @@ static TRIM_PENDING: AtomicBool = AtomicBool::new(false);
 /// Connections and subscribers that end together share one trim.
 const TRIM_DELAY: Duration = Duration::from_millis(500);
 
-/// A stalled subscriber's buffers (its queue, its connection's HTTP/2 buffers) reach
-/// hundreds of kilobytes; hand them back to the system when it goes rather than leave them
-/// in glibc's free lists (200 stalled subscribers: 19 -> 137 MB, still 116 MB 15 s after
-/// they left without this, 30 MB with it).
+/// A stalled subscriber's buffers (the messages in flight to it, its connection's HTTP/2
+/// buffers) reach hundreds of kilobytes; hand them back to the system when it goes rather
+/// than leave them in glibc's free lists (200 stalled subscribers: 19 -> 137 MB, still
+/// 116 MB 15 s after they left without this, 30 MB with it).
 pub(crate) fn release_memory() {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;
@@ -590,30 +729,56 @@ impl AsyncWrite for ServerIo {
 // Stream accounting
 // ---------------------------------------------------------------------------
 
-/// A tower layer that counts each request as an open stream of its connection until its
-/// response body ends, and exposes the peer address the usual way (`remote_addr`).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TrackStreams;
+/// The services whose streams live as long as the client wants (health Watch, reflection):
+/// they take a place among `--grpc-max-subscribers` as Subscribe does, and end when the
+/// server stops instead of holding its drain up.
+const LONG_LIVED: &[&str] = &[
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// A tower layer around every gRPC request: counts it as an open stream of its connection
+/// until its response body ends, exposes the peer address the usual way (`remote_addr`),
+/// fails a request whose message has not arrived whole within `request_timeout`, and
+/// gives long-lived streams a place among `streams` and an end at shutdown.
+#[derive(Debug, Clone)]
+pub struct TrackStreams {
+    /// Shared with Subscribe: one permit per long-lived stream.
+    pub streams: Arc<tokio::sync::Semaphore>,
+    pub max_streams: usize,
+    /// Becomes true when the server stops.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+    pub request_timeout: Duration,
+}
 
 impl<S> tower::Layer<S> for TrackStreams {
     type Service = Tracked<S>;
 
     fn layer(&self, inner: S) -> Tracked<S> {
-        Tracked { inner }
+        Tracked {
+            inner,
+            policy: self.clone(),
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct Tracked<S> {
     inner: S,
+    policy: TrackStreams,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-impl<S, B> tower::Service<http::Request<B>> for Tracked<S>
+impl<S> tower::Service<http::Request<tonic::body::Body>> for Tracked<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S: tower::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+    >,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
@@ -623,7 +788,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
         let info = req.extensions().get::<ConnInfo>().cloned();
         let guard = info.map(|i| {
             req.extensions_mut().insert(TcpConnectInfo {
@@ -632,21 +797,113 @@ where
             });
             i.state.enter()
         });
+        let long_lived = LONG_LIVED.contains(&req.uri().path());
+        let permit = if long_lived {
+            match self.policy.streams.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    let refused = tonic::Status::resource_exhausted(format!(
+                        "streams: all {} allowed long-lived streams (Subscribe, health Watch, \
+                         reflection) are open (--grpc-max-subscribers)",
+                        self.policy.max_streams
+                    ))
+                    .into_http();
+                    return Box::pin(std::future::ready(Ok(refused)));
+                }
+            }
+        } else {
+            None
+        };
+        let timeout = self.policy.request_timeout;
+        let req = req.map(|body| tonic::body::Body::new(DeadlineBody::new(body, timeout)));
+        let stop: Option<Closed> = long_lived.then(|| {
+            let mut stopping = self.policy.stopping.clone();
+            Box::pin(async move {
+                let _ = stopping.wait_for(|s| *s).await;
+            }) as Closed
+        });
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
-            Ok(match guard {
-                Some(g) => resp.map(|body| tonic::body::Body::new(GuardedBody { body, _guard: g })),
-                None => resp,
-            })
+            Ok(resp.map(|body| {
+                tonic::body::Body::new(GuardedBody {
+                    body,
+                    stop,
+                    ended: false,
+                    _guard: guard,
+                    _permit: permit,
+                })
+            }))
         })
     }
 }
 
-/// A response body that holds its stream's guard until it is dropped.
+/// A request body that fails once it has not ended within its deadline: a client
+/// trickling its message (while answering pings) cannot hold a stream for ever.
+struct DeadlineBody {
+    body: tonic::body::Body,
+    deadline: Pin<Box<Sleep>>,
+    timeout: Duration,
+    done: bool,
+}
+
+impl DeadlineBody {
+    fn new(body: tonic::body::Body, timeout: Duration) -> DeadlineBody {
+        DeadlineBody {
+            body,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+            done: false,
+        }
+    }
+}
+
+impl http_body::Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(None) => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending if this.deadline.as_mut().poll(cx).is_ready() => {
+                this.done = true;
+                Poll::Ready(Some(Err(tonic::Status::deadline_exceeded(format!(
+                    "the request did not arrive whole within {:?}",
+                    this.timeout
+                )))))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A response body that holds its stream's guard (and a long-lived stream's place) until
+/// it is dropped; a long-lived one ends with UNAVAILABLE when the server stops, after
+/// whatever its service had ready (a health watcher gets NOT_SERVING first).
 struct GuardedBody {
     body: tonic::body::Body,
-    _guard: StreamGuard,
+    stop: Option<Closed>,
+    ended: bool,
+    _guard: Option<StreamGuard>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl http_body::Body for GuardedBody {
@@ -657,11 +914,30 @@ impl http_body::Body for GuardedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if polled.is_pending() {
+            if let Some(stop) = &mut this.stop {
+                if stop.as_mut().poll(cx).is_ready() {
+                    this.ended = true;
+                    this.stop = None;
+                    let mut trailers = http::HeaderMap::new();
+                    let status = tonic::Status::unavailable("the agent is shutting down");
+                    if status.add_header(&mut trailers).is_ok() {
+                        return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+                    }
+                    return Poll::Ready(None);
+                }
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.ended || self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {

@@ -6,22 +6,23 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context};
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{oneshot, watch, Semaphore};
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response};
 
+use crate::admission::Caps;
 use crate::config::GrpcConfig;
-use crate::hub::{Event, Hub};
-use crate::record::api::{self, parse_request, proto, RequestLimits};
+use crate::hub::Hub;
+use crate::record::api::{self, proto, RequestLimits};
 use crate::record::snapshot::{page_token, parse_page_token, PagedSnapshots, SnapshotSlot};
 pub use crate::sinks::grpc::listener::ListenAddr;
 use crate::sinks::grpc::listener::{self, Bound, ConnPolicy, SocketAccess, TrackStreams};
+use crate::sinks::grpc::subscribe::{Routes, SubscribeRoute};
 use crate::status::Status as AgentStatus;
 use crate::tls::ServerTls;
 
-/// The server side of the FlowLens service, generated in build.rs from a hand-declared
-/// service whose Subscribe answers with [`wire::SubscribeResponse`].
+/// The server side of the FlowLens service's unary methods, generated in build.rs from a
+/// hand-declared service; Subscribe has a route of its own (`subscribe`).
 #[allow(clippy::all, missing_docs)]
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/flowlens.v1.FlowLens.rs"));
@@ -31,195 +32,23 @@ use generated::flow_lens_server::{FlowLens, FlowLensServer};
 
 /// How long shutdown waits for connections to drain before dropping them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// Responses buffered per subscriber between its hub queue and the transport; small so a
-/// stalled client backs up into the hub queue, where losses are counted.
-const RESPONSE_BUFFER: usize = 2;
 /// Request header bytes a client may send on one stream (gRPC requests carry a few hundred).
 const MAX_HEADER_LIST: u32 = 16 << 10;
 /// ListFlows page size when the request leaves it 0, and its upper bound.
 const DEFAULT_PAGE: usize = 1000;
 const MAX_PAGE: usize = 10_000;
 
-/// `flowlens.v1.SubscribeResponse` as the server sends it: the records are their shared,
-/// already encoded `FlowRecord` messages, copied straight into the response. A
-/// length-delimited message field and a `bytes` field are the same on the wire, so clients
-/// decode this as the proto says.
-pub mod wire {
-    use bytes::{Buf, BufMut};
-    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len};
-    use prost::encoding::{DecodeContext, WireType};
-    use prost::{DecodeError, Message};
-    use tonic::codec::{Codec, EncodeBuf, Encoder};
-
-    use crate::hub::{Block, Records, Run, Wire};
-    use crate::record::api::proto;
-    use crate::record::encoding::encode_record;
-    use crate::record::flow::FlowRecord;
-
-    #[derive(Debug, Clone)]
-    pub enum SubscribeResponse {
-        /// `flows` (field 1).
-        Flows(FlowBatch),
-        /// `lost` (field 2).
-        Lost(proto::Lost),
-    }
-
-    impl Default for SubscribeResponse {
-        fn default() -> Self {
-            SubscribeResponse::Flows(FlowBatch::default())
-        }
-    }
-
-    /// A FlowBatch whose `records` (field 1) are, in order, slices of its runs' blocks'
-    /// shared encodings.
-    #[derive(Debug, Clone, Default)]
-    pub struct FlowBatch {
-        records: Records,
-        /// Length of the FlowBatch message, known before tonic asks for it.
-        len: usize,
-    }
-
-    impl FlowBatch {
-        /// Encodes the blocks no other subscriber has encoded yet.
-        pub fn new(records: Records) -> FlowBatch {
-            let len = records.runs().iter().map(|r| run_bytes(r).len()).sum();
-            FlowBatch { records, len }
-        }
-    }
-
-    /// A run's records as `FlowBatch.records` entries, end to end.
-    fn run_bytes(run: &Run) -> &[u8] {
-        let (block, start, end) = run.block_range();
-        block.wire(encode_block).slice(start, end)
-    }
-
-    /// A block's records as `FlowBatch.records` entries, end to end.
-    fn encode_block(block: &Block) -> Wire {
-        let mut wire = Wire::default();
-        wire.buf().reserve(block.len() * 192);
-        let mut scratch = Vec::with_capacity(256);
-        for (seq, rec) in block.iter() {
-            frame_record(seq, rec, &mut scratch, wire.buf());
-            wire.record_done();
-        }
-        wire
-    }
-
-    /// Appends one `FlowBatch.records` entry (key, length, record) to `out`.
-    fn frame_record(seq: u64, rec: &FlowRecord, scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
-        scratch.clear();
-        encode_record(seq, rec, scratch);
-        encode_key(1, WireType::LengthDelimited, out);
-        encode_varint(scratch.len() as u64, out);
-        out.extend_from_slice(scratch);
-    }
-
-    impl Message for SubscribeResponse {
-        fn encode_raw(&self, buf: &mut impl BufMut) {
-            match self {
-                SubscribeResponse::Flows(batch) => {
-                    encode_key(1, WireType::LengthDelimited, buf);
-                    encode_varint(batch.len as u64, buf);
-                    for run in batch.records.runs() {
-                        buf.put_slice(run_bytes(run));
-                    }
-                }
-                SubscribeResponse::Lost(l) => prost::encoding::message::encode(2, l, buf),
-            }
-        }
-
-        fn merge_field(
-            &mut self,
-            tag: u32,
-            wire_type: WireType,
-            buf: &mut impl Buf,
-            ctx: DecodeContext,
-        ) -> Result<(), DecodeError> {
-            // Only the server uses this type and it never decodes one (clients decode the
-            // generated `proto::SubscribeResponse`), so a decode keeps nothing.
-            prost::encoding::skip_field(wire_type, tag, buf, ctx)
-        }
-
-        fn encoded_len(&self) -> usize {
-            match self {
-                SubscribeResponse::Flows(batch) => {
-                    key_len(1) + encoded_len_varint(batch.len as u64) + batch.len
-                }
-                SubscribeResponse::Lost(l) => prost::encoding::message::encoded_len(2, l),
-            }
-        }
-
-        fn clear(&mut self) {
-            *self = SubscribeResponse::default();
-        }
-    }
-
-    /// Subscribe's codec: prost's, except that a response reserves its whole length in
-    /// tonic's buffer before it is written, instead of regrowing the buffer (and copying
-    /// what is already in it) as records are appended.
-    #[derive(Debug, Clone, Copy, Default)]
-    pub struct SubscribeCodec;
-
-    impl Codec for SubscribeCodec {
-        type Encode = SubscribeResponse;
-        type Decode = proto::SubscribeRequest;
-        type Encoder = SubscribeEncoder;
-        type Decoder = tonic_prost::ProstDecoder<proto::SubscribeRequest>;
-
-        fn encoder(&mut self) -> SubscribeEncoder {
-            SubscribeEncoder
-        }
-
-        fn decoder(&mut self) -> Self::Decoder {
-            Default::default()
-        }
-    }
-
-    #[derive(Debug, Clone, Copy, Default)]
-    pub struct SubscribeEncoder;
-
-    impl Encoder for SubscribeEncoder {
-        type Item = SubscribeResponse;
-        type Error = tonic::Status;
-
-        fn encode(
-            &mut self,
-            item: SubscribeResponse,
-            buf: &mut EncodeBuf<'_>,
-        ) -> Result<(), tonic::Status> {
-            buf.reserve(item.encoded_len());
-            item.encode_raw(buf);
-            Ok(())
-        }
-    }
-}
-
-fn event_to_wire(ev: Event) -> wire::SubscribeResponse {
-    match ev {
-        Event::Records(recs) => wire::SubscribeResponse::Flows(wire::FlowBatch::new(recs)),
-        Event::Lost(count) => wire::SubscribeResponse::Lost(proto::Lost {
-            count,
-            reason: proto::LostReason::QueueFull.into(),
-        }),
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Service
 // ---------------------------------------------------------------------------
 
-/// The `flowlens.v1.FlowLens` implementation.
+/// The `flowlens.v1.FlowLens` unary methods (Subscribe: `subscribe::SubscribeRoute`).
 #[derive(Debug, Clone)]
 pub struct FlowLensService {
     hub: Hub,
     status: Arc<AgentStatus>,
     snapshots: SnapshotSlot,
     paged: Arc<PagedSnapshots>,
-    /// Becomes true when the server stops, so following streams end and connections drain.
-    stopping: watch::Receiver<bool>,
-    /// One permit per open Subscribe stream.
-    subscribers: Arc<Semaphore>,
-    max_subscribers: usize,
     limits: RequestLimits,
 }
 
@@ -228,7 +57,6 @@ impl FlowLensService {
         hub: Hub,
         status: Arc<AgentStatus>,
         snapshots: SnapshotSlot,
-        stopping: watch::Receiver<bool>,
         grpc: &GrpcConfig,
     ) -> Self {
         FlowLensService {
@@ -236,74 +64,13 @@ impl FlowLensService {
             status,
             snapshots,
             paged: Arc::default(),
-            stopping,
-            subscribers: Arc::new(Semaphore::new(grpc.max_subscribers)),
-            max_subscribers: grpc.max_subscribers,
             limits: grpc.request_limits,
         }
     }
 }
 
-type ResponseStream = ReceiverStream<Result<wire::SubscribeResponse, tonic::Status>>;
-
 #[tonic::async_trait]
 impl FlowLens for FlowLensService {
-    type SubscribeStream = ResponseStream;
-
-    async fn subscribe(
-        &self,
-        req: Request<proto::SubscribeRequest>,
-    ) -> Result<Response<ResponseStream>, tonic::Status> {
-        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
-        let opts = parse_request(req.get_ref(), peer, &self.limits)?;
-        let permit = self.subscribers.clone().try_acquire_owned().map_err(|_| {
-            tonic::Status::resource_exhausted(format!(
-                "subscribers: all {} allowed streams are open (--grpc-max-subscribers)",
-                self.max_subscribers
-            ))
-        })?;
-        // Registered before the response head goes out, so a client that has its response
-        // sees every record published afterwards.
-        let mut sub = self.hub.subscribe(opts);
-        let mut stopping = self.stopping.clone();
-        let hub = self.hub.clone();
-        let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
-        tokio::spawn(async move {
-            loop {
-                let ev = tokio::select! {
-                    _ = stopping.wait_for(|s| *s) => None,
-                    _ = tx.closed() => break,
-                    ev = sub.next_event() => match ev {
-                        Some(ev) => Some(ev),
-                        None => break,
-                    },
-                };
-                let Some(ev) = ev else {
-                    // Stopping. A closed hub has handed every record it will
-                    // ever have (the agent's final flush included) to this
-                    // subscriber's queue: deliver them, then end. The
-                    // server's shutdown grace bounds a stalled client.
-                    if hub.is_closed() {
-                        while let Some(ev) = sub.next_event().await {
-                            if tx.send(Ok(event_to_wire(ev))).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                    break;
-                };
-                if tx.send(Ok(event_to_wire(ev))).await.is_err() {
-                    break;
-                }
-            }
-            log::debug!("subscriber {} done", sub.id());
-            drop(sub);
-            drop(permit);
-            listener::release_memory();
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
-
     async fn list_flows(
         &self,
         req: Request<proto::ListFlowsRequest>,
@@ -373,6 +140,10 @@ fn status_response(status: &AgentStatus, hub: &Hub) -> proto::GetStatusResponse 
         records_emitted: snap.records_emitted,
         ring_records: hub.ring_len as u64,
         ring_capacity: hub.ring_capacity as u64,
+        run: hub.run,
+        buffer_bytes: hub.buffer_bytes as u64,
+        buffer_capacity_bytes: hub.buffer_capacity as u64,
+        oldest_seq: hub.oldest_seq,
         active_flows: snap.active_flows,
         maps: snap
             .maps
@@ -405,6 +176,31 @@ fn status_response(status: &AgentStatus, hub: &Hub) -> proto::GetStatusResponse 
             .collect(),
         lost_total: hub.lost_total,
         records_published: hub.published,
+        interfaces: snap
+            .interfaces
+            .iter()
+            .map(|i| proto::InterfaceInfo {
+                name: i.name.clone(),
+                ifindex: i.ifindex,
+                hook: i.hook.to_owned(),
+            })
+            .collect(),
+        sinks: hub
+            .sinks
+            .iter()
+            .filter(|s| s.kind != crate::hub::SinkKind::Subscriber)
+            .map(|s| proto::SinkInfo {
+                kind: s.kind.as_str().to_owned(),
+                name: s.name.clone(),
+                delivered: s.delivered,
+                queued: s.queued,
+                lost: s.lost,
+            })
+            .collect(),
+        observer: snap.observer,
+        poll_interval: (snap.poll_interval_ns > 0)
+            .then(|| Duration::from_nanos(snap.poll_interval_ns))
+            .and_then(|d| prost_types::Duration::try_from(d).ok()),
     }
 }
 
@@ -540,6 +336,16 @@ impl GrpcEndpoint {
         &self.addr
     }
 
+    /// The same endpoint holding at most `n` connections (and as many per source).
+    pub fn with_max_connections(mut self, n: usize) -> GrpcEndpoint {
+        self.grpc.max_connections = n.max(1);
+        self.grpc.max_connections_per_source = self
+            .grpc
+            .max_connections_per_source
+            .min(self.grpc.max_connections);
+        self
+    }
+
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
     }
@@ -652,32 +458,41 @@ async fn serve(
         .build_v1alpha()
         .context("building the reflection service")?
         .max_decoding_message_size(max_request);
+    let streams = Arc::new(Semaphore::new(grpc.max_subscribers));
     let builder = tonic::transport::Server::builder()
         .max_concurrent_streams(grpc.max_streams_per_connection)
         .http2_keepalive_interval(Some(grpc.keepalive_interval))
         .http2_keepalive_timeout(Some(grpc.keepalive_timeout))
         .http2_max_header_list_size(MAX_HEADER_LIST);
+    // Compressed only for clients that ask (grpc-accept-encoding). Subscribe compresses a
+    // block once per codec for every subscriber; the unary answers are tonic's.
+    let unary = FlowLensServer::new(FlowLensService::new(hub.clone(), status, snapshots, grpc))
+        .max_decoding_message_size(max_request)
+        .send_compressed(CompressionEncoding::Zstd)
+        .send_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .accept_compressed(CompressionEncoding::Gzip);
+    let subscribe = Arc::new(SubscribeRoute {
+        hub,
+        limits: grpc.request_limits,
+        max_request,
+        // Subscribe streams take their places among the long-lived streams the layer
+        // counts (health Watch, reflection).
+        subscribers: streams.clone(),
+        max_subscribers: grpc.max_subscribers,
+        stopping: stopping_rx.clone(),
+    });
     let router = builder
-        .layer(TrackStreams)
+        .layer(TrackStreams {
+            streams: streams.clone(),
+            max_streams: grpc.max_subscribers,
+            stopping: stopping_rx.clone(),
+            request_timeout: grpc.request_timeout,
+        })
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
-            // Compressed only for clients that ask (grpc-accept-encoding): record batches
-            // shrink several times, at the cost of server CPU per subscriber.
-            FlowLensServer::new(FlowLensService::new(
-                hub,
-                status,
-                snapshots,
-                stopping_rx.clone(),
-                grpc,
-            ))
-            .max_decoding_message_size(max_request)
-            .send_compressed(CompressionEncoding::Zstd)
-            .send_compressed(CompressionEncoding::Gzip)
-            .accept_compressed(CompressionEncoding::Zstd)
-            .accept_compressed(CompressionEncoding::Gzip),
-        );
+        .add_service(Routes { unary, subscribe });
 
     let mut drained = stopping_rx.clone();
     let signal = async move {
@@ -688,6 +503,11 @@ async fn serve(
         ConnPolicy {
             idle_timeout: grpc.idle_timeout,
             tcp_keepalive: grpc.tcp_keepalive,
+            handshake_timeout: grpc.handshake_timeout,
+            caps: Caps {
+                total: grpc.max_connections,
+                per_source: grpc.max_connections_per_source,
+            },
         },
         endpoint.tls.clone(),
     )?;

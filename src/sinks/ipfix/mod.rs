@@ -46,7 +46,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::{info, warn};
 
-use crate::hub::{Shared, SinkRx};
+use crate::hub::{Next, SinkRx};
+use crate::record::encoding::RecordDecoder;
 use crate::record::flow::FlowRecord;
 use encode::{Encoder, Message};
 use transport::{Link, Tcp, Udp};
@@ -58,8 +59,8 @@ pub const MIN_MTU: u16 = 576;
 pub const DEFAULT_MTU: u16 = 1400;
 /// How long the thread waits for records before checking its connection again.
 const TICK: Duration = Duration::from_millis(100);
-/// Flow records encoded in one go, at most.
-const MAX_BATCH: usize = 4096;
+/// Flow records encoded in one go, at most: a block of the hub's.
+const MAX_BATCH: usize = crate::hub::BATCH_MAX_RECORDS;
 /// UDP reports a refused datagram on a later send, so sends succeed in between while the
 /// collector is down: it counts as back only after this long without an error.
 const UDP_QUIET: Duration = Duration::from_secs(5);
@@ -153,15 +154,6 @@ impl fmt::Display for Destination {
         } else {
             write!(f, "{scheme}://{}:{}", self.host, self.port)
         }
-    }
-}
-
-/// `--ipfix-mtu`: a path MTU from [`MIN_MTU`] to 65535.
-pub fn parse_mtu(s: &str) -> Result<u16, String> {
-    match s.parse::<u16>() {
-        Ok(n) if n >= MIN_MTU => Ok(n),
-        Ok(n) => Err(format!("{n} is below the minimum of {MIN_MTU}")),
-        Err(e) => Err(format!("{e} (a number of bytes, {MIN_MTU} to 65535)")),
     }
 }
 
@@ -259,37 +251,31 @@ impl From<SpawnError> for std::io::Error {
     }
 }
 
-/// Starts the exporter thread on a hub sink. It exports what the sink receives until the
-/// hub closes, sends what is left, closes the session and returns. Records the hub could
-/// not queue for it (the exporter fell behind) are counted as lost like unreachable ones.
+/// Starts the exporter thread on a hub sink. It exports what the sink reads until the
+/// hub closes, sends what is left, closes the session and returns. Records the hub's log
+/// let go before the exporter read them (it fell behind) are counted as lost like
+/// unreachable ones.
 pub fn spawn(
     cfg: IpfixConfig,
     mut rx: SinkRx,
     stats: Arc<IpfixStats>,
 ) -> std::io::Result<JoinHandle<()>> {
     let mut exporter = Exporter::new(cfg, stats.clone())?;
-    // Waiting with a timeout (for template refreshes and reconnects) needs a timer.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()?;
     std::thread::Builder::new()
         .name("flowlens-ipfix".into())
         .spawn(move || {
-            let mut batch: Vec<Shared> = Vec::with_capacity(MAX_BATCH);
+            let mut dec = RecordDecoder::default();
+            let mut batch: Vec<FlowRecord> = Vec::with_capacity(MAX_BATCH);
             loop {
-                batch.clear();
-                let got = rt.block_on(async {
-                    tokio::time::timeout(TICK, rx.recv_many(&mut batch, MAX_BATCH)).await
-                });
-                let open = !matches!(got, Ok(0));
-                IpfixStats::add(&stats.records_lost, rx.take_lost());
-                if batch.is_empty() {
-                    exporter.upkeep();
-                } else {
-                    exporter.send(batch.iter().map(|e| e.record()));
-                }
-                if !open {
-                    break;
+                match rx.next_blocking(Some(TICK)) {
+                    Next::Records(run) => {
+                        batch.clear();
+                        batch.extend(run.decode(&mut dec).filter_map(|r| r.ok()).map(|r| r.1));
+                        exporter.send(batch.iter());
+                    }
+                    Next::Lost(gap) => IpfixStats::add(&stats.records_lost, gap.count()),
+                    Next::Idle => exporter.upkeep(),
+                    Next::End => break,
                 }
             }
             exporter.finish();
@@ -302,7 +288,7 @@ enum Sink {
 }
 
 /// One collector's exporting process, for a sink loop of any kind to drive: [`spawn`] runs
-/// it on a crossbeam channel; a hub sink can call [`Exporter::send`] with its own batches.
+/// it on a hub sink; anything else can call [`Exporter::send`] with its own batches.
 pub struct Exporter {
     cfg: IpfixConfig,
     enc: Encoder,
