@@ -151,7 +151,7 @@ struct RunArgs {
     /// A long flow is reported (with counter deltas) every this long and keeps going.
     #[arg(long, env = "FLOWLENS_ACTIVE_TIMEOUT", default_value_t = HumanDuration(defaults().poller.active_timeout))]
     active_timeout: HumanDuration,
-    /// Concurrent scans a bulk end (more flows due than one pass holds) is split among; 1 keeps every poll on one CPU. Default: the CPUs, at most 4.
+    /// Concurrent scans a bulk end (thousands of flows ending in one poll) is split among; above 1 they outrun the one thread that emits the records, and walk the map again. Default: 1.
     #[arg(long, env = "FLOWLENS_SCAN_THREADS")]
     scan_threads: Option<u32>,
     /// Capacity of the base flow map (every flow).

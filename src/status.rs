@@ -71,6 +71,10 @@ pub struct Status {
     pub active_flows: AtomicU64,
     pub map_pressure_events: AtomicU64,
     pub flows_evicted: AtomicU64,
+    /// Full scans the poller ran (closing-only passes left out), and the walks of the map
+    /// they took (more than one when the poller fell a whole ring of records behind).
+    pub scans: AtomicU64,
+    pub scan_walks: AtomicU64,
     detail: Mutex<(Vec<MapUsage>, BTreeMap<String, u64>)>,
     exporters: Mutex<Vec<(String, Arc<IpfixStats>)>>,
     kafka: Mutex<Option<(String, Arc<KafkaStats>)>>,

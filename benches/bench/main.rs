@@ -3,6 +3,7 @@
 //! export rates, and real-traffic overhead, as ratios measured in one run.
 
 mod burst;
+mod busy;
 mod common;
 mod compression;
 mod datapath;
@@ -25,7 +26,7 @@ use common::Table;
 type Section = fn(&mut Table) -> Result<()>;
 
 /// Every section, in the order a full run takes them: its name, what it measures, and it.
-const SECTIONS: [(&str, &str, Section); 10] = [
+const SECTIONS: [(&str, &str, Section); 11] = [
     (
         "datapath",
         "BPF datapath cost per packet, split vs monolithic maps",
@@ -45,6 +46,11 @@ const SECTIONS: [(&str, &str, Section); 10] = [
         "poller_cost",
         "agent CPU at 1 M live flows; ending 100 k flows at once",
         poller_cost::run,
+    ),
+    (
+        "busy",
+        "agent CPU and RSS at 1 M flows sending a packet a minute (active records)",
+        busy::run,
     ),
     (
         "stream",
