@@ -3,18 +3,31 @@
 CARGO ?= cargo
 ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 PREFIX ?= /usr/local
-# What the build and `make run` need; `deps` installs the missing ones.
+# What the build and `make run` need; `deps` installs the missing ones. libssl-dev: librdkafka
+# (built from the rdkafka crate's sources) links OpenSSL for Kafka TLS and SASL SCRAM.
 APT_PACKAGES := clang llvm libbpf-dev libelf-dev zlib1g-dev pkg-config protobuf-compiler \
-	make gcc iproute2
+	make gcc iproute2 libssl-dev
 # What the tests and the benchmarks add (`test-deps`): traffic and captures in the tests'
 # namespaces, the IPFIX collectors, a terminal for `top`, jq for the shell pipes the
-# README shows, systemd-analyze and setpriv for the unit, bpftool for `make vmlinux`.
+# README shows, systemd-analyze and setpriv for the unit, bpftool for `make vmlinux`;
+# libprotobuf-dev (the protobuf well-known types ClickHouse needs beside flowlens.proto) and
+# python3-venv for the Kafka and ClickHouse tests.
 TEST_APT_PACKAGES := iputils-ping ethtool iperf3 hping3 tshark nfdump pmacct tmux \
-	jq systemd util-linux bpftool
-# The Kafka broker the Kafka sink's tests start (tansu) is built here, in `test-deps`.
+	jq systemd util-linux bpftool libprotobuf-dev python3-venv
 RUN_ARGS ?=
 
-.PHONY: deps test-deps build run test bench lint vmlinux install clean
+# --- Test tools for the Kafka and ClickHouse tests (tests/kafka.rs), kept in a cache outside
+# the tree so a machine builds them once; `kafka-test-tools` makes what is missing.
+TOOLS_DIR ?= $(HOME)/.cache/flowlens-tools
+# tansu, a Kafka-protocol broker, from crates.io: about 11 minutes to build on 2 vCPUs.
+TANSU_VERSION := 0.6.0
+TANSU := $(TOOLS_DIR)/tansu/bin/tansu
+# chdb, the ClickHouse engine in-process (26.x), in a venv of its own.
+CHDB_VERSION := 4.4.0
+TEST_PYTHON := $(TOOLS_DIR)/py/bin/python
+CHDB_STAMP := $(TOOLS_DIR)/py/.chdb-$(CHDB_VERSION)
+
+.PHONY: deps test-deps test-apt kafka-test-tools build run test bench lint vmlinux install clean
 
 # Installs the Debian packages of $(1) that are missing.
 define apt_install
@@ -31,8 +44,22 @@ deps:
 	$(call apt_install,$(APT_PACKAGES))
 	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf 2>/dev/null || true
 
-test-deps: deps
+test-deps: deps test-apt kafka-test-tools
+
+test-apt:
 	$(call apt_install,$(TEST_APT_PACKAGES))
+
+kafka-test-tools: $(TANSU) $(CHDB_STAMP)
+
+$(TANSU):
+	$(CARGO) install tansu --version $(TANSU_VERSION) --locked --features dynostore \
+		--root $(TOOLS_DIR)/tansu
+
+# After the apt packages: python3-venv makes `python3 -m venv` work with Debian's python3.
+$(CHDB_STAMP): | test-apt
+	python3 -m venv $(TOOLS_DIR)/py
+	$(TEST_PYTHON) -m pip install -q --disable-pip-version-check chdb==$(CHDB_VERSION)
+	touch $@
 
 build: deps
 	$(CARGO) build --release --bins
@@ -42,7 +69,7 @@ run: build
 
 test: test-deps
 	$(CARGO) build --tests --bins
-	$(CARGO) test --no-fail-fast -- --test-threads=2
+	FLOWLENS_TOOLS_DIR=$(TOOLS_DIR) $(CARGO) test --no-fail-fast -- --test-threads=2
 
 bench: test-deps
 	$(CARGO) build --release --bins

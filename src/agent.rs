@@ -23,6 +23,7 @@ use crate::record::flow::FlowRecord;
 use crate::record::snapshot::SnapshotSlot;
 use crate::sinks::grpc::{self, GrpcEndpoint, ListenAddr, ServiceHandle};
 use crate::sinks::ipfix::{self, IpfixStats};
+use crate::sinks::kafka::{self, KafkaStats, Producer};
 use crate::sinks::stdout::{self, OutputHandle};
 use crate::status::Status;
 
@@ -53,6 +54,7 @@ pub struct Agent {
     exporters: Vec<JoinHandle<()>>,
     /// Interface syncs failing in a row: logged when it starts and when it ends.
     sync_failures: Episode,
+    kafka: Option<JoinHandle<()>>,
     // Declared last: dropped after everything that uses the maps.
     dp: Datapath,
     _pin_lock: Option<PinLock>,
@@ -67,6 +69,21 @@ impl Agent {
             selector,
             grpc: grpc_addr,
         } = Self::check(&cfg)?;
+        let observer = cfg
+            .observer_id
+            .clone()
+            .unwrap_or_else(crate::poller::host_name);
+        // librdkafka checks its settings (and TLS files) when the producer is made, before
+        // anything is loaded; it connects in the background.
+        let kafka = cfg
+            .kafka
+            .clone()
+            .map(|k| {
+                let stats = Arc::new(KafkaStats::default());
+                Producer::new(k, &format!("flowlens-{observer}"), stats.clone()).map(|p| (p, stats))
+            })
+            .transpose()
+            .context("--kafka")?;
         let pin_lock = match &cfg.pin_dir {
             Some(root) => {
                 preflight::ensure_bpffs(root)?;
@@ -82,7 +99,7 @@ impl Agent {
             }
         };
         let cgroups = attribute_sockets(&mut dp);
-        match Self::wire(cfg.clone(), selector, grpc_addr, &dp, cgroups) {
+        match Self::wire(cfg.clone(), selector, grpc_addr, kafka, &dp, cgroups) {
             Ok(parts) => Ok(parts.assemble(dp, pin_lock)),
             Err(e) => {
                 // A start-up failure must not leave pins behind, unless they hold the
@@ -162,6 +179,7 @@ impl Agent {
         cfg: Config,
         selector: Selector,
         grpc_addr: Option<GrpcEndpoint>,
+        kafka: Option<(Producer, Arc<KafkaStats>)>,
         dp: &Datapath,
         cgroups: CgroupNames,
     ) -> Result<Parts> {
@@ -261,6 +279,19 @@ impl Agent {
             info!("exporting IPFIX to {dest}");
             exporters.push(thread);
         }
+        let kafka = kafka
+            .map(|(producer, stats)| -> Result<JoinHandle<()>> {
+                let name = cfg.kafka.as_ref().map(|k| k.name()).unwrap_or_default();
+                if let Some(w) = cfg.kafka.as_ref().and_then(|k| k.warning()) {
+                    warn!("{w}");
+                }
+                let rx = hub.add_sink(SinkKind::Export, &name);
+                let thread = kafka::spawn(producer, rx).context("--kafka")?;
+                status.set_kafka(name.clone(), stats);
+                info!("exporting to Kafka {name}");
+                Ok(thread)
+            })
+            .transpose()?;
         let output = cfg
             .output
             .map(|format| {
@@ -298,6 +329,7 @@ impl Agent {
             metrics,
             runtime,
             exporters,
+            kafka,
         })
     }
 
@@ -407,6 +439,12 @@ impl Agent {
         for t in self.exporters.drain(..) {
             if t.join().is_err() {
                 result = result.and(Err(anyhow::anyhow!("an IPFIX exporter thread panicked")));
+            }
+        }
+        // Waits up to kafka::STOP_GRACE for the brokers to acknowledge what is buffered.
+        if let Some(t) = self.kafka.take() {
+            if t.join().is_err() {
+                result = result.and(Err(anyhow::anyhow!("the Kafka producer thread panicked")));
             }
         }
         if let Some(g) = self.grpc.take() {
@@ -520,6 +558,7 @@ struct Parts {
     metrics: Option<MetricsHandle>,
     runtime: tokio::runtime::Runtime,
     exporters: Vec<JoinHandle<()>>,
+    kafka: Option<JoinHandle<()>>,
 }
 
 impl Parts {
@@ -538,6 +577,7 @@ impl Parts {
             runtime: Some(self.runtime),
             exporters: self.exporters,
             sync_failures: Episode::default(),
+            kafka: self.kafka,
             dp,
             _pin_lock: pin_lock,
         }

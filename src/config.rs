@@ -12,6 +12,7 @@ use crate::poller::PollerConfig;
 use crate::record::api::RequestLimits;
 use crate::record::render::{Format, TableStyle};
 use crate::sinks::ipfix::{self, Destination, IpfixConfig};
+use crate::sinks::kafka::KafkaConfig;
 
 /// Everything `Agent::start` needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +45,8 @@ pub struct Config {
     /// the host name.
     pub observer_id: Option<String>,
     pub ipfix: IpfixSettings,
+    /// Kafka export; None: none.
+    pub kafka: Option<KafkaConfig>,
 }
 
 /// IPFIX export: one exporter per destination, all with the same settings.
@@ -200,6 +203,7 @@ impl Default for Config {
             metrics_allow_remote: false,
             observer_id: None,
             ipfix: IpfixSettings::default(),
+            kafka: None,
         }
     }
 }

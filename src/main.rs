@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use clap::builder::TypedValueParser as _;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use log::{info, warn};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -23,6 +24,10 @@ use flowlens::poller::PollerConfig;
 use flowlens::record::api::RequestLimits;
 use flowlens::record::render::{self, Format, TableStyle};
 use flowlens::sinks::ipfix::Destination;
+use flowlens::sinks::kafka::config::{
+    Brokers, Compression, KafkaOption, SaslMechanism, DEFAULT_TOPIC, PASSWORD_ENV,
+};
+use flowlens::sinks::kafka::KafkaFlags;
 
 #[derive(Parser)]
 #[command(
@@ -146,7 +151,7 @@ struct RunArgs {
     /// A long flow is reported (with counter deltas) every this long and keeps going.
     #[arg(long, env = "FLOWLENS_ACTIVE_TIMEOUT", default_value_t = HumanDuration(defaults().poller.active_timeout))]
     active_timeout: HumanDuration,
-    /// Concurrent scans a bulk end (more flows due than one pass holds) is split among; 1 keeps every poll on one CPU. Default: the CPUs, at most 4.
+    /// Concurrent scans a bulk end (thousands of flows ending in one poll) is split among; above 1 they outrun the one thread that emits the records, and walk the map again. Default: 1.
     #[arg(long, env = "FLOWLENS_SCAN_THREADS")]
     scan_threads: Option<u32>,
     /// Capacity of the base flow map (every flow).
@@ -285,6 +290,63 @@ struct RunArgs {
     /// echo RTT) are exported; unset: they are not.
     #[arg(long, env = "FLOWLENS_IPFIX_ENTERPRISE")]
     ipfix_enterprise: Option<u32>,
+    /// Kafka brokers to export every flow record to: HOST:PORT, comma-separated (the bootstrap
+    /// list). One message per record, protobuf `flowlens.v1.FlowRecord`.
+    #[arg(long = "kafka", value_name = "BROKERS", env = "FLOWLENS_KAFKA")]
+    kafka: Option<Brokers>,
+    /// Kafka topic the records go to (it must exist; flowlens does not create it).
+    #[arg(long, value_name = "TOPIC", env = "FLOWLENS_KAFKA_TOPIC", default_value = DEFAULT_TOPIC)]
+    kafka_topic: String,
+    /// Compression of the Kafka record batches.
+    #[arg(
+        long,
+        env = "FLOWLENS_KAFKA_COMPRESSION",
+        default_value_t = Compression::default(),
+        value_parser = clap::builder::PossibleValuesParser::new(Compression::ALL.map(|c| c.as_str()))
+            .map(|s| s.parse::<Compression>().expect("a listed value"))
+    )]
+    kafka_compression: Compression,
+    /// Speak TLS to the Kafka brokers, trusting the system's CAs (implied by --kafka-tls-ca,
+    /// --kafka-tls-cert).
+    #[arg(long, env = "FLOWLENS_KAFKA_TLS")]
+    kafka_tls: bool,
+    /// CA bundle (PEM) the Kafka brokers' certificates must chain to, instead of the system's.
+    #[arg(long, value_name = "PEM", env = "FLOWLENS_KAFKA_TLS_CA")]
+    kafka_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for brokers that require one. Needs --kafka-tls-key.
+    #[arg(long, value_name = "PEM", env = "FLOWLENS_KAFKA_TLS_CERT")]
+    kafka_tls_cert: Option<PathBuf>,
+    /// Private key (PEM, unencrypted) of --kafka-tls-cert.
+    #[arg(long, value_name = "PEM", env = "FLOWLENS_KAFKA_TLS_KEY")]
+    kafka_tls_key: Option<PathBuf>,
+    /// SASL mechanism for the Kafka brokers. The password comes from
+    /// --kafka-sasl-password-file or the environment variable FLOWLENS_KAFKA_SASL_PASSWORD,
+    /// never from a flag.
+    #[arg(
+        long,
+        value_name = "MECHANISM",
+        env = "FLOWLENS_KAFKA_SASL_MECHANISM",
+        value_parser = clap::builder::PossibleValuesParser::new(["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+            .map(|s| s.parse::<SaslMechanism>().expect("a listed value")),
+        ignore_case = true
+    )]
+    kafka_sasl_mechanism: Option<SaslMechanism>,
+    /// SASL user name.
+    #[arg(long, value_name = "USER", env = "FLOWLENS_KAFKA_SASL_USERNAME")]
+    kafka_sasl_username: Option<String>,
+    /// File holding the SASL password (one line; keep it readable by root only).
+    #[arg(long, value_name = "FILE", env = "FLOWLENS_KAFKA_SASL_PASSWORD_FILE")]
+    kafka_sasl_password_file: Option<PathBuf>,
+    /// Any other librdkafka producer setting, KEY=VALUE (e.g. message.timeout.ms=600000).
+    /// Repeatable, or several separated by ';' (librdkafka values may hold commas); applied
+    /// last, so it overrides flowlens' own settings. Passwords are refused here.
+    #[arg(
+        long = "kafka-option",
+        value_name = "KEY=VALUE",
+        env = "FLOWLENS_KAFKA_OPTIONS",
+        value_delimiter = ';'
+    )]
+    kafka_options: Vec<KafkaOption>,
     /// Check the flags and FLOWLENS_* variables (and the interfaces, addresses, TLS files,
     /// kernel, capabilities and pin directory they name) without loading anything; print
     /// the settings and exit 0, or the problem and exit 1.
@@ -312,9 +374,24 @@ impl RunArgs {
         .collect()
     }
 
-    fn into_config(self) -> Config {
+    fn into_config(self) -> Result<Config> {
         let d = defaults();
-        Config {
+        let kafka = KafkaFlags {
+            brokers: self.kafka,
+            topic: self.kafka_topic,
+            compression: self.kafka_compression,
+            tls: self.kafka_tls,
+            tls_ca: self.kafka_tls_ca,
+            tls_cert: self.kafka_tls_cert,
+            tls_key: self.kafka_tls_key,
+            sasl_mechanism: self.kafka_sasl_mechanism,
+            sasl_username: self.kafka_sasl_username,
+            sasl_password_file: self.kafka_sasl_password_file,
+            sasl_password_env: std::env::var(PASSWORD_ENV).ok(),
+            options: self.kafka_options,
+        }
+        .resolve()?;
+        Ok(Config {
             interfaces: self.interfaces,
             exclude_interfaces: self.exclude_interfaces,
             attach_mode: match self.attach_mode {
@@ -389,8 +466,9 @@ impl RunArgs {
                 template_refresh: self.ipfix_template_refresh.0,
                 enterprise: self.ipfix_enterprise,
             },
+            kafka,
             ..d
-        }
+        })
     }
 }
 
@@ -422,11 +500,9 @@ fn main() {
             for note in args.deprecated() {
                 warn!("{note}");
             }
-            if args.check_config {
-                check_config(&args.into_config())
-            } else {
-                run(args.into_config())
-            }
+            let check = args.check_config;
+            args.into_config()
+                .and_then(|cfg| if check { check_config(&cfg) } else { run(cfg) })
         }
         Command::Watch(args) => watch::run(*args),
         Command::Top(args) => top::run(*args),

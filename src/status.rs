@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::sinks::ipfix::{IpfixCounts, IpfixStats};
+use crate::sinks::kafka::{KafkaCounts, KafkaStats};
 
 /// Fill level of one BPF map.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -55,6 +56,8 @@ pub struct Snapshot {
     pub observer: String,
     /// When the gRPC server certificate in use expires (None: no TLS).
     pub tls_cert_expiry: Option<SystemTime>,
+    /// The Kafka sink's counters, with its name (`kafka://BROKERS/TOPIC`).
+    pub kafka: Option<(String, KafkaCounts)>,
 }
 
 /// Shared, cheaply updated agent state.
@@ -68,8 +71,13 @@ pub struct Status {
     pub active_flows: AtomicU64,
     pub map_pressure_events: AtomicU64,
     pub flows_evicted: AtomicU64,
+    /// Full scans the poller ran (closing-only passes left out), and the walks of the map
+    /// they took (more than one when the poller fell a whole ring of records behind).
+    pub scans: AtomicU64,
+    pub scan_walks: AtomicU64,
     detail: Mutex<(Vec<MapUsage>, BTreeMap<String, u64>)>,
     exporters: Mutex<Vec<(String, Arc<IpfixStats>)>>,
+    kafka: Mutex<Option<(String, Arc<KafkaStats>)>>,
     started: Mutex<Option<SystemTime>>,
     interfaces: Mutex<Vec<AttachedInterface>>,
     observer: Mutex<String>,
@@ -106,6 +114,11 @@ impl Status {
 
     pub fn set_observer(&self, observer: &str) {
         *self.observer.lock().unwrap_or_else(|e| e.into_inner()) = observer.to_owned();
+    }
+
+    /// Makes the Kafka sink's counters part of every snapshot.
+    pub fn set_kafka(&self, name: String, stats: Arc<KafkaStats>) {
+        *self.kafka.lock().unwrap_or_else(|e| e.into_inner()) = Some((name, stats));
     }
 
     pub fn set_detail(&self, maps: Vec<MapUsage>, counters: BTreeMap<String, u64>) {
@@ -151,6 +164,12 @@ impl Status {
                 .tls_cert_expiry
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()),
+            kafka: self
+                .kafka
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|(n, s)| (n.clone(), s.snapshot())),
         }
     }
 }

@@ -319,3 +319,150 @@ fn long_flow_reports_active_deltas_that_add_up() {
         "an active record always carries news"
     );
 }
+
+/// Issue 23's scenario: 10 TCP connections and 10 UDP flows of 4.6 s each, with a 5 s
+/// active timeout (1 s polls, the default 2 s close grace, 1 s UDP idle timeout): the tick
+/// finds them closed or gone quiet. Every flow ends exactly once, with its true reason
+/// (tcp_fin, idle_timeout), and its records add up to the capture's counts, each way.
+#[test]
+fn flows_ending_just_before_their_active_tick_end_once_with_their_true_reason() {
+    use std::collections::HashMap;
+    let net = NetPair::new();
+    let cfg = flowlens::poller::PollerConfig {
+        poll_interval: Duration::from_secs(1),
+        active_timeout: Duration::from_secs(5),
+        tcp_close_grace: Duration::from_secs(2),
+        idle_udp: Duration::from_secs(1),
+        idle_tcp: Duration::from_secs(30),
+        ..fast_config()
+    };
+    let mut agent = Agent::start(&net, cfg, Capacities::default());
+    let (a, b) = (net.v4_a, net.v4_b);
+    let ifindex = net.ifindex_a();
+    let cap = net
+        .in_ns(&net.a, move || Capture::open(ifindex))
+        .join()
+        .expect("capture");
+    const N: usize = 10;
+    const LIFE: Duration = Duration::from_millis(4600);
+    const STEP: Duration = Duration::from_millis(200);
+    let listener = net.listen_b(false, 0);
+    let tport = listener.local_addr().expect("addr").port();
+    let acceptor = std::thread::spawn(move || {
+        let conns: Vec<_> = (0..N)
+            .map(|_| {
+                let (mut s, _) = listener.accept().expect("accept");
+                std::thread::spawn(move || {
+                    // Echo until the client closes, then close too.
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => s.write_all(&buf[..n]).expect("echo"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        conns.into_iter().for_each(|c| c.join().expect("conn"));
+    });
+    let udp_server = net
+        .in_ns(&net.b, move || {
+            UdpSocket::bind(SocketAddr::new(b, 0)).expect("bind")
+        })
+        .join()
+        .expect("server");
+    let uport = udp_server.local_addr().expect("addr").port();
+    udp_server
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let udp_echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = udp_server.recv_from(&mut buf) {
+            udp_server.send_to(&buf[..n], from).expect("answer");
+        }
+    });
+    let flows: Vec<_> = (0..N)
+        .flat_map(|_| {
+            let tcp = net.in_ns(&net.a, move || {
+                let mut c = TcpStream::connect(SocketAddr::new(b, tport)).expect("connect");
+                let t0 = std::time::Instant::now();
+                let mut buf = [0u8; 100];
+                while t0.elapsed() + STEP < LIFE {
+                    c.write_all(&[1u8; 100]).expect("send");
+                    c.read_exact(&mut buf).expect("echo");
+                    std::thread::sleep(STEP);
+                }
+                std::thread::sleep(LIFE.saturating_sub(t0.elapsed()));
+                let port = c.local_addr().expect("local").port();
+                c.shutdown(std::net::Shutdown::Write).expect("shutdown");
+                let _ = c.read_to_end(&mut Vec::new());
+                (6u8, port)
+            });
+            let udp = net.in_ns(&net.a, move || {
+                let s = UdpSocket::bind(SocketAddr::new(a, 0)).expect("bind");
+                s.set_read_timeout(Some(Duration::from_secs(2)))
+                    .expect("timeout");
+                let t0 = std::time::Instant::now();
+                let mut buf = [0u8; 100];
+                while t0.elapsed() < LIFE {
+                    s.send_to(&[2u8; 100], SocketAddr::new(b, uport))
+                        .expect("send");
+                    s.recv_from(&mut buf).expect("answer");
+                    std::thread::sleep(STEP.min(LIFE.saturating_sub(t0.elapsed())));
+                }
+                (17u8, s.local_addr().expect("local").port())
+            });
+            [tcp, udp]
+        })
+        .collect();
+    let flows: Vec<(u8, u16)> = flows.into_iter().map(|t| t.join().expect("flow")).collect();
+    acceptor.join().expect("acceptor");
+    udp_echo.join().expect("udp echo");
+    let ours = move |r: &FlowRecord| flows.contains(&(r.protocol, r.client_port));
+    let recs = agent.wait_for("20 final records", WAIT, |r| {
+        r.iter()
+            .filter(|f| ours(f) && f.end_reason != EndReason::ActiveTimeout)
+            .count()
+            >= 2 * N
+    });
+    let mut by_flow: HashMap<u64, Vec<&FlowRecord>> = HashMap::new();
+    for r in recs.iter().filter(|r| ours(r)) {
+        by_flow.entry(r.flow_id).or_default().push(r);
+    }
+    assert_eq!(by_flow.len(), 2 * N, "one flow id per flow: {by_flow:#?}");
+    let pkts = cap.drain();
+    for parts in by_flow.values() {
+        let last: Vec<_> = parts
+            .iter()
+            .filter(|r| r.end_reason != EndReason::ActiveTimeout)
+            .collect();
+        assert_eq!(last.len(), 1, "one final record: {parts:#?}");
+        let want = if last[0].protocol == 6 {
+            EndReason::TcpFin
+        } else {
+            EndReason::IdleTimeout
+        };
+        assert_eq!(last[0].end_reason, want, "{parts:#?}");
+        let (proto, cport) = (last[0].protocol, last[0].client_port);
+        let keep = |p: &common::capture::Packet| {
+            p.proto == proto && (p.sport == cport || p.dport == cport)
+        };
+        let sum = |f: fn(&FlowRecord) -> (u64, u64)| {
+            parts.iter().fold((0, 0), |(n, b), r| {
+                let (dn, db) = f(r);
+                (n + dn, b + db)
+            })
+        };
+        assert_eq!(
+            sum(|r| (r.client.packets, r.client.bytes)),
+            sent_by(&pkts, a, keep),
+            "client side of {parts:#?}"
+        );
+        assert_eq!(
+            sum(|r| (r.server.packets, r.server.bytes)),
+            sent_by(&pkts, b, keep),
+            "server side of {parts:#?}"
+        );
+    }
+}

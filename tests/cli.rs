@@ -766,6 +766,170 @@ fn loopback_traffic_is_counted_once() {
     assert!(status.success());
 }
 
+/// Kills the agent (SIGKILL: no flush, pins stay) and returns every record it had written.
+fn kill_and_collect(mut agent: Running) -> Vec<serde_json::Value> {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGKILL) };
+    agent.child.wait().expect("wait");
+    // The reader thread forwards what was written before the kill, then ends.
+    agent
+        .stdout
+        .iter()
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .collect()
+}
+
+/// Waits for the first record `want` accepts, keeping every record seen on the way.
+fn until_record(
+    agent: &Running,
+    seen: &mut Vec<serde_json::Value>,
+    what: &str,
+    want: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = agent
+            .stdout
+            .recv_timeout(left)
+            .unwrap_or_else(|e| panic!("{what}: {e}; records: {seen:#?}"));
+        let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON record");
+        let done = want(&v);
+        seen.push(v);
+        if done {
+            return;
+        }
+    }
+}
+
+/// Two SIGKILLs during a transfer, with a 5 s active timeout and pinned maps: the records
+/// of the three agents add up exactly to the capture (what a record carried left the kernel
+/// entry, so nothing is reported twice), every record has the flow's id, and a flow quiet
+/// since before the first kill gets no active-timeout record from the restarted agents.
+#[test]
+fn two_crashes_with_active_records_out_report_nothing_twice() {
+    use std::io::{Read, Write};
+    let net = NetPair::new();
+    let fs = Bpffs::new("kill2");
+    let pins = fs.pins();
+    let ifa = net.ifindex_a();
+    let args = [
+        &pinned(&net, &pins)[..],
+        &["--active-timeout", "5s", "--idle-timeout-udp", "60s"],
+    ]
+    .concat();
+    let mut seen = Vec::new();
+    let mut first = start(&net.a, &args);
+    first.wait_log("with TCX", Duration::from_secs(10));
+
+    let cap = net
+        .in_ns(&net.a, move || common::capture::Capture::open(ifa))
+        .join()
+        .expect("capture");
+    let (a, b) = (net.v4_a, net.v4_b);
+    // A flow that goes quiet right away and stays so.
+    let udp = net
+        .in_ns(&net.a, move || {
+            let s = std::net::UdpSocket::bind(std::net::SocketAddr::new(a, 0)).expect("bind");
+            for _ in 0..5 {
+                s.send_to(&[3u8; 200], std::net::SocketAddr::new(b, 9))
+                    .expect("send");
+            }
+            s.local_addr().expect("local").port()
+        })
+        .join()
+        .expect("udp");
+    // A transfer of about 16 s.
+    let listener = net.listen_b(false, 0);
+    let port = listener.local_addr().expect("addr").port();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).expect("read");
+        s.write_all(&[1u8; 1000]).expect("reply");
+        v.len()
+    });
+    let client = net.in_ns(&net.a, move || {
+        let mut c =
+            std::net::TcpStream::connect(std::net::SocketAddr::new(b, port)).expect("connect");
+        for _ in 0..320 {
+            c.write_all(&[2u8; 10_000]).expect("send");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).expect("read back");
+        c.local_addr().expect("local").port()
+    });
+    let is_tcp = move |v: &serde_json::Value| v["protocol"] == 6 && v["server_port"] == port;
+    let is_udp = move |v: &serde_json::Value| v["protocol"] == 17 && v["client_port"] == udp;
+    let active = |v: &serde_json::Value| v["end_reason"] == "active_timeout";
+
+    // Each agent dies a second after an active-timeout record of the transfer: the kill
+    // never lands while a record is on its way out.
+    until_record(&first, &mut seen, "the first active record", |v| {
+        is_tcp(v) && active(v)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    seen.extend(kill_and_collect(first));
+    let mut second = start(&net.a, &args);
+    second.wait_log("reusing pinned maps", Duration::from_secs(10));
+    until_record(
+        &second,
+        &mut seen,
+        "the second agent's active record",
+        |v| is_tcp(v) && active(v),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    seen.extend(kill_and_collect(second));
+    let mut third = start(&net.a, &args);
+    third.wait_log("reusing pinned maps", Duration::from_secs(10));
+    let cport = client.join().expect("client");
+    assert_eq!(server.join().expect("server"), 3_200_000);
+    until_record(&third, &mut seen, "the transfer's final record", |v| {
+        is_tcp(v) && v["end_reason"] == "tcp_fin"
+    });
+    let (status, out) = third.stop();
+    assert!(status.success());
+    seen.extend(out.iter().filter_map(|l| serde_json::from_str(l).ok()));
+
+    let pkts = cap.drain();
+    let total = |want: &dyn Fn(&serde_json::Value) -> bool, side: &str| {
+        seen.iter().filter(|v| want(v)).fold((0, 0), |(n, b), v| {
+            (
+                n + v[side]["packets"].as_u64().expect("packets"),
+                b + v[side]["bytes"].as_u64().expect("bytes"),
+            )
+        })
+    };
+    let keep = |p: &common::capture::Packet| {
+        p.proto == 6 && [p.sport, p.dport].contains(&port) && [p.sport, p.dport].contains(&cport)
+    };
+    let tcp: Vec<_> = seen.iter().filter(|v| is_tcp(v)).collect();
+    assert!(
+        tcp.iter().filter(|v| active(v)).count() >= 2,
+        "active records before each kill: {tcp:#?}"
+    );
+    assert!(
+        tcp.iter().all(|v| v["flow_id"] == tcp[0]["flow_id"]),
+        "one flow id: {tcp:#?}"
+    );
+    assert_eq!(
+        total(&is_tcp, "client"),
+        common::capture::sent_by(&pkts, a, keep),
+        "client totals over three agents: {tcp:#?}"
+    );
+    assert_eq!(
+        total(&is_tcp, "server"),
+        common::capture::sent_by(&pkts, b, keep),
+        "server totals over three agents: {tcp:#?}"
+    );
+    let quiet: Vec<_> = seen.iter().filter(|v| is_udp(v)).collect();
+    assert_eq!(quiet.len(), 1, "the quiet flow's only record: {quiet:#?}");
+    assert_eq!(quiet[0]["end_reason"], "shutdown");
+    assert_eq!(quiet[0]["client"]["packets"], 5);
+}
+
 /// `v<FLOWLENS_LAYOUT_VERSION>`: where the agent pins its maps under the pin root.
 fn layout_dir() -> String {
     let header = include_str!("../src/bpf/flowlens.h");

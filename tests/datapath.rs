@@ -6,7 +6,7 @@ use common::{Harness, Hook};
 use flowlens::kernel::bpf::types;
 use flowlens::kernel::datapath::Capacities;
 use flowlens::kernel::packet::*;
-use flowlens::poller::decode::{addr_key, HI_TO_LO, LO_TO_HI};
+use flowlens::poller::decode::{addr_key, client_dir, ext_kind, meta, HI_TO_LO, LO_TO_HI};
 
 const A: [u8; 4] = [10, 200, 0, 1];
 const B: [u8; 4] = [10, 200, 0, 2];
@@ -53,13 +53,61 @@ fn ipv4_udp_both_directions_share_one_entry_with_exact_counts() {
     assert_eq!(b.bytes[LO_TO_HI], 328);
     assert_eq!(b.ttl[HI_TO_LO], 64);
     assert_eq!(b.ttl[LO_TO_HI], 120);
-    assert_eq!(usize::from(b.initiator), HI_TO_LO, "B sent first");
-    assert_eq!(u32::from(b.first_hook), types::flow_hook::HOOK_EGRESS.0);
-    assert_eq!(b.ext, 0);
-    assert!(b.first_seen_ns > 0 && b.last_seen_ns >= b.first_seen_ns);
+    assert_eq!(client_dir(&b), HI_TO_LO, "B sent first");
+    assert_eq!(b.meta & meta::EGRESS, meta::EGRESS, "first seen at egress");
+    assert_eq!(ext_kind(&b), 0);
+    // The tick's clock of the later packets may be up to a tick behind the fine clock of
+    // the first (see the next test).
+    assert!(b.first_seen_ns > 0 && b.last_seen_ns + 20_000_000 >= b.first_seen_ns);
     assert!(h.tcp().is_empty(), "UDP must create no TCP entry");
     assert!(h.icmp().is_empty(), "UDP must create no ICMP entry");
     assert_eq!(h.counter("packets_accounted"), 4);
+}
+
+/// A flow's first packet is timed on the fine clock (the tick's clock lagged it by up to
+/// a tick, several ms), and the record of a flow never has a negative duration although
+/// its later packets are timed on the tick's clock.
+#[test]
+fn first_seen_is_the_first_packets_fine_time_and_durations_are_never_negative() {
+    use flowlens::poller::decode::{monotonic_ns, Clock, Counts, RecordMeta};
+    use flowlens::record::flow::EndReason;
+    let clock = Clock::new();
+    let h = Harness::new();
+    for port in 0..20 {
+        let f = v4_frame(A, B, 17, 64, &udp(40000 + port, 53, b"q"));
+        let before = monotonic_ns();
+        h.run(Hook::Egress, &f);
+        let after = monotonic_ns();
+        let find = || {
+            h.joined()
+                .into_iter()
+                .find(|f| f.key.port_lo == 40000 + port)
+                .expect("the flow")
+        };
+        let first = find().base.first_seen_ns;
+        assert!(
+            (before..=after).contains(&first),
+            "first seen {first} not within the send, {before}..{after}"
+        );
+        h.run(Hook::Egress, &f);
+        let raw = find();
+        let rec = raw.to_record(
+            RecordMeta {
+                counts: Counts::of(&raw.base),
+                end_reason: EndReason::IdleTimeout,
+                interface: "lo".into(),
+                observer: "test".into(),
+                window_start_ns: raw.base.first_seen_ns,
+                emitted_ns: raw.base.last_seen_ns,
+                flow_id: raw.flow_id(),
+                continuation: false,
+                local: [None, None],
+            },
+            &clock,
+        );
+        assert!(rec.last_seen >= rec.first_seen, "{rec:?}");
+        assert!(rec.window_start <= rec.last_seen, "{rec:?}");
+    }
 }
 
 #[test]
@@ -82,9 +130,9 @@ fn ipv4_tcp_handshake_state_lives_in_the_base_entry() {
     assert_eq!((k.port_lo, k.port_hi), (50000, 80));
     assert_eq!(b.packets, [2, 1]);
     assert_eq!(b.bytes, [80, 40]);
-    assert_eq!(u32::from(b.ext), types::flow_ext::EXT_TCP.0);
+    assert_eq!(ext_kind(&b), types::flow_ext::EXT_TCP.0);
     assert_ne!(b.ext_id, 0, "a TCP flow gets an extension id");
-    assert_eq!(usize::from(b.initiator), LO_TO_HI);
+    assert_eq!(client_dir(&b), LO_TO_HI);
     assert!(
         h.tcp().is_empty(),
         "no latency sample yet: no flows_tcp entry"
@@ -119,8 +167,8 @@ fn initiator_is_the_syn_sender_even_when_the_syn_ack_is_seen_first() {
         &v4_frame(B, A, 6, 64, &tcp(80, 50000, TCP_SYN | TCP_ACK, &[])),
     );
     let (_, b) = h.only_flow();
-    assert_eq!(usize::from(b.initiator), LO_TO_HI, "A (lo) is the client");
-    assert_eq!(u32::from(b.first_hook), types::flow_hook::HOOK_INGRESS.0);
+    assert_eq!(client_dir(&b), LO_TO_HI, "A (lo) is the client");
+    assert_eq!(b.meta & meta::EGRESS, 0, "first seen at ingress");
 }
 
 #[test]
@@ -211,7 +259,7 @@ fn ipv4_icmp_echo_pairs_and_other_types_key_by_type_code() {
         .expect("unreachable flow");
     assert_eq!(unreach.0.port_hi, !0x0303u16);
     assert_eq!(unreach.1.bytes[HI_TO_LO], 20 + 8 + 28);
-    assert_eq!(usize::from(echo_flow.1.initiator), LO_TO_HI);
+    assert_eq!(client_dir(&echo_flow.1), LO_TO_HI);
     // Only the answered echo has an RTT sample, so only it has an entry.
     let icmp = h.icmp();
     assert_eq!(icmp.len(), 1);
@@ -286,7 +334,7 @@ fn other_ip_protocols_are_port_less_flows() {
     let (k, b) = h.only_flow();
     assert_eq!((k.proto, k.port_lo, k.port_hi), (47, 0, 0));
     assert_eq!(b.bytes[LO_TO_HI], 44);
-    assert_eq!(b.ext, 0);
+    assert_eq!(ext_kind(&b), 0);
 }
 
 /// Every malformed packet leaves all maps unchanged and bumps exactly its counter.
@@ -680,15 +728,11 @@ mod edges {
         h.run(Hook::Egress, &frag4(B, A, 1, 100));
         let (k, b) = h.only_flow();
         assert_eq!(k.proto, 1);
-        assert_eq!(
-            usize::from(b.initiator),
-            HI_TO_LO,
-            "the sender, not its peer"
-        );
+        assert_eq!(client_dir(&b), HI_TO_LO, "the sender, not its peer");
         let h = Harness::new();
         h.run(Hook::Egress, &frag4(A, B, 1, 100));
         let (_, b) = h.only_flow();
-        assert_eq!(usize::from(b.initiator), LO_TO_HI);
+        assert_eq!(client_dir(&b), LO_TO_HI);
     }
 
     #[test]
@@ -715,13 +759,9 @@ mod edges {
             .find(|(k, _)| key_flags(k) == 1)
             .expect("fragments");
         assert_eq!(echo.1.packets, [5, 5]);
-        assert_eq!(
-            usize::from(echo.1.initiator),
-            LO_TO_HI,
-            "A sent the requests"
-        );
+        assert_eq!(client_dir(&echo.1), LO_TO_HI, "A sent the requests");
         assert_eq!(frag.1.packets, [1, 1]);
-        assert_eq!(frag.1.ext, 0, "no ICMP extension for fragments");
+        assert_eq!(ext_kind(&frag.1), 0, "no ICMP extension for fragments");
         assert_eq!(h.icmp().len(), 1);
     }
 

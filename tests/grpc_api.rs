@@ -507,7 +507,7 @@ async fn list_flows_pages_one_snapshot_filtered_on_the_server() {
         .collect();
     assert_eq!(ports, want, "every UDP flow once, in order");
 
-    // The records are in progress, with cumulative counters.
+    // The records are in progress.
     let now = client
         .list_flows(proto::ListFlowsRequest::default())
         .await

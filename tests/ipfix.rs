@@ -426,6 +426,41 @@ fn messages_split_at_the_size_limit_with_whole_flows_and_running_sequence_number
     );
 }
 
+/// A flow's final record with nothing new in it (its last active-timeout record carried
+/// every packet) still reaches the collector, as one client -> server record with zero
+/// counts and the flow's end reason; a record with nothing that is not final has none.
+#[test]
+fn a_final_record_with_nothing_new_still_says_how_the_flow_ended() {
+    let mut enc = Encoder::new(1, 1372, None).expect("encoder");
+    let mut rec = tcp_record();
+    rec.client.packets = 0;
+    rec.client.bytes = 0;
+    rec.server.packets = 0;
+    rec.server.bytes = 0;
+    rec.end_reason = EndReason::TcpFin;
+    let s = sets(&messages(&mut enc, std::slice::from_ref(&rec), false)[0]);
+    assert_eq!(s.len(), 1);
+    let data = &s[0].1;
+    assert_eq!(
+        data.len(),
+        8 + 8 + 5 + 9 + 16 + 16 + 1 + 1 + 2,
+        "one record"
+    );
+    assert_eq!(
+        &data[8..16],
+        &[10, 200, 1, 1, 10, 200, 1, 2],
+        "client -> server"
+    );
+    // octets and packets zero, then flowEndReason 3 (end of flow detected)
+    assert_eq!(&data[46..62], &[0; 16]);
+    assert_eq!(data[62], 3);
+    assert_eq!(enc.sequence(), 1);
+
+    rec.end_reason = EndReason::ActiveTimeout;
+    let msgs = messages(&mut enc, &[rec], false);
+    assert!(msgs.is_empty(), "nothing to say: {msgs:?}");
+}
+
 #[test]
 fn end_reasons_map_to_iana_codes() {
     let codes: Vec<u8> = EndReason::ALL

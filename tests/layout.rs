@@ -5,8 +5,8 @@ use std::mem::{offset_of, size_of};
 
 use flowlens::kernel::bpf::flow_mono_skel::types::{flow_naive, flow_packed};
 use flowlens::kernel::bpf::types::{
-    bpf_spin_lock, flow_base, flow_icmp, flow_key, flow_l4, flow_tcp, icmp_hot, scan_args,
-    scan_rec, tcp_hot, tcp_latency,
+    bpf_spin_lock, flow_base, flow_ended, flow_icmp, flow_key, flow_l4, flow_owner, flow_tcp,
+    icmp_hot, scan_args, scan_rec, tcp_hot, tcp_latency,
 };
 
 /// Asserts that fields tile the struct: each starts where the previous ended.
@@ -45,7 +45,7 @@ fn base_entry_fills_kmalloc_192_exactly() {
     assert_tiled!(icmp_hot, req_seq: u16, r#type: [u8; 2], code: [u8; 2]);
     assert_eq!(size_of::<flow_l4>(), 6);
     assert_eq!(size_of::<flow_base>(), 88);
-    assert_tiled!(flow_base, first_seen_ns: u64, last_seen_ns: u64, packets: [u64; 2], bytes: [u64; 2], ext_id: u64, l4_ts_ns: u64, handshake_client_ns: u32, handshake_server_ns: u32, lock: bpf_spin_lock, l4: flow_l4, ttl: [u8; 2], initiator: u8, first_hook: u8, ext: u8, windows: u8);
+    assert_tiled!(flow_base, first_seen_ns: u64, last_seen_ns: u64, packets: [u64; 2], bytes: [u64; 2], ext_id: u64, l4_ts_ns: u64, handshake_client_ns: u32, handshake_server_ns: u32, lock: bpf_spin_lock, l4: flow_l4, ttl: [u8; 2], meta: u32);
     // 48 + 48 + 88 + 8: not a byte to spare before kmalloc-256.
     assert_eq!(
         kmalloc_class(size_of::<flow_key>(), size_of::<flow_base>()),
@@ -79,9 +79,35 @@ fn icmp_extension_is_keyed_by_id_and_lands_in_kmalloc_96() {
 #[test]
 fn scan_args_and_records_are_fully_explicit() {
     assert_eq!(size_of::<scan_args>(), 176);
-    assert_tiled!(scan_args, now_ns: u64, prev_ns: u64, idle_ns: [u64; 4], close_grace_ns: u64, active_ns: u64, flush: u32, closing_only: u32, capacity: u32, truncated: u32, copied: u32, part: u32, parts: u32, first_slot: u32, entries: [u64; 3], evict_age_ns: u64, evict_keep: [u64; 3], evict_need: [u64; 3]);
-    assert_eq!(size_of::<scan_rec>(), 224);
-    assert_tiled!(scan_rec, key: flow_key, kind: u8, has_tcp: u8, has_icmp: u8, __pad: u8, base: [u8; 88], tcp: flow_tcp, icmp: flow_icmp);
+    assert_tiled!(scan_args, now_ns: u64, prev_ns: u64, idle_ns: [u64; 4], close_grace_ns: u64, active_ns: u64, flush: u32, closing_only: u32, part: u32, parts: u32, bulk_after: u32, stopped: u32, written: u32, ended: u32, entries: [u64; 3], evict_age_ns: u64, evict_keep: [u64; 3], evict_need: [u64; 3]);
+    // A ring record, not a map element: the owners of the flow's local ends ride with it
+    // (+64 B over the 224 it had), so the base entry keeps its kmalloc-192.
+    assert_eq!(size_of::<scan_rec>(), 288);
+    assert_tiled!(scan_rec, key: flow_key, kind: u8, has_tcp: u8, has_icmp: u8, has_owner: u8, base: [u8; 88], tcp: flow_tcp, icmp: flow_icmp, owner: [flow_owner; 2]);
+}
+
+/// A flow's local end and its owner: its own map keyed by ext_id and end, so the base
+/// entry does not grow, in kmalloc-96 like an ICMP extension.
+#[test]
+fn a_local_end_is_kept_in_kmalloc_96() {
+    assert_eq!(size_of::<flow_owner>(), 32);
+    assert_tiled!(flow_owner, cgroup_id: u64, pid: u32, uid: u32, comm: [u8; 16]);
+    assert_eq!(
+        kmalloc_class(size_of::<u64>(), size_of::<flow_owner>()),
+        (96, 96)
+    );
+}
+
+/// The memory of ended connections: an LRU map, so preallocated, 48 B of element header,
+/// the key and this value per connection: 128 B, 2 MiB for the 16,384 it keeps.
+#[test]
+fn an_ended_connection_is_remembered_in_128_bytes() {
+    assert_eq!(size_of::<flow_ended>(), 32);
+    assert_tiled!(flow_ended, first_seen_ns: u64, ended_ns: u64, handshake_client_ns: u32, handshake_server_ns: u32, hot: tcp_hot, meta: u8, __pad: u8);
+    assert_eq!(
+        48 + size_of::<flow_key>().next_multiple_of(8) + size_of::<flow_ended>(),
+        128
+    );
 }
 
 /// The single-map layouts the benchmark measures the split against.

@@ -19,6 +19,7 @@ use common::agent::{fast_config, Agent};
 use common::netns::{sh, NetPair};
 use flowlens::kernel::cgroup::CgroupNames;
 use flowlens::kernel::datapath::Capacities;
+use flowlens::poller::PollerConfig;
 use flowlens::record::flow::{EndReason, FlowRecord, LocalProcess};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -117,6 +118,22 @@ elif mode == "udp-server":
     print("ready", flush=True)
     while True:
         s.recv(65536)
+elif mode == "tcp-client-thread":
+    # A thread of its own name opens the socket: the process's name is what counts.
+    import threading
+    def run():
+        ctypes.CDLL(None).prctl(15, b"not-the-process", 0, 0, 0)
+        c = socket.socket(fam, socket.SOCK_STREAM)
+        c.connect((host, port))
+        c.sendall(b"x" * 1000)
+        got = 0
+        while got < 1000:
+            got += len(c.recv(65536))
+        c.close()
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    print("done", flush=True)
 elif mode in ("tcp-client", "tcp-client-leave"):
     c = socket.socket(fam, socket.SOCK_STREAM)
     c.connect((host, port))
@@ -126,6 +143,18 @@ elif mode in ("tcp-client", "tcp-client-leave"):
         while got < 1000:
             got += len(c.recv(65536))
         c.close()
+    print("done", flush=True)
+elif mode == "tcp-slow":
+    c = socket.socket(fam, socket.SOCK_STREAM)
+    c.connect((host, port))
+    import time
+    for _ in range(20):
+        c.sendall(b"z" * 100)
+        got = 0
+        while got < 100:
+            got += len(c.recv(65536))
+        time.sleep(0.15)
+    c.close()
     print("done", flush=True)
 elif mode == "tcp-try":
     c = socket.socket(fam, socket.SOCK_STREAM)
@@ -303,11 +332,12 @@ fn each_side_of_a_loopback_connection_names_its_cgroup_unit_and_process() {
     );
     server.expect("ready");
     let mut agent = Agent::start_on(&net, &["lo"], fast_config(), Capacities::default());
-    // The client's socket is opened while the agent runs: noted by the socket hook.
+    // The client's socket is opened while the agent runs, by a thread named otherwise:
+    // noted by the socket hook, with the process's name.
     let mut client = Proc::spawn(
         &net.a,
         Some(&cli_dir),
-        &["flowlens-cli", "tcp-client", "127.0.0.1", &p],
+        &["flowlens-cli", "tcp-client-thread", "127.0.0.1", &p],
     );
     let (cli_pid, cli_comm, srv_pid, srv_comm) =
         (client.pid(), client.comm(), server.pid(), server.comm());
@@ -740,5 +770,71 @@ fn forwarded_flows_carry_no_process_even_to_a_port_a_local_service_listens_on() 
     }
     wait_maps_empty(&agent);
     drop((tcp_server, udp_server));
+    agent.stop();
+}
+
+#[test]
+fn every_record_of_a_long_flow_carries_the_attribution_taken_at_its_start() {
+    let net = NetPair::new();
+    let cg = Cgroups::new();
+    let (srv_dir, srv_path) = cg.make("system.slice/echo.service");
+    let (cli_dir, cli_path) = cg.make("system.slice/talk.service");
+    let port = port();
+    let cfg = PollerConfig {
+        active_timeout: Duration::from_secs(1),
+        ..fast_config()
+    };
+    let mut agent = Agent::start_on(&net, &["lo"], cfg, Capacities::default());
+    let mut server = Proc::spawn(
+        &net.a,
+        Some(&srv_dir),
+        &[
+            "flowlens-echo",
+            "tcp-server",
+            "127.0.0.1",
+            &port.to_string(),
+        ],
+    );
+    server.expect("ready");
+    // Three seconds of exchanges: active-timeout records, then the final one.
+    let mut client = Proc::spawn(
+        &net.a,
+        Some(&cli_dir),
+        &["flowlens-talk", "tcp-slow", "127.0.0.1", &port.to_string()],
+    );
+    let cli_pid = client.pid();
+    client.expect("done");
+    client.wait();
+    let records = agent.wait_for("the connection's end", Duration::from_secs(15), |r| {
+        the_flow(r, 6, port)
+            .iter()
+            .any(|f| f.end_reason == EndReason::TcpFin)
+    });
+    let flow = the_flow(records, 6, port);
+    let active = flow
+        .iter()
+        .filter(|f| f.end_reason == EndReason::ActiveTimeout)
+        .count();
+    assert!(active >= 2, "{flow:#?}");
+    let client_side = want(
+        &cli_dir,
+        &cli_path,
+        Some("talk.service"),
+        cli_pid,
+        "flowlens-talk",
+    );
+    let server_side = want(
+        &srv_dir,
+        &srv_path,
+        Some("echo.service"),
+        server.pid(),
+        "flowlens-echo",
+    );
+    for r in &flow {
+        assert_eq!(r.client_process.as_deref(), Some(&client_side), "{r:#?}");
+        assert_eq!(r.server_process.as_deref(), Some(&server_side), "{r:#?}");
+    }
+    wait_maps_empty(&agent);
+    drop(server);
     agent.stop();
 }

@@ -9,8 +9,9 @@ use common::bytes_of;
 use flowlens::kernel::attach::IfNames;
 use flowlens::kernel::bpf::types;
 use flowlens::kernel::datapath::{Capacities, Datapath, FlowMaps};
-use flowlens::poller::decode::monotonic_ns;
-use flowlens::poller::table::read_all;
+use flowlens::poller::decode::{meta, monotonic_ns, LO_TO_HI};
+use flowlens::poller::scan::ScanKind;
+use flowlens::poller::table::{collect_scan, read_all};
 use flowlens::poller::{KernelTable, Poller, PollerConfig, ReadMode, OUT_BATCH};
 use flowlens::record::flow::{EndReason, FlowRecord};
 use flowlens::record::snapshot::SnapshotSlot;
@@ -40,11 +41,15 @@ fn put(maps: &FlowMaps, i: u32, proto: u8, last_seen_ns: u64) {
         last_seen_ns,
         packets: [u64::from(i), 1],
         bytes: [u64::from(i) * 100, 60],
-        ext: if proto == 6 {
-            types::flow_ext::EXT_TCP.0 as u8
-        } else {
-            0
-        },
+        meta: meta::created(
+            LO_TO_HI,
+            false,
+            if proto == 6 {
+                types::flow_ext::EXT_TCP.0
+            } else {
+                0
+            },
+        ),
         ext_id: if proto == 6 { u64::from(i) + 1 } else { 0 },
         ..Default::default()
     };
@@ -248,8 +253,10 @@ fn map_pressure_is_counted_once_per_crossing() {
     );
 }
 
+/// ListFlows snapshots are built only while someone asks, show each flow with what no
+/// record has carried yet (since its window start), and leave the records alone.
 #[test]
-fn snapshots_are_cumulative_only_while_wanted_and_leave_the_deltas_alone() {
+fn snapshots_show_flows_since_their_last_record_only_while_wanted() {
     let dp = Datapath::load(Capacities::default()).expect("load");
     let maps = dp.maps().expect("maps");
     let now = monotonic_ns();
@@ -273,7 +280,7 @@ fn snapshots_are_cumulative_only_while_wanted_and_leave_the_deltas_alone() {
     );
 
     slot.want();
-    // Flow 2 had 2 + 1 packets; now 7 + 4.
+    // Flow 2 had 2 + 1 packets, carried by its record; since then, 5 + 3 more.
     let mut b = types::flow_base::default();
     let k = key(2, 17);
     let v = maps
@@ -282,12 +289,18 @@ fn snapshots_are_cumulative_only_while_wanted_and_leave_the_deltas_alone() {
         .expect("lookup")
         .expect("flow 2");
     plain::copy_from_bytes(&mut b, &v).expect("base");
-    b.packets = [7, 4];
-    b.bytes = [700, 240];
+    assert_eq!(
+        (b.packets, b.bytes),
+        ([0, 0], [0, 0]),
+        "the record took them"
+    );
+    b.packets = [5, 3];
+    b.bytes = [500, 180];
     b.last_seen_ns = now + 2;
     maps.flows
         .update(bytes_of(&k), bytes_of(&b), MapFlags::ANY)
         .expect("update");
+    // The snapshot is read before the poll's scan: it shows the window the record closes.
     p.poll_once(now + 2).expect("poll");
     let snap = slot.latest();
     assert_eq!((snap.generation, snap.flows.len()), (1, 3));
@@ -298,13 +311,19 @@ fn snapshots_are_cumulative_only_while_wanted_and_leave_the_deltas_alone() {
     let two = snap
         .flows
         .iter()
-        .find(|r| r.client.packets + r.server.packets == 11)
-        .expect("flow 2 with its cumulative counts");
-    assert_eq!(two.total_bytes(), 940);
-    // The active record of flow 2 holds only what is new since the first one.
+        .find(|r| r.client.packets + r.server.packets == 8)
+        .expect("flow 2 with what came since its record");
+    assert_eq!(two.total_bytes(), 680);
+    assert!(two.window_start >= two.first_seen, "since its record");
+    // The other two show nothing new.
+    assert_eq!(
+        snap.flows.iter().filter(|r| r.total_packets() == 0).count(),
+        2
+    );
+    // The active record of flow 2 holds the same: what is new since the first one.
     let active: Vec<FlowRecord> = rx.try_iter().flatten().collect();
     assert_eq!(active.len(), 1, "only flow 2 changed: {active:?}");
-    assert_eq!(active[0].total_packets(), 11 - 3);
+    assert_eq!(active[0].total_packets(), 8);
     assert_eq!(active[0].end_reason, EndReason::ActiveTimeout);
 }
 
@@ -315,17 +334,22 @@ struct Case {
     fragment: bool,
     first_s: u64,
     last_s: u64,
-    windows: u8,
+    /// When its last active-timeout record went out, if it had one.
+    reported_s: Option<u64>,
     state: Option<types::tcp_state>,
     ext: bool,
     /// One packet, no answer (else a few each way).
     single: bool,
+    /// Every packet already carried by a record: the entry counts nothing.
+    nothing_new: bool,
 }
 
 /// The same flows in the kernel maps and in the in-memory table, under the same ids; the
-/// datapath must outlive the kernel table's scans.
+/// datapath must outlive the kernel table's scans. Reported times are marked with 40 s
+/// windows.
 fn both(cases: &[Case], t0: u64) -> (Datapath, KernelTable, flowlens::poller::memory::MemTable) {
     use flowlens::poller::memory::MemTable;
+    use flowlens::poller::scan::mark_reported;
     let dp = Datapath::load(Capacities::default()).expect("load");
     let maps = dp.maps().expect("maps");
     let mut mem = MemTable::new([65_536, 32_768, 8_192]);
@@ -338,15 +362,25 @@ fn both(cases: &[Case], t0: u64) -> (Datapath, KernelTable, flowlens::poller::me
         let mut b = types::flow_base {
             first_seen_ns: t0 + c.first_s * s,
             last_seen_ns: t0 + c.last_s * s,
-            packets: if c.single { [1, 0] } else { [3, i as u64] },
-            bytes: if c.single {
+            packets: if c.nothing_new {
+                [0, 0]
+            } else if c.single {
+                [1, 0]
+            } else {
+                [3, i as u64]
+            },
+            bytes: if c.nothing_new {
+                [0, 0]
+            } else if c.single {
                 [60, 0]
             } else {
                 [300, 100 * i as u64]
             },
-            windows: c.windows,
             ..Default::default()
         };
+        if let Some(r) = c.reported_s {
+            mark_reported(&mut b, t0 + r * s, 40 * s);
+        }
         if let Some(st) = c.state {
             b.l4.tcp.state = st.0 as u8;
         }
@@ -379,18 +413,11 @@ fn both(cases: &[Case], t0: u64) -> (Datapath, KernelTable, flowlens::poller::me
     (dp, kernel, mem)
 }
 
-type Seen = Vec<(
-    Vec<u8>,
-    flowlens::poller::scan::ScanKind,
-    Vec<u8>,
-    Option<Vec<u8>>,
-    Option<Vec<u8>>,
-)>;
+type Seen = Vec<(Vec<u8>, ScanKind, Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>)>;
 
-/// A pass's flows as comparable bytes, in key order.
-fn seen(pass: flowlens::poller::scan::Scanned) -> Seen {
-    let mut v: Seen = pass
-        .flows
+/// A scan's flows as comparable bytes, in key order.
+fn seen(flows: Vec<(ScanKind, flowlens::poller::decode::RawFlow)>) -> Seen {
+    let mut v: Seen = flows
         .into_iter()
         .map(|(kind, f)| {
             (
@@ -407,40 +434,46 @@ fn seen(pass: flowlens::poller::scan::Scanned) -> Seen {
 }
 
 /// The scan program and the in-memory table's scan (which the lifecycle unit tests pin
-/// down) pick the same flows for the same reasons and leave the same entries behind.
+/// down) pick the same flows for the same reasons, hand out the same records and leave the
+/// same entries behind (active flows less what their records carry, marked reported).
 #[test]
 fn the_kernel_scan_follows_the_same_rules_as_the_in_memory_one() {
-    use flowlens::poller::scan::{args, ScanKind};
-    use flowlens::poller::FlowTable;
+    use flowlens::poller::scan::args;
     use types::tcp_state as St;
-    let c = |proto, first_s, last_s, windows, state, ext| Case {
+    let c = |proto, first_s, last_s, reported_s, state, ext| Case {
         proto,
         fragment: false,
         first_s,
         last_s,
-        windows,
+        reported_s,
         state,
         ext,
         single: false,
+        nothing_new: false,
     };
     // Polled at 50 s, the previous poll at 44 s; UDP idles out at 30 s, TCP at 60 s,
     // ICMP at 10 s, others at 40 s; windows of 40 s; TCP close grace 2 s.
     let cases = [
-        c(17, 0, 10, 0, None, false),                  // UDP idle 40 s: ends
-        c(17, 0, 45, 0, None, false),                  // busy, in window 1: active
-        c(17, 0, 35, 0, None, false),                  // quiet since the last poll: left
-        c(17, 0, 44, 0, None, false),                  // seen at the last poll: active
-        c(17, 15, 49, 0, None, false),                 // 35 s old, no window yet: left
-        c(6, 0, 49, 0, Some(St::TCP_ST_CLOSED), true), // closed 1 s ago: active
-        c(6, 0, 47, 0, Some(St::TCP_ST_CLOSED), true), // closed 3 s ago: FIN
-        c(6, 0, 47, 0, Some(St::TCP_ST_RESET), false), // reset 3 s ago: RST
-        c(6, 0, 43, 0, Some(St::TCP_ST_ESTABLISHED), true), // quiet 7 s: left
-        c(6, 0, 49, 1, Some(St::TCP_ST_ESTABLISHED), true), // window 1 reported: left
-        c(1, 0, 30, 0, None, true),                    // ICMP quiet 20 s: ends, RTT copied
-        c(47, 0, 5, 0, None, false),                   // other protocol, idle 45 s: ends
+        c(17, 0, 10, None, None, false),  // UDP idle 40 s: ends
+        c(17, 0, 45, None, None, false),  // busy, in window 1: active
+        c(17, 0, 35, None, None, false),  // quiet since the last poll: left
+        c(17, 0, 44, None, None, false),  // seen at the last poll: active
+        c(17, 15, 49, None, None, false), // 35 s old, no window yet: left
+        c(6, 0, 49, None, Some(St::TCP_ST_CLOSED), true), // closed 1 s ago: left for its FIN
+        c(6, 0, 47, None, Some(St::TCP_ST_CLOSED), true), // closed 3 s ago: FIN
+        c(6, 0, 47, None, Some(St::TCP_ST_RESET), false), // reset 3 s ago: RST
+        c(6, 0, 43, None, Some(St::TCP_ST_ESTABLISHED), true), // quiet 7 s: left
+        c(6, 0, 49, Some(41), Some(St::TCP_ST_ESTABLISHED), true), // window 1 reported: left
+        c(6, 0, 49, Some(39), Some(St::TCP_ST_ESTABLISHED), true), // window 0 reported: active
+        c(1, 0, 30, None, None, true),    // ICMP quiet 20 s: ends, RTT copied
+        c(47, 0, 5, None, None, false),   // other protocol, idle 45 s: ends
         Case {
             fragment: true,
-            ..c(17, 0, 12, 0, None, false) // a fragment flow, idle 38 s: ends
+            ..c(17, 0, 12, None, None, false) // a fragment flow, idle 38 s: ends
+        },
+        Case {
+            nothing_new: true,
+            ..c(17, 0, 48, Some(10), None, false) // busy, but all reported already: left
         },
     ];
     let cfg = PollerConfig {
@@ -454,11 +487,11 @@ fn the_kernel_scan_follows_the_same_rules_as_the_in_memory_one() {
     let s = 1_000_000_000u64;
     let (dp, mut kernel, mut mem) = both(&cases, t0);
     let a = args(&cfg, t0 + 50 * s, t0 + 44 * s, false);
-    let (k, m) = (
-        kernel.scan(&a).expect("kernel scan"),
-        mem.scan(&a).expect("memory scan"),
+    let ((k, ks), (m, ms)) = (
+        collect_scan(&mut kernel, &a, 1).expect("kernel scan"),
+        collect_scan(&mut mem, &a, 1).expect("memory scan"),
     );
-    assert_eq!((k.truncated, k.entries), (m.truncated, m.entries));
+    assert_eq!(ks.entries, ms.entries);
     let (k, m) = (seen(k), seen(m));
     assert_eq!(k, m);
     let kinds: Vec<ScanKind> = k.iter().map(|f| f.1).collect();
@@ -472,8 +505,8 @@ fn the_kernel_scan_follows_the_same_rules_as_the_in_memory_one() {
         (4, 1, 1)
     );
     assert_eq!(kinds.iter().filter(|k| **k == ScanKind::Active).count(), 3);
-    assert_eq!(k.len(), 9, "the other four are left alone");
-    // What is left, windows marked included, is the same too.
+    assert_eq!(k.len(), 9, "the other six are left alone");
+    // What is left, counts taken out and reports marked, is the same too.
     let maps = dp.maps().expect("maps");
     let mut left: Vec<(Vec<u8>, Vec<u8>)> =
         read_all::<types::flow_key, types::flow_base>(&maps.flows, "flows", ReadMode::Batch, true)
@@ -494,48 +527,67 @@ fn the_kernel_scan_follows_the_same_rules_as_the_in_memory_one() {
         [mem.tcp.len(), mem.icmp.len()]
     );
     // A second scan at the same time finds nothing new; a flush ends the rest.
-    assert!(kernel.scan(&a).expect("again").flows.is_empty());
+    assert!(collect_scan(&mut kernel, &a, 1)
+        .expect("again")
+        .0
+        .is_empty());
     let flush = args(&cfg, t0 + 50 * s, t0 + 50 * s, true);
-    let (k, m) = (
-        kernel.scan(&flush).expect("flush"),
-        mem.scan(&flush).expect("flush"),
+    let ((k, ks), (m, _)) = (
+        collect_scan(&mut kernel, &flush, 1).expect("flush"),
+        collect_scan(&mut mem, &flush, 1).expect("flush"),
     );
-    assert_eq!(k.entries, [0, 0, 0]);
+    assert_eq!(ks.entries, [0, 0, 0]);
     assert_eq!(seen(k), seen(m));
 }
 
-/// More flows due than one pass copies out: the pass says so, and the next one goes on.
+/// Records go to a ring the poller drains while the scan runs: a consumer slower than the
+/// scan makes it stop at a full ring and go on once drained, and still every flow due ends
+/// once, exactly.
 #[test]
-fn a_scan_with_more_due_than_it_holds_goes_on_in_the_next_pass() {
+fn a_scan_whose_records_outrun_their_consumer_goes_on_and_ends_each_flow_once() {
     use flowlens::poller::scan::args;
     use flowlens::poller::FlowTable;
     let dp = Datapath::load(Capacities::default()).expect("load");
     let maps = dp.maps().expect("maps");
-    let cap = Capacities::default().scan_out();
-    let n = cap + 500;
+    // More than the ring holds (2 MiB of 232-byte records: ~9,000).
+    let n = 20_000u32;
     for i in 0..n {
-        put(&maps, i, 17, 1);
+        put(&maps, i, if i % 3 == 0 { 6 } else { 17 }, 1);
     }
     let mut table = KernelTable::new(dp.maps().expect("maps"));
     let a = args(&PollerConfig::default(), monotonic_ns(), 0, false);
-    let first = table.scan(&a).expect("scan");
-    assert!(first.truncated);
-    assert_eq!(first.flows.len(), cap as usize);
-    let second = table.scan(&a).expect("scan");
-    assert!(!second.truncated);
-    assert_eq!(second.flows.len(), 500);
-    assert_eq!(second.entries, [0, 0, 0]);
+    let mut seen = std::collections::HashSet::new();
+    let mut packets = 0;
+    let done = table
+        .scan(&a, 1, &mut |batch| {
+            // A slow consumer: the scan fills the ring long before this drains it.
+            std::thread::sleep(Duration::from_millis(5));
+            for (kind, f) in batch {
+                assert_eq!(kind, ScanKind::Ended(EndReason::IdleTimeout));
+                assert!(
+                    seen.insert(bytes_of(&f.key).to_vec()),
+                    "one record per flow"
+                );
+                packets += f.base.packets[0] + f.base.packets[1];
+            }
+            Ok(())
+        })
+        .expect("scan");
+    assert_eq!(seen.len(), n as usize);
+    assert_eq!(packets, (0..u64::from(n)).map(|i| i + 1).sum::<u64>());
+    assert_eq!(done.entries, [0, 0, 0]);
+    assert!(done.passes > 1, "the ring filled: {done:?}");
 }
 
-/// A bulk end (more due than one pass holds) split among concurrent scans gives the same
-/// records as one scan does, each flow once, and leaves the same flows in every map.
+/// A bulk end split among concurrent scans gives the same records as one scan does, each
+/// flow once, and leaves the same flows in every map.
 #[test]
 fn a_bulk_end_split_among_threads_ends_what_one_thread_ends() {
-    use flowlens::poller::FlowTable;
+    use flowlens::poller::scan::args;
     let now = monotonic_ns();
     let old = now - 40_000_000_000;
-    // Over twice what one pass holds; three in four idle, a third TCP.
-    let n = 2 * Capacities::default().scan_out() + 3_000;
+    // Three in four idle (well over the 4,096 ends that make a bulk end), a third TCP.
+    let n = 20_000u32;
     let run = |threads: u32| {
         let dp = Datapath::load(Capacities::default()).expect("load");
         let maps = dp.maps().expect("maps");
@@ -543,48 +595,30 @@ fn a_bulk_end_split_among_threads_ends_what_one_thread_ends() {
             let proto = if i % 3 == 0 { 6 } else { 17 };
             put(&maps, i, proto, if i % 4 == 3 { now } else { old });
         }
-        if threads > 1 {
-            let mut t = KernelTable::new(dp.maps().expect("maps"));
-            assert!(
-                t.split(threads).is_some(),
-                "the kernel table splits its scan"
-            );
-        }
-        let cfg = PollerConfig {
-            scan_threads: threads,
-            ..PollerConfig::default()
-        };
-        let (mut p, rx, _) = poller(&dp, cfg);
-        let stats = p.poll_once(now).expect("poll");
-        let batches: Vec<Vec<FlowRecord>> = rx.try_iter().collect();
-        assert!(
-            batches
-                .iter()
-                .all(|b| !b.is_empty() && b.len() <= OUT_BATCH),
-            "the poll hands its records over in batches of at most {OUT_BATCH}"
-        );
-        let mut recs: Vec<_> = batches
+        let mut table = KernelTable::new(dp.maps().expect("maps"));
+        let a = args(&PollerConfig::default(), now, 0, false);
+        let (flows, done) = collect_scan(&mut table, &a, threads).expect("scan");
+        assert_eq!(done.split, threads > 1, "{done:?}");
+        let mut recs: Vec<_> = flows
             .into_iter()
-            .flatten()
-            .map(|r| {
+            .map(|(kind, f)| {
                 (
-                    r.protocol,
-                    r.client_port.min(r.server_port),
-                    r.client_port.max(r.server_port),
-                    r.client.packets + r.server.packets,
-                    r.client.bytes + r.server.bytes,
-                    r.end_reason == EndReason::IdleTimeout,
+                    f.key.proto,
+                    f.key.port_lo,
+                    f.key.port_hi,
+                    f.base.packets[0] + f.base.packets[1],
+                    f.base.bytes[0] + f.base.bytes[1],
+                    kind == ScanKind::Ended(EndReason::IdleTimeout),
                 )
             })
             .collect();
         recs.sort();
         let left = [maps.flows.keys().count(), maps.tcp.keys().count()];
-        (stats, recs, left)
+        (done.entries, recs, left)
     };
-    let (one, recs_one, left_one) = run(1);
-    let (split, recs_split, left_split) = run(3);
+    let (entries_one, recs_one, left_one) = run(1);
+    let (entries_split, recs_split, left_split) = run(3);
     let idle = (0..n).filter(|i| i % 4 != 3).count();
-    assert_eq!((one.ended, split.ended), (idle, idle));
     assert_eq!(recs_split.len(), idle);
     let mut keys: Vec<_> = recs_split.iter().map(|r| (r.0, r.1, r.2)).collect();
     keys.dedup();
@@ -595,7 +629,29 @@ fn a_bulk_end_split_among_threads_ends_what_one_thread_ends() {
     assert_eq!(left_split, left_one);
     let live_tcp = (0..n).filter(|i| i % 3 == 0 && i % 4 == 3).count();
     assert_eq!(left_split, [live, live_tcp]);
-    assert_eq!(one, split, "the same poll statistics");
+    assert_eq!(entries_one, entries_split);
+    assert_eq!(entries_one[0], live as u64);
+}
+
+/// The poller hands a bulk end's records to the hub in batches of at most `OUT_BATCH`.
+#[test]
+fn a_poll_hands_a_bulk_end_over_in_batches() {
+    let dp = Datapath::load(Capacities::default()).expect("load");
+    let maps = dp.maps().expect("maps");
+    for i in 0..5_000 {
+        put(&maps, i, 17, 1);
+    }
+    let (mut p, rx, _) = poller(&dp, PollerConfig::default());
+    let stats = p.poll_once(monotonic_ns()).expect("poll");
+    assert_eq!(stats.ended, 5_000);
+    let batches: Vec<Vec<FlowRecord>> = rx.try_iter().collect();
+    assert!(
+        batches
+            .iter()
+            .all(|b| !b.is_empty() && b.len() <= OUT_BATCH),
+        "the poll hands its records over in batches of at most {OUT_BATCH}"
+    );
+    assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 5_000);
 }
 
 /// Eviction in the kernel scan follows the in-memory rules: only one-packet flows never
@@ -603,24 +659,24 @@ fn a_bulk_end_split_among_threads_ends_what_one_thread_ends() {
 /// flows that free an entry in a map that must give one up.
 #[test]
 fn the_kernel_scan_evicts_by_the_same_rules_as_the_in_memory_one() {
-    use flowlens::poller::scan::{args, ScanKind};
-    use flowlens::poller::FlowTable;
-    let c = |proto, last_s, windows, ext| Case {
+    use flowlens::poller::scan::args;
+    let c = |proto, last_s, reported_s, ext| Case {
         proto,
         fragment: false,
         first_s: last_s,
         last_s,
-        windows,
+        reported_s,
         state: None,
         ext,
         single: true,
+        nothing_new: false,
     };
     let mut cases = vec![
-        c(17, 8, 1, false), // reported once: kept
-        c(17, 9, 0, false), // 1 s quiet: younger than the age, kept
-        c(6, 5, 0, true),   // holds a TCP extension entry
+        c(17, 8, Some(8), false), // reported once: kept
+        c(17, 9, None, false),    // 1 s quiet: younger than the age, kept
+        c(6, 5, None, true),      // holds a TCP extension entry
     ];
-    cases.extend((0..6).map(|_| c(17, 5, 0, false)));
+    cases.extend((0..6).map(|_| c(17, 5, None, false)));
     let t0 = monotonic_ns();
     let s = 1_000_000_000u64;
     let cfg = PollerConfig::default();
@@ -634,15 +690,15 @@ fn the_kernel_scan_evicts_by_the_same_rules_as_the_in_memory_one() {
     let scan_both = |a: types::scan_args| {
         let (_dp, mut kernel, mut mem) = both(&cases, t0);
         (
-            kernel.scan(&a).expect("kernel scan"),
-            mem.scan(&a).expect("memory scan"),
+            collect_scan(&mut kernel, &a, 1).expect("kernel scan"),
+            collect_scan(&mut mem, &a, 1).expect("memory scan"),
         )
     };
     // Every candidate goes when the maps must give up more than there are.
-    let (k, m) = scan_both(evicting([0, 0, 0]));
-    assert_eq!((k.entries, k.evict_left), (m.entries, m.evict_left));
+    let ((k, ks), (m, ms)) = scan_both(evicting([0, 0, 0]));
+    assert_eq!((ks.entries, ks.evict_left), (ms.entries, ms.evict_left));
     assert_eq!(
-        k.entries,
+        ks.entries,
         [2, 0, 0],
         "only the reported and the young flow stay"
     );
@@ -650,12 +706,149 @@ fn the_kernel_scan_evicts_by_the_same_rules_as_the_in_memory_one() {
     assert_eq!(k, m);
     assert!(k.iter().all(|f| f.1 == ScanKind::Ended(EndReason::Evicted)));
     // Only the TCP map over what it keeps: only the flow holding an entry there goes.
-    let (k, m) = scan_both(evicting([100, 0, 100]));
+    let ((k, _), (m, _)) = scan_both(evicting([100, 0, 100]));
     assert_eq!(seen(k), seen(m));
     // The base map three over: three of the six plain candidates, whichever the map
     // order gives (kernel and memory orders differ), and no more.
     let (_dp, mut kernel, _) = both(&cases, t0);
-    let k = kernel.scan(&evicting([6, 100, 100])).expect("scan");
-    assert_eq!(k.flows.len(), 3);
-    assert_eq!((k.entries[0], k.evict_left), (6, [0, 0, 0]));
+    let (k, ks) = collect_scan(&mut kernel, &evicting([6, 100, 100]), 1).expect("scan");
+    assert_eq!(k.len(), 3);
+    assert_eq!((ks.entries[0], ks.evict_left), (6, [0, 0, 0]));
+}
+
+/// A TCP connection that idles past its timeout while a SYN flood of more than 100,000
+/// one-packet flows comes and goes (ended idle and evicted, never remembered), and then
+/// resumes (first with data from the server, whose higher port makes the datapath take
+/// it for the client, then with its FIN), keeps its flow id, its roles and its handshake
+/// on every record, across an agent restart too.
+#[test]
+fn a_connection_resumes_after_a_syn_flood_with_its_id_roles_and_handshake() {
+    use common::{Harness, Hook};
+    use flowlens::kernel::packet::{tcp, v4_frame, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN};
+    use flowlens::record::flow::TcpState;
+    const A: [u8; 4] = [10, 200, 0, 1];
+    const B: [u8; 4] = [10, 200, 0, 2];
+    // The server's port is the higher one: a mid-connection guess takes it for the client.
+    let (cport, sport) = (3000, 50000);
+    let h = Harness::with(Capacities {
+        flows: 16_384,
+        tcp: 8_192,
+        icmp: 1_024,
+        owner: 16_384,
+    });
+    let c2s = |flags, payload: &[u8]| {
+        h.run(
+            Hook::Egress,
+            &v4_frame(A, B, 6, 64, &tcp(cport, sport, flags, payload)),
+        )
+    };
+    let s2c = |flags, payload: &[u8]| {
+        h.run(
+            Hook::Ingress,
+            &v4_frame(B, A, 6, 64, &tcp(sport, cport, flags, payload)),
+        )
+    };
+    c2s(TCP_SYN, &[]);
+    std::thread::sleep(Duration::from_millis(2));
+    s2c(TCP_SYN | TCP_ACK, &[]);
+    c2s(TCP_ACK, &[]);
+    c2s(TCP_ACK | TCP_PSH, b"request");
+    s2c(TCP_ACK | TCP_PSH, b"response");
+    let cfg = PollerConfig {
+        idle_tcp: Duration::from_secs(2),
+        ..PollerConfig::default()
+    };
+    let s = 1_000_000_000u64;
+    // Polls at times of their own: the connection and each wave of the flood idle out.
+    let mut at = monotonic_ns() + 3 * s;
+    let (mut p, rx, _) = poller(&h.dp, cfg);
+    p.poll_once(at).expect("poll");
+    let first: Vec<FlowRecord> = rx.try_iter().flatten().collect();
+    assert_eq!(first.len(), 1);
+    let conn = first[0].clone();
+    assert_eq!((conn.client_port, conn.server_port), (cport, sport));
+    assert_eq!(
+        h.maps.ended.keys().count(),
+        1,
+        "the connection is remembered"
+    );
+
+    // The flood: 126,000 SYNs from as many sources, in waves that fill the map past its
+    // pressure threshold: some are evicted 1.5 s later, the rest idle out.
+    let mut flood = Vec::new();
+    for wave in 0..9u32 {
+        for i in 0..14_000u32 {
+            let n = wave * 14_000 + i;
+            let src = [10, 201, (n >> 8) as u8, n as u8];
+            h.run(
+                Hook::Ingress,
+                &v4_frame(
+                    src,
+                    B,
+                    6,
+                    64,
+                    &tcp(1024 + (n >> 16) as u16, 80, TCP_SYN, &[]),
+                ),
+            );
+        }
+        let sent = monotonic_ns();
+        for age in [3 * s / 2, 3 * s] {
+            at = sent + age;
+            p.poll_once(at).expect("poll");
+            flood.extend(rx.try_iter().flatten().map(|r| r.end_reason));
+        }
+    }
+    assert_eq!(h.counter("base_map_full"), 0);
+    assert_eq!(flood.len(), 126_000, "every flood flow ended once");
+    let evicted = flood.iter().filter(|r| **r == EndReason::Evicted).count();
+    assert!(evicted > 10_000, "{evicted} evicted");
+    assert_eq!(
+        flood.len() - evicted,
+        flood
+            .iter()
+            .filter(|r| **r == EndReason::IdleTimeout)
+            .count()
+    );
+    assert_eq!(h.maps.ended.keys().count(), 1, "no flood flow remembered");
+
+    // The agent restarts; then the connection resumes, the server first.
+    drop(p);
+    let (mut p, rx, _) = poller(&h.dp, cfg);
+    s2c(TCP_ACK | TCP_PSH, b"late response");
+    c2s(TCP_ACK, &[]);
+    at += 2 * s;
+    p.poll_once(at).expect("poll");
+    let second: Vec<FlowRecord> = rx.try_iter().flatten().collect();
+    assert_eq!(second.len(), 1, "{second:#?}");
+    let r = &second[0];
+    assert!(r.continuation);
+    assert_eq!(r.flow_id, conn.flow_id);
+    // The same first packet (another agent's clock may convert it a few ns apart).
+    let apart = r
+        .first_seen
+        .duration_since(conn.first_seen)
+        .unwrap_or_else(|e| e.duration());
+    assert!(apart < Duration::from_millis(1), "{apart:?}");
+    assert_eq!((r.client_addr, r.client_port), (conn.client_addr, cport));
+    assert_eq!((r.client.packets, r.server.packets), (1, 1));
+    let t = r.tcp.expect("tcp");
+    let t0 = conn.tcp.expect("tcp");
+    assert_eq!(
+        (t.handshake_client_ns, t.handshake_server_ns),
+        (t0.handshake_client_ns, t0.handshake_server_ns)
+    );
+    assert!(t.handshake_client_ns.is_some() && !t.late_start, "{t:?}");
+
+    // Its FIN, after another idle gap, is the same connection still.
+    c2s(TCP_FIN | TCP_ACK, &[]);
+    at += 2 * s;
+    p.poll_once(at).expect("poll");
+    let third: Vec<FlowRecord> = rx.try_iter().flatten().collect();
+    assert_eq!(third.len(), 1, "{third:#?}");
+    let f = &third[0];
+    assert!(f.continuation);
+    assert_eq!(f.flow_id, conn.flow_id);
+    assert_eq!((f.client_port, f.client.packets), (cport, 1));
+    assert_eq!(f.tcp.expect("tcp").state, TcpState::FinWait);
+    assert!(f.tcp.expect("tcp").handshake_server_ns.is_some());
 }

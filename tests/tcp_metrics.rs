@@ -8,8 +8,8 @@ use std::time::Duration;
 use common::{Harness, Hook};
 use flowlens::kernel::bpf::types::{flow_base, tcp_bits, tcp_hot, tcp_latency, tcp_state};
 use flowlens::kernel::packet::*;
+use flowlens::poller::decode::{client_dir, HI_TO_LO, LO_TO_HI};
 use flowlens::poller::decode::{Clock, Counts, RecordMeta};
-use flowlens::poller::decode::{HI_TO_LO, LO_TO_HI};
 use flowlens::record::flow::EndReason;
 use libbpf_rs::MapCore;
 
@@ -167,7 +167,7 @@ fn late_start_has_no_handshake_and_samples_after_the_first_direction_change() {
     assert!(t.lat[HI_TO_LO].min_ns >= GAP_NS);
     // the initiator is guessed from ports: 50000 is the ephemeral side
     let (_, b) = h.only_flow();
-    assert_eq!(usize::from(b.initiator), LO_TO_HI);
+    assert_eq!(client_dir(&b), LO_TO_HI);
 }
 
 #[test]
@@ -303,7 +303,8 @@ fn fast_path_changes_only_counters_until_a_state_change() {
 fn closes_are_noted_and_a_pass_over_the_notes_ends_them() {
     use flowlens::poller::decode::monotonic_ns;
     use flowlens::poller::scan::{closing_args, ScanKind};
-    use flowlens::poller::{FlowTable, KernelTable, PollerConfig};
+    use flowlens::poller::table::collect_scan;
+    use flowlens::poller::{KernelTable, PollerConfig};
     let h = Harness::new();
     handshake(&h);
     c2s(&h, TCP_FIN | TCP_ACK, &[]);
@@ -322,14 +323,13 @@ fn closes_are_noted_and_a_pass_over_the_notes_ends_them() {
     let cfg = PollerConfig::default();
     let mut table = KernelTable::new(h.dp.maps().expect("maps"));
     let now = monotonic_ns();
-    let pass = table.scan(&closing_args(&cfg, now)).expect("scan");
-    assert!(pass.flows.is_empty(), "within the grace");
+    let (flows, _) = collect_scan(&mut table, &closing_args(&cfg, now), 1).expect("scan");
+    assert!(flows.is_empty(), "within the grace");
     // Long enough for the UDP flow to be idle too: not this pass's business.
     let later = now + 2 * cfg.idle_udp.as_nanos() as u64;
-    let mut kinds: Vec<ScanKind> = table
-        .scan(&closing_args(&cfg, later))
+    let mut kinds: Vec<ScanKind> = collect_scan(&mut table, &closing_args(&cfg, later), 1)
         .expect("scan")
-        .flows
+        .0
         .iter()
         .map(|f| f.0)
         .collect();

@@ -11,7 +11,7 @@ use flowlens::kernel::bpf::bench_skel::{BenchSkel, BenchSkelBuilder};
 use flowlens::kernel::bpf::flow_mono_skel::{FlowMonoSkel, FlowMonoSkelBuilder};
 use flowlens::kernel::bpf::types;
 use flowlens::kernel::datapath::FlowMaps;
-use flowlens::poller::decode::{Clock, Counts, RawFlow, RecordMeta};
+use flowlens::poller::decode::{meta, Clock, Counts, RawFlow, RecordMeta, LO_TO_HI};
 use flowlens::record::flow::{DirStats, EndReason, FlowRecord, Hook};
 
 /// Rows of the final table: (section, measurement, value, unit, note).
@@ -139,7 +139,7 @@ pub fn fill_split_maps(maps: [&MapHandle; 3], n: u32, mix: Mix, sampled: u32) ->
     fill(flows, n, |i| {
         let base = types::flow_base {
             packets: [10, 10],
-            ext: mix.ext(i) as u8,
+            meta: meta::created(LO_TO_HI, false, mix.ext(i)),
             ext_id: if mix.ext(i) == 0 { 0 } else { u64::from(i) + 1 },
             ..Default::default()
         };

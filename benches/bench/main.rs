@@ -1,12 +1,14 @@
 //! `make bench`: datapath cost per packet, split vs monolithic maps (time and kernel memory),
-//! poller drain rate, gRPC stream rate, bursts of flow ends to every reader, IPFIX export rate,
-//! and real-traffic overhead, as ratios measured in one run.
+//! poller drain rate, gRPC stream rate, bursts of flow ends to every reader, IPFIX and Kafka
+//! export rates, and real-traffic overhead, as ratios measured in one run.
 
 mod burst;
+mod busy;
 mod common;
 mod compression;
 mod datapath;
 mod ipfix;
+mod kafka;
 mod memory;
 mod poller;
 mod poller_cost;
@@ -24,7 +26,7 @@ use common::Table;
 type Section = fn(&mut Table) -> Result<()>;
 
 /// Every section, in the order a full run takes them: its name, what it measures, and it.
-const SECTIONS: [(&str, &str, Section); 9] = [
+const SECTIONS: [(&str, &str, Section); 11] = [
     (
         "datapath",
         "BPF datapath cost per packet, split vs monolithic maps",
@@ -46,6 +48,11 @@ const SECTIONS: [(&str, &str, Section); 9] = [
         poller_cost::run,
     ),
     (
+        "busy",
+        "agent CPU and RSS at 1 M flows sending a packet a minute (active records)",
+        busy::run,
+    ),
+    (
         "stream",
         "gRPC stream rate, publish rate, encoding, idle-subscriber RSS",
         stream::run,
@@ -64,6 +71,11 @@ const SECTIONS: [(&str, &str, Section); 9] = [
         "ipfix",
         "IPFIX encoding and UDP export rate; fanout hand-off cost",
         ipfix::run,
+    ),
+    (
+        "kafka",
+        "Kafka export: encoding, hand-off to librdkafka, tansu acknowledgements",
+        kafka::run,
     ),
     (
         "traffic",

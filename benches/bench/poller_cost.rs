@@ -13,7 +13,7 @@ use flowlens::config::Config;
 use flowlens::kernel::attach::IfNames;
 use flowlens::kernel::bpf::types;
 use flowlens::kernel::datapath::{Capacities, Datapath, FlowMaps};
-use flowlens::poller::decode::monotonic_ns;
+use flowlens::poller::decode::{meta, monotonic_ns, LO_TO_HI};
 use flowlens::poller::{KernelTable, Poller, PollerConfig, ReadMode};
 use flowlens::status::Status;
 
@@ -184,13 +184,10 @@ pub fn run(t: &mut Table) -> Result<()> {
     let mut table = KernelTable::new(dp.maps()?);
     let args = flowlens::poller::scan::args(&PollerConfig::default(), monotonic_ns(), 0, false);
     let (t0, mut ended) = (Instant::now(), 0);
-    loop {
-        let pass = flowlens::poller::FlowTable::scan(&mut table, &args)?;
-        ended += pass.flows.len();
-        if !pass.truncated {
-            break;
-        }
-    }
+    flowlens::poller::FlowTable::scan(&mut table, &args, 1, &mut |flows| {
+        ended += flows.len();
+        Ok(())
+    })?;
     let scan_secs = t0.elapsed().as_secs_f64();
     if ended != m as usize {
         bail!("the scan ended {ended} of {m} flows");
@@ -263,7 +260,7 @@ fn fill_flows_seen(maps: &FlowMaps, n: u32, first_ns: u64, last_ns: u64) -> Resu
             first_seen_ns: first_ns,
             last_seen_ns: last_ns,
             packets: [10, 10],
-            ext: mix.ext(i) as u8,
+            meta: meta::created(LO_TO_HI, false, mix.ext(i)),
             ext_id: if mix.ext(i) == 0 { 0 } else { id(i) },
             ..Default::default()
         };

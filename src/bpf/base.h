@@ -39,7 +39,9 @@ static __always_inline bool acct_of(struct __sk_buff *skb, struct acct *a)
 	return true;
 }
 
-/* Fills the base entry of a flow whose first packet is `a`. */
+/* Fills the base entry of a flow whose first packet is `a`, seen at `now`
+ * on the fine clock: a flow's duration starts at its first packet.
+ */
 static __always_inline void base_init(struct flow_base *b, const struct acct *a,
 				      __u8 hook, __u64 now)
 {
@@ -57,9 +59,15 @@ static __always_inline void base_init(struct flow_base *b, const struct acct *a,
 		b->bytes[0] = a->bytes;
 		b->ttl[0] = a->p.ttl;
 	}
-	b->initiator = initiator_of(&a->p);
-	b->first_hook = hook;
-	b->ext = a->ext;
+	b->meta = (initiator_of(&a->p) == DIR_HI_TO_LO ? META_CLIENT_HI : 0) |
+		  (hook == HOOK_EGRESS ? META_EGRESS : 0) |
+		  ((__u32)a->ext << META_EXT_SHIFT);
+}
+
+/* The extension kind of a flow (enum flow_ext), 0 for none. */
+static __always_inline __u32 base_ext(const struct flow_base *b)
+{
+	return (b->meta & META_EXT) >> META_EXT_SHIFT;
 }
 
 /* Adds a packet of an existing flow: exact across CPUs without a lock. */

@@ -30,8 +30,19 @@ struct flow_enums {
 	enum flow_key_flags key_flags;
 	enum scan_kind scan_kind;
 	enum scan_proto scan_proto;
+	enum scan_stop scan_stop;
+	enum flow_meta meta;
 };
 const volatile struct flow_enums flow_enums_btf = {};
+
+/* The same for the structs only the scan's ring buffer carries (a ring
+ * buffer's records have no type of their own).
+ */
+struct scan_types {
+	struct scan_rec rec;
+	struct flow_ended ended;
+};
+const volatile struct scan_types *scan_types_btf;
 
 /* Inserts a new flow: one base entry, its TCP or ICMP state already
  * updated from this first packet (which never gives a sample). Returns 0,
@@ -42,14 +53,16 @@ static __always_inline int flow_create(struct __sk_buff *skb,
 {
 	struct flow_base nb = {};
 	struct owner_take own = {};
+	/* one fine clock read: the first packet's time and the handshake's */
+	__u64 now = bpf_ktime_get_ns();
 	long err;
 
-	base_init(&nb, a, hook, coarse_now());
+	base_init(&nb, a, hook, now);
 	if (a->ext) {
 		nb.ext_id = ext_id_next();
 		/* a stack entry no other CPU sees: no lock, no sample */
 		if (a->ext == EXT_TCP)
-			tcp_update(&nb, NULL, &a->p, bpf_ktime_get_ns());
+			tcp_update(&nb, NULL, &a->p, now);
 		else
 			icmp_update(&nb, NULL, &a->p);
 	}
@@ -99,8 +112,9 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 		now = tcp_account(b, &a.p);
 	else if (a.ext == EXT_ICMP)
 		now = icmp_account(b, &a.p);
-	/* last seen: the fine clock if the packet needed it, else the tick's;
-	 * first seen is always the tick's, so last >= first holds
+	/* last seen: the fine clock if the packet needed it, else the tick's,
+	 * which may be up to a tick behind the fine first seen (userspace
+	 * clamps; the scan judges idleness on it either way)
 	 */
 	base_account(b, &a, now ?: coarse_now());
 }

@@ -77,11 +77,12 @@ static __always_inline void packed_handle(struct __sk_buff *skb, __u8 hook)
 	v = bpf_map_lookup_elem(&flows, &a.p.key);
 	if (!v) {
 		struct flow_packed nv = {};
+		__u64 first = bpf_ktime_get_ns();
 
-		base_init(&nv.base, &a, hook, coarse_now());
+		base_init(&nv.base, &a, hook, first);
 		/* a stack value no other CPU sees: no lock, no sample */
 		if (a.ext == EXT_TCP)
-			tcp_update(&nv.base, NULL, &a.p, bpf_ktime_get_ns());
+			tcp_update(&nv.base, NULL, &a.p, first);
 		else if (a.ext == EXT_ICMP)
 			icmp_update(&nv.base, NULL, &a.p);
 		err = bpf_map_update_elem(&flows, &a.p.key, &nv, BPF_NOEXIST);

@@ -10,7 +10,7 @@
 /* Bumped whenever a key or value layout below changes, so pinned maps of
  * an older layout are never reused by a newer agent.
  */
-#define FLOWLENS_LAYOUT_VERSION 2
+#define FLOWLENS_LAYOUT_VERSION 3
 
 /* Index of a per-direction slot. A flow key orders its two endpoints
  * ("lo" < "hi" by address, then port), so one conversation has one key.
@@ -31,6 +31,34 @@ enum flow_hook {
 enum flow_ext {
 	EXT_TCP = 1,
 	EXT_ICMP = 2,
+};
+
+/* flow_base.meta: who the flow is, set by the datapath when it creates the
+ * entry (client side, first hook, extension kind), and what the poller's
+ * scan has done with it since (the other bits; only scan.h writes them, and
+ * the datapath never writes meta after creation). Bits 8-31 hold the time of
+ * the flow's last record: the BPF clock in units of 2^REPORT_UNIT_SHIFT ns
+ * (~4.2 ms), modulo 2^24 units (~19.5 h), read back as the latest such time
+ * not after the scan's own (see scan.h).
+ */
+enum flow_meta {
+	META_CLIENT_HI = 1,	/* the client's packets go DIR_HI_TO_LO */
+	META_EGRESS = 2,	/* the first packet was seen at egress */
+	META_EXT = 12,		/* enum flow_ext << META_EXT_SHIFT */
+	META_REPORTED = 16,	/* a record carried the flow's counts up to
+				 * the time in bits 8-31 (the entry holds
+				 * only what came since)
+				 */
+	META_CONTINUATION = 32,	/* a connection that ended idle and resumed:
+				 * identity and history from `ended`
+				 */
+	META_IDENTIFIED = 64,	/* the scan looked the flow up in `ended` */
+	META_REPORT_CARRY = 128,/* the record's time was in the window after
+				 * the one its rounded-down time falls in
+				 */
+	META_EXT_SHIFT = 2,
+	META_REPORT_SHIFT = 8,
+	REPORT_UNIT_SHIFT = 22,
 };
 
 /* ICMP keys carry no ports. An echo request/reply pair is keyed by its
@@ -105,16 +133,22 @@ struct icmp_hot {
 };
 
 union flow_l4 {
-	struct tcp_hot tcp;	/* ext == EXT_TCP */
-	struct icmp_hot icmp;	/* ext == EXT_ICMP */
+	struct tcp_hot tcp;	/* extension kind EXT_TCP */
+	struct icmp_hot icmp;	/* extension kind EXT_ICMP */
 };
 
 /* 88 bytes: with the 44-byte key a hash element of 48 + 48 + 88 + 8
  * bytes, which is kmalloc-192 exactly (tests/layout.rs pins it).
  */
 struct flow_base {
-	__u64 first_seen_ns;	/* CLOCK_MONOTONIC_COARSE: tick resolution */
-	__u64 last_seen_ns;
+	__u64 first_seen_ns;	/* the fine clock, at creation */
+	__u64 last_seen_ns;	/* the tick's clock (CLOCK_MONOTONIC_COARSE)
+				 * unless the packet read the fine one: may be
+				 * a tick before first_seen_ns
+				 */
+	/* What no record has carried yet: the scan subtracts what it reports
+	 * (META_REPORTED), so a crashed agent's successor never reports it twice.
+	 */
 	__u64 packets[2];	/* indexed by enum flow_dir */
 	__u64 bytes[2];		/* IP bytes: IP header and payload */
 	__u64 ext_id;		/* key of the flow's extension entry; 0: none */
@@ -126,12 +160,7 @@ struct flow_base {
 	struct bpf_spin_lock lock;	/* TCP: state changes and samples */
 	union flow_l4 l4;
 	__u8 ttl[2];		/* last TTL / hop limit seen per direction */
-	__u8 initiator;		/* enum flow_dir of the client's packets */
-	__u8 first_hook;	/* enum flow_hook of the first packet */
-	__u8 ext;		/* enum flow_ext */
-	__u8 windows;		/* written by the scan only: active-timeout
-				 * windows reported (mod 256), see scan.h
-				 */
+	__u32 meta;		/* enum flow_meta */
 };
 
 /* Transaction latency of one side: a sample is the gap between the last
@@ -188,9 +217,39 @@ struct flow_icmp {
 	__u8 __pad[4];
 };
 
+/* One local end of a flow: the socket's cgroup and the process that opened
+ * it, taken at the flow's first packet (owner.h), keyed in flows_owner by
+ * ext_id << 1 | the key endpoint (0: addr_lo, 1: addr_hi). Element:
+ * 48 + 8 + 32 + 8 bytes, kmalloc-96.
+ */
+struct flow_owner {
+	__u64 cgroup_id;	/* the socket's cgroup v2 id */
+	__u32 pid;		/* 0: the socket's owner is not known */
+	__u32 uid;
+	__u8 comm[16];
+};
+
+/* A TCP connection that ended idle, established and answered, kept in
+ * `ended` (LRU) so that when it resumes, the scan gives the new entry (a
+ * late start) the connection's identity and history back: its flow id (the
+ * first packet's time), its client, the time of its last record, and the
+ * TCP state that records carry for the whole connection.
+ */
+struct flow_ended {
+	__u64 first_seen_ns;
+	__u64 ended_ns;		/* when its last record was emitted */
+	__u32 handshake_client_ns;
+	__u32 handshake_server_ns;
+	struct tcp_hot hot;
+	__u8 meta;		/* META_CLIENT_HI of the connection */
+	__u8 __pad;
+};
+
 /* What the poller's scan (scan.h) did with a flow it copied out. */
 enum scan_kind {
-	SCAN_ACTIVE = 0,	/* due an active-timeout record; left in place */
+	SCAN_ACTIVE = 0,	/* due an active-timeout record: left in place,
+				 * less the counts the record carries
+				 */
 	SCAN_END_IDLE,		/* ended and deleted: idle timeout */
 	SCAN_END_FIN,		/* ended and deleted: FIN both ways, then grace */
 	SCAN_END_RST,		/* ended and deleted: reset, then grace */
@@ -207,6 +266,13 @@ enum scan_proto {
 	SCAN_PROTOS,
 };
 
+/* Why a scan pass stopped before the end of its walk. */
+enum scan_stop {
+	SCAN_DONE = 0,		/* it walked every flow */
+	SCAN_RING_FULL,		/* scan_ring had no room: scan again once drained */
+	SCAN_BULK,		/* it ended bulk_after flows: split the rest */
+};
+
 /* The scan program's context: set by the poller, with the results
  * written back. Times are on the BPF clock (CLOCK_MONOTONIC).
  */
@@ -218,16 +284,15 @@ struct scan_args {
 	__u64 active_ns;
 	__u32 flush;		/* end every flow */
 	__u32 closing_only;	/* only the flows in `closing` (scan.h) */
-	__u32 capacity;		/* records this scan may write */
-	__u32 truncated;	/* out: scan_out filled up; scan again */
-	__u32 copied;		/* out: records in scan_out */
 	/* Concurrent scans split the flows by key hash: this one takes part
-	 * `part` of `parts` (0 or 1: every flow) and writes its records from
-	 * slot `first_slot` of scan_out on.
+	 * `part` of `parts` (0 or 1: every flow).
 	 */
 	__u32 part;
 	__u32 parts;
-	__u32 first_slot;
+	__u32 bulk_after;	/* stop once this many flows ended (0: never) */
+	__u32 stopped;		/* out: enum scan_stop */
+	__u32 written;		/* out: records written to scan_ring */
+	__u32 ended;		/* out: flows ended (of those records) */
 	__u64 entries[3];	/* out: flows, flows_tcp, flows_icmp */
 	/* Eviction under map pressure: flows that sent one packet, never had
 	 * an active-timeout record and were quiet this long (0: none) are
@@ -238,20 +303,24 @@ struct scan_args {
 	__u64 evict_need[3];	/* out: what each map still had to give up */
 };
 
-/* One flow the scan copied out. The extension is the one the base names,
- * copied before it was deleted (ended flows) or as it is (active ones).
- * The base is bytes: a struct with a bpf_spin_lock cannot be a field of
- * another map's value; its lock bytes are zero here.
+/* One flow the scan copied out, a record of scan_ring. The extension is
+ * the one the base names, copied before it was deleted (ended flows) or as
+ * it is (active ones). The base is bytes, as the entry was just before the
+ * scan took the record's counts out of it (its lock bytes zero).
  */
 struct scan_rec {
 	struct flow_key key;
 	__u8 kind;		/* enum scan_kind */
 	__u8 has_tcp;
 	__u8 has_icmp;
-	__u8 __pad;
+	__u8 has_owner;		/* bit 0: owner[0] is set, bit 1: owner[1] */
 	__u8 base[sizeof(struct flow_base)];
 	struct flow_tcp tcp;
 	struct flow_icmp icmp;
+	/* The local sockets at the key's endpoints (addr_lo, addr_hi) and their
+	 * owners, from flows_owner (owner.h).
+	 */
+	struct flow_owner owner[2];
 };
 
 #endif /* __FLOWLENS_H */

@@ -47,20 +47,6 @@ struct owner_sock {
 	__u8 comm[16];		/* its command name (NUL-terminated) */
 };
 
-/* One local end of a flow. Element: 48 + 8 + 32 + 8 bytes, kmalloc-96. */
-struct flow_owner {
-	__u64 cgroup_id;	/* the socket's cgroup v2 id */
-	__u32 pid;		/* 0: the socket's owner is not known */
-	__u32 uid;
-	__u8 comm[16];
-};
-
-/* What the scan copies out beside each scan_rec, slot for slot. */
-struct scan_owner {
-	struct flow_owner side[2];	/* by key endpoint: addr_lo, addr_hi */
-	__u8 has[2];
-	__u8 __pad[6];
-};
 
 enum owner_counter {
 	OWN_FULL = 0,		/* a flow's attribution lost: flows_owner full */
@@ -90,14 +76,6 @@ struct {
 	__type(value, struct flow_owner);
 } flows_owner SEC(".maps");
 
-/* Sized like scan_out and mapped by the poller the same way. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(map_flags, BPF_F_MMAPABLE);
-	__uint(max_entries, 4096);
-	__type(key, __u32);
-	__type(value, struct scan_owner);
-} scan_owner_out SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -326,34 +304,35 @@ static __always_inline void owner_put(__u64 ext_id, const struct owner_take *t)
 		owner_keep(ext_id, t);
 }
 
-/* The scan's side: copies flow `ext_id`'s ends into slot `slot` of
- * scan_owner_out, and deletes them when the flow ends. Verified once,
- * apart from the scan.
+/* The scan's side: copies flow `ext_id`'s ends into its record, and deletes
+ * them when the flow ends (so a finished flow leaves nothing here). A
+ * global function, verified once apart from the scan's paths (inline, they
+ * took the scan past the verifier's budget).
  */
-__noinline int owner_scan(__u32 slot, __u64 ext_id, __u32 ended)
+__noinline int owner_scan(struct scan_rec *r, __u64 ext_id, __u32 kind)
 {
-	struct scan_owner *r = bpf_map_lookup_elem(&scan_owner_out, &slot);
+	bool ended = kind != SCAN_ACTIVE;
 	struct flow_owner *o;
 	__u64 k = ext_id << 1;
 
 	if (!r)
 		return 0;
-	r->has[0] = 0;
-	r->has[1] = 0;
+	r->has_owner = 0;
+	__builtin_memset(r->owner, 0, sizeof(r->owner));
 	if (!ext_id)
 		return 0;
 	o = bpf_map_lookup_elem(&flows_owner, &k);
 	if (o) {
-		r->side[0] = *o;
-		r->has[0] = 1;
+		r->owner[0] = *o;
+		r->has_owner |= 1;
 		if (ended)
 			bpf_map_delete_elem(&flows_owner, &k);
 	}
 	k |= 1;
 	o = bpf_map_lookup_elem(&flows_owner, &k);
 	if (o) {
-		r->side[1] = *o;
-		r->has[1] = 1;
+		r->owner[1] = *o;
+		r->has_owner |= 2;
 		if (ended)
 			bpf_map_delete_elem(&flows_owner, &k);
 	}
@@ -398,6 +377,7 @@ int owner_entries(struct owner_count_args *a)
 SEC("cgroup/sock_create")
 int owner_sock_create(struct bpf_sock *sk)
 {
+	struct task_struct *task;
 	struct owner_sock *s;
 
 	s = bpf_sk_storage_get(&owner_socks, sk, 0,
@@ -408,7 +388,13 @@ int owner_sock_create(struct bpf_sock *sk)
 	}
 	s->pid = bpf_get_current_pid_tgid() >> 32;
 	s->uid = (__u32)bpf_get_current_uid_gid();
-	bpf_get_current_comm(s->comm, sizeof(s->comm));
+	/* the process's name (its main thread's, as /proc/PID/comm and ps
+	 * show it), not the opening thread's own
+	 */
+	task = bpf_get_current_task_btf();
+	if (bpf_probe_read_kernel_str(s->comm, sizeof(s->comm),
+				      task->group_leader->comm) < 0)
+		bpf_get_current_comm(s->comm, sizeof(s->comm));
 	return 1;
 }
 
@@ -450,7 +436,8 @@ int owner_seed_tasks(struct bpf_iter__task_file *ctx)
 		return 0;
 	o.pid = task->tgid;
 	o.uid = task->cred->uid.val;
-	bpf_probe_read_kernel_str(o.comm, sizeof(o.comm), task->comm);
+	bpf_probe_read_kernel_str(o.comm, sizeof(o.comm),
+				  task->group_leader->comm);
 	k = (__u64)sk;
 	/* the first task found holding it keeps it */
 	if (bpf_map_update_elem(&owner_seed_socks, &k, &o, BPF_NOEXIST) ==

@@ -3,38 +3,72 @@
  * the agent through BPF_PROG_TEST_RUN every poll. It ends the flows that
  * are due (idle, TCP closed or reset past the grace, evicted under map
  * pressure, or every flow on shutdown), copying each out and deleting it
- * from every map, and copies out the flows due an active-timeout record. Userspace then handles only
- * those instead of copying every flow out every poll.
+ * from every map, and copies out the flows due an active-timeout record,
+ * taking the counts it copies out of their entries. Userspace then handles
+ * only those instead of copying every flow out every poll.
+ *
+ * Records go to a ring buffer that the poller drains while the scan runs,
+ * so what one pass hands out is not bounded by a buffer sized for it: a
+ * pass stops early only when the poller falls a whole ring behind.
  *
  * Between spaced-out full scans, a pass over `closing` alone ends the TCP
  * flows the datapath noted as closed, so closes stay prompt at any size.
  *
  * Active-timeout windows are counted from a flow's first packet: a flow is
- * due when it has entered a window it has not been reported in
- * (flow_base.windows, which only this program writes) and has had packets
- * since the previous scan; a quiet flow is left for its idle end or for
- * the first scan that finds it busy again.
+ * due when it is in a window no record of it was emitted in (the time of
+ * its last record is in flow_base.meta, which only this program writes) and
+ * has had packets since the previous scan; a quiet flow is left for its
+ * idle end or for the first scan that finds it busy again, and a closed
+ * TCP flow for its close.
+ *
+ * What a record carries is gone from the entry: an active-timeout record
+ * takes its counts out with atomic subtractions of exactly what it copied,
+ * so packets counted meanwhile stay, and an agent that crashes and restarts
+ * never reports them twice.
  */
 #ifndef __FLOWLENS_SCAN_H
 #define __FLOWLENS_SCAN_H
 
-/* Capacity is set from userspace before load. Mapped by the poller, which
- * reads a pass's records where they were written: no copy through a
- * syscall, no buffer to fault in per pass.
+/* The scan's records (struct scan_rec), drained by the poller as they come.
+ * Its size bounds nothing but how far the poller may fall behind.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 22);
+} scan_ring SEC(".maps");
+
+/* TCP connections that ended idle, established and answered (struct
+ * flow_ended), by key: a connection that resumes gets its identity back.
+ * One-packet and evicted flows never enter it, so a flood cannot flush it.
+ * Pinned, so the memory survives an agent restart.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct flow_key);
+	__type(value, struct flow_ended);
+} ended SEC(".maps");
+
+/* The time of the latest full scan, pinned: the first poll of a restarted
+ * agent judges "busy since the previous scan" against its predecessor's.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(map_flags, BPF_F_MMAPABLE);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct scan_rec);
-} scan_out SEC(".maps");
+	__type(value, __u64);
+} last_scan SEC(".maps");
 
 struct scan_ctx {
 	struct scan_args a;
-	__u32 n;		/* the next slot of scan_out to fill */
-	__u32 end;		/* the first slot past this scan's part */
-	bool full;
+	__u32 stop;		/* enum scan_stop */
+	__u32 written;
+	__u32 ended;
+	/* Ends left before a bulk stop, counted down from bulk_after (0:
+	 * never). A count up from 0 compared with a bound would make the
+	 * verifier walk every value of it through the callback.
+	 */
+	__u32 bulk_left;
 };
 
 static __always_inline __u32 scan_proto(__u8 proto)
@@ -59,22 +93,75 @@ static __always_inline __u64 scan_idle(const struct flow_base *b,
 	return a->now_ns > b->last_seen_ns ? a->now_ns - b->last_seen_ns : 0;
 }
 
+/* The active-timeout window time t falls in (0: the first). */
+static __always_inline __u64 window_of(const struct flow_base *b, __u64 t,
+				       __u64 active)
+{
+	return t > b->first_seen_ns ? (t - b->first_seen_ns) / active : 0;
+}
+
+/* The time of the flow's last record (META_REPORTED), rounded down to the
+ * unit: the latest time not after `now` with the bits meta keeps.
+ */
+static __always_inline __u64 report_time(const struct flow_base *b, __u64 now)
+{
+	__u64 cur = now >> REPORT_UNIT_SHIFT;
+	__u64 ago = (cur - (b->meta >> META_REPORT_SHIFT)) & 0xffffff;
+
+	return (cur - ago) << REPORT_UNIT_SHIFT;
+}
+
+/* The window the flow's last record was emitted in; 0 before its first. */
+static __always_inline __u64 reported_window(const struct flow_base *b,
+					     __u64 now, __u64 active)
+{
+	if (!(b->meta & META_REPORTED))
+		return 0;
+	return window_of(b, report_time(b, now), active) +
+	       !!(b->meta & META_REPORT_CARRY);
+}
+
+/* Notes that a record carried the flow's counts up to time t. The time is
+ * kept rounded down; the carry bit says when that moved it into the window
+ * before, so windows are judged exactly.
+ */
+static __always_inline void mark_reported(struct flow_base *b, __u64 t,
+					  __u64 active)
+{
+	__u64 units = t >> REPORT_UNIT_SHIFT;
+	__u32 meta = b->meta & (META_CLIENT_HI | META_EGRESS | META_EXT |
+				META_CONTINUATION | META_IDENTIFIED);
+
+	meta |= META_REPORTED | (__u32)(units & 0xffffff) << META_REPORT_SHIFT;
+	if (active && window_of(b, units << REPORT_UNIT_SHIFT, active) <
+			      window_of(b, t, active))
+		meta |= META_REPORT_CARRY;
+	b->meta = meta;
+}
+
+static __always_inline bool tcp_flow(const struct flow_key *k,
+				     const struct flow_base *b)
+{
+	return k->proto == IPPROTO_TCP && base_ext(b) == EXT_TCP;
+}
+
 /* What the scan does with a flow: a scan_kind, or -1 to leave it. */
 static __always_inline int scan_due(const struct flow_key *k,
 				    const struct flow_base *b,
-				    const struct scan_args *a, __u64 *window)
+				    const struct scan_args *a)
 {
 	__u64 now = a->now_ns;
 	__u64 idle = scan_idle(b, a);
 	__u32 p = scan_proto(k->proto);
+	__u64 w;
 
 	if (a->flush)
 		return SCAN_END_FLUSH;
-	/* the key's protocol shares a cache line with the times, the TCP
-	 * state does not: most flows are judged without touching it
+	/* the key's protocol shares a cache line with the times and counts,
+	 * the TCP state and meta do not: most flows are judged without them
 	 */
 	if (k->proto == IPPROTO_TCP && idle >= a->close_grace_ns &&
-	    b->ext == EXT_TCP) {
+	    base_ext(b) == EXT_TCP) {
 		if (b->l4.tcp.state == TCP_ST_RESET)
 			return SCAN_END_RST;
 		if (b->l4.tcp.state == TCP_ST_CLOSED)
@@ -82,13 +169,19 @@ static __always_inline int scan_due(const struct flow_key *k,
 	}
 	if (p < SCAN_PROTOS && idle >= a->idle_ns[p])
 		return SCAN_END_IDLE;
-	if (!a->active_ns || now <= b->first_seen_ns ||
-	    b->last_seen_ns < a->prev_ns)
+	/* quiet since the previous scan, or nothing new to report */
+	if (!a->active_ns || b->last_seen_ns < a->prev_ns ||
+	    !(b->packets[0] | b->packets[1]))
 		return -1;
-	*window = (now - b->first_seen_ns) / a->active_ns;
-	if (*window && (__u8)*window != b->windows)
-		return SCAN_ACTIVE;
-	return -1;
+	w = window_of(b, now, a->active_ns);
+	if (!w || w <= reported_window(b, now, a->active_ns))
+		return -1;
+	/* a closed connection ends within the grace: its final record, with
+	 * its own reason, carries the rest
+	 */
+	if (tcp_flow(k, b) && tcp_closed(b))
+		return -1;
+	return SCAN_ACTIVE;
 }
 
 /* Whether a flow no other rule ends may be evicted: it sent one packet
@@ -98,8 +191,8 @@ static __always_inline bool scan_may_evict(const struct flow_base *b,
 					   const struct scan_args *a)
 {
 	return a->evict_age_ns && scan_idle(b, a) >= a->evict_age_ns &&
-	       !b->windows &&
-	       b->packets[0] + b->packets[1] == 1;
+	       b->packets[0] + b->packets[1] == 1 &&
+	       !(b->meta & META_REPORTED);
 }
 
 /* Whether evicting a flow frees an entry some map must give up; takes
@@ -147,54 +240,140 @@ static __always_inline __u32 scan_part(const struct flow_key *k, __u32 parts)
 	return (h >> 16) % parts;
 }
 
-static long scan_flow(struct bpf_map *map, const struct flow_key *key,
-		      struct flow_base *b, struct scan_ctx *c)
+/* A TCP flow about to get a record, whose first packet was not its SYN: if
+ * it is a connection that ended idle (in `ended`), it takes that
+ * connection's identity and history back, once. The TCP part is merged
+ * under the entry's lock, as the datapath writes it there.
+ */
+static __noinline void scan_identify(const struct flow_key *key,
+				     struct flow_base *b, __u64 active)
 {
-	struct scan_rec *r;
+	struct tcp_hot *h = &b->l4.tcp;
+	struct flow_ended *e;
+	__u8 hs = TCPB_SYN | TCPB_SYNACK | TCPB_HS_DONE | TCPB_CLIENT_HS |
+		  TCPB_SERVER_HS;
+
+	if (b->meta & META_IDENTIFIED)
+		return;
+	b->meta |= META_IDENTIFIED;
+	if (h->bits & TCPB_SYN)
+		return;
+	e = bpf_map_lookup_elem(&ended, key);
+	if (!e)
+		return;
+	bpf_spin_lock(&b->lock);
+	h->flags[0] |= e->hot.flags[0];
+	h->flags[1] |= e->hot.flags[1];
+	h->bits |= e->hot.bits & hs;
+	if (!(e->hot.bits & TCPB_LATE_START))
+		h->bits &= ~TCPB_LATE_START;
+	h->syn_retrans += e->hot.syn_retrans;
+	if (e->hot.bits & TCPB_CLIENT_HS)
+		b->handshake_client_ns = e->handshake_client_ns;
+	if (e->hot.bits & TCPB_SERVER_HS)
+		b->handshake_server_ns = e->handshake_server_ns;
+	bpf_spin_unlock(&b->lock);
+	b->first_seen_ns = e->first_seen_ns;
+	b->meta = (b->meta & ~META_CLIENT_HI) | (e->meta & META_CLIENT_HI) |
+		  META_CONTINUATION;
+	/* its window starts where the connection's last record left off */
+	mark_reported(b, e->ended_ns, active);
+	bpf_map_delete_elem(&ended, key);
+}
+
+/* A TCP flow ending idle: remembered when it is a connection that may
+ * resume (established, and answered or already reported), never a probe.
+ */
+static __noinline void scan_remember(const struct flow_key *key,
+				     const struct flow_base *b, __u64 now)
+{
+	struct flow_ended e = {};
+	__u8 st = b->l4.tcp.state;
+
+	if (st != TCP_ST_ESTABLISHED && st != TCP_ST_FIN_WAIT)
+		return;
+	if (!(b->meta & META_REPORTED) && !(b->packets[0] && b->packets[1]))
+		return;
+	e.first_seen_ns = b->first_seen_ns;
+	e.ended_ns = now;
+	e.handshake_client_ns = b->handshake_client_ns;
+	e.handshake_server_ns = b->handshake_server_ns;
+	e.hot = b->l4.tcp;
+	e.meta = b->meta & META_CLIENT_HI;
+	bpf_map_update_elem(&ended, key, &e, BPF_ANY);
+}
+
+/* Whether a flow the eviction rules allow frees an entry some map must give
+ * up (then counted off the need).
+ */
+static __noinline bool scan_evict_frees(struct flow_base *b, struct scan_ctx *c)
+{
+	__u64 id = b->ext_id;
+	__u32 ext = base_ext(b);
+	bool tcp = false, icmp = false;
+
+	if (id && ext == EXT_TCP)
+		tcp = bpf_map_lookup_elem(&flows_tcp, &id);
+	else if (id && ext == EXT_ICMP)
+		icmp = bpf_map_lookup_elem(&flows_icmp, &id);
+	return scan_take_need(&c->a, tcp, icmp);
+}
+
+/* Fills the record `r` (its kind already set) of a flow and does what the
+ * kind says: takes the counts out (active) or the flow out of every map.
+ * Returns 1 to stop the walk. A function of its own, whose paths the
+ * verifier walks once for every way the flow was judged.
+ */
+static __noinline long scan_emit(const struct flow_key *key,
+				 struct flow_base *b, struct scan_ctx *c,
+				 struct scan_rec *r)
+{
+	struct flow_base *out = (struct flow_base *)r->base;
 	struct flow_tcp *t = NULL;
 	struct flow_icmp *i = NULL;
-	__u64 window = 0;
+	__u64 packets[2], bytes[2];
 	__u64 id = b->ext_id;
-	__u32 slot = c->n;
-	int kind;
+	__u32 ext = base_ext(b);
+	__u8 kind = r->kind;
 
-	if (c->a.parts > 1 && scan_part(key, c->a.parts) != c->a.part)
-		return 0;
-	kind = scan_due(key, b, &c->a, &window);
-	if (kind < 0 && !scan_may_evict(b, &c->a))
-		return 0;
-	if (slot >= c->end) {
-		/* the rest waits for the next pass, which finds it due again */
-		c->full = true;
-		return 1;
-	}
-	if (id && b->ext == EXT_TCP)
+	if (kind != SCAN_END_EVICT && tcp_flow(key, b))
+		scan_identify(key, b, c->a.active_ns);
+	if (id && ext == EXT_TCP)
 		t = bpf_map_lookup_elem(&flows_tcp, &id);
-	else if (id && b->ext == EXT_ICMP)
+	else if (id && ext == EXT_ICMP)
 		i = bpf_map_lookup_elem(&flows_icmp, &id);
-	if (kind < 0) {
-		if (!scan_take_need(&c->a, t, i))
-			return 0;
-		kind = SCAN_END_EVICT;
-	}
-	r = bpf_map_lookup_elem(&scan_out, &slot);
-	if (!r)
-		return 1;
-	c->n = slot + 1;
+	/* each counter read once: what the record says is what comes off */
+	packets[0] = b->packets[0];
+	packets[1] = b->packets[1];
+	bytes[0] = b->bytes[0];
+	bytes[1] = b->bytes[1];
 	r->key = *key;
-	r->kind = kind;
-	scan_copy_base(r->base, b);
 	r->has_tcp = !!t;
 	r->has_icmp = !!i;
+	scan_copy_base(r->base, b);
+	out->packets[0] = packets[0];
+	out->packets[1] = packets[1];
+	out->bytes[0] = bytes[0];
+	out->bytes[1] = bytes[1];
+	__builtin_memset(&out->lock, 0, sizeof(out->lock));
+	__builtin_memset(&r->tcp, 0, sizeof(r->tcp));
+	__builtin_memset(&r->icmp, 0, sizeof(r->icmp));
 	if (t)
 		r->tcp = *t;
 	if (i)
 		r->icmp = *i;
-	owner_scan(slot, id, kind != SCAN_ACTIVE);
+	owner_scan(r, id, kind);
 	if (kind == SCAN_ACTIVE) {
-		b->windows = (__u8)window;
+		/* the datapath only adds: what it adds meanwhile stays */
+		__sync_fetch_and_sub(&b->packets[0], packets[0]);
+		__sync_fetch_and_sub(&b->packets[1], packets[1]);
+		__sync_fetch_and_sub(&b->bytes[0], bytes[0]);
+		__sync_fetch_and_sub(&b->bytes[1], bytes[1]);
+		mark_reported(b, c->a.now_ns, c->a.active_ns);
 		return 0;
 	}
+	if (kind == SCAN_END_IDLE && tcp_flow(key, b))
+		scan_remember(key, b, c->a.now_ns);
 	/* The base goes first, so the datapath stops finding the flow; a
 	 * sample taken on the way makes an orphan extension, which the
 	 * poller's sweep removes.
@@ -207,7 +386,47 @@ static long scan_flow(struct bpf_map *map, const struct flow_key *key,
 	/* its note, if the datapath took one */
 	if (kind == SCAN_END_FIN || kind == SCAN_END_RST)
 		bpf_map_delete_elem(&closing, &r->key);
+	c->ended++;
+	if (c->bulk_left == 1) {
+		c->stop = SCAN_BULK;
+		return 1;
+	}
+	if (c->bulk_left)
+		c->bulk_left--;
 	return 0;
+}
+
+static long scan_flow(struct bpf_map *map, const struct flow_key *key,
+		      struct flow_base *b, struct scan_ctx *c)
+{
+	struct scan_rec *r;
+	long stop;
+	int kind;
+
+	if (c->a.parts > 1 && scan_part(key, c->a.parts) != c->a.part)
+		return 0;
+	kind = scan_due(key, b, &c->a);
+	if (kind < 0) {
+		if (!scan_may_evict(b, &c->a) || !scan_evict_frees(b, c))
+			return 0;
+		kind = SCAN_END_EVICT;
+	}
+	/* room first: a flow with no room for its record is left as it is,
+	 * for the next pass
+	 */
+	r = bpf_ringbuf_reserve(&scan_ring, sizeof(*r), 0);
+	if (!r) {
+		c->stop = SCAN_RING_FULL;
+		return 1;
+	}
+	r->kind = kind;
+	stop = scan_emit(key, b, c, r);
+	/* no wakeup per record: the poller looks every millisecond while a
+	 * scan runs
+	 */
+	bpf_ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+	c->written++;
+	return stop;
 }
 
 /* A flow the datapath noted as closed: judged like any other (so it ends
@@ -220,7 +439,7 @@ static long scan_closing(struct bpf_map *map, const struct flow_key *key,
 	struct flow_base *b = bpf_map_lookup_elem(&flows, &k);
 	long ret;
 
-	if (!b || b->ext != EXT_TCP || !tcp_closed(b)) {
+	if (!b || base_ext(b) != EXT_TCP || !tcp_closed(b)) {
 		bpf_map_delete_elem(&closing, &k);
 		return 0;
 	}
@@ -266,21 +485,29 @@ SEC("syscall")
 int flowlens_scan(struct scan_args *args)
 {
 	struct scan_ctx c = {};
+	__u32 zero = 0;
+	__u64 *last;
 
 	c.a = *args;
-	c.n = c.a.first_slot;
-	c.end = c.a.first_slot + c.a.capacity;
+	c.bulk_left = c.a.bulk_after;
 	if (c.a.evict_age_ns) {
 		c.a.evict_need[0] = scan_over(&flows, c.a.evict_keep[0]);
 		c.a.evict_need[1] = scan_over(&flows_tcp, c.a.evict_keep[1]);
 		c.a.evict_need[2] = scan_over(&flows_icmp, c.a.evict_keep[2]);
 	}
-	if (c.a.closing_only)
+	if (c.a.closing_only) {
 		bpf_for_each_map_elem(&closing, scan_closing, &c, 0);
-	else
-		bpf_for_each_map_elem(&flows, scan_flow, &c, 0);
-	args->truncated = c.full;
-	args->copied = c.n - c.a.first_slot;
+	} else {
+		/* a walk costs every bucket, empty or not: none without flows */
+		if (scan_entries(&flows))
+			bpf_for_each_map_elem(&flows, scan_flow, &c, 0);
+		last = bpf_map_lookup_elem(&last_scan, &zero);
+		if (last && !c.a.flush)
+			*last = c.a.now_ns;
+	}
+	args->stopped = c.stop;
+	args->written = c.written;
+	args->ended = c.ended;
 	args->entries[0] = scan_entries(&flows);
 	args->entries[1] = scan_entries(&flows_tcp);
 	args->entries[2] = scan_entries(&flows_icmp);

@@ -88,6 +88,13 @@ static __always_inline void tcp_update(struct flow_base *b, struct flow_tcp *t,
 		h->state = TCP_ST_ESTABLISHED;
 	}
 
+	/* the first packet seen is not the handshake's: monitoring started
+	 * mid-connection, or the connection resumed after its entry ended
+	 * (FIN or RST included, so the scan can tell either way)
+	 */
+	if (h->state == TCP_ST_NONE && !(f & TCP_SYN))
+		h->bits |= TCPB_LATE_START;
+
 	if (f & TCP_RST) {
 		h->state = TCP_ST_RESET;
 	} else if (f & TCP_FIN) {
@@ -96,9 +103,7 @@ static __always_inline void tcp_update(struct flow_base *b, struct flow_tcp *t,
 				    (h->flags[1] & TCP_FIN)) ?
 					   TCP_ST_CLOSED : TCP_ST_FIN_WAIT;
 	} else if (h->state == TCP_ST_NONE) {
-		/* monitoring started mid-connection */
 		h->state = TCP_ST_ESTABLISHED;
-		h->bits |= TCPB_LATE_START;
 	}
 
 	if (!p->payload)

@@ -177,10 +177,13 @@ impl FlowRow {
     }
 }
 
-/// Turns cumulative snapshots into rows with rates.
+/// Turns snapshots into rows with rates. A snapshot counts each flow since its window
+/// start (its last record, or its first packet): between two snapshots of the same window
+/// the rate is the difference over the time between them; when a record started a new
+/// window in between, it is what the new window counts over the time since it started.
 #[derive(Debug, Default)]
 pub struct Rates {
-    prev: HashMap<FlowId, [u64; 3]>,
+    prev: HashMap<FlowId, ([u64; 3], SystemTime)>,
     prev_taken: Option<SystemTime>,
 }
 
@@ -188,20 +191,27 @@ impl Rates {
     /// The rows of a snapshot taken at `taken`. A flow new since the previous snapshot
     /// counts from zero; the first snapshot has no rates.
     pub fn update(&mut self, taken: SystemTime, flows: Vec<FlowRecord>) -> Vec<FlowRow> {
-        let dt = self
-            .prev_taken
-            .and_then(|p| taken.duration_since(p).ok())
-            .filter(|d| !d.is_zero())
-            .map(|d| d.as_secs_f64());
+        let since = |t: SystemTime| {
+            taken
+                .duration_since(t)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .map(|d| d.as_secs_f64())
+        };
+        let dt = self.prev_taken.and_then(since);
         let mut next = HashMap::with_capacity(flows.len());
         let rows = flows
             .into_iter()
             .map(|rec| {
                 let id = FlowId::of(&rec);
                 let now = [rec.client.bytes, rec.server.bytes, rec.total_packets()];
-                let before = self.prev.get(&id).copied().unwrap_or_default();
+                let (before, dt) = match self.prev.get(&id) {
+                    Some((before, window)) if *window == rec.window_start => (*before, dt),
+                    Some(_) => ([0; 3], since(rec.window_start)),
+                    None => ([0; 3], dt),
+                };
                 let per_s = |i: usize| dt.map(|dt| now[i].saturating_sub(before[i]) as f64 / dt);
-                next.insert(id, now);
+                next.insert(id, (now, rec.window_start));
                 FlowRow {
                     rate: per_s(0).zip(per_s(1)).map(|(c, s)| [c, s]),
                     pps: per_s(2),
@@ -1285,6 +1295,26 @@ mod tests {
         assert_eq!((t[0].name.as_str(), t[0].flows), ("eth1", 1));
         assert_eq!((t[1].name.as_str(), t[1].flows), ("eth0", 2));
         assert_eq!(t[1].bytes_per_sec, 6000.0);
+    }
+
+    /// A snapshot counts a flow since its last record: when an active-timeout record
+    /// started a new window between two snapshots, the rate is what the new window
+    /// counts, over the time since it started.
+    #[test]
+    fn rates_stay_right_across_an_active_timeout_record() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1002);
+        let mut rates = Rates::default();
+        let mut r = rec(1, IPPROTO_TCP, 1000, 10);
+        rates.update(t0, vec![r.clone()]);
+        r.client.bytes = 3000;
+        let rows = rates.update(t0 + Duration::from_secs(1), vec![r.clone()]);
+        assert_eq!(rows[0].rate, Some([2000.0, 0.0]));
+        r.window_start = t0 + Duration::from_millis(1750);
+        r.client.bytes = 500;
+        r.client.packets = 1;
+        let rows = rates.update(t0 + Duration::from_secs(2), vec![r]);
+        assert_eq!(rows[0].rate, Some([2000.0, 0.0]));
+        assert_eq!(rows[0].pps, Some(4.0));
     }
 
     #[test]

@@ -42,8 +42,8 @@ unsafe impl plain::Plain for types::flow_tcp {}
 unsafe impl plain::Plain for types::flow_icmp {}
 unsafe impl plain::Plain for types::scan_rec {}
 unsafe impl plain::Plain for types::flow_owner {}
-unsafe impl plain::Plain for types::scan_owner {}
 unsafe impl plain::Plain for types::owner_count_args {}
 unsafe impl plain::Plain for types::scan_args {}
+unsafe impl plain::Plain for types::flow_ended {}
 unsafe impl plain::Plain for flow_mono_skel::types::flow_packed {}
 unsafe impl plain::Plain for flow_mono_skel::types::flow_naive {}

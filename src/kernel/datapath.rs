@@ -72,14 +72,11 @@ impl Default for Capacities {
     }
 }
 
-impl Capacities {
-    /// Records one scan pass copies out at most (`scan_out`): an eighth of the base map
-    /// within [4096, 65536], so the buffer stays a small part of what the flows cost
-    /// and a poll that ends many flows needs few passes (each restarts the walk).
-    pub fn scan_out(&self) -> u32 {
-        (self.flows / 8).clamp(4096, 65_536)
-    }
+/// Ended TCP connections remembered (`ended`, an LRU map, so preallocated: 16,384
+/// elements of 128 B, 2 MiB), so that one that resumes keeps its identity.
+pub const ENDED_CONNECTIONS: u32 = 16_384;
 
+impl Capacities {
     /// TCP flows noted as closed at once (`closing`): an eighth of the base map within
     /// [1024, 65536]; an entry lives for the close grace only.
     pub fn closing(&self) -> u32 {
@@ -94,17 +91,20 @@ pub struct FlowMaps {
     pub tcp: MapHandle,
     pub icmp: MapHandle,
     pub counters: MapHandle,
-    pub scan_out: MapHandle,
+    /// The scan's records, drained as it writes them.
+    pub scan_ring: MapHandle,
     /// TCP flows the datapath noted as closed.
     pub closing: MapHandle,
     /// The owners of flows' local ends (`src/bpf/owner.h`), keyed by ext_id << 1 | end.
     pub owner: MapHandle,
-    /// The owners of each scanned flow, slot for slot with `scan_out`.
-    pub scan_owner_out: MapHandle,
     /// Per-CPU counters of attribution lost (`enum owner_counter`).
     pub owner_counters: MapHandle,
     /// The `owner_entries` program: `flows_owner`'s entry count.
     pub owner_count: OwnedFd,
+    /// Ended TCP connections, so a resumed one keeps its identity.
+    pub ended: MapHandle,
+    /// The time of the latest full scan.
+    pub last_scan: MapHandle,
     /// The `flowlens_scan` program (src/bpf/scan.h).
     pub scan: OwnedFd,
 }
@@ -185,6 +185,18 @@ impl FlowMaps {
             capacity: u64::from(m.max_entries()),
         })
         .collect()
+    }
+
+    /// The time of the latest full scan, by this agent or (pinned) its predecessor; None
+    /// before the first.
+    pub fn last_scan(&self) -> Option<u64> {
+        let v = self
+            .last_scan
+            .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+            .ok()
+            .flatten()?;
+        let t = u64::from_ne_bytes(v.get(..8)?.try_into().ok()?);
+        (t != 0).then_some(t)
     }
 
     /// Kernel memory the map accounts for itself (fdinfo `memlock`).
@@ -347,14 +359,9 @@ impl Datapath {
         set(&mut open.maps.flows, "flows", cap.flows)?;
         set(&mut open.maps.flows_tcp, "flows_tcp", cap.tcp)?;
         set(&mut open.maps.flows_icmp, "flows_icmp", cap.icmp)?;
-        set(&mut open.maps.scan_out, "scan_out", cap.scan_out())?;
         set(&mut open.maps.closing, "closing", cap.closing())?;
         set(&mut open.maps.flows_owner, "flows_owner", cap.owner)?;
-        set(
-            &mut open.maps.scan_owner_out,
-            "scan_owner_out",
-            cap.scan_out(),
-        )?;
+        set(&mut open.maps.ended, "ended", ENDED_CONNECTIONS)?;
         if !attribution {
             if let Some(r) = open.maps.rodata_data.as_deref_mut() {
                 r.owner_attribution = false;
@@ -387,6 +394,10 @@ impl Datapath {
             reused |= pin_map(&mut maps.flows_icmp, "flows_icmp", dir)?;
             reused |= pin_map(&mut maps.counters, "counters", dir)?;
             reused |= pin_map(&mut maps.flows_owner, "flows_owner", dir)?;
+            // What the scan keeps between agents: not flows, so they do not make a
+            // start a restart.
+            pin_map(&mut maps.ended, "ended", dir)?;
+            pin_map(&mut maps.last_scan, "last_scan", dir)?;
         }
         let skel = open.load().map_err(DatapathError::Load)?;
         let reused_flows = reused.then(|| skel.maps.flows.keys().count() as u64);
@@ -477,6 +488,8 @@ impl Datapath {
             (&mut maps.flows_icmp, "flows_icmp"),
             (&mut maps.counters, "counters"),
             (&mut maps.flows_owner, "flows_owner"),
+            (&mut maps.ended, "ended"),
+            (&mut maps.last_scan, "last_scan"),
         ] {
             let path = dir.join(name);
             if path.exists() {
@@ -500,10 +513,9 @@ impl Datapath {
             tcp: h(&maps.flows_tcp, "flows_tcp")?,
             icmp: h(&maps.flows_icmp, "flows_icmp")?,
             counters: h(&maps.counters, "counters")?,
-            scan_out: h(&maps.scan_out, "scan_out")?,
+            scan_ring: h(&maps.scan_ring, "scan_ring")?,
             closing: h(&maps.closing, "closing")?,
             owner: h(&maps.flows_owner, "flows_owner")?,
-            scan_owner_out: h(&maps.scan_owner_out, "scan_owner_out")?,
             owner_counters: h(&maps.owner_counters, "owner_counters")?,
             owner_count: self
                 .skel
@@ -515,6 +527,8 @@ impl Datapath {
                     prog: "owner_entries",
                     source,
                 })?,
+            ended: h(&maps.ended, "ended")?,
+            last_scan: h(&maps.last_scan, "last_scan")?,
             scan: self
                 .skel
                 .progs

@@ -29,6 +29,14 @@
 //! | `kernel_attribution_lost_total` | counter | `reason` | flows kept without their local socket's owner, sockets whose owner was not noted |
 //! | `last_poll_duration_seconds` | gauge | | duration of the last poll cycle |
 //! | `tls_cert_expiry_seconds` | gauge | | Unix time the gRPC server certificate expires (with TLS only) |
+//! | `kafka_records_produced_total` | counter | | records handed to librdkafka (with `--kafka`) |
+//! | `kafka_records_delivered_total` | counter | | records the brokers acknowledged |
+//! | `kafka_delivered_bytes_total` | counter | | value bytes of those records, before compression |
+//! | `kafka_records_lost_total` | counter | `reason` | records lost: `queue_full`, `buffer_full`, `delivery_failed`, `rejected` |
+//! | `kafka_records_buffered` | gauge | | records in librdkafka waiting for an acknowledgement |
+//! | `kafka_brokers_up` | gauge | | brokers the producer has a connection to |
+//! | `kafka_outages_total` | counter | | episodes with no broker reachable |
+//! | `kafka_producer_restarts_total` | counter | | producers made again after a fatal error |
 //!
 //! The kernel counters are split with [`crate::kernel::datapath::is_error_counter`]: summing
 //! `kernel_packets_unaccounted_total` over `reason` gives every packet not accounted, while the
@@ -47,6 +55,7 @@ use crate::hub::{Hub, HubStats, SinkKind};
 use crate::kernel::datapath::{counter_names, is_error_counter, owner_counter_names};
 use crate::metrics::http::{HttpLimits, Render};
 use crate::sinks::ipfix::IpfixCounts;
+use crate::sinks::kafka::LossReason;
 use crate::status::{Snapshot, Status};
 
 pub use crate::metrics::http::{MetricsHandle, CONTENT_TYPE};
@@ -225,6 +234,63 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
         for (dest, c) in &snap.exporters {
             e.sample(name, &[("collector", dest)], get(c));
         }
+    }
+    if let Some((_, k)) = &snap.kafka {
+        for (name, help, v) in [
+            (
+                "kafka_records_produced_total",
+                "Flow records handed to librdkafka.",
+                k.records_produced,
+            ),
+            (
+                "kafka_records_delivered_total",
+                "Flow records the Kafka brokers acknowledged (acks=all).",
+                k.records_delivered,
+            ),
+            (
+                "kafka_delivered_bytes_total",
+                "Value bytes of the acknowledged records, before compression.",
+                k.bytes_delivered,
+            ),
+            (
+                "kafka_outages_total",
+                "Episodes with no Kafka broker reachable.",
+                k.outages,
+            ),
+            (
+                "kafka_producer_restarts_total",
+                "Kafka producers made again after a fatal error.",
+                k.producer_restarts,
+            ),
+        ] {
+            e.single(name, "counter", help, v);
+        }
+        e.family(
+            "kafka_records_lost_total",
+            "counter",
+            "Flow records lost for Kafka: queue_full (the sink fell behind), buffer_full \
+             (librdkafka's buffer was full), delivery_failed (not acknowledged in time, refused, \
+             or unacknowledged at stop), rejected (refused by librdkafka on the spot).",
+        );
+        for r in LossReason::ALL {
+            e.sample(
+                "kafka_records_lost_total",
+                &[("reason", r.as_str())],
+                k.lost(r),
+            );
+        }
+        e.single(
+            "kafka_records_buffered",
+            "gauge",
+            "Flow records in librdkafka's buffer waiting for an acknowledgement.",
+            k.records_buffered,
+        );
+        e.single(
+            "kafka_brokers_up",
+            "gauge",
+            "Kafka brokers the producer has an open connection to.",
+            k.brokers_up,
+        );
     }
     e.family(
         "sink_lost_records_total",

@@ -111,13 +111,72 @@ impl Counts {
         }
     }
 
-    pub fn saturating_sub(&self, earlier: &Counts) -> Counts {
-        let sub = |a: [u64; 2], b: [u64; 2]| [a[0].saturating_sub(b[0]), a[1].saturating_sub(b[1])];
-        Counts {
-            packets: sub(self.packets, earlier.packets),
-            bytes: sub(self.bytes, earlier.bytes),
-        }
+    pub fn is_zero(&self) -> bool {
+        *self == Counts::default()
     }
+}
+
+/// The bits of `flow_base.meta` (`enum flow_meta`).
+pub mod meta {
+    use crate::kernel::bpf::types::flow_meta as M;
+
+    pub const CLIENT_HI: u32 = M::META_CLIENT_HI.0;
+    pub const EGRESS: u32 = M::META_EGRESS.0;
+    pub const EXT: u32 = M::META_EXT.0;
+    pub const EXT_SHIFT: u32 = M::META_EXT_SHIFT.0;
+    pub const REPORTED: u32 = M::META_REPORTED.0;
+    pub const CONTINUATION: u32 = M::META_CONTINUATION.0;
+    pub const IDENTIFIED: u32 = M::META_IDENTIFIED.0;
+    pub const REPORT_CARRY: u32 = M::META_REPORT_CARRY.0;
+    pub const REPORT_SHIFT: u32 = M::META_REPORT_SHIFT.0;
+    /// The unit of the time of a flow's last record: 2^22 ns.
+    pub const REPORT_UNIT_SHIFT: u32 = M::REPORT_UNIT_SHIFT.0;
+    /// The bits the datapath sets at creation; the scan owns the others.
+    pub const IDENTITY: u32 = CLIENT_HI | EGRESS | EXT;
+
+    /// The meta bits of a flow created by the datapath: the client's direction slot,
+    /// whether the first packet was seen at egress, and the extension kind
+    /// (`enum flow_ext`, 0 for none).
+    pub fn created(client: usize, egress: bool, ext: u32) -> u32 {
+        (if client == super::HI_TO_LO {
+            CLIENT_HI
+        } else {
+            0
+        }) | (if egress { EGRESS } else { 0 })
+            | (ext << EXT_SHIFT)
+    }
+}
+
+/// The extension kind of a flow (`enum flow_ext`), 0 for none.
+pub fn ext_kind(b: &types::flow_base) -> u32 {
+    (b.meta & meta::EXT) >> meta::EXT_SHIFT
+}
+
+/// Direction slot of the client's packets.
+pub fn client_dir(b: &types::flow_base) -> usize {
+    if b.meta & meta::CLIENT_HI != 0 {
+        HI_TO_LO
+    } else {
+        LO_TO_HI
+    }
+}
+
+/// The time of the flow's last record (rounded down to 2^22 ns), when it had one: the
+/// latest time not after `now_ns` that the 24 bits kept in its meta name (`report_time`
+/// of scan.h).
+pub fn report_time(b: &types::flow_base, now_ns: u64) -> Option<u64> {
+    if b.meta & meta::REPORTED == 0 {
+        return None;
+    }
+    let cur = now_ns >> meta::REPORT_UNIT_SHIFT;
+    let ago = cur.wrapping_sub(u64::from(b.meta >> meta::REPORT_SHIFT)) & 0xff_ffff;
+    Some(cur.wrapping_sub(ago) << meta::REPORT_UNIT_SHIFT)
+}
+
+/// Where the window of the flow's counts starts: the time of its last record, or its
+/// first packet.
+pub fn window_start_ns(b: &types::flow_base, now_ns: u64) -> u64 {
+    report_time(b, now_ns).map_or(b.first_seen_ns, |t| t.max(b.first_seen_ns))
 }
 
 /// Everything read from the maps for one flow: its base entry, the extension entry its
@@ -192,13 +251,21 @@ impl RawFlow {
         ext_id(&self.base, m)
     }
 
-    /// Direction slot of the client's packets, as the datapath judged it.
+    /// Direction slot of the client's packets: as the datapath judged it, or, for a
+    /// connection that resumed, as its earlier records said.
     pub fn client_dir(&self) -> usize {
-        usize::from(self.base.initiator & 1)
+        client_dir(&self.base)
+    }
+
+    /// Whether this is a connection that ended idle and resumed (the scan gave it its
+    /// identity back).
+    pub fn is_continuation(&self) -> bool {
+        self.base.meta & meta::CONTINUATION != 0
     }
 
     /// A flow's id: its key and first packet's time, hashed (FNV-1a, stable across
-    /// builds), so every record of the flow has it, before and after an agent restart.
+    /// builds), so every record of the flow has it, before and after an agent restart
+    /// (a resumed connection gets its first packet's time back, so its id too).
     pub fn flow_id(&self) -> u64 {
         const PRIME: u64 = 0x0100_0000_01b3;
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -227,24 +294,27 @@ impl RawFlow {
         let k = &self.key;
         let b = &self.base;
         let c = self.client_dir();
+        // The tick's clock of a later packet may be a tick behind the fine clock of the
+        // first: a duration is never negative.
+        let last_seen_ns = b.last_seen_ns.max(b.first_seen_ns);
         let s = c ^ 1;
         let addrs = [
             key_addr(&k.addr_lo, k.ip_version),
             key_addr(&k.addr_hi, k.ip_version),
         ];
         let ports = [k.port_lo, k.port_hi];
-        // The lo endpoint sends LO_TO_HI packets: it is the client when c is LO_TO_HI.
-        let (client_process, server_process) = if c == LO_TO_HI {
-            (lo_process, hi_process)
-        } else {
-            (hi_process, lo_process)
-        };
         let icmp_proto = k.proto == IPPROTO_ICMP || k.proto == IPPROTO_ICMPV6;
         // Sender of LO_TO_HI packets is the lo endpoint.
         let (client_port, server_port) = if icmp_proto {
             (0, 0)
         } else {
             (ports[c], ports[s])
+        };
+        // The lo endpoint sends LO_TO_HI packets: it is the client when c is LO_TO_HI.
+        let (client_process, server_process) = if c == LO_TO_HI {
+            (lo_process, hi_process)
+        } else {
+            (hi_process, lo_process)
         };
         let dir = |d: usize| DirStats {
             packets: counts.packets[d],
@@ -262,14 +332,14 @@ impl RawFlow {
             server_port,
             ifindex: k.ifindex,
             interface,
-            first_hook: if u32::from(b.first_hook) == types::flow_hook::HOOK_EGRESS.0 {
+            first_hook: if b.meta & meta::EGRESS != 0 {
                 Hook::Egress
             } else {
                 Hook::Ingress
             },
             first_seen: clock.to_wall(b.first_seen_ns),
-            last_seen: clock.to_wall(b.last_seen_ns),
-            window_start: clock.to_wall(window_start_ns),
+            last_seen: clock.to_wall(last_seen_ns),
+            window_start: clock.to_wall(window_start_ns.min(last_seen_ns)),
             emitted: clock.to_wall(emitted_ns),
             client: dir(c),
             server: dir(s),
@@ -277,7 +347,7 @@ impl RawFlow {
             continuation,
             fragment: k.flags & types::flow_key_flags::KEY_FRAGMENT.0 as u8 != 0,
             tcp: self.tcp_hot().map(|h| tcp_info(h, b, self.tcp.as_ref(), c)),
-            icmp: (u32::from(b.ext) == types::flow_ext::EXT_ICMP.0)
+            icmp: (ext_kind(b) == types::flow_ext::EXT_ICMP.0)
                 .then(|| icmp_info(b, self.icmp.as_ref(), k, c)),
             client_process,
             server_process,
@@ -345,11 +415,9 @@ pub enum ExtKind {
     Icmp,
 }
 
-/// The id keying a flow's entry in extension map `m`, if the flow can have one there and
-/// has one.
 /// The TCP state a base entry keeps, for a TCP flow.
 pub fn tcp_hot(base: &types::flow_base) -> Option<types::tcp_hot> {
-    if u32::from(base.ext) != types::flow_ext::EXT_TCP.0 {
+    if ext_kind(base) != types::flow_ext::EXT_TCP.0 {
         return None;
     }
     // SAFETY: both union arms are plain integers, every bit pattern is
@@ -357,12 +425,14 @@ pub fn tcp_hot(base: &types::flow_base) -> Option<types::tcp_hot> {
     Some(unsafe { base.l4.tcp })
 }
 
+/// The id keying a flow's entry in extension map `m`, if the flow can have one there and
+/// has one.
 pub fn ext_id(base: &types::flow_base, m: ExtKind) -> Option<u64> {
     let want = match m {
         ExtKind::Tcp => types::flow_ext::EXT_TCP.0,
         ExtKind::Icmp => types::flow_ext::EXT_ICMP.0,
     };
-    (u32::from(base.ext) == want && base.ext_id != 0).then_some(base.ext_id)
+    (ext_kind(base) == want && base.ext_id != 0).then_some(base.ext_id)
 }
 
 fn tcp_state(v: u8) -> TcpState {

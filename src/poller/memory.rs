@@ -3,12 +3,18 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use super::decode::{addr_key, ext_id, key_bytes, owner_key, ExtKind, KeyBytes, RawFlow};
-use super::scan::{due, is_closed, may_evict, take_need, ScanKind, Scanned};
-use super::table::{join, ExtMap, FlowTable, Joined};
+use super::decode::{addr_key, ext_id, key_bytes, meta, owner_key, ExtKind, KeyBytes, RawFlow};
+use super::scan::{
+    due, ended_of, is_closed, is_tcp_flow, mark_reported, may_evict, take_identity, take_need,
+    wants_identity, ScanKind, ScanSummary,
+};
+use super::table::{join, ExtMap, FlowSink, FlowTable, Joined};
 use super::PollError;
 use crate::kernel::bpf::types;
 use crate::record::flow::{EndReason, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
+
+/// Connections the memory of ended connections (`ended`) keeps, as the kernel's.
+pub const ENDED_CAPACITY: usize = crate::kernel::datapath::ENDED_CONNECTIONS as usize;
 
 /// The three flow maps, keyed like the kernel's. Tests put entries in, poll, and look at
 /// what is left.
@@ -24,6 +30,12 @@ pub struct MemTable {
     last_id: u64,
     pub capacity: [u64; 3],
     pub counters: BTreeMap<String, u64>,
+    /// The memory of ended connections, with when each was last used: the least
+    /// recently used goes first when it is full, as in the kernel's LRU map.
+    pub ended: BTreeMap<KeyBytes, (types::flow_ended, u64)>,
+    uses: u64,
+    /// The time of the latest full scan (`last_scan`).
+    pub last_scan: Option<u64>,
 }
 
 impl MemTable {
@@ -47,13 +59,14 @@ impl MemTable {
         // As the datapath does: the base says which protocol part it carries, and the
         // id of the extension entry, when the flow has one.
         let fragment = key.flags & types::flow_key_flags::KEY_FRAGMENT.0 as u8 != 0;
-        base.ext = match key.proto {
+        let ext = match key.proto {
             // A fragment flow has no transport header to keep state from.
             _ if fragment => 0,
-            IPPROTO_TCP => types::flow_ext::EXT_TCP.0 as u8,
-            IPPROTO_ICMP | IPPROTO_ICMPV6 => types::flow_ext::EXT_ICMP.0 as u8,
+            IPPROTO_TCP => types::flow_ext::EXT_TCP.0,
+            IPPROTO_ICMP | IPPROTO_ICMPV6 => types::flow_ext::EXT_ICMP.0,
             _ => 0,
         };
+        base.meta = (base.meta & !meta::EXT) | ext << meta::EXT_SHIFT;
         if tcp.is_some() || icmp.is_some() {
             self.last_id += 1;
             base.ext_id = self.last_id;
@@ -127,6 +140,34 @@ impl MemTable {
     pub fn entries(&self) -> [usize; 3] {
         [self.base.len(), self.tcp.len(), self.icmp.len()]
     }
+
+    /// Remembers an ended connection, forgetting the least recently used when full.
+    fn remember(&mut self, kb: KeyBytes, e: types::flow_ended) {
+        if !self.ended.contains_key(&kb) && self.ended.len() >= ENDED_CAPACITY {
+            let oldest = self.ended.iter().min_by_key(|(_, (_, used))| *used);
+            if let Some(k) = oldest.map(|(k, _)| *k) {
+                self.ended.remove(&k);
+            }
+        }
+        self.uses += 1;
+        self.ended.insert(kb, (e, self.uses));
+    }
+
+    /// `scan_identify` of scan.h: a TCP flow about to get a record takes back the identity
+    /// of the connection it resumes, once.
+    fn identify(&mut self, kb: &KeyBytes, active_ns: u64) {
+        let Some((_, b)) = self.base.get_mut(kb) else {
+            return;
+        };
+        if !wants_identity(b) {
+            b.meta |= meta::IDENTIFIED;
+            return;
+        }
+        b.meta |= meta::IDENTIFIED;
+        if let Some((e, _)) = self.ended.remove(kb) {
+            take_identity(b, &e, active_ns);
+        }
+    }
 }
 
 /// A key as the datapath builds it: addresses ordered low/high, ports following them.
@@ -163,33 +204,50 @@ impl FlowTable for MemTable {
         Ok(joined)
     }
 
-    fn scan(&mut self, args: &types::scan_args) -> Result<Scanned, PollError> {
+    fn scan(
+        &mut self,
+        args: &types::scan_args,
+        _threads: u32,
+        sink: &mut FlowSink<'_>,
+    ) -> Result<ScanSummary, PollError> {
         let mut a = *args;
         if a.evict_age_ns != 0 {
             let n = self.entries();
             a.evict_need = std::array::from_fn(|i| (n[i] as u64).saturating_sub(a.evict_keep[i]));
         }
-        let mut picked: Vec<(KeyBytes, ScanKind, u64)> = Vec::new();
+        let mut picked: Vec<(KeyBytes, ScanKind)> = Vec::new();
         for (kb, (key, base)) in &self.base {
             // Every closed flow stands for one the datapath noted.
             if a.closing_only != 0 && !is_closed(base) {
                 continue;
             }
-            if let Some((kind, window)) = due(key, base, &a) {
-                picked.push((*kb, kind, window));
+            if let Some(kind) = due(key, base, &a) {
+                picked.push((*kb, kind));
             } else if may_evict(base, &a) {
                 let tcp = ext_id(base, ExtKind::Tcp).is_some_and(|id| self.tcp.contains_key(&id));
                 let icmp =
                     ext_id(base, ExtKind::Icmp).is_some_and(|id| self.icmp.contains_key(&id));
                 if take_need(&mut a, tcp, icmp) {
-                    picked.push((*kb, ScanKind::Ended(EndReason::Evicted), 0));
+                    picked.push((*kb, ScanKind::Ended(EndReason::Evicted)));
                 }
             }
         }
         let mut flows = Vec::with_capacity(picked.len());
-        for (kb, kind, window) in picked {
+        for (kb, kind) in picked {
+            let (key, base) = &self.base[&kb];
+            if kind != ScanKind::Ended(EndReason::Evicted) && is_tcp_flow(key, base) {
+                self.identify(&kb, a.active_ns);
+            }
             if kind != ScanKind::Active {
-                flows.extend(self.take(&kb).map(|f| (kind, f)));
+                let Some(f) = self.take(&kb) else {
+                    continue;
+                };
+                if kind == ScanKind::Ended(EndReason::IdleTimeout) && f.key.proto == IPPROTO_TCP {
+                    if let Some(e) = ended_of(&f.base, a.now_ns) {
+                        self.remember(kb, e);
+                    }
+                }
+                flows.push((kind, f));
                 continue;
             }
             let Some((key, base)) = self.base.get(&kb).copied() else {
@@ -205,16 +263,32 @@ impl FlowTable for MemTable {
                     owner: self.owners(&base),
                 },
             ));
-            if let Some(b) = self.base_mut(&kb) {
-                b.windows = window as u8;
-            }
+            let Some(base) = self.base_mut(&kb) else {
+                continue;
+            };
+            // What the record carries is gone from the entry.
+            base.packets = [0, 0];
+            base.bytes = [0, 0];
+            mark_reported(base, a.now_ns, a.active_ns);
         }
-        Ok(Scanned {
-            flows,
+        if a.closing_only == 0 && a.flush == 0 {
+            self.last_scan = Some(a.now_ns);
+        }
+        // In batches, as the kernel's records come off its ring.
+        let mut flows = flows.into_iter().peekable();
+        while flows.peek().is_some() {
+            sink(flows.by_ref().take(super::OUT_BATCH).collect())?;
+        }
+        Ok(ScanSummary {
             entries: self.entries().map(|n| n as u64),
-            truncated: false,
             evict_left: a.evict_need,
+            passes: 1,
+            split: false,
         })
+    }
+
+    fn last_scan(&self) -> Option<u64> {
+        self.last_scan
     }
 
     fn remove_orphan(&mut self, ext: ExtMap, id: u64) -> Result<bool, PollError> {

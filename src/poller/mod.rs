@@ -20,14 +20,12 @@ use thiserror::Error;
 use crate::kernel::attach::IfNames;
 use crate::kernel::bpf::types;
 use crate::kernel::cgroup::CgroupNames;
-use crate::record::flow::{EndReason, FlowRecord, IPPROTO_TCP};
+use crate::record::flow::{EndReason, FlowRecord};
 use crate::record::snapshot::SnapshotSlot;
 use crate::status::{MapUsage, Status};
-use decode::{
-    key_bytes, local_process, monotonic_ns, Clock, Counts, KeyBytes, RawFlow, RecordMeta,
-};
-use scan::{ScanKind, Scanned};
-pub use table::{ExtMap, FlowTable, Joined, KernelTable, ReadMode, SplitScan, MAP_NAMES};
+use decode::{local_process, monotonic_ns, window_start_ns, Clock, Counts, RawFlow, RecordMeta};
+use scan::ScanKind;
+pub use table::{ExtMap, FlowTable, Joined, KernelTable, ReadMode, MAP_NAMES};
 
 #[derive(Debug, Error)]
 pub enum PollError {
@@ -68,8 +66,10 @@ pub struct PollerConfig {
     /// Under pressure, flows are evicted until each pressured map is at most this full
     /// (0..1), or no flow is left to evict.
     pub evict_target: f64,
-    /// When one pass cannot hold all that is due (a bulk end), the passes after it are
-    /// split among this many concurrent scans, one per CPU.
+    /// A bulk end (thousands of flows due to end in one poll) is split among this many
+    /// concurrent scans, one per CPU. 1 by default: the one thread that emits the records
+    /// is slower than two scans ending flows, so they fill the ring and walk the map again
+    /// (a walk of 1 M flows costs more than the ends it saves there).
     pub scan_threads: u32,
 }
 
@@ -90,7 +90,7 @@ impl Default for PollerConfig {
             pressure_poll_interval: Duration::from_millis(100),
             evict_min_age: Duration::from_secs(1),
             evict_target: 0.5,
-            scan_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4) as u32),
+            scan_threads: 1,
         }
     }
 }
@@ -143,58 +143,6 @@ struct Eviction {
     keep: [u64; 3],
 }
 
-/// Per-flow state by flow key: foldhash, as SipHash over the 44-byte key was a visible
-/// share of ending a flow.
-type KeyMap<V> = HashMap<KeyBytes, V, foldhash::fast::RandomState>;
-
-/// Per-flow state the poller keeps between a flow's records.
-#[derive(Debug, Clone, Copy)]
-struct Reported {
-    /// Counters already reported in active-timeout records.
-    counts: Counts,
-    /// When the last record of this flow was emitted (BPF clock).
-    at_ns: u64,
-    who: Identity,
-}
-
-/// Who a flow is: its id and which side is the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Identity {
-    flow_id: u64,
-    /// Direction slot of the client's packets.
-    client: usize,
-    continuation: bool,
-}
-
-/// Recently ended flows, so a TCP connection that idled past its timeout and resumes
-/// keeps its id and roles (the datapath can only guess them mid-connection).
-#[derive(Debug, Default)]
-struct Recent {
-    by_key: KeyMap<Identity>,
-    order: std::collections::VecDeque<KeyBytes>,
-}
-
-impl Recent {
-    /// Flows remembered at most; the oldest is forgotten first.
-    const CAPACITY: usize = 65_536;
-
-    fn remember(&mut self, kb: KeyBytes, who: Identity) {
-        if self.by_key.insert(kb, who).is_none() {
-            self.order.push_back(kb);
-            if self.order.len() > Self::CAPACITY {
-                if let Some(old) = self.order.pop_front() {
-                    self.by_key.remove(&old);
-                }
-            }
-        }
-    }
-
-    fn take(&mut self, kb: &KeyBytes) -> Option<Identity> {
-        // Its slot in `order` goes when it comes round; a re-insert before then is fine.
-        self.by_key.remove(kb)
-    }
-}
-
 /// The host name, the default observer id.
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -205,37 +153,42 @@ pub fn host_name() -> String {
 }
 
 /// Ends flows by the lifecycle rules and emits their records; generic over where the
-/// flows live, so the rules are tested on an in-memory table.
+/// flows live, so the rules are tested on an in-memory table. It keeps no state per flow:
+/// what a flow's records have carried, and who it is, live in its kernel entry.
 pub struct Poller<T: FlowTable = KernelTable> {
     table: T,
     cfg: PollerConfig,
-    clock: Clock,
-    tx: Sender<Vec<FlowRecord>>,
-    /// Records of the poll in progress, handed over in batches: the hub keeps a batch as
-    /// one block, so a record costs no allocation of its own on the way to the sinks.
-    out: Vec<FlowRecord>,
+    emit: Emitter,
     status: Arc<Status>,
-    reported: KeyMap<Reported>,
-    ifnames: IfNames,
     polls: u64,
     /// When the previous poll ran (BPF clock); 0 before the first.
     last_poll_ns: u64,
     pressured: [bool; 3],
-    observer: Arc<str>,
-    recent: Recent,
     episode: Option<Episode>,
     /// Map-full counters at the previous poll.
     last_full: [u64; 3],
     /// The eviction age in force: `evict_min_age`, halved while the datapath still
     /// drops new flows (a flood faster than eviction at that age keeps up with).
     evict_age_ns: u64,
-    /// Names of interfaces the attacher does not know, looked up once each.
-    other_names: std::cell::RefCell<HashMap<u32, String>>,
     snapshots: Option<SnapshotSlot>,
-    /// Names of the cgroups flows' local sockets are in.
-    cgroups: std::cell::RefCell<CgroupNames>,
     /// `owner_map_full` when its rise was last logged (or at the first poll), and when.
     owner_full: Option<(u64, Option<Instant>)>,
+}
+
+/// Builds records from what the scan hands over and passes them to the hub in batches.
+struct Emitter {
+    clock: Clock,
+    tx: Sender<Vec<FlowRecord>>,
+    /// Records of the poll in progress, handed over in batches: the hub keeps a batch as
+    /// one block, so a record costs no allocation of its own on the way to the sinks.
+    out: Vec<FlowRecord>,
+    status: Arc<Status>,
+    ifnames: IfNames,
+    observer: Arc<str>,
+    /// Names of interfaces the attacher does not know, looked up once each.
+    other_names: std::cell::RefCell<HashMap<u32, String>>,
+    /// Names of the cgroups flows' local sockets are in.
+    cgroups: std::cell::RefCell<CgroupNames>,
 }
 
 impl<T: FlowTable> Poller<T> {
@@ -249,23 +202,24 @@ impl<T: FlowTable> Poller<T> {
         Poller {
             table,
             cfg,
-            clock: Clock::new(),
-            tx,
-            out: Vec::new(),
+            emit: Emitter {
+                clock: Clock::new(),
+                tx,
+                out: Vec::new(),
+                status: status.clone(),
+                ifnames,
+                observer: host_name().into(),
+                other_names: Default::default(),
+                cgroups: std::cell::RefCell::new(CgroupNames::new(None)),
+            },
             status,
-            reported: KeyMap::default(),
-            ifnames,
             polls: 0,
             last_poll_ns: 0,
             pressured: [false; 3],
-            observer: host_name().into(),
-            recent: Recent::default(),
             episode: None,
             last_full: [0; 3],
             evict_age_ns: cfg.evict_min_age.as_nanos() as u64,
-            other_names: Default::default(),
             snapshots: None,
-            cgroups: std::cell::RefCell::new(CgroupNames::new(None)),
             owner_full: None,
         }
     }
@@ -273,7 +227,7 @@ impl<T: FlowTable> Poller<T> {
     /// Names the cgroups of flows' local sockets from `names` (the host's cgroup v2
     /// hierarchy).
     pub fn with_cgroups(mut self, names: CgroupNames) -> Self {
-        self.cgroups = std::cell::RefCell::new(names);
+        self.emit.cgroups = std::cell::RefCell::new(names);
         self
     }
 
@@ -286,7 +240,7 @@ impl<T: FlowTable> Poller<T> {
 
     /// Names the agent in every record (`--observer-id`).
     pub fn with_observer(mut self, observer: &str) -> Self {
-        self.observer = observer.into();
+        self.emit.observer = observer.into();
         self
     }
 
@@ -296,6 +250,11 @@ impl<T: FlowTable> Poller<T> {
 
     pub fn table_mut(&mut self) -> &mut T {
         &mut self.table
+    }
+
+    /// The table, given back without a flush (as an agent that dies leaves its pinned maps).
+    pub fn into_table(self) -> T {
+        self.table
     }
 
     /// Whether a map is under pressure (the poller then polls faster and evicts).
@@ -353,7 +312,7 @@ impl<T: FlowTable> Poller<T> {
         self.handing_over(|p| {
             let mut stats = PollStats::default();
             let args = scan::closing_args(&p.cfg, now_ns);
-            p.scan_passes(args, now_ns, &mut stats)?;
+            p.scan(args, &mut stats)?;
             Ok(stats)
         })
     }
@@ -365,28 +324,8 @@ impl<T: FlowTable> Poller<T> {
         step: impl FnOnce(&mut Self) -> Result<R, PollError>,
     ) -> Result<R, PollError> {
         let res = step(self);
-        let sent = self.hand_over();
+        let sent = self.emit.hand_over();
         res.and_then(|r| sent.map(|()| r))
-    }
-
-    /// Sends the records emitted so far to the hub, waiting while its channel is full.
-    fn hand_over(&mut self) -> Result<(), PollError> {
-        if self.out.is_empty() {
-            return Ok(());
-        }
-        // A full batch is a bulk end going on: the next one is likely full too.
-        let room = if self.out.len() >= OUT_BATCH {
-            OUT_BATCH
-        } else {
-            OUT_FIRST
-        };
-        let mut batch = std::mem::replace(&mut self.out, Vec::with_capacity(room));
-        // The hub keeps a batch whole for as long as any of its records is wanted (the
-        // replay ring holds thousands): it must not hold room for records it never got.
-        if batch.capacity() - batch.len() > batch.len() / 8 {
-            batch.shrink_to_fit();
-        }
-        self.tx.send(batch).map_err(|_| PollError::ChannelClosed)
     }
 
     /// When to poll next: every poll interval, faster under pressure (at most half a
@@ -429,8 +368,36 @@ impl<T: FlowTable> Poller<T> {
         if self.polls == 1 {
             // Drops before this agent's first poll (pinned maps) are not this episode's.
             self.last_full = full_counts(&counters);
+            // "Busy since the previous scan" goes on from the predecessor's last scan
+            // (pinned maps): a flow quiet since then gets no active-timeout record now.
+            self.last_poll_ns = self.table.last_scan().unwrap_or(0);
         }
         let full = full_counts(&counters);
+        // Every flow is read only when something needs them all: a ListFlows snapshot,
+        // the orphan sweep. Before the scan, so the snapshot shows each flow's window up
+        // to now, and the next one the window this poll's records start.
+        let sweep = self.cfg.orphan_sweep_every > 0
+            && self
+                .polls
+                .is_multiple_of(u64::from(self.cfg.orphan_sweep_every));
+        let snapshot = self.snapshots.as_ref().is_some_and(|s| s.wanted());
+        if sweep || snapshot {
+            let Joined {
+                flows, unjoined, ..
+            } = self.read_flows()?;
+            if snapshot {
+                self.publish_snapshot(&flows, now_ns);
+            }
+            drop(flows);
+            if sweep {
+                stats.orphans_removed = self.sweep_orphans(&unjoined)?;
+                // Interfaces come, go and get renamed: look names up afresh now and then.
+                self.emit.other_names.get_mut().clear();
+            }
+        }
+        if let Some(slot) = self.snapshots.as_ref().filter(|_| !snapshot) {
+            slot.release_if_unwanted();
+        }
         // An episode going on evicts in the same pass as the timeouts.
         let evict = self.episode.is_some().then(|| self.eviction(full));
         let mut entries = self.scan_all(now_ns, false, evict, &mut stats)?;
@@ -458,44 +425,14 @@ impl<T: FlowTable> Poller<T> {
                 ep.last_pressed_ns = now_ns;
             }
         }
-        let sweep = self.cfg.orphan_sweep_every > 0
-            && self
-                .polls
-                .is_multiple_of(u64::from(self.cfg.orphan_sweep_every));
-        let snapshot = self.snapshots.as_ref().is_some_and(|s| s.wanted());
-        if sweep || snapshot {
-            let Joined {
-                flows,
-                entries: read,
-                unjoined,
-            } = self.read_flows()?;
-            entries = read;
-            if snapshot {
-                self.publish_snapshot(&flows, now_ns);
-            }
-            if sweep {
-                // Forget per-flow state of keys that vanished without us ending them.
-                if self.reported.len() > flows.len() {
-                    let live: std::collections::HashSet<KeyBytes, foldhash::fast::RandomState> =
-                        flows.iter().map(|f| key_bytes(&f.key)).collect();
-                    self.reported.retain(|k, _| live.contains(k));
-                }
-                stats.orphans_removed = self.sweep_orphans(&unjoined)?;
-                // Interfaces come, go and get renamed: look names up afresh now and then.
-                self.other_names.get_mut().clear();
-            }
-        }
-        if let Some(slot) = self.snapshots.as_ref().filter(|_| !snapshot) {
-            slot.release_if_unwanted();
-        }
         self.last_full = full;
         self.update_status(entries, counters);
         self.last_poll_ns = now_ns;
         Ok(stats)
     }
 
-    /// Scans until a pass leaves nothing due behind, emitting the records of the flows
-    /// it ended, evicted or found due. Returns the entries left in each map.
+    /// Runs one scan, emitting the records of the flows it ended, evicted or found due.
+    /// Returns the entries left in each map.
     fn scan_all(
         &mut self,
         now_ns: u64,
@@ -508,141 +445,49 @@ impl<T: FlowTable> Poller<T> {
             args.evict_age_ns = e.age_ns;
             args.evict_keep = e.keep;
         }
-        self.scan_passes(args, now_ns, stats)
+        self.scan(args, stats)
     }
 
-    /// Runs the scan with `args` until a pass leaves nothing due behind, emitting the
-    /// records of the flows it ended, evicted or found due. Returns the entries left.
-    fn scan_passes(
+    /// Runs the scan with `args`, emitting the records of the flows it hands over as they
+    /// come. Returns the entries left.
+    fn scan(
         &mut self,
         args: types::scan_args,
-        now_ns: u64,
         stats: &mut PollStats,
     ) -> Result<[u64; 3], PollError> {
-        let mut pass = self.table.scan(&args)?;
-        loop {
-            let more = pass.more_due();
-            let entries = pass.entries;
-            // More is due than a pass holds: a bulk end, worth every CPU. A poll with
-            // little due stays one walk on one CPU; eviction and the closing pass count
-            // for the whole map, so they are never split.
-            if more && args.evict_age_ns == 0 && args.closing_only == 0 {
-                if let Some(split) = self.table.split(self.cfg.scan_threads) {
-                    return self.split_passes(&split, &args, pass, now_ns, stats);
-                }
-            }
-            self.take(pass, now_ns, stats)?;
-            if !more {
-                return Ok(entries);
-            }
-            pass = self.table.scan(&args)?;
-        }
-    }
-
-    /// The rest of a bulk end, split among the CPUs: each part's thread runs its passes
-    /// and hands their flows over as they come, while this thread emits the records.
-    fn split_passes(
-        &mut self,
-        split: &SplitScan,
-        args: &types::scan_args,
-        first: Scanned,
-        now_ns: u64,
-        stats: &mut PollStats,
-    ) -> Result<[u64; 3], PollError> {
-        let mut entries = first.entries;
-        let (tx, rx) = crossbeam_channel::bounded::<Scanned>(2 * split.parts() as usize);
-        std::thread::scope(|s| {
-            // Named, so `top -H` tells them apart. A part whose thread cannot start leaves
-            // its flows due: the next poll finds them.
-            let mut spawned = Ok(());
-            let parts: Vec<_> = (0..split.parts())
-                .filter_map(|part| {
-                    let tx = tx.clone();
-                    std::thread::Builder::new()
-                        .name(format!("flowlens-scan{part}"))
-                        .spawn_scoped(s, move || {
-                            split.run(args, part, |pass| tx.send(pass).is_ok())
-                        })
-                        .map_err(|e| spawned = Err(PollError::Scan(e)))
-                        .ok()
-                })
-                .collect();
-            drop(tx);
-            let mut took = self.take(first, now_ns, stats);
-            if took.is_ok() {
-                for pass in rx.iter() {
-                    entries = [0, 1, 2].map(|i| entries[i].min(pass.entries[i]));
-                    took = self.take(pass, now_ns, stats);
-                    if took.is_err() {
-                        break;
-                    }
-                }
-            }
-            // an error here stops the parts at their next pass
-            drop(rx);
-            let ran = parts.into_iter().try_for_each(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(PollError::Scan(std::io::Error::other(
-                        "a scan thread panicked",
-                    )))
-                })
-            });
-            took.and(ran).and(spawned)
+        let Poller {
+            table, emit, cfg, ..
+        } = self;
+        let done = table.scan(&args, cfg.scan_threads, &mut |flows| {
+            emit.take(flows, args.now_ns, stats)
         })?;
-        Ok(entries)
-    }
-
-    /// Emits the records of the flows one pass ended, evicted or found due.
-    fn take(&mut self, pass: Scanned, now_ns: u64, stats: &mut PollStats) -> Result<(), PollError> {
-        for (kind, f) in pass.flows {
-            let kb = key_bytes(&f.key);
-            match kind {
-                ScanKind::Ended(reason) => {
-                    self.finish(f, &kb, reason, now_ns)?;
-                    stats.ended += 1;
-                    if reason == EndReason::Evicted {
-                        stats.evicted += 1;
-                    }
-                }
-                ScanKind::Active => {
-                    if self.emit_active(&f, &kb, now_ns)? {
-                        stats.active_records += 1;
-                    }
-                }
-            }
+        if args.closing_only == 0 {
+            self.status.scans.fetch_add(1, Ordering::Relaxed);
+            self.status
+                .scan_walks
+                .fetch_add(u64::from(done.passes), Ordering::Relaxed);
         }
-        Ok(())
+        if done.passes > 1 {
+            debug!(
+                "the scan took {} walks of the map (the ring filled){}",
+                done.passes,
+                if done.split { ", split" } else { "" }
+            );
+        }
+        Ok(done.entries)
     }
 
-    /// Cumulative records of the flows in progress, for ListFlows, built beside (not
-    /// from) the delta bookkeeping.
+    /// The flows in progress, for ListFlows: each with the counts its entry holds, those
+    /// no record has carried yet, since its window start.
     fn publish_snapshot(&self, flows: &[RawFlow], now_ns: u64) {
         let Some(slot) = &self.snapshots else {
             return;
         };
         let v = flows
             .iter()
-            .map(|f| {
-                // Who the flow is, without `identify`'s bookkeeping (a continuation not
-                // reported yet shows its own id until its first record).
-                let who = self.reported.get(&key_bytes(&f.key)).map_or(
-                    Identity {
-                        flow_id: f.flow_id(),
-                        client: f.client_dir(),
-                        continuation: false,
-                    },
-                    |r| r.who,
-                );
-                self.record(
-                    f,
-                    Counts::of(&f.base),
-                    EndReason::InProgress,
-                    (f.base.first_seen_ns, now_ns),
-                    who,
-                )
-            })
+            .map(|f| self.emit.record(f, EndReason::InProgress, now_ns))
             .collect();
-        slot.publish(self.clock.to_wall(now_ns), v);
+        slot.publish(self.emit.clock.to_wall(now_ns), v);
     }
 
     /// Which maps are under pressure: above the threshold, or the datapath dropped new
@@ -752,138 +597,6 @@ impl<T: FlowTable> Poller<T> {
         Ok(stats.ended)
     }
 
-    /// Emits the final record of a flow already taken out of every map.
-    fn finish(
-        &mut self,
-        raw: RawFlow,
-        kb: &KeyBytes,
-        reason: EndReason,
-        now_ns: u64,
-    ) -> Result<(), PollError> {
-        let (prior, at_ns, who) = match self.reported.remove(kb) {
-            Some(r) => (Some(r.counts), r.at_ns, r.who),
-            None => (None, raw.base.first_seen_ns, self.identify(&raw, kb)),
-        };
-        let counts = Counts::of(&raw.base).saturating_sub(&prior.unwrap_or_default());
-        self.status.flows_ended.fetch_add(1, Ordering::Relaxed);
-        if raw.key.proto == IPPROTO_TCP {
-            self.recent.remember(*kb, who);
-        }
-        if prior.is_some() && counts == Counts::default() {
-            // Everything was in the flow's last active-timeout record.
-            debug!(
-                "flow {:016x} ended with nothing new since its last record",
-                who.flow_id
-            );
-            return Ok(());
-        }
-        let rec = self.record(&raw, counts, reason, (at_ns, now_ns), who);
-        self.send(rec)
-    }
-
-    /// Who a flow seen for the first time is: a TCP connection the datapath picked up
-    /// mid-stream that ended here recently is that connection going on.
-    fn identify(&mut self, f: &RawFlow, kb: &KeyBytes) -> Identity {
-        let late = f
-            .tcp_hot()
-            .is_some_and(|t| u32::from(t.bits) & types::tcp_bits::TCPB_LATE_START.0 != 0);
-        // Only a late start can be a continuation: no lookup for the others. An entry
-        // left for such a flow's key is replaced when the flow ends, as every TCP end
-        // is remembered.
-        match late.then(|| self.recent.take(kb)).flatten() {
-            Some(prev) => Identity {
-                continuation: true,
-                ..prev
-            },
-            None => Identity {
-                flow_id: f.flow_id(),
-                client: f.client_dir(),
-                continuation: false,
-            },
-        }
-    }
-
-    fn record(
-        &self,
-        f: &RawFlow,
-        counts: Counts,
-        end_reason: EndReason,
-        (window_start_ns, emitted_ns): (u64, u64),
-        who: Identity,
-    ) -> FlowRecord {
-        let mut rec = f.to_record(
-            RecordMeta {
-                counts,
-                end_reason,
-                interface: self.ifname(f.key.ifindex),
-                observer: self.observer.clone(),
-                window_start_ns,
-                emitted_ns,
-                flow_id: who.flow_id,
-                continuation: who.continuation,
-                local: self.local(f),
-            },
-            &self.clock,
-        );
-        if who.client != f.client_dir() {
-            rec.swap_roles();
-        }
-        rec
-    }
-
-    /// The owners of a flow's local ends, by key endpoint, in user terms.
-    fn local(&self, f: &RawFlow) -> [Option<Box<crate::record::flow::LocalProcess>>; 2] {
-        if f.owner.iter().all(Option::is_none) {
-            return [None, None];
-        }
-        let mut names = self.cgroups.borrow_mut();
-        f.owner
-            .map(|o| o.map(|o| Box::new(local_process(&o, &mut names))))
-    }
-
-    /// Emits a record with the deltas since the last one; the kernel entry stays as it is.
-    /// Returns whether there was anything new to report.
-    fn emit_active(&mut self, f: &RawFlow, kb: &KeyBytes, now_ns: u64) -> Result<bool, PollError> {
-        let total = Counts::of(&f.base);
-        let (prior, at_ns, who) = match self.reported.get(kb) {
-            Some(r) => (r.counts, r.at_ns, r.who),
-            None => (
-                Counts::default(),
-                f.base.first_seen_ns,
-                self.identify(f, kb),
-            ),
-        };
-        self.reported.insert(
-            *kb,
-            Reported {
-                counts: total,
-                at_ns: now_ns,
-                who,
-            },
-        );
-        if total == prior {
-            return Ok(false);
-        }
-        let rec = self.record(
-            f,
-            total.saturating_sub(&prior),
-            EndReason::ActiveTimeout,
-            (at_ns, now_ns),
-            who,
-        );
-        self.send(rec)?;
-        Ok(true)
-    }
-
-    fn send(&mut self, rec: FlowRecord) -> Result<(), PollError> {
-        self.status.records_emitted.fetch_add(1, Ordering::Relaxed);
-        self.out.push(rec);
-        if self.out.len() >= OUT_BATCH {
-            self.hand_over()?;
-        }
-        Ok(())
-    }
-
     /// Deletes extension entries whose base entry is gone. The candidates are
     /// the extensions a read found without their base; each is checked again,
     /// since a flow created between the reads of two maps looks the same.
@@ -978,6 +691,97 @@ impl<T: FlowTable> Poller<T> {
             info!("map {} back to {:.0}% full", u.name, ratio * 100.0);
         }
         self.pressured[i] = high;
+    }
+}
+
+impl Emitter {
+    /// Emits the records of the flows one scan handed over: a final record for each
+    /// flow it ended (always one, with its true reason, even when a previous record
+    /// carried every packet), an active-timeout record for each flow it found due.
+    fn take(
+        &mut self,
+        flows: Vec<(ScanKind, RawFlow)>,
+        now_ns: u64,
+        stats: &mut PollStats,
+    ) -> Result<(), PollError> {
+        for (kind, f) in flows {
+            let reason = match kind {
+                ScanKind::Ended(reason) => {
+                    self.status.flows_ended.fetch_add(1, Ordering::Relaxed);
+                    stats.ended += 1;
+                    if reason == EndReason::Evicted {
+                        stats.evicted += 1;
+                    }
+                    reason
+                }
+                ScanKind::Active => {
+                    stats.active_records += 1;
+                    EndReason::ActiveTimeout
+                }
+            };
+            let rec = self.record(&f, reason, now_ns);
+            self.send(rec)?;
+        }
+        Ok(())
+    }
+
+    /// The record of a flow as its entry (or the scan's copy of it) stands at `now_ns`:
+    /// the counts it holds, those no record has carried yet, over the window since the
+    /// flow's last record (or its first packet), and who it is.
+    fn record(&self, f: &RawFlow, end_reason: EndReason, now_ns: u64) -> FlowRecord {
+        f.to_record(
+            RecordMeta {
+                counts: Counts::of(&f.base),
+                end_reason,
+                interface: self.ifname(f.key.ifindex),
+                observer: self.observer.clone(),
+                window_start_ns: window_start_ns(&f.base, now_ns),
+                emitted_ns: now_ns,
+                flow_id: f.flow_id(),
+                continuation: f.is_continuation(),
+                local: self.local(f),
+            },
+            &self.clock,
+        )
+    }
+
+    /// The owners of a flow's local ends, by key endpoint, in user terms.
+    fn local(&self, f: &RawFlow) -> [Option<Box<crate::record::flow::LocalProcess>>; 2] {
+        if f.owner.iter().all(Option::is_none) {
+            return [None, None];
+        }
+        let mut names = self.cgroups.borrow_mut();
+        f.owner
+            .map(|o| o.map(|o| Box::new(local_process(&o, &mut names))))
+    }
+
+    fn send(&mut self, rec: FlowRecord) -> Result<(), PollError> {
+        self.status.records_emitted.fetch_add(1, Ordering::Relaxed);
+        self.out.push(rec);
+        if self.out.len() >= OUT_BATCH {
+            self.hand_over()?;
+        }
+        Ok(())
+    }
+
+    /// Sends the records emitted so far to the hub, waiting while its channel is full.
+    fn hand_over(&mut self) -> Result<(), PollError> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        // A full batch is a bulk end going on: the next one is likely full too.
+        let room = if self.out.len() >= OUT_BATCH {
+            OUT_BATCH
+        } else {
+            OUT_FIRST
+        };
+        let mut batch = std::mem::replace(&mut self.out, Vec::with_capacity(room));
+        // The hub keeps a batch whole for as long as any of its records is wanted (the
+        // replay ring holds thousands): it must not hold room for records it never got.
+        if batch.capacity() - batch.len() > batch.len() / 8 {
+            batch.shrink_to_fit();
+        }
+        self.tx.send(batch).map_err(|_| PollError::ChannelClosed)
     }
 
     fn ifname(&self, ifindex: u32) -> String {

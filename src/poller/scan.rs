@@ -1,35 +1,29 @@
 //! The poller's side of the in-kernel scan (`src/bpf/scan.h`): its arguments, what it returns, and the same rules in Rust for the in-memory table.
 
-use super::decode::{decode, tcp_hot, RawFlow};
+use super::decode::{decode, meta, tcp_hot, RawFlow};
 use super::PollerConfig;
 use crate::kernel::bpf::types;
 use crate::record::flow::{EndReason, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
-/// What one scan pass found: flows it ended (already gone from every map) and flows due
-/// an active-timeout record (left in place), in map order.
-#[derive(Debug, Default)]
-pub struct Scanned {
-    pub flows: Vec<(ScanKind, RawFlow)>,
-    /// Entries in flows, flows_tcp and flows_icmp after the pass.
+/// What one scan did, once every pass it took was over (its flows went to the sink as
+/// they came).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ScanSummary {
+    /// Entries in flows, flows_tcp and flows_icmp after the scan.
     pub entries: [u64; 3],
-    /// The pass stopped with its output full: scan again for the rest.
-    pub truncated: bool,
-    /// Entries each map still had to give up by eviction when the pass ended.
+    /// Entries each map still had to give up by eviction when the scan ended.
     pub evict_left: [u64; 3],
-}
-
-impl Scanned {
-    /// Whether another pass would find more: this one filled its output, and made
-    /// progress (each flow it copied is ended or marked, so the next finds what it left).
-    pub fn more_due(&self) -> bool {
-        self.truncated && !self.flows.is_empty()
-    }
+    /// Walks of the map it took: more than one when the poller fell a whole ring behind.
+    pub passes: u32,
+    /// Whether it was split among concurrent scans (a bulk end).
+    pub split: bool,
 }
 
 /// What the scan did with a flow (`enum scan_kind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScanKind {
-    /// Due an active-timeout record; still in the maps.
+    /// Due an active-timeout record; still in the maps, less the counts the record
+    /// carries.
     Active,
     /// Ended and deleted from every map.
     Ended(EndReason),
@@ -70,11 +64,11 @@ pub fn args(cfg: &PollerConfig, now_ns: u64, prev_ns: u64, flush: bool) -> types
 }
 
 /// The arguments of a pass over the flows the datapath noted as closed, alone: they end
-/// once past the close grace; nothing else is judged.
+/// once past the close grace; nothing else is judged (a closed flow never gets an
+/// active-timeout record).
 pub fn closing_args(cfg: &PollerConfig, now_ns: u64) -> types::scan_args {
     types::scan_args {
         closing_only: 1,
-        active_ns: 0,
         ..args(cfg, now_ns, 0, false)
     }
 }
@@ -104,31 +98,64 @@ fn proto_slot(proto: u8) -> usize {
     .0 as usize
 }
 
-/// `scan_due` of scan.h, for the in-memory table: what the scan does with a flow, and
-/// the active-timeout window it is in.
-pub fn due(
-    key: &types::flow_key,
-    b: &types::flow_base,
-    a: &types::scan_args,
-) -> Option<(ScanKind, u64)> {
+/// `window_of` of scan.h: the active-timeout window time `t` falls in (0: the first).
+pub fn window_of(b: &types::flow_base, t: u64, active_ns: u64) -> u64 {
+    if t > b.first_seen_ns && active_ns > 0 {
+        (t - b.first_seen_ns) / active_ns
+    } else {
+        0
+    }
+}
+
+/// `reported_window` of scan.h: the window the flow's last record was emitted in.
+pub fn reported_window(b: &types::flow_base, now_ns: u64, active_ns: u64) -> u64 {
+    super::decode::report_time(b, now_ns).map_or(0, |t| {
+        window_of(b, t, active_ns) + u64::from(b.meta & meta::REPORT_CARRY != 0)
+    })
+}
+
+/// `mark_reported` of scan.h: notes that a record carried the flow's counts up to `t`.
+pub fn mark_reported(b: &mut types::flow_base, t: u64, active_ns: u64) {
+    let units = t >> meta::REPORT_UNIT_SHIFT;
+    let mut m = b.meta & (meta::IDENTITY | meta::CONTINUATION | meta::IDENTIFIED);
+    m |= meta::REPORTED | ((units & 0xff_ffff) as u32) << meta::REPORT_SHIFT;
+    if active_ns > 0
+        && window_of(b, units << meta::REPORT_UNIT_SHIFT, active_ns) < window_of(b, t, active_ns)
+    {
+        m |= meta::REPORT_CARRY;
+    }
+    b.meta = m;
+}
+
+/// `tcp_flow` of scan.h: a TCP flow with its TCP state in the base entry.
+pub fn is_tcp_flow(key: &types::flow_key, b: &types::flow_base) -> bool {
+    key.proto == IPPROTO_TCP && tcp_hot(b).is_some()
+}
+
+/// `scan_due` of scan.h, for the in-memory table: what the scan does with a flow.
+pub fn due(key: &types::flow_key, b: &types::flow_base, a: &types::scan_args) -> Option<ScanKind> {
     let now = a.now_ns;
     let idle = now.saturating_sub(b.last_seen_ns);
     if a.flush != 0 {
-        return Some((ScanKind::Ended(EndReason::Shutdown), 0));
+        return Some(ScanKind::Ended(EndReason::Shutdown));
     }
+    let closed = close_reason(b).filter(|_| is_tcp_flow(key, b));
     if idle >= a.close_grace_ns {
-        if let Some(reason) = close_reason(b) {
-            return Some((ScanKind::Ended(reason), 0));
+        if let Some(reason) = closed {
+            return Some(ScanKind::Ended(reason));
         }
     }
     if idle >= a.idle_ns[proto_slot(key.proto)] {
-        return Some((ScanKind::Ended(EndReason::IdleTimeout), 0));
+        return Some(ScanKind::Ended(EndReason::IdleTimeout));
     }
-    if a.active_ns == 0 || now <= b.first_seen_ns || b.last_seen_ns < a.prev_ns {
+    if a.active_ns == 0 || b.last_seen_ns < a.prev_ns || b.packets == [0, 0] {
         return None;
     }
-    let window = (now - b.first_seen_ns) / a.active_ns;
-    (window != 0 && window as u8 != b.windows).then_some((ScanKind::Active, window))
+    let w = window_of(b, now, a.active_ns);
+    if w == 0 || w <= reported_window(b, now, a.active_ns) || closed.is_some() {
+        return None;
+    }
+    Some(ScanKind::Active)
 }
 
 /// `scan_may_evict` of scan.h: a flow no other rule ends that sent one packet, was never
@@ -136,8 +163,8 @@ pub fn due(
 pub fn may_evict(b: &types::flow_base, a: &types::scan_args) -> bool {
     a.evict_age_ns != 0
         && a.now_ns.saturating_sub(b.last_seen_ns) >= a.evict_age_ns
-        && b.windows == 0
         && b.packets[0] + b.packets[1] == 1
+        && b.meta & meta::REPORTED == 0
 }
 
 /// `scan_take_need` of scan.h: whether evicting a flow that holds the given extension
@@ -157,9 +184,70 @@ pub fn take_need(a: &mut types::scan_args, tcp: bool, icmp: bool) -> bool {
     true
 }
 
-/// Decodes one record of `scan_out`, with its flow's owners from the same slot of
-/// `scan_owner_out`.
-pub fn decode_rec(r: &types::scan_rec, o: &types::scan_owner) -> Option<(ScanKind, RawFlow)> {
+/// Whether the scan looks a TCP flow about to get a record up in the memory of ended
+/// connections (`scan_identify`): once, and only when its first packet was not its SYN.
+pub fn wants_identity(b: &types::flow_base) -> bool {
+    b.meta & meta::IDENTIFIED == 0
+        && tcp_hot(b).is_some_and(|h| u32::from(h.bits) & types::tcp_bits::TCPB_SYN.0 == 0)
+}
+
+/// `scan_identify` of scan.h, once the memory gave `e`: the flow takes the connection's
+/// identity and history back.
+pub fn take_identity(b: &mut types::flow_base, e: &types::flow_ended, active_ns: u64) {
+    use types::tcp_bits as B;
+    let hs = (B::TCPB_SYN.0
+        | B::TCPB_SYNACK.0
+        | B::TCPB_HS_DONE.0
+        | B::TCPB_CLIENT_HS.0
+        | B::TCPB_SERVER_HS.0) as u8;
+    // SAFETY: both union arms are plain integers; the caller checked it is a TCP flow.
+    let mut h = unsafe { b.l4.tcp };
+    h.flags[0] |= e.hot.flags[0];
+    h.flags[1] |= e.hot.flags[1];
+    h.bits |= e.hot.bits & hs;
+    if u32::from(e.hot.bits) & B::TCPB_LATE_START.0 == 0 {
+        h.bits &= !(B::TCPB_LATE_START.0 as u8);
+    }
+    h.syn_retrans = h.syn_retrans.wrapping_add(e.hot.syn_retrans);
+    if u32::from(e.hot.bits) & B::TCPB_CLIENT_HS.0 != 0 {
+        b.handshake_client_ns = e.handshake_client_ns;
+    }
+    if u32::from(e.hot.bits) & B::TCPB_SERVER_HS.0 != 0 {
+        b.handshake_server_ns = e.handshake_server_ns;
+    }
+    b.l4.tcp = h;
+    b.first_seen_ns = e.first_seen_ns;
+    b.meta =
+        (b.meta & !meta::CLIENT_HI) | (u32::from(e.meta) & meta::CLIENT_HI) | meta::CONTINUATION;
+    mark_reported(b, e.ended_ns, active_ns);
+}
+
+/// `scan_remember` of scan.h: what the memory of ended connections keeps of a TCP flow
+/// ending idle at `now_ns`, when it is a connection that may resume (established, and
+/// answered or already reported); None for anything else.
+pub fn ended_of(b: &types::flow_base, now_ns: u64) -> Option<types::flow_ended> {
+    use types::tcp_state as S;
+    let h = tcp_hot(b)?;
+    let st = u32::from(h.state);
+    if st != S::TCP_ST_ESTABLISHED.0 && st != S::TCP_ST_FIN_WAIT.0 {
+        return None;
+    }
+    if b.meta & meta::REPORTED == 0 && !(b.packets[0] > 0 && b.packets[1] > 0) {
+        return None;
+    }
+    Some(types::flow_ended {
+        first_seen_ns: b.first_seen_ns,
+        ended_ns: now_ns,
+        handshake_client_ns: b.handshake_client_ns,
+        handshake_server_ns: b.handshake_server_ns,
+        hot: h,
+        meta: (b.meta & meta::CLIENT_HI) as u8,
+        ..Default::default()
+    })
+}
+
+/// Decodes one record of `scan_ring`.
+pub fn decode_rec(r: &types::scan_rec) -> Option<(ScanKind, RawFlow)> {
     let kind = ScanKind::from_raw(r.kind)?;
     Some((
         kind,
@@ -168,7 +256,7 @@ pub fn decode_rec(r: &types::scan_rec, o: &types::scan_owner) -> Option<(ScanKin
             base: decode(&r.base),
             tcp: (r.has_tcp != 0).then_some(r.tcp),
             icmp: (r.has_icmp != 0).then_some(r.icmp),
-            owner: [0, 1].map(|end| (o.has[end] != 0).then_some(o.side[end])),
+            owner: [0, 1].map(|end| (r.has_owner >> end & 1 != 0).then_some(r.owner[end])),
         },
     ))
 }

@@ -1,19 +1,24 @@
 //! The poller's view of the flow maps: a `FlowTable` trait, implemented over the kernel maps here and in memory in `memory`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
-
-/// The join's map, by extension id: SipHash was a quarter of a poll's time.
-pub type JoinMap<V> = HashMap<u64, V, foldhash::fast::RandomState>;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, RingBuffer, RingBufferBuilder};
 
 use super::decode::{decode, ext_id, owner_key, owner_of_key, ExtKind, RawFlow};
-use super::scan::{decode_rec, Scanned};
+use super::scan::{decode_rec, ScanKind, ScanSummary};
 use super::PollError;
 use crate::kernel::bpf::types;
 use crate::kernel::datapath::FlowMaps;
+
+/// The join's map, by extension id: SipHash was a quarter of a poll's time.
+pub type JoinMap<V> = HashMap<u64, V, foldhash::fast::RandomState>;
+
+/// Where a scan hands the flows it ended or found due, a batch at a time, as they come.
+pub type FlowSink<'a> = dyn FnMut(Vec<(ScanKind, RawFlow)>) -> Result<(), PollError> + 'a;
 
 /// The kernel-internal "operation not supported" errno.
 const ENOTSUPP: i32 = 524;
@@ -187,15 +192,16 @@ pub fn join(
 pub trait FlowTable: Send {
     /// Reads every map once and joins each base entry with its extension.
     fn read(&mut self) -> Result<Joined, PollError>;
-    /// One pass of the scan (`src/bpf/scan.h`): ends the flows due to end, taking them
-    /// out of every map, and returns them with the flows due an active-timeout record.
-    fn scan(&mut self, args: &types::scan_args) -> Result<Scanned, PollError>;
-    /// The scan apart from the table, to run `parts` concurrent scans that each take
-    /// the flows their share of the key hash names (a bulk end then uses more than one
-    /// CPU); None where the table has no such program.
-    fn split(&mut self, _parts: u32) -> Option<SplitScan> {
-        None
-    }
+    /// One scan (`src/bpf/scan.h`): ends the flows due to end, taking them out of every
+    /// map, and hands them to `sink` with the flows due an active-timeout record (whose
+    /// entries keep only what the records do not carry), in batches as they come. A
+    /// bulk end may be split among up to `threads` concurrent scans.
+    fn scan(
+        &mut self,
+        args: &types::scan_args,
+        threads: u32,
+        sink: &mut FlowSink<'_>,
+    ) -> Result<ScanSummary, PollError>;
     /// Deletes the orphan entry `id` of extension map `ext`; whether it did.
     fn remove_orphan(&mut self, ext: ExtMap, id: u64) -> Result<bool, PollError>;
     /// Capacities of the base, TCP and ICMP maps.
@@ -207,6 +213,24 @@ pub trait FlowTable: Send {
     }
     /// The datapath's counters by name.
     fn counters(&self) -> BTreeMap<String, u64>;
+    /// When the latest full scan ran, this agent's or (maps kept across a restart) its
+    /// predecessor's; None before any.
+    fn last_scan(&self) -> Option<u64>;
+}
+
+/// One scan's flows, gathered (for tests and benchmarks; the poller emits them as they
+/// come).
+pub fn collect_scan<T: FlowTable + ?Sized>(
+    table: &mut T,
+    args: &types::scan_args,
+    threads: u32,
+) -> Result<(Vec<(ScanKind, RawFlow)>, ScanSummary), PollError> {
+    let mut flows = Vec::new();
+    let done = table.scan(args, threads, &mut |batch| {
+        flows.extend(batch);
+        Ok(())
+    })?;
+    Ok((flows, done))
 }
 
 /// How entries are read: batch syscalls where the kernel has them.
@@ -218,12 +242,12 @@ pub enum ReadMode {
 
 /// The kernel's split flow maps.
 pub struct KernelTable {
+    /// Declared before the maps: it reads their ring, which must outlive it.
+    ring: Option<ScanRing>,
     maps: FlowMaps,
     mode: ReadMode,
     /// Entries the previous read or scan found, to size the next read's collections.
     last_entries: [u64; 3],
-    /// `scan_out` in this process, mapped at the first scan.
-    scan_out: Option<Arc<ScanOut>>,
     /// Owner entries the previous read found.
     owners: usize,
 }
@@ -231,10 +255,10 @@ pub struct KernelTable {
 impl KernelTable {
     pub fn new(maps: FlowMaps) -> KernelTable {
         KernelTable {
+            ring: None,
             maps,
             mode: ReadMode::Batch,
             last_entries: [0; 3],
-            scan_out: None,
             owners: 0,
         }
     }
@@ -246,64 +270,175 @@ impl KernelTable {
     pub fn maps(&self) -> &FlowMaps {
         &self.maps
     }
-
-    /// `scan_out`, mapped at the first call.
-    fn scan_out(&mut self) -> Result<Arc<ScanOut>, PollError> {
-        if let Some(out) = &self.scan_out {
-            return Ok(out.clone());
-        }
-        let out = Arc::new(
-            ScanOut::map(&self.maps.scan_out, &self.maps.scan_owner_out).map_err(|source| {
-                PollError::Read {
-                    map: "scan_out",
-                    source,
-                }
-            })?,
-        );
-        self.scan_out = Some(out.clone());
-        Ok(out)
-    }
 }
 
-/// The scan split into parts, each run by a thread of its own: a part's passes write
-/// its own slice of scan_out, which that thread reads back before its next pass.
-pub struct SplitScan {
-    prog: std::os::fd::OwnedFd,
-    out: Arc<ScanOut>,
-    parts: u32,
-    capacity: u32,
+/// Records a scan may have ended before it stops to hand the rest of a bulk end to
+/// concurrent scans (one per CPU): a poll with a few ends stays one walk on one CPU.
+const BULK_AFTER: u32 = 4096;
+
+/// Records taken off the ring at a time: one batch of the poller's.
+const RING_CHUNK: usize = super::OUT_BATCH;
+
+/// `scan_ring` consumed in this process: each record is decoded as it is taken off.
+struct ScanRing {
+    rb: RingBuffer<'static>,
+    got: Arc<Mutex<Vec<(ScanKind, RawFlow)>>>,
 }
 
-impl SplitScan {
-    pub fn parts(&self) -> u32 {
-        self.parts
-    }
-
-    /// Runs the passes of part `part` until one leaves nothing of its own due, handing
-    /// each pass's flows to `sink`; stops early when `sink` says so.
-    pub fn run(
-        &self,
-        args: &types::scan_args,
-        part: u32,
-        mut sink: impl FnMut(Scanned) -> bool,
-    ) -> Result<(), PollError> {
-        let mut a = types::scan_args {
-            capacity: self.capacity,
-            part,
-            parts: self.parts,
-            first_slot: part * self.capacity,
-            ..*args
+impl ScanRing {
+    fn new(map: &MapHandle) -> Result<ScanRing, PollError> {
+        let got: Arc<Mutex<Vec<(ScanKind, RawFlow)>>> = Arc::default();
+        let sink = got.clone();
+        let mut b = RingBufferBuilder::new();
+        let err = |e: libbpf_rs::Error| PollError::Read {
+            map: "scan_ring",
+            source: std::io::Error::other(e),
         };
-        let _slice = self.out.claim(a.first_slot, self.capacity)?;
+        b.add(map, move |data: &[u8]| {
+            // A record this build cannot read (never: one layout per pin directory) is
+            // skipped rather than stopping the scan's consumer.
+            if data.len() >= std::mem::size_of::<types::scan_rec>() {
+                let r: types::scan_rec = decode(&data[..std::mem::size_of::<types::scan_rec>()]);
+                if let Some(f) = decode_rec(&r) {
+                    sink.lock().unwrap_or_else(|e| e.into_inner()).push(f);
+                }
+            }
+            0
+        })
+        .map_err(err)?;
+        Ok(ScanRing {
+            rb: b.build().map_err(err)?,
+            got,
+        })
+    }
+
+    /// Takes up to `RING_CHUNK` records off the ring and hands them to `sink`; how many.
+    fn drain(&self, sink: &mut FlowSink<'_>) -> Result<usize, PollError> {
+        let n = self.rb.consume_raw_n(RING_CHUNK);
+        if n < 0 {
+            return Err(PollError::Read {
+                map: "scan_ring",
+                source: std::io::Error::from_raw_os_error(-n),
+            });
+        }
+        let batch = std::mem::take(&mut *self.got.lock().unwrap_or_else(|e| e.into_inner()));
+        if !batch.is_empty() {
+            sink(batch)?;
+        }
+        Ok(n as usize)
+    }
+
+    /// Waits until the ring has records to wake up for, or `timeout` passes.
+    fn wait(&self, timeout: Duration) {
+        let mut ev = [libc::epoll_event { events: 0, u64: 0 }];
+        // SAFETY: epoll_wait writes at most one event into `ev`, which has room for one;
+        // the epoll fd is the ring buffer's, alive as long as `self`.
+        unsafe {
+            libc::epoll_wait(
+                self.rb.epoll_fd(),
+                ev.as_mut_ptr(),
+                1,
+                timeout.as_millis() as i32,
+            )
+        };
+    }
+}
+
+/// How often the poller looks at the ring while a scan runs (records wake it up
+/// sooner once a quarter of the ring is waiting).
+const RING_LOOK: Duration = Duration::from_millis(1);
+
+/// Runs one scan per `args` (concurrently, each on a thread of its own) while this
+/// thread drains their records into `sink`. A scan that fills the ring waits until the
+/// ring was drained and goes on with another pass. Returns each scan's returned
+/// arguments (of its last pass) and its passes.
+fn scan_draining(
+    prog: BorrowedFd<'_>,
+    ring: &ScanRing,
+    args: &[types::scan_args],
+    sink: &mut FlowSink<'_>,
+) -> Result<Vec<(types::scan_args, u32)>, PollError> {
+    let running = AtomicUsize::new(args.len());
+    // Counts the times the ring was found empty: a scan that filled it waits for one.
+    let drained = AtomicU64::new(0);
+    let abort = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let mut spawned = Ok(());
+        let scans: Vec<_> = args
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| {
+                let (running, drained, abort) = (&running, &drained, &abort);
+                let mut a = *a;
+                std::thread::Builder::new()
+                    .name(format!("flowlens-scan{i}"))
+                    .spawn_scoped(s, move || {
+                        // Counted down however the scan ends, so the drain stops.
+                        struct Done<'a>(&'a AtomicUsize);
+                        impl Drop for Done<'_> {
+                            fn drop(&mut self) {
+                                self.0.fetch_sub(1, Ordering::Release);
+                            }
+                        }
+                        let _done = Done(running);
+                        let mut passes = 0;
+                        loop {
+                            run_scan(prog, &mut a)?;
+                            passes += 1;
+                            if a.stopped != types::scan_stop::SCAN_RING_FULL.0 {
+                                return Ok((a, passes));
+                            }
+                            let seen = drained.load(Ordering::Acquire);
+                            while drained.load(Ordering::Acquire) == seen {
+                                if abort.load(Ordering::Relaxed) {
+                                    return Ok((a, passes));
+                                }
+                                std::thread::sleep(Duration::from_micros(200));
+                            }
+                        }
+                    })
+                    .map_err(|e| {
+                        running.fetch_sub(1, Ordering::Release);
+                        spawned = Err(PollError::Scan(e));
+                    })
+                    .ok()
+            })
+            .collect();
+        let mut took = Ok(());
         loop {
-            run_scan(self.prog.as_fd(), &mut a)?;
-            let pass = self.out.scanned(&a);
-            let more = pass.more_due();
-            if !sink(pass) || !more {
-                return Ok(());
+            // Read before the drain: once every scan is done, one empty drain after
+            // that has taken every record they wrote.
+            let done = running.load(Ordering::Acquire) == 0;
+            match ring.drain(sink) {
+                Ok(0) => {
+                    drained.fetch_add(1, Ordering::Release);
+                    if done {
+                        break;
+                    }
+                    ring.wait(RING_LOOK);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // The scans stop at their next full ring; what they wrote since
+                    // waits in the ring for the next scan's drain.
+                    abort.store(true, Ordering::Relaxed);
+                    took = Err(e);
+                    break;
+                }
             }
         }
-    }
+        let ran: Result<Vec<_>, PollError> = scans
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(PollError::Scan(std::io::Error::other(
+                        "a scan thread panicked",
+                    )))
+                })
+            })
+            .collect();
+        took.and(spawned).and(ran)
+    })
 }
 
 /// Runs the scan program once with `a` as its context; the kernel writes the results
@@ -374,31 +509,60 @@ impl FlowTable for KernelTable {
         Ok(joined)
     }
 
-    fn scan(&mut self, args: &types::scan_args) -> Result<Scanned, PollError> {
-        let out = self.scan_out()?;
-        let mut a = *args;
-        a.capacity = out.records;
-        (a.part, a.parts, a.first_slot) = (0, 0, 0);
-        let _all = out.claim(0, out.records)?;
-        run_scan(self.maps.scan.as_fd(), &mut a)?;
-        let pass = out.scanned(&a);
-        self.last_entries = a.entries;
-        Ok(pass)
+    fn scan(
+        &mut self,
+        args: &types::scan_args,
+        threads: u32,
+        sink: &mut FlowSink<'_>,
+    ) -> Result<ScanSummary, PollError> {
+        if self.ring.is_none() {
+            self.ring = Some(ScanRing::new(&self.maps.scan_ring)?);
+        }
+        let KernelTable { ring, maps, .. } = self;
+        let ring = ring.as_ref().expect("made above");
+        let prog = maps.scan.as_fd();
+        let mut a = types::scan_args {
+            part: 0,
+            parts: 0,
+            ..*args
+        };
+        // A bulk end is worth every CPU; eviction and the closing pass count for the whole
+        // map, so they are never split.
+        let split = threads > 1 && a.evict_age_ns == 0 && a.closing_only == 0;
+        a.bulk_after = if split { BULK_AFTER } else { 0 };
+        let [(first, mut passes)] = scan_draining(prog, ring, &[a], sink)?[..] else {
+            unreachable!("one scan, one result")
+        };
+        let mut summary = ScanSummary {
+            entries: first.entries,
+            evict_left: first.evict_need,
+            passes,
+            split: false,
+        };
+        if first.stopped == types::scan_stop::SCAN_BULK.0 {
+            let parts: Vec<types::scan_args> = (0..threads)
+                .map(|part| types::scan_args {
+                    part,
+                    parts: threads,
+                    bulk_after: 0,
+                    ..a
+                })
+                .collect();
+            let ran = scan_draining(prog, ring, &parts, sink)?;
+            for (r, p) in ran {
+                // Each part counts the maps when it ends; the last one to end saw the least.
+                summary.entries = [0, 1, 2].map(|i| summary.entries[i].min(r.entries[i]));
+                passes += p;
+            }
+            summary.passes = passes;
+            summary.split = true;
+        }
+        self.last_entries = summary.entries;
+        Ok(summary)
     }
 
-    fn split(&mut self, parts: u32) -> Option<SplitScan> {
-        let out = self.scan_out().ok()?;
-        // Each part needs room for a useful pass of its own.
-        let parts = parts.min(out.records / 1024);
-        if parts < 2 {
-            return None;
-        }
-        Some(SplitScan {
-            prog: self.maps.scan.try_clone().ok()?,
-            capacity: out.records / parts,
-            out,
-            parts,
-        })
+    fn last_scan(&self) -> Option<u64> {
+        self.maps.last_scan()
     }
 
     fn remove_orphan(&mut self, ext: ExtMap, id: u64) -> Result<bool, PollError> {
@@ -489,164 +653,6 @@ fn walk_key_by_key(map: &MapHandle, locked: bool, mut f: impl FnMut(&[u8], &[u8]
         // A key deleted since the walk is simply gone.
         if let Ok(Some(v)) = map.lookup(&k, lookup_flags(locked)) {
             f(&k, &v);
-        }
-    }
-}
-
-/// An array map of `T` mapped read-only into this process.
-struct Mapped<T> {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-    /// Bytes from one element to the next: an array element is its value rounded to 8.
-    stride: usize,
-    records: u32,
-    _of: std::marker::PhantomData<T>,
-}
-
-impl<T: plain::Plain> Mapped<T> {
-    fn map(m: &MapHandle, name: &str) -> std::io::Result<Mapped<T>> {
-        let size = std::mem::size_of::<T>();
-        if m.value_size() as usize != size {
-            return Err(std::io::Error::other(format!(
-                "{name} holds {}-byte values, {} is {size}",
-                m.value_size(),
-                std::any::type_name::<T>()
-            )));
-        }
-        let stride = size.next_multiple_of(8);
-        // SAFETY: sysconf only reads a system constant.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let len = (stride * m.max_entries() as usize).next_multiple_of(page);
-        // SAFETY: a new read-only shared mapping of the map's own fd, of no more than the
-        // kernel allocated for it (it checks the length); no existing memory is touched.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                m.as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Mapped {
-            ptr: std::ptr::NonNull::new(p.cast()).ok_or_else(std::io::Error::last_os_error)?,
-            len,
-            stride,
-            records: m.max_entries(),
-            _of: std::marker::PhantomData,
-        })
-    }
-
-    /// The `n` elements from slot `first` on. The caller makes sure nothing writes them
-    /// meanwhile (see `ScanOut`'s Sync impl).
-    fn slots(&self, first: u32, n: u32) -> impl Iterator<Item = &T> + '_ {
-        let first = first.min(self.records);
-        let n = n.min(self.records - first) as usize;
-        // SAFETY: these elements lie inside the mapping, which lives as long as `self`;
-        // the caller holds the claim on them and its scan has returned, so nothing
-        // writes them (see ScanOut's Sync impl).
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                self.ptr.as_ptr().add(first as usize * self.stride),
-                n * self.stride,
-            )
-        };
-        bytes.chunks_exact(self.stride).map(|c| {
-            plain::from_bytes(&c[..std::mem::size_of::<T>()])
-                .expect("array elements are 8-aligned in a page-aligned mapping")
-        })
-    }
-}
-
-impl<T> Drop for Mapped<T> {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once; no reference to it outlives
-        // `self`.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
-
-/// The scan's output arrays mapped read-only into this process: a pass's records are
-/// read where the scan program wrote them, instead of copied out through a syscall into
-/// buffers faulted in afresh on every pass (15 % of a poll that ends 100 k flows).
-pub struct ScanOut {
-    recs: Mapped<types::scan_rec>,
-    /// `scan_owner_out`, slot for slot: the owners of each record's flow.
-    owners: Mapped<types::scan_owner>,
-    records: u32,
-    /// Slots claimed by the scans running now: a scan writes and reads back only its
-    /// own slots, so no two claims overlap.
-    claimed: std::sync::Mutex<Vec<std::ops::Range<u32>>>,
-}
-
-// SAFETY: the mappings are owned by this value alone. The kernel writes a slot only while
-// a scan runs, and a scan runs only under a claim (`claim`) on its slots, which excludes
-// every other claim on them; the records are read back under the same claim, on the
-// same thread, after the scan returned. So no slot is ever read while written.
-unsafe impl Send for ScanOut {}
-// SAFETY: as for Send: threads share the mappings only through disjoint claims.
-unsafe impl Sync for ScanOut {}
-
-/// Slots of scan_out one scan holds; given back when dropped.
-struct Claim<'a> {
-    out: &'a ScanOut,
-    slots: std::ops::Range<u32>,
-}
-
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        let mut held = self.out.claimed.lock().unwrap_or_else(|e| e.into_inner());
-        held.retain(|r| *r != self.slots);
-    }
-}
-
-impl ScanOut {
-    fn map(recs: &MapHandle, owners: &MapHandle) -> std::io::Result<ScanOut> {
-        let recs = Mapped::map(recs, "scan_out")?;
-        let owners = Mapped::map(owners, "scan_owner_out")?;
-        let records = recs.records.min(owners.records);
-        Ok(ScanOut {
-            recs,
-            owners,
-            records,
-            claimed: std::sync::Mutex::new(Vec::new()),
-        })
-    }
-
-    /// Claims the `n` slots from `first` for one scan, or fails if another scan holds
-    /// any of them.
-    fn claim(&self, first: u32, n: u32) -> Result<Claim<'_>, PollError> {
-        let slots = first..first.saturating_add(n);
-        let mut held = self.claimed.lock().unwrap_or_else(|e| e.into_inner());
-        if held
-            .iter()
-            .any(|r| r.start < slots.end && slots.start < r.end)
-        {
-            return Err(PollError::Scan(std::io::Error::other(
-                "two scans at once over the same slots of scan_out",
-            )));
-        }
-        held.push(slots.clone());
-        Ok(Claim { out: self, slots })
-    }
-
-    /// The pass whose returned arguments are `a`: its records decoded out of its slots.
-    /// Called under the claim that the pass ran under.
-    fn scanned(&self, a: &types::scan_args) -> Scanned {
-        Scanned {
-            flows: self
-                .recs
-                .slots(a.first_slot, a.copied)
-                .zip(self.owners.slots(a.first_slot, a.copied))
-                .filter_map(|(r, o)| decode_rec(r, o))
-                .collect(),
-            entries: a.entries,
-            truncated: a.truncated != 0,
-            evict_left: a.evict_need,
         }
     }
 }

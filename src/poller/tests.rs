@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 
-use super::decode::{KeyBytes, HI_TO_LO, LO_TO_HI};
+use super::decode::{meta, KeyBytes, LO_TO_HI};
 use super::memory::{flow_key, MemTable};
 use super::{Poller, PollerConfig};
 use crate::kernel::attach::IfNames;
@@ -78,7 +78,7 @@ impl Rig {
             last_seen_ns,
             packets,
             bytes: packets.map(|p| p * 100),
-            initiator: LO_TO_HI as u8,
+            meta: meta::created(LO_TO_HI, false, 0),
             ..Default::default()
         };
         let tcp = (proto == IPPROTO_TCP).then(types::flow_tcp::default);
@@ -88,6 +88,29 @@ impl Rig {
 
     fn tcp_state(&mut self, kb: &KeyBytes, state: types::tcp_state) {
         self.table().set_tcp_hot(kb, |h| h.state = state.0 as u8);
+    }
+
+    /// Packets each way (100 bytes each) at `at_ns`, as the datapath adds them.
+    fn add(&mut self, kb: &KeyBytes, packets: [u64; 2], at_ns: u64) {
+        let b = self.table().base_mut(kb).expect("base");
+        for (d, p) in packets.into_iter().enumerate() {
+            b.packets[d] += p;
+            b.bytes[d] += p * 100;
+        }
+        b.last_seen_ns = at_ns;
+    }
+
+    /// The agent dies and another takes its maps over (pinned): nothing is flushed.
+    fn restart(self) -> Rig {
+        let cfg = self.poller.cfg;
+        let table = self.poller.into_table();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let status = Arc::new(Status::new());
+        Rig {
+            poller: Poller::new(table, cfg, tx, status.clone(), IfNames::default()),
+            rx,
+            status,
+        }
     }
 
     fn poll(&mut self, now_ns: u64) -> Vec<FlowRecord> {
@@ -178,11 +201,11 @@ fn active_timeout_records_carry_deltas_that_add_up_to_the_total() {
         [1, 0, 0],
         "the flow goes on in the map"
     );
-
+    // What the record carried is gone from the entry: a successor never reports it again.
     let b = rig.table().base_mut(&k).expect("base");
-    b.packets = [17, 9];
-    b.bytes = [1700, 900];
-    b.last_seen_ns = T0 + 119 * S;
+    assert_eq!((b.packets, b.bytes), ([0, 0], [0, 0]));
+
+    rig.add(&k, [7, 4], T0 + 119 * S);
     assert!(
         rig.poll(T0 + 100 * S).is_empty(),
         "next record one timeout later"
@@ -191,7 +214,7 @@ fn active_timeout_records_carry_deltas_that_add_up_to_the_total() {
     assert_eq!((a2[0].client.packets, a2[0].server.packets), (7, 4));
     assert_eq!((a2[0].client.bytes, a2[0].server.bytes), (700, 400));
 
-    rig.table().base_mut(&k).expect("base").packets = [18, 9];
+    rig.add(&k, [1, 0], T0 + 119 * S);
     let end = rig.poll(T0 + 139 * S + 1);
     assert_eq!(end[0].end_reason, EndReason::IdleTimeout);
     assert_eq!((end[0].client.packets, end[0].server.packets), (1, 0));
@@ -279,7 +302,7 @@ fn the_initiator_decides_client_and_server() {
     let mut rig = Rig::new();
     let k = rig.flow(IPPROTO_UDP, 1000, [2, 7], T0);
     // The hi endpoint (10.0.0.2:80) sent first.
-    rig.table().base_mut(&k).expect("base").initiator = HI_TO_LO as u8;
+    rig.table().base_mut(&k).expect("base").meta |= meta::CLIENT_HI;
     rig.poller.flush().expect("flush");
     let [r] = rig
         .rx
@@ -314,14 +337,112 @@ fn a_flow_quiet_since_the_last_poll_gets_its_idle_end_not_an_active_record() {
 }
 
 #[test]
-fn no_empty_final_record_after_an_active_record() {
+fn a_flow_whose_last_active_record_carried_everything_still_ends_once_with_its_reason() {
     let mut rig = Rig::new();
     rig.flow(IPPROTO_UDP, 1000, [3, 3], T0 + 59 * S);
-    assert_eq!(rig.poll(T0 + 60 * S).len(), 1);
-    // Nothing since: the flow leaves the maps without a 0-packet record.
-    assert!(rig.poll(T0 + 80 * S).is_empty());
+    let active = rig.poll(T0 + 60 * S);
+    assert_eq!(active.len(), 1);
+    assert_eq!(active[0].end_reason, EndReason::ActiveTimeout);
+    // Nothing since: the flow still gets its final record, with nothing in it.
+    let end = rig.poll(T0 + 80 * S);
+    assert_eq!(end.len(), 1, "{end:?}");
+    assert_eq!(end[0].end_reason, EndReason::IdleTimeout);
+    assert_eq!((end[0].total_packets(), end[0].total_bytes()), (0, 0));
+    assert_eq!(end[0].flow_id, active[0].flow_id);
     assert_eq!(rig.table().entries(), [0, 0, 0]);
     assert_eq!(rig.status.flows_ended.load(Ordering::Relaxed), 1);
+}
+
+/// A TCP connection that closed just before its active-timeout tick: the tick leaves it
+/// to its close, whose record carries everything with the true reason.
+#[test]
+fn a_connection_closed_at_its_active_tick_ends_with_its_close_not_an_active_record() {
+    let mut rig = Rig::with(
+        PollerConfig {
+            active_timeout: Duration::from_secs(5),
+            ..cfg()
+        },
+        [1000; 3],
+    );
+    let fin = rig.flow(IPPROTO_TCP, 1000, [12, 9], T0 + 4 * S + 6 * S / 10);
+    rig.tcp_state(&fin, types::tcp_state::TCP_ST_CLOSED);
+    let rst = rig.flow(IPPROTO_TCP, 1001, [3, 1], T0 + 4 * S + 6 * S / 10);
+    rig.tcp_state(&rst, types::tcp_state::TCP_ST_RESET);
+    assert!(rig.poll(T0 + 4 * S).is_empty());
+    assert!(rig.poll(T0 + 5 * S).is_empty(), "inside the close grace");
+    let mut ends = rig.poll(T0 + 7 * S);
+    ends.sort_by_key(|r| r.client_port);
+    let got: Vec<_> = ends
+        .iter()
+        .map(|r| (r.end_reason, r.client.packets, r.server.packets))
+        .collect();
+    assert_eq!(got, [(EndReason::TcpFin, 12, 9), (EndReason::TcpRst, 3, 1)]);
+}
+
+/// A flow that went quiet shortly before its tick: the tick's record carries its packets,
+/// and the idle end still follows, once, with nothing new.
+#[test]
+fn a_flow_quiet_just_before_its_tick_gets_its_idle_end_after_the_active_record() {
+    let mut rig = Rig::with(
+        PollerConfig {
+            active_timeout: Duration::from_secs(5),
+            idle_udp: Duration::from_secs(1),
+            ..cfg()
+        },
+        [1000; 3],
+    );
+    rig.flow(IPPROTO_UDP, 1000, [40, 40], T0 + 4 * S + 6 * S / 10);
+    assert!(rig.poll(T0 + 4 * S + S / 2).is_empty());
+    let mut recs = rig.poll(T0 + 5 * S);
+    recs.extend(rig.poll(T0 + 6 * S));
+    let got: Vec<_> = recs
+        .iter()
+        .map(|r| (r.end_reason, r.total_packets()))
+        .collect();
+    assert_eq!(
+        got,
+        [(EndReason::ActiveTimeout, 80), (EndReason::IdleTimeout, 0)]
+    );
+}
+
+/// An agent that dies and is replaced (pinned maps) reports nothing twice, and its first
+/// poll gives no active-timeout record to a flow quiet since its predecessor's last poll.
+#[test]
+fn a_successor_reports_nothing_twice_and_leaves_quiet_flows_alone_at_its_first_poll() {
+    let mut rig = Rig::with(
+        PollerConfig {
+            idle_udp: Duration::from_secs(300),
+            ..cfg()
+        },
+        [1000; 3],
+    );
+    let busy = rig.flow(IPPROTO_UDP, 1000, [10, 10], T0 + 59 * S);
+    let quiet = rig.flow(IPPROTO_UDP, 1001, [5, 5], T0 + 59 * S);
+    let first = rig.poll(T0 + 60 * S);
+    assert_eq!(first.len(), 2);
+    rig.add(&busy, [3, 1], T0 + 70 * S);
+    rig.add(&quiet, [2, 0], T0 + 61 * S);
+    assert!(
+        rig.poll(T0 + 62 * S).is_empty(),
+        "both in their reported window"
+    );
+    // The agent dies; the next one takes over.
+    let mut rig = rig.restart();
+    let second = rig.poll(T0 + 121 * S);
+    assert_eq!(second.len(), 1, "the quiet flow waits: {second:?}");
+    assert_eq!(second[0].client_port, 1000);
+    assert_eq!(second[0].total_packets(), 4, "only what came since");
+    let flushed = {
+        rig.poller.flush().expect("flush");
+        rig.rx.try_iter().flatten().collect::<Vec<_>>()
+    };
+    let total: u64 = first
+        .iter()
+        .chain(&second)
+        .chain(&flushed)
+        .map(FlowRecord::total_packets)
+        .sum();
+    assert_eq!(total, 20 + 10 + 4 + 2);
 }
 
 #[test]
@@ -346,7 +467,7 @@ fn every_record_of_a_flow_has_its_id_observer_and_window() {
     let kb = poller.table_mut().put(key, base, None, None);
     poller.poll_once(T0 + 60 * S).expect("poll");
     let b = poller.table_mut().base_mut(&kb).expect("base");
-    b.packets = [2, 2];
+    b.packets = [1, 1];
     b.last_seen_ns = T0 + 70 * S;
     poller.poll_once(T0 + 91 * S).expect("poll");
     let recs: Vec<FlowRecord> = rx.try_iter().flatten().collect();
@@ -355,45 +476,202 @@ fn every_record_of_a_flow_has_its_id_observer_and_window() {
     assert_ne!(recs[0].flow_id, 0);
     assert!(recs.iter().all(|r| &*r.observer == "edge-7"));
     assert_eq!(recs[0].window_start, recs[0].first_seen);
-    // The second window starts when the first record went out.
+    // The second window starts when the first record went out (the entry keeps that
+    // time to 2^22 ns, rounded down).
     let gap = recs[1]
         .window_start
         .duration_since(recs[0].first_seen)
         .expect("later");
-    assert_eq!(gap, Duration::from_secs(60));
+    assert!(
+        gap <= Duration::from_secs(60)
+            && gap > Duration::from_secs(60) - Duration::from_nanos(1 << 22),
+        "{gap:?}"
+    );
     // Each record says when it was emitted (its poll); the first one's is the second's
-    // window start.
-    assert_eq!(recs[0].emitted, recs[1].window_start);
+    // window start, to the entry's rounding.
+    let lag = recs[0]
+        .emitted
+        .duration_since(recs[1].window_start)
+        .expect("rounded down");
+    assert!(lag < Duration::from_nanos(1 << 22), "{lag:?}");
     let at = |r: &FlowRecord| r.emitted.duration_since(recs[0].first_seen).expect("later");
     assert_eq!(at(&recs[1]), Duration::from_secs(91));
 }
 
+/// A TCP connection with its handshake seen, established, that sent both ways.
+fn connection(rig: &mut Rig, port: u16, last_seen_ns: u64) -> KeyBytes {
+    use types::tcp_bits as B;
+    let k = rig.flow(IPPROTO_TCP, port, [5, 5], last_seen_ns);
+    let t = rig.table();
+    let b = t.base_mut(&k).expect("base");
+    b.handshake_client_ns = 120_000;
+    b.handshake_server_ns = 40_000;
+    t.set_tcp_hot(&k, |h| {
+        h.state = types::tcp_state::TCP_ST_ESTABLISHED.0 as u8;
+        h.bits = (B::TCPB_SYN.0
+            | B::TCPB_SYNACK.0
+            | B::TCPB_HS_DONE.0
+            | B::TCPB_CLIENT_HS.0
+            | B::TCPB_SERVER_HS.0) as u8;
+        h.flags = [0x12, 0x12];
+    });
+    k
+}
+
+/// The same connection seen again by the datapath after its entry ended: a late start
+/// (its first packet is not its SYN) that, by the port heuristic, takes the side with the
+/// higher port (1000 > 80) as the client, here wrongly.
+fn resumed(
+    rig: &mut Rig,
+    port: u16,
+    packets: [u64; 2],
+    at_ns: u64,
+    state: types::tcp_state,
+    flags: u8,
+) -> KeyBytes {
+    let k = rig.flow(IPPROTO_TCP, port, packets, at_ns);
+    let t = rig.table();
+    let b = t.base_mut(&k).expect("base");
+    b.first_seen_ns = at_ns;
+    b.meta |= meta::CLIENT_HI;
+    t.set_tcp_hot(&k, |h| {
+        h.bits = types::tcp_bits::TCPB_LATE_START.0 as u8;
+        h.state = state.0 as u8;
+        h.flags = [flags, 0];
+    });
+    k
+}
+
+/// A connection that idles past its timeout and resumes comes back with its id, its
+/// roles, its handshake and the flags it sent before, as a continuation; so does its FIN
+/// after another idle gap.
 #[test]
-fn a_tcp_connection_back_after_an_idle_gap_keeps_its_roles_and_id() {
+fn a_resumed_connection_keeps_its_id_roles_and_handshake_through_to_its_fin() {
+    use crate::record::flow::TcpState;
+    use types::tcp_state as St;
     let mut rig = Rig::new();
-    let k = rig.flow(IPPROTO_TCP, 1000, [5, 5], T0 + S);
-    rig.tcp_state(&k, types::tcp_state::TCP_ST_ESTABLISHED);
+    let k = connection(&mut rig, 1000, T0 + S);
     let first = rig.poll(T0 + 31 * S);
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].client_port, 1000);
+    assert!(!first[0].continuation);
+    assert_eq!(rig.table().ended.len(), 1, "remembered");
 
-    // It resumes: the datapath sees it mid-connection and, by the port heuristic, takes
-    // the side with the higher port (1000 > 80) as the client.
-    let k2 = rig.flow(IPPROTO_TCP, 1000, [2, 3], T0 + 40 * S);
+    let k2 = resumed(
+        &mut rig,
+        1000,
+        [2, 3],
+        T0 + 40 * S,
+        St::TCP_ST_ESTABLISHED,
+        0x18,
+    );
     assert_eq!(k, k2);
-    {
-        let t = rig.table();
-        t.base_mut(&k).expect("base").initiator = HI_TO_LO as u8;
-        t.base_mut(&k).expect("base").first_seen_ns = T0 + 35 * S;
-        t.set_tcp_hot(&k, |h| h.bits = types::tcp_bits::TCPB_LATE_START.0 as u8);
-    }
     let second = rig.poll(T0 + 71 * S);
     assert_eq!(second.len(), 1);
     let r = &second[0];
     assert!(r.continuation);
+    assert_eq!(r.end_reason, EndReason::IdleTimeout);
     assert_eq!(r.flow_id, first[0].flow_id);
+    assert_eq!(
+        r.first_seen, first[0].first_seen,
+        "the connection's first packet"
+    );
     assert_eq!((r.client_port, r.server_port), (1000, 80));
     assert_eq!((r.client.packets, r.server.packets), (2, 3));
+    let t = r.tcp.expect("tcp");
+    assert_eq!(
+        (t.handshake_client_ns, t.handshake_server_ns, t.late_start),
+        (Some(120_000), Some(40_000), false),
+        "the handshake of the connection"
+    );
+    assert_eq!(
+        t.client_flags,
+        0x12 | 0x18,
+        "flags over the whole connection"
+    );
+    // Its window starts where the earlier record left off.
+    let ws = r
+        .window_start
+        .duration_since(first[0].last_seen)
+        .expect("later");
+    assert!(ws <= Duration::from_secs(30), "{ws:?}");
+
+    // Another idle gap, then its FIN alone: the same connection again.
+    resumed(
+        &mut rig,
+        1000,
+        [1, 0],
+        T0 + 80 * S,
+        St::TCP_ST_FIN_WAIT,
+        0x11,
+    );
+    let third = rig.poll(T0 + 111 * S);
+    assert_eq!(third.len(), 1);
+    let f = &third[0];
+    assert!(f.continuation);
+    assert_eq!(f.flow_id, first[0].flow_id);
+    assert_eq!((f.client_port, f.client.packets), (1000, 1));
+    let t = f.tcp.expect("tcp");
+    assert_eq!(t.state, TcpState::FinWait);
+    assert_eq!(t.handshake_client_ns, Some(120_000));
+}
+
+/// What a connection's continuation needs is in the kernel's memory of ended
+/// connections, so it survives the agent.
+#[test]
+fn a_connection_that_resumes_after_an_agent_restart_is_still_a_continuation() {
+    use types::tcp_state as St;
+    let mut rig = Rig::new();
+    connection(&mut rig, 1000, T0 + S);
+    let first = rig.poll(T0 + 31 * S);
+    let mut rig = rig.restart();
+    resumed(
+        &mut rig,
+        1000,
+        [2, 3],
+        T0 + 40 * S,
+        St::TCP_ST_ESTABLISHED,
+        0x18,
+    );
+    let second = rig.poll(T0 + 71 * S);
+    assert_eq!(second.len(), 1);
+    assert!(second[0].continuation);
+    assert_eq!(second[0].flow_id, first[0].flow_id);
+    assert_eq!(second[0].client_port, 1000);
+}
+
+/// Flows that could never resume (a SYN without answer, one-way traffic, a closed or
+/// reset connection, an evicted flow) never enter the memory of ended connections, so a
+/// flood cannot flush it; and it is bounded, the least recently used going first.
+#[test]
+fn the_memory_of_ended_connections_takes_no_junk_and_is_bounded() {
+    use super::memory::ENDED_CAPACITY;
+    use types::tcp_state as St;
+    let mut rig = small([10_000, 10_000, 10_000]);
+    // A SYN flood: one packet each, ended idle or evicted.
+    for port in 0..2000 {
+        let k = rig.flow(IPPROTO_TCP, 2000 + port, [1, 0], T0);
+        rig.tcp_state(&k, St::TCP_ST_SYN_SENT);
+    }
+    // One-way data, a mid-connection ACK probe, a closed and a reset connection.
+    let one_way = rig.flow(IPPROTO_TCP, 1001, [9, 0], T0);
+    rig.tcp_state(&one_way, St::TCP_ST_ESTABLISHED);
+    let closed = connection(&mut rig, 1002, T0);
+    rig.tcp_state(&closed, St::TCP_ST_CLOSED);
+    let reset = connection(&mut rig, 1003, T0);
+    rig.tcp_state(&reset, St::TCP_ST_RESET);
+    rig.poll(T0 + 301 * S);
+    assert_eq!(rig.table().entries(), [0, 0, 0]);
+    assert!(rig.table().ended.is_empty(), "no junk remembered");
+
+    // Established connections that ended idle, more than the memory holds.
+    let n = ENDED_CAPACITY as u16 + 10;
+    let mut rig = Rig::new();
+    for port in 0..n {
+        connection(&mut rig, 10_000 + port, T0 + S);
+    }
+    rig.poll(T0 + 31 * S);
+    assert_eq!(rig.table().ended.len(), ENDED_CAPACITY);
 }
 
 /// A rig with small maps, for the eviction rules.
@@ -653,4 +931,162 @@ fn a_poll_hands_its_records_over_in_batches_without_spare_room() {
     // A poll that ends nothing hands nothing over.
     rig.poller.poll_once(T0 + 1001 * S).expect("poll");
     assert!(rig.rx.try_recv().is_err());
+}
+
+/// The entry keeps the time of a flow's last record to 2^22 ns (rounded down) in 24 bits,
+/// and the window it fell in exactly, also when rounding moved it into the window before;
+/// the time reads back the same for ~19.5 h.
+#[test]
+fn the_time_of_a_flows_last_record_is_kept_to_4_ms_and_its_window_exactly() {
+    use super::decode::report_time;
+    use super::scan::{mark_reported, reported_window, window_of};
+    let active = 60 * S;
+    let mut b = types::flow_base {
+        first_seen_ns: T0 + 12_345,
+        ..Default::default()
+    };
+    assert_eq!(report_time(&b, T0 + S), None, "no record yet");
+    // A record 1 ms into window 3: its rounded-down time may fall in window 2.
+    for into in [0, 1_000, 1_000_000, 4_000_000, 30 * S] {
+        let t = b.first_seen_ns + 3 * active + into;
+        mark_reported(&mut b, t, active);
+        assert_eq!(window_of(&b, t, active), 3);
+        assert_eq!(
+            reported_window(&b, t, active),
+            3,
+            "{into} ns into the window"
+        );
+        let rt = report_time(&b, t + 10 * S).expect("reported");
+        assert!(rt <= t && t - rt < 1 << 22, "{rt} for {t}");
+        for later in [0, 3600 * S, 19 * 3600 * S] {
+            assert_eq!(report_time(&b, t + later), Some(rt));
+            assert_eq!(reported_window(&b, t + later, active), 3);
+        }
+    }
+}
+
+/// ListFlows shows each flow with what no record has carried yet, over the window since
+/// its last record: the counts of an active-timeout record are not shown again.
+#[test]
+fn a_snapshot_shows_each_flow_since_its_last_record() {
+    use crate::record::snapshot::SnapshotSlot;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let slot = SnapshotSlot::new(Duration::from_secs(1));
+    let mut p = Poller::new(
+        MemTable::new([100; 3]),
+        cfg(),
+        tx,
+        Arc::new(Status::new()),
+        IfNames::default(),
+    )
+    .with_snapshots(slot.clone());
+    let ip = |d| IpAddr::V4(Ipv4Addr::new(10, 0, 0, d));
+    let (key, _) = flow_key(IPPROTO_UDP, (ip(1), 5000), (ip(2), 53), 3);
+    let base = types::flow_base {
+        first_seen_ns: T0,
+        last_seen_ns: T0 + 59 * S,
+        packets: [10, 4],
+        bytes: [1000, 400],
+        ..Default::default()
+    };
+    let kb = p.table_mut().put(key, base, None, None);
+    slot.want();
+    p.poll_once(T0 + 30 * S).expect("poll");
+    let before = slot.latest().flows[0].clone();
+    assert_eq!(before.total_packets(), 14);
+    assert_eq!(before.window_start, before.first_seen);
+    p.poll_once(T0 + 60 * S).expect("poll");
+    let active: Vec<FlowRecord> = rx.try_iter().flatten().collect();
+    assert_eq!(active[0].total_packets(), 14);
+    let b = p.table_mut().base_mut(&kb).expect("base");
+    b.packets[0] += 2;
+    b.last_seen_ns = T0 + 61 * S;
+    p.poll_once(T0 + 62 * S).expect("poll");
+    let after = slot.latest().flows[0].clone();
+    assert_eq!(after.end_reason, EndReason::InProgress);
+    assert_eq!(after.total_packets(), 2, "only what came since the record");
+    assert_eq!(after.flow_id, active[0].flow_id);
+    assert!(after.window_start > after.first_seen);
+    assert!(
+        after
+            .window_start
+            .duration_since(before.first_seen)
+            .expect("later")
+            > Duration::from_secs(59)
+    );
+}
+
+/// A flow's local ends, taken at its first packet, ride on every record of it (active,
+/// in progress, final), with the roles, and leave the owners' map with the flow; an
+/// owner entry whose flow is gone is swept like an orphan extension.
+#[test]
+fn every_record_of_a_flow_carries_its_local_ends_and_they_leave_with_it() {
+    use crate::record::snapshot::SnapshotSlot;
+    let owner = |pid: u32, comm: &[u8]| {
+        let mut o = types::flow_owner {
+            cgroup_id: 0,
+            pid,
+            uid: 1000 + pid,
+            ..Default::default()
+        };
+        o.comm[..comm.len()].copy_from_slice(comm);
+        o
+    };
+    let slot = SnapshotSlot::new(Duration::from_secs(1));
+    let mut rig = Rig::new();
+    rig.poller = std::mem::replace(
+        &mut rig.poller,
+        Poller::new(
+            MemTable::new([1; 3]),
+            cfg(),
+            crossbeam_channel::unbounded().0,
+            Arc::new(Status::new()),
+            IfNames::default(),
+        ),
+    )
+    .with_snapshots(slot.clone());
+    // Client (lo endpoint, 10.0.0.1) and server both local, as over loopback; a UDP flow
+    // (no extension) gets an id for its owners.
+    let k = rig.flow(IPPROTO_UDP, 1000, [10, 5], T0 + 59 * S);
+    rig.table().put_owner(&k, 0, owner(11, b"curl"));
+    rig.table().put_owner(&k, 1, owner(22, b"nginx"));
+    let orphan = rig.flow(IPPROTO_UDP, 1001, [1, 0], T0 + 59 * S);
+    rig.table().put_owner(&orphan, 1, owner(33, b"gone"));
+    rig.table().base.remove(&orphan);
+    let check = |r: &FlowRecord| {
+        let c = r.client_process.as_deref().expect("client side");
+        let s = r.server_process.as_deref().expect("server side");
+        assert_eq!(
+            (c.pid, c.comm.as_deref(), c.uid),
+            (Some(11), Some("curl"), Some(1011))
+        );
+        assert_eq!((s.pid, s.comm.as_deref()), (Some(22), Some("nginx")));
+        // No cgroup v2 hierarchy named here: no cgroup.
+        assert_eq!(
+            (c.cgroup_id, c.cgroup.as_deref(), c.unit.as_deref()),
+            (None, None, None)
+        );
+    };
+    slot.want();
+    let active = rig.poll(T0 + 60 * S);
+    assert_eq!(active.len(), 1);
+    assert_eq!(active[0].end_reason, EndReason::ActiveTimeout);
+    check(&active[0]);
+    rig.add(&k, [1, 0], T0 + 61 * S);
+    rig.poll(T0 + 62 * S);
+    let snap = slot.latest();
+    assert_eq!(snap.flows.len(), 1);
+    check(&snap.flows[0]);
+    assert_eq!(
+        rig.table().owner.len(),
+        3,
+        "the sweep runs every third poll"
+    );
+    let end = rig.poll(T0 + 90 * S);
+    assert_eq!(end.len(), 1);
+    assert_eq!(end[0].end_reason, EndReason::IdleTimeout);
+    check(&end[0]);
+    // The flow's own left with it; the orphan was swept.
+    assert!(rig.table().owner.is_empty(), "{:?}", rig.table().owner);
+    assert_eq!(rig.status.orphans_removed.load(Ordering::Relaxed), 1);
 }

@@ -734,6 +734,42 @@ impl RecordDecoder {
     }
 }
 
+/// What a record's routing needs (a Kafka message's key and observer header), read from its
+/// encoding without decoding the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoints<'a> {
+    pub protocol: u8,
+    pub client: (IpAddr, u16),
+    pub server: (IpAddr, u16),
+    pub observer: &'a [u8],
+}
+
+impl<'a> Endpoints<'a> {
+    /// The endpoints of the `FlowRecord` `bytes` encode (without a length prefix).
+    pub fn read(bytes: &'a [u8]) -> Result<Endpoints<'a>, DecodeError> {
+        let none = (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+        let mut e = Endpoints {
+            protocol: 0,
+            client: none,
+            server: none,
+            observer: b"",
+        };
+        Wire(bytes).fields(|tag, f| {
+            match tag {
+                2 => e.protocol = f.narrow()?,
+                3 => e.client.0 = f.addr()?,
+                4 => e.client.1 = f.narrow()?,
+                5 => e.server.0 = f.addr()?,
+                6 => e.server.1 = f.narrow()?,
+                18 => e.observer = f.bytes()?,
+                _ => {}
+            }
+            Ok(true)
+        })?;
+        Ok(e)
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Batches as gRPC messages
 // ---------------------------------------------------------------------------

@@ -101,7 +101,8 @@ pub enum EndReason {
     /// packet and nothing since. Its counts are complete up to here; a later packet
     /// starts a new flow.
     Evicted,
-    /// Not ended: a flow in progress as `ListFlows` reports it (counters cumulative).
+    /// Not ended: a flow in progress as `ListFlows` reports it (counters since its
+    /// window start).
     InProgress,
 }
 
@@ -259,9 +260,10 @@ impl LocalProcess {
 ///
 /// Packets and bytes are deltas: what the flow sent in this record's window
 /// (`window_start` .. `last_seen`); summing a flow's records gives its totals (an
-/// `InProgress` record from ListFlows is cumulative instead). Everything
-/// in `tcp` and `icmp` (flags, state, handshake, latency and RTT statistics) is cumulative
-/// over the whole flow: the last record of a flow carries the final values.
+/// `InProgress` record from ListFlows counts since its window start too, and is no total).
+/// Everything in `tcp` and `icmp` (flags, state, handshake, latency and RTT statistics) is
+/// cumulative over the whole flow: the last record of a flow carries the final values (a
+/// continuation's latency statistics count since it resumed).
 #[derive(Debug, Clone, PartialEq)]
 pub struct FlowRecord {
     /// The same on every record of one flow (active-timeout records, the final record, a
@@ -284,17 +286,19 @@ pub struct FlowRecord {
     /// record, the previous record's emission time after that.
     pub window_start: SystemTime,
     /// When the poller emitted the record (the poll that ended the flow or found its
-    /// active timeout due); the flow's next record starts its window here. In a
-    /// ListFlows snapshot: when the maps were read.
+    /// active timeout due); the flow's next record starts its window here (to the ~4 ms
+    /// the kernel entry keeps it in, rounded down). In a ListFlows snapshot: when the
+    /// maps were read.
     pub emitted: SystemTime,
-    /// What the client sent (deltas since the previous record of this flow; cumulative
-    /// when `end_reason` is `InProgress`).
+    /// What the client sent (deltas since the previous record of this flow, also when
+    /// `end_reason` is `InProgress`).
     pub client: DirStats,
     /// What the server sent.
     pub server: DirStats,
     pub end_reason: EndReason,
     /// The flow was seen before, ended after an idle gap and came back: client and server
-    /// are those of the earlier part, and `flow_id` is the same.
+    /// are those of the earlier part, `flow_id` and `first_seen` the same; set on every
+    /// later record of it.
     pub continuation: bool,
     /// Non-first IP fragments of `protocol`: they carry no transport header, so the
     /// record has no ports (and no TCP/ICMP details), and they are kept apart from

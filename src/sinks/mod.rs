@@ -1,4 +1,4 @@
-//! The sinks: where records go once the hub has numbered them (stdout, gRPC subscribers, IPFIX collectors).
+//! The sinks: where records go once the hub has numbered them (stdout, gRPC subscribers, IPFIX collectors, Kafka).
 //!
 //! Each sink registers with the hub (`Hub::add_sink`, `Hub::subscribe`) and reads the hub's
 //! log at its own pace on a thread or task of its own, so none can hold up the poller or
@@ -10,4 +10,5 @@
 
 pub mod grpc;
 pub mod ipfix;
+pub mod kafka;
 pub mod stdout;

@@ -3,7 +3,7 @@
 
 use flowlens::kernel::bpf::types;
 use flowlens::kernel::datapath::{counter_names, Capacities, Datapath, FlowMaps};
-use flowlens::poller::decode::RawFlow;
+use flowlens::poller::decode::{ext_kind, RawFlow};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, ProgramInput as Input};
 
 pub const EXT_TCP: u32 = types::flow_ext::EXT_TCP.0;
@@ -109,11 +109,11 @@ impl Harness {
                 base,
                 tcp: tcp
                     .iter()
-                    .find(|(id, _)| u32::from(base.ext) == EXT_TCP && *id == base.ext_id)
+                    .find(|(id, _)| ext_kind(&base) == EXT_TCP && *id == base.ext_id)
                     .map(|e| e.1),
                 icmp: icmp
                     .iter()
-                    .find(|(id, _)| u32::from(base.ext) == EXT_ICMP && *id == base.ext_id)
+                    .find(|(id, _)| ext_kind(&base) == EXT_ICMP && *id == base.ext_id)
                     .map(|e| e.1),
                 owner: [None, None],
             })
@@ -153,6 +153,7 @@ pub mod agent;
 pub mod bin;
 pub mod capture;
 pub mod grpc;
+pub mod kafka;
 pub mod netns;
 pub mod pki;
 pub mod traffic;

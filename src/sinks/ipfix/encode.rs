@@ -605,10 +605,20 @@ impl Encoder {
             }
         }
         for rec in records {
-            let sides = [
+            let mut sides = [
                 (rec.client.packets > 0).then_some(true),
                 (rec.server.packets > 0).then_some(false),
             ];
+            // A flow's final record may carry nothing new (its last active-timeout record
+            // had it all): it still goes out, client -> server with zero counts, so the
+            // collector learns how the flow ended.
+            let last = !matches!(
+                rec.end_reason,
+                EndReason::ActiveTimeout | EndReason::InProgress
+            );
+            if sides == [None, None] && last {
+                sides[0] = Some(true);
+            }
             let n = sides.iter().flatten().count();
             if n == 0 {
                 continue;
