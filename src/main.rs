@@ -151,9 +151,9 @@ struct RunArgs {
     /// A long flow is reported (with counter deltas) every this long and keeps going.
     #[arg(long, env = "FLOWLENS_ACTIVE_TIMEOUT", default_value_t = HumanDuration(defaults().poller.active_timeout))]
     active_timeout: HumanDuration,
-    /// Concurrent scans a bulk end (thousands of flows ending in one poll) is split among; above 1 they outrun the one thread that emits the records, and walk the map again. Default: 1.
-    #[arg(long, env = "FLOWLENS_SCAN_THREADS")]
-    scan_threads: Option<u32>,
+    /// Concurrent scans a bulk end (thousands of flows ending in one poll) is split among; above 1 they outrun the one thread that emits the records, and walk the map again.
+    #[arg(long, env = "FLOWLENS_SCAN_THREADS", default_value_t = defaults().poller.scan_threads)]
+    scan_threads: u32,
     /// Capacity of the base flow map (every flow).
     #[arg(long, env = "FLOWLENS_MAX_FLOWS", default_value_t = defaults().capacities.flows)]
     max_flows: u32,
@@ -407,7 +407,7 @@ impl RunArgs {
                 idle_other: self.idle_timeout_other.0,
                 tcp_close_grace: self.tcp_close_grace.0,
                 active_timeout: self.active_timeout.0,
-                scan_threads: self.scan_threads.unwrap_or(d.poller.scan_threads),
+                scan_threads: self.scan_threads,
                 ..d.poller
             },
             capacities: Capacities {

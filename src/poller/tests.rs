@@ -93,9 +93,9 @@ impl Rig {
     /// Packets each way (100 bytes each) at `at_ns`, as the datapath adds them.
     fn add(&mut self, kb: &KeyBytes, packets: [u64; 2], at_ns: u64) {
         let b = self.table().base_mut(kb).expect("base");
-        for (d, p) in packets.into_iter().enumerate() {
-            b.packets[d] += p;
-            b.bytes[d] += p * 100;
+        for (d, n) in packets.into_iter().enumerate() {
+            b.packets[d] += n;
+            b.bytes[d] += n * 100;
         }
         b.last_seen_ns = at_ns;
     }
