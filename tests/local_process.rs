@@ -236,6 +236,22 @@ impl Proc {
         }
     }
 
+    /// A server program, listening once this returns.
+    fn server(ns: &str, cgroup: Option<&Path>, args: &[&str]) -> Proc {
+        let mut p = Proc::spawn(ns, cgroup, args);
+        p.expect("ready");
+        p
+    }
+
+    /// A client program, run to its end: its pid.
+    fn run(ns: &str, cgroup: Option<&Path>, args: &[&str]) -> u32 {
+        let mut p = Proc::spawn(ns, cgroup, args);
+        let pid = p.pid();
+        p.expect("done");
+        p.wait();
+        pid
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -325,12 +341,11 @@ fn each_side_of_a_loopback_connection_names_its_cgroup_unit_and_process() {
     let port = port();
     let p = port.to_string();
     // The server's listening socket is older than the agent: found by its walk at start.
-    let mut server = Proc::spawn(
+    let server = Proc::server(
         &net.a,
         Some(&srv_dir),
         &["flowlens-srv", "tcp-server", "127.0.0.1", &p],
     );
-    server.expect("ready");
     let mut agent = Agent::start_on(&net, &["lo"], fast_config(), Capacities::default());
     // The client's socket is opened while the agent runs, by a thread named otherwise:
     // noted by the socket hook, with the process's name.
@@ -389,21 +404,19 @@ fn attribution_taken_at_the_first_packet_outlives_the_process() {
     let (cli_dir, cli_path) = cg.make("system.slice/gone.service");
     let (tcp_port, udp_port) = (port(), port());
     let mut agent = Agent::start_on(&net, &["lo"], fast_config(), Capacities::default());
-    let mut tcp_server = Proc::spawn(
+    let tcp_server = Proc::server(
         &net.a,
         Some(&srv_dir),
         &["flowlens-srv", "tcp-server", "::1", &tcp_port.to_string()],
     );
-    tcp_server.expect("ready");
-    let mut udp_server = Proc::spawn(
+    let udp_server = Proc::server(
         &net.a,
         Some(&srv_dir),
         &["flowlens-usrv", "udp-server", "::1", &udp_port.to_string()],
     );
-    udp_server.expect("ready");
     // Each client sends and exits at once: its socket closes with it (TCP) or is gone
     // long before the flow's idle end (UDP).
-    let mut tcp_client = Proc::spawn(
+    let tcp_pid = Proc::run(
         &net.a,
         Some(&cli_dir),
         &[
@@ -413,10 +426,7 @@ fn attribution_taken_at_the_first_packet_outlives_the_process() {
             &tcp_port.to_string(),
         ],
     );
-    let tcp_pid = tcp_client.pid();
-    tcp_client.expect("done");
-    tcp_client.wait();
-    let mut udp_client = Proc::spawn(
+    let udp_pid = Proc::run(
         &net.a,
         Some(&cli_dir),
         &[
@@ -426,9 +436,6 @@ fn attribution_taken_at_the_first_packet_outlives_the_process() {
             &udp_port.to_string(),
         ],
     );
-    let udp_pid = udp_client.pid();
-    udp_client.expect("done");
-    udp_client.wait();
     let records = agent.wait_for("both flows' ends", Duration::from_secs(15), |r| {
         the_flow(r, 6, tcp_port)
             .iter()
@@ -491,7 +498,7 @@ fn flows_through_an_interface_carry_the_local_side_only() {
     let mut agent = Agent::start(&net, fast_config(), Capacities::default());
     // In: a client in the other namespace (a remote host, for this agent) reaches a
     // server here: its SYN's socket lookup finds the listening socket.
-    let mut server = Proc::spawn(
+    let server = Proc::server(
         &net.a,
         Some(&srv_dir),
         &[
@@ -501,8 +508,7 @@ fn flows_through_an_interface_carry_the_local_side_only() {
             &in_port.to_string(),
         ],
     );
-    server.expect("ready");
-    let mut remote = Proc::spawn(
+    Proc::run(
         &net.b,
         None,
         &[
@@ -512,7 +518,6 @@ fn flows_through_an_interface_carry_the_local_side_only() {
             &in_port.to_string(),
         ],
     );
-    remote.expect("done");
     // Out: a client here reaches a server in the other namespace: its packets carry
     // its socket.
     let listener = net.listen_b(false, out_port);
@@ -522,7 +527,7 @@ fn flows_through_an_interface_carry_the_local_side_only() {
         std::io::Read::read_exact(&mut s, &mut buf).expect("read");
         s.write_all(&buf).expect("write");
     });
-    let mut client = Proc::spawn(
+    let cli_pid = Proc::run(
         &net.a,
         Some(&cli_dir),
         &[
@@ -532,8 +537,6 @@ fn flows_through_an_interface_carry_the_local_side_only() {
             &out_port.to_string(),
         ],
     );
-    let cli_pid = client.pid();
-    client.expect("done");
     accept.join().unwrap();
     let records = agent.wait_for("both connections", Duration::from_secs(15), |r| {
         [in_port, out_port].iter().all(|&p| {
@@ -585,7 +588,7 @@ fn a_full_owner_map_loses_the_attribution_never_the_flow() {
     };
     let mut agent = Agent::start(&net, fast_config(), caps);
     // Three sockets, three flows to a host that does not answer: one local end fits.
-    let mut client = Proc::spawn(
+    let pid = Proc::run(
         &net.a,
         Some(&dir),
         &[
@@ -596,9 +599,6 @@ fn a_full_owner_map_loses_the_attribution_never_the_flow() {
             "3",
         ],
     );
-    let pid = client.pid();
-    client.expect("done");
-    client.wait();
     let records = agent.wait_for("three flows", Duration::from_secs(15), |r| {
         the_flow(r, 17, port).len() == 3
     });
@@ -697,7 +697,7 @@ fn forwarded_flows_carry_no_process_even_to_a_port_a_local_service_listens_on() 
     sh(&["ip", "-n", &net.b, "route", "add", &net4, "via", &a4]);
     sh(&["ip", "-n", &net.b, "-6", "route", "add", &net6, "via", &a6]);
     let mut agent = Agent::start(&net, fast_config(), Capacities::default());
-    let mut tcp_server = Proc::spawn(
+    let tcp_server = Proc::server(
         &net.a,
         Some(&dir),
         &[
@@ -707,22 +707,18 @@ fn forwarded_flows_carry_no_process_even_to_a_port_a_local_service_listens_on() 
             &tcp_port.to_string(),
         ],
     );
-    tcp_server.expect("ready");
-    let mut udp_server = Proc::spawn(
+    let udp_server = Proc::server(
         &net.a,
         Some(&dir),
         &["flowlens-uany", "udp-server", "::", &udp_port.to_string()],
     );
-    udp_server.expect("ready");
     for (mode, host, port) in [
         ("tcp-try", far4.as_str(), tcp_port),
         ("udp-clients", far6.as_str(), udp_port),
         ("tcp-client", a4.as_str(), tcp_port),
         ("udp-clients", a6.as_str(), udp_port),
     ] {
-        let mut c = Proc::spawn(&net.b, None, &["flowlens-b", mode, host, &port.to_string()]);
-        c.expect("done");
-        c.wait();
+        Proc::run(&net.b, None, &["flowlens-b", mode, host, &port.to_string()]);
     }
     let to = |r: &FlowRecord, proto: u8, host: &str, port: u16| {
         r.protocol == proto && r.server_addr.to_string() == host && r.server_port == port
@@ -785,7 +781,7 @@ fn every_record_of_a_long_flow_carries_the_attribution_taken_at_its_start() {
         ..fast_config()
     };
     let mut agent = Agent::start_on(&net, &["lo"], cfg, Capacities::default());
-    let mut server = Proc::spawn(
+    let server = Proc::server(
         &net.a,
         Some(&srv_dir),
         &[
@@ -795,16 +791,12 @@ fn every_record_of_a_long_flow_carries_the_attribution_taken_at_its_start() {
             &port.to_string(),
         ],
     );
-    server.expect("ready");
     // Three seconds of exchanges: active-timeout records, then the final one.
-    let mut client = Proc::spawn(
+    let cli_pid = Proc::run(
         &net.a,
         Some(&cli_dir),
         &["flowlens-talk", "tcp-slow", "127.0.0.1", &port.to_string()],
     );
-    let cli_pid = client.pid();
-    client.expect("done");
-    client.wait();
     let records = agent.wait_for("the connection's end", Duration::from_secs(15), |r| {
         the_flow(r, 6, port)
             .iter()

@@ -327,17 +327,6 @@ async fn watch_until_ends_by_itself_and_reset_labels_pick_resets() {
         }
         agent.hub.publish(r);
     }
-    let ids = |out: Vec<u8>| -> Vec<u64> {
-        String::from_utf8(out)
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["ifindex"]
-                    .as_u64()
-                    .unwrap()
-            })
-            .collect()
-    };
     let until = humantime::format_rfc3339(t(6)).to_string();
     let args = WatchArgs {
         query: FlowQuery {
@@ -439,17 +428,6 @@ async fn watch_and_flows_select_by_unit_cgroup_and_pid() {
         pid: pid.to_vec(),
         ..Default::default()
     };
-    let ids = |out: Vec<u8>| -> Vec<u64> {
-        String::from_utf8(out)
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["ifindex"]
-                    .as_u64()
-                    .unwrap()
-            })
-            .collect()
-    };
     let cases: [(FlowQuery, &[u64]); 7] = [
         (query(&["nginx.service"], &[], &[]), &[1, 2]),
         (query(&["nginx*", "/s(sh|x)d\\..*/"], &[], &[]), &[1, 2, 3]),
@@ -510,4 +488,17 @@ async fn watch_and_flows_select_by_unit_cgroup_and_pid() {
         "{}",
         bad.message()
     );
+}
+
+/// The ifindex of each JSON line `watch` printed: the tests' records are told apart by it.
+fn ids(out: Vec<u8>) -> Vec<u64> {
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["ifindex"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
 }

@@ -100,6 +100,13 @@ pub fn open_root(mount: Option<&Path>) -> std::io::Result<OwnedFd> {
     if let Some(fd) = mount.and_then(|m| open_dir(m).ok()) {
         return Ok(fd);
     }
+    // The service unit grants no CAP_SYS_ADMIN (and its file system is read-only): say why
+    // rather than fail at the mount.
+    if !super::preflight::has_sys_admin() {
+        return Err(std::io::Error::other(
+            "no cgroup v2 hierarchy is mounted, and mounting one needs CAP_SYS_ADMIN",
+        ));
+    }
     let dir = std::env::temp_dir().join(format!("flowlens-cgroup2-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let res = mount_and_open(&dir);

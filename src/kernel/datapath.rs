@@ -210,6 +210,13 @@ impl FlowMaps {
     }
 }
 
+/// A descriptor of a loaded program of its own, to run it apart from the skeleton.
+fn prog_fd(p: &ProgramMut<'_>, prog: &'static str) -> Result<OwnedFd, DatapathError> {
+    p.as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| DatapathError::Program { prog, source })
+}
+
 /// Sums slot `slot` of a per-CPU array of u64 over all CPUs.
 fn sum_percpu(map: &MapHandle, name: &'static str, slot: u32) -> Result<u64, DatapathError> {
     let per_cpu = map
@@ -517,28 +524,10 @@ impl Datapath {
             closing: h(&maps.closing, "closing")?,
             owner: h(&maps.flows_owner, "flows_owner")?,
             owner_counters: h(&maps.owner_counters, "owner_counters")?,
-            owner_count: self
-                .skel
-                .progs
-                .owner_entries
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(|source| DatapathError::Program {
-                    prog: "owner_entries",
-                    source,
-                })?,
+            owner_count: prog_fd(&self.skel.progs.owner_entries, "owner_entries")?,
             ended: h(&maps.ended, "ended")?,
             last_scan: h(&maps.last_scan, "last_scan")?,
-            scan: self
-                .skel
-                .progs
-                .flowlens_scan
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(|source| DatapathError::Program {
-                    prog: "flowlens_scan",
-                    source,
-                })?,
+            scan: prog_fd(&self.skel.progs.flowlens_scan, "flowlens_scan")?,
         })
     }
 
