@@ -40,7 +40,7 @@ Columns: RATE = both ways, C>S / S>C = each way (B/s, KB/s = 1024 B/s..., or b/s
   UNIT = the systemd unit of the flow's local socket (else its cgroup, else its command;
   client>server when both ends are local and differ; - none: remote or forwarded),
   FLOWS = flows of a host pair (g) or unit (u). Narrow terminals drop columns (IFACE,
-  SRV, PKT/s, RTT, S>C, C>S, UNIT first) and shorten long addresses in the middle (...).";
+  SRV, PKT/s, RTT, UNIT, S>C, C>S first) and shorten long addresses in the middle (...).";
 
 /// The longest wait between attempts to reach an agent that is down.
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -564,9 +564,9 @@ const PRIORITY: [Col; 14] = [
     Col::State,
     Col::Bytes,
     Col::Age,
-    Col::Unit,
     Col::CtoS,
     Col::StoC,
+    Col::Unit,
     Col::Rtt,
     Col::Pps,
     Col::Srv,

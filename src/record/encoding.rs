@@ -1047,6 +1047,30 @@ mod tests {
         });
         r.first_seen = UNIX_EPOCH - Duration::new(u32::MAX as u64 * 8, 999_999_999);
         out.push(r);
+        // The local processes: every field, none (an owner nobody is known for), and a
+        // cgroup path long enough that its message's length takes two bytes.
+        let mut r = base();
+        r.client_process = Some(Box::new(LocalProcess {
+            cgroup_id: Some(u64::MAX),
+            cgroup: Some("/system.slice/nginx.service".into()),
+            unit: Some("nginx.service".into()),
+            pid: Some(u32::MAX),
+            comm: Some("nginx".into()),
+            uid: Some(0),
+        }));
+        r.server_process = Some(Box::default());
+        out.push(r);
+        let mut r = base();
+        let deep = format!("/machine.slice/{}/payload.scope", "x".repeat(300));
+        r.server_process = Some(Box::new(LocalProcess {
+            cgroup_id: Some(1),
+            cgroup: Some(deep.into()),
+            unit: Some("payload.scope".into()),
+            pid: None,
+            comm: None,
+            uid: None,
+        }));
+        out.push(r);
         out
     }
 
