@@ -831,7 +831,7 @@ fn max_flows_alone_keeps_every_sample_of_100k_realistic_flows() {
     // (client, server) frames for flow i: v4 for even i, v6 for odd.
     let frame = |i: u32, to_server: bool, proto: u8, l4: &[u8]| {
         let n = (i / 60_000) as u8 + 1;
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             let c = [10, 200, n, 1];
             if to_server {
                 v4_frame(c, server4, proto, 64, l4)
@@ -887,7 +887,7 @@ fn max_flows_alone_keeps_every_sample_of_100k_realistic_flows() {
             }
             _ => {
                 icmp_flows += 1;
-                let (req, reply, proto) = if i % 2 == 0 {
+                let (req, reply, proto) = if i.is_multiple_of(2) {
                     (8, 0, 1)
                 } else {
                     (128, 129, 58)
@@ -938,4 +938,57 @@ fn max_flows_alone_keeps_every_sample_of_100k_realistic_flows() {
     assert_eq!((tcp_ok, icmp_ok), (tcp_flows, icmp_flows));
     assert_eq!(tcp.len() as u64, tcp_flows);
     assert_eq!(icmp.len() as u64, icmp_flows);
+}
+
+/// Request/response turns past the first take the lock-free path (tcp_turn in tcp.h):
+/// every turn is one sample for the side that answered, and a FIN after them still
+/// closes the flow under the lock.
+#[test]
+fn request_response_turns_each_give_one_sample_without_the_lock() {
+    let h = Harness::new();
+    let c = |flags, payload: &[u8]| v4_frame(A, B, 6, 64, &tcp(50001, 80, flags, payload));
+    let s = |flags, payload: &[u8]| v4_frame(B, A, 6, 64, &tcp(80, 50001, flags, payload));
+    h.run(Hook::Egress, &c(TCP_SYN, &[]));
+    h.run(Hook::Ingress, &s(TCP_SYN | TCP_ACK, &[]));
+    h.run(Hook::Egress, &c(TCP_ACK, &[]));
+    // 10 payloads, alternating from the client: 9 turns, 5 answered by the server
+    // (HI_TO_LO: B is hi), 4 by the client; all but the first two take the lock-free path.
+    for i in 0..10u32 {
+        if i.is_multiple_of(2) {
+            h.run(Hook::Egress, &c(TCP_ACK | TCP_PSH, b"request"));
+        } else {
+            h.run(Hook::Ingress, &s(TCP_ACK | TCP_PSH, b"response"));
+        }
+    }
+    // The client answers the last response (its 5th sample), then continues its own
+    // payload: no turn.
+    h.run(Hook::Egress, &c(TCP_ACK | TCP_PSH, b"next"));
+    h.run(Hook::Egress, &c(TCP_ACK | TCP_PSH, b"more"));
+    let f = h.only_joined();
+    let t = f.tcp.expect("latency entry");
+    assert_eq!(t.lat[HI_TO_LO].count, 5);
+    assert_eq!(t.lat[LO_TO_HI].count, 5);
+    for l in t.lat {
+        assert!(l.min_ns <= l.max_ns && l.min_ns > 0, "{l:?}");
+        assert!(
+            l.sum_ns >= u64::from(l.min_ns) * u64::from(l.count),
+            "{l:?}"
+        );
+        assert!(
+            l.sum_ns <= u64::from(l.max_ns) * u64::from(l.count),
+            "{l:?}"
+        );
+        assert!(l.prev_ns >= l.min_ns && l.prev_ns <= l.max_ns, "{l:?}");
+    }
+    assert_eq!(f.base.packets, [9, 6], "exact counts");
+    let hot = f.tcp_hot().expect("TCP state");
+    assert_eq!(
+        hot.bits & types::tcp_bits::TCPB_LAST_DIR_HI.0 as u8,
+        0,
+        "the client spoke last"
+    );
+    h.run(Hook::Egress, &c(TCP_FIN | TCP_ACK, &[]));
+    h.run(Hook::Ingress, &s(TCP_FIN | TCP_ACK, &[]));
+    let hot = h.only_joined().tcp_hot().expect("TCP state");
+    assert_eq!(u32::from(hot.state), types::tcp_state::TCP_ST_CLOSED.0);
 }
