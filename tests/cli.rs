@@ -1176,3 +1176,71 @@ fn libbpf_speaks_through_the_agent_log_at_debug_level() {
         assert!(l.contains(" DEBUG libbpf] "), "not through the logger: {l}");
     }
 }
+
+/// `run --check-config` with `args`: exit code and stdout (what would run).
+fn check_config_out(args: &[&str]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "run",
+        "--check-config",
+        "--interface",
+        "lo",
+        "--pin-dir",
+        "off",
+    ])
+    .args(args)
+    .env_remove("RUST_LOG");
+    let out = common::bin::without_flowlens_env(&mut cmd)
+        .output()
+        .expect("flowlens");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn extension_capacities_follow_max_flows_and_a_lower_setting_is_warned() {
+    let (code, out) = check_config_out(&[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("maps           65536 flows, 16384 TCP, 4096 ICMP"),
+        "{out}"
+    );
+    assert!(!out.contains("warning"), "{out}");
+    let (code, out) = check_config_out(&["--max-flows", "200000"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("maps           200000 flows, 50000 TCP, 12500 ICMP"),
+        "{out}"
+    );
+    assert!(!out.contains("warning"), "{out}");
+    // Explicit settings above what --max-flows implies are taken as they are.
+    let (_, out) = check_config_out(&["--max-flows", "1000", "--max-tcp-flows", "1000"]);
+    assert!(
+        out.contains("maps           1000 flows, 1000 TCP, 62 ICMP"),
+        "{out}"
+    );
+    assert!(!out.contains("warning"), "{out}");
+    // Below: said, per map, with what it costs.
+    let (code, out) = check_config_out(&[
+        "--max-flows",
+        "200000",
+        "--max-tcp-flows",
+        "32768",
+        "--max-icmp-flows",
+        "8192",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(
+            "warning        --max-tcp-flows 32768 is below the 50000 that --max-flows 200000 \
+             implies: TCP flows beyond 32768 at once get no latency samples"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("--max-icmp-flows 8192 is below the 12500 that --max-flows 200000 implies"),
+        "{out}"
+    );
+}

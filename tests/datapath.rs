@@ -817,3 +817,178 @@ mod edges {
         assert_eq!(h.counter("packets_accounted"), 0);
     }
 }
+
+/// Issue 29: `--max-flows 200000` alone (the extension capacities it implies, as the CLI
+/// derives them) holds 100 k realistic flows at 40/50/10 TCP/UDP/ICMP, and every TCP flow
+/// has its handshake and latency sample, every ICMP flow its RTT sample: none is lost.
+#[test]
+fn max_flows_alone_keeps_every_sample_of_100k_realistic_flows() {
+    const N: u32 = 100_000;
+    let cap = Capacities::for_flows(200_000);
+    let h = Harness::with(cap);
+    let server4 = [10, 200, 0, 2];
+    let server6 = ula(2);
+    // (client, server) frames for flow i: v4 for even i, v6 for odd.
+    let frame = |i: u32, to_server: bool, proto: u8, l4: &[u8]| {
+        let n = (i / 60_000) as u8 + 1;
+        if i.is_multiple_of(2) {
+            let c = [10, 200, n, 1];
+            if to_server {
+                v4_frame(c, server4, proto, 64, l4)
+            } else {
+                v4_frame(server4, c, proto, 64, l4)
+            }
+        } else {
+            let c = ula(0x100 + u16::from(n));
+            if to_server {
+                v6_frame(c, server6, proto, 64, l4)
+            } else {
+                v6_frame(server6, c, proto, 64, l4)
+            }
+        }
+    };
+    let (mut tcp_flows, mut icmp_flows) = (0u64, 0u64);
+    for i in 0..N {
+        let port = 1024 + (i % 60_000) as u16;
+        match i % 10 {
+            0..=3 => {
+                tcp_flows += 1;
+                let req = [0u8; 100];
+                let resp = [0u8; 300];
+                for (to_server, flags, payload) in [
+                    (true, TCP_SYN, &[][..]),
+                    (false, TCP_SYN | TCP_ACK, &[][..]),
+                    (true, TCP_ACK, &[][..]),
+                    (true, TCP_ACK | TCP_PSH, &req[..]),
+                    (false, TCP_ACK | TCP_PSH, &resp[..]),
+                ] {
+                    let l4 = if to_server {
+                        tcp(port, 443, flags, payload)
+                    } else {
+                        tcp(443, port, flags, payload)
+                    };
+                    let hook = if to_server {
+                        Hook::Egress
+                    } else {
+                        Hook::Ingress
+                    };
+                    h.run(hook, &frame(i, to_server, 6, &l4));
+                }
+            }
+            4..=8 => {
+                h.run(
+                    Hook::Egress,
+                    &frame(i, true, 17, &udp(port, 53, &[0u8; 40])),
+                );
+                h.run(
+                    Hook::Ingress,
+                    &frame(i, false, 17, &udp(53, port, &[0u8; 120])),
+                );
+            }
+            _ => {
+                icmp_flows += 1;
+                let (req, reply, proto) = if i.is_multiple_of(2) {
+                    (8, 0, 1)
+                } else {
+                    (128, 129, 58)
+                };
+                h.run(
+                    Hook::Egress,
+                    &frame(i, true, proto, &echo(req, port, 1, &[0u8; 56])),
+                );
+                h.run(
+                    Hook::Ingress,
+                    &frame(i, false, proto, &echo(reply, port, 1, &[0u8; 56])),
+                );
+            }
+        }
+    }
+    assert_eq!(h.counter("base_map_full"), 0);
+    assert_eq!(h.counter("tcp_map_full"), 0, "TCP latency samples lost");
+    assert_eq!(h.counter("icmp_map_full"), 0, "ICMP RTT samples lost");
+
+    let tcp: std::collections::HashMap<u64, types::flow_tcp> = h.tcp().into_iter().collect();
+    let icmp: std::collections::HashMap<u64, types::flow_icmp> = h.icmp().into_iter().collect();
+    let flows = h.flows();
+    assert_eq!(flows.len(), N as usize);
+    let (mut tcp_ok, mut icmp_ok) = (0u64, 0u64);
+    let hs = (types::tcp_bits::TCPB_CLIENT_HS.0 | types::tcp_bits::TCPB_SERVER_HS.0) as u8;
+    for (k, b) in &flows {
+        match k.proto {
+            6 => {
+                // SAFETY: a TCP flow's l4 union holds its tcp_hot.
+                let bits = unsafe { b.l4.tcp.bits };
+                assert_eq!(bits & hs, hs, "{k:?}: handshake timings");
+                let t = tcp
+                    .get(&b.ext_id)
+                    .unwrap_or_else(|| panic!("{k:?}: no latency"));
+                assert_eq!(t.lat[0].count + t.lat[1].count, 1, "{k:?}: one sample");
+                tcp_ok += 1;
+            }
+            1 | 58 => {
+                let c = icmp
+                    .get(&b.ext_id)
+                    .unwrap_or_else(|| panic!("{k:?}: no RTT"));
+                assert_eq!(c.rtt_count, 1, "{k:?}: one RTT sample");
+                icmp_ok += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((tcp_ok, icmp_ok), (tcp_flows, icmp_flows));
+    assert_eq!(tcp.len() as u64, tcp_flows);
+    assert_eq!(icmp.len() as u64, icmp_flows);
+}
+
+/// Request/response turns past the first take the lock-free path (tcp_turn in tcp.h):
+/// every turn is one sample for the side that answered, and a FIN after them still
+/// closes the flow under the lock.
+#[test]
+fn request_response_turns_each_give_one_sample_without_the_lock() {
+    let h = Harness::new();
+    let c = |flags, payload: &[u8]| v4_frame(A, B, 6, 64, &tcp(50001, 80, flags, payload));
+    let s = |flags, payload: &[u8]| v4_frame(B, A, 6, 64, &tcp(80, 50001, flags, payload));
+    h.run(Hook::Egress, &c(TCP_SYN, &[]));
+    h.run(Hook::Ingress, &s(TCP_SYN | TCP_ACK, &[]));
+    h.run(Hook::Egress, &c(TCP_ACK, &[]));
+    // 10 payloads, alternating from the client: 9 turns, 5 answered by the server
+    // (HI_TO_LO: B is hi), 4 by the client; all but the first two take the lock-free path.
+    for i in 0..10u32 {
+        if i.is_multiple_of(2) {
+            h.run(Hook::Egress, &c(TCP_ACK | TCP_PSH, b"request"));
+        } else {
+            h.run(Hook::Ingress, &s(TCP_ACK | TCP_PSH, b"response"));
+        }
+    }
+    // The client answers the last response (its 5th sample), then continues its own
+    // payload: no turn.
+    h.run(Hook::Egress, &c(TCP_ACK | TCP_PSH, b"next"));
+    h.run(Hook::Egress, &c(TCP_ACK | TCP_PSH, b"more"));
+    let f = h.only_joined();
+    let t = f.tcp.expect("latency entry");
+    assert_eq!(t.lat[HI_TO_LO].count, 5);
+    assert_eq!(t.lat[LO_TO_HI].count, 5);
+    for l in t.lat {
+        assert!(l.min_ns <= l.max_ns && l.min_ns > 0, "{l:?}");
+        assert!(
+            l.sum_ns >= u64::from(l.min_ns) * u64::from(l.count),
+            "{l:?}"
+        );
+        assert!(
+            l.sum_ns <= u64::from(l.max_ns) * u64::from(l.count),
+            "{l:?}"
+        );
+        assert!(l.prev_ns >= l.min_ns && l.prev_ns <= l.max_ns, "{l:?}");
+    }
+    assert_eq!(f.base.packets, [9, 6], "exact counts");
+    let hot = f.tcp_hot().expect("TCP state");
+    assert_eq!(
+        hot.bits & types::tcp_bits::TCPB_LAST_DIR_HI.0 as u8,
+        0,
+        "the client spoke last"
+    );
+    h.run(Hook::Egress, &c(TCP_FIN | TCP_ACK, &[]));
+    h.run(Hook::Ingress, &s(TCP_FIN | TCP_ACK, &[]));
+    let hot = h.only_joined().tcp_hot().expect("TCP state");
+    assert_eq!(u32::from(hot.state), types::tcp_state::TCP_ST_CLOSED.0);
+}

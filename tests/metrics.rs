@@ -243,6 +243,8 @@ fn render_parses_and_carries_every_value() {
     for (slot, name) in flowlens::kernel::datapath::counter_names() {
         let (family, label) = if flowlens::kernel::datapath::is_error_counter(slot) {
             ("flowlens_kernel_packets_unaccounted_total", "reason")
+        } else if flowlens::kernel::datapath::is_sample_loss_counter(slot) {
+            ("flowlens_kernel_samples_lost_total", "reason")
         } else {
             ("flowlens_kernel_packets_total", "counter")
         };

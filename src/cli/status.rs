@@ -161,6 +161,14 @@ pub fn as_text(server: &str, s: &proto::GetStatusResponse) -> String {
             sub.id, sub.records_queued, sub.lost
         );
     }
+    let counter = |n: &str| s.kernel_counters.get(n).copied().unwrap_or(0);
+    let _ = writeln!(
+        o,
+        "samples lost: {} TCP latency (flows_tcp full: raise --max-tcp-flows), {} ICMP RTT \
+         (flows_icmp full: raise --max-icmp-flows)",
+        counter("tcp_map_full"),
+        counter("icmp_map_full")
+    );
     let _ = writeln!(o, "kernel counters:");
     let mut counters: Vec<_> = s.kernel_counters.iter().collect();
     counters.sort();
@@ -208,6 +216,10 @@ pub fn as_json(s: &proto::GetStatusResponse) -> serde_json::Value {
             "records_queued": k.records_queued, "lost": k.lost,
         })).collect::<Vec<_>>(),
         "lost_total": s.lost_total,
+        "samples_lost": {
+            "tcp_latency": s.kernel_counters.get("tcp_map_full").copied().unwrap_or(0),
+            "icmp_rtt": s.kernel_counters.get("icmp_map_full").copied().unwrap_or(0),
+        },
         "kernel_counters": s.kernel_counters,
     })
 }

@@ -30,6 +30,11 @@ skeleton!(
     pub bench_skel,
     "bench.skel.rs"
 );
+skeleton!(
+    /// A peer-like per-direction flow program of our own (benchmarks only).
+    pub peer_skel,
+    "peer.skel.rs"
+);
 
 pub use flow_skel::types;
 pub use flow_skel::{FlowSkel, FlowSkelBuilder, OpenFlowSkel};

@@ -58,13 +58,19 @@ pub struct Capacities {
     pub icmp: u32,
 }
 
+/// The TCP extension map holds a quarter of `--max-flows` unless set, the ICMP one a
+/// sixteenth. Only a flow with a sample (a TCP answer, an echo reply) takes an extension
+/// entry, and the base map is sized with headroom (pressure starts at 80 %): at half full,
+/// these cover flows that are up to 50 % answered TCP and 12.5 % ICMP. The kernel gives a
+/// hash map a power-of-two bucket array (16 B a bucket, allocated at creation whatever the
+/// number of entries), so power-of-two fractions of a power-of-two `--max-flows` use every
+/// bucket they pay for.
+pub const TCP_SHARE: u32 = 4;
+pub const ICMP_SHARE: u32 = 16;
+
 impl Default for Capacities {
     fn default() -> Self {
-        Capacities {
-            flows: 65_536,
-            tcp: 32_768,
-            icmp: 8_192,
-        }
+        Capacities::for_flows(65_536)
     }
 }
 
@@ -73,10 +79,63 @@ impl Default for Capacities {
 pub const ENDED_CONNECTIONS: u32 = 16_384;
 
 impl Capacities {
-    /// TCP flows noted as closed at once (`closing`): an eighth of the base map within
-    /// [1024, 65536]; an entry lives for the close grace only.
+    /// The capacities `--max-flows` alone implies: the extension maps as shares of it.
+    pub fn for_flows(flows: u32) -> Capacities {
+        Capacities {
+            flows,
+            tcp: Self::tcp_for(flows),
+            icmp: Self::icmp_for(flows),
+        }
+    }
+
+    /// The TCP extension capacity `flows` implies.
+    pub fn tcp_for(flows: u32) -> u32 {
+        (flows / TCP_SHARE).max(1)
+    }
+
+    /// The ICMP extension capacity `flows` implies.
+    pub fn icmp_for(flows: u32) -> u32 {
+        (flows / ICMP_SHARE).max(1)
+    }
+
+    /// Why explicit extension capacities lose samples the base map's would keep: one
+    /// sentence per map set below what `--max-flows` implies.
+    pub fn shortfalls(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (flag, set, implied, what, counter) in [
+            (
+                "--max-tcp-flows",
+                self.tcp,
+                Self::tcp_for(self.flows),
+                "TCP flows",
+                "latency",
+            ),
+            (
+                "--max-icmp-flows",
+                self.icmp,
+                Self::icmp_for(self.flows),
+                "ICMP flows",
+                "echo RTT",
+            ),
+        ] {
+            if set < implied {
+                out.push(format!(
+                    "{flag} {set} is below the {implied} that --max-flows {} implies: \
+                     {what} beyond {set} at once get no {counter} samples (counted as \
+                     flowlens_kernel_samples_lost_total); raise it or leave it unset",
+                    self.flows
+                ));
+            }
+        }
+        out
+    }
+
+    /// TCP flows noted as closed at once (`closing`): a sixteenth of the base map within
+    /// [8192, 16384]. An entry lives for the close grace only and a full map only makes an
+    /// end wait for the next full scan, so it follows closes per grace period, not
+    /// capacity: past 16,384 its bucket array (16 B an entry) would cost more than it saves.
     pub fn closing(&self) -> u32 {
-        (self.flows / 8).clamp(1024, 65_536)
+        (self.flows / 16).clamp(8192, 16_384)
     }
 }
 
@@ -126,7 +185,14 @@ pub fn counter_names() -> Vec<(u32, &'static str)> {
 
 /// Whether a counter slot counts a packet that was not accounted.
 pub fn is_error_counter(slot: u32) -> bool {
-    slot < types::flow_counter::CNT_ERRORS_END.0
+    slot < types::flow_counter::CNT_ERRORS_END.0 && !is_sample_loss_counter(slot)
+}
+
+/// Whether a counter slot counts samples lost to a full extension map: the packet was
+/// accounted, its latency or RTT sample was not.
+pub fn is_sample_loss_counter(slot: u32) -> bool {
+    use types::flow_counter as C;
+    slot == C::CNT_TCP_FULL.0 || slot == C::CNT_ICMP_FULL.0
 }
 
 impl FlowMaps {

@@ -26,6 +26,7 @@
 //! | `flows_evicted_total` | counter | | flows ended early to make room under map pressure |
 //! | `kernel_packets_unaccounted_total` | counter | `reason` | packets the datapath could not account (error counters) |
 //! | `kernel_packets_total` | counter | `counter` | informational kernel counts (not disjoint: do not sum) |
+//! | `kernel_samples_lost_total` | counter | `reason` | latency/RTT samples lost to a full extension map: `tcp_map_full`, `icmp_map_full` (the packets were accounted) |
 //! | `last_poll_duration_seconds` | gauge | | duration of the last poll cycle |
 //! | `tls_cert_expiry_seconds` | gauge | | Unix time the gRPC server certificate expires (with TLS only) |
 //! | `kafka_records_produced_total` | counter | | records handed to librdkafka (with `--kafka`) |
@@ -51,7 +52,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 
 use crate::hub::{Hub, HubStats, SinkKind};
-use crate::kernel::datapath::{counter_names, is_error_counter};
+use crate::kernel::datapath::{counter_names, is_error_counter, is_sample_loss_counter};
 use crate::metrics::http::{HttpLimits, Render};
 use crate::sinks::ipfix::IpfixCounts;
 use crate::sinks::kafka::LossReason;
@@ -376,15 +377,21 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
         snap.flows_evicted,
     );
 
-    let errors: std::collections::BTreeSet<&str> = counter_names()
-        .into_iter()
-        .filter(|&(slot, _)| is_error_counter(slot))
-        .map(|(_, name)| name)
-        .collect();
-    let (unaccounted, info): (Vec<_>, Vec<_>) = snap
+    let names = |class: fn(u32) -> bool| -> std::collections::BTreeSet<&str> {
+        counter_names()
+            .into_iter()
+            .filter(|&(slot, _)| class(slot))
+            .map(|(_, name)| name)
+            .collect()
+    };
+    let (errors, sample_losses) = (names(is_error_counter), names(is_sample_loss_counter));
+    let (unaccounted, rest): (Vec<_>, Vec<_>) = snap
         .kernel_counters
         .iter()
         .partition(|(name, _)| errors.contains(name.as_str()));
+    let (lost, info): (Vec<_>, Vec<_>) = rest
+        .into_iter()
+        .partition(|(name, _)| sample_losses.contains(name.as_str()));
     e.family(
         "kernel_packets_unaccounted_total",
         "counter",
@@ -392,6 +399,15 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
     );
     for (name, v) in unaccounted {
         e.sample("kernel_packets_unaccounted_total", &[("reason", name)], v);
+    }
+    e.family(
+        "kernel_samples_lost_total",
+        "counter",
+        "Latency (TCP) or echo RTT (ICMP) samples lost because the extension map was full \
+         (--max-tcp-flows, --max-icmp-flows); their packets were accounted.",
+    );
+    for (name, v) in lost {
+        e.sample("kernel_samples_lost_total", &[("reason", name)], v);
     }
     e.family(
         "kernel_packets_total",
