@@ -721,6 +721,70 @@ fn concurrent_updates_of_one_flow_lose_no_increment() {
     assert_eq!(h.counter("packets_accounted"), want);
 }
 
+/// A random-source SYN flood through the smallest probation (16,384 flows): 5,000 flood
+/// flows between each legitimate packet (7 ms at the 740 k new flows/s) evict
+/// flood flows, never a legitimate handshake in progress, and the flood never reaches the
+/// base map.
+#[test]
+fn a_flood_churns_probation_and_answered_flows_get_through() {
+    let h = Harness::with(Capacities {
+        flows: 4_096,
+        tcp: 2_048,
+        icmp: 1_024,
+    });
+    let mut n = 0u32;
+    let mut flood = |count: u32| {
+        for _ in 0..count {
+            n += 1;
+            let src = [
+                11 + (n >> 24) as u8,
+                (n >> 16) as u8,
+                (n >> 8) as u8,
+                n as u8,
+            ];
+            h.run(
+                Hook::Ingress,
+                &v4_frame(
+                    src,
+                    B,
+                    6,
+                    64,
+                    &tcp(1024 + (n % 60_000) as u16, 80, TCP_SYN, &[]),
+                ),
+            );
+        }
+    };
+    const LEGIT: u16 = 40;
+    for i in 0..LEGIT {
+        let port = 30_000 + i;
+        h.run(
+            Hook::Ingress,
+            &v4_frame(A, B, 6, 64, &tcp(port, 443, TCP_SYN, &[])),
+        );
+        flood(5_000);
+        h.run(
+            Hook::Egress,
+            &v4_frame(B, A, 6, 64, &tcp(443, port, TCP_SYN | TCP_ACK, &[])),
+        );
+        flood(5_000);
+        h.run(
+            Hook::Ingress,
+            &v4_frame(A, B, 6, 64, &tcp(port, 443, TCP_ACK, &[])),
+        );
+    }
+    let base = h.base_flows();
+    assert_eq!(base.len(), usize::from(LEGIT), "only the answered flows");
+    for (k, b) in &base {
+        assert_eq!(k.port_hi, 443);
+        assert_eq!(b.packets, [2, 1], "{k:?}");
+    }
+    let entered = h.counter("probation_new_tcp");
+    assert_eq!(entered, u64::from(LEGIT) * 10_001);
+    assert_eq!(h.counter("probation_admitted_tcp"), u64::from(LEGIT));
+    assert!(h.probation().len() <= 16_384);
+    assert_eq!(h.counter("base_map_full"), 0);
+}
+
 /// Both CPUs send the first packets of the same fresh flows at once: the flow is made in
 /// probation by one, moved to the base map by a second packet, while the other CPU adds
 /// to it: every packet lands exactly once, in the base map, and nothing stays behind.
