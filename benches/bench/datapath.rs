@@ -276,6 +276,27 @@ fn against_peer(t: &mut Table, base: &BenchSkel<'static>) -> Result<()> {
     Ok(())
 }
 
+/// ns per answered new flow: a request and its reply, `n` distinct flows, each packet a
+/// kernel-timed run of its own (with admission the reply moves the flow to the base map).
+fn answered(prog: &ProgramMut<'_>, n: u32) -> Result<f64> {
+    let mut total = 0.0;
+    for i in 0..n {
+        let src = [10, 202, (i >> 8) as u8, i as u8];
+        let port = 40_000 + (i >> 16) as u16;
+        total += ns_per_run(
+            prog,
+            &v4_frame(src, B, 17, 64, &udp(port, 53, &[0u8; 32])),
+            1,
+        )?;
+        total += ns_per_run(
+            prog,
+            &v4_frame(B, src, 17, 64, &udp(53, port, &[0u8; 64])),
+            1,
+        )?;
+    }
+    Ok(total / f64::from(n))
+}
+
 pub fn run(t: &mut Table) -> Result<()> {
     println!("datapath: BPF_PROG_TEST_RUN, {REPEAT} repetitions per case");
     let base = load_baselines()?;
@@ -449,5 +470,23 @@ pub fn run(t: &mut Table) -> Result<()> {
             format!("split/mono x{:.2}", s / m),
         );
     }
+    // What an answered flow costs in all (admission: its first packet into probation,
+    // the reply moves it), against the monolithic map's insert and update.
+    let s = answered(split_new.ingress(), n / 2)?;
+    let m = answered(&mono_new.progs.flowlens_ingress, n / 2)?;
+    t.add(
+        "datapath",
+        "split: answered new flow, UDP request + reply",
+        s,
+        "ns/flow",
+        format!("{} unique flows, two runs each", n / 2),
+    );
+    t.add(
+        "datapath",
+        "monolithic: answered new flow, UDP request + reply",
+        m,
+        "ns/flow",
+        format!("split/mono x{:.2}", s / m),
+    );
     Ok(())
 }

@@ -126,6 +126,39 @@ pub fn as_text(server: &str, s: &proto::GetStatusResponse) -> String {
             percent(m.entries, m.capacity)
         );
     }
+    if let Some(p) = &s.probation {
+        let waiting: u64 = p.protocols.iter().map(|x| x.waiting).sum();
+        let _ = writeln!(
+            o,
+            "probation:    {waiting} / {} unanswered flows waiting",
+            p.capacity
+        );
+        for x in &p.protocols {
+            let _ = writeln!(
+                o,
+                "  {:<6} {:>12} entered {:>12} admitted {:>10} ended {:>12} evicted",
+                x.protocol, x.entered, x.admitted, x.ended, x.evicted
+            );
+        }
+        let evicted: u64 = p.protocols.iter().map(|x| x.evicted).sum();
+        if p.tallied > 0 {
+            let ports: Vec<String> = p
+                .top_ports
+                .iter()
+                .map(|x| match x.protocol.as_str() {
+                    "tcp" | "udp" => format!("{}/{} ({})", x.protocol, x.port, x.flows),
+                    other => format!("{other} ({})", x.flows),
+                })
+                .collect();
+            let _ = writeln!(
+                o,
+                "  {evicted} evicted; of {} unanswered flows sampled: ~{} sources, to {}",
+                p.tallied,
+                p.sources_estimate,
+                ports.join(", ")
+            );
+        }
+    }
     let _ = writeln!(
         o,
         "replay ring:  {} / {} records",
@@ -221,5 +254,17 @@ pub fn as_json(s: &proto::GetStatusResponse) -> serde_json::Value {
             "icmp_rtt": s.kernel_counters.get("icmp_map_full").copied().unwrap_or(0),
         },
         "kernel_counters": s.kernel_counters,
+        "probation": s.probation.as_ref().map(|p| json!({
+            "capacity": p.capacity,
+            "sources_estimate": p.sources_estimate,
+            "tallied": p.tallied,
+            "protocols": p.protocols.iter().map(|x| json!({
+                "protocol": x.protocol, "entered": x.entered, "admitted": x.admitted,
+                "ended": x.ended, "waiting": x.waiting, "evicted": x.evicted,
+            })).collect::<Vec<_>>(),
+            "top_ports": p.top_ports.iter().map(|x| json!({
+                "protocol": x.protocol, "port": x.port, "flows": x.flows,
+            })).collect::<Vec<_>>(),
+        })),
     })
 }

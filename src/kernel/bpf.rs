@@ -47,5 +47,8 @@ unsafe impl plain::Plain for types::flow_tcp {}
 unsafe impl plain::Plain for types::flow_icmp {}
 unsafe impl plain::Plain for types::scan_rec {}
 unsafe impl plain::Plain for types::flow_ended {}
+unsafe impl plain::Plain for types::flow_probe {}
+unsafe impl plain::Plain for types::probe_sketch {}
+unsafe impl plain::Plain for types::probe_port {}
 unsafe impl plain::Plain for flow_mono_skel::types::flow_packed {}
 unsafe impl plain::Plain for flow_mono_skel::types::flow_naive {}

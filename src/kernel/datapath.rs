@@ -130,6 +130,14 @@ impl Capacities {
         out
     }
 
+    /// Flows not yet answered (`probation`, an LRU map, preallocated: 184 B an element,
+    /// 6 MiB at the default): half the base map within [16384, 262144], so a flood
+    /// that fills it keeps every entry for tens of milliseconds at ~1 M new flows/s,
+    /// far longer than a handshake on a local network takes.
+    pub fn probation(&self) -> u32 {
+        (self.flows / 2).clamp(16_384, 262_144)
+    }
+
     /// TCP flows noted as closed at once (`closing`): a sixteenth of the base map within
     /// [8192, 16384]. An entry lives for the close grace only and a full map only makes an
     /// end wait for the next full scan, so it follows closes per grace period, not
@@ -154,6 +162,11 @@ pub struct FlowMaps {
     pub ended: MapHandle,
     /// The time of the latest full scan.
     pub last_scan: MapHandle,
+    /// Flows not answered yet.
+    pub probation: MapHandle,
+    /// What the scan tallied of the flows in probation: sources and ports.
+    pub probe_sketch: MapHandle,
+    pub probe_ports: MapHandle,
     /// The `flowlens_scan` program (src/bpf/scan.h).
     pub scan: OwnedFd,
 }
@@ -161,7 +174,7 @@ pub struct FlowMaps {
 /// Name of each kernel counter slot, in `enum flow_counter` order.
 pub fn counter_names() -> Vec<(u32, &'static str)> {
     use types::flow_counter as C;
-    vec![
+    let mut names = vec![
         (C::CNT_ETH_TRUNC.0, "eth_truncated"),
         (C::CNT_VLAN_TRUNC.0, "vlan_truncated"),
         (C::CNT_IPV4_TRUNC.0, "ipv4_truncated"),
@@ -180,7 +193,54 @@ pub fn counter_names() -> Vec<(u32, &'static str)> {
         (C::CNT_PACKETS.0, "packets_accounted"),
         (C::CNT_NON_IP.0, "non_ip_skipped"),
         (C::CNT_FRAGMENTS.0, "ip_fragments_non_first"),
-    ]
+        (C::CNT_ADMIT_DEFERRED.0, "admission_deferred_base_full"),
+    ];
+    for (base, what) in [
+        (C::CNT_PROBE_NEW.0, "new"),
+        (C::CNT_PROBE_MOVED.0, "admitted"),
+        (C::CNT_PROBE_ENDED.0, "ended"),
+    ] {
+        for (i, proto) in PROBE_PROTOS.iter().enumerate() {
+            names.push((base + i as u32, probation_counter(what, proto)));
+        }
+    }
+    names
+}
+
+/// Protocols of the probation counters, in `enum scan_proto` order.
+pub const PROBE_PROTOS: [&str; 4] = ["tcp", "udp", "icmp", "other"];
+
+/// The name of a probation counter: `probation_{new,admitted,ended}_{proto}`.
+pub fn probation_counter(what: &str, proto: &str) -> &'static str {
+    const NAMES: [[&str; 4]; 3] = [
+        [
+            "probation_new_tcp",
+            "probation_new_udp",
+            "probation_new_icmp",
+            "probation_new_other",
+        ],
+        [
+            "probation_admitted_tcp",
+            "probation_admitted_udp",
+            "probation_admitted_icmp",
+            "probation_admitted_other",
+        ],
+        [
+            "probation_ended_tcp",
+            "probation_ended_udp",
+            "probation_ended_icmp",
+            "probation_ended_other",
+        ],
+    ];
+    let w = ["new", "admitted", "ended"]
+        .iter()
+        .position(|w| *w == what)
+        .expect("probation counter kind");
+    let p = PROBE_PROTOS
+        .iter()
+        .position(|p| *p == proto)
+        .expect("probation protocol");
+    NAMES[w][p]
 }
 
 /// Whether a counter slot counts a packet that was not accounted.
@@ -369,6 +429,7 @@ impl Datapath {
         set(&mut open.maps.flows_icmp, "flows_icmp", cap.icmp)?;
         set(&mut open.maps.closing, "closing", cap.closing())?;
         set(&mut open.maps.ended, "ended", ENDED_CONNECTIONS)?;
+        set(&mut open.maps.probation, "probation", cap.probation())?;
         // FLOWLENS_LAYOUT_VERSION, as compiled into the object: a new layout
         // gets a new directory and never meets maps of an old one.
         let version = open
@@ -386,6 +447,7 @@ impl Datapath {
             reused |= pin_map(&mut maps.flows_tcp, "flows_tcp", dir)?;
             reused |= pin_map(&mut maps.flows_icmp, "flows_icmp", dir)?;
             reused |= pin_map(&mut maps.counters, "counters", dir)?;
+            reused |= pin_map(&mut maps.probation, "probation", dir)?;
             // What the scan keeps between agents: not flows, so they do not make a
             // start a restart.
             pin_map(&mut maps.ended, "ended", dir)?;
@@ -427,6 +489,7 @@ impl Datapath {
             (&mut maps.flows_tcp, "flows_tcp"),
             (&mut maps.flows_icmp, "flows_icmp"),
             (&mut maps.counters, "counters"),
+            (&mut maps.probation, "probation"),
             (&mut maps.ended, "ended"),
             (&mut maps.last_scan, "last_scan"),
         ] {
@@ -456,6 +519,9 @@ impl Datapath {
             closing: h(&maps.closing, "closing")?,
             ended: h(&maps.ended, "ended")?,
             last_scan: h(&maps.last_scan, "last_scan")?,
+            probation: h(&maps.probation, "probation")?,
+            probe_sketch: h(&maps.probe_sketch, "probe_sketch")?,
+            probe_ports: h(&maps.probe_ports, "probe_ports")?,
             scan: self
                 .skel
                 .progs

@@ -321,6 +321,7 @@ pub fn encode_record(at: Stamp, r: &FlowRecord, buf: &mut Vec<u8>) {
     f.uint(22, u64::from(r.fragment));
     f.uint(23, at.run);
     f.timestamp(24, &Timestamp::from(r.emitted));
+    f.uint(25, u64::from(r.partial));
 }
 
 // ---------------------------------------------------------------------------
@@ -615,6 +616,7 @@ impl RecordDecoder {
             end_reason: EndReason::IdleTimeout,
             continuation: false,
             fragment: false,
+            partial: false,
             tcp: None,
             icmp: None,
         };
@@ -654,6 +656,7 @@ impl RecordDecoder {
                 22 => r.fragment = f.int()? != 0,
                 23 => at.run = f.int()?,
                 24 => emitted = Some(f.time()?),
+                25 => r.partial = f.int()? != 0,
                 _ => {}
             }
             Ok(true)
@@ -931,6 +934,7 @@ mod tests {
         out.push(r);
         let mut r = base();
         r.fragment = true;
+        r.partial = true;
         r.client_port = 0;
         r.server_port = 0;
         r.interface.clear();

@@ -272,6 +272,10 @@ pub struct FlowRecord {
     /// record has no ports (and no TCP/ICMP details), and they are kept apart from
     /// the flow they belong to.
     pub fragment: bool,
+    /// Packets of this flow may be missing: it was answered while the base flow map was
+    /// full and waited in probation, where the kernel evicts flows to make room (see
+    /// `flowlens status`). Set on every later record of the flow.
+    pub partial: bool,
     pub tcp: Option<TcpInfo>,
     pub icmp: Option<IcmpInfo>,
 }
@@ -334,6 +338,7 @@ impl FlowRecord {
             end_reason: EndReason::IdleTimeout,
             continuation: false,
             fragment: false,
+            partial: false,
             tcp: None,
             icmp: None,
         }

@@ -460,6 +460,9 @@ pub fn metrics(r: &FlowRecord) -> Vec<String> {
     if r.fragment {
         parts.push("fragments".to_owned());
     }
+    if r.partial {
+        parts.push("partial".to_owned());
+    }
     if let Some(t) = &r.tcp {
         if let Some(rtt) = handshake_rtt(t) {
             parts.push(format!("rtt {}", latency(rtt)));
@@ -751,6 +754,7 @@ pub struct JsonRecord<'a> {
     end_reason: EndReason,
     continuation: bool,
     fragment: bool,
+    partial: bool,
     tcp: Option<JsonTcp<'a>>,
     icmp: Option<&'a IcmpInfo>,
     seq: u64,
@@ -814,6 +818,7 @@ impl<'a> JsonRecord<'a> {
             end_reason: r.end_reason,
             continuation: r.continuation,
             fragment: r.fragment,
+            partial: r.partial,
             tcp: r.tcp.as_ref().map(JsonTcp::of),
             icmp: r.icmp.as_ref(),
             seq: at.seq,
@@ -839,6 +844,7 @@ mod tests {
             emitted: at(1_795_637_004),
             continuation: false,
             fragment: false,
+            partial: false,
             ip_version: 4,
             protocol: proto,
             client_addr: client.parse().unwrap(),
@@ -1239,6 +1245,6 @@ mod tests {
         );
         assert_eq!(v["emitted"], "2026-11-25T20:03:24.000000000Z");
         assert_eq!(v["emitted_ns"], 1_795_637_004_000_000_000u64);
-        assert_eq!(keys.len(), 30, "{keys:?}");
+        assert_eq!(keys.len(), 31, "{keys:?}");
     }
 }
