@@ -48,6 +48,9 @@ fn build_bpf(out: &Path) {
                 "-I".as_ref(),
                 "src/bpf".as_ref(),
                 target_define.as_ref(),
+                // atomic exchange and fetching atomics (probation.h): BPF ISA v3,
+                // kernels 5.12 and later
+                "-mcpu=v3".as_ref(),
                 "-Wall".as_ref(),
                 "-Werror".as_ref(),
             ])

@@ -91,6 +91,9 @@ impl Agent {
             }
             None => None,
         };
+        for w in cfg.capacities.shortfalls() {
+            warn!("{w}");
+        }
         let mut dp = match Datapath::load_pinned(cfg.capacities, cfg.pin_dir.as_deref()) {
             Ok(dp) => dp,
             Err(e) => {

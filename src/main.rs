@@ -157,15 +157,17 @@ struct RunArgs {
     /// Capacity of the base flow map (every flow).
     #[arg(long, env = "FLOWLENS_MAX_FLOWS", default_value_t = defaults().capacities.flows)]
     max_flows: u32,
-    /// Capacity of the TCP extension map.
-    #[arg(long, env = "FLOWLENS_MAX_TCP_FLOWS", default_value_t = defaults().capacities.tcp)]
-    max_tcp_flows: u32,
-    /// Capacity of the ICMP extension map.
-    #[arg(long, env = "FLOWLENS_MAX_ICMP_FLOWS", default_value_t = defaults().capacities.icmp)]
-    max_icmp_flows: u32,
+    /// Capacity of the TCP extension map (TCP flows with latency samples). Default: a
+    /// quarter of --max-flows.
+    #[arg(long, env = "FLOWLENS_MAX_TCP_FLOWS")]
+    max_tcp_flows: Option<u32>,
+    /// Capacity of the ICMP extension map (ICMP flows with echo RTT samples). Default: a
+    /// sixteenth of --max-flows.
+    #[arg(long, env = "FLOWLENS_MAX_ICMP_FLOWS")]
+    max_icmp_flows: Option<u32>,
     /// Capacity of the map of flows' local sockets and their owners (one entry per local
     /// end; a loopback flow takes two). Full: new flows are kept without their process.
-    /// Default: --max-flows.
+    /// Default: half of --max-flows.
     #[arg(long, env = "FLOWLENS_MAX_LOCAL_FLOWS")]
     max_local_flows: Option<u32>,
     /// What to print on stdout for each flow record.
@@ -412,9 +414,15 @@ impl RunArgs {
             },
             capacities: Capacities {
                 flows: self.max_flows,
-                tcp: self.max_tcp_flows,
-                icmp: self.max_icmp_flows,
-                owner: self.max_local_flows.unwrap_or(self.max_flows),
+                tcp: self
+                    .max_tcp_flows
+                    .unwrap_or_else(|| Capacities::tcp_for(self.max_flows)),
+                icmp: self
+                    .max_icmp_flows
+                    .unwrap_or_else(|| Capacities::icmp_for(self.max_flows)),
+                owner: self
+                    .max_local_flows
+                    .unwrap_or_else(|| Capacities::owner_for(self.max_flows)),
             },
             hub: HubConfig {
                 buffer_memory: self.buffer_memory.0,
@@ -654,6 +662,9 @@ fn check_config(cfg: &Config) -> Result<()> {
         "  maps           {} flows, {} TCP, {} ICMP, {} local ends",
         cfg.capacities.flows, cfg.capacities.tcp, cfg.capacities.icmp, cfg.capacities.owner
     );
+    for w in cfg.capacities.shortfalls() {
+        println!("  warning        {w}");
+    }
     println!(
         "  stdout         {}",
         match cfg.output {

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use crate::poller::probation::ProbationStatus;
 use crate::sinks::ipfix::{IpfixCounts, IpfixStats};
 use crate::sinks::kafka::{KafkaCounts, KafkaStats};
 
@@ -58,6 +59,9 @@ pub struct Snapshot {
     pub tls_cert_expiry: Option<SystemTime>,
     /// The Kafka sink's counters, with its name (`kafka://BROKERS/TOPIC`).
     pub kafka: Option<(String, KafkaCounts)>,
+    /// Flows not answered yet: what entered, moved, ended and was evicted, and where
+    /// the unanswered ones come from and go to.
+    pub probation: ProbationStatus,
 }
 
 /// Shared, cheaply updated agent state.
@@ -82,6 +86,7 @@ pub struct Status {
     interfaces: Mutex<Vec<AttachedInterface>>,
     observer: Mutex<String>,
     tls_cert_expiry: Mutex<Option<SystemTime>>,
+    probation: Mutex<ProbationStatus>,
 }
 
 impl Status {
@@ -119,6 +124,19 @@ impl Status {
     /// Makes the Kafka sink's counters part of every snapshot.
     pub fn set_kafka(&self, name: String, stats: Arc<KafkaStats>) {
         *self.kafka.lock().unwrap_or_else(|e| e.into_inner()) = Some((name, stats));
+    }
+
+    /// Probation's figures and tally (each full scan, the tally at most once a second).
+    pub fn set_probation(&self, p: ProbationStatus) {
+        *self.probation.lock().unwrap_or_else(|e| e.into_inner()) = p;
+    }
+
+    /// Probation's per-protocol figures, the tally as it was.
+    pub fn update_probation(&self, protocols: Vec<crate::poller::probation::ProbationProto>) {
+        self.probation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .protocols = protocols;
     }
 
     pub fn set_detail(&self, maps: Vec<MapUsage>, counters: BTreeMap<String, u64>) {
@@ -164,6 +182,11 @@ impl Status {
                 .tls_cert_expiry
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()),
+            probation: self
+                .probation
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             kafka: self
                 .kafka
                 .lock()

@@ -108,7 +108,7 @@ fn tcx_attach_follows_new_interfaces_and_detaches_everything_on_exit() {
 fn tc_mode_attaches_clsact_filters_and_removes_them_on_exit() {
     let net = NetPair::new();
     let mut agent = start(&net.a, &["--interface", &net.if_a, "--attach-mode", "tc"]);
-    agent.wait_log("with TC clsact", Duration::from_secs(10));
+    agent.wait_log("with TC clsact", Duration::from_secs(30));
     let filters =
         |dir: &str| sh_out(&["tc", "-n", &net.a, "filter", "show", "dev", &net.if_a, dir]);
     assert!(
@@ -397,8 +397,8 @@ fn watch_receives_exactly_the_flows_of_the_traffic_over_grpc() {
             "127.0.0.1:9464",
         ],
     );
-    agent.wait_log("gRPC on", Duration::from_secs(10));
-    agent.wait_log("attached to", Duration::from_secs(10));
+    agent.wait_log("gRPC on", Duration::from_secs(30));
+    agent.wait_log("attached to", Duration::from_secs(30));
 
     let port = 40_000 + (std::process::id() % 10_000) as u16;
     let mut watch = Command::new(BIN)
@@ -505,7 +505,7 @@ fn a_crashed_agent_restarts_without_losing_the_flow_in_progress() {
     let ifa = net.ifindex_a();
     let args = pinned(&net, &pins);
     let mut first = start(&net.a, &args);
-    first.wait_log("with TCX", Duration::from_secs(10));
+    first.wait_log("with TCX", Duration::from_secs(30));
 
     let cap = net
         .in_ns(&net.a, move || common::capture::Capture::open(ifa))
@@ -544,8 +544,8 @@ fn a_crashed_agent_restarts_without_losing_the_flow_in_progress() {
     );
     std::thread::sleep(Duration::from_millis(300));
     let mut second = start(&net.a, &args);
-    second.wait_log("reusing pinned maps", Duration::from_secs(10));
-    second.wait_log("took over the pinned TCX link", Duration::from_secs(10));
+    second.wait_log("reusing pinned maps", Duration::from_secs(30));
+    second.wait_log("took over the pinned TCX link", Duration::from_secs(30));
     assert_eq!(
         tcx_count(&net.a, ifa, libbpf_sys::BPF_TCX_INGRESS),
         1,
@@ -601,7 +601,7 @@ fn two_agents_cannot_share_a_pin_directory() {
     let pins = fs.pins();
     let args = pinned(&net, &pins);
     let mut first = start(&net.a, &args);
-    first.wait_log("attached to", Duration::from_secs(10));
+    first.wait_log("attached to", Duration::from_secs(30));
     let mut second = Command::new("ip")
         .args(["netns", "exec", &net.a, BIN, "run"])
         .args(args)
@@ -632,11 +632,11 @@ fn incompatible_pinned_maps_are_replaced_with_a_log_line() {
     let pins = fs.pins();
     let base = pinned(&net, &pins);
     let mut first = start(&net.a, &[&base[..], &["--max-flows", "1000"]].concat());
-    first.wait_log("attached to", Duration::from_secs(10));
+    first.wait_log("attached to", Duration::from_secs(30));
     drop(first); // SIGKILL: pins stay
     let mut second = start(&net.a, &[&base[..], &["--max-flows", "2000"]].concat());
-    second.wait_log("replacing incompatible pinned map", Duration::from_secs(10));
-    second.wait_log("attached to", Duration::from_secs(10));
+    second.wait_log("replacing incompatible pinned map", Duration::from_secs(30));
+    second.wait_log("attached to", Duration::from_secs(30));
     assert!(
         second
             .err_seen
@@ -658,7 +658,7 @@ fn watch_exits_cleanly_on_ctrl_c_and_reports_a_missing_server() {
         &net.a,
         &["--interface", &net.if_a, "--grpc-listen", &listen],
     );
-    agent.wait_log("gRPC on", Duration::from_secs(10));
+    agent.wait_log("gRPC on", Duration::from_secs(30));
     let mut watch = Command::new(BIN)
         .args(["watch", "--server", &listen])
         .stdout(Stdio::piped())
@@ -736,7 +736,7 @@ fn a_missing_bpffs_is_mounted_for_the_default_pin_dir() {
     );
     // (bpffs always adds the sticky bit to its root.)
     assert_eq!(mode & 0o777, 0o700, "{bpffs}");
-    agent.wait_log("attached to", Duration::from_secs(10));
+    agent.wait_log("attached to", Duration::from_secs(30));
     let (status, _) = agent.stop();
     assert!(status.success());
 }
@@ -745,7 +745,7 @@ fn a_missing_bpffs_is_mounted_for_the_default_pin_dir() {
 fn loopback_traffic_is_counted_once() {
     let net = NetPair::new();
     let mut agent = start(&net.a, &["--interface", "lo", "--idle-timeout-icmp", "1s"]);
-    agent.wait_log("attached to lo", Duration::from_secs(10));
+    agent.wait_log("attached to lo", Duration::from_secs(30));
     assert_eq!(
         tcx_count(&net.a, 1, libbpf_sys::BPF_TCX_INGRESS),
         0,
@@ -820,7 +820,7 @@ fn two_crashes_with_active_records_out_report_nothing_twice() {
     .concat();
     let mut seen = Vec::new();
     let mut first = start(&net.a, &args);
-    first.wait_log("with TCX", Duration::from_secs(10));
+    first.wait_log("with TCX", Duration::from_secs(30));
 
     let cap = net
         .in_ns(&net.a, move || common::capture::Capture::open(ifa))
@@ -873,7 +873,7 @@ fn two_crashes_with_active_records_out_report_nothing_twice() {
     std::thread::sleep(Duration::from_secs(1));
     seen.extend(kill_and_collect(first));
     let mut second = start(&net.a, &args);
-    second.wait_log("reusing pinned maps", Duration::from_secs(10));
+    second.wait_log("reusing pinned maps", Duration::from_secs(30));
     until_record(
         &second,
         &mut seen,
@@ -883,7 +883,7 @@ fn two_crashes_with_active_records_out_report_nothing_twice() {
     std::thread::sleep(Duration::from_secs(1));
     seen.extend(kill_and_collect(second));
     let mut third = start(&net.a, &args);
-    third.wait_log("reusing pinned maps", Duration::from_secs(10));
+    third.wait_log("reusing pinned maps", Duration::from_secs(30));
     let cport = client.join().expect("client");
     assert_eq!(server.join().expect("server"), 3_200_000);
     until_record(&third, &mut seen, "the transfer's final record", |v| {
@@ -994,7 +994,7 @@ fn every_directory_under_the_pin_root_is_checked_and_made_root_only() {
     // What the agent makes is root's alone, whatever the umask.
     let net = NetPair::new();
     let mut agent = start(&net.a, &pinned(&net, &pins));
-    agent.wait_log("attached to", Duration::from_secs(10));
+    agent.wait_log("attached to", Duration::from_secs(30));
     let links = format!("{pins}/{}/links", layout_dir());
     for dir in [&pins, &format!("{pins}/{}", layout_dir()), &links] {
         let m = std::fs::metadata(dir).expect("made by the agent");
@@ -1160,7 +1160,7 @@ fn libbpf_speaks_through_the_agent_log_at_debug_level() {
     let net = NetPair::new();
     let log_of = |args: &[&str]| -> Vec<String> {
         let mut agent = start(&net.a, args);
-        agent.wait_log("attached to", Duration::from_secs(10));
+        agent.wait_log("attached to", Duration::from_secs(30));
         let lines: Vec<String> = agent.err_seen.drain(..).collect();
         let (status, _) = agent.stop();
         assert!(status.success());
@@ -1175,4 +1175,72 @@ fn libbpf_speaks_through_the_agent_log_at_debug_level() {
     for l in libbpf {
         assert!(l.contains(" DEBUG libbpf] "), "not through the logger: {l}");
     }
+}
+
+/// `run --check-config` with `args`: exit code and stdout (what would run).
+fn check_config_out(args: &[&str]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "run",
+        "--check-config",
+        "--interface",
+        "lo",
+        "--pin-dir",
+        "off",
+    ])
+    .args(args)
+    .env_remove("RUST_LOG");
+    let out = common::bin::without_flowlens_env(&mut cmd)
+        .output()
+        .expect("flowlens");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn extension_capacities_follow_max_flows_and_a_lower_setting_is_warned() {
+    let (code, out) = check_config_out(&[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("maps           65536 flows, 16384 TCP, 4096 ICMP"),
+        "{out}"
+    );
+    assert!(!out.contains("warning"), "{out}");
+    let (code, out) = check_config_out(&["--max-flows", "200000"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("maps           200000 flows, 50000 TCP, 12500 ICMP"),
+        "{out}"
+    );
+    assert!(!out.contains("warning"), "{out}");
+    // Explicit settings above what --max-flows implies are taken as they are.
+    let (_, out) = check_config_out(&["--max-flows", "1000", "--max-tcp-flows", "1000"]);
+    assert!(
+        out.contains("maps           1000 flows, 1000 TCP, 62 ICMP"),
+        "{out}"
+    );
+    assert!(!out.contains("warning"), "{out}");
+    // Below: said, per map, with what it costs.
+    let (code, out) = check_config_out(&[
+        "--max-flows",
+        "200000",
+        "--max-tcp-flows",
+        "32768",
+        "--max-icmp-flows",
+        "8192",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(
+            "warning        --max-tcp-flows 32768 is below the 50000 that --max-flows 200000 \
+             implies: TCP flows beyond 32768 at once get no latency samples"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("--max-icmp-flows 8192 is below the 12500 that --max-flows 200000 implies"),
+        "{out}"
+    );
 }

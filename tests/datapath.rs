@@ -508,7 +508,7 @@ fn malformed_packets_are_counted_and_change_nothing() {
 }
 
 #[test]
-fn full_base_map_is_counted_and_nothing_half_made_is_left() {
+fn full_base_map_keeps_answered_flows_in_probation_flagged_lossy() {
     let h = Harness::with(Capacities {
         flows: 4,
         tcp: 4,
@@ -520,10 +520,101 @@ fn full_base_map_is_counted_and_nothing_half_made_is_left() {
             Hook::Ingress,
             &v4_frame(A, B, 6, 64, &tcp(1000 + port, 80, TCP_SYN, &[])),
         );
+        h.run(
+            Hook::Ingress,
+            &v4_frame(A, B, 6, 64, &tcp(1000 + port, 80, TCP_ACK, &[])),
+        );
     }
-    assert_eq!(h.flows().len(), 4);
-    assert!(h.tcp().is_empty(), "SYNs give no sample: no extension");
-    assert_eq!(h.counter("base_map_full"), 2);
+    assert_eq!(h.base_flows().len(), 4);
+    let waiting = h.probation();
+    assert_eq!(waiting.len(), 2, "answered, no room: still in probation");
+    for (_, b) in &waiting {
+        assert_eq!(b.packets[LO_TO_HI], 2, "no packet lost while it waits");
+        assert_ne!(b.meta & meta::LOSSY, 0, "flagged: LRU may evict it");
+    }
+    for (_, b) in h.base_flows() {
+        assert_eq!(b.meta & meta::LOSSY, 0);
+    }
+    assert!(h.tcp().is_empty(), "no sample: no extension");
+    assert_eq!(h.counter("admission_deferred_base_full"), 2);
+    assert_eq!(h.counter("base_map_full"), 0, "nothing lost");
+    assert_eq!(h.counter("packets_accounted"), 12);
+    assert_eq!(h.counter("probation_new_tcp"), 6);
+    assert_eq!(h.counter("probation_admitted_tcp"), 4);
+}
+
+/// One-packet flows wait in probation; the packet that answers one (for TCP the
+/// handshake's final ACK, for anything else its second packet) moves it to the base map
+/// with everything it had, samples included.
+#[test]
+fn unanswered_flows_wait_in_probation_until_answered() {
+    let h = Harness::new();
+    h.run(
+        Hook::Egress,
+        &v4_frame(A, B, 6, 64, &tcp(50000, 80, TCP_SYN, &[])),
+    );
+    h.run(
+        Hook::Ingress,
+        &v4_frame(B, A, 6, 63, &tcp(80, 50000, TCP_SYN | TCP_ACK, &[])),
+    );
+    // A random-source SYN answered by RST never leaves probation either.
+    h.run(
+        Hook::Ingress,
+        &v4_frame([10, 200, 9, 9], B, 6, 64, &tcp(7, 80, TCP_SYN, &[])),
+    );
+    h.run(
+        Hook::Egress,
+        &v4_frame(
+            B,
+            [10, 200, 9, 9],
+            6,
+            64,
+            &tcp(80, 7, TCP_RST | TCP_ACK, &[]),
+        ),
+    );
+    h.run(Hook::Egress, &v4_frame(A, B, 17, 64, &udp(5000, 53, b"q")));
+    h.run(Hook::Egress, &v4_frame(A, B, 1, 64, &echo(8, 9, 1, &[])));
+    assert!(h.base_flows().is_empty(), "{:?}", h.base_flows());
+    assert_eq!(h.probation().len(), 4);
+    assert_eq!(h.counter("packets_accounted"), 6);
+
+    h.run(
+        Hook::Egress,
+        &v4_frame(A, B, 6, 64, &tcp(50000, 80, TCP_ACK, &[])),
+    );
+    h.run(
+        Hook::Ingress,
+        &v4_frame(B, A, 17, 64, &udp(53, 5000, b"rr")),
+    );
+    h.run(Hook::Ingress, &v4_frame(B, A, 1, 64, &echo(0, 9, 1, &[])));
+    assert_eq!(h.probation().len(), 1, "the reset probe stays");
+    assert_eq!(h.base_flows().len(), 3);
+    let base = h.joined();
+    let find = |proto: u8| {
+        *base
+            .iter()
+            .find(|f| f.key.proto == proto && f.key.port_lo != 7)
+            .expect("flow")
+    };
+    let t = find(6);
+    assert_eq!(t.base.packets, [2, 1]);
+    assert_eq!(t.base.bytes, [80, 40]);
+    assert_ne!(t.base.ext_id, 0, "an extension id once admitted");
+    let hot = t.tcp_hot().expect("TCP state");
+    assert_eq!(u32::from(hot.state), types::tcp_state::TCP_ST_ESTABLISHED.0);
+    let hs = (types::tcp_bits::TCPB_CLIENT_HS.0 | types::tcp_bits::TCPB_SERVER_HS.0) as u8;
+    assert_eq!(hot.bits & hs, hs, "both handshake times, across the move");
+    assert_eq!(client_dir(&t.base), LO_TO_HI);
+    let u = find(17);
+    assert_eq!(u.base.packets[LO_TO_HI] + u.base.packets[HI_TO_LO], 2);
+    assert_eq!(client_dir(&u.base), LO_TO_HI);
+    let i = find(1);
+    assert_eq!(i.icmp.expect("the reply's RTT sample").rtt_count, 1);
+    assert_eq!(h.counter("probation_new_tcp"), 2);
+    assert_eq!(h.counter("probation_admitted_tcp"), 1);
+    assert_eq!(h.counter("probation_admitted_udp"), 1);
+    assert_eq!(h.counter("probation_admitted_icmp"), 1);
+    assert_eq!(h.counter("packets_accounted"), 9);
 }
 
 #[test]
@@ -631,6 +722,139 @@ fn concurrent_updates_of_one_flow_lose_no_increment() {
     assert_eq!(b.packets[LO_TO_HI], want, "packets");
     assert_eq!(b.bytes[LO_TO_HI], want * 100, "bytes");
     assert_eq!(h.counter("packets_accounted"), want);
+}
+
+/// A random-source SYN flood through the smallest probation (16,384 flows): 5,000 flood
+/// flows between each legitimate packet (7 ms at the issue's 740 k new flows/s) evict
+/// flood flows, never a legitimate handshake in progress, and the flood never reaches the
+/// base map.
+#[test]
+fn a_flood_churns_probation_and_answered_flows_get_through() {
+    let h = Harness::with(Capacities {
+        flows: 4_096,
+        tcp: 2_048,
+        icmp: 1_024,
+        owner: 2_048,
+    });
+    let mut n = 0u32;
+    let mut flood = |count: u32| {
+        for _ in 0..count {
+            n += 1;
+            let src = [
+                11 + (n >> 24) as u8,
+                (n >> 16) as u8,
+                (n >> 8) as u8,
+                n as u8,
+            ];
+            h.run(
+                Hook::Ingress,
+                &v4_frame(
+                    src,
+                    B,
+                    6,
+                    64,
+                    &tcp(1024 + (n % 60_000) as u16, 80, TCP_SYN, &[]),
+                ),
+            );
+        }
+    };
+    const LEGIT: u16 = 40;
+    for i in 0..LEGIT {
+        let port = 30_000 + i;
+        h.run(
+            Hook::Ingress,
+            &v4_frame(A, B, 6, 64, &tcp(port, 443, TCP_SYN, &[])),
+        );
+        flood(5_000);
+        h.run(
+            Hook::Egress,
+            &v4_frame(B, A, 6, 64, &tcp(443, port, TCP_SYN | TCP_ACK, &[])),
+        );
+        flood(5_000);
+        h.run(
+            Hook::Ingress,
+            &v4_frame(A, B, 6, 64, &tcp(port, 443, TCP_ACK, &[])),
+        );
+    }
+    let base = h.base_flows();
+    assert_eq!(base.len(), usize::from(LEGIT), "only the answered flows");
+    for (k, b) in &base {
+        assert_eq!(k.port_hi, 443);
+        assert_eq!(b.packets, [2, 1], "{k:?}");
+    }
+    let entered = h.counter("probation_new_tcp");
+    assert_eq!(entered, u64::from(LEGIT) * 10_001);
+    assert_eq!(h.counter("probation_admitted_tcp"), u64::from(LEGIT));
+    assert!(h.probation().len() <= 16_384);
+    assert_eq!(h.counter("base_map_full"), 0);
+}
+
+/// Both CPUs send the first packets of the same fresh flows at once: the flow is made in
+/// probation by one, moved to the base map by a second packet, while the other CPU adds
+/// to it: every packet lands exactly once, in the base map, and nothing stays behind.
+#[test]
+fn the_move_from_probation_loses_no_packet_under_two_cpus() {
+    const FLOWS: u16 = 1500;
+    const REPEAT: i32 = 40;
+    let h = Harness::new();
+    let fds = flowlens::kernel::attach::ProgramFds::of(&h.dp).expect("fds");
+    // UDP: any second packet admits. TCP: one CPU sends SYNs (never admit), the other
+    // ACKs (admit), so the move races adds to the image.
+    let frames = |cpu: usize| -> Vec<Vec<u8>> {
+        (0..FLOWS)
+            .map(|i| {
+                if i % 2 == 0 {
+                    v4_frame(A, B, 17, 64, &udp(10_000 + i, 53, &[0u8; 20]))
+                } else {
+                    let f = if cpu == 0 { TCP_SYN } else { TCP_ACK };
+                    v4_frame(A, B, 6, 64, &tcp(10_000 + i, 80, f, &[]))
+                }
+            })
+            .collect()
+    };
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let threads: Vec<_> = [fds.ingress, fds.egress]
+        .into_iter()
+        .enumerate()
+        .map(|(cpu, fd)| {
+            let frames = frames(cpu);
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                // SAFETY: a zeroed cpu_set_t is valid; the calls only read it.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu % 2, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                }
+                for f in &frames {
+                    barrier.wait();
+                    run_on_this_cpu(&fd, f, REPEAT);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("runner");
+    }
+    assert!(h.probation().is_empty(), "{:?}", h.probation().first());
+    let flows = h.base_flows();
+    assert_eq!(flows.len(), usize::from(FLOWS));
+    for (k, b) in &flows {
+        let want = 2 * REPEAT as u64;
+        let len = if k.proto == 17 { 48 } else { 40 };
+        assert_eq!(b.packets, [want, 0], "{k:?}");
+        assert_eq!(b.bytes, [want * len, 0], "{k:?}");
+    }
+    assert_eq!(
+        h.counter("packets_accounted"),
+        u64::from(FLOWS) * 2 * REPEAT as u64
+    );
+    // A flow made twice (a CPU's insert racing the other's move) is admitted twice.
+    let admitted = h.counter("probation_admitted_udp") + h.counter("probation_admitted_tcp");
+    let entered = h.counter("probation_new_udp") + h.counter("probation_new_tcp");
+    assert_eq!(admitted, entered, "none evicted");
+    assert!(admitted >= u64::from(FLOWS));
+    assert_eq!(h.counter("base_map_full"), 0);
 }
 
 #[test]
@@ -791,7 +1015,7 @@ mod edges {
     }
 
     #[test]
-    fn gso_packets_of_a_flow_the_full_map_drops_count_every_segment() {
+    fn gso_packets_of_a_flow_the_full_map_keeps_waiting_count_every_segment() {
         let h = Harness::with(Capacities {
             flows: 1,
             tcp: 4,
@@ -799,10 +1023,14 @@ mod edges {
             owner: 1,
         });
         h.run(Hook::Egress, &v4_frame(A, B, 17, 64, &udp(1, 2, &[])));
+        h.run(Hook::Egress, &v4_frame(A, B, 17, 64, &udp(1, 2, &[])));
         let g = v4_frame(A, B, 6, 64, &tcp(1000, 2000, TCP_ACK, &[0u8; 3000]));
         h.run_gso(Hook::Egress, &g, 3);
-        assert_eq!(h.counter("base_map_full"), 3);
-        assert_eq!(h.counter("packets_accounted"), 1);
+        h.run_gso(Hook::Egress, &g, 3);
+        assert_eq!(h.counter("admission_deferred_base_full"), 3);
+        assert_eq!(h.counter("packets_accounted"), 8);
+        let (_, b) = h.probation()[0];
+        assert_eq!(b.packets[LO_TO_HI], 6, "kept in probation, every segment");
     }
 
     #[test]
@@ -820,4 +1048,179 @@ mod edges {
         assert_eq!(h.counter("ip_bad_version"), 4);
         assert_eq!(h.counter("packets_accounted"), 0);
     }
+}
+
+/// Issue 29: `--max-flows 200000` alone (the extension capacities it implies, as the CLI
+/// derives them) holds 100 k realistic flows at 40/50/10 TCP/UDP/ICMP, and every TCP flow
+/// has its handshake and latency sample, every ICMP flow its RTT sample: none is lost.
+#[test]
+fn max_flows_alone_keeps_every_sample_of_100k_realistic_flows() {
+    const N: u32 = 100_000;
+    let cap = Capacities::for_flows(200_000);
+    let h = Harness::with(cap);
+    let server4 = [10, 200, 0, 2];
+    let server6 = ula(2);
+    // (client, server) frames for flow i: v4 for even i, v6 for odd.
+    let frame = |i: u32, to_server: bool, proto: u8, l4: &[u8]| {
+        let n = (i / 60_000) as u8 + 1;
+        if i.is_multiple_of(2) {
+            let c = [10, 200, n, 1];
+            if to_server {
+                v4_frame(c, server4, proto, 64, l4)
+            } else {
+                v4_frame(server4, c, proto, 64, l4)
+            }
+        } else {
+            let c = ula(0x100 + u16::from(n));
+            if to_server {
+                v6_frame(c, server6, proto, 64, l4)
+            } else {
+                v6_frame(server6, c, proto, 64, l4)
+            }
+        }
+    };
+    let (mut tcp_flows, mut icmp_flows) = (0u64, 0u64);
+    for i in 0..N {
+        let port = 1024 + (i % 60_000) as u16;
+        match i % 10 {
+            0..=3 => {
+                tcp_flows += 1;
+                let req = [0u8; 100];
+                let resp = [0u8; 300];
+                for (to_server, flags, payload) in [
+                    (true, TCP_SYN, &[][..]),
+                    (false, TCP_SYN | TCP_ACK, &[][..]),
+                    (true, TCP_ACK, &[][..]),
+                    (true, TCP_ACK | TCP_PSH, &req[..]),
+                    (false, TCP_ACK | TCP_PSH, &resp[..]),
+                ] {
+                    let l4 = if to_server {
+                        tcp(port, 443, flags, payload)
+                    } else {
+                        tcp(443, port, flags, payload)
+                    };
+                    let hook = if to_server {
+                        Hook::Egress
+                    } else {
+                        Hook::Ingress
+                    };
+                    h.run(hook, &frame(i, to_server, 6, &l4));
+                }
+            }
+            4..=8 => {
+                h.run(
+                    Hook::Egress,
+                    &frame(i, true, 17, &udp(port, 53, &[0u8; 40])),
+                );
+                h.run(
+                    Hook::Ingress,
+                    &frame(i, false, 17, &udp(53, port, &[0u8; 120])),
+                );
+            }
+            _ => {
+                icmp_flows += 1;
+                let (req, reply, proto) = if i.is_multiple_of(2) {
+                    (8, 0, 1)
+                } else {
+                    (128, 129, 58)
+                };
+                h.run(
+                    Hook::Egress,
+                    &frame(i, true, proto, &echo(req, port, 1, &[0u8; 56])),
+                );
+                h.run(
+                    Hook::Ingress,
+                    &frame(i, false, proto, &echo(reply, port, 1, &[0u8; 56])),
+                );
+            }
+        }
+    }
+    assert_eq!(h.counter("base_map_full"), 0);
+    assert_eq!(h.counter("tcp_map_full"), 0, "TCP latency samples lost");
+    assert_eq!(h.counter("icmp_map_full"), 0, "ICMP RTT samples lost");
+
+    let tcp: std::collections::HashMap<u64, types::flow_tcp> = h.tcp().into_iter().collect();
+    let icmp: std::collections::HashMap<u64, types::flow_icmp> = h.icmp().into_iter().collect();
+    let flows = h.flows();
+    assert_eq!(flows.len(), N as usize);
+    let (mut tcp_ok, mut icmp_ok) = (0u64, 0u64);
+    let hs = (types::tcp_bits::TCPB_CLIENT_HS.0 | types::tcp_bits::TCPB_SERVER_HS.0) as u8;
+    for (k, b) in &flows {
+        match k.proto {
+            6 => {
+                // SAFETY: a TCP flow's l4 union holds its tcp_hot.
+                let bits = unsafe { b.l4.tcp.bits };
+                assert_eq!(bits & hs, hs, "{k:?}: handshake timings");
+                let t = tcp
+                    .get(&b.ext_id)
+                    .unwrap_or_else(|| panic!("{k:?}: no latency"));
+                assert_eq!(t.lat[0].count + t.lat[1].count, 1, "{k:?}: one sample");
+                tcp_ok += 1;
+            }
+            1 | 58 => {
+                let c = icmp
+                    .get(&b.ext_id)
+                    .unwrap_or_else(|| panic!("{k:?}: no RTT"));
+                assert_eq!(c.rtt_count, 1, "{k:?}: one RTT sample");
+                icmp_ok += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((tcp_ok, icmp_ok), (tcp_flows, icmp_flows));
+    assert_eq!(tcp.len() as u64, tcp_flows);
+    assert_eq!(icmp.len() as u64, icmp_flows);
+}
+
+/// Request/response turns past the first take the lock-free path (tcp_turn in tcp.h):
+/// every turn is one sample for the side that answered, and a FIN after them still
+/// closes the flow under the lock.
+#[test]
+fn request_response_turns_each_give_one_sample_without_the_lock() {
+    let h = Harness::new();
+    let c = |flags, payload: &[u8]| v4_frame(A, B, 6, 64, &tcp(50001, 80, flags, payload));
+    let s = |flags, payload: &[u8]| v4_frame(B, A, 6, 64, &tcp(80, 50001, flags, payload));
+    h.run(Hook::Egress, &c(TCP_SYN, &[]));
+    h.run(Hook::Ingress, &s(TCP_SYN | TCP_ACK, &[]));
+    h.run(Hook::Egress, &c(TCP_ACK, &[]));
+    // 10 payloads, alternating from the client: 9 turns, 5 answered by the server
+    // (HI_TO_LO: B is hi), 4 by the client; all but the first two take the lock-free path.
+    for i in 0..10u32 {
+        if i.is_multiple_of(2) {
+            h.run(Hook::Egress, &c(TCP_ACK | TCP_PSH, b"request"));
+        } else {
+            h.run(Hook::Ingress, &s(TCP_ACK | TCP_PSH, b"response"));
+        }
+    }
+    // The client answers the last response (its 5th sample), then continues its own
+    // payload: no turn.
+    h.run(Hook::Egress, &c(TCP_ACK | TCP_PSH, b"next"));
+    h.run(Hook::Egress, &c(TCP_ACK | TCP_PSH, b"more"));
+    let f = h.only_joined();
+    let t = f.tcp.expect("latency entry");
+    assert_eq!(t.lat[HI_TO_LO].count, 5);
+    assert_eq!(t.lat[LO_TO_HI].count, 5);
+    for l in t.lat {
+        assert!(l.min_ns <= l.max_ns && l.min_ns > 0, "{l:?}");
+        assert!(
+            l.sum_ns >= u64::from(l.min_ns) * u64::from(l.count),
+            "{l:?}"
+        );
+        assert!(
+            l.sum_ns <= u64::from(l.max_ns) * u64::from(l.count),
+            "{l:?}"
+        );
+        assert!(l.prev_ns >= l.min_ns && l.prev_ns <= l.max_ns, "{l:?}");
+    }
+    assert_eq!(f.base.packets, [9, 6], "exact counts");
+    let hot = f.tcp_hot().expect("TCP state");
+    assert_eq!(
+        hot.bits & types::tcp_bits::TCPB_LAST_DIR_HI.0 as u8,
+        0,
+        "the client spoke last"
+    );
+    h.run(Hook::Egress, &c(TCP_FIN | TCP_ACK, &[]));
+    h.run(Hook::Ingress, &s(TCP_FIN | TCP_ACK, &[]));
+    let hot = h.only_joined().tcp_hot().expect("TCP state");
+    assert_eq!(u32::from(hot.state), types::tcp_state::TCP_ST_CLOSED.0);
 }

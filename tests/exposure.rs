@@ -109,6 +109,7 @@ fn record(n: u32) -> FlowRecord {
         observer: "exposure-test".into(),
         continuation: false,
         fragment: false,
+        partial: false,
         client: DirStats {
             packets: 1,
             bytes: 80,

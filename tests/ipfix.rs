@@ -45,6 +45,7 @@ fn tcp_record() -> FlowRecord {
         emitted: t0 + Duration::from_millis(3000),
         continuation: false,
         fragment: false,
+        partial: false,
         client: DirStats {
             packets: 5,
             bytes: 700,

@@ -72,6 +72,7 @@ fn full() -> FlowRecord {
         end_reason: EndReason::TcpFin,
         continuation: true,
         fragment: false,
+        partial: false,
         tcp: Some(TcpInfo {
             client_flags: 0x13,
             server_flags: 0x12,

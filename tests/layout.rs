@@ -5,8 +5,8 @@ use std::mem::{offset_of, size_of};
 
 use flowlens::kernel::bpf::flow_mono_skel::types::{flow_naive, flow_packed};
 use flowlens::kernel::bpf::types::{
-    bpf_spin_lock, flow_base, flow_ended, flow_icmp, flow_key, flow_l4, flow_owner, flow_tcp,
-    icmp_hot, scan_args, scan_rec, tcp_hot, tcp_latency,
+    bpf_spin_lock, flow_base, flow_ended, flow_icmp, flow_key, flow_l4, flow_owner, flow_probe,
+    flow_tcp, icmp_hot, probe_port, probe_sketch, scan_args, scan_rec, tcp_hot, tcp_latency,
 };
 
 /// Asserts that fields tile the struct: each starts where the previous ended.
@@ -78,8 +78,8 @@ fn icmp_extension_is_keyed_by_id_and_lands_in_kmalloc_96() {
 /// The scan's context and its output records, which userspace reads by these sizes.
 #[test]
 fn scan_args_and_records_are_fully_explicit() {
-    assert_eq!(size_of::<scan_args>(), 176);
-    assert_tiled!(scan_args, now_ns: u64, prev_ns: u64, idle_ns: [u64; 4], close_grace_ns: u64, active_ns: u64, flush: u32, closing_only: u32, part: u32, parts: u32, bulk_after: u32, stopped: u32, written: u32, ended: u32, entries: [u64; 3], evict_age_ns: u64, evict_keep: [u64; 3], evict_need: [u64; 3]);
+    assert_eq!(size_of::<scan_args>(), 208);
+    assert_tiled!(scan_args, now_ns: u64, prev_ns: u64, idle_ns: [u64; 4], close_grace_ns: u64, active_ns: u64, flush: u32, closing_only: u32, part: u32, parts: u32, bulk_after: u32, stopped: u32, written: u32, ended: u32, entries: [u64; 3], evict_age_ns: u64, evict_keep: [u64; 3], evict_need: [u64; 3], probation: [u64; 4]);
     // A ring record, not a map element: the owners of the flow's local ends ride with it
     // (+64 B over the 224 it had), so the base entry keeps its kmalloc-192.
     assert_eq!(size_of::<scan_rec>(), 288);
@@ -108,6 +108,22 @@ fn an_ended_connection_is_remembered_in_128_bytes() {
         48 + size_of::<flow_key>().next_multiple_of(8) + size_of::<flow_ended>(),
         128
     );
+}
+
+/// A flow in probation is its base entry's image: an LRU element of 48 B of header, the
+/// key and the image, 184 B, preallocated (6 MiB for the default 32,768). The scan's tally
+/// of what waits there: a 256-register sketch and 4-byte port keys.
+#[test]
+fn a_flow_in_probation_costs_184_bytes() {
+    assert_eq!(size_of::<flow_probe>(), size_of::<flow_base>());
+    assert_eq!(
+        48 + size_of::<flow_key>().next_multiple_of(8) + size_of::<flow_probe>(),
+        184
+    );
+    assert_eq!(size_of::<probe_sketch>(), 264);
+    assert_tiled!(probe_sketch, tallied: u64, reg: [u8; 256]);
+    assert_eq!(size_of::<probe_port>(), 4);
+    assert_tiled!(probe_port, port: u16, proto: u8, __pad: u8);
 }
 
 /// The single-map layouts the benchmark measures the split against.

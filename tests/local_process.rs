@@ -397,7 +397,7 @@ fn each_side_of_a_loopback_connection_names_its_cgroup_unit_and_process() {
 }
 
 #[test]
-fn attribution_taken_at_the_first_packet_outlives_the_process() {
+fn attribution_taken_as_the_flow_starts_outlives_the_process() {
     let net = NetPair::new();
     let cg = Cgroups::new();
     let (srv_dir, srv_path) = cg.make("system.slice/sink.service");

@@ -170,6 +170,25 @@ fn filled_status() -> Arc<Status> {
             .map(|(slot, name)| (name.to_owned(), 2000 + u64::from(slot))),
     );
     s.set_detail(maps, counters);
+    use flowlens::poller::probation::{ProbationPort, ProbationProto, ProbationStatus};
+    s.set_probation(ProbationStatus {
+        protocols: vec![ProbationProto {
+            protocol: "udp",
+            entered: 100,
+            admitted: 10,
+            ended: 5,
+            evicted: 77,
+            waiting: 8,
+        }],
+        capacity: 32_768,
+        sources_estimate: 999,
+        tallied: 60,
+        top_ports: vec![ProbationPort {
+            protocol: "tcp",
+            port: 80,
+            flows: 55,
+        }],
+    });
     s
 }
 
@@ -244,10 +263,17 @@ fn render_parses_and_carries_every_value() {
         0.5
     );
 
-    // Every kernel counter appears once, in the family its class says.
-    for (slot, name) in flowlens::kernel::datapath::counter_names() {
+    // Every kernel counter appears once, in the family its class says; probation's count
+    // flows and have a family of their own.
+    let packet_counters: Vec<(u32, &str)> = flowlens::kernel::datapath::counter_names()
+        .into_iter()
+        .filter(|(_, name)| !name.starts_with("probation_"))
+        .collect();
+    for (slot, name) in packet_counters.iter().copied() {
         let (family, label) = if flowlens::kernel::datapath::is_error_counter(slot) {
             ("flowlens_kernel_packets_unaccounted_total", "reason")
+        } else if flowlens::kernel::datapath::is_sample_loss_counter(slot) {
+            ("flowlens_kernel_samples_lost_total", "reason")
         } else {
             ("flowlens_kernel_packets_total", "counter")
         };
@@ -276,8 +302,27 @@ fn render_parses_and_carries_every_value() {
         .count();
     assert_eq!(
         kernel,
-        flowlens::kernel::datapath::counter_names().len()
-            + flowlens::kernel::datapath::owner_counter_names().len()
+        packet_counters.len() + flowlens::kernel::datapath::owner_counter_names().len()
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "flowlens_probation_flows_total",
+            &[("protocol", "udp"), ("outcome", "evicted")]
+        ),
+        77.0
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "flowlens_probation_port_flows_total",
+            &[("protocol", "tcp"), ("port", "80")]
+        ),
+        55.0
+    );
+    assert_eq!(
+        value(&samples, "flowlens_probation_sources_estimate", &[]),
+        999.0
     );
     assert_eq!(
         value(

@@ -153,16 +153,17 @@ fn flows_and_status_work_on_a_pipe_against_a_running_agent() {
         "sinks:".into(),
         "output  stdout".into(),
         "subscribers:".into(),
+        "samples lost: 0 TCP latency (flows_tcp full: raise --max-tcp-flows), 0 ICMP RTT".into(),
         "packets_accounted".into(),
     ];
     for want in &wants {
         assert!(o.contains(want), "no {want:?} in:\n{o}");
     }
     let out = shell(&format!(
-        "\"$FL\" status --server {server} --json | jq -r '.interfaces[0].name, .sinks[0].lost, .maps[0].name'"
+        "\"$FL\" status --server {server} --json | jq -r '.interfaces[0].name, .sinks[0].lost, .maps[0].name, .samples_lost.tcp_latency'"
     ));
     let (o, e) = text(&out);
-    assert_eq!(o, format!("{}\n0\nflows\n", net.if_a), "{e}");
+    assert_eq!(o, format!("{}\n0\nflows\n0\n", net.if_a), "{e}");
     drop(held);
     let _ = std::fs::remove_file(&sock);
 }

@@ -168,6 +168,7 @@ fn rec(i: u32) -> FlowRecord {
         emitted: SystemTime::now(),
         continuation: false,
         fragment: false,
+        partial: false,
         client: DirStats {
             packets: 1,
             bytes: 60,

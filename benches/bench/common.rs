@@ -9,6 +9,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject};
 
 use flowlens::kernel::bpf::bench_skel::{BenchSkel, BenchSkelBuilder};
 use flowlens::kernel::bpf::flow_mono_skel::{FlowMonoSkel, FlowMonoSkelBuilder};
+use flowlens::kernel::bpf::peer_skel::{PeerSkel, PeerSkelBuilder};
 use flowlens::kernel::bpf::types;
 use flowlens::kernel::datapath::FlowMaps;
 use flowlens::poller::decode::{meta, Clock, Counts, RawFlow, RecordMeta, LO_TO_HI};
@@ -37,6 +38,15 @@ pub fn load_mono(capacity: u32) -> Result<FlowMonoSkel<'static>> {
     open.maps.flows.set_max_entries(capacity)?;
     open.maps.flows_naive.set_max_entries(capacity)?;
     open.load().context("load mono")
+}
+
+/// The peer-like per-direction flow program (src/bpf/peer.bpf.c), `capacity` flows.
+pub fn load_peer(capacity: u32) -> Result<PeerSkel<'static>> {
+    let mut open = PeerSkelBuilder::default()
+        .open(leak_storage())
+        .context("open peer")?;
+    open.maps.peer_flows.set_max_entries(capacity)?;
+    open.load().context("load peer")
 }
 
 pub fn load_baselines() -> Result<BenchSkel<'static>> {

@@ -1,13 +1,18 @@
 //! Datapath cost per packet under BPF_PROG_TEST_RUN: baselines (empty program, lookups,
-//! clocks), the split maps per protocol, new-flow inserts, against the monolithic map.
+//! clocks), the split maps per protocol, new-flow inserts, against the monolithic map, and
+//! against a peer-like per-direction flow program on the same packets, interleaved.
 
 use anyhow::{Context, Result};
-use libbpf_rs::{MapCore, ProgramInput, ProgramMut};
+use std::os::fd::{AsFd, AsRawFd};
+
+use libbpf_rs::{MapCore, MapFlags, ProgramInput, ProgramMut};
+
+use flowlens::kernel::bpf::bench_skel::BenchSkel;
 
 use flowlens::kernel::datapath::{Capacities, Datapath};
 use flowlens::kernel::packet::*;
 
-use crate::common::{load_baselines, load_mono, Table};
+use crate::common::{load_baselines, load_mono, load_peer, Table};
 
 const REPEAT: u32 = 1_000_000;
 const A: [u8; 4] = [10, 200, 0, 1];
@@ -32,16 +37,267 @@ fn existing(prog: &ProgramMut<'_>, frame: &[u8]) -> Result<f64> {
 
 /// ns per new-flow insert: `n` distinct flows, one kernel-timed run each.
 fn inserts(prog: &ProgramMut<'_>, n: u32, is_tcp: bool) -> Result<f64> {
-    let to = Dest {
-        addr: B,
-        port: if is_tcp { 443 } else { 53 },
-        mac: None,
-        ifindex: 0,
-    };
-    inserts_to(prog, n, is_tcp, &to, 0)
+    let mut total = 0.0;
+    for i in 0..n {
+        let src = [10, 201, (i >> 8) as u8, i as u8];
+        let l4 = if is_tcp {
+            tcp(40_000 + (i >> 16) as u16, 443, TCP_SYN, &[])
+        } else {
+            udp(40_000 + (i >> 16) as u16, 53, &[0u8; 32])
+        };
+        total += ns_per_run(
+            prog,
+            &v4_frame(src, B, if is_tcp { 6 } else { 17 }, 64, &l4),
+            1,
+        )?;
+    }
+    Ok(total / f64::from(n))
 }
 
-/// Where `inserts_to` sends its first packets, and through which device.
+/// Rounds of the flowlens / peer comparison: each a run of both, in turns.
+const ROUNDS: usize = 21;
+
+/// Makes `prog` the one `bench_turn` hands packets to.
+fn turn_into(base: &BenchSkel<'static>, prog: &ProgramMut<'_>) -> Result<()> {
+    let fd = prog.as_fd().as_raw_fd();
+    base.maps
+        .bench_next
+        .update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+        .context("bench_next")
+}
+
+/// What turning a frame around costs (`bench_turn` in front of the empty program, beyond
+/// the empty program alone), in ns per packet.
+fn turn_cost(base: &BenchSkel<'static>, frame: &[u8]) -> Result<f64> {
+    turn_into(base, &base.progs.bench_empty)?;
+    let turned = ns_per_run(&base.progs.bench_turn, frame, REPEAT / 10)?;
+    Ok(turned - ns_per_run(&base.progs.bench_empty, frame, REPEAT / 10)?)
+}
+
+/// ns per packet of `frame` through `prog`, repeated in the kernel; with `turn`, turned
+/// around before each run (a request, its answer, the next request...: `bench_turn` in
+/// src/bpf/bench.bpf.c), less what turning costs.
+fn per_packet(
+    base: &BenchSkel<'static>,
+    prog: &ProgramMut<'_>,
+    frame: &[u8],
+    turn: Option<f64>,
+) -> Result<f64> {
+    let Some(cost) = turn else {
+        return ns_per_run(prog, frame, REPEAT / 10);
+    };
+    turn_into(base, prog)?;
+    Ok(ns_per_run(&base.progs.bench_turn, frame, REPEAT / 10)? - cost)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// A comparison case: the frames that open the flow, the measured frame, and whether it is
+/// turned around each run.
+type Case = (Vec<Vec<u8>>, Vec<u8>, bool);
+
+/// A TCP conversation between A:port and B:80 (IPv4, or IPv6 between ula(1) and ula(2)),
+/// established and answered once, so both programs see what they see mid-conversation.
+struct Conversation {
+    v6: bool,
+    port: u16,
+}
+
+impl Conversation {
+    fn frame(&self, from_a: bool, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let l4 = if from_a {
+            tcp(self.port, 80, flags, payload)
+        } else {
+            tcp(80, self.port, flags, payload)
+        };
+        match (self.v6, from_a) {
+            (false, true) => v4_frame(A, B, 6, 64, &l4),
+            (false, false) => v4_frame(B, A, 6, 64, &l4),
+            (true, true) => v6_frame(ula(1), ula(2), 6, 64, &l4),
+            (true, false) => v6_frame(ula(2), ula(1), 6, 64, &l4),
+        }
+    }
+
+    fn opening(&self) -> Vec<Vec<u8>> {
+        vec![
+            self.frame(true, TCP_SYN, &[]),
+            self.frame(false, TCP_SYN | TCP_ACK, &[]),
+            self.frame(true, TCP_ACK, &[]),
+            self.frame(true, TCP_ACK | TCP_PSH, &[0u8; 100]),
+            self.frame(false, TCP_ACK | TCP_PSH, &[0u8; 100]),
+        ]
+    }
+}
+
+/// The same packets through flowlens and the peer-like program (src/bpf/peer.bpf.c: per
+/// packet, a fine clock read, one lookup of a per-direction key, counters, flags and
+/// timestamps under the entry's lock, or an insert), in interleaved rounds.
+fn against_peer(t: &mut Table, base: &BenchSkel<'static>) -> Result<()> {
+    let flowlens = Datapath::load(Capacities::for_flows(1 << 18))?;
+    let peer = load_peer(1 << 18)?;
+    let conv = |v6, port| Conversation { v6, port };
+    // (opening frames, the measured frame, turned around each run)
+    let rr = |c: Conversation| {
+        (
+            c.opening(),
+            c.frame(true, TCP_ACK | TCP_PSH, &[0u8; 100]),
+            true,
+        )
+    };
+    let one_way = |c: Conversation, payload: usize| {
+        (
+            c.opening(),
+            c.frame(true, TCP_ACK, &vec![0u8; payload]),
+            false,
+        )
+    };
+    let icmp = (
+        vec![v4_frame(A, B, 1, 64, &echo(8, 9, 1, &[0u8; 56]))],
+        v4_frame(A, B, 1, 64, &echo(8, 9, 1, &[0u8; 56])),
+        true,
+    );
+    let cases: Vec<(&str, Case)> = vec![
+        (
+            "TCP data 1400 B, one direction",
+            one_way(conv(false, 41_000), 1400),
+        ),
+        ("TCP request/response 100 B", rr(conv(false, 41_001))),
+        ("TCP6 request/response 100 B", rr(conv(true, 41_002))),
+        ("TCP pure ACK", one_way(conv(false, 41_003), 0)),
+        (
+            "UDP 64 B",
+            (
+                vec![],
+                v4_frame(A, B, 17, 64, &udp(41_004, 53, &[0u8; 64])),
+                false,
+            ),
+        ),
+        ("ICMP echo + reply", icmp),
+    ];
+    for (name, (opening, frame, turned)) in &cases {
+        for f in opening.iter().chain([frame]) {
+            ns_per_run(flowlens.ingress(), f, 1)?;
+            ns_per_run(&peer.progs.peer_tc, f, 1)?;
+        }
+        let (mut ours, mut theirs, mut ratios, mut costs) = (vec![], vec![], vec![], vec![]);
+        for round in 0..ROUNDS {
+            let turn = if *turned {
+                let c = turn_cost(base, frame)?;
+                costs.push(c);
+                Some(c)
+            } else {
+                None
+            };
+            let (a, b) = if round.is_multiple_of(2) {
+                let a = per_packet(base, flowlens.ingress(), frame, turn)?;
+                (a, per_packet(base, &peer.progs.peer_tc, frame, turn)?)
+            } else {
+                let b = per_packet(base, &peer.progs.peer_tc, frame, turn)?;
+                (per_packet(base, flowlens.ingress(), frame, turn)?, b)
+            };
+            ours.push(a);
+            theirs.push(b);
+            ratios.push(a / b);
+        }
+        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ratios.iter().copied().fold(0.0, f64::max);
+        t.add(
+            "datapath",
+            &format!("vs peer: {name}"),
+            median(ratios),
+            "ratio",
+            format!(
+                "flowlens {:.1} ns, peer {:.1} ns (medians of {ROUNDS} interleaved rounds; \
+                 per-round ratios {lo:.2}-{hi:.2}){}",
+                median(ours),
+                median(theirs),
+                if *turned {
+                    format!(
+                        ", turned around each run, less the {:.1} ns that costs",
+                        median(costs)
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+        );
+    }
+    // New flows: distinct keys for each round and program, one-run timings.
+    let frame_udp = &v4_frame(A, B, 17, 64, &udp(41_005, 53, &[0u8; 64]));
+    for tcp_flow in [true, false] {
+        let (mut ours, mut theirs, mut ratios) = (vec![], vec![], vec![]);
+        let n = 2_000u32;
+        // one-run timings: less the one-run timer floor (the empty program's, run by run)
+        let floor = || -> Result<f64> {
+            let mut runs = Vec::with_capacity(2_000);
+            for _ in 0..2_000 {
+                runs.push(ns_per_run(&base.progs.bench_empty, frame_udp, 1)?);
+            }
+            Ok(median(runs))
+        };
+        let new_flows = |prog: &ProgramMut<'_>, first: u32, floor: f64| -> Result<f64> {
+            let mut total = 0.0;
+            for i in first..first + n {
+                let src = [10, 202 + (i >> 16) as u8, (i >> 8) as u8, i as u8];
+                let l4 = if tcp_flow {
+                    tcp(40_000, 443, TCP_SYN, &[])
+                } else {
+                    udp(40_000, 53, &[0u8; 32])
+                };
+                let proto = if tcp_flow { 6 } else { 17 };
+                total += ns_per_run(prog, &v4_frame(src, B, proto, 64, &l4), 1)? - floor;
+            }
+            Ok(total / f64::from(n))
+        };
+        for round in 0..ROUNDS as u32 {
+            let first = round * n;
+            let f = floor()?;
+            let a = new_flows(flowlens.ingress(), first, f)?;
+            let b = new_flows(&peer.progs.peer_tc, first, f)?;
+            ours.push(a);
+            theirs.push(b);
+            ratios.push(a / b);
+        }
+        t.add(
+            "datapath",
+            &format!("vs peer: new {} flow", if tcp_flow { "TCP" } else { "UDP" }),
+            median(ratios),
+            "ratio",
+            format!(
+                "flowlens {:.1} ns, peer {:.1} ns ({n} new keys a round, less the timer floor)",
+                median(ours),
+                median(theirs)
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// ns per answered new flow: a request and its reply, `n` distinct flows, each packet a
+/// kernel-timed run of its own (with admission the reply moves the flow to the base map).
+fn answered(prog: &ProgramMut<'_>, n: u32) -> Result<f64> {
+    let mut total = 0.0;
+    for i in 0..n {
+        let src = [10, 202, (i >> 8) as u8, i as u8];
+        let port = 40_000 + (i >> 16) as u16;
+        total += ns_per_run(
+            prog,
+            &v4_frame(src, B, 17, 64, &udp(port, 53, &[0u8; 32])),
+            1,
+        )?;
+        total += ns_per_run(
+            prog,
+            &v4_frame(B, src, 17, 64, &udp(53, port, &[0u8; 64])),
+            1,
+        )?;
+    }
+    Ok(total / f64::from(n))
+}
+
+/// Where `answered_to` sends its flows' packets, and through which device.
 struct Dest {
     addr: [u8; 4],
     port: u16,
@@ -52,9 +308,11 @@ struct Dest {
     ifindex: u32,
 }
 
-/// `inserts` to `to`, the clients' ports from `40_000 + 2 * salt` so runs with different
-/// salts make different flows.
-fn inserts_to(prog: &ProgramMut<'_>, n: u32, is_tcp: bool, to: &Dest, salt: u16) -> Result<f64> {
+/// ns per answered new flow to `to`: a first packet (a SYN, a datagram) and the packet
+/// that admits the flow (the handshake's final ACK, a second datagram), both arriving,
+/// each a kernel-timed run of its own; the clients' ports from `40_000 + 2 * salt`, so runs
+/// with different salts make different flows.
+fn answered_to(prog: &ProgramMut<'_>, n: u32, is_tcp: bool, to: &Dest, salt: u16) -> Result<f64> {
     // struct __sk_buff up to ifindex (offset 40), the rest zero.
     let mut ctx = [0u8; 44];
     ctx[40..44].copy_from_slice(&to.ifindex.to_ne_bytes());
@@ -62,23 +320,25 @@ fn inserts_to(prog: &ProgramMut<'_>, n: u32, is_tcp: bool, to: &Dest, salt: u16)
     for i in 0..n {
         let src = [10, 201, (i >> 8) as u8, i as u8];
         let sport = 40_000 + 2 * salt + (i >> 16) as u16;
-        let l4 = if is_tcp {
-            tcp(sport, to.port, TCP_SYN, &[])
-        } else {
-            udp(sport, to.port, &[0u8; 32])
-        };
-        let mut frame = v4_frame(src, to.addr, if is_tcp { 6 } else { 17 }, 64, &l4);
-        if let Some(mac) = to.mac {
-            frame[..6].copy_from_slice(&mac);
+        for first in [true, false] {
+            let l4 = match (is_tcp, first) {
+                (true, true) => tcp(sport, to.port, TCP_SYN, &[]),
+                (true, false) => tcp(sport, to.port, TCP_ACK, &[]),
+                (false, _) => udp(sport, to.port, &[0u8; 32]),
+            };
+            let mut frame = v4_frame(src, to.addr, if is_tcp { 6 } else { 17 }, 64, &l4);
+            if let Some(mac) = to.mac {
+                frame[..6].copy_from_slice(&mac);
+            }
+            let input = ProgramInput {
+                data_in: Some(&frame),
+                context_in: (to.ifindex != 0).then_some(&mut ctx[..]),
+                repeat: 1,
+                ..Default::default()
+            };
+            let out = prog.test_run(input).context("BPF_PROG_TEST_RUN")?;
+            total += out.duration.as_nanos() as f64;
         }
-        let input = ProgramInput {
-            data_in: Some(&frame),
-            context_in: (to.ifindex != 0).then_some(&mut ctx[..]),
-            repeat: 1,
-            ..Default::default()
-        };
-        let out = prog.test_run(input).context("BPF_PROG_TEST_RUN")?;
-        total += out.duration.as_nanos() as f64;
     }
     Ok(total / f64::from(n))
 }
@@ -230,6 +490,7 @@ pub fn run(t: &mut Table) -> Result<()> {
         "ns/run",
         "timer floor of one-run timing".into(),
     );
+    against_peer(t, &base)?;
     let split_new = Datapath::load(Capacities {
         flows: 2 * n,
         tcp: 2 * n,
@@ -256,6 +517,24 @@ pub fn run(t: &mut Table) -> Result<()> {
             format!("split/mono x{:.2}", s / m),
         );
     }
+    // What an answered flow costs in all (admission: its first packet into probation,
+    // the reply moves it), against the monolithic map's insert and update.
+    let s = answered(split_new.ingress(), n / 2)?;
+    let m = answered(&mono_new.progs.flowlens_ingress, n / 2)?;
+    t.add(
+        "datapath",
+        "split: answered new flow, UDP request + reply",
+        s,
+        "ns/flow",
+        format!("{} unique flows, two runs each", n / 2),
+    );
+    t.add(
+        "datapath",
+        "monolithic: answered new flow, UDP request + reply",
+        m,
+        "ns/flow",
+        format!("split/mono x{:.2}", s / m),
+    );
     attribution(t)
 }
 
@@ -281,12 +560,13 @@ fn sh(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// What a new flow costs with the owner attribution (src/bpf/owner.h) against without
-/// it, in a namespace of the bench's own that forwards (so the route check does the whole
-/// lookup a router does): first packets arriving on a veth for a wildcard-bound UDP socket
-/// and TCP listener of this host, for a port nothing listens on, and for another host
-/// through this one to a port a local socket listens on. Rounds alternate the cases; each
-/// figure is the median of its rounds.
+/// What an answered new flow costs with the owner attribution (src/bpf/owner.h) against
+/// without it, in a namespace of the bench's own that forwards (so the route check does the
+/// whole lookup a router does): flows arriving on a veth for a wildcard-bound UDP socket and
+/// TCP listener of this host, for a port nothing listens on, and for another host through
+/// this one to a port a local socket listens on. The attribution is taken as a flow is
+/// admitted (its second packet here), so each flow is its first packet and that one.
+/// Rounds alternate the cases; each figure is the median of its rounds.
 fn attribution(t: &mut Table) -> Result<()> {
     use flowlens::kernel::cgroup::{open_root, Hierarchy};
     use std::os::fd::AsFd;
@@ -331,12 +611,7 @@ fn attribution(t: &mut Table) -> Result<()> {
         {
             anyhow::bail!("setns: {}", std::io::Error::last_os_error());
         }
-        let caps = Capacities {
-            flows: 1 << 20,
-            tcp: 1 << 20,
-            icmp: 1024,
-            owner: 1 << 20,
-        };
+        let caps = Capacities::for_flows(1 << 20);
         let before = Datapath::load_without_attribution(caps)?;
         let mut after = Datapath::load(caps)?;
         after.attribution().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -360,7 +635,7 @@ fn attribution(t: &mut Table) -> Result<()> {
         ];
         let mut rows = Vec::new();
         for is_tcp in [false, true] {
-            let proto = if is_tcp { "TCP SYN" } else { "UDP" };
+            let proto = if is_tcp { "TCP SYN + ACK" } else { "UDP, two datagrams" };
             let port = if is_tcp { tcp_port } else { udp_port };
             let mut runs = vec![Vec::new(); cases.len()];
             for round in 0..ROUNDS {
@@ -373,7 +648,7 @@ fn attribution(t: &mut Table) -> Result<()> {
                         ifindex,
                     };
                     let salt = round * cases.len() as u16 + i as u16;
-                    runs[i].push(inserts_to(dp.ingress(), n, is_tcp, &to, salt)?);
+                    runs[i].push(answered_to(dp.ingress(), n, is_tcp, &to, salt)?);
                 }
             }
             let median = |mut v: Vec<f64>| {
@@ -383,7 +658,7 @@ fn attribution(t: &mut Table) -> Result<()> {
             let runs: Vec<f64> = runs.into_iter().map(median).collect();
             for (i, (what, ..)) in cases.iter().enumerate() {
                 rows.push((
-                    format!("new flow, {proto}, {what}"),
+                    format!("answered new flow, {proto}, {what}"),
                     runs[i],
                     if i == 0 {
                         format!("median of {ROUNDS} x {n}, on a veth")
@@ -407,7 +682,7 @@ fn attribution(t: &mut Table) -> Result<()> {
         let unit = if what.starts_with("local ends") {
             "entries"
         } else {
-            "ns/pkt"
+            "ns/flow"
         };
         t.add("datapath", &what, v, unit, note);
     }

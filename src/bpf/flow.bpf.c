@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /* Passive TC/TCX programs that account every IP packet into split flow
- * maps: one base entry per flow, plus a TCP or ICMP extension entry.
+ * maps: one base entry per answered flow, plus a TCP or ICMP extension
+ * entry; a flow not answered yet waits in probation (probation.h).
  * They never change a packet's fate.
  */
 #include "vmlinux.h"
@@ -10,6 +11,7 @@
 #include "base.h"
 #include "maps.h"
 #include "owner.h"
+#include "probation.h"
 #include "scan.h"
 
 /* Read by userspace: pinned maps live under a directory named after it,
@@ -41,70 +43,27 @@ const volatile struct flow_enums flow_enums_btf = {};
 struct scan_types {
 	struct scan_rec rec;
 	struct flow_ended ended;
+	struct flow_probe probe;
+	struct probe_sketch sketch;
+	struct probe_port port;
 };
 const volatile struct scan_types *scan_types_btf;
-
-/* Inserts a new flow: one base entry, its TCP or ICMP state already
- * updated from this first packet (which never gives a sample). Returns 0,
- * -EEXIST (another CPU created it first), or CNT_BASE_FULL.
- */
-static __always_inline int flow_create(struct __sk_buff *skb,
-				       const struct acct *a, __u8 hook)
-{
-	struct flow_base nb = {};
-	struct owner_take own = {};
-	/* one fine clock read: the first packet's time and the handshake's */
-	__u64 now = bpf_ktime_get_ns();
-	long err;
-
-	base_init(&nb, a, hook, now);
-	if (a->ext) {
-		nb.ext_id = ext_id_next();
-		/* a stack entry no other CPU sees: no lock, no sample */
-		if (a->ext == EXT_TCP)
-			tcp_update(&nb, NULL, &a->p, now);
-		else
-			icmp_update(&nb, NULL, &a->p);
-	}
-	owner_take(skb, a, hook, &own, &nb.ext_id);
-	err = bpf_map_update_elem(&flows, &a->p.key, &nb, BPF_NOEXIST);
-	if (err == -EEXIST)
-		return -EEXIST;
-	if (err)
-		return CNT_BASE_FULL;
-	owner_put(nb.ext_id, &own);
-	if (a->ext == EXT_TCP && (a->p.tcp_flags & TCP_RST))
-		tcp_note_close(&nb, &a->p);
-	return 0;
-}
 
 static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 {
 	struct acct a = {};
 	struct flow_base *b;
 	__u64 now = 0;
-	int err;
 
 	if (!acct_of(skb, &a))
 		return;
 
 	b = bpf_map_lookup_elem(&flows, &a.p.key);
 	if (!b) {
-		err = flow_create(skb, &a, hook);
-		if (!err) {
-			count(CNT_PACKETS, a.pkts);
+		/* not admitted yet: probation, unless this packet admits it */
+		b = probe_account(skb, &a, hook);
+		if (!b)
 			return;
-		}
-		if (err != -EEXIST) {
-			count(err, a.pkts);
-			return;
-		}
-		/* another CPU created it first: account as an update */
-		b = bpf_map_lookup_elem(&flows, &a.p.key);
-		if (!b) {
-			count(CNT_BASE_FULL, a.pkts);
-			return;
-		}
 	}
 	count(CNT_PACKETS, a.pkts);
 

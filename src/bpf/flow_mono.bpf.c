@@ -57,8 +57,14 @@ static __always_inline __u64 packed_l4(struct flow_packed *v,
 	__u64 now = 0;
 
 	if (a->ext == EXT_TCP) {
-		if (!tcp_fast(&v->base, &a->p, &now))
+		enum tcp_path path = tcp_fast(&v->base, &a->p, &now);
+
+		if (path == TCP_PATH_TURN) {
+			now = bpf_ktime_get_ns();
+			tcp_turn(&v->base, &v->ext.tcp, &a->p, now);
+		} else if (path == TCP_PATH_LOCKED) {
 			now = tcp_locked(&v->base, &v->ext.tcp, &a->p);
+		}
 	} else if (a->ext == EXT_ICMP) {
 		now = icmp_update(&v->base, &v->ext.icmp, &a->p);
 	}

@@ -10,7 +10,7 @@
 /* Bumped whenever a key or value layout below changes, so pinned maps of
  * an older layout are never reused by a newer agent.
  */
-#define FLOWLENS_LAYOUT_VERSION 3
+#define FLOWLENS_LAYOUT_VERSION 4
 
 /* Index of a per-direction slot. A flow key orders its two endpoints
  * ("lo" < "hi" by address, then port), so one conversation has one key.
@@ -34,11 +34,12 @@ enum flow_ext {
 };
 
 /* flow_base.meta: who the flow is, set by the datapath when it creates the
- * entry (client side, first hook, extension kind), and what the poller's
- * scan has done with it since (the other bits; only scan.h writes them, and
- * the datapath never writes meta after creation). Bits 8-31 hold the time of
- * the flow's last record: the BPF clock in units of 2^REPORT_UNIT_SHIFT ns
- * (~4.2 ms), modulo 2^24 units (~19.5 h), read back as the latest such time
+ * entry (client side, first hook, extension kind, lossy), and what the
+ * poller's scan has done with it since (the other bits; only scan.h writes
+ * them, and the datapath never writes meta after creation). Bits 9-31 hold
+ * the time of the flow's last record: the BPF clock in units of
+ * 2^REPORT_UNIT_SHIFT ns (~8.4 ms), modulo 2^23 units (~19.5 h), read back
+ * as the latest such time
  * not after the scan's own (see scan.h).
  */
 enum flow_meta {
@@ -56,9 +57,18 @@ enum flow_meta {
 	META_REPORT_CARRY = 128,/* the record's time was in the window after
 				 * the one its rounded-down time falls in
 				 */
+	/* The flow was answered while the base map was full and waited in
+	 * probation, where the kernel may have evicted it: it may have lost
+	 * packets (set by the datapath, kept by the scan).
+	 */
+	META_LOSSY = 256,
+	/* In probation only, where no record time is kept: the scan has
+	 * tallied the flow's source and port (scan_probe). Cleared on the move.
+	 */
+	META_PROBE_TALLIED = 512,
 	META_EXT_SHIFT = 2,
-	META_REPORT_SHIFT = 8,
-	REPORT_UNIT_SHIFT = 22,
+	META_REPORT_SHIFT = 9,
+	REPORT_UNIT_SHIFT = 23,
 };
 
 /* ICMP keys carry no ports. An echo request/reply pair is keyed by its
@@ -82,7 +92,7 @@ enum flow_counter {
 	CNT_TCP_BAD_DOFF,	/* data offset < 5 or beyond the packet */
 	CNT_UDP_TRUNC,		/* UDP header cut short */
 	CNT_ICMP_TRUNC,		/* ICMP/ICMPv6 header cut short */
-	CNT_BASE_FULL,		/* new flow dropped: base map full */
+	CNT_BASE_FULL,		/* packet lost: no room in probation either */
 	CNT_TCP_FULL,		/* latency sample lost: TCP extension map full */
 	CNT_ICMP_FULL,		/* RTT sample lost: ICMP extension map full */
 	CNT_IP_BAD_VERSION,	/* IP version nibble does not match the EtherType */
@@ -90,7 +100,18 @@ enum flow_counter {
 	CNT_PACKETS = CNT_ERRORS_END, /* packets accounted in a flow */
 	CNT_NON_IP,		/* not IPv4/IPv6: skipped by design */
 	CNT_FRAGMENTS,		/* non-first IP fragments (accounted port-less) */
-	CNT_EXT_IDS,		/* not a counter: this CPU's extension id sequence */
+	CNT_ADMIT_DEFERRED,	/* answered flow's packet kept in probation:
+				 * base map full (accounted there)
+				 */
+	/* Probation (probation.h), by enum scan_proto: flows that entered it,
+	 * that moved to the base map (answered), and that the scan ended
+	 * there (reported). What entered and is in none of these, nor still
+	 * in the map, the kernel evicted.
+	 */
+	CNT_PROBE_NEW,
+	CNT_PROBE_MOVED = CNT_PROBE_NEW + 4,
+	CNT_PROBE_ENDED = CNT_PROBE_MOVED + 4,
+	CNT_EXT_IDS = CNT_PROBE_ENDED + 4,		/* not a counter: this CPU's extension id sequence */
 	CNT_MAX,
 };
 
@@ -161,6 +182,33 @@ struct flow_base {
 	union flow_l4 l4;
 	__u8 ttl[2];		/* last TTL / hop limit seen per direction */
 	__u32 meta;		/* enum flow_meta */
+};
+
+/* A flow not yet answered, in `probation` (probation.h): the image of the
+ * base entry it will have, held as bytes because an LRU map takes no spin
+ * lock. The lock's word, unused there, is the move flag (PROBE_MOVING).
+ * Element: 48 + 48 + 88 bytes, preallocated, as LRU maps are.
+ */
+struct flow_probe {
+	__u8 base[sizeof(struct flow_base)];
+};
+
+/* What the scan tallies of the flows it finds in probation, for operators
+ * to see where unanswered flows come from and go to: a HyperLogLog sketch
+ * of their clients' addresses (`probe_sketch`) and counts by the answering
+ * side's port (`probe_ports`, keyed by struct probe_port).
+ */
+#define PROBE_SKETCH_REGS 256
+
+struct probe_sketch {
+	__u64 tallied;		/* flows tallied, whether or not a port slot */
+	__u8 reg[PROBE_SKETCH_REGS];
+};
+
+struct probe_port {
+	__u16 port;		/* host byte order; 0 for ICMP and others */
+	__u8 proto;
+	__u8 __pad;
 };
 
 /* Transaction latency of one side: a sample is the gap between the last
@@ -301,6 +349,8 @@ struct scan_args {
 	__u64 evict_age_ns;
 	__u64 evict_keep[3];	/* flows, flows_tcp, flows_icmp */
 	__u64 evict_need[3];	/* out: what each map still had to give up */
+	/* out: flows left in probation, by enum scan_proto (of this part) */
+	__u64 probation[SCAN_PROTOS];
 };
 
 /* One flow the scan copied out, a record of scan_ring. The extension is

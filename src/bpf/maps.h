@@ -111,10 +111,19 @@ static __always_inline __u64 tcp_account(struct flow_base *b,
 					 const struct pkt *p)
 {
 	struct flow_tcp *t = NULL;
+	enum tcp_path path;
 	__u64 now = 0;
 
-	if (tcp_fast(b, p, &now))
+	path = tcp_fast(b, p, &now);
+	if (path == TCP_PATH_DONE)
 		return now;
+	if (path == TCP_PATH_TURN) {
+		/* the entry first: the lookup is not part of the sample */
+		t = ext_get(&flows_tcp, b->ext_id, CNT_TCP_FULL);
+		now = bpf_ktime_get_ns();
+		tcp_turn(b, t, p, now);
+		return now;
+	}
 	/* no map calls under the lock: the entry is fetched first, on a
 	 * guess that the locked update confirms or ignores
 	 */

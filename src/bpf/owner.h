@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /* Which local sockets a flow ends at, and so which cgroup, process and user
- * own it. Taken once per flow, at its first packet, and kept in a map of
- * its own (flows_owner), so the base entry does not grow and a flow that
- * ends at no local socket (forwarded traffic) costs nothing more.
+ * own it. Taken once per flow, as it is admitted into the base map (the
+ * packet that answers it, probation.h: a flow never answered, a flood's,
+ * costs none of it), and kept in a map of its own (flows_owner), so the
+ * base entry does not grow.
  *
  * A socket's owner (the process that opened it: pid, command, uid) is kept
  * on the socket itself (owner_socks, socket-local storage freed with the
@@ -11,10 +12,11 @@
  * task's open files at start (owner_seed). The cgroup is the socket's own
  * (bpf_sk_cgroup_id): the cgroup v2 cgroup of the process that opened it.
  *
- * The first packet's sockets: on egress the one the packet carries; the
- * receiving one by a socket lookup (TCP, UDP), on ingress and, on loopback
- * (whose packets only cross egress), for the other end too. A connection a
- * server accepted is found as its listening socket, which its SYN reaches.
+ * The admitting packet's sockets: on egress the one the packet carries;
+ * the receiving one by a socket lookup (TCP, UDP), on ingress and, on
+ * loopback (whose packets only cross egress), for the other end too. A
+ * connection a server accepted is found as its listening socket (the
+ * handshake's request socket stands for it).
  *
  * Entries are keyed by the flow's ext_id and the key endpoint the socket is
  * at: ext_id << 1 | 0 for addr_lo, | 1 for addr_hi. The scan (scan.h)
@@ -92,7 +94,7 @@ static __always_inline void owner_count(__u32 slot)
 		*v += 1;
 }
 
-/* The local ends a new flow's first packet found, by key endpoint. */
+/* The local ends a flow's admitting packet found, by key endpoint. */
 struct owner_take {
 	struct flow_owner end[2];
 	__u8 found[2];
@@ -236,7 +238,8 @@ static __always_inline bool owner_lookup(struct __sk_buff *skb,
 	return found;
 }
 
-/* The local ends of a new flow, from its first packet: how many it found.
+/* The local ends of a flow being admitted, from the packet admitting it:
+ * how many it found.
  * A function of its own, verified once, apart from the flow programs.
  */
 __noinline int owner_ends(struct __sk_buff *skb, const struct pkt *p,

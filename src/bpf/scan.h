@@ -71,21 +71,6 @@ struct scan_ctx {
 	__u32 bulk_left;
 };
 
-static __always_inline __u32 scan_proto(__u8 proto)
-{
-	switch (proto) {
-	case IPPROTO_TCP:
-		return SCAN_TCP;
-	case IPPROTO_UDP:
-		return SCAN_UDP;
-	case IPPROTO_ICMP:
-	case IPPROTO_ICMPV6:
-		return SCAN_ICMP;
-	default:
-		return SCAN_OTHER;
-	}
-}
-
 /* How long the flow has been quiet at the scan's time. */
 static __always_inline __u64 scan_idle(const struct flow_base *b,
 				       const struct scan_args *a)
@@ -106,7 +91,7 @@ static __always_inline __u64 window_of(const struct flow_base *b, __u64 t,
 static __always_inline __u64 report_time(const struct flow_base *b, __u64 now)
 {
 	__u64 cur = now >> REPORT_UNIT_SHIFT;
-	__u64 ago = (cur - (b->meta >> META_REPORT_SHIFT)) & 0xffffff;
+	__u64 ago = (cur - (b->meta >> META_REPORT_SHIFT)) & 0x7fffff;
 
 	return (cur - ago) << REPORT_UNIT_SHIFT;
 }
@@ -130,9 +115,10 @@ static __always_inline void mark_reported(struct flow_base *b, __u64 t,
 {
 	__u64 units = t >> REPORT_UNIT_SHIFT;
 	__u32 meta = b->meta & (META_CLIENT_HI | META_EGRESS | META_EXT |
-				META_CONTINUATION | META_IDENTIFIED);
+				META_CONTINUATION | META_IDENTIFIED |
+				META_LOSSY);
 
-	meta |= META_REPORTED | (__u32)(units & 0xffffff) << META_REPORT_SHIFT;
+	meta |= META_REPORTED | (__u32)(units & 0x7fffff) << META_REPORT_SHIFT;
 	if (active && window_of(b, units << REPORT_UNIT_SHIFT, active) <
 			      window_of(b, t, active))
 		meta |= META_REPORT_CARRY;
@@ -152,7 +138,7 @@ static __always_inline int scan_due(const struct flow_key *k,
 {
 	__u64 now = a->now_ns;
 	__u64 idle = scan_idle(b, a);
-	__u32 p = scan_proto(k->proto);
+	__u32 p = proto_slot(k->proto);
 	__u64 w;
 
 	if (a->flush)
@@ -240,28 +226,14 @@ static __always_inline __u32 scan_part(const struct flow_key *k, __u32 parts)
 	return (h >> 16) % parts;
 }
 
-/* A TCP flow about to get a record, whose first packet was not its SYN: if
- * it is a connection that ended idle (in `ended`), it takes that
- * connection's identity and history back, once. The TCP part is merged
- * under the entry's lock, as the datapath writes it there.
- */
-static __noinline void scan_identify(const struct flow_key *key,
-				     struct flow_base *b, __u64 active)
+/* What a resumed connection takes back from `ended` (see scan_identify). */
+static __always_inline void identify_hot(struct flow_base *b,
+					 const struct flow_ended *e)
 {
 	struct tcp_hot *h = &b->l4.tcp;
-	struct flow_ended *e;
 	__u8 hs = TCPB_SYN | TCPB_SYNACK | TCPB_HS_DONE | TCPB_CLIENT_HS |
 		  TCPB_SERVER_HS;
 
-	if (b->meta & META_IDENTIFIED)
-		return;
-	b->meta |= META_IDENTIFIED;
-	if (h->bits & TCPB_SYN)
-		return;
-	e = bpf_map_lookup_elem(&ended, key);
-	if (!e)
-		return;
-	bpf_spin_lock(&b->lock);
 	h->flags[0] |= e->hot.flags[0];
 	h->flags[1] |= e->hot.flags[1];
 	h->bits |= e->hot.bits & hs;
@@ -272,13 +244,65 @@ static __noinline void scan_identify(const struct flow_key *key,
 		b->handshake_client_ns = e->handshake_client_ns;
 	if (e->hot.bits & TCPB_SERVER_HS)
 		b->handshake_server_ns = e->handshake_server_ns;
-	bpf_spin_unlock(&b->lock);
+}
+
+static __always_inline void identify_rest(const struct flow_key *key,
+					  struct flow_base *b,
+					  const struct flow_ended *e,
+					  __u64 active)
+{
 	b->first_seen_ns = e->first_seen_ns;
 	b->meta = (b->meta & ~META_CLIENT_HI) | (e->meta & META_CLIENT_HI) |
 		  META_CONTINUATION;
 	/* its window starts where the connection's last record left off */
 	mark_reported(b, e->ended_ns, active);
 	bpf_map_delete_elem(&ended, key);
+}
+
+/* The connection that ended idle with this key, if the flow (about to get
+ * a record, its first packet not its SYN) may be it and was not looked up.
+ */
+static __always_inline struct flow_ended *
+identify_lookup(const struct flow_key *key, struct flow_base *b)
+{
+	if (b->meta & META_IDENTIFIED)
+		return NULL;
+	b->meta |= META_IDENTIFIED;
+	if (b->l4.tcp.bits & TCPB_SYN)
+		return NULL;
+	return bpf_map_lookup_elem(&ended, key);
+}
+
+/* A TCP flow about to get a record, whose first packet was not its SYN: if
+ * it is a connection that ended idle (in `ended`), it takes that
+ * connection's identity and history back, once. The TCP part is merged
+ * under the entry's lock, as the datapath writes it there.
+ */
+static __noinline void scan_identify(const struct flow_key *key,
+				     struct flow_base *b, __u64 active)
+{
+	struct flow_ended *e = identify_lookup(key, b);
+
+	if (!e)
+		return;
+	bpf_spin_lock(&b->lock);
+	identify_hot(b, e);
+	bpf_spin_unlock(&b->lock);
+	identify_rest(key, b, e, active);
+}
+
+/* The same for a TCP flow ending in probation (a resumed connection's lone
+ * packet), on its record: the image has no lock, and is gone after.
+ */
+static __noinline void probe_identify(const struct flow_key *key,
+				      struct flow_base *out, __u64 active)
+{
+	struct flow_ended *e = identify_lookup(key, out);
+
+	if (!e)
+		return;
+	identify_hot(out, e);
+	identify_rest(key, out, e, active);
 }
 
 /* A TCP flow ending idle: remembered when it is a connection that may
@@ -449,6 +473,126 @@ static long scan_closing(struct bpf_map *map, const struct flow_key *key,
 	return ret;
 }
 
+/* Tallies a flow found in probation, once: its client in the sources'
+ * sketch, the answering side's port in `probe_ports`.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct probe_sketch);
+} probe_sketch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, struct probe_port);
+	__type(value, __u64);
+} probe_ports SEC(".maps");
+
+static __noinline void probe_tally(const struct flow_key *key,
+				   struct flow_base *pb)
+{
+	bool client_hi = pb->meta & META_CLIENT_HI;
+	const __u32 *w = (const __u32 *)(client_hi ? key->addr_hi :
+						     key->addr_lo);
+	struct probe_port pk = {};
+	struct probe_sketch *s;
+	__u32 zero = 0, h = 0, x, rank = 1;
+	__u64 one = 1, *n;
+	int i;
+
+	pb->meta |= META_PROBE_TALLIED;
+	s = bpf_map_lookup_elem(&probe_sketch, &zero);
+	if (!s)
+		return;
+	s->tallied++;
+	/* murmur3's finaliser over the client's address */
+	for (i = 0; i < 4; i++)
+		h = (h ^ w[i]) * 0xcc9e2d51;
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	x = h >> 8;
+	for (i = 0; i < 24 && !(x & 1); i++) {
+		rank++;
+		x >>= 1;
+	}
+	if (s->reg[h & (PROBE_SKETCH_REGS - 1)] < rank)
+		s->reg[h & (PROBE_SKETCH_REGS - 1)] = rank;
+	pk.proto = key->proto;
+	if (key->proto == IPPROTO_TCP || key->proto == IPPROTO_UDP)
+		pk.port = client_hi ? key->port_lo : key->port_hi;
+	n = bpf_map_lookup_elem(&probe_ports, &pk);
+	if (n)
+		*n += 1;
+	else
+		bpf_map_update_elem(&probe_ports, &pk, &one, BPF_NOEXIST);
+}
+
+/* A flow in probation: ended (and reported) when it ends as a base flow
+ * would, idle or reset, never given an active-timeout record; else counted
+ * and tallied. The counts go to the record with the same exchanges the
+ * datapath's move uses, so a move racing the end loses nothing.
+ */
+static long scan_probe(struct bpf_map *map, const struct flow_key *key,
+		       struct flow_probe *v, struct scan_ctx *c)
+{
+	struct flow_base *pb = (struct flow_base *)v;
+	struct flow_base *out;
+	struct scan_rec *r;
+	__u32 slot = proto_slot(key->proto);
+	__u64 pkts[2], bytes[2];
+	int kind;
+
+	if (c->a.parts > 1 && scan_part(key, c->a.parts) != c->a.part)
+		return 0;
+	/* being moved: the datapath deletes it */
+	if (*(volatile __u32 *)probe_flag(pb))
+		return 0;
+	kind = scan_due(key, pb, &c->a);
+	if (kind < 0 || kind == SCAN_ACTIVE) {
+		if (slot < SCAN_PROTOS)
+			c->a.probation[slot]++;
+		if (!(pb->meta & META_PROBE_TALLIED))
+			probe_tally(key, pb);
+		return 0;
+	}
+	r = bpf_ringbuf_reserve(&scan_ring, sizeof(*r), 0);
+	if (!r) {
+		c->stop = SCAN_RING_FULL;
+		return 1;
+	}
+	out = (struct flow_base *)r->base;
+	r->kind = kind;
+	r->key = *key;
+	r->has_tcp = 0;
+	r->has_icmp = 0;
+	/* never answered, never admitted: no local sockets were taken */
+	r->has_owner = 0;
+	__builtin_memcpy(r->base, pb, sizeof(r->base));
+	__builtin_memset(&r->tcp, 0, sizeof(r->tcp));
+	__builtin_memset(&r->icmp, 0, sizeof(r->icmp));
+	__builtin_memset(r->owner, 0, sizeof(r->owner));
+	probe_take(pb, pkts, bytes);
+	out->packets[0] = pkts[0];
+	out->packets[1] = pkts[1];
+	out->bytes[0] = bytes[0];
+	out->bytes[1] = bytes[1];
+	__builtin_memset(&out->lock, 0, sizeof(out->lock));
+	out->meta &= ~META_PROBE_TALLIED;
+	if (tcp_flow(key, pb))
+		probe_identify(key, out, c->a.active_ns);
+	bpf_map_delete_elem(&probation, &r->key);
+	count(CNT_PROBE_ENDED + slot, 1);
+	bpf_ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+	c->written++;
+	c->ended++;
+	return 0;
+}
+
 /* The map's element count, kept per CPU by the kernel (6.6 and later):
  * no walk. Weak, so older kernels load the program and count by walking.
  */
@@ -489,6 +633,8 @@ int flowlens_scan(struct scan_args *args)
 	__u64 *last;
 
 	c.a = *args;
+	/* outputs of a pass before (a ring stop runs it again) */
+	__builtin_memset(c.a.probation, 0, sizeof(c.a.probation));
 	c.bulk_left = c.a.bulk_after;
 	if (c.a.evict_age_ns) {
 		c.a.evict_need[0] = scan_over(&flows, c.a.evict_keep[0]);
@@ -501,6 +647,9 @@ int flowlens_scan(struct scan_args *args)
 		/* a walk costs every bucket, empty or not: none without flows */
 		if (scan_entries(&flows))
 			bpf_for_each_map_elem(&flows, scan_flow, &c, 0);
+		/* a bulk or ring stop scans again from the start */
+		if (c.stop == SCAN_DONE)
+			bpf_for_each_map_elem(&probation, scan_probe, &c, 0);
 		last = bpf_map_lookup_elem(&last_scan, &zero);
 		if (last && !c.a.flush)
 			*last = c.a.now_ns;
@@ -514,6 +663,10 @@ int flowlens_scan(struct scan_args *args)
 	args->evict_need[0] = c.a.evict_need[0];
 	args->evict_need[1] = c.a.evict_need[1];
 	args->evict_need[2] = c.a.evict_need[2];
+	args->probation[0] = c.a.probation[0];
+	args->probation[1] = c.a.probation[1];
+	args->probation[2] = c.a.probation[2];
+	args->probation[3] = c.a.probation[3];
 	return 0;
 }
 

@@ -121,28 +121,62 @@ static __always_inline void tcp_update(struct flow_base *b, struct flow_tcp *t,
 		h->state = TCP_ST_ESTABLISHED;
 }
 
-/* The common case without the lock: an established packet that sets no
+/* What tcp_fast() left to do. */
+enum tcp_path {
+	TCP_PATH_LOCKED = 0,	/* the whole update, under the lock */
+	TCP_PATH_DONE,		/* nothing more */
+	TCP_PATH_TURN,		/* a turn: tcp_turn() */
+};
+
+/* The common cases without the lock: an established packet that sets no
  * flag its side has not sent before and carries no payload, or continues
  * its own side's payload, changes nothing tcp_update() would, except the
- * payload time. Returns whether it handled the packet; *now is the fine
- * clock when it read it, else left alone.
+ * payload time (done here; *now is the fine clock when it read it, else
+ * left alone). One whose payload answers the other side's is a turn: the
+ * payload time and direction, and a latency sample (tcp_turn()).
  */
-static __always_inline bool tcp_fast(struct flow_base *b, const struct pkt *p,
-				     __u64 *now)
+static __always_inline enum tcp_path tcp_fast(struct flow_base *b,
+					      const struct pkt *p, __u64 *now)
 {
 	struct tcp_hot *h = &b->l4.tcp;
 	__u8 f = p->tcp_flags, d = p->dir & 1;
 
 	if ((f & (TCP_SYN | TCP_FIN | TCP_RST)) ||
 	    h->state != TCP_ST_ESTABLISHED || (h->flags[d] & f) != f)
-		return false;
+		return TCP_PATH_LOCKED;
 	if (!p->payload)
-		return true;
-	if (!(h->bits & TCPB_PAYLOAD) || !!(h->bits & TCPB_LAST_DIR_HI) != d)
-		return false;
+		return TCP_PATH_DONE;
+	if (!(h->bits & TCPB_PAYLOAD))
+		return TCP_PATH_LOCKED;
+	if (!!(h->bits & TCPB_LAST_DIR_HI) != d)
+		return TCP_PATH_TURN;
 	*now = bpf_ktime_get_ns();
 	b->l4_ts_ns = *now;
-	return true;
+	return TCP_PATH_DONE;
+}
+
+/* A turn of an established conversation (see tcp_fast()), without the lock,
+ * which is what request/response traffic pays per packet. Two turns never
+ * overlap: the answer follows what it answers, and one side's packets of a
+ * connection are not processed on two CPUs at once in practice; so the lock
+ * only kept a state change (FIN, RST, a new flag) racing the turn from
+ * costing that turn's sample, as an ICMP reply racing its request may. The
+ * bits byte is written whole: in the established state only the payload
+ * bits in it change. t is the flow's latency entry, or NULL.
+ */
+static __always_inline void tcp_turn(struct flow_base *b, struct flow_tcp *t,
+				     const struct pkt *p, __u64 now)
+{
+	struct tcp_hot *h = &b->l4.tcp;
+	__u8 d = p->dir & 1;
+
+	if (t)
+		latency_sample(d ? &t->lat[1] : &t->lat[0], now - b->l4_ts_ns);
+	b->l4_ts_ns = now;
+	if (d)
+		h->bits |= TCPB_LAST_DIR_HI;
+	else
+		h->bits &= ~TCPB_LAST_DIR_HI;
 }
 
 /* Every other packet: the whole update under the base entry's lock. t is

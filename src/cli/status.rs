@@ -126,6 +126,39 @@ pub fn as_text(server: &str, s: &proto::GetStatusResponse) -> String {
             percent(m.entries, m.capacity)
         );
     }
+    if let Some(p) = &s.probation {
+        let waiting: u64 = p.protocols.iter().map(|x| x.waiting).sum();
+        let _ = writeln!(
+            o,
+            "probation:    {waiting} / {} unanswered flows waiting",
+            p.capacity
+        );
+        for x in &p.protocols {
+            let _ = writeln!(
+                o,
+                "  {:<6} {:>12} entered {:>12} admitted {:>10} ended {:>12} evicted",
+                x.protocol, x.entered, x.admitted, x.ended, x.evicted
+            );
+        }
+        let evicted: u64 = p.protocols.iter().map(|x| x.evicted).sum();
+        if p.tallied > 0 {
+            let ports: Vec<String> = p
+                .top_ports
+                .iter()
+                .map(|x| match x.protocol.as_str() {
+                    "tcp" | "udp" => format!("{}/{} ({})", x.protocol, x.port, x.flows),
+                    other => format!("{other} ({})", x.flows),
+                })
+                .collect();
+            let _ = writeln!(
+                o,
+                "  {evicted} evicted; of {} unanswered flows sampled: ~{} sources, to {}",
+                p.tallied,
+                p.sources_estimate,
+                ports.join(", ")
+            );
+        }
+    }
     let _ = writeln!(
         o,
         "replay ring:  {} / {} records",
@@ -161,6 +194,14 @@ pub fn as_text(server: &str, s: &proto::GetStatusResponse) -> String {
             sub.id, sub.records_queued, sub.lost
         );
     }
+    let counter = |n: &str| s.kernel_counters.get(n).copied().unwrap_or(0);
+    let _ = writeln!(
+        o,
+        "samples lost: {} TCP latency (flows_tcp full: raise --max-tcp-flows), {} ICMP RTT \
+         (flows_icmp full: raise --max-icmp-flows)",
+        counter("tcp_map_full"),
+        counter("icmp_map_full")
+    );
     let _ = writeln!(o, "kernel counters:");
     let mut counters: Vec<_> = s.kernel_counters.iter().collect();
     counters.sort();
@@ -208,6 +249,22 @@ pub fn as_json(s: &proto::GetStatusResponse) -> serde_json::Value {
             "records_queued": k.records_queued, "lost": k.lost,
         })).collect::<Vec<_>>(),
         "lost_total": s.lost_total,
+        "samples_lost": {
+            "tcp_latency": s.kernel_counters.get("tcp_map_full").copied().unwrap_or(0),
+            "icmp_rtt": s.kernel_counters.get("icmp_map_full").copied().unwrap_or(0),
+        },
         "kernel_counters": s.kernel_counters,
+        "probation": s.probation.as_ref().map(|p| json!({
+            "capacity": p.capacity,
+            "sources_estimate": p.sources_estimate,
+            "tallied": p.tallied,
+            "protocols": p.protocols.iter().map(|x| json!({
+                "protocol": x.protocol, "entered": x.entered, "admitted": x.admitted,
+                "ended": x.ended, "waiting": x.waiting, "evicted": x.evicted,
+            })).collect::<Vec<_>>(),
+            "top_ports": p.top_ports.iter().map(|x| json!({
+                "protocol": x.protocol, "port": x.port, "flows": x.flows,
+            })).collect::<Vec<_>>(),
+        })),
     })
 }

@@ -1217,6 +1217,7 @@ mod tests {
             emitted: UNIX_EPOCH + Duration::from_secs(1002),
             continuation: false,
             fragment: false,
+            partial: false,
             ip_version: 4,
             protocol: proto,
             client_addr: "10.0.0.1".parse().unwrap(),

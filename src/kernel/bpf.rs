@@ -30,6 +30,11 @@ skeleton!(
     pub bench_skel,
     "bench.skel.rs"
 );
+skeleton!(
+    /// A peer-like per-direction flow program of our own (benchmarks only).
+    pub peer_skel,
+    "peer.skel.rs"
+);
 
 pub use flow_skel::types;
 pub use flow_skel::{FlowSkel, FlowSkelBuilder, OpenFlowSkel};
@@ -45,5 +50,8 @@ unsafe impl plain::Plain for types::flow_owner {}
 unsafe impl plain::Plain for types::owner_count_args {}
 unsafe impl plain::Plain for types::scan_args {}
 unsafe impl plain::Plain for types::flow_ended {}
+unsafe impl plain::Plain for types::flow_probe {}
+unsafe impl plain::Plain for types::probe_sketch {}
+unsafe impl plain::Plain for types::probe_port {}
 unsafe impl plain::Plain for flow_mono_skel::types::flow_packed {}
 unsafe impl plain::Plain for flow_mono_skel::types::flow_naive {}

@@ -61,14 +61,24 @@ pub struct Capacities {
     pub owner: u32,
 }
 
+/// The TCP extension map holds a quarter of `--max-flows` unless set, the ICMP one a
+/// sixteenth. Only a flow with a sample (a TCP answer, an echo reply) takes an extension
+/// entry, and the base map is sized with headroom (pressure starts at 80 %): at half full,
+/// these cover flows that are up to 50 % answered TCP and 12.5 % ICMP. The kernel gives a
+/// hash map a power-of-two bucket array (16 B a bucket, allocated at creation whatever the
+/// number of entries), so power-of-two fractions of a power-of-two `--max-flows` use every
+/// bucket they pay for.
+pub const TCP_SHARE: u32 = 4;
+pub const ICMP_SHARE: u32 = 16;
+/// `flows_owner` holds half of `--max-flows` unless set: one entry per local end, and
+/// nearly every flow of a server has one (a loopback flow two, a forwarded one none), so
+/// at the base map's half-full mark it covers every flow; its bucket array (16 B a
+/// bucket) is paid at creation like the others'.
+pub const OWNER_SHARE: u32 = 2;
+
 impl Default for Capacities {
     fn default() -> Self {
-        Capacities {
-            flows: 65_536,
-            tcp: 32_768,
-            icmp: 8_192,
-            owner: 65_536,
-        }
+        Capacities::for_flows(65_536)
     }
 }
 
@@ -77,10 +87,77 @@ impl Default for Capacities {
 pub const ENDED_CONNECTIONS: u32 = 16_384;
 
 impl Capacities {
-    /// TCP flows noted as closed at once (`closing`): an eighth of the base map within
-    /// [1024, 65536]; an entry lives for the close grace only.
+    /// The capacities `--max-flows` alone implies: the extension maps as shares of it.
+    pub fn for_flows(flows: u32) -> Capacities {
+        Capacities {
+            flows,
+            tcp: Self::tcp_for(flows),
+            icmp: Self::icmp_for(flows),
+            owner: Self::owner_for(flows),
+        }
+    }
+
+    /// The `flows_owner` capacity `flows` implies.
+    pub fn owner_for(flows: u32) -> u32 {
+        (flows / OWNER_SHARE).max(1)
+    }
+
+    /// The TCP extension capacity `flows` implies.
+    pub fn tcp_for(flows: u32) -> u32 {
+        (flows / TCP_SHARE).max(1)
+    }
+
+    /// The ICMP extension capacity `flows` implies.
+    pub fn icmp_for(flows: u32) -> u32 {
+        (flows / ICMP_SHARE).max(1)
+    }
+
+    /// Why explicit extension capacities lose samples the base map's would keep: one
+    /// sentence per map set below what `--max-flows` implies.
+    pub fn shortfalls(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (flag, set, implied, what, counter) in [
+            (
+                "--max-tcp-flows",
+                self.tcp,
+                Self::tcp_for(self.flows),
+                "TCP flows",
+                "latency",
+            ),
+            (
+                "--max-icmp-flows",
+                self.icmp,
+                Self::icmp_for(self.flows),
+                "ICMP flows",
+                "echo RTT",
+            ),
+        ] {
+            if set < implied {
+                out.push(format!(
+                    "{flag} {set} is below the {implied} that --max-flows {} implies: \
+                     {what} beyond {set} at once get no {counter} samples (counted as \
+                     flowlens_kernel_samples_lost_total); raise it or leave it unset",
+                    self.flows
+                ));
+            }
+        }
+        out
+    }
+
+    /// Flows not yet answered (`probation`, an LRU map, preallocated: 184 B an element,
+    /// 6 MiB at the default): half the base map within [16384, 262144], so a flood
+    /// that fills it keeps every entry for tens of milliseconds at ~1 M new flows/s,
+    /// far longer than a handshake on a local network takes.
+    pub fn probation(&self) -> u32 {
+        (self.flows / 2).clamp(16_384, 262_144)
+    }
+
+    /// TCP flows noted as closed at once (`closing`): a sixteenth of the base map within
+    /// [8192, 16384]. An entry lives for the close grace only and a full map only makes an
+    /// end wait for the next full scan, so it follows closes per grace period, not
+    /// capacity: past 16,384 its bucket array (16 B an entry) would cost more than it saves.
     pub fn closing(&self) -> u32 {
-        (self.flows / 8).clamp(1024, 65_536)
+        (self.flows / 16).clamp(8192, 16_384)
     }
 }
 
@@ -105,6 +182,11 @@ pub struct FlowMaps {
     pub ended: MapHandle,
     /// The time of the latest full scan.
     pub last_scan: MapHandle,
+    /// Flows not answered yet.
+    pub probation: MapHandle,
+    /// What the scan tallied of the flows in probation: sources and ports.
+    pub probe_sketch: MapHandle,
+    pub probe_ports: MapHandle,
     /// The `flowlens_scan` program (src/bpf/scan.h).
     pub scan: OwnedFd,
 }
@@ -112,7 +194,7 @@ pub struct FlowMaps {
 /// Name of each kernel counter slot, in `enum flow_counter` order.
 pub fn counter_names() -> Vec<(u32, &'static str)> {
     use types::flow_counter as C;
-    vec![
+    let mut names = vec![
         (C::CNT_ETH_TRUNC.0, "eth_truncated"),
         (C::CNT_VLAN_TRUNC.0, "vlan_truncated"),
         (C::CNT_IPV4_TRUNC.0, "ipv4_truncated"),
@@ -131,7 +213,54 @@ pub fn counter_names() -> Vec<(u32, &'static str)> {
         (C::CNT_PACKETS.0, "packets_accounted"),
         (C::CNT_NON_IP.0, "non_ip_skipped"),
         (C::CNT_FRAGMENTS.0, "ip_fragments_non_first"),
-    ]
+        (C::CNT_ADMIT_DEFERRED.0, "admission_deferred_base_full"),
+    ];
+    for (base, what) in [
+        (C::CNT_PROBE_NEW.0, "new"),
+        (C::CNT_PROBE_MOVED.0, "admitted"),
+        (C::CNT_PROBE_ENDED.0, "ended"),
+    ] {
+        for (i, proto) in PROBE_PROTOS.iter().enumerate() {
+            names.push((base + i as u32, probation_counter(what, proto)));
+        }
+    }
+    names
+}
+
+/// Protocols of the probation counters, in `enum scan_proto` order.
+pub const PROBE_PROTOS: [&str; 4] = ["tcp", "udp", "icmp", "other"];
+
+/// The name of a probation counter: `probation_{new,admitted,ended}_{proto}`.
+pub fn probation_counter(what: &str, proto: &str) -> &'static str {
+    const NAMES: [[&str; 4]; 3] = [
+        [
+            "probation_new_tcp",
+            "probation_new_udp",
+            "probation_new_icmp",
+            "probation_new_other",
+        ],
+        [
+            "probation_admitted_tcp",
+            "probation_admitted_udp",
+            "probation_admitted_icmp",
+            "probation_admitted_other",
+        ],
+        [
+            "probation_ended_tcp",
+            "probation_ended_udp",
+            "probation_ended_icmp",
+            "probation_ended_other",
+        ],
+    ];
+    let w = ["new", "admitted", "ended"]
+        .iter()
+        .position(|w| *w == what)
+        .expect("probation counter kind");
+    let p = PROBE_PROTOS
+        .iter()
+        .position(|p| *p == proto)
+        .expect("probation protocol");
+    NAMES[w][p]
 }
 
 /// Name of each attribution counter slot, in `enum owner_counter` order: not packets,
@@ -146,7 +275,14 @@ pub fn owner_counter_names() -> Vec<(u32, &'static str)> {
 
 /// Whether a counter slot counts a packet that was not accounted.
 pub fn is_error_counter(slot: u32) -> bool {
-    slot < types::flow_counter::CNT_ERRORS_END.0
+    slot < types::flow_counter::CNT_ERRORS_END.0 && !is_sample_loss_counter(slot)
+}
+
+/// Whether a counter slot counts samples lost to a full extension map: the packet was
+/// accounted, its latency or RTT sample was not.
+pub fn is_sample_loss_counter(slot: u32) -> bool {
+    use types::flow_counter as C;
+    slot == C::CNT_TCP_FULL.0 || slot == C::CNT_ICMP_FULL.0
 }
 
 impl FlowMaps {
@@ -369,6 +505,7 @@ impl Datapath {
         set(&mut open.maps.closing, "closing", cap.closing())?;
         set(&mut open.maps.flows_owner, "flows_owner", cap.owner)?;
         set(&mut open.maps.ended, "ended", ENDED_CONNECTIONS)?;
+        set(&mut open.maps.probation, "probation", cap.probation())?;
         if !attribution {
             if let Some(r) = open.maps.rodata_data.as_deref_mut() {
                 r.owner_attribution = false;
@@ -401,6 +538,7 @@ impl Datapath {
             reused |= pin_map(&mut maps.flows_icmp, "flows_icmp", dir)?;
             reused |= pin_map(&mut maps.counters, "counters", dir)?;
             reused |= pin_map(&mut maps.flows_owner, "flows_owner", dir)?;
+            reused |= pin_map(&mut maps.probation, "probation", dir)?;
             // What the scan keeps between agents: not flows, so they do not make a
             // start a restart.
             pin_map(&mut maps.ended, "ended", dir)?;
@@ -495,6 +633,7 @@ impl Datapath {
             (&mut maps.flows_icmp, "flows_icmp"),
             (&mut maps.counters, "counters"),
             (&mut maps.flows_owner, "flows_owner"),
+            (&mut maps.probation, "probation"),
             (&mut maps.ended, "ended"),
             (&mut maps.last_scan, "last_scan"),
         ] {
@@ -527,6 +666,9 @@ impl Datapath {
             owner_count: prog_fd(&self.skel.progs.owner_entries, "owner_entries")?,
             ended: h(&maps.ended, "ended")?,
             last_scan: h(&maps.last_scan, "last_scan")?,
+            probation: h(&maps.probation, "probation")?,
+            probe_sketch: h(&maps.probe_sketch, "probe_sketch")?,
+            probe_ports: h(&maps.probe_ports, "probe_ports")?,
             scan: prog_fd(&self.skel.progs.flowlens_scan, "flowlens_scan")?,
         })
     }

@@ -27,6 +27,11 @@
 //! | `kernel_packets_unaccounted_total` | counter | `reason` | packets the datapath could not account (error counters) |
 //! | `kernel_packets_total` | counter | `counter` | informational kernel counts (not disjoint: do not sum) |
 //! | `kernel_attribution_lost_total` | counter | `reason` | flows kept without their local socket's owner, sockets whose owner was not noted |
+//! | `kernel_samples_lost_total` | counter | `reason` | latency/RTT samples lost to a full extension map: `tcp_map_full`, `icmp_map_full` (the packets were accounted) |
+//! | `probation_flows_total` | counter | `protocol`, `outcome` | unanswered flows through probation: `entered`, `admitted`, `ended`, `evicted` (by the kernel) |
+//! | `probation_waiting_flows` | gauge | `protocol` | unanswered flows waiting in probation |
+//! | `probation_sources_estimate` | gauge | | distinct sources among the unanswered flows tallied (estimate, sampled) |
+//! | `probation_port_flows_total` | counter | `protocol`, `port` | unanswered flows tallied by the answering side's port (top few) |
 //! | `last_poll_duration_seconds` | gauge | | duration of the last poll cycle |
 //! | `tls_cert_expiry_seconds` | gauge | | Unix time the gRPC server certificate expires (with TLS only) |
 //! | `kafka_records_produced_total` | counter | | records handed to librdkafka (with `--kafka`) |
@@ -52,7 +57,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 
 use crate::hub::{Hub, HubStats, SinkKind};
-use crate::kernel::datapath::{counter_names, is_error_counter, owner_counter_names};
+use crate::kernel::datapath::{
+    counter_names, is_error_counter, is_sample_loss_counter, owner_counter_names,
+};
 use crate::metrics::http::{HttpLimits, Render};
 use crate::sinks::ipfix::IpfixCounts;
 use crate::sinks::kafka::LossReason;
@@ -377,22 +384,31 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
         snap.flows_evicted,
     );
 
-    let errors: std::collections::BTreeSet<&str> = counter_names()
-        .into_iter()
-        .filter(|&(slot, _)| is_error_counter(slot))
-        .map(|(_, name)| name)
-        .collect();
+    let names = |class: fn(u32) -> bool| -> std::collections::BTreeSet<&str> {
+        counter_names()
+            .into_iter()
+            .filter(|&(slot, _)| class(slot))
+            .map(|(_, name)| name)
+            .collect()
+    };
+    let (errors, sample_losses) = (names(is_error_counter), names(is_sample_loss_counter));
     let owner: std::collections::BTreeSet<&str> = owner_counter_names()
         .into_iter()
         .map(|(_, name)| name)
         .collect();
+    // Probation's counters count flows, and the attribution's flows and sockets, not
+    // packets: their own families below.
     let (attribution, packets): (Vec<_>, Vec<_>) = snap
         .kernel_counters
         .iter()
+        .filter(|(name, _)| !name.starts_with("probation_"))
         .partition(|(name, _)| owner.contains(name.as_str()));
-    let (unaccounted, info): (Vec<_>, Vec<_>) = packets
+    let (unaccounted, rest): (Vec<_>, Vec<_>) = packets
         .into_iter()
         .partition(|(name, _)| errors.contains(name.as_str()));
+    let (lost, info): (Vec<_>, Vec<_>) = rest
+        .into_iter()
+        .partition(|(name, _)| sample_losses.contains(name.as_str()));
     e.family(
         "kernel_packets_unaccounted_total",
         "counter",
@@ -400,6 +416,15 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
     );
     for (name, v) in unaccounted {
         e.sample("kernel_packets_unaccounted_total", &[("reason", name)], v);
+    }
+    e.family(
+        "kernel_samples_lost_total",
+        "counter",
+        "Latency (TCP) or echo RTT (ICMP) samples lost because the extension map was full \
+         (--max-tcp-flows, --max-icmp-flows); their packets were accounted.",
+    );
+    for (name, v) in lost {
+        e.sample("kernel_samples_lost_total", &[("reason", name)], v);
     }
     e.family(
         "kernel_packets_total",
@@ -417,6 +442,56 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
     );
     for (name, v) in attribution {
         e.sample("kernel_attribution_lost_total", &[("reason", name)], v);
+    }
+    e.family(
+        "probation_flows_total",
+        "counter",
+        "Unanswered flows through probation by protocol and outcome: entered, admitted (answered: moved to the flow map), ended (reported from probation), evicted (by the kernel, to make room: never reported).",
+    );
+    for p in &snap.probation.protocols {
+        for (outcome, v) in [
+            ("entered", p.entered),
+            ("admitted", p.admitted),
+            ("ended", p.ended),
+            ("evicted", p.evicted),
+        ] {
+            e.sample(
+                "probation_flows_total",
+                &[("protocol", p.protocol), ("outcome", outcome)],
+                v,
+            );
+        }
+    }
+    e.family(
+        "probation_waiting_flows",
+        "gauge",
+        "Unanswered flows waiting in probation at the last full scan, by protocol.",
+    );
+    for p in &snap.probation.protocols {
+        e.sample(
+            "probation_waiting_flows",
+            &[("protocol", p.protocol)],
+            p.waiting,
+        );
+    }
+    e.single(
+        "probation_sources_estimate",
+        "gauge",
+        "Distinct client addresses among the unanswered flows the scan tallied in probation (HyperLogLog estimate over a sample).",
+        snap.probation.sources_estimate,
+    );
+    e.family(
+        "probation_port_flows_total",
+        "counter",
+        "Unanswered flows the scan tallied in probation, by the answering side's port (the top few; 0 for ICMP and others).",
+    );
+    for p in &snap.probation.top_ports {
+        let port = p.port.to_string();
+        e.sample(
+            "probation_port_flows_total",
+            &[("protocol", p.protocol), ("port", &port)],
+            p.flows,
+        );
     }
     e.single(
         "last_poll_duration_seconds",

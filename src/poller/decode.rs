@@ -128,8 +128,11 @@ pub mod meta {
     pub const CONTINUATION: u32 = M::META_CONTINUATION.0;
     pub const IDENTIFIED: u32 = M::META_IDENTIFIED.0;
     pub const REPORT_CARRY: u32 = M::META_REPORT_CARRY.0;
+    pub const LOSSY: u32 = M::META_LOSSY.0;
     pub const REPORT_SHIFT: u32 = M::META_REPORT_SHIFT.0;
-    /// The unit of the time of a flow's last record: 2^22 ns.
+    /// The bits of the time of a flow's last record.
+    pub const REPORT_MASK: u64 = (1 << (32 - REPORT_SHIFT)) - 1;
+    /// The unit of the time of a flow's last record: 2^23 ns.
     pub const REPORT_UNIT_SHIFT: u32 = M::REPORT_UNIT_SHIFT.0;
     /// The bits the datapath sets at creation; the scan owns the others.
     pub const IDENTITY: u32 = CLIENT_HI | EGRESS | EXT;
@@ -161,15 +164,15 @@ pub fn client_dir(b: &types::flow_base) -> usize {
     }
 }
 
-/// The time of the flow's last record (rounded down to 2^22 ns), when it had one: the
-/// latest time not after `now_ns` that the 24 bits kept in its meta name (`report_time`
+/// The time of the flow's last record (rounded down to 2^23 ns), when it had one: the
+/// latest time not after `now_ns` that the 23 bits kept in its meta name (`report_time`
 /// of scan.h).
 pub fn report_time(b: &types::flow_base, now_ns: u64) -> Option<u64> {
     if b.meta & meta::REPORTED == 0 {
         return None;
     }
     let cur = now_ns >> meta::REPORT_UNIT_SHIFT;
-    let ago = cur.wrapping_sub(u64::from(b.meta >> meta::REPORT_SHIFT)) & 0xff_ffff;
+    let ago = cur.wrapping_sub(u64::from(b.meta >> meta::REPORT_SHIFT)) & meta::REPORT_MASK;
     Some(cur.wrapping_sub(ago) << meta::REPORT_UNIT_SHIFT)
 }
 
@@ -188,7 +191,7 @@ pub struct RawFlow {
     pub tcp: Option<types::flow_tcp>,
     pub icmp: Option<types::flow_icmp>,
     /// The local socket at each key endpoint (addr_lo, addr_hi) and its owner, as the
-    /// datapath took them at the flow's first packet (`src/bpf/owner.h`).
+    /// datapath took them as the flow was admitted (`src/bpf/owner.h`).
     pub owner: [Option<types::flow_owner>; 2],
 }
 
@@ -346,6 +349,7 @@ impl RawFlow {
             end_reason,
             continuation,
             fragment: k.flags & types::flow_key_flags::KEY_FRAGMENT.0 as u8 != 0,
+            partial: b.meta & meta::LOSSY != 0,
             tcp: self.tcp_hot().map(|h| tcp_info(h, b, self.tcp.as_ref(), c)),
             icmp: (ext_kind(b) == types::flow_ext::EXT_ICMP.0)
                 .then(|| icmp_info(b, self.icmp.as_ref(), k, c)),

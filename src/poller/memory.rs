@@ -284,6 +284,7 @@ impl FlowTable for MemTable {
             evict_left: a.evict_need,
             passes: 1,
             split: false,
+            probation: None,
         })
     }
 

@@ -2,6 +2,7 @@
 
 pub mod decode;
 pub mod memory;
+pub mod probation;
 pub mod scan;
 pub mod table;
 #[cfg(test)]
@@ -132,7 +133,14 @@ const EPISODE_CALM: Duration = Duration::from_secs(2);
 const FULL_COUNTERS: [&str; 3] = ["base_map_full", "tcp_map_full", "icmp_map_full"];
 
 fn full_counts(counters: &BTreeMap<String, u64>) -> [u64; 3] {
-    FULL_COUNTERS.map(|n| counters.get(n).copied().unwrap_or(0))
+    let mut full = FULL_COUNTERS.map(|n| counters.get(n).copied().unwrap_or(0));
+    // An answered flow that finds the base map full waits in probation, at risk of
+    // eviction there: pressure on the base map all the same.
+    full[0] += counters
+        .get("admission_deferred_base_full")
+        .copied()
+        .unwrap_or(0);
+    full
 }
 
 /// What a scan pass evicts during a pressure episode (see `Poller::eviction`).
@@ -170,6 +178,10 @@ pub struct Poller<T: FlowTable = KernelTable> {
     /// The eviction age in force: `evict_min_age`, halved while the datapath still
     /// drops new flows (a flood faster than eviction at that age keeps up with).
     evict_age_ns: u64,
+    /// Flows the kernel evicted from probation, per protocol.
+    probation_evicted: probation::EvictionCount,
+    /// The scan's probation tally is read at most this often.
+    probation_read_ns: u64,
     snapshots: Option<SnapshotSlot>,
     /// `owner_map_full` when its rise was last logged (or at the first poll), and when.
     owner_full: Option<(u64, Option<Instant>)>,
@@ -219,6 +231,8 @@ impl<T: FlowTable> Poller<T> {
             episode: None,
             last_full: [0; 3],
             evict_age_ns: cfg.evict_min_age.as_nanos() as u64,
+            probation_evicted: Default::default(),
+            probation_read_ns: 0,
             snapshots: None,
             owner_full: None,
         }
@@ -400,8 +414,11 @@ impl<T: FlowTable> Poller<T> {
         }
         // An episode going on evicts in the same pass as the timeouts.
         let evict = self.episode.is_some().then(|| self.eviction(full));
-        let mut entries = self.scan_all(now_ns, false, evict, &mut stats)?;
+        let (mut entries, waiting) = self.scan_all_probation(now_ns, evict, &mut stats)?;
         stats.flows = entries[0] as usize + stats.ended;
+        if let Some(waiting) = waiting {
+            self.update_probation(now_ns, &counters, waiting);
+        }
         let pressure = self.pressure(&entries, &counters);
         // Crossings are judged before eviction makes room, so each one is counted.
         for (i, u) in self.usage(entries).iter().enumerate() {
@@ -431,6 +448,46 @@ impl<T: FlowTable> Poller<T> {
         Ok(stats)
     }
 
+    /// A poll's scan: `scan_all`, also returning what waits in probation by protocol
+    /// when the scan walked all of it.
+    fn scan_all_probation(
+        &mut self,
+        now_ns: u64,
+        evict: Option<Eviction>,
+        stats: &mut PollStats,
+    ) -> Result<([u64; 3], Option<[u64; 4]>), PollError> {
+        let mut args = scan::args(&self.cfg, now_ns, self.last_poll_ns, false);
+        if let Some(e) = evict {
+            args.evict_age_ns = e.age_ns;
+            args.evict_keep = e.keep;
+        }
+        self.scan_summary(args, stats)
+            .map(|done| (done.entries, done.probation))
+    }
+
+    /// Derives probation's evictions from the counters read before the scan and after,
+    /// and (at most once a second) reads the scan's tally of sources and ports.
+    fn update_probation(&mut self, now_ns: u64, before: &BTreeMap<String, u64>, waiting: [u64; 4]) {
+        let after = self.table.counters();
+        let protocols = self.probation_evicted.update(before, &after, waiting);
+        let evicted: u64 = protocols.iter().map(|p| p.evicted).sum();
+        if now_ns < self.probation_read_ns + 1_000_000_000 && self.polls > 1 {
+            self.status.update_probation(protocols);
+            return;
+        }
+        self.probation_read_ns = now_ns;
+        if let Some((tally, capacity)) = self.table.probation_tally() {
+            let s = tally.status(protocols, capacity);
+            if evicted > 0 {
+                debug!(
+                    "probation: {evicted} unanswered flows evicted so far, from ~{} sources",
+                    s.sources_estimate
+                );
+            }
+            self.status.set_probation(s);
+        }
+    }
+
     /// Runs one scan, emitting the records of the flows it ended, evicted or found due.
     /// Returns the entries left in each map.
     fn scan_all(
@@ -455,6 +512,14 @@ impl<T: FlowTable> Poller<T> {
         args: types::scan_args,
         stats: &mut PollStats,
     ) -> Result<[u64; 3], PollError> {
+        self.scan_summary(args, stats).map(|done| done.entries)
+    }
+
+    fn scan_summary(
+        &mut self,
+        args: types::scan_args,
+        stats: &mut PollStats,
+    ) -> Result<scan::ScanSummary, PollError> {
         let Poller {
             table, emit, cfg, ..
         } = self;
@@ -474,7 +539,7 @@ impl<T: FlowTable> Poller<T> {
                 if done.split { ", split" } else { "" }
             );
         }
-        Ok(done.entries)
+        Ok(done)
     }
 
     /// The flows in progress, for ListFlows: each with the counts its entry holds, those

@@ -17,6 +17,9 @@ pub struct ScanSummary {
     pub passes: u32,
     /// Whether it was split among concurrent scans (a bulk end).
     pub split: bool,
+    /// Flows left waiting in probation, by `enum scan_proto`, when the scan walked all
+    /// of it.
+    pub probation: Option<[u64; 4]>,
 }
 
 /// What the scan did with a flow (`enum scan_kind`).
@@ -117,8 +120,8 @@ pub fn reported_window(b: &types::flow_base, now_ns: u64, active_ns: u64) -> u64
 /// `mark_reported` of scan.h: notes that a record carried the flow's counts up to `t`.
 pub fn mark_reported(b: &mut types::flow_base, t: u64, active_ns: u64) {
     let units = t >> meta::REPORT_UNIT_SHIFT;
-    let mut m = b.meta & (meta::IDENTITY | meta::CONTINUATION | meta::IDENTIFIED);
-    m |= meta::REPORTED | ((units & 0xff_ffff) as u32) << meta::REPORT_SHIFT;
+    let mut m = b.meta & (meta::IDENTITY | meta::CONTINUATION | meta::IDENTIFIED | meta::LOSSY);
+    m |= meta::REPORTED | ((units & meta::REPORT_MASK) as u32) << meta::REPORT_SHIFT;
     if active_ns > 0
         && window_of(b, units << meta::REPORT_UNIT_SHIFT, active_ns) < window_of(b, t, active_ns)
     {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use libbpf_rs::{MapCore, MapFlags, MapHandle, RingBuffer, RingBufferBuilder};
 
 use super::decode::{decode, ext_id, owner_key, owner_of_key, ExtKind, RawFlow};
+use super::probation::Tally;
 use super::scan::{decode_rec, ScanKind, ScanSummary};
 use super::PollError;
 use crate::kernel::bpf::types;
@@ -216,6 +217,11 @@ pub trait FlowTable: Send {
     /// When the latest full scan ran, this agent's or (maps kept across a restart) its
     /// predecessor's; None before any.
     fn last_scan(&self) -> Option<u64>;
+    /// What the scan tallied of the flows it found in probation, and probation's
+    /// capacity; None without one.
+    fn probation_tally(&self) -> Option<(Tally, u64)> {
+        None
+    }
 }
 
 /// One scan's flows, gathered (for tests and benchmarks; the poller emits them as they
@@ -533,11 +539,16 @@ impl FlowTable for KernelTable {
         let [(first, mut passes)] = scan_draining(prog, ring, &[a], sink)?[..] else {
             unreachable!("one scan, one result")
         };
+        let walked = |a: &types::scan_args| {
+            (a.closing_only == 0 && a.stopped == types::scan_stop::SCAN_DONE.0)
+                .then_some(a.probation)
+        };
         let mut summary = ScanSummary {
             entries: first.entries,
             evict_left: first.evict_need,
             passes,
             split: false,
+            probation: walked(&first),
         };
         if first.stopped == types::scan_stop::SCAN_BULK.0 {
             let parts: Vec<types::scan_args> = (0..threads)
@@ -549,6 +560,10 @@ impl FlowTable for KernelTable {
                 })
                 .collect();
             let ran = scan_draining(prog, ring, &parts, sink)?;
+            // Each part counts its own share of probation.
+            summary.probation = ran.iter().try_fold([0u64; 4], |sum, (r, _)| {
+                walked(r).map(|w| [0, 1, 2, 3].map(|i| sum[i] + w[i]))
+            });
             for (r, p) in ran {
                 // Each part counts the maps when it ends; the last one to end saw the least.
                 summary.entries = [0, 1, 2].map(|i| summary.entries[i].min(r.entries[i]));
@@ -583,6 +598,36 @@ impl FlowTable for KernelTable {
     fn owner_fill(&self) -> Option<(u64, u64)> {
         let n = count_entries(&self.maps.owner_count)?;
         Some((n, u64::from(self.maps.owner.max_entries())))
+    }
+
+    fn probation_tally(&self) -> Option<(Tally, u64)> {
+        let m = &self.maps;
+        let sketch: types::probe_sketch = m
+            .probe_sketch
+            .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+            .ok()
+            .flatten()
+            .map(|v| decode(&v))?;
+        let ports = m
+            .probe_ports
+            .keys()
+            .filter_map(|k| {
+                let v = m.probe_ports.lookup(&k, MapFlags::ANY).ok()??;
+                let p: types::probe_port = decode(&k);
+                Some((
+                    (p.proto, p.port),
+                    u64::from_ne_bytes(v.get(..8)?.try_into().ok()?),
+                ))
+            })
+            .collect();
+        Some((
+            Tally {
+                tallied: sketch.tallied,
+                registers: sketch.reg.to_vec(),
+                ports,
+            },
+            u64::from(m.probation.max_entries()),
+        ))
     }
 
     fn counters(&self) -> BTreeMap<String, u64> {

@@ -350,8 +350,9 @@ pub fn encode_record(at: Stamp, r: &FlowRecord, buf: &mut Vec<u8>) {
     f.uint(22, u64::from(r.fragment));
     f.uint(23, at.run);
     f.timestamp(24, &Timestamp::from(r.emitted));
-    f.process(25, &r.client_process);
-    f.process(26, &r.server_process);
+    f.uint(25, u64::from(r.partial));
+    f.process(26, &r.client_process);
+    f.process(27, &r.server_process);
 }
 
 // ---------------------------------------------------------------------------
@@ -667,6 +668,7 @@ impl RecordDecoder {
             end_reason: EndReason::IdleTimeout,
             continuation: false,
             fragment: false,
+            partial: false,
             tcp: None,
             icmp: None,
             client_process: None,
@@ -708,8 +710,9 @@ impl RecordDecoder {
                 22 => r.fragment = f.int()? != 0,
                 23 => at.run = f.int()?,
                 24 => emitted = Some(f.time()?),
-                25 => r.client_process = Some(f.process()?),
-                26 => r.server_process = Some(f.process()?),
+                25 => r.partial = f.int()? != 0,
+                26 => r.client_process = Some(f.process()?),
+                27 => r.server_process = Some(f.process()?),
                 _ => {}
             }
             Ok(true)
@@ -987,6 +990,7 @@ mod tests {
         out.push(r);
         let mut r = base();
         r.fragment = true;
+        r.partial = true;
         r.client_port = 0;
         r.server_port = 0;
         r.interface.clear();

@@ -224,7 +224,7 @@ pub struct IcmpInfo {
 }
 
 /// Who owns a local socket a flow ends at: its cgroup (v2) and the process that opened
-/// it, as the datapath took them at the flow's first packet. Absent fields are unknown.
+/// it, as the datapath took them when the flow was admitted. Absent fields are unknown.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct LocalProcess {
     /// The socket's cgroup v2 id (its cgroup2 directory's inode number); none on a host
@@ -304,6 +304,10 @@ pub struct FlowRecord {
     /// record has no ports (and no TCP/ICMP details), and they are kept apart from
     /// the flow they belong to.
     pub fragment: bool,
+    /// Packets of this flow may be missing: it was answered while the base flow map was
+    /// full and waited in probation, where the kernel evicts flows to make room (see
+    /// `flowlens status`). Set on every later record of the flow.
+    pub partial: bool,
     pub tcp: Option<TcpInfo>,
     pub icmp: Option<IcmpInfo>,
     /// The local socket the client side is, with its owner; none when the client is not
@@ -372,6 +376,7 @@ impl FlowRecord {
             end_reason: EndReason::IdleTimeout,
             continuation: false,
             fragment: false,
+            partial: false,
             tcp: None,
             icmp: None,
             client_process: None,

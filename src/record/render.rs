@@ -501,6 +501,9 @@ pub fn metrics(r: &FlowRecord) -> Vec<String> {
     if r.fragment {
         parts.push("fragments".to_owned());
     }
+    if r.partial {
+        parts.push("partial".to_owned());
+    }
     if let Some(t) = &r.tcp {
         if let Some(rtt) = handshake_rtt(t) {
             parts.push(format!("rtt {}", latency(rtt)));
@@ -792,6 +795,7 @@ pub struct JsonRecord<'a> {
     end_reason: EndReason,
     continuation: bool,
     fragment: bool,
+    partial: bool,
     tcp: Option<JsonTcp<'a>>,
     icmp: Option<&'a IcmpInfo>,
     client_process: Option<&'a LocalProcess>,
@@ -857,6 +861,7 @@ impl<'a> JsonRecord<'a> {
             end_reason: r.end_reason,
             continuation: r.continuation,
             fragment: r.fragment,
+            partial: r.partial,
             tcp: r.tcp.as_ref().map(JsonTcp::of),
             icmp: r.icmp.as_ref(),
             client_process: r.client_process.as_deref(),
@@ -884,6 +889,7 @@ mod tests {
             emitted: at(1_795_637_004),
             continuation: false,
             fragment: false,
+            partial: false,
             ip_version: 4,
             protocol: proto,
             client_addr: client.parse().unwrap(),
@@ -1286,6 +1292,6 @@ mod tests {
         );
         assert_eq!(v["emitted"], "2026-11-25T20:03:24.000000000Z");
         assert_eq!(v["emitted_ns"], 1_795_637_004_000_000_000u64);
-        assert_eq!(keys.len(), 32, "{keys:?}");
+        assert_eq!(keys.len(), 33, "{keys:?}");
     }
 }

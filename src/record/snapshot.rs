@@ -226,6 +226,7 @@ mod tests {
             observer: "test".into(),
             continuation: false,
             fragment: false,
+            partial: false,
             client: DirStats::default(),
             server: DirStats::default(),
             end_reason: EndReason::InProgress,

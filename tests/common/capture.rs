@@ -70,6 +70,52 @@ impl Capture {
         Capture { fd }
     }
 
+    /// Like `open`, keeping only IPv4 packets between `a` and `b` (either way), filtered
+    /// in the kernel so that a flood of other packets cannot overrun the socket buffer.
+    pub fn open_between(ifindex: u32, a: std::net::Ipv4Addr, b: std::net::Ipv4Addr) -> Capture {
+        let cap = Capture::open(ifindex);
+        let (a, b) = (u32::from(a), u32::from(b));
+        let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+        // ldh [12]; IPv4? ld [26] (source); a->b or b->a on ld [30] (destination).
+        let prog = [
+            op(0x28, 0, 0, 12),
+            op(0x15, 0, 9, 0x0800),
+            op(0x20, 0, 0, 26),
+            op(0x15, 0, 2, a),
+            op(0x20, 0, 0, 30),
+            op(0x15, 4, 5, b),
+            op(0x15, 0, 4, b),
+            op(0x20, 0, 0, 30),
+            op(0x15, 1, 2, a),
+            op(0x06, 0, 0, 0),
+            op(0x06, 0, 0, 0x0004_0000),
+            op(0x06, 0, 0, 0),
+        ];
+        let fprog = libc::sock_fprog {
+            len: prog.len() as u16,
+            filter: prog.as_ptr() as *mut libc::sock_filter,
+        };
+        // SAFETY: fprog points at `prog`, which outlives the call (the kernel copies it).
+        let r = unsafe {
+            libc::setsockopt(
+                cap.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ATTACH_FILTER,
+                (&fprog as *const libc::sock_fprog).cast(),
+                std::mem::size_of::<libc::sock_fprog>() as u32,
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "SO_ATTACH_FILTER: {}",
+            std::io::Error::last_os_error()
+        );
+        // What arrived before the filter was attached.
+        drop(cap.drain());
+        cap
+    }
+
     /// Everything captured so far, IP packets only.
     pub fn drain(&self) -> Vec<Packet> {
         let mut out = Vec::new();
@@ -135,6 +181,10 @@ fn parse(f: &[u8], outgoing: bool) -> Option<Packet> {
             u16::from_be_bytes([l4[0], l4[1]]),
             u16::from_be_bytes([l4[2], l4[3]]),
         )
+    } else if proto == 1 && matches!(l4.first(), Some(0 | 8)) && l4.len() >= 6 {
+        // an echo's identifier, in both: what flowlens keys an echo flow by
+        let id = u16::from_be_bytes([l4[4], l4[5]]);
+        (id, id)
     } else {
         (0, 0)
     };

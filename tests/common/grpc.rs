@@ -155,6 +155,7 @@ pub fn rec(id: u32) -> FlowRecord {
         emitted: t(u64::from(id) + 2),
         continuation: false,
         fragment: false,
+        partial: false,
         client: DirStats {
             packets: 3,
             bytes: 180,

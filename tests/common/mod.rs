@@ -84,8 +84,24 @@ impl Harness {
         self.run_gso(hook, frame, 0)
     }
 
+    /// Every flow: the base map's and probation's (a flow is in one of them).
     pub fn flows(&self) -> Vec<(types::flow_key, types::flow_base)> {
+        let mut f = self.base_flows();
+        f.extend(self.probation());
+        f
+    }
+
+    /// The flows admitted to the base map.
+    pub fn base_flows(&self) -> Vec<(types::flow_key, types::flow_base)> {
         entries(&self.maps.flows)
+    }
+
+    /// The flows in probation (not answered yet), as the base entry images they hold.
+    pub fn probation(&self) -> Vec<(types::flow_key, types::flow_base)> {
+        entries::<types::flow_key, types::flow_probe>(&self.maps.probation)
+            .into_iter()
+            .map(|(k, p)| (k, flowlens::poller::decode::decode(&p.base)))
+            .collect()
     }
 
     /// TCP latency entries, keyed by extension id.

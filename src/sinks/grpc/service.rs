@@ -164,6 +164,7 @@ fn status_response(status: &AgentStatus, hub: &Hub) -> proto::GetStatusResponse 
         last_poll_ns: snap.last_poll_ns,
         map_pressure_events: snap.map_pressure_events,
         flows_evicted: snap.flows_evicted,
+        probation: Some(probation_to_proto(&snap.probation)),
         subscribers: hub
             .subscribers()
             .map(|s| proto::SubscriberInfo {
@@ -528,5 +529,35 @@ async fn serve(
             server.abort();
             Ok(())
         }
+    }
+}
+
+/// Probation's figures as GetStatus reports them.
+fn probation_to_proto(p: &crate::poller::probation::ProbationStatus) -> proto::Probation {
+    proto::Probation {
+        protocols: p
+            .protocols
+            .iter()
+            .map(|x| proto::ProbationProtocol {
+                protocol: x.protocol.to_owned(),
+                entered: x.entered,
+                admitted: x.admitted,
+                ended: x.ended,
+                waiting: x.waiting,
+                evicted: x.evicted,
+            })
+            .collect(),
+        capacity: p.capacity,
+        sources_estimate: p.sources_estimate,
+        tallied: p.tallied,
+        top_ports: p
+            .top_ports
+            .iter()
+            .map(|x| proto::ProbationPort {
+                protocol: x.protocol.to_owned(),
+                port: u32::from(x.port),
+                flows: x.flows,
+            })
+            .collect(),
     }
 }

@@ -56,6 +56,7 @@ mod tests {
             emitted: SystemTime::UNIX_EPOCH,
             continuation: false,
             fragment: false,
+            partial: false,
             client: DirStats::default(),
             server: DirStats::default(),
             end_reason: EndReason::TcpFin,

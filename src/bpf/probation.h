@@ -1,0 +1,245 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* Admission: a flow enters the base map only once it has been answered.
+ * Until then (a SYN without its handshake's final ACK, a datagram without a
+ * second packet, a lone echo request) it lives in `probation`, an LRU map the
+ * kernel evicts by itself, so a random-source flood of one-packet flows
+ * churns probation and never takes the room answered flows need.
+ *
+ * A flow moves on its first admitting packet: for TCP any packet without SYN
+ * or RST (a spoofed source never sends the handshake's final ACK, while the
+ * host's own SYN-ACK or RST to it is no proof), for anything else its second
+ * packet, either way. The move is exact across CPUs: the mover inserts the
+ * base entry, flags the probation image as moving, then takes the image's
+ * counts over with atomic exchanges; a CPU that added to the image meanwhile
+ * sees the flag after its add and takes its own counts over the same way, so
+ * each packet lands once. The scan (scan.h) ends the flows that end in
+ * probation (idle, reset) with the same exchanges, and tallies the others.
+ */
+#ifndef __FLOWLENS_PROBATION_H
+#define __FLOWLENS_PROBATION_H
+
+#include "tcp.h"
+#include "icmp.h"
+
+/* Capacity set from userspace before load (Capacities::probation). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 32768);
+	__type(key, struct flow_key);
+	__type(value, struct flow_probe);
+} probation SEC(".maps");
+
+/* flow_probe's lock word: the flow is moving to the base map. */
+#define PROBE_MOVING 1
+
+static __always_inline __u32 proto_slot(__u8 proto)
+{
+	switch (proto) {
+	case IPPROTO_TCP:
+		return SCAN_TCP;
+	case IPPROTO_UDP:
+		return SCAN_UDP;
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6:
+		return SCAN_ICMP;
+	default:
+		return SCAN_OTHER;
+	}
+}
+
+static __always_inline __u32 *probe_flag(struct flow_base *pb)
+{
+	return (__u32 *)&pb->lock;
+}
+
+/* Takes the counts out of a probation image, each exactly once whichever
+ * CPU runs it, into `out` (a record, or a base entry through its atomics).
+ */
+static __always_inline void probe_take(struct flow_base *pb, __u64 *pkts,
+				       __u64 *bytes)
+{
+	pkts[0] = __sync_lock_test_and_set(&pb->packets[0], 0);
+	pkts[1] = __sync_lock_test_and_set(&pb->packets[1], 0);
+	bytes[0] = __sync_lock_test_and_set(&pb->bytes[0], 0);
+	bytes[1] = __sync_lock_test_and_set(&pb->bytes[1], 0);
+}
+
+static __always_inline void probe_drain(struct flow_base *pb,
+					struct flow_base *b)
+{
+	__u64 pkts[2], bytes[2];
+
+	probe_take(pb, pkts, bytes);
+	if (pkts[0] | bytes[0]) {
+		__sync_fetch_and_add(&b->packets[0], pkts[0]);
+		__sync_fetch_and_add(&b->bytes[0], bytes[0]);
+	}
+	if (pkts[1] | bytes[1]) {
+		__sync_fetch_and_add(&b->packets[1], pkts[1]);
+		__sync_fetch_and_add(&b->bytes[1], bytes[1]);
+	}
+}
+
+/* An atomic add whose result is fetched: a fetching atomic is fully
+ * ordered, a plain one is not (the flag's load must follow it).
+ */
+static __always_inline void add_ordered(__u64 *p, __u64 v)
+{
+	__u64 old = __sync_fetch_and_add(p, v);
+
+	asm volatile("" : : "r"(old));
+}
+
+/* Whether the packet `a` admits its flow, which is in probation. */
+static __always_inline bool probe_admits(const struct acct *a)
+{
+	if (a->ext == EXT_TCP)
+		return !(a->p.tcp_flags & (TCP_SYN | TCP_RST));
+	return true;
+}
+
+/* A new flow's first packet: into probation, its TCP or ICMP state set
+ * from it as for any first packet. 0, -EEXIST, or another error.
+ */
+static __always_inline long probe_new(const struct acct *a, __u8 hook)
+{
+	struct flow_base nb = {};
+	__u64 now = bpf_ktime_get_ns();
+
+	base_init(&nb, a, hook, now);
+	if (a->ext == EXT_TCP)
+		tcp_update(&nb, NULL, &a->p, now);
+	else if (a->ext == EXT_ICMP)
+		icmp_update(&nb, NULL, &a->p);
+	return bpf_map_update_elem(&probation, &a->p.key, &nb, BPF_NOEXIST);
+}
+
+/* Moves an admitted flow to the base map. Returns the base entry, in which
+ * the admitting packet is then accounted like any other, or NULL when the
+ * base map is full (the flow stays, flagged lossy: LRU may evict it). The
+ * flow's local sockets and their owners (owner.h) are taken here, once: a
+ * flow that is never answered costs no attribution.
+ */
+static __always_inline struct flow_base *probe_move(struct __sk_buff *skb,
+						    const struct acct *a,
+						    struct flow_base *pb,
+						    __u32 slot, __u8 hook)
+{
+	struct owner_take own = {};
+	struct flow_base nb;
+	struct flow_base *b;
+	long err;
+
+	__builtin_memcpy(&nb, pb, sizeof(nb));
+	__builtin_memset(&nb.lock, 0, sizeof(nb.lock));
+	nb.packets[0] = 0;
+	nb.packets[1] = 0;
+	nb.bytes[0] = 0;
+	nb.bytes[1] = 0;
+	nb.meta &= ~META_PROBE_TALLIED;
+	if (a->ext)
+		nb.ext_id = ext_id_next();
+	owner_take(skb, a, hook, &own, &nb.ext_id);
+	err = bpf_map_update_elem(&flows, &a->p.key, &nb, BPF_NOEXIST);
+	if (err && err != -EEXIST) {
+		count(CNT_ADMIT_DEFERRED, a->pkts);
+		__sync_fetch_and_or(&pb->meta, META_LOSSY);
+		return NULL;
+	}
+	b = bpf_map_lookup_elem(&flows, &a->p.key);
+	if (!b || err)
+		/* another CPU moved it: it takes the image's counts */
+		return b;
+	owner_put(nb.ext_id, &own);
+	__sync_fetch_and_or(probe_flag(pb), PROBE_MOVING);
+	probe_drain(pb, b);
+	bpf_map_delete_elem(&probation, &a->p.key);
+	count(CNT_PROBE_MOVED + slot, 1);
+	return b;
+}
+
+/* Another CPU may have moved the flow between this one's lookup of the base
+ * map and its insert into probation: then the new image joins the base
+ * entry the same way, so the flow is never in both maps.
+ */
+static __always_inline void probe_recheck(const struct acct *a, __u32 slot)
+{
+	struct flow_base *b, *pb;
+
+	b = bpf_map_lookup_elem(&flows, &a->p.key);
+	if (!b)
+		return;
+	pb = bpf_map_lookup_elem(&probation, &a->p.key);
+	if (!pb)
+		return;
+	__sync_fetch_and_or(probe_flag(pb), PROBE_MOVING);
+	probe_drain(pb, b);
+	bpf_map_delete_elem(&probation, &a->p.key);
+	count(CNT_PROBE_MOVED + slot, 1);
+}
+
+/* A packet of a flow not in the base map. Returns the base entry to
+ * account it in (the flow was just admitted), or NULL when it was
+ * accounted in probation (or counted as lost).
+ */
+static __always_inline struct flow_base *probe_account(struct __sk_buff *skb,
+						       const struct acct *a,
+						       __u8 hook)
+{
+	__u32 slot = proto_slot(a->p.key.proto);
+	struct flow_base *pb, *b;
+	__u8 d = a->p.dir & 1;
+	__u64 now = 0;
+	long err;
+
+	pb = bpf_map_lookup_elem(&probation, &a->p.key);
+	if (!pb) {
+		err = probe_new(a, hook);
+		if (!err) {
+			count(CNT_PACKETS, a->pkts);
+			count(CNT_PROBE_NEW + slot, 1);
+			probe_recheck(a, slot);
+			return NULL;
+		}
+		pb = err == -EEXIST ?
+			     bpf_map_lookup_elem(&probation, &a->p.key) : NULL;
+		if (!pb) {
+			/* moved meanwhile, or no element to be had */
+			b = bpf_map_lookup_elem(&flows, &a->p.key);
+			if (!b)
+				count(CNT_BASE_FULL, a->pkts);
+			return b;
+		}
+	}
+	if (probe_admits(a)) {
+		b = probe_move(skb, a, pb, slot, hook);
+		if (b)
+			return b;
+	}
+	count(CNT_PACKETS, a->pkts);
+	if (a->ext == EXT_TCP) {
+		now = bpf_ktime_get_ns();
+		tcp_update(pb, NULL, &a->p, now);
+	} else if (a->ext == EXT_ICMP) {
+		now = icmp_update(pb, NULL, &a->p);
+	}
+	/* constant indexes: see base_init */
+	if (d) {
+		__sync_fetch_and_add(&pb->bytes[1], a->bytes);
+		add_ordered(&pb->packets[1], a->pkts);
+		pb->ttl[1] = a->p.ttl;
+	} else {
+		__sync_fetch_and_add(&pb->bytes[0], a->bytes);
+		add_ordered(&pb->packets[0], a->pkts);
+		pb->ttl[0] = a->p.ttl;
+	}
+	pb->last_seen_ns = now ?: coarse_now();
+	if (*(volatile __u32 *)probe_flag(pb)) {
+		b = bpf_map_lookup_elem(&flows, &a->p.key);
+		if (b)
+			probe_drain(pb, b);
+	}
+	return NULL;
+}
+
+#endif /* __FLOWLENS_PROBATION_H */
