@@ -635,7 +635,11 @@ fn attribution(t: &mut Table) -> Result<()> {
         ];
         let mut rows = Vec::new();
         for is_tcp in [false, true] {
-            let proto = if is_tcp { "TCP SYN + ACK" } else { "UDP, two datagrams" };
+            let proto = if is_tcp {
+                "TCP SYN + ACK"
+            } else {
+                "UDP, two datagrams"
+            };
             let port = if is_tcp { tcp_port } else { udp_port };
             let mut runs = vec![Vec::new(); cases.len()];
             for round in 0..ROUNDS {
