@@ -144,12 +144,14 @@ impl Capacities {
         out
     }
 
-    /// Flows not yet answered (`probation`, an LRU map, preallocated: 184 B an element,
-    /// 6 MiB at the default): half the base map within [16384, 262144], so a flood
-    /// that fills it keeps every entry for tens of milliseconds at ~1 M new flows/s,
-    /// far longer than a handshake on a local network takes.
+    /// Flows not yet answered (`probation`, an LRU map, preallocated: 184 B an element):
+    /// half the base map within [16384, 32768], 3 to 6 MiB. It follows the flood's rate,
+    /// not the host's flows: how long an unanswered flow survives is its size over the rate
+    /// of new junk (32,768 at ~740 k/s is 44 ms, far longer than a local handshake), and a
+    /// client whose SYN is evicted still gets in on its final ACK, as a late start. Larger,
+    /// it would be kernel memory held whatever the flows (48 MB at 1 M capacity for half).
     pub fn probation(&self) -> u32 {
-        (self.flows / 2).clamp(16_384, 262_144)
+        (self.flows / 2).clamp(16_384, 32_768)
     }
 
     /// TCP flows noted as closed at once (`closing`): a sixteenth of the base map within
