@@ -13,6 +13,7 @@ use crate::admission::{self, Episode};
 use crate::config::Config;
 use crate::hub::{Hub, SinkKind};
 use crate::kernel::attach::{Attacher, IfNames, ProgramFds, Selector};
+use crate::kernel::cgroup::{self, CgroupNames, Hierarchy};
 use crate::kernel::datapath::{Datapath, DatapathError, FlowMaps};
 use crate::kernel::preflight::{self, PinLock};
 use crate::metrics::http::HttpLimits;
@@ -100,7 +101,8 @@ impl Agent {
                 return Err(explain_load_error(e, &cfg));
             }
         };
-        match Self::wire(cfg.clone(), selector, grpc_addr, kafka, &dp) {
+        let cgroups = attribute_sockets(&mut dp);
+        match Self::wire(cfg.clone(), selector, grpc_addr, kafka, &dp, cgroups) {
             Ok(parts) => Ok(parts.assemble(dp, pin_lock)),
             Err(e) => {
                 // A start-up failure must not leave pins behind, unless they hold the
@@ -182,6 +184,7 @@ impl Agent {
         grpc_addr: Option<GrpcEndpoint>,
         kafka: Option<(Producer, Arc<KafkaStats>)>,
         dp: &Datapath,
+        cgroups: CgroupNames,
     ) -> Result<Parts> {
         let status = Arc::new(Status::new());
         let hub = Hub::new(cfg.hub);
@@ -309,7 +312,8 @@ impl Agent {
         status.set_observer(&observer);
         let poller = Poller::new(table, cfg.poller, tx, status.clone(), ifnames)
             .with_observer(&observer)
-            .with_snapshots(snapshots);
+            .with_snapshots(snapshots)
+            .with_cgroups(cgroups);
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let poll_thread = std::thread::Builder::new()
             .name("flowlens-poller".into())
@@ -633,13 +637,63 @@ fn explain_load_error(e: DatapathError, cfg: &Config) -> anyhow::Error {
         let c = cfg.capacities;
         return anyhow::anyhow!(
             "the kernel refused a flow map this large (E2BIG): --max-flows {}, \
-             --max-tcp-flows {}, --max-icmp-flows {}; lower them",
+             --max-tcp-flows {}, --max-icmp-flows {}, --max-local-flows {}; lower them",
             c.flows,
             c.tcp,
-            c.icmp
+            c.icmp,
+            c.owner
         );
     }
     anyhow::Error::new(e).context("loading the flow datapath")
+}
+
+/// Starts noting which process owns each socket (the hook on the cgroup v2 root, and the
+/// sockets already open), says once how flows will be attributed on this host (cgroup
+/// v2, hybrid or v1), and returns the names of its cgroups.
+fn attribute_sockets(dp: &mut Datapath) -> CgroupNames {
+    let hierarchy = Hierarchy::detect();
+    if let Err(why) = dp.attribution() {
+        warn!("flows carry no cgroup or process of their local sockets: {why}");
+        return CgroupNames::new(None);
+    }
+    let root = cgroup::open_root(hierarchy.mount())
+        .map_err(|e| format!("opening the cgroup v2 root: {e}"));
+    let hook = root.as_ref().map_err(Clone::clone).and_then(|root| {
+        use std::os::fd::AsFd;
+        dp.attach_owner_hook(root.as_fd())
+            .map_err(|e| format!("attaching to the cgroup v2 root: {e}"))
+    });
+    // Names only where a cgroup v2 hierarchy is in use: on a v1 host every socket is in
+    // its root.
+    let mut names = CgroupNames::new(root.ok().filter(|_| hierarchy.mount().is_some()));
+    let open = match dp.seed_owners() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!("the sockets open at start have no process: {e}");
+            0
+        }
+    };
+    if let Err(why) = hook {
+        warn!(
+            "sockets opened from now on will not carry their process ({why}); the {open} \
+             open at start do"
+        );
+    }
+    names.walk();
+    match &hierarchy {
+        Hierarchy::Unified(p) => info!(
+            "flows at local sockets carry their cgroup (cgroup v2 at {}) and process; {open} sockets were open at start",
+            p.display()
+        ),
+        Hierarchy::Hybrid(p) => info!(
+            "flows at local sockets carry their process, and their cgroup in the cgroup v2 hierarchy at {} (a hybrid host: cgroup v1 controllers beside it, so cgroups and units are those systemd keeps there); {open} sockets were open at start",
+            p.display()
+        ),
+        Hierarchy::V1Only => warn!(
+            "no cgroup v2 hierarchy is mounted (a cgroup v1 host): flows at local sockets carry their process (pid, command, user) but no cgroup or unit; {open} sockets were open at start"
+        ),
+    }
+    names
 }
 
 /// After a failed load: the layout directories it created, then the root, each only if

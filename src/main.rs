@@ -165,6 +165,11 @@ struct RunArgs {
     /// sixteenth of --max-flows.
     #[arg(long, env = "FLOWLENS_MAX_ICMP_FLOWS")]
     max_icmp_flows: Option<u32>,
+    /// Capacity of the map of flows' local sockets and their owners (one entry per local
+    /// end; a loopback flow takes two). Full: new flows are kept without their process.
+    /// Default: half of --max-flows.
+    #[arg(long, env = "FLOWLENS_MAX_LOCAL_FLOWS")]
+    max_local_flows: Option<u32>,
     /// What to print on stdout for each flow record.
     #[arg(long, env = "FLOWLENS_OUTPUT", value_enum, default_value_t = Output::from(defaults().output))]
     output: Output,
@@ -415,6 +420,9 @@ impl RunArgs {
                 icmp: self
                     .max_icmp_flows
                     .unwrap_or_else(|| Capacities::icmp_for(self.max_flows)),
+                owner: self
+                    .max_local_flows
+                    .unwrap_or_else(|| Capacities::owner_for(self.max_flows)),
             },
             hub: HubConfig {
                 buffer_memory: self.buffer_memory.0,
@@ -651,8 +659,8 @@ fn check_config(cfg: &Config) -> Result<()> {
         d(p.poll_interval)
     );
     println!(
-        "  maps           {} flows, {} TCP, {} ICMP",
-        cfg.capacities.flows, cfg.capacities.tcp, cfg.capacities.icmp
+        "  maps           {} flows, {} TCP, {} ICMP, {} local ends",
+        cfg.capacities.flows, cfg.capacities.tcp, cfg.capacities.icmp, cfg.capacities.owner
     );
     for w in cfg.capacities.shortfalls() {
         println!("  warning        {w}");

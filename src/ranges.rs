@@ -53,6 +53,7 @@ pub const TABLE: &[(&str, Check)] = &[
     ("max-flows", Check::Count(1, MAX_MAP)),
     ("max-tcp-flows", Check::Count(1, MAX_MAP)),
     ("max-icmp-flows", Check::Count(1, MAX_MAP)),
+    ("max-local-flows", Check::Count(1, MAX_MAP)),
     ("observer-id", Check::Value(None, observer_id)),
     // run: gRPC
     ("grpc-listen", Check::Value(None, grpc_listen)),
@@ -94,6 +95,7 @@ pub const TABLE: &[(&str, Check)] = &[
     ("after-seq", Check::Count(0, u64::MAX)),
     ("run", Check::Count(0, u64::MAX)),
     ("min-bytes", Check::Count(0, u64::MAX)),
+    ("pid", Check::Count(1, U32)),
     ("limit", Check::Count(1, u64::MAX)),
 ];
 

@@ -86,6 +86,19 @@ def main():
     )
     for f in flows:
         f["c"], f["s"] = addr(f["c"]), addr(f["s"])
+    # Who owned each side's local socket, as the rows say: one row per flow and owners.
+    owners = q(
+        "SELECT DISTINCT toString(client_addr) AS c, toString(server_addr) AS s, "
+        "client_port AS cp, server_port AS sp, protocol AS p, "
+        + ", ".join(
+            f"{side}_process_{f} AS {side[0]}_{f}"
+            for side in ("client", "server")
+            for f in ("cgroup_id", "cgroup", "unit", "pid", "comm", "uid")
+        )
+        + " FROM flowlens.flows"
+    )
+    for o in owners:
+        o["c"], o["s"] = addr(o["c"]), addr(o["s"])
     counts = q("SELECT count() AS rows, uniqExact(seq) AS seqs FROM flowlens.flows")[0]
     errors = q("SELECT count() AS n FROM flowlens.kafka_errors")[0]["n"]
     queries = [
@@ -102,6 +115,7 @@ def main():
             "seqs": int(counts["seqs"]),
             "errors": int(errors),
             "flows": flows,
+            "owners": owners,
             "queries": queries,
         },
         sys.stdout,

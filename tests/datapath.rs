@@ -101,6 +101,7 @@ fn first_seen_is_the_first_packets_fine_time_and_durations_are_never_negative() 
                 emitted_ns: raw.base.last_seen_ns,
                 flow_id: raw.flow_id(),
                 continuation: false,
+                local: [None, None],
             },
             &clock,
         );
@@ -512,6 +513,7 @@ fn full_base_map_keeps_answered_flows_in_probation_flagged_lossy() {
         flows: 4,
         tcp: 4,
         icmp: 4,
+        owner: 4,
     });
     for port in 0..6u16 {
         h.run(
@@ -621,6 +623,7 @@ fn full_extension_map_costs_samples_never_flows() {
         flows: 16,
         tcp: 2,
         icmp: 1,
+        owner: 16,
     });
     // Four request/response exchanges: each wants a latency sample.
     for port in 0..4u16 {
@@ -731,6 +734,7 @@ fn a_flood_churns_probation_and_answered_flows_get_through() {
         flows: 4_096,
         tcp: 2_048,
         icmp: 1_024,
+        owner: 2_048,
     });
     let mut n = 0u32;
     let mut flood = |count: u32| {
@@ -1016,6 +1020,7 @@ mod edges {
             flows: 1,
             tcp: 4,
             icmp: 4,
+            owner: 1,
         });
         h.run(Hook::Egress, &v4_frame(A, B, 17, 64, &udp(1, 2, &[])));
         h.run(Hook::Egress, &v4_frame(A, B, 17, 64, &udp(1, 2, &[])));

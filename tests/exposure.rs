@@ -119,6 +119,8 @@ fn record(n: u32) -> FlowRecord {
         end_reason: EndReason::IdleTimeout,
         tcp: None,
         icmp: None,
+        client_process: None,
+        server_process: None,
     }
 }
 

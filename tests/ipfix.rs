@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use common::netns::NetPair;
 use crossbeam_channel::Receiver;
 use flowlens::record::flow::{
-    DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo, TcpState,
+    DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, LocalProcess, TcpInfo, TcpState,
 };
 use flowlens::sinks::ipfix::encode::{self, Encoder};
 use flowlens::sinks::ipfix::{Destination, DestinationError, Transport};
@@ -69,6 +69,8 @@ fn tcp_record() -> FlowRecord {
             server_latency: None,
         }),
         icmp: None,
+        client_process: None,
+        server_process: None,
     }
 }
 
@@ -182,8 +184,11 @@ fn template_set_is_byte_exact() {
 fn enterprise_fields_carry_the_pen() {
     let enc = Encoder::new(0, 1372, Some(32473)).expect("encoder");
     let t = &enc.templates()[1];
-    let f = t.fields.last().expect("fields");
+    // The timing metrics, then the local socket's owner, its strings of variable length.
+    let f = t.fields[t.fields.len() - 7];
     assert_eq!((f.id, f.len, f.enterprise), (7, 8, Some(32473)));
+    let f = t.fields.last().expect("fields");
+    assert_eq!((f.id, f.len, f.enterprise), (17, 65535, Some(32473)));
     let mut enc = Encoder::new(0, 1372, Some(32473)).expect("encoder");
     let m = &messages(&mut enc, &[], true)[0];
     let body = &sets(m)[0].1;
@@ -265,12 +270,14 @@ fn timing_metrics_go_to_the_side_they_describe() {
     let mut enc = Encoder::new(0, 1372, Some(32473)).expect("encoder");
     let body = sets(&messages(&mut enc, &[rec], false)[0]).remove(0).1;
     let t = &enc.templates()[1];
-    assert_eq!(body.len(), 2 * t.record_len);
-    let timing = |rec: &[u8]| rec[66..].to_vec();
+    // No local socket: two empty strings after the fixed fields.
+    let len = t.record_len + 2;
+    assert_eq!(body.len(), 2 * len);
+    let timing = |rec: &[u8]| rec[66..66 + 36].to_vec();
     // Client -> server: the handshake; the client answered nothing.
     let mut want = vec![0, 0, 0x03, 0xe8, 0, 0, 0x07, 0xd0];
     want.extend_from_slice(&[0; 4 + 8 + 4 + 4 + 8]);
-    assert_eq!(timing(&body[..t.record_len]), want);
+    assert_eq!(timing(&body[..len]), want);
     // Server -> client: no handshake; how the server answered the client.
     let mut want = vec![0; 8];
     want.extend_from_slice(&3u32.to_be_bytes());
@@ -278,7 +285,89 @@ fn timing_metrics_go_to_the_side_they_describe() {
     want.extend_from_slice(&200u32.to_be_bytes());
     want.extend_from_slice(&400u32.to_be_bytes());
     want.extend_from_slice(&150u64.to_be_bytes());
-    assert_eq!(timing(&body[t.record_len..]), want);
+    assert_eq!(timing(&body[len..]), want);
+}
+
+/// The owner fields of one record: role, cgroup id, pid, uid, then comm and unit with
+/// their one-byte lengths.
+fn owner_fields(role: u8, cgroup: u64, pid: u32, uid: u32, comm: &str, unit: &str) -> Vec<u8> {
+    let mut v = vec![role];
+    v.extend_from_slice(&cgroup.to_be_bytes());
+    v.extend_from_slice(&pid.to_be_bytes());
+    v.extend_from_slice(&uid.to_be_bytes());
+    v.push(comm.len() as u8);
+    v.extend_from_slice(comm.as_bytes());
+    v.push(unit.len() as u8);
+    v.extend_from_slice(unit.as_bytes());
+    v
+}
+
+#[test]
+fn each_record_names_the_local_socket_its_packets_left_or_reached() {
+    let proc_of = |cgroup: u64, pid: u32, comm: &str, unit: Option<&str>| {
+        Some(Box::new(LocalProcess {
+            cgroup_id: Some(cgroup),
+            cgroup: Some("/system.slice/x".into()),
+            unit: unit.map(Into::into),
+            pid: Some(pid),
+            comm: Some(comm.into()),
+            uid: Some(1000),
+        }))
+    };
+    let owners = |rec: &FlowRecord| -> Vec<Vec<u8>> {
+        let mut enc = Encoder::new(0, 1372, Some(32473)).expect("encoder");
+        let body = sets(&messages(&mut enc, std::slice::from_ref(rec), false)[0])
+            .remove(0)
+            .1;
+        let t = &enc.templates()[1];
+        // Fixed fields up to the owner's: the standard ones and the timing metrics.
+        let at = t.record_len - (1 + 8 + 4 + 4);
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        while !rest.is_empty() {
+            let strings = |r: &[u8]| {
+                let comm = usize::from(r[t.record_len]);
+                let unit = usize::from(r[t.record_len + 1 + comm]);
+                2 + comm + unit
+            };
+            let len = t.record_len + strings(rest);
+            out.push(rest[at..len].to_vec());
+            rest = &rest[len..];
+        }
+        out
+    };
+    // Over loopback both ends are local: each record names its own sender.
+    let mut rec = tcp_record();
+    rec.client_process = proc_of(11, 100, "curl", None);
+    rec.server_process = proc_of(22, 200, "nginx", Some("nginx.service"));
+    assert_eq!(
+        owners(&rec),
+        [
+            owner_fields(1, 11, 100, 1000, "curl", ""),
+            owner_fields(1, 22, 200, 1000, "nginx", "nginx.service"),
+        ]
+    );
+    // A remote client: the server's socket is where the client's packets arrived.
+    rec.client_process = None;
+    assert_eq!(
+        owners(&rec),
+        [
+            owner_fields(2, 22, 200, 1000, "nginx", "nginx.service"),
+            owner_fields(1, 22, 200, 1000, "nginx", "nginx.service"),
+        ]
+    );
+    // Forwarded: no local socket; an unknown uid is all ones.
+    rec.server_process = None;
+    assert_eq!(
+        owners(&rec),
+        vec![owner_fields(0, 0, 0, u32::MAX, "", ""); 2]
+    );
+    // A long unit is cut to fit: two records of the largest kind fit a 576-byte MTU.
+    let long = format!("docker-{}.scope", "0123456789abcdef".repeat(6));
+    rec.server_process = proc_of(22, 200, "app", Some(&long));
+    let got = owners(&rec);
+    assert_eq!(got[0], owner_fields(2, 22, 200, 1000, "app", &long[..80]));
+    assert!(Encoder::new(0, 576 - 48, Some(32473)).is_ok());
 }
 
 #[test]

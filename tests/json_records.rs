@@ -6,7 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use flowlens::record::api::proto;
 use flowlens::record::encoding::Stamp;
 use flowlens::record::flow::{
-    DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo, TcpState,
+    DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, LocalProcess, TcpInfo, TcpState,
 };
 use flowlens::record::render::{Format, Renderer};
 use prost::Message;
@@ -25,7 +25,14 @@ const ADDED: [&str; 8] = [
 
 /// The nested messages whose fields the JSON paths name (`tcp.state`); the others
 /// (timestamps, latency summaries) are values of their own.
-const NESTED: [&str; 4] = ["client", "server", "tcp", "icmp"];
+const NESTED: [&str; 6] = [
+    "client",
+    "server",
+    "tcp",
+    "icmp",
+    "client_process",
+    "server_process",
+];
 
 /// A record with every optional field present.
 fn full() -> FlowRecord {
@@ -85,6 +92,22 @@ fn full() -> FlowRecord {
             echo_id: Some(7),
             echo_rtt: Some(lat),
         }),
+        client_process: Some(Box::new(LocalProcess {
+            cgroup_id: Some(4242),
+            cgroup: Some("/system.slice/curl-job.service".into()),
+            unit: Some("curl-job.service".into()),
+            pid: Some(31337),
+            comm: Some("curl".into()),
+            uid: Some(1000),
+        })),
+        server_process: Some(Box::new(LocalProcess {
+            cgroup_id: Some(77),
+            cgroup: Some("/system.slice/nginx.service".into()),
+            unit: Some("nginx.service".into()),
+            pid: Some(880),
+            comm: Some("nginx".into()),
+            uid: Some(0),
+        })),
     }
 }
 
@@ -166,6 +189,16 @@ fn every_proto_field_is_a_json_key_and_every_other_key_is_documented() {
         v["tcp"]["server_flag_names"],
         serde_json::json!(["SYN", "ACK"])
     );
+    assert_eq!(v["server_process"]["unit"], "nginx.service");
+    assert_eq!(v["client_process"]["pid"], 31337);
+    assert_eq!(
+        v["client_process"]["cgroup"],
+        "/system.slice/curl-job.service"
+    );
+    // A side that is no local socket (a remote host, forwarded traffic) is null.
+    let mut remote = full();
+    remote.client_process = None;
+    assert_eq!(json_of(&remote)["client_process"], serde_json::Value::Null);
 }
 
 /// The README's "JSON records" table: the backticked names in its first column.

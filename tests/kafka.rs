@@ -417,6 +417,77 @@ fn clickhouse_reads_the_topic_with_the_shipped_ddl_and_its_sums_equal_flowlens_r
     }
     assert_eq!(have, want, "ClickHouse's sums per flow and direction");
 
+    // Each side's local socket and its owner read back through the shipped DDL as the
+    // records have them (the test's own sockets in namespace a are local to the agent).
+    let owners = |side: &serde_json::Value| -> Vec<String> {
+        ["cgroup_id", "cgroup", "unit", "pid", "comm", "uid"]
+            .iter()
+            .map(|k| match &side[*k] {
+                serde_json::Value::Null => String::new(),
+                serde_json::Value::String(s) => s.clone(),
+                v => v.to_string(),
+            })
+            .collect()
+    };
+    let flow = |r: &serde_json::Value, c: &str, s: &str| {
+        (
+            r[c].as_str().expect("addr").to_owned(),
+            r[s].as_str().expect("addr").to_owned(),
+        )
+    };
+    let mut want_owners = BTreeSet::new();
+    for r in &seen {
+        let (c, s) = flow(r, "client_addr", "server_addr");
+        let mut row = vec![
+            c,
+            s,
+            num(&r["client_port"]).to_string(),
+            num(&r["server_port"]).to_string(),
+            num(&r["protocol"]).to_string(),
+        ];
+        row.extend(owners(&r["client_process"]));
+        row.extend(owners(&r["server_process"]));
+        want_owners.insert(row);
+    }
+    assert!(
+        seen.iter().any(|r| !r["client_process"].is_null()),
+        "no record names a local socket: {seen:#?}"
+    );
+    let mut have_owners = BTreeSet::new();
+    for o in got["owners"].as_array().expect("owners") {
+        let (c, s) = flow(o, "c", "s");
+        let mut row = vec![
+            c,
+            s,
+            num(&o["cp"]).to_string(),
+            num(&o["sp"]).to_string(),
+            num(&o["p"]).to_string(),
+        ];
+        for side in ["c", "s"] {
+            let v: serde_json::Value = ["cgroup_id", "cgroup", "unit", "pid", "comm", "uid"]
+                .iter()
+                .map(|k| {
+                    let v = &o[format!("{side}_{k}")];
+                    // ClickHouse quotes 64-bit integers and gives '' for an empty string.
+                    let v = match (k, v) {
+                        (&"cgroup_id", serde_json::Value::String(n)) => {
+                            serde_json::Value::from(n.parse::<u64>().expect("a number"))
+                        }
+                        (_, serde_json::Value::String(t)) if t.is_empty() => {
+                            serde_json::Value::Null
+                        }
+                        _ => v.clone(),
+                    };
+                    (k.to_string(), v)
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+            row.extend(owners(&v));
+        }
+        have_owners.insert(row);
+    }
+    assert_eq!(have_owners, want_owners, "each side's owner, per flow");
+
     // The example queries, as shipped: the top talker is the v6 transfer (42 kB), and the
     // two TCP servers have a p95 handshake time.
     let q = got["queries"].as_array().expect("queries");

@@ -5,8 +5,8 @@ use std::mem::{offset_of, size_of};
 
 use flowlens::kernel::bpf::flow_mono_skel::types::{flow_naive, flow_packed};
 use flowlens::kernel::bpf::types::{
-    bpf_spin_lock, flow_base, flow_ended, flow_icmp, flow_key, flow_l4, flow_probe, flow_tcp,
-    icmp_hot, probe_port, probe_sketch, scan_args, scan_rec, tcp_hot, tcp_latency,
+    bpf_spin_lock, flow_base, flow_ended, flow_icmp, flow_key, flow_l4, flow_owner, flow_probe,
+    flow_tcp, icmp_hot, probe_port, probe_sketch, scan_args, scan_rec, tcp_hot, tcp_latency,
 };
 
 /// Asserts that fields tile the struct: each starts where the previous ended.
@@ -80,8 +80,22 @@ fn icmp_extension_is_keyed_by_id_and_lands_in_kmalloc_96() {
 fn scan_args_and_records_are_fully_explicit() {
     assert_eq!(size_of::<scan_args>(), 208);
     assert_tiled!(scan_args, now_ns: u64, prev_ns: u64, idle_ns: [u64; 4], close_grace_ns: u64, active_ns: u64, flush: u32, closing_only: u32, part: u32, parts: u32, bulk_after: u32, stopped: u32, written: u32, ended: u32, entries: [u64; 3], evict_age_ns: u64, evict_keep: [u64; 3], evict_need: [u64; 3], probation: [u64; 4]);
-    assert_eq!(size_of::<scan_rec>(), 224);
-    assert_tiled!(scan_rec, key: flow_key, kind: u8, has_tcp: u8, has_icmp: u8, __pad: u8, base: [u8; 88], tcp: flow_tcp, icmp: flow_icmp);
+    // A ring record, not a map element: the owners of the flow's local ends ride with it
+    // (+64 B over the 224 it had), so the base entry keeps its kmalloc-192.
+    assert_eq!(size_of::<scan_rec>(), 288);
+    assert_tiled!(scan_rec, key: flow_key, kind: u8, has_tcp: u8, has_icmp: u8, has_owner: u8, base: [u8; 88], tcp: flow_tcp, icmp: flow_icmp, owner: [flow_owner; 2]);
+}
+
+/// A flow's local end and its owner: its own map keyed by ext_id and end, so the base
+/// entry does not grow, in kmalloc-96 like an ICMP extension.
+#[test]
+fn a_local_end_is_kept_in_kmalloc_96() {
+    assert_eq!(size_of::<flow_owner>(), 32);
+    assert_tiled!(flow_owner, cgroup_id: u64, pid: u32, uid: u32, comm: [u8; 16]);
+    assert_eq!(
+        kmalloc_class(size_of::<u64>(), size_of::<flow_owner>()),
+        (96, 96)
+    );
 }
 
 /// The memory of ended connections: an LRU map, so preallocated, 48 B of element header,

@@ -160,10 +160,15 @@ fn filled_status() -> Arc<Status> {
             capacity: 8_192,
         },
     ];
-    let counters: BTreeMap<String, u64> = flowlens::kernel::datapath::counter_names()
+    let mut counters: BTreeMap<String, u64> = flowlens::kernel::datapath::counter_names()
         .into_iter()
         .map(|(slot, name)| (name.to_owned(), 1000 + u64::from(slot)))
         .collect();
+    counters.extend(
+        flowlens::kernel::datapath::owner_counter_names()
+            .into_iter()
+            .map(|(slot, name)| (name.to_owned(), 2000 + u64::from(slot))),
+    );
     s.set_detail(maps, counters);
     use flowlens::poller::probation::{ProbationPort, ProbationProto, ProbationStatus};
     s.set_probation(ProbationStatus {
@@ -278,11 +283,27 @@ fn render_parses_and_carries_every_value() {
             "{name}"
         );
     }
+    // The attribution counters are no packets: a family of their own.
+    for (slot, name) in flowlens::kernel::datapath::owner_counter_names() {
+        assert_eq!(
+            value(
+                &samples,
+                "flowlens_kernel_attribution_lost_total",
+                &[("reason", name)]
+            ),
+            2000.0 + f64::from(slot),
+            "{name}"
+        );
+    }
+    assert_eq!(types["flowlens_kernel_attribution_lost_total"], "counter");
     let kernel = samples
         .iter()
         .filter(|s| s.name.starts_with("flowlens_kernel_"))
         .count();
-    assert_eq!(kernel, packet_counters.len());
+    assert_eq!(
+        kernel,
+        packet_counters.len() + flowlens::kernel::datapath::owner_counter_names().len()
+    );
     assert_eq!(
         value(
             &samples,

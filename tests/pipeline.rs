@@ -178,6 +178,8 @@ fn rec(i: u32) -> FlowRecord {
         end_reason: EndReason::IdleTimeout,
         tcp: None,
         icmp: None,
+        client_process: None,
+        server_process: None,
     }
 }
 

@@ -221,6 +221,7 @@ fn map_pressure_is_counted_once_per_crossing() {
         flows: 10,
         tcp: 10,
         icmp: 10,
+        owner: 10,
     })
     .expect("load");
     let maps = dp.maps().expect("maps");
@@ -733,6 +734,7 @@ fn a_connection_resumes_after_a_syn_flood_with_its_id_roles_and_handshake() {
         flows: 16_384,
         tcp: 8_192,
         icmp: 1_024,
+        owner: 16_384,
     });
     let c2s = |flags, payload: &[u8]| {
         h.run(

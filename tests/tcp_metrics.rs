@@ -218,6 +218,7 @@ fn icmp_echo_rtt_pairs_replies_by_sequence_number() {
             emitted_ns: f.base.last_seen_ns,
             flow_id: f.flow_id(),
             continuation: false,
+            local: [None, None],
         },
         &Clock::new(),
     );

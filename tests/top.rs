@@ -206,13 +206,16 @@ fn top_row(screen: &str) -> Option<(String, String, Option<f64>)> {
     let mut lines = screen
         .lines()
         .skip_while(|l| !l.trim_start().starts_with("PROTO"));
-    lines.next()?;
+    // PROTO CLIENT SERVER IFACE [UNIT] STATE RATE ...: RATE where the header puts it.
+    let rate = lines
+        .next()?
+        .split_whitespace()
+        .position(|t| t.trim_end_matches(['▼', '▲']) == "RATE")?;
     let cols: Vec<&str> = lines.next()?.split_whitespace().collect();
-    // PROTO CLIENT SERVER IFACE STATE RATE ...
     Some((
         cols.get(1)?.to_string(),
         cols.get(2)?.to_string(),
-        parse_rate(cols.get(5)?),
+        parse_rate(cols.get(rate)?),
     ))
 }
 
@@ -493,6 +496,13 @@ fn has_unit(cell: &str) -> bool {
 #[test]
 fn top_reads_at_80_100_and_200_columns_with_ipv4_and_ipv6_flows() {
     let net = NetPair::new();
+    // Who owns the flows' local sockets: this process (its name), or the unit or cgroup
+    // the agent names where it sees a cgroup v2 hierarchy.
+    let comm = std::fs::read_to_string("/proc/self/comm")
+        .expect("comm")
+        .trim()
+        .to_owned();
+    let unit_named = |cell: &str| cell.starts_with('/') || cell.contains('.');
     // Long IPv6 addresses of a /64 of the test's own, beside the pair's short ones.
     let subnet = match net.v4_a {
         std::net::IpAddr::V4(a) => a.octets()[2],
@@ -597,17 +607,30 @@ fn top_reads_at_80_100_and_200_columns_with_ipv4_and_ipv6_flows() {
                     .filter(|l| l.starts_with("tcp "))
                     .filter(|l| l.contains("B/s"))
                     .collect();
-                // Laid out for this width: the header ends with a whole column title
-                // (a screen drawn for a wider pane is cut at the pane's edge).
-                let titles = [
-                    "PROTO", "CLIENT", "SERVER", "IFACE", "STATE", "RATE", "C>S", "S>C", "PKT/s",
-                    "BYTES", "AGE", "RTT", "SRV",
+                // Laid out for this width: the header holds whole column titles, and no
+                // column without every one that gives way after it (a screen drawn for a
+                // wider pane, cut at the pane's edge, keeps C>S and loses BYTES). UNIT is
+                // left out while no flow has a local socket.
+                let keep_order = [
+                    "CLIENT", "SERVER", "RATE", "PROTO", "STATE", "BYTES", "AGE", "C>S", "S>C",
+                    "UNIT", "RTT", "PKT/s", "SRV", "IFACE",
                 ];
-                let laid_out = s
+                let shown: Vec<&str> = s
                     .lines()
                     .find(|l| l.trim_start().starts_with("PROTO"))
-                    .and_then(|h| h.split_whitespace().last())
-                    .is_some_and(|t| titles.contains(&t.trim_end_matches(['▼', '▲'])));
+                    .map(|h| {
+                        h.split_whitespace()
+                            .map(|t| t.trim_end_matches(['▼', '▲']))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let laid_out = shown.iter().all(|t| keep_order.contains(t))
+                    && keep_order.iter().enumerate().all(|(i, t)| {
+                        !shown.contains(t)
+                            || keep_order[..i]
+                                .iter()
+                                .all(|before| *before == "UNIT" || shown.contains(before))
+                    });
                 rows.len() >= 3 && laid_out
             },
         );
@@ -632,8 +655,18 @@ fn top_reads_at_80_100_and_200_columns_with_ipv4_and_ipv6_flows() {
                 "a cell per column:\n{header}\n{row}"
             );
             for (title, cell) in cols.iter().zip(&cells).skip(3) {
-                if matches!(title.trim_end_matches(['▼', '▲']), "IFACE" | "STATE") {
-                    continue;
+                match title.trim_end_matches(['▼', '▲']) {
+                    "IFACE" | "STATE" => continue,
+                    // The test's own sockets, in namespace a: this process, by its name (a
+                    // host without cgroup v2 names no unit).
+                    "UNIT" => {
+                        assert!(
+                            comm.starts_with(cell.trim_end_matches('…')) || unit_named(cell),
+                            "UNIT {cell:?}, not this process ({comm}) at {width} columns:\n{screen}"
+                        );
+                        continue;
+                    }
+                    _ => {}
                 }
                 assert!(
                     *cell == "-" || has_unit(cell),
@@ -648,7 +681,7 @@ fn top_reads_at_80_100_and_200_columns_with_ipv4_and_ipv6_flows() {
             }
         }
         let expect: &[&str] = match width {
-            200 => &["IFACE", "PKT/s", "SRV", "C>S", "S>C"],
+            200 => &["IFACE", "UNIT", "PKT/s", "SRV", "C>S", "S>C"],
             100 => &["C>S", "S>C", "BYTES", "AGE"],
             _ => &["RATE▼", "BYTES", "AGE", "STATE"],
         };

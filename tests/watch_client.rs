@@ -327,17 +327,6 @@ async fn watch_until_ends_by_itself_and_reset_labels_pick_resets() {
         }
         agent.hub.publish(r);
     }
-    let ids = |out: Vec<u8>| -> Vec<u64> {
-        String::from_utf8(out)
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["ifindex"]
-                    .as_u64()
-                    .unwrap()
-            })
-            .collect()
-    };
     let until = humantime::format_rfc3339(t(6)).to_string();
     let args = WatchArgs {
         query: FlowQuery {
@@ -385,4 +374,131 @@ async fn watch_until_ends_by_itself_and_reset_labels_pick_resets() {
         .await
         .unwrap();
     assert_eq!(ids(out), [4, 8]);
+}
+
+/// `--unit`, `--cgroup` and `--pid` select flows by the owner of either local socket, on
+/// the agent's side, for `watch` (Subscribe) and `flows`/`top` (ListFlows) alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_and_flows_select_by_unit_cgroup_and_pid() {
+    let agent = Agent::start();
+    let owner = |cgroup: &str, unit: Option<&str>, pid: u32| {
+        Some(Box::new(LocalProcess {
+            cgroup_id: Some(u64::from(pid)),
+            cgroup: Some(cgroup.into()),
+            unit: unit.map(Into::into),
+            pid: Some(pid),
+            comm: Some("x".into()),
+            uid: Some(0),
+        }))
+    };
+    let mut flows = Vec::new();
+    for i in 1..=5u32 {
+        let mut r = rec(i);
+        match i {
+            1 => r.server_process = owner("/system.slice/nginx.service", Some("nginx.service"), 10),
+            2 => {
+                r.client_process = owner(
+                    "/system.slice/nginx.service/worker",
+                    Some("nginx.service"),
+                    11,
+                )
+            }
+            3 => r.client_process = owner("/system.slice/sshd.service", Some("sshd.service"), 12),
+            4 => {
+                r.client_process = owner(
+                    "/user.slice/user-1000.slice/session-4.scope",
+                    Some("session-4.scope"),
+                    13,
+                )
+            }
+            _ => {} // forwarded: no local socket
+        }
+        flows.push(r);
+    }
+    for r in flows.clone() {
+        agent.hub.publish(r);
+    }
+    let query = |unit: &[&str], cgroup: &[&str], pid: &[u32]| FlowQuery {
+        agent: AgentAddr {
+            server: agent.addr.to_string(),
+            ..Default::default()
+        },
+        unit: unit.iter().map(|s| s.to_string()).collect(),
+        cgroup: cgroup.iter().map(|s| s.to_string()).collect(),
+        pid: pid.to_vec(),
+        ..Default::default()
+    };
+    let cases: [(FlowQuery, &[u64]); 7] = [
+        (query(&["nginx.service"], &[], &[]), &[1, 2]),
+        (query(&["nginx*", "/s(sh|x)d\\..*/"], &[], &[]), &[1, 2, 3]),
+        (query(&[], &["/system.slice"], &[]), &[1, 2, 3]),
+        (query(&[], &["/system.slice/nginx.service/"], &[]), &[1, 2]),
+        (query(&[], &["/system"], &[]), &[]),
+        (query(&[], &[], &[12, 13]), &[3, 4]),
+        (query(&["nginx.service"], &[], &[11]), &[2]),
+    ];
+    let in_progress: Vec<FlowRecord> = flows
+        .into_iter()
+        .map(|mut r| {
+            r.end_reason = EndReason::InProgress;
+            r
+        })
+        .collect();
+    agent.snapshots.publish(t(50), in_progress);
+    let mut client = agent.client().await;
+    for (q, want) in cases {
+        let args = WatchArgs {
+            query: q.clone(),
+            json: true,
+            replay: 100,
+            no_follow: true,
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        watch::watch_to(&args, &mut out, std::future::pending())
+            .await
+            .unwrap();
+        assert_eq!(ids(out), want, "watch {q:?}");
+        let req = flowlens::cli::flows::list_request(&q).unwrap();
+        let listed = client.list_flows(req).await.unwrap().into_inner();
+        let got: Vec<u64> = listed.flows.iter().map(|f| u64::from(f.ifindex)).collect();
+        assert_eq!(got, want, "flows {q:?}");
+    }
+    // Bad values are refused by flag name before any request.
+    for (q, flag) in [
+        (query(&[], &["system.slice"], &[]), "--cgroup"),
+        (query(&["/([/"], &[], &[]), "--unit"),
+    ] {
+        let err = flowlens::cli::flows::list_request(&q).unwrap_err();
+        assert!(format!("{err:#}").contains(flag), "{err:#}");
+    }
+    // And by field name when a request comes from elsewhere.
+    let bad = client
+        .list_flows(proto::ListFlowsRequest {
+            include: vec![proto::Filter {
+                pid: Some(0),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        bad.message().contains("include[0].pid"),
+        "{}",
+        bad.message()
+    );
+}
+
+/// The ifindex of each JSON line `watch` printed: the tests' records are told apart by it.
+fn ids(out: Vec<u8>) -> Vec<u64> {
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["ifindex"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
 }

@@ -191,6 +191,7 @@ pub fn run(t: &mut Table) -> Result<()> {
             flows: 2 * FLOWS,
             tcp: FLOWS,
             icmp: FLOWS,
+            owner: 2 * FLOWS,
         },
         poller: PollerConfig {
             idle_tcp: IDLE,

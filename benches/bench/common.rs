@@ -222,6 +222,7 @@ pub fn record(i: u64) -> FlowRecord {
         base: types::flow_base::default(),
         tcp: None,
         icmp: None,
+        owner: [None, None],
     };
     let mut r = raw.to_record(
         RecordMeta {
@@ -233,6 +234,7 @@ pub fn record(i: u64) -> FlowRecord {
             emitted_ns: 0,
             flow_id: raw.flow_id(),
             continuation: false,
+            local: [None, None],
         },
         &Clock::new(),
     );

@@ -193,6 +193,7 @@ fn capacity(t: &mut Table) -> Result<()> {
         flows: MI,
         tcp: MI / 2,
         icmp: MI / 8,
+        owner: Capacities::owner_for(MI),
     };
     let small = zero_flow_bytes(Capacities::for_flows(1 << 16))?;
     let before = zero_flow_bytes(old)?;
@@ -242,6 +243,7 @@ fn split_cost(n: u32, mix: Mix, sampled: u32) -> Result<Cost> {
             flows: n,
             tcp: (n / 100 * mix.0).max(1),
             icmp: (n / 100 * mix.2).max(1),
+            owner: n,
         })?;
         let maps = dp.maps()?;
         let total = |m: &FlowMaps| -> Result<u64> {

@@ -22,6 +22,7 @@ pub fn run(t: &mut Table) -> Result<()> {
             flows: n,
             tcp: n,
             icmp: n,
+            owner: n,
         })?;
         fill_split(&dp.maps()?, n, Mix::DEFAULT, 100)?;
         let mut rates = Vec::new();

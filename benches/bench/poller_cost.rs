@@ -34,6 +34,7 @@ pub fn run(t: &mut Table) -> Result<()> {
             flows: 2 * n,
             tcp: n,
             icmp: n,
+            owner: 2 * n,
         },
         ..Config::embedded(&[])
     })?;
@@ -64,6 +65,7 @@ pub fn run(t: &mut Table) -> Result<()> {
         flows: n,
         tcp: n,
         icmp: n,
+        owner: n,
     })?;
     fill_flows(&dp.maps()?, n, monotonic_ns())?;
     let maps = dp.maps()?;
@@ -147,6 +149,7 @@ pub fn run(t: &mut Table) -> Result<()> {
         flows: m,
         tcp: m,
         icmp: m,
+        owner: m,
     })?;
     fill_flows(&dp.maps()?, m, 1)?;
     let (tx, rx) = crossbeam_channel::unbounded();

@@ -65,7 +65,19 @@ CREATE TABLE IF NOT EXISTS flowlens.kafka_flows
     icmp_echo_rtt_count UInt32,
     icmp_echo_rtt_sum_ns UInt64,
     icmp_echo_rtt_min_ns UInt32,
-    icmp_echo_rtt_max_ns UInt32
+    icmp_echo_rtt_max_ns UInt32,
+    client_process_cgroup_id Nullable(UInt64),
+    client_process_cgroup String,
+    client_process_unit String,
+    client_process_pid Nullable(UInt32),
+    client_process_comm String,
+    client_process_uid Nullable(UInt32),
+    server_process_cgroup_id Nullable(UInt64),
+    server_process_cgroup String,
+    server_process_unit String,
+    server_process_pid Nullable(UInt32),
+    server_process_comm String,
+    server_process_uid Nullable(UInt32)
 )
 ENGINE = Kafka(flowlens_kafka)
 SETTINGS kafka_format = 'ProtobufSingle',
@@ -127,7 +139,21 @@ CREATE TABLE IF NOT EXISTS flowlens.flows
     icmp_echo_rtt_count UInt32,
     icmp_echo_rtt_sum_ns UInt64,
     icmp_echo_rtt_min_ns UInt32,
-    icmp_echo_rtt_max_ns UInt32
+    icmp_echo_rtt_max_ns UInt32,
+    -- The local socket each side is and who owns it (README "Which service owns a flow"):
+    -- empty strings and NULLs for a side that is not a socket of the reporting host.
+    client_process_cgroup_id Nullable(UInt64),
+    client_process_cgroup LowCardinality(String),
+    client_process_unit LowCardinality(String) COMMENT 'systemd unit, e.g. nginx.service',
+    client_process_pid Nullable(UInt32),
+    client_process_comm LowCardinality(String),
+    client_process_uid Nullable(UInt32),
+    server_process_cgroup_id Nullable(UInt64),
+    server_process_cgroup LowCardinality(String),
+    server_process_unit LowCardinality(String),
+    server_process_pid Nullable(UInt32),
+    server_process_comm LowCardinality(String),
+    server_process_uid Nullable(UInt32)
 )
 ENGINE = MergeTree
 PARTITION BY toDate(time)
@@ -186,7 +212,19 @@ SELECT
     icmp_echo_rtt_count,
     icmp_echo_rtt_sum_ns,
     icmp_echo_rtt_min_ns,
-    icmp_echo_rtt_max_ns
+    icmp_echo_rtt_max_ns,
+    client_process_cgroup_id,
+    client_process_cgroup,
+    client_process_unit,
+    client_process_pid,
+    client_process_comm,
+    client_process_uid,
+    server_process_cgroup_id,
+    server_process_cgroup,
+    server_process_unit,
+    server_process_pid,
+    server_process_comm,
+    server_process_uid
 FROM flowlens.kafka_flows
 WHERE length(_error) = 0;
 

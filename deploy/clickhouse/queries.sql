@@ -34,3 +34,17 @@ WHERE time >= now() - INTERVAL 1 HOUR
 GROUP BY server_addr, server_port
 ORDER BY p95_ms DESC
 LIMIT 20;
+
+-- Which services moved the most over the last hour: bytes per systemd unit of the local
+-- socket each flow ends at (a flow between two local services counts for both).
+SELECT
+    unit,
+    sum(client_bytes + server_bytes) AS bytes,
+    count() AS records,
+    uniqExact(flow_id) AS flows
+FROM flowlens.flows
+ARRAY JOIN arrayDistinct(arrayFilter(u -> u != '', [client_process_unit, server_process_unit])) AS unit
+WHERE time >= now() - INTERVAL 1 HOUR
+GROUP BY unit
+ORDER BY bytes DESC
+LIMIT 10;

@@ -10,6 +10,7 @@
 #include "flowlens.h"
 #include "base.h"
 #include "maps.h"
+#include "owner.h"
 #include "probation.h"
 #include "scan.h"
 
@@ -60,7 +61,7 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 	b = bpf_map_lookup_elem(&flows, &a.p.key);
 	if (!b) {
 		/* not admitted yet: probation, unless this packet admits it */
-		b = probe_account(&a, hook);
+		b = probe_account(skb, &a, hook);
 		if (!b)
 			return;
 	}

@@ -265,6 +265,18 @@ struct flow_icmp {
 	__u8 __pad[4];
 };
 
+/* One local end of a flow: the socket's cgroup and the process that opened
+ * it, taken at the flow's first packet (owner.h), keyed in flows_owner by
+ * ext_id << 1 | the key endpoint (0: addr_lo, 1: addr_hi). Element:
+ * 48 + 8 + 32 + 8 bytes, kmalloc-96.
+ */
+struct flow_owner {
+	__u64 cgroup_id;	/* the socket's cgroup v2 id */
+	__u32 pid;		/* 0: the socket's owner is not known */
+	__u32 uid;
+	__u8 comm[16];
+};
+
 /* A TCP connection that ended idle, established and answered, kept in
  * `ended` (LRU) so that when it resumes, the scan gives the new entry (a
  * late start) the connection's identity and history back: its flow id (the
@@ -351,10 +363,14 @@ struct scan_rec {
 	__u8 kind;		/* enum scan_kind */
 	__u8 has_tcp;
 	__u8 has_icmp;
-	__u8 __pad;
+	__u8 has_owner;		/* bit 0: owner[0] is set, bit 1: owner[1] */
 	__u8 base[sizeof(struct flow_base)];
 	struct flow_tcp tcp;
 	struct flow_icmp icmp;
+	/* The local sockets at the key's endpoints (addr_lo, addr_hi) and their
+	 * owners, from flows_owner (owner.h).
+	 */
+	struct flow_owner owner[2];
 };
 
 #endif /* __FLOWLENS_H */

@@ -116,12 +116,16 @@ static __always_inline long probe_new(const struct acct *a, __u8 hook)
 
 /* Moves an admitted flow to the base map. Returns the base entry, in which
  * the admitting packet is then accounted like any other, or NULL when the
- * base map is full (the flow stays, flagged lossy: LRU may evict it).
+ * base map is full (the flow stays, flagged lossy: LRU may evict it). The
+ * flow's local sockets and their owners (owner.h) are taken here, once: a
+ * flow that is never answered costs no attribution.
  */
-static __always_inline struct flow_base *probe_move(const struct acct *a,
+static __always_inline struct flow_base *probe_move(struct __sk_buff *skb,
+						    const struct acct *a,
 						    struct flow_base *pb,
-						    __u32 slot)
+						    __u32 slot, __u8 hook)
 {
+	struct owner_take own = {};
 	struct flow_base nb;
 	struct flow_base *b;
 	long err;
@@ -135,6 +139,7 @@ static __always_inline struct flow_base *probe_move(const struct acct *a,
 	nb.meta &= ~META_PROBE_TALLIED;
 	if (a->ext)
 		nb.ext_id = ext_id_next();
+	owner_take(skb, a, hook, &own, &nb.ext_id);
 	err = bpf_map_update_elem(&flows, &a->p.key, &nb, BPF_NOEXIST);
 	if (err && err != -EEXIST) {
 		count(CNT_ADMIT_DEFERRED, a->pkts);
@@ -145,6 +150,7 @@ static __always_inline struct flow_base *probe_move(const struct acct *a,
 	if (!b || err)
 		/* another CPU moved it: it takes the image's counts */
 		return b;
+	owner_put(nb.ext_id, &own);
 	__sync_fetch_and_or(probe_flag(pb), PROBE_MOVING);
 	probe_drain(pb, b);
 	bpf_map_delete_elem(&probation, &a->p.key);
@@ -176,7 +182,8 @@ static __always_inline void probe_recheck(const struct acct *a, __u32 slot)
  * account it in (the flow was just admitted), or NULL when it was
  * accounted in probation (or counted as lost).
  */
-static __always_inline struct flow_base *probe_account(const struct acct *a,
+static __always_inline struct flow_base *probe_account(struct __sk_buff *skb,
+						       const struct acct *a,
 						       __u8 hook)
 {
 	__u32 slot = proto_slot(a->p.key.proto);
@@ -205,7 +212,7 @@ static __always_inline struct flow_base *probe_account(const struct acct *a,
 		}
 	}
 	if (probe_admits(a)) {
-		b = probe_move(a, pb, slot);
+		b = probe_move(skb, a, pb, slot, hook);
 		if (b)
 			return b;
 	}

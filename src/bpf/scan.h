@@ -374,7 +374,6 @@ static __noinline long scan_emit(const struct flow_key *key,
 	r->key = *key;
 	r->has_tcp = !!t;
 	r->has_icmp = !!i;
-	r->__pad = 0;
 	scan_copy_base(r->base, b);
 	out->packets[0] = packets[0];
 	out->packets[1] = packets[1];
@@ -387,6 +386,7 @@ static __noinline long scan_emit(const struct flow_key *key,
 		r->tcp = *t;
 	if (i)
 		r->icmp = *i;
+	owner_scan(r, id, kind);
 	if (kind == SCAN_ACTIVE) {
 		/* the datapath only adds: what it adds meanwhile stays */
 		__sync_fetch_and_sub(&b->packets[0], packets[0]);
@@ -570,10 +570,12 @@ static long scan_probe(struct bpf_map *map, const struct flow_key *key,
 	r->key = *key;
 	r->has_tcp = 0;
 	r->has_icmp = 0;
-	r->__pad = 0;
+	/* never answered, never admitted: no local sockets were taken */
+	r->has_owner = 0;
 	__builtin_memcpy(r->base, pb, sizeof(r->base));
 	__builtin_memset(&r->tcp, 0, sizeof(r->tcp));
 	__builtin_memset(&r->icmp, 0, sizeof(r->icmp));
+	__builtin_memset(r->owner, 0, sizeof(r->owner));
 	probe_take(pb, pkts, bytes);
 	out->packets[0] = pkts[0];
 	out->packets[1] = pkts[1];

@@ -93,6 +93,27 @@ pub struct FlowQuery {
     /// Minimum bytes, both directions together.
     #[arg(long, value_name = "N", env = "FLOWLENS_WATCH_MIN_BYTES")]
     pub min_bytes: Option<u64>,
+    /// Flows whose local socket (either side) belongs to this systemd unit: a name
+    /// (nginx.service), a glob (nginx*) or a /regex/ (repeatable).
+    #[arg(
+        long,
+        value_name = "UNIT",
+        env = "FLOWLENS_WATCH_UNIT",
+        value_delimiter = ','
+    )]
+    pub unit: Vec<String>,
+    /// Flows whose local socket (either side) is in this cgroup or below it, a path from
+    /// the cgroup v2 root: /system.slice/nginx.service, /system.slice (repeatable).
+    #[arg(long, value_name = "PATH", env = "FLOWLENS_WATCH_CGROUP")]
+    pub cgroup: Vec<String>,
+    /// Flows whose local socket (either side) this process opened (repeatable).
+    #[arg(
+        long,
+        value_name = "PID",
+        env = "FLOWLENS_WATCH_PID",
+        value_delimiter = ','
+    )]
+    pub pid: Vec<u32>,
 
     /// Drop flows whose client address is inside CIDR (repeatable).
     #[arg(
@@ -344,7 +365,7 @@ impl FlowQuery {
         let protos = |v: &[String], flag: &str| -> anyhow::Result<Vec<u32>> {
             v.iter().map(|s| proto_arg(s, flag)).collect()
         };
-        let ifaces = |v: &[String], flag: &str| -> anyhow::Result<Vec<String>> {
+        let patterns = |v: &[String], flag: &str| -> anyhow::Result<Vec<String>> {
             v.iter().map(|s| interface_arg(s, flag)).collect()
         };
         include = alternatives(include, cidrs(&a.src, "--src")?, |f, v| {
@@ -364,9 +385,19 @@ impl FlowQuery {
         include = alternatives(include, protos(&a.proto, "--proto")?, |f, v| {
             f.protocol = Some(v)
         });
-        include = alternatives(include, ifaces(&a.interface, "--interface")?, |f, v| {
+        include = alternatives(include, patterns(&a.interface, "--interface")?, |f, v| {
             f.interface = Some(v)
         });
+        include = alternatives(include, patterns(&a.unit, "--unit")?, |f, v| {
+            f.unit = Some(v)
+        });
+        let cgroups = a
+            .cgroup
+            .iter()
+            .map(|c| cgroup_arg(c))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        include = alternatives(include, cgroups, |f, v| f.cgroup = Some(v));
+        include = alternatives(include, a.pid.clone(), |f, v| f.pid = Some(v));
         let flags = a
             .tcp_flags
             .iter()
@@ -417,7 +448,7 @@ impl FlowQuery {
                 ..Default::default()
             });
         }
-        for v in ifaces(&a.exclude_interface, "--exclude-interface")? {
+        for v in patterns(&a.exclude_interface, "--exclude-interface")? {
             drop(proto::Filter {
                 interface: Some(v),
                 ..Default::default()
@@ -452,6 +483,13 @@ fn alternatives<T: Clone>(
 fn interface_arg(s: &str, flag: &str) -> anyhow::Result<String> {
     crate::record::filter::NamePattern::parse(s).with_context(|| format!("{flag} {s:?}"))?;
     Ok(s.to_owned())
+}
+
+/// A `--cgroup` path, as the agent compares it.
+fn cgroup_arg(s: &str) -> anyhow::Result<String> {
+    crate::record::api::cgroup_path(s).ok_or_else(|| {
+        anyhow!("--cgroup {s:?}: expected a path from the cgroup v2 root, starting with / (/system.slice/nginx.service)")
+    })
 }
 
 fn cidr_arg(s: &str, flag: &str) -> anyhow::Result<String> {

@@ -18,7 +18,7 @@ use crate::cli::terminal::{Input, Terminal};
 use crate::config::HumanDuration;
 use crate::record::api::proto;
 use crate::record::api::proto::flow_lens_client::FlowLensClient;
-use crate::record::flow::FlowRecord;
+use crate::record::flow::{FlowRecord, LocalProcess};
 use crate::record::render::{self, client_endpoint, count, handshake_rtt, server_endpoint, size};
 
 /// The keys, for `--help` and the `?` screen.
@@ -27,17 +27,20 @@ pub const KEYS_HELP: &str = "Keys:
   ?, h           this help
   space, p       pause / resume
   j, Down        scroll down      k, Up       scroll up
-  PageDown, f    page down        PageUp, u   page up      Home / End   first / last
+  PageDown, f    page down        PageUp      page up      Home / End   first / last
   /              filter: rows whose text contains what you type (Enter keeps it, Esc drops it)
   g              group by host pair (client address > server address, every port)
+  u              group by unit: the service owning the flow's local socket(s)
   b              bits/s instead of bytes/s
   s / S          next / previous sort     r  reverse the order
   1 rate  2 packets/s  3 total bytes  4 latency  5 age   (also t total, l latency, a age)
 Columns: RATE = both ways, C>S / S>C = each way (B/s, KB/s = 1024 B/s..., or b/s, kb/s = 1000 b/s...),
   PKT/s = packets/s both ways, BYTES = total both ways, AGE = since the first packet,
   RTT = TCP handshake or ICMP echo round trip, SRV = server response time (mean),
-  FLOWS = flows of a host pair (g). Narrow terminals drop columns (IFACE, SRV, PKT/s,
-  RTT, S>C, C>S first) and shorten long addresses in the middle (...).";
+  UNIT = the systemd unit of the flow's local socket (else its cgroup, else its command;
+  client>server when both ends are local and differ; - none: remote or forwarded),
+  FLOWS = flows of a host pair (g) or unit (u). Narrow terminals drop columns (IFACE,
+  SRV, PKT/s, RTT, UNIT, S>C, C>S first) and shorten long addresses in the middle (...).";
 
 /// The longest wait between attempts to reach an agent that is down.
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -266,13 +269,57 @@ pub fn totals(rows: &[FlowRow]) -> Vec<IfaceTotals> {
 // Lines: a flow, or the flows of a host pair
 // ---------------------------------------------------------------------------
 
-/// One line of the table: a flow, or (grouped) every flow between two hosts.
+/// What a local socket's owner is called in one word: its unit, else its cgroup, else
+/// its command, else its pid.
+fn owner_name(p: &LocalProcess) -> String {
+    p.unit
+        .as_deref()
+        .or(p.cgroup.as_deref())
+        .map(str::to_owned)
+        .or_else(|| p.comm.clone())
+        .or_else(|| p.pid.map(|p| format!("[{p}]")))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Who owns a flow's local socket(s): `client>server` when both ends are local sockets
+/// of different owners, `-` when neither is (a remote peer, forwarded traffic).
+pub fn owner_label(r: &FlowRecord) -> String {
+    match (r.client_process.as_deref(), r.server_process.as_deref()) {
+        (None, None) => "-".into(),
+        (Some(p), None) | (None, Some(p)) => owner_name(p),
+        (Some(c), Some(s)) => {
+            let (c, s) = (owner_name(c), owner_name(s));
+            if c == s {
+                c
+            } else {
+                format!("{c}>{s}")
+            }
+        }
+    }
+}
+
+/// How lines gather flows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Grouping {
+    /// A line per flow.
+    #[default]
+    Flows,
+    /// Per client address > server address.
+    Hosts,
+    /// Per owner of the local socket(s) (`owner_label`).
+    Unit,
+}
+
+/// One line of the table: a flow, or (grouped) every flow between two hosts or of one
+/// unit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     pub proto: String,
     pub client: String,
     pub server: String,
     pub iface: String,
+    /// Who owns the local socket(s): `owner_label`.
+    pub unit: String,
     pub state: String,
     pub flows: usize,
     /// Bytes/s each way; None before the second snapshot.
@@ -291,6 +338,7 @@ impl Entry {
             client: client_endpoint(&r.rec),
             server: server_endpoint(&r.rec),
             iface: iface_name(&r.rec),
+            unit: owner_label(&r.rec),
             state: r
                 .rec
                 .tcp
@@ -313,8 +361,8 @@ impl Entry {
     /// What `/` searches.
     fn text(&self) -> String {
         format!(
-            "{} {} {} {} {}",
-            self.proto, self.client, self.server, self.iface, self.state
+            "{} {} {} {} {} {}",
+            self.proto, self.client, self.server, self.iface, self.unit, self.state
         )
         .to_lowercase()
     }
@@ -323,7 +371,19 @@ impl Entry {
 /// The flows of each client address > server address pair, summed; a column whose flows
 /// differ says `*`.
 pub fn group_by_hosts(rows: &[FlowRow]) -> Vec<Entry> {
-    let mut at: HashMap<(IpAddr, IpAddr), usize> = HashMap::new();
+    group_by(rows, |r| (r.rec.client_addr, r.rec.server_addr))
+}
+
+/// The flows of each owner of their local sockets (`owner_label`: a unit, `a>b` between
+/// two local ones, `-` for flows with none), summed as `group_by_hosts` does.
+pub fn group_by_unit(rows: &[FlowRow]) -> Vec<Entry> {
+    group_by(rows, |r| owner_label(&r.rec))
+}
+
+/// The flows of each `key`, summed, addresses without ports; a column whose flows differ
+/// says `*`.
+fn group_by<K: std::hash::Hash + Eq>(rows: &[FlowRow], key: impl Fn(&FlowRow) -> K) -> Vec<Entry> {
+    let mut at: HashMap<K, usize> = HashMap::new();
     let mut out: Vec<Entry> = Vec::new();
     let mix = |a: &mut String, b: &str| {
         if a != b {
@@ -331,7 +391,7 @@ pub fn group_by_hosts(rows: &[FlowRow]) -> Vec<Entry> {
         }
     };
     for r in rows {
-        let key = (r.rec.client_addr, r.rec.server_addr);
+        let key = key(r);
         let one = Entry {
             client: r.rec.client_addr.to_string(),
             server: r.rec.server_addr.to_string(),
@@ -347,6 +407,9 @@ pub fn group_by_hosts(rows: &[FlowRow]) -> Vec<Entry> {
                 let g = &mut out[i];
                 mix(&mut g.proto, &one.proto);
                 mix(&mut g.iface, &one.iface);
+                mix(&mut g.client, &one.client);
+                mix(&mut g.server, &one.server);
+                mix(&mut g.unit, &one.unit);
                 g.flows += 1;
                 g.state = g.flows.to_string();
                 g.rate = match (g.rate, one.rate) {
@@ -462,6 +525,7 @@ enum Col {
     Client,
     Server,
     Iface,
+    Unit,
     State,
     Rate,
     CtoS,
@@ -474,11 +538,12 @@ enum Col {
 }
 
 /// Screen order.
-const COLUMNS: [Col; 13] = [
+const COLUMNS: [Col; 14] = [
     Col::Proto,
     Col::Client,
     Col::Server,
     Col::Iface,
+    Col::Unit,
     Col::State,
     Col::Rate,
     Col::CtoS,
@@ -491,7 +556,7 @@ const COLUMNS: [Col; 13] = [
 ];
 
 /// The order columns give way in when the terminal is narrow: last goes first.
-const PRIORITY: [Col; 13] = [
+const PRIORITY: [Col; 14] = [
     Col::Client,
     Col::Server,
     Col::Rate,
@@ -501,6 +566,7 @@ const PRIORITY: [Col; 13] = [
     Col::Age,
     Col::CtoS,
     Col::StoC,
+    Col::Unit,
     Col::Rtt,
     Col::Pps,
     Col::Srv,
@@ -512,6 +578,8 @@ const PRIORITY: [Col; 13] = [
 const ADDR_MIN: usize = 21;
 /// Nor below this at all.
 const ADDR_FLOOR: usize = 9;
+/// A longer unit (a container's scope) is shortened in the middle.
+const UNIT_MAX: usize = 28;
 
 impl Col {
     fn title(self, grouped: bool) -> &'static str {
@@ -520,6 +588,7 @@ impl Col {
             Col::Client => "CLIENT",
             Col::Server => "SERVER",
             Col::Iface => "IFACE",
+            Col::Unit => "UNIT",
             Col::State if grouped => "FLOWS",
             Col::State => "STATE",
             Col::Rate => "RATE",
@@ -542,6 +611,7 @@ impl Col {
             Col::Pps => 6,
             Col::Bytes | Col::Age | Col::Rtt | Col::Srv => 5,
             Col::Iface => 6,
+            Col::Unit => 4,
             Col::Client | Col::Server => 0,
         }
     }
@@ -552,6 +622,7 @@ impl Col {
             Col::Client => l.client.clone(),
             Col::Server => l.server.clone(),
             Col::Iface => l.iface.clone(),
+            Col::Unit => l.unit.clone(),
             Col::State => l.state.clone(),
             Col::Rate => rate_unit(l.bytes_per_sec(), bits),
             Col::CtoS => rate_unit(l.rate.map(|[c, _]| c), bits),
@@ -567,7 +638,7 @@ impl Col {
     fn right_aligned(self) -> bool {
         !matches!(
             self,
-            Col::Proto | Col::Client | Col::Server | Col::Iface | Col::State
+            Col::Proto | Col::Client | Col::Server | Col::Iface | Col::Unit | Col::State
         )
     }
 }
@@ -583,11 +654,15 @@ fn fit_columns(width: usize, lines: &[Entry], bits: bool, grouped: bool) -> Vec<
             .unwrap_or(0)
             .max(c.title(grouped).len())
             .max(c.usual())
+            .min(if c == Col::Unit { UNIT_MAX } else { usize::MAX })
     };
     let addr = [natural(Col::Client), natural(Col::Server)];
+    // A host whose flows have no local socket (a router) needs no UNIT column.
+    let no_unit = lines.iter().all(|l| l.unit == "-");
     let mut kept: Vec<(Col, usize)> = COLUMNS
         .iter()
         .filter(|c| !matches!(c, Col::Client | Col::Server))
+        .filter(|c| !(no_unit && **c == Col::Unit))
         .map(|&c| (c, natural(c)))
         .collect();
     let need = |kept: &[(Col, usize)], a: usize| -> usize {
@@ -673,7 +748,7 @@ pub struct View {
     filter: String,
     typing: Typing,
     help: bool,
-    grouped: bool,
+    group: Grouping,
     bits: bool,
 }
 
@@ -702,10 +777,10 @@ impl View {
 
     /// The lines on screen, before scrolling: filtered, grouped, sorted.
     fn lines(&self) -> Vec<Entry> {
-        let mut lines = if self.grouped {
-            group_by_hosts(&self.rows)
-        } else {
-            self.rows.iter().map(Entry::of).collect()
+        let mut lines = match self.group {
+            Grouping::Hosts => group_by_hosts(&self.rows),
+            Grouping::Unit => group_by_unit(&self.rows),
+            Grouping::Flows => self.rows.iter().map(Entry::of).collect(),
         };
         let needle = self.filter.to_lowercase();
         if !needle.is_empty() {
@@ -756,10 +831,8 @@ impl View {
             KeyCode::Char('?') | KeyCode::Char('h') => self.help = !self.help,
             KeyCode::Char(' ') | KeyCode::Char('p') => self.paused = !self.paused,
             KeyCode::Char('/') => self.typing = Typing::Filter(self.filter.clone()),
-            KeyCode::Char('g') => {
-                self.grouped = !self.grouped;
-                self.scroll = 0;
-            }
+            KeyCode::Char('g') => self.toggle(Grouping::Hosts),
+            KeyCode::Char('u') => self.toggle(Grouping::Unit),
             KeyCode::Char('b') => self.bits = !self.bits,
             KeyCode::Char('s') => {
                 let next = self.sort().step(1);
@@ -780,14 +853,22 @@ impl View {
             KeyCode::PageDown | KeyCode::Char('f') => {
                 self.scroll = (self.scroll + self.page.max(1)).min(last)
             }
-            KeyCode::PageUp | KeyCode::Char('u') => {
-                self.scroll = self.scroll.saturating_sub(self.page.max(1))
-            }
+            KeyCode::PageUp => self.scroll = self.scroll.saturating_sub(self.page.max(1)),
             KeyCode::Home => self.scroll = 0,
             KeyCode::End | KeyCode::Char('G') => self.scroll = last,
             _ => return Action::Nothing,
         }
         Action::Redraw
+    }
+
+    /// Groups lines by `g`, or back to a line per flow when they are.
+    fn toggle(&mut self, g: Grouping) {
+        self.group = if self.group == g { Grouping::Flows } else { g };
+        self.scroll = 0;
+    }
+
+    fn grouped(&self) -> bool {
+        self.group != Grouping::Flows
     }
 
     /// A new snapshot's rows.
@@ -967,8 +1048,10 @@ fn header_lines(view: &View, shown: (usize, usize, usize), width: usize) -> Vec<
     if view.paused {
         state.push("PAUSED".into());
     }
-    if view.grouped {
-        state.push("grouped by host pair".into());
+    match view.group {
+        Grouping::Hosts => state.push("grouped by host pair".into()),
+        Grouping::Unit => state.push("grouped by unit".into()),
+        Grouping::Flows => {}
     }
     if !view.filter.is_empty() {
         state.push(format!("filter: {}", view.filter));
@@ -1000,6 +1083,7 @@ fn footer(view: &View, width: usize) -> String {
         "q quit",
         "/ filter",
         "g group",
+        "u by unit",
         "b bits",
         "s sort",
         "r reverse",
@@ -1044,10 +1128,10 @@ pub fn render_view(f: &mut Frame, view: &mut View) {
     .areas(area);
     f.render_widget(Paragraph::new(head), top);
     let visible = &lines[view.scroll.min(lines.len())..to];
-    let cols = fit_columns(width, visible, view.bits, view.grouped);
+    let cols = fit_columns(width, visible, view.bits, view.grouped());
     let sorted = view.sort().column();
     let header = Row::new(cols.iter().map(|&(c, w)| {
-        let mut t = c.title(view.grouped).to_owned();
+        let mut t = c.title(view.grouped()).to_owned();
         if c == sorted {
             t.push(if view.reverse { '▲' } else { '▼' });
         }
@@ -1058,7 +1142,9 @@ pub fn render_view(f: &mut Frame, view: &mut View) {
         Row::new(cols.iter().map(|&(c, w)| {
             let v = c.cell(l, view.bits);
             let v = match c {
-                Col::Client | Col::Server | Col::Iface | Col::Proto => shorten_middle(&v, w),
+                Col::Client | Col::Server | Col::Iface | Col::Proto | Col::Unit => {
+                    shorten_middle(&v, w)
+                }
                 _ => v,
             };
             align(&v, w, c.right_aligned())
@@ -1117,7 +1203,8 @@ fn help_box(f: &mut Frame, area: Rect) {
 mod tests {
     use super::*;
     use crate::record::flow::{
-        DirStats, EndReason, Hook, Latency, TcpInfo, TcpState, IPPROTO_TCP, IPPROTO_UDP,
+        DirStats, EndReason, Hook, Latency, LocalProcess, TcpInfo, TcpState, IPPROTO_TCP,
+        IPPROTO_UDP,
     };
     use ratatui::backend::TestBackend;
     use std::time::UNIX_EPOCH;
@@ -1156,6 +1243,8 @@ mod tests {
             end_reason: EndReason::InProgress,
             tcp: None,
             icmp: None,
+            client_process: None,
+            server_process: None,
         }
     }
 
@@ -1276,6 +1365,80 @@ mod tests {
         assert_eq!((g[0].flows, g[0].proto.as_str()), (2, "*"));
         assert_eq!(g[0].rate, Some([1500.0, 0.0]));
         assert_eq!(g[0].bytes, 1500);
+    }
+
+    fn owned(unit: Option<&str>, comm: &str, pid: u32) -> Option<Box<LocalProcess>> {
+        Some(Box::new(LocalProcess {
+            cgroup_id: Some(7),
+            cgroup: unit.map(|u| format!("/system.slice/{u}").into()),
+            unit: unit.map(Into::into),
+            pid: Some(pid),
+            comm: Some(comm.into()),
+            uid: Some(0),
+        }))
+    }
+
+    #[test]
+    fn flows_are_labelled_and_grouped_by_the_unit_owning_their_local_sockets() {
+        let mut a = rec(1, IPPROTO_TCP, 1000, 1);
+        a.server_process = owned(Some("nginx.service"), "nginx", 80);
+        let mut b = rec(2, IPPROTO_TCP, 500, 1);
+        b.server_process = owned(Some("nginx.service"), "nginx", 81);
+        b.client_addr = "10.0.0.3".parse().unwrap();
+        let mut c = rec(3, IPPROTO_UDP, 10, 1);
+        c.client_process = owned(None, "curl", 99);
+        let mut d = rec(4, IPPROTO_TCP, 10, 1);
+        d.client_process = owned(Some("app.service"), "app", 5);
+        d.server_process = owned(Some("db.service"), "db", 6);
+        let e = rec(5, IPPROTO_UDP, 10, 1);
+        let labels: Vec<String> = [&a, &b, &c, &d, &e].map(owner_label).to_vec();
+        assert_eq!(
+            labels,
+            [
+                "nginx.service",
+                "nginx.service",
+                "curl",
+                "app.service>db.service",
+                "-"
+            ]
+        );
+        let rows =
+            Rates::default().update(UNIX_EPOCH + Duration::from_secs(1002), vec![a, b, c, d, e]);
+        let g = group_by_unit(&rows);
+        assert_eq!(g.len(), 4, "{g:#?}");
+        let nginx = g.iter().find(|l| l.unit == "nginx.service").unwrap();
+        assert_eq!((nginx.flows, nginx.bytes), (2, 1500));
+        assert_eq!(
+            (nginx.client.as_str(), nginx.server.as_str()),
+            ("*", "10.0.0.2")
+        );
+
+        // On screen: a UNIT column, and `u` groups by it (and back).
+        let mut view = View::new("unix:/x", SortKey::Bytes, false);
+        view.show(UNIX_EPOCH + Duration::from_secs(1002), rows);
+        let (header, lines) = table(&screen(&mut view, 120, 20));
+        assert!(header.contains("UNIT"), "{header}");
+        assert!(lines[0].contains("nginx.service"), "{lines:#?}");
+        press(&mut view, KeyCode::Char('u'));
+        let s = screen(&mut view, 120, 20);
+        assert!(s.iter().any(|l| l.contains("grouped by unit")), "{s:#?}");
+        let (header, lines) = table(&s);
+        assert!(header.contains("FLOWS"), "{header}");
+        assert_eq!(lines.len(), 4, "{s:#?}");
+        assert!(
+            lines[0].contains("nginx.service") && lines[0].contains(" 2 "),
+            "{s:#?}"
+        );
+        press(&mut view, KeyCode::Char('u'));
+        assert_eq!(table(&screen(&mut view, 120, 20)).1.len(), 5);
+        // A host whose flows end at no local socket shows no UNIT column.
+        let mut view = View::new("unix:/x", SortKey::Bytes, false);
+        let rows = Rates::default().update(
+            UNIX_EPOCH + Duration::from_secs(1002),
+            vec![rec(9, IPPROTO_UDP, 1, 1)],
+        );
+        view.show(UNIX_EPOCH + Duration::from_secs(1002), rows);
+        assert!(!table(&screen(&mut view, 120, 20)).0.contains("UNIT"));
     }
 
     /// A view of `n` flows, IPv4 and IPv6 (long addresses), after two snapshots.

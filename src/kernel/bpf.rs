@@ -46,6 +46,9 @@ unsafe impl plain::Plain for types::flow_base {}
 unsafe impl plain::Plain for types::flow_tcp {}
 unsafe impl plain::Plain for types::flow_icmp {}
 unsafe impl plain::Plain for types::scan_rec {}
+unsafe impl plain::Plain for types::flow_owner {}
+unsafe impl plain::Plain for types::owner_count_args {}
+unsafe impl plain::Plain for types::scan_args {}
 unsafe impl plain::Plain for types::flow_ended {}
 unsafe impl plain::Plain for types::flow_probe {}
 unsafe impl plain::Plain for types::probe_sketch {}

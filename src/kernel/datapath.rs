@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
@@ -56,6 +56,9 @@ pub struct Capacities {
     pub flows: u32,
     pub tcp: u32,
     pub icmp: u32,
+    /// Local ends of flows with their owners (`flows_owner`): one per local socket a
+    /// flow ends at, two for a flow over loopback.
+    pub owner: u32,
 }
 
 /// The TCP extension map holds a quarter of `--max-flows` unless set, the ICMP one a
@@ -67,6 +70,11 @@ pub struct Capacities {
 /// bucket they pay for.
 pub const TCP_SHARE: u32 = 4;
 pub const ICMP_SHARE: u32 = 16;
+/// `flows_owner` holds half of `--max-flows` unless set: one entry per local end, and
+/// nearly every flow of a server has one (a loopback flow two, a forwarded one none), so
+/// at the base map's half-full mark it covers every flow; its bucket array (16 B a
+/// bucket) is paid at creation like the others'.
+pub const OWNER_SHARE: u32 = 2;
 
 impl Default for Capacities {
     fn default() -> Self {
@@ -85,7 +93,13 @@ impl Capacities {
             flows,
             tcp: Self::tcp_for(flows),
             icmp: Self::icmp_for(flows),
+            owner: Self::owner_for(flows),
         }
+    }
+
+    /// The `flows_owner` capacity `flows` implies.
+    pub fn owner_for(flows: u32) -> u32 {
+        (flows / OWNER_SHARE).max(1)
     }
 
     /// The TCP extension capacity `flows` implies.
@@ -160,6 +174,12 @@ pub struct FlowMaps {
     pub scan_ring: MapHandle,
     /// TCP flows the datapath noted as closed.
     pub closing: MapHandle,
+    /// The owners of flows' local ends (`src/bpf/owner.h`), keyed by ext_id << 1 | end.
+    pub owner: MapHandle,
+    /// Per-CPU counters of attribution lost (`enum owner_counter`).
+    pub owner_counters: MapHandle,
+    /// The `owner_entries` program: `flows_owner`'s entry count.
+    pub owner_count: OwnedFd,
     /// Ended TCP connections, so a resumed one keeps its identity.
     pub ended: MapHandle,
     /// The time of the latest full scan.
@@ -245,6 +265,16 @@ pub fn probation_counter(what: &str, proto: &str) -> &'static str {
     NAMES[w][p]
 }
 
+/// Name of each attribution counter slot, in `enum owner_counter` order: not packets,
+/// so apart from `counter_names`.
+pub fn owner_counter_names() -> Vec<(u32, &'static str)> {
+    use types::owner_counter as C;
+    vec![
+        (C::OWN_FULL.0, "owner_map_full"),
+        (C::OWN_SOCK_LOST.0, "socket_owner_lost"),
+    ]
+}
+
 /// Whether a counter slot counts a packet that was not accounted.
 pub fn is_error_counter(slot: u32) -> bool {
     slot < types::flow_counter::CNT_ERRORS_END.0 && !is_sample_loss_counter(slot)
@@ -260,30 +290,22 @@ pub fn is_sample_loss_counter(slot: u32) -> bool {
 impl FlowMaps {
     /// Sums a per-CPU counter slot over all CPUs.
     pub fn counter(&self, slot: u32) -> Result<u64, DatapathError> {
-        let per_cpu = self
-            .counters
-            .lookup_percpu(&slot.to_ne_bytes(), MapFlags::ANY)
-            .map_err(|source| DatapathError::Map {
-                map: "counters",
-                source,
-            })?
-            .unwrap_or_default();
-        Ok(per_cpu
-            .iter()
-            .map(|v| {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&v[..8]);
-                u64::from_ne_bytes(b)
-            })
-            .sum())
+        sum_percpu(&self.counters, "counters", slot)
     }
 
-    /// Every counter by name.
+    /// Every counter by name: the packet counters, then the attribution counters.
     pub fn counters(&self) -> Result<BTreeMap<String, u64>, DatapathError> {
-        counter_names()
+        let mut all: BTreeMap<String, u64> = counter_names()
             .into_iter()
             .map(|(slot, name)| Ok((name.to_owned(), self.counter(slot)?)))
-            .collect()
+            .collect::<Result<_, DatapathError>>()?;
+        for (slot, name) in owner_counter_names() {
+            all.insert(
+                name.to_owned(),
+                sum_percpu(&self.owner_counters, "owner_counters", slot)?,
+            );
+        }
+        Ok(all)
     }
 
     /// Fill level of the three flow maps, given their entry counts (base, TCP, ICMP).
@@ -326,12 +348,40 @@ impl FlowMaps {
     }
 }
 
+/// A descriptor of a loaded program of its own, to run it apart from the skeleton.
+fn prog_fd(p: &ProgramMut<'_>, prog: &'static str) -> Result<OwnedFd, DatapathError> {
+    p.as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| DatapathError::Program { prog, source })
+}
+
+/// Sums slot `slot` of a per-CPU array of u64 over all CPUs.
+fn sum_percpu(map: &MapHandle, name: &'static str, slot: u32) -> Result<u64, DatapathError> {
+    let per_cpu = map
+        .lookup_percpu(&slot.to_ne_bytes(), MapFlags::ANY)
+        .map_err(|source| DatapathError::Map { map: name, source })?
+        .unwrap_or_default();
+    Ok(per_cpu
+        .iter()
+        .map(|v| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&v[..8]);
+            u64::from_ne_bytes(b)
+        })
+        .sum())
+}
+
 /// The loaded flow programs and maps.
 pub struct Datapath {
     skel: FlowSkel<'static>,
     pin_dir: Option<PathBuf>,
     /// Flows found in reused pinned maps at load time.
     reused_flows: Option<u64>,
+    /// Whether the flow programs take the owners of flows' local sockets, and why not
+    /// when they do not.
+    attribution: Result<(), String>,
+    /// The socket hook on the cgroup v2 root, while attached.
+    owner_link: Option<libbpf_rs::Link>,
 }
 
 /// Points a map at its pin, first removing a pin whose map no longer fits
@@ -405,10 +455,35 @@ impl Datapath {
     }
 
     /// Like `load`, with maps pinned under `pin_root/v<layout>/`: compatible
-    /// pinned maps are reused, so flows in progress survive an agent restart.
+    /// pinned maps are reused, so flows in progress survive an agent restart. When the
+    /// kernel refuses the programs that note sockets' owners, it loads without them and
+    /// without attribution (`attribution` says why).
     pub fn load_pinned(
         cap: Capacities,
         pin_root: Option<&Path>,
+    ) -> Result<Datapath, DatapathError> {
+        match Self::load_as(cap, pin_root, true) {
+            Err(DatapathError::Load(e)) => {
+                let why = format!("the kernel refused the socket owner programs ({e})");
+                let mut dp = Self::load_as(cap, pin_root, false)?;
+                dp.attribution = Err(why);
+                Ok(dp)
+            }
+            other => other,
+        }
+    }
+
+    /// The flow programs without attribution: what a flow costs without it (benchmarks).
+    pub fn load_without_attribution(cap: Capacities) -> Result<Datapath, DatapathError> {
+        let mut dp = Self::load_as(cap, None, false)?;
+        dp.attribution = Err("left out on purpose".into());
+        Ok(dp)
+    }
+
+    fn load_as(
+        cap: Capacities,
+        pin_root: Option<&Path>,
+        attribution: bool,
     ) -> Result<Datapath, DatapathError> {
         route_libbpf_output();
         // The skeleton borrows its object storage for its whole life; the
@@ -430,8 +505,23 @@ impl Datapath {
         set(&mut open.maps.flows_tcp, "flows_tcp", cap.tcp)?;
         set(&mut open.maps.flows_icmp, "flows_icmp", cap.icmp)?;
         set(&mut open.maps.closing, "closing", cap.closing())?;
+        set(&mut open.maps.flows_owner, "flows_owner", cap.owner)?;
         set(&mut open.maps.ended, "ended", ENDED_CONNECTIONS)?;
         set(&mut open.maps.probation, "probation", cap.probation())?;
+        if !attribution {
+            if let Some(r) = open.maps.rodata_data.as_deref_mut() {
+                r.owner_attribution = false;
+            }
+            let progs = &mut open.progs;
+            for p in [
+                &mut progs.owner_sock_create,
+                &mut progs.owner_seed_tasks,
+                &mut progs.owner_seed_tcp,
+                &mut progs.owner_seed_udp,
+            ] {
+                p.set_autoload(false);
+            }
+        }
         // FLOWLENS_LAYOUT_VERSION, as compiled into the object: a new layout
         // gets a new directory and never meets maps of an old one.
         let version = open
@@ -449,6 +539,7 @@ impl Datapath {
             reused |= pin_map(&mut maps.flows_tcp, "flows_tcp", dir)?;
             reused |= pin_map(&mut maps.flows_icmp, "flows_icmp", dir)?;
             reused |= pin_map(&mut maps.counters, "counters", dir)?;
+            reused |= pin_map(&mut maps.flows_owner, "flows_owner", dir)?;
             reused |= pin_map(&mut maps.probation, "probation", dir)?;
             // What the scan keeps between agents: not flows, so they do not make a
             // start a restart.
@@ -467,7 +558,59 @@ impl Datapath {
             skel,
             pin_dir,
             reused_flows,
+            attribution: Ok(()),
+            owner_link: None,
         })
+    }
+
+    /// Whether flows are attributed to their local sockets' owners; why not, if not.
+    pub fn attribution(&self) -> Result<(), &str> {
+        self.attribution.as_ref().map_err(String::as_str).copied()
+    }
+
+    /// Notes the owner of every inet and inet6 socket opened from now on: the socket
+    /// hook, attached (as a link, alongside other programs) to the cgroup v2 root whose
+    /// directory `cgroup_root` is open.
+    pub fn attach_owner_hook(&mut self, cgroup_root: BorrowedFd<'_>) -> Result<(), DatapathError> {
+        let link = self
+            .skel
+            .progs
+            .owner_sock_create
+            .attach_cgroup(cgroup_root.as_raw_fd())
+            .map_err(|source| DatapathError::Map {
+                map: "owner_sock_create (cgroup link)",
+                source,
+            })?;
+        self.owner_link = Some(link);
+        Ok(())
+    }
+
+    /// Gives the sockets open now in this network namespace (TCP and UDP, IPv4 and
+    /// IPv6) the task that holds each as their owner, unless one is noted already.
+    /// Returns how many sockets the tasks held.
+    pub fn seed_owners(&self) -> Result<u64, DatapathError> {
+        let progs = &self.skel.progs;
+        let run = |p: &ProgramMut<'_>, name: &'static str| -> Result<(), DatapathError> {
+            let err = |source| DatapathError::Map { map: name, source };
+            let link = p.attach().map_err(err)?;
+            let mut it = libbpf_rs::Iter::new(&link).map_err(err)?;
+            std::io::copy(&mut it, &mut std::io::sink()).map_err(|e| DatapathError::Program {
+                prog: name,
+                source: e,
+            })?;
+            Ok(())
+        };
+        run(&progs.owner_seed_tasks, "owner_seed_tasks")?;
+        let seen = &self.skel.maps.owner_seed_socks;
+        let held = seen.keys().count() as u64;
+        run(&progs.owner_seed_tcp, "owner_seed_tcp")?;
+        run(&progs.owner_seed_udp, "owner_seed_udp")?;
+        // Only the walks read it: emptied, its memory goes back.
+        let keys: Vec<Vec<u8>> = seen.keys().collect();
+        for k in keys {
+            let _ = seen.delete(&k);
+        }
+        Ok(held)
     }
 
     /// Directory the maps are pinned in, if pinned.
@@ -491,6 +634,7 @@ impl Datapath {
             (&mut maps.flows_tcp, "flows_tcp"),
             (&mut maps.flows_icmp, "flows_icmp"),
             (&mut maps.counters, "counters"),
+            (&mut maps.flows_owner, "flows_owner"),
             (&mut maps.probation, "probation"),
             (&mut maps.ended, "ended"),
             (&mut maps.last_scan, "last_scan"),
@@ -519,21 +663,15 @@ impl Datapath {
             counters: h(&maps.counters, "counters")?,
             scan_ring: h(&maps.scan_ring, "scan_ring")?,
             closing: h(&maps.closing, "closing")?,
+            owner: h(&maps.flows_owner, "flows_owner")?,
+            owner_counters: h(&maps.owner_counters, "owner_counters")?,
+            owner_count: prog_fd(&self.skel.progs.owner_entries, "owner_entries")?,
             ended: h(&maps.ended, "ended")?,
             last_scan: h(&maps.last_scan, "last_scan")?,
             probation: h(&maps.probation, "probation")?,
             probe_sketch: h(&maps.probe_sketch, "probe_sketch")?,
             probe_ports: h(&maps.probe_ports, "probe_ports")?,
-            scan: self
-                .skel
-                .progs
-                .flowlens_scan
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(|source| DatapathError::Program {
-                    prog: "flowlens_scan",
-                    source,
-                })?,
+            scan: prog_fd(&self.skel.progs.flowlens_scan, "flowlens_scan")?,
         })
     }
 

@@ -6,6 +6,7 @@
 
 pub mod attach;
 pub mod bpf;
+pub mod cgroup;
 pub mod datapath;
 pub mod packet;
 pub mod preflight;

@@ -69,6 +69,11 @@ fn effective_caps() -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether this process may mount file systems (CAP_SYS_ADMIN).
+pub fn has_sys_admin() -> bool {
+    effective_caps() & (1u64 << CAP_SYS_ADMIN) != 0
+}
+
 /// CAP_BPF and CAP_PERFMON may be stood in for by CAP_SYS_ADMIN (as older kernels require).
 pub fn check_capabilities() -> Result<(), PreflightError> {
     let have = effective_caps();

@@ -26,6 +26,7 @@
 //! | `flows_evicted_total` | counter | | flows ended early to make room under map pressure |
 //! | `kernel_packets_unaccounted_total` | counter | `reason` | packets the datapath could not account (error counters) |
 //! | `kernel_packets_total` | counter | `counter` | informational kernel counts (not disjoint: do not sum) |
+//! | `kernel_attribution_lost_total` | counter | `reason` | flows kept without their local socket's owner, sockets whose owner was not noted |
 //! | `kernel_samples_lost_total` | counter | `reason` | latency/RTT samples lost to a full extension map: `tcp_map_full`, `icmp_map_full` (the packets were accounted) |
 //! | `probation_flows_total` | counter | `protocol`, `outcome` | unanswered flows through probation: `entered`, `admitted`, `ended`, `evicted` (by the kernel) |
 //! | `probation_waiting_flows` | gauge | `protocol` | unanswered flows waiting in probation |
@@ -56,7 +57,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 
 use crate::hub::{Hub, HubStats, SinkKind};
-use crate::kernel::datapath::{counter_names, is_error_counter, is_sample_loss_counter};
+use crate::kernel::datapath::{
+    counter_names, is_error_counter, is_sample_loss_counter, owner_counter_names,
+};
 use crate::metrics::http::{HttpLimits, Render};
 use crate::sinks::ipfix::IpfixCounts;
 use crate::sinks::kafka::LossReason;
@@ -389,11 +392,19 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
             .collect()
     };
     let (errors, sample_losses) = (names(is_error_counter), names(is_sample_loss_counter));
-    // Probation's counters count flows, not packets: their own family below.
-    let (unaccounted, rest): (Vec<_>, Vec<_>) = snap
+    let owner: std::collections::BTreeSet<&str> = owner_counter_names()
+        .into_iter()
+        .map(|(_, name)| name)
+        .collect();
+    // Probation's counters count flows, and the attribution's flows and sockets, not
+    // packets: their own families below.
+    let (attribution, packets): (Vec<_>, Vec<_>) = snap
         .kernel_counters
         .iter()
         .filter(|(name, _)| !name.starts_with("probation_"))
+        .partition(|(name, _)| owner.contains(name.as_str()));
+    let (unaccounted, rest): (Vec<_>, Vec<_>) = packets
+        .into_iter()
         .partition(|(name, _)| errors.contains(name.as_str()));
     let (lost, info): (Vec<_>, Vec<_>) = rest
         .into_iter()
@@ -422,6 +433,15 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
     );
     for (name, v) in info {
         e.sample("kernel_packets_total", &[("counter", name)], v);
+    }
+    e.family(
+        "kernel_attribution_lost_total",
+        "counter",
+        "Flows kept without their local socket's owner (owner_map_full: flows_owner was full), \
+         and sockets whose owner was not noted (socket_owner_lost), by reason.",
+    );
+    for (name, v) in attribution {
+        e.sample("kernel_attribution_lost_total", &[("reason", name)], v);
     }
     e.family(
         "probation_flows_total",

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::kernel::bpf::types;
+use crate::kernel::cgroup::CgroupNames;
 use crate::record::flow::{
-    DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo, TcpState, IPPROTO_ICMP,
-    IPPROTO_ICMPV6,
+    DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, LocalProcess, TcpInfo, TcpState,
+    IPPROTO_ICMP, IPPROTO_ICMPV6,
 };
 
 /// Direction slot of a per-direction array in the maps (`enum flow_dir`).
@@ -181,14 +182,47 @@ pub fn window_start_ns(b: &types::flow_base, now_ns: u64) -> u64 {
     report_time(b, now_ns).map_or(b.first_seen_ns, |t| t.max(b.first_seen_ns))
 }
 
-/// Everything read from the maps for one flow: its base entry, and the extension entry
-/// its `ext_id` keys, when it has one.
+/// Everything read from the maps for one flow: its base entry, the extension entry its
+/// `ext_id` keys, when it has one, and the owners of its local ends.
 #[derive(Debug, Clone, Copy)]
 pub struct RawFlow {
     pub key: types::flow_key,
     pub base: types::flow_base,
     pub tcp: Option<types::flow_tcp>,
     pub icmp: Option<types::flow_icmp>,
+    /// The local socket at each key endpoint (addr_lo, addr_hi) and its owner, as the
+    /// datapath took them as the flow was admitted (`src/bpf/owner.h`).
+    pub owner: [Option<types::flow_owner>; 2],
+}
+
+/// The key of a flow's local end in `flows_owner`: its ext_id and the key endpoint.
+pub fn owner_key(ext_id: u64, end: usize) -> u64 {
+    ext_id << 1 | (end as u64 & 1)
+}
+
+/// The ext_id and key endpoint a `flows_owner` key names.
+pub fn owner_of_key(k: u64) -> (u64, usize) {
+    (k >> 1, (k & 1) as usize)
+}
+
+/// The owner of a local end in user terms, its cgroup named from `names`. The cgroup id
+/// is only given where a cgroup v2 hierarchy is (on a v1 host every socket is in its
+/// root).
+pub fn local_process(o: &types::flow_owner, names: &mut CgroupNames) -> LocalProcess {
+    let cgroup = (o.cgroup_id != 0 && names.has_hierarchy())
+        .then(|| names.name(o.cgroup_id))
+        .flatten();
+    let known = o.pid != 0;
+    let comm_len = o.comm.iter().position(|&c| c == 0).unwrap_or(o.comm.len());
+    LocalProcess {
+        cgroup_id: (o.cgroup_id != 0 && names.has_hierarchy()).then_some(o.cgroup_id),
+        cgroup: cgroup.as_ref().map(|c| c.path.clone()),
+        unit: cgroup.and_then(|c| c.unit.clone()),
+        pid: known.then_some(o.pid),
+        comm: (known && comm_len > 0)
+            .then(|| String::from_utf8_lossy(&o.comm[..comm_len]).into_owned()),
+        uid: known.then_some(o.uid),
+    }
 }
 
 /// What a record says besides the map entries: set by the poller.
@@ -205,6 +239,8 @@ pub struct RecordMeta {
     pub emitted_ns: u64,
     pub flow_id: u64,
     pub continuation: bool,
+    /// The owners of the local ends, by key endpoint (see `RawFlow::owner`).
+    pub local: [Option<Box<LocalProcess>>; 2],
 }
 
 impl RawFlow {
@@ -256,6 +292,7 @@ impl RawFlow {
             emitted_ns,
             flow_id,
             continuation,
+            local: [lo_process, hi_process],
         } = meta;
         let k = &self.key;
         let b = &self.base;
@@ -275,6 +312,12 @@ impl RawFlow {
             (0, 0)
         } else {
             (ports[c], ports[s])
+        };
+        // The lo endpoint sends LO_TO_HI packets: it is the client when c is LO_TO_HI.
+        let (client_process, server_process) = if c == LO_TO_HI {
+            (lo_process, hi_process)
+        } else {
+            (hi_process, lo_process)
         };
         let dir = |d: usize| DirStats {
             packets: counts.packets[d],
@@ -310,6 +353,8 @@ impl RawFlow {
             tcp: self.tcp_hot().map(|h| tcp_info(h, b, self.tcp.as_ref(), c)),
             icmp: (ext_kind(b) == types::flow_ext::EXT_ICMP.0)
                 .then(|| icmp_info(b, self.icmp.as_ref(), k, c)),
+            client_process,
+            server_process,
         }
     }
 }

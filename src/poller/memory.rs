@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use super::decode::{addr_key, ext_id, key_bytes, meta, ExtKind, KeyBytes, RawFlow};
+use super::decode::{addr_key, ext_id, key_bytes, meta, owner_key, ExtKind, KeyBytes, RawFlow};
 use super::scan::{
     due, ended_of, is_closed, is_tcp_flow, mark_reported, may_evict, take_identity, take_need,
     wants_identity, ScanKind, ScanSummary,
@@ -24,6 +24,8 @@ pub struct MemTable {
     /// Extension entries by the id their base entry holds.
     pub tcp: BTreeMap<u64, types::flow_tcp>,
     pub icmp: BTreeMap<u64, types::flow_icmp>,
+    /// Owners of flows' local ends, by `owner_key`.
+    pub owner: BTreeMap<u64, types::flow_owner>,
     /// The last extension id handed out.
     last_id: u64,
     pub capacity: [u64; 3],
@@ -79,6 +81,27 @@ impl MemTable {
         kb
     }
 
+    /// Gives a flow's key endpoint `end` (0: addr_lo, 1: addr_hi) an owner, as the
+    /// datapath does at its first packet (with an ext_id when it has none).
+    pub fn put_owner(&mut self, kb: &KeyBytes, end: usize, owner: types::flow_owner) {
+        let Some((_, b)) = self.base.get_mut(kb) else {
+            return;
+        };
+        if b.ext_id == 0 {
+            self.last_id += 1;
+            b.ext_id = self.last_id;
+        }
+        self.owner.insert(owner_key(b.ext_id, end), owner);
+    }
+
+    /// The owners a flow's local ends have, by key endpoint.
+    fn owners(&self, b: &types::flow_base) -> [Option<types::flow_owner>; 2] {
+        if b.ext_id == 0 {
+            return [None, None];
+        }
+        [0, 1].map(|end| self.owner.get(&owner_key(b.ext_id, end)).copied())
+    }
+
     /// Changes the TCP state a flow's base entry holds.
     pub fn set_tcp_hot(&mut self, kb: &KeyBytes, f: impl FnOnce(&mut types::tcp_hot)) {
         if let Some(b) = self.base_mut(kb) {
@@ -99,11 +122,18 @@ impl MemTable {
         let (key, base) = self.base.remove(kb)?;
         let tcp = ext_id(&base, ExtKind::Tcp).and_then(|id| self.tcp.remove(&id));
         let icmp = ext_id(&base, ExtKind::Icmp).and_then(|id| self.icmp.remove(&id));
+        let owner = self.owners(&base);
+        if base.ext_id != 0 {
+            for end in 0..2 {
+                self.owner.remove(&owner_key(base.ext_id, end));
+            }
+        }
         Some(RawFlow {
             key,
             base,
             tcp,
             icmp,
+            owner,
         })
     }
 
@@ -169,6 +199,7 @@ impl FlowTable for MemTable {
             self.base.values().copied(),
             self.tcp.iter().map(|(k, v)| (*k, *v)).collect(),
             self.icmp.iter().map(|(k, v)| (*k, *v)).collect(),
+            self.owner.iter().map(|(k, v)| (*k, *v)).collect(),
         );
         Ok(joined)
     }
@@ -219,18 +250,22 @@ impl FlowTable for MemTable {
                 flows.push((kind, f));
                 continue;
             }
-            let Some((key, base)) = self.base.get_mut(&kb) else {
+            let Some((key, base)) = self.base.get(&kb).copied() else {
                 continue;
             };
             flows.push((
                 kind,
                 RawFlow {
-                    key: *key,
-                    base: *base,
-                    tcp: ext_id(base, ExtKind::Tcp).and_then(|id| self.tcp.get(&id).copied()),
-                    icmp: ext_id(base, ExtKind::Icmp).and_then(|id| self.icmp.get(&id).copied()),
+                    key,
+                    base,
+                    tcp: ext_id(&base, ExtKind::Tcp).and_then(|id| self.tcp.get(&id).copied()),
+                    icmp: ext_id(&base, ExtKind::Icmp).and_then(|id| self.icmp.get(&id).copied()),
+                    owner: self.owners(&base),
                 },
             ));
+            let Some(base) = self.base_mut(&kb) else {
+                continue;
+            };
             // What the record carries is gone from the entry.
             base.packets = [0, 0];
             base.bytes = [0, 0];
@@ -261,6 +296,7 @@ impl FlowTable for MemTable {
         Ok(match ext {
             ExtMap::Tcp => self.tcp.remove(&id).is_some(),
             ExtMap::Icmp => self.icmp.remove(&id).is_some(),
+            ExtMap::Owner => self.owner.remove(&id).is_some(),
         })
     }
 

@@ -20,10 +20,11 @@ use thiserror::Error;
 
 use crate::kernel::attach::IfNames;
 use crate::kernel::bpf::types;
+use crate::kernel::cgroup::CgroupNames;
 use crate::record::flow::{EndReason, FlowRecord};
 use crate::record::snapshot::SnapshotSlot;
 use crate::status::{MapUsage, Status};
-use decode::{monotonic_ns, window_start_ns, Clock, Counts, RawFlow, RecordMeta};
+use decode::{local_process, monotonic_ns, window_start_ns, Clock, Counts, RawFlow, RecordMeta};
 use scan::ScanKind;
 pub use table::{ExtMap, FlowTable, Joined, KernelTable, ReadMode, MAP_NAMES};
 
@@ -182,6 +183,8 @@ pub struct Poller<T: FlowTable = KernelTable> {
     /// The scan's probation tally is read at most this often.
     probation_read_ns: u64,
     snapshots: Option<SnapshotSlot>,
+    /// `owner_map_full` when its rise was last logged (or at the first poll), and when.
+    owner_full: Option<(u64, Option<Instant>)>,
 }
 
 /// Builds records from what the scan hands over and passes them to the hub in batches.
@@ -196,6 +199,8 @@ struct Emitter {
     observer: Arc<str>,
     /// Names of interfaces the attacher does not know, looked up once each.
     other_names: std::cell::RefCell<HashMap<u32, String>>,
+    /// Names of the cgroups flows' local sockets are in.
+    cgroups: std::cell::RefCell<CgroupNames>,
 }
 
 impl<T: FlowTable> Poller<T> {
@@ -217,6 +222,7 @@ impl<T: FlowTable> Poller<T> {
                 ifnames,
                 observer: host_name().into(),
                 other_names: Default::default(),
+                cgroups: std::cell::RefCell::new(CgroupNames::new(None)),
             },
             status,
             polls: 0,
@@ -228,7 +234,15 @@ impl<T: FlowTable> Poller<T> {
             probation_evicted: Default::default(),
             probation_read_ns: 0,
             snapshots: None,
+            owner_full: None,
         }
+    }
+
+    /// Names the cgroups of flows' local sockets from `names` (the host's cgroup v2
+    /// hierarchy).
+    pub fn with_cgroups(mut self, names: CgroupNames) -> Self {
+        self.emit.cgroups = std::cell::RefCell::new(names);
+        self
     }
 
     /// Also publishes the flows in progress into `slot` after each poll, while someone
@@ -684,7 +698,35 @@ impl<T: FlowTable> Poller<T> {
         self.status
             .active_flows
             .store(entries[0], Ordering::Relaxed);
-        self.status.set_detail(self.usage(entries), counters);
+        let mut usage = self.usage(entries);
+        if let Some((entries, capacity)) = self.table.owner_fill() {
+            usage.push(MapUsage {
+                name: "flows_owner".to_owned(),
+                entries,
+                capacity,
+            });
+        }
+        self.check_owner_full(&counters);
+        self.status.set_detail(usage, counters);
+    }
+
+    /// Logs, at most once a minute while it goes on, that a full `flows_owner` cost new
+    /// flows their attribution (the flows themselves are kept).
+    fn check_owner_full(&mut self, counters: &BTreeMap<String, u64>) {
+        let now = counters.get("owner_map_full").copied().unwrap_or(0);
+        let Some((told, at)) = self.owner_full else {
+            // Losses before this agent's first poll (pinned maps) are not its own.
+            self.owner_full = Some((now, None));
+            return;
+        };
+        if now > told && at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            warn!(
+                "the map of flows' local sockets (flows_owner) is full: {} new flows kept \
+                 without their cgroup and process; raise --max-local-flows",
+                now - told
+            );
+            self.owner_full = Some((now, Some(Instant::now())));
+        }
     }
 
     /// Counts threshold crossings; logs them outside a pressure episode only (inside one,
@@ -762,9 +804,20 @@ impl Emitter {
                 emitted_ns: now_ns,
                 flow_id: f.flow_id(),
                 continuation: f.is_continuation(),
+                local: self.local(f),
             },
             &self.clock,
         )
+    }
+
+    /// The owners of a flow's local ends, by key endpoint, in user terms.
+    fn local(&self, f: &RawFlow) -> [Option<Box<crate::record::flow::LocalProcess>>; 2] {
+        if f.owner.iter().all(Option::is_none) {
+            return [None, None];
+        }
+        let mut names = self.cgroups.borrow_mut();
+        f.owner
+            .map(|o| o.map(|o| Box::new(local_process(&o, &mut names))))
     }
 
     fn send(&mut self, rec: FlowRecord) -> Result<(), PollError> {

@@ -259,6 +259,7 @@ pub fn decode_rec(r: &types::scan_rec) -> Option<(ScanKind, RawFlow)> {
             base: decode(&r.base),
             tcp: (r.has_tcp != 0).then_some(r.tcp),
             icmp: (r.has_icmp != 0).then_some(r.icmp),
+            owner: [0, 1].map(|end| (r.has_owner >> end & 1 != 0).then_some(r.owner[end])),
         },
     ))
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle, RingBuffer, RingBufferBuilder};
 
-use super::decode::{decode, ext_id, ExtKind, RawFlow};
+use super::decode::{decode, ext_id, owner_key, owner_of_key, ExtKind, RawFlow};
 use super::probation::Tally;
 use super::scan::{decode_rec, ScanKind, ScanSummary};
 use super::PollError;
@@ -24,11 +24,13 @@ pub type FlowSink<'a> = dyn FnMut(Vec<(ScanKind, RawFlow)>) -> Result<(), PollEr
 /// The kernel-internal "operation not supported" errno.
 const ENOTSUPP: i32 = 524;
 
-/// An extension map.
+/// A map keyed by a flow's ext_id: an extension, or the owners of its local ends (keyed
+/// by `owner_key`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ExtMap {
     Tcp,
     Icmp,
+    Owner,
 }
 
 /// Names of the base, TCP and ICMP maps, in the order counts are given.
@@ -49,12 +51,14 @@ pub struct Joined {
 pub struct Joiner {
     tcp: JoinMap<types::flow_tcp>,
     icmp: JoinMap<types::flow_icmp>,
+    /// Owners of local ends, by `owner_key`.
+    owner: JoinMap<types::flow_owner>,
     flows: Vec<RawFlow>,
     entries: [u64; 3],
     /// Base entries waiting to be joined as a group (see `join_pending`).
     pending: Vec<(types::flow_key, types::flow_base)>,
-    /// Extension entries a base took, TCP and ICMP.
-    joined: [usize; 2],
+    /// Extension entries a base took: TCP, ICMP, owners.
+    joined: [usize; 3],
 }
 
 /// Base entries joined together: their lookups run back to back, so the CPU overlaps
@@ -65,17 +69,27 @@ impl Joiner {
     pub fn new(
         tcp: JoinMap<types::flow_tcp>,
         icmp: JoinMap<types::flow_icmp>,
+        owner: JoinMap<types::flow_owner>,
         capacity: usize,
     ) -> Joiner {
         let entries = [0, tcp.len() as u64, icmp.len() as u64];
         Joiner {
             tcp,
             icmp,
+            owner,
             flows: Vec::with_capacity(capacity),
             entries,
             pending: Vec::with_capacity(JOIN_GROUP),
-            joined: [0; 2],
+            joined: [0; 3],
         }
+    }
+
+    /// The owners of flow `b`'s local ends, if it has any.
+    fn owners(&self, b: &types::flow_base) -> [Option<types::flow_owner>; 2] {
+        if b.ext_id == 0 || self.owner.is_empty() {
+            return [None, None];
+        }
+        [0, 1].map(|end| self.owner.get(&owner_key(b.ext_id, end)).copied())
     }
 
     pub fn push(&mut self, key: types::flow_key, base: types::flow_base) {
@@ -88,20 +102,24 @@ impl Joiner {
     fn join_pending(&mut self) {
         let mut tcp = [None; JOIN_GROUP];
         let mut icmp = [None; JOIN_GROUP];
+        let mut owner = [[None; 2]; JOIN_GROUP];
         // Lookups only, back to back; nothing is removed, so none waits on another.
         for (i, (_, b)) in self.pending.iter().enumerate() {
             tcp[i] = ext_id(b, ExtKind::Tcp).and_then(|id| self.tcp.get(&id).copied());
             icmp[i] = ext_id(b, ExtKind::Icmp).and_then(|id| self.icmp.get(&id).copied());
+            owner[i] = self.owners(b);
         }
         self.entries[0] += self.pending.len() as u64;
         for (i, (key, base)) in self.pending.drain(..).enumerate() {
             self.joined[0] += usize::from(tcp[i].is_some());
             self.joined[1] += usize::from(icmp[i].is_some());
+            self.joined[2] += owner[i].iter().flatten().count();
             self.flows.push(RawFlow {
                 key,
                 base,
                 tcp: tcp[i],
                 icmp: icmp[i],
+                owner: owner[i],
             });
         }
     }
@@ -110,6 +128,20 @@ impl Joiner {
         self.join_pending();
         // Entries no base took are orphans; usually every one was taken.
         let mut unjoined = Vec::new();
+        if self.joined[2] < self.owner.len() {
+            let named: std::collections::HashSet<u64, foldhash::fast::RandomState> = self
+                .flows
+                .iter()
+                .filter(|f| f.owner.iter().any(Option::is_some))
+                .map(|f| f.base.ext_id)
+                .collect();
+            unjoined.extend(
+                self.owner
+                    .keys()
+                    .filter(|k| !named.contains(&owner_of_key(**k).0))
+                    .map(|k| (ExtMap::Owner, *k)),
+            );
+        }
         if self.joined[0] < self.tcp.len() || self.joined[1] < self.icmp.len() {
             let named: std::collections::HashSet<(ExtMap, u64), foldhash::fast::RandomState> = self
                 .flows
@@ -126,13 +158,13 @@ impl Joiner {
                 })
                 .flatten()
                 .collect();
-            unjoined = self
-                .tcp
-                .into_keys()
-                .map(|k| (ExtMap::Tcp, k))
-                .chain(self.icmp.into_keys().map(|k| (ExtMap::Icmp, k)))
-                .filter(|e| !named.contains(e))
-                .collect();
+            unjoined.extend(
+                self.tcp
+                    .into_keys()
+                    .map(|k| (ExtMap::Tcp, k))
+                    .chain(self.icmp.into_keys().map(|k| (ExtMap::Icmp, k)))
+                    .filter(|e| !named.contains(e)),
+            );
         }
         Joined {
             flows: self.flows,
@@ -147,8 +179,9 @@ pub fn join(
     base: impl IntoIterator<Item = (types::flow_key, types::flow_base)>,
     tcp: JoinMap<types::flow_tcp>,
     icmp: JoinMap<types::flow_icmp>,
+    owner: JoinMap<types::flow_owner>,
 ) -> Joined {
-    let mut j = Joiner::new(tcp, icmp, 0);
+    let mut j = Joiner::new(tcp, icmp, owner, 0);
     for (key, b) in base {
         j.push(key, b);
     }
@@ -174,6 +207,11 @@ pub trait FlowTable: Send {
     fn remove_orphan(&mut self, ext: ExtMap, id: u64) -> Result<bool, PollError>;
     /// Capacities of the base, TCP and ICMP maps.
     fn capacities(&self) -> [u64; 3];
+    /// Entries in the owners' map (`flows_owner`) and its capacity; None where there is
+    /// no such map.
+    fn owner_fill(&self) -> Option<(u64, u64)> {
+        None
+    }
     /// The datapath's counters by name.
     fn counters(&self) -> BTreeMap<String, u64>;
     /// When the latest full scan ran, this agent's or (maps kept across a restart) its
@@ -216,6 +254,8 @@ pub struct KernelTable {
     mode: ReadMode,
     /// Entries the previous read or scan found, to size the next read's collections.
     last_entries: [u64; 3],
+    /// Owner entries the previous read found.
+    owners: usize,
 }
 
 impl KernelTable {
@@ -225,6 +265,7 @@ impl KernelTable {
             maps,
             mode: ReadMode::Batch,
             last_entries: [0; 3],
+            owners: 0,
         }
     }
 
@@ -409,16 +450,30 @@ fn scan_draining(
 /// Runs the scan program once with `a` as its context; the kernel writes the results
 /// back into `a`.
 fn run_scan(prog: BorrowedFd<'_>, a: &mut types::scan_args) -> Result<(), PollError> {
-    let size = std::mem::size_of::<types::scan_args>();
-    let ctx: *mut types::scan_args = a;
+    run_syscall(prog, a)
+}
+
+/// The entries of `flows_owner`, counted by its `owner_entries` program; None if it
+/// failed to run.
+fn count_entries(prog: &std::os::fd::OwnedFd) -> Option<u64> {
+    let mut a = types::owner_count_args::default();
+    run_syscall(prog.as_fd(), &mut a).ok()?;
+    Some(a.entries)
+}
+
+/// Runs a syscall program once with `a` as its context; the kernel writes its results
+/// back into `a`.
+fn run_syscall<T: plain::Plain>(prog: BorrowedFd<'_>, a: &mut T) -> Result<(), PollError> {
+    let size = std::mem::size_of::<T>();
+    let ctx: *mut T = a;
     let mut opts = libbpf_sys::bpf_test_run_opts {
         sz: std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _,
         ctx_in: ctx.cast(),
         ctx_size_in: size as _,
         ..Default::default()
     };
-    // SAFETY: the context is `a`, a scan_args of the size given, which the kernel copies
-    // in and (a syscall program's results) back; nothing else of ours is touched.
+    // SAFETY: the context is `a`, a plain struct of the size given, which the kernel
+    // copies in and (a syscall program's results) back; nothing else of ours is touched.
     let ret = unsafe { libbpf_sys::bpf_prog_test_run_opts(prog.as_raw_fd(), &mut opts) };
     if ret < 0 {
         return Err(PollError::Scan(std::io::Error::from_raw_os_error(-ret)));
@@ -443,9 +498,15 @@ impl FlowTable for KernelTable {
         walk(&self.maps.icmp, "flows_icmp", self.mode, false, |k, v| {
             icmp.insert(decode(k), decode(v));
         })?;
+        // Owners are made after their base entry, like extensions: read before it.
+        let mut owner = JoinMap::with_capacity_and_hasher(self.owners, Default::default());
+        walk(&self.maps.owner, "flows_owner", self.mode, false, |k, v| {
+            owner.insert(decode(k), decode(v));
+        })?;
+        self.owners = owner.len();
         // Each base entry is joined as it comes out of the batch buffer, with no copy in
         // between; locked, as the TCP state in a base entry changes under its lock.
-        let mut j = Joiner::new(tcp, icmp, flows);
+        let mut j = Joiner::new(tcp, icmp, owner, flows);
         walk(&self.maps.flows, "flows", self.mode, true, |k, v| {
             j.push(decode(k), decode(v));
         })?;
@@ -525,12 +586,18 @@ impl FlowTable for KernelTable {
         let map = match ext {
             ExtMap::Tcp => &self.maps.tcp,
             ExtMap::Icmp => &self.maps.icmp,
+            ExtMap::Owner => &self.maps.owner,
         };
         Ok(map.delete(&id.to_ne_bytes()).is_ok())
     }
 
     fn capacities(&self) -> [u64; 3] {
         [&self.maps.flows, &self.maps.tcp, &self.maps.icmp].map(|m| u64::from(m.max_entries()))
+    }
+
+    fn owner_fill(&self) -> Option<(u64, u64)> {
+        let n = count_entries(&self.maps.owner_count)?;
+        Some((n, u64::from(self.maps.owner.max_entries())))
     }
 
     fn probation_tally(&self) -> Option<(Tally, u64)> {

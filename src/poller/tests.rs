@@ -848,6 +848,7 @@ fn flow_ids_are_pinned_so_they_survive_upgrades() {
         },
         tcp: None,
         icmp: None,
+        owner: [None, None],
     };
     assert_eq!(raw(T0).flow_id(), raw(T0).flow_id());
     assert_ne!(
@@ -1013,4 +1014,79 @@ fn a_snapshot_shows_each_flow_since_its_last_record() {
             .expect("later")
             > Duration::from_secs(59)
     );
+}
+
+/// A flow's local ends, taken at its first packet, ride on every record of it (active,
+/// in progress, final), with the roles, and leave the owners' map with the flow; an
+/// owner entry whose flow is gone is swept like an orphan extension.
+#[test]
+fn every_record_of_a_flow_carries_its_local_ends_and_they_leave_with_it() {
+    use crate::record::snapshot::SnapshotSlot;
+    let owner = |pid: u32, comm: &[u8]| {
+        let mut o = types::flow_owner {
+            cgroup_id: 0,
+            pid,
+            uid: 1000 + pid,
+            ..Default::default()
+        };
+        o.comm[..comm.len()].copy_from_slice(comm);
+        o
+    };
+    let slot = SnapshotSlot::new(Duration::from_secs(1));
+    let mut rig = Rig::new();
+    rig.poller = std::mem::replace(
+        &mut rig.poller,
+        Poller::new(
+            MemTable::new([1; 3]),
+            cfg(),
+            crossbeam_channel::unbounded().0,
+            Arc::new(Status::new()),
+            IfNames::default(),
+        ),
+    )
+    .with_snapshots(slot.clone());
+    // Client (lo endpoint, 10.0.0.1) and server both local, as over loopback; a UDP flow
+    // (no extension) gets an id for its owners.
+    let k = rig.flow(IPPROTO_UDP, 1000, [10, 5], T0 + 59 * S);
+    rig.table().put_owner(&k, 0, owner(11, b"curl"));
+    rig.table().put_owner(&k, 1, owner(22, b"nginx"));
+    let orphan = rig.flow(IPPROTO_UDP, 1001, [1, 0], T0 + 59 * S);
+    rig.table().put_owner(&orphan, 1, owner(33, b"gone"));
+    rig.table().base.remove(&orphan);
+    let check = |r: &FlowRecord| {
+        let c = r.client_process.as_deref().expect("client side");
+        let s = r.server_process.as_deref().expect("server side");
+        assert_eq!(
+            (c.pid, c.comm.as_deref(), c.uid),
+            (Some(11), Some("curl"), Some(1011))
+        );
+        assert_eq!((s.pid, s.comm.as_deref()), (Some(22), Some("nginx")));
+        // No cgroup v2 hierarchy named here: no cgroup.
+        assert_eq!(
+            (c.cgroup_id, c.cgroup.as_deref(), c.unit.as_deref()),
+            (None, None, None)
+        );
+    };
+    slot.want();
+    let active = rig.poll(T0 + 60 * S);
+    assert_eq!(active.len(), 1);
+    assert_eq!(active[0].end_reason, EndReason::ActiveTimeout);
+    check(&active[0]);
+    rig.add(&k, [1, 0], T0 + 61 * S);
+    rig.poll(T0 + 62 * S);
+    let snap = slot.latest();
+    assert_eq!(snap.flows.len(), 1);
+    check(&snap.flows[0]);
+    assert_eq!(
+        rig.table().owner.len(),
+        3,
+        "the sweep runs every third poll"
+    );
+    let end = rig.poll(T0 + 90 * S);
+    assert_eq!(end.len(), 1);
+    assert_eq!(end[0].end_reason, EndReason::IdleTimeout);
+    check(&end[0]);
+    // The flow's own left with it; the orphan was swept.
+    assert!(rig.table().owner.is_empty(), "{:?}", rig.table().owner);
+    assert_eq!(rig.status.orphans_removed.load(Ordering::Relaxed), 1);
 }

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use crate::record::filter::{Cidr, CidrError, Filter, PortRange, Selector, SubscribeOptions};
 use crate::record::flow::{
-    DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo, TcpState,
+    DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, LocalProcess, TcpInfo, TcpState,
 };
 
 /// Generated protocol types and the file descriptor set served by reflection.
@@ -65,6 +65,10 @@ pub enum RequestError {
     },
     #[error("{field}: invalid timestamp: {reason}")]
     Timestamp { field: String, reason: String },
+    #[error("{field}: cgroup path {value:?} must start with \"/\" (a path below the cgroup v2 root, e.g. /system.slice)")]
+    CgroupPath { field: String, value: String },
+    #[error("{field}: pid 0 is no process: give 1..=4294967295")]
+    Pid { field: String },
 }
 
 impl From<RequestError> for tonic::Status {
@@ -145,6 +149,8 @@ fn check_strings(f: &proto::Filter, path: &str, limit: usize) -> Result<(), Requ
         ("dst_cidr", &f.dst_cidr),
         ("cidr", &f.cidr),
         ("interface", &f.interface),
+        ("unit", &f.unit),
+        ("cgroup", &f.cgroup),
     ];
     for (name, v) in fields {
         if let Some(v) = v.as_deref().filter(|v| v.len() > limit) {
@@ -237,22 +243,33 @@ pub fn parse_filter(f: &proto::Filter, path: &str) -> Result<Filter, RequestErro
                 })
         })
         .transpose()?;
-    let interface = match &f.interface {
-        Some(i) if i.is_empty() => {
-            return Err(RequestError::Empty {
-                field: field("interface"),
-            });
-        }
-        Some(i) => Some(
-            crate::record::filter::NamePattern::parse(i).map_err(|source| {
-                RequestError::Pattern {
-                    field: field("interface"),
-                    source,
-                }
-            })?,
-        ),
-        None => None,
+    let pattern = |v: &Option<String>, name: &str| match v {
+        Some(i) if i.is_empty() => Err(RequestError::Empty { field: field(name) }),
+        Some(i) => crate::record::filter::NamePattern::parse(i)
+            .map(Some)
+            .map_err(|source| RequestError::Pattern {
+                field: field(name),
+                source,
+            }),
+        None => Ok(None),
     };
+    let interface = pattern(&f.interface, "interface")?;
+    let unit = pattern(&f.unit, "unit")?;
+    let cgroup = f
+        .cgroup
+        .as_deref()
+        .map(|c| {
+            cgroup_path(c).ok_or_else(|| RequestError::CgroupPath {
+                field: field("cgroup"),
+                value: c.to_owned(),
+            })
+        })
+        .transpose()?;
+    if f.pid == Some(0) {
+        return Err(RequestError::Pid {
+            field: field("pid"),
+        });
+    }
     Ok(Filter {
         src: cidr(&f.src_cidr, "src_cidr")?,
         dst: cidr(&f.dst_cidr, "dst_cidr")?,
@@ -266,6 +283,23 @@ pub fn parse_filter(f: &proto::Filter, path: &str) -> Result<Filter, RequestErro
         tcp_flags,
         end_reason,
         min_bytes: f.min_bytes,
+        unit,
+        cgroup,
+        pid: f.pid,
+    })
+}
+
+/// A cgroup path as filters compare it: from the root, without a trailing `/` (but `/`
+/// itself); None when it does not start at the root.
+pub fn cgroup_path(s: &str) -> Option<String> {
+    if !s.starts_with('/') {
+        return None;
+    }
+    let t = s.trim_end_matches('/');
+    Some(if t.is_empty() {
+        "/".into()
+    } else {
+        t.to_owned()
     })
 }
 
@@ -379,6 +413,29 @@ fn tcp_to_proto(t: &TcpInfo) -> proto::TcpInfo {
     }
 }
 
+fn process_to_proto(p: &LocalProcess) -> proto::LocalProcess {
+    proto::LocalProcess {
+        cgroup_id: p.cgroup_id,
+        cgroup: p.cgroup.as_deref().unwrap_or_default().to_owned(),
+        unit: p.unit.as_deref().unwrap_or_default().to_owned(),
+        pid: p.pid,
+        comm: p.comm.clone().unwrap_or_default(),
+        uid: p.uid,
+    }
+}
+
+fn process_from_proto(p: &proto::LocalProcess) -> LocalProcess {
+    let text = |s: &str| (!s.is_empty()).then(|| s.into());
+    LocalProcess {
+        cgroup_id: p.cgroup_id,
+        cgroup: text(&p.cgroup),
+        unit: text(&p.unit),
+        pid: p.pid,
+        comm: (!p.comm.is_empty()).then(|| p.comm.clone()),
+        uid: p.uid,
+    }
+}
+
 fn icmp_to_proto(i: &IcmpInfo) -> proto::IcmpInfo {
     proto::IcmpInfo {
         client_type: i.client_type.map(u32::from),
@@ -429,6 +486,8 @@ impl From<&FlowRecord> for proto::FlowRecord {
             end_reason: proto::EndReason::from(r.end_reason).into(),
             tcp: r.tcp.as_ref().map(tcp_to_proto),
             icmp: r.icmp.as_ref().map(icmp_to_proto),
+            client_process: r.client_process.as_deref().map(process_to_proto),
+            server_process: r.server_process.as_deref().map(process_to_proto),
         }
     }
 }
@@ -569,6 +628,14 @@ impl TryFrom<&proto::FlowRecord> for FlowRecord {
             end_reason: end_reason_from_proto(p.end_reason()).unwrap_or(EndReason::IdleTimeout),
             tcp,
             icmp,
+            client_process: p
+                .client_process
+                .as_ref()
+                .map(|p| Box::new(process_from_proto(p))),
+            server_process: p
+                .server_process
+                .as_ref()
+                .map(|p| Box::new(process_from_proto(p))),
         })
     }
 }

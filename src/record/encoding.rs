@@ -8,7 +8,9 @@ use bytes::Bytes;
 use prost_types::Timestamp;
 
 use crate::record::api::{end_reason_from_proto, proto, tcp_state_from_proto};
-use crate::record::flow::{DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo};
+use crate::record::flow::{
+    DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, LocalProcess, TcpInfo,
+};
 
 /// Longest textual IP address: eight groups of four hex digits and seven colons.
 const ADDR_TEXT_MAX: usize = 39;
@@ -193,16 +195,22 @@ impl Fields<'_> {
         }
     }
 
-    /// A nested message whose body `write` appends. Every nested message of a record is
-    /// shorter than 128 bytes, so its length is one byte, patched in afterwards.
+    /// A nested message whose body `write` appends. Nearly every nested message of a
+    /// record is shorter than 128 bytes, so its length is one byte, patched in
+    /// afterwards; a longer one (a long cgroup path) moves its body along for the rest.
     fn message(&mut self, tag: u32, write: impl FnOnce(&mut Self)) {
         self.key(tag, LEN);
         let at = self.0.len();
         self.0.push(0);
         write(self);
         let len = self.0.len() - at - 1;
-        assert!(len < 0x80, "nested message of {len} bytes");
-        self.0[at] = len as u8;
+        if len < 0x80 {
+            self.0[at] = len as u8;
+            return;
+        }
+        let mut head = Vec::with_capacity(5);
+        Fields(&mut head).varint(len as u64);
+        self.0.splice(at..at + 1, head);
     }
 
     fn timestamp(&mut self, tag: u32, t: &Timestamp) {
@@ -244,6 +252,19 @@ impl Fields<'_> {
             f.latency(8, &t.client_latency);
             f.latency(9, &t.server_latency);
         });
+    }
+
+    fn process(&mut self, tag: u32, p: &Option<Box<LocalProcess>>) {
+        if let Some(p) = p {
+            self.message(tag, |f| {
+                f.opt(1, p.cgroup_id);
+                f.bytes(2, p.cgroup.as_deref().unwrap_or_default().as_bytes());
+                f.bytes(3, p.unit.as_deref().unwrap_or_default().as_bytes());
+                f.opt(4, p.pid.map(u64::from));
+                f.bytes(5, p.comm.as_deref().unwrap_or_default().as_bytes());
+                f.opt(6, p.uid.map(u64::from));
+            });
+        }
     }
 
     fn icmp(&mut self, tag: u32, i: &IcmpInfo) {
@@ -291,7 +312,15 @@ pub fn encode_record(at: Stamp, r: &FlowRecord, buf: &mut Vec<u8>) {
     };
     let client_addr = AddrText::of(r.client_addr);
     let server_addr = AddrText::of(r.server_addr);
-    buf.reserve(RECORD_FIXED_MAX + r.interface.len() + r.observer.len());
+    let strings: usize = r
+        .processes()
+        .map(|p| {
+            p.cgroup.as_deref().map_or(0, str::len)
+                + p.unit.as_deref().map_or(0, str::len)
+                + p.comm.as_deref().map_or(0, str::len)
+        })
+        .sum();
+    buf.reserve(RECORD_FIXED_MAX + r.interface.len() + r.observer.len() + strings);
     let mut f = Fields(buf);
     f.int32(1, ip_version.into());
     f.uint(2, u64::from(r.protocol));
@@ -322,6 +351,8 @@ pub fn encode_record(at: Stamp, r: &FlowRecord, buf: &mut Vec<u8>) {
     f.uint(23, at.run);
     f.timestamp(24, &Timestamp::from(r.emitted));
     f.uint(25, u64::from(r.partial));
+    f.process(26, &r.client_process);
+    f.process(27, &r.server_process);
 }
 
 // ---------------------------------------------------------------------------
@@ -528,6 +559,27 @@ impl<'a> Field<'a> {
         Ok(t)
     }
 
+    fn process(self) -> Result<Box<LocalProcess>, DecodeError> {
+        let mut p = LocalProcess::default();
+        let text = |f: Field<'_>| -> Result<Option<Arc<str>>, DecodeError> {
+            let t = f.text()?;
+            Ok((!t.is_empty()).then(|| Arc::from(t)))
+        };
+        Wire(self.bytes()?).fields(|tag, f| {
+            match tag {
+                1 => p.cgroup_id = Some(f.int()?),
+                2 => p.cgroup = text(f)?,
+                3 => p.unit = text(f)?,
+                4 => p.pid = Some(f.narrow()?),
+                5 => p.comm = Some(f.text()?.to_owned()).filter(|c| !c.is_empty()),
+                6 => p.uid = Some(f.narrow()?),
+                _ => {}
+            }
+            Ok(true)
+        })?;
+        Ok(Box::new(p))
+    }
+
     fn icmp(self) -> Result<IcmpInfo, DecodeError> {
         let mut i = IcmpInfo {
             client_type: None,
@@ -619,6 +671,8 @@ impl RecordDecoder {
             partial: false,
             tcp: None,
             icmp: None,
+            client_process: None,
+            server_process: None,
         };
         let mut observer: &[u8] = b"";
         Wire(bytes).fields(|tag, f| {
@@ -657,6 +711,8 @@ impl RecordDecoder {
                 23 => at.run = f.int()?,
                 24 => emitted = Some(f.time()?),
                 25 => r.partial = f.int()? != 0,
+                26 => r.client_process = Some(f.process()?),
+                27 => r.server_process = Some(f.process()?),
                 _ => {}
             }
             Ok(true)
@@ -994,6 +1050,30 @@ mod tests {
             echo_rtt: Some(widest),
         });
         r.first_seen = UNIX_EPOCH - Duration::new(u32::MAX as u64 * 8, 999_999_999);
+        out.push(r);
+        // The local processes: every field, none (an owner nobody is known for), and a
+        // cgroup path long enough that its message's length takes two bytes.
+        let mut r = base();
+        r.client_process = Some(Box::new(LocalProcess {
+            cgroup_id: Some(u64::MAX),
+            cgroup: Some("/system.slice/nginx.service".into()),
+            unit: Some("nginx.service".into()),
+            pid: Some(u32::MAX),
+            comm: Some("nginx".into()),
+            uid: Some(0),
+        }));
+        r.server_process = Some(Box::default());
+        out.push(r);
+        let mut r = base();
+        let deep = format!("/machine.slice/{}/payload.scope", "x".repeat(300));
+        r.server_process = Some(Box::new(LocalProcess {
+            cgroup_id: Some(1),
+            cgroup: Some(deep.into()),
+            unit: Some("payload.scope".into()),
+            pid: None,
+            comm: None,
+            uid: None,
+        }));
         out.push(r);
         out
     }

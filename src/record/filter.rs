@@ -10,14 +10,14 @@ use crate::record::flow::{EndReason, FlowRecord};
 
 /// A pattern that does not compile.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid interface pattern {pattern:?}: {reason}")]
+#[error("invalid pattern {pattern:?}: {reason}")]
 pub struct PatternError {
     pub pattern: String,
     pub reason: String,
 }
 
-/// An interface name pattern: `/regex/` (anchored), a glob (`veth*`), or a literal name;
-/// `run --interface` and the subscribers' `interface` filter read the same grammar.
+/// A name pattern: `/regex/` (anchored), a glob (`veth*`), or a literal name; `run
+/// --interface` and the subscribers' `interface` and `unit` filters read the same grammar.
 #[derive(Debug, Clone)]
 pub enum NamePattern {
     Regex(Regex, String),
@@ -197,6 +197,12 @@ pub struct Filter {
     pub end_reason: Option<EndReason>,
     /// Minimum client.bytes + server.bytes.
     pub min_bytes: Option<u64>,
+    /// Either side's systemd unit: a name, glob or /regex/.
+    pub unit: Option<NamePattern>,
+    /// Either side's cgroup is this path or below it (from the root, no trailing `/`).
+    pub cgroup: Option<String>,
+    /// Either side's local process.
+    pub pid: Option<u32>,
 }
 
 impl Filter {
@@ -224,6 +230,12 @@ impl Filter {
             })
             && opt(&self.end_reason, |&e| e == r.end_reason)
             && opt(&self.min_bytes, |&m| r.total_bytes() >= m)
+            && opt(&self.unit, |u| {
+                r.processes()
+                    .any(|p| p.unit.as_deref().is_some_and(|n| u.matches(n)))
+            })
+            && opt(&self.cgroup, |c| r.processes().any(|p| p.in_cgroup(c)))
+            && opt(&self.pid, |&pid| r.processes().any(|p| p.pid == Some(pid)))
     }
 }
 

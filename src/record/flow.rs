@@ -223,6 +223,38 @@ pub struct IcmpInfo {
     pub echo_rtt: Option<Latency>,
 }
 
+/// Who owns a local socket a flow ends at: its cgroup (v2) and the process that opened
+/// it, as the datapath took them when the flow was admitted. Absent fields are unknown.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct LocalProcess {
+    /// The socket's cgroup v2 id (its cgroup2 directory's inode number); none on a host
+    /// without a cgroup v2 hierarchy.
+    pub cgroup_id: Option<u64>,
+    /// The cgroup's path below the cgroup v2 root (`/system.slice/nginx.service`).
+    pub cgroup: Option<Arc<str>>,
+    /// The systemd unit (service, scope, ...) the path names.
+    pub unit: Option<Arc<str>>,
+    /// The process that opened the socket (for an accepted connection, the listening
+    /// socket's), by thread group id.
+    pub pid: Option<u32>,
+    /// Its command name (at most 15 bytes).
+    pub comm: Option<String>,
+    /// Its user id.
+    pub uid: Option<u32>,
+}
+
+impl LocalProcess {
+    /// Whether `self`'s cgroup is `path` or below it (`path` without a trailing `/`, the
+    /// root being `/`).
+    pub fn in_cgroup(&self, path: &str) -> bool {
+        self.cgroup.as_deref().is_some_and(|c| {
+            path == "/"
+                || c.strip_prefix(path)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+    }
+}
+
 /// A finished (or active-timeout, or in-progress) flow, as streamed to users; its JSON
 /// form is `render::JsonRecord`.
 ///
@@ -278,6 +310,11 @@ pub struct FlowRecord {
     pub partial: bool,
     pub tcp: Option<TcpInfo>,
     pub icmp: Option<IcmpInfo>,
+    /// The local socket the client side is, with its owner; none when the client is not
+    /// a socket of this host (or no owner can be told).
+    pub client_process: Option<Box<LocalProcess>>,
+    /// The same for the server side.
+    pub server_process: Option<Box<LocalProcess>>,
 }
 
 impl FlowRecord {
@@ -294,6 +331,7 @@ impl FlowRecord {
         std::mem::swap(&mut self.client_addr, &mut self.server_addr);
         std::mem::swap(&mut self.client_port, &mut self.server_port);
         std::mem::swap(&mut self.client, &mut self.server);
+        std::mem::swap(&mut self.client_process, &mut self.server_process);
         if let Some(t) = &mut self.tcp {
             std::mem::swap(&mut t.client_flags, &mut t.server_flags);
             std::mem::swap(&mut t.client_latency, &mut t.server_latency);
@@ -341,6 +379,16 @@ impl FlowRecord {
             partial: false,
             tcp: None,
             icmp: None,
+            client_process: None,
+            server_process: None,
         }
+    }
+
+    /// The local processes of either side, client first.
+    pub fn processes(&self) -> impl Iterator<Item = &LocalProcess> {
+        self.client_process
+            .iter()
+            .chain(self.server_process.iter())
+            .map(|p| &**p)
     }
 }

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use crate::record::encoding::Stamp;
 use crate::record::flow::{
-    proto_name, tcp_flags, DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo,
-    TcpState, IPPROTO_TCP,
+    proto_name, tcp_flags, DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, LocalProcess,
+    TcpInfo, TcpState, IPPROTO_TCP,
 };
 
 /// How records are written.
@@ -169,6 +169,9 @@ enum Col {
     Ttl,
     Duration,
     End,
+    /// The local process of the client side, and of the server side (`--wide`).
+    ClientProcess,
+    ServerProcess,
     Tail,
 }
 
@@ -195,7 +198,11 @@ fn layout(style: &TableStyle) -> Vec<Col> {
     if style.wide {
         cols.push(Col::Ttl);
     }
-    cols.extend([Col::Duration, Col::End, Col::Tail]);
+    cols.extend([Col::Duration, Col::End]);
+    if style.wide {
+        cols.extend([Col::ClientProcess, Col::ServerProcess]);
+    }
+    cols.push(Col::Tail);
     cols
 }
 
@@ -224,6 +231,7 @@ fn width(col: Col, style: &TableStyle) -> (usize, bool) {
         (Col::Duration, true) => (10, true),
         (Col::End, false) => (4, false),
         (Col::End, true) => (14, false),
+        (Col::ClientProcess | Col::ServerProcess, _) => (24, false),
         (Col::Tail, _) => (0, false),
     }
 }
@@ -247,6 +255,8 @@ fn title(col: Col, style: &TableStyle) -> &'static str {
         (Col::Duration, true) => "DURATION",
         (Col::End, _) if style.kind == TableKind::InProgress => "STATE",
         (Col::End, _) => "END",
+        (Col::ClientProcess, _) => "CLIENT PROCESS",
+        (Col::ServerProcess, _) => "SERVER PROCESS",
         (Col::Tail, false) => "METRICS",
         (Col::Tail, true) => "DETAIL",
     }
@@ -307,6 +317,8 @@ fn row(layout: &[Col], style: &TableStyle, r: &FlowRecord) -> String {
                 _ => r.end_reason.as_str().to_owned(),
             },
             Col::End => end_label(r).to_owned(),
+            Col::ClientProcess => process_label(r.client_process.as_deref()),
+            Col::ServerProcess => process_label(r.server_process.as_deref()),
             Col::Tail => String::new(),
         }
     };
@@ -335,6 +347,33 @@ fn row(layout: &[Col], style: &TableStyle, r: &FlowRecord) -> String {
     s
 }
 
+/// A local process as the wide table shows it: `comm[pid] uid=N /cgroup/path` (the path
+/// names the unit), what of it is known; `-` for a side that is not a local socket.
+pub fn process_label(p: Option<&LocalProcess>) -> String {
+    let Some(p) = p else {
+        return "-".into();
+    };
+    let mut parts = Vec::new();
+    match (&p.comm, p.pid) {
+        (Some(c), Some(pid)) => parts.push(format!("{c}[{pid}]")),
+        (None, Some(pid)) => parts.push(format!("[{pid}]")),
+        _ => {}
+    }
+    if let Some(uid) = p.uid {
+        parts.push(format!("uid={uid}"));
+    }
+    match (&p.cgroup, p.cgroup_id) {
+        (Some(c), _) => parts.push(c.to_string()),
+        (None, Some(id)) => parts.push(format!("cgroup#{id}")),
+        _ => {}
+    }
+    if parts.is_empty() {
+        "?".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
 /// One table line in `style` (header and date lines aside).
 pub fn table_row(r: &FlowRecord, style: &TableStyle) -> String {
     row(&layout(style), style, r)
@@ -359,6 +398,8 @@ const LEGEND_WIDE: &str = "OBSERVER: the agent that saw the flow. IFACE: the int
 END: idle_timeout, active_timeout (long flow, counters since its previous record), tcp_fin,\n\
 \x20 tcp_rst (who reset, or refused), shutdown (agent stopped), evicted (room made in a full\n\
 \x20 flow map), in_progress. TTL C/S: last TTL/hop limit of each side.\n\
+CLIENT PROCESS, SERVER PROCESS: the local socket's owner, COMMAND[PID] uid=UID /cgroup/path\n\
+\x20 (the path names the systemd unit); - = not a local socket (a remote host, forwarding).\n\
 DETAIL: TCP state; flags C|S = TCP flags each side sent (S SYN, A ACK, P PSH, F FIN, R RST,\n\
 \x20 U URG, E ECE, C CWR); hs C+S = handshake SYN>SYN-ACK + SYN-ACK>ACK; srv-lat/cli-lat =\n\
 \x20 server/client response time mean (min-max, jit = jitter, n = samples); syn-rtx = SYNs\n\
@@ -757,6 +798,8 @@ pub struct JsonRecord<'a> {
     partial: bool,
     tcp: Option<JsonTcp<'a>>,
     icmp: Option<&'a IcmpInfo>,
+    client_process: Option<&'a LocalProcess>,
+    server_process: Option<&'a LocalProcess>,
     seq: u64,
     run: u64,
 }
@@ -821,6 +864,8 @@ impl<'a> JsonRecord<'a> {
             partial: r.partial,
             tcp: r.tcp.as_ref().map(JsonTcp::of),
             icmp: r.icmp.as_ref(),
+            client_process: r.client_process.as_deref(),
+            server_process: r.server_process.as_deref(),
             seq: at.seq,
             run: at.run,
         }
@@ -869,6 +914,8 @@ mod tests {
             end_reason: EndReason::TcpFin,
             tcp: None,
             icmp: None,
+            client_process: None,
+            server_process: None,
         }
     }
 
@@ -1245,6 +1292,6 @@ mod tests {
         );
         assert_eq!(v["emitted"], "2026-11-25T20:03:24.000000000Z");
         assert_eq!(v["emitted_ns"], 1_795_637_004_000_000_000u64);
-        assert_eq!(keys.len(), 31, "{keys:?}");
+        assert_eq!(keys.len(), 33, "{keys:?}");
     }
 }

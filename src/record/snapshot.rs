@@ -232,6 +232,8 @@ mod tests {
             end_reason: EndReason::InProgress,
             tcp: None,
             icmp: None,
+            client_process: None,
+            server_process: None,
         };
         Arc::new(Snapshot {
             generation,

@@ -51,10 +51,20 @@ impl Agent {
     /// Starts the agent inside namespace `net.a`, attached to `net.if_a` only, with
     /// nothing on stdout, no pins and no listeners.
     pub fn start(net: &NetPair, poller: PollerConfig, capacities: Capacities) -> Agent {
+        Self::start_on(net, &[&net.if_a], poller, capacities)
+    }
+
+    /// `start`, attached to `interfaces` of namespace `net.a`.
+    pub fn start_on(
+        net: &NetPair,
+        interfaces: &[&str],
+        poller: PollerConfig,
+        capacities: Capacities,
+    ) -> Agent {
         let cfg = Config {
             poller,
             capacities,
-            ..Config::embedded(&[&net.if_a])
+            ..Config::embedded(interfaces)
         };
         let path = format!("/run/netns/{}", net.a);
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
@@ -125,6 +135,11 @@ impl Agent {
             self.maps.tcp.keys().count(),
             self.maps.icmp.keys().count(),
         ]
+    }
+
+    /// Entries of the map of flows' local ends and their owners.
+    pub fn owner_entries(&self) -> usize {
+        self.maps.owner.keys().count()
     }
 
     /// Detaches, stops the poller (which flushes), and returns every record.

@@ -10,7 +10,7 @@ pub use flowlens::record::api::proto;
 pub use flowlens::record::api::proto::flow_lens_client::FlowLensClient;
 pub use flowlens::record::api::proto::subscribe_response::Event;
 pub use flowlens::record::flow::{
-    DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, TcpInfo, TcpState,
+    DirStats, EndReason, FlowRecord, Hook, IcmpInfo, Latency, LocalProcess, TcpInfo, TcpState,
 };
 pub use flowlens::record::snapshot::SnapshotSlot;
 pub use flowlens::sinks::grpc::{self, ServiceHandle};
@@ -185,6 +185,8 @@ pub fn rec(id: u32) -> FlowRecord {
             }),
         }),
         icmp: None,
+        client_process: None,
+        server_process: None,
     }
 }
 

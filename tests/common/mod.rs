@@ -131,6 +131,7 @@ impl Harness {
                     .iter()
                     .find(|(id, _)| ext_kind(&base) == EXT_ICMP && *id == base.ext_id)
                     .map(|e| e.1),
+                owner: [None, None],
             })
             .collect()
     }

@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use crate::record::flow::{
-    EndReason, FlowRecord, Hook, Latency, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    EndReason, FlowRecord, Hook, Latency, LocalProcess, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
 };
 
 pub const VERSION: u16 = 10;
@@ -13,6 +13,8 @@ pub const TEMPLATE_SET_ID: u16 = 2;
 pub const FIRST_TEMPLATE_ID: u16 = 256;
 /// Bit 15 of an element id: an enterprise number follows the length.
 const ENTERPRISE_BIT: u16 = 0x8000;
+/// The length of a variable-length field in a template (RFC 7011 section 7).
+pub const VARIABLE_LEN: u16 = 65535;
 
 /// Element ids of the IANA "IPFIX Information Elements" registry.
 pub mod ie {
@@ -57,7 +59,29 @@ pub mod pen {
     pub const ECHO_RTT_SUM_NS: u16 = 9;
     pub const ECHO_RTT_MIN_NS: u16 = 10;
     pub const ECHO_RTT_MAX_NS: u16 = 11;
+    /// The local socket this record's packets were sent from (1) or delivered to (2),
+    /// and so whose the fields below are; 0: neither end is a local socket (a remote
+    /// peer on both sides, forwarded traffic), and the fields below are empty. The
+    /// sender is preferred: over loopback each direction's record names its own sender.
+    pub const LOCAL_ROLE: u16 = 12;
+    /// That socket's cgroup v2 id (unsigned64; 0: unknown).
+    pub const LOCAL_CGROUP_ID: u16 = 13;
+    /// The process that opened it (unsigned32; 0: unknown).
+    pub const LOCAL_PID: u16 = 14;
+    /// Its user id (unsigned32; 4294967295: unknown).
+    pub const LOCAL_UID: u16 = 15;
+    /// Its command name (string, variable length, at most 15 bytes; empty: unknown).
+    pub const LOCAL_COMM: u16 = 16;
+    /// The systemd unit its cgroup names (string, variable length, cut to
+    /// [`super::UNIT_MAX`] bytes; empty: none).
+    pub const LOCAL_UNIT: u16 = 17;
 }
+
+/// Longest command name the kernel keeps.
+const COMM_MAX: usize = 15;
+/// A unit is cut to this many bytes, so two records of the largest kind fit one message
+/// of a 576-byte path MTU (a Docker scope's name, 77 bytes, fits whole).
+pub const UNIT_MAX: usize = 80;
 
 /// flowEndReason values (IANA registry).
 pub fn end_reason_code(r: EndReason) -> u8 {
@@ -118,6 +142,16 @@ const TCP_TIMING: [u16; 7] = [
     pen::RESPONSE_JITTER_NS,
 ];
 
+/// The local socket's owner, every record adds when a PEN is configured.
+const LOCAL_OWNER: [u16; 6] = [
+    pen::LOCAL_ROLE,
+    pen::LOCAL_CGROUP_ID,
+    pen::LOCAL_PID,
+    pen::LOCAL_UID,
+    pen::LOCAL_COMM,
+    pen::LOCAL_UNIT,
+];
+
 /// The timing metrics an ICMP record adds when a PEN is configured.
 const ICMP_TIMING: [u16; 4] = [
     pen::ECHO_RTT_COUNT,
@@ -146,7 +180,11 @@ pub struct Template {
     pub shape: Shape,
     elems: Vec<Elem>,
     pub fields: Vec<Field>,
+    /// The fixed-length fields' bytes: a record's length without its variable-length
+    /// fields (their bytes vary per record).
     pub record_len: usize,
+    /// The most a record's variable-length fields take, length prefixes included.
+    pub variable_max: usize,
 }
 
 impl Template {
@@ -170,9 +208,22 @@ impl Template {
                 Shape::Tcp => elems.extend(TCP_TIMING.map(Pen)),
                 Shape::Icmp => elems.extend(ICMP_TIMING.map(Pen)),
             }
+            elems.extend(LOCAL_OWNER.map(Pen));
         }
         let fields: Vec<Field> = elems.iter().map(|e| field(*e, v6, enterprise)).collect();
-        let record_len = fields.iter().map(|f| usize::from(f.len)).sum();
+        let record_len = fields
+            .iter()
+            .filter(|f| f.len != VARIABLE_LEN)
+            .map(|f| usize::from(f.len))
+            .sum();
+        let variable_max = elems
+            .iter()
+            .map(|e| match e {
+                Elem::Pen(pen::LOCAL_COMM) => 1 + COMM_MAX,
+                Elem::Pen(pen::LOCAL_UNIT) => 1 + UNIT_MAX,
+                _ => 0,
+            })
+            .sum();
         Template {
             id,
             v6,
@@ -180,7 +231,13 @@ impl Template {
             elems,
             fields,
             record_len,
+            variable_max,
         }
+    }
+
+    /// The most bytes one record of this template takes.
+    pub fn record_max(&self) -> usize {
+        self.record_len + self.variable_max
     }
 
     /// Length of this template's record in a template set.
@@ -246,9 +303,14 @@ fn field(e: Elem, v6: bool, enterprise: Option<u32>) -> Field {
         IcmpTypeCode if v6 => std(ie::ICMP_TYPE_CODE_IPV6, 2),
         IcmpTypeCode => std(ie::ICMP_TYPE_CODE_IPV4, 2),
         // Sums and jitter are unsigned64; counts, handshakes, minima and maxima unsigned32.
-        Pen(id @ (pen::RESPONSE_SUM_NS | pen::RESPONSE_JITTER_NS | pen::ECHO_RTT_SUM_NS)) => {
-            ent(id, 8)
-        }
+        Pen(
+            id @ (pen::RESPONSE_SUM_NS
+            | pen::RESPONSE_JITTER_NS
+            | pen::ECHO_RTT_SUM_NS
+            | pen::LOCAL_CGROUP_ID),
+        ) => ent(id, 8),
+        Pen(id @ pen::LOCAL_ROLE) => ent(id, 1),
+        Pen(id @ (pen::LOCAL_COMM | pen::LOCAL_UNIT)) => ent(id, VARIABLE_LEN),
         Pen(id) => ent(id, 4),
     }
 }
@@ -291,6 +353,35 @@ impl Side<'_> {
     /// through the hook that saw the flow's first packet.
     fn inbound(&self) -> bool {
         (self.rec.first_hook == Hook::Ingress) == self.from_client
+    }
+
+    /// The local socket of this record's packets and its role (`pen::LOCAL_ROLE`): the
+    /// sender's when it is local, else the receiver's.
+    fn local(&self) -> (u8, Option<&LocalProcess>) {
+        let r = self.rec;
+        let (sender, receiver) = if self.from_client {
+            (&r.client_process, &r.server_process)
+        } else {
+            (&r.server_process, &r.client_process)
+        };
+        match (sender.as_deref(), receiver.as_deref()) {
+            (Some(p), _) => (1, Some(p)),
+            (None, Some(p)) => (2, Some(p)),
+            (None, None) => (0, None),
+        }
+    }
+
+    /// The bytes of this record's variable-length fields among `elems`.
+    fn variable_len(&self, elems: &[Elem]) -> usize {
+        let (_, p) = self.local();
+        elems
+            .iter()
+            .map(|e| match e {
+                Elem::Pen(pen::LOCAL_COMM) => 1 + local_comm(p).len(),
+                Elem::Pen(pen::LOCAL_UNIT) => 1 + local_unit(p).len(),
+                _ => 0,
+            })
+            .sum()
     }
 
     fn latency(&self) -> Option<Latency> {
@@ -360,11 +451,45 @@ impl Side<'_> {
                     pen::ECHO_RTT_SUM_NS => put64(buf, rtt.map_or(0, |l| l.sum_ns)),
                     pen::ECHO_RTT_MIN_NS => put32(buf, rtt.map_or(0, |l| l.min_ns)),
                     pen::ECHO_RTT_MAX_NS => put32(buf, rtt.map_or(0, |l| l.max_ns)),
+                    pen::LOCAL_ROLE => buf.push(self.local().0),
+                    pen::LOCAL_CGROUP_ID => {
+                        put64(buf, self.local().1.and_then(|p| p.cgroup_id).unwrap_or(0))
+                    }
+                    pen::LOCAL_PID => put32(buf, self.local().1.and_then(|p| p.pid).unwrap_or(0)),
+                    pen::LOCAL_UID => {
+                        put32(buf, self.local().1.and_then(|p| p.uid).unwrap_or(u32::MAX))
+                    }
+                    pen::LOCAL_COMM => put_text(buf, local_comm(self.local().1)),
+                    pen::LOCAL_UNIT => put_text(buf, local_unit(self.local().1)),
                     _ => unreachable!("enterprise element {id} has no writer"),
                 }
             }
         }
     }
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn local_comm(p: Option<&LocalProcess>) -> &str {
+    cut(p.and_then(|p| p.comm.as_deref()).unwrap_or(""), COMM_MAX)
+}
+
+fn local_unit(p: Option<&LocalProcess>) -> &str {
+    cut(p.and_then(|p| p.unit.as_deref()).unwrap_or(""), UNIT_MAX)
+}
+
+/// A variable-length field of fewer than 255 bytes: a one-byte length, then the bytes.
+fn put_text(buf: &mut Vec<u8>, s: &str) {
+    debug_assert!(s.len() < 255);
+    buf.push(s.len() as u8);
+    buf.extend_from_slice(s.as_bytes());
 }
 
 fn put16(buf: &mut Vec<u8>, v: u16) {
@@ -427,7 +552,7 @@ impl Encoder {
             + SET_HEADER_LEN
             + templates
                 .iter()
-                .map(|t| t.wire_len().max(2 * t.record_len))
+                .map(|t| t.wire_len().max(2 * t.record_max()))
                 .max()
                 .unwrap_or(0);
         let max_len = max_len.min(usize::from(u16::MAX));
@@ -499,8 +624,16 @@ impl Encoder {
                 continue;
             }
             let t = template_index(rec);
-            let (id, len) = (self.templates[t].id, self.templates[t].record_len);
-            self.make_room(id, n * len, export_time, emit);
+            let tpl = &self.templates[t];
+            let id = tpl.id;
+            let len: usize = sides
+                .iter()
+                .flatten()
+                .map(|&from_client| {
+                    tpl.record_len + Side { rec, from_client }.variable_len(&tpl.elems)
+                })
+                .sum();
+            self.make_room(id, len, export_time, emit);
             let fid = rec.flow_id;
             for from_client in sides.into_iter().flatten() {
                 let side = Side { rec, from_client };

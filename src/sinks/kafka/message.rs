@@ -62,6 +62,8 @@ mod tests {
             end_reason: EndReason::TcpFin,
             tcp: None,
             icmp: None,
+            client_process: None,
+            server_process: None,
         }
     }
 
