@@ -437,12 +437,12 @@ impl Agent {
         self.hub.close();
         let emitted = self.hub.stats().published;
         match self.output.take().map(|o| o.finish(OUTPUT_STALL)) {
-            Some(o) if o.finished && o.lost == 0 => {
+            Some(o) if o.written == emitted => {
                 info!("{emitted} records emitted; stdout: {} written", o.written)
             }
             Some(o) => warn!(
                 "{emitted} records emitted; stdout: {} written, {} lost (it fell behind), \
-                 {} not written (stdout stopped taking them)",
+                 {} not written (stdout stopped taking them or was closed)",
                 o.written,
                 o.lost,
                 emitted.saturating_sub(o.written + o.lost)
