@@ -31,8 +31,9 @@ use crate::status::Status;
 /// in all) the poller may hand the hub before it waits for the fanout; the fanout never
 /// waits on a sink, so this only fills when the fanout itself falls behind.
 const RECORD_CHANNEL: usize = 64;
-/// How long shutdown waits for stdout to take the last records.
-const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+/// How long shutdown waits for stdout to take another record before it leaves it behind
+/// (nobody reads it); a slow reader is waited for as long as it keeps reading.
+const OUTPUT_STALL: Duration = Duration::from_secs(2);
 
 /// The poller thread and the channel whose disconnection stops it.
 type PollerThread = (Sender<()>, JoinHandle<Result<(), PollError>>);
@@ -415,7 +416,7 @@ impl Agent {
 
     /// The shutdown order: detach (no packet lands after the final flush), stop the
     /// poller (it ends every flow), let the fanout publish the last records and close the
-    /// hub, give stdout a bounded moment, end the subscribers' streams, stop the
+    /// hub, wait for stdout while it takes them, end the subscribers' streams, stop the
     /// endpoints, and remove the pins (every flow was flushed).
     pub fn shutdown(mut self) -> Result<()> {
         self.attacher.detach_all();
@@ -434,8 +435,19 @@ impl Agent {
         }
         // Normally closed by the fanout already; a no-op then.
         self.hub.close();
-        if let Some(o) = self.output.take() {
-            o.finish(OUTPUT_GRACE);
+        let emitted = self.hub.stats().published;
+        match self.output.take().map(|o| o.finish(OUTPUT_STALL)) {
+            Some(o) if o.written == emitted => {
+                info!("{emitted} records emitted; stdout: {} written", o.written)
+            }
+            Some(o) => warn!(
+                "{emitted} records emitted; stdout: {} written, {} lost (it fell behind), \
+                 {} not written (stdout stopped taking them or was closed)",
+                o.written,
+                o.lost,
+                emitted.saturating_sub(o.written + o.lost)
+            ),
+            None => info!("{emitted} records emitted"),
         }
         // The hub is closed: each exporter sends what it holds and ends its session.
         // Its sends time out on their own, so a stalled collector cannot hold this up long.

@@ -20,6 +20,149 @@ use flowlens::status::Status;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowlens");
 
+/// Killed however the test ends, so a failed assertion leaves no agent behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `flowlens run --output json` with 30,000 live flows, SIGTERM, stdout read through a
+/// pipe at a few MB/s (the shutdown flush takes seconds to read): every line is a whole
+/// JSON record, each record once, as many as the agent says it emitted and wrote.
+#[test]
+fn every_record_flushed_at_shutdown_reaches_a_slow_stdout_pipe_whole() {
+    const FLOWS: u16 = 30_000;
+    let net = NetPair::new();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &net.a, BIN, "run", "--output", "json"])
+        .args(["--interface", &net.if_a, "--pin-dir", "off"])
+        .args(["--grpc-listen", "off", "--metrics-listen", "off"])
+        // Nothing ends before the SIGTERM: the flush at shutdown emits every flow.
+        .args(["--poll-interval", "200ms", "--idle-timeout-udp", "10m"])
+        .args(["--idle-timeout-icmp", "10m"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn flowlens");
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let mut agent = KillOnDrop(child);
+    let log = common::bin::lines(stderr.expect("stderr"));
+    // A slow reader: 8 KiB at a time, a millisecond apart (about 5 MB/s at most).
+    let reader = std::thread::spawn(move || {
+        let mut out = stdout.expect("stdout");
+        let (mut all, mut buf) = (Vec::new(), [0u8; 8192]);
+        loop {
+            match std::io::Read::read(&mut out, &mut buf) {
+                Ok(0) | Err(_) => return all,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log
+        .recv_deadline(deadline)
+        .expect("the agent attaches")
+        .contains("monitoring")
+    {}
+
+    // One datagram from each of FLOWS source ports to an echo server, which answers it:
+    // FLOWS UDP flows, live until the SIGTERM.
+    let (a, b) = (net.v4_a, net.v4_b);
+    let echo = net.in_ns(&net.b, move || {
+        let s = UdpSocket::bind(SocketAddr::new(b, 0)).expect("bind the echo server");
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let port = s.local_addr().expect("addr").port();
+        (s, port)
+    });
+    let (echo, port) = echo.join().expect("echo server");
+    let echoing = std::thread::spawn(move || {
+        let (mut n, mut buf) = (0u32, [0u8; 64]);
+        while let Ok((len, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..len], from);
+            n += 1;
+        }
+        n
+    });
+    net.in_ns(&net.a, move || {
+        for p in 20_000..20_000 + FLOWS {
+            let s = UdpSocket::bind(SocketAddr::new(a, p)).expect("bind a source port");
+            s.send_to(&[7u8; 16], SocketAddr::new(b, port))
+                .expect("send");
+        }
+    })
+    .join()
+    .expect("traffic");
+    // The echo server stops 2 s after the last datagram. One its socket dropped leaves
+    // its flow unanswered (in probation), flushed at shutdown all the same.
+    let echoed = echoing.join().expect("echo thread");
+
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) }, 0);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = agent.0.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(45),
+            "the agent did not stop within 45 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status:?}");
+    let took = t0.elapsed();
+    let out = reader.join().expect("stdout reader");
+    let text = String::from_utf8(out).expect("UTF-8 on stdout");
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "stdout ends in a cut line"
+    );
+    let mut seqs = std::collections::BTreeSet::new();
+    let mut udp = 0;
+    for (i, l) in text.lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(l)
+            .unwrap_or_else(|e| panic!("line {} of stdout is not a record ({e}): {l:?}", i + 1));
+        assert!(
+            seqs.insert(v["seq"].as_u64().expect("seq")),
+            "seq twice: {l}"
+        );
+        udp += usize::from(v["protocol"] == 17 && v["server_port"] == port);
+    }
+    // "N records emitted; stdout: M written", the agent's last words about its output.
+    let log: Vec<String> = log.try_iter().collect();
+    let last = log
+        .iter()
+        .find(|l| l.contains("records emitted"))
+        .unwrap_or_else(|| panic!("no count of records emitted in the log: {log:#?}"));
+    let number = |before: &str| -> usize {
+        last.split(before)
+            .next()
+            .and_then(|h| h.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no number before {before:?} in {last:?}"))
+    };
+    let (emitted, written) = (number(" records emitted"), number(" written"));
+    eprintln!(
+        "{echoed} of {FLOWS} datagrams echoed; {} lines read in {took:?} after SIGTERM; \
+         the agent: {last}",
+        seqs.len()
+    );
+    assert_eq!(udp, usize::from(FLOWS), "one record per UDP flow");
+    assert_eq!(written, emitted, "{last}");
+    assert_eq!(seqs.len(), emitted, "records on stdout against {last}");
+    assert_eq!(
+        seqs.last().copied(),
+        Some(emitted as u64),
+        "seqs run from 1 to {emitted}"
+    );
+}
+
 /// `flowlens run --output table | sleep 60`, as a test: stdout is a pipe nobody reads.
 /// Every flow still reaches a gRPC subscriber, stdout's losses are counted once it is a
 /// whole buffer behind, and SIGTERM ends the agent within 5 s.
@@ -32,14 +175,6 @@ fn a_blocked_stdout_holds_up_neither_subscribers_nor_shutdown() {
     let net = NetPair::new();
     let sock = format!("/tmp/flowlens-pipeline-{}.sock", std::process::id());
     let listen = format!("unix:{sock}");
-    // Killed however the test ends, so a failed assertion leaves no agent behind.
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut agent = Command::new("ip")
         .args(["netns", "exec", &net.a, BIN, "run", "--output", "table"])
         .args(["--interface", &net.if_a, "--pin-dir", "off"])

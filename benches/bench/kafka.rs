@@ -11,7 +11,7 @@ use flowlens::record::encoding::{encode_record, Endpoints, Stamp};
 use flowlens::sinks::kafka::message::write_key;
 use flowlens::sinks::kafka::{KafkaFlags, KafkaStats, Producer};
 
-use crate::common::{mixed_record, Table};
+use crate::common::{mixed_record, thread_cpu, Table};
 
 /// Records per round; rounds per measurement (the machine is shared: the table gives the
 /// range).
@@ -89,17 +89,6 @@ fn broker(topic: &str) -> Result<(Broker, u16)> {
         bail!("tansu topic create {topic} failed");
     }
     Ok((b, port))
-}
-
-/// CPU time this thread has used.
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill; CLOCK_THREAD_CPUTIME_ID always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 fn range(v: &[f64]) -> (f64, f64) {

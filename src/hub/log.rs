@@ -145,6 +145,22 @@ impl Run {
             .map(|i| (self.block.first_seq + i as u64, self.block.batch.record(i)))
     }
 
+    /// The records decoded into `into`'s first entries, reusing the records it holds
+    /// ([`RecordDecoder::decode_into`]) and keeping those after them for the next run:
+    /// how many decoded (a record that does not is left out).
+    pub fn decode_into(&self, dec: &mut RecordDecoder, into: &mut Vec<FlowRecord>) -> usize {
+        let mut n = 0;
+        for (_, bytes) in self.encoded() {
+            if let Some(r) = into.get_mut(n) {
+                n += usize::from(dec.decode_into(bytes, r).is_ok());
+            } else if let Ok((_, r)) = dec.decode(bytes) {
+                into.push(r);
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// The records, decoded.
     pub fn decode<'a>(
         &'a self,

@@ -475,6 +475,27 @@ impl<'a> Field<'a> {
     }
 
     fn time(self) -> Result<SystemTime, DecodeError> {
+        // What the encoder writes from a SystemTime after 1970, read without the general
+        // loop: seconds (field 1), then nanos (field 2) when not zero.
+        let b = self.bytes()?;
+        if let [0x08, rest @ ..] = b {
+            let mut w = Wire(rest);
+            let secs = w.varint()?;
+            let nanos = match w.0 {
+                [] => Some(0),
+                [0x10, ..] => {
+                    w.0 = &w.0[1..];
+                    let n = w.varint()?;
+                    (w.0.is_empty() && n < 1_000_000_000).then_some(n as u32)
+                }
+                _ => None,
+            };
+            if let (Some(nanos), true) = (nanos, secs <= i64::MAX as u64) {
+                return SystemTime::UNIX_EPOCH
+                    .checked_add(std::time::Duration::new(secs, nanos))
+                    .ok_or(DecodeError("a timestamp out of range"));
+            }
+        }
         let mut t = Timestamp::default();
         Wire(self.bytes()?).fields(|tag, f| {
             match tag {
@@ -643,37 +664,23 @@ impl RecordDecoder {
     /// The record `bytes` encode (a `FlowRecord` message, without a length prefix) and its
     /// stamp. Fields this agent does not know are skipped.
     pub fn decode(&mut self, bytes: &[u8]) -> Result<(Stamp, FlowRecord), DecodeError> {
+        let observer = self.observer.clone().unwrap_or_else(|| Arc::from(""));
+        let mut r = blank(String::new(), observer);
+        let at = self.decode_into(bytes, &mut r)?;
+        Ok((at, r))
+    }
+
+    /// [`decode`](Self::decode) into `r`, reusing what it holds (its interface name's
+    /// buffer, the observer name): a sink that reads every record allocates nothing per
+    /// record for them. On an error `r` holds part of the record.
+    pub fn decode_into(&mut self, bytes: &[u8], r: &mut FlowRecord) -> Result<Stamp, DecodeError> {
+        let mut interface = std::mem::take(&mut r.interface);
+        interface.clear();
+        *r = blank(interface, r.observer.clone());
         let mut at = Stamp::default();
         let mut first_seen = None;
         let mut window_start = None;
         let mut emitted = None;
-        let mut r = FlowRecord {
-            flow_id: 0,
-            observer: Arc::from(""),
-            ip_version: 0,
-            protocol: 0,
-            client_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            client_port: 0,
-            server_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            server_port: 0,
-            ifindex: 0,
-            interface: String::new(),
-            first_hook: Hook::Ingress,
-            first_seen: SystemTime::UNIX_EPOCH,
-            last_seen: SystemTime::UNIX_EPOCH,
-            window_start: SystemTime::UNIX_EPOCH,
-            emitted: SystemTime::UNIX_EPOCH,
-            client: DirStats::default(),
-            server: DirStats::default(),
-            end_reason: EndReason::IdleTimeout,
-            continuation: false,
-            fragment: false,
-            partial: false,
-            tcp: None,
-            icmp: None,
-            client_process: None,
-            server_process: None,
-        };
         let mut observer: &[u8] = b"";
         Wire(bytes).fields(|tag, f| {
             match tag {
@@ -684,7 +691,10 @@ impl RecordDecoder {
                 5 => r.server_addr = f.addr()?,
                 6 => r.server_port = f.narrow()?,
                 7 => r.ifindex = f.narrow()?,
-                8 => r.interface = f.text()?.to_owned(),
+                8 => {
+                    r.interface.clear();
+                    r.interface.push_str(f.text()?);
+                }
                 9 => {
                     r.first_hook = match proto::Hook::try_from(f.int()? as i32) {
                         Ok(proto::Hook::Egress) => Hook::Egress,
@@ -722,8 +732,10 @@ impl RecordDecoder {
         r.window_start = window_start.unwrap_or(r.first_seen);
         // Absent from encodings made before emitted existed: the latest packet.
         r.emitted = emitted.unwrap_or(r.last_seen);
-        r.observer = self.observer(observer)?;
-        Ok((at, r))
+        if r.observer.as_bytes() != observer {
+            r.observer = self.observer(observer)?;
+        }
+        Ok(at)
     }
 
     fn observer(&mut self, bytes: &[u8]) -> Result<Arc<str>, DecodeError> {
@@ -734,6 +746,37 @@ impl RecordDecoder {
         let o: Arc<str> = Arc::from(text);
         self.observer = Some(o.clone());
         Ok(o)
+    }
+}
+
+/// A record with nothing read into it yet, holding `interface` (emptied) and `observer`.
+fn blank(interface: String, observer: Arc<str>) -> FlowRecord {
+    FlowRecord {
+        flow_id: 0,
+        observer,
+        ip_version: 0,
+        protocol: 0,
+        client_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        client_port: 0,
+        server_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        server_port: 0,
+        ifindex: 0,
+        interface,
+        first_hook: Hook::Ingress,
+        first_seen: SystemTime::UNIX_EPOCH,
+        last_seen: SystemTime::UNIX_EPOCH,
+        window_start: SystemTime::UNIX_EPOCH,
+        emitted: SystemTime::UNIX_EPOCH,
+        client: DirStats::default(),
+        server: DirStats::default(),
+        end_reason: EndReason::IdleTimeout,
+        continuation: false,
+        fragment: false,
+        partial: false,
+        tcp: None,
+        icmp: None,
+        client_process: None,
+        server_process: None,
     }
 }
 
@@ -1120,6 +1163,47 @@ mod tests {
         buf.extend_from_slice(&[0xc0, 0x02, 0x05]); // field 40, varint 5
         assert_eq!(dec.decode(&buf).unwrap().1, base());
         assert!(dec.decode(&buf[..buf.len() - 10]).is_err(), "truncated");
+    }
+
+    #[test]
+    fn timestamps_read_back_exactly_before_and_after_1970() {
+        use std::time::Duration;
+        let e = SystemTime::UNIX_EPOCH;
+        for t in [
+            e,
+            e + Duration::from_nanos(1),
+            e + Duration::from_secs(1),
+            e + Duration::new(1_800_000_000, 999_999_999),
+            SystemTime::now(),
+            e - Duration::from_millis(1500),
+            e - Duration::from_secs(1),
+        ] {
+            let mut buf = Vec::new();
+            let mut f = Fields(&mut buf);
+            f.timestamp(1, &Timestamp::from(t));
+            let mut w = Wire(&buf);
+            assert_eq!(w.key().unwrap(), Some((1, LEN)));
+            assert_eq!(Field::Bytes(w.len_delimited().unwrap()).time(), Ok(t));
+        }
+    }
+
+    #[test]
+    fn decoding_into_a_used_record_leaves_nothing_of_the_one_before() {
+        let mut dec = RecordDecoder::default();
+        let recs = variants();
+        let mut into = base();
+        into.interface = "a-much-longer-interface-name".into();
+        // Every variant after every other: what one had and the next has not is gone.
+        for (i, r) in recs.iter().chain(recs.iter().rev()).enumerate() {
+            let mut buf = Vec::new();
+            let at = Stamp {
+                run: 7,
+                seq: i as u64,
+            };
+            encode_record(at, r, &mut buf);
+            assert_eq!(dec.decode_into(&buf, &mut into).unwrap(), at);
+            assert_eq!(&into, r, "variant {i}");
+        }
     }
 
     #[test]

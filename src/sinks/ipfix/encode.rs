@@ -348,6 +348,12 @@ struct Side<'a> {
     from_client: bool,
 }
 
+/// What both directions of a record share, worked out once per record.
+struct Shared {
+    start_ms: u64,
+    end_ms: u64,
+}
+
 impl Side<'_> {
     /// The sender's packets crossed the interface inbound: the client's come
     /// through the hook that saw the flow's first packet.
@@ -393,7 +399,7 @@ impl Side<'_> {
         }
     }
 
-    fn write(&self, e: Elem, flow_id: u64, buf: &mut Vec<u8>) {
+    fn write(&self, e: Elem, flow_id: u64, shared: &Shared, buf: &mut Vec<u8>) {
         use Elem::*;
         let r = self.rec;
         let c = self.from_client;
@@ -412,8 +418,8 @@ impl Side<'_> {
             Ingress => put32(buf, if self.inbound() { r.ifindex } else { 0 }),
             Egress => put32(buf, if self.inbound() { 0 } else { r.ifindex }),
             Direction => buf.push(u8::from(!self.inbound())),
-            Start => put64(buf, millis(r.window_start)),
-            End => put64(buf, millis(r.last_seen)),
+            Start => put64(buf, shared.start_ms),
+            End => put64(buf, shared.end_ms),
             Octets => put64(buf, stats.bytes),
             Packets => put64(buf, stats.packets),
             EndReason => buf.push(end_reason_code(r.end_reason)),
@@ -635,10 +641,14 @@ impl Encoder {
                 .sum();
             self.make_room(id, len, export_time, emit);
             let fid = rec.flow_id;
+            let shared = Shared {
+                start_ms: millis(rec.window_start),
+                end_ms: millis(rec.last_seen),
+            };
             for from_client in sides.into_iter().flatten() {
                 let side = Side { rec, from_client };
                 for e in &self.templates[t].elems {
-                    side.write(*e, fid, &mut self.buf);
+                    side.write(*e, fid, &shared, &mut self.buf);
                 }
             }
             self.flows += 1;
