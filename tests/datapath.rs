@@ -944,19 +944,63 @@ fn new_flows_go_straight_in_below_the_gate_and_through_probation_past_it() {
     assert_eq!(h.counter("probation_admitted_tcp"), 1);
     assert_eq!(h.counter("packets_accounted"), 8 + 5 + 4 + 2);
     assert_eq!(h.counter("base_map_full"), 0);
-    // The scan ends every flow and counts the map again: the gate opens.
+    // A handshake that starts past the gate and is still waiting when the gate opens
+    // again: its answer finds it in probation and moves it, identity and all.
+    let syn2 = v4_frame(A, B, 6, 64, &tcp(7001, 80, TCP_SYN, &[]));
+    h.run(Hook::Egress, &syn2);
+    assert_eq!(h.probation().len(), 1);
+    // The scan ends the idle UDP flows and counts the map again: the gate opens.
     let mut table = KernelTable::new(h.dp.maps().expect("maps"));
+    let cfg = PollerConfig {
+        idle_udp: std::time::Duration::from_secs(1),
+        idle_tcp: std::time::Duration::from_secs(3600),
+        ..PollerConfig::default()
+    };
+    let later = monotonic_ns() + 2_000_000_000;
+    let (ended, _) = collect_scan(&mut table, &args(&cfg, later, later, false), 1).expect("scan");
+    assert_eq!(ended.len(), 12, "the UDP flows");
+    assert_eq!(h.probation().len(), 1, "the SYN still waits");
+    h.run(
+        Hook::Ingress,
+        &v4_frame(B, A, 6, 64, &tcp(80, 7001, TCP_SYN | TCP_ACK, &[])),
+    );
+    h.run(Hook::Egress, &req(30));
+    assert_eq!(h.probation().len(), 1, "a SYN-ACK does not admit");
+    assert_eq!(h.base_flows().len(), 2, "room: a new flow goes straight in");
+    h.run(
+        Hook::Egress,
+        &v4_frame(A, B, 6, 64, &tcp(7001, 80, TCP_ACK, &[])),
+    );
+    assert!(h.probation().is_empty(), "moved, not made twice");
+    let moved = h
+        .joined()
+        .into_iter()
+        .find(|f| f.key.port_lo == 7001)
+        .expect("the handshake");
+    assert_eq!(moved.base.packets, [2, 1]);
+    assert_eq!(client_dir(&moved.base), LO_TO_HI);
+    let hs = (types::tcp_bits::TCPB_CLIENT_HS.0 | types::tcp_bits::TCPB_SERVER_HS.0) as u8;
+    assert_eq!(moved.tcp_hot().expect("TCP state").bits & hs, hs);
+    // A flush ends everything: the count is zero again.
     let now = monotonic_ns();
-    let (ended, _) =
-        collect_scan(&mut table, &args(&PollerConfig::default(), now, now, true), 1).expect("scan");
-    assert_eq!(ended.len(), 13);
+    let (ended, _) = collect_scan(
+        &mut table,
+        &args(&PollerConfig::default(), now, now, true),
+        1,
+    )
+    .expect("scan");
+    assert_eq!(ended.len(), 3);
     for port in 20..=27 {
         h.run(Hook::Egress, &req(port));
     }
     assert_eq!(h.base_flows().len(), 8, "straight in again");
     assert!(h.probation().is_empty());
     h.run(Hook::Egress, &req(28));
-    assert_eq!(h.probation().len(), 1, "and the gate closes at the same fill");
+    assert_eq!(
+        h.probation().len(),
+        1,
+        "and the gate closes at the same fill"
+    );
 }
 
 #[test]

@@ -317,7 +317,11 @@ fn closes_are_noted_and_a_pass_over_the_notes_ends_them() {
         &v4_frame(CLIENT, SERVER, 6, 64, &tcp(50001, 8080, TCP_RST, &[])),
     );
     assert_eq!(h.maps.closing.keys().count(), 2, "a lone RST too");
-    assert_eq!(h.maps.probation.keys().count(), 0, "no pressure, no probation");
+    assert_eq!(
+        h.maps.probation.keys().count(),
+        0,
+        "no pressure, no probation"
+    );
     h.run(
         Hook::Egress,
         &v4_frame(CLIENT, SERVER, 17, 64, &udp(5000, 53, b"q")),

@@ -574,7 +574,7 @@ fn answered_new(prog: &ProgramMut<'_>, n: u32, is_tcp: bool, salt: u16) -> Resul
 /// by its answer). Rounds alternate the three; each figure is the median of its rounds,
 /// less the one-run timer floor of its two runs.
 fn admission(t: &mut Table) -> Result<()> {
-    const ROUNDS: u16 = 7;
+    const ROUNDS: u16 = 11;
     let n = 10_000;
     let base = load_baselines()?;
     let udp4 = v4_frame(A, B, 17, 64, &udp(40_000, 53, &[0u8; 64]));

@@ -63,7 +63,12 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 	if (!b) {
 		bool done = false;
 
-		if (base_has_room())
+		/* straight in, unless it waits in probation from a time
+		 * under pressure (looked for only while probation has flows)
+		 */
+		if (base_has_room() &&
+		    (!probe_maybe() ||
+		     !bpf_map_lookup_elem(&probation, &a.p.key)))
 			b = base_new(skb, &a, hook, &done);
 		if (done)
 			return;

@@ -53,6 +53,29 @@ const volatile __s64 admission_room = 32768;
 __u64 base_inserted;
 __s64 base_offset;
 
+/* Whether probation may hold a flow (PROBE_BUSY), so that a new flow let
+ * straight in must look there first: 0 only once a full scan walked it empty
+ * with no insert meanwhile (PROBE_CHECKING while it walks; scan.h), so a
+ * host that is not under pressure never looks.
+ */
+#define PROBE_BUSY 1
+#define PROBE_CHECKING 2
+__u32 probe_busy;
+
+/* After a probation insert and a fully ordered atomic: a flow is there now.
+ * The exchange orders the flag before the caller's look at the base map.
+ */
+static __always_inline void probe_mark_busy(void)
+{
+	if (*(volatile __u32 *)&probe_busy != PROBE_BUSY)
+		__sync_lock_test_and_set(&probe_busy, PROBE_BUSY);
+}
+
+static __always_inline bool probe_maybe(void)
+{
+	return *(volatile __u32 *)&probe_busy;
+}
+
 /* Whether a new flow goes straight into the base map. */
 static __always_inline bool base_has_room(void)
 {
@@ -230,12 +253,15 @@ static __always_inline void probe_recheck(const struct acct *a, __u32 slot)
 /* The same from the other side: a flow just made in the base map (base_new)
  * whose packet on another CPU went to probation meanwhile (the gate closed
  * between the two lookups). Each side inserts, then a fully ordered atomic,
- * then looks the other map up, so at least one of them sees both.
+ * then looks at the other (probation's side marks it busy first), so at
+ * least one of them sees both.
  */
 static __always_inline void base_recheck(const struct acct *a)
 {
 	struct flow_base *b, *pb;
 
+	if (!probe_maybe())
+		return;
 	pb = bpf_map_lookup_elem(&probation, &a->p.key);
 	if (!pb)
 		return;
@@ -308,6 +334,7 @@ static __always_inline struct flow_base *probe_account(struct __sk_buff *skb,
 		if (!err) {
 			count(CNT_PACKETS, a->pkts);
 			count_ordered(CNT_PROBE_NEW + slot, 1);
+			probe_mark_busy();
 			probe_recheck(a, slot);
 			return NULL;
 		}

@@ -516,7 +516,10 @@ impl Datapath {
     }
 
     /// Like `load`, with new flows admitted as `admission` says (benchmarks, tests).
-    pub fn load_admission(cap: Capacities, admission: Admission) -> Result<Datapath, DatapathError> {
+    pub fn load_admission(
+        cap: Capacities,
+        admission: Admission,
+    ) -> Result<Datapath, DatapathError> {
         Self::load_as(cap, None, true, admission)
     }
 
@@ -593,9 +596,11 @@ impl Datapath {
         }
         let mut skel = open.load().map_err(DatapathError::Load)?;
         let reused_flows = reused.then(|| skel.maps.flows.keys().count() as u64);
-        // The gate's estimate counts the flows found, until the first scan counts again.
+        // The gate's estimate counts the flows found, and probation may hold some, until
+        // the first scan counts again (src/bpf/probation.h).
         if let (Some(n), Some(bss)) = (reused_flows, skel.maps.bss_data.as_deref_mut()) {
             bss.base_offset = i64::try_from(n).unwrap_or(i64::MAX);
+            bss.probe_busy = 1;
         }
         if let (Some(n), Some(dir)) = (reused_flows, &pin_dir) {
             info!(
