@@ -9,7 +9,7 @@
  * on the socket itself (owner_socks, socket-local storage freed with the
  * socket), noted when the socket is created (owner_sock_create, on the
  * cgroup v2 root) or, for sockets older than the agent, by a walk of every
- * task's open files at start (owner_seed). The cgroup is the socket's own
+ * task's open files at start (seed.bpf.c). The cgroup is the socket's own
  * (bpf_sk_cgroup_id): the cgroup v2 cgroup of the process that opened it.
  *
  * The admitting packet's sockets: on egress the one the packet carries;
@@ -28,13 +28,9 @@
 
 #include <bpf/bpf_core_read.h>
 
-
 #define LOOPBACK_IFINDEX 1
-#define AF_INET 2
-#define AF_INET6 10
 /* The cgroup v2 root: every process on a host that does not use cgroup v2 */
 #define CGROUP_ROOT_ID 1
-#define E2BIG 7
 #define PACKET_OTHERHOST 3
 
 /* Off (set before load) for a datapath that attributes nothing: the
@@ -42,32 +38,13 @@
  */
 const volatile bool owner_attribution = true;
 
-/* The process that opened a socket, kept on the socket. */
-struct owner_sock {
-	__u32 pid;		/* thread group id */
-	__u32 uid;
-	__u8 comm[16];		/* its command name (NUL-terminated) */
-};
-
-
-enum owner_counter {
-	OWN_FULL = 0,		/* a flow's attribution lost: flows_owner full */
-	OWN_SOCK_LOST,		/* a socket's owner not noted: no storage */
-	OWN_MAX,
-};
+#include "owner_sock.h"
 
 /* In BTF, so the skeleton's `types` module carries them. */
 struct owner_enums {
 	enum owner_counter counter;
 };
 const volatile struct owner_enums owner_enums_btf = {};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct owner_sock);
-} owner_socks SEC(".maps");
 
 /* Capacity is set from userspace before load. */
 struct {
@@ -77,22 +54,6 @@ struct {
 	__type(key, __u64);
 	__type(value, struct flow_owner);
 } flows_owner SEC(".maps");
-
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, OWN_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} owner_counters SEC(".maps");
-
-static __always_inline void owner_count(__u32 slot)
-{
-	__u64 *v = bpf_map_lookup_elem(&owner_counters, &slot);
-
-	if (v)
-		*v += 1;
-}
 
 /* The local ends a flow's admitting packet found, by key endpoint. */
 struct owner_take {
@@ -399,96 +360,6 @@ int owner_sock_create(struct bpf_sock *sk)
 				      task->group_leader->comm) < 0)
 		bpf_get_current_comm(s->comm, sizeof(s->comm));
 	return 1;
-}
-
-/* The seed, run once at start for the sockets opened before the agent: a
- * walk of every task's open files notes which task holds each IPv4/IPv6
- * socket (by the socket's address: the walk may not hand the socket itself
- * to a helper), then walks of this namespace's TCP and UDP sockets give
- * each its owner, unless one was noted already. Emptied afterwards.
- */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1 << 20);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, __u64);
-	__type(value, struct owner_sock);
-} owner_seed_socks SEC(".maps");
-
-SEC("iter/task_file")
-int owner_seed_tasks(struct bpf_iter__task_file *ctx)
-{
-	struct task_struct *task = ctx->task;
-	struct file *file = ctx->file;
-	struct owner_sock o = {};
-	struct socket *sock;
-	struct sock *sk;
-	__u16 family;
-	__u64 k;
-
-	if (!task || !file)
-		return 0;
-	sock = bpf_sock_from_file(file);
-	if (!sock)
-		return 0;
-	sk = sock->sk;
-	if (!sk)
-		return 0;
-	family = sk->__sk_common.skc_family;
-	if (family != AF_INET && family != AF_INET6)
-		return 0;
-	o.pid = task->tgid;
-	o.uid = task->cred->uid.val;
-	bpf_probe_read_kernel_str(o.comm, sizeof(o.comm),
-				  task->group_leader->comm);
-	k = (__u64)sk;
-	/* the first task found holding it keeps it */
-	if (bpf_map_update_elem(&owner_seed_socks, &k, &o, BPF_NOEXIST) ==
-	    -E2BIG)
-		owner_count(OWN_SOCK_LOST);
-	return 0;
-}
-
-static __always_inline void owner_seed(void *sk)
-{
-	__u64 k = (__u64)sk;
-	struct owner_sock *o = bpf_map_lookup_elem(&owner_seed_socks, &k);
-	struct owner_sock *s;
-
-	if (!o)
-		return;
-	s = bpf_sk_storage_get(&owner_socks, sk, 0,
-			       BPF_SK_STORAGE_GET_F_CREATE);
-	if (!s) {
-		owner_count(OWN_SOCK_LOST);
-		return;
-	}
-	if (!s->pid)
-		*s = *o;
-}
-
-SEC("iter/tcp")
-int owner_seed_tcp(struct bpf_iter__tcp *ctx)
-{
-	struct sock_common *skc = ctx->sk_common;
-	struct tcp_sock *tp;
-
-	if (!skc)
-		return 0;
-	tp = bpf_skc_to_tcp_sock(skc);
-	if (tp)
-		owner_seed(tp);
-	return 0;
-}
-
-SEC("iter/udp")
-int owner_seed_udp(struct bpf_iter__udp *ctx)
-{
-	struct udp_sock *u = ctx->udp_sk;
-
-	if (u)
-		owner_seed(u);
-	return 0;
 }
 
 #endif /* __FLOWLENS_OWNER_H */

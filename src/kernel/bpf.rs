@@ -26,6 +26,11 @@ skeleton!(
     "flow_mono.skel.rs"
 );
 skeleton!(
+    /// The start-up seed of sockets' owners (`src/bpf/seed.bpf.c`): loaded once, then dropped.
+    pub seed_skel,
+    "seed.skel.rs"
+);
+skeleton!(
     /// Baseline programs (benchmarks only).
     pub bench_skel,
     "bench.skel.rs"

@@ -560,15 +560,7 @@ impl Datapath {
             if let Some(r) = open.maps.rodata_data.as_deref_mut() {
                 r.owner_attribution = false;
             }
-            let progs = &mut open.progs;
-            for p in [
-                &mut progs.owner_sock_create,
-                &mut progs.owner_seed_tasks,
-                &mut progs.owner_seed_tcp,
-                &mut progs.owner_seed_udp,
-            ] {
-                p.set_autoload(false);
-            }
+            open.progs.owner_sock_create.set_autoload(false);
         }
         // FLOWLENS_LAYOUT_VERSION, as compiled into the object: a new layout
         // gets a new directory and never meets maps of an old one.
@@ -643,7 +635,28 @@ impl Datapath {
     /// IPv6) the task that holds each as their owner, unless one is noted already.
     /// Returns how many sockets the tasks held.
     pub fn seed_owners(&self) -> Result<u64, DatapathError> {
-        let progs = &self.skel.progs;
+        use crate::kernel::bpf::seed_skel::SeedSkelBuilder;
+        let mut storage = MaybeUninit::uninit();
+        let mut open = SeedSkelBuilder::default()
+            .open(&mut storage)
+            .map_err(DatapathError::Open)?;
+        let shared = &self.skel.maps;
+        for (m, theirs, map) in [
+            (
+                &mut open.maps.owner_socks,
+                &shared.owner_socks,
+                "owner_socks",
+            ),
+            (
+                &mut open.maps.owner_counters,
+                &shared.owner_counters,
+                "owner_counters",
+            ),
+        ] {
+            m.reuse_fd(theirs.as_fd())
+                .map_err(|source| DatapathError::Map { map, source })?;
+        }
+        let seed = open.load().map_err(DatapathError::Load)?;
         let run = |p: &ProgramMut<'_>, name: &'static str| -> Result<(), DatapathError> {
             let err = |source| DatapathError::Map { map: name, source };
             let link = p.attach().map_err(err)?;
@@ -654,16 +667,12 @@ impl Datapath {
             })?;
             Ok(())
         };
-        run(&progs.owner_seed_tasks, "owner_seed_tasks")?;
-        let seen = &self.skel.maps.owner_seed_socks;
-        let held = seen.keys().count() as u64;
-        run(&progs.owner_seed_tcp, "owner_seed_tcp")?;
-        run(&progs.owner_seed_udp, "owner_seed_udp")?;
-        // Only the walks read it: emptied, its memory goes back.
-        let keys: Vec<Vec<u8>> = seen.keys().collect();
-        for k in keys {
-            let _ = seen.delete(&k);
-        }
+        run(&seed.progs.owner_seed_tasks, "owner_seed_tasks")?;
+        let held = seed.maps.owner_seed_socks.keys().count() as u64;
+        run(&seed.progs.owner_seed_tcp, "owner_seed_tcp")?;
+        run(&seed.progs.owner_seed_udp, "owner_seed_udp")?;
+        // Dropping the seed frees its map of the sockets open at start, bucket array
+        // and all (emptying it would leave the array, 16 MiB).
         Ok(held)
     }
 
