@@ -4,7 +4,7 @@ mod common;
 
 use common::{Harness, Hook};
 use flowlens::kernel::bpf::types;
-use flowlens::kernel::datapath::Capacities;
+use flowlens::kernel::datapath::{Admission, Capacities};
 use flowlens::kernel::packet::*;
 use flowlens::poller::decode::{addr_key, client_dir, ext_kind, meta, HI_TO_LO, LO_TO_HI};
 
@@ -509,12 +509,15 @@ fn malformed_packets_are_counted_and_change_nothing() {
 
 #[test]
 fn full_base_map_keeps_answered_flows_in_probation_flagged_lossy() {
-    let h = Harness::with(Capacities {
-        flows: 4,
-        tcp: 4,
-        icmp: 4,
-        owner: 4,
-    });
+    let h = Harness::with_admission(
+        Capacities {
+            flows: 4,
+            tcp: 4,
+            icmp: 4,
+            owner: 4,
+        },
+        Admission::Always,
+    );
     for port in 0..6u16 {
         h.run(
             Hook::Ingress,
@@ -543,12 +546,12 @@ fn full_base_map_keeps_answered_flows_in_probation_flagged_lossy() {
     assert_eq!(h.counter("probation_admitted_tcp"), 4);
 }
 
-/// One-packet flows wait in probation; the packet that answers one (for TCP the
-/// handshake's final ACK, for anything else its second packet) moves it to the base map
-/// with everything it had, samples included.
+/// Under pressure, one-packet flows wait in probation; the packet that answers one (for
+/// TCP the handshake's final ACK, for anything else its second packet) moves it to the
+/// base map with everything it had, samples included.
 #[test]
 fn unanswered_flows_wait_in_probation_until_answered() {
-    let h = Harness::new();
+    let h = Harness::with_admission(Capacities::default(), Admission::Always);
     h.run(
         Hook::Egress,
         &v4_frame(A, B, 6, 64, &tcp(50000, 80, TCP_SYN, &[])),
@@ -730,12 +733,16 @@ fn concurrent_updates_of_one_flow_lose_no_increment() {
 /// base map.
 #[test]
 fn a_flood_churns_probation_and_answered_flows_get_through() {
-    let h = Harness::with(Capacities {
-        flows: 4_096,
-        tcp: 2_048,
-        icmp: 1_024,
-        owner: 2_048,
-    });
+    // the flood past the gate: every new flow through probation
+    let h = Harness::with_admission(
+        Capacities {
+            flows: 4_096,
+            tcp: 2_048,
+            icmp: 1_024,
+            owner: 2_048,
+        },
+        Admission::Always,
+    );
     let mut n = 0u32;
     let mut flood = |count: u32| {
         for _ in 0..count {
@@ -789,14 +796,33 @@ fn a_flood_churns_probation_and_answered_flows_get_through() {
     assert_eq!(h.counter("base_map_full"), 0);
 }
 
-/// Both CPUs send the first packets of the same fresh flows at once: the flow is made in
-/// probation by one, moved to the base map by a second packet, while the other CPU adds
-/// to it: every packet lands exactly once, in the base map, and nothing stays behind.
+/// Both CPUs send the first packets of the same fresh flows at once, under pressure: the
+/// flow is made in probation by one, moved to the base map by a second packet, while the
+/// other CPU adds to it: every packet lands exactly once, in the base map, and nothing
+/// stays behind.
 #[test]
 fn the_move_from_probation_loses_no_packet_under_two_cpus() {
-    const FLOWS: u16 = 1500;
-    const REPEAT: i32 = 40;
+    let h = Harness::with_admission(Capacities::default(), Admission::Always);
+    let admitted = first_packets_on_two_cpus(&h);
+    assert!(admitted >= u64::from(TWO_CPU_FLOWS));
+}
+
+/// The same below the gate: both CPUs make the same flows straight in the base map at
+/// once, one insert wins and the other CPU's packet is accounted in its entry.
+#[test]
+fn first_packets_straight_in_lose_none_under_two_cpus() {
     let h = Harness::new();
+    assert_eq!(first_packets_on_two_cpus(&h), 0, "room: no probation");
+}
+
+const TWO_CPU_FLOWS: u16 = 1500;
+
+/// Runs the first packets of fresh flows on both CPUs at once (UDP: any second packet
+/// admits; TCP: one CPU sends SYNs, which never admit, the other ACKs, which do) and
+/// checks every packet landed once in the base map; returns the flows probation admitted.
+fn first_packets_on_two_cpus(h: &Harness) -> u64 {
+    const FLOWS: u16 = TWO_CPU_FLOWS;
+    const REPEAT: i32 = 40;
     let fds = flowlens::kernel::attach::ProgramFds::of(&h.dp).expect("fds");
     // UDP: any second packet admits. TCP: one CPU sends SYNs (never admit), the other
     // ACKs (admit), so the move races adds to the image.
@@ -853,8 +879,128 @@ fn the_move_from_probation_loses_no_packet_under_two_cpus() {
     let admitted = h.counter("probation_admitted_udp") + h.counter("probation_admitted_tcp");
     let entered = h.counter("probation_new_udp") + h.counter("probation_new_tcp");
     assert_eq!(admitted, entered, "none evicted");
-    assert!(admitted >= u64::from(FLOWS));
     assert_eq!(h.counter("base_map_full"), 0);
+    admitted
+}
+
+/// Admission holds only under pressure: below the gate (half the base map) a new flow's
+/// first packet goes straight into the base map; past it new flows wait in probation and
+/// move in once answered; when the scan has counted the map emptier, new flows go straight
+/// in again.
+#[test]
+fn new_flows_go_straight_in_below_the_gate_and_through_probation_past_it() {
+    use flowlens::poller::decode::monotonic_ns;
+    use flowlens::poller::scan::args;
+    use flowlens::poller::table::collect_scan;
+    use flowlens::poller::{KernelTable, PollerConfig};
+    let cap = Capacities {
+        flows: 16,
+        tcp: 16,
+        icmp: 16,
+        owner: 16,
+    };
+    assert_eq!(cap.admission_room(), 8);
+    let h = Harness::with(cap);
+    let req = |port: u16| v4_frame(A, B, 17, 64, &udp(port, 53, b"q"));
+    let resp = |port: u16| v4_frame(B, A, 17, 64, &udp(53, port, b"rr"));
+    let syn = v4_frame(A, B, 6, 64, &tcp(7000, 80, TCP_SYN, &[]));
+    for port in 1..=8 {
+        h.run(Hook::Egress, &req(port));
+    }
+    assert_eq!(h.base_flows().len(), 8, "room: straight in");
+    assert!(h.probation().is_empty());
+    for port in 9..=12 {
+        h.run(Hook::Egress, &req(port));
+    }
+    h.run(Hook::Egress, &syn);
+    assert_eq!(h.base_flows().len(), 8);
+    assert_eq!(h.probation().len(), 5, "past the gate: probation");
+    for port in 9..=12 {
+        h.run(Hook::Ingress, &resp(port));
+    }
+    h.run(
+        Hook::Ingress,
+        &v4_frame(B, A, 6, 64, &tcp(80, 7000, TCP_SYN | TCP_ACK, &[])),
+    );
+    assert_eq!(h.probation().len(), 1, "a SYN-ACK does not admit");
+    h.run(
+        Hook::Egress,
+        &v4_frame(A, B, 6, 64, &tcp(7000, 80, TCP_ACK, &[])),
+    );
+    assert!(h.probation().is_empty(), "answered: moved in");
+    let base = h.base_flows();
+    assert_eq!(base.len(), 13);
+    for (k, b) in &base {
+        let want = match (k.proto, k.port_lo) {
+            (6, _) => [2, 1],
+            (_, 9..=12) => [1, 1],
+            _ => [1, 0],
+        };
+        assert_eq!(b.packets, want, "{k:?}");
+    }
+    assert_eq!(h.counter("probation_new_udp"), 4);
+    assert_eq!(h.counter("probation_admitted_udp"), 4);
+    assert_eq!(h.counter("probation_new_tcp"), 1);
+    assert_eq!(h.counter("probation_admitted_tcp"), 1);
+    assert_eq!(h.counter("packets_accounted"), 8 + 5 + 4 + 2);
+    assert_eq!(h.counter("base_map_full"), 0);
+    // A handshake that starts past the gate and is still waiting when the gate opens
+    // again: its answer finds it in probation and moves it, identity and all.
+    let syn2 = v4_frame(A, B, 6, 64, &tcp(7001, 80, TCP_SYN, &[]));
+    h.run(Hook::Egress, &syn2);
+    assert_eq!(h.probation().len(), 1);
+    // The scan ends the idle UDP flows and counts the map again: the gate opens.
+    let mut table = KernelTable::new(h.dp.maps().expect("maps"));
+    let cfg = PollerConfig {
+        idle_udp: std::time::Duration::from_secs(1),
+        idle_tcp: std::time::Duration::from_secs(3600),
+        ..PollerConfig::default()
+    };
+    let later = monotonic_ns() + 2_000_000_000;
+    let (ended, _) = collect_scan(&mut table, &args(&cfg, later, later, false), 1).expect("scan");
+    assert_eq!(ended.len(), 12, "the UDP flows");
+    assert_eq!(h.probation().len(), 1, "the SYN still waits");
+    h.run(
+        Hook::Ingress,
+        &v4_frame(B, A, 6, 64, &tcp(80, 7001, TCP_SYN | TCP_ACK, &[])),
+    );
+    h.run(Hook::Egress, &req(30));
+    assert_eq!(h.probation().len(), 1, "a SYN-ACK does not admit");
+    assert_eq!(h.base_flows().len(), 2, "room: a new flow goes straight in");
+    h.run(
+        Hook::Egress,
+        &v4_frame(A, B, 6, 64, &tcp(7001, 80, TCP_ACK, &[])),
+    );
+    assert!(h.probation().is_empty(), "moved, not made twice");
+    let moved = h
+        .joined()
+        .into_iter()
+        .find(|f| f.key.port_lo == 7001)
+        .expect("the handshake");
+    assert_eq!(moved.base.packets, [2, 1]);
+    assert_eq!(client_dir(&moved.base), LO_TO_HI);
+    let hs = (types::tcp_bits::TCPB_CLIENT_HS.0 | types::tcp_bits::TCPB_SERVER_HS.0) as u8;
+    assert_eq!(moved.tcp_hot().expect("TCP state").bits & hs, hs);
+    // A flush ends everything: the count is zero again.
+    let now = monotonic_ns();
+    let (ended, _) = collect_scan(
+        &mut table,
+        &args(&PollerConfig::default(), now, now, true),
+        1,
+    )
+    .expect("scan");
+    assert_eq!(ended.len(), 3);
+    for port in 20..=27 {
+        h.run(Hook::Egress, &req(port));
+    }
+    assert_eq!(h.base_flows().len(), 8, "straight in again");
+    assert!(h.probation().is_empty());
+    h.run(Hook::Egress, &req(28));
+    assert_eq!(
+        h.probation().len(),
+        1,
+        "and the gate closes at the same fill"
+    );
 }
 
 #[test]

@@ -730,12 +730,17 @@ fn a_connection_resumes_after_a_syn_flood_with_its_id_roles_and_handshake() {
     const B: [u8; 4] = [10, 200, 0, 2];
     // The server's port is the higher one: a mid-connection guess takes it for the client.
     let (cport, sport) = (3000, 50000);
-    let h = Harness::with(Capacities {
-        flows: 16_384,
-        tcp: 8_192,
-        icmp: 1_024,
-        owner: 16_384,
-    });
+    // Under pressure: every new flow waits in probation (below the gate the flood's first
+    // 8,192 flows would go straight into the base map).
+    let h = Harness::with_admission(
+        Capacities {
+            flows: 16_384,
+            tcp: 8_192,
+            icmp: 1_024,
+            owner: 16_384,
+        },
+        flowlens::kernel::datapath::Admission::Always,
+    );
     let c2s = |flags, payload: &[u8]| {
         h.run(
             Hook::Egress,

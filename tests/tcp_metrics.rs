@@ -296,10 +296,10 @@ fn fast_path_changes_only_counters_until_a_state_change() {
     assert_eq!(u32::from(ext(&h).h.state), tcp_state::TCP_ST_CLOSED.0);
 }
 
-/// The datapath notes a TCP close (FIN both ways, or RST) of a flow in the base map, and a
-/// pass over those notes alone ends such flows once past the grace, leaving every other
-/// flow to the full scans; the note goes with the flow. A lone RST (a flow's first packet)
-/// waits in probation, unanswered, for a full scan to end it.
+/// The datapath notes a TCP close (FIN both ways, or RST, even as a flow's first packet
+/// while the base map has room: admission holds only under pressure), and a pass over
+/// those notes alone ends such flows once past the grace, leaving every other flow to the
+/// full scans; the note goes with the flow.
 #[test]
 fn closes_are_noted_and_a_pass_over_the_notes_ends_them() {
     use flowlens::poller::decode::monotonic_ns;
@@ -316,12 +316,12 @@ fn closes_are_noted_and_a_pass_over_the_notes_ends_them() {
         Hook::Egress,
         &v4_frame(CLIENT, SERVER, 6, 64, &tcp(50001, 8080, TCP_RST, &[])),
     );
+    assert_eq!(h.maps.closing.keys().count(), 2, "a lone RST too");
     assert_eq!(
-        h.maps.closing.keys().count(),
-        1,
-        "a lone RST is not admitted"
+        h.maps.probation.keys().count(),
+        0,
+        "no pressure, no probation"
     );
-    assert_eq!(h.maps.probation.keys().count(), 1, "it waits in probation");
     h.run(
         Hook::Egress,
         &v4_frame(CLIENT, SERVER, 17, 64, &udp(5000, 53, b"q")),
@@ -340,15 +340,17 @@ fn closes_are_noted_and_a_pass_over_the_notes_ends_them() {
         .map(|f| f.0)
         .collect();
     kinds.sort_by_key(|k| format!("{k:?}"));
-    assert_eq!(kinds, [ScanKind::Ended(EndReason::TcpFin)]);
+    assert_eq!(
+        kinds,
+        [
+            ScanKind::Ended(EndReason::TcpFin),
+            ScanKind::Ended(EndReason::TcpRst)
+        ]
+    );
     assert_eq!(
         h.maps.closing.keys().count(),
         0,
         "the notes go with the flows"
     );
-    assert_eq!(
-        h.maps.probation.keys().count(),
-        2,
-        "the lone RST and the UDP flow are left"
-    );
+    assert_eq!(h.maps.flows.keys().count(), 1, "the UDP flow is left");
 }

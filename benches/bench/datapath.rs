@@ -9,7 +9,7 @@ use libbpf_rs::{MapCore, MapFlags, ProgramInput, ProgramMut};
 
 use flowlens::kernel::bpf::bench_skel::BenchSkel;
 
-use flowlens::kernel::datapath::{Capacities, Datapath};
+use flowlens::kernel::datapath::{Admission, Capacities, Datapath};
 use flowlens::kernel::packet::*;
 
 use crate::common::{load_baselines, load_mono, load_peer, Table};
@@ -491,8 +491,10 @@ pub fn run(t: &mut Table) -> Result<()> {
         "timer floor of one-run timing".into(),
     );
     against_peer(t, &base)?;
+    // Room for every flow below the admission gate (half the capacity): each new flow
+    // goes straight in, as on a host that is not flooded.
     let split_new = Datapath::load(Capacities {
-        flows: 2 * n,
+        flows: 8 * n,
         tcp: 2 * n,
         icmp: 1024,
         owner: 2 * n,
@@ -517,8 +519,8 @@ pub fn run(t: &mut Table) -> Result<()> {
             format!("split/mono x{:.2}", s / m),
         );
     }
-    // What an answered flow costs in all (admission: its first packet into probation,
-    // the reply moves it), against the monolithic map's insert and update.
+    // What an answered flow costs in all (with room: its first packet straight into the
+    // base map, the reply an update), against the monolithic map's insert and update.
     let s = answered(split_new.ingress(), n / 2)?;
     let m = answered(&mono_new.progs.flowlens_ingress, n / 2)?;
     t.add(
@@ -535,7 +537,113 @@ pub fn run(t: &mut Table) -> Result<()> {
         "ns/flow",
         format!("split/mono x{:.2}", s / m),
     );
+    admission(t)?;
     attribution(t)
+}
+
+/// ns per answered new flow: `n` flows from distinct clients, each a first packet (a UDP
+/// request, a TCP SYN) and the packet that answers it (the reply, the handshake's final
+/// ACK), each a kernel-timed run of its own; `salt` makes each call's flows new.
+fn answered_new(prog: &ProgramMut<'_>, n: u32, is_tcp: bool, salt: u16) -> Result<f64> {
+    let mut total = 0.0;
+    for i in 0..n {
+        let src = [10, 203, (i >> 8) as u8, i as u8];
+        let port = 20_000 + salt;
+        let frames = if is_tcp {
+            [
+                v4_frame(src, B, 6, 64, &tcp(port, 443, TCP_SYN, &[])),
+                v4_frame(src, B, 6, 64, &tcp(port, 443, TCP_ACK, &[])),
+            ]
+        } else {
+            [
+                v4_frame(src, B, 17, 64, &udp(port, 53, &[0u8; 32])),
+                v4_frame(B, src, 17, 64, &udp(53, port, &[0u8; 64])),
+            ]
+        };
+        for f in &frames {
+            total += ns_per_run(prog, f, 1)?;
+        }
+    }
+    Ok(total / f64::from(n))
+}
+
+/// What admission (src/bpf/probation.h) costs an answered new flow: the same flows through
+/// the datapath loaded without it (every new flow straight into the base map, as before
+/// issue 26), with the gate as the agent runs it while the base map has room (below half
+/// its capacity: straight in), and under pressure (every new flow through probation, moved
+/// by its answer). Rounds alternate the three; each figure is the median of its rounds,
+/// less the one-run timer floor of its two runs.
+fn admission(t: &mut Table) -> Result<()> {
+    const ROUNDS: u16 = 11;
+    let n = 10_000;
+    let base = load_baselines()?;
+    let udp4 = v4_frame(A, B, 17, 64, &udp(40_000, 53, &[0u8; 64]));
+    // Room below the gate for every flow of every round.
+    let caps = Capacities::for_flows(1 << 19);
+    let modes = [
+        ("no admission (before)", Admission::Never),
+        ("admission with room (gated)", Admission::UnderPressure),
+        ("admission under pressure (probation)", Admission::Always),
+    ];
+    let dps = modes
+        .iter()
+        .map(|&(_, a)| Datapath::load_admission(caps, a).map_err(anyhow::Error::from))
+        .collect::<Result<Vec<_>>>()?;
+    for is_tcp in [false, true] {
+        let proto = if is_tcp {
+            "TCP SYN + final ACK"
+        } else {
+            "UDP request + reply"
+        };
+        let mut runs = vec![Vec::new(); modes.len()];
+        for round in 0..ROUNDS {
+            let mut floor = Vec::with_capacity(2_000);
+            for _ in 0..2_000 {
+                floor.push(ns_per_run(&base.progs.bench_empty, &udp4, 1)?);
+            }
+            let floor = 2.0 * median(floor);
+            // the order turns each round, so no mode always runs first
+            for k in 0..modes.len() {
+                let i = (k + usize::from(round)) % modes.len();
+                runs[i].push(answered_new(dps[i].ingress(), n, is_tcp, round)? - floor);
+            }
+        }
+        let lo_hi = |r: &[f64], b: &[f64]| {
+            let ratios: Vec<f64> = r.iter().zip(b).map(|(x, y)| x / y).collect();
+            let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = ratios.iter().copied().fold(0.0, f64::max);
+            (lo, hi)
+        };
+        let before = median(runs[0].clone());
+        for (i, (what, _)) in modes.iter().enumerate() {
+            let v = median(runs[i].clone());
+            let note = if i == 0 {
+                format!("median of {ROUNDS} x {n}, less the timer floor")
+            } else {
+                let (lo, hi) = lo_hi(&runs[i], &runs[0]);
+                format!(
+                    "x{:.2} no admission (per-round ratios {lo:.2}-{hi:.2})",
+                    v / before
+                )
+            };
+            t.add(
+                "datapath",
+                &format!("answered new flow, {proto}, {what}"),
+                v,
+                "ns/flow",
+                note,
+            );
+        }
+    }
+    let probation = dps[1].maps()?.probation.keys().count();
+    t.add(
+        "datapath",
+        "flows in probation after the gated runs",
+        probation as f64,
+        "entries",
+        format!("of {} flows, all below the gate", 2 * u32::from(ROUNDS) * n),
+    );
+    Ok(())
 }
 
 /// The namespace `attribution` measures in, deleted on drop.

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /* Passive TC/TCX programs that account every IP packet into split flow
- * maps: one base entry per answered flow, plus a TCP or ICMP extension
- * entry; a flow not answered yet waits in probation (probation.h).
- * They never change a packet's fate.
+ * maps: one base entry per flow, plus a TCP or ICMP extension entry; once
+ * the base map is under pressure, a new flow waits in probation until
+ * answered (probation.h). They never change a packet's fate.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -34,6 +34,7 @@ struct flow_enums {
 	enum scan_proto scan_proto;
 	enum scan_stop scan_stop;
 	enum flow_meta meta;
+	enum admission_mode admission;
 };
 const volatile struct flow_enums flow_enums_btf = {};
 
@@ -60,8 +61,24 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 
 	b = bpf_map_lookup_elem(&flows, &a.p.key);
 	if (!b) {
+		bool done = false;
+
+		/* straight in, unless it waits in probation from a time
+		 * under pressure (looked for only while probation has flows)
+		 */
+		if (base_has_room() &&
+		    (!probe_maybe() ||
+		     !bpf_map_lookup_elem(&probation, &a.p.key)))
+			b = base_new(skb, &a, hook, &done);
+		if (done)
+			return;
+		if (!b && admission == ADMIT_NEVER) {
+			count(CNT_BASE_FULL, a.pkts);
+			return;
+		}
 		/* not admitted yet: probation, unless this packet admits it */
-		b = probe_account(skb, &a, hook);
+		if (!b)
+			b = probe_account(skb, &a, hook);
 		if (!b)
 			return;
 	}

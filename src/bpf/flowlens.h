@@ -71,6 +71,18 @@ enum flow_meta {
 	REPORT_UNIT_SHIFT = 23,
 };
 
+/* Which new flows go through probation (probation.h), fixed at load. */
+enum admission_mode {
+	/* Only under pressure: while the base map is below its admission
+	 * room (half its capacity), a new flow goes straight in.
+	 */
+	ADMIT_UNDER_PRESSURE = 0,
+	ADMIT_ALWAYS,		/* every new flow waits to be answered */
+	ADMIT_NEVER,		/* none: straight in, a full map loses the
+				 * packet (the path before admission; benches)
+				 */
+};
+
 /* ICMP keys carry no ports. An echo request/reply pair is keyed by its
  * identifier in both port slots (port_lo == port_hi); any other ICMP
  * message by type << 8 | code in port_lo and its bitwise complement in

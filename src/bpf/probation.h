@@ -14,6 +14,11 @@
  * sees the flag after its add and takes its own counts over the same way, so
  * each packet lands once. The scan (scan.h) ends the flows that end in
  * probation (idle, reset) with the same exchanges, and tallies the others.
+ *
+ * Admission holds only under pressure: while the base map has room, a new
+ * flow's first packet goes straight in (base_new), as it did before
+ * admission existed, so a host that is not flooded pays no move. A flood can
+ * take the room below the gate and no more; past it, new flows wait here.
  */
 #ifndef __FLOWLENS_PROBATION_H
 #define __FLOWLENS_PROBATION_H
@@ -31,6 +36,56 @@ struct {
 
 /* flow_probe's lock word: the flow is moving to the base map. */
 #define PROBE_MOVING 1
+
+/* Which new flows wait here (enum admission_mode) and, under pressure, the
+ * base map's entries below which a new flow goes straight in: half its
+ * capacity, set from userspace before load.
+ */
+const volatile __u32 admission = ADMIT_UNDER_PRESSURE;
+const volatile __s64 admission_room = 32768;
+
+/* The base map's fill, estimated without a walk or a per-CPU sum on the
+ * packet path: the datapath counts its inserts (base_inserted), and each scan
+ * leaves its count of the map less the inserts counted before it
+ * (base_offset, scan.h). Their sum never runs low (deletes come off only at
+ * the next scan): a high estimate only sends new flows here early.
+ */
+__u64 base_inserted;
+__s64 base_offset;
+
+/* Whether probation may hold a flow (PROBE_BUSY), so that a new flow let
+ * straight in must look there first: 0 only once a full scan walked it empty
+ * with no insert meanwhile (PROBE_CHECKING while it walks; scan.h), so a
+ * host that is not under pressure never looks.
+ */
+#define PROBE_BUSY 1
+#define PROBE_CHECKING 2
+__u32 probe_busy;
+
+/* After a probation insert and a fully ordered atomic: a flow is there now.
+ * The exchange orders the flag before the caller's look at the base map.
+ */
+static __always_inline void probe_mark_busy(void)
+{
+	if (*(volatile __u32 *)&probe_busy != PROBE_BUSY)
+		__sync_lock_test_and_set(&probe_busy, PROBE_BUSY);
+}
+
+static __always_inline bool probe_maybe(void)
+{
+	return *(volatile __u32 *)&probe_busy;
+}
+
+/* Whether a new flow goes straight into the base map. */
+static __always_inline bool base_has_room(void)
+{
+	if (admission == ADMIT_ALWAYS)
+		return false;
+	if (admission == ADMIT_NEVER)
+		return true;
+	return (__s64)(*(volatile __u64 *)&base_inserted +
+		       *(volatile __s64 *)&base_offset) < admission_room;
+}
 
 static __always_inline __u32 proto_slot(__u8 proto)
 {
@@ -88,6 +143,15 @@ static __always_inline void add_ordered(__u64 *p, __u64 v)
 	__u64 old = __sync_fetch_and_add(p, v);
 
 	asm volatile("" : : "r"(old));
+}
+
+/* count(), fully ordered: see base_recheck. */
+static __always_inline void count_ordered(__u32 slot, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(&counters, &slot);
+
+	if (v)
+		add_ordered(v, n);
 }
 
 /* Whether the packet `a` admits its flow, which is in probation. */
@@ -150,6 +214,7 @@ static __always_inline struct flow_base *probe_move(struct __sk_buff *skb,
 	if (!b || err)
 		/* another CPU moved it: it takes the image's counts */
 		return b;
+	__sync_fetch_and_add(&base_inserted, 1);
 	owner_put(nb.ext_id, &own);
 	__sync_fetch_and_or(probe_flag(pb), PROBE_MOVING);
 	probe_drain(pb, b);
@@ -158,9 +223,20 @@ static __always_inline struct flow_base *probe_move(struct __sk_buff *skb,
 	return b;
 }
 
-/* Another CPU may have moved the flow between this one's lookup of the base
- * map and its insert into probation: then the new image joins the base
- * entry the same way, so the flow is never in both maps.
+/* An image found beside the flow's base entry joins it, as in a move. */
+static __always_inline void probe_fold(const struct acct *a,
+				       struct flow_base *pb,
+				       struct flow_base *b, __u32 slot)
+{
+	__sync_fetch_and_or(probe_flag(pb), PROBE_MOVING);
+	probe_drain(pb, b);
+	bpf_map_delete_elem(&probation, &a->p.key);
+	count(CNT_PROBE_MOVED + slot, 1);
+}
+
+/* Another CPU may have moved or made the flow in the base map between this
+ * one's lookup of the base map and its insert into probation: then the new
+ * image joins the base entry, so the flow is never in both maps.
  */
 static __always_inline void probe_recheck(const struct acct *a, __u32 slot)
 {
@@ -170,12 +246,72 @@ static __always_inline void probe_recheck(const struct acct *a, __u32 slot)
 	if (!b)
 		return;
 	pb = bpf_map_lookup_elem(&probation, &a->p.key);
+	if (pb)
+		probe_fold(a, pb, b, slot);
+}
+
+/* The same from the other side: a flow just made in the base map (base_new)
+ * whose packet on another CPU went to probation meanwhile (the gate closed
+ * between the two lookups). Each side inserts, then a fully ordered atomic,
+ * then looks at the other (probation's side marks it busy first), so at
+ * least one of them sees both.
+ */
+static __always_inline void base_recheck(const struct acct *a)
+{
+	struct flow_base *b, *pb;
+
+	if (!probe_maybe())
+		return;
+	pb = bpf_map_lookup_elem(&probation, &a->p.key);
 	if (!pb)
 		return;
-	__sync_fetch_and_or(probe_flag(pb), PROBE_MOVING);
-	probe_drain(pb, b);
-	bpf_map_delete_elem(&probation, &a->p.key);
-	count(CNT_PROBE_MOVED + slot, 1);
+	b = bpf_map_lookup_elem(&flows, &a->p.key);
+	if (b)
+		probe_fold(a, pb, b, proto_slot(a->p.key.proto));
+}
+
+/* A new flow's first packet while the base map has room: straight in, as
+ * before admission existed, the flow's local sockets and owners taken now
+ * (owner.h). Returns the base entry the packet is still to be accounted in
+ * when another CPU made the flow first; else NULL, with *done set when the
+ * packet was accounted here, clear when the map took no entry.
+ */
+static __always_inline struct flow_base *base_new(struct __sk_buff *skb,
+						  const struct acct *a,
+						  __u8 hook, bool *done)
+{
+	struct owner_take own = {};
+	struct flow_base nb = {};
+	/* one fine clock read: the first packet's time and the handshake's */
+	__u64 now = bpf_ktime_get_ns();
+	long err;
+
+	base_init(&nb, a, hook, now);
+	if (a->ext) {
+		nb.ext_id = ext_id_next();
+		/* a stack entry no other CPU sees: no lock, no sample */
+		if (a->ext == EXT_TCP)
+			tcp_update(&nb, NULL, &a->p, now);
+		else
+			icmp_update(&nb, NULL, &a->p);
+	}
+	owner_take(skb, a, hook, &own, &nb.ext_id);
+	err = bpf_map_update_elem(&flows, &a->p.key, &nb, BPF_NOEXIST);
+	if (err == -EEXIST)
+		return bpf_map_lookup_elem(&flows, &a->p.key);
+	if (err)
+		return NULL;
+	*done = true;
+	count(CNT_PACKETS, a->pkts);
+	owner_put(nb.ext_id, &own);
+	if (a->ext == EXT_TCP && (a->p.tcp_flags & TCP_RST))
+		tcp_note_close(&nb, &a->p);
+	/* no probation to meet without admission (the bench's before) */
+	if (admission != ADMIT_NEVER) {
+		add_ordered(&base_inserted, 1);
+		base_recheck(a);
+	}
+	return NULL;
 }
 
 /* A packet of a flow not in the base map. Returns the base entry to
@@ -197,7 +333,8 @@ static __always_inline struct flow_base *probe_account(struct __sk_buff *skb,
 		err = probe_new(a, hook);
 		if (!err) {
 			count(CNT_PACKETS, a->pkts);
-			count(CNT_PROBE_NEW + slot, 1);
+			count_ordered(CNT_PROBE_NEW + slot, 1);
+			probe_mark_busy();
 			probe_recheck(a, slot);
 			return NULL;
 		}

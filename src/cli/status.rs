@@ -128,9 +128,20 @@ pub fn as_text(server: &str, s: &proto::GetStatusResponse) -> String {
     }
     if let Some(p) = &s.probation {
         let waiting: u64 = p.protocols.iter().map(|x| x.waiting).sum();
+        // Admission holds past half the base map (src/bpf/probation.h).
+        let gate = s
+            .maps
+            .iter()
+            .find(|m| m.name == "flows")
+            .map_or_else(String::new, |m| {
+                format!(
+                    " (new flows wait here while flows holds {} or more)",
+                    m.capacity / 2
+                )
+            });
         let _ = writeln!(
             o,
-            "probation:    {waiting} / {} unanswered flows waiting",
+            "probation:    {waiting} / {} unanswered flows waiting{gate}",
             p.capacity
         );
         for x in &p.protocols {

@@ -82,6 +82,33 @@ impl Default for Capacities {
     }
 }
 
+/// Which new flows wait in probation to be answered (`src/bpf/probation.h`), fixed at
+/// load. The agent always runs `UnderPressure`; the others are for benchmarks and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Admission {
+    /// While the base map is below `Capacities::admission_room` (half its capacity), a new
+    /// flow goes straight in; past it, new flows wait in probation until answered, so a
+    /// flood takes at most that share of the map.
+    #[default]
+    UnderPressure,
+    /// Every new flow waits in probation until answered (the path under pressure).
+    Always,
+    /// No probation: every new flow straight into the base map, and a packet that finds it
+    /// full is lost (the datapath before admission existed).
+    Never,
+}
+
+impl Admission {
+    fn mode(self) -> u32 {
+        use types::admission_mode as M;
+        match self {
+            Admission::UnderPressure => M::ADMIT_UNDER_PRESSURE.0,
+            Admission::Always => M::ADMIT_ALWAYS.0,
+            Admission::Never => M::ADMIT_NEVER.0,
+        }
+    }
+}
+
 /// Ended TCP connections remembered (`ended`, an LRU map, so preallocated: 16,384
 /// elements of 128 B, 2 MiB), so that one that resumes keeps its identity.
 pub const ENDED_CONNECTIONS: u32 = 16_384;
@@ -152,6 +179,13 @@ impl Capacities {
     /// it would be kernel memory held whatever the flows (48 MB at 1 M capacity for half).
     pub fn probation(&self) -> u32 {
         (self.flows / 2).clamp(16_384, 32_768)
+    }
+
+    /// The base map's entries below which a new flow goes straight in rather than through
+    /// probation (`Admission::UnderPressure`): half its capacity. The datapath's estimate of
+    /// the fill never runs low, so it can only send flows to probation early.
+    pub fn admission_room(&self) -> u32 {
+        self.flows / 2
     }
 
     /// TCP flows noted as closed at once (`closing`): a sixteenth of the base map within
@@ -462,10 +496,11 @@ impl Datapath {
         cap: Capacities,
         pin_root: Option<&Path>,
     ) -> Result<Datapath, DatapathError> {
-        match Self::load_as(cap, pin_root, true) {
+        let admission = Admission::default();
+        match Self::load_as(cap, pin_root, true, admission) {
             Err(DatapathError::Load(e)) => {
                 let why = format!("the kernel refused the socket owner programs ({e})");
-                let mut dp = Self::load_as(cap, pin_root, false)?;
+                let mut dp = Self::load_as(cap, pin_root, false, admission)?;
                 dp.attribution = Err(why);
                 Ok(dp)
             }
@@ -475,15 +510,24 @@ impl Datapath {
 
     /// The flow programs without attribution: what a flow costs without it (benchmarks).
     pub fn load_without_attribution(cap: Capacities) -> Result<Datapath, DatapathError> {
-        let mut dp = Self::load_as(cap, None, false)?;
+        let mut dp = Self::load_as(cap, None, false, Admission::default())?;
         dp.attribution = Err("left out on purpose".into());
         Ok(dp)
+    }
+
+    /// Like `load`, with new flows admitted as `admission` says (benchmarks, tests).
+    pub fn load_admission(
+        cap: Capacities,
+        admission: Admission,
+    ) -> Result<Datapath, DatapathError> {
+        Self::load_as(cap, None, true, admission)
     }
 
     fn load_as(
         cap: Capacities,
         pin_root: Option<&Path>,
         attribution: bool,
+        admission: Admission,
     ) -> Result<Datapath, DatapathError> {
         route_libbpf_output();
         // The skeleton borrows its object storage for its whole life; the
@@ -508,6 +552,10 @@ impl Datapath {
         set(&mut open.maps.flows_owner, "flows_owner", cap.owner)?;
         set(&mut open.maps.ended, "ended", ENDED_CONNECTIONS)?;
         set(&mut open.maps.probation, "probation", cap.probation())?;
+        if let Some(r) = open.maps.rodata_data.as_deref_mut() {
+            r.admission = admission.mode();
+            r.admission_room = i64::from(cap.admission_room());
+        }
         if !attribution {
             if let Some(r) = open.maps.rodata_data.as_deref_mut() {
                 r.owner_attribution = false;
@@ -538,8 +586,14 @@ impl Datapath {
             pin_map(&mut maps.ended, "ended", dir)?;
             pin_map(&mut maps.last_scan, "last_scan", dir)?;
         }
-        let skel = open.load().map_err(DatapathError::Load)?;
+        let mut skel = open.load().map_err(DatapathError::Load)?;
         let reused_flows = reused.then(|| skel.maps.flows.keys().count() as u64);
+        // The gate's estimate counts the flows found, and probation may hold some, until
+        // the first scan counts again (src/bpf/probation.h).
+        if let (Some(n), Some(bss)) = (reused_flows, skel.maps.bss_data.as_deref_mut()) {
+            bss.base_offset = i64::try_from(n).unwrap_or(i64::MAX);
+            bss.probe_busy = 1;
+        }
         if let (Some(n), Some(dir)) = (reused_flows, &pin_dir) {
             info!(
                 "reusing pinned maps in {}: {n} flows in progress",

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use flowlens::kernel::bpf::types;
-use flowlens::kernel::datapath::{counter_names, Capacities, Datapath, FlowMaps};
+use flowlens::kernel::datapath::{counter_names, Admission, Capacities, Datapath, FlowMaps};
 use flowlens::poller::decode::{ext_kind, RawFlow};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, ProgramInput as Input};
 
@@ -49,7 +49,13 @@ impl Harness {
     }
 
     pub fn with(cap: Capacities) -> Harness {
-        let dp = Datapath::load(cap).expect("load datapath (run as root)");
+        Harness::with_admission(cap, Admission::default())
+    }
+
+    /// A datapath whose new flows are admitted as `admission` says (`Always`: every new
+    /// flow through probation, as under pressure).
+    pub fn with_admission(cap: Capacities, admission: Admission) -> Harness {
+        let dp = Datapath::load_admission(cap, admission).expect("load datapath (run as root)");
         let maps = dp.maps().expect("map handles");
         Harness { dp, maps }
     }
