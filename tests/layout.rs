@@ -6,7 +6,7 @@ use std::mem::{offset_of, size_of};
 use flowlens::kernel::bpf::flow_mono_skel::types::{flow_naive, flow_packed};
 use flowlens::kernel::bpf::types::{
     bpf_spin_lock, flow_base, flow_ended, flow_icmp, flow_key, flow_l4, flow_owner, flow_probe,
-    flow_tcp, icmp_hot, probe_port, probe_sketch, scan_args, scan_rec, tcp_hot, tcp_latency,
+    flow_tcp, icmp_hot, owner_event, port_hot, probe_port, probe_sketch, scan_args, scan_rec, tcp_hot, tcp_latency,
 };
 
 /// Asserts that fields tile the struct: each starts where the previous ended.
@@ -40,7 +40,10 @@ fn flow_key_is_44_bytes_fully_explicit() {
 #[test]
 fn base_entry_fills_kmalloc_192_exactly() {
     assert_eq!(size_of::<tcp_hot>(), 6);
-    assert_tiled!(tcp_hot, flags: [u8; 2], state: u8, bits: u8, syn_retrans: u16);
+    assert_tiled!(tcp_hot, flags: [u8; 2], state: u8, bits: u8, syn_retrans: u8, own: u8);
+    // The owner state byte is the same byte for TCP and every other non-ICMP flow.
+    assert_eq!(size_of::<port_hot>(), 6);
+    assert_tiled!(port_hot, __pad: [u8; 5], own: u8);
     assert_eq!(size_of::<icmp_hot>(), 6);
     assert_tiled!(icmp_hot, req_seq: u16, r#type: [u8; 2], code: [u8; 2]);
     assert_eq!(size_of::<flow_l4>(), 6);
@@ -96,6 +99,9 @@ fn a_local_end_is_kept_in_kmalloc_96() {
         kmalloc_class(size_of::<u64>(), size_of::<flow_owner>()),
         (96, 96)
     );
+    // On its way there, a record of owner_ring: 40 bytes and the ring's 8-byte header.
+    assert_eq!(size_of::<owner_event>(), 40);
+    assert_tiled!(owner_event, key: u64, owner: flow_owner);
 }
 
 /// The memory of ended connections: an LRU map, so preallocated, 48 B of element header,

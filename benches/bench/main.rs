@@ -26,11 +26,16 @@ use common::Table;
 type Section = fn(&mut Table) -> Result<()>;
 
 /// Every section, in the order a full run takes them: its name, what it measures, and it.
-const SECTIONS: [(&str, &str, Section); 11] = [
+const SECTIONS: [(&str, &str, Section); 12] = [
     (
         "datapath",
         "BPF datapath cost per packet, split vs monolithic maps",
         datapath::run,
+    ),
+    (
+        "attribution",
+        "a new flow's cost with and without its local sockets' owners",
+        datapath::attribution,
     ),
     (
         "memory",

@@ -35,6 +35,7 @@ struct flow_enums {
 	enum scan_stop scan_stop;
 	enum flow_meta meta;
 	enum admission_mode admission;
+	enum flow_owner_state own;
 };
 const volatile struct flow_enums flow_enums_btf = {};
 
@@ -47,6 +48,7 @@ struct scan_types {
 	struct flow_probe probe;
 	struct probe_sketch sketch;
 	struct probe_port port;
+	struct owner_event owner;
 };
 const volatile struct scan_types *scan_types_btf;
 
@@ -82,6 +84,7 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 hook)
 		if (!b)
 			return;
 	}
+	owner_check(skb, &a, hook, b);
 	count(CNT_PACKETS, a.pkts);
 
 	if (a.ext == EXT_TCP)

@@ -10,7 +10,7 @@
 /* Bumped whenever a key or value layout below changes, so pinned maps of
  * an older layout are never reused by a newer agent.
  */
-#define FLOWLENS_LAYOUT_VERSION 4
+#define FLOWLENS_LAYOUT_VERSION 5
 
 /* Index of a per-direction slot. A flow key orders its two endpoints
  * ("lo" < "hi" by address, then port), so one conversation has one key.
@@ -155,7 +155,8 @@ struct tcp_hot {
 	__u8 flags[2];		/* OR of TCP flags per direction */
 	__u8 state;		/* enum tcp_state */
 	__u8 bits;		/* enum tcp_bits */
-	__u16 syn_retrans;	/* SYNs re-sent before the SYN-ACK */
+	__u8 syn_retrans;	/* SYNs re-sent before the SYN-ACK (saturating) */
+	__u8 own;		/* enum flow_owner_state */
 };
 
 /* The same for ICMP: the last type/code and the pending echo request. */
@@ -165,9 +166,31 @@ struct icmp_hot {
 	__u8 code[2];		/* last code per direction */
 };
 
+/* Any flow but ICMP's: only whose owners are still to be taken. */
+struct port_hot {
+	__u8 __pad[5];
+	__u8 own;		/* enum flow_owner_state, where tcp_hot has it */
+};
+
 union flow_l4 {
 	struct tcp_hot tcp;	/* extension kind EXT_TCP */
 	struct icmp_hot icmp;	/* extension kind EXT_ICMP */
+	struct port_hot port;	/* the owner state of any non-ICMP flow */
+};
+
+_Static_assert(__builtin_offsetof(struct tcp_hot, own) ==
+		       __builtin_offsetof(struct port_hot, own),
+	       "one owner state byte whatever the protocol");
+
+/* flow_l4.port.own: which local ends' owners (owner.h) are still to be taken,
+ * by key endpoint, and which were sent to userspace (through owner_ring), so
+ * a record that went out before userspace read them is known to lack them.
+ */
+enum flow_owner_state {
+	OWN_DUE_LO = 1,
+	OWN_DUE_HI = 2,
+	OWN_SENT_LO = 4,
+	OWN_SENT_HI = 8,
 };
 
 /* 88 bytes: with the 44-byte key a hash element of 48 + 48 + 88 + 8
@@ -278,7 +301,7 @@ struct flow_icmp {
 };
 
 /* One local end of a flow: the socket's cgroup and the process that opened
- * it, taken at the flow's first packet (owner.h), keyed in flows_owner by
+ * it, taken once per end (owner.h), keyed in flows_owner by
  * ext_id << 1 | the key endpoint (0: addr_lo, 1: addr_hi). Element:
  * 48 + 8 + 32 + 8 bytes, kmalloc-96.
  */
@@ -287,6 +310,15 @@ struct flow_owner {
 	__u32 pid;		/* 0: the socket's owner is not known */
 	__u32 uid;
 	__u8 comm[16];
+};
+
+/* A local end's owner as the datapath took it, a record of owner_ring: the
+ * poller puts it into flows_owner (the datapath makes no hash element on a
+ * packet's path) under `key`, ext_id << 1 | the key endpoint.
+ */
+struct owner_event {
+	__u64 key;
+	struct flow_owner owner;
 };
 
 /* A TCP connection that ended idle, established and answered, kept in

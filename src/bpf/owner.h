@@ -1,27 +1,32 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /* Which local sockets a flow ends at, and so which cgroup, process and user
- * own it. Taken once per flow, as it is admitted into the base map (the
- * packet that answers it, probation.h: a flow never answered, a flood's,
- * costs none of it), and kept in a map of its own (flows_owner), so the
- * base entry does not grow.
+ * own it. Taken once per local end, kept in a map of its own (flows_owner),
+ * so the base entry does not grow, and never inserted there on a packet's
+ * path: the datapath sends each end's owner through a ring (owner_ring), and
+ * the poller puts it into flows_owner, which the scan (scan.h) joins with the
+ * flow and empties when the flow ends.
  *
  * A socket's owner (the process that opened it: pid, command, uid) is kept
  * on the socket itself (owner_socks, socket-local storage freed with the
  * socket), noted when the socket is created (owner_sock_create, on the
  * cgroup v2 root) or, for sockets older than the agent, by a walk of every
- * task's open files at start (seed.bpf.c). The cgroup is the socket's own
- * (bpf_sk_cgroup_id): the cgroup v2 cgroup of the process that opened it.
+ * task's open files at start (seed.bpf.c). The cgroup is the socket's own:
+ * the cgroup v2 cgroup of the process that opened it.
  *
- * The admitting packet's sockets: on egress the one the packet carries;
- * the receiving one by a socket lookup (TCP, UDP), on ingress and, on
- * loopback (whose packets only cross egress), for the other end too. A
- * connection a server accepted is found as its listening socket (the
- * handshake's request socket stands for it).
+ * Which end, from which packet: a local end sends on egress, and the packet
+ * carries its socket (a SYN-ACK's request socket stands for its listener),
+ * so an end is taken at the first packet it sends, at no lookup. Forwarded
+ * packets carry none, and neither do the kernel's own (a reset to a closed
+ * port), so they give their end nothing. An end that only receives (a UDP
+ * service that never answers) is looked up once, at the second packet to
+ * it: the flow's first packet is left alone so an unanswered one-packet
+ * flow (a scan, a flood) costs nothing, and the wait lets an answer carry
+ * the socket instead. Which ends are still due is a byte of the base entry
+ * (flow_l4.port.own), so a flow's other packets test a bit and no more.
  *
  * Entries are keyed by the flow's ext_id and the key endpoint the socket is
- * at: ext_id << 1 | 0 for addr_lo, | 1 for addr_hi. The scan (scan.h)
- * copies them out with the flow and deletes them when the flow ends; the
- * poller sweeps the orphans a race leaves, as for the extensions.
+ * at: ext_id << 1 | 0 for addr_lo, | 1 for addr_hi. A flow without an
+ * extension is given an ext_id as its first end is taken.
  */
 #ifndef __FLOWLENS_OWNER_H
 #define __FLOWLENS_OWNER_H
@@ -46,7 +51,9 @@ struct owner_enums {
 };
 const volatile struct owner_enums owner_enums_btf = {};
 
-/* Capacity is set from userspace before load. */
+/* Written by the poller only (from owner_ring). Capacity is set from
+ * userspace before load.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
@@ -55,12 +62,18 @@ struct {
 	__type(value, struct flow_owner);
 } flows_owner SEC(".maps");
 
-/* The local ends a flow's admitting packet found, by key endpoint. */
-struct owner_take {
-	struct flow_owner end[2];
-	__u8 found[2];
-	__u8 __pad[6];
-};
+/* Owners taken, as struct owner_event, on their way to flows_owner. Size set
+ * from userspace before load.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 18);
+} owner_ring SEC(".maps");
+
+/* Bytes waiting in owner_ring past which the poller is woken to read it
+ * (it reads it before each scan anyway): set from userspace before load.
+ */
+const volatile __u64 owner_ring_wake = 1 << 16;
 
 /* A cast the verifier lets a TC program read kernel structs through. */
 extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
@@ -199,73 +212,159 @@ static __always_inline bool owner_lookup(struct __sk_buff *skb,
 	return found;
 }
 
-/* The local ends of a flow being admitted, from the packet admitting it:
- * how many it found.
- * A function of its own, verified once, apart from the flow programs.
+/* The owner state bits of key endpoint `end` (0: addr_lo, 1: addr_hi). */
+#define OWN_DUE(end) ((end) ? OWN_DUE_HI : OWN_DUE_LO)
+#define OWN_SENT(end) ((end) ? OWN_SENT_HI : OWN_SENT_LO)
+
+/* The sending end's owner, from the socket an egress packet carries. A
+ * function of its own, verified once, apart from the flow programs.
  */
-__noinline int owner_ends(struct __sk_buff *skb, const struct pkt *p,
-			  __u32 hook, struct owner_take *t)
+__noinline int owner_sender(struct __sk_buff *skb, struct flow_owner *o)
 {
 	struct bpf_sock *sk;
-	bool from_hi;
 
-	if (!skb || !p || !t || p->frag)
+	if (!skb || !o)
 		return 0;
-	from_hi = p->dir == DIR_HI_TO_LO;
-	if (hook == HOOK_EGRESS) {
-		sk = skb->sk;
-		/* constant indexes: see base_init */
-		if (sk && from_hi)
-			t->found[1] = owner_of(sk, &t->end[1]);
-		else if (sk)
-			t->found[0] = owner_of(sk, &t->end[0]);
-		if (skb->ifindex != LOOPBACK_IFINDEX)
-			goto out;
+	sk = skb->sk;
+	return sk && owner_of(sk, o);
+}
+
+/* The receiving end's owner, by a socket lookup (TCP, UDP). */
+__noinline int owner_receiver(struct __sk_buff *skb, const struct pkt *p,
+			      __u32 hook, struct flow_owner *o)
+{
+	if (!skb || !p || !o)
+		return 0;
+	return owner_lookup(skb, p, hook, o);
+}
+
+/* Sends a local end's owner to the poller; false when the ring had no room
+ * (counted: that end goes without).
+ */
+static __always_inline bool owner_send(__u64 ext_id, __u8 end,
+				       const struct flow_owner *o)
+{
+	struct owner_event ev;
+	__u64 wake = BPF_RB_NO_WAKEUP;
+
+	ev.key = ext_id << 1 | end;
+	ev.owner = *o;
+	/* the poller reads the ring before each scan: woken early only when
+	 * enough waits that the ring could fill before then
+	 */
+	if (bpf_ringbuf_query(&owner_ring, BPF_RB_AVAIL_DATA) >= owner_ring_wake)
+		wake = BPF_RB_FORCE_WAKEUP;
+	if (bpf_ringbuf_output(&owner_ring, &ev, sizeof(ev), wake)) {
+		owner_count(OWN_RING_FULL);
+		return false;
 	}
-	if (p->key.proto != IPPROTO_TCP && p->key.proto != IPPROTO_UDP)
-		goto out;
-	if (from_hi)
-		t->found[0] = owner_lookup(skb, p, hook, &t->end[0]);
-	else
-		t->found[1] = owner_lookup(skb, p, hook, &t->end[1]);
-out:
-	return t->found[0] + t->found[1];
+	return true;
 }
 
-/* Finds the local ends of a new flow and gives the flow an ext_id to key
- * them by when it has none.
+/* A new flow's entry (`nb`, still on the stack): both ends due, for any
+ * flow a socket can be found for by its ports and which has the byte.
  */
-static __always_inline void owner_take(struct __sk_buff *skb,
-				       const struct acct *a, __u8 hook,
-				       struct owner_take *t, __u64 *ext_id)
+static __always_inline void owner_init(struct flow_base *nb,
+				       const struct acct *a)
 {
-	if (owner_attribution && owner_ends(skb, &a->p, hook, t) && !*ext_id)
-		*ext_id = ext_id_next();
+	if (owner_attribution && !a->p.frag && a->ext != EXT_ICMP)
+		nb->l4.port.own = OWN_DUE_LO | OWN_DUE_HI;
 }
 
-/* Keeps the ends found for flow `ext_id`, once its base entry is in. A full
- * map loses the attribution, counted, never the flow.
+/* A new flow's first packet, on its entry still on the stack (`nb`, after
+ * owner_init): leaving through a local socket, it gives its sender's owner
+ * (into `o`, true: owner_start_sent once the entry is in, with the ext_id it
+ * now has). Received, it gives nothing yet (see the top of this file).
  */
-__noinline int owner_keep(__u64 ext_id, const struct owner_take *t)
+static __always_inline bool owner_start(struct __sk_buff *skb,
+					const struct acct *a, __u8 hook,
+					struct flow_base *nb, struct flow_owner *o)
 {
-	__u64 k = ext_id << 1;
+	__u8 end = a->p.dir == DIR_HI_TO_LO;
+	bool found;
 
-	if (!t)
+	if (!owner_attribution || hook != HOOK_EGRESS || a->p.frag)
+		return false;
+	found = owner_sender(skb, o);
+	if (a->ext != EXT_ICMP)
+		nb->l4.port.own = (nb->l4.port.own & ~OWN_DUE(end)) |
+				  (found ? OWN_SENT(end) : 0);
+	if (found && !nb->ext_id)
+		nb->ext_id = ext_id_next();
+	return found;
+}
+
+static __always_inline void owner_start_sent(const struct acct *a,
+					     __u64 ext_id,
+					     const struct flow_owner *o)
+{
+	owner_send(ext_id, a->p.dir == DIR_HI_TO_LO, o);
+}
+
+/* The flow's ext_id, given one now if it has none (a flow without an
+ * extension): two CPUs racing agree on one.
+ */
+static __always_inline __u64 owner_ext_id(struct flow_base *b)
+{
+	__u64 id = *(volatile __u64 *)&b->ext_id, n;
+
+	if (id)
+		return id;
+	n = ext_id_next();
+	if (!n)
 		return 0;
-	if (t->found[0] &&
-	    bpf_map_update_elem(&flows_owner, &k, &t->end[0], BPF_NOEXIST))
-		owner_count(OWN_FULL);
-	k |= 1;
-	if (t->found[1] &&
-	    bpf_map_update_elem(&flows_owner, &k, &t->end[1], BPF_NOEXIST))
-		owner_count(OWN_FULL);
-	return 0;
+	id = __sync_val_compare_and_swap(&b->ext_id, 0, n);
+	return id ?: n;
 }
 
-static __always_inline void owner_put(__u64 ext_id, const struct owner_take *t)
+/* A packet of a flow with an end still due: takes the sender's owner on
+ * egress, or looks the receiver up on ingress (on loopback, where every
+ * packet crosses egress only, either). Each end once: its bit is cleared
+ * before the work, so two CPUs racing may both take it, which gives the
+ * poller the same owner twice, never a wrong one.
+ */
+static __always_inline void owner_due(struct __sk_buff *skb,
+				      const struct acct *a, __u8 hook,
+				      struct flow_base *b, __u8 own)
 {
-	if (ext_id && (t->found[0] || t->found[1]))
-		owner_keep(ext_id, t);
+	struct flow_owner o = {};
+	__u8 from = a->p.dir == DIR_HI_TO_LO, to = !from, end;
+	__u64 id;
+
+	if (hook == HOOK_EGRESS && (own & OWN_DUE(from))) {
+		end = from;
+		b->l4.port.own = own & ~OWN_DUE(from);
+		if (!owner_sender(skb, &o))
+			return;
+	} else if ((hook == HOOK_INGRESS ||
+		    skb->ifindex == LOOPBACK_IFINDEX) &&
+		   (own & OWN_DUE(to)) &&
+		   (a->p.key.proto == IPPROTO_TCP ||
+		    a->p.key.proto == IPPROTO_UDP)) {
+		end = to;
+		b->l4.port.own = own & ~OWN_DUE(to);
+		if (!owner_receiver(skb, &a->p, hook, &o))
+			return;
+	} else {
+		return;
+	}
+	id = owner_ext_id(b);
+	if (id && owner_send(id, end, &o))
+		b->l4.port.own |= OWN_SENT(end);
+}
+
+/* Every packet of a flow in the base map: a bit test, unless an end is due. */
+static __always_inline void owner_check(struct __sk_buff *skb,
+					const struct acct *a, __u8 hook,
+					struct flow_base *b)
+{
+	__u8 own;
+
+	if (a->ext == EXT_ICMP)
+		return;
+	own = *(volatile __u8 *)&b->l4.port.own;
+	if (own & (OWN_DUE_LO | OWN_DUE_HI))
+		owner_due(skb, a, hook, b, own);
 }
 
 /* The scan's side: copies flow `ext_id`'s ends into its record, and deletes

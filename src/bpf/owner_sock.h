@@ -19,8 +19,11 @@ struct owner_sock {
 };
 
 enum owner_counter {
-	OWN_FULL = 0,		/* a flow's attribution lost: flows_owner full */
+	OWN_FULL = 0,		/* a flow's attribution lost: flows_owner full
+				 * (counted by the poller, which fills it)
+				 */
 	OWN_SOCK_LOST,		/* a socket's owner not noted: no storage */
+	OWN_RING_FULL,		/* a flow's attribution lost: owner_ring full */
 	OWN_MAX,
 };
 

@@ -171,6 +171,7 @@ static __always_inline long probe_new(const struct acct *a, __u8 hook)
 	__u64 now = bpf_ktime_get_ns();
 
 	base_init(&nb, a, hook, now);
+	owner_init(&nb, a);
 	if (a->ext == EXT_TCP)
 		tcp_update(&nb, NULL, &a->p, now);
 	else if (a->ext == EXT_ICMP)
@@ -181,15 +182,14 @@ static __always_inline long probe_new(const struct acct *a, __u8 hook)
 /* Moves an admitted flow to the base map. Returns the base entry, in which
  * the admitting packet is then accounted like any other, or NULL when the
  * base map is full (the flow stays, flagged lossy: LRU may evict it). The
- * flow's local sockets and their owners (owner.h) are taken here, once: a
- * flow that is never answered costs no attribution.
+ * flow's owners (owner.h) are taken from here on: a flow that is never
+ * answered costs no attribution.
  */
 static __always_inline struct flow_base *probe_move(struct __sk_buff *skb,
 						    const struct acct *a,
 						    struct flow_base *pb,
 						    __u32 slot, __u8 hook)
 {
-	struct owner_take own = {};
 	struct flow_base nb;
 	struct flow_base *b;
 	long err;
@@ -203,7 +203,6 @@ static __always_inline struct flow_base *probe_move(struct __sk_buff *skb,
 	nb.meta &= ~META_PROBE_TALLIED;
 	if (a->ext)
 		nb.ext_id = ext_id_next();
-	owner_take(skb, a, hook, &own, &nb.ext_id);
 	err = bpf_map_update_elem(&flows, &a->p.key, &nb, BPF_NOEXIST);
 	if (err && err != -EEXIST) {
 		count(CNT_ADMIT_DEFERRED, a->pkts);
@@ -215,7 +214,6 @@ static __always_inline struct flow_base *probe_move(struct __sk_buff *skb,
 		/* another CPU moved it: it takes the image's counts */
 		return b;
 	__sync_fetch_and_add(&base_inserted, 1);
-	owner_put(nb.ext_id, &own);
 	__sync_fetch_and_or(probe_flag(pb), PROBE_MOVING);
 	probe_drain(pb, b);
 	bpf_map_delete_elem(&probation, &a->p.key);
@@ -271,7 +269,7 @@ static __always_inline void base_recheck(const struct acct *a)
 }
 
 /* A new flow's first packet while the base map has room: straight in, as
- * before admission existed, the flow's local sockets and owners taken now
+ * before admission existed, its sender's owner taken now when it is local
  * (owner.h). Returns the base entry the packet is still to be accounted in
  * when another CPU made the flow first; else NULL, with *done set when the
  * packet was accounted here, clear when the map took no entry.
@@ -280,13 +278,15 @@ static __always_inline struct flow_base *base_new(struct __sk_buff *skb,
 						  const struct acct *a,
 						  __u8 hook, bool *done)
 {
-	struct owner_take own = {};
+	struct flow_owner own = {};
 	struct flow_base nb = {};
 	/* one fine clock read: the first packet's time and the handshake's */
 	__u64 now = bpf_ktime_get_ns();
+	bool owned;
 	long err;
 
 	base_init(&nb, a, hook, now);
+	owner_init(&nb, a);
 	if (a->ext) {
 		nb.ext_id = ext_id_next();
 		/* a stack entry no other CPU sees: no lock, no sample */
@@ -295,7 +295,7 @@ static __always_inline struct flow_base *base_new(struct __sk_buff *skb,
 		else
 			icmp_update(&nb, NULL, &a->p);
 	}
-	owner_take(skb, a, hook, &own, &nb.ext_id);
+	owned = owner_start(skb, a, hook, &nb, &own);
 	err = bpf_map_update_elem(&flows, &a->p.key, &nb, BPF_NOEXIST);
 	if (err == -EEXIST)
 		return bpf_map_lookup_elem(&flows, &a->p.key);
@@ -303,7 +303,8 @@ static __always_inline struct flow_base *base_new(struct __sk_buff *skb,
 		return NULL;
 	*done = true;
 	count(CNT_PACKETS, a->pkts);
-	owner_put(nb.ext_id, &own);
+	if (owned)
+		owner_start_sent(a, nb.ext_id, &own);
 	if (a->ext == EXT_TCP && (a->p.tcp_flags & TCP_RST))
 		tcp_note_close(&nb, &a->p);
 	/* no probation to meet without admission (the bench's before) */

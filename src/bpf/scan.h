@@ -239,7 +239,8 @@ static __always_inline void identify_hot(struct flow_base *b,
 	h->bits |= e->hot.bits & hs;
 	if (!(e->hot.bits & TCPB_LATE_START))
 		h->bits &= ~TCPB_LATE_START;
-	h->syn_retrans += e->hot.syn_retrans;
+	h->syn_retrans = h->syn_retrans + e->hot.syn_retrans > 255 ?
+				 255 : h->syn_retrans + e->hot.syn_retrans;
 	if (e->hot.bits & TCPB_CLIENT_HS)
 		b->handshake_client_ns = e->handshake_client_ns;
 	if (e->hot.bits & TCPB_SERVER_HS)

@@ -61,7 +61,8 @@ static __always_inline void tcp_update(struct flow_base *b, struct flow_tcp *t,
 			h->bits |= TCPB_SYN;
 			b->l4_ts_ns = now;
 			h->state = TCP_ST_SYN_SENT;
-		} else if ((h->bits & TCPB_SYN) && !(h->bits & TCPB_SYNACK)) {
+		} else if ((h->bits & TCPB_SYN) && !(h->bits & TCPB_SYNACK) &&
+			   h->syn_retrans < 255) {
 			h->syn_retrans++;
 		}
 	} else if ((f & TCP_SYN) && (f & TCP_ACK)) {

@@ -129,6 +129,16 @@ impl Capacities {
         (flows / OWNER_SHARE).max(1)
     }
 
+    /// Bytes of `owner_ring`, the owners on their way to `flows_owner`: room for a
+    /// sixteenth of its capacity in events (48 B each with the ring's header), within
+    /// [256 KiB, 4 MiB], a power of two as the kernel wants. The poller is woken when a
+    /// quarter waits, and reads it before each scan anyway.
+    pub fn owner_ring(&self) -> u32 {
+        (u64::from(self.owner) * 48 / 16)
+            .next_power_of_two()
+            .clamp(256 << 10, 4 << 20) as u32
+    }
+
     /// The TCP extension capacity `flows` implies.
     pub fn tcp_for(flows: u32) -> u32 {
         (flows / TCP_SHARE).max(1)
@@ -212,6 +222,8 @@ pub struct FlowMaps {
     pub owner: MapHandle,
     /// Per-CPU counters of attribution lost (`enum owner_counter`).
     pub owner_counters: MapHandle,
+    /// The owners the datapath took, for the poller to put into `flows_owner`.
+    pub owner_ring: MapHandle,
     /// The `owner_entries` program: `flows_owner`'s entry count.
     pub owner_count: OwnedFd,
     /// Ended TCP connections, so a resumed one keeps its identity.
@@ -306,6 +318,7 @@ pub fn owner_counter_names() -> Vec<(u32, &'static str)> {
     vec![
         (C::OWN_FULL.0, "owner_map_full"),
         (C::OWN_SOCK_LOST.0, "socket_owner_lost"),
+        (C::OWN_RING_FULL.0, "owner_ring_full"),
     ]
 }
 
@@ -550,11 +563,13 @@ impl Datapath {
         set(&mut open.maps.flows_icmp, "flows_icmp", cap.icmp)?;
         set(&mut open.maps.closing, "closing", cap.closing())?;
         set(&mut open.maps.flows_owner, "flows_owner", cap.owner)?;
+        set(&mut open.maps.owner_ring, "owner_ring", cap.owner_ring())?;
         set(&mut open.maps.ended, "ended", ENDED_CONNECTIONS)?;
         set(&mut open.maps.probation, "probation", cap.probation())?;
         if let Some(r) = open.maps.rodata_data.as_deref_mut() {
             r.admission = admission.mode();
             r.admission_room = i64::from(cap.admission_room());
+            r.owner_ring_wake = u64::from(cap.owner_ring() / 4);
         }
         if !attribution {
             if let Some(r) = open.maps.rodata_data.as_deref_mut() {
@@ -580,6 +595,8 @@ impl Datapath {
             reused |= pin_map(&mut maps.flows_icmp, "flows_icmp", dir)?;
             reused |= pin_map(&mut maps.counters, "counters", dir)?;
             reused |= pin_map(&mut maps.flows_owner, "flows_owner", dir)?;
+            // Owners taken but not yet read: a restart reads them.
+            pin_map(&mut maps.owner_ring, "owner_ring", dir)?;
             reused |= pin_map(&mut maps.probation, "probation", dir)?;
             // What the scan keeps between agents: not flows, so they do not make a
             // start a restart.
@@ -698,6 +715,7 @@ impl Datapath {
             (&mut maps.flows_icmp, "flows_icmp"),
             (&mut maps.counters, "counters"),
             (&mut maps.flows_owner, "flows_owner"),
+            (&mut maps.owner_ring, "owner_ring"),
             (&mut maps.probation, "probation"),
             (&mut maps.ended, "ended"),
             (&mut maps.last_scan, "last_scan"),
@@ -728,6 +746,7 @@ impl Datapath {
             closing: h(&maps.closing, "closing")?,
             owner: h(&maps.flows_owner, "flows_owner")?,
             owner_counters: h(&maps.owner_counters, "owner_counters")?,
+            owner_ring: h(&maps.owner_ring, "owner_ring")?,
             owner_count: prog_fd(&self.skel.progs.owner_entries, "owner_entries")?,
             ended: h(&maps.ended, "ended")?,
             last_scan: h(&maps.last_scan, "last_scan")?,

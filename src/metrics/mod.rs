@@ -437,8 +437,9 @@ fn render_at(snap: &Snapshot, hub: &HubStats, now: SystemTime) -> String {
     e.family(
         "kernel_attribution_lost_total",
         "counter",
-        "Flows kept without their local socket's owner (owner_map_full: flows_owner was full), \
-         and sockets whose owner was not noted (socket_owner_lost), by reason.",
+        "Flows kept without their local socket's owner (owner_map_full: flows_owner was full; \
+         owner_ring_full: the ring the datapath sends owners through was full), and sockets \
+         whose owner was not noted (socket_owner_lost), by reason.",
     );
     for (name, v) in attribution {
         e.sample("kernel_attribution_lost_total", &[("reason", name)], v);

@@ -375,7 +375,7 @@ fn tcp_info(
         state: tcp_state(h.state),
         handshake_client_ns: bit(B::TCPB_CLIENT_HS).then_some(b.handshake_client_ns),
         handshake_server_ns: bit(B::TCPB_SERVER_HS).then_some(b.handshake_server_ns),
-        syn_retransmits: h.syn_retrans,
+        syn_retransmits: u16::from(h.syn_retrans),
         late_start: bit(B::TCPB_LATE_START),
         client_latency: t.and_then(|t| latency(&t.lat[c])),
         server_latency: t.and_then(|t| latency(&t.lat[s])),
@@ -427,6 +427,19 @@ pub fn tcp_hot(base: &types::flow_base) -> Option<types::tcp_hot> {
     // SAFETY: both union arms are plain integers, every bit pattern is
     // valid; ext == EXT_TCP says it is the arm the datapath writes.
     Some(unsafe { base.l4.tcp })
+}
+
+/// Which of a flow's local ends the datapath sent an owner for (`enum flow_owner_state`):
+/// bit 0 for addr_lo, bit 1 for addr_hi. None for ICMP flows, which keep no such state.
+pub fn owners_sent(base: &types::flow_base) -> u8 {
+    if ext_kind(base) == types::flow_ext::EXT_ICMP.0 {
+        return 0;
+    }
+    use types::flow_owner_state as S;
+    // SAFETY: every union arm is plain integers, every bit pattern is valid; the byte is
+    // the owner state in every arm but ICMP's, ruled out above.
+    let own = u32::from(unsafe { base.l4.port.own });
+    u8::from(own & S::OWN_SENT_LO.0 != 0) | u8::from(own & S::OWN_SENT_HI.0 != 0) << 1
 }
 
 /// The id keying a flow's entry in extension map `m`, if the flow can have one there and

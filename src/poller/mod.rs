@@ -2,6 +2,7 @@
 
 pub mod decode;
 pub mod memory;
+pub mod owners;
 pub mod probation;
 pub mod scan;
 pub mod table;

@@ -211,7 +211,7 @@ pub fn take_identity(b: &mut types::flow_base, e: &types::flow_ended, active_ns:
     if u32::from(e.hot.bits) & B::TCPB_LATE_START.0 == 0 {
         h.bits &= !(B::TCPB_LATE_START.0 as u8);
     }
-    h.syn_retrans = h.syn_retrans.wrapping_add(e.hot.syn_retrans);
+    h.syn_retrans = h.syn_retrans.saturating_add(e.hot.syn_retrans);
     if u32::from(e.hot.bits) & B::TCPB_CLIENT_HS.0 != 0 {
         b.handshake_client_ns = e.handshake_client_ns;
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use libbpf_rs::{MapCore, MapFlags, MapHandle, RingBuffer, RingBufferBuilder};
 
 use super::decode::{decode, ext_id, owner_key, owner_of_key, ExtKind, RawFlow};
+use super::owners::OwnerSync;
 use super::probation::Tally;
 use super::scan::{decode_rec, ScanKind, ScanSummary};
 use super::PollError;
@@ -250,23 +251,37 @@ pub enum ReadMode {
 pub struct KernelTable {
     /// Declared before the maps: it reads their ring, which must outlive it.
     ring: Option<ScanRing>,
+    /// The owners' ring, drained into `flows_owner`; made at the first read or scan.
+    owners: Option<OwnerSync>,
     maps: FlowMaps,
     mode: ReadMode,
     /// Entries the previous read or scan found, to size the next read's collections.
     last_entries: [u64; 3],
     /// Owner entries the previous read found.
-    owners: usize,
+    owner_entries: usize,
 }
 
 impl KernelTable {
     pub fn new(maps: FlowMaps) -> KernelTable {
         KernelTable {
             ring: None,
+            owners: None,
             maps,
             mode: ReadMode::Batch,
             last_entries: [0; 3],
-            owners: 0,
+            owner_entries: 0,
         }
+    }
+
+    /// The owners' ring, drained into `flows_owner` now.
+    fn sync_owners(&mut self) -> Result<&OwnerSync, PollError> {
+        if self.owners.is_none() {
+            let m = &self.maps;
+            self.owners = Some(OwnerSync::new(&m.owner_ring, &m.owner, &m.owner_counters)?);
+        }
+        let owners = self.owners.as_ref().expect("made above");
+        owners.sync()?;
+        Ok(owners)
     }
 
     pub fn set_read_mode(&mut self, mode: ReadMode) {
@@ -499,11 +514,12 @@ impl FlowTable for KernelTable {
             icmp.insert(decode(k), decode(v));
         })?;
         // Owners are made after their base entry, like extensions: read before it.
-        let mut owner = JoinMap::with_capacity_and_hasher(self.owners, Default::default());
+        self.sync_owners()?;
+        let mut owner = JoinMap::with_capacity_and_hasher(self.owner_entries, Default::default());
         walk(&self.maps.owner, "flows_owner", self.mode, false, |k, v| {
             owner.insert(decode(k), decode(v));
         })?;
-        self.owners = owner.len();
+        self.owner_entries = owner.len();
         // Each base entry is joined as it comes out of the batch buffer, with no copy in
         // between; locked, as the TCP state in a base entry changes under its lock.
         let mut j = Joiner::new(tcp, icmp, owner, flows);
@@ -524,8 +540,16 @@ impl FlowTable for KernelTable {
         if self.ring.is_none() {
             self.ring = Some(ScanRing::new(&self.maps.scan_ring)?);
         }
-        let KernelTable { ring, maps, .. } = self;
+        self.sync_owners()?;
+        let KernelTable {
+            ring, maps, owners, ..
+        } = self;
         let ring = ring.as_ref().expect("made above");
+        let owners = owners.as_ref().expect("made by sync_owners");
+        let sink = &mut |mut batch: Vec<(ScanKind, RawFlow)>| {
+            owners.complete(&mut batch)?;
+            sink(batch)
+        };
         let prog = maps.scan.as_fd();
         let mut a = types::scan_args {
             part: 0,
@@ -572,6 +596,7 @@ impl FlowTable for KernelTable {
             summary.passes = passes;
             summary.split = true;
         }
+        owners.after_scan()?;
         self.last_entries = summary.entries;
         Ok(summary)
     }
