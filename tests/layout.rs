@@ -99,9 +99,9 @@ fn a_local_end_is_kept_in_kmalloc_96() {
         kmalloc_class(size_of::<u64>(), size_of::<flow_owner>()),
         (96, 96)
     );
-    // On its way there, a record of owner_ring: 40 bytes and the ring's 8-byte header.
-    assert_eq!(size_of::<owner_event>(), 40);
-    assert_tiled!(owner_event, key: u64, owner: flow_owner);
+    // On its way there, a record of owner_ring: 64 bytes and the ring's 8-byte header.
+    assert_eq!(size_of::<owner_event>(), 64);
+    assert_tiled!(owner_event, key: u64, owner: flow_owner, addr: [u8; 16], flags: u32, __pad: [u8; 4]);
 }
 
 /// The memory of ended connections: an LRU map, so preallocated, 48 B of element header,

@@ -36,6 +36,7 @@ struct flow_enums {
 	enum flow_meta meta;
 	enum admission_mode admission;
 	enum flow_owner_state own;
+	enum owner_event_flags own_event;
 };
 const volatile struct flow_enums flow_enums_btf = {};
 

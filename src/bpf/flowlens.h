@@ -319,6 +319,17 @@ struct flow_owner {
 struct owner_event {
 	__u64 key;
 	struct flow_owner owner;
+	__u8 addr[16];		/* OWN_EV_CHECK_LOCAL: the local end's address */
+	__u32 flags;		/* enum owner_event_flags */
+	__u8 __pad[4];
+};
+
+enum owner_event_flags {
+	/* Found by a socket lookup that matched a socket bound to the
+	 * wildcard address: the owner holds only if `addr` is this host's
+	 * (the packet was not one it forwards), which the poller checks.
+	 */
+	OWN_EV_CHECK_LOCAL = 1,
 };
 
 /* A TCP connection that ended idle, established and answered, kept in

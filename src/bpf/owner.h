@@ -124,45 +124,17 @@ static __always_inline bool owner_any_addr(struct bpf_sock *sk)
 		 sk->src_ip6[3]);
 }
 
-/* Whether an arriving packet is for this host rather than one it forwards:
- * a socket lookup matches a wildcard-bound socket whatever the destination,
- * so a forwarded packet to a port a local service listens on would be
- * taken for that service's. The route says which: a forwarded packet's is a
- * unicast route elsewhere. Where this interface does not forward at all, it
- * is for this host or dropped.
+/* The socket the packet is delivered to on this host, if any, into `ev`.
+ * A socket lookup matches a wildcard-bound socket whatever the destination,
+ * so a forwarded packet to a port a local service listens on would be taken
+ * for that service's: the event then asks the poller to check that the
+ * destination is one of this host's addresses (OWN_EV_CHECK_LOCAL), which
+ * costs the packet nothing (a route lookup here cost more than the rest of
+ * the attribution).
  */
-static __always_inline bool owner_for_host(struct __sk_buff *skb,
-					   const struct pkt *p,
-					   const __u8 *src, const __u8 *dst)
-{
-	struct bpf_fib_lookup f = {};
-	long r;
-
-	/* a frame for another station (a bridge port, promiscuous mode) */
-	if (skb->pkt_type == PACKET_OTHERHOST)
-		return false;
-	f.l4_protocol = p->key.proto;
-	f.sport = bpf_htons(p->sport);
-	f.dport = bpf_htons(p->dport);
-	f.ifindex = skb->ifindex;
-	if (p->key.ip_version == 4) {
-		f.family = AF_INET;
-		__builtin_memcpy(&f.ipv4_src, src + 12, 4);
-		__builtin_memcpy(&f.ipv4_dst, dst + 12, 4);
-	} else {
-		f.family = AF_INET6;
-		__builtin_memcpy(f.ipv6_src, src, 16);
-		__builtin_memcpy(f.ipv6_dst, dst, 16);
-	}
-	r = bpf_fib_lookup(skb, &f, sizeof(f), 0);
-	return r == BPF_FIB_LKUP_RET_NOT_FWDED ||
-	       r == BPF_FIB_LKUP_RET_FWD_DISABLED;
-}
-
-/* The socket the packet is delivered to on this host, if any. */
 static __always_inline bool owner_lookup(struct __sk_buff *skb,
 					 const struct pkt *p, __u32 hook,
-					 struct flow_owner *o)
+					 struct owner_event *ev)
 {
 	struct bpf_sock_tuple t = {};
 	const __u8 *src = p->key.addr_lo, *dst = p->key.addr_hi;
@@ -202,12 +174,13 @@ static __always_inline bool owner_lookup(struct __sk_buff *skb,
 	full = bpf_sk_fullsock(sk);
 	if (!full)
 		full = bpf_get_listener_sock(sk);
+	found = full && owner_of(full, &ev->owner);
 	/* on loopback every destination is this host's */
-	if (!full || (hook == HOOK_INGRESS && skb->ifindex != LOOPBACK_IFINDEX &&
-		      owner_any_addr(full) && !owner_for_host(skb, p, src, dst)))
-		found = false;
-	else
-		found = owner_of(full, o);
+	if (found && hook == HOOK_INGRESS && skb->ifindex != LOOPBACK_IFINDEX &&
+	    owner_any_addr(full)) {
+		ev->flags = OWN_EV_CHECK_LOCAL;
+		__builtin_memcpy(ev->addr, dst, sizeof(ev->addr));
+	}
 	bpf_sk_release(sk);
 	return found;
 }
@@ -231,30 +204,31 @@ __noinline int owner_sender(struct __sk_buff *skb, struct flow_owner *o)
 
 /* The receiving end's owner, by a socket lookup (TCP, UDP). */
 __noinline int owner_receiver(struct __sk_buff *skb, const struct pkt *p,
-			      __u32 hook, struct flow_owner *o)
+			      __u32 hook, struct owner_event *ev)
 {
-	if (!skb || !p || !o)
+	if (!skb || !p || !ev)
 		return 0;
-	return owner_lookup(skb, p, hook, o);
+	/* an arriving frame for another station (a bridge port, promiscuous) */
+	if (hook == HOOK_INGRESS && skb->pkt_type == PACKET_OTHERHOST)
+		return 0;
+	return owner_lookup(skb, p, hook, ev);
 }
 
 /* Sends a local end's owner to the poller; false when the ring had no room
  * (counted: that end goes without).
  */
 static __always_inline bool owner_send(__u64 ext_id, __u8 end,
-				       const struct flow_owner *o)
+				       struct owner_event *ev)
 {
-	struct owner_event ev;
 	__u64 wake = BPF_RB_NO_WAKEUP;
 
-	ev.key = ext_id << 1 | end;
-	ev.owner = *o;
+	ev->key = ext_id << 1 | end;
 	/* the poller reads the ring before each scan: woken early only when
 	 * enough waits that the ring could fill before then
 	 */
 	if (bpf_ringbuf_query(&owner_ring, BPF_RB_AVAIL_DATA) >= owner_ring_wake)
 		wake = BPF_RB_FORCE_WAKEUP;
-	if (bpf_ringbuf_output(&owner_ring, &ev, sizeof(ev), wake)) {
+	if (bpf_ringbuf_output(&owner_ring, ev, sizeof(*ev), wake)) {
 		owner_count(OWN_RING_FULL);
 		return false;
 	}
@@ -278,14 +252,14 @@ static __always_inline void owner_init(struct flow_base *nb,
  */
 static __always_inline bool owner_start(struct __sk_buff *skb,
 					const struct acct *a, __u8 hook,
-					struct flow_base *nb, struct flow_owner *o)
+					struct flow_base *nb, struct owner_event *ev)
 {
 	__u8 end = a->p.dir == DIR_HI_TO_LO;
 	bool found;
 
 	if (!owner_attribution || hook != HOOK_EGRESS || a->p.frag)
 		return false;
-	found = owner_sender(skb, o);
+	found = owner_sender(skb, &ev->owner);
 	if (a->ext != EXT_ICMP)
 		nb->l4.port.own = (nb->l4.port.own & ~OWN_DUE(end)) |
 				  (found ? OWN_SENT(end) : 0);
@@ -296,9 +270,9 @@ static __always_inline bool owner_start(struct __sk_buff *skb,
 
 static __always_inline void owner_start_sent(const struct acct *a,
 					     __u64 ext_id,
-					     const struct flow_owner *o)
+					     struct owner_event *ev)
 {
-	owner_send(ext_id, a->p.dir == DIR_HI_TO_LO, o);
+	owner_send(ext_id, a->p.dir == DIR_HI_TO_LO, ev);
 }
 
 /* The flow's ext_id, given one now if it has none (a flow without an
@@ -327,14 +301,14 @@ static __always_inline void owner_due(struct __sk_buff *skb,
 				      const struct acct *a, __u8 hook,
 				      struct flow_base *b, __u8 own)
 {
-	struct flow_owner o = {};
+	struct owner_event ev = {};
 	__u8 from = a->p.dir == DIR_HI_TO_LO, to = !from, end;
 	__u64 id;
 
 	if (hook == HOOK_EGRESS && (own & OWN_DUE(from))) {
 		end = from;
 		b->l4.port.own = own & ~OWN_DUE(from);
-		if (!owner_sender(skb, &o))
+		if (!owner_sender(skb, &ev.owner))
 			return;
 	} else if ((hook == HOOK_INGRESS ||
 		    skb->ifindex == LOOPBACK_IFINDEX) &&
@@ -343,13 +317,13 @@ static __always_inline void owner_due(struct __sk_buff *skb,
 		    a->p.key.proto == IPPROTO_UDP)) {
 		end = to;
 		b->l4.port.own = own & ~OWN_DUE(to);
-		if (!owner_receiver(skb, &a->p, hook, &o))
+		if (!owner_receiver(skb, &a->p, hook, &ev))
 			return;
 	} else {
 		return;
 	}
 	id = owner_ext_id(b);
-	if (id && owner_send(id, end, &o))
+	if (id && owner_send(id, end, &ev))
 		b->l4.port.own |= OWN_SENT(end);
 }
 

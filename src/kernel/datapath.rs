@@ -130,13 +130,14 @@ impl Capacities {
     }
 
     /// Bytes of `owner_ring`, the owners on their way to `flows_owner`: room for a
-    /// sixteenth of its capacity in events (48 B each with the ring's header), within
-    /// [256 KiB, 4 MiB], a power of two as the kernel wants. The poller is woken when a
-    /// quarter waits, and reads it before each scan anyway.
+    /// 64th of its capacity in events (72 B each with the ring's header), within
+    /// [256 KiB, 1 MiB] (3,640 to 14,563 events), a power of two as the kernel wants. The
+    /// poller reads it before each scan, and is woken to read it when a quarter waits, so
+    /// it overflows only if that many ends are taken faster than a thread wakes up.
     pub fn owner_ring(&self) -> u32 {
-        (u64::from(self.owner) * 48 / 16)
+        (u64::from(self.owner) * 72 / 64)
             .next_power_of_two()
-            .clamp(256 << 10, 4 << 20) as u32
+            .clamp(256 << 10, 1 << 20) as u32
     }
 
     /// The TCP extension capacity `flows` implies.

@@ -4,12 +4,16 @@
 //! each one through the ring, and this puts them into the map before each scan and
 //! read, and whenever the datapath wakes it because the ring is filling. A record the
 //! scan gave before the owner got there (the flow started and ended within one scan) is
-//! completed from the ring: the flow's entry says which ends were sent.
+//! completed from the ring: the flow's entry says which ends were sent. An owner found
+//! through a socket bound to the wildcard address holds only if the packet's destination
+//! is one of this host's addresses (not a packet it forwards): checked here, off the
+//! packet's path.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle, RingBuffer, RingBufferBuilder};
 
@@ -34,6 +38,7 @@ struct Drain {
     /// Owners taken off the ring during a scan, not yet in the map: records of flows the
     /// scan ended take theirs from here, and the rest go into the map after the scan.
     late: JoinMap<types::flow_owner>,
+    local: LocalAddrs,
 }
 
 /// The owners' ring of one datapath, drained into its `flows_owner`.
@@ -67,9 +72,9 @@ impl OwnerSync {
         })
         .map_err(|e| ring_err(std::io::Error::other(e)))?;
         let rb = b.build().map_err(|e| ring_err(std::io::Error::other(e)))?;
+        // A duplicate descriptor: the service's capabilities open no map by id.
         let clone = |m: &MapHandle, map: &'static str| {
-            MapHandle::from_map_id(m.info().map_err(|e| read_err(map, e))?.info.id)
-                .map_err(|e| read_err(map, e))
+            MapHandle::try_from(m).map_err(|e| read_err(map, e))
         };
         let drain = Arc::new(Mutex::new(Drain {
             rb,
@@ -77,6 +82,7 @@ impl OwnerSync {
             owner: clone(owner, "flows_owner")?,
             counters: clone(counters, "owner_counters")?,
             late: JoinMap::default(),
+            local: LocalAddrs::default(),
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let waker = {
@@ -174,27 +180,31 @@ fn wait(epoll: i32, timeout: Duration) -> bool {
 }
 
 impl Drain {
-    /// Takes every owner waiting in the ring.
-    fn take(&mut self) -> Result<Vec<types::owner_event>, PollError> {
+    /// Takes every owner waiting in the ring, less those a local address check refuses.
+    fn take(&mut self) -> Result<Vec<(u64, types::flow_owner)>, PollError> {
         let n = self.rb.consume_raw();
         if n < 0 {
             return Err(ring_err(std::io::Error::from_raw_os_error(-n)));
         }
-        Ok(std::mem::take(
-            &mut *self.got.lock().unwrap_or_else(|e| e.into_inner()),
-        ))
+        let got = std::mem::take(&mut *self.got.lock().unwrap_or_else(|e| e.into_inner()));
+        let check = types::owner_event_flags::OWN_EV_CHECK_LOCAL.0;
+        Ok(got
+            .into_iter()
+            .filter(|ev| ev.flags & check == 0 || self.local.is_local(&ev.addr))
+            .map(|ev| (ev.key, ev.owner))
+            .collect())
     }
 
     /// Everything waiting in the ring, into the map.
     fn put(&mut self) -> Result<(), PollError> {
         let got = self.take()?;
-        self.insert(got.into_iter().map(|ev| (ev.key, ev.owner)))
+        self.insert(got.into_iter())
     }
 
     /// Everything waiting in the ring, into `late`.
     fn take_late(&mut self) -> Result<(), PollError> {
         let got = self.take()?;
-        self.late.extend(got.into_iter().map(|ev| (ev.key, ev.owner)));
+        self.late.extend(got);
         Ok(())
     }
 
@@ -237,5 +247,146 @@ impl Drain {
         self.counters
             .update_percpu(&slot, &per_cpu, MapFlags::ANY)
             .map_err(err)
+    }
+}
+
+/// This host's addresses (in the agent's network namespace), as IPv6 or IPv4-mapped bytes,
+/// read again when an address is not among them, at most once a second.
+#[derive(Default)]
+struct LocalAddrs {
+    addrs: HashSet<[u8; 16]>,
+    read_at: Option<Instant>,
+}
+
+/// How often the addresses are read again at most: a forwarding host asks about other
+/// hosts' addresses all the time.
+const ADDRS_FRESH: Duration = Duration::from_secs(1);
+
+impl LocalAddrs {
+    /// Whether a packet to `a` is for this host: one of its addresses, loopback, or
+    /// multicast and broadcast, which its wildcard-bound sockets receive too.
+    fn is_local(&mut self, a: &[u8; 16]) -> bool {
+        if always_local(a) || self.addrs.contains(a) {
+            return true;
+        }
+        if self.read_at.is_some_and(|t| t.elapsed() < ADDRS_FRESH) {
+            return false;
+        }
+        self.read();
+        self.addrs.contains(a)
+    }
+
+    fn read(&mut self) {
+        self.read_at = Some(Instant::now());
+        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+        // SAFETY: getifaddrs writes a list it allocated into `list`, freed below.
+        if unsafe { libc::getifaddrs(&mut list) } != 0 {
+            log::warn!(
+                "reading this host's addresses: {}",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        self.addrs.clear();
+        let mut p = list;
+        while !p.is_null() {
+            // SAFETY: `p` is a node of the list getifaddrs made, alive until freed below.
+            let ifa = unsafe { &*p };
+            // The other address is a broadcast one only on a broadcast interface; on a
+            // point-to-point one it is the peer's.
+            let broadcast = ifa.ifa_flags & libc::IFF_BROADCAST as u32 != 0;
+            let other = if broadcast {
+                ifa.ifa_ifu
+            } else {
+                std::ptr::null_mut()
+            };
+            for sa in [ifa.ifa_addr, other] {
+                if let Some(a) = sockaddr_bytes(sa) {
+                    self.addrs.insert(a);
+                }
+            }
+            p = ifa.ifa_next;
+        }
+        // SAFETY: the list getifaddrs made, freed once, nothing of it used after.
+        unsafe { libc::freeifaddrs(list) };
+    }
+}
+
+/// An IPv4 or IPv6 socket address's address, as IPv6 or IPv4-mapped bytes.
+fn sockaddr_bytes(sa: *const libc::sockaddr) -> Option<[u8; 16]> {
+    if sa.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null sockaddr from getifaddrs; its family says which struct it is.
+    let family = i32::from(unsafe { (*sa).sa_family });
+    match family {
+        libc::AF_INET => {
+            // SAFETY: an AF_INET address is a sockaddr_in.
+            let v4 = unsafe { &*(sa as *const libc::sockaddr_in) };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
+            Some(ip.to_ipv6_mapped().octets())
+        }
+        libc::AF_INET6 => {
+            // SAFETY: an AF_INET6 address is a sockaddr_in6.
+            let v6 = unsafe { &*(sa as *const libc::sockaddr_in6) };
+            Some(v6.sin6_addr.s6_addr)
+        }
+        _ => None,
+    }
+}
+
+/// Loopback, multicast and the limited broadcast: this host's on any interface.
+fn always_local(a: &[u8; 16]) -> bool {
+    let ip = std::net::Ipv6Addr::from(*a);
+    match ip.to_ipv4_mapped() {
+        Some(v4) => v4.is_loopback() || v4.is_multicast() || v4.is_broadcast(),
+        None => ip.is_loopback() || ip.is_multicast(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    fn bytes(ip: IpAddr) -> [u8; 16] {
+        match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        }
+    }
+
+    #[test]
+    fn loopback_multicast_and_broadcast_are_always_this_hosts() {
+        for ip in [
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, 53)),
+            IpAddr::V4(Ipv4Addr::new(224, 0, 0, 251)),
+            IpAddr::V4(Ipv4Addr::BROADCAST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+            IpAddr::V6("ff02::fb".parse().unwrap()),
+        ] {
+            assert!(always_local(&bytes(ip)), "{ip}");
+        }
+        for ip in [
+            IpAddr::V4(Ipv4Addr::new(10, 202, 0, 9)),
+            IpAddr::V6("fd00::9".parse().unwrap()),
+        ] {
+            assert!(!always_local(&bytes(ip)), "{ip}");
+        }
+    }
+
+    #[test]
+    fn an_address_of_an_interface_is_local_and_an_unknown_one_is_read_again_at_most_once_a_second(
+    ) {
+        let mut l = LocalAddrs::default();
+        // 203.0.113.7 (TEST-NET-3) is on no interface here.
+        let far = bytes(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)));
+        assert!(!l.is_local(&far));
+        let read = l.read_at.expect("read on a miss");
+        assert!(!l.is_local(&far));
+        assert_eq!(l.read_at, Some(read), "not read again within a second");
+        // Whatever the interfaces hold is local, as read.
+        let any = *l.addrs.iter().next().expect("an interface address (lo's at least)");
+        assert!(l.is_local(&any));
     }
 }
