@@ -6,7 +6,8 @@ use std::mem::{offset_of, size_of};
 use flowlens::kernel::bpf::flow_mono_skel::types::{flow_naive, flow_packed};
 use flowlens::kernel::bpf::types::{
     bpf_spin_lock, flow_base, flow_ended, flow_icmp, flow_key, flow_l4, flow_owner, flow_probe,
-    flow_tcp, icmp_hot, owner_event, port_hot, probe_port, probe_sketch, scan_args, scan_rec, tcp_hot, tcp_latency,
+    flow_tcp, icmp_hot, owner_event, owner_resolve_io, owner_taken, owner_want, port_hot,
+    probe_port, probe_sketch, scan_args, scan_rec, tcp_hot, tcp_latency,
 };
 
 /// Asserts that fields tile the struct: each starts where the previous ended.
@@ -101,7 +102,13 @@ fn a_local_end_is_kept_in_kmalloc_96() {
     );
     // On its way there, a record of owner_ring: 64 bytes and the ring's 8-byte header.
     assert_eq!(size_of::<owner_event>(), 64);
-    assert_tiled!(owner_event, key: u64, owner: flow_owner, addr: [u8; 16], flags: u32, __pad: [u8; 4]);
+    assert_tiled!(owner_event, key: u64, end: owner_taken, addr: [u8; 16], flags: u32, __pad: [u8; 4]);
+    // An end the poller is to look up: its request in the owner's place, as long.
+    assert_eq!(size_of::<owner_want>(), 32);
+    assert_tiled!(owner_want, remote: [u8; 16], remote_port: u16, local_port: u16, proto: u8, ip_version: u8, __pad: [u8; 10]);
+    assert_eq!(size_of::<owner_taken>(), 32);
+    assert_eq!(size_of::<owner_resolve_io>(), 88);
+    assert_tiled!(owner_resolve_io, want: owner_want, local: [u8; 16], owner: flow_owner, found: u32, __pad: [u8; 4]);
 }
 
 /// The memory of ended connections: an LRU map, so preallocated, 48 B of element header,

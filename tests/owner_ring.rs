@@ -40,7 +40,8 @@ fn setup() -> (Harness, UdpSocket, u16) {
     );
     let mut h = Harness::new();
     let root = open_root(Hierarchy::detect().mount()).expect("the cgroup v2 root");
-    h.dp.attach_owner_hook(root.as_fd()).expect("the socket hook");
+    h.dp.attach_owner_hook(root.as_fd())
+        .expect("the socket hook");
     let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let port = sock.local_addr().expect("addr").port();
     (h, sock, port)
@@ -82,8 +83,7 @@ fn assert_ours(o: &types::flow_owner) {
 #[test]
 fn a_receiver_is_looked_up_at_the_second_packet_once_and_reaches_records_either_way() {
     let (h, _sock, port) = setup();
-    let sync = OwnerSync::new(&h.maps.owner_ring, &h.maps.owner, &h.maps.owner_counters)
-        .expect("owner ring");
+    let sync = OwnerSync::new(&h.maps).expect("owner ring");
     // One datagram: the receiver is not looked up yet.
     send(&h, 40_001, port, 1);
     let f = the_flow(&h, 40_001);
@@ -95,7 +95,10 @@ fn a_receiver_is_looked_up_at_the_second_packet_once_and_reaches_records_either_
     let end = end_of(&f, port);
     assert_eq!(owners_sent(&f.base), 1 << end, "the receiver's end only");
     assert_ne!(f.base.ext_id, 0, "given an id for its owner");
-    assert!(owners_in_map(&h).is_empty(), "nothing is inserted on the packet path");
+    assert!(
+        owners_in_map(&h).is_empty(),
+        "nothing is inserted on the packet path"
+    );
 
     // A record that went out before the poller read the ring takes its owner from the
     // ring; an ended flow leaves nothing in the map.
@@ -157,14 +160,14 @@ fn a_full_owner_map_is_counted_by_the_poller() {
         ..Default::default()
     });
     let root = open_root(Hierarchy::detect().mount()).expect("the cgroup v2 root");
-    h.dp.attach_owner_hook(root.as_fd()).expect("the socket hook");
+    h.dp.attach_owner_hook(root.as_fd())
+        .expect("the socket hook");
     let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let port = sock.local_addr().expect("addr").port();
     for from in 41_000..41_003 {
         send(&h, from, port, 2);
     }
-    let sync = OwnerSync::new(&h.maps.owner_ring, &h.maps.owner, &h.maps.owner_counters)
-        .expect("owner ring");
+    let sync = OwnerSync::new(&h.maps).expect("owner ring");
     sync.sync().expect("sync");
     assert_eq!(owners_in_map(&h).len(), 1);
     assert_eq!(h.maps.counters().expect("counters")["owner_map_full"], 2);

@@ -316,20 +316,42 @@ struct flow_owner {
  * poller puts it into flows_owner (the datapath makes no hash element on a
  * packet's path) under `key`, ext_id << 1 | the key endpoint.
  */
+/* A receiving end the datapath leaves the poller to look up (OWN_EV_WANT):
+ * the packet's sender and the ports (host byte order).
+ */
+struct owner_want {
+	__u8 remote[16];
+	__u16 remote_port;
+	__u16 local_port;
+	__u8 proto;
+	__u8 ip_version;
+	__u8 __pad[10];
+};
+
+union owner_taken {
+	struct flow_owner owner;	/* taken */
+	struct owner_want want;		/* OWN_EV_WANT */
+};
+
 struct owner_event {
 	__u64 key;
-	struct flow_owner owner;
-	__u8 addr[16];		/* OWN_EV_CHECK_LOCAL: the local end's address */
+	union owner_taken end;
+	__u8 addr[16];		/* OWN_EV_WANT: the local end's address */
 	__u32 flags;		/* enum owner_event_flags */
 	__u8 __pad[4];
 };
 
 enum owner_event_flags {
-	/* Found by a socket lookup that matched a socket bound to the
-	 * wildcard address: the owner holds only if `addr` is this host's
-	 * (the packet was not one it forwards), which the poller checks.
+	/* Not taken yet: an end that only receives, for the poller to look
+	 * up (owner.h, owner_resolve), off the packet's path.
 	 */
-	OWN_EV_CHECK_LOCAL = 1,
+	OWN_EV_WANT = 1,
+	/* A socket lookup matches a wildcard-bound socket whatever the
+	 * destination, so a forwarded packet to a port a local service
+	 * listens on would be taken for that service's: the poller first
+	 * checks that `addr` is one of this host's. Not on loopback.
+	 */
+	OWN_EV_CHECK_LOCAL = 2,
 };
 
 /* A TCP connection that ended idle, established and answered, kept in

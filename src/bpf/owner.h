@@ -113,60 +113,65 @@ static __always_inline bool owner_of(struct bpf_sock *sk, struct flow_owner *o)
 	return true;
 }
 
-/* Whether a socket is bound to the wildcard address, so matches a packet to
- * any destination address.
+/* A receiving end the poller looks up (owner_resolve), in, and its owner,
+ * out: one request at a time, in slot 0.
  */
-static __always_inline bool owner_any_addr(struct bpf_sock *sk)
-{
-	if (sk->family == AF_INET)
-		return !sk->src_ip4;
-	return !(sk->src_ip6[0] | sk->src_ip6[1] | sk->src_ip6[2] |
-		 sk->src_ip6[3]);
-}
+struct owner_resolve_io {
+	struct owner_want want;
+	__u8 local[16];		/* the local end's address */
+	struct flow_owner owner;	/* out */
+	__u32 found;		/* out */
+	__u8 __pad[4];
+};
 
-/* The socket the packet is delivered to on this host, if any, into `ev`.
- * A socket lookup matches a wildcard-bound socket whatever the destination,
- * so a forwarded packet to a port a local service listens on would be taken
- * for that service's: the event then asks the poller to check that the
- * destination is one of this host's addresses (OWN_EV_CHECK_LOCAL), which
- * costs the packet nothing (a route lookup here cost more than the rest of
- * the attribution).
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct owner_resolve_io);
+} owner_resolve_io SEC(".maps");
+
+/* The socket a packet of `want` to `local` would be delivered to here, and
+ * its owner, by the kernel's own socket lookup: run by the poller through
+ * BPF_PROG_TEST_RUN for each end the datapath left to it (OWN_EV_WANT), so
+ * the packet's path pays no lookup. The lookup is in the poller's network
+ * namespace, the agent's, whose interfaces the datapath watches.
  */
-static __always_inline bool owner_lookup(struct __sk_buff *skb,
-					 const struct pkt *p, __u32 hook,
-					 struct owner_event *ev)
+SEC("tc")
+int owner_resolve(struct __sk_buff *skb)
 {
 	struct bpf_sock_tuple t = {};
-	const __u8 *src = p->key.addr_lo, *dst = p->key.addr_hi;
+	struct owner_resolve_io *io;
 	struct bpf_sock *sk, *full;
-	__u32 size;
-	bool found;
+	__u32 zero = 0, size;
 
-	if (p->dir == DIR_HI_TO_LO) {
-		src = p->key.addr_hi;
-		dst = p->key.addr_lo;
-	}
-	if (p->key.ip_version == 4) {
-		__builtin_memcpy(&t.ipv4.saddr, src + 12, 4);
-		__builtin_memcpy(&t.ipv4.daddr, dst + 12, 4);
-		t.ipv4.sport = bpf_htons(p->sport);
-		t.ipv4.dport = bpf_htons(p->dport);
+	io = bpf_map_lookup_elem(&owner_resolve_io, &zero);
+	if (!io)
+		return TC_ACT_UNSPEC;
+	io->found = 0;
+	if (io->want.ip_version == 4) {
+		__builtin_memcpy(&t.ipv4.saddr, io->want.remote + 12, 4);
+		__builtin_memcpy(&t.ipv4.daddr, io->local + 12, 4);
+		t.ipv4.sport = bpf_htons(io->want.remote_port);
+		t.ipv4.dport = bpf_htons(io->want.local_port);
 		size = sizeof(t.ipv4);
 	} else {
-		__builtin_memcpy(t.ipv6.saddr, src, 16);
-		__builtin_memcpy(t.ipv6.daddr, dst, 16);
-		t.ipv6.sport = bpf_htons(p->sport);
-		t.ipv6.dport = bpf_htons(p->dport);
+		__builtin_memcpy(t.ipv6.saddr, io->want.remote, 16);
+		__builtin_memcpy(t.ipv6.daddr, io->local, 16);
+		t.ipv6.sport = bpf_htons(io->want.remote_port);
+		t.ipv6.dport = bpf_htons(io->want.local_port);
 		size = sizeof(t.ipv6);
 	}
-	if (p->key.proto == IPPROTO_TCP)
+	if (io->want.proto == IPPROTO_TCP)
 		sk = (struct bpf_sock *)bpf_skc_lookup_tcp(skb, &t, size,
 							   BPF_F_CURRENT_NETNS,
 							   0);
-	else
+	else if (io->want.proto == IPPROTO_UDP)
 		sk = bpf_sk_lookup_udp(skb, &t, size, BPF_F_CURRENT_NETNS, 0);
+	else
+		return TC_ACT_UNSPEC;
 	if (!sk)
-		return false;
+		return TC_ACT_UNSPEC;
 	/* one pointer type whichever lookup found it: the verifier lets an
 	 * instruction read through one type only; a request socket stands for
 	 * its listener
@@ -174,15 +179,28 @@ static __always_inline bool owner_lookup(struct __sk_buff *skb,
 	full = bpf_sk_fullsock(sk);
 	if (!full)
 		full = bpf_get_listener_sock(sk);
-	found = full && owner_of(full, &ev->owner);
-	/* on loopback every destination is this host's */
-	if (found && hook == HOOK_INGRESS && skb->ifindex != LOOPBACK_IFINDEX &&
-	    owner_any_addr(full)) {
-		ev->flags = OWN_EV_CHECK_LOCAL;
-		__builtin_memcpy(ev->addr, dst, sizeof(ev->addr));
-	}
+	io->found = full && owner_of(full, &io->owner);
 	bpf_sk_release(sk);
-	return found;
+	return TC_ACT_UNSPEC;
+}
+
+/* A receiving end, for the poller to look up: who sends to it and how. */
+static __always_inline void owner_want(const struct pkt *p,
+				       struct owner_event *ev, bool check)
+{
+	const __u8 *src = p->key.addr_lo, *dst = p->key.addr_hi;
+
+	if (p->dir == DIR_HI_TO_LO) {
+		src = p->key.addr_hi;
+		dst = p->key.addr_lo;
+	}
+	__builtin_memcpy(ev->end.want.remote, src, sizeof(ev->end.want.remote));
+	__builtin_memcpy(ev->addr, dst, sizeof(ev->addr));
+	ev->end.want.remote_port = p->sport;
+	ev->end.want.local_port = p->dport;
+	ev->end.want.proto = p->key.proto;
+	ev->end.want.ip_version = p->key.ip_version;
+	ev->flags = OWN_EV_WANT | (check ? OWN_EV_CHECK_LOCAL : 0);
 }
 
 /* The owner state bits of key endpoint `end` (0: addr_lo, 1: addr_hi). */
@@ -202,17 +220,6 @@ __noinline int owner_sender(struct __sk_buff *skb, struct flow_owner *o)
 	return sk && owner_of(sk, o);
 }
 
-/* The receiving end's owner, by a socket lookup (TCP, UDP). */
-__noinline int owner_receiver(struct __sk_buff *skb, const struct pkt *p,
-			      __u32 hook, struct owner_event *ev)
-{
-	if (!skb || !p || !ev)
-		return 0;
-	/* an arriving frame for another station (a bridge port, promiscuous) */
-	if (hook == HOOK_INGRESS && skb->pkt_type == PACKET_OTHERHOST)
-		return 0;
-	return owner_lookup(skb, p, hook, ev);
-}
 
 /* Sends a local end's owner to the poller; false when the ring had no room
  * (counted: that end goes without).
@@ -259,7 +266,7 @@ static __always_inline bool owner_start(struct __sk_buff *skb,
 
 	if (!owner_attribution || hook != HOOK_EGRESS || a->p.frag)
 		return false;
-	found = owner_sender(skb, &ev->owner);
+	found = owner_sender(skb, &ev->end.owner);
 	if (a->ext != EXT_ICMP)
 		nb->l4.port.own = (nb->l4.port.own & ~OWN_DUE(end)) |
 				  (found ? OWN_SENT(end) : 0);
@@ -308,7 +315,7 @@ static __always_inline void owner_due(struct __sk_buff *skb,
 	if (hook == HOOK_EGRESS && (own & OWN_DUE(from))) {
 		end = from;
 		b->l4.port.own = own & ~OWN_DUE(from);
-		if (!owner_sender(skb, &ev.owner))
+		if (!owner_sender(skb, &ev.end.owner))
 			return;
 	} else if ((hook == HOOK_INGRESS ||
 		    skb->ifindex == LOOPBACK_IFINDEX) &&
@@ -317,8 +324,13 @@ static __always_inline void owner_due(struct __sk_buff *skb,
 		    a->p.key.proto == IPPROTO_UDP)) {
 		end = to;
 		b->l4.port.own = own & ~OWN_DUE(to);
-		if (!owner_receiver(skb, &a->p, hook, &ev))
+		/* an arriving frame for another station (a bridge port,
+		 * promiscuous mode) is nobody's here
+		 */
+		if (hook == HOOK_INGRESS && skb->pkt_type == PACKET_OTHERHOST)
 			return;
+		/* on loopback every destination is this host's */
+		owner_want(&a->p, &ev, skb->ifindex != LOOPBACK_IFINDEX);
 	} else {
 		return;
 	}

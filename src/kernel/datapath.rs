@@ -225,6 +225,10 @@ pub struct FlowMaps {
     pub owner_counters: MapHandle,
     /// The owners the datapath took, for the poller to put into `flows_owner`.
     pub owner_ring: MapHandle,
+    /// The `owner_resolve` program and its request slot: the socket lookups the
+    /// datapath leaves to the poller.
+    pub owner_resolve: OwnedFd,
+    pub owner_resolve_io: MapHandle,
     /// The `owner_entries` program: `flows_owner`'s entry count.
     pub owner_count: OwnedFd,
     /// Ended TCP connections, so a resumed one keeps its identity.
@@ -748,6 +752,8 @@ impl Datapath {
             owner: h(&maps.flows_owner, "flows_owner")?,
             owner_counters: h(&maps.owner_counters, "owner_counters")?,
             owner_ring: h(&maps.owner_ring, "owner_ring")?,
+            owner_resolve: prog_fd(&self.skel.progs.owner_resolve, "owner_resolve")?,
+            owner_resolve_io: h(&maps.owner_resolve_io, "owner_resolve_io")?,
             owner_count: prog_fd(&self.skel.progs.owner_entries, "owner_entries")?,
             ended: h(&maps.ended, "ended")?,
             last_scan: h(&maps.last_scan, "last_scan")?,

@@ -4,15 +4,19 @@
 //! each one through the ring, and this puts them into the map before each scan and
 //! read, and whenever the datapath wakes it because the ring is filling. A record the
 //! scan gave before the owner got there (the flow started and ended within one scan) is
-//! completed from the ring: the flow's entry says which ends were sent. An owner found
-//! through a socket bound to the wildcard address holds only if the packet's destination
-//! is one of this host's addresses (not a packet it forwards): checked here, off the
-//! packet's path.
+//! completed from the ring: the flow's entry says which ends were sent.
+//!
+//! An end that only receives comes as a request to look it up: done here, by the kernel's
+//! own socket lookup (the `owner_resolve` program, run through BPF_PROG_TEST_RUN), off the
+//! packet's path. A lookup matches a socket bound to the wildcard address whatever the
+//! destination, so it is made only for a destination that is one of this host's addresses
+//! (a packet it forwards is nobody's here).
 
+use std::collections::HashSet;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle, RingBuffer, RingBufferBuilder};
@@ -22,6 +26,7 @@ use super::scan::ScanKind;
 use super::table::JoinMap;
 use super::PollError;
 use crate::kernel::bpf::types;
+use crate::kernel::datapath::FlowMaps;
 
 /// How long the waker waits for the datapath's wake-up before looking at its stop flag.
 const WAKER_TICK: Duration = Duration::from_millis(100);
@@ -35,6 +40,10 @@ struct Drain {
     got: Got,
     owner: MapHandle,
     counters: MapHandle,
+    resolve: OwnedFd,
+    resolve_io: MapHandle,
+    /// A lookup failed (said once).
+    resolve_failed: bool,
     /// Owners taken off the ring during a scan, not yet in the map: records of flows the
     /// scan ended take theirs from here, and the rest go into the map after the scan.
     late: JoinMap<types::flow_owner>,
@@ -57,11 +66,11 @@ fn ring_err(e: impl Into<std::io::Error>) -> PollError {
 }
 
 impl OwnerSync {
-    pub fn new(ring: &MapHandle, owner: &MapHandle, counters: &MapHandle) -> Result<Self, PollError> {
+    pub fn new(maps: &FlowMaps) -> Result<Self, PollError> {
         let got: Got = Arc::default();
         let sink = got.clone();
         let mut b = RingBufferBuilder::new();
-        b.add(ring, move |data: &[u8]| {
+        b.add(&maps.owner_ring, move |data: &[u8]| {
             // One layout per pin directory: a shorter record is never written.
             if let Some(ev) = data.get(..std::mem::size_of::<types::owner_event>()) {
                 sink.lock()
@@ -73,14 +82,19 @@ impl OwnerSync {
         .map_err(|e| ring_err(std::io::Error::other(e)))?;
         let rb = b.build().map_err(|e| ring_err(std::io::Error::other(e)))?;
         // A duplicate descriptor: the service's capabilities open no map by id.
-        let clone = |m: &MapHandle, map: &'static str| {
-            MapHandle::try_from(m).map_err(|e| read_err(map, e))
-        };
+        let clone =
+            |m: &MapHandle, map: &'static str| MapHandle::try_from(m).map_err(|e| read_err(map, e));
         let drain = Arc::new(Mutex::new(Drain {
             rb,
             got,
-            owner: clone(owner, "flows_owner")?,
-            counters: clone(counters, "owner_counters")?,
+            owner: clone(&maps.owner, "flows_owner")?,
+            counters: clone(&maps.owner_counters, "owner_counters")?,
+            resolve: maps
+                .owner_resolve
+                .try_clone()
+                .map_err(|e| read_err("owner_resolve", libbpf_rs::Error::from(e)))?,
+            resolve_io: clone(&maps.owner_resolve_io, "owner_resolve_io")?,
+            resolve_failed: false,
             late: JoinMap::default(),
             local: LocalAddrs::default(),
         }));
@@ -187,12 +201,74 @@ impl Drain {
             return Err(ring_err(std::io::Error::from_raw_os_error(-n)));
         }
         let got = std::mem::take(&mut *self.got.lock().unwrap_or_else(|e| e.into_inner()));
-        let check = types::owner_event_flags::OWN_EV_CHECK_LOCAL.0;
-        Ok(got
-            .into_iter()
-            .filter(|ev| ev.flags & check == 0 || self.local.is_local(&ev.addr))
-            .map(|ev| (ev.key, ev.owner))
-            .collect())
+        use types::owner_event_flags as F;
+        let mut owners = Vec::with_capacity(got.len());
+        for ev in got {
+            if ev.flags & F::OWN_EV_WANT.0 == 0 {
+                // SAFETY: both union arms are plain integers; without OWN_EV_WANT the
+                // datapath wrote the owner.
+                owners.push((ev.key, unsafe { ev.end.owner }));
+                continue;
+            }
+            if ev.flags & F::OWN_EV_CHECK_LOCAL.0 != 0 && !self.local.is_local(&ev.addr) {
+                continue;
+            }
+            // SAFETY: as above; with OWN_EV_WANT the datapath wrote the request.
+            let want = unsafe { ev.end.want };
+            match self.resolve(want, ev.addr) {
+                Ok(Some(o)) => owners.push((ev.key, o)),
+                Ok(None) => {}
+                // That end goes without; the flows and the other ends do not.
+                Err(e) if !self.resolve_failed => {
+                    log::warn!("looking up a receiving socket's owner: {e}; ends that only receive go without");
+                    self.resolve_failed = true;
+                }
+                Err(_) => {}
+            }
+        }
+        Ok(owners)
+    }
+
+    /// The owner of the socket a packet of `want` to `local` is delivered to, if any: the
+    /// kernel's socket lookup, in this thread's network namespace (the agent's).
+    fn resolve(
+        &mut self,
+        want: types::owner_want,
+        local: [u8; 16],
+    ) -> Result<Option<types::flow_owner>, PollError> {
+        let io = types::owner_resolve_io {
+            want,
+            local,
+            ..Default::default()
+        };
+        let key = 0u32.to_ne_bytes();
+        let err = |e| read_err("owner_resolve_io", e);
+        // SAFETY: owner_resolve_io is plain integers with explicit padding.
+        let bytes = unsafe { plain::as_bytes(&io) };
+        self.resolve_io
+            .update(&key, bytes, MapFlags::ANY)
+            .map_err(err)?;
+        // A test run wants a frame: an Ethernet header's worth of zeros, never read.
+        let frame = [0u8; 14];
+        let mut opts = libbpf_sys::bpf_test_run_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _,
+            data_in: frame.as_ptr().cast(),
+            data_size_in: frame.len() as _,
+            repeat: 1,
+            ..Default::default()
+        };
+        // SAFETY: the program reads the frame (14 bytes, alive across the call) and its own
+        // map; the kernel writes only into `opts`.
+        let ret =
+            unsafe { libbpf_sys::bpf_prog_test_run_opts(self.resolve.as_raw_fd(), &mut opts) };
+        if ret < 0 {
+            return Err(PollError::Scan(std::io::Error::from_raw_os_error(-ret)));
+        }
+        let Some(v) = self.resolve_io.lookup(&key, MapFlags::ANY).map_err(err)? else {
+            return Ok(None);
+        };
+        let out: types::owner_resolve_io = decode(&v);
+        Ok((out.found != 0).then_some(out.owner))
     }
 
     /// Everything waiting in the ring, into the map.
@@ -219,7 +295,11 @@ impl Drain {
             // SAFETY: flow_owner is plain integers with explicit padding.
             let v = unsafe { plain::as_bytes(&o) };
             // Full, or out of memory for an element: either way the end goes without.
-            if self.owner.update(&key.to_ne_bytes(), v, MapFlags::ANY).is_err() {
+            if self
+                .owner
+                .update(&key.to_ne_bytes(), v, MapFlags::ANY)
+                .is_err()
+            {
                 full += 1;
             }
         }
@@ -376,8 +456,8 @@ mod tests {
     }
 
     #[test]
-    fn an_address_of_an_interface_is_local_and_an_unknown_one_is_read_again_at_most_once_a_second(
-    ) {
+    fn an_address_of_an_interface_is_local_and_an_unknown_one_is_read_again_at_most_once_a_second()
+    {
         let mut l = LocalAddrs::default();
         // 203.0.113.7 (TEST-NET-3) is on no interface here.
         let far = bytes(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)));
@@ -386,7 +466,11 @@ mod tests {
         assert!(!l.is_local(&far));
         assert_eq!(l.read_at, Some(read), "not read again within a second");
         // Whatever the interfaces hold is local, as read.
-        let any = *l.addrs.iter().next().expect("an interface address (lo's at least)");
+        let any = *l
+            .addrs
+            .iter()
+            .next()
+            .expect("an interface address (lo's at least)");
         assert!(l.is_local(&any));
     }
 }

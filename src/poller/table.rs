@@ -276,8 +276,7 @@ impl KernelTable {
     /// The owners' ring, drained into `flows_owner` now.
     fn sync_owners(&mut self) -> Result<&OwnerSync, PollError> {
         if self.owners.is_none() {
-            let m = &self.maps;
-            self.owners = Some(OwnerSync::new(&m.owner_ring, &m.owner, &m.owner_counters)?);
+            self.owners = Some(OwnerSync::new(&self.maps)?);
         }
         let owners = self.owners.as_ref().expect("made above");
         owners.sync()?;
