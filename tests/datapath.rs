@@ -982,13 +982,7 @@ fn new_flows_go_straight_in_below_the_gate_and_through_probation_past_it() {
     let hs = (types::tcp_bits::TCPB_CLIENT_HS.0 | types::tcp_bits::TCPB_SERVER_HS.0) as u8;
     assert_eq!(moved.tcp_hot().expect("TCP state").bits & hs, hs);
     // A flush ends everything: the count is zero again.
-    let now = monotonic_ns();
-    let (ended, _) = collect_scan(
-        &mut table,
-        &args(&PollerConfig::default(), now, now, true),
-        1,
-    )
-    .expect("scan");
+    let ended = common::flush_scan(&mut table);
     assert_eq!(ended.len(), 3);
     for port in 20..=27 {
         h.run(Hook::Egress, &req(port));

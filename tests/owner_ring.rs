@@ -8,15 +8,14 @@ mod common;
 use std::net::UdpSocket;
 use std::os::fd::AsFd;
 
-use common::{entries, Harness, Hook};
+use common::{entries, flush_scan, Harness, Hook};
 use flowlens::kernel::bpf::types;
 use flowlens::kernel::cgroup::{open_root, Hierarchy};
 use flowlens::kernel::packet::*;
-use flowlens::poller::decode::{monotonic_ns, owner_key, owners_sent, RawFlow};
+use flowlens::poller::decode::{owner_key, owners_sent, RawFlow};
 use flowlens::poller::owners::OwnerSync;
-use flowlens::poller::scan::{args, ScanKind};
-use flowlens::poller::table::collect_scan;
-use flowlens::poller::{KernelTable, PollerConfig};
+use flowlens::poller::scan::ScanKind;
+use flowlens::poller::KernelTable;
 use flowlens::record::flow::EndReason;
 
 const LO: [u8; 4] = [127, 0, 0, 1];
@@ -126,13 +125,7 @@ fn a_receiver_is_looked_up_at_the_second_packet_once_and_reaches_records_either_
     send(&h, 40_003, port, 2);
     drop(sync);
     let mut table = KernelTable::new(h.dp.maps().expect("maps"));
-    let now = monotonic_ns();
-    let (ended, _) = collect_scan(
-        &mut table,
-        &args(&PollerConfig::default(), now, now, true),
-        1,
-    )
-    .expect("scan");
+    let ended = flush_scan(&mut table);
     assert_eq!(ended.len(), 3);
     for (_, f) in &ended {
         let from = if f.key.port_lo == port {

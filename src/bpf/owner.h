@@ -18,11 +18,14 @@
  * so an end is taken at the first packet it sends, at no lookup. Forwarded
  * packets carry none, and neither do the kernel's own (a reset to a closed
  * port), so they give their end nothing. An end that only receives (a UDP
- * service that never answers) is looked up once, at the second packet to
- * it: the flow's first packet is left alone so an unanswered one-packet
- * flow (a scan, a flood) costs nothing, and the wait lets an answer carry
- * the socket instead. Which ends are still due is a byte of the base entry
- * (flow_l4.port.own), so a flow's other packets test a bit and no more.
+ * service that never answers) is left to the poller: at the second packet
+ * to it the datapath sends a request (OWN_EV_WANT) through the same ring,
+ * and the poller runs the kernel's socket lookup for it (owner_resolve)
+ * off the packet's path. The flow's first packet is left alone so an
+ * unanswered one-packet flow (a scan, a flood) costs nothing, and the wait
+ * lets an answer carry the socket instead. Which ends are still due is a
+ * byte of the base entry (flow_l4.port.own), so a flow's other packets test
+ * a bit and no more.
  *
  * Entries are keyed by the flow's ext_id and the key endpoint the socket is
  * at: ext_id << 1 | 0 for addr_lo, | 1 for addr_hi. A flow without an

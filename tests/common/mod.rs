@@ -179,3 +179,19 @@ pub mod kafka;
 pub mod netns;
 pub mod pki;
 pub mod traffic;
+
+/// One scan of `table` that ends every flow (a flush), now.
+pub fn flush_scan(
+    table: &mut flowlens::poller::KernelTable,
+) -> Vec<(flowlens::poller::scan::ScanKind, RawFlow)> {
+    use flowlens::poller::decode::monotonic_ns;
+    use flowlens::poller::scan::args;
+    let now = monotonic_ns();
+    let (ended, _) = flowlens::poller::table::collect_scan(
+        table,
+        &args(&flowlens::poller::PollerConfig::default(), now, now, true),
+        1,
+    )
+    .expect("scan");
+    ended
+}
