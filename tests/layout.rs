@@ -6,7 +6,7 @@ use std::mem::{offset_of, size_of};
 use flowlens::kernel::bpf::flow_mono_skel::types::{flow_naive, flow_packed};
 use flowlens::kernel::bpf::types::{
     bpf_spin_lock, flow_base, flow_ended, flow_icmp, flow_key, flow_l4, flow_owner, flow_probe,
-    flow_tcp, icmp_hot, owner_event, owner_resolve_io, owner_taken, owner_want, port_hot,
+    flow_tcp, icmp_hot, owner_event, owner_resolve_io, owner_want, owner_want_event, port_hot,
     probe_port, probe_sketch, scan_args, scan_rec, tcp_hot, tcp_latency,
 };
 
@@ -100,13 +100,14 @@ fn a_local_end_is_kept_in_kmalloc_96() {
         kmalloc_class(size_of::<u64>(), size_of::<flow_owner>()),
         (96, 96)
     );
-    // On its way there, a record of owner_ring: 64 bytes and the ring's 8-byte header.
-    assert_eq!(size_of::<owner_event>(), 64);
-    assert_tiled!(owner_event, key: u64, end: owner_taken, addr: [u8; 16], flags: u32, __pad: [u8; 4]);
-    // An end the poller is to look up: its request in the owner's place, as long.
+    // On its way there, a record of owner_ring: 40 bytes and the ring's 8-byte header.
+    assert_eq!(size_of::<owner_event>(), 40);
+    assert_tiled!(owner_event, key: u64, owner: flow_owner);
+    // An end the poller is to look up: the ring's other record, told apart by its size.
     assert_eq!(size_of::<owner_want>(), 32);
     assert_tiled!(owner_want, remote: [u8; 16], remote_port: u16, local_port: u16, proto: u8, ip_version: u8, __pad: [u8; 10]);
-    assert_eq!(size_of::<owner_taken>(), 32);
+    assert_eq!(size_of::<owner_want_event>(), 64);
+    assert_tiled!(owner_want_event, key: u64, want: owner_want, local: [u8; 16], flags: u32, __pad: [u8; 4]);
     assert_eq!(size_of::<owner_resolve_io>(), 88);
     assert_tiled!(owner_resolve_io, want: owner_want, local: [u8; 16], owner: flow_owner, found: u32, __pad: [u8; 4]);
 }

@@ -749,18 +749,19 @@ fn sh(args: &[&str]) -> Result<()> {
 /// received: for a wildcard-bound UDP socket and TCP listener of this host (looked up at
 /// the second packet), for a port nothing listens on, and for another host through this
 /// one to a port a local socket listens on. Each "with" is set against "without" for the
-/// same packets. Rounds alternate the cases; each figure is the median of its rounds.
+/// same packets. Rounds alternate the cases, every other round in reverse order; each figure
+/// is the median of its rounds.
 pub fn attribution(t: &mut Table) -> Result<()> {
     use flowlens::kernel::cgroup::{open_root, Hierarchy};
     use std::os::fd::AsFd;
     const NS: &str = "flbown";
-    const ROUNDS: u16 = 105;
-    // Every flow stays below the gate (half the base map, 4 Mi): 6 attributed cases x 105
-    // rounds x 2 protocols x 1,000 = 1,260,000, so none waits in probation. A round's
-    // owners (3,000) stay below the ring's wake-up mark (a quarter of 1 MiB: 3,640), so
-    // the poller's side never runs while the programs are timed: it reads the ring
-    // between rounds.
-    let n = 1_000;
+    const ROUNDS: u16 = 201;
+    // Every flow stays below the gate (half the base map, 4 Mi): 5 attributed cases x 201
+    // rounds x 2 protocols x 500 = 1,005,000, so none waits in probation. A round's
+    // records (1,000 owners of 48 B, 1,500 requests of 72 B: 156 KB) stay below the ring's
+    // wake-up mark (a quarter of 1 MiB), so the poller's side never runs while the
+    // programs are timed: it reads the ring between rounds.
+    let n = 500;
     let _ = sh(&["ip", "netns", "del", NS]);
     sh(&["ip", "netns", "add", NS])?;
     let _ns = Netns(NS);
@@ -877,7 +878,14 @@ pub fn attribution(t: &mut Table) -> Result<()> {
             let port = if is_tcp { tcp_port } else { udp_port };
             let mut runs = vec![Vec::new(); cases.len()];
             for round in 0..ROUNDS {
-                for (i, &(_, with, shape, addr, listening)) in cases.iter().enumerate() {
+                // Every other round backwards: no case always runs after the same one.
+                let order: Vec<usize> = if round % 2 == 0 {
+                    (0..cases.len()).collect()
+                } else {
+                    (0..cases.len()).rev().collect()
+                };
+                for i in order {
+                    let (_, with, shape, addr, listening) = cases[i];
                     let dp = if with { &after } else { &before };
                     let to = Dest {
                         addr,

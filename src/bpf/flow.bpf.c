@@ -36,7 +36,7 @@ struct flow_enums {
 	enum flow_meta meta;
 	enum admission_mode admission;
 	enum flow_owner_state own;
-	enum owner_event_flags own_event;
+	enum owner_want_flags own_want;
 };
 const volatile struct flow_enums flow_enums_btf = {};
 
@@ -50,6 +50,7 @@ struct scan_types {
 	struct probe_sketch sketch;
 	struct probe_port port;
 	struct owner_event owner;
+	struct owner_want_event owner_want;
 };
 const volatile struct scan_types *scan_types_btf;
 

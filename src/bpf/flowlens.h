@@ -316,7 +316,13 @@ struct flow_owner {
  * poller puts it into flows_owner (the datapath makes no hash element on a
  * packet's path) under `key`, ext_id << 1 | the key endpoint.
  */
-/* A receiving end the datapath leaves the poller to look up (OWN_EV_WANT):
+struct owner_event {
+	__u64 key;
+	struct flow_owner owner;
+};
+
+/* A receiving end the datapath leaves the poller to look up (owner.h,
+ * owner_resolve), the other record of owner_ring, told apart by its size:
  * the packet's sender and the ports (host byte order).
  */
 struct owner_want {
@@ -328,30 +334,21 @@ struct owner_want {
 	__u8 __pad[10];
 };
 
-union owner_taken {
-	struct flow_owner owner;	/* taken */
-	struct owner_want want;		/* OWN_EV_WANT */
-};
-
-struct owner_event {
+struct owner_want_event {
 	__u64 key;
-	union owner_taken end;
-	__u8 addr[16];		/* OWN_EV_WANT: the local end's address */
-	__u32 flags;		/* enum owner_event_flags */
+	struct owner_want want;
+	__u8 local[16];		/* the local end's address */
+	__u32 flags;		/* enum owner_want_flags */
 	__u8 __pad[4];
 };
 
-enum owner_event_flags {
-	/* Not taken yet: an end that only receives, for the poller to look
-	 * up (owner.h, owner_resolve), off the packet's path.
-	 */
-	OWN_EV_WANT = 1,
+enum owner_want_flags {
 	/* A socket lookup matches a wildcard-bound socket whatever the
 	 * destination, so a forwarded packet to a port a local service
 	 * listens on would be taken for that service's: the poller first
-	 * checks that `addr` is one of this host's. Not on loopback.
+	 * checks that `local` is one of this host's. Not on loopback.
 	 */
-	OWN_EV_CHECK_LOCAL = 2,
+	OWN_WANT_CHECK_LOCAL = 1,
 };
 
 /* A TCP connection that ended idle, established and answered, kept in

@@ -19,7 +19,7 @@
  * packets carry none, and neither do the kernel's own (a reset to a closed
  * port), so they give their end nothing. An end that only receives (a UDP
  * service that never answers) is left to the poller: at the second packet
- * to it the datapath sends a request (OWN_EV_WANT) through the same ring,
+ * to it the datapath sends a request (owner_want_event) through the ring,
  * and the poller runs the kernel's socket lookup for it (owner_resolve)
  * off the packet's path. The flow's first packet is left alone so an
  * unanswered one-packet flow (a scan, a flood) costs nothing, and the wait
@@ -136,7 +136,7 @@ struct {
 
 /* The socket a packet of `want` to `local` would be delivered to here, and
  * its owner, by the kernel's own socket lookup: run by the poller through
- * BPF_PROG_TEST_RUN for each end the datapath left to it (OWN_EV_WANT), so
+ * BPF_PROG_TEST_RUN for each end the datapath left to it (owner_want_event), so
  * the packet's path pays no lookup. The lookup is in the poller's network
  * namespace, the agent's, whose interfaces the datapath watches.
  */
@@ -187,25 +187,6 @@ int owner_resolve(struct __sk_buff *skb)
 	return TC_ACT_UNSPEC;
 }
 
-/* A receiving end, for the poller to look up: who sends to it and how. */
-static __always_inline void owner_want(const struct pkt *p,
-				       struct owner_event *ev, bool check)
-{
-	const __u8 *src = p->key.addr_lo, *dst = p->key.addr_hi;
-
-	if (p->dir == DIR_HI_TO_LO) {
-		src = p->key.addr_hi;
-		dst = p->key.addr_lo;
-	}
-	__builtin_memcpy(ev->end.want.remote, src, sizeof(ev->end.want.remote));
-	__builtin_memcpy(ev->addr, dst, sizeof(ev->addr));
-	ev->end.want.remote_port = p->sport;
-	ev->end.want.local_port = p->dport;
-	ev->end.want.proto = p->key.proto;
-	ev->end.want.ip_version = p->key.ip_version;
-	ev->flags = OWN_EV_WANT | (check ? OWN_EV_CHECK_LOCAL : 0);
-}
-
 /* The owner state bits of key endpoint `end` (0: addr_lo, 1: addr_hi). */
 #define OWN_DUE(end) ((end) ? OWN_DUE_HI : OWN_DUE_LO)
 #define OWN_SENT(end) ((end) ? OWN_SENT_HI : OWN_SENT_LO)
@@ -224,24 +205,66 @@ __noinline int owner_sender(struct __sk_buff *skb, struct flow_owner *o)
 }
 
 
+/* Whether to wake the poller with this record: it reads the ring before
+ * each scan, and is woken early only when enough waits that the ring could
+ * fill before then.
+ */
+static __always_inline __u64 owner_wake(void)
+{
+	return bpf_ringbuf_query(&owner_ring, BPF_RB_AVAIL_DATA) >=
+			       owner_ring_wake ?
+		       BPF_RB_FORCE_WAKEUP :
+		       BPF_RB_NO_WAKEUP;
+}
+
 /* Sends a local end's owner to the poller; false when the ring had no room
- * (counted: that end goes without).
+ * (counted: that end goes without). Written in place, no copy.
  */
 static __always_inline bool owner_send(__u64 ext_id, __u8 end,
-				       struct owner_event *ev)
+				       const struct flow_owner *o)
 {
-	__u64 wake = BPF_RB_NO_WAKEUP;
+	struct owner_event *r;
 
-	ev->key = ext_id << 1 | end;
-	/* the poller reads the ring before each scan: woken early only when
-	 * enough waits that the ring could fill before then
-	 */
-	if (bpf_ringbuf_query(&owner_ring, BPF_RB_AVAIL_DATA) >= owner_ring_wake)
-		wake = BPF_RB_FORCE_WAKEUP;
-	if (bpf_ringbuf_output(&owner_ring, ev, sizeof(*ev), wake)) {
+	r = bpf_ringbuf_reserve(&owner_ring, sizeof(*r), 0);
+	if (!r) {
 		owner_count(OWN_RING_FULL);
 		return false;
 	}
+	r->key = ext_id << 1 | end;
+	r->owner = *o;
+	bpf_ringbuf_submit(r, owner_wake());
+	return true;
+}
+
+/* Asks the poller to look up the receiving end of packet `p`: who sends to
+ * it and how.
+ */
+static __always_inline bool owner_send_want(__u64 ext_id, __u8 end,
+					    const struct pkt *p, bool check)
+{
+	const __u8 *src = p->key.addr_lo, *dst = p->key.addr_hi;
+	struct owner_want_event *r;
+
+	if (p->dir == DIR_HI_TO_LO) {
+		src = p->key.addr_hi;
+		dst = p->key.addr_lo;
+	}
+	r = bpf_ringbuf_reserve(&owner_ring, sizeof(*r), 0);
+	if (!r) {
+		owner_count(OWN_RING_FULL);
+		return false;
+	}
+	r->key = ext_id << 1 | end;
+	__builtin_memcpy(r->want.remote, src, sizeof(r->want.remote));
+	__builtin_memcpy(r->local, dst, sizeof(r->local));
+	r->want.remote_port = p->sport;
+	r->want.local_port = p->dport;
+	r->want.proto = p->key.proto;
+	r->want.ip_version = p->key.ip_version;
+	__builtin_memset(r->want.__pad, 0, sizeof(r->want.__pad));
+	r->flags = check ? OWN_WANT_CHECK_LOCAL : 0;
+	__builtin_memset(r->__pad, 0, sizeof(r->__pad));
+	bpf_ringbuf_submit(r, owner_wake());
 	return true;
 }
 
@@ -262,14 +285,14 @@ static __always_inline void owner_init(struct flow_base *nb,
  */
 static __always_inline bool owner_start(struct __sk_buff *skb,
 					const struct acct *a, __u8 hook,
-					struct flow_base *nb, struct owner_event *ev)
+					struct flow_base *nb, struct flow_owner *o)
 {
 	__u8 end = a->p.dir == DIR_HI_TO_LO;
 	bool found;
 
 	if (!owner_attribution || hook != HOOK_EGRESS || a->p.frag)
 		return false;
-	found = owner_sender(skb, &ev->end.owner);
+	found = owner_sender(skb, o);
 	if (a->ext != EXT_ICMP)
 		nb->l4.port.own = (nb->l4.port.own & ~OWN_DUE(end)) |
 				  (found ? OWN_SENT(end) : 0);
@@ -280,9 +303,9 @@ static __always_inline bool owner_start(struct __sk_buff *skb,
 
 static __always_inline void owner_start_sent(const struct acct *a,
 					     __u64 ext_id,
-					     struct owner_event *ev)
+					     const struct flow_owner *o)
 {
-	owner_send(ext_id, a->p.dir == DIR_HI_TO_LO, ev);
+	owner_send(ext_id, a->p.dir == DIR_HI_TO_LO, o);
 }
 
 /* The flow's ext_id, given one now if it has none (a flow without an
@@ -311,15 +334,17 @@ static __always_inline void owner_due(struct __sk_buff *skb,
 				      const struct acct *a, __u8 hook,
 				      struct flow_base *b, __u8 own)
 {
-	struct owner_event ev = {};
+	struct flow_owner o = {};
 	__u8 from = a->p.dir == DIR_HI_TO_LO, to = !from, end;
+	bool want, sent;
 	__u64 id;
 
 	if (hook == HOOK_EGRESS && (own & OWN_DUE(from))) {
 		end = from;
 		b->l4.port.own = own & ~OWN_DUE(from);
-		if (!owner_sender(skb, &ev.end.owner))
+		if (!owner_sender(skb, &o))
 			return;
+		want = false;
 	} else if ((hook == HOOK_INGRESS ||
 		    skb->ifindex == LOOPBACK_IFINDEX) &&
 		   (own & OWN_DUE(to)) &&
@@ -332,13 +357,18 @@ static __always_inline void owner_due(struct __sk_buff *skb,
 		 */
 		if (hook == HOOK_INGRESS && skb->pkt_type == PACKET_OTHERHOST)
 			return;
-		/* on loopback every destination is this host's */
-		owner_want(&a->p, &ev, skb->ifindex != LOOPBACK_IFINDEX);
+		want = true;
 	} else {
 		return;
 	}
 	id = owner_ext_id(b);
-	if (id && owner_send(id, end, &ev))
+	if (!id)
+		return;
+	/* on loopback every destination is this host's */
+	sent = want ? owner_send_want(id, end, &a->p,
+				      skb->ifindex != LOOPBACK_IFINDEX) :
+		      owner_send(id, end, &o);
+	if (sent)
 		b->l4.port.own |= OWN_SENT(end);
 }
 

@@ -278,7 +278,7 @@ static __always_inline struct flow_base *base_new(struct __sk_buff *skb,
 						  const struct acct *a,
 						  __u8 hook, bool *done)
 {
-	struct owner_event own = {};
+	struct flow_owner own = {};
 	struct flow_base nb = {};
 	/* one fine clock read: the first packet's time and the handshake's */
 	__u64 now = bpf_ktime_get_ns();

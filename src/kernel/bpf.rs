@@ -53,6 +53,7 @@ unsafe impl plain::Plain for types::flow_icmp {}
 unsafe impl plain::Plain for types::scan_rec {}
 unsafe impl plain::Plain for types::flow_owner {}
 unsafe impl plain::Plain for types::owner_event {}
+unsafe impl plain::Plain for types::owner_want_event {}
 unsafe impl plain::Plain for types::owner_resolve_io {}
 unsafe impl plain::Plain for types::owner_count_args {}
 unsafe impl plain::Plain for types::scan_args {}

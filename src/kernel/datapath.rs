@@ -130,8 +130,9 @@ impl Capacities {
     }
 
     /// Bytes of `owner_ring`, the owners on their way to `flows_owner`: room for a
-    /// 64th of its capacity in events (72 B each with the ring's header), within
-    /// [256 KiB, 1 MiB] (3,640 to 14,563 events), a power of two as the kernel wants. The
+    /// 64th of its capacity in records (48 B each with the ring's header, 72 B for an end
+    /// the poller is to look up), within [256 KiB, 1 MiB] (5,461 to 21,845 owners), a
+    /// power of two as the kernel wants. The
     /// poller reads it before each scan, and is woken to read it when a quarter waits, so
     /// it overflows only if that many ends are taken faster than a thread wakes up.
     pub fn owner_ring(&self) -> u32 {

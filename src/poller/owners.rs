@@ -31,8 +31,16 @@ use crate::kernel::datapath::FlowMaps;
 /// How long the waker waits for the datapath's wake-up before looking at its stop flag.
 const WAKER_TICK: Duration = Duration::from_millis(100);
 
+/// A record of the owners' ring, told apart by its size.
+enum Sent {
+    /// An owner the datapath took.
+    Owner(types::owner_event),
+    /// A receiving end for the poller to look up.
+    Want(types::owner_want_event),
+}
+
 /// What the ring's callback collects.
-type Got = Arc<Mutex<Vec<types::owner_event>>>;
+type Got = Arc<Mutex<Vec<Sent>>>;
 
 /// The ring, its consumer and the maps it fills: one at a time, whichever thread drains.
 struct Drain {
@@ -71,12 +79,15 @@ impl OwnerSync {
         let sink = got.clone();
         let mut b = RingBufferBuilder::new();
         b.add(&maps.owner_ring, move |data: &[u8]| {
-            // One layout per pin directory: a shorter record is never written.
-            if let Some(ev) = data.get(..std::mem::size_of::<types::owner_event>()) {
-                sink.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(decode(ev));
-            }
+            // One layout per pin directory: no record of another size is written.
+            let sent = match data.len() {
+                n if n == std::mem::size_of::<types::owner_event>() => Sent::Owner(decode(data)),
+                n if n == std::mem::size_of::<types::owner_want_event>() => {
+                    Sent::Want(decode(data))
+                }
+                _ => return 0,
+            };
+            sink.lock().unwrap_or_else(|e| e.into_inner()).push(sent);
             0
         })
         .map_err(|e| ring_err(std::io::Error::other(e)))?;
@@ -201,22 +212,21 @@ impl Drain {
             return Err(ring_err(std::io::Error::from_raw_os_error(-n)));
         }
         let got = std::mem::take(&mut *self.got.lock().unwrap_or_else(|e| e.into_inner()));
-        use types::owner_event_flags as F;
+        let check = types::owner_want_flags::OWN_WANT_CHECK_LOCAL.0;
         let mut owners = Vec::with_capacity(got.len());
-        for ev in got {
-            if ev.flags & F::OWN_EV_WANT.0 == 0 {
-                // SAFETY: both union arms are plain integers; without OWN_EV_WANT the
-                // datapath wrote the owner.
-                owners.push((ev.key, unsafe { ev.end.owner }));
+        for sent in got {
+            let w = match sent {
+                Sent::Owner(ev) => {
+                    owners.push((ev.key, ev.owner));
+                    continue;
+                }
+                Sent::Want(w) => w,
+            };
+            if w.flags & check != 0 && !self.local.is_local(&w.local) {
                 continue;
             }
-            if ev.flags & F::OWN_EV_CHECK_LOCAL.0 != 0 && !self.local.is_local(&ev.addr) {
-                continue;
-            }
-            // SAFETY: as above; with OWN_EV_WANT the datapath wrote the request.
-            let want = unsafe { ev.end.want };
-            match self.resolve(want, ev.addr) {
-                Ok(Some(o)) => owners.push((ev.key, o)),
+            match self.resolve(w.want, w.local) {
+                Ok(Some(o)) => owners.push((w.key, o)),
                 Ok(None) => {}
                 // That end goes without; the flows and the other ends do not.
                 Err(e) if !self.resolve_failed => {
