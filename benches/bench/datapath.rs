@@ -743,12 +743,12 @@ fn sh(args: &[&str]) -> Result<()> {
 }
 
 /// What a new flow costs with the owner attribution (src/bpf/owner.h) against without
-/// it, in a namespace of the bench's own that forwards (so a route check does the whole
-/// lookup a router does), the packets crossing a veth: a local service answering (its
-/// reply carries the socket), a local client (its first packet does), and flows only
-/// received: for a wildcard-bound UDP socket and TCP listener of this host (looked up at
-/// the second packet), for a port nothing listens on, and for another host through this
-/// one to a port a local socket listens on. Each "with" is set against "without" for the
+/// it, in a namespace of the bench's own that forwards, the packets crossing a veth: a
+/// local service answering (its reply carries the socket), a local client (its first
+/// packet does), and flows only received: for a wildcard-bound UDP socket and TCP
+/// listener of this host (asked for at the second packet, looked up by the poller), for a
+/// port nothing listens on, and for another host through this one to a port a local
+/// socket listens on (refused by the poller as not this host's). Each "with" is set against "without" for the
 /// same packets. Rounds alternate the cases, every other round in reverse order; each figure
 /// is the median of its rounds.
 pub fn attribution(t: &mut Table) -> Result<()> {
