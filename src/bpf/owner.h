@@ -204,7 +204,6 @@ __noinline int owner_sender(struct __sk_buff *skb, struct flow_owner *o)
 	return sk && owner_of(sk, o);
 }
 
-
 /* Whether to wake the poller with this record: it reads the ring before
  * each scan, and is woken early only when enough waits that the ring could
  * fill before then.

@@ -191,7 +191,7 @@ pub struct RawFlow {
     pub tcp: Option<types::flow_tcp>,
     pub icmp: Option<types::flow_icmp>,
     /// The local socket at each key endpoint (addr_lo, addr_hi) and its owner, as the
-    /// datapath took them as the flow was admitted (`src/bpf/owner.h`).
+    /// datapath took them (`src/bpf/owner.h`), each once.
     pub owner: [Option<types::flow_owner>; 2],
 }
 
