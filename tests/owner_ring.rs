@@ -11,6 +11,7 @@ use std::os::fd::AsFd;
 use common::{entries, flush_scan, Harness, Hook};
 use flowlens::kernel::bpf::types;
 use flowlens::kernel::cgroup::{open_root, Hierarchy};
+use flowlens::kernel::datapath::Capacities;
 use flowlens::kernel::packet::*;
 use flowlens::poller::decode::{owner_key, owners_sent, RawFlow};
 use flowlens::poller::owners::OwnerSync;
@@ -30,14 +31,14 @@ fn in_v2_root() -> bool {
         .any(|l| l == "0::/")
 }
 
-/// A datapath noting the owners of sockets opened from now on, and a UDP socket of this
-/// process on 127.0.0.1 opened after it.
-fn setup() -> (Harness, UdpSocket, u16) {
+/// A datapath of capacities `cap` noting the owners of sockets opened from now on, and a
+/// UDP socket of this process on 127.0.0.1 opened after it.
+fn setup(cap: Capacities) -> (Harness, UdpSocket, u16) {
     assert!(
         in_v2_root(),
         "these tests count owners exactly only from the cgroup v2 root, as on CI"
     );
-    let mut h = Harness::new();
+    let mut h = Harness::with(cap);
     let root = open_root(Hierarchy::detect().mount()).expect("the cgroup v2 root");
     h.dp.attach_owner_hook(root.as_fd())
         .expect("the socket hook");
@@ -81,7 +82,7 @@ fn assert_ours(o: &types::flow_owner) {
 
 #[test]
 fn a_receiver_is_looked_up_at_the_second_packet_once_and_reaches_records_either_way() {
-    let (h, _sock, port) = setup();
+    let (h, _sock, port) = setup(Capacities::default());
     let sync = OwnerSync::new(&h.maps).expect("owner ring");
     // One datagram: the receiver is not looked up yet.
     send(&h, 40_001, port, 1);
@@ -147,16 +148,10 @@ fn a_receiver_is_looked_up_at_the_second_packet_once_and_reaches_records_either_
 
 #[test]
 fn a_full_owner_map_is_counted_by_the_poller() {
-    assert!(in_v2_root(), "see in_v2_root");
-    let mut h = Harness::with(flowlens::kernel::datapath::Capacities {
+    let (h, _sock, port) = setup(Capacities {
         owner: 1,
-        ..Default::default()
+        ..Capacities::default()
     });
-    let root = open_root(Hierarchy::detect().mount()).expect("the cgroup v2 root");
-    h.dp.attach_owner_hook(root.as_fd())
-        .expect("the socket hook");
-    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    let port = sock.local_addr().expect("addr").port();
     for from in 41_000..41_003 {
         send(&h, from, port, 2);
     }

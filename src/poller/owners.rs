@@ -23,7 +23,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, RingBuffer, RingBufferBuilder};
 
 use super::decode::{decode, owners_sent, RawFlow};
 use super::scan::ScanKind;
-use super::table::JoinMap;
+use super::table::{wait_ring, JoinMap};
 use super::PollError;
 use crate::kernel::bpf::types;
 use crate::kernel::datapath::FlowMaps;
@@ -119,7 +119,7 @@ impl OwnerSync {
                 .name("flowlens-owners".into())
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
-                        if wait(epoll, WAKER_TICK) {
+                        if wait_ring(epoll, WAKER_TICK) {
                             let _ = lock(&drain).put();
                         }
                     }
@@ -193,15 +193,6 @@ fn read_err(map: &'static str, e: libbpf_rs::Error) -> PollError {
 
 fn lock(d: &Mutex<Drain>) -> MutexGuard<'_, Drain> {
     d.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Waits until the ring's epoll descriptor says it was woken, or `timeout` passes.
-fn wait(epoll: i32, timeout: Duration) -> bool {
-    let mut ev = [libc::epoll_event { events: 0, u64: 0 }];
-    // SAFETY: epoll_wait writes at most one event into `ev`, which has room for one; the
-    // descriptor is the ring buffer's, which the caller keeps alive.
-    let n = unsafe { libc::epoll_wait(epoll, ev.as_mut_ptr(), 1, timeout.as_millis() as i32) };
-    n > 0
 }
 
 impl Drain {

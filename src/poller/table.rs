@@ -350,18 +350,18 @@ impl ScanRing {
 
     /// Waits until the ring has records to wake up for, or `timeout` passes.
     fn wait(&self, timeout: Duration) {
-        let mut ev = [libc::epoll_event { events: 0, u64: 0 }];
-        // SAFETY: epoll_wait writes at most one event into `ev`, which has room for one;
-        // the epoll fd is the ring buffer's, alive as long as `self`.
-        unsafe {
-            libc::epoll_wait(
-                self.rb.epoll_fd(),
-                ev.as_mut_ptr(),
-                1,
-                timeout.as_millis() as i32,
-            )
-        };
+        wait_ring(self.rb.epoll_fd(), timeout);
     }
+}
+
+/// Waits until a ring buffer's epoll descriptor says the ring was woken, or `timeout`
+/// passes; whether it was. The caller keeps the ring buffer, and so the descriptor, alive.
+pub(super) fn wait_ring(epoll: i32, timeout: Duration) -> bool {
+    let mut ev = [libc::epoll_event { events: 0, u64: 0 }];
+    // SAFETY: epoll_wait writes at most one event into `ev`, which has room for one; the
+    // descriptor is alive (see above).
+    let n = unsafe { libc::epoll_wait(epoll, ev.as_mut_ptr(), 1, timeout.as_millis() as i32) };
+    n > 0
 }
 
 /// How often the poller looks at the ring while a scan runs (records wake it up
